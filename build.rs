@@ -1,0 +1,20 @@
+//! Compiles the public contract in `proto/` with a vendored `protoc`, so a plain
+//! `cargo build` needs no system package, and emits the file descriptor set that
+//! server reflection serves (grpcurl works with no .proto files at hand).
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &["proto/keybroker/v1/broker.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("keybroker_descriptor.bin"))
+        .compile_with_config(config, PROTOS, &["proto"])?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    Ok(())
+}

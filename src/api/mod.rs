@@ -1,0 +1,5 @@
+//! gRPC services: message conversion only. Decisions live in the domain
+//! modules; errors become `tonic::Status` in exactly one place, [`status`].
+
+pub mod broker;
+pub mod status;

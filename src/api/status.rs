@@ -1,0 +1,96 @@
+//! The one place where domain errors become gRPC statuses. Every status
+//! carries a message a person can act on and a `google.rpc.ErrorInfo` whose
+//! `reason` programs can branch on. Internal details never reach the caller:
+//! they are logged here with the full error chain.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::broker::BrokerError;
+use crate::envelope::EnvelopeError;
+use crate::kms::ProviderError;
+
+/// `ErrorInfo.domain` of every keybroker error.
+pub const ERROR_DOMAIN: &str = "keybroker.v1";
+
+impl From<BrokerError> for Status {
+    fn from(err: BrokerError) -> Self {
+        let (code, reason) = classify(&err);
+        let message = match code {
+            Code::Internal => {
+                tracing::error!(error = %err, "internal error");
+                "internal error; the keybroker server log has the details".to_owned()
+            }
+            _ => err.to_string(),
+        };
+        let mut metadata = HashMap::new();
+        match &err {
+            BrokerError::KeyUnusable { binding, .. }
+            | BrokerError::UnknownBinding { binding, .. }
+            | BrokerError::Provider { binding, .. } => {
+                metadata.insert("key_binding".to_owned(), binding.clone());
+            }
+            _ => {}
+        }
+        Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+        )
+    }
+}
+
+/// gRPC code and machine-readable reason of each error.
+fn classify(err: &BrokerError) -> (Code, &'static str) {
+    match err {
+        BrokerError::InvalidRequest(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
+        BrokerError::Envelope(e) => match e {
+            EnvelopeError::InvalidTenant(_) => (Code::InvalidArgument, "INVALID_TENANT_ID"),
+            EnvelopeError::InvalidContext(_) => (Code::InvalidArgument, "INVALID_CONTEXT"),
+            _ => (Code::InvalidArgument, "INVALID_WRAPPED_KEY"),
+        },
+        BrokerError::TenantMismatch { .. } => (Code::PermissionDenied, "TENANT_MISMATCH"),
+        BrokerError::UnknownBinding { .. } => (Code::NotFound, "KEY_BINDING_NOT_FOUND"),
+        BrokerError::KeyUnusable { state, .. } => match state {
+            crate::broker::BindingState::Revoked => (Code::FailedPrecondition, "KEY_REVOKED"),
+            _ => (Code::FailedPrecondition, "KEY_DISABLED"),
+        },
+        BrokerError::Provider { source, .. } => match source {
+            // A wrong context and a tampered wrapped key are the same failure
+            // to an AEAD: both are the caller's input, hence INVALID_ARGUMENT.
+            ProviderError::InvalidCiphertext(_) => (Code::InvalidArgument, "DECRYPTION_FAILED"),
+            ProviderError::AccessDenied(_) => (Code::FailedPrecondition, "KEY_ACCESS_DENIED"),
+            ProviderError::KeyDisabled(_) => (Code::FailedPrecondition, "KEY_DISABLED_IN_PROVIDER"),
+            ProviderError::NotFound(_) => (Code::FailedPrecondition, "KEY_NOT_FOUND_IN_PROVIDER"),
+            ProviderError::Throttled(_) => (Code::ResourceExhausted, "PROVIDER_THROTTLED"),
+            ProviderError::Unavailable(_) => (Code::Unavailable, "PROVIDER_UNAVAILABLE"),
+            ProviderError::Internal(_) => (Code::Internal, "INTERNAL"),
+        },
+        BrokerError::Internal(_) => (Code::Internal, "INTERNAL"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_stay_in_the_log() {
+        let status = Status::from(BrokerError::Internal("db password=hunter2".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("hunter2"));
+    }
+
+    #[test]
+    fn reasons_are_attached() {
+        let status = Status::from(BrokerError::TenantMismatch {
+            tenant_id: "a".into(),
+        });
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "TENANT_MISMATCH");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+}

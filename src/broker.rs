@@ -1,0 +1,484 @@
+//! The data plane, independent of gRPC: generate, wrap, unwrap, rewrap and
+//! describe tenant DEKs. The API layer converts messages and maps
+//! [`BrokerError`] to status codes; everything that decides lives here.
+//!
+//! Key resolution goes through [`KeyDirectory`]: which bindings a tenant has,
+//! which one is primary. [`PlatformOnly`] serves every tenant with the
+//! platform key; the registry is the other implementation.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+
+use crate::cache::{CacheKey, CachedKey, DekCache};
+use crate::envelope::{self, Context, Envelope, EnvelopeError};
+use crate::kms::{KeyProvider, ProviderError, ProviderKind, WrapContext};
+use crate::secret::SecretBytes;
+
+/// Name of the platform key's binding; reserved in every tenant.
+pub const PLATFORM_BINDING: &str = "platform";
+/// Largest DEK WrapKey accepts (the AWS KMS Encrypt limit).
+pub const MAX_PLAINTEXT_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingState {
+    Active,
+    /// Disabled by an operator of the platform.
+    Disabled,
+    /// Made unusable by the customer (disabled, deleted, access denied).
+    Revoked,
+}
+
+impl fmt::Display for BindingState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+            Self::Revoked => "revoked",
+        })
+    }
+}
+
+/// One key able to protect a tenant's DEKs, as the data plane sees it.
+#[derive(Debug)]
+pub struct Binding {
+    pub name: Arc<str>,
+    pub provider: Arc<dyn KeyProvider>,
+    /// The provider's reference to the key (ARN, resource name, keyring id).
+    pub key_reference: String,
+    pub state: BindingState,
+    /// Why the binding is not active, for people.
+    pub state_reason: String,
+}
+
+impl Binding {
+    fn ensure_usable(&self, tenant_id: &str) -> Result<(), BrokerError> {
+        match self.state {
+            BindingState::Active => Ok(()),
+            state => Err(BrokerError::KeyUnusable {
+                tenant_id: tenant_id.to_owned(),
+                binding: self.name.to_string(),
+                state,
+                reason: self.state_reason.clone(),
+            }),
+        }
+    }
+
+    fn info(&self, key_version: String) -> KeyInfo {
+        KeyInfo {
+            key_binding: Arc::clone(&self.name),
+            provider: self.provider.kind(),
+            key_version,
+        }
+    }
+}
+
+/// The keys of one tenant at one moment.
+#[derive(Debug, Clone)]
+pub struct TenantKeys {
+    /// Wraps new DEKs: the platform binding when the tenant has no usable
+    /// customer key.
+    pub primary: Arc<Binding>,
+    /// Every customer binding of the tenant (without the platform key).
+    pub bindings: Vec<Arc<Binding>>,
+    /// Always able to unwrap what it wrapped before a tenant moved to CMEK.
+    pub platform: Arc<Binding>,
+}
+
+impl TenantKeys {
+    pub fn find(&self, name: &str) -> Option<&Arc<Binding>> {
+        if name == PLATFORM_BINDING {
+            return Some(&self.platform);
+        }
+        self.bindings.iter().find(|b| &*b.name == name)
+    }
+
+    pub fn uses_platform_key(&self) -> bool {
+        Arc::ptr_eq(&self.primary, &self.platform)
+    }
+}
+
+/// Where the data plane learns a tenant's keys. Implementations answer from
+/// memory on the hot path (one call per request).
+#[async_trait]
+pub trait KeyDirectory: Send + Sync + fmt::Debug {
+    async fn tenant_keys(&self, tenant_id: &str) -> Result<TenantKeys, BrokerError>;
+}
+
+/// Every tenant uses the platform key: the embedded default before the
+/// registry knows any customer key.
+#[derive(Debug)]
+pub struct PlatformOnly {
+    platform: Arc<Binding>,
+}
+
+impl PlatformOnly {
+    pub fn new(platform: Arc<Binding>) -> Self {
+        Self { platform }
+    }
+}
+
+#[async_trait]
+impl KeyDirectory for PlatformOnly {
+    async fn tenant_keys(&self, _tenant_id: &str) -> Result<TenantKeys, BrokerError> {
+        Ok(TenantKeys {
+            primary: Arc::clone(&self.platform),
+            bindings: Vec::new(),
+            platform: Arc::clone(&self.platform),
+        })
+    }
+}
+
+/// Why a data-plane call failed. Mapped to a gRPC status in `api::status`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error("the wrapped key was issued for a different tenant than '{tenant_id}'")]
+    TenantMismatch { tenant_id: String },
+    #[error(
+        "tenant '{tenant_id}' has no key binding named '{binding}' (it was unlinked, or the wrapped key comes from another deployment)"
+    )]
+    UnknownBinding { tenant_id: String, binding: String },
+    #[error("key binding '{binding}' of tenant '{tenant_id}' is {state}: {reason}")]
+    KeyUnusable {
+        tenant_id: String,
+        binding: String,
+        state: BindingState,
+        reason: String,
+    },
+    #[error("key binding '{binding}' ({provider}): {source}")]
+    Provider {
+        binding: String,
+        provider: ProviderKind,
+        source: ProviderError,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Which key protected a DEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key_binding: Arc<str>,
+    pub provider: ProviderKind,
+    pub key_version: String,
+}
+
+#[derive(Debug)]
+pub struct Generated {
+    pub plaintext: SecretBytes,
+    pub wrapped_key: Vec<u8>,
+    pub key: KeyInfo,
+}
+
+#[derive(Debug)]
+pub struct Wrapped {
+    pub wrapped_key: Vec<u8>,
+    pub key: KeyInfo,
+}
+
+#[derive(Debug)]
+pub struct Unwrapped {
+    pub key: Arc<CachedKey>,
+    pub rewrap_recommended: bool,
+}
+
+#[derive(Debug)]
+pub struct Rewrapped {
+    pub wrapped_key: Vec<u8>,
+    pub key: KeyInfo,
+    pub previous_key: KeyInfo,
+}
+
+#[derive(Debug)]
+pub struct BindingStatus {
+    pub name: Arc<str>,
+    pub provider: ProviderKind,
+    pub key_reference: String,
+    pub state: BindingState,
+    pub state_reason: String,
+    pub primary: bool,
+    pub current_key_version: String,
+}
+
+#[derive(Debug)]
+pub struct Description {
+    pub tenant_id: String,
+    pub uses_platform_key: bool,
+    pub primary: KeyInfo,
+    pub bindings: Vec<BindingStatus>,
+}
+
+/// Provider calls made by the data plane, by operation. Tests assert on them
+/// (zero calls for refused requests, one per cold key); metrics export them.
+#[derive(Debug, Default)]
+pub struct ProviderCalls {
+    pub encrypt: AtomicU64,
+    pub decrypt: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Broker {
+    directory: Arc<dyn KeyDirectory>,
+    cache: DekCache,
+    calls: Arc<ProviderCalls>,
+}
+
+impl Broker {
+    pub fn new(directory: Arc<dyn KeyDirectory>, cache: DekCache) -> Self {
+        Self {
+            directory,
+            cache,
+            calls: Arc::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &DekCache {
+        &self.cache
+    }
+
+    pub fn provider_calls(&self) -> &Arc<ProviderCalls> {
+        &self.calls
+    }
+
+    pub async fn generate(
+        &self,
+        tenant_id: &str,
+        context: &Context,
+        len: usize,
+    ) -> Result<Generated, BrokerError> {
+        envelope::validate_tenant_id(tenant_id)?;
+        let plaintext = SecretBytes::random(len)
+            .map_err(|_| BrokerError::Internal("system random generator failed".into()))?;
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let wrapped = self
+            .wrap_with(&keys.primary, tenant_id, context, &plaintext)
+            .await?;
+        Ok(Generated {
+            plaintext,
+            wrapped_key: wrapped.wrapped_key,
+            key: wrapped.key,
+        })
+    }
+
+    pub async fn wrap(
+        &self,
+        tenant_id: &str,
+        context: &Context,
+        plaintext: &SecretBytes,
+    ) -> Result<Wrapped, BrokerError> {
+        envelope::validate_tenant_id(tenant_id)?;
+        if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_BYTES {
+            return Err(BrokerError::InvalidRequest(format!(
+                "plaintext must be 1 to {MAX_PLAINTEXT_BYTES} bytes, got {}",
+                plaintext.len()
+            )));
+        }
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        self.wrap_with(&keys.primary, tenant_id, context, plaintext)
+            .await
+    }
+
+    async fn wrap_with(
+        &self,
+        binding: &Binding,
+        tenant_id: &str,
+        context: &Context,
+        plaintext: &SecretBytes,
+    ) -> Result<Wrapped, BrokerError> {
+        binding.ensure_usable(tenant_id)?;
+        self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
+        let ciphertext = binding
+            .provider
+            .encrypt(
+                &binding.key_reference,
+                plaintext,
+                WrapContext { tenant_id, context },
+            )
+            .await
+            .map_err(|source| provider_error(binding, source))?;
+        let envelope = Envelope {
+            tenant_id: tenant_id.to_owned(),
+            key_binding: binding.name.to_string(),
+            provider: binding.provider.kind(),
+            provider_key_version: ciphertext.key_version,
+            ciphertext: ciphertext.bytes,
+        };
+        Ok(Wrapped {
+            wrapped_key: envelope.encode(),
+            key: binding.info(envelope.provider_key_version),
+        })
+    }
+
+    /// Unwraps through the cache. A hit skips parsing: the cache key pins the
+    /// exact bytes, tenant and context that were verified when it was loaded.
+    /// The binding's state is checked on every call, hit or miss, so a
+    /// disabled or revoked binding serves nothing from cache either.
+    pub async fn unwrap(
+        &self,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+    ) -> Result<Unwrapped, BrokerError> {
+        envelope::validate_tenant_id(tenant_id)?;
+        envelope::check_size(wrapped)?;
+        let cache_key = CacheKey::new(
+            tenant_id,
+            envelope::wrapped_key_digest(wrapped),
+            context.digest(),
+        );
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        if let Some(hit) = self.cache.get(&cache_key).await {
+            let binding = find_binding(&keys, tenant_id, &hit.key_binding)?;
+            binding.ensure_usable(tenant_id)?;
+            return Ok(Unwrapped {
+                rewrap_recommended: rewrap_recommended(&keys, &hit),
+                key: hit,
+            });
+        }
+
+        // Everything that can refuse the request runs before the provider:
+        // a bad or foreign wrapped key costs no KMS quota.
+        let envelope = Envelope::parse(wrapped)?;
+        if envelope.tenant_id != tenant_id {
+            return Err(BrokerError::TenantMismatch {
+                tenant_id: tenant_id.to_owned(),
+            });
+        }
+        let binding = find_binding(&keys, tenant_id, &envelope.key_binding)?;
+        if binding.provider.kind() != envelope.provider {
+            return Err(BrokerError::InvalidRequest(format!(
+                "the wrapped key names provider {} but key binding '{}' uses {}",
+                envelope.provider,
+                binding.name,
+                binding.provider.kind()
+            )));
+        }
+        binding.ensure_usable(tenant_id)?;
+
+        let load = async {
+            self.calls.decrypt.fetch_add(1, Ordering::Relaxed);
+            let plaintext = binding
+                .provider
+                .decrypt(
+                    &binding.key_reference,
+                    &envelope.provider_key_version,
+                    &envelope.ciphertext,
+                    WrapContext { tenant_id, context },
+                )
+                .await
+                .map_err(|source| provider_error(binding, source))?;
+            Ok::<_, BrokerError>(Arc::new(CachedKey {
+                plaintext,
+                key_binding: Arc::clone(&binding.name),
+                provider: envelope.provider,
+                key_version: envelope.provider_key_version.as_str().into(),
+            }))
+        };
+        let key = self
+            .cache
+            .get_or_load(cache_key, load)
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        Ok(Unwrapped {
+            rewrap_recommended: rewrap_recommended(&keys, &key),
+            key,
+        })
+    }
+
+    /// Unwraps, then wraps under the tenant's current primary key with the
+    /// same context.
+    pub async fn rewrap(
+        &self,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+    ) -> Result<Rewrapped, BrokerError> {
+        let unwrapped = self.unwrap(tenant_id, context, wrapped).await?;
+        let previous_key = KeyInfo {
+            key_binding: Arc::clone(&unwrapped.key.key_binding),
+            provider: unwrapped.key.provider,
+            key_version: unwrapped.key.key_version.to_string(),
+        };
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let wrapped = self
+            .wrap_with(&keys.primary, tenant_id, context, &unwrapped.key.plaintext)
+            .await?;
+        Ok(Rewrapped {
+            wrapped_key: wrapped.wrapped_key,
+            key: wrapped.key,
+            previous_key,
+        })
+    }
+
+    pub async fn describe(&self, tenant_id: &str) -> Result<Description, BrokerError> {
+        envelope::validate_tenant_id(tenant_id)?;
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let status = |b: &Arc<Binding>| BindingStatus {
+            name: Arc::clone(&b.name),
+            provider: b.provider.kind(),
+            key_reference: b.key_reference.clone(),
+            state: b.state,
+            state_reason: b.state_reason.clone(),
+            primary: Arc::ptr_eq(b, &keys.primary),
+            current_key_version: current_version(b),
+        };
+        let mut bindings: Vec<BindingStatus> = keys.bindings.iter().map(status).collect();
+        if keys.uses_platform_key() {
+            bindings.insert(0, status(&keys.platform));
+        }
+        Ok(Description {
+            tenant_id: tenant_id.to_owned(),
+            uses_platform_key: keys.uses_platform_key(),
+            primary: keys.primary.info(current_version(&keys.primary)),
+            bindings,
+        })
+    }
+}
+
+fn current_version(binding: &Binding) -> String {
+    binding
+        .provider
+        .current_version(&binding.key_reference)
+        .unwrap_or_default()
+}
+
+fn find_binding<'a>(
+    keys: &'a TenantKeys,
+    tenant_id: &str,
+    name: &str,
+) -> Result<&'a Arc<Binding>, BrokerError> {
+    keys.find(name).ok_or_else(|| BrokerError::UnknownBinding {
+        tenant_id: tenant_id.to_owned(),
+        binding: name.to_owned(),
+    })
+}
+
+/// True when the key was wrapped under another binding than the primary, or
+/// under an older version of the primary where the provider exposes versions.
+fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
+    if key.key_binding != keys.primary.name {
+        return true;
+    }
+    match keys
+        .primary
+        .provider
+        .current_version(&keys.primary.key_reference)
+    {
+        Some(current) => *current != *key.key_version,
+        None => false,
+    }
+}
+
+fn provider_error(binding: &Binding, source: ProviderError) -> BrokerError {
+    BrokerError::Provider {
+        binding: binding.name.to_string(),
+        provider: binding.provider.kind(),
+        source,
+    }
+}

@@ -1,0 +1,304 @@
+//! One typed configuration, from (highest precedence first) command-line
+//! flags, `KEYBROKER_*` environment variables, an optional TOML file, and
+//! defaults. Validated once at start: a server never runs half-configured.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cache::CacheSettings;
+
+/// Largest gRPC message the server decodes. Every legitimate request is far
+/// smaller; this bounds what a caller can make the server buffer.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Flags of `keybroker serve`. Every one may also come from the environment
+/// or the config file; unset means "not given here".
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file. Flags and environment variables override its values.
+    #[arg(long, env = "KEYBROKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "KEYBROKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the platform keyring and the registry [default: ./data].
+    #[arg(long, env = "KEYBROKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Allow plaintext gRPC on a non-loopback address (only behind a trusted
+    /// proxy or mesh that terminates TLS).
+    #[arg(long, env = "KEYBROKER_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_plaintext: Option<bool>,
+    /// Most unwrapped keys held in memory [default: 100000].
+    #[arg(long, env = "KEYBROKER_CACHE_MAX_ENTRIES")]
+    pub cache_max_entries: Option<u64>,
+    /// How long an unwrapped key is served from memory, e.g. 5m [default: 5m].
+    #[arg(long, env = "KEYBROKER_CACHE_TTL", value_parser = humantime::parse_duration)]
+    pub cache_ttl: Option<Duration>,
+    /// Drop an unwrapped key unused for this long, e.g. 1m [default: 1m].
+    #[arg(long, env = "KEYBROKER_CACHE_TTI", value_parser = humantime::parse_duration)]
+    pub cache_tti: Option<Duration>,
+    /// Deadline of every RPC on the server side [default: 10s].
+    #[arg(long, env = "KEYBROKER_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// After SIGTERM, keep serving this long with health NOT_SERVING so load
+    /// balancers drain, then finish in-flight RPCs and exit [default: 0s].
+    #[arg(long, env = "KEYBROKER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+    /// How often the platform keyring file is checked for rotation [default: 5s].
+    #[arg(long, env = "KEYBROKER_KEYRING_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
+    pub keyring_reload_interval: Option<Duration>,
+    /// Log format [default: text].
+    #[arg(long, env = "KEYBROKER_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The config file: the same settings as the flags, durations as "5m".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    insecure_plaintext: Option<bool>,
+    cache_max_entries: Option<u64>,
+    cache_ttl: Option<String>,
+    cache_tti: Option<String>,
+    request_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    keyring_reload_interval: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub insecure_plaintext: bool,
+    pub cache: CacheSettings,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub keyring_reload_interval: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./data"),
+            insecure_plaintext: false,
+            cache: CacheSettings {
+                max_entries: 100_000,
+                ttl: Duration::from_secs(300),
+                tti: Duration::from_secs(60),
+            },
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::ZERO,
+            keyring_reload_interval: Duration::from_secs(5),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid by the file, then by flags and environment.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Self::default();
+        let duration =
+            |setting, flag: Option<Duration>, file: &Option<String>, default| match (flag, file) {
+                (Some(v), _) => Ok(v),
+                (None, Some(text)) => {
+                    humantime::parse_duration(text).map_err(|e| ConfigError::Invalid {
+                        setting,
+                        reason: format!("{text:?}: {e} (use e.g. \"30s\", \"5m\")"),
+                    })
+                }
+                (None, None) => Ok(default),
+            };
+        let config = Self {
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir.clone())
+                .unwrap_or(d.data_dir),
+            insecure_plaintext: args
+                .insecure_plaintext
+                .or(file.insecure_plaintext)
+                .unwrap_or(d.insecure_plaintext),
+            cache: CacheSettings {
+                max_entries: args
+                    .cache_max_entries
+                    .or(file.cache_max_entries)
+                    .unwrap_or(d.cache.max_entries),
+                ttl: duration("cache_ttl", args.cache_ttl, &file.cache_ttl, d.cache.ttl)?,
+                tti: duration("cache_tti", args.cache_tti, &file.cache_tti, d.cache.tti)?,
+            },
+            request_timeout: duration(
+                "request_timeout",
+                args.request_timeout,
+                &file.request_timeout,
+                d.request_timeout,
+            )?,
+            shutdown_grace: duration(
+                "shutdown_grace",
+                args.shutdown_grace,
+                &file.shutdown_grace,
+                d.shutdown_grace,
+            )?,
+            keyring_reload_interval: duration(
+                "keyring_reload_interval",
+                args.keyring_reload_interval,
+                &file.keyring_reload_interval,
+                d.keyring_reload_interval,
+            )?,
+            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, reason: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if !self.listen.ip().is_loopback() && !self.insecure_plaintext {
+            return invalid(
+                "listen",
+                &format!(
+                    "{} is not a loopback address and TLS is not configured; plaintext gRPC \
+                     would expose keys on the network. Listen on 127.0.0.1, or pass \
+                     --insecure-plaintext if a trusted proxy terminates TLS",
+                    self.listen
+                ),
+            );
+        }
+        if self.cache.max_entries == 0 {
+            return invalid("cache_max_entries", "must be at least 1");
+        }
+        if self.cache.ttl.is_zero() || self.cache.tti.is_zero() {
+            return invalid("cache_ttl/cache_tti", "must be longer than zero");
+        }
+        if self.cache.tti > self.cache.ttl {
+            return invalid(
+                "cache_tti",
+                "must not be longer than cache_ttl (an entry never outlives its TTL)",
+            );
+        }
+        if self.request_timeout.is_zero() {
+            return invalid("request_timeout", "must be longer than zero");
+        }
+        if self.keyring_reload_interval.is_zero() {
+            return invalid("keyring_reload_interval", "must be longer than zero");
+        }
+        Ok(())
+    }
+
+    pub fn platform_keyring_path(&self) -> PathBuf {
+        platform_keyring_path(&self.data_dir)
+    }
+}
+
+pub fn platform_keyring_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("platform-keyring.json")
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::load(&ServeArgs::default()).unwrap();
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "cache_ttl = \"2m\"\ncache_tti = \"30s\"\nlisten = \"127.0.0.1:6000\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = Config::load(&args).unwrap();
+        assert_eq!(config.listen.port(), 7000);
+        assert_eq!(config.cache.ttl, Duration::from_secs(120));
+        assert_eq!(config.cache.tti, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn refuses_plaintext_on_the_network_and_bad_values() {
+        let mut args = ServeArgs {
+            listen: Some("0.0.0.0:50051".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = Config::load(&args).unwrap_err().to_string();
+        assert!(err.contains("--insecure-plaintext"), "{err}");
+        args.insecure_plaintext = Some(true);
+        Config::load(&args).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "cache_ttl = \"soon\"\n").unwrap();
+        let err = Config::load(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cache_ttl"), "{err}");
+        std::fs::write(&path, "cache_tll = \"1m\"\n").unwrap();
+        let err = Config::load(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

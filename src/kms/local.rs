@@ -1,0 +1,611 @@
+//! Local keys: an AES-256-GCM keyring of numbered versions. The newest version
+//! encrypts, every version decrypts. It is the platform key of the embedded
+//! default (a 0600 JSON file in the data dir) and, later, the home of raw key
+//! material that customers import.
+//!
+//! Ciphertext layout: 12-byte random nonce, then AES-GCM ciphertext and tag.
+//! Random 96-bit nonces are safe here: one key version would need ~2^32 wraps
+//! before nonce collisions become a concern, and rotation adds versions.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{
+    Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
+    WrapContext,
+};
+use crate::secret::SecretBytes;
+
+const FILE_FORMAT: &str = "keybroker-keyring-v1";
+const KEY_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+
+/// Errors loading, creating or rotating a keyring file. These stop the server
+/// at start (or are logged on reload), so they name the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("keyring file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "keyring file {path} is readable or writable by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("keyring file {path} is not a valid keyring: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("could not generate key material: the system random generator failed")]
+    Random,
+}
+
+/// Serialized form. Key material is base64 in zeroizing strings.
+#[derive(Serialize, Deserialize)]
+struct KeyringFile {
+    format: String,
+    versions: Vec<VersionEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VersionEntry {
+    version: u32,
+    created_unix: u64,
+    key: Zeroizing<String>,
+}
+
+/// Loaded key versions. Immutable: a reload or rotation builds a new one.
+struct Versions {
+    keys: BTreeMap<u32, LessSafeKey>,
+    created: BTreeMap<u32, u64>,
+    newest: u32,
+}
+
+impl Versions {
+    fn from_file(path: &Path, file: &KeyringFile) -> Result<Self, KeyringError> {
+        let invalid = |reason: String| KeyringError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        if file.format != FILE_FORMAT {
+            return Err(invalid(format!(
+                "format is {:?}, expected {FILE_FORMAT:?}",
+                file.format
+            )));
+        }
+        let mut keys = BTreeMap::new();
+        let mut created = BTreeMap::new();
+        for entry in &file.versions {
+            let material = Zeroizing::new(
+                B64.decode(entry.key.as_bytes())
+                    .map_err(|_| invalid(format!("version {} is not base64", entry.version)))?,
+            );
+            let key = aes_key(&material).ok_or_else(|| {
+                invalid(format!(
+                    "version {} is {} bytes, expected {KEY_LEN}",
+                    entry.version,
+                    material.len()
+                ))
+            })?;
+            if entry.version == 0 || keys.insert(entry.version, key).is_some() {
+                return Err(invalid(format!(
+                    "version {} is zero or repeated",
+                    entry.version
+                )));
+            }
+            created.insert(entry.version, entry.created_unix);
+        }
+        let newest = *keys
+            .keys()
+            .next_back()
+            .ok_or_else(|| invalid("no key versions".into()))?;
+        Ok(Self {
+            keys,
+            created,
+            newest,
+        })
+    }
+}
+
+fn aes_key(material: &[u8]) -> Option<LessSafeKey> {
+    if material.len() != KEY_LEN {
+        return None;
+    }
+    UnboundKey::new(&AES_256_GCM, material)
+        .ok()
+        .map(LessSafeKey::new)
+}
+
+/// Identity of the file last loaded, to notice rotations cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> std::io::Result<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok(FileStamp {
+        modified: meta.modified()?,
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+/// A local keyring, usable as a [`KeyProvider`].
+pub struct LocalKeyring {
+    /// Name shown in errors and descriptions (`platform`, a binding name).
+    id: String,
+    /// Backing file, when the keyring lives in one.
+    path: Option<PathBuf>,
+    /// Current versions. Readers clone the `Arc` and release the lock at once;
+    /// a reload swaps in a whole new set, so a wrap never sees a half-loaded
+    /// keyring. std RwLock: held for a pointer copy, never across an await.
+    versions: RwLock<Arc<Versions>>,
+    /// File identity at the last load; written only by `reload_if_changed`.
+    stamp: RwLock<Option<FileStamp>>,
+}
+
+impl fmt::Debug for LocalKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalKeyring")
+            .field("id", &self.id)
+            .field("path", &self.path)
+            .field("newest_version", &self.current().newest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalKeyring {
+    /// Opens the keyring file at `path`, creating it (mode 0600, one fresh
+    /// version) when absent. Refuses a file group or others can read.
+    pub fn open_or_create(id: &str, path: &Path) -> Result<Self, KeyringError> {
+        if !path.exists() {
+            create_keyring_file(path)?;
+        }
+        let (versions, stamp) = load(path)?;
+        Ok(Self {
+            id: id.to_owned(),
+            path: Some(path.to_owned()),
+            versions: RwLock::new(Arc::new(versions)),
+            stamp: RwLock::new(Some(stamp)),
+        })
+    }
+
+    /// A keyring held only in memory, from raw 32-byte key versions (oldest
+    /// first). Used for imported customer key material.
+    pub fn from_material(id: &str, material: &[SecretBytes]) -> Result<Self, KeyringError> {
+        let mut keys = BTreeMap::new();
+        let mut created = BTreeMap::new();
+        for (i, m) in material.iter().enumerate() {
+            let key = aes_key(m.expose()).ok_or_else(|| KeyringError::Invalid {
+                path: PathBuf::from(id),
+                reason: format!("key material must be {KEY_LEN} bytes, got {}", m.len()),
+            })?;
+            let version = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            keys.insert(version, key);
+            created.insert(version, 0);
+        }
+        let newest = *keys
+            .keys()
+            .next_back()
+            .ok_or_else(|| KeyringError::Invalid {
+                path: PathBuf::from(id),
+                reason: "no key versions".into(),
+            })?;
+        Ok(Self {
+            id: id.to_owned(),
+            path: None,
+            versions: RwLock::new(Arc::new(Versions {
+                keys,
+                created,
+                newest,
+            })),
+            stamp: RwLock::new(None),
+        })
+    }
+
+    fn current(&self) -> Arc<Versions> {
+        // A poisoned lock only means a reader panicked mid-clone; the Arc
+        // inside is still whole, so keep serving it.
+        match self.versions.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn newest_version(&self) -> u32 {
+        self.current().newest
+    }
+
+    /// `(version, created_unix)` of every version, oldest first. No key bytes.
+    pub fn version_list(&self) -> Vec<(u32, u64)> {
+        self.current()
+            .created
+            .iter()
+            .map(|(v, c)| (*v, *c))
+            .collect()
+    }
+
+    /// Reloads the file if it changed since the last load. Returns whether it
+    /// did. A broken new file is reported and the old keyring kept.
+    pub fn reload_if_changed(&self) -> Result<bool, KeyringError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let now = stamp(path).map_err(|source| KeyringError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let last = self.stamp.read().ok().and_then(|s| *s);
+        if last == Some(now) {
+            return Ok(false);
+        }
+        let (versions, stamp) = load(path)?;
+        if let Ok(mut guard) = self.versions.write() {
+            *guard = Arc::new(versions);
+        }
+        if let Ok(mut guard) = self.stamp.write() {
+            *guard = Some(stamp);
+        }
+        Ok(true)
+    }
+
+    /// Polls the backing file every `interval` and reloads it when it
+    /// changed, so `keybroker keyring rotate` (or a rotated Kubernetes Secret)
+    /// takes effect without a restart.
+    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let keyring = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(keyring) = keyring.upgrade() else {
+                    return;
+                };
+                match keyring.reload_if_changed() {
+                    Ok(true) => tracing::info!(
+                        keyring = %keyring.id,
+                        newest_version = keyring.newest_version(),
+                        "keyring reloaded"
+                    ),
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(
+                        keyring = %keyring.id,
+                        error = %err,
+                        "keyring file changed but could not be loaded; keeping the previous versions"
+                    ),
+                }
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl KeyProvider for LocalKeyring {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    async fn encrypt(
+        &self,
+        _key: &str,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError> {
+        let versions = self.current();
+        let key = versions
+            .keys
+            .get(&versions.newest)
+            .ok_or_else(|| ProviderError::Internal("keyring has no newest version".into()))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
+        // Sealed in place in a buffer sized for the tag, so no reallocation
+        // leaves a plaintext copy behind; zeroizing in case sealing fails.
+        let mut body = Zeroizing::new(Vec::with_capacity(plaintext.len() + TAG_LEN));
+        body.extend_from_slice(plaintext.expose());
+        let aad = wrap.aad();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad.as_slice()),
+            &mut *body,
+        )
+        .map_err(|_| ProviderError::Internal("AES-GCM seal failed".into()))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + body.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&body);
+        Ok(Ciphertext {
+            bytes: out,
+            key_version: versions.newest.to_string(),
+        })
+    }
+
+    async fn decrypt(
+        &self,
+        _key: &str,
+        key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError> {
+        let version: u32 = key_version.parse().map_err(|_| {
+            ProviderError::InvalidCiphertext(format!(
+                "local key version {key_version:?} is not a version number"
+            ))
+        })?;
+        let versions = self.current();
+        let key = versions.keys.get(&version).ok_or_else(|| {
+            ProviderError::NotFound(format!(
+                "version {version} of local keyring '{}' does not exist",
+                self.id
+            ))
+        })?;
+        if ciphertext.len() < NONCE_LEN + TAG_LEN {
+            return Err(ProviderError::InvalidCiphertext(
+                "ciphertext is shorter than nonce and tag".into(),
+            ));
+        }
+        let (nonce, body) = ciphertext.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| ProviderError::Internal("nonce length".into()))?;
+        let mut buf = Zeroizing::new(body.to_vec());
+        let aad = wrap.aad();
+        let plain_len = key
+            .open_in_place(nonce, Aad::from(aad.as_slice()), &mut buf)
+            .map_err(|_| {
+                ProviderError::InvalidCiphertext(
+                    "authentication failed: the context or tenant differs from the wrap, or the wrapped key was altered".into(),
+                )
+            })?
+            .len();
+        buf.truncate(plain_len);
+        Ok(SecretBytes::new(std::mem::take(&mut *buf)))
+    }
+
+    fn current_version(&self, _key: &str) -> Option<String> {
+        Some(self.newest_version().to_string())
+    }
+
+    async fn describe(&self, _key: &str) -> Result<KeyDescription, ProviderError> {
+        Ok(KeyDescription {
+            state: ProviderKeyState::Enabled,
+            current_version: self.newest_version().to_string(),
+        })
+    }
+}
+
+fn load(path: &Path) -> Result<(Versions, FileStamp), KeyringError> {
+    let io = |source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyringError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let stamp = stamp(path).map_err(io)?;
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(io)?);
+    let file: KeyringFile = serde_json::from_slice(&bytes).map_err(|e| KeyringError::Invalid {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok((Versions::from_file(path, &file)?, stamp))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_entry(version: u32) -> Result<VersionEntry, KeyringError> {
+    let material = SecretBytes::random(KEY_LEN).map_err(|_| KeyringError::Random)?;
+    Ok(VersionEntry {
+        version,
+        created_unix: now_unix(),
+        key: Zeroizing::new(B64.encode(material.expose())),
+    })
+}
+
+fn create_keyring_file(path: &Path) -> Result<(), KeyringError> {
+    let file = KeyringFile {
+        format: FILE_FORMAT.into(),
+        versions: vec![new_entry(1)?],
+    };
+    write_atomically(path, &file)
+}
+
+/// Adds a new newest version to the keyring file; returns its number. Old
+/// versions stay, so every key wrapped before keeps unwrapping.
+pub fn rotate_keyring_file(path: &Path) -> Result<u32, KeyringError> {
+    // Validate the file (permissions, format) before rewriting it.
+    load(path)?;
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    })?);
+    let mut file: KeyringFile =
+        serde_json::from_slice(&bytes).map_err(|e| KeyringError::Invalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let next = file.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+    file.versions.push(new_entry(next)?);
+    write_atomically(path, &file)?;
+    Ok(next)
+}
+
+/// Writes to a 0600 temp file beside `path`, syncs, then renames over it:
+/// readers see the old or the new keyring, never a partial one.
+fn write_atomically(path: &Path, file: &KeyringFile) -> Result<(), KeyringError> {
+    let io = |source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+    }
+    let json =
+        Zeroizing::new(
+            serde_json::to_vec_pretty(file).map_err(|e| KeyringError::Invalid {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?,
+        );
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    out.write_all(&json).map_err(io)?;
+    out.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Context;
+    use std::collections::HashMap;
+
+    fn ctx(pairs: &[(&str, &str)]) -> Context {
+        Context::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn created_0600_rotates_and_old_versions_decrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/platform-keyring.json");
+        let ring = LocalKeyring::open_or_create("platform", &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let c = ctx(&[("table", "t1")]);
+        let wrap = WrapContext {
+            tenant_id: "acme",
+            context: &c,
+        };
+        let dek = SecretBytes::random(32).unwrap();
+        let v1 = ring.encrypt("", &dek, wrap).await.unwrap();
+        assert_eq!(v1.key_version, "1");
+
+        assert_eq!(rotate_keyring_file(&path).unwrap(), 2);
+        assert!(ring.reload_if_changed().unwrap());
+        assert!(!ring.reload_if_changed().unwrap());
+        let v2 = ring.encrypt("", &dek, wrap).await.unwrap();
+        assert_eq!(v2.key_version, "2");
+        for ct in [&v1, &v2] {
+            let back = ring
+                .decrypt("", &ct.key_version, &ct.bytes, wrap)
+                .await
+                .unwrap();
+            assert_eq!(back.expose(), dek.expose());
+        }
+    }
+
+    #[tokio::test]
+    async fn tenant_and_context_are_bound() {
+        let ring = LocalKeyring::from_material("t", &[SecretBytes::random(32).unwrap()]).unwrap();
+        let c = ctx(&[("a", "1")]);
+        let dek = SecretBytes::random(32).unwrap();
+        let ct = ring
+            .encrypt(
+                "",
+                &dek,
+                WrapContext {
+                    tenant_id: "a",
+                    context: &c,
+                },
+            )
+            .await
+            .unwrap();
+        let other_ctx = ctx(&[("a", "2")]);
+        for (tenant, context) in [("b", &c), ("a", &other_ctx)] {
+            let err = ring
+                .decrypt(
+                    "",
+                    "1",
+                    &ct.bytes,
+                    WrapContext {
+                        tenant_id: tenant,
+                        context,
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ProviderError::InvalidCiphertext(_)),
+                "{err:?}"
+            );
+        }
+        let err = ring
+            .decrypt(
+                "",
+                "9",
+                &ct.bytes,
+                WrapContext {
+                    tenant_id: "a",
+                    context: &c,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::NotFound(_)));
+    }
+
+    #[test]
+    fn refuses_group_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        LocalKeyring::open_or_create("platform", &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = LocalKeyring::open_or_create("platform", &path).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        std::fs::write(
+            &path,
+            b"{\"format\":\"keybroker-keyring-v1\",\"versions\":[]}",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = LocalKeyring::open_or_create("platform", &path).unwrap_err();
+        assert!(err.to_string().contains("no key versions"), "{err}");
+    }
+}

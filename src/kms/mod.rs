@@ -1,0 +1,159 @@
+//! Key providers: where customer and platform keys live. The data plane talks
+//! to every provider through [`KeyProvider`] and never knows which one it has.
+//! Each provider classifies its own failures into [`ProviderError`] at this
+//! boundary, so the API layer maps one small taxonomy to gRPC codes.
+
+pub mod local;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::envelope::{self, Context};
+use crate::proto;
+use crate::secret::SecretBytes;
+
+/// Which kind of key store a binding uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    Local,
+    AwsKms,
+    GcpKms,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::AwsKms => "aws-kms",
+            Self::GcpKms => "gcp-kms",
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<ProviderKind> for proto::Provider {
+    fn from(kind: ProviderKind) -> Self {
+        match kind {
+            ProviderKind::Local => Self::Local,
+            ProviderKind::AwsKms => Self::AwsKms,
+            ProviderKind::GcpKms => Self::GcpKms,
+        }
+    }
+}
+
+impl TryFrom<proto::Provider> for ProviderKind {
+    type Error = ();
+    fn try_from(p: proto::Provider) -> Result<Self, ()> {
+        match p {
+            proto::Provider::Local => Ok(Self::Local),
+            proto::Provider::AwsKms => Ok(Self::AwsKms),
+            proto::Provider::GcpKms => Ok(Self::GcpKms),
+            proto::Provider::Unspecified => Err(()),
+        }
+    }
+}
+
+/// What a wrap binds besides the key: the tenant and the caller's context.
+/// Providers turn it into their native form (AWS encryption context, AAD).
+#[derive(Debug, Clone, Copy)]
+pub struct WrapContext<'a> {
+    pub tenant_id: &'a str,
+    pub context: &'a Context,
+}
+
+impl WrapContext<'_> {
+    /// Canonical AAD bytes for providers that take AAD (local, GCP).
+    pub fn aad(&self) -> Vec<u8> {
+        envelope::aad(self.tenant_id, self.context)
+    }
+}
+
+/// A provider's ciphertext and the key version that produced it.
+#[derive(Debug, Clone)]
+pub struct Ciphertext {
+    pub bytes: Vec<u8>,
+    /// Empty where the provider does not expose versions.
+    pub key_version: String,
+}
+
+/// Provider-side state of a key, from a describe call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+    Destroyed,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyDescription {
+    pub state: ProviderKeyState,
+    /// The version new wraps use, where the provider exposes one.
+    pub current_version: String,
+}
+
+/// The failure taxonomy every provider maps its errors into. Messages are
+/// safe to show a customer: they never contain key material.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ProviderError {
+    /// The platform may not use the key (IAM, key policy, trust policy).
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// The key exists but is disabled, pending deletion or destroyed.
+    #[error("key disabled: {0}")]
+    KeyDisabled(String),
+    /// The key (or key version) does not exist.
+    #[error("key not found: {0}")]
+    NotFound(String),
+    /// The ciphertext does not decrypt: tampered, wrong key or wrong context.
+    #[error("invalid ciphertext: {0}")]
+    InvalidCiphertext(String),
+    /// The provider refused for rate: retry later.
+    #[error("throttled: {0}")]
+    Throttled(String),
+    /// The provider could not be reached or answered with a server error.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or a broken deployment.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// One key store. Implementations are cheap to share (`Arc<dyn KeyProvider>`)
+/// and safe to call concurrently.
+#[async_trait]
+pub trait KeyProvider: Send + Sync + fmt::Debug {
+    fn kind(&self) -> ProviderKind;
+
+    /// Encrypts `plaintext` under the newest version of `key`.
+    async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError>;
+
+    /// Decrypts a ciphertext this provider produced for `key`.
+    async fn decrypt(
+        &self,
+        key: &str,
+        key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError>;
+
+    /// Reports the key's state and current version (a provider call).
+    async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError>;
+
+    /// The version new wraps use, when known without a provider call. Drives
+    /// `rewrap_recommended` on the hot path; `None` where versions are hidden.
+    fn current_version(&self, _key: &str) -> Option<String> {
+        None
+    }
+}

@@ -1,0 +1,150 @@
+//! Builds the service from a [`Config`] and serves it on a listener until a
+//! shutdown future resolves. Tests bind 127.0.0.1:0 and call [`Server::run`].
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::api::broker::KeyBrokerApi;
+use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING, PlatformOnly};
+use crate::cache::DekCache;
+use crate::config::{Config, MAX_MESSAGE_BYTES};
+use crate::kms::local::LocalKeyring;
+use crate::proto;
+use crate::proto::key_broker_server::KeyBrokerServer;
+
+/// A built, not yet serving, keybroker.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    broker: Arc<Broker>,
+    /// Background tasks that live as long as the server (keyring reload).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// The embedded default: the platform keyring file in the data dir
+    /// (created on first start), every tenant on the platform key.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        let path = config.platform_keyring_path();
+        let keyring = Arc::new(
+            LocalKeyring::open_or_create(PLATFORM_BINDING, &path)
+                .with_context(|| "loading the platform keyring")?,
+        );
+        let reloader = keyring.spawn_reloader(config.keyring_reload_interval);
+        let platform = Arc::new(platform_binding(keyring, &path.display().to_string()));
+        let mut server = Self::with_directory(config, Arc::new(PlatformOnly::new(platform)));
+        server.tasks.push(reloader);
+        Ok(server)
+    }
+
+    /// A server whose tenants' keys come from `directory` (tests inject
+    /// instrumented providers here).
+    pub fn with_directory(config: Config, directory: Arc<dyn KeyDirectory>) -> Self {
+        let broker = Arc::new(Broker::new(directory, DekCache::new(config.cache)));
+        Self {
+            config,
+            broker,
+            tasks: Vec::new(),
+        }
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` resolves. Then health turns
+    /// NOT_SERVING, the server keeps serving for `shutdown_grace` (so load
+    /// balancers stop routing here), stops accepting, and returns once every
+    /// in-flight RPC has completed.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && !self.config.insecure_plaintext {
+            anyhow::bail!("refusing plaintext gRPC on non-loopback address {addr}");
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<KeyBrokerServer<KeyBrokerApi>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        // grpcurl before 1.9 speaks only v1alpha.
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(Arc::clone(&self.broker)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+        let grace = self.config.shutdown_grace;
+        let signal = async move {
+            shutdown.await;
+            tracing::info!(grace = ?grace, "shutting down: health NOT_SERVING, then draining in-flight RPCs");
+            health
+                .set_not_serving::<KeyBrokerServer<KeyBrokerApi>>()
+                .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            tokio::time::sleep(grace).await;
+        };
+
+        tracing::info!(%addr, "keybroker listening");
+        tonic::transport::Server::builder()
+            .timeout(self.config.request_timeout)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(broker_service)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            )
+            .await?;
+        for task in &self.tasks {
+            task.abort();
+        }
+        tracing::info!("keybroker stopped");
+        Ok(())
+    }
+}
+
+fn platform_binding(provider: Arc<LocalKeyring>, reference: &str) -> Binding {
+    Binding {
+        name: PLATFORM_BINDING.into(),
+        provider,
+        key_reference: reference.to_owned(),
+        state: BindingState::Active,
+        state_reason: String::new(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
