@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// balancers drain, then finish in-flight RPCs and exit [default: 0s].
     #[arg(long, env = "KEYBROKER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// After the grace period, how long in-flight RPCs and open connections
+    /// may take to finish before the server exits anyway [default: 30s].
+    #[arg(long, env = "KEYBROKER_SHUTDOWN_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub shutdown_drain_timeout: Option<Duration>,
     /// How often the platform keyring file is checked for rotation [default: 5s].
     #[arg(long, env = "KEYBROKER_KEYRING_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
     pub keyring_reload_interval: Option<Duration>,
@@ -75,6 +79,7 @@ struct FileConfig {
     cache_tti: Option<String>,
     request_timeout: Option<String>,
     shutdown_grace: Option<String>,
+    shutdown_drain_timeout: Option<String>,
     keyring_reload_interval: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -98,6 +103,7 @@ pub struct Config {
     pub cache: CacheSettings,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub shutdown_drain_timeout: Duration,
     pub keyring_reload_interval: Duration,
     pub log_format: LogFormat,
 }
@@ -115,6 +121,7 @@ impl Default for Config {
             },
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::ZERO,
+            shutdown_drain_timeout: Duration::from_secs(30),
             keyring_reload_interval: Duration::from_secs(5),
             log_format: LogFormat::Text,
         }
@@ -170,6 +177,12 @@ impl Config {
                 args.shutdown_grace,
                 &file.shutdown_grace,
                 d.shutdown_grace,
+            )?,
+            shutdown_drain_timeout: duration(
+                "shutdown_drain_timeout",
+                args.shutdown_drain_timeout,
+                &file.shutdown_drain_timeout,
+                d.shutdown_drain_timeout,
             )?,
             keyring_reload_interval: duration(
                 "keyring_reload_interval",

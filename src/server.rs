@@ -88,6 +88,10 @@ impl Server {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
         let grace = self.config.shutdown_grace;
+        let drain_timeout = self.config.shutdown_drain_timeout;
+        // Fires when the grace period ends and draining begins.
+        let draining = Arc::new(tokio::sync::Notify::new());
+        let draining_tx = Arc::clone(&draining);
         let signal = async move {
             shutdown.await;
             tracing::info!(grace = ?grace, "shutting down: health NOT_SERVING, then draining in-flight RPCs");
@@ -98,10 +102,11 @@ impl Server {
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
             tokio::time::sleep(grace).await;
+            draining_tx.notify_one();
         };
 
         tracing::info!(%addr, "keybroker listening");
-        tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -110,8 +115,19 @@ impl Server {
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 signal,
-            )
-            .await?;
+            );
+        // A client that ignores GOAWAY must not keep the process alive.
+        let drain_deadline = async {
+            draining.notified().await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        tokio::select! {
+            served = serve => served?,
+            () = drain_deadline => tracing::warn!(
+                timeout = ?drain_timeout,
+                "connections still open after the drain timeout; exiting anyway"
+            ),
+        }
         for task in &self.tasks {
             task.abort();
         }

@@ -1,0 +1,180 @@
+//! Test harness: real servers on 127.0.0.1:0 reached through the generated
+//! client, plus an instrumented provider for latency and call counting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keybroker::broker::{Binding, BindingState, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::config::Config;
+use keybroker::kms::local::LocalKeyring;
+use keybroker::kms::{
+    Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
+};
+use keybroker::proto::key_broker_client::KeyBrokerClient;
+use keybroker::secret::SecretBytes;
+use keybroker::server::Server;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub fn test_config(data_dir: &Path) -> Config {
+    Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: data_dir.to_owned(),
+        keyring_reload_interval: Duration::from_millis(100),
+        ..Config::default()
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub broker: Arc<Broker>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    /// The embedded default on `config`.
+    pub async fn start(config: Config) -> Self {
+        Self::serve(Server::build(config).await.unwrap()).await
+    }
+
+    /// Every tenant on the platform key, served by `provider`.
+    pub async fn start_with_provider(config: Config, provider: Arc<dyn KeyProvider>) -> Self {
+        let binding = Binding {
+            name: PLATFORM_BINDING.into(),
+            provider,
+            key_reference: "test-keyring".into(),
+            state: BindingState::Active,
+            state_reason: String::new(),
+        };
+        let directory = Arc::new(PlatformOnly::new(Arc::new(binding)));
+        Self::serve(Server::with_directory(config, directory)).await
+    }
+
+    pub async fn serve(server: Server) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let broker = Arc::clone(server.broker());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            broker,
+            shutdown: Some(tx),
+            handle,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> KeyBrokerClient<Channel> {
+        KeyBrokerClient::connect(self.url()).await.unwrap()
+    }
+
+    pub fn decrypt_calls(&self) -> u64 {
+        self.broker.provider_calls().decrypt.load(Ordering::SeqCst)
+    }
+
+    pub fn encrypt_calls(&self) -> u64 {
+        self.broker.provider_calls().encrypt.load(Ordering::SeqCst)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+/// A local keyring that sleeps before every call and counts them, standing
+/// in for a remote KMS.
+#[derive(Debug)]
+pub struct SlowKeyring {
+    inner: LocalKeyring,
+    delay: Duration,
+    pub decrypts: AtomicU64,
+}
+
+impl SlowKeyring {
+    pub fn new(delay: Duration) -> Self {
+        Self {
+            inner: LocalKeyring::from_material("platform", &[SecretBytes::random(32).unwrap()])
+                .unwrap(),
+            delay,
+            decrypts: AtomicU64::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for SlowKeyring {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.encrypt(key, plaintext, wrap).await
+    }
+
+    async fn decrypt(
+        &self,
+        key: &str,
+        key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError> {
+        self.decrypts.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.inner.decrypt(key, key_version, ciphertext, wrap).await
+    }
+
+    async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError> {
+        self.inner.describe(key).await
+    }
+
+    fn current_version(&self, key: &str) -> Option<String> {
+        self.inner.current_version(key)
+    }
+}
+
+/// Root of the repository (tools live in `.tools/`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A test tool installed by scripts/test.sh. A missing tool fails the test
+/// with instructions; it is never a silent skip.
+pub fn tool(name: &str, env_var: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env_var) {
+        return PathBuf::from(path);
+    }
+    let path = repo_root().join(".tools/bin").join(name);
+    assert!(
+        path.exists(),
+        "{name} is not installed at {}: run scripts/test.sh (it installs every test tool into .tools/), or set {env_var}",
+        path.display()
+    );
+    path
+}
+
+pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -1,0 +1,8 @@
+//! Integration tests, one binary (one link) for all of them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod data_plane;
+mod grpcurl;
+mod process;

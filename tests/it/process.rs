@@ -1,0 +1,266 @@
+//! The real `keybroker` binary: logs never carry key material, SIGTERM drains.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use keybroker::proto;
+use keybroker::proto::key_broker_client::KeyBrokerClient;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::common::ctx;
+
+struct Process {
+    child: Child,
+    url: String,
+    /// Server output goes to a file, not a pipe: an unread pipe fills up and
+    /// blocks a chatty server.
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Self {
+        // Pick a free port; the tiny race with other tests is retried below.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = data_dir.join(format!("server-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = Channel::from_shared(self.url.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                return ch;
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; returns (success, stdout + stderr). Async: the test's
+    /// own client connections must keep running to see the server's GOAWAY.
+    async fn wait(mut self, timeout: Duration) -> (bool, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("server did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (
+            status.success(),
+            std::fs::read_to_string(&self.log).unwrap(),
+        )
+    }
+}
+
+async fn health(channel: Channel) -> Result<ServingStatus, tonic::Status> {
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "keybroker.v1.KeyBroker".into(),
+        })
+        .await?;
+    Ok(resp.into_inner().status())
+}
+
+#[tokio::test]
+async fn canary_key_never_reaches_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::spawn(dir.path(), &[]);
+    let channel = process.channel().await;
+    let mut client = KeyBrokerClient::new(channel);
+    let canary: Vec<u8> = b"CANARY-3f9a1c-do-not-log-me-0123".to_vec();
+    let c = ctx(&[("table", "secrets")]);
+
+    let wrapped = client
+        .wrap_key(proto::WrapKeyRequest {
+            tenant_id: "acme".into(),
+            context: c.clone(),
+            plaintext: canary.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .wrapped_key;
+    for _ in 0..2 {
+        let back = client
+            .unwrap_key(proto::UnwrapKeyRequest {
+                tenant_id: "acme".into(),
+                context: c.clone(),
+                wrapped_key: wrapped.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(back.plaintext, canary);
+    }
+    // Error paths with the canary in the request.
+    let errors = [
+        client
+            .wrap_key(proto::WrapKeyRequest {
+                tenant_id: "bad tenant".into(),
+                context: c.clone(),
+                plaintext: canary.clone(),
+            })
+            .await
+            .unwrap_err(),
+        client
+            .unwrap_key(proto::UnwrapKeyRequest {
+                tenant_id: "acme".into(),
+                context: ctx(&[("table", "other")]),
+                wrapped_key: wrapped.clone(),
+            })
+            .await
+            .unwrap_err(),
+        client
+            .unwrap_key(proto::UnwrapKeyRequest {
+                tenant_id: "acme".into(),
+                context: c.clone(),
+                wrapped_key: canary.clone(),
+            })
+            .await
+            .unwrap_err(),
+    ];
+    process.signal("TERM");
+    let (ok, logs) = process.wait(Duration::from_secs(20)).await;
+    assert!(ok, "server exited with failure:\n{logs}");
+    assert!(
+        logs.contains("keybroker listening"),
+        "logs were not captured:\n{logs}"
+    );
+
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let needles = [
+        String::from_utf8(canary.clone()).unwrap(),
+        hex::encode(&canary),
+        hex::encode_upper(&canary),
+        b64.encode(&canary),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&canary),
+        format!("{:?}", canary),
+    ];
+    for needle in &needles {
+        assert!(
+            !logs.contains(needle.as_str()),
+            "canary found in logs as {needle}"
+        );
+        for err in &errors {
+            assert!(
+                !err.message().contains(needle.as_str()),
+                "canary in error {err:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_turns_health_off_then_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::spawn(dir.path(), &["--shutdown-grace", "1500ms"]);
+    let channel = process.channel().await;
+    assert_eq!(
+        health(channel.clone()).await.unwrap(),
+        ServingStatus::Serving
+    );
+    let mut client = KeyBrokerClient::new(channel.clone());
+    let generated = client
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let sent = Instant::now();
+    process.signal("TERM");
+    // During the grace period: NOT_SERVING, yet RPCs are still answered.
+    let mut saw_not_serving = false;
+    while sent.elapsed() < Duration::from_millis(1000) {
+        if health(channel.clone()).await.unwrap() == ServingStatus::NotServing {
+            saw_not_serving = true;
+            let back = client
+                .unwrap_key(proto::UnwrapKeyRequest {
+                    tenant_id: "acme".into(),
+                    context: Default::default(),
+                    wrapped_key: generated.wrapped_key.clone(),
+                })
+                .await
+                .expect("RPC during the shutdown grace period failed");
+            assert_eq!(back.into_inner().plaintext, generated.plaintext);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        saw_not_serving,
+        "health never turned NOT_SERVING after SIGTERM"
+    );
+    drop(client);
+    drop(channel);
+    let (ok, logs) = process.wait(Duration::from_secs(20)).await;
+    assert!(ok, "server exited with failure:\n{logs}");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1500),
+        "exited before the grace period"
+    );
+    assert!(logs.contains("keybroker stopped"), "{logs}");
+}
+
+#[tokio::test]
+async fn refuses_to_start_on_a_world_readable_keyring() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("platform-keyring.json");
+    // First start creates the keyring; then loosen its mode.
+    let process = Process::spawn(dir.path(), &[]);
+    process.channel().await;
+    process.signal("TERM");
+    assert!(process.wait(Duration::from_secs(20)).await.0);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, logs) = Process::spawn(dir.path(), &[])
+        .wait(Duration::from_secs(20))
+        .await;
+    assert!(!ok);
+    assert!(logs.contains("chmod 600"), "{logs}");
+}
