@@ -4,15 +4,20 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["proto/keybroker/v1/broker.proto"];
+const PROTOS: &[&str] = &[
+    "proto/keybroker/v1/broker.proto",
+    "proto/keybroker/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos: Vec<PathBuf> = PROTOS.iter().map(PathBuf::from).collect();
+    let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keybroker_descriptor.bin"))
-        .compile_with_config(config, PROTOS, &["proto"])?;
+        .compile_with_config(config, &protos, &includes)?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }

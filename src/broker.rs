@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
@@ -41,6 +41,57 @@ impl fmt::Display for BindingState {
     }
 }
 
+/// Wraps and unwraps served with one binding since the last flush to the
+/// registry. Atomics: recorded on every request, flushed periodically.
+#[derive(Debug, Default)]
+pub struct BindingUsage {
+    wraps: AtomicU64,
+    unwraps: AtomicU64,
+    last_used_ms: AtomicI64,
+}
+
+/// A snapshot of [`BindingUsage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageCounts {
+    pub wraps: u64,
+    pub unwraps: u64,
+    /// Zero when unused since the last flush.
+    pub last_used_ms: i64,
+}
+
+impl BindingUsage {
+    fn record(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.last_used_ms
+            .fetch_max(crate::registry::now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn peek(&self) -> UsageCounts {
+        UsageCounts {
+            wraps: self.wraps.load(Ordering::Relaxed),
+            unwraps: self.unwraps.load(Ordering::Relaxed),
+            last_used_ms: self.last_used_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes the counts, leaving zero (the flush owns them now).
+    pub fn take(&self) -> UsageCounts {
+        UsageCounts {
+            wraps: self.wraps.swap(0, Ordering::Relaxed),
+            unwraps: self.unwraps.swap(0, Ordering::Relaxed),
+            last_used_ms: self.last_used_ms.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    /// Puts back counts a failed flush could not write.
+    pub fn restore(&self, counts: UsageCounts) {
+        self.wraps.fetch_add(counts.wraps, Ordering::Relaxed);
+        self.unwraps.fetch_add(counts.unwraps, Ordering::Relaxed);
+        self.last_used_ms
+            .fetch_max(counts.last_used_ms, Ordering::Relaxed);
+    }
+}
+
 /// One key able to protect a tenant's DEKs, as the data plane sees it.
 #[derive(Debug)]
 pub struct Binding {
@@ -51,6 +102,8 @@ pub struct Binding {
     pub state: BindingState,
     /// Why the binding is not active, for people.
     pub state_reason: String,
+    /// Shared with the directory, which outlives this snapshot of the binding.
+    pub usage: Arc<BindingUsage>,
 }
 
 impl Binding {
@@ -104,30 +157,32 @@ impl TenantKeys {
 /// memory on the hot path (one call per request).
 #[async_trait]
 pub trait KeyDirectory: Send + Sync + fmt::Debug {
-    async fn tenant_keys(&self, tenant_id: &str) -> Result<TenantKeys, BrokerError>;
+    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError>;
 }
 
-/// Every tenant uses the platform key: the embedded default before the
-/// registry knows any customer key.
+/// Every tenant uses the platform key (tests, and tenants the registry does
+/// not know).
 #[derive(Debug)]
 pub struct PlatformOnly {
-    platform: Arc<Binding>,
+    keys: Arc<TenantKeys>,
 }
 
 impl PlatformOnly {
     pub fn new(platform: Arc<Binding>) -> Self {
-        Self { platform }
+        Self {
+            keys: Arc::new(TenantKeys {
+                primary: Arc::clone(&platform),
+                bindings: Vec::new(),
+                platform,
+            }),
+        }
     }
 }
 
 #[async_trait]
 impl KeyDirectory for PlatformOnly {
-    async fn tenant_keys(&self, _tenant_id: &str) -> Result<TenantKeys, BrokerError> {
-        Ok(TenantKeys {
-            primary: Arc::clone(&self.platform),
-            bindings: Vec::new(),
-            platform: Arc::clone(&self.platform),
-        })
+    async fn tenant_keys(&self, _tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
+        Ok(Arc::clone(&self.keys))
     }
 }
 
@@ -157,6 +212,8 @@ pub enum BrokerError {
         provider: ProviderKind,
         source: ProviderError,
     },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -292,6 +349,7 @@ impl Broker {
         plaintext: &SecretBytes,
     ) -> Result<Wrapped, BrokerError> {
         binding.ensure_usable(tenant_id)?;
+        binding.usage.record(&binding.usage.wraps);
         self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
         let ciphertext = binding
             .provider
@@ -336,6 +394,7 @@ impl Broker {
         if let Some(hit) = self.cache.get(&cache_key).await {
             let binding = find_binding(&keys, tenant_id, &hit.key_binding)?;
             binding.ensure_usable(tenant_id)?;
+            binding.usage.record(&binding.usage.unwraps);
             return Ok(Unwrapped {
                 rewrap_recommended: rewrap_recommended(&keys, &hit),
                 key: hit,
@@ -385,6 +444,7 @@ impl Broker {
             .get_or_load(cache_key, load)
             .await
             .map_err(|shared| (*shared).clone())?;
+        binding.usage.record(&binding.usage.unwraps);
         Ok(Unwrapped {
             rewrap_recommended: rewrap_recommended(&keys, &key),
             key,

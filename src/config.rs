@@ -65,6 +65,27 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "KEYBROKER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Registry database: postgres://USER:PASSWORD@HOST/DB for replicas
+    /// [default: SQLite file registry.db in the data dir].
+    #[arg(long, env = "KEYBROKER_REGISTRY")]
+    pub registry: Option<String>,
+    /// How long a tenant's keys are served from memory before the registry is
+    /// read again; bounds how stale another replica's change can be [default: 5s].
+    #[arg(long, env = "KEYBROKER_REGISTRY_CACHE_TTL", value_parser = humantime::parse_duration)]
+    pub registry_cache_ttl: Option<Duration>,
+    /// How often key usage counters are written to the registry [default: 10s].
+    #[arg(long, env = "KEYBROKER_USAGE_FLUSH_INTERVAL", value_parser = humantime::parse_duration)]
+    pub usage_flush_interval: Option<Duration>,
+    /// UnlinkKey is refused for a key used within this window unless forced
+    /// [default: 24h].
+    #[arg(long, env = "KEYBROKER_UNLINK_GUARD_WINDOW", value_parser = humantime::parse_duration)]
+    pub unlink_guard_window: Option<Duration>,
+    /// ARN of the platform's AWS identity that customers' trust policies name.
+    #[arg(long, env = "KEYBROKER_AWS_PLATFORM_PRINCIPAL")]
+    pub aws_platform_principal: Option<String>,
+    /// The platform's GCP service account customers grant on their keys.
+    #[arg(long, env = "KEYBROKER_GCP_SERVICE_ACCOUNT")]
+    pub gcp_service_account: Option<String>,
 }
 
 /// The config file: the same settings as the flags, durations as "5m".
@@ -82,6 +103,12 @@ struct FileConfig {
     shutdown_drain_timeout: Option<String>,
     keyring_reload_interval: Option<String>,
     log_format: Option<LogFormat>,
+    registry: Option<String>,
+    registry_cache_ttl: Option<String>,
+    usage_flush_interval: Option<String>,
+    unlink_guard_window: Option<String>,
+    aws_platform_principal: Option<String>,
+    gcp_service_account: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +122,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -106,6 +133,54 @@ pub struct Config {
     pub shutdown_drain_timeout: Duration,
     pub keyring_reload_interval: Duration,
     pub log_format: LogFormat,
+    /// Database URL; `None` is the SQLite file in the data dir. May hold a
+    /// password: `Debug` redacts it.
+    pub registry: Option<String>,
+    pub registry_cache_ttl: Duration,
+    pub usage_flush_interval: Duration,
+    pub unlink_guard_window: Duration,
+    pub aws_platform_principal: Option<String>,
+    pub gcp_service_account: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("insecure_plaintext", &self.insecure_plaintext)
+            .field("cache", &self.cache)
+            .field("request_timeout", &self.request_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("shutdown_drain_timeout", &self.shutdown_drain_timeout)
+            .field("keyring_reload_interval", &self.keyring_reload_interval)
+            .field("log_format", &self.log_format)
+            .field("registry", &self.registry.as_deref().map(redact_url))
+            .field("registry_cache_ttl", &self.registry_cache_ttl)
+            .field("usage_flush_interval", &self.usage_flush_interval)
+            .field("unlink_guard_window", &self.unlink_guard_window)
+            .field("aws_platform_principal", &self.aws_platform_principal)
+            .field("gcp_service_account", &self.gcp_service_account)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/db` → `scheme://user:<redacted>@host/db`; also
+/// redacts `password=` query parameters.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                out = format!("{scheme}://{user}:<redacted>@{host}");
+            }
+        }
+    }
+    if let Some(i) = out.find("password=") {
+        let end = out[i..].find('&').map_or(out.len(), |j| i + j);
+        out.replace_range(i + "password=".len()..end, "<redacted>");
+    }
+    out
 }
 
 impl Default for Config {
@@ -124,6 +199,12 @@ impl Default for Config {
             shutdown_drain_timeout: Duration::from_secs(30),
             keyring_reload_interval: Duration::from_secs(5),
             log_format: LogFormat::Text,
+            registry: None,
+            registry_cache_ttl: Duration::from_secs(5),
+            usage_flush_interval: Duration::from_secs(10),
+            unlink_guard_window: Duration::from_secs(24 * 3600),
+            aws_platform_principal: None,
+            gcp_service_account: None,
         }
     }
 }
@@ -191,6 +272,33 @@ impl Config {
                 d.keyring_reload_interval,
             )?,
             log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
+            registry: args.registry.clone().or(file.registry.clone()),
+            registry_cache_ttl: duration(
+                "registry_cache_ttl",
+                args.registry_cache_ttl,
+                &file.registry_cache_ttl,
+                d.registry_cache_ttl,
+            )?,
+            usage_flush_interval: duration(
+                "usage_flush_interval",
+                args.usage_flush_interval,
+                &file.usage_flush_interval,
+                d.usage_flush_interval,
+            )?,
+            unlink_guard_window: duration(
+                "unlink_guard_window",
+                args.unlink_guard_window,
+                &file.unlink_guard_window,
+                d.unlink_guard_window,
+            )?,
+            aws_platform_principal: args
+                .aws_platform_principal
+                .clone()
+                .or(file.aws_platform_principal.clone()),
+            gcp_service_account: args
+                .gcp_service_account
+                .clone()
+                .or(file.gcp_service_account.clone()),
         };
         config.validate()?;
         Ok(config)
@@ -232,6 +340,23 @@ impl Config {
         if self.keyring_reload_interval.is_zero() {
             return invalid("keyring_reload_interval", "must be longer than zero");
         }
+        if self.registry_cache_ttl.is_zero() || self.usage_flush_interval.is_zero() {
+            return invalid(
+                "registry_cache_ttl/usage_flush_interval",
+                "must be longer than zero",
+            );
+        }
+        if let Some(url) = &self.registry {
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite://"))
+            {
+                return invalid(
+                    "registry",
+                    "must be a postgres://, postgresql:// or sqlite:// URL",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -258,6 +383,20 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_redacts_the_database_password() {
+        let config = Config {
+            registry: Some("postgres://kb:s3cret@db:5432/kb?sslmode=require&password=other".into()),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("other"),
+            "{shown}"
+        );
+        assert!(shown.contains("kb:<redacted>@db:5432"), "{shown}");
+    }
 
     #[test]
     fn defaults_validate() {

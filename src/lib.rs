@@ -1,6 +1,7 @@
 //! keybroker: a gRPC service that hands platform services data encryption
 //! keys protected by each tenant's customer-managed key. See DESIGN.md.
 
+pub mod admin;
 pub mod api;
 pub mod broker;
 pub mod cache;
@@ -8,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod kms;
+pub mod registry;
 pub mod secret;
 pub mod server;
 

@@ -9,26 +9,33 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::admin::{Admin, AdminSettings};
+use crate::api::admin::KeyAdminApi;
 use crate::api::broker::KeyBrokerApi;
-use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING, PlatformOnly};
+use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING};
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
 use crate::kms::local::LocalKeyring;
 use crate::proto;
+use crate::proto::key_admin_server::KeyAdminServer;
 use crate::proto::key_broker_server::KeyBrokerServer;
+use crate::registry::directory::RegistryDirectory;
+use crate::registry::sql::SqlRegistry;
 
 /// A built, not yet serving, keybroker.
 #[derive(Debug)]
 pub struct Server {
     config: Config,
     broker: Arc<Broker>,
+    /// The control plane; absent when tests inject their own key directory.
+    admin: Option<Arc<Admin>>,
     /// Background tasks that live as long as the server (keyring reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
-    /// The embedded default: the platform keyring file in the data dir
-    /// (created on first start), every tenant on the platform key.
+    /// The platform keyring file in the data dir (created on first start)
+    /// and the registry (SQLite in the data dir, or PostgreSQL).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let path = config.platform_keyring_path();
@@ -37,9 +44,33 @@ impl Server {
                 .with_context(|| "loading the platform keyring")?,
         );
         let reloader = keyring.spawn_reloader(config.keyring_reload_interval);
-        let platform = Arc::new(platform_binding(keyring, &path.display().to_string()));
-        let mut server = Self::with_directory(config, Arc::new(PlatformOnly::new(platform)));
-        server.tasks.push(reloader);
+        let platform = Arc::new(platform_binding(
+            Arc::clone(&keyring),
+            &path.display().to_string(),
+        ));
+        let registry = match &config.registry {
+            Some(url) => SqlRegistry::connect(url).await,
+            None => SqlRegistry::open_sqlite(&config.data_dir.join("registry.db")).await,
+        }
+        .with_context(|| "opening the key registry")?;
+        let directory = Arc::new(RegistryDirectory::new(
+            Arc::new(registry),
+            platform,
+            keyring,
+            config.registry_cache_ttl,
+        ));
+        let flusher = directory.spawn_usage_flusher(config.usage_flush_interval);
+        let mut server = Self::with_directory(config, Arc::clone(&directory) as _);
+        server.admin = Some(Arc::new(Admin::new(
+            directory,
+            server.broker.cache().clone(),
+            AdminSettings {
+                aws_platform_principal: server.config.aws_platform_principal.clone(),
+                gcp_service_account: server.config.gcp_service_account.clone(),
+                unlink_guard_window: server.config.unlink_guard_window,
+            },
+        )));
+        server.tasks.extend([reloader, flusher]);
         Ok(server)
     }
 
@@ -50,12 +81,17 @@ impl Server {
         Self {
             config,
             broker,
+            admin: None,
             tasks: Vec::new(),
         }
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    pub fn admin(&self) -> Option<&Arc<Admin>> {
+        self.admin.as_ref()
     }
 
     /// Serves gRPC on `listener` until `shutdown` resolves. Then health turns
@@ -86,6 +122,13 @@ impl Server {
 
         let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(Arc::clone(&self.broker)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let admin_service = self.admin.as_ref().map(|admin| {
+            KeyAdminServer::new(KeyAdminApi::new(Arc::clone(admin)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        });
+        if admin_service.is_some() {
+            health.set_serving::<KeyAdminServer<KeyAdminApi>>().await;
+        }
 
         let grace = self.config.shutdown_grace;
         let drain_timeout = self.config.shutdown_drain_timeout;
@@ -97,6 +140,9 @@ impl Server {
             tracing::info!(grace = ?grace, "shutting down: health NOT_SERVING, then draining in-flight RPCs");
             health
                 .set_not_serving::<KeyBrokerServer<KeyBrokerApi>>()
+                .await;
+            health
+                .set_not_serving::<KeyAdminServer<KeyAdminApi>>()
                 .await;
             health
                 .set_service_status("", ServingStatus::NotServing)
@@ -112,6 +158,7 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(broker_service)
+            .add_optional_service(admin_service)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 signal,
@@ -131,6 +178,11 @@ impl Server {
         for task in &self.tasks {
             task.abort();
         }
+        if let Some(admin) = &self.admin {
+            if let Err(err) = admin.flush_usage().await {
+                tracing::warn!(error = %err, "could not flush key usage counters at shutdown");
+            }
+        }
         tracing::info!("keybroker stopped");
         Ok(())
     }
@@ -143,6 +195,7 @@ fn platform_binding(provider: Arc<LocalKeyring>, reference: &str) -> Binding {
         key_reference: reference.to_owned(),
         state: BindingState::Active,
         state_reason: String::new(),
+        usage: Arc::default(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! gRPC services: message conversion only. Decisions live in the domain
 //! modules; errors become `tonic::Status` in exactly one place, [`status`].
 
+pub mod admin;
 pub mod broker;
 pub mod status;

@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::admin::AdminError;
 use crate::broker::BrokerError;
 use crate::envelope::EnvelopeError;
 use crate::kms::ProviderError;
+use crate::registry::RegistryError;
 
 /// `ErrorInfo.domain` of every keybroker error.
 pub const ERROR_DOMAIN: &str = "keybroker.v1";
@@ -18,13 +20,6 @@ pub const ERROR_DOMAIN: &str = "keybroker.v1";
 impl From<BrokerError> for Status {
     fn from(err: BrokerError) -> Self {
         let (code, reason) = classify(&err);
-        let message = match code {
-            Code::Internal => {
-                tracing::error!(error = %err, "internal error");
-                "internal error; the keybroker server log has the details".to_owned()
-            }
-            _ => err.to_string(),
-        };
         let mut metadata = HashMap::new();
         match &err {
             BrokerError::KeyUnusable { binding, .. }
@@ -34,11 +29,52 @@ impl From<BrokerError> for Status {
             }
             _ => {}
         }
-        Status::with_error_details(
-            code,
-            message,
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
-        )
+        status(code, reason, &err, metadata)
+    }
+}
+
+impl From<AdminError> for Status {
+    fn from(err: AdminError) -> Self {
+        let (code, reason) = match &err {
+            AdminError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
+            AdminError::Registry(e) => classify_registry(e),
+            AdminError::Verification(_) => (Code::FailedPrecondition, "KEY_VERIFICATION_FAILED"),
+            AdminError::Unimplemented(_) => (Code::Unimplemented, "PROVIDER_NOT_AVAILABLE"),
+            AdminError::Internal(_) => (Code::Internal, "INTERNAL"),
+        };
+        status(code, reason, &err, HashMap::new())
+    }
+}
+
+fn status(
+    code: Code,
+    reason: &str,
+    err: &dyn std::error::Error,
+    metadata: HashMap<String, String>,
+) -> Status {
+    let message = match code {
+        Code::Internal => {
+            tracing::error!(error = %err, "internal error");
+            "internal error; the keybroker server log has the details".to_owned()
+        }
+        _ => err.to_string(),
+    };
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+fn classify_registry(err: &RegistryError) -> (Code, &'static str) {
+    match err {
+        RegistryError::TenantNotFound(_) => (Code::NotFound, "TENANT_NOT_FOUND"),
+        RegistryError::BindingNotFound { .. } => (Code::NotFound, "KEY_BINDING_NOT_FOUND"),
+        RegistryError::TenantExists(_) => (Code::AlreadyExists, "TENANT_EXISTS"),
+        RegistryError::BindingExists { .. } => (Code::AlreadyExists, "KEY_BINDING_EXISTS"),
+        RegistryError::Refused(_) => (Code::FailedPrecondition, "REFUSED_BY_POLICY"),
+        RegistryError::Database(_) => (Code::Unavailable, "REGISTRY_UNAVAILABLE"),
+        RegistryError::Corrupt(_) => (Code::Internal, "INTERNAL"),
     }
 }
 
@@ -68,6 +104,7 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
             ProviderError::Unavailable(_) => (Code::Unavailable, "PROVIDER_UNAVAILABLE"),
             ProviderError::Internal(_) => (Code::Internal, "INTERNAL"),
         },
+        BrokerError::Registry(e) => classify_registry(e),
         BrokerError::Internal(_) => (Code::Internal, "INTERNAL"),
     }
 }

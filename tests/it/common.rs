@@ -50,6 +50,7 @@ impl TestServer {
             key_reference: "test-keyring".into(),
             state: BindingState::Active,
             state_reason: String::new(),
+            usage: Arc::default(),
         };
         let directory = Arc::new(PlatformOnly::new(Arc::new(binding)));
         Self::serve(Server::with_directory(config, directory)).await

@@ -1,0 +1,253 @@
+//! `keybroker.v1.KeyAdmin`: converts messages to and from the control plane.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::admin::{Admin, AdminError, KeyView, LinkRequest};
+use crate::broker::BindingState;
+use crate::kms::ProviderKind;
+use crate::proto::{self, key_admin_server::KeyAdmin};
+use crate::registry::{KeyPolicy, Tenant};
+
+#[derive(Debug, Clone)]
+pub struct KeyAdminApi {
+    admin: Arc<Admin>,
+}
+
+impl KeyAdminApi {
+    pub fn new(admin: Arc<Admin>) -> Self {
+        Self { admin }
+    }
+
+    fn tenant(&self, tenant: &Tenant) -> proto::Tenant {
+        let o = self.admin.onboarding(tenant);
+        proto::Tenant {
+            tenant_id: tenant.id.clone(),
+            key_policy: policy_to_proto(tenant.key_policy).into(),
+            onboarding: Some(proto::Onboarding {
+                aws_external_id: o.aws_external_id,
+                aws_trust_policy_json: o.aws_trust_policy_json,
+                aws_key_policy_statement_json: o.aws_key_policy_statement_json,
+                gcp_service_account: o.gcp_service_account,
+                gcp_role: o.gcp_role,
+            }),
+            create_time: Some(timestamp(tenant.created_at_ms)),
+            update_time: Some(timestamp(tenant.updated_at_ms)),
+        }
+    }
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn policy_to_proto(policy: KeyPolicy) -> proto::KeyPolicy {
+    match policy {
+        KeyPolicy::Keyring => proto::KeyPolicy::Keyring,
+        KeyPolicy::SingleKey => proto::KeyPolicy::SingleKey,
+    }
+}
+
+fn policy_from_proto(value: i32, required: bool) -> Result<Option<KeyPolicy>, AdminError> {
+    match proto::KeyPolicy::try_from(value) {
+        Ok(proto::KeyPolicy::Keyring) => Ok(Some(KeyPolicy::Keyring)),
+        Ok(proto::KeyPolicy::SingleKey) => Ok(Some(KeyPolicy::SingleKey)),
+        Ok(proto::KeyPolicy::Unspecified) if !required => Ok(None),
+        _ => Err(AdminError::InvalidArgument(format!(
+            "key_policy {value} is not KEY_POLICY_KEYRING or KEY_POLICY_SINGLE_KEY"
+        ))),
+    }
+}
+
+pub fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
+    let r = &view.record;
+    proto::KeyBinding {
+        tenant_id: r.tenant_id.clone(),
+        name: r.name.clone(),
+        description: r.description.clone(),
+        provider: proto::Provider::from(r.provider).into(),
+        key_reference: r.key_reference.clone(),
+        region: r.region.clone(),
+        role_arn: r.role_arn.clone(),
+        service_account: r.service_account.clone(),
+        state: match r.state {
+            BindingState::Active => proto::KeyState::Active,
+            BindingState::Disabled => proto::KeyState::Disabled,
+            BindingState::Revoked => proto::KeyState::Revoked,
+        }
+        .into(),
+        state_reason: r.state_reason.clone(),
+        primary: r.primary,
+        create_time: Some(timestamp(r.created_at_ms)),
+        update_time: Some(timestamp(r.updated_at_ms)),
+        last_use_time: r.last_used_at_ms.map(timestamp),
+        wrap_count: r.wrap_count,
+        unwrap_count: r.unwrap_count,
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminApi {
+    async fn create_tenant(
+        &self,
+        request: Request<proto::CreateTenantRequest>,
+    ) -> Result<Response<proto::CreateTenantResponse>, Status> {
+        let req = request.into_inner();
+        let policy = policy_from_proto(req.key_policy, false)?;
+        let tenant = self.admin.create_tenant(&req.tenant_id, policy).await?;
+        Ok(Response::new(proto::CreateTenantResponse {
+            tenant: Some(self.tenant(&tenant)),
+        }))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<proto::GetTenantRequest>,
+    ) -> Result<Response<proto::GetTenantResponse>, Status> {
+        let tenant = self.admin.tenant(&request.into_inner().tenant_id).await?;
+        Ok(Response::new(proto::GetTenantResponse {
+            tenant: Some(self.tenant(&tenant)),
+        }))
+    }
+
+    async fn set_tenant_policy(
+        &self,
+        request: Request<proto::SetTenantPolicyRequest>,
+    ) -> Result<Response<proto::SetTenantPolicyResponse>, Status> {
+        let req = request.into_inner();
+        let policy = policy_from_proto(req.key_policy, true)?
+            .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
+        let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
+        Ok(Response::new(proto::SetTenantPolicyResponse {
+            tenant: Some(self.tenant(&tenant)),
+        }))
+    }
+
+    async fn link_key(
+        &self,
+        request: Request<proto::LinkKeyRequest>,
+    ) -> Result<Response<proto::LinkKeyResponse>, Status> {
+        let req = request.into_inner();
+        let provider = proto::Provider::try_from(req.provider)
+            .ok()
+            .and_then(|p| ProviderKind::try_from(p).ok());
+        let view = self
+            .admin
+            .link_key(LinkRequest {
+                tenant_id: req.tenant_id,
+                name: req.name,
+                description: req.description,
+                provider,
+                key_reference: req.key_reference,
+                region: req.region,
+                role_arn: req.role_arn,
+                service_account: req.service_account,
+                make_primary: req.make_primary,
+            })
+            .await?;
+        Ok(Response::new(proto::LinkKeyResponse {
+            key: Some(key_to_proto(&view)),
+        }))
+    }
+
+    async fn import_key_material(
+        &self,
+        request: Request<proto::ImportKeyMaterialRequest>,
+    ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
+        let req = request.into_inner();
+        // Moved into a zeroizing string at once; the request is dropped here.
+        let material = zeroize::Zeroizing::new(req.key_material_base64);
+        let view = self
+            .admin
+            .import_key_material(
+                LinkRequest {
+                    tenant_id: req.tenant_id,
+                    name: req.name,
+                    description: req.description,
+                    provider: Some(ProviderKind::Local),
+                    make_primary: req.make_primary,
+                    ..LinkRequest::default()
+                },
+                &material,
+            )
+            .await?;
+        Ok(Response::new(proto::ImportKeyMaterialResponse {
+            key: Some(key_to_proto(&view)),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let keys = self
+            .admin
+            .list_keys(&request.into_inner().tenant_id)
+            .await?;
+        Ok(Response::new(proto::ListKeysResponse {
+            keys: keys.iter().map(key_to_proto).collect(),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::GetKeyResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.admin.get_key(&req.tenant_id, &req.name).await?;
+        Ok(Response::new(proto::GetKeyResponse {
+            key: Some(key_to_proto(&view)),
+        }))
+    }
+
+    async fn set_primary_key(
+        &self,
+        request: Request<proto::SetPrimaryKeyRequest>,
+    ) -> Result<Response<proto::SetPrimaryKeyResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.admin.set_primary(&req.tenant_id, &req.name).await?;
+        Ok(Response::new(proto::SetPrimaryKeyResponse {
+            key: Some(key_to_proto(&view)),
+        }))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<proto::DisableKeyRequest>,
+    ) -> Result<Response<proto::DisableKeyResponse>, Status> {
+        let req = request.into_inner();
+        let view = self
+            .admin
+            .disable_key(&req.tenant_id, &req.name, &req.reason)
+            .await?;
+        Ok(Response::new(proto::DisableKeyResponse {
+            key: Some(key_to_proto(&view)),
+        }))
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<proto::EnableKeyRequest>,
+    ) -> Result<Response<proto::EnableKeyResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.admin.enable_key(&req.tenant_id, &req.name).await?;
+        Ok(Response::new(proto::EnableKeyResponse {
+            key: Some(key_to_proto(&view)),
+        }))
+    }
+
+    async fn unlink_key(
+        &self,
+        request: Request<proto::UnlinkKeyRequest>,
+    ) -> Result<Response<proto::UnlinkKeyResponse>, Status> {
+        let req = request.into_inner();
+        self.admin
+            .unlink_key(&req.tenant_id, &req.name, req.force)
+            .await?;
+        Ok(Response::new(proto::UnlinkKeyResponse {}))
+    }
+}

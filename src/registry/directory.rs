@@ -1,0 +1,303 @@
+//! The data plane's view of the registry: each tenant's keys, built once from
+//! the database and kept in memory, so an unwrap never waits on a database
+//! round trip. Admin changes in this process invalidate a tenant at once;
+//! changes made by other replicas show within `registry_cache_ttl`.
+//!
+//! Also owns the usage counters of every binding and flushes them to the
+//! registry periodically (never per request).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use moka::future::Cache;
+
+use super::{BindingRecord, KeyPolicy, Registry, UsageDelta};
+use crate::broker::{
+    Binding, BindingState, BindingUsage, BrokerError, KeyDirectory, TenantKeys, UsageCounts,
+};
+use crate::envelope::{Context, Envelope};
+use crate::kms::local::LocalKeyring;
+use crate::kms::{KeyProvider, ProviderKind, WrapContext};
+use crate::secret::SecretBytes;
+
+type UsageKey = (String, String);
+
+#[derive(Debug)]
+pub struct RegistryDirectory {
+    registry: Arc<dyn Registry>,
+    platform: Arc<Binding>,
+    /// Decrypts imported key material stored in the registry.
+    platform_keyring: Arc<LocalKeyring>,
+    /// Tenant views. moka collapses concurrent loads of one tenant into one
+    /// database read; the TTL bounds staleness across replicas.
+    tenants: Cache<String, Arc<TenantKeys>>,
+    /// Usage counters by (tenant, binding). They outlive the tenant views,
+    /// which are rebuilt on every change. std Mutex: held for a map lookup,
+    /// never across an await.
+    usage: Mutex<HashMap<UsageKey, Arc<BindingUsage>>>,
+}
+
+impl RegistryDirectory {
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        platform: Arc<Binding>,
+        platform_keyring: Arc<LocalKeyring>,
+        cache_ttl: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            platform,
+            platform_keyring,
+            tenants: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(cache_ttl)
+                .build(),
+            usage: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.registry
+    }
+
+    pub fn platform_keyring(&self) -> &Arc<LocalKeyring> {
+        &self.platform_keyring
+    }
+
+    /// Forgets a tenant's cached view; the next request reloads it.
+    pub async fn invalidate(&self, tenant_id: &str) {
+        self.tenants.invalidate(tenant_id).await;
+    }
+
+    fn usage_for(&self, tenant_id: &str, name: &str) -> Arc<BindingUsage> {
+        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            map.entry((tenant_id.to_owned(), name.to_owned()))
+                .or_default(),
+        )
+    }
+
+    /// Usage not yet flushed to the registry.
+    pub fn pending_usage(&self, tenant_id: &str, name: &str) -> UsageCounts {
+        let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(tenant_id.to_owned(), name.to_owned()))
+            .map(|u| u.peek())
+            .unwrap_or_default()
+    }
+
+    pub fn forget_usage(&self, tenant_id: &str, name: &str) {
+        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&(tenant_id.to_owned(), name.to_owned()));
+    }
+
+    /// Writes accumulated usage to the registry. On failure the counts are
+    /// put back for the next flush, so none are lost.
+    pub async fn flush_usage(&self) -> Result<(), super::RegistryError> {
+        let taken: Vec<(Arc<BindingUsage>, UsageCounts, UsageDelta)> = {
+            let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter_map(|((tenant_id, name), usage)| {
+                    let counts = usage.take();
+                    (counts != UsageCounts::default()).then(|| {
+                        (
+                            Arc::clone(usage),
+                            counts,
+                            UsageDelta {
+                                tenant_id: tenant_id.clone(),
+                                name: name.clone(),
+                                wraps: counts.wraps,
+                                unwraps: counts.unwraps,
+                                last_used_at_ms: counts.last_used_ms,
+                            },
+                        )
+                    })
+                })
+                .collect()
+        };
+        let deltas: Vec<UsageDelta> = taken.iter().map(|(_, _, d)| d.clone()).collect();
+        if let Err(err) = self.registry.add_usage(&deltas).await {
+            for (usage, counts, _) in taken {
+                usage.restore(counts);
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Flushes usage every `interval` until the directory is dropped.
+    pub fn spawn_usage_flusher(
+        self: &Arc<Self>,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let directory = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(directory) = directory.upgrade() else {
+                    return;
+                };
+                if let Err(err) = directory.flush_usage().await {
+                    tracing::warn!(error = %err, "could not flush key usage counters; will retry");
+                }
+            }
+        })
+    }
+
+    async fn load(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
+        let Some(tenant) = self.registry.tenant(tenant_id).await? else {
+            // Tenants without CMEK need no registration.
+            return Ok(Arc::new(TenantKeys {
+                primary: Arc::clone(&self.platform),
+                bindings: Vec::new(),
+                platform: Arc::clone(&self.platform),
+            }));
+        };
+        let records = self.registry.bindings(tenant_id).await?;
+        let mut bindings = Vec::with_capacity(records.len());
+        let mut primary = None;
+        for record in &records {
+            let binding = Arc::new(Binding {
+                name: record.name.as_str().into(),
+                provider: self.provider_for(record).await?,
+                key_reference: record.key_reference.clone(),
+                state: record.state,
+                state_reason: record.state_reason.clone(),
+                usage: self.usage_for(tenant_id, &record.name),
+            });
+            if record.primary {
+                primary = Some(Arc::clone(&binding));
+            }
+            bindings.push(binding);
+        }
+        let primary = match primary {
+            Some(p) if p.state == BindingState::Active => p,
+            // An operator-disabled primary of a keyring tenant: new wraps
+            // fall back to the platform key (Pulumi's "disable all").
+            Some(p)
+                if p.state == BindingState::Disabled && tenant.key_policy == KeyPolicy::Keyring =>
+            {
+                Arc::clone(&self.platform)
+            }
+            // A single_key tenant never silently leaves its key, and a key
+            // the customer revoked is not bypassed: new wraps fail.
+            Some(p) => p,
+            None => Arc::clone(&self.platform),
+        };
+        Ok(Arc::new(TenantKeys {
+            primary,
+            bindings,
+            platform: Arc::clone(&self.platform),
+        }))
+    }
+
+    async fn provider_for(
+        &self,
+        record: &BindingRecord,
+    ) -> Result<Arc<dyn KeyProvider>, BrokerError> {
+        match record.provider {
+            ProviderKind::Local => {
+                let sealed = record.key_material.as_deref().ok_or_else(|| {
+                    BrokerError::Internal(format!(
+                        "local key '{}' of tenant '{}' has no key material",
+                        record.name, record.tenant_id
+                    ))
+                })?;
+                let material = open_material(
+                    &self.platform_keyring,
+                    &record.tenant_id,
+                    &record.name,
+                    sealed,
+                )
+                .await?;
+                let keyring = LocalKeyring::from_material(&record.key_reference, &[material])
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                Ok(Arc::new(keyring))
+            }
+            other => Err(BrokerError::Internal(format!(
+                "key '{}' of tenant '{}' uses provider {other}, which this build does not serve",
+                record.name, record.tenant_id
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyDirectory for RegistryDirectory {
+    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
+        if let Some(keys) = self.tenants.get(tenant_id).await {
+            return Ok(keys);
+        }
+        self.tenants
+            .try_get_with_by_ref(tenant_id, self.load(tenant_id))
+            .await
+            .map_err(|shared| (*shared).clone())
+    }
+}
+
+/// Imported key material is wrapped by the platform keyring under an AAD no
+/// data-plane request can produce: `#` is not allowed in tenant ids.
+fn material_wrap_context(tenant_id: &str, name: &str) -> Result<(String, Context), BrokerError> {
+    let context = Context::new(HashMap::from([("binding".to_owned(), name.to_owned())]))?;
+    Ok((format!("#imported/{tenant_id}"), context))
+}
+
+/// Encrypts raw key material under the platform keyring for storage.
+pub async fn seal_material(
+    platform: &LocalKeyring,
+    tenant_id: &str,
+    name: &str,
+    material: &SecretBytes,
+) -> Result<Vec<u8>, BrokerError> {
+    let (aad_tenant, context) = material_wrap_context(tenant_id, name)?;
+    let ciphertext = platform
+        .encrypt(
+            "",
+            material,
+            WrapContext {
+                tenant_id: &aad_tenant,
+                context: &context,
+            },
+        )
+        .await
+        .map_err(|e| BrokerError::Internal(format!("sealing key material: {e}")))?;
+    Ok(Envelope {
+        tenant_id: aad_tenant,
+        key_binding: name.to_owned(),
+        provider: ProviderKind::Local,
+        provider_key_version: ciphertext.key_version,
+        ciphertext: ciphertext.bytes,
+    }
+    .encode())
+}
+
+async fn open_material(
+    platform: &LocalKeyring,
+    tenant_id: &str,
+    name: &str,
+    sealed: &[u8],
+) -> Result<SecretBytes, BrokerError> {
+    let (aad_tenant, context) = material_wrap_context(tenant_id, name)?;
+    let envelope = Envelope::parse(sealed)
+        .map_err(|e| BrokerError::Internal(format!("stored key material of '{name}': {e}")))?;
+    platform
+        .decrypt(
+            "",
+            &envelope.provider_key_version,
+            &envelope.ciphertext,
+            WrapContext {
+                tenant_id: &aad_tenant,
+                context: &context,
+            },
+        )
+        .await
+        .map_err(|e| {
+            BrokerError::Internal(format!(
+                "stored key material of '{name}' does not decrypt under the platform keyring: {e}"
+            ))
+        })
+}

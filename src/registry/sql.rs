@@ -1,0 +1,499 @@
+//! [`Registry`] over SQLite or PostgreSQL through sqlx's `Any` driver: one set
+//! of queries (`$N` placeholders work in both), one migration directory per
+//! dialect for the DDL differences.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, Row, Transaction};
+
+use super::{
+    BindingRecord, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, UnlinkGuard, UsageDelta,
+};
+use crate::broker::BindingState;
+use crate::kms::ProviderKind;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
+     role_arn, service_account, key_material, state, state_reason, is_primary, created_at, \
+     updated_at, last_used_at, wrap_count, unwrap_count";
+
+#[derive(Debug, Clone)]
+pub struct SqlRegistry {
+    pool: AnyPool,
+}
+
+fn db(err: sqlx::Error) -> RegistryError {
+    RegistryError::Database(err.to_string())
+}
+
+impl SqlRegistry {
+    /// Opens (creating if needed) the SQLite file at `path`, mode 0600.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, RegistryError> {
+        if !path.exists() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| RegistryError::Database(format!("{}: {e}", dir.display())))?;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| RegistryError::Database(format!("{}: {e}", path.display())))?;
+        }
+        Self::connect(&format!("sqlite://{}", path.display())).await
+    }
+
+    /// Connects to `url` (`sqlite://...` or `postgres://...`) and applies
+    /// migrations.
+    pub async fn connect(url: &str) -> Result<Self, RegistryError> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if postgres { 10 } else { 4 })
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| RegistryError::Database(format!("cannot open the registry: {e}")))?;
+        let migrations = if postgres {
+            &POSTGRES_MIGRATIONS
+        } else {
+            &SQLITE_MIGRATIONS
+        };
+        migrations
+            .run(&pool)
+            .await
+            .map_err(|e| RegistryError::Database(format!("registry migration failed: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a transaction holding the tenant's row lock (an UPDATE takes
+    /// it in PostgreSQL; in SQLite the first write takes the database lock).
+    async fn lock_tenant(
+        &self,
+        tenant_id: &str,
+        now_ms: i64,
+    ) -> Result<(Transaction<'static, Any>, KeyPolicy), RegistryError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let locked = sqlx::query("UPDATE tenants SET updated_at = $1 WHERE id = $2")
+            .bind(now_ms)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if locked.rows_affected() == 0 {
+            return Err(RegistryError::TenantNotFound(tenant_id.to_owned()));
+        }
+        let policy: String = sqlx::query("SELECT key_policy FROM tenants WHERE id = $1")
+            .bind(tenant_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        Ok((tx, KeyPolicy::parse(&policy)?))
+    }
+
+    async fn binding_in(
+        tx: &mut Transaction<'static, Any>,
+        tenant_id: &str,
+        name: &str,
+    ) -> Result<BindingRecord, RegistryError> {
+        let row = sqlx::query(&format!(
+            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 AND name = $2"
+        ))
+        .bind(tenant_id)
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        match row {
+            Some(row) => binding_from_row(&row),
+            None => Err(RegistryError::BindingNotFound {
+                tenant_id: tenant_id.to_owned(),
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    async fn bindings_in(
+        tx: &mut Transaction<'static, Any>,
+        tenant_id: &str,
+    ) -> Result<Vec<BindingRecord>, RegistryError> {
+        sqlx::query(&format!(
+            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 ORDER BY created_at, name"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(binding_from_row)
+        .collect()
+    }
+}
+
+fn state_str(state: BindingState) -> &'static str {
+    match state {
+        BindingState::Active => "ACTIVE",
+        BindingState::Disabled => "DISABLED",
+        BindingState::Revoked => "REVOKED",
+    }
+}
+
+fn parse_state(text: &str) -> Result<BindingState, RegistryError> {
+    match text {
+        "ACTIVE" => Ok(BindingState::Active),
+        "DISABLED" => Ok(BindingState::Disabled),
+        "REVOKED" => Ok(BindingState::Revoked),
+        other => Err(RegistryError::Corrupt(format!("binding state {other:?}"))),
+    }
+}
+
+fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
+    match text {
+        "local" => Ok(ProviderKind::Local),
+        "aws-kms" => Ok(ProviderKind::AwsKms),
+        "gcp-kms" => Ok(ProviderKind::GcpKms),
+        other => Err(RegistryError::Corrupt(format!("provider {other:?}"))),
+    }
+}
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
+    let get_s = |col: &str| row.try_get::<String, _>(col).map_err(db);
+    let get_i = |col: &str| row.try_get::<i64, _>(col).map_err(db);
+    Ok(BindingRecord {
+        tenant_id: get_s("tenant_id")?,
+        name: get_s("name")?,
+        description: get_s("description")?,
+        provider: parse_provider(&get_s("provider")?)?,
+        key_reference: get_s("key_reference")?,
+        region: get_s("region")?,
+        role_arn: get_s("role_arn")?,
+        service_account: get_s("service_account")?,
+        key_material: row
+            .try_get::<Option<Vec<u8>>, _>("key_material")
+            .map_err(db)?,
+        state: parse_state(&get_s("state")?)?,
+        state_reason: get_s("state_reason")?,
+        primary: get_i("is_primary")? == 1,
+        created_at_ms: get_i("created_at")?,
+        updated_at_ms: get_i("updated_at")?,
+        last_used_at_ms: row.try_get::<Option<i64>, _>("last_used_at").map_err(db)?,
+        wrap_count: count(get_i("wrap_count")?),
+        unwrap_count: count(get_i("unwrap_count")?),
+    })
+}
+
+fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
+    Ok(Tenant {
+        id: row.try_get("id").map_err(db)?,
+        key_policy: KeyPolicy::parse(&row.try_get::<String, _>("key_policy").map_err(db)?)?,
+        external_id: row.try_get("external_id").map_err(db)?,
+        created_at_ms: row.try_get("created_at").map_err(db)?,
+        updated_at_ms: row.try_get("updated_at").map_err(db)?,
+    })
+}
+
+#[async_trait]
+impl Registry for SqlRegistry {
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<(), RegistryError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let exists = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
+            .bind(&tenant.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if exists.is_some() {
+            return Err(RegistryError::TenantExists(tenant.id.clone()));
+        }
+        sqlx::query(
+            "INSERT INTO tenants (id, key_policy, external_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&tenant.id)
+        .bind(tenant.key_policy.as_str())
+        .bind(&tenant.external_id)
+        .bind(tenant.created_at_ms)
+        .bind(tenant.updated_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            // Two creators racing for the same id: the loser sees this.
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                RegistryError::TenantExists(tenant.id.clone())
+            }
+            _ => db(e),
+        })?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, RegistryError> {
+        sqlx::query(
+            "SELECT id, key_policy, external_id, created_at, updated_at FROM tenants WHERE id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(tenant_from_row)
+        .transpose()
+    }
+
+    async fn set_key_policy(
+        &self,
+        tenant_id: &str,
+        policy: KeyPolicy,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError> {
+        let (mut tx, current) = self.lock_tenant(tenant_id, now_ms).await?;
+        let bindings = Self::bindings_in(&mut tx, tenant_id).await?;
+        match (current, policy) {
+            (KeyPolicy::Keyring, KeyPolicy::SingleKey) if bindings.len() > 1 => {
+                return Err(RegistryError::Refused(format!(
+                    "tenant '{tenant_id}' has {} keys; single_key allows one: unlink the others first",
+                    bindings.len()
+                )));
+            }
+            (KeyPolicy::SingleKey, KeyPolicy::Keyring)
+                if bindings.iter().any(|b| b.wrap_count + b.unwrap_count > 0) =>
+            {
+                return Err(RegistryError::Refused(format!(
+                    "tenant '{tenant_id}' is single_key and its key already protects data; the policy is fixed"
+                )));
+            }
+            _ => {}
+        }
+        sqlx::query("UPDATE tenants SET key_policy = $1 WHERE id = $2")
+            .bind(policy.as_str())
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.tenant(tenant_id)
+            .await?
+            .ok_or_else(|| RegistryError::TenantNotFound(tenant_id.to_owned()))
+    }
+
+    async fn insert_binding(
+        &self,
+        b: &NewBinding,
+        now_ms: i64,
+    ) -> Result<BindingRecord, RegistryError> {
+        let (mut tx, policy) = self.lock_tenant(&b.tenant_id, now_ms).await?;
+        let existing = Self::bindings_in(&mut tx, &b.tenant_id).await?;
+        if existing.iter().any(|e| e.name == b.name) {
+            return Err(RegistryError::BindingExists {
+                tenant_id: b.tenant_id.clone(),
+                name: b.name.clone(),
+            });
+        }
+        if policy == KeyPolicy::SingleKey {
+            if let Some(first) = existing.first() {
+                return Err(RegistryError::Refused(format!(
+                    "tenant '{}' has policy single_key and its key '{}' can never be replaced",
+                    b.tenant_id, first.name
+                )));
+            }
+        }
+        let primary = b.make_primary || !existing.iter().any(|e| e.primary);
+        if primary {
+            sqlx::query("UPDATE key_bindings SET is_primary = 0 WHERE tenant_id = $1")
+                .bind(&b.tenant_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT INTO key_bindings (tenant_id, name, description, provider, key_reference, \
+             region, role_arn, service_account, key_material, state, state_reason, is_primary, \
+             created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11)",
+        )
+        .bind(&b.tenant_id)
+        .bind(&b.name)
+        .bind(&b.description)
+        .bind(b.provider.as_str())
+        .bind(&b.key_reference)
+        .bind(&b.region)
+        .bind(&b.role_arn)
+        .bind(&b.service_account)
+        .bind(b.key_material.clone())
+        .bind(i64::from(primary))
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = Self::binding_in(&mut tx, &b.tenant_id, &b.name).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn bindings(&self, tenant_id: &str) -> Result<Vec<BindingRecord>, RegistryError> {
+        sqlx::query(&format!(
+            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 ORDER BY created_at, name"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(binding_from_row)
+        .collect()
+    }
+
+    async fn binding(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> Result<Option<BindingRecord>, RegistryError> {
+        sqlx::query(&format!(
+            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 AND name = $2"
+        ))
+        .bind(tenant_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(binding_from_row)
+        .transpose()
+    }
+
+    async fn set_primary(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<BindingRecord, RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        let target = Self::binding_in(&mut tx, tenant_id, name).await?;
+        if target.state != BindingState::Active {
+            return Err(RegistryError::Refused(format!(
+                "key '{name}' of tenant '{tenant_id}' is {}; only an active key can become primary (enable it first)",
+                target.state
+            )));
+        }
+        sqlx::query("UPDATE key_bindings SET is_primary = 0 WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query(
+            "UPDATE key_bindings SET is_primary = 1, updated_at = $1 WHERE tenant_id = $2 AND name = $3",
+        )
+        .bind(now_ms)
+        .bind(tenant_id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = Self::binding_in(&mut tx, tenant_id, name).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn set_state(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        state: BindingState,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<BindingRecord, RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        Self::binding_in(&mut tx, tenant_id, name).await?;
+        sqlx::query(
+            "UPDATE key_bindings SET state = $1, state_reason = $2, updated_at = $3 \
+             WHERE tenant_id = $4 AND name = $5",
+        )
+        .bind(state_str(state))
+        .bind(reason)
+        .bind(now_ms)
+        .bind(tenant_id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = Self::binding_in(&mut tx, tenant_id, name).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn delete_binding(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        guard: UnlinkGuard,
+    ) -> Result<(), RegistryError> {
+        let (mut tx, policy) = self.lock_tenant(tenant_id, super::now_ms()).await?;
+        let target = Self::binding_in(&mut tx, tenant_id, name).await?;
+        if policy == KeyPolicy::SingleKey && target.wrap_count + target.unwrap_count > 0 {
+            return Err(RegistryError::Refused(format!(
+                "key '{name}' is the single key of tenant '{tenant_id}' and protects data; it can never be unlinked"
+            )));
+        }
+        if let Some(last) = target.last_used_at_ms {
+            if last >= guard.not_used_since_ms && !guard.force {
+                return Err(RegistryError::Refused(format!(
+                    "key '{name}' of tenant '{tenant_id}' was used {}s ago; keys it wrapped would become unreadable. \
+                     Rewrap them and wait for the unlink guard window, or unlink with force",
+                    (super::now_ms() - last).max(0) / 1000
+                )));
+            }
+        }
+        sqlx::query("DELETE FROM key_bindings WHERE tenant_id = $1 AND name = $2")
+            .bind(tenant_id)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for d in deltas {
+            // A binding unlinked since is simply not updated.
+            sqlx::query(
+                "UPDATE key_bindings SET wrap_count = wrap_count + $1, \
+                 unwrap_count = unwrap_count + $2, \
+                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $3 \
+                                     THEN $3 ELSE last_used_at END \
+                 WHERE tenant_id = $4 AND name = $5",
+            )
+            .bind(signed(d.wraps))
+            .bind(signed(d.unwraps))
+            .bind(d.last_used_at_ms)
+            .bind(&d.tenant_id)
+            .bind(&d.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+}
