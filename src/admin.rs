@@ -280,6 +280,8 @@ impl Admin {
 
     pub async fn list_keys(&self, tenant_id: &str) -> Result<Vec<KeyView>, AdminError> {
         self.tenant(tenant_id).await?;
+        // Counts read after a flush are exact; later uses are added by `view`.
+        self.flush_usage().await?;
         Ok(self
             .registry()
             .bindings(tenant_id)
@@ -291,6 +293,7 @@ impl Admin {
 
     pub async fn get_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
+        self.flush_usage().await?;
         let record = self
             .registry()
             .binding(tenant_id, name)
@@ -594,9 +597,11 @@ pub fn decode_key_material(text: &str) -> Result<SecretBytes, AdminError> {
 
 async fn verify_local_material(material: &SecretBytes) -> Result<(), AdminError> {
     use crate::kms::{KeyProvider, WrapContext};
-    let keyring =
-        crate::kms::local::LocalKeyring::from_material("verification", &[material.clone()])
-            .map_err(|e| AdminError::Verification(e.to_string()))?;
+    let keyring = crate::kms::local::LocalKeyring::from_material(
+        "verification",
+        std::slice::from_ref(material),
+    )
+    .map_err(|e| AdminError::Verification(e.to_string()))?;
     let probe = SecretBytes::random(32)
         .map_err(|_| AdminError::Internal("system random generator failed".into()))?;
     let context = envelope::Context::default();

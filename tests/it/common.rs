@@ -179,3 +179,46 @@ pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> 
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// A fresh, empty PostgreSQL database on the server scripts/test.sh starts
+/// (KEYBROKER_TEST_POSTGRES_URL points at its maintenance database).
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    let base = std::env::var("KEYBROKER_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "KEYBROKER_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh, which \
+             starts a PostgreSQL server (Debian's postgresql package, installed if absent) on a \
+             loopback port and sets it"
+        )
+    });
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {base}: {e}"));
+    let name = format!(
+        "kb_{}",
+        hex::encode(SecretBytes::random(6).unwrap().expose())
+    );
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+/// Calls the admin API of a test server.
+pub async fn admin_client(
+    server: &TestServer,
+) -> keybroker::proto::key_admin_client::KeyAdminClient<Channel> {
+    keybroker::proto::key_admin_client::KeyAdminClient::connect(server.url())
+        .await
+        .unwrap()
+}
+
+/// 32 random bytes in base64: customer key material.
+pub fn random_material() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(SecretBytes::random(32).unwrap().expose())
+}

@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin;
 mod common;
 mod data_plane;
 mod grpcurl;
 mod process;
+mod registry;

@@ -1,0 +1,313 @@
+//! The same registry suite against both backends: SQLite (a file in a temp
+//! dir) and PostgreSQL (the real server scripts/test.sh starts).
+
+use keybroker::broker::BindingState;
+use keybroker::kms::ProviderKind;
+use keybroker::registry::sql::SqlRegistry;
+use keybroker::registry::{
+    KeyPolicy, NewBinding, Registry, RegistryError, Tenant, UnlinkGuard, UsageDelta,
+};
+
+use crate::common::fresh_postgres_database;
+
+fn tenant(id: &str, policy: KeyPolicy) -> Tenant {
+    Tenant {
+        id: id.into(),
+        key_policy: policy,
+        external_id: format!("kb-ext-{id}"),
+        created_at_ms: 1_000,
+        updated_at_ms: 1_000,
+    }
+}
+
+fn binding(tenant_id: &str, name: &str, make_primary: bool) -> NewBinding {
+    NewBinding {
+        tenant_id: tenant_id.into(),
+        name: name.into(),
+        description: format!("key {name}"),
+        provider: ProviderKind::Local,
+        key_reference: format!("local:{tenant_id}/{name}"),
+        region: String::new(),
+        role_arn: String::new(),
+        service_account: String::new(),
+        key_material: Some(vec![1, 2, 3]),
+        make_primary,
+    }
+}
+
+const NO_GUARD: UnlinkGuard = UnlinkGuard {
+    not_used_since_ms: i64::MAX,
+    force: false,
+};
+
+async fn suite(registry: &dyn Registry) {
+    // Tenants.
+    registry
+        .create_tenant(&tenant("acme", KeyPolicy::Keyring))
+        .await
+        .unwrap();
+    assert_eq!(
+        registry
+            .create_tenant(&tenant("acme", KeyPolicy::Keyring))
+            .await,
+        Err(RegistryError::TenantExists("acme".into()))
+    );
+    let got = registry.tenant("acme").await.unwrap().unwrap();
+    assert_eq!(got.external_id, "kb-ext-acme");
+    assert_eq!(got.key_policy, KeyPolicy::Keyring);
+    assert!(registry.tenant("nobody").await.unwrap().is_none());
+    // External ids are unique across tenants.
+    let mut clash = tenant("other", KeyPolicy::Keyring);
+    clash.external_id = "kb-ext-acme".into();
+    assert!(registry.create_tenant(&clash).await.is_err());
+    assert!(registry.tenant("other").await.unwrap().is_none());
+
+    // Bindings: the first becomes primary, later ones only when asked.
+    let k1 = registry
+        .insert_binding(&binding("acme", "k1", false), 2_000)
+        .await
+        .unwrap();
+    assert!(k1.primary);
+    assert_eq!(k1.state, BindingState::Active);
+    assert_eq!(k1.key_material.as_deref(), Some(&[1u8, 2, 3][..]));
+    let k2 = registry
+        .insert_binding(&binding("acme", "k2", false), 3_000)
+        .await
+        .unwrap();
+    assert!(!k2.primary);
+    assert_eq!(
+        registry
+            .insert_binding(&binding("acme", "k2", false), 3_000)
+            .await,
+        Err(RegistryError::BindingExists {
+            tenant_id: "acme".into(),
+            name: "k2".into()
+        })
+    );
+    assert_eq!(
+        registry
+            .insert_binding(&binding("ghost", "k", false), 3_000)
+            .await,
+        Err(RegistryError::TenantNotFound("ghost".into()))
+    );
+    let k3 = registry
+        .insert_binding(&binding("acme", "k3", true), 4_000)
+        .await
+        .unwrap();
+    assert!(k3.primary);
+    let primaries: Vec<String> = registry
+        .bindings("acme")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.primary)
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(primaries, vec!["k3".to_string()]);
+
+    // Primary moves; only active bindings may take it.
+    registry.set_primary("acme", "k1", 5_000).await.unwrap();
+    registry
+        .set_state("acme", "k2", BindingState::Disabled, "ops", 6_000)
+        .await
+        .unwrap();
+    assert!(matches!(
+        registry.set_primary("acme", "k2", 6_500).await,
+        Err(RegistryError::Refused(_))
+    ));
+    let k2 = registry.binding("acme", "k2").await.unwrap().unwrap();
+    assert_eq!(
+        (k2.state, k2.state_reason.as_str()),
+        (BindingState::Disabled, "ops")
+    );
+    let all = registry.bindings("acme").await.unwrap();
+    assert_eq!(all.iter().filter(|b| b.primary).count(), 1);
+    assert!(all.iter().find(|b| b.name == "k1").unwrap().primary);
+
+    // Usage accumulates; last use only moves forward.
+    let delta = |wraps, unwraps, at| UsageDelta {
+        tenant_id: "acme".into(),
+        name: "k1".into(),
+        wraps,
+        unwraps,
+        last_used_at_ms: at,
+    };
+    registry.add_usage(&[delta(2, 5, 9_000)]).await.unwrap();
+    registry.add_usage(&[delta(1, 1, 8_000)]).await.unwrap();
+    let k1 = registry.binding("acme", "k1").await.unwrap().unwrap();
+    assert_eq!(
+        (k1.wrap_count, k1.unwrap_count, k1.last_used_at_ms),
+        (3, 6, Some(9_000))
+    );
+
+    // Unlink guard: refused when used since the cutoff, unless forced.
+    let guard = UnlinkGuard {
+        not_used_since_ms: 8_500,
+        force: false,
+    };
+    assert!(matches!(
+        registry.delete_binding("acme", "k1", guard).await,
+        Err(RegistryError::Refused(_))
+    ));
+    assert!(registry.binding("acme", "k1").await.unwrap().is_some());
+    let old_enough = UnlinkGuard {
+        not_used_since_ms: 9_001,
+        force: false,
+    };
+    registry
+        .delete_binding("acme", "k3", NO_GUARD)
+        .await
+        .unwrap();
+    registry
+        .delete_binding("acme", "k1", old_enough)
+        .await
+        .unwrap();
+    assert!(registry.binding("acme", "k1").await.unwrap().is_none());
+    assert_eq!(
+        registry.delete_binding("acme", "k1", NO_GUARD).await,
+        Err(RegistryError::BindingNotFound {
+            tenant_id: "acme".into(),
+            name: "k1".into()
+        })
+    );
+    let forced = UnlinkGuard {
+        not_used_since_ms: 0,
+        force: true,
+    };
+    registry.delete_binding("acme", "k2", forced).await.unwrap();
+
+    // single_key: one key, never replaced; once used, never unlinked and the
+    // policy is fixed.
+    registry
+        .create_tenant(&tenant("pine", KeyPolicy::SingleKey))
+        .await
+        .unwrap();
+    registry
+        .insert_binding(&binding("pine", "only", false), 1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        registry
+            .insert_binding(&binding("pine", "second", true), 2)
+            .await,
+        Err(RegistryError::Refused(_))
+    ));
+    registry
+        .add_usage(&[UsageDelta {
+            tenant_id: "pine".into(),
+            name: "only".into(),
+            wraps: 1,
+            unwraps: 0,
+            last_used_at_ms: 1,
+        }])
+        .await
+        .unwrap();
+    assert!(matches!(
+        registry.delete_binding("pine", "only", forced).await,
+        Err(RegistryError::Refused(_))
+    ));
+    assert!(matches!(
+        registry.set_key_policy("pine", KeyPolicy::Keyring, 3).await,
+        Err(RegistryError::Refused(_))
+    ));
+    assert_eq!(registry.bindings("pine").await.unwrap().len(), 1);
+
+    // keyring → single_key only with at most one key.
+    registry
+        .create_tenant(&tenant("multi", KeyPolicy::Keyring))
+        .await
+        .unwrap();
+    registry
+        .insert_binding(&binding("multi", "a", false), 1)
+        .await
+        .unwrap();
+    registry
+        .insert_binding(&binding("multi", "b", false), 2)
+        .await
+        .unwrap();
+    assert!(matches!(
+        registry
+            .set_key_policy("multi", KeyPolicy::SingleKey, 3)
+            .await,
+        Err(RegistryError::Refused(_))
+    ));
+    registry
+        .delete_binding("multi", "b", NO_GUARD)
+        .await
+        .unwrap();
+    let t = registry
+        .set_key_policy("multi", KeyPolicy::SingleKey, 4)
+        .await
+        .unwrap();
+    assert_eq!(t.key_policy, KeyPolicy::SingleKey);
+}
+
+#[tokio::test]
+async fn registry_suite_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let registry = SqlRegistry::open_sqlite(&path).await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the registry file holds wrapped key material");
+    suite(&registry).await;
+    // Migrations are idempotent: reopening keeps everything.
+    registry.close().await;
+    let reopened = SqlRegistry::open_sqlite(&path).await.unwrap();
+    assert!(reopened.tenant("acme").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn registry_suite_postgres() {
+    let url = fresh_postgres_database().await;
+    let registry = SqlRegistry::connect(&url).await.unwrap();
+    suite(&registry).await;
+    registry.close().await;
+    let reopened = SqlRegistry::connect(&url).await.unwrap();
+    assert!(reopened.tenant("pine").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn concurrent_primary_changes_keep_one_primary() {
+    for url in [None, Some(fresh_postgres_database().await)] {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = match &url {
+            Some(url) => SqlRegistry::connect(url).await.unwrap(),
+            None => SqlRegistry::open_sqlite(&dir.path().join("r.db"))
+                .await
+                .unwrap(),
+        };
+        registry
+            .create_tenant(&tenant("race", KeyPolicy::Keyring))
+            .await
+            .unwrap();
+        for i in 0..4 {
+            registry
+                .insert_binding(&binding("race", &format!("k{i}"), false), i)
+                .await
+                .unwrap();
+        }
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    registry
+                        .set_primary("race", &format!("k{}", i % 4), 100 + i)
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            // SQLite may report a busy database under contention; never two primaries.
+            let _ = t.await.unwrap();
+        }
+        let primaries = registry
+            .bindings("race")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.primary)
+            .count();
+        assert_eq!(primaries, 1, "backend {url:?}");
+    }
+}
