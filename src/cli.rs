@@ -336,13 +336,16 @@ fn keyring(command: KeyringCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(server: &ServerArg) -> anyhow::Result<KeyBrokerClient<Channel>> {
-    let channel = Channel::from_shared(server.server.clone())
+async fn channel(server: &ServerArg) -> anyhow::Result<Channel> {
+    Channel::from_shared(server.server.clone())
         .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", server.server))?
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))?;
-    Ok(KeyBrokerClient::new(channel))
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))
+}
+
+async fn connect(server: &ServerArg) -> anyhow::Result<KeyBrokerClient<Channel>> {
+    Ok(KeyBrokerClient::new(channel(server).await?))
 }
 
 fn decode_b64(flag: &str, text: &str) -> anyhow::Result<Vec<u8>> {
@@ -548,12 +551,7 @@ fn read_material(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<St
 }
 
 async fn run_admin(server: &ServerArg, command: AdminCommand) -> anyhow::Result<Value> {
-    let channel = Channel::from_shared(server.server.clone())
-        .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", server.server))?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))?;
-    let mut client = proto::key_admin_client::KeyAdminClient::new(channel);
+    let mut client = proto::key_admin_client::KeyAdminClient::new(channel(server).await?);
     let value = match command {
         AdminCommand::Tenant { command } => match command {
             TenantCommand::Create { tenant, policy } => {

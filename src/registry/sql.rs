@@ -103,44 +103,56 @@ impl SqlRegistry {
             .map_err(db)?;
         Ok((tx, KeyPolicy::parse(&policy)?))
     }
+}
 
-    async fn binding_in(
-        tx: &mut Transaction<'static, Any>,
-        tenant_id: &str,
-        name: &str,
-    ) -> Result<BindingRecord, RegistryError> {
-        let row = sqlx::query(&format!(
-            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 AND name = $2"
-        ))
-        .bind(tenant_id)
-        .bind(name)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
-        match row {
-            Some(row) => binding_from_row(&row),
-            None => Err(RegistryError::BindingNotFound {
-                tenant_id: tenant_id.to_owned(),
-                name: name.to_owned(),
-            }),
-        }
-    }
+/// One binding, through the pool or inside a transaction.
+async fn fetch_binding<'e, E: sqlx::Executor<'e, Database = Any>>(
+    exec: E,
+    tenant_id: &str,
+    name: &str,
+) -> Result<Option<BindingRecord>, RegistryError> {
+    sqlx::query(&format!(
+        "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 AND name = $2"
+    ))
+    .bind(tenant_id)
+    .bind(name)
+    .fetch_optional(exec)
+    .await
+    .map_err(db)?
+    .as_ref()
+    .map(binding_from_row)
+    .transpose()
+}
 
-    async fn bindings_in(
-        tx: &mut Transaction<'static, Any>,
-        tenant_id: &str,
-    ) -> Result<Vec<BindingRecord>, RegistryError> {
-        sqlx::query(&format!(
-            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 ORDER BY created_at, name"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db)?
-        .iter()
-        .map(binding_from_row)
-        .collect()
-    }
+/// One binding that must exist.
+async fn existing_binding<'e, E: sqlx::Executor<'e, Database = Any>>(
+    exec: E,
+    tenant_id: &str,
+    name: &str,
+) -> Result<BindingRecord, RegistryError> {
+    fetch_binding(exec, tenant_id, name)
+        .await?
+        .ok_or_else(|| RegistryError::BindingNotFound {
+            tenant_id: tenant_id.to_owned(),
+            name: name.to_owned(),
+        })
+}
+
+/// A tenant's bindings, oldest first.
+async fn fetch_bindings<'e, E: sqlx::Executor<'e, Database = Any>>(
+    exec: E,
+    tenant_id: &str,
+) -> Result<Vec<BindingRecord>, RegistryError> {
+    sqlx::query(&format!(
+        "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 ORDER BY created_at, name"
+    ))
+    .bind(tenant_id)
+    .fetch_all(exec)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(binding_from_row)
+    .collect()
 }
 
 fn state_str(state: BindingState) -> &'static str {
@@ -266,7 +278,7 @@ impl Registry for SqlRegistry {
         now_ms: i64,
     ) -> Result<Tenant, RegistryError> {
         let (mut tx, current) = self.lock_tenant(tenant_id, now_ms).await?;
-        let bindings = Self::bindings_in(&mut tx, tenant_id).await?;
+        let bindings = fetch_bindings(&mut *tx, tenant_id).await?;
         match (current, policy) {
             (KeyPolicy::Keyring, KeyPolicy::SingleKey) if bindings.len() > 1 => {
                 return Err(RegistryError::Refused(format!(
@@ -301,7 +313,7 @@ impl Registry for SqlRegistry {
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError> {
         let (mut tx, policy) = self.lock_tenant(&b.tenant_id, now_ms).await?;
-        let existing = Self::bindings_in(&mut tx, &b.tenant_id).await?;
+        let existing = fetch_bindings(&mut *tx, &b.tenant_id).await?;
         if existing.iter().any(|e| e.name == b.name) {
             return Err(RegistryError::BindingExists {
                 tenant_id: b.tenant_id.clone(),
@@ -344,22 +356,13 @@ impl Registry for SqlRegistry {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        let record = Self::binding_in(&mut tx, &b.tenant_id, &b.name).await?;
+        let record = existing_binding(&mut *tx, &b.tenant_id, &b.name).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
 
     async fn bindings(&self, tenant_id: &str) -> Result<Vec<BindingRecord>, RegistryError> {
-        sqlx::query(&format!(
-            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 ORDER BY created_at, name"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?
-        .iter()
-        .map(binding_from_row)
-        .collect()
+        fetch_bindings(&self.pool, tenant_id).await
     }
 
     async fn binding(
@@ -367,17 +370,7 @@ impl Registry for SqlRegistry {
         tenant_id: &str,
         name: &str,
     ) -> Result<Option<BindingRecord>, RegistryError> {
-        sqlx::query(&format!(
-            "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 AND name = $2"
-        ))
-        .bind(tenant_id)
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?
-        .as_ref()
-        .map(binding_from_row)
-        .transpose()
+        fetch_binding(&self.pool, tenant_id, name).await
     }
 
     async fn set_primary(
@@ -387,7 +380,7 @@ impl Registry for SqlRegistry {
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError> {
         let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
-        let target = Self::binding_in(&mut tx, tenant_id, name).await?;
+        let target = existing_binding(&mut *tx, tenant_id, name).await?;
         if target.state != BindingState::Active {
             return Err(RegistryError::Refused(format!(
                 "key '{name}' of tenant '{tenant_id}' is {}; only an active key can become primary (enable it first)",
@@ -408,7 +401,7 @@ impl Registry for SqlRegistry {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        let record = Self::binding_in(&mut tx, tenant_id, name).await?;
+        let record = existing_binding(&mut *tx, tenant_id, name).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -422,7 +415,7 @@ impl Registry for SqlRegistry {
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError> {
         let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
-        Self::binding_in(&mut tx, tenant_id, name).await?;
+        existing_binding(&mut *tx, tenant_id, name).await?;
         sqlx::query(
             "UPDATE key_bindings SET state = $1, state_reason = $2, updated_at = $3 \
              WHERE tenant_id = $4 AND name = $5",
@@ -435,7 +428,7 @@ impl Registry for SqlRegistry {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        let record = Self::binding_in(&mut tx, tenant_id, name).await?;
+        let record = existing_binding(&mut *tx, tenant_id, name).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -447,7 +440,7 @@ impl Registry for SqlRegistry {
         guard: UnlinkGuard,
     ) -> Result<(), RegistryError> {
         let (mut tx, policy) = self.lock_tenant(tenant_id, super::now_ms()).await?;
-        let target = Self::binding_in(&mut tx, tenant_id, name).await?;
+        let target = existing_binding(&mut *tx, tenant_id, name).await?;
         if policy == KeyPolicy::SingleKey && target.wrap_count + target.unwrap_count > 0 {
             return Err(RegistryError::Refused(format!(
                 "key '{name}' is the single key of tenant '{tenant_id}' and protects data; it can never be unlinked"

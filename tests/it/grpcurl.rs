@@ -38,7 +38,11 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
 
     let (ok, out, err) = grpcurl(&["-plaintext", &addr, "list"]).await;
     assert!(ok, "{err}");
-    for service in ["keybroker.v1.KeyBroker", "grpc.health.v1.Health"] {
+    for service in [
+        "keybroker.v1.KeyBroker",
+        "keybroker.v1.KeyAdmin",
+        "grpc.health.v1.Health",
+    ] {
         assert!(
             out.lines().any(|l| l.trim() == service),
             "{service} not listed:\n{out}"
@@ -104,6 +108,24 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
     assert!(!ok);
     assert!(err.contains("PermissionDenied"), "{err}");
     assert!(err.contains("different tenant"), "{err}");
+
+    // The control plane through reflection too.
+    let created = call(
+        &addr,
+        "keybroker.v1.KeyAdmin/CreateTenant",
+        r#"{"tenant_id":"grpcurl-tenant"}"#,
+    )
+    .await;
+    assert_eq!(
+        created["tenant"]["keyPolicy"], "KEY_POLICY_KEYRING",
+        "{created}"
+    );
+    assert!(
+        created["tenant"]["onboarding"]["awsExternalId"]
+            .as_str()
+            .unwrap()
+            .starts_with("kb-")
+    );
 
     let (ok, out, err) = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
     assert!(ok, "{err}");

@@ -109,7 +109,7 @@ async fn canary_key_never_reaches_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let process = Process::spawn(dir.path(), &[]);
     let channel = process.channel().await;
-    let mut client = KeyBrokerClient::new(channel);
+    let mut client = KeyBrokerClient::new(channel.clone());
     let canary: Vec<u8> = b"CANARY-3f9a1c-do-not-log-me-0123".to_vec();
     let c = ctx(&[("table", "secrets")]);
 
@@ -162,9 +162,51 @@ async fn canary_key_never_reaches_the_logs() {
             .await
             .unwrap_err(),
     ];
+    // Customer key material through the admin path: imported, used, and
+    // re-imported under the same name (an error that must not echo it).
+    let material: Vec<u8> = b"MATERIAL-77c1e0-do-not-log-0123!".to_vec();
+    let material_b64 = base64::engine::general_purpose::STANDARD.encode(&material);
+    let mut admin = proto::key_admin_client::KeyAdminClient::new(channel.clone());
+    admin
+        .create_tenant(proto::CreateTenantRequest {
+            tenant_id: "cmek".into(),
+            key_policy: 0,
+        })
+        .await
+        .unwrap();
+    let import = proto::ImportKeyMaterialRequest {
+        tenant_id: "cmek".into(),
+        name: "k1".into(),
+        description: String::new(),
+        key_material_base64: material_b64.clone(),
+        make_primary: true,
+    };
+    admin.import_key_material(import.clone()).await.unwrap();
+    let dup = admin.import_key_material(import).await.unwrap_err();
+    let g = client
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            tenant_id: "cmek".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.key.unwrap().key_binding, "k1");
+
     process.signal("TERM");
     let (ok, logs) = process.wait(Duration::from_secs(20)).await;
     assert!(ok, "server exited with failure:\n{logs}");
+    for needle in [
+        material_b64.clone(),
+        hex::encode(&material),
+        String::from_utf8(material).unwrap(),
+    ] {
+        assert!(
+            !logs.contains(&needle),
+            "key material found in logs as {needle}"
+        );
+        assert!(!dup.message().contains(&needle));
+    }
     assert!(
         logs.contains("keybroker listening"),
         "logs were not captured:\n{logs}"
