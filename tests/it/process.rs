@@ -1,6 +1,5 @@
 //! The real `keybroker` binary: logs never carry key material, SIGTERM drains.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,6 @@ use crate::common::ctx;
 
 struct Process {
     child: Child,
-    url: String,
     /// Server output goes to a file, not a pipe: an unread pipe fills up and
     /// blocks a chatty server.
     log: std::path::PathBuf,
@@ -24,18 +22,15 @@ struct Process {
 
 impl Process {
     fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Self {
-        // Pick a free port; the tiny race with other tests is retried below.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = data_dir.join(format!("server-{port}.log"));
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = data_dir.join(format!("server-{n}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keybroker"))
             .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            // Port 0: the server reports the port it got in its log, so
+            // parallel tests never race for a port.
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -44,26 +39,30 @@ impl Process {
             .stderr(Stdio::from(out))
             .spawn()
             .unwrap();
-        Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
+        Self { child, log }
+    }
+
+    /// The address from the server's "keybroker listening" log line.
+    async fn addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            for line in text.lines() {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if entry["fields"]["message"] == "keybroker listening" {
+                    return entry["fields"]["addr"].as_str().unwrap().to_owned();
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not start:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     async fn channel(&self) -> Channel {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(ch) = Channel::from_shared(self.url.clone())
-                .unwrap()
-                .connect()
-                .await
-            {
-                return ch;
-            }
-            assert!(Instant::now() < deadline, "server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let url = format!("http://{}", self.addr().await);
+        Channel::from_shared(url).unwrap().connect().await.unwrap()
     }
 
     fn signal(&self, name: &str) {
