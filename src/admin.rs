@@ -87,6 +87,7 @@ pub struct LinkRequest {
     pub region: String,
     pub role_arn: String,
     pub service_account: String,
+    pub replica_regions: Vec<String>,
     pub make_primary: bool,
 }
 
@@ -211,6 +212,7 @@ impl Admin {
             Some(ProviderKind::AwsKms) => {
                 validate_aws_key_arn(&req.key_reference, &req.region)?;
                 validate_role_arn(&req.role_arn)?;
+                validate_replica_regions(&req.key_reference, &req.region, &req.replica_regions)?;
             }
             Some(ProviderKind::GcpKms) => {
                 validate_gcp_key_name(&req.key_reference)?;
@@ -230,11 +232,45 @@ impl Admin {
             }
         }
         // The tenant must exist before anything is verified.
-        self.tenant(&req.tenant_id).await?;
-        Err(AdminError::Unimplemented(format!(
-            "provider {} is not available in this build of keybroker yet",
-            req.provider.map(ProviderKind::as_str).unwrap_or_default()
-        )))
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let provider = req.provider.unwrap_or(ProviderKind::AwsKms);
+        let record = NewBinding {
+            tenant_id: req.tenant_id.clone(),
+            name: req.name.clone(),
+            description: req.description,
+            provider,
+            key_reference: req.key_reference,
+            region: req.region,
+            role_arn: req.role_arn,
+            service_account: req.service_account,
+            replica_regions: req.replica_regions,
+            key_material: None,
+            make_primary: req.make_primary,
+        };
+        match provider {
+            ProviderKind::AwsKms => {
+                let target = crate::registry::directory::aws_target(
+                    &BindingRecord::from_new(&record),
+                    &tenant.external_id,
+                );
+                let key = self.directory.aws().key(target);
+                let probe = verify_provider(&key, &req.tenant_id).await?;
+                key.check_replicas(
+                    &probe.bytes,
+                    probe_wrap(&req.tenant_id, &envelope::Context::default()),
+                )
+                .await
+                .map_err(|e| AdminError::Verification(e.to_string()))?;
+            }
+            other => {
+                return Err(AdminError::Unimplemented(format!(
+                    "provider {other} is not available in this build of keybroker yet"
+                )));
+            }
+        }
+        let stored = self.registry().insert_binding(&record, now_ms()).await?;
+        self.directory.invalidate(&req.tenant_id).await;
+        Ok(self.view(stored))
     }
 
     /// Imports raw AES-256 key material as a `local` key (Cube's flow), after
@@ -248,7 +284,12 @@ impl Admin {
         validate_name(&req.name)?;
         validate_description(&req.description)?;
         let material = decode_key_material(material_base64)?;
-        verify_local_material(&material).await?;
+        let keyring = crate::kms::local::LocalKeyring::from_material(
+            "verification",
+            std::slice::from_ref(&material),
+        )
+        .map_err(|e| AdminError::Verification(e.to_string()))?;
+        verify_provider(&keyring, &req.tenant_id).await?;
         let sealed = seal_material(
             self.directory.platform_keyring(),
             &req.tenant_id,
@@ -268,6 +309,7 @@ impl Admin {
                     region: String::new(),
                     role_arn: String::new(),
                     service_account: String::new(),
+                    replica_regions: Vec::new(),
                     key_material: Some(sealed),
                     make_primary: req.make_primary,
                 },
@@ -595,32 +637,82 @@ pub fn decode_key_material(text: &str) -> Result<SecretBytes, AdminError> {
     Ok(material)
 }
 
-async fn verify_local_material(material: &SecretBytes) -> Result<(), AdminError> {
-    use crate::kms::{KeyProvider, WrapContext};
-    let keyring = crate::kms::local::LocalKeyring::from_material(
-        "verification",
-        std::slice::from_ref(material),
-    )
-    .map_err(|e| AdminError::Verification(e.to_string()))?;
+fn probe_wrap<'a>(
+    tenant_id: &'a str,
+    context: &'a envelope::Context,
+) -> crate::kms::WrapContext<'a> {
+    crate::kms::WrapContext { tenant_id, context }
+}
+
+/// A real round trip through the provider before a key is accepted: the key
+/// is enabled and customer managed, and a random probe encrypts and decrypts
+/// under the tenant's binding. Returns the probe's ciphertext.
+async fn verify_provider(
+    provider: &dyn crate::kms::KeyProvider,
+    tenant_id: &str,
+) -> Result<crate::kms::Ciphertext, AdminError> {
+    use crate::kms::ProviderKeyState;
+    let failed = |e: crate::kms::ProviderError| AdminError::Verification(e.to_string());
+    let description = provider.describe("").await.map_err(failed)?;
+    if description.state != ProviderKeyState::Enabled {
+        return Err(AdminError::Verification(format!(
+            "the key is {:?}; enable it in the key provider first",
+            description.state
+        )));
+    }
+    if description.key_manager.as_deref() == Some("AWS") {
+        return Err(AdminError::Verification(
+            "AWS-managed keys cannot be shared; create a customer managed key".into(),
+        ));
+    }
     let probe = SecretBytes::random(32)
         .map_err(|_| AdminError::Internal("system random generator failed".into()))?;
     let context = envelope::Context::default();
-    let wrap = WrapContext {
-        tenant_id: "#verification",
-        context: &context,
-    };
-    let ciphertext = keyring
-        .encrypt("", &probe, wrap)
+    let ciphertext = provider
+        .encrypt("", &probe, probe_wrap(tenant_id, &context))
         .await
-        .map_err(|e| AdminError::Verification(e.to_string()))?;
-    let back = keyring
-        .decrypt("", &ciphertext.key_version, &ciphertext.bytes, wrap)
+        .map_err(failed)?;
+    let back = provider
+        .decrypt(
+            "",
+            &ciphertext.key_version,
+            &ciphertext.bytes,
+            probe_wrap(tenant_id, &context),
+        )
         .await
-        .map_err(|e| AdminError::Verification(e.to_string()))?;
+        .map_err(failed)?;
     if back != probe {
         return Err(AdminError::Verification(
-            "round trip returned other bytes".into(),
+            "the round trip returned other bytes".into(),
         ));
+    }
+    Ok(ciphertext)
+}
+
+/// Replica regions must be regions other than the key's, and the key must be
+/// named by key ARN (aliases are per region). Whether a replica really exists
+/// is proved at link time by a decrypt in each replica region.
+fn validate_replica_regions(
+    key_arn: &str,
+    region: &str,
+    replicas: &[String],
+) -> Result<(), AdminError> {
+    if replicas.is_empty() {
+        return Ok(());
+    }
+    if !key_arn.contains(":key/") {
+        return Err(AdminError::InvalidArgument(
+            "replica_regions need a key ARN (key/mrk-...), not an alias: aliases are per region"
+                .into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in replicas {
+        if !is_region(r) || r == region || !seen.insert(r) {
+            return Err(AdminError::InvalidArgument(format!(
+                "replica region {r:?} is not a region other than the key's ({region}), or is listed twice"
+            )));
+        }
     }
     Ok(())
 }

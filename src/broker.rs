@@ -275,8 +275,11 @@ pub struct Description {
 /// (zero calls for refused requests, one per cold key); metrics export them.
 #[derive(Debug, Default)]
 pub struct ProviderCalls {
+    /// Encrypt and GenerateDataKey.
     pub encrypt: AtomicU64,
     pub decrypt: AtomicU64,
+    /// KMS-side rewraps (AWS ReEncrypt).
+    pub reencrypt: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -310,12 +313,21 @@ impl Broker {
         len: usize,
     ) -> Result<Generated, BrokerError> {
         envelope::validate_tenant_id(tenant_id)?;
-        let plaintext = SecretBytes::random(len)
-            .map_err(|_| BrokerError::Internal("system random generator failed".into()))?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
-        let wrapped = self
-            .wrap_with(&keys.primary, tenant_id, context, &plaintext)
-            .await?;
+        let binding = &keys.primary;
+        binding.ensure_usable(tenant_id)?;
+        binding.usage.record(&binding.usage.wraps);
+        self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
+        let (plaintext, ciphertext) = binding
+            .provider
+            .generate_data_key(
+                &binding.key_reference,
+                len,
+                WrapContext { tenant_id, context },
+            )
+            .await
+            .map_err(|source| provider_error(binding, source))?;
+        let wrapped = seal(binding, tenant_id, ciphertext);
         Ok(Generated {
             plaintext,
             wrapped_key: wrapped.wrapped_key,
@@ -360,17 +372,7 @@ impl Broker {
             )
             .await
             .map_err(|source| provider_error(binding, source))?;
-        let envelope = Envelope {
-            tenant_id: tenant_id.to_owned(),
-            key_binding: binding.name.to_string(),
-            provider: binding.provider.kind(),
-            provider_key_version: ciphertext.key_version,
-            ciphertext: ciphertext.bytes,
-        };
-        Ok(Wrapped {
-            wrapped_key: envelope.encode(),
-            key: binding.info(envelope.provider_key_version),
-        })
+        Ok(seal(binding, tenant_id, ciphertext))
     }
 
     /// Unwraps through the cache. A hit skips parsing: the cache key pins the
@@ -401,25 +403,7 @@ impl Broker {
             });
         }
 
-        // Everything that can refuse the request runs before the provider:
-        // a bad or foreign wrapped key costs no KMS quota.
-        let envelope = Envelope::parse(wrapped)?;
-        if envelope.tenant_id != tenant_id {
-            return Err(BrokerError::TenantMismatch {
-                tenant_id: tenant_id.to_owned(),
-            });
-        }
-        let binding = find_binding(&keys, tenant_id, &envelope.key_binding)?;
-        if binding.provider.kind() != envelope.provider {
-            return Err(BrokerError::InvalidRequest(format!(
-                "the wrapped key names provider {} but key binding '{}' uses {}",
-                envelope.provider,
-                binding.name,
-                binding.provider.kind()
-            )));
-        }
-        binding.ensure_usable(tenant_id)?;
-
+        let (envelope, binding) = resolve_wrapped(&keys, tenant_id, wrapped)?;
         let load = async {
             self.calls.decrypt.fetch_add(1, Ordering::Relaxed);
             let plaintext = binding
@@ -451,14 +435,36 @@ impl Broker {
         })
     }
 
-    /// Unwraps, then wraps under the tenant's current primary key with the
-    /// same context.
+    /// Moves a wrapped key to the tenant's current primary key with the same
+    /// context: inside KMS (ReEncrypt) when both keys are AWS keys under one
+    /// customer role and region, otherwise by unwrap + wrap.
     pub async fn rewrap(
         &self,
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
     ) -> Result<Rewrapped, BrokerError> {
+        envelope::validate_tenant_id(tenant_id)?;
+        envelope::check_size(wrapped)?;
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let (envelope, source) = resolve_wrapped(&keys, tenant_id, wrapped)?;
+        let target = &keys.primary;
+        if let (Some(dst), Some(src)) = (target.provider.aws_key(), source.provider.aws_key()) {
+            target.ensure_usable(tenant_id)?;
+            let wrap = WrapContext { tenant_id, context };
+            if let Some(result) = dst.reencrypt_from(src, &envelope.ciphertext, wrap).await {
+                self.calls.reencrypt.fetch_add(1, Ordering::Relaxed);
+                let ciphertext = result.map_err(|e| provider_error(target, e))?;
+                source.usage.record(&source.usage.unwraps);
+                target.usage.record(&target.usage.wraps);
+                let wrapped = seal(target, tenant_id, ciphertext);
+                return Ok(Rewrapped {
+                    wrapped_key: wrapped.wrapped_key,
+                    key: wrapped.key,
+                    previous_key: source.info(envelope.provider_key_version),
+                });
+            }
+        }
         let unwrapped = self.unwrap(tenant_id, context, wrapped).await?;
         let previous_key = KeyInfo {
             key_binding: Arc::clone(&unwrapped.key.key_binding),
@@ -498,6 +504,48 @@ impl Broker {
             primary: keys.primary.info(current_version(&keys.primary)),
             bindings,
         })
+    }
+}
+
+/// The envelope of a caller's wrapped key and the binding that can unwrap
+/// it. Everything that can refuse the request runs here, before any provider
+/// call: a bad or foreign wrapped key costs no KMS quota.
+fn resolve_wrapped<'a>(
+    keys: &'a TenantKeys,
+    tenant_id: &str,
+    wrapped: &[u8],
+) -> Result<(Envelope, &'a Arc<Binding>), BrokerError> {
+    let envelope = Envelope::parse(wrapped)?;
+    if envelope.tenant_id != tenant_id {
+        return Err(BrokerError::TenantMismatch {
+            tenant_id: tenant_id.to_owned(),
+        });
+    }
+    let binding = find_binding(keys, tenant_id, &envelope.key_binding)?;
+    if binding.provider.kind() != envelope.provider {
+        return Err(BrokerError::InvalidRequest(format!(
+            "the wrapped key names provider {} but key binding '{}' uses {}",
+            envelope.provider,
+            binding.name,
+            binding.provider.kind()
+        )));
+    }
+    binding.ensure_usable(tenant_id)?;
+    Ok((envelope, binding))
+}
+
+/// The wrapped key (envelope) for a provider's ciphertext.
+fn seal(binding: &Binding, tenant_id: &str, ciphertext: crate::kms::Ciphertext) -> Wrapped {
+    let envelope = Envelope {
+        tenant_id: tenant_id.to_owned(),
+        key_binding: binding.name.to_string(),
+        provider: binding.provider.kind(),
+        provider_key_version: ciphertext.key_version,
+        ciphertext: ciphertext.bytes,
+    };
+    Wrapped {
+        wrapped_key: envelope.encode(),
+        key: binding.info(envelope.provider_key_version),
     }
 }
 

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gRPC server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Maintain the local platform keyring file (offline; a running server
     /// picks up changes within its keyring reload interval).
     Keyring {
@@ -172,6 +172,9 @@ enum KeyCommand {
         role_arn: String,
         #[arg(long, default_value = "")]
         service_account: String,
+        /// AWS multi-Region key replica region, repeatable.
+        #[arg(long = "replica-region")]
+        replica_regions: Vec<String>,
         #[arg(long, default_value = "")]
         description: String,
         /// Make it the primary key.
@@ -276,7 +279,7 @@ fn parse_context_entry(text: &str) -> Result<(String, String), String> {
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Keyring { command } => keyring(command),
         client => run_client(client).await,
     };
@@ -529,6 +532,7 @@ fn binding_json(key: &proto::KeyBinding) -> Value {
         "last_use_time_ms": timestamp_json(key.last_use_time.as_ref()),
         "wrap_count": key.wrap_count,
         "unwrap_count": key.unwrap_count,
+        "replica_regions": key.replica_regions,
     })
 }
 
@@ -594,6 +598,7 @@ async fn run_admin(server: &ServerArg, command: AdminCommand) -> anyhow::Result<
                 region,
                 role_arn,
                 service_account,
+                replica_regions,
                 description,
                 primary,
             } => {
@@ -612,6 +617,7 @@ async fn run_admin(server: &ServerArg, command: AdminCommand) -> anyhow::Result<
                         role_arn,
                         service_account,
                         make_primary: primary,
+                        replica_regions,
                     })
                     .await
                     .map_err(status_error)?

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cache::CacheSettings;
+use crate::kms::aws::AwsSettings;
 
 /// Largest gRPC message the server decodes. Every legitimate request is far
 /// smaller; this bounds what a caller can make the server buffer.
@@ -86,6 +87,36 @@ pub struct ServeArgs {
     /// The platform's GCP service account customers grant on their keys.
     #[arg(long, env = "KEYBROKER_GCP_SERVICE_ACCOUNT")]
     pub gcp_service_account: Option<String>,
+    /// Region of the platform's own STS calls [default: us-east-1].
+    #[arg(long, env = "KEYBROKER_AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// AWS KMS endpoint for every region (VPC or FIPS endpoint).
+    #[arg(long, env = "KEYBROKER_AWS_KMS_ENDPOINT")]
+    pub aws_kms_endpoint: Option<String>,
+    /// AWS KMS endpoint of one region, repeatable: --aws-kms-region-endpoint us-east-1=https://...
+    #[arg(long = "aws-kms-region-endpoint", value_parser = parse_region_endpoint)]
+    pub aws_kms_region_endpoints: Vec<(String, String)>,
+    /// AWS STS endpoint.
+    #[arg(long, env = "KEYBROKER_AWS_STS_ENDPOINT")]
+    pub aws_sts_endpoint: Option<String>,
+    /// Lifetime of assumed customer-role sessions [default: 1h].
+    #[arg(long, env = "KEYBROKER_AWS_SESSION_DURATION", value_parser = humantime::parse_duration)]
+    pub aws_session_duration: Option<Duration>,
+    /// Attempts per AWS call, first included; only transient errors retry [default: 3].
+    #[arg(long, env = "KEYBROKER_AWS_MAX_ATTEMPTS")]
+    pub aws_max_attempts: Option<u32>,
+    /// Deadline of one AWS call attempt [default: 3s].
+    #[arg(long, env = "KEYBROKER_AWS_ATTEMPT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub aws_attempt_timeout: Option<Duration>,
+    /// Deadline of one AWS call, retries included [default: 8s].
+    #[arg(long, env = "KEYBROKER_AWS_OPERATION_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub aws_operation_timeout: Option<Duration>,
+}
+
+fn parse_region_endpoint(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(r, u)| (r.to_owned(), u.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not REGION=URL"))
 }
 
 /// The config file: the same settings as the flags, durations as "5m".
@@ -109,6 +140,15 @@ struct FileConfig {
     unlink_guard_window: Option<String>,
     aws_platform_principal: Option<String>,
     gcp_service_account: Option<String>,
+    aws_region: Option<String>,
+    aws_kms_endpoint: Option<String>,
+    #[serde(default)]
+    aws_kms_region_endpoints: std::collections::HashMap<String, String>,
+    aws_sts_endpoint: Option<String>,
+    aws_session_duration: Option<String>,
+    aws_max_attempts: Option<u32>,
+    aws_attempt_timeout: Option<String>,
+    aws_operation_timeout: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +181,7 @@ pub struct Config {
     pub unlink_guard_window: Duration,
     pub aws_platform_principal: Option<String>,
     pub gcp_service_account: Option<String>,
+    pub aws: AwsSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -161,6 +202,7 @@ impl std::fmt::Debug for Config {
             .field("unlink_guard_window", &self.unlink_guard_window)
             .field("aws_platform_principal", &self.aws_platform_principal)
             .field("gcp_service_account", &self.gcp_service_account)
+            .field("aws", &self.aws)
             .finish()
     }
 }
@@ -205,6 +247,7 @@ impl Default for Config {
             unlink_guard_window: Duration::from_secs(24 * 3600),
             aws_platform_principal: None,
             gcp_service_account: None,
+            aws: AwsSettings::default(),
         }
     }
 }
@@ -299,6 +342,50 @@ impl Config {
                 .gcp_service_account
                 .clone()
                 .or(file.gcp_service_account.clone()),
+            aws: AwsSettings {
+                region: args
+                    .aws_region
+                    .clone()
+                    .or(file.aws_region.clone())
+                    .unwrap_or(d.aws.region),
+                kms_endpoint: args
+                    .aws_kms_endpoint
+                    .clone()
+                    .or(file.aws_kms_endpoint.clone()),
+                kms_region_endpoints: file
+                    .aws_kms_region_endpoints
+                    .clone()
+                    .into_iter()
+                    .chain(args.aws_kms_region_endpoints.iter().cloned())
+                    .collect(),
+                sts_endpoint: args
+                    .aws_sts_endpoint
+                    .clone()
+                    .or(file.aws_sts_endpoint.clone()),
+                session_duration: duration(
+                    "aws_session_duration",
+                    args.aws_session_duration,
+                    &file.aws_session_duration,
+                    d.aws.session_duration,
+                )?,
+                max_attempts: args
+                    .aws_max_attempts
+                    .or(file.aws_max_attempts)
+                    .unwrap_or(d.aws.max_attempts),
+                connect_timeout: d.aws.connect_timeout,
+                attempt_timeout: duration(
+                    "aws_attempt_timeout",
+                    args.aws_attempt_timeout,
+                    &file.aws_attempt_timeout,
+                    d.aws.attempt_timeout,
+                )?,
+                operation_timeout: duration(
+                    "aws_operation_timeout",
+                    args.aws_operation_timeout,
+                    &file.aws_operation_timeout,
+                    d.aws.operation_timeout,
+                )?,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -344,6 +431,22 @@ impl Config {
             return invalid(
                 "registry_cache_ttl/usage_flush_interval",
                 "must be longer than zero",
+            );
+        }
+        let session = self.aws.session_duration.as_secs();
+        if !(900..=43_200).contains(&session) {
+            return invalid(
+                "aws_session_duration",
+                "must be between 15m and 12h (the limits of STS AssumeRole)",
+            );
+        }
+        if self.aws.max_attempts == 0 || self.aws.max_attempts > 10 {
+            return invalid("aws_max_attempts", "must be 1 to 10");
+        }
+        if self.aws.attempt_timeout > self.aws.operation_timeout {
+            return invalid(
+                "aws_attempt_timeout",
+                "must not be longer than aws_operation_timeout",
             );
         }
         if let Some(url) = &self.registry {

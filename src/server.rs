@@ -15,6 +15,7 @@ use crate::api::broker::KeyBrokerApi;
 use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING};
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
+use crate::kms::aws::AwsKms;
 use crate::kms::local::LocalKeyring;
 use crate::proto;
 use crate::proto::key_admin_server::KeyAdminServer;
@@ -37,6 +38,16 @@ impl Server {
     /// The platform keyring file in the data dir (created on first start)
     /// and the registry (SQLite in the data dir, or PostgreSQL).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, None).await
+    }
+
+    /// [`build`](Self::build) with the platform's AWS identity given instead
+    /// of read from the standard chain (tests use static credentials, so no
+    /// test ever probes an instance metadata endpoint).
+    pub async fn build_with(
+        config: Config,
+        aws_base: Option<aws_config::SdkConfig>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         let path = config.platform_keyring_path();
         let keyring = Arc::new(
@@ -53,10 +64,15 @@ impl Server {
             None => SqlRegistry::open_sqlite(&config.data_dir.join("registry.db")).await,
         }
         .with_context(|| "opening the key registry")?;
+        let aws = Arc::new(match aws_base {
+            Some(base) => AwsKms::new(base, config.aws.clone()),
+            None => AwsKms::from_env(config.aws.clone()).await,
+        });
         let directory = Arc::new(RegistryDirectory::new(
             Arc::new(registry),
             platform,
             keyring,
+            aws,
             config.registry_cache_ttl,
         ));
         let flusher = directory.spawn_usage_flusher(config.usage_flush_interval);

@@ -87,6 +87,7 @@ pub fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
         last_use_time: r.last_used_at_ms.map(timestamp),
         wrap_count: r.wrap_count,
         unwrap_count: r.unwrap_count,
+        replica_regions: r.replica_regions.clone(),
     }
 }
 
@@ -146,6 +147,7 @@ impl KeyAdmin for KeyAdminApi {
                 region: req.region,
                 role_arn: req.role_arn,
                 service_account: req.service_account,
+                replica_regions: req.replica_regions,
                 make_primary: req.make_primary,
             })
             .await?;

@@ -384,6 +384,7 @@ impl KeyProvider for LocalKeyring {
         Ok(KeyDescription {
             state: ProviderKeyState::Enabled,
             current_version: self.newest_version().to_string(),
+            ..KeyDescription::default()
         })
     }
 }

@@ -3,6 +3,7 @@
 //! Each provider classifies its own failures into [`ProviderError`] at this
 //! boundary, so the API layer maps one small taxonomy to gRPC codes.
 
+pub mod aws;
 pub mod local;
 
 use std::fmt;
@@ -83,19 +84,26 @@ pub struct Ciphertext {
 }
 
 /// Provider-side state of a key, from a describe call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ProviderKeyState {
+    #[default]
     Enabled,
     Disabled,
     PendingDeletion,
     Destroyed,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct KeyDescription {
     pub state: ProviderKeyState,
     /// The version new wraps use, where the provider exposes one.
     pub current_version: String,
+    /// AWS: `CUSTOMER` or `AWS`.
+    pub key_manager: Option<String>,
+    /// AWS: a multi-Region key.
+    pub multi_region: Option<bool>,
+    /// Automatic rotation, where the provider says (and lets us ask).
+    pub rotation_enabled: Option<bool>,
 }
 
 /// The failure taxonomy every provider maps its errors into. Messages are
@@ -125,6 +133,22 @@ pub enum ProviderError {
     Internal(String),
 }
 
+impl ProviderError {
+    /// The same failure, its message prefixed with where it happened.
+    pub fn within(self, place: &str) -> Self {
+        let wrap = |m: String| format!("{place}: {m}");
+        match self {
+            Self::AccessDenied(m) => Self::AccessDenied(wrap(m)),
+            Self::KeyDisabled(m) => Self::KeyDisabled(wrap(m)),
+            Self::NotFound(m) => Self::NotFound(wrap(m)),
+            Self::InvalidCiphertext(m) => Self::InvalidCiphertext(wrap(m)),
+            Self::Throttled(m) => Self::Throttled(wrap(m)),
+            Self::Unavailable(m) => Self::Unavailable(wrap(m)),
+            Self::Internal(m) => Self::Internal(wrap(m)),
+        }
+    }
+}
+
 /// One key store. Implementations are cheap to share (`Arc<dyn KeyProvider>`)
 /// and safe to call concurrently.
 #[async_trait]
@@ -138,6 +162,20 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError>;
+
+    /// A fresh random DEK of `len` bytes and its ciphertext. Providers with a
+    /// native call (KMS GenerateDataKey) override this.
+    async fn generate_data_key(
+        &self,
+        key: &str,
+        len: usize,
+        wrap: WrapContext<'_>,
+    ) -> Result<(SecretBytes, Ciphertext), ProviderError> {
+        let plaintext = SecretBytes::random(len)
+            .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
+        let ciphertext = self.encrypt(key, &plaintext, wrap).await?;
+        Ok((plaintext, ciphertext))
+    }
 
     /// Decrypts a ciphertext this provider produced for `key`.
     async fn decrypt(
@@ -154,6 +192,11 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// The version new wraps use, when known without a provider call. Drives
     /// `rewrap_recommended` on the hot path; `None` where versions are hidden.
     fn current_version(&self, _key: &str) -> Option<String> {
+        None
+    }
+
+    /// This provider as an AWS KMS key, for KMS-side rewraps (ReEncrypt).
+    fn aws_key(&self) -> Option<&aws::AwsKmsKey> {
         None
     }
 }

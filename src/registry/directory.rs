@@ -18,6 +18,7 @@ use crate::broker::{
     Binding, BindingState, BindingUsage, BrokerError, KeyDirectory, TenantKeys, UsageCounts,
 };
 use crate::envelope::{Context, Envelope};
+use crate::kms::aws::{AwsKeyTarget, AwsKms};
 use crate::kms::local::LocalKeyring;
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
@@ -30,6 +31,8 @@ pub struct RegistryDirectory {
     platform: Arc<Binding>,
     /// Decrypts imported key material stored in the registry.
     platform_keyring: Arc<LocalKeyring>,
+    /// Shared AWS sessions and clients for `aws-kms` bindings.
+    aws: Arc<AwsKms>,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
     /// database read; the TTL bounds staleness across replicas.
     tenants: Cache<String, Arc<TenantKeys>>,
@@ -44,12 +47,14 @@ impl RegistryDirectory {
         registry: Arc<dyn Registry>,
         platform: Arc<Binding>,
         platform_keyring: Arc<LocalKeyring>,
+        aws: Arc<AwsKms>,
         cache_ttl: Duration,
     ) -> Self {
         Self {
             registry,
             platform,
             platform_keyring,
+            aws,
             tenants: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(cache_ttl)
@@ -64,6 +69,10 @@ impl RegistryDirectory {
 
     pub fn platform_keyring(&self) -> &Arc<LocalKeyring> {
         &self.platform_keyring
+    }
+
+    pub fn aws(&self) -> &Arc<AwsKms> {
+        &self.aws
     }
 
     /// Forgets a tenant's cached view; the next request reloads it.
@@ -163,7 +172,7 @@ impl RegistryDirectory {
         for record in &records {
             let binding = Arc::new(Binding {
                 name: record.name.as_str().into(),
-                provider: self.provider_for(record).await?,
+                provider: self.provider_for(record, &tenant.external_id).await?,
                 key_reference: record.key_reference.clone(),
                 state: record.state,
                 state_reason: record.state_reason.clone(),
@@ -198,6 +207,7 @@ impl RegistryDirectory {
     async fn provider_for(
         &self,
         record: &BindingRecord,
+        external_id: &str,
     ) -> Result<Arc<dyn KeyProvider>, BrokerError> {
         match record.provider {
             ProviderKind::Local => {
@@ -218,6 +228,7 @@ impl RegistryDirectory {
                     .map_err(|e| BrokerError::Internal(e.to_string()))?;
                 Ok(Arc::new(keyring))
             }
+            ProviderKind::AwsKms => Ok(Arc::new(self.aws.key(aws_target(record, external_id)))),
             other => Err(BrokerError::Internal(format!(
                 "key '{}' of tenant '{}' uses provider {other}, which this build does not serve",
                 record.name, record.tenant_id
@@ -236,6 +247,18 @@ impl KeyDirectory for RegistryDirectory {
             .try_get_with_by_ref(tenant_id, self.load(tenant_id))
             .await
             .map_err(|shared| (*shared).clone())
+    }
+}
+
+/// What an `aws-kms` binding needs to reach its key.
+pub fn aws_target(record: &BindingRecord, external_id: &str) -> AwsKeyTarget {
+    AwsKeyTarget {
+        tenant_id: record.tenant_id.clone(),
+        key_arn: record.key_reference.clone(),
+        region: record.region.clone(),
+        role_arn: record.role_arn.clone(),
+        external_id: external_id.to_owned(),
+        replica_regions: record.replica_regions.clone(),
     }
 }
 

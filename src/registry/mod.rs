@@ -63,6 +63,8 @@ pub struct BindingRecord {
     pub region: String,
     pub role_arn: String,
     pub service_account: String,
+    /// AWS multi-Region key replicas, tried when the key's region fails.
+    pub replica_regions: Vec<String>,
     /// Imported key material, encrypted under the platform key.
     pub key_material: Option<Vec<u8>>,
     pub state: BindingState,
@@ -92,6 +94,33 @@ impl fmt::Debug for BindingRecord {
     }
 }
 
+impl BindingRecord {
+    /// What a new binding will look like once stored (for verification
+    /// before the insert).
+    pub fn from_new(new: &NewBinding) -> Self {
+        Self {
+            tenant_id: new.tenant_id.clone(),
+            name: new.name.clone(),
+            description: new.description.clone(),
+            provider: new.provider,
+            key_reference: new.key_reference.clone(),
+            region: new.region.clone(),
+            role_arn: new.role_arn.clone(),
+            service_account: new.service_account.clone(),
+            replica_regions: new.replica_regions.clone(),
+            key_material: new.key_material.clone(),
+            state: BindingState::Active,
+            state_reason: String::new(),
+            primary: new.make_primary,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            last_used_at_ms: None,
+            wrap_count: 0,
+            unwrap_count: 0,
+        }
+    }
+}
+
 /// A binding to insert.
 #[derive(Clone)]
 pub struct NewBinding {
@@ -103,6 +132,7 @@ pub struct NewBinding {
     pub region: String,
     pub role_arn: String,
     pub service_account: String,
+    pub replica_regions: Vec<String>,
     pub key_material: Option<Vec<u8>>,
     /// Make it primary; the first binding of a tenant (or the first while
     /// none is primary) becomes primary regardless.

@@ -20,7 +20,7 @@ static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
 const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
-     role_arn, service_account, key_material, state, state_reason, is_primary, created_at, \
+     role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
      updated_at, last_used_at, wrap_count, unwrap_count";
 
 #[derive(Debug, Clone)]
@@ -201,6 +201,11 @@ fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
         region: get_s("region")?,
         role_arn: get_s("role_arn")?,
         service_account: get_s("service_account")?,
+        replica_regions: get_s("replica_regions")?
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect(),
         key_material: row
             .try_get::<Option<Vec<u8>>, _>("key_material")
             .map_err(db)?,
@@ -339,8 +344,8 @@ impl Registry for SqlRegistry {
         sqlx::query(
             "INSERT INTO key_bindings (tenant_id, name, description, provider, key_reference, \
              region, role_arn, service_account, key_material, state, state_reason, is_primary, \
-             created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11)",
+             created_at, updated_at, replica_regions) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12)",
         )
         .bind(&b.tenant_id)
         .bind(&b.name)
@@ -353,6 +358,7 @@ impl Registry for SqlRegistry {
         .bind(b.key_material.clone())
         .bind(i64::from(primary))
         .bind(now_ms)
+        .bind(b.replica_regions.join(","))
         .execute(&mut *tx)
         .await
         .map_err(db)?;

@@ -583,6 +583,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             role_arn: role.into(),
             service_account: String::new(),
             make_primary: false,
+            replica_regions: Vec::new(),
         };
     let good_role = "arn:aws:iam::111122223333:role/keybroker";
     let good_arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -619,6 +620,25 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             good_role,
         ),
         link(proto::Provider::Local, "x", "", ""),
+        // Replicas: by key ARN (aliases are per region), in other regions.
+        proto::LinkKeyRequest {
+            replica_regions: vec!["us-west-2".into()],
+            ..link(
+                proto::Provider::AwsKms,
+                "arn:aws:kms:us-east-1:111122223333:alias/prod",
+                "us-east-1",
+                good_role,
+            )
+        },
+        proto::LinkKeyRequest {
+            replica_regions: vec!["us-east-1".into()],
+            ..link(
+                proto::Provider::AwsKms,
+                "arn:aws:kms:us-east-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890ab",
+                "us-east-1",
+                good_role,
+            )
+        },
     ] {
         let err = admin.link_key(req.clone()).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err:?}");

@@ -39,7 +39,8 @@ pub struct TestServer {
 impl TestServer {
     /// The embedded default on `config`.
     pub async fn start(config: Config) -> Self {
-        Self::serve(Server::build(config).await.unwrap()).await
+        let aws = crate::aws_support::test_sdk_config(&config.aws.region);
+        Self::serve(Server::build_with(config, Some(aws)).await.unwrap()).await
     }
 
     /// Every tenant on the platform key, served by `provider`.

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin;
+mod aws;
+mod aws_support;
 mod common;
 mod data_plane;
 mod grpcurl;

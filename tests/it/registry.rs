@@ -30,6 +30,7 @@ fn binding(tenant_id: &str, name: &str, make_primary: bool) -> NewBinding {
         region: String::new(),
         role_arn: String::new(),
         service_account: String::new(),
+        replica_regions: vec!["eu-west-1".into(), "us-west-2".into()],
         key_material: Some(vec![1, 2, 3]),
         make_primary,
     }
@@ -70,6 +71,7 @@ async fn suite(registry: &dyn Registry) {
     assert!(k1.primary);
     assert_eq!(k1.state, BindingState::Active);
     assert_eq!(k1.key_material.as_deref(), Some(&[1u8, 2, 3][..]));
+    assert_eq!(k1.replica_regions, vec!["eu-west-1", "us-west-2"]);
     let k2 = registry
         .insert_binding(&binding("acme", "k2", false), 3_000)
         .await
