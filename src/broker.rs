@@ -404,6 +404,25 @@ impl Broker {
         }
 
         let (envelope, binding) = resolve_wrapped(&keys, tenant_id, wrapped)?;
+        let key = self
+            .load(cache_key, binding, &envelope, tenant_id, context)
+            .await?;
+        Ok(Unwrapped {
+            rewrap_recommended: rewrap_recommended(&keys, &key),
+            key,
+        })
+    }
+
+    /// The plaintext of a resolved wrapped key: from the cache, or one
+    /// provider call shared by every concurrent caller of the same key.
+    async fn load(
+        &self,
+        cache_key: CacheKey,
+        binding: &Binding,
+        envelope: &Envelope,
+        tenant_id: &str,
+        context: &Context,
+    ) -> Result<Arc<CachedKey>, BrokerError> {
         let load = async {
             self.calls.decrypt.fetch_add(1, Ordering::Relaxed);
             let plaintext = binding
@@ -429,10 +448,7 @@ impl Broker {
             .await
             .map_err(|shared| (*shared).clone())?;
         binding.usage.record(&binding.usage.unwraps);
-        Ok(Unwrapped {
-            rewrap_recommended: rewrap_recommended(&keys, &key),
-            key,
-        })
+        Ok(key)
     }
 
     /// Moves a wrapped key to the tenant's current primary key with the same
@@ -465,20 +481,21 @@ impl Broker {
                 });
             }
         }
-        let unwrapped = self.unwrap(tenant_id, context, wrapped).await?;
-        let previous_key = KeyInfo {
-            key_binding: Arc::clone(&unwrapped.key.key_binding),
-            provider: unwrapped.key.provider,
-            key_version: unwrapped.key.key_version.to_string(),
-        };
-        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let cache_key = CacheKey::new(
+            tenant_id,
+            envelope::wrapped_key_digest(wrapped),
+            context.digest(),
+        );
+        let plain = self
+            .load(cache_key, source, &envelope, tenant_id, context)
+            .await?;
         let wrapped = self
-            .wrap_with(&keys.primary, tenant_id, context, &unwrapped.key.plaintext)
+            .wrap_with(target, tenant_id, context, &plain.plaintext)
             .await?;
         Ok(Rewrapped {
             wrapped_key: wrapped.wrapped_key,
             key: wrapped.key,
-            previous_key,
+            previous_key: source.info(envelope.provider_key_version),
         })
     }
 
