@@ -1,7 +1,7 @@
 //! The control plane, independent of gRPC: tenants, linking and importing
 //! customer keys, primary selection, disable/enable, unlink. Validates input,
 //! applies it to the registry, and keeps the data plane's view current
-//! (directory invalidation, DEK cache purges).
+//! (through `RegistryDirectory::changed`: view invalidation, DEK purges).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::json;
 
 use crate::broker::{BindingState, PLATFORM_BINDING, UsageCounts};
-use crate::cache::DekCache;
 use crate::envelope;
 use crate::kms::ProviderKind;
 use crate::registry::directory::{RegistryDirectory, seal_material};
@@ -94,19 +93,13 @@ pub struct LinkRequest {
 #[derive(Debug)]
 pub struct Admin {
     directory: Arc<RegistryDirectory>,
-    cache: DekCache,
     settings: AdminSettings,
 }
 
 impl Admin {
-    pub fn new(
-        directory: Arc<RegistryDirectory>,
-        cache: DekCache,
-        settings: AdminSettings,
-    ) -> Self {
+    pub fn new(directory: Arc<RegistryDirectory>, settings: AdminSettings) -> Self {
         Self {
             directory,
-            cache,
             settings,
         }
     }
@@ -130,7 +123,7 @@ impl Admin {
             updated_at_ms: now,
         };
         self.registry().create_tenant(&tenant).await?;
-        self.directory.invalidate(tenant_id).await;
+        self.directory.changed(tenant_id, None).await;
         Ok(tenant)
     }
 
@@ -154,7 +147,7 @@ impl Admin {
             .registry()
             .set_key_policy(tenant_id, policy, now_ms())
             .await?;
-        self.directory.invalidate(tenant_id).await;
+        self.directory.changed(tenant_id, None).await;
         Ok(tenant)
     }
 
@@ -269,7 +262,7 @@ impl Admin {
             }
         }
         let stored = self.registry().insert_binding(&record, now_ms()).await?;
-        self.directory.invalidate(&req.tenant_id).await;
+        self.directory.changed(&req.tenant_id, None).await;
         Ok(self.view(stored))
     }
 
@@ -316,7 +309,7 @@ impl Admin {
                 now_ms(),
             )
             .await?;
-        self.directory.invalidate(&req.tenant_id).await;
+        self.directory.changed(&req.tenant_id, None).await;
         Ok(self.view(record))
     }
 
@@ -350,7 +343,7 @@ impl Admin {
             .registry()
             .set_primary(tenant_id, name, now_ms())
             .await?;
-        self.directory.invalidate(tenant_id).await;
+        self.directory.changed(tenant_id, None).await;
         Ok(self.view(record))
     }
 
@@ -371,8 +364,7 @@ impl Admin {
             .registry()
             .set_state(tenant_id, name, BindingState::Disabled, reason, now_ms())
             .await?;
-        self.directory.invalidate(tenant_id).await;
-        self.cache.purge_binding(tenant_id, name);
+        self.directory.changed(tenant_id, Some(name)).await;
         Ok(self.view(record))
     }
 
@@ -382,7 +374,7 @@ impl Admin {
             .registry()
             .set_state(tenant_id, name, BindingState::Active, "", now_ms())
             .await?;
-        self.directory.invalidate(tenant_id).await;
+        self.directory.changed(tenant_id, None).await;
         Ok(self.view(record))
     }
 
@@ -407,9 +399,8 @@ impl Admin {
                 },
             )
             .await?;
-        self.directory.invalidate(tenant_id).await;
+        self.directory.changed(tenant_id, Some(name)).await;
         self.directory.forget_usage(tenant_id, name);
-        self.cache.purge_binding(tenant_id, name);
         Ok(())
     }
 

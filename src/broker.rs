@@ -48,6 +48,8 @@ pub struct BindingUsage {
     wraps: AtomicU64,
     unwraps: AtomicU64,
     last_used_ms: AtomicI64,
+    /// Last key-state check by the watcher (not usage: never flushed).
+    pub last_checked_ms: AtomicI64,
 }
 
 /// A snapshot of [`BindingUsage`].
@@ -158,6 +160,11 @@ impl TenantKeys {
 #[async_trait]
 pub trait KeyDirectory: Send + Sync + fmt::Debug {
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError>;
+
+    /// A live request saw `error` from a binding's provider. A directory that
+    /// tracks key state revokes the binding at once on a definitive error
+    /// (access denied, key disabled or gone), as the watcher would.
+    async fn report_failure(&self, _tenant_id: &str, _binding: &str, _error: &ProviderError) {}
 }
 
 /// Every tenant uses the platform key (tests, and tenants the registry does
@@ -261,6 +268,8 @@ pub struct BindingStatus {
     pub state_reason: String,
     pub primary: bool,
     pub current_key_version: String,
+    /// Last key-state check by the watcher; `None` if never checked.
+    pub last_checked_ms: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -318,7 +327,7 @@ impl Broker {
         binding.ensure_usable(tenant_id)?;
         binding.usage.record(&binding.usage.wraps);
         self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
-        let (plaintext, ciphertext) = binding
+        let result = binding
             .provider
             .generate_data_key(
                 &binding.key_reference,
@@ -326,7 +335,8 @@ impl Broker {
                 WrapContext { tenant_id, context },
             )
             .await
-            .map_err(|source| provider_error(binding, source))?;
+            .map_err(|source| provider_error(binding, source));
+        let (plaintext, ciphertext) = self.reported(tenant_id, binding, result).await?;
         let wrapped = seal(binding, tenant_id, ciphertext);
         Ok(Generated {
             plaintext,
@@ -363,7 +373,7 @@ impl Broker {
         binding.ensure_usable(tenant_id)?;
         binding.usage.record(&binding.usage.wraps);
         self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
-        let ciphertext = binding
+        let result = binding
             .provider
             .encrypt(
                 &binding.key_reference,
@@ -371,7 +381,8 @@ impl Broker {
                 WrapContext { tenant_id, context },
             )
             .await
-            .map_err(|source| provider_error(binding, source))?;
+            .map_err(|source| provider_error(binding, source));
+        let ciphertext = self.reported(tenant_id, binding, result).await?;
         Ok(seal(binding, tenant_id, ciphertext))
     }
 
@@ -442,11 +453,12 @@ impl Broker {
                 key_version: envelope.provider_key_version.as_str().into(),
             }))
         };
-        let key = self
+        let result = self
             .cache
             .get_or_load(cache_key, load)
             .await
-            .map_err(|shared| (*shared).clone())?;
+            .map_err(|shared| (*shared).clone());
+        let key = self.reported(tenant_id, binding, result).await?;
         binding.usage.record(&binding.usage.unwraps);
         Ok(key)
     }
@@ -470,7 +482,10 @@ impl Broker {
             let wrap = WrapContext { tenant_id, context };
             if let Some(result) = dst.reencrypt_from(src, &envelope.ciphertext, wrap).await {
                 self.calls.reencrypt.fetch_add(1, Ordering::Relaxed);
-                let ciphertext = result.map_err(|e| provider_error(target, e))?;
+                // ReEncrypt needs both keys; a failure is reported against
+                // the target, the binding the call was signed for.
+                let result = result.map_err(|e| provider_error(target, e));
+                let ciphertext = self.reported(tenant_id, target, result).await?;
                 source.usage.record(&source.usage.unwraps);
                 target.usage.record(&target.usage.wraps);
                 let wrapped = seal(target, tenant_id, ciphertext);
@@ -499,6 +514,22 @@ impl Broker {
         })
     }
 
+    /// Passes a provider failure to the directory (which may revoke the
+    /// binding) before returning it.
+    async fn reported<T>(
+        &self,
+        tenant_id: &str,
+        binding: &Binding,
+        result: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        if let Err(BrokerError::Provider { source, .. }) = &result {
+            self.directory
+                .report_failure(tenant_id, &binding.name, source)
+                .await;
+        }
+        result
+    }
+
     pub async fn describe(&self, tenant_id: &str) -> Result<Description, BrokerError> {
         envelope::validate_tenant_id(tenant_id)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
@@ -510,6 +541,8 @@ impl Broker {
             state_reason: b.state_reason.clone(),
             primary: Arc::ptr_eq(b, &keys.primary),
             current_key_version: current_version(b),
+            last_checked_ms: Some(b.usage.last_checked_ms.load(Ordering::Relaxed))
+                .filter(|ms| *ms > 0),
         };
         let mut bindings: Vec<BindingStatus> = keys.bindings.iter().map(status).collect();
         if keys.uses_platform_key() {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::cache::CacheSettings;
 use crate::kms::aws::AwsSettings;
+use crate::watcher::WatcherSettings;
 
 /// Largest gRPC message the server decodes. Every legitimate request is far
 /// smaller; this bounds what a caller can make the server buffer.
@@ -87,6 +88,13 @@ pub struct ServeArgs {
     /// The platform's GCP service account customers grant on their keys.
     #[arg(long, env = "KEYBROKER_GCP_SERVICE_ACCOUNT")]
     pub gcp_service_account: Option<String>,
+    /// How often every customer key's state is checked with its provider:
+    /// the revocation bound is about this plus one describe call [default: 30s].
+    #[arg(long, env = "KEYBROKER_WATCHER_INTERVAL", value_parser = humantime::parse_duration)]
+    pub watcher_interval: Option<Duration>,
+    /// Key-state checks in flight at once [default: 16].
+    #[arg(long, env = "KEYBROKER_WATCHER_CONCURRENCY")]
+    pub watcher_concurrency: Option<usize>,
     /// Region of the platform's own STS calls [default: us-east-1].
     #[arg(long, env = "KEYBROKER_AWS_REGION")]
     pub aws_region: Option<String>,
@@ -140,6 +148,8 @@ struct FileConfig {
     unlink_guard_window: Option<String>,
     aws_platform_principal: Option<String>,
     gcp_service_account: Option<String>,
+    watcher_interval: Option<String>,
+    watcher_concurrency: Option<usize>,
     aws_region: Option<String>,
     aws_kms_endpoint: Option<String>,
     #[serde(default)]
@@ -181,6 +191,7 @@ pub struct Config {
     pub unlink_guard_window: Duration,
     pub aws_platform_principal: Option<String>,
     pub gcp_service_account: Option<String>,
+    pub watcher: WatcherSettings,
     pub aws: AwsSettings,
 }
 
@@ -202,6 +213,7 @@ impl std::fmt::Debug for Config {
             .field("unlink_guard_window", &self.unlink_guard_window)
             .field("aws_platform_principal", &self.aws_platform_principal)
             .field("gcp_service_account", &self.gcp_service_account)
+            .field("watcher", &self.watcher)
             .field("aws", &self.aws)
             .finish()
     }
@@ -247,6 +259,10 @@ impl Default for Config {
             unlink_guard_window: Duration::from_secs(24 * 3600),
             aws_platform_principal: None,
             gcp_service_account: None,
+            watcher: WatcherSettings {
+                interval: Duration::from_secs(30),
+                concurrency: 16,
+            },
             aws: AwsSettings::default(),
         }
     }
@@ -342,6 +358,18 @@ impl Config {
                 .gcp_service_account
                 .clone()
                 .or(file.gcp_service_account.clone()),
+            watcher: WatcherSettings {
+                interval: duration(
+                    "watcher_interval",
+                    args.watcher_interval,
+                    &file.watcher_interval,
+                    d.watcher.interval,
+                )?,
+                concurrency: args
+                    .watcher_concurrency
+                    .or(file.watcher_concurrency)
+                    .unwrap_or(d.watcher.concurrency),
+            },
             aws: AwsSettings {
                 region: args
                     .aws_region
@@ -431,6 +459,12 @@ impl Config {
             return invalid(
                 "registry_cache_ttl/usage_flush_interval",
                 "must be longer than zero",
+            );
+        }
+        if self.watcher.interval.is_zero() || self.watcher.concurrency == 0 {
+            return invalid(
+                "watcher_interval/watcher_concurrency",
+                "must be longer than zero / at least 1",
             );
         }
         let session = self.aws.session_duration.as_secs();

@@ -12,6 +12,7 @@ pub mod kms;
 pub mod registry;
 pub mod secret;
 pub mod server;
+pub mod watcher;
 
 /// Generated from `proto/keybroker/v1/*.proto`.
 #[allow(

@@ -22,6 +22,7 @@ use crate::proto::key_admin_server::KeyAdminServer;
 use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::sql::SqlRegistry;
+use crate::watcher::Watcher;
 
 /// A built, not yet serving, keybroker.
 #[derive(Debug)]
@@ -30,6 +31,7 @@ pub struct Server {
     broker: Arc<Broker>,
     /// The control plane; absent when tests inject their own key directory.
     admin: Option<Arc<Admin>>,
+    watcher: Option<Arc<Watcher>>,
     /// Background tasks that live as long as the server (keyring reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -64,6 +66,7 @@ impl Server {
             None => SqlRegistry::open_sqlite(&config.data_dir.join("registry.db")).await,
         }
         .with_context(|| "opening the key registry")?;
+        let cache = DekCache::new(config.cache);
         let aws = Arc::new(match aws_base {
             Some(base) => AwsKms::new(base, config.aws.clone()),
             None => AwsKms::from_env(config.aws.clone()).await,
@@ -73,33 +76,46 @@ impl Server {
             platform,
             keyring,
             aws,
+            cache.clone(),
             config.registry_cache_ttl,
         ));
         let flusher = directory.spawn_usage_flusher(config.usage_flush_interval);
-        let mut server = Self::with_directory(config, Arc::clone(&directory) as _);
+        let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
+        let watching = watcher.spawn();
+        let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache);
+        server.watcher = Some(watcher);
         server.admin = Some(Arc::new(Admin::new(
             directory,
-            server.broker.cache().clone(),
             AdminSettings {
                 aws_platform_principal: server.config.aws_platform_principal.clone(),
                 gcp_service_account: server.config.gcp_service_account.clone(),
                 unlink_guard_window: server.config.unlink_guard_window,
             },
         )));
-        server.tasks.extend([reloader, flusher]);
+        server.tasks.extend([reloader, flusher, watching]);
         Ok(server)
     }
 
     /// A server whose tenants' keys come from `directory` (tests inject
     /// instrumented providers here).
     pub fn with_directory(config: Config, directory: Arc<dyn KeyDirectory>) -> Self {
-        let broker = Arc::new(Broker::new(directory, DekCache::new(config.cache)));
+        let cache = DekCache::new(config.cache);
+        Self::assemble(config, directory, cache)
+    }
+
+    fn assemble(config: Config, directory: Arc<dyn KeyDirectory>, cache: DekCache) -> Self {
         Self {
+            broker: Arc::new(Broker::new(directory, cache)),
             config,
-            broker,
             admin: None,
+            watcher: None,
             tasks: Vec::new(),
         }
+    }
+
+    /// The key-state watcher (absent when tests inject their own directory).
+    pub fn watcher(&self) -> Option<&Arc<Watcher>> {
+        self.watcher.as_ref()
     }
 
     pub fn broker(&self) -> &Arc<Broker> {

@@ -38,7 +38,7 @@ impl KeyAdminApi {
     }
 }
 
-fn timestamp(ms: i64) -> prost_types::Timestamp {
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),

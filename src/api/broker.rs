@@ -144,6 +144,7 @@ impl KeyBroker for KeyBrokerApi {
                     state_reason: b.state_reason,
                     primary: b.primary,
                     current_key_version: b.current_key_version,
+                    last_check_time: b.last_checked_ms.map(crate::api::admin::timestamp),
                 })
                 .collect(),
         }))

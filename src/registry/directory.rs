@@ -17,7 +17,9 @@ use super::{BindingRecord, KeyPolicy, Registry, UsageDelta};
 use crate::broker::{
     Binding, BindingState, BindingUsage, BrokerError, KeyDirectory, TenantKeys, UsageCounts,
 };
+use crate::cache::DekCache;
 use crate::envelope::{Context, Envelope};
+use crate::kms::ProviderError;
 use crate::kms::aws::{AwsKeyTarget, AwsKms};
 use crate::kms::local::LocalKeyring;
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
@@ -33,6 +35,8 @@ pub struct RegistryDirectory {
     platform_keyring: Arc<LocalKeyring>,
     /// Shared AWS sessions and clients for `aws-kms` bindings.
     aws: Arc<AwsKms>,
+    /// The data plane's DEK cache, purged here when a binding changes.
+    cache: DekCache,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
     /// database read; the TTL bounds staleness across replicas.
     tenants: Cache<String, Arc<TenantKeys>>,
@@ -48,6 +52,7 @@ impl RegistryDirectory {
         platform: Arc<Binding>,
         platform_keyring: Arc<LocalKeyring>,
         aws: Arc<AwsKms>,
+        cache: DekCache,
         cache_ttl: Duration,
     ) -> Self {
         Self {
@@ -55,6 +60,7 @@ impl RegistryDirectory {
             platform,
             platform_keyring,
             aws,
+            cache,
             tenants: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(cache_ttl)
@@ -75,9 +81,68 @@ impl RegistryDirectory {
         &self.aws
     }
 
-    /// Forgets a tenant's cached view; the next request reloads it.
-    pub async fn invalidate(&self, tenant_id: &str) {
+    /// A tenant's keys changed (`binding` names the one, if one): forget the
+    /// cached view so the next request reloads it, and drop the DEKs that
+    /// binding unwrapped. Every state change goes through here.
+    pub async fn changed(&self, tenant_id: &str, binding: Option<&str>) {
         self.tenants.invalidate(tenant_id).await;
+        if let Some(name) = binding {
+            self.cache.purge_binding(tenant_id, name);
+        }
+    }
+
+    /// Sets a binding's provider-side state (revoked by the customer, or
+    /// usable again) and applies it at once. Never touches a binding an
+    /// operator disabled.
+    pub async fn set_key_state(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        state: BindingState,
+        reason: &str,
+    ) -> Result<bool, super::RegistryError> {
+        let Some(current) = self.registry.binding(tenant_id, name).await? else {
+            return Ok(false);
+        };
+        if current.state == BindingState::Disabled
+            || (current.state == state && current.state_reason == reason)
+        {
+            return Ok(false);
+        }
+        self.registry
+            .set_state(tenant_id, name, state, reason, super::now_ms())
+            .await?;
+        self.changed(tenant_id, Some(name)).await;
+        match state {
+            BindingState::Revoked => {
+                tracing::warn!(
+                    tenant = tenant_id,
+                    binding = name,
+                    reason,
+                    "key binding revoked"
+                )
+            }
+            _ => {
+                tracing::info!(tenant = tenant_id, binding = name, state = %state, "key binding state changed")
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records a watcher check of a binding (for DescribeKey).
+    pub fn record_check(&self, tenant_id: &str, name: &str) {
+        self.usage_for(tenant_id, name)
+            .last_checked_ms
+            .store(super::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The provider of a stored binding (the watcher describes through it).
+    pub async fn provider(
+        &self,
+        record: &BindingRecord,
+        external_id: &str,
+    ) -> Result<Arc<dyn KeyProvider>, BrokerError> {
+        self.provider_for(record, external_id).await
     }
 
     fn usage_for(&self, tenant_id: &str, name: &str) -> Arc<BindingUsage> {
@@ -237,8 +302,34 @@ impl RegistryDirectory {
     }
 }
 
+/// Whether a provider error means the customer made the key unusable (as
+/// opposed to an outage, which never revokes).
+pub fn revokes(error: &ProviderError) -> bool {
+    matches!(
+        error,
+        ProviderError::AccessDenied(_) | ProviderError::KeyDisabled(_) | ProviderError::NotFound(_)
+    )
+}
+
 #[async_trait]
 impl KeyDirectory for RegistryDirectory {
+    async fn report_failure(&self, tenant_id: &str, binding: &str, error: &ProviderError) {
+        if !revokes(error) {
+            return;
+        }
+        if let Err(err) = self
+            .set_key_state(
+                tenant_id,
+                binding,
+                BindingState::Revoked,
+                &error.to_string(),
+            )
+            .await
+        {
+            tracing::error!(error = %err, tenant = tenant_id, binding, "could not record a revocation");
+        }
+    }
+
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
         if let Some(keys) = self.tenants.get(tenant_id).await {
             return Ok(keys);

@@ -235,6 +235,9 @@ pub trait Registry: Send + Sync + fmt::Debug {
         guard: UnlinkGuard,
     ) -> Result<(), RegistryError>;
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError>;
+    /// Every ACTIVE or REVOKED binding with its tenant's external ID: what
+    /// the revocation watcher checks.
+    async fn bindings_to_watch(&self) -> Result<Vec<(BindingRecord, String)>, RegistryError>;
 }
 
 pub fn now_ms() -> i64 {

@@ -470,6 +470,28 @@ impl Registry for SqlRegistry {
         tx.commit().await.map_err(db)
     }
 
+    async fn bindings_to_watch(&self) -> Result<Vec<(BindingRecord, String)>, RegistryError> {
+        let columns: Vec<String> = BINDING_COLUMNS
+            .split(", ")
+            .map(|c| format!("b.{}", c.trim()))
+            .collect();
+        let rows = sqlx::query(&format!(
+            "SELECT {}, t.external_id AS tenant_external_id FROM key_bindings b \
+             JOIN tenants t ON t.id = b.tenant_id \
+             WHERE b.state IN ('ACTIVE', 'REVOKED') ORDER BY b.tenant_id, b.name",
+            columns.join(", ")
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let external_id: String = row.try_get("tenant_external_id").map_err(db)?;
+                Ok((binding_from_row(row)?, external_id))
+            })
+            .collect()
+    }
+
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError> {
         if deltas.is_empty() {
             return Ok(());

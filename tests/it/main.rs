@@ -10,3 +10,4 @@ mod data_plane;
 mod grpcurl;
 mod process;
 mod registry;
+mod revocation;

@@ -1,0 +1,168 @@
+//! Key-state revalidation (DESIGN.md section 5). Every interval, each ACTIVE
+//! or REVOKED binding is described through its provider (for AWS: through
+//! the customer's role). A key the customer disabled, scheduled for deletion,
+//! destroyed, or stopped sharing becomes REVOKED at once: its DEKs leave the
+//! cache and unwraps fail FAILED_PRECONDITION with the reason. A key usable
+//! again becomes ACTIVE on the next check. An outage (throttling, timeouts,
+//! 5xx) changes nothing: cached DEKs keep being served until their TTL.
+//!
+//! The bound "revoked → no plaintext served" is the interval (plus up to 10%
+//! jitter) plus one describe call; live requests that see a definitive error
+//! revoke sooner (`KeyDirectory::report_failure`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::broker::BindingState;
+use crate::kms::{ProviderError, ProviderKeyState};
+use crate::registry::BindingRecord;
+use crate::registry::directory::{RegistryDirectory, revokes};
+
+#[derive(Debug, Clone, Copy)]
+pub struct WatcherSettings {
+    pub interval: Duration,
+    /// Describe calls in flight at once, so thousands of bindings never
+    /// burst a KMS quota.
+    pub concurrency: usize,
+}
+
+/// What one pass found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassSummary {
+    pub checked: usize,
+    pub revoked: usize,
+    pub restored: usize,
+    /// Checks that failed transiently (no state change).
+    pub outages: usize,
+}
+
+#[derive(Debug)]
+pub struct Watcher {
+    directory: Arc<RegistryDirectory>,
+    settings: WatcherSettings,
+}
+
+enum Outcome {
+    Usable,
+    Revoked(String),
+    Outage,
+}
+
+impl Watcher {
+    pub fn new(directory: Arc<RegistryDirectory>, settings: WatcherSettings) -> Self {
+        Self {
+            directory,
+            settings,
+        }
+    }
+
+    /// Checks every watched binding once.
+    pub async fn pass(&self) -> PassSummary {
+        let bindings = match self.directory.registry().bindings_to_watch().await {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::warn!(error = %err, "watcher could not list key bindings; will retry");
+                return PassSummary::default();
+            }
+        };
+        let outcomes: Vec<(BindingRecord, Outcome)> = futures::stream::iter(bindings)
+            .map(|(record, external_id)| async move {
+                let outcome = self.check(&record, &external_id).await;
+                (record, outcome)
+            })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
+        let mut summary = PassSummary::default();
+        for (record, outcome) in outcomes {
+            summary.checked += 1;
+            let (state, reason) = match outcome {
+                Outcome::Usable => (BindingState::Active, String::new()),
+                Outcome::Revoked(reason) => (BindingState::Revoked, reason),
+                Outcome::Outage => {
+                    summary.outages += 1;
+                    continue;
+                }
+            };
+            match self
+                .directory
+                .set_key_state(&record.tenant_id, &record.name, state, &reason)
+                .await
+            {
+                Ok(true) if state == BindingState::Revoked => summary.revoked += 1,
+                Ok(true) => summary.restored += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "could not record key state");
+                }
+            }
+        }
+        summary
+    }
+
+    async fn check(&self, record: &BindingRecord, external_id: &str) -> Outcome {
+        let provider = match self.directory.provider(record, external_id).await {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "cannot build the provider of a binding");
+                return Outcome::Outage;
+            }
+        };
+        // A describe is not usage: nothing is recorded against the binding.
+        let result = provider.describe(&record.key_reference).await;
+        self.directory.record_check(&record.tenant_id, &record.name);
+        match result {
+            Ok(d) => match d.state {
+                ProviderKeyState::Enabled => Outcome::Usable,
+                ProviderKeyState::Disabled => Outcome::Revoked(format!(
+                    "the customer disabled key {} in {}",
+                    record.key_reference, record.provider
+                )),
+                ProviderKeyState::PendingDeletion => Outcome::Revoked(format!(
+                    "the customer scheduled key {} for deletion",
+                    record.key_reference
+                )),
+                ProviderKeyState::Destroyed => {
+                    Outcome::Revoked(format!("key {} was destroyed", record.key_reference))
+                }
+            },
+            Err(err) if revokes(&err) => Outcome::Revoked(err.to_string()),
+            Err(err @ (ProviderError::Throttled(_) | ProviderError::Unavailable(_))) => {
+                tracing::warn!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed transiently; state unchanged");
+                Outcome::Outage
+            }
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed; state unchanged");
+                Outcome::Outage
+            }
+        }
+    }
+
+    /// Runs a pass every interval (±10% jitter, so replicas do not check in
+    /// lockstep) until the watcher is dropped.
+    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let watcher = Arc::downgrade(self);
+        let interval = self.settings.interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(jittered(interval)).await;
+                let Some(watcher) = watcher.upgrade() else {
+                    return;
+                };
+                let summary = watcher.pass().await;
+                if summary.revoked + summary.restored + summary.outages > 0 {
+                    tracing::info!(?summary, "key-state watcher pass");
+                }
+            }
+        })
+    }
+}
+
+fn jittered(interval: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    // 90% .. 110% of the interval.
+    interval.mul_f64(0.9 + f64::from(byte[0]) / 255.0 * 0.2)
+}

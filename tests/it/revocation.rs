@@ -1,0 +1,281 @@
+//! Revocation: the customer disables or schedules deletion of their key in
+//! (moto's) KMS and keybroker stops serving plaintext within the bound;
+//! a definitive error on a live request revokes at once; an outage does not.
+
+use std::time::{Duration, Instant};
+
+use keybroker::proto::key_broker_client::KeyBrokerClient;
+use keybroker::proto::{self, key_admin_client::KeyAdminClient};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::aws_support::{Fault, FaultServer, Moto, ROLE_ARN};
+use crate::common::{TestServer, admin_client, test_config};
+
+const TENANT: &str = "acme";
+
+async fn onboard(admin: &mut KeyAdminClient<Channel>, key_arn: &str) {
+    admin
+        .create_tenant(proto::CreateTenantRequest {
+            tenant_id: TENANT.into(),
+            key_policy: 0,
+        })
+        .await
+        .unwrap();
+    admin
+        .link_key(proto::LinkKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk".into(),
+            description: String::new(),
+            provider: proto::Provider::AwsKms.into(),
+            key_reference: key_arn.into(),
+            region: "us-east-1".into(),
+            role_arn: ROLE_ARN.into(),
+            service_account: String::new(),
+            make_primary: false,
+            replica_regions: vec![],
+        })
+        .await
+        .unwrap();
+}
+
+async fn generate(broker: &mut KeyBrokerClient<Channel>) -> proto::GenerateDataKeyResponse {
+    broker
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            tenant_id: TENANT.into(),
+            context: Default::default(),
+            key_spec: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn unwrap(
+    broker: &mut KeyBrokerClient<Channel>,
+    wrapped: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    broker
+        .unwrap_key(proto::UnwrapKeyRequest {
+            tenant_id: TENANT.into(),
+            context: Default::default(),
+            wrapped_key: wrapped.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner().plaintext)
+}
+
+async fn key(admin: &mut KeyAdminClient<Channel>) -> proto::KeyBinding {
+    admin
+        .get_key(proto::GetKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+/// Polls until `done` holds for the unwrap result; returns the delay.
+async fn time_until(
+    broker: &mut KeyBrokerClient<Channel>,
+    wrapped: &[u8],
+    limit: Duration,
+    done: impl Fn(&Result<Vec<u8>, tonic::Status>) -> bool,
+) -> (Duration, Result<Vec<u8>, tonic::Status>) {
+    let start = Instant::now();
+    loop {
+        let result = unwrap(broker, wrapped).await;
+        if done(&result) {
+            return (start.elapsed(), result);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "not observed within {limit:?}: last {result:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn customer_revocation_is_enforced_within_the_bound() {
+    let moto = Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = moto.settings();
+    config.aws.max_attempts = 1;
+    config.watcher.interval = Duration::from_secs(1);
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    onboard(&mut admin, &key_arn).await;
+    let g = generate(&mut broker).await;
+    assert_eq!(
+        unwrap(&mut broker, &g.wrapped_key).await.unwrap(),
+        g.plaintext
+    );
+
+    // The watcher's own describe calls are not usage.
+    let before = key(&mut admin).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let after = key(&mut admin).await;
+    assert_eq!(
+        (before.wrap_count, before.unwrap_count, before.last_use_time),
+        (after.wrap_count, after.unwrap_count, after.last_use_time)
+    );
+
+    // The customer disables the key: the cached DEK stops being served.
+    let kms = moto.kms("us-east-1");
+    // moto's key-management calls take bare key ids (real KMS also takes ARNs).
+    let key_id = key_arn.rsplit('/').next().unwrap();
+    kms.disable_key().key_id(key_id).send().await.unwrap();
+    let (delay, result) = time_until(&mut broker, &g.wrapped_key, Duration::from_secs(5), |r| {
+        r.is_err()
+    })
+    .await;
+    println!("revocation (DisableKey) observed after {delay:?} with a 1 s watcher interval");
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("'cmk'") && err.message().contains("disabled"),
+        "{}",
+        err.message()
+    );
+    assert!(delay <= Duration::from_secs(2), "bound exceeded: {delay:?}");
+    let revoked = key(&mut admin).await;
+    assert_eq!(revoked.state(), proto::KeyState::Revoked);
+    assert!(
+        revoked.state_reason.contains("disabled"),
+        "{}",
+        revoked.state_reason
+    );
+    let described = broker
+        .describe_key(proto::DescribeKeyRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = described.bindings.iter().find(|b| b.name == "cmk").unwrap();
+    assert_eq!(status.state(), proto::KeyState::Revoked);
+    assert!(status.last_check_time.is_some());
+    // New wraps fail too: a revoked key is never bypassed.
+    let err = broker
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            tenant_id: TENANT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Re-enabled: healed on the next check.
+    kms.enable_key().key_id(key_id).send().await.unwrap();
+    let (delay, result) = time_until(&mut broker, &g.wrapped_key, Duration::from_secs(5), |r| {
+        r.is_ok()
+    })
+    .await;
+    println!("re-enable observed after {delay:?}");
+    assert_eq!(result.unwrap(), g.plaintext);
+    assert_eq!(key(&mut admin).await.state(), proto::KeyState::Active);
+
+    // Scheduled for deletion: revoked the same way.
+    kms.schedule_key_deletion()
+        .key_id(key_id)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let (delay, result) = time_until(&mut broker, &g.wrapped_key, Duration::from_secs(5), |r| {
+        r.is_err()
+    })
+    .await;
+    println!("revocation (ScheduleKeyDeletion) observed after {delay:?}");
+    assert!(delay <= Duration::from_secs(2), "bound exceeded: {delay:?}");
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("deletion"), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_definitive_error_on_a_live_request_revokes_at_once() {
+    let moto = Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = moto.settings();
+    config.watcher.interval = Duration::from_secs(3600);
+    let server = TestServer::start(config.clone()).await;
+    let mut admin = admin_client(&server).await;
+    onboard(&mut admin, &key_arn).await;
+    let g = generate(&mut server.client().await).await;
+    server.stop().await;
+
+    // Same registry, but KMS now answers DisabledException (real wire format).
+    let faults = FaultServer::start().await;
+    faults.set(
+        "trentservice.decrypt",
+        Fault::KmsError(400, "DisabledException"),
+    );
+    config.aws.kms_endpoint = Some(faults.url.clone());
+    config.aws.sts_endpoint = Some(faults.url.clone());
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let err = unwrap(&mut broker, &g.wrapped_key).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let k = key(&mut admin).await;
+    assert_eq!(
+        k.state(),
+        proto::KeyState::Revoked,
+        "revoked without waiting for the watcher"
+    );
+    assert!(k.state_reason.contains("disabled"), "{}", k.state_reason);
+    // Refused from the registry state now: no further KMS call.
+    let err = unwrap(&mut broker, &g.wrapped_key).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    assert_eq!(faults.count("trentservice.decrypt"), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_outage_is_not_a_revocation() {
+    let moto = Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = moto.settings();
+    config.aws.max_attempts = 1;
+    config.watcher.interval = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    onboard(&mut admin, &key_arn).await;
+    let warm = generate(&mut broker).await;
+    unwrap(&mut broker, &warm.wrapped_key).await.unwrap();
+    let cold = generate(&mut broker).await;
+
+    // KMS (and STS) become unreachable.
+    drop(moto);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        unwrap(&mut broker, &warm.wrapped_key).await.unwrap(),
+        warm.plaintext,
+        "warm keys keep being served"
+    );
+    let err = unwrap(&mut broker, &cold.wrapped_key).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let k = key(&mut admin).await;
+    assert_eq!(
+        k.state(),
+        proto::KeyState::Active,
+        "an outage must not revoke: {}",
+        k.state_reason
+    );
+    server.stop().await;
+}
