@@ -66,6 +66,7 @@ impl Server {
             None => SqlRegistry::open_sqlite(&config.data_dir.join("registry.db")).await,
         }
         .with_context(|| "opening the key registry")?;
+        let mut listener_task = None;
         let cache = DekCache::new(config.cache);
         let aws = Arc::new(match aws_base {
             Some(base) => AwsKms::new(base, config.aws.clone()),
@@ -80,6 +81,13 @@ impl Server {
             config.registry_cache_ttl,
         ));
         let flusher = directory.spawn_usage_flusher(config.usage_flush_interval);
+        if let Some(url) = config
+            .registry
+            .as_ref()
+            .filter(|u| u.starts_with("postgres"))
+        {
+            listener_task = Some(directory.spawn_change_listener(url.clone()));
+        }
         let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
         let watching = watcher.spawn();
         let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache);
@@ -93,6 +101,7 @@ impl Server {
             },
         )));
         server.tasks.extend([reloader, flusher, watching]);
+        server.tasks.extend(listener_task);
         Ok(server)
     }
 

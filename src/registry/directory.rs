@@ -85,10 +85,64 @@ impl RegistryDirectory {
     /// cached view so the next request reloads it, and drop the DEKs that
     /// binding unwrapped. Every state change goes through here.
     pub async fn changed(&self, tenant_id: &str, binding: Option<&str>) {
+        self.apply_change(tenant_id, binding).await;
+        if let Err(err) = self.registry.publish_change(tenant_id, binding).await {
+            // Other replicas still converge within registry_cache_ttl.
+            tracing::warn!(error = %err, tenant = tenant_id, "could not notify other replicas of a key change");
+        }
+    }
+
+    /// Applies a change in this process only (a change another replica
+    /// made, or one this process just wrote).
+    async fn apply_change(&self, tenant_id: &str, binding: Option<&str>) {
         self.tenants.invalidate(tenant_id).await;
         if let Some(name) = binding {
             self.cache.purge_binding(tenant_id, name);
         }
+    }
+
+    /// Follows other replicas' changes through PostgreSQL LISTEN until the
+    /// directory is dropped. After a lost connection (when notifications may
+    /// have been missed) every tenant view is dropped and reloaded on demand:
+    /// a full resync. Revoked bindings are then refused from registry state,
+    /// cached DEKs included, since every hit checks its binding.
+    pub fn spawn_change_listener(self: &Arc<Self>, url: String) -> tokio::task::JoinHandle<()> {
+        let directory = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut listener = loop {
+                match connect_listener(&url).await {
+                    Ok(l) => break l,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot LISTEN for key changes; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            loop {
+                let received = listener.try_recv().await;
+                let Some(directory) = directory.upgrade() else {
+                    return;
+                };
+                match received {
+                    Ok(Some(n)) => {
+                        let (tenant, binding) = super::decode_change(n.payload());
+                        directory.apply_change(tenant, binding).await;
+                    }
+                    Ok(None) => {
+                        tracing::warn!(
+                            "lost the key-change connection; resynchronising all tenants"
+                        );
+                        directory.tenants.invalidate_all();
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "key-change listener failed; resynchronising all tenants");
+                        directory.tenants.invalidate_all();
+                        drop(directory);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        })
     }
 
     /// Sets a binding's provider-side state (revoked by the customer, or
@@ -300,6 +354,12 @@ impl RegistryDirectory {
             ))),
         }
     }
+}
+
+async fn connect_listener(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.listen(super::CHANGE_CHANNEL).await?;
+    Ok(listener)
 }
 
 /// Whether a provider error means the customer made the key unusable (as

@@ -235,9 +235,36 @@ pub trait Registry: Send + Sync + fmt::Debug {
         guard: UnlinkGuard,
     ) -> Result<(), RegistryError>;
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError>;
+    /// Tells every other replica that a tenant's keys changed (PostgreSQL
+    /// NOTIFY). A registry only this process uses has nobody to tell.
+    async fn publish_change(
+        &self,
+        _tenant_id: &str,
+        _binding: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        Ok(())
+    }
     /// Every ACTIVE or REVOKED binding with its tenant's external ID: what
     /// the revocation watcher checks.
     async fn bindings_to_watch(&self) -> Result<Vec<(BindingRecord, String)>, RegistryError>;
+}
+
+/// PostgreSQL channel carrying key changes between replicas.
+pub const CHANGE_CHANNEL: &str = "keybroker_key_changes";
+
+/// `tenant` or `tenant\nbinding` (neither may contain a newline).
+pub fn encode_change(tenant_id: &str, binding: Option<&str>) -> String {
+    match binding {
+        Some(name) => format!("{tenant_id}\n{name}"),
+        None => tenant_id.to_owned(),
+    }
+}
+
+pub fn decode_change(payload: &str) -> (&str, Option<&str>) {
+    match payload.split_once('\n') {
+        Some((tenant, binding)) => (tenant, Some(binding)),
+        None => (payload, None),
+    }
 }
 
 pub fn now_ms() -> i64 {

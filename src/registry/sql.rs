@@ -26,6 +26,8 @@ const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_refer
 #[derive(Debug, Clone)]
 pub struct SqlRegistry {
     pool: AnyPool,
+    /// Shared by replicas: changes are broadcast with NOTIFY.
+    postgres: bool,
 }
 
 fn db(err: sqlx::Error) -> RegistryError {
@@ -70,7 +72,7 @@ impl SqlRegistry {
             .run(&pool)
             .await
             .map_err(|e| RegistryError::Database(format!("registry migration failed: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self { pool, postgres })
     }
 
     pub async fn close(&self) {
@@ -468,6 +470,23 @@ impl Registry for SqlRegistry {
             .await
             .map_err(db)?;
         tx.commit().await.map_err(db)
+    }
+
+    async fn publish_change(
+        &self,
+        tenant_id: &str,
+        binding: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        if !self.postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::CHANGE_CHANNEL)
+            .bind(super::encode_change(tenant_id, binding))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn bindings_to_watch(&self) -> Result<Vec<(BindingRecord, String)>, RegistryError> {

@@ -279,3 +279,112 @@ async fn an_outage_is_not_a_revocation() {
     );
     server.stop().await;
 }
+
+/// Two replicas on one PostgreSQL registry. B never checks keys itself and
+/// never re-reads the registry on its own (long cache TTL): whatever it
+/// learns comes through LISTEN/NOTIFY.
+#[tokio::test]
+async fn revocation_reaches_every_replica_through_postgres() {
+    use sqlx::Connection;
+    let moto = Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let url = crate::common::fresh_postgres_database().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let config = |dir: &std::path::Path, watch: Duration| {
+        let mut c = test_config(dir);
+        c.registry = Some(url.clone());
+        c.registry_cache_ttl = Duration::from_secs(3600);
+        c.aws = moto.settings();
+        c.aws.max_attempts = 1;
+        c.watcher.interval = watch;
+        c
+    };
+    let config_a = config(dirs[0].path(), Duration::from_millis(300));
+    let config_b = config(dirs[1].path(), Duration::from_secs(3600));
+    let a = TestServer::start(config_a.clone()).await;
+    // Replicas share the platform keyring (one Kubernetes Secret).
+    std::fs::copy(
+        config_a.platform_keyring_path(),
+        config_b.platform_keyring_path(),
+    )
+    .unwrap();
+    let b = TestServer::start(config_b).await;
+    let mut admin_a = admin_client(&a).await;
+    let mut broker_a = a.client().await;
+    let mut broker_b = b.client().await;
+    onboard(&mut admin_a, &key_arn).await;
+    let g = generate(&mut broker_a).await;
+    assert_eq!(
+        unwrap(&mut broker_b, &g.wrapped_key).await.unwrap(),
+        g.plaintext
+    );
+
+    // 1. An operator disables the key on A: B refuses its cached DEK.
+    admin_a
+        .disable_key(proto::DisableKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk".into(),
+            reason: "incident 42".into(),
+        })
+        .await
+        .unwrap();
+    let (delay, result) = time_until(&mut broker_b, &g.wrapped_key, Duration::from_secs(1), |r| {
+        r.is_err()
+    })
+    .await;
+    println!("operator disable on A enforced by B after {delay:?}");
+    assert!(result.unwrap_err().message().contains("incident 42"));
+    admin_a
+        .enable_key(proto::EnableKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk".into(),
+        })
+        .await
+        .unwrap();
+    let (_, healed) = time_until(&mut broker_b, &g.wrapped_key, Duration::from_secs(1), |r| {
+        r.is_ok()
+    })
+    .await;
+    assert_eq!(healed.unwrap(), g.plaintext);
+
+    // 2. The customer disables the key; A's watcher notices; B follows
+    // within 1 s of A's revocation.
+    let kms = moto.kms("us-east-1");
+    let key_id = key_arn.rsplit('/').next().unwrap();
+    kms.disable_key().key_id(key_id).send().await.unwrap();
+    let start = Instant::now();
+    while key(&mut admin_a).await.state() != proto::KeyState::Revoked {
+        assert!(start.elapsed() < Duration::from_secs(5), "A never revoked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (delay, _) = time_until(&mut broker_b, &g.wrapped_key, Duration::from_secs(1), |r| {
+        r.is_err()
+    })
+    .await;
+    println!("revocation by A's watcher enforced by B after {delay:?}");
+
+    // 3. Kill every LISTEN connection, then heal the key: B reconnects,
+    // resynchronises, and serves again.
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let killed = sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        killed.len() >= 2,
+        "expected both replicas' listeners, found {}",
+        killed.len()
+    );
+    kms.enable_key().key_id(key_id).send().await.unwrap();
+    let (delay, result) = time_until(&mut broker_b, &g.wrapped_key, Duration::from_secs(5), |r| {
+        r.is_ok()
+    })
+    .await;
+    println!("after killed LISTEN connections, B served again after {delay:?}");
+    assert_eq!(result.unwrap(), g.plaintext);
+    a.stop().await;
+    b.stop().await;
+}
