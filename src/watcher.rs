@@ -50,6 +50,13 @@ enum Outcome {
     Outage,
 }
 
+enum Applied {
+    Revoked,
+    Restored,
+    Outage,
+    Unchanged,
+}
+
 impl Watcher {
     pub fn new(directory: Arc<RegistryDirectory>, settings: WatcherSettings) -> Self {
         Self {
@@ -67,39 +74,46 @@ impl Watcher {
                 return PassSummary::default();
             }
         };
-        let outcomes: Vec<(BindingRecord, Outcome)> = futures::stream::iter(bindings)
+        // Each result is applied as soon as its check completes: a
+        // revocation never waits for the rest of the pass.
+        futures::stream::iter(bindings)
             .map(|(record, external_id)| async move {
                 let outcome = self.check(&record, &external_id).await;
-                (record, outcome)
+                self.apply(&record, outcome).await
             })
             .buffer_unordered(self.settings.concurrency.max(1))
-            .collect()
-            .await;
-        let mut summary = PassSummary::default();
-        for (record, outcome) in outcomes {
-            summary.checked += 1;
-            let (state, reason) = match outcome {
-                Outcome::Usable => (BindingState::Active, String::new()),
-                Outcome::Revoked(reason) => (BindingState::Revoked, reason),
-                Outcome::Outage => {
-                    summary.outages += 1;
-                    continue;
+            .fold(PassSummary::default(), |mut summary, result| async move {
+                summary.checked += 1;
+                match result {
+                    Applied::Revoked => summary.revoked += 1,
+                    Applied::Restored => summary.restored += 1,
+                    Applied::Outage => summary.outages += 1,
+                    Applied::Unchanged => {}
                 }
-            };
-            match self
-                .directory
-                .set_key_state(&record.tenant_id, &record.name, state, &reason)
-                .await
-            {
-                Ok(true) if state == BindingState::Revoked => summary.revoked += 1,
-                Ok(true) => summary.restored += 1,
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "could not record key state");
-                }
+                summary
+            })
+            .await
+    }
+
+    async fn apply(&self, record: &BindingRecord, outcome: Outcome) -> Applied {
+        let (state, reason) = match outcome {
+            Outcome::Usable => (BindingState::Active, String::new()),
+            Outcome::Revoked(reason) => (BindingState::Revoked, reason),
+            Outcome::Outage => return Applied::Outage,
+        };
+        match self
+            .directory
+            .set_key_state(&record.tenant_id, &record.name, state, &reason)
+            .await
+        {
+            Ok(true) if state == BindingState::Revoked => Applied::Revoked,
+            Ok(true) => Applied::Restored,
+            Ok(false) => Applied::Unchanged,
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "could not record key state");
+                Applied::Unchanged
             }
         }
-        summary
     }
 
     async fn check(&self, record: &BindingRecord, external_id: &str) -> Outcome {

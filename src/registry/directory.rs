@@ -40,6 +40,10 @@ pub struct RegistryDirectory {
     /// Tenant views. moka collapses concurrent loads of one tenant into one
     /// database read; the TTL bounds staleness across replicas.
     tenants: Cache<String, Arc<TenantKeys>>,
+    /// Bumped by every applied change. A tenant view loaded across a change
+    /// may predate it; moka does not cancel in-flight loads on invalidate, so
+    /// `tenant_keys` drops such a view right after loading it.
+    generation: std::sync::atomic::AtomicU64,
     /// Usage counters by (tenant, binding). They outlive the tenant views,
     /// which are rebuilt on every change. std Mutex: held for a map lookup,
     /// never across an await.
@@ -65,6 +69,7 @@ impl RegistryDirectory {
                 .max_capacity(100_000)
                 .time_to_live(cache_ttl)
                 .build(),
+            generation: std::sync::atomic::AtomicU64::new(0),
             usage: Mutex::new(HashMap::new()),
         }
     }
@@ -95,6 +100,8 @@ impl RegistryDirectory {
     /// Applies a change in this process only (a change another replica
     /// made, or one this process just wrote).
     async fn apply_change(&self, tenant_id: &str, binding: Option<&str>) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tenants.invalidate(tenant_id).await;
         if let Some(name) = binding {
             self.cache.purge_binding(tenant_id, name);
@@ -132,11 +139,11 @@ impl RegistryDirectory {
                         tracing::warn!(
                             "lost the key-change connection; resynchronising all tenants"
                         );
-                        directory.tenants.invalidate_all();
+                        directory.resync();
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "key-change listener failed; resynchronising all tenants");
-                        directory.tenants.invalidate_all();
+                        directory.resync();
                         drop(directory);
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -181,6 +188,13 @@ impl RegistryDirectory {
             }
         }
         Ok(true)
+    }
+
+    /// Drops every tenant view (changes may have been missed).
+    fn resync(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.tenants.invalidate_all();
     }
 
     /// Records a watcher check of a binding (for DescribeKey).
@@ -394,10 +408,17 @@ impl KeyDirectory for RegistryDirectory {
         if let Some(keys) = self.tenants.get(tenant_id).await {
             return Ok(keys);
         }
-        self.tenants
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        let keys = self
+            .tenants
             .try_get_with_by_ref(tenant_id, self.load(tenant_id))
             .await
-            .map_err(|shared| (*shared).clone())
+            .map_err(|shared| (*shared).clone())?;
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            // Loaded across a change: serve it to this request only.
+            self.tenants.invalidate(tenant_id).await;
+        }
+        Ok(keys)
     }
 }
 
