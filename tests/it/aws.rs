@@ -14,51 +14,14 @@ use std::time::Duration;
 use keybroker::envelope::Envelope;
 use keybroker::kms::ProviderKind;
 use keybroker::kms::aws::{AwsKeyTarget, AwsSettings};
-use keybroker::proto::{self, key_admin_client::KeyAdminClient};
+use keybroker::proto;
 use prost::Message;
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::aws_support::{Fault, FaultServer, Moto, ROLE_ARN, aws_with};
+use crate::aws_support::{
+    Fault, FaultServer, Moto, ROLE_ARN, TENANT, aws_with, create_tenant, link_request,
+};
 use crate::common::{TestServer, admin_client, ctx, test_config};
-
-const TENANT: &str = "acme";
-
-async fn create_tenant(admin: &mut KeyAdminClient<Channel>) -> String {
-    admin
-        .create_tenant(proto::CreateTenantRequest {
-            tenant_id: TENANT.into(),
-            key_policy: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap()
-        .onboarding
-        .unwrap()
-        .aws_external_id
-}
-
-fn link_request(
-    name: &str,
-    key_arn: &str,
-    replicas: &[&str],
-    primary: bool,
-) -> proto::LinkKeyRequest {
-    proto::LinkKeyRequest {
-        tenant_id: TENANT.into(),
-        name: name.into(),
-        description: "customer key".into(),
-        provider: proto::Provider::AwsKms.into(),
-        key_reference: key_arn.into(),
-        region: key_arn.split(':').nth(3).unwrap().into(),
-        role_arn: ROLE_ARN.into(),
-        service_account: String::new(),
-        make_primary: primary,
-        replica_regions: replicas.iter().map(|r| r.to_string()).collect(),
-    }
-}
 
 fn gen_req(context: &[(&str, &str)]) -> proto::GenerateDataKeyRequest {
     proto::GenerateDataKeyRequest {

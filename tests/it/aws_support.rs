@@ -9,12 +9,54 @@ use std::sync::{Arc, Mutex};
 
 use aws_config::BehaviorVersion;
 use keybroker::kms::aws::{AwsKms, AwsSettings};
+use keybroker::proto::{self, key_admin_client::KeyAdminClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
 
 use crate::common::repo_root;
 
 pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/customer-keybroker-access";
+
+pub const TENANT: &str = "acme";
+
+/// Creates the test tenant; returns its external ID.
+pub async fn create_tenant(admin: &mut KeyAdminClient<Channel>) -> String {
+    admin
+        .create_tenant(proto::CreateTenantRequest {
+            tenant_id: TENANT.into(),
+            key_policy: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap()
+        .onboarding
+        .unwrap()
+        .aws_external_id
+}
+
+/// LinkKey for an AWS key of the test tenant, trusted through ROLE_ARN.
+pub fn link_request(
+    name: &str,
+    key_arn: &str,
+    replicas: &[&str],
+    primary: bool,
+) -> proto::LinkKeyRequest {
+    proto::LinkKeyRequest {
+        tenant_id: TENANT.into(),
+        name: name.into(),
+        description: "customer key".into(),
+        provider: proto::Provider::AwsKms.into(),
+        key_reference: key_arn.into(),
+        region: key_arn.split(':').nth(3).unwrap().into(),
+        role_arn: ROLE_ARN.into(),
+        service_account: String::new(),
+        make_primary: primary,
+        replica_regions: replicas.iter().map(|r| r.to_string()).collect(),
+    }
+}
 
 /// Static test credentials for the platform identity.
 pub fn test_sdk_config(region: &str) -> aws_config::SdkConfig {

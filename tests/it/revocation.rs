@@ -9,32 +9,13 @@ use keybroker::proto::{self, key_admin_client::KeyAdminClient};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::aws_support::{Fault, FaultServer, Moto, ROLE_ARN};
+use crate::aws_support::{Fault, FaultServer, Moto, TENANT, create_tenant, link_request};
 use crate::common::{TestServer, admin_client, test_config};
 
-const TENANT: &str = "acme";
-
 async fn onboard(admin: &mut KeyAdminClient<Channel>, key_arn: &str) {
+    create_tenant(admin).await;
     admin
-        .create_tenant(proto::CreateTenantRequest {
-            tenant_id: TENANT.into(),
-            key_policy: 0,
-        })
-        .await
-        .unwrap();
-    admin
-        .link_key(proto::LinkKeyRequest {
-            tenant_id: TENANT.into(),
-            name: "cmk".into(),
-            description: String::new(),
-            provider: proto::Provider::AwsKms.into(),
-            key_reference: key_arn.into(),
-            region: "us-east-1".into(),
-            role_arn: ROLE_ARN.into(),
-            service_account: String::new(),
-            make_primary: false,
-            replica_regions: vec![],
-        })
+        .link_key(link_request("cmk", key_arn, &[], false))
         .await
         .unwrap();
 }
