@@ -129,10 +129,6 @@ impl Context {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// SHA-256 of the canonical encoding: part of the DEK cache key.
     pub fn digest(&self) -> [u8; 32] {
         let mut ctx = digest::Context::new(&digest::SHA256);
