@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use crate::cache::{CacheKey, CachedKey, DekCache};
 use crate::envelope::{self, Context, Envelope, EnvelopeError};
 use crate::kms::{KeyProvider, ProviderError, ProviderKind, WrapContext};
+use crate::quota::{ProviderQuota, QuotaExceeded, QuotaSettings};
 use crate::secret::SecretBytes;
 
 /// Name of the platform key's binding; reserved in every tenant.
@@ -220,6 +221,8 @@ pub enum BrokerError {
         source: ProviderError,
     },
     #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -296,15 +299,38 @@ pub struct Broker {
     directory: Arc<dyn KeyDirectory>,
     cache: DekCache,
     calls: Arc<ProviderCalls>,
+    /// Token buckets in front of every remote provider call.
+    quota: ProviderQuota,
 }
 
 impl Broker {
-    pub fn new(directory: Arc<dyn KeyDirectory>, cache: DekCache) -> Self {
+    pub fn new(directory: Arc<dyn KeyDirectory>, cache: DekCache, quota: QuotaSettings) -> Self {
         Self {
             directory,
             cache,
             calls: Arc::default(),
+            quota: ProviderQuota::new(quota),
         }
+    }
+
+    pub fn quota(&self) -> &ProviderQuota {
+        &self.quota
+    }
+
+    /// Admits one provider call for `tenant_id` (quota) and counts it.
+    /// The platform keyring is in-process: nothing to protect, no quota.
+    fn provider_call(
+        &self,
+        binding: &Binding,
+        tenant_id: &str,
+        counter: &AtomicU64,
+    ) -> Result<(), BrokerError> {
+        if binding.provider.kind() != ProviderKind::Local {
+            self.quota.acquire(tenant_id)?;
+        }
+        counter.fetch_add(1, Ordering::Relaxed);
+        crate::audit::note_provider_call();
+        Ok(())
     }
 
     pub fn cache(&self) -> &DekCache {
@@ -325,8 +351,8 @@ impl Broker {
         let keys = self.directory.tenant_keys(tenant_id).await?;
         let binding = &keys.primary;
         binding.ensure_usable(tenant_id)?;
+        self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
         binding.usage.record(&binding.usage.wraps);
-        self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
         let result = binding
             .provider
             .generate_data_key(
@@ -371,8 +397,8 @@ impl Broker {
         plaintext: &SecretBytes,
     ) -> Result<Wrapped, BrokerError> {
         binding.ensure_usable(tenant_id)?;
+        self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
         binding.usage.record(&binding.usage.wraps);
-        self.calls.encrypt.fetch_add(1, Ordering::Relaxed);
         let result = binding
             .provider
             .encrypt(
@@ -435,7 +461,7 @@ impl Broker {
         context: &Context,
     ) -> Result<Arc<CachedKey>, BrokerError> {
         let load = async {
-            self.calls.decrypt.fetch_add(1, Ordering::Relaxed);
+            self.provider_call(binding, tenant_id, &self.calls.decrypt)?;
             let plaintext = binding
                 .provider
                 .decrypt(
@@ -480,8 +506,10 @@ impl Broker {
         if let (Some(dst), Some(src)) = (target.provider.aws_key(), source.provider.aws_key()) {
             target.ensure_usable(tenant_id)?;
             let wrap = WrapContext { tenant_id, context };
+            if dst.same_session(src) {
+                self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
+            }
             if let Some(result) = dst.reencrypt_from(src, &envelope.ciphertext, wrap).await {
-                self.calls.reencrypt.fetch_add(1, Ordering::Relaxed);
                 // ReEncrypt needs both keys; a failure is reported against
                 // the target, the binding the call was signed for.
                 let result = result.map_err(|e| provider_error(target, e));

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::AuditSettings;
 use crate::cache::CacheSettings;
 use crate::kms::aws::AwsSettings;
+use crate::quota::{Limit, QuotaSettings};
+use crate::tls::TlsSettings;
 use crate::watcher::WatcherSettings;
 
 /// Largest gRPC message the server decodes. Every legitimate request is far
@@ -119,6 +122,60 @@ pub struct ServeArgs {
     /// Deadline of one AWS call, retries included [default: 8s].
     #[arg(long, env = "KEYBROKER_AWS_OPERATION_TIMEOUT", value_parser = humantime::parse_duration)]
     pub aws_operation_timeout: Option<Duration>,
+    /// Server certificate chain (PEM). With --tls-key and --tls-client-ca,
+    /// serves mTLS: every caller presents a certificate from that CA.
+    #[arg(long, env = "KEYBROKER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "KEYBROKER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that issue caller certificates.
+    #[arg(long, env = "KEYBROKER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// SPIFFE trust domain whose IDs are accepted, repeatable [default: any
+    /// the client CA issues for].
+    #[arg(
+        long = "tls-trust-domain",
+        env = "KEYBROKER_TLS_TRUST_DOMAINS",
+        value_delimiter = ','
+    )]
+    pub tls_trust_domains: Vec<String>,
+    /// Authorization policy file (TOML); required with TLS. Without it, a
+    /// plaintext loopback server allows every call.
+    #[arg(long, env = "KEYBROKER_AUTHZ_POLICY")]
+    pub authz_policy: Option<PathBuf>,
+    /// How often TLS files and the policy are checked for changes [default: 10s].
+    #[arg(long, env = "KEYBROKER_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
+    pub reload_interval: Option<Duration>,
+    /// Audit log: off, stdout, or a file path [default: off].
+    #[arg(long, env = "KEYBROKER_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+    /// Rotate the audit file past this size in bytes [default: 104857600].
+    #[arg(long, env = "KEYBROKER_AUDIT_MAX_BYTES")]
+    pub audit_max_bytes: Option<u64>,
+    /// Rotated audit files kept [default: 5].
+    #[arg(long, env = "KEYBROKER_AUDIT_MAX_FILES")]
+    pub audit_max_files: Option<u32>,
+    /// Refuse a call (UNAVAILABLE, no key returned) when its audit record
+    /// cannot be written.
+    #[arg(long, env = "KEYBROKER_AUDIT_FAIL_CLOSED", num_args = 0..=1, default_missing_value = "true")]
+    pub audit_fail_closed: Option<bool>,
+    /// KMS calls per second one tenant may cause; 0 = unlimited [default: 100].
+    #[arg(long, env = "KEYBROKER_QUOTA_TENANT_RATE")]
+    pub quota_tenant_rate: Option<u32>,
+    /// Burst of a tenant's KMS calls [default: 200].
+    #[arg(long, env = "KEYBROKER_QUOTA_TENANT_BURST")]
+    pub quota_tenant_burst: Option<u32>,
+    /// KMS calls per second of the whole server; 0 = unlimited [default: 2000].
+    #[arg(long, env = "KEYBROKER_QUOTA_GLOBAL_RATE")]
+    pub quota_global_rate: Option<u32>,
+    /// Burst of the server's KMS calls [default: 4000].
+    #[arg(long, env = "KEYBROKER_QUOTA_GLOBAL_BURST")]
+    pub quota_global_burst: Option<u32>,
+    /// Debugging only: leave core dumps and ptrace attach enabled (a core
+    /// file would contain unwrapped keys).
+    #[arg(long, env = "KEYBROKER_ALLOW_CORE_DUMPS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_core_dumps: Option<bool>,
 }
 
 fn parse_region_endpoint(text: &str) -> Result<(String, String), String> {
@@ -159,6 +216,22 @@ struct FileConfig {
     aws_max_attempts: Option<u32>,
     aws_attempt_timeout: Option<String>,
     aws_operation_timeout: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    tls_trust_domains: Vec<String>,
+    authz_policy: Option<PathBuf>,
+    reload_interval: Option<String>,
+    audit_log: Option<String>,
+    audit_max_bytes: Option<u64>,
+    audit_max_files: Option<u32>,
+    audit_fail_closed: Option<bool>,
+    quota_tenant_rate: Option<u32>,
+    quota_tenant_burst: Option<u32>,
+    quota_global_rate: Option<u32>,
+    quota_global_burst: Option<u32>,
+    allow_core_dumps: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +266,16 @@ pub struct Config {
     pub gcp_service_account: Option<String>,
     pub watcher: WatcherSettings,
     pub aws: AwsSettings,
+    /// mTLS on the listener; `None` is plaintext (loopback only, unless
+    /// `insecure_plaintext`).
+    pub tls: Option<TlsSettings>,
+    /// `None` allows every call: plaintext development servers only.
+    pub authz_policy: Option<PathBuf>,
+    /// How often TLS files and the policy are checked for changes.
+    pub reload_interval: Duration,
+    pub audit: AuditSettings,
+    pub quota: QuotaSettings,
+    pub allow_core_dumps: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -215,6 +298,12 @@ impl std::fmt::Debug for Config {
             .field("gcp_service_account", &self.gcp_service_account)
             .field("watcher", &self.watcher)
             .field("aws", &self.aws)
+            .field("tls", &self.tls)
+            .field("authz_policy", &self.authz_policy)
+            .field("reload_interval", &self.reload_interval)
+            .field("audit", &self.audit)
+            .field("quota", &self.quota)
+            .field("allow_core_dumps", &self.allow_core_dumps)
             .finish()
     }
 }
@@ -264,6 +353,12 @@ impl Default for Config {
                 concurrency: 16,
             },
             aws: AwsSettings::default(),
+            tls: None,
+            authz_policy: None,
+            reload_interval: Duration::from_secs(10),
+            audit: AuditSettings::default(),
+            quota: QuotaSettings::default(),
+            allow_core_dumps: false,
         }
     }
 }
@@ -414,6 +509,87 @@ impl Config {
                     d.aws.operation_timeout,
                 )?,
             },
+            reload_interval: duration(
+                "reload_interval",
+                args.reload_interval,
+                &file.reload_interval,
+                d.reload_interval,
+            )?,
+            tls: None,
+            authz_policy: args.authz_policy.clone().or(file.authz_policy.clone()),
+            audit: AuditSettings {
+                target: match args.audit_log.as_ref().or(file.audit_log.as_ref()) {
+                    Some(text) => text.parse().map_err(|reason| ConfigError::Invalid {
+                        setting: "audit_log",
+                        reason,
+                    })?,
+                    None => d.audit.target.clone(),
+                },
+                max_bytes: args
+                    .audit_max_bytes
+                    .or(file.audit_max_bytes)
+                    .unwrap_or(d.audit.max_bytes),
+                max_files: args
+                    .audit_max_files
+                    .or(file.audit_max_files)
+                    .unwrap_or(d.audit.max_files),
+                fail_closed: args
+                    .audit_fail_closed
+                    .or(file.audit_fail_closed)
+                    .unwrap_or(d.audit.fail_closed),
+            },
+            quota: QuotaSettings {
+                tenant: Limit {
+                    per_second: args
+                        .quota_tenant_rate
+                        .or(file.quota_tenant_rate)
+                        .unwrap_or(d.quota.tenant.per_second),
+                    burst: args
+                        .quota_tenant_burst
+                        .or(file.quota_tenant_burst)
+                        .unwrap_or(d.quota.tenant.burst),
+                },
+                global: Limit {
+                    per_second: args
+                        .quota_global_rate
+                        .or(file.quota_global_rate)
+                        .unwrap_or(d.quota.global.per_second),
+                    burst: args
+                        .quota_global_burst
+                        .or(file.quota_global_burst)
+                        .unwrap_or(d.quota.global.burst),
+                },
+            },
+            allow_core_dumps: args
+                .allow_core_dumps
+                .or(file.allow_core_dumps)
+                .unwrap_or(d.allow_core_dumps),
+        };
+        let tls_files = (
+            args.tls_cert.clone().or(file.tls_cert.clone()),
+            args.tls_key.clone().or(file.tls_key.clone()),
+            args.tls_client_ca.clone().or(file.tls_client_ca.clone()),
+        );
+        let mut config = config;
+        config.tls = match tls_files {
+            (Some(cert), Some(key), Some(client_ca)) => Some(TlsSettings {
+                cert,
+                key,
+                client_ca,
+                trust_domains: if args.tls_trust_domains.is_empty() {
+                    file.tls_trust_domains.clone()
+                } else {
+                    args.tls_trust_domains.clone()
+                },
+                reload_interval: config.reload_interval,
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    setting: "tls_cert/tls_key/tls_client_ca",
+                    reason: "give all three (mTLS) or none (plaintext on loopback)".into(),
+                });
+            }
         };
         config.validate()?;
         Ok(config)
@@ -426,7 +602,20 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        if !self.listen.ip().is_loopback() && !self.insecure_plaintext {
+        if self.tls.is_some() && self.authz_policy.is_none() {
+            return invalid(
+                "authz_policy",
+                "is required with TLS: without a policy every caller with a certificate \
+                 from the client CA could unwrap every tenant's keys",
+            );
+        }
+        if self.reload_interval.is_zero() {
+            return invalid("reload_interval", "must be longer than zero");
+        }
+        if self.audit.max_bytes < 4096 {
+            return invalid("audit_max_bytes", "must be at least 4096");
+        }
+        if !self.listen.ip().is_loopback() && !self.insecure_plaintext && self.tls.is_none() {
             return invalid(
                 "listen",
                 &format!(

@@ -3,15 +3,22 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
+pub mod authz;
 pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod hardening;
+pub mod incoming;
 pub mod kms;
+pub mod quota;
 pub mod registry;
+pub mod reload;
 pub mod secret;
 pub mod server;
+pub mod tls;
 pub mod watcher;
 
 /// Generated from `proto/keybroker/v1/*.proto`.

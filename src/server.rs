@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::admin::{Admin, AdminSettings};
 use crate::api::admin::KeyAdminApi;
+use crate::api::auth::AuthLayer;
 use crate::api::broker::KeyBrokerApi;
+use crate::audit::AuditLog;
+use crate::authz::{Policy, PolicySource};
 use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING};
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
@@ -22,6 +24,7 @@ use crate::proto::key_admin_server::KeyAdminServer;
 use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::sql::SqlRegistry;
+use crate::tls::TlsSource;
 use crate::watcher::Watcher;
 
 /// A built, not yet serving, keybroker.
@@ -29,6 +32,11 @@ use crate::watcher::Watcher;
 pub struct Server {
     config: Config,
     broker: Arc<Broker>,
+    /// Who may call what; re-read from its file when it changes.
+    policy: Arc<PolicySource>,
+    audit: Arc<AuditLog>,
+    /// The listener's certificate and client CA, when serving mTLS.
+    tls: Option<Arc<TlsSource>>,
     /// The control plane; absent when tests inject their own key directory.
     admin: Option<Arc<Admin>>,
     watcher: Option<Arc<Watcher>>,
@@ -90,7 +98,7 @@ impl Server {
         }
         let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
         let watching = watcher.spawn();
-        let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache);
+        let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache)?;
         server.watcher = Some(watcher);
         server.admin = Some(Arc::new(Admin::new(
             directory,
@@ -107,19 +115,60 @@ impl Server {
 
     /// A server whose tenants' keys come from `directory` (tests inject
     /// instrumented providers here).
-    pub fn with_directory(config: Config, directory: Arc<dyn KeyDirectory>) -> Self {
+    pub fn with_directory(
+        config: Config,
+        directory: Arc<dyn KeyDirectory>,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
         let cache = DekCache::new(config.cache);
         Self::assemble(config, directory, cache)
     }
 
-    fn assemble(config: Config, directory: Arc<dyn KeyDirectory>, cache: DekCache) -> Self {
-        Self {
-            broker: Arc::new(Broker::new(directory, cache)),
+    /// The data plane plus the security parts every server has: policy,
+    /// audit log, TLS material (each reloaded in the background).
+    fn assemble(
+        config: Config,
+        directory: Arc<dyn KeyDirectory>,
+        cache: DekCache,
+    ) -> anyhow::Result<Self> {
+        let mut tasks = Vec::new();
+        let policy = match &config.authz_policy {
+            Some(path) => {
+                let source = PolicySource::from_file(path).map_err(anyhow::Error::msg)?;
+                tasks.push(source.spawn_reloader(config.reload_interval));
+                source
+            }
+            None => {
+                tracing::warn!(
+                    "no authorization policy: every caller may call every method for every tenant (plaintext loopback development only)"
+                );
+                PolicySource::fixed(Policy::allow_all())
+            }
+        };
+        let tls = match &config.tls {
+            Some(settings) => {
+                let source = TlsSource::load(settings.clone())?;
+                tasks.push(source.spawn_reloader());
+                Some(source)
+            }
+            None => None,
+        };
+        let audit = Arc::new(AuditLog::open(&config.audit)?);
+        Ok(Self {
+            broker: Arc::new(Broker::new(directory, cache, config.quota)),
             config,
+            policy,
+            audit,
+            tls,
             admin: None,
             watcher: None,
-            tasks: Vec::new(),
-        }
+            tasks,
+        })
+    }
+
+    /// The audit log (tests count its records).
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// The key-state watcher (absent when tests inject their own directory).
@@ -145,7 +194,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() && !self.config.insecure_plaintext {
+        if !addr.ip().is_loopback() && !self.config.insecure_plaintext && self.tls.is_none() {
             anyhow::bail!("refusing plaintext gRPC on non-loopback address {addr}");
         }
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -161,10 +210,13 @@ impl Server {
         // grpcurl before 1.9 speaks only v1alpha.
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(Arc::clone(&self.broker)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(
+            Arc::clone(&self.broker),
+            Arc::clone(&self.audit),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin_service = self.admin.as_ref().map(|admin| {
-            KeyAdminServer::new(KeyAdminApi::new(Arc::clone(admin)))
+            KeyAdminServer::new(KeyAdminApi::new(Arc::clone(admin), Arc::clone(&self.audit)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
         });
         if admin_service.is_some() {
@@ -192,18 +244,30 @@ impl Server {
             draining_tx.notify_one();
         };
 
-        tracing::info!(%addr, "keybroker listening");
+        let trust_domains: Arc<[String]> = self
+            .config
+            .tls
+            .as_ref()
+            .map(|t| t.trust_domains.clone())
+            .unwrap_or_default()
+            .into();
+        let (incoming, accepting) =
+            crate::incoming::accept(listener, self.tls.clone(), trust_domains);
+        // Dropped on every return path: stops accepting.
+        let _accepting = AbortOnDrop(accepting);
+        tracing::info!(%addr, tls = self.tls.is_some(), "keybroker listening");
         let serve = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
+            .layer(AuthLayer::new(
+                Arc::clone(&self.policy),
+                Arc::clone(&self.audit),
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(broker_service)
             .add_optional_service(admin_service)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            );
+            .serve_with_incoming_shutdown(incoming, signal);
         // A client that ignores GOAWAY must not keep the process alive.
         let drain_deadline = async {
             draining.notified().await;
@@ -237,6 +301,16 @@ fn platform_binding(provider: Arc<LocalKeyring>, reference: &str) -> Binding {
         state: BindingState::Active,
         state_reason: String::new(),
         usage: Arc::default(),
+    }
+}
+
+/// Aborts a background task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::admin::{Admin, AdminError, KeyView, LinkRequest};
+use crate::api::call;
+use crate::audit::AuditLog;
 use crate::broker::BindingState;
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
@@ -13,11 +15,12 @@ use crate::registry::{KeyPolicy, Tenant};
 #[derive(Debug, Clone)]
 pub struct KeyAdminApi {
     admin: Arc<Admin>,
+    audit: Arc<AuditLog>,
 }
 
 impl KeyAdminApi {
-    pub fn new(admin: Arc<Admin>) -> Self {
-        Self { admin }
+    pub fn new(admin: Arc<Admin>, audit: Arc<AuditLog>) -> Self {
+        Self { admin, audit }
     }
 
     fn tenant(&self, tenant: &Tenant) -> proto::Tenant {
@@ -97,159 +100,180 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::CreateTenantRequest>,
     ) -> Result<Response<proto::CreateTenantResponse>, Status> {
-        let req = request.into_inner();
-        let policy = policy_from_proto(req.key_policy, false)?;
-        let tenant = self.admin.create_tenant(&req.tenant_id, policy).await?;
-        Ok(Response::new(proto::CreateTenantResponse {
-            tenant: Some(self.tenant(&tenant)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let policy = policy_from_proto(req.key_policy, false)?;
+            let tenant = self.admin.create_tenant(&req.tenant_id, policy).await?;
+            Ok(proto::CreateTenantResponse {
+                tenant: Some(self.tenant(&tenant)),
+            })
+        })
+        .await
     }
 
     async fn get_tenant(
         &self,
         request: Request<proto::GetTenantRequest>,
     ) -> Result<Response<proto::GetTenantResponse>, Status> {
-        let tenant = self.admin.tenant(&request.into_inner().tenant_id).await?;
-        Ok(Response::new(proto::GetTenantResponse {
-            tenant: Some(self.tenant(&tenant)),
-        }))
+        call::serve(&self.audit, request, |request| async move {
+            let tenant = self.admin.tenant(&request.tenant_id).await?;
+            Ok(proto::GetTenantResponse {
+                tenant: Some(self.tenant(&tenant)),
+            })
+        })
+        .await
     }
 
     async fn set_tenant_policy(
         &self,
         request: Request<proto::SetTenantPolicyRequest>,
     ) -> Result<Response<proto::SetTenantPolicyResponse>, Status> {
-        let req = request.into_inner();
-        let policy = policy_from_proto(req.key_policy, true)?
-            .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
-        let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
-        Ok(Response::new(proto::SetTenantPolicyResponse {
-            tenant: Some(self.tenant(&tenant)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let policy = policy_from_proto(req.key_policy, true)?
+                .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
+            let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
+            Ok(proto::SetTenantPolicyResponse {
+                tenant: Some(self.tenant(&tenant)),
+            })
+        })
+        .await
     }
 
     async fn link_key(
         &self,
         request: Request<proto::LinkKeyRequest>,
     ) -> Result<Response<proto::LinkKeyResponse>, Status> {
-        let req = request.into_inner();
-        let provider = proto::Provider::try_from(req.provider)
-            .ok()
-            .and_then(|p| ProviderKind::try_from(p).ok());
-        let view = self
-            .admin
-            .link_key(LinkRequest {
-                tenant_id: req.tenant_id,
-                name: req.name,
-                description: req.description,
-                provider,
-                key_reference: req.key_reference,
-                region: req.region,
-                role_arn: req.role_arn,
-                service_account: req.service_account,
-                replica_regions: req.replica_regions,
-                make_primary: req.make_primary,
+        call::serve(&self.audit, request, |req| async move {
+            let provider = proto::Provider::try_from(req.provider)
+                .ok()
+                .and_then(|p| ProviderKind::try_from(p).ok());
+            let view = self
+                .admin
+                .link_key(LinkRequest {
+                    tenant_id: req.tenant_id,
+                    name: req.name,
+                    description: req.description,
+                    provider,
+                    key_reference: req.key_reference,
+                    region: req.region,
+                    role_arn: req.role_arn,
+                    service_account: req.service_account,
+                    replica_regions: req.replica_regions,
+                    make_primary: req.make_primary,
+                })
+                .await?;
+            Ok(proto::LinkKeyResponse {
+                key: Some(key_to_proto(&view)),
             })
-            .await?;
-        Ok(Response::new(proto::LinkKeyResponse {
-            key: Some(key_to_proto(&view)),
-        }))
+        })
+        .await
     }
 
     async fn import_key_material(
         &self,
         request: Request<proto::ImportKeyMaterialRequest>,
     ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
-        let req = request.into_inner();
-        // Moved into a zeroizing string at once; the request is dropped here.
-        let material = zeroize::Zeroizing::new(req.key_material_base64);
-        let view = self
-            .admin
-            .import_key_material(
-                LinkRequest {
-                    tenant_id: req.tenant_id,
-                    name: req.name,
-                    description: req.description,
-                    provider: Some(ProviderKind::Local),
-                    make_primary: req.make_primary,
-                    ..LinkRequest::default()
-                },
-                &material,
-            )
-            .await?;
-        Ok(Response::new(proto::ImportKeyMaterialResponse {
-            key: Some(key_to_proto(&view)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            // Moved into a zeroizing string at once; the request is dropped here.
+            let material = zeroize::Zeroizing::new(req.key_material_base64);
+            let view = self
+                .admin
+                .import_key_material(
+                    LinkRequest {
+                        tenant_id: req.tenant_id,
+                        name: req.name,
+                        description: req.description,
+                        provider: Some(ProviderKind::Local),
+                        make_primary: req.make_primary,
+                        ..LinkRequest::default()
+                    },
+                    &material,
+                )
+                .await?;
+            Ok(proto::ImportKeyMaterialResponse {
+                key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
     }
 
     async fn list_keys(
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        let keys = self
-            .admin
-            .list_keys(&request.into_inner().tenant_id)
-            .await?;
-        Ok(Response::new(proto::ListKeysResponse {
-            keys: keys.iter().map(key_to_proto).collect(),
-        }))
+        call::serve(&self.audit, request, |request| async move {
+            let keys = self.admin.list_keys(&request.tenant_id).await?;
+            Ok(proto::ListKeysResponse {
+                keys: keys.iter().map(key_to_proto).collect(),
+            })
+        })
+        .await
     }
 
     async fn get_key(
         &self,
         request: Request<proto::GetKeyRequest>,
     ) -> Result<Response<proto::GetKeyResponse>, Status> {
-        let req = request.into_inner();
-        let view = self.admin.get_key(&req.tenant_id, &req.name).await?;
-        Ok(Response::new(proto::GetKeyResponse {
-            key: Some(key_to_proto(&view)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let view = self.admin.get_key(&req.tenant_id, &req.name).await?;
+            Ok(proto::GetKeyResponse {
+                key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
     }
 
     async fn set_primary_key(
         &self,
         request: Request<proto::SetPrimaryKeyRequest>,
     ) -> Result<Response<proto::SetPrimaryKeyResponse>, Status> {
-        let req = request.into_inner();
-        let view = self.admin.set_primary(&req.tenant_id, &req.name).await?;
-        Ok(Response::new(proto::SetPrimaryKeyResponse {
-            key: Some(key_to_proto(&view)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let view = self.admin.set_primary(&req.tenant_id, &req.name).await?;
+            Ok(proto::SetPrimaryKeyResponse {
+                key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
     }
 
     async fn disable_key(
         &self,
         request: Request<proto::DisableKeyRequest>,
     ) -> Result<Response<proto::DisableKeyResponse>, Status> {
-        let req = request.into_inner();
-        let view = self
-            .admin
-            .disable_key(&req.tenant_id, &req.name, &req.reason)
-            .await?;
-        Ok(Response::new(proto::DisableKeyResponse {
-            key: Some(key_to_proto(&view)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let view = self
+                .admin
+                .disable_key(&req.tenant_id, &req.name, &req.reason)
+                .await?;
+            Ok(proto::DisableKeyResponse {
+                key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
     }
 
     async fn enable_key(
         &self,
         request: Request<proto::EnableKeyRequest>,
     ) -> Result<Response<proto::EnableKeyResponse>, Status> {
-        let req = request.into_inner();
-        let view = self.admin.enable_key(&req.tenant_id, &req.name).await?;
-        Ok(Response::new(proto::EnableKeyResponse {
-            key: Some(key_to_proto(&view)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let view = self.admin.enable_key(&req.tenant_id, &req.name).await?;
+            Ok(proto::EnableKeyResponse {
+                key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
     }
 
     async fn unlink_key(
         &self,
         request: Request<proto::UnlinkKeyRequest>,
     ) -> Result<Response<proto::UnlinkKeyResponse>, Status> {
-        let req = request.into_inner();
-        self.admin
-            .unlink_key(&req.tenant_id, &req.name, req.force)
-            .await?;
-        Ok(Response::new(proto::UnlinkKeyResponse {}))
+        call::serve(&self.audit, request, |req| async move {
+            self.admin
+                .unlink_key(&req.tenant_id, &req.name, req.force)
+                .await?;
+            Ok(proto::UnlinkKeyResponse {})
+        })
+        .await
     }
 }

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::api::call;
+use crate::audit::AuditLog;
 use crate::broker::{BindingState, Broker, BrokerError, KeyInfo};
 use crate::envelope::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
@@ -12,11 +14,12 @@ use crate::secret::SecretBytes;
 #[derive(Debug, Clone)]
 pub struct KeyBrokerApi {
     broker: Arc<Broker>,
+    audit: Arc<AuditLog>,
 }
 
 impl KeyBrokerApi {
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    pub fn new(broker: Arc<Broker>, audit: Arc<AuditLog>) -> Self {
+        Self { broker, audit }
     }
 }
 
@@ -46,107 +49,117 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        let req = request.into_inner();
-        let len = match proto::KeySpec::try_from(req.key_spec) {
-            Ok(proto::KeySpec::Unspecified | proto::KeySpec::Aes256) => 32,
-            Ok(proto::KeySpec::Aes128) => 16,
-            Err(_) => {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "unknown key_spec {}; use KEY_SPEC_AES_256 or KEY_SPEC_AES_128",
-                    req.key_spec
-                ))
-                .into());
-            }
-        };
-        let generated = self
-            .broker
-            .generate(&req.tenant_id, &context(req.context)?, len)
-            .await?;
-        Ok(Response::new(proto::GenerateDataKeyResponse {
-            plaintext: generated.plaintext.expose().to_vec(),
-            wrapped_key: generated.wrapped_key,
-            key: Some(key_info(&generated.key)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let len = match proto::KeySpec::try_from(req.key_spec) {
+                Ok(proto::KeySpec::Unspecified | proto::KeySpec::Aes256) => 32,
+                Ok(proto::KeySpec::Aes128) => 16,
+                Err(_) => {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "unknown key_spec {}; use KEY_SPEC_AES_256 or KEY_SPEC_AES_128",
+                        req.key_spec
+                    ))
+                    .into());
+                }
+            };
+            let generated = self
+                .broker
+                .generate(&req.tenant_id, &context(req.context)?, len)
+                .await?;
+            Ok(proto::GenerateDataKeyResponse {
+                plaintext: generated.plaintext.expose().to_vec(),
+                wrapped_key: generated.wrapped_key,
+                key: Some(key_info(&generated.key)),
+            })
+        })
+        .await
     }
 
     async fn wrap_key(
         &self,
         request: Request<proto::WrapKeyRequest>,
     ) -> Result<Response<proto::WrapKeyResponse>, Status> {
-        let req = request.into_inner();
-        let context = context(req.context)?;
-        let plaintext = SecretBytes::new(req.plaintext);
-        let wrapped = self
-            .broker
-            .wrap(&req.tenant_id, &context, &plaintext)
-            .await?;
-        Ok(Response::new(proto::WrapKeyResponse {
-            wrapped_key: wrapped.wrapped_key,
-            key: Some(key_info(&wrapped.key)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let context = context(req.context)?;
+            let plaintext = SecretBytes::new(req.plaintext);
+            let wrapped = self
+                .broker
+                .wrap(&req.tenant_id, &context, &plaintext)
+                .await?;
+            Ok(proto::WrapKeyResponse {
+                wrapped_key: wrapped.wrapped_key,
+                key: Some(key_info(&wrapped.key)),
+            })
+        })
+        .await
     }
 
     async fn unwrap_key(
         &self,
         request: Request<proto::UnwrapKeyRequest>,
     ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
-        let req = request.into_inner();
-        let unwrapped = self
-            .broker
-            .unwrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
-            .await?;
-        let key = &unwrapped.key;
-        Ok(Response::new(proto::UnwrapKeyResponse {
-            plaintext: key.plaintext.expose().to_vec(),
-            key: Some(proto::KeyInfo {
-                key_binding: key.key_binding.to_string(),
-                provider: proto::Provider::from(key.provider).into(),
-                provider_key_version: key.key_version.to_string(),
-            }),
-            rewrap_recommended: unwrapped.rewrap_recommended,
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let unwrapped = self
+                .broker
+                .unwrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
+                .await?;
+            let key = &unwrapped.key;
+            Ok(proto::UnwrapKeyResponse {
+                plaintext: key.plaintext.expose().to_vec(),
+                key: Some(proto::KeyInfo {
+                    key_binding: key.key_binding.to_string(),
+                    provider: proto::Provider::from(key.provider).into(),
+                    provider_key_version: key.key_version.to_string(),
+                }),
+                rewrap_recommended: unwrapped.rewrap_recommended,
+            })
+        })
+        .await
     }
 
     async fn rewrap_key(
         &self,
         request: Request<proto::RewrapKeyRequest>,
     ) -> Result<Response<proto::RewrapKeyResponse>, Status> {
-        let req = request.into_inner();
-        let rewrapped = self
-            .broker
-            .rewrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
-            .await?;
-        Ok(Response::new(proto::RewrapKeyResponse {
-            wrapped_key: rewrapped.wrapped_key,
-            key: Some(key_info(&rewrapped.key)),
-            previous_key: Some(key_info(&rewrapped.previous_key)),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let rewrapped = self
+                .broker
+                .rewrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
+                .await?;
+            Ok(proto::RewrapKeyResponse {
+                wrapped_key: rewrapped.wrapped_key,
+                key: Some(key_info(&rewrapped.key)),
+                previous_key: Some(key_info(&rewrapped.previous_key)),
+            })
+        })
+        .await
     }
 
     async fn describe_key(
         &self,
         request: Request<proto::DescribeKeyRequest>,
     ) -> Result<Response<proto::DescribeKeyResponse>, Status> {
-        let req = request.into_inner();
-        let described = self.broker.describe(&req.tenant_id).await?;
-        Ok(Response::new(proto::DescribeKeyResponse {
-            tenant_id: described.tenant_id,
-            uses_platform_key: described.uses_platform_key,
-            primary: Some(key_info(&described.primary)),
-            bindings: described
-                .bindings
-                .into_iter()
-                .map(|b| proto::KeyBindingStatus {
-                    name: b.name.to_string(),
-                    provider: proto::Provider::from(b.provider).into(),
-                    key_reference: b.key_reference,
-                    state: key_state(b.state).into(),
-                    state_reason: b.state_reason,
-                    primary: b.primary,
-                    current_key_version: b.current_key_version,
-                    last_check_time: b.last_checked_ms.map(crate::api::admin::timestamp),
-                })
-                .collect(),
-        }))
+        call::serve(&self.audit, request, |req| async move {
+            let described = self.broker.describe(&req.tenant_id).await?;
+            Ok(proto::DescribeKeyResponse {
+                tenant_id: described.tenant_id,
+                uses_platform_key: described.uses_platform_key,
+                primary: Some(key_info(&described.primary)),
+                bindings: described
+                    .bindings
+                    .into_iter()
+                    .map(|b| proto::KeyBindingStatus {
+                        name: b.name.to_string(),
+                        provider: proto::Provider::from(b.provider).into(),
+                        key_reference: b.key_reference,
+                        state: key_state(b.state).into(),
+                        state_reason: b.state_reason,
+                        primary: b.primary,
+                        current_key_version: b.current_key_version,
+                        last_check_time: b.last_checked_ms.map(crate::api::admin::timestamp),
+                    })
+                    .collect(),
+            })
+        })
+        .await
     }
 }

@@ -2,5 +2,7 @@
 //! modules; errors become `tonic::Status` in exactly one place, [`status`].
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
+pub mod call;
 pub mod status;

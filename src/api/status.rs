@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::admin::AdminError;
+use crate::api::auth::AccessError;
 use crate::broker::BrokerError;
 use crate::envelope::EnvelopeError;
 use crate::kms::ProviderError;
@@ -29,7 +30,25 @@ impl From<BrokerError> for Status {
             }
             _ => {}
         }
+        if let BrokerError::Quota(quota) = &err {
+            let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+            details.set_retry_info(Some(quota.retry_after));
+            return Status::with_error_details(code, err.to_string(), details);
+        }
         status(code, reason, &err, metadata)
+    }
+}
+
+impl From<AccessError> for Status {
+    fn from(err: AccessError) -> Self {
+        let (code, reason) = match &err {
+            AccessError::MethodDenied { .. } | AccessError::TenantDenied { .. } => {
+                (Code::PermissionDenied, "CALLER_NOT_AUTHORIZED")
+            }
+            AccessError::AuditUnavailable(_) => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
+            AccessError::NoContext => (Code::Internal, "INTERNAL"),
+        };
+        status(code, reason, &err, HashMap::new())
     }
 }
 
@@ -104,6 +123,7 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
             ProviderError::Unavailable(_) => (Code::Unavailable, "PROVIDER_UNAVAILABLE"),
             ProviderError::Internal(_) => (Code::Internal, "INTERNAL"),
         },
+        BrokerError::Quota(_) => (Code::ResourceExhausted, "KMS_QUOTA_EXCEEDED"),
         BrokerError::Registry(e) => classify_registry(e),
         BrokerError::Internal(_) => (Code::Internal, "INTERNAL"),
     }

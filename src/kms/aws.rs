@@ -23,6 +23,7 @@ use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
 use aws_sdk_kms::config::IdentityCache;
 use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::operation::RequestId as _;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::KeyState;
 use aws_smithy_runtime_api::client::result::SdkError;
@@ -358,7 +359,7 @@ impl AwsKmsKey {
 
     /// Same customer role and region: ReEncrypt can move a key between them
     /// without the plaintext leaving KMS.
-    fn same_session(&self, other: &AwsKmsKey) -> bool {
+    pub fn same_session(&self, other: &AwsKmsKey) -> bool {
         Arc::ptr_eq(&self.session, &other.session) && self.target.region == other.target.region
     }
 
@@ -378,6 +379,7 @@ impl AwsKmsKey {
             .send()
             .await
             .map_err(|e| classify_kms(e, &self.target, region))?;
+        crate::audit::note_provider_request(out.request_id());
         let plaintext = out
             .plaintext
             .ok_or_else(|| ProviderError::Internal("KMS Decrypt returned no plaintext".into()))?;
@@ -429,6 +431,7 @@ impl AwsKmsKey {
                 .send()
                 .await
                 .map_err(|e| classify_kms(e, &self.target, region))?;
+            crate::audit::note_provider_request(out.request_id());
             let blob = out.ciphertext_blob.ok_or_else(|| {
                 ProviderError::Internal("KMS ReEncrypt returned no ciphertext".into())
             })?;
@@ -465,6 +468,7 @@ impl KeyProvider for AwsKmsKey {
             .send()
             .await
             .map_err(|e| classify_kms(e, &self.target, region))?;
+        crate::audit::note_provider_request(out.request_id());
         let blob = out
             .ciphertext_blob
             .ok_or_else(|| ProviderError::Internal("KMS Encrypt returned no ciphertext".into()))?;
@@ -491,6 +495,7 @@ impl KeyProvider for AwsKmsKey {
             .send()
             .await
             .map_err(|e| classify_kms(e, &self.target, region))?;
+        crate::audit::note_provider_request(out.request_id());
         let plaintext = out.plaintext.ok_or_else(|| {
             ProviderError::Internal("KMS GenerateDataKey returned no plaintext".into())
         })?;

@@ -127,22 +127,10 @@ fn aes_key(material: &[u8]) -> Option<LessSafeKey> {
         .map(LessSafeKey::new)
 }
 
-/// Identity of the file last loaded, to notice rotations cheaply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    modified: SystemTime,
-    len: u64,
-    inode: u64,
-}
+use crate::reload::Stamp as FileStamp;
 
 fn stamp(path: &Path) -> std::io::Result<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
-    Ok(FileStamp {
-        modified: meta.modified()?,
-        len: meta.len(),
-        inode: meta.ino(),
-    })
+    FileStamp::of(path)
 }
 
 /// A local keyring, usable as a [`KeyProvider`].

@@ -54,7 +54,7 @@ impl TestServer {
             usage: Arc::default(),
         };
         let directory = Arc::new(PlatformOnly::new(Arc::new(binding)));
-        Self::serve(Server::with_directory(config, directory)).await
+        Self::serve(Server::with_directory(config, directory).unwrap()).await
     }
 
     pub async fn serve(server: Server) -> Self {

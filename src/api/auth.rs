@@ -1,0 +1,192 @@
+//! The layer every RPC passes before any handler: who is calling (from the
+//! connection), may they call this method at all (the policy), and which
+//! request id the call is logged under. Denials are answered and audited
+//! here, before the request body is even decoded. The tenant part of the
+//! policy needs the decoded request: handlers check it first thing, through
+//! the [`CallContext`] this layer attaches (see `api::call`).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use tonic::Status;
+
+use crate::audit::{AuditLog, AuditRecord};
+use crate::authz::{Grant, PolicySource, UNAUTHENTICATED};
+use crate::incoming::PeerInfo;
+
+/// Methods served to anyone who can connect: probes carry no identity.
+const OPEN_PREFIXES: &[&str] = &["grpc.health.v1.Health/"];
+
+/// Request metadata naming the caller's request id (echoed in the response).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What the layer learned about a call, for its handler.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub identity: Arc<str>,
+    pub peer: Option<std::net::SocketAddr>,
+    pub method: Arc<str>,
+    pub request_id: Arc<str>,
+    pub grant: Grant,
+    pub started: Instant,
+}
+
+/// Shared by every connection's copy of the layer.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    policy: Arc<PolicySource>,
+    audit: Arc<AuditLog>,
+}
+
+impl AuthLayer {
+    pub fn new(policy: Arc<PolicySource>, audit: Arc<AuditLog>) -> Self {
+        Self { policy, audit }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+/// The caller's request id when it is short printable ASCII, else a new one.
+fn request_id<B>(request: &http::Request<B>) -> Arc<str> {
+    request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(
+            || {
+                let mut bytes = [0u8; 16];
+                // A failed RNG only costs uniqueness of a log field.
+                let _ = aws_lc_rs::rand::fill(&mut bytes);
+                hex::encode(bytes).into()
+            },
+            Arc::from,
+        )
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        if OPEN_PREFIXES.iter().any(|p| method.starts_with(p)) {
+            return Box::pin(inner.call(request));
+        }
+        let started = Instant::now();
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let identity: Arc<str> = peer
+            .as_ref()
+            .and_then(|p| p.identity.clone())
+            .unwrap_or_else(|| UNAUTHENTICATED.into());
+        let request_id = request_id(&request);
+        let echo = http::HeaderValue::from_str(&request_id).ok();
+        let remote = peer.and_then(|p| p.remote_addr);
+        let Some(grant) = self.layer.policy.current().grant(&identity, &method) else {
+            let status = Status::from(AccessError::MethodDenied {
+                identity: identity.to_string(),
+                method: method.clone(),
+            });
+            let record = AuditRecord {
+                time: crate::audit::rfc3339_now(),
+                request_id: &request_id,
+                caller: &identity,
+                peer: remote.map(|a| a.to_string()),
+                method: &method,
+                tenant_id: None,
+                key_binding: None,
+                key_version: None,
+                wrapped_key_sha256: None,
+                outcome: crate::api::call::code_name(status.code()),
+                error: Some(status.message()),
+                latency_us: elapsed_us(started),
+                cache_hit: None,
+                provider_calls: 0,
+                provider_request_id: None,
+            };
+            if let Err(err) = self.layer.audit.write(&record) {
+                tracing::error!(error = %err, "audit record of a denied call not written");
+            }
+            tracing::info!(caller = %identity, %method, request_id = %request_id, "call denied by the authorization policy");
+            let mut response = status.into_http();
+            if let Some(echo) = echo {
+                response.headers_mut().insert(REQUEST_ID_HEADER, echo);
+            }
+            return Box::pin(async move { Ok(response) });
+        };
+        request.extensions_mut().insert(CallContext {
+            identity,
+            peer: remote,
+            method: method.into(),
+            request_id,
+            grant,
+            started,
+        });
+        Box::pin(async move {
+            let mut response = inner.call(request).await?;
+            if let Some(echo) = echo {
+                response.headers_mut().insert(REQUEST_ID_HEADER, echo);
+            }
+            Ok(response)
+        })
+    }
+}
+
+pub fn elapsed_us(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Why a caller was refused before its request reached the key code.
+/// Mapped to a status in `api::status` like every other error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AccessError {
+    #[error(
+        "caller '{identity}' is not allowed to call {method} (no rule of the authorization policy grants it)"
+    )]
+    MethodDenied { identity: String, method: String },
+    #[error("caller '{identity}' is not allowed to call {method} for tenant '{tenant_id}'")]
+    TenantDenied {
+        identity: String,
+        method: String,
+        tenant_id: String,
+    },
+    #[error(
+        "the audit log cannot be written and audit is fail-closed; no key is returned until it can ({0})"
+    )]
+    AuditUnavailable(String),
+    #[error("the request did not pass the authorization layer")]
+    NoContext,
+}

@@ -1,0 +1,188 @@
+//! Every handler runs through [`serve`]: the tenant check of the
+//! authorization policy, then the handler, then exactly one audit record,
+//! whatever the outcome. In fail-closed mode an unwritable record turns the
+//! answer into UNAVAILABLE, so no key leaves without a trace.
+
+use tonic::{Code, Request, Response, Status};
+
+use crate::api::auth::{AccessError, CallContext, elapsed_us};
+use crate::audit::{self, AuditLog, AuditRecord};
+use crate::proto;
+
+/// What a request says about its target, for the policy and the audit log.
+pub trait Scoped {
+    fn tenant_id(&self) -> &str;
+    /// The key binding an admin request names.
+    fn key_binding(&self) -> Option<&str> {
+        None
+    }
+    /// The wrapped key a data-plane request carries.
+    fn wrapped_key(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// What a response says about the key used.
+pub trait Audited {
+    /// (binding, provider key version).
+    fn key(&self) -> Option<(&str, &str)> {
+        None
+    }
+}
+
+macro_rules! scoped {
+    ($($t:ty),* $(,)?) => { $(impl Scoped for $t { fn tenant_id(&self) -> &str { &self.tenant_id } })* };
+}
+macro_rules! scoped_binding {
+    ($($t:ty),* $(,)?) => { $(impl Scoped for $t {
+        fn tenant_id(&self) -> &str { &self.tenant_id }
+        fn key_binding(&self) -> Option<&str> { Some(&self.name) }
+    })* };
+}
+macro_rules! scoped_wrapped {
+    ($($t:ty),* $(,)?) => { $(impl Scoped for $t {
+        fn tenant_id(&self) -> &str { &self.tenant_id }
+        fn wrapped_key(&self) -> Option<&[u8]> { Some(&self.wrapped_key) }
+    })* };
+}
+macro_rules! audited_key {
+    ($($t:ty),* $(,)?) => { $(impl Audited for $t {
+        fn key(&self) -> Option<(&str, &str)> {
+            self.key.as_ref().map(|k| (k.key_binding.as_str(), k.provider_key_version.as_str()))
+        }
+    })* };
+}
+macro_rules! audited {
+    ($($t:ty),* $(,)?) => { $(impl Audited for $t {})* };
+}
+
+scoped!(
+    proto::GenerateDataKeyRequest,
+    proto::WrapKeyRequest,
+    proto::DescribeKeyRequest,
+    proto::CreateTenantRequest,
+    proto::GetTenantRequest,
+    proto::SetTenantPolicyRequest,
+    proto::ListKeysRequest,
+);
+scoped_wrapped!(proto::UnwrapKeyRequest, proto::RewrapKeyRequest);
+scoped_binding!(
+    proto::LinkKeyRequest,
+    proto::ImportKeyMaterialRequest,
+    proto::GetKeyRequest,
+    proto::SetPrimaryKeyRequest,
+    proto::DisableKeyRequest,
+    proto::EnableKeyRequest,
+    proto::UnlinkKeyRequest,
+);
+audited_key!(
+    proto::GenerateDataKeyResponse,
+    proto::WrapKeyResponse,
+    proto::UnwrapKeyResponse,
+    proto::RewrapKeyResponse,
+);
+audited!(
+    proto::DescribeKeyResponse,
+    proto::CreateTenantResponse,
+    proto::GetTenantResponse,
+    proto::SetTenantPolicyResponse,
+    proto::LinkKeyResponse,
+    proto::ImportKeyMaterialResponse,
+    proto::ListKeysResponse,
+    proto::GetKeyResponse,
+    proto::SetPrimaryKeyResponse,
+    proto::DisableKeyResponse,
+    proto::EnableKeyResponse,
+    proto::UnlinkKeyResponse,
+);
+
+/// Authorizes the tenant, runs `handler`, writes the audit record.
+pub async fn serve<Req, Resp, Fut>(
+    audit: &AuditLog,
+    request: Request<Req>,
+    handler: impl FnOnce(Req) -> Fut,
+) -> Result<Response<Resp>, Status>
+where
+    Req: Scoped,
+    Resp: Audited,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    let Some(ctx) = request.extensions().get::<CallContext>().cloned() else {
+        // Only possible if the server were assembled without the layer.
+        return Err(AccessError::NoContext.into());
+    };
+    let req = request.into_inner();
+    let tenant_id = req.tenant_id().to_owned();
+    let requested_binding = req.key_binding().map(str::to_owned);
+    let wrapped_key_sha256 = req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
+        hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8])
+    });
+    let unwraps = ctx.method.ends_with("/UnwrapKey") || ctx.method.ends_with("/RewrapKey");
+
+    let (result, notes) = if ctx.grant.allows_tenant(&tenant_id) {
+        let (result, notes) = audit::with_notes(handler(req)).await;
+        (result, Some(notes))
+    } else {
+        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %tenant_id, request_id = %ctx.request_id, "call denied by the authorization policy");
+        let denied = AccessError::TenantDenied {
+            identity: ctx.identity.to_string(),
+            method: ctx.method.to_string(),
+            tenant_id: tenant_id.clone(),
+        };
+        (Err(denied.into()), None)
+    };
+
+    let (code, error) = match &result {
+        Ok(_) => (Code::Ok, None),
+        Err(status) => (status.code(), Some(status.message())),
+    };
+    let key = result.as_ref().ok().and_then(Audited::key);
+    let provider_calls = notes.as_ref().map_or(0, |n| n.provider_calls());
+    let record = AuditRecord {
+        time: audit::rfc3339_now(),
+        request_id: &ctx.request_id,
+        caller: &ctx.identity,
+        peer: ctx.peer.map(|a| a.to_string()),
+        method: &ctx.method,
+        tenant_id: Some(&tenant_id),
+        key_binding: key.map(|k| k.0).or(requested_binding.as_deref()),
+        key_version: key.map(|k| k.1).filter(|v| !v.is_empty()),
+        wrapped_key_sha256,
+        outcome: code_name(code),
+        error,
+        latency_us: elapsed_us(ctx.started),
+        cache_hit: (unwraps && code == Code::Ok).then_some(provider_calls == 0),
+        provider_calls,
+        provider_request_id: notes.as_ref().and_then(|n| n.provider_request_id()),
+    };
+    if let Err(err) = audit.write(&record) {
+        tracing::error!(error = %err, request_id = %ctx.request_id, "audit record not written");
+        if audit.fail_closed() {
+            return Err(AccessError::AuditUnavailable(err.to_string()).into());
+        }
+    }
+    result.map(Response::new)
+}
+
+/// The canonical name of a gRPC code, as grpcurl and every gRPC library print it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,400 @@
+//! The audit log: one JSON line per data-plane and admin call, saying who
+//! asked for what and what they got. Never key material: wrapped keys appear
+//! as a short SHA-256 prefix, plaintext not at all.
+//!
+//! Sinks are stdout (collected by the platform's log pipeline) or a file
+//! rotated by size. In fail-closed mode a call whose record cannot be
+//! written fails UNAVAILABLE and returns no key (as Vault does).
+//!
+//! Providers and the data plane add facts to the record of the call they
+//! run in through [`note_provider_call`] and [`note_provider_request`]
+//! (task-local, so no signature changes through the layers).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// Where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AuditTarget {
+    type Err = String;
+
+    /// `off`, `stdout`, or a file path.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "" => Err("empty audit log target; use off, stdout or a file path".into()),
+            "off" => Ok(Self::Off),
+            "stdout" | "-" => Ok(Self::Stdout),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub target: AuditTarget,
+    /// Rotate the file when it would grow past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.log.1` newest … `.N` oldest).
+    pub max_files: u32,
+    /// Refuse calls whose record cannot be written.
+    pub fail_closed: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            target: AuditTarget::Off,
+            max_bytes: 100 * 1024 * 1024,
+            max_files: 5,
+            fail_closed: false,
+        }
+    }
+}
+
+/// One call, as written.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord<'a> {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub request_id: &'a str,
+    /// Caller identity: SPIFFE ID or DNS name, or `unauthenticated`.
+    pub caller: &'a str,
+    pub peer: Option<String>,
+    /// Full gRPC method, e.g. `keybroker.v1.KeyBroker/UnwrapKey`.
+    pub method: &'a str,
+    pub tenant_id: Option<&'a str>,
+    pub key_binding: Option<&'a str>,
+    pub key_version: Option<&'a str>,
+    /// First 8 bytes (hex) of the SHA-256 of the wrapped key in the request.
+    pub wrapped_key_sha256: Option<String>,
+    /// gRPC status code name: `OK`, `PERMISSION_DENIED`, ...
+    pub outcome: &'static str,
+    /// The status message of a failed call (never contains key material).
+    pub error: Option<&'a str>,
+    pub latency_us: u64,
+    /// UnwrapKey/RewrapKey: whether the DEK came from the cache.
+    pub cache_hit: Option<bool>,
+    /// KMS (or keyring) calls this request made itself.
+    pub provider_calls: u32,
+    /// The provider's request id of the last such call, where the SDK exposes
+    /// it (AWS), for matching with the customer's CloudTrail.
+    pub provider_request_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit log {target}: {source}")]
+pub struct AuditError {
+    target: String,
+    source: std::io::Error,
+}
+
+/// A size-rotated file. Appends are whole lines in one `write` each, so a
+/// reader never sees half a record from concurrent calls.
+#[derive(Debug)]
+struct FileSink {
+    path: PathBuf,
+    max_bytes: u64,
+    max_files: u32,
+    /// The open file and its size; held for one write (and a rare rotation).
+    state: Mutex<(File, u64)>,
+}
+
+fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, len))
+}
+
+impl FileSink {
+    fn write(&self, line: &[u8]) -> std::io::Result<()> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("audit file lock poisoned"))?;
+        if state.1 > 0 && state.1 + line.len() as u64 > self.max_bytes && self.path.is_file() {
+            self.rotate()?;
+            *state = open_append(&self.path)?;
+        }
+        state.0.write_all(line)?;
+        state.1 += line.len() as u64;
+        Ok(())
+    }
+
+    /// `audit.log` → `.1` → `.2` …; the oldest beyond `max_files` is removed.
+    fn rotate(&self) -> std::io::Result<()> {
+        let numbered = |n: u32| {
+            let mut name = self.path.clone().into_os_string();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        };
+        if self.max_files == 0 {
+            return std::fs::remove_file(&self.path);
+        }
+        for n in (1..self.max_files).rev() {
+            let from = numbered(n);
+            if from.exists() {
+                std::fs::rename(&from, numbered(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(1))
+    }
+}
+
+#[derive(Debug)]
+enum Sink {
+    Off,
+    Stdout,
+    File(FileSink),
+}
+
+/// The audit log of a server.
+#[derive(Debug)]
+pub struct AuditLog {
+    sink: Sink,
+    fail_closed: bool,
+    /// Records written, and records lost to write errors (metrics, tests).
+    written: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl AuditLog {
+    /// Opens the sink. A file that cannot be opened is an error at start:
+    /// better no server than a server with no audit trail.
+    pub fn open(settings: &AuditSettings) -> Result<Self, AuditError> {
+        let sink = match &settings.target {
+            AuditTarget::Off => Sink::Off,
+            AuditTarget::Stdout => Sink::Stdout,
+            AuditTarget::File(path) => {
+                let state = open_append(path).map_err(|source| AuditError {
+                    target: path.display().to_string(),
+                    source,
+                })?;
+                Sink::File(FileSink {
+                    path: path.clone(),
+                    max_bytes: settings.max_bytes,
+                    max_files: settings.max_files,
+                    state: Mutex::new(state),
+                })
+            }
+        };
+        Ok(Self {
+            sink,
+            fail_closed: settings.fail_closed,
+            written: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn disabled() -> Self {
+        Self {
+            sink: Sink::Off,
+            fail_closed: false,
+            written: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn fail_closed(&self) -> bool {
+        self.fail_closed
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Writes one record. On failure the caller decides (fail-closed or not);
+    /// the error is counted here either way.
+    pub fn write(&self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
+        let result = self.write_line(record);
+        match &result {
+            Ok(true) => {
+                self.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result.map(|_| ())
+    }
+
+    fn write_line(&self, record: &AuditRecord<'_>) -> Result<bool, AuditError> {
+        let target = || match &self.sink {
+            Sink::File(f) => f.path.display().to_string(),
+            _ => "stdout".to_owned(),
+        };
+        let line = |record| {
+            let mut line = serde_json::to_vec(record).map_err(|e| AuditError {
+                target: target(),
+                source: std::io::Error::other(e),
+            })?;
+            line.push(b'\n');
+            Ok::<_, AuditError>(line)
+        };
+        match &self.sink {
+            Sink::Off => Ok(false),
+            Sink::Stdout => {
+                let line = line(record)?;
+                std::io::stdout()
+                    .lock()
+                    .write_all(&line)
+                    .map_err(|source| AuditError {
+                        target: target(),
+                        source,
+                    })?;
+                Ok(true)
+            }
+            Sink::File(file) => {
+                let line = line(record)?;
+                file.write(&line).map_err(|source| AuditError {
+                    target: target(),
+                    source,
+                })?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+pub fn rfc3339_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Facts the layers below the API add to the record of the current call.
+#[derive(Debug, Default)]
+pub struct CallNotes {
+    provider_calls: AtomicU32,
+    /// Written by the provider that made the call; read once at the end.
+    provider_request_id: Mutex<Option<String>>,
+}
+
+impl CallNotes {
+    pub fn provider_calls(&self) -> u32 {
+        self.provider_calls.load(Ordering::Relaxed)
+    }
+
+    pub fn provider_request_id(&self) -> Option<String> {
+        self.provider_request_id
+            .lock()
+            .ok()
+            .and_then(|id| id.clone())
+    }
+}
+
+tokio::task_local! {
+    static NOTES: Arc<CallNotes>;
+}
+
+/// Runs `call` with a fresh set of notes and returns both.
+pub async fn with_notes<F: Future>(call: F) -> (F::Output, Arc<CallNotes>) {
+    let notes = Arc::new(CallNotes::default());
+    let output = NOTES.scope(Arc::clone(&notes), call).await;
+    (output, notes)
+}
+
+/// The current call asked a provider (KMS or keyring) for something.
+pub fn note_provider_call() {
+    let _ = NOTES.try_with(|n| n.provider_calls.fetch_add(1, Ordering::Relaxed));
+}
+
+/// The provider's id of the request just made, if the SDK gave one.
+pub fn note_provider_request(id: Option<&str>) {
+    if let Some(id) = id {
+        let _ = NOTES.try_with(|n| {
+            if let Ok(mut slot) = n.provider_request_id.lock() {
+                *slot = Some(id.to_owned());
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(request_id: &str) -> AuditRecord<'_> {
+        AuditRecord {
+            time: rfc3339_now(),
+            request_id,
+            caller: "spiffe://t/a",
+            peer: None,
+            method: "keybroker.v1.KeyBroker/UnwrapKey",
+            tenant_id: Some("acme"),
+            key_binding: None,
+            key_version: None,
+            wrapped_key_sha256: None,
+            outcome: "OK",
+            error: None,
+            latency_us: 1,
+            cache_hit: Some(true),
+            provider_calls: 0,
+            provider_request_id: None,
+        }
+    }
+
+    #[test]
+    fn file_rotates_by_size_and_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let line_len = serde_json::to_vec(&record("r00")).unwrap().len() as u64 + 1;
+        let log = AuditLog::open(&AuditSettings {
+            target: AuditTarget::File(path.clone()),
+            max_bytes: 4 * line_len,
+            max_files: 2,
+            fail_closed: true,
+        })
+        .unwrap();
+        for i in 0..40 {
+            log.write(&record(&format!("r{i:02}"))).unwrap();
+        }
+        assert_eq!(log.written(), 40);
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let mut kept = Vec::new();
+        for name in ["audit.log.2", "audit.log.1", "audit.log"] {
+            let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
+            assert!(text.len() as u64 <= 4 * line_len, "{name} is {} bytes", text.len());
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                kept.push(v["request_id"].as_str().unwrap().to_owned());
+            }
+        }
+        assert!(!dir.path().join("audit.log.3").exists());
+        // The newest 12 records, oldest file first, in order.
+        let expected: Vec<String> = (28..40).map(|i| format!("r{i:02}")).collect();
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
+    fn write_errors_are_reported_and_counted() {
+        let log = AuditLog::open(&AuditSettings {
+            target: AuditTarget::File("/dev/full".into()),
+            ..AuditSettings::default()
+        })
+        .unwrap();
+        assert!(log.write(&record("r1")).is_err());
+        assert_eq!((log.written(), log.failed()), (0, 1));
+    }
+}

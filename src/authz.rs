@@ -1,0 +1,346 @@
+//! Who may call which method for which tenant: the authorization policy.
+//!
+//! A TOML file of `[[allow]]` rules, each naming caller identities, gRPC
+//! methods and tenants (exact strings, or globs where `*` matches any run of
+//! characters). A call is allowed when one rule matches all three; anything
+//! else is denied. The file is re-read when it changes; a broken edit keeps
+//! the previous policy in force.
+//!
+//! ```toml
+//! [[allow]]
+//! identities = ["spiffe://prod.example/ns/billing/sa/api"]
+//! methods = ["keybroker.v1.KeyBroker/*"]
+//! tenants = ["acme", "globex-*"]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::reload::FileStamp;
+
+/// Identity of callers on a plaintext (loopback) listener.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// Every method the server serves that a policy can grant. Health is not
+/// here: probes never need a grant.
+pub const METHODS: &[&str] = &[
+    "keybroker.v1.KeyBroker/GenerateDataKey",
+    "keybroker.v1.KeyBroker/WrapKey",
+    "keybroker.v1.KeyBroker/UnwrapKey",
+    "keybroker.v1.KeyBroker/RewrapKey",
+    "keybroker.v1.KeyBroker/DescribeKey",
+    "keybroker.v1.KeyAdmin/CreateTenant",
+    "keybroker.v1.KeyAdmin/GetTenant",
+    "keybroker.v1.KeyAdmin/SetTenantPolicy",
+    "keybroker.v1.KeyAdmin/LinkKey",
+    "keybroker.v1.KeyAdmin/ImportKeyMaterial",
+    "keybroker.v1.KeyAdmin/ListKeys",
+    "keybroker.v1.KeyAdmin/GetKey",
+    "keybroker.v1.KeyAdmin/SetPrimaryKey",
+    "keybroker.v1.KeyAdmin/DisableKey",
+    "keybroker.v1.KeyAdmin/EnableKey",
+    "keybroker.v1.KeyAdmin/UnlinkKey",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// An exact string or a glob with `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn matches(&self, text: &str) -> bool {
+        glob(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+/// `*` matches any run of bytes, everything else itself. Iterative with one
+/// backtrack point: linear in practice, no recursion on hostile patterns.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|b| *b == b'*')
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    allow: Vec<RuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    /// For people reading the file and the logs.
+    #[serde(default)]
+    description: String,
+    identities: Vec<String>,
+    methods: Vec<String>,
+    tenants: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    identities: Vec<Pattern>,
+    methods: Vec<Pattern>,
+    tenants: Vec<Pattern>,
+}
+
+/// A parsed policy. `Policy::allow_all` exists for plaintext loopback
+/// development only (the config refuses it with TLS).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+/// What one caller may do with one method: the tenants it may name.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    tenants: Arc<[Pattern]>,
+}
+
+impl Grant {
+    pub fn allows_tenant(&self, tenant_id: &str) -> bool {
+        self.tenants.iter().any(|p| p.matches(tenant_id))
+    }
+}
+
+impl Policy {
+    pub fn allow_all() -> Self {
+        let any = || vec![Pattern("*".into())];
+        Self {
+            rules: vec![Rule {
+                identities: any(),
+                methods: any(),
+                tenants: any(),
+            }],
+        }
+    }
+
+    /// Parses and checks a policy: every list non-empty, every method
+    /// pattern naming at least one real method (a typo must not silently
+    /// grant nothing, or everything).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut rules = Vec::with_capacity(file.allow.len());
+        for (i, rule) in file.allow.into_iter().enumerate() {
+            let label = if rule.description.is_empty() {
+                format!("allow rule {}", i + 1)
+            } else {
+                format!("allow rule {} ({})", i + 1, rule.description)
+            };
+            let list = |field: &str, values: Vec<String>| {
+                if values.is_empty() || values.iter().any(String::is_empty) {
+                    return Err(format!(
+                        "{label}: {field} must be a non-empty list of non-empty strings"
+                    ));
+                }
+                Ok(values.into_iter().map(Pattern).collect::<Vec<_>>())
+            };
+            let methods = list("methods", rule.methods)?;
+            for m in &methods {
+                if !METHODS.iter().any(|known| m.matches(known)) {
+                    return Err(format!(
+                        "{label}: method {:?} matches no method of this server \
+                         (methods are like \"keybroker.v1.KeyBroker/UnwrapKey\" or \"keybroker.v1.KeyAdmin/*\")",
+                        m.0
+                    ));
+                }
+            }
+            rules.push(Rule {
+                identities: list("identities", rule.identities)?,
+                methods,
+                tenants: list("tenants", rule.tenants)?,
+            });
+        }
+        Ok(Self { rules })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("authorization policy {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("authorization policy {}: {e}", path.display()))
+    }
+
+    /// The tenants `identity` may name when calling `method`; `None` when no
+    /// rule lets it call the method at all.
+    pub fn grant(&self, identity: &str, method: &str) -> Option<Grant> {
+        let tenants: Vec<Pattern> = self
+            .rules
+            .iter()
+            .filter(|r| r.identities.iter().any(|p| p.matches(identity)))
+            .filter(|r| r.methods.iter().any(|p| p.matches(method)))
+            .flat_map(|r| r.tenants.iter().cloned())
+            .collect();
+        (!tenants.is_empty()).then(|| Grant {
+            tenants: tenants.into(),
+        })
+    }
+}
+
+/// The policy in force, re-read from its file when it changes.
+#[derive(Debug)]
+pub struct PolicySource {
+    path: Option<PathBuf>,
+    /// Read on every call, replaced on reload; calls never wait on file I/O.
+    current: RwLock<Arc<Policy>>,
+    /// The file as it was when `current` was parsed.
+    stamp: std::sync::Mutex<Option<FileStamp>>,
+}
+
+impl PolicySource {
+    pub fn fixed(policy: Policy) -> Arc<Self> {
+        Arc::new(Self {
+            path: None,
+            current: RwLock::new(Arc::new(policy)),
+            stamp: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Arc<Self>, String> {
+        let stamp = FileStamp::of(&[path]);
+        let policy = Policy::load(path)?;
+        Ok(Arc::new(Self {
+            path: Some(path.to_owned()),
+            current: RwLock::new(Arc::new(policy)),
+            stamp: std::sync::Mutex::new(Some(stamp)),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        match self.current.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Re-reads the file if it changed; returns whether a new policy is in
+    /// force. A broken file keeps the previous policy (logged).
+    pub fn reload_if_changed(&self) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
+        let stamp = FileStamp::of(&[path]);
+        let Ok(mut seen) = self.stamp.lock() else {
+            return false;
+        };
+        if seen.as_ref() == Some(&stamp) {
+            return false;
+        }
+        match Policy::load(path) {
+            Ok(policy) => {
+                *seen = Some(stamp);
+                match self.current.write() {
+                    Ok(mut current) => *current = Arc::new(policy),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+                }
+                tracing::info!(path = %path.display(), "authorization policy reloaded");
+                true
+            }
+            Err(err) => {
+                *seen = Some(stamp);
+                tracing::error!(error = %err, "authorization policy changed but is invalid; the previous policy stays in force");
+                false
+            }
+        }
+    }
+
+    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let source = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                source.reload_if_changed();
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let p = |s: &str| Pattern(s.into());
+        assert!(p("*").matches(""));
+        assert!(p("acme").matches("acme"));
+        assert!(!p("acme").matches("acme2"));
+        assert!(p("acme-*").matches("acme-eu"));
+        assert!(!p("acme-*").matches("acm"));
+        assert!(p("spiffe://prod/*/sa/api").matches("spiffe://prod/ns/x/sa/api"));
+        assert!(!p("spiffe://prod/*/sa/api").matches("spiffe://prod/ns/x/sa/api2"));
+        assert!(p("*a*b*").matches("xxaxxbxx"));
+        assert!(!p("*a*b").matches("xxaxxbxxc"));
+    }
+
+    #[test]
+    fn rules_and_validation() {
+        let policy = Policy::parse(
+            r#"
+            [[allow]]
+            description = "billing reads keys"
+            identities = ["spiffe://prod/billing"]
+            methods = ["keybroker.v1.KeyBroker/UnwrapKey"]
+            tenants = ["acme", "globex-*"]
+            [[allow]]
+            identities = ["spiffe://prod/ops/*"]
+            methods = ["keybroker.v1.KeyAdmin/*"]
+            tenants = ["*"]
+            "#,
+        )
+        .unwrap();
+        let unwrap = "keybroker.v1.KeyBroker/UnwrapKey";
+        let grant = policy.grant("spiffe://prod/billing", unwrap).unwrap();
+        assert!(grant.allows_tenant("acme") && grant.allows_tenant("globex-eu"));
+        assert!(!grant.allows_tenant("initech"));
+        assert!(
+            policy
+                .grant("spiffe://prod/billing", "keybroker.v1.KeyBroker/WrapKey")
+                .is_none()
+        );
+        assert!(policy.grant("spiffe://prod/ops/alice", unwrap).is_none());
+        assert!(
+            policy
+                .grant("spiffe://prod/ops/alice", "keybroker.v1.KeyAdmin/LinkKey")
+                .unwrap()
+                .allows_tenant("anyone")
+        );
+        assert!(Policy::parse("").unwrap().grant("x", unwrap).is_none());
+
+        let typo = Policy::parse(
+            "[[allow]]\nidentities=[\"a\"]\nmethods=[\"keybroker.v1.KeyBroker/Unwrap\"]\ntenants=[\"*\"]\n",
+        )
+        .unwrap_err();
+        assert!(typo.contains("matches no method"), "{typo}");
+        let empty = Policy::parse("[[allow]]\nidentities=[]\nmethods=[\"*\"]\ntenants=[\"*\"]\n")
+            .unwrap_err();
+        assert!(
+            empty.contains("identities must be a non-empty list"),
+            "{empty}"
+        );
+        let unknown = Policy::parse("[[allow]]\nidentity=[\"a\"]\n").unwrap_err();
+        assert!(unknown.contains("unknown field"), "{unknown}");
+    }
+}

@@ -1,0 +1,37 @@
+//! Noticing that files on disk changed (keyring, TLS material, policy):
+//! cheap metadata polling that also sees Kubernetes' atomic symlink swaps.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+/// What one file looked like: a change to any field means "reload".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+impl Stamp {
+    /// Follows symlinks, so a mounted Secret's `..data` swap changes the inode.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            modified: meta.modified()?,
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// The stamps of several files; an unreadable file is part of the state, so
+/// it coming back counts as a change too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp(Vec<Option<Stamp>>);
+
+impl FileStamp {
+    pub fn of<P: AsRef<Path>>(paths: &[P]) -> Self {
+        Self(paths.iter().map(|p| Stamp::of(p.as_ref()).ok()).collect())
+    }
+}
