@@ -371,11 +371,18 @@ mod tests {
         }
         assert_eq!(log.written(), 40);
         let mode = std::fs::metadata(&path).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let mut kept = Vec::new();
         for name in ["audit.log.2", "audit.log.1", "audit.log"] {
             let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
-            assert!(text.len() as u64 <= 4 * line_len, "{name} is {} bytes", text.len());
+            assert!(
+                text.len() as u64 <= 4 * line_len,
+                "{name} is {} bytes",
+                text.len()
+            );
             for line in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 kept.push(v["request_id"].as_str().unwrap().to_owned());

@@ -247,6 +247,19 @@ struct ServerArg {
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// CA certificate (PEM) that issued the server's certificate; makes the
+    /// connection TLS (use an https:// --server).
+    #[arg(long, env = "KEYBROKER_CLIENT_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS: the caller identity.
+    #[arg(long, env = "KEYBROKER_CLIENT_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "KEYBROKER_CLIENT_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Name to verify in the server certificate [default: the host of --server].
+    #[arg(long, env = "KEYBROKER_SERVER_NAME")]
+    server_name: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -295,6 +308,20 @@ pub async fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
     init_logging(config.log_format);
+    if config.allow_core_dumps {
+        tracing::warn!(
+            "--allow-core-dumps: a core file of this process would contain unwrapped keys"
+        );
+    } else {
+        // Before any key is loaded.
+        let hardening = crate::hardening::harden()
+            .map_err(|e| anyhow::anyhow!("cannot disable core dumps ({e}); refusing to hold keys in a dumpable process (--allow-core-dumps overrides, for debugging)"))?;
+        tracing::info!(
+            core_dumps_disabled = hardening.core_dumps_disabled,
+            not_dumpable = hardening.not_dumpable,
+            "process hardened"
+        );
+    }
     tracing::info!(config = ?config, "starting keybroker");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -341,8 +368,30 @@ fn keyring(command: KeyringCommand) -> anyhow::Result<()> {
 }
 
 async fn channel(server: &ServerArg) -> anyhow::Result<Channel> {
-    Channel::from_shared(server.server.clone())
-        .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", server.server))?
+    let mut endpoint = Channel::from_shared(server.server.clone())
+        .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", server.server))?;
+    if server.ca.is_some() || server.cert.is_some() {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &server.ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&server.cert, &server.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        if let Some(name) = &server.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    }
+    endpoint
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))

@@ -32,6 +32,7 @@ pub fn test_config(data_dir: &Path) -> Config {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub broker: Arc<Broker>,
+    pub audit: Arc<keybroker::audit::AuditLog>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -61,6 +62,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let broker = Arc::clone(server.broker());
+        let audit = Arc::clone(server.audit());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
@@ -68,6 +70,7 @@ impl TestServer {
         Self {
             addr,
             broker,
+            audit,
             shutdown: Some(tx),
             handle,
         }
@@ -103,6 +106,8 @@ impl TestServer {
 pub struct SlowKeyring {
     inner: LocalKeyring,
     delay: Duration,
+    /// What it reports itself as: remote kinds are subject to the KMS quota.
+    kind: ProviderKind,
     pub decrypts: AtomicU64,
 }
 
@@ -112,7 +117,16 @@ impl SlowKeyring {
             inner: LocalKeyring::from_material("platform", &[SecretBytes::random(32).unwrap()])
                 .unwrap(),
             delay,
+            kind: ProviderKind::Local,
             decrypts: AtomicU64::new(0),
+        }
+    }
+
+    /// Stands in for a remote KMS (reports itself as AWS KMS).
+    pub fn remote(delay: Duration) -> Self {
+        Self {
+            kind: ProviderKind::AwsKms,
+            ..Self::new(delay)
         }
     }
 }
@@ -120,7 +134,7 @@ impl SlowKeyring {
 #[async_trait]
 impl KeyProvider for SlowKeyring {
     fn kind(&self) -> ProviderKind {
-        ProviderKind::Local
+        self.kind
     }
 
     async fn encrypt(

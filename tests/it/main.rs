@@ -11,3 +11,4 @@ mod grpcurl;
 mod process;
 mod registry;
 mod revocation;
+mod security;

@@ -22,11 +22,24 @@ struct Process {
 
 impl Process {
     fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn_under(&[], data_dir, extra)
+    }
+
+    /// Spawns through `prefix` (a command that execs the rest, like prlimit).
+    fn spawn_under(prefix: &[&str], data_dir: &std::path::Path, extra: &[&str]) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = data_dir.join(format!("server-{n}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_keybroker"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_keybroker")),
+        };
+        let child = command
             .arg("serve")
             // Port 0: the server reports the port it got in its log, so
             // parallel tests never race for a port.
@@ -104,9 +117,10 @@ async fn health(channel: Channel) -> Result<ServingStatus, tonic::Status> {
 }
 
 #[tokio::test]
-async fn canary_key_never_reaches_the_logs() {
+async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
     let dir = tempfile::tempdir().unwrap();
-    let process = Process::spawn(dir.path(), &[]);
+    // Audit records go to stdout, into the same captured output as the logs.
+    let process = Process::spawn(dir.path(), &["--audit-log", "stdout"]);
     let channel = process.channel().await;
     let mut client = KeyBrokerClient::new(channel.clone());
     let canary: Vec<u8> = b"CANARY-3f9a1c-do-not-log-me-0123".to_vec();
@@ -210,6 +224,19 @@ async fn canary_key_never_reaches_the_logs() {
         logs.contains("keybroker listening"),
         "logs were not captured:\n{logs}"
     );
+    // One audit record per call: wrap, 2 unwraps, 3 refused, create tenant,
+    // 2 imports, generate.
+    let audit: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("outcome").is_some())
+        .collect();
+    assert_eq!(audit.len(), 10, "{audit:#?}");
+    assert_eq!(
+        audit.iter().filter(|r| r["outcome"] == "OK").count(),
+        6,
+        "{audit:#?}"
+    );
 
     let b64 = base64::engine::general_purpose::STANDARD;
     let needles = [
@@ -232,6 +259,52 @@ async fn canary_key_never_reaches_the_logs() {
             );
         }
     }
+}
+
+/// `/proc/<pid>/limits`'s "Max core file size" soft and hard values.
+fn core_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = line["Max core file size".len()..]
+        .split_whitespace()
+        .collect();
+    (fields[0].to_owned(), fields[1].to_owned())
+}
+
+#[tokio::test]
+async fn core_dumps_are_disabled_unless_explicitly_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Started with unlimited core dumps, as a debugging shell might.
+    let prlimit = ["prlimit", "--core=unlimited:unlimited", "--"];
+    let hardened = Process::spawn_under(&prlimit, dir.path(), &[]);
+    hardened.addr().await;
+    assert_eq!(core_limit(hardened.child.id()), ("0".into(), "0".into()));
+    let log = std::fs::read_to_string(&hardened.log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("process hardened"))
+        .unwrap_or_else(|| panic!("no hardening log line:\n{log}"));
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    // Read back from the kernel by the server (PR_GET_DUMPABLE).
+    assert_eq!(entry["fields"]["core_dumps_disabled"], true);
+    assert_eq!(entry["fields"]["not_dumpable"], true);
+    hardened.signal("TERM");
+    assert!(hardened.wait(Duration::from_secs(20)).await.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let debug = Process::spawn_under(&prlimit, dir.path(), &["--allow-core-dumps"]);
+    debug.addr().await;
+    assert_eq!(
+        core_limit(debug.child.id()),
+        ("unlimited".into(), "unlimited".into())
+    );
+    debug.signal("TERM");
+    let (ok, log) = debug.wait(Duration::from_secs(20)).await;
+    assert!(ok);
+    assert!(log.contains("allow-core-dumps"), "{log}");
 }
 
 #[tokio::test]
@@ -304,4 +377,91 @@ async fn refuses_to_start_on_a_world_readable_keyring() {
         .await;
     assert!(!ok);
     assert!(logs.contains("chmod 600"), "{logs}");
+}
+
+/// The binary's TLS flags and the CLI's client TLS flags, end to end.
+#[tokio::test]
+async fn binary_serves_mtls_and_the_cli_authenticates_with_a_client_certificate() {
+    use crate::security::{Ca, write_policy, write_server_tls};
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let tls = write_server_tls(dir.path(), &server_ca, &client_ca.pem());
+    let policy = write_policy(
+        dir.path(),
+        "[[allow]]\nidentities = [\"spiffe://prod.example/cli\"]\nmethods = [\"keybroker.v1.KeyBroker/*\"]\ntenants = [\"acme\"]\n",
+    );
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let process = Process::spawn(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &path(&tls.cert),
+            "--tls-key",
+            &path(&tls.key),
+            "--tls-client-ca",
+            &path(&tls.client_ca),
+            "--tls-trust-domain",
+            "prod.example",
+            "--authz-policy",
+            &path(&policy),
+        ],
+    );
+    let url = format!("https://{}", process.addr().await);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        path(&p)
+    };
+    let ca = write("server-ca.pem", &server_ca.pem());
+    let cli = client_ca.client("spiffe://prod.example/cli");
+    let (cert, key) = (write("cli.crt", &cli.cert), write("cli.key", &cli.key));
+    let run = |extra: &[&str], tenant: &str| {
+        let url = url.clone();
+        let ca = ca.clone();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let tenant = tenant.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_keybroker"))
+                .args([
+                    "generate",
+                    "--server",
+                    &url,
+                    "--ca",
+                    &ca,
+                    "--server-name",
+                    "localhost",
+                ])
+                .args(&extra)
+                .args(["--tenant", &tenant])
+                .output()
+                .unwrap()
+        })
+    };
+    let ok = run(&["--cert", &cert, "--key", &key], "acme")
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(out["key"]["key_binding"], "platform", "{out}");
+    let other_tenant = run(&["--cert", &cert, "--key", &key], "globex")
+        .await
+        .unwrap();
+    assert!(!other_tenant.status.success());
+    let stderr = String::from_utf8_lossy(&other_tenant.stderr);
+    assert!(
+        stderr.contains("PermissionDenied") || stderr.contains("PERMISSION_DENIED"),
+        "{stderr}"
+    );
+    let anonymous = run(&[], "acme").await.unwrap();
+    assert!(
+        !anonymous.status.success(),
+        "served without a client certificate"
+    );
+    process.signal("TERM");
+    assert!(process.wait(Duration::from_secs(20)).await.0);
 }
