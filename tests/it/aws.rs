@@ -47,6 +47,8 @@ async fn aws_kms_flow_against_moto() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.aws = moto.settings();
+    let audit_path = dir.path().join("audit.log");
+    config.audit.target = keybroker::audit::AuditTarget::File(audit_path.clone());
     let server = TestServer::start(config).await;
     let mut admin = admin_client(&server).await;
     let mut broker = server.client().await;
@@ -71,6 +73,23 @@ async fn aws_kms_flow_against_moto() {
         .into_inner();
     assert_eq!(g.plaintext.len(), 32);
     assert_eq!(g.key.as_ref().unwrap().key_binding, "aws-1");
+    // The audit record carries the KMS request id (for CloudTrail).
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    let record: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert!(
+        record["method"]
+            .as_str()
+            .unwrap()
+            .ends_with("GenerateDataKey")
+    );
+    assert_eq!(record["key_binding"], "aws-1");
+    assert_eq!(record["provider_calls"], 1);
+    assert!(
+        record["provider_request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "{record}"
+    );
     let envelope = proto::WrappedKey::decode(g.wrapped_key.as_slice()).unwrap();
     assert_eq!(envelope.provider(), proto::Provider::AwsKms);
     let back = broker
