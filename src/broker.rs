@@ -431,7 +431,7 @@ impl Broker {
         );
         let keys = self.directory.tenant_keys(tenant_id).await?;
         if let Some(hit) = self.cache.get(&cache_key).await {
-            let binding = find_binding(&keys, tenant_id, &hit.key_binding)?;
+            let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
             binding.ensure_usable(tenant_id)?;
             binding.usage.record(&binding.usage.unwraps);
             return Ok(Unwrapped {
@@ -472,12 +472,12 @@ impl Broker {
                 )
                 .await
                 .map_err(|source| provider_error(binding, source))?;
-            Ok::<_, BrokerError>(Arc::new(CachedKey {
-                plaintext,
-                key_binding: Arc::clone(&binding.name),
-                provider: envelope.provider,
-                key_version: envelope.provider_key_version.as_str().into(),
-            }))
+            let origin = self.cache.origin(
+                &binding.name,
+                envelope.provider,
+                &envelope.provider_key_version,
+            );
+            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
         };
         let result = self
             .cache
@@ -533,7 +533,12 @@ impl Broker {
             .load(cache_key, source, &envelope, tenant_id, context)
             .await?;
         let wrapped = self
-            .wrap_with(target, tenant_id, context, &plain.plaintext)
+            .wrap_with(
+                target,
+                tenant_id,
+                context,
+                &SecretBytes::new(plain.plaintext().to_vec()),
+            )
             .await?;
         Ok(Rewrapped {
             wrapped_key: wrapped.wrapped_key,
@@ -648,7 +653,7 @@ fn find_binding<'a>(
 /// True when the key was wrapped under another binding than the primary, or
 /// under an older version of the primary where the provider exposes versions.
 fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
-    if key.key_binding != keys.primary.name {
+    if key.origin.key_binding != keys.primary.name {
         return true;
     }
     match keys
@@ -656,7 +661,7 @@ fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
         .provider
         .current_version(&keys.primary.key_reference)
     {
-        Some(current) => *current != *key.key_version,
+        Some(current) => *current != *key.origin.key_version,
         None => false,
     }
 }

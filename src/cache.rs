@@ -1,8 +1,8 @@
 //! The DEK cache: unwrapped keys in memory so KMS latency and quota are paid
 //! once per wrapped key per TTL, not once per read (DESIGN.md section 4).
 //!
-//! Keyed by (tenant, SHA-256 of the wrapped key bytes, SHA-256 of the canonical
-//! context): an entry exists only if exactly those bytes were parsed, matched
+//! Keyed by a digest of (tenant, SHA-256 of the wrapped key bytes, SHA-256 of
+//! the canonical context): an entry exists only if exactly those bytes were parsed, matched
 //! to that tenant and decrypted under that context, which is what lets a hit
 //! skip parsing. Values are `Arc`s, so a hit copies a pointer, not key bytes.
 
@@ -18,50 +18,116 @@ use moka::notification::RemovalCause;
 use crate::kms::ProviderKind;
 use crate::secret::SecretBytes;
 
+/// 40 bytes inline, no heap: memory per cached key matters at a million
+/// entries. `digest` is SHA-256 over (tenant, wrapped-key digest, context
+/// digest), length-prefixed, so it pins all three as the triple would.
+/// `tenant_tag` only selects entries for a tenant purge: a collision purges
+/// a few extra entries (a cache miss), never serves a wrong key.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    tenant_id: Box<str>,
-    wrapped_digest: [u8; 32],
-    context_digest: [u8; 32],
+    digest: [u8; 32],
+    tenant_tag: u64,
 }
 
 impl CacheKey {
     pub fn new(tenant_id: &str, wrapped_digest: [u8; 32], context_digest: [u8; 32]) -> Self {
+        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        hash.update(&(tenant_id.len() as u64).to_be_bytes());
+        hash.update(tenant_id.as_bytes());
+        hash.update(&wrapped_digest);
+        hash.update(&context_digest);
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(hash.finish().as_ref());
         Self {
-            tenant_id: tenant_id.into(),
-            wrapped_digest,
-            context_digest,
+            digest,
+            tenant_tag: tenant_tag(tenant_id),
         }
     }
 }
 
+/// A deterministic 64-bit tag of a tenant id (SipHash with fixed keys).
+fn tenant_tag(tenant_id: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    tenant_id.hash(&mut hasher);
+    hasher.finish()
+}
+
 impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Digest prefixes only: enough to correlate, nothing to replay.
-        write!(
-            f,
-            "CacheKey({}, {})",
-            self.tenant_id,
-            hex::encode(&self.wrapped_digest[..4])
-        )
+        write!(f, "CacheKey({})", hex::encode(&self.digest[..6]))
     }
 }
 
-/// An unwrapped DEK and what protected it.
-pub struct CachedKey {
-    pub plaintext: SecretBytes,
+/// What protected a cached key. One shared instance per (binding,
+/// provider, version): a million entries of one binding hold one origin.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct KeyOrigin {
     pub key_binding: Arc<str>,
     pub provider: ProviderKind,
     pub key_version: Box<str>,
 }
 
+/// Keys up to this many bytes (every DEK keybroker generates) are stored
+/// inside the entry; longer wrapped plaintexts go to the heap.
+const INLINE: usize = 32;
+
+/// An unwrapped DEK and what protected it. Zeroized on drop. Built in place
+/// inside its `Arc` ([`CachedKey::new`]) so the key bytes are never copied
+/// through the stack.
+pub struct CachedKey {
+    inline: [u8; INLINE],
+    len: u8,
+    heap: Option<Box<[u8]>>,
+    pub origin: Arc<KeyOrigin>,
+}
+
+impl CachedKey {
+    pub fn new(plaintext: &SecretBytes, origin: Arc<KeyOrigin>) -> Arc<Self> {
+        let bytes = plaintext.expose();
+        let small = bytes.len() <= INLINE;
+        let mut key = Arc::new(Self {
+            inline: [0; INLINE],
+            len: 0,
+            heap: (!small).then(|| bytes.to_vec().into_boxed_slice()),
+            origin,
+        });
+        if small {
+            // Unique right after creation: the bytes go straight to the heap.
+            if let Some(entry) = Arc::get_mut(&mut key) {
+                entry.inline[..bytes.len()].copy_from_slice(bytes);
+                entry.len = bytes.len() as u8;
+            }
+        }
+        key
+    }
+
+    pub fn plaintext(&self) -> &[u8] {
+        match &self.heap {
+            Some(heap) => heap,
+            None => &self.inline[..usize::from(self.len)],
+        }
+    }
+}
+
+impl Drop for CachedKey {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        self.inline.zeroize();
+        if let Some(heap) = &mut self.heap {
+            heap.zeroize();
+        }
+    }
+}
+
 impl fmt::Debug for CachedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedKey")
-            .field("plaintext", &self.plaintext)
-            .field("key_binding", &self.key_binding)
-            .field("provider", &self.provider)
-            .field("key_version", &self.key_version)
+            .field(
+                "plaintext",
+                &format_args!("<redacted {} bytes>", self.plaintext().len()),
+            )
+            .field("origin", &self.origin)
             .finish()
     }
 }
@@ -108,6 +174,16 @@ impl CacheStats {
 pub struct DekCache {
     entries: Cache<CacheKey, Arc<CachedKey>>,
     stats: Arc<CacheStats>,
+    /// Interned origins; taken on the miss path only. Entries no cached key
+    /// uses any more are dropped when the set doubles.
+    origins: Arc<std::sync::Mutex<Origins>>,
+}
+
+#[derive(Debug, Default)]
+struct Origins {
+    set: std::collections::HashSet<Arc<KeyOrigin>>,
+    /// Size after the last sweep.
+    swept_at: usize,
 }
 
 impl fmt::Debug for DekCache {
@@ -134,7 +210,38 @@ impl DekCache {
                 }
             })
             .build();
-        Self { entries, stats }
+        Self {
+            entries,
+            stats,
+            origins: Arc::default(),
+        }
+    }
+
+    /// The shared origin for (binding, provider, version).
+    pub fn origin(
+        &self,
+        key_binding: &Arc<str>,
+        provider: ProviderKind,
+        key_version: &str,
+    ) -> Arc<KeyOrigin> {
+        let origin = KeyOrigin {
+            key_binding: Arc::clone(key_binding),
+            provider,
+            key_version: key_version.into(),
+        };
+        let Ok(mut origins) = self.origins.lock() else {
+            return Arc::new(origin);
+        };
+        if let Some(found) = origins.set.get(&origin) {
+            return Arc::clone(found);
+        }
+        if origins.set.len() >= 2 * origins.swept_at.max(64) {
+            origins.set.retain(|o| Arc::strong_count(o) > 1);
+            origins.swept_at = origins.set.len();
+        }
+        let origin = Arc::new(origin);
+        origins.set.insert(Arc::clone(&origin));
+        origin
     }
 
     pub fn stats(&self) -> &Arc<CacheStats> {
@@ -171,15 +278,15 @@ impl DekCache {
     /// Drops every entry of a tenant. Takes effect at once for readers (moka
     /// checks pending invalidations on every lookup); memory is freed lazily.
     pub fn purge_tenant(&self, tenant_id: &str) {
-        let tenant: Box<str> = tenant_id.into();
-        self.invalidate(move |k, _| k.tenant_id == tenant);
+        let tag = tenant_tag(tenant_id);
+        self.invalidate(move |k, _| k.tenant_tag == tag);
     }
 
     /// Drops every entry unwrapped with one key binding of a tenant.
     pub fn purge_binding(&self, tenant_id: &str, binding: &str) {
-        let tenant: Box<str> = tenant_id.into();
+        let tag = tenant_tag(tenant_id);
         let binding: Arc<str> = binding.into();
-        self.invalidate(move |k, v| k.tenant_id == tenant && v.key_binding == binding);
+        self.invalidate(move |k, v| k.tenant_tag == tag && v.origin.key_binding == binding);
     }
 
     pub fn purge_all(&self) {
@@ -215,12 +322,45 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn value(binding: &str) -> Arc<CachedKey> {
-        Arc::new(CachedKey {
-            plaintext: SecretBytes::new(vec![1; 32]),
+        let origin = Arc::new(KeyOrigin {
             key_binding: binding.into(),
             provider: ProviderKind::Local,
             key_version: "1".into(),
-        })
+        });
+        CachedKey::new(&SecretBytes::new(vec![1; 32]), origin)
+    }
+
+    #[test]
+    fn keys_of_any_length_round_trip_and_debug_hides_them() {
+        let origin = |v: &str| {
+            Arc::new(KeyOrigin {
+                key_binding: "b".into(),
+                provider: ProviderKind::Local,
+                key_version: v.into(),
+            })
+        };
+        for len in [1, 16, 32, 33, 4096] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+            let key = CachedKey::new(&SecretBytes::new(bytes.clone()), origin("1"));
+            assert_eq!(key.plaintext(), bytes.as_slice(), "len {len}");
+            let shown = format!("{key:?}");
+            assert!(
+                shown.contains(&format!("<redacted {len} bytes>")),
+                "{shown}"
+            );
+            assert!(!shown.contains("1, 2, 3"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn origins_are_shared_per_binding_and_version() {
+        let cache = DekCache::new(settings(1000));
+        let binding: Arc<str> = "k1".into();
+        let a = cache.origin(&binding, ProviderKind::Local, "1");
+        let b = cache.origin(&binding, ProviderKind::Local, "1");
+        let c = cache.origin(&binding, ProviderKind::Local, "2");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
     }
 
     fn settings(ttl_ms: u64) -> CacheSettings {

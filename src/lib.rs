@@ -10,6 +10,8 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hardening;
 pub mod incoming;
 pub mod kms;

@@ -104,11 +104,11 @@ impl KeyBroker for KeyBrokerApi {
                 .await?;
             let key = &unwrapped.key;
             Ok(proto::UnwrapKeyResponse {
-                plaintext: key.plaintext.expose().to_vec(),
+                plaintext: key.plaintext().to_vec(),
                 key: Some(proto::KeyInfo {
-                    key_binding: key.key_binding.to_string(),
-                    provider: proto::Provider::from(key.provider).into(),
-                    provider_key_version: key.key_version.to_string(),
+                    key_binding: key.origin.key_binding.to_string(),
+                    provider: proto::Provider::from(key.origin.provider).into(),
+                    provider_key_version: key.origin.key_version.to_string(),
                 }),
                 rewrap_recommended: unwrapped.rewrap_recommended,
             })

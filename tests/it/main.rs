@@ -5,6 +5,7 @@
 mod admin;
 mod aws;
 mod aws_support;
+mod bench;
 mod common;
 mod data_plane;
 mod grpcurl;

@@ -1,0 +1,270 @@
+//! KMS-call accounting: the data plane with an in-process provider that
+//! injects latency and counts calls. Call counts are exact and checked
+//! (a wrong count fails the command); wall times are reported, not asserted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use keybroker::broker::{Binding, BindingState, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::cache::{CacheSettings, DekCache};
+use keybroker::envelope::Context;
+use keybroker::kms::local::LocalKeyring;
+use keybroker::kms::{
+    Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
+};
+use keybroker::quota::{Limit, QuotaSettings};
+use keybroker::secret::SecretBytes;
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct AccountingArgs {
+    /// Latency the provider injects into every call.
+    #[arg(long, default_value = "20ms", value_parser = crate::parse_duration)]
+    latency: Duration,
+    /// Cold keys for the K-keys check.
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+    /// Cache TTL for the TTL-window check.
+    #[arg(long, default_value = "300ms", value_parser = crate::parse_duration)]
+    ttl: Duration,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// A local keyring behind injected latency, counting decrypts; can be told
+/// to fail.
+#[derive(Debug)]
+struct CountingProvider {
+    inner: LocalKeyring,
+    latency: Duration,
+    decrypts: AtomicU64,
+    failing: AtomicBool,
+}
+
+#[async_trait]
+impl KeyProvider for CountingProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError> {
+        self.inner.encrypt(key, plaintext, wrap).await
+    }
+
+    async fn decrypt(
+        &self,
+        key: &str,
+        key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError> {
+        self.decrypts.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.latency).await;
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(ProviderError::Unavailable("injected failure".into()));
+        }
+        self.inner.decrypt(key, key_version, ciphertext, wrap).await
+    }
+
+    async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError> {
+        self.inner.describe(key).await
+    }
+}
+
+fn check(name: &str, expected: u64, actual: u64, failures: &mut Vec<String>) -> serde_json::Value {
+    if expected != actual {
+        failures.push(format!(
+            "{name}: expected {expected} provider calls, saw {actual}"
+        ));
+    }
+    json!({ "check": name, "expected_calls": expected, "provider_calls": actual, "ok": expected == actual })
+}
+
+pub fn run(args: AccountingArgs) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(run_async(args))
+}
+
+async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
+    let provider = Arc::new(CountingProvider {
+        inner: LocalKeyring::from_material("platform", &[SecretBytes::random(32)?])?,
+        latency: args.latency,
+        decrypts: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+    });
+    let binding = Arc::new(Binding {
+        name: PLATFORM_BINDING.into(),
+        provider: Arc::clone(&provider) as Arc<dyn KeyProvider>,
+        key_reference: "bench".into(),
+        state: BindingState::Active,
+        state_reason: String::new(),
+        usage: Arc::default(),
+    });
+    let unlimited = QuotaSettings {
+        tenant: Limit {
+            per_second: 0,
+            burst: 0,
+        },
+        global: Limit {
+            per_second: 0,
+            burst: 0,
+        },
+    };
+    let cache = DekCache::new(CacheSettings {
+        max_entries: 1_000_000,
+        ttl: args.ttl,
+        tti: args.ttl,
+    });
+    let broker = Arc::new(Broker::new(
+        Arc::new(PlatformOnly::new(binding)),
+        cache,
+        unlimited,
+    ));
+    let context = Context::new([("table".to_owned(), "t".to_owned())].into())?;
+    let generate = |n: usize| {
+        let broker = Arc::clone(&broker);
+        let context = context.clone();
+        async move {
+            let mut keys = Vec::with_capacity(n);
+            for _ in 0..n {
+                keys.push(broker.generate("acme", &context, 32).await?.wrapped_key);
+            }
+            Ok::<_, anyhow::Error>(keys)
+        }
+    };
+    let calls = || provider.decrypts.load(Ordering::SeqCst);
+    let burst = |keys: Vec<Vec<u8>>, per_key: usize| {
+        let broker = Arc::clone(&broker);
+        let context = context.clone();
+        async move {
+            let started = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for key in keys {
+                for _ in 0..per_key {
+                    let (broker, context, key) =
+                        (Arc::clone(&broker), context.clone(), key.clone());
+                    set.spawn(async move { broker.unwrap("acme", &context, &key).await.is_ok() });
+                }
+            }
+            let mut ok = 0u64;
+            while let Some(r) = set.join_next().await {
+                ok += u64::from(r.unwrap_or(false));
+            }
+            (ok, started.elapsed())
+        }
+    };
+
+    let mut failures = Vec::new();
+    let mut results = Vec::new();
+    for concurrency in [1usize, 64, 1000] {
+        let key = generate(1).await?;
+        let before = calls();
+        let (ok, wall) = burst(key, concurrency).await;
+        let mut r = check(
+            &format!("{concurrency} concurrent unwraps of one cold key"),
+            1,
+            calls() - before,
+            &mut failures,
+        );
+        r["succeeded"] = json!(ok);
+        r["wall_ms"] = json!(wall.as_secs_f64() * 1e3);
+        r["wall_minus_latency_ms"] = json!((wall.as_secs_f64() - args.latency.as_secs_f64()) * 1e3);
+        if ok != concurrency as u64 {
+            failures.push(format!(
+                "{concurrency} concurrent unwraps: only {ok} succeeded"
+            ));
+        }
+        results.push(r);
+    }
+
+    let keys = generate(args.keys).await?;
+    let before = calls();
+    let (ok, wall) = burst(keys.clone(), 8).await;
+    let mut r = check(
+        &format!("{} cold keys, 8 concurrent unwraps each", args.keys),
+        args.keys as u64,
+        calls() - before,
+        &mut failures,
+    );
+    r["succeeded"] = json!(ok);
+    r["wall_ms"] = json!(wall.as_secs_f64() * 1e3);
+    results.push(r);
+
+    // Across a run: the same keys again and again; provider calls are the
+    // distinct keys per TTL window.
+    let windows = 3u32;
+    let fresh = generate(10).await?;
+    let before = calls();
+    let run_started = Instant::now();
+    let run_for = args.ttl * windows - args.ttl / 2;
+    let mut rounds = 0u64;
+    while run_started.elapsed() < run_for {
+        burst(fresh.clone(), 1).await;
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Each of the 10 keys is loaded once per TTL window it is used in: the
+    // run covers 2.5 windows, so 3 loads each.
+    let actual = calls() - before;
+    let mut r = check(
+        &format!(
+            "10 keys unwrapped {rounds} times across {windows} TTL windows of {:?}",
+            args.ttl
+        ),
+        10 * u64::from(windows),
+        actual,
+        &mut failures,
+    );
+    r["rounds"] = json!(rounds);
+    results.push(r);
+
+    // A failing provider: once per miss burst, and the failure is not cached.
+    provider.failing.store(true, Ordering::SeqCst);
+    let key = generate(1).await?;
+    let before = calls();
+    let (ok, _) = burst(key.clone(), 100).await;
+    let mut r = check(
+        "100 concurrent unwraps, failing provider",
+        1,
+        calls() - before,
+        &mut failures,
+    );
+    r["succeeded"] = json!(ok);
+    if ok != 0 {
+        failures.push("a failing provider returned keys".into());
+    }
+    results.push(r);
+    provider.failing.store(false, Ordering::SeqCst);
+    let before = calls();
+    let (ok, _) = burst(key, 100).await;
+    let mut r = check(
+        "100 concurrent unwraps after recovery (failure not cached)",
+        1,
+        calls() - before,
+        &mut failures,
+    );
+    r["succeeded"] = json!(ok);
+    if ok != 100 {
+        failures.push(format!("after recovery only {ok} of 100 succeeded"));
+    }
+    results.push(r);
+
+    let report = json!({
+        "machine": crate::machine_facts(),
+        "injected_latency_ms": args.latency.as_secs_f64() * 1e3,
+        "results": results,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    anyhow::ensure!(failures.is_empty(), "call accounting failed: {failures:?}");
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The floor: one unary RPC answering 32 bytes from a HashMap, served with
+//! the same tonic server and HTTP/2 settings as keybroker (TCP_NODELAY, the
+//! default flow-control windows, one connection per client).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::pb::floor_server::{Floor, FloorServer};
+use crate::pb::{GetRequest, GetResponse};
+
+#[derive(Debug)]
+struct FloorService {
+    /// Filled on first sight of a key, then read-only in steady state.
+    values: std::sync::RwLock<HashMap<Vec<u8>, [u8; 32]>>,
+}
+
+#[tonic::async_trait]
+impl Floor for FloorService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let found = self
+            .values
+            .read()
+            .map_err(|_| Status::internal("poisoned"))?
+            .get(&req.key)
+            .copied();
+        let value = match found {
+            Some(v) => v,
+            None => {
+                let mut v = [0u8; 32];
+                v[..req.key.len().min(32)].copy_from_slice(&req.key[..req.key.len().min(32)]);
+                self.values
+                    .write()
+                    .map_err(|_| Status::internal("poisoned"))?
+                    .insert(req.key, v);
+                v
+            }
+        };
+        Ok(Response::new(GetResponse {
+            value: value.to_vec(),
+        }))
+    }
+}
+
+/// Serves until killed; prints `listening ADDR` once bound.
+pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        println!("listening {}", listener.local_addr()?);
+        let service = Arc::new(FloorService {
+            values: std::sync::RwLock::default(),
+        });
+        tonic::transport::Server::builder()
+            .add_service(FloorServer::from_arc(service))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,523 @@
+//! Closed-loop load: N requests in flight on one HTTP/2 connection, each
+//! sent as soon as the previous one returned. keybroker (cache-hit
+//! UnwrapKey) and the floor run alternately, several rounds, and the report
+//! compares medians of the rounds, so drift on a shared machine hits both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use keybroker::proto::key_broker_client::KeyBrokerClient;
+use keybroker::proto::{GenerateDataKeyRequest, UnwrapKeyRequest};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::pb::GetRequest;
+use crate::pb::floor_client::FloorClient;
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// The keybroker binary [default: `keybroker` next to this binary].
+    #[arg(long)]
+    keybroker_bin: Option<PathBuf>,
+    /// Requests in flight, one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Measured time of each run.
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before each run.
+    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    warmup: Duration,
+    /// Floor/keybroker pairs per concurrency (alternating).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Distinct wrapped keys the load cycles through.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Share of keybroker requests that hit the cache; the rest unwrap keys
+    /// never seen before (a pool generated up front).
+    #[arg(long, default_value_t = 1.0)]
+    hit_ratio: f64,
+    /// Do not pin the servers and the client to different cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A server process (keybroker or floor), killed on drop.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServerProcess {
+    /// utime + stime of the process, in clock ticks.
+    fn cpu_ticks(&self) -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the parenthesised command name: state is field 3,
+        // utime 14, stime 15.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("bad /proc stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+        let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+        Ok(utime + stime)
+    }
+}
+
+fn command(program: &Path, pin_core: Option<usize>) -> Command {
+    match pin_core {
+        Some(core) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &core.to_string()]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn spawn_keybroker(
+    bin: &Path,
+    data_dir: &Path,
+    pin: Option<usize>,
+) -> anyhow::Result<ServerProcess> {
+    let log = data_dir.join("keybroker.log");
+    let out = std::fs::File::create(&log)?;
+    let child = command(bin, pin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--cache-max-entries",
+            "1000000",
+            "--cache-ttl",
+            "1h",
+            "--cache-tti",
+            "1h",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut process = ServerProcess {
+        child,
+        addr: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(addr) = text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["fields"]["message"] == "keybroker listening")
+                .then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
+        }) {
+            process.addr = addr;
+            return Ok(process);
+        }
+        if let Some(status) = process.child.try_wait()? {
+            anyhow::bail!("keybroker exited ({status}):\n{text}");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "keybroker did not start:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_floor(pin: Option<usize>) -> anyhow::Result<ServerProcess> {
+    use std::io::BufRead as _;
+    let me = std::env::current_exe()?;
+    let mut child = command(&me, pin)
+        .arg("floor-server")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .strip_prefix("listening ")
+        .context("floor server did not start")?
+        .trim()
+        .to_owned();
+    Ok(ServerProcess { child, addr })
+}
+
+/// One measured run.
+#[derive(Debug, Clone)]
+struct RunResult {
+    histogram: Histogram<u64>,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    cpu_ticks: u64,
+}
+
+impl RunResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    fn quantile_us(&self, q: f64) -> f64 {
+        self.histogram.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// Server CPU microseconds per request.
+    fn cpu_us_per_request(&self) -> f64 {
+        let ticks_per_s = rustix::param::clock_ticks_per_second() as f64;
+        self.cpu_ticks as f64 / ticks_per_s * 1e6 / self.requests.max(1) as f64
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "requests": self.requests,
+            "errors": self.errors,
+            "rps": self.rps(),
+            "p50_us": self.quantile_us(0.5),
+            "p90_us": self.quantile_us(0.9),
+            "p99_us": self.quantile_us(0.99),
+            "p999_us": self.quantile_us(0.999),
+            "server_cpu_us_per_request": self.cpu_us_per_request(),
+        })
+    }
+}
+
+/// What one request of a run sends.
+#[derive(Clone)]
+enum Target {
+    Floor(FloorClient<Channel>, Arc<Vec<Vec<u8>>>),
+    Broker {
+        client: KeyBrokerClient<Channel>,
+        warm: Arc<Vec<Vec<u8>>>,
+        cold: Arc<Vec<Vec<u8>>>,
+        next_cold: Arc<AtomicU64>,
+        hit_ratio: f64,
+    },
+}
+
+fn context() -> std::collections::HashMap<String, String> {
+    [("table".to_owned(), "bench".to_owned())].into()
+}
+
+impl Target {
+    async fn call(&mut self, i: u64) -> bool {
+        match self {
+            Self::Floor(client, keys) => {
+                let key = &keys[i as usize % keys.len()];
+                client
+                    .get(GetRequest {
+                        tenant_id: "bench".into(),
+                        key: key.clone(),
+                        context: context(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.get_ref().value.len() == 32)
+            }
+            Self::Broker {
+                client,
+                warm,
+                cold,
+                next_cold,
+                hit_ratio,
+            } => {
+                // A fixed pseudo-random pattern (golden-ratio sequence).
+                let cold_pick = *hit_ratio < 1.0
+                    && ((i as f64 * 0.618_033_988_75).fract() >= *hit_ratio)
+                    && !cold.is_empty();
+                let key = if cold_pick {
+                    let n = next_cold.fetch_add(1, Ordering::Relaxed) as usize;
+                    &cold[n % cold.len()]
+                } else {
+                    &warm[i as usize % warm.len()]
+                };
+                client
+                    .unwrap_key(UnwrapKeyRequest {
+                        tenant_id: "bench".into(),
+                        wrapped_key: key.clone(),
+                        context: context(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.get_ref().plaintext.len() == 32)
+            }
+        }
+    }
+}
+
+async fn measure(
+    target: &Target,
+    server: &ServerProcess,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<RunResult> {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let mut target = target.clone();
+        let measuring = Arc::clone(&measuring);
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (mut requests, mut errors) = (0u64, 0u64);
+            let mut i = t as u64 * 7919;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let ok = target.call(i).await;
+                i += 1;
+                if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    histogram.saturating_record(ns.max(1));
+                    requests += 1;
+                    errors += u64::from(!ok);
+                }
+            }
+            Ok::<_, anyhow::Error>((histogram, requests, errors))
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let cpu_before = server.cpu_ticks()?;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = server.cpu_ticks()?;
+    let mut result = RunResult {
+        histogram: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        requests: 0,
+        errors: 0,
+        seconds,
+        cpu_ticks: cpu_after.saturating_sub(cpu_before),
+    };
+    for task in tasks {
+        let (h, requests, errors) = task.await??;
+        result
+            .histogram
+            .add(&h)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        result.requests += requests;
+        result.errors += errors;
+    }
+    Ok(result)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+pub fn run(args: LoadArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.rounds >= 1 && args.keys >= 1,
+        "rounds and keys must be at least 1"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.hit_ratio),
+        "hit ratio is a share, 0 to 1"
+    );
+    let nproc = crate::nproc();
+    let pinned = !args.no_pin && nproc >= 2 && which("taskset");
+    let server_core = pinned.then_some(0);
+    if pinned {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(1);
+        rustix::thread::sched_setaffinity(None, &set).context("pinning the client to core 1")?;
+    }
+    let keybroker_bin = match args.keybroker_bin.clone() {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("no parent directory")?
+            .join("keybroker"),
+    };
+    let data_dir = std::env::temp_dir().join(format!("keybroker-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&data_dir)?;
+    let result = (|| {
+        let broker = spawn_keybroker(&keybroker_bin, &data_dir, server_core)?;
+        let floor = spawn_floor(server_core)?;
+        // The client gets one worker thread when pinned to its core.
+        let runtime = if pinned {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+        } else {
+            tokio::runtime::Runtime::new()?
+        };
+        runtime.block_on(drive(&args, &broker, &floor, pinned))
+    })();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+fn which(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn drive(
+    args: &LoadArgs,
+    broker: &ServerProcess,
+    floor: &ServerProcess,
+    pinned: bool,
+) -> anyhow::Result<()> {
+    let broker_channel = Channel::from_shared(format!("http://{}", broker.addr))?
+        .connect()
+        .await?;
+    let floor_channel = Channel::from_shared(format!("http://{}", floor.addr))?
+        .connect()
+        .await?;
+    let mut client = KeyBrokerClient::new(broker_channel);
+    let generate = |mut client: KeyBrokerClient<Channel>, n: usize| async move {
+        let mut keys = Vec::with_capacity(n);
+        for _ in 0..n {
+            let wrapped = client
+                .generate_data_key(GenerateDataKeyRequest {
+                    tenant_id: "bench".into(),
+                    key_spec: 0,
+                    context: context(),
+                })
+                .await?
+                .into_inner()
+                .wrapped_key;
+            keys.push(wrapped);
+        }
+        Ok::<_, anyhow::Error>(keys)
+    };
+    let warm = Arc::new(generate(client.clone(), args.keys).await?);
+    for key in warm.iter() {
+        client
+            .unwrap_key(UnwrapKeyRequest {
+                tenant_id: "bench".into(),
+                wrapped_key: key.clone(),
+                context: context(),
+            })
+            .await?;
+    }
+    let cold_needed = if args.hit_ratio < 1.0 { 50_000 } else { 0 };
+    let cold = Arc::new(generate(client.clone(), cold_needed).await?);
+    let broker_target = Target::Broker {
+        client,
+        warm: Arc::clone(&warm),
+        cold,
+        next_cold: Arc::default(),
+        hit_ratio: args.hit_ratio,
+    };
+    let floor_target = Target::Floor(FloorClient::new(floor_channel), Arc::clone(&warm));
+
+    println!(
+        "machine: {}  pinned: {pinned}  rounds: {}  duration: {:?}  hit ratio: {}",
+        crate::machine_facts(),
+        args.rounds,
+        args.duration,
+        args.hit_ratio
+    );
+    let mut levels = Vec::new();
+    for &concurrency in &args.concurrency {
+        let mut floors = Vec::new();
+        let mut brokers = Vec::new();
+        for _ in 0..args.rounds {
+            floors.push(
+                measure(
+                    &floor_target,
+                    floor,
+                    concurrency,
+                    args.warmup,
+                    args.duration,
+                )
+                .await?,
+            );
+            brokers.push(
+                measure(
+                    &broker_target,
+                    broker,
+                    concurrency,
+                    args.warmup,
+                    args.duration,
+                )
+                .await?,
+            );
+        }
+        let med = |runs: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
+            median(runs.iter().map(f).collect())
+        };
+        let p50 = |r: &RunResult| r.quantile_us(0.5);
+        let p99 = |r: &RunResult| r.quantile_us(0.99);
+        let rps = |r: &RunResult| r.rps();
+        let cpu = |r: &RunResult| r.cpu_us_per_request();
+        let ratio = |f: &dyn Fn(&RunResult) -> f64| med(&brokers, f) / med(&floors, f);
+        let (p50_ratio, p99_ratio, rps_ratio, cpu_ratio) =
+            (ratio(&p50), ratio(&p99), ratio(&rps), ratio(&cpu));
+        let errors: u64 = brokers.iter().chain(&floors).map(|r| r.errors).sum();
+        println!(
+            "in flight {concurrency:>3}: floor p50 {:>7.1}us p99 {:>7.1}us {:>8.0} rps {:>6.1} cpu-us/req | keybroker p50 {:>7.1}us p99 {:>7.1}us {:>8.0} rps {:>6.1} cpu-us/req | ratios p50 {p50_ratio:.3} p99 {p99_ratio:.3} rps {rps_ratio:.3} cpu {cpu_ratio:.3} | errors {errors}",
+            med(&floors, &p50),
+            med(&floors, &p99),
+            med(&floors, &rps),
+            med(&floors, &cpu),
+            med(&brokers, &p50),
+            med(&brokers, &p99),
+            med(&brokers, &rps),
+            med(&brokers, &cpu),
+        );
+        levels.push(json!({
+            "concurrency": concurrency,
+            "floor": floors.iter().map(RunResult::json).collect::<Vec<_>>(),
+            "keybroker": brokers.iter().map(RunResult::json).collect::<Vec<_>>(),
+            "median_ratios": {
+                "p50": p50_ratio, "p99": p99_ratio, "rps": rps_ratio, "server_cpu_per_request": cpu_ratio,
+            },
+            "errors": errors,
+        }));
+    }
+    let report = json!({
+        "machine": crate::machine_facts(),
+        "pinned": pinned,
+        "rounds": args.rounds,
+        "duration_s": args.duration.as_secs_f64(),
+        "warmup_s": args.warmup.as_secs_f64(),
+        "keys": args.keys,
+        "hit_ratio": args.hit_ratio,
+        "levels": levels,
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    let total_errors: u64 = report["levels"].as_array().map_or(0, |l| {
+        l.iter().map(|v| v["errors"].as_u64().unwrap_or(0)).sum()
+    });
+    anyhow::ensure!(total_errors == 0, "{total_errors} requests failed");
+    Ok(())
+}

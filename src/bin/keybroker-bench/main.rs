@@ -1,0 +1,120 @@
+//! `keybroker-bench`: keybroker measured against a gRPC floor in the same
+//! run, KMS-call accounting, and memory per cached key. BENCHMARKS.md has
+//! the commands and the latest figures.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod accounting;
+mod floor;
+mod load;
+mod memory;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Generated from `benches/floor.proto`.
+#[allow(
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic
+)]
+mod pb {
+    tonic::include_proto!("keybroker.bench");
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keybroker-bench",
+    about = "keybroker benchmarks (see BENCHMARKS.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Cache-hit UnwrapKey against the floor server, alternating runs.
+    Load(load::LoadArgs),
+    /// The floor server (spawned by `load`; prints its address).
+    FloorServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+    /// Counts provider calls under concurrent cold unwraps.
+    Accounting(accounting::AccountingArgs),
+    /// Resident bytes per cached key, a fresh process per size.
+    Memory {
+        /// Cache sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        entries: Vec<usize>,
+        /// Write the results here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// One memory measurement (spawned by `memory`).
+    MemoryChild {
+        #[arg(long)]
+        entries: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    nproc();
+    let result = match cli.command {
+        Command::Load(args) => load::run(args),
+        Command::FloorServer { listen } => floor::serve(listen),
+        Command::Accounting(args) => accounting::run(args),
+        Command::Memory { entries, json } => memory::run(&entries, json.as_deref()),
+        Command::MemoryChild { entries } => memory::child(entries),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("keybroker-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// CPUs of the machine, read before any pinning narrows what
+/// `available_parallelism` reports.
+static NPROC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+pub fn nproc() -> usize {
+    *NPROC.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Facts about the machine a result was measured on.
+pub fn machine_facts() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let rustc = std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    serde_json::json!({
+        "nproc": nproc(),
+        "cpu_model": cpu,
+        "rustc": rustc,
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}

@@ -1,0 +1,112 @@
+//! Smoke runs of `keybroker-bench` (debug build, seconds): it works, and
+//! KMS-call accounting is exact. Never a timing threshold: speed is judged
+//! from release runs side by side with the floor (BENCHMARKS.md).
+
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keybroker-bench"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounting_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("accounting.json");
+    let output = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || {
+            bench()
+                .args(["accounting", "--keys", "20", "--latency", "5ms", "--json"])
+                .arg(&out)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 7);
+    for r in results {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["provider_calls"], r["expected_calls"], "{r}");
+    }
+    // 1000 concurrent unwraps of one cold key: one provider call, all served.
+    assert_eq!(results[2]["provider_calls"], 1);
+    assert_eq!(results[2]["succeeded"], 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_and_memory_runs_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("load.json");
+    let output = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || {
+            bench()
+                .args([
+                    "load",
+                    "--concurrency",
+                    "1,4",
+                    "--duration",
+                    "400ms",
+                    "--warmup",
+                    "100ms",
+                ])
+                .args([
+                    "--rounds",
+                    "1",
+                    "--keys",
+                    "20",
+                    "--keybroker-bin",
+                    env!("CARGO_BIN_EXE_keybroker"),
+                ])
+                .arg("--json")
+                .arg(&out)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let levels = report["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for level in levels {
+        assert_eq!(level["errors"], 0);
+        for side in ["floor", "keybroker"] {
+            let run = &level[side][0];
+            assert!(run["requests"].as_u64().unwrap() > 0, "{side}: {run}");
+            assert!(run["p99_us"].as_f64().unwrap() >= run["p50_us"].as_f64().unwrap());
+        }
+        assert!(level["median_ratios"]["p50"].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["machine"]["nproc"].as_u64().unwrap() >= 1);
+
+    let output = tokio::task::spawn_blocking(|| {
+        bench()
+            .args(["memory", "--entries", "3000"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8(output.stdout).unwrap();
+    let result: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(result["entries"], 3000);
+}
