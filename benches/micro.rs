@@ -89,7 +89,7 @@ fn cache_benches(c: &mut Criterion) {
         tti: Duration::from_secs(3600),
     };
     let cache = DekCache::new(settings);
-    let key = CacheKey::new("tenant-0001", [1; 32], [2; 32]);
+    let key = CacheKey::new("tenant-0001", &[1; 32], &context());
     runtime
         .block_on(cache.get_or_load(key.clone(), async {
             let origin = cache.origin(&PLATFORM_BINDING.into(), ProviderKind::Local, "1");

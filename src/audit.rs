@@ -212,6 +212,11 @@ impl AuditLog {
         }
     }
 
+    /// Whether records are written at all (`off` skips building them).
+    pub fn enabled(&self) -> bool {
+        !matches!(self.sink, Sink::Off)
+    }
+
     pub fn fail_closed(&self) -> bool {
         self.fail_closed
     }

@@ -110,29 +110,32 @@ struct Rule {
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// No policy file: every call allowed without matching.
+    allow_all: bool,
 }
 
-/// What one caller may do with one method: the tenants it may name.
+/// A caller allowed to call a method, for the tenant check that follows.
+/// Holds the policy it was granted under (a reload mid-call does not change
+/// the answer) and allocates nothing per call.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    tenants: Arc<[Pattern]>,
+    policy: Arc<Policy>,
+    identity: Arc<str>,
+    method: Arc<str>,
 }
 
 impl Grant {
     pub fn allows_tenant(&self, tenant_id: &str) -> bool {
-        self.tenants.iter().any(|p| p.matches(tenant_id))
+        self.policy
+            .allows(&self.identity, &self.method, Some(tenant_id))
     }
 }
 
 impl Policy {
     pub fn allow_all() -> Self {
-        let any = || vec![Pattern("*".into())];
         Self {
-            rules: vec![Rule {
-                identities: any(),
-                methods: any(),
-                tenants: any(),
-            }],
+            rules: Vec::new(),
+            allow_all: true,
         }
     }
 
@@ -172,7 +175,10 @@ impl Policy {
                 tenants: list("tenants", rule.tenants)?,
             });
         }
-        Ok(Self { rules })
+        Ok(Self {
+            rules,
+            allow_all: false,
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -181,18 +187,24 @@ impl Policy {
         Self::parse(&text).map_err(|e| format!("authorization policy {}: {e}", path.display()))
     }
 
-    /// The tenants `identity` may name when calling `method`; `None` when no
-    /// rule lets it call the method at all.
-    pub fn grant(&self, identity: &str, method: &str) -> Option<Grant> {
-        let tenants: Vec<Pattern> = self
-            .rules
-            .iter()
-            .filter(|r| r.identities.iter().any(|p| p.matches(identity)))
-            .filter(|r| r.methods.iter().any(|p| p.matches(method)))
-            .flat_map(|r| r.tenants.iter().cloned())
-            .collect();
-        (!tenants.is_empty()).then(|| Grant {
-            tenants: tenants.into(),
+    /// Whether one rule matches the identity, the method and (when given)
+    /// the tenant.
+    pub fn allows(&self, identity: &str, method: &str, tenant_id: Option<&str>) -> bool {
+        self.allow_all
+            || self.rules.iter().any(|r| {
+                r.identities.iter().any(|p| p.matches(identity))
+                    && r.methods.iter().any(|p| p.matches(method))
+                    && tenant_id.is_none_or(|t| r.tenants.iter().any(|p| p.matches(t)))
+            })
+    }
+
+    /// A grant when some rule lets `identity` call `method` (for some
+    /// tenant); `None` when none does.
+    pub fn grant(self: &Arc<Self>, identity: Arc<str>, method: Arc<str>) -> Option<Grant> {
+        self.allows(&identity, &method, None).then(|| Grant {
+            policy: Arc::clone(self),
+            identity,
+            method,
         })
     }
 }
@@ -311,23 +323,33 @@ mod tests {
             "#,
         )
         .unwrap();
+        let policy = Arc::new(policy);
         let unwrap = "keybroker.v1.KeyBroker/UnwrapKey";
-        let grant = policy.grant("spiffe://prod/billing", unwrap).unwrap();
+        let grant = policy
+            .grant("spiffe://prod/billing".into(), unwrap.into())
+            .unwrap();
         assert!(grant.allows_tenant("acme") && grant.allows_tenant("globex-eu"));
         assert!(!grant.allows_tenant("initech"));
+        let grant = |p: &Arc<Policy>, i: &str, m: &str| p.grant(i.into(), m.into());
         assert!(
-            policy
-                .grant("spiffe://prod/billing", "keybroker.v1.KeyBroker/WrapKey")
-                .is_none()
+            grant(
+                &policy,
+                "spiffe://prod/billing",
+                "keybroker.v1.KeyBroker/WrapKey"
+            )
+            .is_none()
         );
-        assert!(policy.grant("spiffe://prod/ops/alice", unwrap).is_none());
+        assert!(grant(&policy, "spiffe://prod/ops/alice", unwrap).is_none());
         assert!(
-            policy
-                .grant("spiffe://prod/ops/alice", "keybroker.v1.KeyAdmin/LinkKey")
-                .unwrap()
-                .allows_tenant("anyone")
+            grant(
+                &policy,
+                "spiffe://prod/ops/alice",
+                "keybroker.v1.KeyAdmin/LinkKey"
+            )
+            .unwrap()
+            .allows_tenant("anyone")
         );
-        assert!(Policy::parse("").unwrap().grant("x", unwrap).is_none());
+        assert!(grant(&Arc::new(Policy::parse("").unwrap()), "x", unwrap).is_none());
 
         let typo = Policy::parse(
             "[[allow]]\nidentities=[\"a\"]\nmethods=[\"keybroker.v1.KeyBroker/Unwrap\"]\ntenants=[\"*\"]\n",

@@ -424,11 +424,7 @@ impl Broker {
     ) -> Result<Unwrapped, BrokerError> {
         envelope::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
-        let cache_key = CacheKey::new(
-            tenant_id,
-            envelope::wrapped_key_digest(wrapped),
-            context.digest(),
-        );
+        let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.directory.tenant_keys(tenant_id).await?;
         if let Some(hit) = self.cache.get(&cache_key).await {
             let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
@@ -524,11 +520,7 @@ impl Broker {
                 });
             }
         }
-        let cache_key = CacheKey::new(
-            tenant_id,
-            envelope::wrapped_key_digest(wrapped),
-            context.digest(),
-        );
+        let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let plain = self
             .load(cache_key, source, &envelope, tenant_id, context)
             .await?;

@@ -15,12 +15,13 @@ use std::time::Duration;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
+use crate::envelope::Context;
 use crate::kms::ProviderKind;
 use crate::secret::SecretBytes;
 
 /// 40 bytes inline, no heap: memory per cached key matters at a million
-/// entries. `digest` is SHA-256 over (tenant, wrapped-key digest, context
-/// digest), length-prefixed, so it pins all three as the triple would.
+/// entries. `digest` is one SHA-256 over the length-prefixed tenant, wrapped
+/// key bytes and canonical context, so it pins all three.
 /// `tenant_tag` only selects entries for a tenant purge: a collision purges
 /// a few extra entries (a cache miss), never serves a wrong key.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -30,12 +31,13 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
-    pub fn new(tenant_id: &str, wrapped_digest: [u8; 32], context_digest: [u8; 32]) -> Self {
+    pub fn new(tenant_id: &str, wrapped_key: &[u8], context: &Context) -> Self {
         let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        hash.update(&(tenant_id.len() as u64).to_be_bytes());
-        hash.update(tenant_id.as_bytes());
-        hash.update(&wrapped_digest);
-        hash.update(&context_digest);
+        for part in [tenant_id.as_bytes(), wrapped_key] {
+            hash.update(&(part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        context.encode_into(&mut |bytes| hash.update(bytes));
         let mut digest = [0u8; 32];
         digest.copy_from_slice(hash.finish().as_ref());
         Self {
@@ -353,6 +355,21 @@ mod tests {
     }
 
     #[test]
+    fn cache_key_pins_tenant_bytes_and_context() {
+        let ctx = |k: &str, v: &str| Context::new([(k.to_owned(), v.to_owned())].into()).unwrap();
+        let base = CacheKey::new("acme", b"wrapped", &ctx("a", "1"));
+        assert_eq!(base, CacheKey::new("acme", b"wrapped", &ctx("a", "1")));
+        assert_ne!(base, CacheKey::new("acmf", b"wrapped", &ctx("a", "1")));
+        assert_ne!(base, CacheKey::new("acme", b"wrappee", &ctx("a", "1")));
+        assert_ne!(base, CacheKey::new("acme", b"wrapped", &ctx("a", "2")));
+        // Bytes moved across the tenant/key boundary hash differently.
+        assert_ne!(
+            CacheKey::new("ab", b"c", &Context::default()),
+            CacheKey::new("a", b"bc", &Context::default())
+        );
+    }
+
+    #[test]
     fn origins_are_shared_per_binding_and_version() {
         let cache = DekCache::new(settings(1000));
         let binding: Arc<str> = "k1".into();
@@ -375,7 +392,7 @@ mod tests {
     async fn concurrent_misses_load_once() {
         let cache = DekCache::new(settings(60_000));
         let loads = Arc::new(AtomicUsize::new(0));
-        let key = CacheKey::new("t", [1; 32], [2; 32]);
+        let key = CacheKey::new("t", &[1; 32], &Context::default());
         let tasks: Vec<_> = (0..50)
             .map(|_| {
                 let (cache, loads, key) = (cache.clone(), loads.clone(), key.clone());
@@ -402,7 +419,7 @@ mod tests {
     #[tokio::test]
     async fn failures_are_not_cached() {
         let cache = DekCache::new(settings(60_000));
-        let key = CacheKey::new("t", [1; 32], [2; 32]);
+        let key = CacheKey::new("t", &[1; 32], &Context::default());
         let err = cache
             .get_or_load(key.clone(), async { Err::<Arc<CachedKey>, _>("down") })
             .await;
@@ -419,9 +436,9 @@ mod tests {
     #[tokio::test]
     async fn purge_by_tenant_and_binding() {
         let cache = DekCache::new(settings(60_000));
-        let a1 = CacheKey::new("a", [1; 32], [0; 32]);
-        let a2 = CacheKey::new("a", [2; 32], [0; 32]);
-        let b1 = CacheKey::new("b", [1; 32], [0; 32]);
+        let a1 = CacheKey::new("a", &[1; 32], &Context::default());
+        let a2 = CacheKey::new("a", &[2; 32], &Context::default());
+        let b1 = CacheKey::new("b", &[1; 32], &Context::default());
         for (k, binding) in [(&a1, "k1"), (&a2, "k2"), (&b1, "k1")] {
             cache
                 .get_or_load::<(), _>(k.clone(), async { Ok(value(binding)) })
@@ -440,7 +457,7 @@ mod tests {
     #[tokio::test]
     async fn entries_expire_after_ttl() {
         let cache = DekCache::new(settings(200));
-        let key = CacheKey::new("t", [1; 32], [2; 32]);
+        let key = CacheKey::new("t", &[1; 32], &Context::default());
         cache
             .get_or_load::<(), _>(key.clone(), async { Ok(value("platform")) })
             .await

@@ -12,7 +12,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use aws_lc_rs::digest;
 use prost::Message;
 
 use crate::kms::ProviderKind;
@@ -129,14 +128,8 @@ impl Context {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// SHA-256 of the canonical encoding: part of the DEK cache key.
-    pub fn digest(&self) -> [u8; 32] {
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        self.encode_into(&mut |bytes| ctx.update(bytes));
-        sha256_array(ctx.finish())
-    }
-
-    fn encode_into(&self, out: &mut dyn FnMut(&[u8])) {
+    /// Feeds the canonical encoding to `out` (AAD, cache key).
+    pub fn encode_into(&self, out: &mut dyn FnMut(&[u8])) {
         out(&len32(self.0.len()));
         for (key, value) in &self.0 {
             put_prefixed(out, key.as_bytes());
@@ -154,17 +147,6 @@ pub fn aad(tenant_id: &str, context: &Context) -> Vec<u8> {
     put_prefixed(&mut push, AAD_TAG);
     put_prefixed(&mut push, tenant_id.as_bytes());
     context.encode_into(&mut push);
-    out
-}
-
-/// SHA-256 of a wrapped key's bytes: part of the DEK cache key.
-pub fn wrapped_key_digest(wrapped: &[u8]) -> [u8; 32] {
-    sha256_array(digest::digest(&digest::SHA256, wrapped))
-}
-
-fn sha256_array(d: digest::Digest) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
     out
 }
 
@@ -323,7 +305,7 @@ mod tests {
         let a = ctx(&[("b", "2"), ("a", "1")]);
         let b = ctx(&[("a", "1"), ("b", "2")]);
         assert_eq!(aad("t", &a), aad("t", &b));
-        assert_eq!(a.digest(), b.digest());
+        assert_eq!(a, b);
         // Moving bytes between fields changes the encoding.
         assert_ne!(
             aad("t", &ctx(&[("ab", "c")])),

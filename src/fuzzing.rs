@@ -212,12 +212,12 @@ impl RequestHarness {
 /// A request as the authorization layer would pass it on (allow-all grant).
 fn request<T>(message: T, method: &str) -> Request<T> {
     let mut request = Request::new(message);
-    if let Some(grant) = Policy::allow_all().grant("fuzz", method) {
+    if let Some(grant) = Arc::new(Policy::allow_all()).grant("fuzz".into(), method.into()) {
         request.extensions_mut().insert(CallContext {
             identity: "fuzz".into(),
             peer: None,
             method: method.into(),
-            request_id: "fuzz".into(),
+            request_id: None,
             grant,
             started: Instant::now(),
         });

@@ -5,7 +5,7 @@
 //! policy needs the decoded request: handlers check it first thing, through
 //! the [`CallContext`] this layer attaches (see `api::call`).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -28,7 +28,8 @@ pub struct CallContext {
     pub identity: Arc<str>,
     pub peer: Option<std::net::SocketAddr>,
     pub method: Arc<str>,
-    pub request_id: Arc<str>,
+    /// The caller's `x-request-id`, or one made up when the call is audited.
+    pub request_id: Option<Arc<str>>,
     pub grant: Grant,
     pub started: Instant,
 }
@@ -63,22 +64,42 @@ pub struct AuthService<S> {
     layer: AuthLayer,
 }
 
-/// The caller's request id when it is short printable ASCII, else a new one.
-fn request_id<B>(request: &http::Request<B>) -> Arc<str> {
-    request
+/// The caller's request id when it is short printable ASCII; else a new one
+/// when the audit log will record it, else none (nothing would show it).
+fn request_id<B>(request: &http::Request<B>, audited: bool) -> Option<Arc<str>> {
+    let given = request
         .headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(
-            || {
-                let mut bytes = [0u8; 16];
-                // A failed RNG only costs uniqueness of a log field.
-                let _ = aws_lc_rs::rand::fill(&mut bytes);
-                hex::encode(bytes).into()
-            },
-            Arc::from,
-        )
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+    match given {
+        Some(id) => Some(id.into()),
+        None if audited => {
+            let mut bytes = [0u8; 16];
+            // A failed RNG only costs uniqueness of a log field.
+            let _ = aws_lc_rs::rand::fill(&mut bytes);
+            Some(hex::encode(bytes).into())
+        }
+        None => None,
+    }
+}
+
+/// Shared names, so the hot path allocates no strings per call.
+static UNAUTHENTICATED_ID: LazyLock<Arc<str>> = LazyLock::new(|| UNAUTHENTICATED.into());
+static METHOD_NAMES: LazyLock<Vec<Arc<str>>> = LazyLock::new(|| {
+    crate::authz::METHODS
+        .iter()
+        .map(|m| Arc::from(*m))
+        .collect()
+});
+
+fn method_name(path: &str) -> Arc<str> {
+    let method = path.trim_start_matches('/');
+    METHOD_NAMES
+        .iter()
+        .find(|m| &***m == method)
+        .cloned()
+        .unwrap_or_else(|| method.into())
 }
 
 impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
@@ -102,27 +123,33 @@ where
         // The clone that was polled ready serves this call (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let method = request.uri().path().trim_start_matches('/').to_owned();
-        if OPEN_PREFIXES.iter().any(|p| method.starts_with(p)) {
+        let path = request.uri().path();
+        if OPEN_PREFIXES
+            .iter()
+            .any(|p| path.trim_start_matches('/').starts_with(p))
+        {
             return Box::pin(inner.call(request));
         }
         let started = Instant::now();
-        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let method = method_name(path);
+        let peer = request.extensions().get::<PeerInfo>();
         let identity: Arc<str> = peer
-            .as_ref()
             .and_then(|p| p.identity.clone())
-            .unwrap_or_else(|| UNAUTHENTICATED.into());
-        let request_id = request_id(&request);
-        let echo = http::HeaderValue::from_str(&request_id).ok();
+            .unwrap_or_else(|| Arc::clone(&UNAUTHENTICATED_ID));
         let remote = peer.and_then(|p| p.remote_addr);
-        let Some(grant) = self.layer.policy.current().grant(&identity, &method) else {
+        let request_id = request_id(&request, self.layer.audit.enabled());
+        let echo = request_id
+            .as_deref()
+            .and_then(|id| http::HeaderValue::from_str(id).ok());
+        let policy = self.layer.policy.current();
+        let Some(grant) = policy.grant(Arc::clone(&identity), Arc::clone(&method)) else {
             let status = Status::from(AccessError::MethodDenied {
                 identity: identity.to_string(),
-                method: method.clone(),
+                method: method.to_string(),
             });
             let record = AuditRecord {
                 time: crate::audit::rfc3339_now(),
-                request_id: &request_id,
+                request_id: request_id.as_deref().unwrap_or_default(),
                 caller: &identity,
                 peer: remote.map(|a| a.to_string()),
                 method: &method,
@@ -140,7 +167,7 @@ where
             if let Err(err) = self.layer.audit.write(&record) {
                 tracing::error!(error = %err, "audit record of a denied call not written");
             }
-            tracing::info!(caller = %identity, %method, request_id = %request_id, "call denied by the authorization policy");
+            tracing::info!(caller = %identity, %method, request_id = request_id.as_deref().unwrap_or_default(), "call denied by the authorization policy");
             let mut response = status.into_http();
             if let Some(echo) = echo {
                 response.headers_mut().insert(REQUEST_ID_HEADER, echo);
@@ -150,7 +177,7 @@ where
         request.extensions_mut().insert(CallContext {
             identity,
             peer: remote,
-            method: method.into(),
+            method,
             request_id,
             grant,
             started,

@@ -112,51 +112,83 @@ where
         return Err(AccessError::NoContext.into());
     };
     let req = request.into_inner();
-    let tenant_id = req.tenant_id().to_owned();
-    let requested_binding = req.key_binding().map(str::to_owned);
-    let wrapped_key_sha256 = req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
-        hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8])
-    });
-    let unwraps = ctx.method.ends_with("/UnwrapKey") || ctx.method.ends_with("/RewrapKey");
-
-    let (result, notes) = if ctx.grant.allows_tenant(&tenant_id) {
-        let (result, notes) = audit::with_notes(handler(req)).await;
-        (result, Some(notes))
-    } else {
-        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %tenant_id, request_id = %ctx.request_id, "call denied by the authorization policy");
+    if !ctx.grant.allows_tenant(req.tenant_id()) {
+        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %req.tenant_id(), "call denied by the authorization policy");
         let denied = AccessError::TenantDenied {
             identity: ctx.identity.to_string(),
             method: ctx.method.to_string(),
-            tenant_id: tenant_id.clone(),
+            tenant_id: req.tenant_id().to_owned(),
         };
-        (Err(denied.into()), None)
-    };
+        let result = Err(denied.into());
+        return audited(audit, &ctx, Facts::of(&req), None, result);
+    }
+    if !audit.enabled() {
+        // Nothing to record: no digests, notes or clocks on the hot path.
+        return handler(req).await.map(Response::new);
+    }
+    let facts = Facts::of(&req);
+    let (result, notes) = audit::with_notes(handler(req)).await;
+    audited(audit, &ctx, facts, Some(&notes), result)
+}
 
+/// What the audit record says about the request, taken before the handler
+/// consumes it.
+struct Facts {
+    tenant_id: String,
+    requested_binding: Option<String>,
+    wrapped_key_sha256: Option<String>,
+}
+
+impl Facts {
+    fn of(req: &impl Scoped) -> Self {
+        Self {
+            tenant_id: req.tenant_id().to_owned(),
+            requested_binding: req.key_binding().map(str::to_owned),
+            wrapped_key_sha256: req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
+                hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8])
+            }),
+        }
+    }
+}
+
+/// Writes the record of a finished call; in fail-closed mode an unwritable
+/// record replaces the answer with UNAVAILABLE.
+fn audited<Resp: Audited>(
+    audit: &AuditLog,
+    ctx: &CallContext,
+    facts: Facts,
+    notes: Option<&audit::CallNotes>,
+    result: Result<Resp, Status>,
+) -> Result<Response<Resp>, Status> {
+    if !audit.enabled() {
+        return result.map(Response::new);
+    }
     let (code, error) = match &result {
         Ok(_) => (Code::Ok, None),
         Err(status) => (status.code(), Some(status.message())),
     };
     let key = result.as_ref().ok().and_then(Audited::key);
-    let provider_calls = notes.as_ref().map_or(0, |n| n.provider_calls());
+    let provider_calls = notes.map_or(0, audit::CallNotes::provider_calls);
+    let unwraps = ctx.method.ends_with("/UnwrapKey") || ctx.method.ends_with("/RewrapKey");
     let record = AuditRecord {
         time: audit::rfc3339_now(),
-        request_id: &ctx.request_id,
+        request_id: ctx.request_id.as_deref().unwrap_or_default(),
         caller: &ctx.identity,
         peer: ctx.peer.map(|a| a.to_string()),
         method: &ctx.method,
-        tenant_id: Some(&tenant_id),
-        key_binding: key.map(|k| k.0).or(requested_binding.as_deref()),
+        tenant_id: Some(&facts.tenant_id),
+        key_binding: key.map(|k| k.0).or(facts.requested_binding.as_deref()),
         key_version: key.map(|k| k.1).filter(|v| !v.is_empty()),
-        wrapped_key_sha256,
+        wrapped_key_sha256: facts.wrapped_key_sha256,
         outcome: code_name(code),
         error,
         latency_us: elapsed_us(ctx.started),
         cache_hit: (unwraps && code == Code::Ok).then_some(provider_calls == 0),
         provider_calls,
-        provider_request_id: notes.as_ref().and_then(|n| n.provider_request_id()),
+        provider_request_id: notes.and_then(audit::CallNotes::provider_request_id),
     };
     if let Err(err) = audit.write(&record) {
-        tracing::error!(error = %err, request_id = %ctx.request_id, "audit record not written");
+        tracing::error!(error = %err, request_id = record.request_id, "audit record not written");
         if audit.fail_closed() {
             return Err(AccessError::AuditUnavailable(err.to_string()).into());
         }
