@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use crate::cache::{CacheKey, CachedKey, DekCache};
 use crate::envelope::{self, Context, Envelope, EnvelopeError};
 use crate::kms::{KeyProvider, ProviderError, ProviderKind, WrapContext};
+use crate::metrics::Metrics;
 use crate::quota::{ProviderQuota, QuotaExceeded, QuotaSettings};
 use crate::secret::SecretBytes;
 
@@ -301,6 +302,7 @@ pub struct Broker {
     calls: Arc<ProviderCalls>,
     /// Token buckets in front of every remote provider call.
     quota: ProviderQuota,
+    metrics: Arc<Metrics>,
 }
 
 impl Broker {
@@ -310,7 +312,39 @@ impl Broker {
             cache,
             calls: Arc::default(),
             quota: ProviderQuota::new(quota),
+            metrics: Arc::new(Metrics::new(false)),
         }
+    }
+
+    /// Records into `metrics` (the server's registry) instead of a private one.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Runs one provider call, recording its latency and outcome.
+    async fn timed<T>(
+        &self,
+        binding: &Binding,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(ProviderError::kind_name, |_| "ok");
+        self.metrics.provider_call(
+            binding.provider.kind().as_str(),
+            operation,
+            outcome,
+            started.elapsed(),
+        );
+        result
     }
 
     pub fn quota(&self) -> &ProviderQuota {
@@ -326,7 +360,9 @@ impl Broker {
         counter: &AtomicU64,
     ) -> Result<(), BrokerError> {
         if binding.provider.kind() != ProviderKind::Local {
-            self.quota.acquire(tenant_id)?;
+            self.quota.acquire(tenant_id).inspect_err(|refused| {
+                self.metrics.quota_rejection(refused.scope, tenant_id);
+            })?;
         }
         counter.fetch_add(1, Ordering::Relaxed);
         crate::audit::note_provider_call();
@@ -353,13 +389,13 @@ impl Broker {
         binding.ensure_usable(tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
         binding.usage.record(&binding.usage.wraps);
-        let result = binding
-            .provider
-            .generate_data_key(
-                &binding.key_reference,
-                len,
-                WrapContext { tenant_id, context },
-            )
+        let call = binding.provider.generate_data_key(
+            &binding.key_reference,
+            len,
+            WrapContext { tenant_id, context },
+        );
+        let result = self
+            .timed(binding, "generate_data_key", call)
             .await
             .map_err(|source| provider_error(binding, source));
         let (plaintext, ciphertext) = self.reported(tenant_id, binding, result).await?;
@@ -399,13 +435,13 @@ impl Broker {
         binding.ensure_usable(tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
         binding.usage.record(&binding.usage.wraps);
-        let result = binding
-            .provider
-            .encrypt(
-                &binding.key_reference,
-                plaintext,
-                WrapContext { tenant_id, context },
-            )
+        let call = binding.provider.encrypt(
+            &binding.key_reference,
+            plaintext,
+            WrapContext { tenant_id, context },
+        );
+        let result = self
+            .timed(binding, "encrypt", call)
             .await
             .map_err(|source| provider_error(binding, source));
         let ciphertext = self.reported(tenant_id, binding, result).await?;
@@ -458,14 +494,14 @@ impl Broker {
     ) -> Result<Arc<CachedKey>, BrokerError> {
         let load = async {
             self.provider_call(binding, tenant_id, &self.calls.decrypt)?;
-            let plaintext = binding
-                .provider
-                .decrypt(
-                    &binding.key_reference,
-                    &envelope.provider_key_version,
-                    &envelope.ciphertext,
-                    WrapContext { tenant_id, context },
-                )
+            let call = binding.provider.decrypt(
+                &binding.key_reference,
+                &envelope.provider_key_version,
+                &envelope.ciphertext,
+                WrapContext { tenant_id, context },
+            );
+            let plaintext = self
+                .timed(binding, "decrypt", call)
                 .await
                 .map_err(|source| provider_error(binding, source))?;
             let origin = self.cache.origin(
@@ -505,7 +541,14 @@ impl Broker {
             if dst.same_session(src) {
                 self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
             }
+            let started = std::time::Instant::now();
             if let Some(result) = dst.reencrypt_from(src, &envelope.ciphertext, wrap).await {
+                let outcome = result
+                    .as_ref()
+                    .map_or_else(ProviderError::kind_name, |_| "ok");
+                let kind = target.provider.kind().as_str();
+                self.metrics
+                    .provider_call(kind, "reencrypt", outcome, started.elapsed());
                 // ReEncrypt needs both keys; a failure is reported against
                 // the target, the binding the call was signed for.
                 let result = result.map_err(|e| provider_error(target, e));

@@ -326,10 +326,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    Server::build(config)
-        .await?
-        .run(listener, shutdown_signal())
-        .await
+    let metrics_listen = config.metrics_listen;
+    let server = Server::build(config).await?;
+    if let Some(addr) = metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+        let bound = metrics_listener.local_addr()?;
+        let metrics = std::sync::Arc::clone(server.metrics());
+        tokio::spawn(async move {
+            if let Err(err) =
+                crate::metrics::serve(metrics, metrics_listener, shutdown_signal()).await
+            {
+                tracing::error!(error = %err, "metrics endpoint failed");
+            }
+        });
+        tracing::info!(addr = %bound, "metrics listening");
+    }
+    server.run(listener, shutdown_signal()).await
 }
 
 /// Logs go to stderr; `RUST_LOG` filters (default `info`).

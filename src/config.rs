@@ -172,6 +172,14 @@ pub struct ServeArgs {
     /// Burst of the server's KMS calls [default: 4000].
     #[arg(long, env = "KEYBROKER_QUOTA_GLOBAL_BURST")]
     pub quota_global_burst: Option<u32>,
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9090
+    /// [default: off].
+    #[arg(long, env = "KEYBROKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Add a tenant label to RPC metrics (one series per tenant: only for
+    /// small deployments).
+    #[arg(long, env = "KEYBROKER_METRICS_TENANT_LABELS", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_tenant_labels: Option<bool>,
     /// Debugging only: leave core dumps and ptrace attach enabled (a core
     /// file would contain unwrapped keys).
     #[arg(long, env = "KEYBROKER_ALLOW_CORE_DUMPS", num_args = 0..=1, default_missing_value = "true")]
@@ -232,6 +240,8 @@ struct FileConfig {
     quota_global_rate: Option<u32>,
     quota_global_burst: Option<u32>,
     allow_core_dumps: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
+    metrics_tenant_labels: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +286,9 @@ pub struct Config {
     pub audit: AuditSettings,
     pub quota: QuotaSettings,
     pub allow_core_dumps: bool,
+    /// Prometheus endpoint; `None` serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_tenant_labels: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -304,6 +317,8 @@ impl std::fmt::Debug for Config {
             .field("audit", &self.audit)
             .field("quota", &self.quota)
             .field("allow_core_dumps", &self.allow_core_dumps)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("metrics_tenant_labels", &self.metrics_tenant_labels)
             .finish()
     }
 }
@@ -359,6 +374,8 @@ impl Default for Config {
             audit: AuditSettings::default(),
             quota: QuotaSettings::default(),
             allow_core_dumps: false,
+            metrics_listen: None,
+            metrics_tenant_labels: false,
         }
     }
 }
@@ -564,6 +581,11 @@ impl Config {
                 .allow_core_dumps
                 .or(file.allow_core_dumps)
                 .unwrap_or(d.allow_core_dumps),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            metrics_tenant_labels: args
+                .metrics_tenant_labels
+                .or(file.metrics_tenant_labels)
+                .unwrap_or(d.metrics_tenant_labels),
         };
         let tls_files = (
             args.tls_cert.clone().or(file.tls_cert.clone()),

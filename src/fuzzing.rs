@@ -76,13 +76,16 @@ impl RequestHarness {
             )
             .build();
         let server = runtime.block_on(Server::build_with(config, Some(aws)))?;
-        let audit = Arc::new(AuditLog::disabled());
+        let observers = Arc::new(crate::api::call::Observers {
+            audit: Arc::new(AuditLog::disabled()),
+            metrics: Arc::clone(server.metrics()),
+        });
         let admin = server
             .admin()
             .ok_or_else(|| anyhow::anyhow!("server without admin"))?;
         Ok(Self {
-            broker: KeyBrokerApi::new(Arc::clone(server.broker()), Arc::clone(&audit)),
-            admin: KeyAdminApi::new(Arc::clone(admin), audit),
+            broker: KeyBrokerApi::new(Arc::clone(server.broker()), Arc::clone(&observers)),
+            admin: KeyAdminApi::new(Arc::clone(admin), observers),
             runtime,
             data_dir,
         })

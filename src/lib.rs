@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod hardening;
 pub mod incoming;
 pub mod kms;
+pub mod metrics;
 pub mod quota;
 pub mod registry;
 pub mod reload;

@@ -12,6 +12,7 @@ use crate::admin::{Admin, AdminSettings};
 use crate::api::admin::KeyAdminApi;
 use crate::api::auth::AuthLayer;
 use crate::api::broker::KeyBrokerApi;
+use crate::api::call::Observers;
 use crate::audit::AuditLog;
 use crate::authz::{Policy, PolicySource};
 use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING};
@@ -19,6 +20,7 @@ use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
 use crate::kms::aws::AwsKms;
 use crate::kms::local::LocalKeyring;
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::key_admin_server::KeyAdminServer;
 use crate::proto::key_broker_server::KeyBrokerServer;
@@ -35,6 +37,7 @@ pub struct Server {
     /// Who may call what; re-read from its file when it changes.
     policy: Arc<PolicySource>,
     audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
     /// The listener's certificate and client CA, when serving mTLS.
     tls: Option<Arc<TlsSource>>,
     /// The control plane; absent when tests inject their own key directory.
@@ -80,6 +83,7 @@ impl Server {
             Some(base) => AwsKms::new(base, config.aws.clone()),
             None => AwsKms::from_env(config.aws.clone()).await,
         });
+        let assume_role_calls = Arc::clone(&aws.assume_role_calls);
         let directory = Arc::new(RegistryDirectory::new(
             Arc::new(registry),
             platform,
@@ -98,7 +102,13 @@ impl Server {
         }
         let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
         let watching = watcher.spawn();
-        let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache)?;
+        let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache.clone())?;
+        server.metrics.set_sources(crate::metrics::Sources {
+            cache: Some(cache),
+            assume_role_calls: Some(assume_role_calls),
+            audit: Some(Arc::clone(&server.audit)),
+            watcher: Some(Arc::clone(&watcher)),
+        });
         server.watcher = Some(watcher);
         server.admin = Some(Arc::new(Admin::new(
             directory,
@@ -154,16 +164,30 @@ impl Server {
             None => None,
         };
         let audit = Arc::new(AuditLog::open(&config.audit)?);
+        let metrics = Arc::new(Metrics::new(config.metrics_tenant_labels));
+        metrics.set_sources(crate::metrics::Sources {
+            cache: Some(cache.clone()),
+            audit: Some(Arc::clone(&audit)),
+            ..Default::default()
+        });
         Ok(Self {
-            broker: Arc::new(Broker::new(directory, cache, config.quota)),
+            broker: Arc::new(
+                Broker::new(directory, cache, config.quota).with_metrics(Arc::clone(&metrics)),
+            ),
             config,
             policy,
             audit,
+            metrics,
             tls,
             admin: None,
             watcher: None,
             tasks,
         })
+    }
+
+    /// The Prometheus registry (served by `metrics::serve`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The audit log (tests count its records).
@@ -210,13 +234,17 @@ impl Server {
         // grpcurl before 1.9 speaks only v1alpha.
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        let observers = Arc::new(Observers {
+            audit: Arc::clone(&self.audit),
+            metrics: Arc::clone(&self.metrics),
+        });
         let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(
             Arc::clone(&self.broker),
-            Arc::clone(&self.audit),
+            Arc::clone(&observers),
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin_service = self.admin.as_ref().map(|admin| {
-            KeyAdminServer::new(KeyAdminApi::new(Arc::clone(admin), Arc::clone(&self.audit)))
+            KeyAdminServer::new(KeyAdminApi::new(Arc::clone(admin), Arc::clone(&observers)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
         });
         if admin_service.is_some() {
@@ -260,7 +288,7 @@ impl Server {
             .timeout(self.config.request_timeout)
             .layer(AuthLayer::new(
                 Arc::clone(&self.policy),
-                Arc::clone(&self.audit),
+                Arc::clone(&observers),
             ))
             .add_service(health_service)
             .add_service(reflection_v1)

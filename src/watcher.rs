@@ -38,10 +38,22 @@ pub struct PassSummary {
     pub outages: usize,
 }
 
+/// Check results since start (metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CheckTotals {
+    pub ok: u64,
+    pub revoked: u64,
+    pub restored: u64,
+    pub outages: u64,
+}
+
 #[derive(Debug)]
 pub struct Watcher {
     directory: Arc<RegistryDirectory>,
     settings: WatcherSettings,
+    /// Cumulative results and the binding states of the last pass; written
+    /// once per pass, read by metrics scrapes.
+    totals: std::sync::Mutex<(CheckTotals, Vec<(&'static str, u64)>)>,
 }
 
 enum Outcome {
@@ -62,7 +74,17 @@ impl Watcher {
         Self {
             directory,
             settings,
+            totals: std::sync::Mutex::default(),
         }
+    }
+
+    pub fn totals(&self) -> CheckTotals {
+        self.totals.lock().map(|t| t.0).unwrap_or_default()
+    }
+
+    /// Watched bindings by state after the last pass.
+    pub fn bindings_by_state(&self) -> Vec<(&'static str, u64)> {
+        self.totals.lock().map(|t| t.1.clone()).unwrap_or_default()
     }
 
     /// Checks every watched binding once.
@@ -76,23 +98,45 @@ impl Watcher {
         };
         // Each result is applied as soon as its check completes: a
         // revocation never waits for the rest of the pass.
-        futures::stream::iter(bindings)
+        let total = bindings.len();
+        let (summary, revoked_now) = futures::stream::iter(bindings)
             .map(|(record, external_id)| async move {
                 let outcome = self.check(&record, &external_id).await;
-                self.apply(&record, outcome).await
+                let revoked = match &outcome {
+                    Outcome::Usable => false,
+                    Outcome::Revoked(_) => true,
+                    Outcome::Outage => record.state == BindingState::Revoked,
+                };
+                (self.apply(&record, outcome).await, revoked)
             })
             .buffer_unordered(self.settings.concurrency.max(1))
-            .fold(PassSummary::default(), |mut summary, result| async move {
-                summary.checked += 1;
-                match result {
-                    Applied::Revoked => summary.revoked += 1,
-                    Applied::Restored => summary.restored += 1,
-                    Applied::Outage => summary.outages += 1,
-                    Applied::Unchanged => {}
-                }
-                summary
-            })
-            .await
+            .fold(
+                (PassSummary::default(), 0u64),
+                |(mut summary, mut revoked), (result, is_revoked)| async move {
+                    summary.checked += 1;
+                    revoked += u64::from(is_revoked);
+                    match result {
+                        Applied::Revoked => summary.revoked += 1,
+                        Applied::Restored => summary.restored += 1,
+                        Applied::Outage => summary.outages += 1,
+                        Applied::Unchanged => {}
+                    }
+                    (summary, revoked)
+                },
+            )
+            .await;
+        if let Ok(mut totals) = self.totals.lock() {
+            let t = &mut totals.0;
+            t.revoked += summary.revoked as u64;
+            t.restored += summary.restored as u64;
+            t.outages += summary.outages as u64;
+            t.ok += (summary.checked - summary.revoked - summary.restored - summary.outages) as u64;
+            totals.1 = vec![
+                ("active", total as u64 - revoked_now),
+                ("revoked", revoked_now),
+            ];
+        }
+        summary
     }
 
     async fn apply(&self, record: &BindingRecord, outcome: Outcome) -> Applied {

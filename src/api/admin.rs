@@ -6,7 +6,6 @@ use tonic::{Request, Response, Status};
 
 use crate::admin::{Admin, AdminError, KeyView, LinkRequest};
 use crate::api::call;
-use crate::audit::AuditLog;
 use crate::broker::BindingState;
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
@@ -15,12 +14,12 @@ use crate::registry::{KeyPolicy, Tenant};
 #[derive(Debug, Clone)]
 pub struct KeyAdminApi {
     admin: Arc<Admin>,
-    audit: Arc<AuditLog>,
+    observers: Arc<call::Observers>,
 }
 
 impl KeyAdminApi {
-    pub fn new(admin: Arc<Admin>, audit: Arc<AuditLog>) -> Self {
-        Self { admin, audit }
+    pub fn new(admin: Arc<Admin>, observers: Arc<call::Observers>) -> Self {
+        Self { admin, observers }
     }
 
     fn tenant(&self, tenant: &Tenant) -> proto::Tenant {
@@ -100,7 +99,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::CreateTenantRequest>,
     ) -> Result<Response<proto::CreateTenantResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let policy = policy_from_proto(req.key_policy, false)?;
             let tenant = self.admin.create_tenant(&req.tenant_id, policy).await?;
             Ok(proto::CreateTenantResponse {
@@ -114,7 +113,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::GetTenantRequest>,
     ) -> Result<Response<proto::GetTenantResponse>, Status> {
-        call::serve(&self.audit, request, |request| async move {
+        call::serve(&self.observers, request, |request| async move {
             let tenant = self.admin.tenant(&request.tenant_id).await?;
             Ok(proto::GetTenantResponse {
                 tenant: Some(self.tenant(&tenant)),
@@ -127,7 +126,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::SetTenantPolicyRequest>,
     ) -> Result<Response<proto::SetTenantPolicyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let policy = policy_from_proto(req.key_policy, true)?
                 .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
             let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
@@ -142,7 +141,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::LinkKeyRequest>,
     ) -> Result<Response<proto::LinkKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let provider = proto::Provider::try_from(req.provider)
                 .ok()
                 .and_then(|p| ProviderKind::try_from(p).ok());
@@ -172,7 +171,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::ImportKeyMaterialRequest>,
     ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             // Moved into a zeroizing string at once; the request is dropped here.
             let material = zeroize::Zeroizing::new(req.key_material_base64);
             let view = self
@@ -200,7 +199,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        call::serve(&self.audit, request, |request| async move {
+        call::serve(&self.observers, request, |request| async move {
             let keys = self.admin.list_keys(&request.tenant_id).await?;
             Ok(proto::ListKeysResponse {
                 keys: keys.iter().map(key_to_proto).collect(),
@@ -213,7 +212,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::GetKeyRequest>,
     ) -> Result<Response<proto::GetKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let view = self.admin.get_key(&req.tenant_id, &req.name).await?;
             Ok(proto::GetKeyResponse {
                 key: Some(key_to_proto(&view)),
@@ -226,7 +225,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::SetPrimaryKeyRequest>,
     ) -> Result<Response<proto::SetPrimaryKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let view = self.admin.set_primary(&req.tenant_id, &req.name).await?;
             Ok(proto::SetPrimaryKeyResponse {
                 key: Some(key_to_proto(&view)),
@@ -239,7 +238,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::DisableKeyRequest>,
     ) -> Result<Response<proto::DisableKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let view = self
                 .admin
                 .disable_key(&req.tenant_id, &req.name, &req.reason)
@@ -255,7 +254,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::EnableKeyRequest>,
     ) -> Result<Response<proto::EnableKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let view = self.admin.enable_key(&req.tenant_id, &req.name).await?;
             Ok(proto::EnableKeyResponse {
                 key: Some(key_to_proto(&view)),
@@ -268,7 +267,7 @@ impl KeyAdmin for KeyAdminApi {
         &self,
         request: Request<proto::UnlinkKeyRequest>,
     ) -> Result<Response<proto::UnlinkKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             self.admin
                 .unlink_key(&req.tenant_id, &req.name, req.force)
                 .await?;

@@ -12,7 +12,8 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use tonic::Status;
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::api::call::Observers;
+use crate::audit::AuditRecord;
 use crate::authz::{Grant, PolicySource, UNAUTHENTICATED};
 use crate::incoming::PeerInfo;
 
@@ -38,12 +39,12 @@ pub struct CallContext {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     policy: Arc<PolicySource>,
-    audit: Arc<AuditLog>,
+    observers: Arc<Observers>,
 }
 
 impl AuthLayer {
-    pub fn new(policy: Arc<PolicySource>, audit: Arc<AuditLog>) -> Self {
-        Self { policy, audit }
+    pub fn new(policy: Arc<PolicySource>, observers: Arc<Observers>) -> Self {
+        Self { policy, observers }
     }
 }
 
@@ -137,7 +138,7 @@ where
             .and_then(|p| p.identity.clone())
             .unwrap_or_else(|| Arc::clone(&UNAUTHENTICATED_ID));
         let remote = peer.and_then(|p| p.remote_addr);
-        let request_id = request_id(&request, self.layer.audit.enabled());
+        let request_id = request_id(&request, self.layer.observers.audit.enabled());
         let echo = request_id
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
@@ -164,7 +165,11 @@ where
                 provider_calls: 0,
                 provider_request_id: None,
             };
-            if let Err(err) = self.layer.audit.write(&record) {
+            self.layer
+                .observers
+                .metrics
+                .rpc(&method, status.code(), None, started.elapsed());
+            if let Err(err) = self.layer.observers.audit.write(&record) {
                 tracing::error!(error = %err, "audit record of a denied call not written");
             }
             tracing::info!(caller = %identity, %method, request_id = request_id.as_deref().unwrap_or_default(), "call denied by the authorization policy");

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::api::call;
-use crate::audit::AuditLog;
 use crate::broker::{BindingState, Broker, BrokerError, KeyInfo};
 use crate::envelope::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
@@ -14,12 +13,12 @@ use crate::secret::SecretBytes;
 #[derive(Debug, Clone)]
 pub struct KeyBrokerApi {
     broker: Arc<Broker>,
-    audit: Arc<AuditLog>,
+    observers: Arc<call::Observers>,
 }
 
 impl KeyBrokerApi {
-    pub fn new(broker: Arc<Broker>, audit: Arc<AuditLog>) -> Self {
-        Self { broker, audit }
+    pub fn new(broker: Arc<Broker>, observers: Arc<call::Observers>) -> Self {
+        Self { broker, observers }
     }
 }
 
@@ -49,7 +48,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let len = match proto::KeySpec::try_from(req.key_spec) {
                 Ok(proto::KeySpec::Unspecified | proto::KeySpec::Aes256) => 32,
                 Ok(proto::KeySpec::Aes128) => 16,
@@ -78,7 +77,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::WrapKeyRequest>,
     ) -> Result<Response<proto::WrapKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let context = context(req.context)?;
             let plaintext = SecretBytes::new(req.plaintext);
             let wrapped = self
@@ -97,7 +96,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::UnwrapKeyRequest>,
     ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let unwrapped = self
                 .broker
                 .unwrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
@@ -120,7 +119,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::RewrapKeyRequest>,
     ) -> Result<Response<proto::RewrapKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let rewrapped = self
                 .broker
                 .rewrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
@@ -138,7 +137,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::DescribeKeyRequest>,
     ) -> Result<Response<proto::DescribeKeyResponse>, Status> {
-        call::serve(&self.audit, request, |req| async move {
+        call::serve(&self.observers, request, |req| async move {
             let described = self.broker.describe(&req.tenant_id).await?;
             Ok(proto::DescribeKeyResponse {
                 tenant_id: described.tenant_id,

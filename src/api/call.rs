@@ -3,10 +3,13 @@
 //! whatever the outcome. In fail-closed mode an unwritable record turns the
 //! answer into UNAVAILABLE, so no key leaves without a trace.
 
+use std::sync::Arc;
+
 use tonic::{Code, Request, Response, Status};
 
 use crate::api::auth::{AccessError, CallContext, elapsed_us};
 use crate::audit::{self, AuditLog, AuditRecord};
+use crate::metrics::Metrics;
 use crate::proto;
 
 /// What a request says about its target, for the policy and the audit log.
@@ -96,9 +99,17 @@ audited!(
     proto::UnlinkKeyResponse,
 );
 
-/// Authorizes the tenant, runs `handler`, writes the audit record.
+/// Where every call is recorded: the audit log and the metrics.
+#[derive(Debug)]
+pub struct Observers {
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Authorizes the tenant, runs `handler`, writes the audit record and the
+/// RPC metrics.
 pub async fn serve<Req, Resp, Fut>(
-    audit: &AuditLog,
+    observers: &Observers,
     request: Request<Req>,
     handler: impl FnOnce(Req) -> Fut,
 ) -> Result<Response<Resp>, Status>
@@ -112,6 +123,32 @@ where
         return Err(AccessError::NoContext.into());
     };
     let req = request.into_inner();
+    let tenant_id = observers
+        .metrics
+        .tenant_labels()
+        .then(|| req.tenant_id().to_owned());
+    let result = serve_inner(&observers.audit, &ctx, req, handler).await;
+    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    observers.metrics.rpc(
+        &ctx.method,
+        code,
+        tenant_id.as_deref(),
+        ctx.started.elapsed(),
+    );
+    result
+}
+
+async fn serve_inner<Req, Resp, Fut>(
+    audit: &AuditLog,
+    ctx: &CallContext,
+    req: Req,
+    handler: impl FnOnce(Req) -> Fut,
+) -> Result<Response<Resp>, Status>
+where
+    Req: Scoped,
+    Resp: Audited,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
     if !ctx.grant.allows_tenant(req.tenant_id()) {
         tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %req.tenant_id(), "call denied by the authorization policy");
         let denied = AccessError::TenantDenied {
@@ -120,7 +157,7 @@ where
             tenant_id: req.tenant_id().to_owned(),
         };
         let result = Err(denied.into());
-        return audited(audit, &ctx, Facts::of(&req), None, result);
+        return audited(audit, ctx, Facts::of(&req), None, result);
     }
     if !audit.enabled() {
         // Nothing to record: no digests, notes or clocks on the hot path.
@@ -128,7 +165,7 @@ where
     }
     let facts = Facts::of(&req);
     let (result, notes) = audit::with_notes(handler(req)).await;
-    audited(audit, &ctx, facts, Some(&notes), result)
+    audited(audit, ctx, facts, Some(&notes), result)
 }
 
 /// What the audit record says about the request, taken before the handler

@@ -134,6 +134,19 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A short name of the kind, for metric labels.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::AccessDenied(_) => "access_denied",
+            Self::KeyDisabled(_) => "key_disabled",
+            Self::NotFound(_) => "not_found",
+            Self::InvalidCiphertext(_) => "invalid_ciphertext",
+            Self::Throttled(_) => "throttled",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
     /// The same failure, its message prefixed with where it happened.
     pub fn within(self, place: &str) -> Self {
         let wrap = |m: String| format!("{place}: {m}");

@@ -465,3 +465,107 @@ async fn binary_serves_mtls_and_the_cli_authenticates_with_a_client_certificate(
     process.signal("TERM");
     assert!(process.wait(Duration::from_secs(20)).await.0);
 }
+
+/// `GET /metrics` over a plain TCP socket: the exposition text.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of the sample `name{labels}` (labels as printed).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::spawn(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let mut client = KeyBrokerClient::new(process.channel().await);
+    let generated = client
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        client
+            .unwrap_key(proto::UnwrapKeyRequest {
+                tenant_id: "acme".into(),
+                wrapped_key: generated.wrapped_key.clone(),
+                context: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+    let bad = client
+        .unwrap_key(proto::UnwrapKeyRequest {
+            tenant_id: "acme".into(),
+            wrapped_key: b"garbage".to_vec(),
+            context: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let log = std::fs::read_to_string(&process.log).unwrap();
+    let addr = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "metrics listening")
+        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"));
+    let text = scrape(&addr).await;
+    let rpc = |method: &str, code: &str| {
+        sample(
+            &text,
+            &format!(
+                "keybroker_rpc_requests_total{{method=\"keybroker.v1.KeyBroker/{method}\",code=\"{code}\",tenant=\"\"}}"
+            ),
+        )
+    };
+    assert_eq!(rpc("GenerateDataKey", "OK"), 1.0);
+    assert_eq!(rpc("UnwrapKey", "OK"), 2.0);
+    assert_eq!(rpc("UnwrapKey", "INVALID_ARGUMENT"), 1.0);
+    assert_eq!(
+        sample(&text, "keybroker_cache_events_total{name=\"miss\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "keybroker_cache_events_total{name=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(sample(&text, "keybroker_cache_entries"), 1.0);
+    let provider = |op: &str| {
+        sample(
+            &text,
+            &format!(
+                "keybroker_provider_calls_total{{provider=\"local\",operation=\"{op}\",outcome=\"ok\"}}"
+            ),
+        )
+    };
+    assert_eq!(provider("generate_data_key"), 1.0);
+    assert_eq!(provider("decrypt"), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "keybroker_rpc_duration_seconds_count{method=\"keybroker.v1.KeyBroker/UnwrapKey\"}"
+        ),
+        3.0
+    );
+    assert!(!text.contains("acme"), "no tenant ids in labels by default");
+    process.signal("TERM");
+    assert!(process.wait(Duration::from_secs(20)).await.0);
+}

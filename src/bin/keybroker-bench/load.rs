@@ -481,16 +481,21 @@ async fn drive(
         let (p50_ratio, p99_ratio, rps_ratio, cpu_ratio) =
             (ratio(&p50), ratio(&p99), ratio(&rps), ratio(&cpu));
         let errors: u64 = brokers.iter().chain(&floors).map(|r| r.errors).sum();
+        let p90 = |r: &RunResult| r.quantile_us(0.9);
+        let p999 = |r: &RunResult| r.quantile_us(0.999);
+        for (name, runs) in [("floor", &floors), ("keybroker", &brokers)] {
+            println!(
+                "in flight {concurrency:>3} {name:>9}: p50 {:>7.1}us p90 {:>7.1}us p99 {:>7.1}us p999 {:>7.1}us {:>8.0} req/s {:>6.1} server-cpu-us/req",
+                med(runs, &p50),
+                med(runs, &p90),
+                med(runs, &p99),
+                med(runs, &p999),
+                med(runs, &rps),
+                med(runs, &cpu),
+            );
+        }
         println!(
-            "in flight {concurrency:>3}: floor p50 {:>7.1}us p99 {:>7.1}us {:>8.0} rps {:>6.1} cpu-us/req | keybroker p50 {:>7.1}us p99 {:>7.1}us {:>8.0} rps {:>6.1} cpu-us/req | ratios p50 {p50_ratio:.3} p99 {p99_ratio:.3} rps {rps_ratio:.3} cpu {cpu_ratio:.3} | errors {errors}",
-            med(&floors, &p50),
-            med(&floors, &p99),
-            med(&floors, &rps),
-            med(&floors, &cpu),
-            med(&brokers, &p50),
-            med(&brokers, &p99),
-            med(&brokers, &rps),
-            med(&brokers, &cpu),
+            "in flight {concurrency:>3}    ratios: p50 {p50_ratio:.3} p99 {p99_ratio:.3} throughput {rps_ratio:.3} server-cpu/req {cpu_ratio:.3} (errors {errors})"
         );
         levels.push(json!({
             "concurrency": concurrency,

@@ -1,0 +1,370 @@
+//! Prometheus metrics, served on their own HTTP port (`/metrics`), apart
+//! from gRPC so scrapers need no client certificate. No tenant ids in
+//! labels unless `metrics_tenant_labels` asks for them: a platform has many
+//! tenants, and label cardinality is memory in every Prometheus.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+    /// Empty unless tenant labels are enabled.
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+    operation: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderOpLabels {
+    provider: String,
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabels {
+    name: String,
+}
+
+/// Values kept elsewhere as plain atomics (cache, STS, audit, watcher),
+/// copied into the registry at scrape time.
+#[derive(Debug, Default)]
+pub struct Sources {
+    pub cache: Option<crate::cache::DekCache>,
+    pub assume_role_calls: Option<Arc<std::sync::atomic::AtomicU64>>,
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
+    pub watcher: Option<Arc<crate::watcher::Watcher>>,
+}
+
+/// Counters already exported, so a scrape adds only what is new.
+#[derive(Debug, Default)]
+struct Exported {
+    values: std::collections::HashMap<&'static str, u64>,
+}
+
+pub struct Metrics {
+    tenant_labels: bool,
+    /// Encoding needs the registry; registration happens once, at build.
+    registry: Registry,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_duration: Family<MethodLabels, Histogram>,
+    provider_calls: Family<ProviderLabels, Counter>,
+    provider_duration: Family<ProviderOpLabels, Histogram>,
+    quota_rejections: Family<NameLabels, Counter>,
+    cache_events: Family<NameLabels, Counter>,
+    cache_entries: Gauge,
+    sts_assume_role: Counter,
+    audit_records: Family<NameLabels, Counter>,
+    watcher_checks: Family<NameLabels, Counter>,
+    bindings: Family<NameLabels, Gauge>,
+    /// Filled once the server is assembled; read at scrape.
+    sources: Mutex<Sources>,
+    exported: Mutex<Exported>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("tenant_labels", &self.tenant_labels)
+            .finish_non_exhaustive()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+impl Metrics {
+    pub fn new(tenant_labels: bool) -> Self {
+        let mut registry = Registry::with_prefix("keybroker");
+        let rpc_requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "RPCs by method and gRPC code",
+            rpc_requests.clone(),
+        );
+        let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "RPC latency by method",
+            rpc_duration.clone(),
+        );
+        let provider_calls = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "provider_calls",
+            "Key provider (KMS, keyring) calls by provider, operation and outcome",
+            provider_calls.clone(),
+        );
+        let provider_duration = Family::<ProviderOpLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "provider_call_duration_seconds",
+            "Key provider call latency",
+            provider_duration.clone(),
+        );
+        let quota_rejections = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "quota_rejections",
+            "Provider calls refused by the KMS quota (name = tenant or global)",
+            quota_rejections.clone(),
+        );
+        let cache_events = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "cache_events",
+            "DEK cache hits, misses, load failures and evictions",
+            cache_events.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Unwrapped keys held in memory",
+            cache_entries.clone(),
+        );
+        let sts_assume_role = Counter::default();
+        registry.register(
+            "sts_assume_role",
+            "STS AssumeRole calls",
+            sts_assume_role.clone(),
+        );
+        let audit_records = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Audit records written and lost (name = written or failed)",
+            audit_records.clone(),
+        );
+        let watcher_checks = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "watcher_checks",
+            "Key-state checks by result (ok, revoked, restored, outage)",
+            watcher_checks.clone(),
+        );
+        let bindings = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "key_bindings",
+            "Customer key bindings by state, as of the watcher's last pass",
+            bindings.clone(),
+        );
+        Self {
+            tenant_labels,
+            registry,
+            rpc_requests,
+            rpc_duration,
+            provider_calls,
+            provider_duration,
+            quota_rejections,
+            cache_events,
+            cache_entries,
+            sts_assume_role,
+            audit_records,
+            watcher_checks,
+            bindings,
+            sources: Mutex::default(),
+            exported: Mutex::default(),
+        }
+    }
+
+    pub fn tenant_labels(&self) -> bool {
+        self.tenant_labels
+    }
+
+    pub fn set_sources(&self, sources: Sources) {
+        if let Ok(mut slot) = self.sources.lock() {
+            *slot = sources;
+        }
+    }
+
+    pub fn rpc(&self, method: &str, code: tonic::Code, tenant_id: Option<&str>, elapsed: Duration) {
+        let tenant = match (self.tenant_labels, tenant_id) {
+            (true, Some(t)) => t.to_owned(),
+            _ => String::new(),
+        };
+        self.rpc_requests
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code: crate::api::call::code_name(code).to_owned(),
+                tenant,
+            })
+            .inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn provider_call(&self, provider: &str, operation: &str, outcome: &str, elapsed: Duration) {
+        self.provider_calls
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+                operation: operation.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.provider_duration
+            .get_or_create(&ProviderOpLabels {
+                provider: provider.to_owned(),
+                operation: operation.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn quota_rejection(&self, scope: crate::quota::QuotaScope, tenant_id: &str) {
+        let name = match scope {
+            crate::quota::QuotaScope::Global => "global".to_owned(),
+            crate::quota::QuotaScope::Tenant if self.tenant_labels => format!("tenant:{tenant_id}"),
+            crate::quota::QuotaScope::Tenant => "tenant".to_owned(),
+        };
+        self.quota_rejections
+            .get_or_create(&NameLabels { name })
+            .inc();
+    }
+
+    /// Adds to `counter` what `total` gained since the last scrape.
+    fn sync(&self, exported: &mut Exported, key: &'static str, total: u64, counter: &Counter) {
+        let last = exported.values.insert(key, total).unwrap_or(0);
+        counter.inc_by(total.saturating_sub(last));
+    }
+
+    /// [`encode`](Self::encode) after the cache's pending maintenance, so the
+    /// entry count is current (moka counts lazily).
+    pub async fn scrape(&self) -> Result<String, std::fmt::Error> {
+        let cache = self.sources.lock().ok().and_then(|s| s.cache.clone());
+        if let Some(cache) = cache {
+            cache.run_pending_tasks().await;
+        }
+        self.encode()
+    }
+
+    /// The text exposition, after copying in the atomics kept elsewhere.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        if let (Ok(sources), Ok(mut exported)) = (self.sources.lock(), self.exported.lock()) {
+            let named = |family: &Family<NameLabels, Counter>, name: &str| {
+                family
+                    .get_or_create(&NameLabels {
+                        name: name.to_owned(),
+                    })
+                    .clone()
+            };
+            if let Some(cache) = &sources.cache {
+                let s = cache.stats().snapshot();
+                for (key, value) in [
+                    ("hit", s.hits),
+                    ("miss", s.misses),
+                    ("load_failure", s.load_failures),
+                    ("eviction", s.evictions),
+                ] {
+                    self.sync(&mut exported, key, value, &named(&self.cache_events, key));
+                }
+                self.cache_entries
+                    .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+            }
+            if let Some(calls) = &sources.assume_role_calls {
+                self.sync(
+                    &mut exported,
+                    "sts",
+                    calls.load(Ordering::Relaxed),
+                    &self.sts_assume_role,
+                );
+            }
+            if let Some(audit) = &sources.audit {
+                self.sync(
+                    &mut exported,
+                    "audit_written",
+                    audit.written(),
+                    &named(&self.audit_records, "written"),
+                );
+                self.sync(
+                    &mut exported,
+                    "audit_failed",
+                    audit.failed(),
+                    &named(&self.audit_records, "failed"),
+                );
+            }
+            if let Some(watcher) = &sources.watcher {
+                let totals = watcher.totals();
+                for (key, name, value) in [
+                    ("w_ok", "ok", totals.ok),
+                    ("w_revoked", "revoked", totals.revoked),
+                    ("w_restored", "restored", totals.restored),
+                    ("w_outage", "outage", totals.outages),
+                ] {
+                    self.sync(
+                        &mut exported,
+                        key,
+                        value,
+                        &named(&self.watcher_checks, name),
+                    );
+                }
+                for (state, count) in watcher.bindings_by_state() {
+                    self.bindings
+                        .get_or_create(&NameLabels {
+                            name: state.to_owned(),
+                        })
+                        .set(i64::try_from(count).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                match metrics.scrape().await {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    ),
+                    Err(_) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(header::CONTENT_TYPE, "text/plain")],
+                        "metrics encoding failed".to_owned(),
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
