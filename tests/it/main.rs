@@ -10,6 +10,7 @@ mod common;
 mod data_plane;
 mod grpcurl;
 mod process;
+mod proto_hygiene;
 mod registry;
 mod revocation;
 mod security;

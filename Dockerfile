@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build of a minimal, non-root keybroker image.
+#   docker build -t keybroker:dev .
+# The build stage needs no system protoc (protoc-bin-vendored).
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+COPY benches benches
+COPY migrations migrations
+COPY src src
+RUN cargo build --release --locked --bin keybroker \
+ && strip target/release/keybroker
+
+# distroless/cc: glibc and CA certificates, no shell, no package manager.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/keybroker /usr/local/bin/keybroker
+# 65532 = nonroot in distroless; the chart also sets runAsNonRoot and a
+# read-only root filesystem (data goes to a mounted volume).
+USER 65532:65532
+EXPOSE 50051 9090
+ENTRYPOINT ["/usr/local/bin/keybroker"]
+CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090", "--data-dir", "/var/lib/keybroker", "--log-format", "json"]
