@@ -20,5 +20,8 @@ COPY --from=build /src/target/release/keybroker /usr/local/bin/keybroker
 # read-only root filesystem (data goes to a mounted volume).
 USER 65532:65532
 EXPOSE 50051 9090
+# Listening beyond loopback needs TLS: set KEYBROKER_TLS_CERT, _KEY,
+# _CLIENT_CA and KEYBROKER_AUTHZ_POLICY (or KEYBROKER_INSECURE_PLAINTEXT=true
+# only behind a mesh that terminates mTLS).
 ENTRYPOINT ["/usr/local/bin/keybroker"]
 CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090", "--data-dir", "/var/lib/keybroker", "--log-format", "json"]
