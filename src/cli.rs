@@ -34,6 +34,9 @@ struct Cli {
 enum Command {
     /// Run the gRPC server.
     Serve(Box<ServeArgs>),
+    /// Load and validate the configuration (and the authorization policy it
+    /// names) without serving; exits non-zero with the reason.
+    CheckConfig(Box<ServeArgs>),
     /// Maintain the local platform keyring file (offline; a running server
     /// picks up changes within its keyring reload interval).
     Keyring {
@@ -78,6 +81,15 @@ enum Command {
         server: ServerArg,
         #[arg(long)]
         tenant: String,
+    },
+    /// Check the server's health (grpc.health.v1); exits non-zero unless
+    /// SERVING. For probes and `helm test`.
+    Health {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Service to check ("" = the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
     },
     /// Control plane: tenants and their customer keys.
     Admin {
@@ -293,6 +305,7 @@ pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::CheckConfig(args) => check_config(&args),
         Command::Keyring { command } => keyring(command),
         client => run_client(client).await,
     };
@@ -327,7 +340,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let metrics_listen = config.metrics_listen;
-    let server = Server::build(config).await?;
+    let health_listen = config.health_listen;
+    let mut server = Server::build(config).await?;
+    if let Some(addr) = health_listen {
+        let health = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for health checks on {addr}: {e}"))?;
+        tracing::info!(addr = %health.local_addr()?, "health listening");
+        server = server.with_health_listener(health);
+    }
     if let Some(addr) = metrics_listen {
         let metrics_listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -344,6 +365,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %bound, "metrics listening");
     }
     server.run(listener, shutdown_signal()).await
+}
+
+fn check_config(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(args)?;
+    if let Some(path) = &config.authz_policy {
+        let policy = crate::authz::Policy::load(path).map_err(anyhow::Error::msg)?;
+        drop(policy);
+    }
+    println!(
+        "{}",
+        json!({ "ok": true, "listen": config.listen.to_string(), "tls": config.tls.is_some() })
+    );
+    Ok(())
 }
 
 /// Logs go to stderr; `RUST_LOG` filters (default `info`).
@@ -516,6 +550,20 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
                 "previous_key": key_json(resp.previous_key.as_ref()),
             })
         }
+        Command::Health { server, service } => {
+            let mut client =
+                tonic_health::pb::health_client::HealthClient::new(channel(&server).await?);
+            let status = client
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.clone(),
+                })
+                .await?
+                .into_inner()
+                .status();
+            let serving = status == tonic_health::pb::health_check_response::ServingStatus::Serving;
+            anyhow::ensure!(serving, "service {service:?} is {}", status.as_str_name());
+            json!({ "service": service, "status": status.as_str_name() })
+        }
         Command::Describe { server, tenant } => {
             let mut client = connect(&server).await?;
             let resp = client
@@ -546,7 +594,7 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Admin { server, command } => run_admin(&server, command).await?,
-        Command::Serve(_) | Command::Keyring { .. } => {
+        Command::Serve(_) | Command::CheckConfig(_) | Command::Keyring { .. } => {
             anyhow::bail!("not a client command")
         }
     };

@@ -172,6 +172,10 @@ pub struct ServeArgs {
     /// Burst of the server's KMS calls [default: 4000].
     #[arg(long, env = "KEYBROKER_QUOTA_GLOBAL_BURST")]
     pub quota_global_burst: Option<u32>,
+    /// Serve plaintext gRPC health checks (only) on this address, for
+    /// kubelet probes when the main port is mTLS [default: off].
+    #[arg(long, env = "KEYBROKER_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9090
     /// [default: off].
     #[arg(long, env = "KEYBROKER_METRICS_LISTEN")]
@@ -242,6 +246,7 @@ struct FileConfig {
     allow_core_dumps: Option<bool>,
     metrics_listen: Option<SocketAddr>,
     metrics_tenant_labels: Option<bool>,
+    health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +291,8 @@ pub struct Config {
     pub audit: AuditSettings,
     pub quota: QuotaSettings,
     pub allow_core_dumps: bool,
+    /// Plaintext health-only gRPC endpoint for probes.
+    pub health_listen: Option<SocketAddr>,
     /// Prometheus endpoint; `None` serves no metrics.
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_tenant_labels: bool,
@@ -317,6 +324,7 @@ impl std::fmt::Debug for Config {
             .field("audit", &self.audit)
             .field("quota", &self.quota)
             .field("allow_core_dumps", &self.allow_core_dumps)
+            .field("health_listen", &self.health_listen)
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_tenant_labels", &self.metrics_tenant_labels)
             .finish()
@@ -374,6 +382,7 @@ impl Default for Config {
             audit: AuditSettings::default(),
             quota: QuotaSettings::default(),
             allow_core_dumps: false,
+            health_listen: None,
             metrics_listen: None,
             metrics_tenant_labels: false,
         }
@@ -581,6 +590,7 @@ impl Config {
                 .allow_core_dumps
                 .or(file.allow_core_dumps)
                 .unwrap_or(d.allow_core_dumps),
+            health_listen: args.health_listen.or(file.health_listen),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             metrics_tenant_labels: args
                 .metrics_tenant_labels

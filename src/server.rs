@@ -43,6 +43,9 @@ pub struct Server {
     /// The control plane; absent when tests inject their own key directory.
     admin: Option<Arc<Admin>>,
     watcher: Option<Arc<Watcher>>,
+    /// A plaintext listener serving only `grpc.health.v1` (kubelet's gRPC
+    /// probes speak no TLS); never key material.
+    health_listener: Option<TcpListener>,
     /// Background tasks that live as long as the server (keyring reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -181,8 +184,15 @@ impl Server {
             tls,
             admin: None,
             watcher: None,
+            health_listener: None,
             tasks,
         })
+    }
+
+    /// Also serve health checks, in plaintext, on `listener`.
+    pub fn with_health_listener(mut self, listener: TcpListener) -> Self {
+        self.health_listener = Some(listener);
+        self
     }
 
     /// The Prometheus registry (served by `metrics::serve`).
@@ -213,7 +223,7 @@ impl Server {
     /// balancers stop routing here), stops accepting, and returns once every
     /// in-flight RPC has completed.
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
@@ -222,6 +232,19 @@ impl Server {
             anyhow::bail!("refusing plaintext gRPC on non-loopback address {addr}");
         }
         let (health, health_service) = tonic_health::server::health_reporter();
+        let health_only = self.health_listener.take().map(|listener| {
+            let service = health_service.clone();
+            tokio::spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "health listener failed");
+                }
+            })
+        });
+        let _health_only = health_only.map(AbortOnDrop);
         health.set_serving::<KeyBrokerServer<KeyBrokerApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
 

@@ -42,7 +42,7 @@ pub enum KeyringError {
         source: std::io::Error,
     },
     #[error(
-        "keyring file {path} is readable or writable by group or others (mode {mode:o}); run: chmod 600 {path}"
+        "keyring file {path} is readable or writable by group or others (mode {mode:o}); run: chmod 600 {path} (a read-only 0440 Secret mount is also accepted)"
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("keyring file {path} is not a valid keyring: {reason}")]
@@ -377,6 +377,12 @@ impl KeyProvider for LocalKeyring {
     }
 }
 
+/// No access for others, and no group access except reading a file nobody
+/// can write: 0440 is how Kubernetes mounts a Secret for a pod's fsGroup.
+fn private_mode(mode: u32) -> bool {
+    mode & 0o007 == 0 && (mode & 0o070 == 0 || (mode & 0o070 == 0o040 && mode & 0o222 == 0))
+}
+
 fn load(path: &Path) -> Result<(Versions, FileStamp), KeyringError> {
     let io = |source| KeyringError::Io {
         path: path.to_owned(),
@@ -384,7 +390,7 @@ fn load(path: &Path) -> Result<(Versions, FileStamp), KeyringError> {
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if !private_mode(mode) {
         return Err(KeyringError::Permissions {
             path: path.to_owned(),
             mode,
@@ -596,5 +602,15 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let err = LocalKeyring::open_or_create("platform", &path).unwrap_err();
         assert!(err.to_string().contains("no key versions"), "{err}");
+    }
+
+    #[test]
+    fn private_modes() {
+        for ok in [0o600, 0o400, 0o440] {
+            assert!(private_mode(ok), "{ok:o}");
+        }
+        for bad in [0o644, 0o640, 0o660, 0o604, 0o460, 0o444, 0o606] {
+            assert!(!private_mode(bad), "{bad:o}");
+        }
     }
 }

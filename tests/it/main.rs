@@ -9,6 +9,7 @@ mod bench;
 mod common;
 mod data_plane;
 mod grpcurl;
+mod helm;
 mod process;
 mod proto_hygiene;
 mod registry;

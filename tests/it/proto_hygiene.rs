@@ -42,7 +42,11 @@ fn no_breaking_change_since_the_previous_commit() {
         if has_parent { "HEAD~1" } else { "HEAD" }
     );
     let out = buf(&["breaking", "--against", &against], &root);
-    assert!(out.status.success(), "buf breaking against {against}:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "buf breaking against {against}:\n{}",
+        text(&out)
+    );
 }
 
 /// The breaking check is real: renumbering a field of the committed
@@ -64,7 +68,13 @@ fn buf_breaking_reports_a_renumbered_field() {
     )
     .unwrap();
     let against = repo_root().join("proto");
-    let out = buf(&["breaking", "--against", against.to_str().unwrap()], dir.path());
-    assert!(!out.status.success(), "a renumbered field passed buf breaking");
+    let out = buf(
+        &["breaking", "--against", against.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success(),
+        "a renumbered field passed buf breaking"
+    );
     assert!(text(&out).contains("tenant_id"), "{}", text(&out));
 }
