@@ -95,6 +95,33 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
     let unwrapped = call(&addr, "keybroker.v1.KeyBroker/UnwrapKey", &body).await;
     assert_eq!(unwrapped["plaintext"], generated["plaintext"]);
 
+    // Every data-plane RPC: WrapKey and RewrapKey too.
+    let wrapped = call(
+        &addr,
+        "keybroker.v1.KeyBroker/WrapKey",
+        &format!(
+            r#"{{"tenant_id":"acme","context":{{"table":"orders"}},"plaintext":"{}"}}"#,
+            generated["plaintext"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(wrapped["key"]["keyBinding"], "platform", "{wrapped}");
+    let rewrapped = call(&addr, "keybroker.v1.KeyBroker/RewrapKey", &body).await;
+    assert_eq!(
+        rewrapped["previousKey"]["keyBinding"], "platform",
+        "{rewrapped}"
+    );
+    let back = call(
+        &addr,
+        "keybroker.v1.KeyBroker/UnwrapKey",
+        &format!(
+            r#"{{"tenant_id":"acme","context":{{"table":"orders"}},"wrapped_key":"{}"}}"#,
+            rewrapped["wrappedKey"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(back["plaintext"], generated["plaintext"]);
+
     // A foreign tenant: grpcurl shows the status code and our message.
     let body = body.replace("\"acme\"", "\"other\"");
     let (ok, _, err) = grpcurl(&[
