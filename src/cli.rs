@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::config::{self, Config, LogFormat, ServeArgs};
+use crate::config::{self, Config, ServeArgs};
 use crate::kms::local::{LocalKeyring, rotate_keyring_file};
 use crate::proto::{self, key_broker_client::KeyBrokerClient};
 use crate::server::{Server, shutdown_signal};
@@ -320,7 +320,7 @@ pub async fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
-    init_logging(config.log_format);
+    let mut telemetry = crate::telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;
     if config.allow_core_dumps {
         tracing::warn!(
             "--allow-core-dumps: a core file of this process would contain unwrapped keys"
@@ -364,7 +364,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
         tracing::info!(addr = %bound, "metrics listening");
     }
-    server.run(listener, shutdown_signal()).await
+    let served = server.run(listener, shutdown_signal()).await;
+    telemetry.shutdown();
+    served
 }
 
 fn check_config(args: &ServeArgs) -> anyhow::Result<()> {
@@ -378,20 +380,6 @@ fn check_config(args: &ServeArgs) -> anyhow::Result<()> {
         json!({ "ok": true, "listen": config.listen.to_string(), "tls": config.tls.is_some() })
     );
     Ok(())
-}
-
-/// Logs go to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 fn keyring(command: KeyringCommand) -> anyhow::Result<()> {

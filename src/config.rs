@@ -176,6 +176,10 @@ pub struct ServeArgs {
     /// kubelet probes when the main port is mTLS [default: off].
     #[arg(long, env = "KEYBROKER_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Export a span per RPC over OTLP/gRPC to this collector, e.g.
+    /// http://otel-collector:4317 [default: off].
+    #[arg(long, env = "KEYBROKER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9090
     /// [default: off].
     #[arg(long, env = "KEYBROKER_METRICS_LISTEN")]
@@ -247,6 +251,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     metrics_tenant_labels: Option<bool>,
     health_listen: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +296,8 @@ pub struct Config {
     pub audit: AuditSettings,
     pub quota: QuotaSettings,
     pub allow_core_dumps: bool,
+    /// OTLP/gRPC collector for RPC spans; `None` exports nothing.
+    pub otlp_endpoint: Option<String>,
     /// Plaintext health-only gRPC endpoint for probes.
     pub health_listen: Option<SocketAddr>,
     /// Prometheus endpoint; `None` serves no metrics.
@@ -325,6 +332,7 @@ impl std::fmt::Debug for Config {
             .field("quota", &self.quota)
             .field("allow_core_dumps", &self.allow_core_dumps)
             .field("health_listen", &self.health_listen)
+            .field("otlp_endpoint", &self.otlp_endpoint)
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_tenant_labels", &self.metrics_tenant_labels)
             .finish()
@@ -383,6 +391,7 @@ impl Default for Config {
             quota: QuotaSettings::default(),
             allow_core_dumps: false,
             health_listen: None,
+            otlp_endpoint: None,
             metrics_listen: None,
             metrics_tenant_labels: false,
         }
@@ -591,6 +600,7 @@ impl Config {
                 .or(file.allow_core_dumps)
                 .unwrap_or(d.allow_core_dumps),
             health_listen: args.health_listen.or(file.health_listen),
+            otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             metrics_tenant_labels: args
                 .metrics_tenant_labels

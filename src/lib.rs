@@ -21,6 +21,7 @@ pub mod registry;
 pub mod reload;
 pub mod secret;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod watcher;
 

@@ -66,7 +66,8 @@ pub struct AuthService<S> {
 }
 
 /// The caller's request id when it is short printable ASCII; else a new one
-/// when the audit log will record it, else none (nothing would show it).
+/// when the audit log or a trace will record it, else none (nothing would
+/// show it).
 fn request_id<B>(request: &http::Request<B>, audited: bool) -> Option<Arc<str>> {
     let given = request
         .headers()
@@ -138,7 +139,9 @@ where
             .and_then(|p| p.identity.clone())
             .unwrap_or_else(|| Arc::clone(&UNAUTHENTICATED_ID));
         let remote = peer.and_then(|p| p.remote_addr);
-        let request_id = request_id(&request, self.layer.observers.audit.enabled());
+        let wants_id = self.layer.observers.audit.enabled()
+            || tracing::enabled!(target: crate::telemetry::RPC_TARGET, tracing::Level::INFO);
+        let request_id = request_id(&request, wants_id);
         let echo = request_id
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());

@@ -127,8 +127,24 @@ where
         .metrics
         .tenant_labels()
         .then(|| req.tenant_id().to_owned());
-    let result = serve_inner(&observers.audit, &ctx, req, handler).await;
+    // Off unless exported (OTLP) or asked for in RUST_LOG: no cost then.
+    let span = tracing::info_span!(
+        target: crate::telemetry::RPC_TARGET,
+        "rpc",
+        otel.name = %ctx.method,
+        rpc.method = %ctx.method,
+        caller = %ctx.identity,
+        tenant_id = %req.tenant_id(),
+        request_id = ctx.request_id.as_deref().unwrap_or_default(),
+        code = tracing::field::Empty,
+    );
+    let result = tracing::Instrument::instrument(
+        serve_inner(&observers.audit, &ctx, req, handler),
+        span.clone(),
+    )
+    .await;
     let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    span.record("code", code_name(code));
     observers.metrics.rpc(
         &ctx.method,
         code,

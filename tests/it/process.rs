@@ -569,3 +569,94 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
     process.signal("TERM");
     assert!(process.wait(Duration::from_secs(20)).await.0);
 }
+
+/// Exported spans: name and attributes.
+type Spans = Vec<(String, std::collections::HashMap<String, String>)>;
+
+/// A fake OTLP collector: keeps every exported span's name and attributes.
+#[derive(Default, Clone)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Spans>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    let attributes = span
+                        .attributes
+                        .iter()
+                        .map(|kv| {
+                            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(Value::StringValue(s)) => s.clone(),
+                                other => format!("{other:?}"),
+                            };
+                            (kv.key.clone(), value)
+                        })
+                        .collect();
+                    spans.push((span.name, attributes));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_spans_are_exported_over_otlp_with_the_request_id() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::spawn(dir.path(), &["--otlp-endpoint", &endpoint]);
+    // Logs at trace (Process::spawn) must not flood the export: only
+    // keybroker's spans are exported.
+    let mut client = KeyBrokerClient::new(process.channel().await);
+    let mut request = tonic::Request::new(proto::GenerateDataKeyRequest {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-me-42".parse().unwrap());
+    client.generate_data_key(request).await.unwrap();
+    // Shutdown flushes the batch.
+    process.signal("TERM");
+    let (ok, logs) = process.wait(Duration::from_secs(20)).await;
+    assert!(ok, "{logs}");
+    let spans = collector.spans.lock().unwrap().clone();
+    let h2_exported = spans
+        .iter()
+        .any(|(_, attrs)| attrs.get("target").is_some_and(|t| t.starts_with("h2")));
+    assert!(!h2_exported, "h2's own spans were exported: {spans:?}");
+    let rpc = spans
+        .iter()
+        .find(|(_, attrs)| attrs.get("request_id").map(String::as_str) == Some("trace-me-42"))
+        .unwrap_or_else(|| panic!("no span with the request id among {spans:?}"));
+    assert_eq!(rpc.0, "keybroker.v1.KeyBroker/GenerateDataKey");
+    assert_eq!(rpc.1["tenant_id"], "acme");
+    assert_eq!(rpc.1["code"], "OK");
+    assert_eq!(rpc.1["caller"], "unauthenticated");
+}

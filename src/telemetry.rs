@@ -1,0 +1,106 @@
+//! Logs and traces. Logs go to stderr (text or JSON; `RUST_LOG` filters).
+//! Every RPC runs in a span (target `keybroker::rpc`) carrying the method,
+//! caller, tenant and request id; with `otlp_endpoint` set, those spans are
+//! exported over OTLP/gRPC to a collector. Without OTLP the spans are off by
+//! default (`RUST_LOG=keybroker::rpc=info` turns them on for the logs).
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::config::LogFormat;
+
+/// Target of the per-RPC spans.
+pub const RPC_TARGET: &str = "keybroker::rpc";
+
+/// Flushes exported spans when dropped.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is still buffered; call before exit.
+    pub fn shutdown(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(err) = provider.shutdown() {
+                tracing::warn!(error = %err, "could not flush trace spans");
+            }
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Installs the global subscriber. Must run inside the Tokio runtime (the
+/// OTLP exporter is a tonic client).
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+    let default = if otlp_endpoint.is_some() {
+        "info"
+    } else {
+        "info,keybroker::rpc=off"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
+        ),
+    };
+    let mut telemetry = Telemetry::default();
+    let otel = match otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder_empty()
+                        .with_service_name("keybroker")
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer("keybroker");
+            telemetry.provider = Some(provider);
+            // Only keybroker's own spans leave the process, whatever RUST_LOG
+            // turns on for the logs (h2 at trace is thousands of spans).
+            let only_ours = tracing_subscriber::filter::Targets::new()
+                .with_target("keybroker", tracing::Level::INFO);
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(only_ours),
+            )
+        }
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel)
+        .try_init();
+    Ok(telemetry)
+}
