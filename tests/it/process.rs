@@ -405,9 +405,50 @@ async fn binary_serves_mtls_and_the_cli_authenticates_with_a_client_certificate(
             "prod.example",
             "--authz-policy",
             &path(&policy),
+            "--health-listen",
+            "127.0.0.1:0",
         ],
     );
     let url = format!("https://{}", process.addr().await);
+    // Probes use the plaintext health-only port, no certificate needed.
+    let log = std::fs::read_to_string(&process.log).unwrap();
+    let health_addr = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "health listening")
+        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no health address in:\n{log}"));
+    let health_url = format!("http://{health_addr}");
+    let health = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args([
+                "health",
+                "--server",
+                &health_url,
+                "--service",
+                "keybroker.v1.KeyBroker",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert!(String::from_utf8_lossy(&health.stdout).contains("SERVING"));
+    // Only health there: the data plane is not reachable in plaintext.
+    let plain = KeyBrokerClient::connect(format!("http://{health_addr}"))
+        .await
+        .unwrap()
+        .describe_key(proto::DescribeKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(plain.code(), tonic::Code::Unimplemented, "{plain:?}");
     let write = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
