@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keybroker::broker::{Binding, BindingState, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
 use keybroker::cache::{CacheKey, CacheSettings, CachedKey, DekCache};
 use keybroker::envelope::{self, Context, Envelope};
 use keybroker::kms::local::LocalKeyring;
@@ -103,14 +103,11 @@ fn cache_benches(c: &mut Criterion) {
     // The whole data-plane hit: validation, digests, directory, cache, state.
     let keyring =
         LocalKeyring::from_material("platform", &[SecretBytes::random(32).unwrap()]).unwrap();
-    let binding = Arc::new(Binding {
-        name: PLATFORM_BINDING.into(),
-        provider: Arc::new(keyring),
-        key_reference: "bench".into(),
-        state: BindingState::Active,
-        state_reason: String::new(),
-        usage: Arc::default(),
-    });
+    let binding = Arc::new(Binding::active(
+        PLATFORM_BINDING,
+        Arc::new(keyring),
+        "bench",
+    ));
     let broker = Broker::new(
         Arc::new(PlatformOnly::new(binding)),
         DekCache::new(settings),

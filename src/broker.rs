@@ -111,6 +111,19 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// An active binding with fresh usage counters (the platform key, tests
+    /// and benchmarks).
+    pub fn active(name: &str, provider: Arc<dyn KeyProvider>, key_reference: &str) -> Self {
+        Self {
+            name: name.into(),
+            provider,
+            key_reference: key_reference.to_owned(),
+            state: BindingState::Active,
+            state_reason: String::new(),
+            usage: Arc::default(),
+        }
+    }
+
     fn ensure_usable(&self, tenant_id: &str) -> Result<(), BrokerError> {
         match self.state {
             BindingState::Active => Ok(()),

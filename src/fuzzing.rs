@@ -228,6 +228,18 @@ fn request<T>(message: T, method: &str) -> Request<T> {
     request
 }
 
+/// A well-formed wrapped key of the platform binding (fake ciphertext).
+fn sample_wrapped_key() -> proto::WrappedKey {
+    proto::WrappedKey {
+        format_version: 1,
+        tenant_id: "acme".into(),
+        key_binding: "platform".into(),
+        provider: proto::Provider::Local.into(),
+        provider_key_version: "1".into(),
+        ciphertext: vec![7; 60],
+    }
+}
+
 /// Seed inputs for the request target: one well-formed message of each
 /// kind, plus inputs that reach deeper paths (a real wrapped key).
 pub fn request_seeds() -> Vec<Vec<u8>> {
@@ -236,15 +248,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
         out.extend(message.encode_to_vec());
         out
     }
-    let wrapped = proto::WrappedKey {
-        format_version: 1,
-        tenant_id: "acme".into(),
-        key_binding: "platform".into(),
-        provider: proto::Provider::Local.into(),
-        provider_key_version: "1".into(),
-        ciphertext: vec![7; 60],
-    }
-    .encode_to_vec();
+    let wrapped = sample_wrapped_key().encode_to_vec();
     let context = [("table".to_owned(), "orders".to_owned())].into();
     vec![
         seed(
@@ -377,14 +381,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
 
 /// Seed inputs for the envelope target.
 pub fn envelope_seeds() -> Vec<Vec<u8>> {
-    let base = proto::WrappedKey {
-        format_version: 1,
-        tenant_id: "acme".into(),
-        key_binding: "platform".into(),
-        provider: proto::Provider::Local.into(),
-        provider_key_version: "1".into(),
-        ciphertext: vec![7; 60],
-    };
+    let base = sample_wrapped_key();
     let mut aws = base.clone();
     aws.provider = proto::Provider::AwsKms.into();
     aws.key_binding = "k1".into();

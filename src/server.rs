@@ -15,7 +15,7 @@ use crate::api::broker::KeyBrokerApi;
 use crate::api::call::Observers;
 use crate::audit::AuditLog;
 use crate::authz::{Policy, PolicySource};
-use crate::broker::{Binding, BindingState, Broker, KeyDirectory, PLATFORM_BINDING};
+use crate::broker::{Binding, Broker, KeyDirectory, PLATFORM_BINDING};
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
 use crate::kms::aws::AwsKms;
@@ -345,14 +345,7 @@ impl Server {
 }
 
 fn platform_binding(provider: Arc<LocalKeyring>, reference: &str) -> Binding {
-    Binding {
-        name: PLATFORM_BINDING.into(),
-        provider,
-        key_reference: reference.to_owned(),
-        state: BindingState::Active,
-        state_reason: String::new(),
-        usage: Arc::default(),
-    }
+    Binding::active(PLATFORM_BINDING, provider, reference)
 }
 
 /// Aborts a background task when dropped.

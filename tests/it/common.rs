@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keybroker::broker::{Binding, BindingState, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
 use keybroker::config::Config;
 use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
@@ -46,14 +46,7 @@ impl TestServer {
 
     /// Every tenant on the platform key, served by `provider`.
     pub async fn start_with_provider(config: Config, provider: Arc<dyn KeyProvider>) -> Self {
-        let binding = Binding {
-            name: PLATFORM_BINDING.into(),
-            provider,
-            key_reference: "test-keyring".into(),
-            state: BindingState::Active,
-            state_reason: String::new(),
-            usage: Arc::default(),
-        };
+        let binding = Binding::active(PLATFORM_BINDING, provider, "test-keyring");
         let directory = Arc::new(PlatformOnly::new(Arc::new(binding)));
         Self::serve(Server::with_directory(config, directory).unwrap()).await
     }

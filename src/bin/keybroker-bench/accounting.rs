@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keybroker::broker::{Binding, BindingState, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
 use keybroker::cache::{CacheSettings, DekCache};
 use keybroker::envelope::Context;
 use keybroker::kms::local::LocalKeyring;
@@ -99,14 +99,11 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         decrypts: AtomicU64::new(0),
         failing: AtomicBool::new(false),
     });
-    let binding = Arc::new(Binding {
-        name: PLATFORM_BINDING.into(),
-        provider: Arc::clone(&provider) as Arc<dyn KeyProvider>,
-        key_reference: "bench".into(),
-        state: BindingState::Active,
-        state_reason: String::new(),
-        usage: Arc::default(),
-    });
+    let binding = Arc::new(Binding::active(
+        PLATFORM_BINDING,
+        Arc::clone(&provider) as Arc<dyn KeyProvider>,
+        "bench",
+    ));
     let unlimited = QuotaSettings {
         tenant: Limit {
             per_second: 0,

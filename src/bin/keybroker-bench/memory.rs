@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use keybroker::broker::{Binding, BindingState, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
 use keybroker::cache::{CacheSettings, DekCache};
 use keybroker::envelope::Context;
 use keybroker::kms::local::LocalKeyring;
@@ -57,14 +57,11 @@ pub fn child(entries: usize) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let keyring = LocalKeyring::from_material("platform", &[SecretBytes::random(32)?])?;
-        let binding = Arc::new(Binding {
-            name: PLATFORM_BINDING.into(),
-            provider: Arc::new(keyring),
-            key_reference: "bench".into(),
-            state: BindingState::Active,
-            state_reason: String::new(),
-            usage: Arc::default(),
-        });
+        let binding = Arc::new(Binding::active(
+            PLATFORM_BINDING,
+            Arc::new(keyring),
+            "bench",
+        ));
         let cache = DekCache::new(CacheSettings {
             max_entries: entries as u64 + 1000,
             ttl: std::time::Duration::from_secs(3600),
