@@ -1,8 +1,9 @@
 //! Logs and traces. Logs go to stderr (text or JSON; `RUST_LOG` filters).
 //! Every RPC runs in a span (target `keybroker::rpc`) carrying the method,
 //! caller, tenant and request id; with `otlp_endpoint` set, those spans are
-//! exported over OTLP/gRPC to a collector. Without OTLP the spans are off by
-//! default (`RUST_LOG=keybroker::rpc=info` turns them on for the logs).
+//! exported over OTLP/gRPC to a collector. The spans are at DEBUG level and
+//! the log filter is per layer, so without OTLP (and without
+//! `RUST_LOG=keybroker::rpc=debug`) no layer wants them and they cost nothing.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
@@ -41,20 +42,20 @@ impl Drop for Telemetry {
 /// Installs the global subscriber. Must run inside the Tokio runtime (the
 /// OTLP exporter is a tonic client).
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
-    let default = if otlp_endpoint.is_some() {
-        "info"
-    } else {
-        "info,keybroker::rpc=off"
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // The log filter applies to the log layer only: it must not decide for
+    // the span exporter.
     let (text, json) = match format {
         LogFormat::Text => (
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter()),
             ),
             None,
         ),
@@ -63,7 +64,8 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
             Some(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter()),
             ),
         ),
     };
@@ -87,7 +89,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
             // Only keybroker's own spans leave the process, whatever RUST_LOG
             // turns on for the logs (h2 at trace is thousands of spans).
             let only_ours = tracing_subscriber::filter::Targets::new()
-                .with_target("keybroker", tracing::Level::INFO);
+                .with_target("keybroker", tracing::Level::DEBUG);
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
@@ -97,7 +99,6 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
         None => None,
     };
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(text)
         .with(json)
         .with(otel)

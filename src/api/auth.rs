@@ -140,7 +140,7 @@ where
             .unwrap_or_else(|| Arc::clone(&UNAUTHENTICATED_ID));
         let remote = peer.and_then(|p| p.remote_addr);
         let wants_id = self.layer.observers.audit.enabled()
-            || tracing::enabled!(target: crate::telemetry::RPC_TARGET, tracing::Level::INFO);
+            || tracing::enabled!(target: crate::telemetry::RPC_TARGET, tracing::Level::DEBUG);
         let request_id = request_id(&request, wants_id);
         let echo = request_id
             .as_deref()

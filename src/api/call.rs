@@ -128,7 +128,7 @@ where
         .tenant_labels()
         .then(|| req.tenant_id().to_owned());
     // Off unless exported (OTLP) or asked for in RUST_LOG: no cost then.
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         target: crate::telemetry::RPC_TARGET,
         "rpc",
         otel.name = %ctx.method,

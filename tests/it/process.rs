@@ -20,6 +20,14 @@ struct Process {
     log: std::path::PathBuf,
 }
 
+/// A failed test must not leave its server running.
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Process {
     fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Self {
         Self::spawn_under(&[], data_dir, extra)
