@@ -77,6 +77,10 @@ pub struct Metrics {
     audit_records: Family<NameLabels, Counter>,
     watcher_checks: Family<NameLabels, Counter>,
     bindings: Family<NameLabels, Gauge>,
+    /// Per (method, code) counter and per-method histogram handles of the
+    /// known methods, made on first use: the hot path neither allocates
+    /// labels nor takes the family's lock.
+    rpc_handles: Vec<RpcHandles>,
     /// Filled once the server is assembled; read at scrape.
     sources: Mutex<Sources>,
     exported: Mutex<Exported>,
@@ -88,6 +92,12 @@ impl std::fmt::Debug for Metrics {
             .field("tenant_labels", &self.tenant_labels)
             .finish_non_exhaustive()
     }
+}
+
+/// Handles of one known method.
+struct RpcHandles {
+    by_code: [std::sync::OnceLock<Counter>; 17],
+    duration: std::sync::OnceLock<Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -182,6 +192,13 @@ impl Metrics {
             audit_records,
             watcher_checks,
             bindings,
+            rpc_handles: crate::authz::METHODS
+                .iter()
+                .map(|_| RpcHandles {
+                    by_code: Default::default(),
+                    duration: std::sync::OnceLock::new(),
+                })
+                .collect(),
             sources: Mutex::default(),
             exported: Mutex::default(),
         }
@@ -198,22 +215,45 @@ impl Metrics {
     }
 
     pub fn rpc(&self, method: &str, code: tonic::Code, tenant_id: Option<&str>, elapsed: Duration) {
+        let known = crate::authz::METHODS.iter().position(|m| *m == method);
+        if let (Some(index), false) = (known, self.tenant_labels) {
+            let handles = &self.rpc_handles[index];
+            let slot = usize::try_from(code as i32).unwrap_or(0).min(16);
+            handles.by_code[slot]
+                .get_or_init(|| self.rpc_counter(method, code, String::new()))
+                .inc();
+            handles
+                .duration
+                .get_or_init(|| {
+                    self.rpc_duration
+                        .get_or_create(&MethodLabels {
+                            method: method.to_owned(),
+                        })
+                        .clone()
+                })
+                .observe(elapsed.as_secs_f64());
+            return;
+        }
         let tenant = match (self.tenant_labels, tenant_id) {
             (true, Some(t)) => t.to_owned(),
             _ => String::new(),
         };
+        self.rpc_counter(method, code, tenant).inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn rpc_counter(&self, method: &str, code: tonic::Code, tenant: String) -> Counter {
         self.rpc_requests
             .get_or_create(&RpcLabels {
                 method: method.to_owned(),
                 code: crate::api::call::code_name(code).to_owned(),
                 tenant,
             })
-            .inc();
-        self.rpc_duration
-            .get_or_create(&MethodLabels {
-                method: method.to_owned(),
-            })
-            .observe(elapsed.as_secs_f64());
+            .clone()
     }
 
     pub fn provider_call(&self, provider: &str, operation: &str, outcome: &str, elapsed: Duration) {
