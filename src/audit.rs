@@ -96,10 +96,11 @@ pub struct AuditRecord<'a> {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("audit log {target}: {source}")]
+#[error("audit log {target}: {cause}")]
 pub struct AuditError {
     target: String,
-    source: std::io::Error,
+    /// Not `source`: the message includes it already.
+    cause: std::io::Error,
 }
 
 /// A size-rotated file. Appends are whole lines in one `write` each, so a
@@ -183,9 +184,9 @@ impl AuditLog {
             AuditTarget::Off => Sink::Off,
             AuditTarget::Stdout => Sink::Stdout,
             AuditTarget::File(path) => {
-                let state = open_append(path).map_err(|source| AuditError {
+                let state = open_append(path).map_err(|cause| AuditError {
                     target: path.display().to_string(),
-                    source,
+                    cause,
                 })?;
                 Sink::File(FileSink {
                     path: path.clone(),
@@ -253,7 +254,7 @@ impl AuditLog {
         let line = |record| {
             let mut line = serde_json::to_vec(record).map_err(|e| AuditError {
                 target: target(),
-                source: std::io::Error::other(e),
+                cause: std::io::Error::other(e),
             })?;
             line.push(b'\n');
             Ok::<_, AuditError>(line)
@@ -265,17 +266,17 @@ impl AuditLog {
                 std::io::stdout()
                     .lock()
                     .write_all(&line)
-                    .map_err(|source| AuditError {
+                    .map_err(|cause| AuditError {
                         target: target(),
-                        source,
+                        cause,
                     })?;
                 Ok(true)
             }
             Sink::File(file) => {
                 let line = line(record)?;
-                file.write(&line).map_err(|source| AuditError {
+                file.write(&line).map_err(|cause| AuditError {
                     target: target(),
-                    source,
+                    cause,
                 })?;
                 Ok(true)
             }

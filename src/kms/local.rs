@@ -36,10 +36,12 @@ const TAG_LEN: usize = 16;
 /// at start (or are logged on reload), so they name the file and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    #[error("keyring file {path}: {source}")]
+    #[error("keyring file {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Named `cause`, not `source`: the message already includes it, so
+        /// error chains do not print it twice.
+        cause: std::io::Error,
     },
     #[error(
         "keyring file {path} is readable or writable by group or others (mode {mode:o}); run: chmod 600 {path} (a read-only 0440 Secret mount is also accepted)"
@@ -234,9 +236,9 @@ impl LocalKeyring {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let now = stamp(path).map_err(|source| KeyringError::Io {
+        let now = stamp(path).map_err(|cause| KeyringError::Io {
             path: path.clone(),
-            source,
+            cause,
         })?;
         let last = self.stamp.read().ok().and_then(|s| *s);
         if last == Some(now) {
@@ -384,9 +386,9 @@ fn private_mode(mode: u32) -> bool {
 }
 
 fn load(path: &Path) -> Result<(Versions, FileStamp), KeyringError> {
-    let io = |source| KeyringError::Io {
+    let io = |cause| KeyringError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
@@ -432,11 +434,21 @@ fn create_keyring_file(path: &Path) -> Result<(), KeyringError> {
 /// Adds a new newest version to the keyring file; returns its number. Old
 /// versions stay, so every key wrapped before keeps unwrapping.
 pub fn rotate_keyring_file(path: &Path) -> Result<u32, KeyringError> {
+    if !path.exists() {
+        // Nothing to rotate yet: the first version is the new one.
+        let created = LocalKeyring::open_or_create("platform", path)?;
+        return Ok(created
+            .version_list()
+            .into_iter()
+            .map(|(v, _)| v)
+            .max()
+            .unwrap_or(1));
+    }
     // Validate the file (permissions, format) before rewriting it.
     load(path)?;
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyringError::Io {
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|cause| KeyringError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     })?);
     let mut file: KeyringFile =
         serde_json::from_slice(&bytes).map_err(|e| KeyringError::Invalid {
@@ -452,9 +464,9 @@ pub fn rotate_keyring_file(path: &Path) -> Result<u32, KeyringError> {
 /// Writes to a 0600 temp file beside `path`, syncs, then renames over it:
 /// readers see the old or the new keyring, never a partial one.
 fn write_atomically(path: &Path, file: &KeyringFile) -> Result<(), KeyringError> {
-    let io = |source| KeyringError::Io {
+    let io = |cause| KeyringError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()

@@ -111,6 +111,28 @@ fn chart_lints_and_renders_valid_manifests_for_default_and_production_values() {
     }
 }
 
+/// A keyring given as a file becomes a Secret mounted where keybroker reads it.
+#[test]
+fn keyring_file_becomes_a_mounted_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("platform-keyring.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["keyring", "rotate", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let file_arg = format!("keyring.json={}", keyring.display());
+    let rendered = render(&["--set-file", &file_arg]);
+    assert!(
+        rendered.contains("name: kb-keybroker-keyring"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("platform-keyring.json: "));
+    assert!(rendered.contains("mountPath: /var/lib/keybroker/platform-keyring.json"));
+    validate(&rendered);
+}
+
 #[test]
 fn service_monitor_renders_when_enabled() {
     assert!(!render(&[]).contains("kind: ServiceMonitor"));
@@ -212,7 +234,7 @@ fn bad_values_fail_with_the_reason() {
                 "--set",
                 "registry.postgres.existingSecret=db",
             ],
-            "needs keyring.existingSecret",
+            "needs keyring.existingSecret or keyring.json",
         ),
         (
             &["--set", "tls.enabled=true", "--set", "authz.policy=x"],

@@ -30,14 +30,23 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-tls" (include "keybroker.fullname" .)) .Values.tls.existingSecret -}}
 {{- end -}}
 
+{{/* The Secret holding the platform keyring, if any. */}}
+{{- define "keybroker.keyringSecretName" -}}
+{{- if .Values.keyring.existingSecret -}}
+{{- .Values.keyring.existingSecret -}}
+{{- else if .Values.keyring.json -}}
+{{- printf "%s-keyring" (include "keybroker.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Settings that cannot work together fail the install with the reason. */}}
 {{- define "keybroker.validate" -}}
 {{- $replicated := or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled -}}
 {{- if and $replicated (not .Values.registry.postgres.existingSecret) -}}
 {{- fail "replicaCount > 1 (or autoscaling) needs a PostgreSQL registry: set registry.postgres.existingSecret. With SQLite each replica would have its own tenants and keys, and a revocation would reach only one of them." -}}
 {{- end -}}
-{{- if and $replicated (not .Values.keyring.existingSecret) -}}
-{{- fail "replicaCount > 1 (or autoscaling) needs keyring.existingSecret: every replica must hold the same platform keyring, or keys wrapped by one replica will not unwrap on another." -}}
+{{- if and $replicated (not (include "keybroker.keyringSecretName" .)) -}}
+{{- fail "replicaCount > 1 (or autoscaling) needs keyring.existingSecret or keyring.json: every replica must hold the same platform keyring, or keys wrapped by one replica will not unwrap on another." -}}
 {{- end -}}
 {{- if .Values.tls.enabled -}}
 {{- if and (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key .Values.tls.ca)) -}}
