@@ -173,10 +173,24 @@ impl Server {
             audit: Some(Arc::clone(&audit)),
             ..Default::default()
         });
+        let broker = Arc::new(
+            Broker::new(directory, cache, config.quota).with_metrics(Arc::clone(&metrics)),
+        );
+        // Idle tenants' full buckets are dropped now and then, so the
+        // limiter's map holds only recently active tenants.
+        let idle_sweep = Arc::downgrade(&broker);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(broker) = idle_sweep.upgrade() else {
+                    return;
+                };
+                broker.quota().forget_idle();
+            }
+        }));
         Ok(Self {
-            broker: Arc::new(
-                Broker::new(directory, cache, config.quota).with_metrics(Arc::clone(&metrics)),
-            ),
+            broker,
             config,
             policy,
             audit,
