@@ -277,14 +277,8 @@ impl PolicySource {
     }
 
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let source = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                source.reload_if_changed();
-            }
+        crate::reload::every(interval, self, |source| {
+            source.reload_if_changed();
         })
     }
 }

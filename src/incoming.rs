@@ -114,7 +114,6 @@ impl AsyncWrite for PeerStream {
 pub fn accept(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
-    trust_domains: Arc<[String]>,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<io::Result<PeerStream>>,
     tokio::task::JoinHandle<()>,
@@ -148,9 +147,9 @@ pub fn accept(
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                     let tx = tx.clone();
-                    let trust_domains = Arc::clone(&trust_domains);
+                    let tls = Arc::clone(tls);
                     tokio::spawn(async move {
-                        match handshake(acceptor, tcp, remote, &trust_domains).await {
+                        match handshake(acceptor, tcp, remote, tls.trust_domains()).await {
                             Ok(stream) => {
                                 let _ = tx.send(Ok(stream)).await;
                             }

@@ -18,6 +18,21 @@ pub struct Limit {
     pub burst: u32,
 }
 
+impl Limit {
+    pub const UNLIMITED: Self = Self {
+        per_second: 0,
+        burst: 0,
+    };
+}
+
+impl QuotaSettings {
+    /// No limit at all (benchmarks, tests that make keys in bulk).
+    pub const UNLIMITED: Self = Self {
+        tenant: Limit::UNLIMITED,
+        global: Limit::UNLIMITED,
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaSettings {
     pub tenant: Limit,
@@ -140,10 +155,7 @@ mod tests {
                 per_second: 1,
                 burst: 3,
             },
-            global: Limit {
-                per_second: 0,
-                burst: 0,
-            },
+            global: Limit::UNLIMITED,
         });
         for _ in 0..3 {
             quota.acquire("acme").unwrap();
@@ -158,10 +170,7 @@ mod tests {
     #[test]
     fn global_bucket_is_shared() {
         let quota = ProviderQuota::new(QuotaSettings {
-            tenant: Limit {
-                per_second: 0,
-                burst: 0,
-            },
+            tenant: Limit::UNLIMITED,
             global: Limit {
                 per_second: 1,
                 burst: 2,

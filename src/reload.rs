@@ -3,7 +3,29 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Calls `tick` every `interval` (the first time after one interval) while
+/// `target` is alive: the background loop of every reloader and sweeper.
+pub fn every<T: Send + Sync + 'static>(
+    interval: Duration,
+    target: &Arc<T>,
+    tick: impl Fn(&T) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let target = Arc::downgrade(target);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(target) = target.upgrade() else {
+                return;
+            };
+            tick(&target);
+        }
+    })
+}
 
 /// What one file looked like: a change to any field means "reload".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

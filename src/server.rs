@@ -178,17 +178,11 @@ impl Server {
         );
         // Idle tenants' full buckets are dropped now and then, so the
         // limiter's map holds only recently active tenants.
-        let idle_sweep = Arc::downgrade(&broker);
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                let Some(broker) = idle_sweep.upgrade() else {
-                    return;
-                };
-                broker.quota().forget_idle();
-            }
-        }));
+        tasks.push(crate::reload::every(
+            std::time::Duration::from_secs(60),
+            &broker,
+            |broker| broker.quota().forget_idle(),
+        ));
         Ok(Self {
             broker,
             config,
@@ -309,15 +303,7 @@ impl Server {
             draining_tx.notify_one();
         };
 
-        let trust_domains: Arc<[String]> = self
-            .config
-            .tls
-            .as_ref()
-            .map(|t| t.trust_domains.clone())
-            .unwrap_or_default()
-            .into();
-        let (incoming, accepting) =
-            crate::incoming::accept(listener, self.tls.clone(), trust_domains);
+        let (incoming, accepting) = crate::incoming::accept(listener, self.tls.clone());
         // Dropped on every return path: stops accepting.
         let _accepting = AbortOnDrop(accepting);
         tracing::info!(%addr, tls = self.tls.is_some(), "keybroker listening");

@@ -260,15 +260,14 @@ impl TlsSource {
     }
 
     pub fn spawn_reloader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let source = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(source.settings.reload_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                source.reload_if_changed();
-            }
+        crate::reload::every(self.settings.reload_interval, self, |source| {
+            source.reload_if_changed();
         })
+    }
+
+    /// SPIFFE trust domains accepted (empty: any the CA issues for).
+    pub fn trust_domains(&self) -> &[String] {
+        &self.settings.trust_domains
     }
 }
 

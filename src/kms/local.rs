@@ -258,28 +258,19 @@ impl LocalKeyring {
     /// changed, so `keybroker keyring rotate` (or a rotated Kubernetes Secret)
     /// takes effect without a restart.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let keyring = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(keyring) = keyring.upgrade() else {
-                    return;
-                };
-                match keyring.reload_if_changed() {
-                    Ok(true) => tracing::info!(
-                        keyring = %keyring.id,
-                        newest_version = keyring.newest_version(),
-                        "keyring reloaded"
-                    ),
-                    Ok(false) => {}
-                    Err(err) => tracing::warn!(
-                        keyring = %keyring.id,
-                        error = %err,
-                        "keyring file changed but could not be loaded; keeping the previous versions"
-                    ),
-                }
+        crate::reload::every(interval, self, |keyring| {
+            match keyring.reload_if_changed() {
+                Ok(true) => tracing::info!(
+                    keyring = %keyring.id,
+                    newest_version = keyring.newest_version(),
+                    "keyring reloaded"
+                ),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(
+                    keyring = %keyring.id,
+                    error = %err,
+                    "keyring file changed but could not be loaded; keeping the previous versions"
+                ),
             }
         })
     }

@@ -665,16 +665,7 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     let provider = Arc::new(SlowKeyring::remote(Duration::from_millis(1)));
     // Wrapped keys made by an unlimited server over the same provider.
     let mut unlimited = test_config(dir.path());
-    unlimited.quota = QuotaSettings {
-        tenant: Limit {
-            per_second: 0,
-            burst: 0,
-        },
-        global: Limit {
-            per_second: 0,
-            burst: 0,
-        },
-    };
+    unlimited.quota = QuotaSettings::UNLIMITED;
     let maker = TestServer::start_with_provider(unlimited, provider.clone()).await;
     let mut client = maker.client().await;
     let flood_total = (RATE as u64) * 10 * FLOOD_SECS;
@@ -695,10 +686,7 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
             per_second: RATE,
             burst: RATE,
         },
-        global: Limit {
-            per_second: 0,
-            burst: 0,
-        },
+        global: Limit::UNLIMITED,
     };
     let server = TestServer::start_with_provider(limited, provider.clone()).await;
     let client = server.client().await;

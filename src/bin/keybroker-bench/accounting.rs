@@ -14,7 +14,7 @@ use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
 };
-use keybroker::quota::{Limit, QuotaSettings};
+use keybroker::quota::QuotaSettings;
 use keybroker::secret::SecretBytes;
 use serde_json::json;
 
@@ -104,16 +104,7 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         Arc::clone(&provider) as Arc<dyn KeyProvider>,
         "bench",
     ));
-    let unlimited = QuotaSettings {
-        tenant: Limit {
-            per_second: 0,
-            burst: 0,
-        },
-        global: Limit {
-            per_second: 0,
-            burst: 0,
-        },
-    };
+    let unlimited = QuotaSettings::UNLIMITED;
     let cache = DekCache::new(CacheSettings {
         max_entries: 1_000_000,
         ttl: args.ttl,
