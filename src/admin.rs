@@ -32,8 +32,6 @@ pub enum AdminError {
     /// The provider could not verify the key: what the customer must fix.
     #[error("key verification failed: {0}")]
     Verification(String),
-    #[error("{0}")]
-    Unimplemented(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -255,10 +253,16 @@ impl Admin {
                 .await
                 .map_err(|e| AdminError::Verification(e.to_string()))?;
             }
-            other => {
-                return Err(AdminError::Unimplemented(format!(
-                    "provider {other} is not available in this build of keybroker yet"
-                )));
+            ProviderKind::GcpKms => {
+                let target =
+                    crate::registry::directory::gcp_target(&BindingRecord::from_new(&record));
+                let key = self.directory.gcp().key(target);
+                verify_provider(&key, &req.tenant_id).await?;
+            }
+            ProviderKind::Local => {
+                return Err(AdminError::Internal(
+                    "local keys are linked with ImportKeyMaterial".into(),
+                ));
             }
         }
         let stored = self.registry().insert_binding(&record, now_ms()).await?;
@@ -645,6 +649,16 @@ async fn verify_provider(
     use crate::kms::ProviderKeyState;
     let failed = |e: crate::kms::ProviderError| AdminError::Verification(e.to_string());
     let description = provider.describe("").await.map_err(failed)?;
+    tracing::info!(
+        tenant = tenant_id,
+        provider = %provider.kind(),
+        state = ?description.state,
+        version = %description.current_version,
+        rotation_enabled = ?description.rotation_enabled,
+        rotation_period = ?description.rotation_period,
+        protection_level = ?description.protection_level,
+        "verifying a key to link"
+    );
     if description.state != ProviderKeyState::Enabled {
         return Err(AdminError::Verification(format!(
             "the key is {:?}; enable it in the key provider first",

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::audit::AuditSettings;
 use crate::cache::CacheSettings;
 use crate::kms::aws::AwsSettings;
+use crate::kms::gcp::{GcpCredentials, GcpSettings};
 use crate::quota::{Limit, QuotaSettings};
 use crate::tls::TlsSettings;
 use crate::watcher::WatcherSettings;
@@ -122,6 +123,25 @@ pub struct ServeArgs {
     /// Deadline of one AWS call, retries included [default: 8s].
     #[arg(long, env = "KEYBROKER_AWS_OPERATION_TIMEOUT", value_parser = humantime::parse_duration)]
     pub aws_operation_timeout: Option<Duration>,
+    /// Cloud KMS endpoint (regional, Private Service Connect, or an emulator)
+    /// [default: https://cloudkms.googleapis.com].
+    #[arg(long, env = "KEYBROKER_GCP_KMS_ENDPOINT")]
+    pub gcp_kms_endpoint: Option<String>,
+    /// keybroker's Google identity: `default` (Application Default
+    /// Credentials: Workload Identity, GOOGLE_APPLICATION_CREDENTIALS) or
+    /// `anonymous` (emulators only) [default: default].
+    #[arg(long, env = "KEYBROKER_GCP_CREDENTIALS")]
+    pub gcp_credentials: Option<String>,
+    /// Attempts per Cloud KMS call, first included; only transient errors
+    /// retry [default: 3].
+    #[arg(long, env = "KEYBROKER_GCP_MAX_ATTEMPTS")]
+    pub gcp_max_attempts: Option<u32>,
+    /// Deadline of one Cloud KMS call attempt [default: 3s].
+    #[arg(long, env = "KEYBROKER_GCP_ATTEMPT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub gcp_attempt_timeout: Option<Duration>,
+    /// Deadline of one Cloud KMS call, retries included [default: 8s].
+    #[arg(long, env = "KEYBROKER_GCP_OPERATION_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub gcp_operation_timeout: Option<Duration>,
     /// Server certificate chain (PEM). With --tls-key and --tls-client-ca,
     /// serves mTLS: every caller presents a certificate from that CA.
     #[arg(long, env = "KEYBROKER_TLS_CERT")]
@@ -232,6 +252,11 @@ struct FileConfig {
     aws_max_attempts: Option<u32>,
     aws_attempt_timeout: Option<String>,
     aws_operation_timeout: Option<String>,
+    gcp_kms_endpoint: Option<String>,
+    gcp_credentials: Option<String>,
+    gcp_max_attempts: Option<u32>,
+    gcp_attempt_timeout: Option<String>,
+    gcp_operation_timeout: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -286,6 +311,7 @@ pub struct Config {
     pub gcp_service_account: Option<String>,
     pub watcher: WatcherSettings,
     pub aws: AwsSettings,
+    pub gcp: GcpSettings,
     /// mTLS on the listener; `None` is plaintext (loopback only, unless
     /// `insecure_plaintext`).
     pub tls: Option<TlsSettings>,
@@ -325,6 +351,7 @@ impl std::fmt::Debug for Config {
             .field("gcp_service_account", &self.gcp_service_account)
             .field("watcher", &self.watcher)
             .field("aws", &self.aws)
+            .field("gcp", &self.gcp)
             .field("tls", &self.tls)
             .field("authz_policy", &self.authz_policy)
             .field("reload_interval", &self.reload_interval)
@@ -384,6 +411,7 @@ impl Default for Config {
                 concurrency: 16,
             },
             aws: AwsSettings::default(),
+            gcp: GcpSettings::default(),
             tls: None,
             authz_policy: None,
             reload_interval: Duration::from_secs(10),
@@ -542,6 +570,39 @@ impl Config {
                     args.aws_operation_timeout,
                     &file.aws_operation_timeout,
                     d.aws.operation_timeout,
+                )?,
+            },
+            gcp: GcpSettings {
+                endpoint: args
+                    .gcp_kms_endpoint
+                    .clone()
+                    .or(file.gcp_kms_endpoint.clone()),
+                credentials: match args
+                    .gcp_credentials
+                    .as_ref()
+                    .or(file.gcp_credentials.as_ref())
+                {
+                    Some(text) => text.parse().map_err(|reason| ConfigError::Invalid {
+                        setting: "gcp_credentials",
+                        reason,
+                    })?,
+                    None => GcpCredentials::default(),
+                },
+                max_attempts: args
+                    .gcp_max_attempts
+                    .or(file.gcp_max_attempts)
+                    .unwrap_or(d.gcp.max_attempts),
+                attempt_timeout: duration(
+                    "gcp_attempt_timeout",
+                    args.gcp_attempt_timeout,
+                    &file.gcp_attempt_timeout,
+                    d.gcp.attempt_timeout,
+                )?,
+                operation_timeout: duration(
+                    "gcp_operation_timeout",
+                    args.gcp_operation_timeout,
+                    &file.gcp_operation_timeout,
+                    d.gcp.operation_timeout,
                 )?,
             },
             reload_interval: duration(
@@ -713,6 +774,20 @@ impl Config {
                 "aws_attempt_timeout",
                 "must not be longer than aws_operation_timeout",
             );
+        }
+        if self.gcp.max_attempts == 0 || self.gcp.max_attempts > 10 {
+            return invalid("gcp_max_attempts", "must be 1 to 10");
+        }
+        if self.gcp.attempt_timeout > self.gcp.operation_timeout {
+            return invalid(
+                "gcp_attempt_timeout",
+                "must not be longer than gcp_operation_timeout",
+            );
+        }
+        if let Some(url) = &self.gcp.endpoint
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return invalid("gcp_kms_endpoint", "must be an http:// or https:// URL");
         }
         if let Some(url) = &self.registry {
             if !(url.starts_with("postgres://")

@@ -19,6 +19,7 @@ use crate::broker::{Binding, Broker, KeyDirectory, PLATFORM_BINDING};
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
 use crate::kms::aws::AwsKms;
+use crate::kms::gcp::GcpKms;
 use crate::kms::local::LocalKeyring;
 use crate::metrics::Metrics;
 use crate::proto;
@@ -92,6 +93,7 @@ impl Server {
             platform,
             keyring,
             aws,
+            Arc::new(GcpKms::new(config.gcp.clone())),
             cache.clone(),
             config.registry_cache_ttl,
         ));

@@ -58,7 +58,6 @@ impl From<AdminError> for Status {
             AdminError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
             AdminError::Registry(e) => classify_registry(e),
             AdminError::Verification(_) => (Code::FailedPrecondition, "KEY_VERIFICATION_FAILED"),
-            AdminError::Unimplemented(_) => (Code::Unimplemented, "PROVIDER_NOT_AVAILABLE"),
             AdminError::Internal(_) => (Code::Internal, "INTERNAL"),
         };
         status(code, reason, &err, HashMap::new())
@@ -118,6 +117,9 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
             ProviderError::InvalidCiphertext(_) => (Code::InvalidArgument, "DECRYPTION_FAILED"),
             ProviderError::AccessDenied(_) => (Code::FailedPrecondition, "KEY_ACCESS_DENIED"),
             ProviderError::KeyDisabled(_) => (Code::FailedPrecondition, "KEY_DISABLED_IN_PROVIDER"),
+            ProviderError::VersionDisabled(_) => {
+                (Code::FailedPrecondition, "KEY_VERSION_DISABLED_IN_PROVIDER")
+            }
             ProviderError::NotFound(_) => (Code::FailedPrecondition, "KEY_NOT_FOUND_IN_PROVIDER"),
             ProviderError::Throttled(_) => (Code::ResourceExhausted, "PROVIDER_THROTTLED"),
             ProviderError::Unavailable(_) => (Code::Unavailable, "PROVIDER_UNAVAILABLE"),

@@ -580,6 +580,7 @@ impl KeyProvider for AwsKmsKey {
             key_manager: meta.key_manager().map(|m| m.as_str().to_owned()),
             multi_region: meta.multi_region(),
             rotation_enabled,
+            ..KeyDescription::default()
         })
     }
 

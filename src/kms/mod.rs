@@ -4,6 +4,7 @@
 //! boundary, so the API layer maps one small taxonomy to gRPC codes.
 
 pub mod aws;
+pub mod gcp;
 pub mod local;
 
 use std::fmt;
@@ -104,6 +105,10 @@ pub struct KeyDescription {
     pub multi_region: Option<bool>,
     /// Automatic rotation, where the provider says (and lets us ask).
     pub rotation_enabled: Option<bool>,
+    /// GCP: the CryptoKey's automatic rotation period.
+    pub rotation_period: Option<std::time::Duration>,
+    /// GCP: SOFTWARE, HSM, EXTERNAL... of the primary version.
+    pub protection_level: Option<String>,
 }
 
 /// The failure taxonomy every provider maps its errors into. Messages are
@@ -116,6 +121,11 @@ pub enum ProviderError {
     /// The key exists but is disabled, pending deletion or destroyed.
     #[error("key disabled: {0}")]
     KeyDisabled(String),
+    /// One version of the key is unusable (disabled or destroyed) while the
+    /// key itself is: data wrapped under that version cannot be read, but
+    /// the binding stays usable (GCP exposes versions).
+    #[error("key version disabled: {0}")]
+    VersionDisabled(String),
     /// The key (or key version) does not exist.
     #[error("key not found: {0}")]
     NotFound(String),
@@ -139,6 +149,7 @@ impl ProviderError {
         match self {
             Self::AccessDenied(_) => "access_denied",
             Self::KeyDisabled(_) => "key_disabled",
+            Self::VersionDisabled(_) => "version_disabled",
             Self::NotFound(_) => "not_found",
             Self::InvalidCiphertext(_) => "invalid_ciphertext",
             Self::Throttled(_) => "throttled",
@@ -153,6 +164,7 @@ impl ProviderError {
         match self {
             Self::AccessDenied(m) => Self::AccessDenied(wrap(m)),
             Self::KeyDisabled(m) => Self::KeyDisabled(wrap(m)),
+            Self::VersionDisabled(m) => Self::VersionDisabled(wrap(m)),
             Self::NotFound(m) => Self::NotFound(wrap(m)),
             Self::InvalidCiphertext(m) => Self::InvalidCiphertext(wrap(m)),
             Self::Throttled(m) => Self::Throttled(wrap(m)),

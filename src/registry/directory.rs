@@ -21,6 +21,7 @@ use crate::cache::DekCache;
 use crate::envelope::{Context, Envelope};
 use crate::kms::ProviderError;
 use crate::kms::aws::{AwsKeyTarget, AwsKms};
+use crate::kms::gcp::{GcpKeyTarget, GcpKms};
 use crate::kms::local::LocalKeyring;
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
@@ -35,6 +36,8 @@ pub struct RegistryDirectory {
     platform_keyring: Arc<LocalKeyring>,
     /// Shared AWS sessions and clients for `aws-kms` bindings.
     aws: Arc<AwsKms>,
+    /// Shared Cloud KMS clients for `gcp-kms` bindings.
+    gcp: Arc<GcpKms>,
     /// The data plane's DEK cache, purged here when a binding changes.
     cache: DekCache,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
@@ -56,6 +59,7 @@ impl RegistryDirectory {
         platform: Arc<Binding>,
         platform_keyring: Arc<LocalKeyring>,
         aws: Arc<AwsKms>,
+        gcp: Arc<GcpKms>,
         cache: DekCache,
         cache_ttl: Duration,
     ) -> Self {
@@ -64,6 +68,7 @@ impl RegistryDirectory {
             platform,
             platform_keyring,
             aws,
+            gcp,
             cache,
             tenants: Cache::builder()
                 .max_capacity(100_000)
@@ -84,6 +89,10 @@ impl RegistryDirectory {
 
     pub fn aws(&self) -> &Arc<AwsKms> {
         &self.aws
+    }
+
+    pub fn gcp(&self) -> &Arc<GcpKms> {
+        &self.gcp
     }
 
     /// A tenant's keys changed (`binding` names the one, if one): forget the
@@ -362,10 +371,7 @@ impl RegistryDirectory {
                 Ok(Arc::new(keyring))
             }
             ProviderKind::AwsKms => Ok(Arc::new(self.aws.key(aws_target(record, external_id)))),
-            other => Err(BrokerError::Internal(format!(
-                "key '{}' of tenant '{}' uses provider {other}, which this build does not serve",
-                record.name, record.tenant_id
-            ))),
+            ProviderKind::GcpKms => Ok(Arc::new(self.gcp.key(gcp_target(record)))),
         }
     }
 }
@@ -431,6 +437,14 @@ pub fn aws_target(record: &BindingRecord, external_id: &str) -> AwsKeyTarget {
         role_arn: record.role_arn.clone(),
         external_id: external_id.to_owned(),
         replica_regions: record.replica_regions.clone(),
+    }
+}
+
+/// What a `gcp-kms` binding needs to reach its key.
+pub fn gcp_target(record: &BindingRecord) -> GcpKeyTarget {
+    GcpKeyTarget {
+        key_name: record.key_reference.clone(),
+        service_account: record.service_account.clone(),
     }
 }
 

@@ -9,6 +9,8 @@ mod bench;
 mod clients;
 mod common;
 mod data_plane;
+mod gcp;
+mod gcp_fake;
 mod grpcurl;
 mod helm;
 mod process;

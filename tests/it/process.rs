@@ -13,7 +13,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::ctx;
 
-struct Process {
+pub(crate) struct Process {
     child: Child,
     /// Server output goes to a file, not a pipe: an unread pipe fills up and
     /// blocks a chatty server.
@@ -35,6 +35,24 @@ impl Process {
 
     /// Spawns through `prefix` (a command that execs the rest, like prlimit).
     fn spawn_under(prefix: &[&str], data_dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn_with(prefix, data_dir, extra, &[])
+    }
+
+    /// Spawns with extra environment variables.
+    pub(crate) fn spawn_env(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn_with(&[], data_dir, extra, env)
+    }
+
+    fn spawn_with(
+        prefix: &[&str],
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = data_dir.join(format!("server-{n}.log"));
@@ -56,6 +74,7 @@ impl Process {
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "trace")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
@@ -64,7 +83,7 @@ impl Process {
     }
 
     /// The address from the server's "keybroker listening" log line.
-    async fn addr(&self) -> String {
+    pub(crate) async fn addr(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -81,7 +100,7 @@ impl Process {
         }
     }
 
-    async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         let url = format!("http://{}", self.addr().await);
         Channel::from_shared(url).unwrap().connect().await.unwrap()
     }

@@ -1,0 +1,525 @@
+//! Customer keys in Google Cloud KMS, through Google's own Rust client
+//! (`google-cloud-kms-v1`, REST transport) and `google-cloud-auth`
+//! (the flow of turbopuffer's CMEK page: the customer grants a service
+//! account `roles/cloudkms.cryptoKeyEncrypterDecrypter` on their CryptoKey).
+//!
+//! [`GcpKms`] is shared by all bindings: keybroker's own credentials
+//! (Application Default Credentials: Workload Identity on GKE) and one client
+//! per identity used. A binding may name a service account to impersonate, so
+//! each tenant's keys can be granted to a service account of its own.
+//! [`GcpKmsKey`] is one binding's view and the [`KeyProvider`] the data plane
+//! sees.
+//!
+//! Every Encrypt and Decrypt carries CRC32C checksums of what it sends and
+//! checks the ones Cloud KMS returns: a corrupted request or response is an
+//! error (never a wrong key). Failures are classified here, from the status
+//! Google returns, into [`ProviderError`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use google_cloud_auth::credentials::{Credentials, anonymous, impersonated};
+use google_cloud_gax::error::Error as GaxError;
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_gax::exponential_backoff::ExponentialBackoffBuilder;
+use google_cloud_gax::options::RequestOptionsBuilder as _;
+use google_cloud_gax::retry_policy::{Aip194Strict, RetryPolicyExt};
+use google_cloud_kms_v1::client::KeyManagementService;
+use google_cloud_kms_v1::model::crypto_key::CryptoKeyPurpose;
+use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
+
+use super::{
+    Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
+    WrapContext,
+};
+use crate::secret::SecretBytes;
+
+/// The role customers grant on their key (or the tenant's service account).
+pub const ENCRYPTER_DECRYPTER_ROLE: &str = "roles/cloudkms.cryptoKeyEncrypterDecrypter";
+
+/// Where keybroker's own Google identity comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GcpCredentials {
+    /// Application Default Credentials: Workload Identity / the metadata
+    /// server, or `GOOGLE_APPLICATION_CREDENTIALS`.
+    #[default]
+    ApplicationDefault,
+    /// No credentials at all: only for emulators and tests.
+    Anonymous,
+}
+
+impl std::str::FromStr for GcpCredentials {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "default" | "adc" => Ok(Self::ApplicationDefault),
+            "anonymous" => Ok(Self::Anonymous),
+            other => Err(format!(
+                "unknown GCP credentials {other:?}: use `default` (Application Default Credentials) or `anonymous` (emulators only)"
+            )),
+        }
+    }
+}
+
+/// GCP settings from the config.
+#[derive(Debug, Clone)]
+pub struct GcpSettings {
+    /// Cloud KMS endpoint (regional or Private Service Connect endpoint, or an
+    /// emulator); Google's global endpoint when unset.
+    pub endpoint: Option<String>,
+    pub credentials: GcpCredentials,
+    /// Attempts per call including the first; only transient errors retry.
+    pub max_attempts: u32,
+    pub attempt_timeout: Duration,
+    /// Deadline of a call, retries included.
+    pub operation_timeout: Duration,
+}
+
+impl Default for GcpSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            credentials: GcpCredentials::default(),
+            max_attempts: 3,
+            attempt_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(8),
+        }
+    }
+}
+
+/// Shared GCP state: clients per identity and the primary versions seen.
+pub struct GcpKms {
+    settings: GcpSettings,
+    /// Clients by impersonated service account (`""`: keybroker's own
+    /// identity). tokio Mutex: building a client is async, and concurrent
+    /// first uses of an identity should build it once.
+    clients: tokio::sync::Mutex<HashMap<String, KeyManagementService>>,
+    /// The primary version last reported per CryptoKey (by Encrypt or a
+    /// describe), so `rewrap_recommended` needs no call. It outlives the
+    /// tenant views, which are rebuilt on every change. std Mutex: map
+    /// access only.
+    primaries: Mutex<HashMap<String, String>>,
+}
+
+impl fmt::Debug for GcpKms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GcpKms")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GcpKms {
+    pub fn new(settings: GcpSettings) -> Self {
+        Self {
+            settings,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            primaries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The provider for one binding.
+    pub fn key(self: &Arc<Self>, target: GcpKeyTarget) -> GcpKmsKey {
+        GcpKmsKey {
+            kms: Arc::clone(self),
+            target,
+        }
+    }
+
+    async fn client(&self, service_account: &str) -> Result<KeyManagementService, ProviderError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(service_account) {
+            return Ok(client.clone());
+        }
+        let credentials = self.credentials(service_account)?;
+        let retry = Aip194Strict
+            .with_attempt_limit(self.settings.max_attempts.max(1))
+            .with_time_limit(self.settings.operation_timeout);
+        let backoff = ExponentialBackoffBuilder::new()
+            .with_initial_delay(Duration::from_millis(50))
+            .with_maximum_delay(Duration::from_secs(1))
+            .clamp();
+        let mut builder = KeyManagementService::builder()
+            .with_credentials(credentials)
+            .with_retry_policy(retry)
+            .with_backoff_policy(backoff)
+            .with_attempt_timeout(self.settings.attempt_timeout);
+        if let Some(endpoint) = &self.settings.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let client = builder.build().await.map_err(|e| {
+            ProviderError::Internal(format!("cannot create the Cloud KMS client: {e}"))
+        })?;
+        clients.insert(service_account.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn credentials(&self, service_account: &str) -> Result<Credentials, ProviderError> {
+        let source = match self.settings.credentials {
+            GcpCredentials::Anonymous => anonymous::Builder::new().build(),
+            GcpCredentials::ApplicationDefault => google_cloud_auth::credentials::Builder::default()
+                .build()
+                .map_err(|e| {
+                    ProviderError::Internal(format!(
+                        "no Google credentials for keybroker (use Workload Identity, or set GOOGLE_APPLICATION_CREDENTIALS): {e}"
+                    ))
+                })?,
+        };
+        if service_account.is_empty() {
+            return Ok(source);
+        }
+        impersonated::Builder::from_source_credentials(source)
+            .with_target_principal(service_account)
+            .build()
+            .map_err(|e| {
+                ProviderError::Internal(format!(
+                    "cannot set up impersonation of service account {service_account}: {e}"
+                ))
+            })
+    }
+
+    fn note_primary(&self, key: &str, version: &str) {
+        let mut primaries = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
+        if primaries.get(key).map(String::as_str) != Some(version) {
+            primaries.insert(key.to_owned(), version.to_owned());
+        }
+    }
+
+    fn primary(&self, key: &str) -> Option<String> {
+        let primaries = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
+        primaries.get(key).cloned()
+    }
+}
+
+/// What one binding needs to reach its key.
+#[derive(Debug, Clone)]
+pub struct GcpKeyTarget {
+    /// `projects/*/locations/*/keyRings/*/cryptoKeys/*`.
+    pub key_name: String,
+    /// Service account to impersonate; empty: keybroker's own identity.
+    pub service_account: String,
+}
+
+/// One GCP binding as a [`KeyProvider`].
+#[derive(Debug)]
+pub struct GcpKmsKey {
+    kms: Arc<GcpKms>,
+    target: GcpKeyTarget,
+}
+
+/// Which call failed, for classification and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Encrypt,
+    Decrypt,
+    Describe,
+}
+
+impl GcpKmsKey {
+    async fn client(&self) -> Result<KeyManagementService, ProviderError> {
+        self.kms.client(&self.target.service_account).await
+    }
+
+    /// Who calls Cloud KMS, for messages.
+    fn principal(&self) -> String {
+        if self.target.service_account.is_empty() {
+            "keybroker's service account".to_owned()
+        } else {
+            format!("service account {}", self.target.service_account)
+        }
+    }
+
+    fn integrity_error(&self, call: Call, what: &str) -> ProviderError {
+        ProviderError::Unavailable(format!(
+            "Cloud KMS {call:?} of key {}: {what}; the data was corrupted in transit and was not used, retry",
+            self.target.key_name
+        ))
+    }
+
+    /// A FAILED_PRECONDITION on Decrypt may concern one old version only:
+    /// the key itself is usable if its primary is enabled, and the binding
+    /// must not be revoked for it.
+    async fn precondition(&self, call: Call, message: &str) -> ProviderError {
+        let key = &self.target.key_name;
+        if call == Call::Decrypt
+            && let Ok(description) = self.describe("").await
+            && description.state == ProviderKeyState::Enabled
+        {
+            return ProviderError::VersionDisabled(format!(
+                "the version of key {key} that wrapped this key cannot be used ({message}); restore that version in Cloud KMS to read data wrapped under it"
+            ));
+        }
+        ProviderError::KeyDisabled(format!(
+            "key {key} cannot be used in its current state ({message}); enable its primary version in Cloud KMS to restore access"
+        ))
+    }
+
+    async fn classify(&self, err: GaxError, call: Call) -> ProviderError {
+        let key = &self.target.key_name;
+        let Some(status) = err.status() else {
+            return classify_transport(&err, self);
+        };
+        let message = status.message.clone();
+        match status.code {
+            Code::PermissionDenied => ProviderError::AccessDenied(format!(
+                "{} may not use key {key}: grant it {ENCRYPTER_DECRYPTER_ROLE} on the key ({message})",
+                self.principal()
+            )),
+            Code::NotFound => ProviderError::NotFound(format!(
+                "key {key} does not exist (deleted, or a wrong resource name) ({message})"
+            )),
+            Code::FailedPrecondition => self.precondition(call, &message).await,
+            Code::InvalidArgument if mentions_checksum(&message) => self.integrity_error(
+                call,
+                &format!("Cloud KMS found a checksum mismatch in the request ({message})"),
+            ),
+            Code::InvalidArgument if call == Call::Decrypt => {
+                ProviderError::InvalidCiphertext(format!(
+                    "Cloud KMS could not decrypt: the context or tenant differs from the wrap, the wrapped key was altered, or it belongs to another key than {key} ({message})"
+                ))
+            }
+            Code::ResourceExhausted => ProviderError::Throttled(format!(
+                "Cloud KMS quota exhausted for key {key} ({message})"
+            )),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Aborted => {
+                ProviderError::Unavailable(format!("Cloud KMS {:?}: {message}", status.code))
+            }
+            Code::Unauthenticated => ProviderError::Unavailable(format!(
+                "Cloud KMS rejected keybroker's credentials ({message}); check its Google identity (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)"
+            )),
+            other => {
+                ProviderError::Internal(format!("Cloud KMS {other:?} on key {key}: {message}"))
+            }
+        }
+    }
+}
+
+/// Failures without a Google status: no answer, or no credentials.
+fn classify_transport(err: &GaxError, key: &GcpKmsKey) -> ProviderError {
+    if err.is_timeout() || err.is_exhausted() {
+        return ProviderError::Unavailable(
+            "Cloud KMS: no answer within the configured timeout".into(),
+        );
+    }
+    if err.is_authentication() {
+        let transient = std::error::Error::source(err)
+            .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
+            .is_some_and(|c| c.is_transient());
+        let why = if key.target.service_account.is_empty() {
+            "keybroker could not obtain Google credentials (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)".to_owned()
+        } else {
+            format!(
+                "keybroker could not impersonate service account {} (grant keybroker's identity roles/iam.serviceAccountTokenCreator on it)",
+                key.target.service_account
+            )
+        };
+        return if transient {
+            ProviderError::Unavailable(format!("{why}: {err}"))
+        } else {
+            ProviderError::Internal(format!("{why}: {err}"))
+        };
+    }
+    if err.is_connect() || err.is_io() || err.is_transport() {
+        return ProviderError::Unavailable("Cloud KMS: the endpoint cannot be reached".into());
+    }
+    if err.is_deserialization() {
+        return ProviderError::Unavailable("Cloud KMS answered with an unreadable response".into());
+    }
+    if let Some(code) = err.http_status_code() {
+        return match code {
+            429 => ProviderError::Throttled("Cloud KMS throttled the request".into()),
+            500..=599 => ProviderError::Unavailable(format!("Cloud KMS answered HTTP {code}")),
+            _ => ProviderError::Internal(format!("Cloud KMS answered HTTP {code}")),
+        };
+    }
+    ProviderError::Internal(format!("Cloud KMS call failed: {err}"))
+}
+
+fn mentions_checksum(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    lower.contains("checksum") || lower.contains("crc32c")
+}
+
+/// CRC32C (Castagnoli), the checksum Cloud KMS uses for data integrity.
+pub fn crc32c(data: &[u8]) -> i64 {
+    const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    i64::from(CRC32C.checksum(data))
+}
+
+fn state_of(state: &CryptoKeyVersionState) -> ProviderKeyState {
+    match state {
+        CryptoKeyVersionState::Enabled => ProviderKeyState::Enabled,
+        CryptoKeyVersionState::DestroyScheduled => ProviderKeyState::PendingDeletion,
+        CryptoKeyVersionState::Destroyed => ProviderKeyState::Destroyed,
+        // Disabled, pending generation or import, failed imports: not usable.
+        _ => ProviderKeyState::Disabled,
+    }
+}
+
+#[async_trait]
+impl KeyProvider for GcpKmsKey {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::GcpKms
+    }
+
+    async fn encrypt(
+        &self,
+        _key: &str,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError> {
+        let aad = wrap.aad();
+        let key = &self.target.key_name;
+        let result = self
+            .client()
+            .await?
+            .encrypt()
+            .set_name(key)
+            .set_plaintext(Bytes::copy_from_slice(plaintext.expose()))
+            .set_plaintext_crc32c(crc32c(plaintext.expose()))
+            .set_additional_authenticated_data_crc32c(crc32c(&aad))
+            .set_additional_authenticated_data(aad)
+            // A repeated Encrypt only makes another valid ciphertext.
+            .with_idempotency(true)
+            .send()
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => return Err(self.classify(e, Call::Encrypt).await),
+        };
+        if !out.verified_plaintext_crc32c || !out.verified_additional_authenticated_data_crc32c {
+            return Err(self.integrity_error(
+                Call::Encrypt,
+                "Cloud KMS did not confirm the request's CRC32C checksums",
+            ));
+        }
+        if out.ciphertext_crc32c != Some(crc32c(&out.ciphertext)) {
+            return Err(
+                self.integrity_error(Call::Encrypt, "the ciphertext failed its CRC32C check")
+            );
+        }
+        let version_prefix = format!("{key}/cryptoKeyVersions/");
+        if !out.name.starts_with(&version_prefix) {
+            return Err(ProviderError::Internal(format!(
+                "Cloud KMS Encrypt answered for {:?}, not a version of key {key}",
+                out.name
+            )));
+        }
+        self.kms.note_primary(key, &out.name);
+        Ok(Ciphertext {
+            bytes: out.ciphertext.to_vec(),
+            key_version: out.name,
+        })
+    }
+
+    async fn decrypt(
+        &self,
+        _key: &str,
+        _key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError> {
+        let aad = wrap.aad();
+        let result = self
+            .client()
+            .await?
+            .decrypt()
+            // The ciphertext names its version; Cloud KMS picks it.
+            .set_name(&self.target.key_name)
+            .set_ciphertext_crc32c(crc32c(ciphertext))
+            .set_ciphertext(Bytes::copy_from_slice(ciphertext))
+            .set_additional_authenticated_data_crc32c(crc32c(&aad))
+            .set_additional_authenticated_data(aad)
+            .with_idempotency(true)
+            .send()
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => return Err(self.classify(e, Call::Decrypt).await),
+        };
+        let plaintext = SecretBytes::new(out.plaintext.to_vec());
+        if out.plaintext_crc32c != Some(crc32c(plaintext.expose())) {
+            return Err(
+                self.integrity_error(Call::Decrypt, "the plaintext failed its CRC32C check")
+            );
+        }
+        Ok(plaintext)
+    }
+
+    async fn describe(&self, _key: &str) -> Result<KeyDescription, ProviderError> {
+        let key_name = &self.target.key_name;
+        let result = self
+            .client()
+            .await?
+            .get_crypto_key()
+            .set_name(key_name)
+            .send()
+            .await;
+        let key = match result {
+            Ok(key) => key,
+            Err(e) => return Err(Box::pin(self.classify(e, Call::Describe)).await),
+        };
+        if key.purpose != CryptoKeyPurpose::EncryptDecrypt {
+            return Err(ProviderError::KeyDisabled(format!(
+                "key {key_name} has purpose {}; keybroker needs a symmetric ENCRYPT_DECRYPT key",
+                key.purpose.name().unwrap_or("unknown")
+            )));
+        }
+        let rotation_period = key
+            .rotation_period()
+            .and_then(|d| u64::try_from(d.seconds()).ok())
+            .map(Duration::from_secs);
+        let Some(primary) = key.primary else {
+            return Ok(KeyDescription {
+                state: ProviderKeyState::Disabled,
+                ..KeyDescription::default()
+            });
+        };
+        let state = state_of(&primary.state);
+        if state == ProviderKeyState::Enabled {
+            self.kms.note_primary(key_name, &primary.name);
+        }
+        Ok(KeyDescription {
+            state,
+            current_version: primary.name,
+            key_manager: None,
+            multi_region: None,
+            rotation_enabled: Some(rotation_period.is_some()),
+            rotation_period,
+            protection_level: primary.protection_level.name().map(str::to_owned),
+        })
+    }
+
+    fn current_version(&self, _key: &str) -> Option<String> {
+        self.kms.primary(&self.target.key_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_is_castagnoli() {
+        // The check value of CRC-32C (RFC 3720, appendix B.4).
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn credentials_parse() {
+        assert_eq!(
+            "default".parse::<GcpCredentials>(),
+            Ok(GcpCredentials::ApplicationDefault)
+        );
+        assert_eq!(
+            "anonymous".parse::<GcpCredentials>(),
+            Ok(GcpCredentials::Anonymous)
+        );
+        assert!("root".parse::<GcpCredentials>().is_err());
+    }
+}
