@@ -896,4 +896,47 @@ mod tests {
         .to_string();
         assert!(err.contains("unknown field"), "{err}");
     }
+
+    #[test]
+    fn gcp_settings_load_and_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "gcp_kms_endpoint = \"https://cloudkms.europe-west1.rep.googleapis.com\"\n\
+             gcp_credentials = \"anonymous\"\ngcp_attempt_timeout = \"1s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            gcp_max_attempts: Some(5),
+            ..Default::default()
+        };
+        let config = Config::load(&args).unwrap();
+        assert_eq!(
+            config.gcp.endpoint.as_deref(),
+            Some("https://cloudkms.europe-west1.rep.googleapis.com")
+        );
+        assert_eq!(config.gcp.credentials, GcpCredentials::Anonymous);
+        assert_eq!(config.gcp.max_attempts, 5);
+        assert_eq!(config.gcp.attempt_timeout, Duration::from_secs(1));
+        for (text, setting) in [
+            ("gcp_credentials = \"root\"\n", "gcp_credentials"),
+            (
+                "gcp_kms_endpoint = \"cloudkms.googleapis.com\"\n",
+                "gcp_kms_endpoint",
+            ),
+            ("gcp_max_attempts = 0\n", "gcp_max_attempts"),
+            ("gcp_attempt_timeout = \"20s\"\n", "gcp_attempt_timeout"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(&ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(setting), "{text}: {err}");
+        }
+    }
 }

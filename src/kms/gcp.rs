@@ -442,6 +442,11 @@ impl KeyProvider for GcpKmsKey {
             Err(e) => return Err(self.classify(e, Call::Decrypt).await),
         };
         let plaintext = SecretBytes::new(out.plaintext.to_vec());
+        // Wipe the client's copy where we hold the only reference (the
+        // response body buffers inside the HTTP stack are out of reach).
+        if let Ok(mut copy) = out.plaintext.try_into_mut() {
+            zeroize::Zeroize::zeroize(copy.as_mut());
+        }
         if out.plaintext_crc32c != Some(crc32c(plaintext.expose())) {
             return Err(
                 self.integrity_error(Call::Decrypt, "the plaintext failed its CRC32C check")

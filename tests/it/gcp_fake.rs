@@ -52,6 +52,8 @@ pub struct Faults {
     pub unavailable_calls: u32,
     /// The next N calls answer 429 RESOURCE_EXHAUSTED.
     pub exhausted_calls: u32,
+    /// Every call waits this long before answering.
+    pub delay: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +133,24 @@ impl FakeCloudKms {
 
     pub fn set_faults(&self, faults: Faults) {
         self.state.lock().unwrap().faults = faults;
+    }
+
+    /// Ends a scheduled destruction now (Cloud KMS does it after the key's
+    /// `destroyScheduledDuration`): the version is DESTROYED, its material
+    /// gone.
+    pub fn complete_destruction(&self, version: &str) {
+        let (key, id) = split_version(version).unwrap();
+        let mut kms = self.state.lock().unwrap();
+        let v = kms
+            .keys
+            .get_mut(key)
+            .unwrap()
+            .versions
+            .get_mut(&id)
+            .unwrap();
+        assert_eq!(v.state, "DESTROY_SCHEDULED");
+        v.state = "DESTROYED";
+        v.material = [0; 32];
     }
 
     pub fn calls(&self, method: &str) -> u64 {
@@ -418,6 +438,10 @@ async fn handle(
         eprintln!("fake kms: {method} {uri} {body}");
     }
     recode_enums(&mut body, false);
+    let delay = state.lock().unwrap().faults.delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let int_enums = query(&uri, "%24alt")
         .or_else(|| query(&uri, "$alt"))
         .is_some_and(|alt| {
