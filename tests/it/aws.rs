@@ -21,23 +21,7 @@ use tonic::Code;
 use crate::aws_support::{
     Fault, FaultServer, Moto, ROLE_ARN, TENANT, aws_with, create_tenant, link_request,
 };
-use crate::common::{TestServer, admin_client, ctx, test_config};
-
-fn gen_req(context: &[(&str, &str)]) -> proto::GenerateDataKeyRequest {
-    proto::GenerateDataKeyRequest {
-        tenant_id: TENANT.into(),
-        context: ctx(context),
-        key_spec: 0,
-    }
-}
-
-fn unwrap_req(context: &[(&str, &str)], wrapped: &[u8]) -> proto::UnwrapKeyRequest {
-    proto::UnwrapKeyRequest {
-        tenant_id: TENANT.into(),
-        context: ctx(context),
-        wrapped_key: wrapped.to_vec(),
-    }
-}
+use crate::common::{TestServer, admin_client, ctx, generate_req, test_config, unwrap_req};
 
 #[tokio::test]
 async fn aws_kms_flow_against_moto() {
@@ -67,7 +51,7 @@ async fn aws_kms_flow_against_moto() {
 
     let c = [("dataset", "d1")];
     let g = broker
-        .generate_data_key(gen_req(&c))
+        .generate_data_key(generate_req(TENANT, &c))
         .await
         .unwrap()
         .into_inner();
@@ -93,7 +77,7 @@ async fn aws_kms_flow_against_moto() {
     let envelope = proto::WrappedKey::decode(g.wrapped_key.as_slice()).unwrap();
     assert_eq!(envelope.provider(), proto::Provider::AwsKms);
     let back = broker
-        .unwrap_key(unwrap_req(&c, &g.wrapped_key))
+        .unwrap_key(unwrap_req(TENANT, &c, &g.wrapped_key))
         .await
         .unwrap()
         .into_inner();
@@ -111,7 +95,7 @@ async fn aws_kms_flow_against_moto() {
         .into_inner();
     server.broker.cache().purge_all();
     let back = broker
-        .unwrap_key(unwrap_req(&c, &w.wrapped_key))
+        .unwrap_key(unwrap_req(TENANT, &c, &w.wrapped_key))
         .await
         .unwrap()
         .into_inner();
@@ -120,7 +104,7 @@ async fn aws_kms_flow_against_moto() {
     // The encryption context is enforced by KMS itself.
     server.broker.cache().purge_all();
     let err = broker
-        .unwrap_key(unwrap_req(&[("dataset", "d2")], &g.wrapped_key))
+        .unwrap_key(unwrap_req(TENANT, &[("dataset", "d2")], &g.wrapped_key))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -153,7 +137,7 @@ async fn aws_kms_flow_against_moto() {
     );
     assert_eq!(server.decrypt_calls(), decrypts, "rewrap must not decrypt");
     let back = broker
-        .unwrap_key(unwrap_req(&c, &moved.wrapped_key))
+        .unwrap_key(unwrap_req(TENANT, &c, &moved.wrapped_key))
         .await
         .unwrap()
         .into_inner();
@@ -210,7 +194,7 @@ async fn assume_role_carries_external_id_once_per_session() {
         dek.push(
             broker
                 .clone()
-                .generate_data_key(gen_req(&c))
+                .generate_data_key(generate_req(TENANT, &c))
                 .await
                 .unwrap()
                 .into_inner(),
@@ -229,7 +213,7 @@ async fn assume_role_carries_external_id_once_per_session() {
                 let c = [("object", i.to_string())];
                 let c: Vec<(&str, &str)> = c.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 let got = broker
-                    .unwrap_key(unwrap_req(&c, &wrapped))
+                    .unwrap_key(unwrap_req(TENANT, &c, &wrapped))
                     .await
                     .unwrap()
                     .into_inner();
@@ -382,7 +366,7 @@ async fn kms_failures_map_to_codes_and_definitive_ones_are_not_retried() {
         let server = fault_server_setup(&faults).await;
         let mut broker = server.client().await;
         let err = broker
-            .unwrap_key(unwrap_req(&[], &aws_envelope()))
+            .unwrap_key(unwrap_req(TENANT, &[], &aws_envelope()))
             .await
             .unwrap_err();
         assert_eq!(err.code(), code, "{needle}: {err:?}");
@@ -419,7 +403,7 @@ async fn kms_failures_map_to_codes_and_definitive_ones_are_not_retried() {
     let err = server
         .client()
         .await
-        .generate_data_key(gen_req(&[]))
+        .generate_data_key(generate_req(TENANT, &[]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -434,7 +418,7 @@ async fn sts_denial_names_the_trust_policy_and_external_id() {
     let server = fault_server_setup(&faults).await;
     let mut broker = server.client().await;
     let err = broker
-        .unwrap_key(unwrap_req(&[], &aws_envelope()))
+        .unwrap_key(unwrap_req(TENANT, &[], &aws_envelope()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -516,7 +500,7 @@ async fn replica_region_serves_decrypt_when_the_key_region_is_unreachable() {
     let back = server
         .client()
         .await
-        .unwrap_key(unwrap_req(&[("dataset", "d1")], &aws_envelope()))
+        .unwrap_key(unwrap_req(TENANT, &[("dataset", "d1")], &aws_envelope()))
         .await
         .expect("decrypt should be served by the replica region")
         .into_inner();
@@ -541,7 +525,7 @@ async fn replica_region_serves_decrypt_when_the_key_region_is_unreachable() {
     let err = server
         .client()
         .await
-        .unwrap_key(unwrap_req(&[], &aws_envelope()))
+        .unwrap_key(unwrap_req(TENANT, &[], &aws_envelope()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

@@ -230,3 +230,28 @@ pub fn random_material() -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(SecretBytes::random(32).unwrap().expose())
 }
+
+/// UnwrapKey of `wrapped` for `tenant` under `context`.
+pub fn unwrap_req(
+    tenant: &str,
+    context: &[(&str, &str)],
+    wrapped: &[u8],
+) -> keybroker::proto::UnwrapKeyRequest {
+    keybroker::proto::UnwrapKeyRequest {
+        tenant_id: tenant.into(),
+        context: ctx(context),
+        wrapped_key: wrapped.to_vec(),
+    }
+}
+
+/// GenerateDataKey of the default spec for `tenant` under `context`.
+pub fn generate_req(
+    tenant: &str,
+    context: &[(&str, &str)],
+) -> keybroker::proto::GenerateDataKeyRequest {
+    keybroker::proto::GenerateDataKeyRequest {
+        tenant_id: tenant.into(),
+        context: ctx(context),
+        key_spec: keybroker::proto::KeySpec::Unspecified.into(),
+    }
+}

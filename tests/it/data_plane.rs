@@ -8,23 +8,7 @@ use keybroker::proto::{self, WrappedKey};
 use prost::Message;
 use tonic::Code;
 
-use crate::common::{SlowKeyring, TestServer, ctx, test_config};
-
-fn unwrap_req(tenant: &str, context: &[(&str, &str)], wrapped: &[u8]) -> proto::UnwrapKeyRequest {
-    proto::UnwrapKeyRequest {
-        tenant_id: tenant.into(),
-        context: ctx(context),
-        wrapped_key: wrapped.to_vec(),
-    }
-}
-
-fn generate_req(tenant: &str, context: &[(&str, &str)]) -> proto::GenerateDataKeyRequest {
-    proto::GenerateDataKeyRequest {
-        tenant_id: tenant.into(),
-        context: ctx(context),
-        key_spec: proto::KeySpec::Unspecified.into(),
-    }
-}
+use crate::common::{SlowKeyring, TestServer, ctx, generate_req, test_config, unwrap_req};
 
 #[tokio::test]
 async fn every_rpc_round_trips() {

@@ -20,7 +20,9 @@ use keybroker::kms::gcp::{GcpCredentials, GcpSettings};
 use keybroker::proto;
 use tonic::Code;
 
-use crate::common::{TestServer, admin_client, ctx, repo_root, test_config};
+use crate::common::{
+    TestServer, admin_client, ctx, generate_req, repo_root, test_config, unwrap_req,
+};
 use crate::gcp_fake::{
     CloudKmsAdmin, CryptoKeyPurpose, CryptoKeyVersionState, FakeCloudKms, Faults,
 };
@@ -94,11 +96,7 @@ impl Env {
         c: &[(&str, &str)],
     ) -> Result<proto::GenerateDataKeyResponse, tonic::Status> {
         self.broker
-            .generate_data_key(proto::GenerateDataKeyRequest {
-                tenant_id: TENANT.into(),
-                context: ctx(c),
-                key_spec: 0,
-            })
+            .generate_data_key(generate_req(TENANT, c))
             .await
             .map(|r| r.into_inner())
     }
@@ -109,11 +107,7 @@ impl Env {
         wrapped: &[u8],
     ) -> Result<proto::UnwrapKeyResponse, tonic::Status> {
         self.broker
-            .unwrap_key(proto::UnwrapKeyRequest {
-                tenant_id: TENANT.into(),
-                context: ctx(c),
-                wrapped_key: wrapped.to_vec(),
-            })
+            .unwrap_key(unwrap_req(TENANT, c, wrapped))
             .await
             .map(|r| r.into_inner())
     }
@@ -738,22 +732,14 @@ async fn gcp_impersonation_isolates_tenants() {
     assert_eq!(linked.service_account, ACME_SA);
     let c = [("dataset", "d1")];
     let g = broker
-        .generate_data_key(proto::GenerateDataKeyRequest {
-            tenant_id: TENANT.into(),
-            context: ctx(&c),
-            key_spec: 0,
-        })
+        .generate_data_key(generate_req(TENANT, &c))
         .await
         .unwrap()
         .into_inner();
     assert!(version_of(&g.wrapped_key).starts_with(&key));
     for _ in 0..5 {
         let u = broker
-            .unwrap_key(proto::UnwrapKeyRequest {
-                tenant_id: TENANT.into(),
-                context: ctx(&[("dataset", "other")]),
-                wrapped_key: g.wrapped_key.clone(),
-            })
+            .unwrap_key(unwrap_req(TENANT, &[("dataset", "other")], &g.wrapped_key))
             .await
             .unwrap_err();
         assert_eq!(
@@ -763,11 +749,7 @@ async fn gcp_impersonation_isolates_tenants() {
         );
     }
     let u = broker
-        .unwrap_key(proto::UnwrapKeyRequest {
-            tenant_id: TENANT.into(),
-            context: ctx(&c),
-            wrapped_key: g.wrapped_key.clone(),
-        })
+        .unwrap_key(unwrap_req(TENANT, &c, &g.wrapped_key))
         .await
         .unwrap()
         .into_inner();

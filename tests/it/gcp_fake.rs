@@ -434,9 +434,6 @@ async fn handle(
             Err(e) => return invalid(format!("Invalid JSON payload received. {e}")),
         }
     };
-    if std::env::var_os("FAKE_KMS_TRACE").is_some() {
-        eprintln!("fake kms: {method} {uri} {body}");
-    }
     recode_enums(&mut body, false);
     let delay = state.lock().unwrap().faults.delay;
     if !delay.is_zero() {
