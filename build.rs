@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // INVALID_ARGUMENT, not INTERNAL, for a body that is not protobuf.
+        .codec_path("crate::api::codec::StrictProstCodec")
         .file_descriptor_set_path(out_dir.join("keybroker_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
     // The floor server of the load benchmark (keybroker-bench only).

@@ -106,6 +106,11 @@ impl Admin {
         self.directory.registry()
     }
 
+    /// The data plane's view of the registry (tests count its rechecks).
+    pub fn directory(&self) -> &Arc<RegistryDirectory> {
+        &self.directory
+    }
+
     pub async fn create_tenant(
         &self,
         tenant_id: &str,

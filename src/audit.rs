@@ -125,7 +125,8 @@ fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
 }
 
 impl FileSink {
-    fn write(&self, line: &[u8]) -> std::io::Result<()> {
+    /// Appends one line; `durable` also waits for it to reach the disk.
+    fn write(&self, line: &[u8], durable: bool) -> std::io::Result<()> {
         let mut state = self
             .state
             .lock()
@@ -136,6 +137,9 @@ impl FileSink {
         }
         state.0.write_all(line)?;
         state.1 += line.len() as u64;
+        if durable {
+            state.0.sync_data()?;
+        }
         Ok(())
     }
 
@@ -233,7 +237,18 @@ impl AuditLog {
     /// Writes one record. On failure the caller decides (fail-closed or not);
     /// the error is counted here either way.
     pub fn write(&self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
-        let result = self.write_line(record);
+        self.write_record(record, false)
+    }
+
+    /// Writes one record and flushes it to the disk (a file sink) or the
+    /// pipe (stdout) before returning: the intent record of a state change,
+    /// which must exist before the change is committed.
+    pub fn write_durable(&self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
+        self.write_record(record, true)
+    }
+
+    fn write_record(&self, record: &AuditRecord<'_>, durable: bool) -> Result<(), AuditError> {
+        let result = self.write_line(record, durable);
         match &result {
             Ok(true) => {
                 self.written.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +261,7 @@ impl AuditLog {
         result.map(|_| ())
     }
 
-    fn write_line(&self, record: &AuditRecord<'_>) -> Result<bool, AuditError> {
+    fn write_line(&self, record: &AuditRecord<'_>, durable: bool) -> Result<bool, AuditError> {
         let target = || match &self.sink {
             Sink::File(f) => f.path.display().to_string(),
             _ => "stdout".to_owned(),
@@ -263,9 +278,9 @@ impl AuditLog {
             Sink::Off => Ok(false),
             Sink::Stdout => {
                 let line = line(record)?;
-                std::io::stdout()
-                    .lock()
-                    .write_all(&line)
+                let mut out = std::io::stdout().lock();
+                out.write_all(&line)
+                    .and_then(|()| if durable { out.flush() } else { Ok(()) })
                     .map_err(|cause| AuditError {
                         target: target(),
                         cause,
@@ -274,7 +289,7 @@ impl AuditLog {
             }
             Sink::File(file) => {
                 let line = line(record)?;
-                file.write(&line).map_err(|cause| AuditError {
+                file.write(&line, durable).map_err(|cause| AuditError {
                     target: target(),
                     cause,
                 })?;

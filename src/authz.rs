@@ -80,6 +80,23 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|b| *b == b'*')
 }
 
+/// Identity patterns name their kind, as identities do (`tls.rs`): a
+/// SPIFFE ID (`spiffe://...`), a DNS name (`dns:api.internal`), plaintext
+/// callers (`unauthenticated`), or `*` for every caller. A bare name is
+/// refused: it would match no caller, and used to mean a DNS SAN.
+fn check_identity_pattern(pattern: &str) -> Result<(), String> {
+    if pattern == "*"
+        || pattern == UNAUTHENTICATED
+        || pattern.starts_with("spiffe://")
+        || pattern.starts_with(crate::tls::DNS_IDENTITY_PREFIX)
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "identity {pattern:?} names no kind of identity: write \"spiffe://trust-domain/path\" for a SPIFFE ID, \"dns:{pattern}\" for a certificate's DNS name, or \"unauthenticated\" for plaintext callers"
+    ))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
@@ -169,8 +186,12 @@ impl Policy {
                     ));
                 }
             }
+            let identities = list("identities", rule.identities)?;
+            for id in &identities {
+                check_identity_pattern(&id.0).map_err(|why| format!("{label}: {why}"))?;
+            }
             rules.push(Rule {
-                identities: list("identities", rule.identities)?,
+                identities,
                 methods,
                 tenants: list("tenants", rule.tenants)?,
             });

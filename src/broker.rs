@@ -176,10 +176,29 @@ impl TenantKeys {
 pub trait KeyDirectory: Send + Sync + fmt::Debug {
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError>;
 
-    /// A live request saw `error` from a binding's provider. A directory that
-    /// tracks key state revokes the binding at once on a definitive error
-    /// (access denied, key disabled or gone), as the watcher would.
-    async fn report_failure(&self, _tenant_id: &str, _binding: &str, _error: &ProviderError) {}
+    /// A live request saw `error` from a binding's provider. The request's
+    /// own bytes may have provoked it, so it proves nothing about the key: a
+    /// directory that tracks key state describes the binding (no caller
+    /// input) and lets that describe decide, revoking only then.
+    async fn confirm_failure(
+        &self,
+        _tenant_id: &str,
+        _binding: &str,
+        _error: &ProviderError,
+    ) -> Confirmation {
+        Confirmation::Unknown
+    }
+}
+
+/// What a describe made after a live request's definitive error found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The key is unusable: the binding is now revoked.
+    Revoked,
+    /// The key is usable: the request's own bytes caused the error.
+    KeyUsable,
+    /// Not known (no describe possible, or it failed): nothing changes.
+    Unknown,
 }
 
 /// Every tenant uses the platform key (tests, and tenants the registry does
@@ -217,8 +236,10 @@ pub enum BrokerError {
     Envelope(#[from] EnvelopeError),
     #[error("the wrapped key was issued for a different tenant than '{tenant_id}'")]
     TenantMismatch { tenant_id: String },
+    /// `binding` comes from the caller's wrapped key: shown quoted.
     #[error(
-        "tenant '{tenant_id}' has no key binding named '{binding}' (it was unlinked, or the wrapped key comes from another deployment)"
+        "tenant '{tenant_id}' has no key binding named {} (it was unlinked, or the wrapped key comes from another deployment)",
+        crate::text::Quoted(binding)
     )]
     UnknownBinding { tenant_id: String, binding: String },
     #[error("key binding '{binding}' of tenant '{tenant_id}' is {state}: {reason}")]
@@ -411,7 +432,7 @@ impl Broker {
             .timed(binding, "generate_data_key", call)
             .await
             .map_err(|source| provider_error(binding, source));
-        let (plaintext, ciphertext) = self.reported(tenant_id, binding, result).await?;
+        let (plaintext, ciphertext) = self.reported(tenant_id, &[binding], false, result).await?;
         let wrapped = seal(binding, tenant_id, ciphertext);
         Ok(Generated {
             plaintext,
@@ -457,7 +478,7 @@ impl Broker {
             .timed(binding, "encrypt", call)
             .await
             .map_err(|source| provider_error(binding, source));
-        let ciphertext = self.reported(tenant_id, binding, result).await?;
+        let ciphertext = self.reported(tenant_id, &[binding], false, result).await?;
         Ok(seal(binding, tenant_id, ciphertext))
     }
 
@@ -529,7 +550,7 @@ impl Broker {
             .get_or_load(cache_key, load)
             .await
             .map_err(|shared| (*shared).clone());
-        let key = self.reported(tenant_id, binding, result).await?;
+        let key = self.reported(tenant_id, &[binding], true, result).await?;
         binding.usage.record(&binding.usage.unwraps);
         Ok(key)
     }
@@ -563,9 +584,12 @@ impl Broker {
                 self.metrics
                     .provider_call(kind, "reencrypt", outcome, started.elapsed());
                 // ReEncrypt needs both keys; a failure is reported against
-                // the target, the binding the call was signed for.
+                // the target, the binding the call was signed for, and both
+                // are described before anything is blamed on either.
                 let result = result.map_err(|e| provider_error(target, e));
-                let ciphertext = self.reported(tenant_id, target, result).await?;
+                let ciphertext = self
+                    .reported(tenant_id, &[source, target], true, result)
+                    .await?;
                 source.usage.record(&source.usage.unwraps);
                 target.usage.record(&target.usage.wraps);
                 let wrapped = seal(target, tenant_id, ciphertext);
@@ -595,18 +619,46 @@ impl Broker {
         })
     }
 
-    /// Passes a provider failure to the directory (which may revoke the
-    /// binding) before returning it.
+    /// Lets a describe judge a provider error that would mean the key is
+    /// unusable (DESIGN.md section 5, "Trust boundary"): the directory
+    /// describes each binding the call used, and only that describe may
+    /// revoke. When every key turns out usable and the call carried the
+    /// caller's ciphertext, the caller's bytes caused the error: it becomes
+    /// INVALID_ARGUMENT for this request alone.
     async fn reported<T>(
         &self,
         tenant_id: &str,
-        binding: &Binding,
+        bindings: &[&Binding],
+        carries_ciphertext: bool,
         result: Result<T, BrokerError>,
     ) -> Result<T, BrokerError> {
-        if let Err(BrokerError::Provider { source, .. }) = &result {
-            self.directory
-                .report_failure(tenant_id, &binding.name, source)
+        let Err(BrokerError::Provider {
+            source,
+            binding,
+            provider,
+        }) = &result
+        else {
+            return result;
+        };
+        if !source.suggests_revocation() {
+            return result;
+        }
+        let mut all_usable = true;
+        for b in bindings {
+            let verdict = self
+                .directory
+                .confirm_failure(tenant_id, &b.name, source)
                 .await;
+            all_usable &= verdict == Confirmation::KeyUsable;
+        }
+        if all_usable && carries_ciphertext {
+            return Err(BrokerError::Provider {
+                binding: binding.clone(),
+                provider: *provider,
+                source: ProviderError::InvalidCiphertext(format!(
+                    "the key provider refused this wrapped key ({source}) although the key itself is usable: the wrapped key was altered, or made under another key, tenant or context"
+                )),
+            });
         }
         result
     }
@@ -662,6 +714,10 @@ fn resolve_wrapped<'a>(
         )));
     }
     binding.ensure_usable(tenant_id)?;
+    binding
+        .provider
+        .check_version(&envelope.provider_key_version)
+        .map_err(|source| provider_error(binding, source))?;
     Ok((envelope, binding))
 }
 

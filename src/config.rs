@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::audit::AuditSettings;
 use crate::cache::CacheSettings;
+use crate::incoming::ConnectionSettings;
 use crate::kms::aws::AwsSettings;
 use crate::kms::gcp::{GcpCredentials, GcpSettings};
 use crate::quota::{Limit, QuotaSettings};
@@ -99,6 +100,27 @@ pub struct ServeArgs {
     /// Key-state checks in flight at once [default: 16].
     #[arg(long, env = "KEYBROKER_WATCHER_CONCURRENCY")]
     pub watcher_concurrency: Option<usize>,
+    /// At most one out-of-turn describe of a key per this interval, however
+    /// many live requests see "disabled" or "access denied" [default: 1s].
+    #[arg(long, env = "KEYBROKER_RECHECK_INTERVAL", value_parser = humantime::parse_duration)]
+    pub recheck_interval: Option<Duration>,
+    /// A client must finish its TLS handshake and send the HTTP/2 preface
+    /// within this [default: 10s].
+    #[arg(long, env = "KEYBROKER_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Send an HTTP/2 PING after this long without frames [default: 60s].
+    #[arg(long, env = "KEYBROKER_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Option<Duration>,
+    /// Close the connection when a PING is unanswered this long [default: 20s].
+    #[arg(long, env = "KEYBROKER_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Option<Duration>,
+    /// Close a connection with no RPC in flight for this long [default: 10m].
+    #[arg(long, env = "KEYBROKER_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Client connections open at once, further ones are closed at accept;
+    /// also capped by the file descriptor limit minus 128 [default: 10000].
+    #[arg(long, env = "KEYBROKER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Region of the platform's own STS calls [default: us-east-1].
     #[arg(long, env = "KEYBROKER_AWS_REGION")]
     pub aws_region: Option<String>,
@@ -243,6 +265,12 @@ struct FileConfig {
     gcp_service_account: Option<String>,
     watcher_interval: Option<String>,
     watcher_concurrency: Option<usize>,
+    recheck_interval: Option<String>,
+    handshake_timeout: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
     aws_region: Option<String>,
     aws_kms_endpoint: Option<String>,
     #[serde(default)]
@@ -310,6 +338,8 @@ pub struct Config {
     pub aws_platform_principal: Option<String>,
     pub gcp_service_account: Option<String>,
     pub watcher: WatcherSettings,
+    /// Client connection limits and timeouts.
+    pub connections: ConnectionSettings,
     pub aws: AwsSettings,
     pub gcp: GcpSettings,
     /// mTLS on the listener; `None` is plaintext (loopback only, unless
@@ -350,6 +380,7 @@ impl std::fmt::Debug for Config {
             .field("aws_platform_principal", &self.aws_platform_principal)
             .field("gcp_service_account", &self.gcp_service_account)
             .field("watcher", &self.watcher)
+            .field("connections", &self.connections)
             .field("aws", &self.aws)
             .field("gcp", &self.gcp)
             .field("tls", &self.tls)
@@ -409,7 +440,9 @@ impl Default for Config {
             watcher: WatcherSettings {
                 interval: Duration::from_secs(30),
                 concurrency: 16,
+                recheck_interval: crate::registry::directory::DEFAULT_RECHECK_INTERVAL,
             },
+            connections: ConnectionSettings::default(),
             aws: AwsSettings::default(),
             gcp: GcpSettings::default(),
             tls: None,
@@ -527,6 +560,42 @@ impl Config {
                     .watcher_concurrency
                     .or(file.watcher_concurrency)
                     .unwrap_or(d.watcher.concurrency),
+                recheck_interval: duration(
+                    "recheck_interval",
+                    args.recheck_interval,
+                    &file.recheck_interval,
+                    d.watcher.recheck_interval,
+                )?,
+            },
+            connections: ConnectionSettings {
+                handshake_timeout: duration(
+                    "handshake_timeout",
+                    args.handshake_timeout,
+                    &file.handshake_timeout,
+                    d.connections.handshake_timeout,
+                )?,
+                keepalive_interval: duration(
+                    "keepalive_interval",
+                    args.keepalive_interval,
+                    &file.keepalive_interval,
+                    d.connections.keepalive_interval,
+                )?,
+                keepalive_timeout: duration(
+                    "keepalive_timeout",
+                    args.keepalive_timeout,
+                    &file.keepalive_timeout,
+                    d.connections.keepalive_timeout,
+                )?,
+                idle_timeout: duration(
+                    "idle_timeout",
+                    args.idle_timeout,
+                    &file.idle_timeout,
+                    d.connections.idle_timeout,
+                )?,
+                max_connections: args
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(d.connections.max_connections),
             },
             aws: AwsSettings {
                 region: args
@@ -729,6 +798,18 @@ impl Config {
                 ),
             );
         }
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && self.authz_policy.is_none() {
+            return invalid(
+                "authz_policy",
+                &format!(
+                    "is required to serve plaintext on {}, a non-loopback address: without a \
+                     policy every caller on the network could call every method for every \
+                     tenant. Give --authz-policy (plaintext callers are 'unauthenticated'), or \
+                     listen on 127.0.0.1",
+                    self.listen
+                ),
+            );
+        }
         if self.cache.max_entries == 0 {
             return invalid("cache_max_entries", "must be at least 1");
         }
@@ -751,6 +832,26 @@ impl Config {
             return invalid(
                 "registry_cache_ttl/usage_flush_interval",
                 "must be longer than zero",
+            );
+        }
+        let c = &self.connections;
+        if c.handshake_timeout.is_zero()
+            || c.keepalive_interval.is_zero()
+            || c.keepalive_timeout.is_zero()
+            || c.idle_timeout.is_zero()
+        {
+            return invalid(
+                "handshake_timeout/keepalive_interval/keepalive_timeout/idle_timeout",
+                "must be longer than zero",
+            );
+        }
+        if c.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if self.watcher.recheck_interval.is_zero() {
+            return invalid(
+                "recheck_interval",
+                "must be longer than zero (it rate-limits describes that requests trigger)",
             );
         }
         if self.watcher.interval.is_zero() || self.watcher.concurrency == 0 {
@@ -874,7 +975,18 @@ mod tests {
         };
         let err = Config::load(&args).unwrap_err().to_string();
         assert!(err.contains("--insecure-plaintext"), "{err}");
+        // Plaintext on the network without a policy would let every network
+        // caller call everything for every tenant.
         args.insecure_plaintext = Some(true);
+        let err = Config::load(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("authz_policy") && err.contains("every caller on the network"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, "").unwrap();
+        args.authz_policy = Some(policy);
         Config::load(&args).unwrap();
 
         let dir = tempfile::tempdir().unwrap();
@@ -895,6 +1007,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn connection_settings_load_and_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "handshake_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_connections = 64\n\
+             keepalive_interval = \"5s\"\nkeepalive_timeout = \"3s\"\nrecheck_interval = \"2s\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            config.connections,
+            ConnectionSettings {
+                handshake_timeout: Duration::from_secs(2),
+                keepalive_interval: Duration::from_secs(5),
+                keepalive_timeout: Duration::from_secs(3),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 64,
+            }
+        );
+        assert_eq!(config.watcher.recheck_interval, Duration::from_secs(2));
+        assert!(config.connections.effective_max_connections() <= 64);
+        std::fs::write(&path, "max_connections = 0\n").unwrap();
+        let err = Config::load(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_connections"), "{err}");
     }
 
     #[test]

@@ -221,7 +221,7 @@ fn request<T>(message: T, method: &str) -> Request<T> {
             peer: None,
             method: method.into(),
             request_id: None,
-            grant,
+            grant: Some(grant),
             started: Instant::now(),
         });
     }

@@ -1,24 +1,130 @@
 //! Accepted connections, plaintext or TLS, each tagged with who is on the
-//! other end. TLS handshakes run in their own tasks, so a slow or hostile
-//! client cannot hold up accepting others.
+//! other end. Handshakes run in their own tasks, so a slow or hostile client
+//! cannot hold up accepting others.
+//!
+//! Connections that say nothing must not exhaust the server: at most
+//! `max_connections` are open at once (more are closed as soon as they are
+//! accepted, so the process never runs out of file descriptors); each must
+//! finish its TLS handshake and send the HTTP/2 preface within
+//! `handshake_timeout`; and one with no RPC in flight for `idle_timeout` is
+//! closed. HTTP/2 keepalive pings (configured on the tonic server) close
+//! connections whose peer vanished.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::tls::TlsSource;
 
-/// A client that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The client connection preface of HTTP/2 (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// File descriptors kept free for everything but client connections
+/// (registry, KMS and STS connections, the audit and keyring files).
+const RESERVED_FDS: u64 = 128;
+
+/// Limits on client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// TLS handshake plus the HTTP/2 preface must arrive within this.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING sent after this long without frames from the peer...
+    pub keepalive_interval: Duration,
+    /// ...and the connection closed if no answer comes within this.
+    pub keepalive_timeout: Duration,
+    /// A connection with no RPC in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Client connections open at once; further ones are closed at accept.
+    /// Also capped by the process's file descriptor limit.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(600),
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// `max_connections`, lowered so that connections alone can never use
+    /// up the file descriptor limit (`RLIMIT_NOFILE`).
+    pub fn effective_max_connections(&self) -> usize {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let by_fds =
+            usize::try_from(limit.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX);
+        self.max_connections.min(by_fds).max(1)
+    }
+}
+
+/// RPCs in flight on one connection and when the last one ended, shared by
+/// the connection (which closes itself when idle) and the layer that sees
+/// every request (`api::auth`).
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last RPC start or end.
+    last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Marks an RPC in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> ActiveRpc {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.last_ms.fetch_max(self.now_ms(), Ordering::Relaxed);
+        ActiveRpc(Arc::clone(self))
+    }
+
+    /// When the connection becomes idle-closable, or `None` while RPCs run.
+    fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(self.epoch + last + idle)
+    }
+}
+
+/// One RPC in flight on a connection.
+#[derive(Debug)]
+pub struct ActiveRpc(Arc<Activity>);
+
+impl Drop for ActiveRpc {
+    fn drop(&mut self) {
+        self.0.last_ms.fetch_max(self.0.now_ms(), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Who is connected; tonic puts it in every request's extensions.
 #[derive(Debug, Clone)]
@@ -27,6 +133,8 @@ pub struct PeerInfo {
     /// SPIFFE ID or DNS name from the verified client certificate; `None` on
     /// a plaintext connection.
     pub identity: Option<Arc<str>>,
+    /// RPCs in flight on this connection (for its idle timeout).
+    pub activity: Arc<Activity>,
 }
 
 #[derive(Debug)]
@@ -40,6 +148,36 @@ enum Transport {
 pub struct PeerStream {
     transport: Transport,
     info: PeerInfo,
+    /// The HTTP/2 preface, read to prove the peer speaks, replayed to hyper.
+    preface_left: usize,
+    idle_timeout: Duration,
+    /// Wakes the reader to check for idleness.
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// This connection's slot under `max_connections`; freed on drop.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl PeerStream {
+    /// True when the connection has had no RPC in flight for the idle
+    /// timeout; otherwise re-arms the timer for the next check.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let deadline = self
+                .info
+                .activity
+                .idle_deadline(self.idle_timeout)
+                .unwrap_or_else(|| Instant::now() + self.idle_timeout);
+            if deadline <= Instant::now() {
+                return true;
+            }
+            self.idle_timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(deadline));
+            if self.idle_timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        }
+    }
 }
 
 impl Connected for PeerStream {
@@ -56,10 +194,25 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        if this.preface_left > 0 {
+            let start = H2_PREFACE.len() - this.preface_left;
+            let n = this.preface_left.min(buf.remaining());
+            buf.put_slice(&H2_PREFACE[start..start + n]);
+            this.preface_left -= n;
+            return Poll::Ready(Ok(()));
+        }
+        let read = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if read.is_pending() && this.idle_expired(cx) {
+            // End of stream: hyper closes the connection. Only ever with no
+            // RPC in flight, so no answer is cut short.
+            tracing::debug!(peer = ?this.info.remote_addr, "closing an idle connection");
+            return Poll::Ready(Ok(()));
         }
+        read
     }
 }
 
@@ -114,12 +267,18 @@ impl AsyncWrite for PeerStream {
 pub fn accept(
     listener: TcpListener,
     tls: Option<Arc<TlsSource>>,
+    settings: ConnectionSettings,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<io::Result<PeerStream>>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(64);
+    let max = settings.effective_max_connections();
+    tracing::info!(max_connections = max, "client connection limit");
+    let slots = Arc::new(Semaphore::new(max));
     let task = tokio::spawn(async move {
+        // When the last "too many connections" warning was logged.
+        let mut warned: Option<Instant> = None;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -130,50 +289,92 @@ pub fn accept(
                     continue;
                 }
             };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                // Closed at once: its descriptor is free again right away.
+                drop(tcp);
+                if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warned = Some(Instant::now());
+                    tracing::warn!(max_connections = max, peer = %remote, "connection limit reached; closing new connections until some end");
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            match &tls {
-                None => {
-                    let stream = PeerStream {
-                        transport: Transport::Plain(tcp),
-                        info: PeerInfo {
-                            remote_addr: Some(remote),
-                            identity: None,
-                        },
-                    };
-                    if tx.send(Ok(stream)).await.is_err() {
-                        return;
+            let acceptor = tls
+                .as_ref()
+                .map(|t| (tokio_rustls::TlsAcceptor::from(t.current()), Arc::clone(t)));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let opened =
+                    tokio::time::timeout(settings.handshake_timeout, open(acceptor, tcp, remote))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "no TLS handshake and HTTP/2 preface within the handshake timeout",
+                            ))
+                        });
+                match opened {
+                    Ok((transport, info)) => {
+                        let stream = PeerStream {
+                            transport,
+                            info,
+                            preface_left: H2_PREFACE.len(),
+                            idle_timeout: settings.idle_timeout,
+                            idle_timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+                            _slot: slot,
+                        };
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Err(err) => {
+                        tracing::info!(peer = %remote, error = %err, "connection refused");
                     }
                 }
-                Some(tls) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                    let tx = tx.clone();
-                    let tls = Arc::clone(tls);
-                    tokio::spawn(async move {
-                        match handshake(acceptor, tcp, remote, tls.trust_domains()).await {
-                            Ok(stream) => {
-                                let _ = tx.send(Ok(stream)).await;
-                            }
-                            Err(err) => {
-                                tracing::info!(peer = %remote, error = %err, "TLS connection refused");
-                            }
-                        }
-                    });
-                }
-            }
+            });
         }
     });
     (tokio_stream::wrappers::ReceiverStream::new(rx), task)
 }
 
+/// The TLS handshake (when TLS is on), then the HTTP/2 client preface.
+async fn open(
+    tls: Option<(tokio_rustls::TlsAcceptor, Arc<TlsSource>)>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> io::Result<(Transport, PeerInfo)> {
+    let (mut transport, identity) = match tls {
+        None => (Transport::Plain(tcp), None),
+        Some((acceptor, source)) => {
+            let (stream, identity) = handshake(acceptor, tcp, source.trust_domains()).await?;
+            (Transport::Tls(Box::new(stream)), Some(identity))
+        }
+    };
+    let mut preface = [0u8; 24];
+    match &mut transport {
+        Transport::Plain(s) => s.read_exact(&mut preface).await?,
+        Transport::Tls(s) => s.read_exact(&mut preface).await?,
+    };
+    if &preface != H2_PREFACE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an HTTP/2 client (keybroker serves gRPC over HTTP/2 only)",
+        ));
+    }
+    Ok((
+        transport,
+        PeerInfo {
+            remote_addr: Some(remote),
+            identity,
+            activity: Arc::new(Activity::new()),
+        },
+    ))
+}
+
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-    remote: SocketAddr,
     trust_domains: &[String],
-) -> io::Result<PeerStream> {
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+) -> io::Result<(TlsStream<TcpStream>, Arc<str>)> {
+    let stream = acceptor.accept(tcp).await?;
     // The verifier already accepted this certificate and its identity; read
     // the identity again from the verified leaf.
     let leaf = stream
@@ -184,11 +385,5 @@ async fn handshake(
         .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "no client certificate"))?;
     let identity = crate::tls::certificate_identity(leaf, trust_domains)
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
-    Ok(PeerStream {
-        transport: Transport::Tls(Box::new(stream)),
-        info: PeerInfo {
-            remote_addr: Some(remote),
-            identity: Some(identity.into()),
-        },
-    })
+    Ok((stream, identity.into()))
 }

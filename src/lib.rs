@@ -22,6 +22,7 @@ pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod watcher;
 

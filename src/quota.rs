@@ -82,9 +82,20 @@ fn describe(e: &QuotaExceeded) -> String {
          Keys already in the cache are still served",
         e.limit.per_second,
         e.limit.burst,
-        e.retry_after.as_millis().max(1)
+        e.retry_after.as_millis()
     )
 }
+
+/// The earliest retry, rounded up to whole milliseconds and at least
+/// [`MIN_RETRY_DELAY`]: a sub-millisecond `RetryInfo` delay is one no client
+/// can honour, and retrying at once would only be refused again.
+fn retry_delay(wait: Duration) -> Duration {
+    let ms = u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    Duration::from_millis(ms).max(MIN_RETRY_DELAY)
+}
+
+/// Shortest delay a quota refusal asks for.
+pub const MIN_RETRY_DELAY: Duration = Duration::from_millis(10);
 
 fn quota(limit: Limit) -> Option<Quota> {
     let rate = NonZeroU32::new(limit.per_second)?;
@@ -119,7 +130,7 @@ impl ProviderQuota {
             scope,
             tenant_id: tenant_id.to_owned(),
             limit,
-            retry_after: earliest.wait_time_from(self.clock.now()),
+            retry_after: retry_delay(earliest.wait_time_from(self.clock.now())),
         };
         if let Some(tenants) = &self.tenants {
             tenants
@@ -179,5 +190,16 @@ mod tests {
         quota.acquire("a").unwrap();
         quota.acquire("b").unwrap();
         assert_eq!(quota.acquire("c").unwrap_err().scope, QuotaScope::Global);
+    }
+
+    #[test]
+    fn retry_delays_are_whole_milliseconds_a_client_can_honour() {
+        assert_eq!(retry_delay(Duration::from_micros(300)), MIN_RETRY_DELAY);
+        assert_eq!(retry_delay(Duration::ZERO), MIN_RETRY_DELAY);
+        assert_eq!(
+            retry_delay(Duration::from_micros(25_001)),
+            Duration::from_millis(26)
+        );
+        assert_eq!(retry_delay(Duration::from_secs(2)), Duration::from_secs(2));
     }
 }

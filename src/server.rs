@@ -88,15 +88,18 @@ impl Server {
             None => AwsKms::from_env(config.aws.clone()).await,
         });
         let assume_role_calls = Arc::clone(&aws.assume_role_calls);
-        let directory = Arc::new(RegistryDirectory::new(
-            Arc::new(registry),
-            platform,
-            keyring,
-            aws,
-            Arc::new(GcpKms::new(config.gcp.clone())),
-            cache.clone(),
-            config.registry_cache_ttl,
-        ));
+        let directory = Arc::new(
+            RegistryDirectory::new(
+                Arc::new(registry),
+                platform,
+                keyring,
+                aws,
+                Arc::new(GcpKms::new(config.gcp.clone())),
+                cache.clone(),
+                config.registry_cache_ttl,
+            )
+            .with_recheck_interval(config.watcher.recheck_interval),
+        );
         let flusher = directory.spawn_usage_flusher(config.usage_flush_interval);
         if let Some(url) = config
             .registry
@@ -305,12 +308,16 @@ impl Server {
             draining_tx.notify_one();
         };
 
-        let (incoming, accepting) = crate::incoming::accept(listener, self.tls.clone());
+        let connections = self.config.connections;
+        let (incoming, accepting) =
+            crate::incoming::accept(listener, self.tls.clone(), connections);
         // Dropped on every return path: stops accepting.
         let _accepting = AbortOnDrop(accepting);
         tracing::info!(%addr, tls = self.tls.is_some(), "keybroker listening");
         let serve = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
+            .http2_keepalive_interval(Some(connections.keepalive_interval))
+            .http2_keepalive_timeout(Some(connections.keepalive_timeout))
             .layer(AuthLayer::new(
                 Arc::clone(&self.policy),
                 Arc::clone(&observers),

@@ -1,10 +1,13 @@
 //! TLS for the gRPC listener: rustls with mandatory client certificates.
 //!
-//! A caller's identity is read from its certificate during the handshake:
-//! the single SPIFFE URI SAN (`spiffe://trust-domain/path`), or else its one
-//! DNS SAN. A certificate without an identity, with several URI SANs or from
-//! an untrusted SPIFFE trust domain fails the handshake, so such a caller
-//! never reaches a handler. The certificate, key and client CA files are
+//! A caller's identity is read from its certificate during the handshake,
+//! typed by where it came from so that kinds never collide: the single
+//! SPIFFE URI SAN (`spiffe://trust-domain/path`, validated to the SPIFFE ID
+//! spec), or else its one DNS SAN, written `dns:name` (a DNS SAN spelled
+//! like a SPIFFE ID is not a valid DNS name and is refused). A certificate
+//! without an identity, with several URI SANs, an invalid SPIFFE ID or an
+//! untrusted SPIFFE trust domain fails the handshake, so such a caller never
+//! reaches a handler. The certificate, key and client CA files are
 //! re-read when they change: meshes rotate certificates every few hours.
 
 use std::path::PathBuf;
@@ -63,7 +66,7 @@ pub fn certificate_identity(der: &[u8], trust_domains: &[String]) -> Result<Stri
     }
     match (uris.as_slice(), dns.as_slice()) {
         ([uri], _) => spiffe_id(uri, trust_domains),
-        ([], [host]) => Ok((*host).to_owned()),
+        ([], [host]) => dns_identity(host),
         ([], []) => Err("client certificate has no URI or DNS subjectAltName: no identity".into()),
         ([], hosts) => Err(format!(
             "client certificate has {} DNS SANs and no SPIFFE ID: the identity is ambiguous",
@@ -76,18 +79,77 @@ pub fn certificate_identity(der: &[u8], trust_domains: &[String]) -> Result<Stri
     }
 }
 
-fn spiffe_id(uri: &str, trust_domains: &[String]) -> Result<String, String> {
-    let rest = uri
-        .strip_prefix("spiffe://")
-        .ok_or_else(|| format!("URI SAN {uri:?} is not a SPIFFE ID (spiffe://...)"))?;
-    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let valid_domain = !domain.is_empty()
-        && domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
-    if !valid_domain || path.is_empty() || uri.contains(['?', '#']) {
-        return Err(format!("URI SAN {uri:?} is not a valid SPIFFE ID"));
+/// Prefix of DNS-name identities, in policies and audit records.
+pub const DNS_IDENTITY_PREFIX: &str = "dns:";
+
+/// Longest SPIFFE ID (SPIFFE ID spec: URIs up to 2048 bytes).
+const MAX_SPIFFE_ID_LEN: usize = 2048;
+/// Longest trust domain (SPIFFE ID spec: 255 bytes).
+const MAX_TRUST_DOMAIN_LEN: usize = 255;
+
+/// Validates a SPIFFE ID to the SPIFFE ID specification: scheme `spiffe`,
+/// a trust domain of lower-case letters, digits, `.`, `-` and `_` (no port,
+/// no user info), and a path of non-empty segments of letters, digits,
+/// `.`, `-` and `_`, none of them `.` or `..`, with no trailing slash,
+/// query, fragment or percent-encoding. Workload identities need a path.
+pub fn parse_spiffe_id(uri: &str) -> Result<(&str, &str), String> {
+    let invalid = |why: &str| {
+        Err(format!(
+            "URI SAN {} is not a valid SPIFFE ID: {why}",
+            crate::text::Quoted(uri)
+        ))
+    };
+    let Some(rest) = uri.strip_prefix("spiffe://") else {
+        return Err(format!(
+            "URI SAN {} is not a SPIFFE ID (spiffe://...)",
+            crate::text::Quoted(uri)
+        ));
+    };
+    if uri.len() > MAX_SPIFFE_ID_LEN {
+        return invalid("longer than 2048 bytes");
     }
+    let (domain, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if domain.is_empty() {
+        return invalid("the trust domain is empty");
+    }
+    if domain.len() > MAX_TRUST_DOMAIN_LEN {
+        return invalid("the trust domain is longer than 255 bytes");
+    }
+    if !domain
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+    {
+        return invalid(
+            "the trust domain may only hold lower-case letters, digits, '.', '-' and '_'",
+        );
+    }
+    if path.is_empty() {
+        return invalid("no path: a workload's SPIFFE ID names it below the trust domain");
+    }
+    for segment in path[1..].split('/') {
+        if segment.is_empty() {
+            return invalid("empty path segment (\"//\" or a trailing '/')");
+        }
+        if segment == "." || segment == ".." {
+            return invalid("'.' and '..' path segments are not allowed");
+        }
+        if !segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return invalid(
+                "path segments may only hold letters, digits, '.', '-' and '_' (no query, fragment or percent-encoding)",
+            );
+        }
+    }
+    Ok((domain, path))
+}
+
+fn spiffe_id(uri: &str, trust_domains: &[String]) -> Result<String, String> {
+    let (domain, _) = parse_spiffe_id(uri)?;
     if !trust_domains.is_empty() && !trust_domains.iter().any(|d| d == domain) {
         return Err(format!(
             "SPIFFE trust domain {domain:?} is not trusted (trusted: {})",
@@ -95,6 +157,40 @@ fn spiffe_id(uri: &str, trust_domains: &[String]) -> Result<String, String> {
         ));
     }
     Ok(uri.to_owned())
+}
+
+/// A DNS SAN as an identity, `dns:` + the name in lower case. The name must
+/// be a valid DNS name (RFC 1123 labels: letters, digits and `-`, 1 to 63
+/// bytes each, 253 in all; no wildcard), so nothing spelled like another
+/// kind of identity passes.
+pub fn dns_identity(host: &str) -> Result<String, String> {
+    let invalid = |why: &str| {
+        Err(format!(
+            "DNS SAN {} is not a valid DNS name: {why}",
+            crate::text::Quoted(host)
+        ))
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 {
+        return invalid("it must be 1 to 253 bytes");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return invalid("every label must be 1 to 63 bytes");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
+            return invalid("labels hold letters, digits and inner '-' only (no wildcard)");
+        }
+    }
+    Ok(format!(
+        "{DNS_IDENTITY_PREFIX}{}",
+        name.to_ascii_lowercase()
+    ))
 }
 
 /// Chain validation by webpki, then the identity rules above.
@@ -209,8 +305,12 @@ pub struct TlsSource {
     /// Read on every handshake, written on reload: handshakes never wait for
     /// file I/O, they take whichever configuration is current.
     current: RwLock<Arc<ServerConfig>>,
-    /// What the files looked like when `current` was built.
-    stamp: std::sync::Mutex<FileStamp>,
+    /// What the files looked like when `current` was built, and when a
+    /// reload last failed (so a broken file is reported once per change,
+    /// not on every tick).
+    stamp: std::sync::Mutex<(FileStamp, Option<FileStamp>)>,
+    /// Broken reloads reported (one per change of the files).
+    failures: std::sync::atomic::AtomicU64,
 }
 
 impl TlsSource {
@@ -220,7 +320,8 @@ impl TlsSource {
         Ok(Arc::new(Self {
             settings,
             current: RwLock::new(current),
-            stamp: std::sync::Mutex::new(stamp),
+            stamp: std::sync::Mutex::new((stamp, None)),
+            failures: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -239,12 +340,12 @@ impl TlsSource {
         let Ok(mut seen) = self.stamp.lock() else {
             return false;
         };
-        if *seen == stamp {
+        if seen.0 == stamp || seen.1.as_ref() == Some(&stamp) {
             return false;
         }
         match server_config(&self.settings) {
             Ok(config) => {
-                *seen = stamp;
+                *seen = (stamp, None);
                 match self.current.write() {
                     Ok(mut current) => *current = config,
                     Err(poisoned) => *poisoned.into_inner() = config,
@@ -253,10 +354,19 @@ impl TlsSource {
                 true
             }
             Err(err) => {
-                tracing::error!(error = %err, "TLS files changed but cannot be loaded; still serving the previous ones");
+                seen.1 = Some(stamp);
+                self.failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %err, "TLS files changed but cannot be loaded; still serving the previous ones (logged once per change)");
                 false
             }
         }
+    }
+
+    /// Broken reloads reported so far: one per change of the files, however
+    /// many reload ticks pass while they stay broken.
+    pub fn reload_failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn spawn_reloader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -300,6 +410,99 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_client_ca_is_reported_once_per_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key, ca) = (
+            dir.path().join("tls.crt"),
+            dir.path().join("tls.key"),
+            dir.path().join("ca.crt"),
+        );
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&ca, ck.cert.pem()).unwrap();
+        let source = TlsSource::load(TlsSettings {
+            cert,
+            key,
+            client_ca: ca.clone(),
+            trust_domains: vec![],
+            reload_interval: Duration::from_secs(1),
+        })
+        .unwrap();
+        std::fs::write(&ca, "not a certificate").unwrap();
+        for _ in 0..5 {
+            assert!(!source.reload_if_changed());
+        }
+        assert_eq!(source.reload_failures(), 1, "logged on every tick");
+        std::fs::write(&ca, "still not a certificate").unwrap();
+        assert!(!source.reload_if_changed());
+        assert!(!source.reload_if_changed());
+        assert_eq!(source.reload_failures(), 2);
+        std::fs::write(&ca, ck.cert.pem()).unwrap();
+        assert!(source.reload_if_changed(), "a fixed file is picked up");
+    }
+
+    /// The SPIFFE ID spec's examples and rules (spiffe/spiffe, standards/
+    /// SPIFFE-ID.md, and the go-spiffe ID parser's test table).
+    #[test]
+    fn spiffe_ids_per_spec() {
+        for valid in [
+            "spiffe://trust-domain-name/path",
+            "spiffe://example.org/ns/billing/sa/api",
+            "spiffe://staging.example.com/payments/mysql",
+            "spiffe://k8s-west.example.com/ns/staging/sa/default",
+            "spiffe://a_b.c/x.y-z_1/A-Z",
+            "spiffe://1.2.3.4/p",
+        ] {
+            assert!(parse_spiffe_id(valid).is_ok(), "{valid} refused");
+        }
+        for invalid in [
+            "spiffe://prod.example/ns/billing/../../ops/sa/admin",
+            "spiffe://prod.example/./a",
+            "spiffe://prod.example/a/..",
+            "spiffe://prod.example/a//b",
+            "spiffe://prod.example/a/",
+            "spiffe://prod.example/",
+            "spiffe://prod.example",
+            "spiffe:///path",
+            "spiffe://Prod.Example/a",
+            "spiffe://prod.example:8443/a",
+            "spiffe://user@prod.example/a",
+            "spiffe://prod.example/a?x=1",
+            "spiffe://prod.example/a#f",
+            "spiffe://prod.example/a%2Fb",
+            "spiffe://prod.example/a b",
+            "SPIFFE://prod.example/a",
+            "https://prod.example/a",
+            "spiffe://prod.example/\u{1b}[31m",
+        ] {
+            let err = parse_spiffe_id(invalid).unwrap_err();
+            assert!(!crate::text::has_control(&err), "{err:?}");
+        }
+        let long_domain = format!("spiffe://{}/a", "d".repeat(256));
+        assert!(parse_spiffe_id(&long_domain).is_err());
+        let long = format!("spiffe://td/{}", "a".repeat(2048));
+        assert!(parse_spiffe_id(&long).is_err());
+    }
+
+    #[test]
+    fn dns_identities() {
+        assert_eq!(dns_identity("api.internal").unwrap(), "dns:api.internal");
+        assert_eq!(dns_identity("API.Internal.").unwrap(), "dns:api.internal");
+        for bad in [
+            "spiffe://prod.example/ops/sa/admin",
+            "*.internal",
+            "-a.internal",
+            "a..b",
+            "",
+            "a b",
+            "dns:api.internal",
+        ] {
+            assert!(dns_identity(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn identities_from_sans() {
         let trusted = vec!["prod.example".to_owned()];
         let id =
@@ -308,7 +511,16 @@ mod tests {
             id(&["spiffe://prod.example/ns/a/sa/b"], &["ignored.example"]).unwrap(),
             "spiffe://prod.example/ns/a/sa/b"
         );
-        assert_eq!(id(&[], &["billing.internal"]).unwrap(), "billing.internal");
+        assert_eq!(
+            id(&[], &["Billing.Internal"]).unwrap(),
+            "dns:billing.internal"
+        );
+        // A DNS SAN spelled like a SPIFFE ID is no identity at all.
+        assert!(
+            id(&[], &["spiffe://prod.example/ops/sa/admin"])
+                .unwrap_err()
+                .contains("not a valid DNS name")
+        );
         assert!(id(&[], &[]).unwrap_err().contains("no identity"));
         assert!(
             id(&["spiffe://prod.example/a", "spiffe://prod.example/b"], &[])
@@ -329,6 +541,14 @@ mod tests {
             id(&["spiffe://prod.example"], &[])
                 .unwrap_err()
                 .contains("not a valid SPIFFE ID")
+        );
+        assert!(
+            id(
+                &["spiffe://prod.example/ns/billing/../../ops/sa/admin"],
+                &[]
+            )
+            .unwrap_err()
+            .contains("'..'")
         );
         assert!(
             id(&[], &["a.example", "b.example"])

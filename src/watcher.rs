@@ -7,8 +7,9 @@
 //! 5xx) changes nothing: cached DEKs keep being served until their TTL.
 //!
 //! The bound "revoked → no plaintext served" is the interval (plus up to 10%
-//! jitter) plus one describe call; live requests that see a definitive error
-//! revoke sooner (`KeyDirectory::report_failure`).
+//! jitter) plus one describe call; a live request that sees a definitive
+//! error asks for an out-of-turn describe sooner (`registry::key_state`),
+//! and the describe, never the request, decides.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +17,8 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::broker::BindingState;
-use crate::kms::{ProviderError, ProviderKeyState};
-use crate::registry::BindingRecord;
-use crate::registry::directory::{RegistryDirectory, revokes};
+use crate::registry::directory::RegistryDirectory;
+use crate::registry::key_state::{Applied, Verdict};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WatcherSettings {
@@ -26,6 +26,9 @@ pub struct WatcherSettings {
     /// Describe calls in flight at once, so thousands of bindings never
     /// burst a KMS quota.
     pub concurrency: usize,
+    /// At most one out-of-turn describe per binding this often, however
+    /// many live requests see definitive errors (`registry::key_state`).
+    pub recheck_interval: Duration,
 }
 
 /// What one pass found.
@@ -54,19 +57,6 @@ pub struct Watcher {
     /// Cumulative results and the binding states of the last pass; written
     /// once per pass, read by metrics scrapes.
     totals: std::sync::Mutex<(CheckTotals, Vec<(&'static str, u64)>)>,
-}
-
-enum Outcome {
-    Usable,
-    Revoked(String),
-    Outage,
-}
-
-enum Applied {
-    Revoked,
-    Restored,
-    Outage,
-    Unchanged,
 }
 
 impl Watcher {
@@ -101,13 +91,16 @@ impl Watcher {
         let total = bindings.len();
         let (summary, revoked_now) = futures::stream::iter(bindings)
             .map(|(record, external_id)| async move {
-                let outcome = self.check(&record, &external_id).await;
-                let revoked = match &outcome {
-                    Outcome::Usable => false,
-                    Outcome::Revoked(_) => true,
-                    Outcome::Outage => record.state == BindingState::Revoked,
+                let verdict = self.directory.check_binding(&record, &external_id).await;
+                let revoked = match &verdict {
+                    Verdict::Usable => false,
+                    Verdict::Revoked(_) => true,
+                    Verdict::Outage => record.state == BindingState::Revoked,
                 };
-                (self.apply(&record, outcome).await, revoked)
+                (
+                    self.directory.apply_verdict(&record, &verdict).await,
+                    revoked,
+                )
             })
             .buffer_unordered(self.settings.concurrency.max(1))
             .fold(
@@ -137,65 +130,6 @@ impl Watcher {
             ];
         }
         summary
-    }
-
-    async fn apply(&self, record: &BindingRecord, outcome: Outcome) -> Applied {
-        let (state, reason) = match outcome {
-            Outcome::Usable => (BindingState::Active, String::new()),
-            Outcome::Revoked(reason) => (BindingState::Revoked, reason),
-            Outcome::Outage => return Applied::Outage,
-        };
-        match self
-            .directory
-            .set_key_state(&record.tenant_id, &record.name, state, &reason)
-            .await
-        {
-            Ok(true) if state == BindingState::Revoked => Applied::Revoked,
-            Ok(true) => Applied::Restored,
-            Ok(false) => Applied::Unchanged,
-            Err(err) => {
-                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "could not record key state");
-                Applied::Unchanged
-            }
-        }
-    }
-
-    async fn check(&self, record: &BindingRecord, external_id: &str) -> Outcome {
-        let provider = match self.directory.provider(record, external_id).await {
-            Ok(p) => p,
-            Err(err) => {
-                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "cannot build the provider of a binding");
-                return Outcome::Outage;
-            }
-        };
-        // A describe is not usage: nothing is recorded against the binding.
-        let result = provider.describe(&record.key_reference).await;
-        self.directory.record_check(&record.tenant_id, &record.name);
-        match result {
-            Ok(d) => match d.state {
-                ProviderKeyState::Enabled => Outcome::Usable,
-                ProviderKeyState::Disabled => Outcome::Revoked(format!(
-                    "the customer disabled key {} in {}",
-                    record.key_reference, record.provider
-                )),
-                ProviderKeyState::PendingDeletion => Outcome::Revoked(format!(
-                    "the customer scheduled key {} for deletion",
-                    record.key_reference
-                )),
-                ProviderKeyState::Destroyed => {
-                    Outcome::Revoked(format!("key {} was destroyed", record.key_reference))
-                }
-            },
-            Err(err) if revokes(&err) => Outcome::Revoked(err.to_string()),
-            Err(err @ (ProviderError::Throttled(_) | ProviderError::Unavailable(_))) => {
-                tracing::warn!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed transiently; state unchanged");
-                Outcome::Outage
-            }
-            Err(err) => {
-                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed; state unchanged");
-                Outcome::Outage
-            }
-        }
     }
 
     /// Runs a pass every interval (±10% jitter, so replicas do not check in

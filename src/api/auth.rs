@@ -31,8 +31,17 @@ pub struct CallContext {
     pub method: Arc<str>,
     /// The caller's `x-request-id`, or one made up when the call is audited.
     pub request_id: Option<Arc<str>>,
-    pub grant: Grant,
+    /// `None`: no rule grants the method at all. The call still reaches its
+    /// handler, which refuses it once the request names its tenant, so the
+    /// denial and its audit record say which tenant was targeted.
+    pub grant: Option<Grant>,
     pub started: Instant,
+}
+
+/// Methods whose requests name a tenant: a method-level denial of these is
+/// answered by the handler (see [`CallContext::grant`]).
+fn names_tenant(method: &str) -> bool {
+    crate::authz::METHODS.contains(&method) && method.starts_with("keybroker.v1.")
 }
 
 /// Shared by every connection's copy of the layer.
@@ -125,12 +134,22 @@ where
         // The clone that was polled ready serves this call (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Counts as activity on the connection until the answer is ready
+        // (the idle timeout never closes a connection mid-call).
+        let active = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.activity.begin());
         let path = request.uri().path();
         if OPEN_PREFIXES
             .iter()
             .any(|p| path.trim_start_matches('/').starts_with(p))
         {
-            return Box::pin(inner.call(request));
+            return Box::pin(async move {
+                let response = inner.call(request).await;
+                drop(active);
+                response
+            });
         }
         let started = Instant::now();
         let method = method_name(path);
@@ -146,10 +165,12 @@ where
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
         let policy = self.layer.policy.current();
-        let Some(grant) = policy.grant(Arc::clone(&identity), Arc::clone(&method)) else {
+        let grant = policy.grant(Arc::clone(&identity), Arc::clone(&method));
+        if grant.is_none() && !names_tenant(&method) {
             let status = Status::from(AccessError::MethodDenied {
                 identity: identity.to_string(),
                 method: method.to_string(),
+                tenant_id: None,
             });
             let record = AuditRecord {
                 time: crate::audit::rfc3339_now(),
@@ -175,13 +196,13 @@ where
             if let Err(err) = self.layer.observers.audit.write(&record) {
                 tracing::error!(error = %err, "audit record of a denied call not written");
             }
-            tracing::info!(caller = %identity, %method, request_id = request_id.as_deref().unwrap_or_default(), "call denied by the authorization policy");
+            tracing::info!(caller = %identity, method = %crate::text::Escaped(&method), request_id = request_id.as_deref().unwrap_or_default(), "call denied by the authorization policy");
             let mut response = status.into_http();
             if let Some(echo) = echo {
                 response.headers_mut().insert(REQUEST_ID_HEADER, echo);
             }
             return Box::pin(async move { Ok(response) });
-        };
+        }
         request.extensions_mut().insert(CallContext {
             identity,
             peer: remote,
@@ -192,6 +213,7 @@ where
         });
         Box::pin(async move {
             let mut response = inner.call(request).await?;
+            drop(active);
             if let Some(echo) = echo {
                 response.headers_mut().insert(REQUEST_ID_HEADER, echo);
             }
@@ -209,10 +231,19 @@ pub fn elapsed_us(started: Instant) -> u64 {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AccessError {
     #[error(
-        "caller '{identity}' is not allowed to call {method} (no rule of the authorization policy grants it)"
+        "caller '{identity}' is not allowed to call {method}{} (no rule of the authorization policy grants it)",
+        tenant_id.as_deref().map(|t| format!(" for tenant {}", crate::text::Quoted(t))).unwrap_or_default()
     )]
-    MethodDenied { identity: String, method: String },
-    #[error("caller '{identity}' is not allowed to call {method} for tenant '{tenant_id}'")]
+    MethodDenied {
+        identity: String,
+        method: String,
+        /// The tenant the request named, when it was decoded.
+        tenant_id: Option<String>,
+    },
+    #[error(
+        "caller '{identity}' is not allowed to call {method} for tenant {}",
+        crate::text::Quoted(tenant_id)
+    )]
     TenantDenied {
         identity: String,
         method: String,

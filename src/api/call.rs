@@ -11,6 +11,7 @@ use crate::api::auth::{AccessError, CallContext, elapsed_us};
 use crate::audit::{self, AuditLog, AuditRecord};
 use crate::metrics::Metrics;
 use crate::proto;
+use crate::text::Escaped;
 
 /// What a request says about its target, for the policy and the audit log.
 pub trait Scoped {
@@ -134,7 +135,7 @@ where
         otel.name = %ctx.method,
         rpc.method = %ctx.method,
         caller = %ctx.identity,
-        tenant_id = %req.tenant_id(),
+        tenant_id = %Escaped(req.tenant_id()),
         request_id = ctx.request_id.as_deref().unwrap_or_default(),
         code = tracing::field::Empty,
     );
@@ -165,13 +166,21 @@ where
     Resp: Audited,
     Fut: Future<Output = Result<Resp, Status>>,
 {
-    if !ctx.grant.allows_tenant(req.tenant_id()) {
-        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %req.tenant_id(), "call denied by the authorization policy");
-        let denied = AccessError::TenantDenied {
+    let denied = match &ctx.grant {
+        None => Some(AccessError::MethodDenied {
+            identity: ctx.identity.to_string(),
+            method: ctx.method.to_string(),
+            tenant_id: Some(req.tenant_id().to_owned()),
+        }),
+        Some(grant) if !grant.allows_tenant(req.tenant_id()) => Some(AccessError::TenantDenied {
             identity: ctx.identity.to_string(),
             method: ctx.method.to_string(),
             tenant_id: req.tenant_id().to_owned(),
-        };
+        }),
+        Some(_) => None,
+    };
+    if let Some(denied) = denied {
+        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %Escaped(req.tenant_id()), "call denied by the authorization policy");
         let result = Err(denied.into());
         return audited(audit, ctx, Facts::of(&req), None, result);
     }
@@ -180,8 +189,41 @@ where
         return handler(req).await.map(Response::new);
     }
     let facts = Facts::of(&req);
+    if audit.fail_closed() && changes_state(&ctx.method) {
+        // The intent is on disk before anything is committed: a change that
+        // cannot be audited is never made.
+        if let Err(err) = audit.write_durable(&facts.record(ctx, "INTENT", None, None)) {
+            tracing::error!(error = %err, request_id = ctx.request_id.as_deref().unwrap_or_default(), "audit record of an intended change not written; refused");
+            return Err(AccessError::AuditUnavailable(err.to_string()).into());
+        }
+        let (result, notes) = audit::with_notes(handler(req)).await;
+        let record = facts.outcome(ctx, Some(&notes), &result);
+        if let Err(err) = audit.write(&record) {
+            // The intent record exists; the caller gets the true answer.
+            tracing::error!(error = %err, request_id = record.request_id, "audit record of a change's outcome not written (its intent was)");
+        }
+        return result.map(Response::new);
+    }
     let (result, notes) = audit::with_notes(handler(req)).await;
     audited(audit, ctx, facts, Some(&notes), result)
+}
+
+/// Admin methods that change what the registry holds.
+const STATE_CHANGING: &[&str] = &[
+    "CreateTenant",
+    "SetTenantPolicy",
+    "LinkKey",
+    "ImportKeyMaterial",
+    "SetPrimaryKey",
+    "DisableKey",
+    "EnableKey",
+    "UnlinkKey",
+];
+
+fn changes_state(method: &str) -> bool {
+    method
+        .strip_prefix("keybroker.v1.KeyAdmin/")
+        .is_some_and(|m| STATE_CHANGING.contains(&m))
 }
 
 /// What the audit record says about the request, taken before the handler
@@ -192,15 +234,77 @@ struct Facts {
     wrapped_key_sha256: Option<String>,
 }
 
+/// Request text as the audit log keeps it: as given when short and free of
+/// control characters, else escaped and cut (JSON escapes it anyway; this
+/// also bounds what a caller can make each record hold).
+fn kept(text: &str) -> String {
+    if text.len() <= crate::text::MAX_SHOWN_CHARS && !crate::text::has_control(text) {
+        text.to_owned()
+    } else {
+        Escaped(text).to_string()
+    }
+}
+
 impl Facts {
     fn of(req: &impl Scoped) -> Self {
         Self {
-            tenant_id: req.tenant_id().to_owned(),
-            requested_binding: req.key_binding().map(str::to_owned),
+            tenant_id: kept(req.tenant_id()),
+            requested_binding: req.key_binding().map(kept),
             wrapped_key_sha256: req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
                 hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8])
             }),
         }
+    }
+}
+
+impl Facts {
+    /// The record of a call with this outcome.
+    fn record<'a>(
+        &'a self,
+        ctx: &'a CallContext,
+        outcome: &'static str,
+        error: Option<&'a str>,
+        notes: Option<&audit::CallNotes>,
+    ) -> AuditRecord<'a> {
+        AuditRecord {
+            time: audit::rfc3339_now(),
+            request_id: ctx.request_id.as_deref().unwrap_or_default(),
+            caller: &ctx.identity,
+            peer: ctx.peer.map(|a| a.to_string()),
+            method: &ctx.method,
+            tenant_id: Some(&self.tenant_id),
+            key_binding: self.requested_binding.as_deref(),
+            key_version: None,
+            wrapped_key_sha256: self.wrapped_key_sha256.clone(),
+            outcome,
+            error,
+            latency_us: elapsed_us(ctx.started),
+            cache_hit: None,
+            provider_calls: notes.map_or(0, audit::CallNotes::provider_calls),
+            provider_request_id: notes.and_then(audit::CallNotes::provider_request_id),
+        }
+    }
+
+    /// The record of a finished call.
+    fn outcome<'a, Resp: Audited>(
+        &'a self,
+        ctx: &'a CallContext,
+        notes: Option<&audit::CallNotes>,
+        result: &'a Result<Resp, Status>,
+    ) -> AuditRecord<'a> {
+        let (code, error) = match result {
+            Ok(_) => (Code::Ok, None),
+            Err(status) => (status.code(), Some(status.message())),
+        };
+        let mut record = self.record(ctx, code_name(code), error, notes);
+        let key = result.as_ref().ok().and_then(Audited::key);
+        if let Some((binding, version)) = key {
+            record.key_binding = Some(binding);
+            record.key_version = Some(version).filter(|v| !v.is_empty());
+        }
+        let unwraps = ctx.method.ends_with("/UnwrapKey") || ctx.method.ends_with("/RewrapKey");
+        record.cache_hit = (unwraps && code == Code::Ok).then_some(record.provider_calls == 0);
+        record
     }
 }
 
@@ -216,30 +320,7 @@ fn audited<Resp: Audited>(
     if !audit.enabled() {
         return result.map(Response::new);
     }
-    let (code, error) = match &result {
-        Ok(_) => (Code::Ok, None),
-        Err(status) => (status.code(), Some(status.message())),
-    };
-    let key = result.as_ref().ok().and_then(Audited::key);
-    let provider_calls = notes.map_or(0, audit::CallNotes::provider_calls);
-    let unwraps = ctx.method.ends_with("/UnwrapKey") || ctx.method.ends_with("/RewrapKey");
-    let record = AuditRecord {
-        time: audit::rfc3339_now(),
-        request_id: ctx.request_id.as_deref().unwrap_or_default(),
-        caller: &ctx.identity,
-        peer: ctx.peer.map(|a| a.to_string()),
-        method: &ctx.method,
-        tenant_id: Some(&facts.tenant_id),
-        key_binding: key.map(|k| k.0).or(facts.requested_binding.as_deref()),
-        key_version: key.map(|k| k.1).filter(|v| !v.is_empty()),
-        wrapped_key_sha256: facts.wrapped_key_sha256,
-        outcome: code_name(code),
-        error,
-        latency_us: elapsed_us(ctx.started),
-        cache_hit: (unwraps && code == Code::Ok).then_some(provider_calls == 0),
-        provider_calls,
-        provider_request_id: notes.and_then(audit::CallNotes::provider_request_id),
-    };
+    let record = facts.outcome(ctx, notes, &result);
     if let Err(err) = audit.write(&record) {
         tracing::error!(error = %err, request_id = record.request_id, "audit record not written");
         if audit.fail_closed() {

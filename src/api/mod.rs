@@ -5,4 +5,5 @@ pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod call;
+pub mod codec;
 pub mod status;

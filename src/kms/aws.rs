@@ -378,7 +378,7 @@ impl AwsKmsKey {
             .set_encryption_context(Some(context.clone()))
             .send()
             .await
-            .map_err(|e| classify_kms(e, &self.target, region))?;
+            .map_err(|e| classify_kms(e, KmsCall::Decrypt, &self.target, region))?;
         crate::audit::note_provider_request(out.request_id());
         let plaintext = out
             .plaintext
@@ -430,7 +430,7 @@ impl AwsKmsKey {
                 .set_destination_encryption_context(Some(context))
                 .send()
                 .await
-                .map_err(|e| classify_kms(e, &self.target, region))?;
+                .map_err(|e| classify_kms(e, KmsCall::ReEncrypt, &self.target, region))?;
             crate::audit::note_provider_request(out.request_id());
             let blob = out.ciphertext_blob.ok_or_else(|| {
                 ProviderError::Internal("KMS ReEncrypt returned no ciphertext".into())
@@ -467,7 +467,7 @@ impl KeyProvider for AwsKmsKey {
             .set_encryption_context(Some(Self::context(&wrap)))
             .send()
             .await
-            .map_err(|e| classify_kms(e, &self.target, region))?;
+            .map_err(|e| classify_kms(e, KmsCall::Encrypt, &self.target, region))?;
         crate::audit::note_provider_request(out.request_id());
         let blob = out
             .ciphertext_blob
@@ -494,7 +494,7 @@ impl KeyProvider for AwsKmsKey {
             .set_encryption_context(Some(Self::context(&wrap)))
             .send()
             .await
-            .map_err(|e| classify_kms(e, &self.target, region))?;
+            .map_err(|e| classify_kms(e, KmsCall::Encrypt, &self.target, region))?;
         crate::audit::note_provider_request(out.request_id());
         let plaintext = out.plaintext.ok_or_else(|| {
             ProviderError::Internal("KMS GenerateDataKey returned no plaintext".into())
@@ -518,13 +518,19 @@ impl KeyProvider for AwsKmsKey {
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
+        if ciphertext.len() > MAX_CIPHERTEXT_BLOB {
+            return Err(ProviderError::InvalidCiphertext(format!(
+                "the wrapped key's ciphertext is {} bytes; AWS KMS ciphertexts are at most {MAX_CIPHERTEXT_BLOB}",
+                ciphertext.len()
+            )));
+        }
         self.session.credentials().await?;
         let context = Self::context(&wrap);
         let first = self
             .decrypt_in(&self.target.region, ciphertext, &context)
             .await;
         let mut last = match first {
-            Err(e @ (ProviderError::Unavailable(_) | ProviderError::Throttled(_))) => e,
+            Err(e) if e.is_transient() => e,
             // Success and definitive errors are final: a disabled or denied
             // key is never retried elsewhere.
             done => return done,
@@ -538,7 +544,7 @@ impl KeyProvider for AwsKmsKey {
                 "KMS region failed; decrypting with the multi-Region replica"
             );
             match self.decrypt_in(region, ciphertext, &context).await {
-                Err(e @ (ProviderError::Unavailable(_) | ProviderError::Throttled(_))) => last = e,
+                Err(e) if e.is_transient() => last = e,
                 done => return done,
             }
         }
@@ -554,7 +560,7 @@ impl KeyProvider for AwsKmsKey {
             .key_id(&self.target.key_arn)
             .send()
             .await
-            .map_err(|e| classify_kms(e, &self.target, region))?;
+            .map_err(|e| classify_kms(e, KmsCall::Describe, &self.target, region))?;
         let meta = out.key_metadata.ok_or_else(|| {
             ProviderError::Internal("KMS DescribeKey returned no metadata".into())
         })?;
@@ -564,6 +570,10 @@ impl KeyProvider for AwsKmsKey {
                 ProviderKeyState::PendingDeletion
             }
             _ => ProviderKeyState::Disabled,
+        };
+        let reason = match state {
+            ProviderKeyState::Enabled => String::new(),
+            _ => state_reason(meta.key_state(), &self.target.key_arn),
         };
         // Rotation status needs kms:GetKeyRotationStatus, which the
         // onboarding policy does not ask for: report it when allowed.
@@ -576,12 +586,25 @@ impl KeyProvider for AwsKmsKey {
             .map(|r| r.key_rotation_enabled());
         Ok(KeyDescription {
             state,
+            reason,
             current_version: String::new(),
             key_manager: meta.key_manager().map(|m| m.as_str().to_owned()),
             multi_region: meta.multi_region(),
             rotation_enabled,
             ..KeyDescription::default()
         })
+    }
+
+    /// AWS ciphertexts carry their key version inside: keybroker writes
+    /// none into the wrapped key, so any version there is forged.
+    fn check_version(&self, version: &str) -> Result<(), ProviderError> {
+        if version.is_empty() {
+            return Ok(());
+        }
+        Err(ProviderError::InvalidCiphertext(format!(
+            "the wrapped key names key version {} for an AWS KMS key; keybroker never writes one there",
+            crate::text::Quoted(version)
+        )))
     }
 
     fn aws_key(&self) -> Option<&AwsKmsKey> {
@@ -623,8 +646,52 @@ fn error_parts<E: ProvideErrorMetadata, R>(
     }
 }
 
+/// Which KMS operation failed: the same code means different things on a
+/// Decrypt (whose ciphertext is the caller's) and elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KmsCall {
+    Encrypt,
+    Decrypt,
+    ReEncrypt,
+    Describe,
+}
+
+/// Largest ciphertext blob KMS accepts; a longer one is refused before any
+/// call (it can only be a forged wrapped key).
+const MAX_CIPHERTEXT_BLOB: usize = 6144;
+
 fn classify_kms<E: ProvideErrorMetadata, R>(
     err: SdkError<E, R>,
+    call: KmsCall,
+    target: &AwsKeyTarget,
+    region: &str,
+) -> ProviderError {
+    match error_parts(&err) {
+        Ok((code, message)) => classify_kms_code(&code, &message, call, target, region),
+        Err(ProviderError::Unavailable(why)) => {
+            ProviderError::Unavailable(format!("AWS KMS in {region}: {why}"))
+        }
+        Err(other) => other,
+    }
+}
+
+/// The taxonomy of an AWS KMS error code; a pure function, table-tested.
+/// Whether a caller's bytes can provoke each one (DESIGN.md section 5):
+///
+/// | code | kind | caller bytes can cause it | may revoke |
+/// | --- | --- | --- | --- |
+/// | `AccessDeniedException` | AccessDenied | yes: a key policy condition on the encryption context, a ciphertext of another account's key (moto answers it to any tampered ciphertext) | only through the describe it triggers |
+/// | `DisabledException`, `KMSInvalidStateException`, `InvalidKeyUsageException` | KeyDisabled | no (the key is the binding's) | only through the describe it triggers |
+/// | `NotFoundException` | NotFound | no | only through the describe it triggers |
+/// | `IncorrectKeyException`, `InvalidCiphertextException` | InvalidCiphertext | yes | no |
+/// | `ValidationException`, `InvalidParameter*` on Decrypt | InvalidCiphertext | yes | no |
+/// | throttling codes | Throttled | yes, by volume (the KMS quota buckets stop it first) | no |
+/// | `KMSInternalException`, 5xx, timeouts, credential errors | Unavailable | no | no |
+/// | anything else | Internal | no | no |
+fn classify_kms_code(
+    code: &str,
+    message: &str,
+    call: KmsCall,
     target: &AwsKeyTarget,
     region: &str,
 ) -> ProviderError {
@@ -632,26 +699,24 @@ fn classify_kms<E: ProvideErrorMetadata, R>(
     let key = &target
         .key_arn
         .replacen(&format!(":{}:", target.region), &format!(":{region}:"), 1);
-    let (code, message) = match error_parts(&err) {
-        Ok(parts) => parts,
-        Err(ProviderError::Unavailable(why)) => {
-            return ProviderError::Unavailable(format!("AWS KMS in {region}: {why}"));
-        }
-        Err(other) => return other,
-    };
-    match code.as_str() {
+    match code {
         "AccessDeniedException" => ProviderError::AccessDenied(format!(
-            "role {} may not use key {key}: the key policy must allow it kms:Encrypt, kms:Decrypt, kms:ReEncrypt*, kms:GenerateDataKey* and kms:DescribeKey ({message})",
+            "role {} may not use key {key}: the key policy must allow it kms:Encrypt, kms:Decrypt, kms:ReEncrypt*, kms:GenerateDataKey* and kms:DescribeKey, and the role's trust policy must keep allowing the platform principal with its sts:ExternalId ({message})",
             target.role_arn
         )),
         "DisabledException" => ProviderError::KeyDisabled(format!(
-            "key {key} is disabled in AWS KMS; enable it to restore access"
+            "key {key} is disabled in AWS KMS; the customer can enable it (EnableKey) to restore access"
         )),
+        "KMSInvalidStateException" if message.to_ascii_lowercase().contains("pending deletion") => {
+            ProviderError::KeyDisabled(format!(
+                "key {key} is scheduled for deletion in AWS KMS; the customer can cancel the deletion (CancelKeyDeletion) and enable the key (EnableKey) to restore access"
+            ))
+        }
         "KMSInvalidStateException" => ProviderError::KeyDisabled(format!(
-            "key {key} cannot be used in its current state (pending deletion or import); cancel the deletion or finish the import ({message})"
+            "key {key} cannot be used in its current state ({message}); if it is pending deletion, cancel the deletion (CancelKeyDeletion) and enable the key (EnableKey); if it awaits key material, import it"
         )),
         "NotFoundException" => ProviderError::NotFound(format!(
-            "key {key} does not exist in {region} (deleted, or a wrong ARN)"
+            "key {key} does not exist in {region} (deleted, or a wrong ARN); link an existing key"
         )),
         "InvalidKeyUsageException" => ProviderError::KeyDisabled(format!(
             "key {key} cannot encrypt and decrypt: it must be a symmetric ENCRYPT_DECRYPT key"
@@ -662,6 +727,13 @@ fn classify_kms<E: ProvideErrorMetadata, R>(
         "InvalidCiphertextException" => ProviderError::InvalidCiphertext(
             "KMS could not decrypt: the context or tenant differs from the wrap, or the wrapped key was altered".into(),
         ),
+        "ValidationException" | "InvalidParameterException" | "InvalidParameterValue"
+            if matches!(call, KmsCall::Decrypt | KmsCall::ReEncrypt) =>
+        {
+            ProviderError::InvalidCiphertext(format!(
+                "KMS refused the wrapped key's ciphertext as malformed ({code})"
+            ))
+        }
         "ThrottlingException" | "LimitExceededException" | "TooManyRequestsException" => {
             ProviderError::Throttled(format!("AWS KMS in {region} throttled the request for key {key}"))
         }
@@ -674,7 +746,30 @@ fn classify_kms<E: ProvideErrorMetadata, R>(
                 "AWS KMS rejected keybroker's session credentials ({code}); they are refreshed on the next call"
             ))
         }
-        _ => ProviderError::Internal(format!("AWS KMS {code}: {message}")),
+        _ => ProviderError::Internal(format!("AWS KMS {code} on {call:?}: {message}")),
+    }
+}
+
+/// What describe says about a key that is not enabled, and what the
+/// customer can do.
+fn state_reason(state: Option<&KeyState>, key: &str) -> String {
+    match state {
+        Some(KeyState::Disabled) => format!(
+            "key {key} is disabled in AWS KMS; the customer can enable it (EnableKey) to restore access"
+        ),
+        Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => format!(
+            "key {key} is scheduled for deletion in AWS KMS; the customer can cancel the deletion (CancelKeyDeletion) and enable the key (EnableKey) to restore access"
+        ),
+        Some(KeyState::PendingImport) => format!(
+            "key {key} has no key material; the customer must import it (ImportKeyMaterial)"
+        ),
+        Some(KeyState::Unavailable) => format!(
+            "key {key} is unavailable: its custom key store is disconnected; the customer can reconnect it"
+        ),
+        other => format!(
+            "key {key} is not usable in state {}",
+            other.map_or("unknown", KeyState::as_str)
+        ),
     }
 }
 
@@ -682,21 +777,32 @@ fn classify_sts<E: ProvideErrorMetadata, R>(
     err: SdkError<E, R>,
     session: &RoleSession,
 ) -> ProviderError {
-    let (code, message) = match error_parts(&err) {
-        Ok(parts) => parts,
-        Err(ProviderError::Unavailable(why)) => {
-            return ProviderError::Unavailable(format!("AWS STS: {why}"));
+    match error_parts(&err) {
+        Ok((code, message)) => {
+            classify_sts_code(&code, &message, &session.role_arn, &session.external_id)
         }
-        Err(other) => return other,
-    };
-    match code.as_str() {
+        Err(ProviderError::Unavailable(why)) => {
+            ProviderError::Unavailable(format!("AWS STS: {why}"))
+        }
+        Err(other) => other,
+    }
+}
+
+/// The taxonomy of an STS AssumeRole error. No caller bytes reach
+/// AssumeRole (role, external ID and session name come from the registry),
+/// yet a denial still only revokes through a describe, like every other.
+fn classify_sts_code(
+    code: &str,
+    message: &str,
+    role_arn: &str,
+    external_id: &str,
+) -> ProviderError {
+    match code {
         "AccessDenied" | "AccessDeniedException" => ProviderError::AccessDenied(format!(
-            "role {} cannot be assumed: its trust policy must allow the platform principal with sts:ExternalId = {} ({message})",
-            session.role_arn, session.external_id
+            "role {role_arn} cannot be assumed: the customer's trust policy must allow the platform principal the action sts:AssumeRole with the condition sts:ExternalId = {external_id} ({message})"
         )),
         "RegionDisabledException" => ProviderError::AccessDenied(format!(
-            "role {} cannot be assumed: STS is not activated in the account's region ({message})",
-            session.role_arn
+            "role {role_arn} cannot be assumed: STS is not activated in the account's region; the customer can activate it in IAM account settings ({message})"
         )),
         "Throttling" | "ThrottlingException" => {
             ProviderError::Throttled("AWS STS throttled AssumeRole".into())
@@ -713,6 +819,213 @@ fn classify_sts<E: ProvideErrorMetadata, R>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target() -> AwsKeyTarget {
+        AwsKeyTarget {
+            tenant_id: "acme".into(),
+            key_arn: "arn:aws:kms:eu-west-1:111122223333:key/k1".into(),
+            region: "eu-west-1".into(),
+            role_arn: "arn:aws:iam::111122223333:role/r".into(),
+            external_id: "kb-x".into(),
+            replica_regions: vec![],
+        }
+    }
+
+    /// AWS error in, taxonomy out, and whether it may lead to a revocation
+    /// (only ever through the describe it triggers; see the table on
+    /// `classify_kms_code`).
+    #[test]
+    fn kms_errors_classify() {
+        use KmsCall::*;
+        let table: &[(&str, &str, KmsCall, &str, bool, &str)] = &[
+            (
+                "AccessDeniedException",
+                "",
+                Decrypt,
+                "access_denied",
+                true,
+                "kms:Decrypt",
+            ),
+            (
+                "AccessDeniedException",
+                "",
+                Encrypt,
+                "access_denied",
+                true,
+                "sts:ExternalId",
+            ),
+            (
+                "DisabledException",
+                "",
+                Decrypt,
+                "key_disabled",
+                true,
+                "EnableKey",
+            ),
+            (
+                "KMSInvalidStateException",
+                "arn:... is pending deletion.",
+                Decrypt,
+                "key_disabled",
+                true,
+                "CancelKeyDeletion",
+            ),
+            (
+                "KMSInvalidStateException",
+                "pending import",
+                Encrypt,
+                "key_disabled",
+                true,
+                "import",
+            ),
+            (
+                "NotFoundException",
+                "",
+                Describe,
+                "not_found",
+                true,
+                "does not exist",
+            ),
+            (
+                "InvalidKeyUsageException",
+                "",
+                Encrypt,
+                "key_disabled",
+                true,
+                "symmetric",
+            ),
+            (
+                "IncorrectKeyException",
+                "",
+                Decrypt,
+                "invalid_ciphertext",
+                false,
+                "another KMS key",
+            ),
+            (
+                "InvalidCiphertextException",
+                "",
+                Decrypt,
+                "invalid_ciphertext",
+                false,
+                "altered",
+            ),
+            (
+                "ValidationException",
+                "",
+                Decrypt,
+                "invalid_ciphertext",
+                false,
+                "malformed",
+            ),
+            (
+                "ValidationException",
+                "",
+                Encrypt,
+                "internal",
+                false,
+                "ValidationException",
+            ),
+            (
+                "ThrottlingException",
+                "",
+                Decrypt,
+                "throttled",
+                false,
+                "throttled",
+            ),
+            (
+                "LimitExceededException",
+                "",
+                Encrypt,
+                "throttled",
+                false,
+                "throttled",
+            ),
+            (
+                "KMSInternalException",
+                "",
+                Decrypt,
+                "unavailable",
+                false,
+                "KMSInternalException",
+            ),
+            (
+                "KeyUnavailableException",
+                "",
+                Decrypt,
+                "unavailable",
+                false,
+                "eu-west-1",
+            ),
+            (
+                "ExpiredTokenException",
+                "",
+                Decrypt,
+                "unavailable",
+                false,
+                "refreshed",
+            ),
+            (
+                "SomethingNew",
+                "odd",
+                Decrypt,
+                "internal",
+                false,
+                "SomethingNew",
+            ),
+        ];
+        for (code, message, call, kind, may_revoke, says) in table {
+            let err = classify_kms_code(code, message, *call, &target(), "eu-west-1");
+            assert_eq!(err.kind_name(), *kind, "{code} on {call:?}: {err}");
+            assert_eq!(err.suggests_revocation(), *may_revoke, "{code}: {err}");
+            assert!(err.to_string().contains(says), "{code}: {err}");
+        }
+        // A replica region's error names the ARN in that region.
+        let err = classify_kms_code("NotFoundException", "", Decrypt, &target(), "us-east-1");
+        assert!(err.to_string().contains("arn:aws:kms:us-east-1:"), "{err}");
+    }
+
+    #[test]
+    fn sts_errors_classify() {
+        let table: &[(&str, &str, bool, &str)] = &[
+            (
+                "AccessDenied",
+                "access_denied",
+                true,
+                "sts:ExternalId = kb-x",
+            ),
+            ("RegionDisabledException", "access_denied", true, "activate"),
+            ("Throttling", "throttled", false, "AssumeRole"),
+            (
+                "ExpiredToken",
+                "unavailable",
+                false,
+                "platform's own credentials",
+            ),
+            ("Odd", "internal", false, "Odd"),
+        ];
+        for (code, kind, may_revoke, says) in table {
+            let err = classify_sts_code(code, "m", "arn:aws:iam::1:role/r", "kb-x");
+            assert_eq!(err.kind_name(), *kind, "{code}: {err}");
+            assert_eq!(err.suggests_revocation(), *may_revoke, "{code}");
+            assert!(err.to_string().contains(says), "{code}: {err}");
+        }
+    }
+
+    #[test]
+    fn describe_reasons_say_what_to_do() {
+        let key = "arn:k";
+        for (state, says) in [
+            (KeyState::Disabled, "EnableKey"),
+            (KeyState::PendingDeletion, "CancelKeyDeletion"),
+            (KeyState::PendingImport, "ImportKeyMaterial"),
+            (KeyState::Unavailable, "reconnect"),
+        ] {
+            let reason = state_reason(Some(&state), key);
+            assert!(reason.contains(says), "{state:?}: {reason}");
+        }
+    }
 
     #[test]
     fn session_names_fit_sts() {

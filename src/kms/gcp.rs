@@ -250,51 +250,86 @@ impl GcpKmsKey {
             && description.state == ProviderKeyState::Enabled
         {
             return ProviderError::VersionDisabled(format!(
-                "the version of key {key} that wrapped this key cannot be used ({message}); restore that version in Cloud KMS to read data wrapped under it"
+                "the version of key {key} that wrapped this key cannot be used ({message}); the customer can enable that version (or restore it, if its destruction is scheduled) in Cloud KMS to read data wrapped under it"
             ));
         }
-        ProviderError::KeyDisabled(format!(
-            "key {key} cannot be used in its current state ({message}); enable its primary version in Cloud KMS to restore access"
-        ))
+        classify_status(
+            Code::FailedPrecondition,
+            message,
+            call,
+            key,
+            &self.principal(),
+        )
     }
 
     async fn classify(&self, err: GaxError, call: Call) -> ProviderError {
-        let key = &self.target.key_name;
         let Some(status) = err.status() else {
             return classify_transport(&err, self);
         };
-        let message = status.message.clone();
-        match status.code {
-            Code::PermissionDenied => ProviderError::AccessDenied(format!(
-                "{} may not use key {key}: grant it {ENCRYPTER_DECRYPTER_ROLE} on the key ({message})",
-                self.principal()
-            )),
-            Code::NotFound => ProviderError::NotFound(format!(
-                "key {key} does not exist (deleted, or a wrong resource name) ({message})"
-            )),
-            Code::FailedPrecondition => self.precondition(call, &message).await,
-            Code::InvalidArgument if mentions_checksum(&message) => self.integrity_error(
-                call,
-                &format!("Cloud KMS found a checksum mismatch in the request ({message})"),
-            ),
-            Code::InvalidArgument if call == Call::Decrypt => {
-                ProviderError::InvalidCiphertext(format!(
-                    "Cloud KMS could not decrypt: the context or tenant differs from the wrap, the wrapped key was altered, or it belongs to another key than {key} ({message})"
-                ))
-            }
-            Code::ResourceExhausted => ProviderError::Throttled(format!(
-                "Cloud KMS quota exhausted for key {key} ({message})"
-            )),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Aborted => {
-                ProviderError::Unavailable(format!("Cloud KMS {:?}: {message}", status.code))
-            }
-            Code::Unauthenticated => ProviderError::Unavailable(format!(
-                "Cloud KMS rejected keybroker's credentials ({message}); check its Google identity (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)"
-            )),
-            other => {
-                ProviderError::Internal(format!("Cloud KMS {other:?} on key {key}: {message}"))
-            }
+        if status.code == Code::FailedPrecondition {
+            return self.precondition(call, &status.message).await;
         }
+        classify_status(
+            status.code,
+            &status.message,
+            call,
+            &self.target.key_name,
+            &self.principal(),
+        )
+    }
+}
+
+/// The taxonomy of a Cloud KMS status; a pure function, table-tested. A
+/// FAILED_PRECONDITION on Decrypt is refined by a describe first
+/// ([`GcpKmsKey::precondition`]). Whether a caller's bytes can provoke each
+/// one (DESIGN.md section 5):
+///
+/// | status | kind | caller bytes can cause it | may revoke |
+/// | --- | --- | --- | --- |
+/// | `PERMISSION_DENIED` | AccessDenied | not known to; treated as possible | only through the describe it triggers |
+/// | `NOT_FOUND` | NotFound | not known to; treated as possible | only through the describe it triggers |
+/// | `FAILED_PRECONDITION`, primary not enabled | KeyDisabled | no | only through the describe it triggers |
+/// | `FAILED_PRECONDITION`, an old version (Decrypt) | VersionDisabled | yes (a ciphertext naming that version) | no |
+/// | `INVALID_ARGUMENT` on Decrypt | InvalidCiphertext | yes | no |
+/// | checksum `INVALID_ARGUMENT` | Unavailable | no (corruption in transit) | no |
+/// | `RESOURCE_EXHAUSTED` | Throttled | yes, by volume (quota buckets first) | no |
+/// | `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `ABORTED`, `UNAUTHENTICATED` | Unavailable | no | no |
+/// | anything else | Internal | no | no |
+fn classify_status(
+    code: Code,
+    message: &str,
+    call: Call,
+    key: &str,
+    principal: &str,
+) -> ProviderError {
+    match code {
+        Code::PermissionDenied => ProviderError::AccessDenied(format!(
+            "{principal} may not use key {key}: the customer must grant it {ENCRYPTER_DECRYPTER_ROLE} on the key ({message})"
+        )),
+        Code::NotFound => ProviderError::NotFound(format!(
+            "key {key} does not exist (deleted, or a wrong resource name) ({message})"
+        )),
+        Code::FailedPrecondition => ProviderError::KeyDisabled(format!(
+            "key {key} cannot be used in its current state ({message}); the customer can enable its primary version (or restore it if destruction is scheduled) in Cloud KMS"
+        )),
+        Code::InvalidArgument if mentions_checksum(message) => ProviderError::Unavailable(format!(
+            "Cloud KMS {call:?} of key {key}: Cloud KMS found a checksum mismatch in the request ({message}); the data was corrupted in transit and was not used, retry"
+        )),
+        Code::InvalidArgument if call == Call::Decrypt => {
+            ProviderError::InvalidCiphertext(format!(
+                "Cloud KMS could not decrypt: the context or tenant differs from the wrap, the wrapped key was altered, or it belongs to another key than {key} ({message})"
+            ))
+        }
+        Code::ResourceExhausted => ProviderError::Throttled(format!(
+            "Cloud KMS quota exhausted for key {key} ({message})"
+        )),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Aborted => {
+            ProviderError::Unavailable(format!("Cloud KMS {code:?}: {message}"))
+        }
+        Code::Unauthenticated => ProviderError::Unavailable(format!(
+            "Cloud KMS rejected keybroker's credentials ({message}); check its Google identity (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)"
+        )),
+        other => ProviderError::Internal(format!("Cloud KMS {other:?} on key {key}: {message}")),
     }
 }
 
@@ -481,15 +516,20 @@ impl KeyProvider for GcpKmsKey {
         let Some(primary) = key.primary else {
             return Ok(KeyDescription {
                 state: ProviderKeyState::Disabled,
+                reason: format!(
+                    "key {key_name} has no primary version; the customer can make an enabled version primary in Cloud KMS"
+                ),
                 ..KeyDescription::default()
             });
         };
         let state = state_of(&primary.state);
+        let reason = version_reason(state, &primary.name);
         if state == ProviderKeyState::Enabled {
             self.kms.note_primary(key_name, &primary.name);
         }
         Ok(KeyDescription {
             state,
+            reason,
             current_version: primary.name,
             key_manager: None,
             multi_region: None,
@@ -502,6 +542,41 @@ impl KeyProvider for GcpKmsKey {
     fn current_version(&self, _key: &str) -> Option<String> {
         self.kms.primary(&self.target.key_name)
     }
+
+    /// keybroker writes the full name of the version Cloud KMS encrypted
+    /// with; anything else in a wrapped key is forged.
+    fn check_version(&self, version: &str) -> Result<(), ProviderError> {
+        let number = version
+            .strip_prefix(self.target.key_name.as_str())
+            .and_then(|rest| rest.strip_prefix("/cryptoKeyVersions/"));
+        match number {
+            Some(n) if !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()) => {
+                Ok(())
+            }
+            _ => Err(ProviderError::InvalidCiphertext(format!(
+                "the wrapped key names key version {}, which is not a version of key {}",
+                crate::text::Quoted(version),
+                self.target.key_name
+            ))),
+        }
+    }
+}
+
+/// What describe says about a primary version that is not enabled, and what
+/// the customer can do.
+fn version_reason(state: ProviderKeyState, version: &str) -> String {
+    match state {
+        ProviderKeyState::Enabled => String::new(),
+        ProviderKeyState::Disabled => format!(
+            "the primary version {version} is disabled in Cloud KMS; the customer can enable it (or make an enabled version primary) to restore access"
+        ),
+        ProviderKeyState::PendingDeletion => format!(
+            "the primary version {version} is scheduled for destruction in Cloud KMS; the customer can restore it (RestoreCryptoKeyVersion) and then enable it to restore access"
+        ),
+        ProviderKeyState::Destroyed => format!(
+            "the primary version {version} was destroyed in Cloud KMS; it cannot be recovered: make another enabled version primary for new data"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -513,6 +588,143 @@ mod tests {
         // The check value of CRC-32C (RFC 3720, appendix B.4).
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);
+    }
+
+    /// Cloud KMS status in, taxonomy out, and whether it may lead to a
+    /// revocation (only ever through the describe it triggers).
+    #[test]
+    fn statuses_classify() {
+        let key = "projects/p/locations/l/keyRings/r/cryptoKeys/k";
+        let table: &[(Code, &str, Call, &str, bool, &str)] = &[
+            (
+                Code::PermissionDenied,
+                "",
+                Call::Decrypt,
+                "access_denied",
+                true,
+                ENCRYPTER_DECRYPTER_ROLE,
+            ),
+            (
+                Code::NotFound,
+                "",
+                Call::Encrypt,
+                "not_found",
+                true,
+                "does not exist",
+            ),
+            (
+                Code::FailedPrecondition,
+                "",
+                Call::Encrypt,
+                "key_disabled",
+                true,
+                "enable its primary version",
+            ),
+            (
+                Code::InvalidArgument,
+                "bad",
+                Call::Decrypt,
+                "invalid_ciphertext",
+                false,
+                "altered",
+            ),
+            (
+                Code::InvalidArgument,
+                "CRC32C mismatch",
+                Call::Decrypt,
+                "unavailable",
+                false,
+                "corrupted in transit",
+            ),
+            (
+                Code::InvalidArgument,
+                "bad",
+                Call::Encrypt,
+                "internal",
+                false,
+                "bad",
+            ),
+            (
+                Code::ResourceExhausted,
+                "",
+                Call::Decrypt,
+                "throttled",
+                false,
+                "quota",
+            ),
+            (
+                Code::Unavailable,
+                "",
+                Call::Decrypt,
+                "unavailable",
+                false,
+                "Unavailable",
+            ),
+            (
+                Code::DeadlineExceeded,
+                "",
+                Call::Describe,
+                "unavailable",
+                false,
+                "DeadlineExceeded",
+            ),
+            (
+                Code::Unauthenticated,
+                "",
+                Call::Decrypt,
+                "unavailable",
+                false,
+                "credentials",
+            ),
+            (
+                Code::OutOfRange,
+                "",
+                Call::Decrypt,
+                "internal",
+                false,
+                "OutOfRange",
+            ),
+        ];
+        for (code, message, call, kind, may_revoke, says) in table {
+            let err = classify_status(*code, message, *call, key, "service account x");
+            assert_eq!(err.kind_name(), *kind, "{code:?} on {call:?}: {err}");
+            assert_eq!(err.suggests_revocation(), *may_revoke, "{code:?}");
+            assert!(err.to_string().contains(says), "{code:?}: {err}");
+        }
+        for (state, says) in [
+            (ProviderKeyState::Disabled, "enable it"),
+            (ProviderKeyState::PendingDeletion, "RestoreCryptoKeyVersion"),
+            (ProviderKeyState::Destroyed, "cannot be recovered"),
+        ] {
+            assert!(version_reason(state, "v").contains(says), "{state:?}");
+        }
+        assert!(version_reason(ProviderKeyState::Enabled, "v").is_empty());
+    }
+
+    #[test]
+    fn forged_versions_are_refused_before_any_call() {
+        let kms = Arc::new(GcpKms::new(GcpSettings::default()));
+        let key = kms.key(GcpKeyTarget {
+            key_name: "projects/p/locations/l/keyRings/r/cryptoKeys/k".into(),
+            service_account: String::new(),
+        });
+        key.check_version("projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/3")
+            .unwrap();
+        for forged in [
+            "",
+            "3",
+            "projects/p/locations/l/keyRings/r/cryptoKeys/other/cryptoKeyVersions/3",
+            "projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/",
+            "projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/3\n",
+            "projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/12345678901",
+        ] {
+            let err = key.check_version(forged).unwrap_err();
+            assert!(
+                matches!(err, ProviderError::InvalidCiphertext(_)),
+                "{forged:?}"
+            );
+            assert!(!crate::text::has_control(&err.to_string()), "{err}");
+        }
     }
 
     #[test]

@@ -217,6 +217,29 @@ impl LocalKeyring {
         }
     }
 
+    /// The key of the version a wrapped key names. A version that is not a
+    /// number or not in the keyring can only come from the caller's bytes
+    /// (or a version removed from the file): the caller's problem alone,
+    /// never a reason to doubt the keyring.
+    fn version_key<'v>(
+        &self,
+        versions: &'v Versions,
+        version: &str,
+    ) -> Result<&'v LessSafeKey, ProviderError> {
+        let number: u32 = version.parse().map_err(|_| {
+            ProviderError::InvalidCiphertext(format!(
+                "the wrapped key names local key version {}, which is not a version number",
+                crate::text::Quoted(version)
+            ))
+        })?;
+        versions.keys.get(&number).ok_or_else(|| {
+            ProviderError::InvalidCiphertext(format!(
+                "the wrapped key names version {number} of local key '{}', which it does not have (newest: {})",
+                self.id, versions.newest
+            ))
+        })
+    }
+
     pub fn newest_version(&self) -> u32 {
         self.current().newest
     }
@@ -276,6 +299,14 @@ impl LocalKeyring {
     }
 }
 
+/// Errors of a local keyring and whether a caller's bytes can cause them
+/// (DESIGN.md section 5): none of them may revoke anything, since a local
+/// key has no state a customer can change.
+///
+/// | error | cause | caller bytes can cause it | may revoke |
+/// | --- | --- | --- | --- |
+/// | `InvalidCiphertext` | version not a number or not in the keyring, ciphertext too short, AES-GCM authentication failed (wrong tenant or context, altered bytes) | yes | no |
+/// | `Internal` | system RNG or AES-GCM seal failure | no | no |
 #[async_trait]
 impl KeyProvider for LocalKeyring {
     fn kind(&self) -> ProviderKind {
@@ -323,18 +354,8 @@ impl KeyProvider for LocalKeyring {
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
-        let version: u32 = key_version.parse().map_err(|_| {
-            ProviderError::InvalidCiphertext(format!(
-                "local key version {key_version:?} is not a version number"
-            ))
-        })?;
         let versions = self.current();
-        let key = versions.keys.get(&version).ok_or_else(|| {
-            ProviderError::NotFound(format!(
-                "version {version} of local keyring '{}' does not exist",
-                self.id
-            ))
-        })?;
+        let key = self.version_key(&versions, key_version)?;
         if ciphertext.len() < NONCE_LEN + TAG_LEN {
             return Err(ProviderError::InvalidCiphertext(
                 "ciphertext is shorter than nonce and tag".into(),
@@ -359,6 +380,10 @@ impl KeyProvider for LocalKeyring {
 
     fn current_version(&self, _key: &str) -> Option<String> {
         Some(self.newest_version().to_string())
+    }
+
+    fn check_version(&self, version: &str) -> Result<(), ProviderError> {
+        self.version_key(&self.current(), version).map(|_| ())
     }
 
     async fn describe(&self, _key: &str) -> Result<KeyDescription, ProviderError> {
@@ -580,7 +605,16 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert!(matches!(err, ProviderError::NotFound(_)));
+        assert!(
+            matches!(err, ProviderError::InvalidCiphertext(_)),
+            "an unknown version is the caller's problem: {err:?}"
+        );
+        assert!(ring.check_version("1").is_ok());
+        for forged in ["9", "0", "x", "", "1\n"] {
+            let err = ring.check_version(forged).unwrap_err();
+            assert!(!err.suggests_revocation(), "{forged:?}: {err:?}");
+            assert!(!crate::text::has_control(&err.to_string()), "{err}");
+        }
     }
 
     #[test]

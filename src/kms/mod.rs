@@ -97,6 +97,9 @@ pub enum ProviderKeyState {
 #[derive(Debug, Clone, Default)]
 pub struct KeyDescription {
     pub state: ProviderKeyState,
+    /// When the key is not usable: why, and what the customer can do about
+    /// it (enable the key, cancel its deletion...). Empty when enabled.
+    pub reason: String,
     /// The version new wraps use, where the provider exposes one.
     pub current_version: String,
     /// AWS: `CUSTOMER` or `AWS`.
@@ -144,6 +147,25 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A throttle or an outage: retried, never a change of key state.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Throttled(_) | Self::Unavailable(_))
+    }
+
+    /// Errors that would mean the customer made the key unusable (access
+    /// denied, key disabled or gone). Seen on a live request they are not
+    /// proof: the request's bytes (a forged wrapped key, a context a key
+    /// policy refuses) can provoke them. So they only trigger a describe of
+    /// the binding, which uses no caller input, and only that describe may
+    /// revoke (DESIGN.md section 5, "Trust boundary"). Seen on a describe,
+    /// they revoke.
+    pub fn suggests_revocation(&self) -> bool {
+        matches!(
+            self,
+            Self::AccessDenied(_) | Self::KeyDisabled(_) | Self::NotFound(_)
+        )
+    }
+
     /// A short name of the kind, for metric labels.
     pub fn kind_name(&self) -> &'static str {
         match self {
@@ -213,6 +235,13 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
 
     /// Reports the key's state and current version (a provider call).
     async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError>;
+
+    /// Refuses, before any provider call, a key version this provider could
+    /// never have written into a wrapped key (the caller's bytes name it):
+    /// `InvalidCiphertext`, which is the caller's problem alone.
+    fn check_version(&self, _version: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
 
     /// The version new wraps use, when known without a provider call. Drives
     /// `rewrap_recommended` on the hot path; `None` where versions are hidden.

@@ -15,7 +15,8 @@ use moka::future::Cache;
 
 use super::{BindingRecord, KeyPolicy, Registry, UsageDelta};
 use crate::broker::{
-    Binding, BindingState, BindingUsage, BrokerError, KeyDirectory, TenantKeys, UsageCounts,
+    Binding, BindingState, BindingUsage, BrokerError, Confirmation, KeyDirectory, TenantKeys,
+    UsageCounts,
 };
 use crate::cache::DekCache;
 use crate::envelope::{Context, Envelope};
@@ -51,7 +52,17 @@ pub struct RegistryDirectory {
     /// which are rebuilt on every change. std Mutex: held for a map lookup,
     /// never across an await.
     usage: Mutex<HashMap<UsageKey, Arc<BindingUsage>>>,
+    /// Verdicts of recent out-of-turn describes by (tenant, binding): moka
+    /// runs one describe per binding for all concurrent callers, and the
+    /// TTL (`recheck_min_interval`) rate-limits what forged requests can
+    /// make the customer's KMS do (see `key_state`).
+    verdicts: Cache<UsageKey, super::key_state::Verdict>,
+    /// Out-of-turn describes made (tests and metrics).
+    pub(crate) rechecks: std::sync::atomic::AtomicU64,
 }
+
+/// Default of `recheck_min_interval`.
+pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl RegistryDirectory {
     pub fn new(
@@ -76,7 +87,25 @@ impl RegistryDirectory {
                 .build(),
             generation: std::sync::atomic::AtomicU64::new(0),
             usage: Mutex::new(HashMap::new()),
+            verdicts: verdict_cache(DEFAULT_RECHECK_INTERVAL),
+            rechecks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Reuse a recheck's verdict this long (the rate limit of out-of-turn
+    /// describes per binding).
+    pub fn with_recheck_interval(mut self, interval: Duration) -> Self {
+        self.verdicts = verdict_cache(interval);
+        self
+    }
+
+    pub(crate) fn verdicts(&self) -> &Cache<UsageKey, super::key_state::Verdict> {
+        &self.verdicts
+    }
+
+    /// Out-of-turn describes made since start.
+    pub fn rechecks(&self) -> u64 {
+        self.rechecks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn registry(&self) -> &Arc<dyn Registry> {
@@ -189,7 +218,7 @@ impl RegistryDirectory {
                     tenant = tenant_id,
                     binding = name,
                     reason,
-                    "key binding revoked"
+                    "key binding revoked by a describe of its key"
                 )
             }
             _ => {
@@ -382,32 +411,25 @@ async fn connect_listener(url: &str) -> Result<sqlx::postgres::PgListener, sqlx:
     Ok(listener)
 }
 
-/// Whether a provider error means the customer made the key unusable (as
-/// opposed to an outage, which never revokes).
-pub fn revokes(error: &ProviderError) -> bool {
-    matches!(
-        error,
-        ProviderError::AccessDenied(_) | ProviderError::KeyDisabled(_) | ProviderError::NotFound(_)
-    )
+fn verdict_cache(ttl: Duration) -> Cache<UsageKey, super::key_state::Verdict> {
+    Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(ttl.max(Duration::from_millis(1)))
+        .build()
 }
 
 #[async_trait]
 impl KeyDirectory for RegistryDirectory {
-    async fn report_failure(&self, tenant_id: &str, binding: &str, error: &ProviderError) {
-        if !revokes(error) {
-            return;
+    async fn confirm_failure(
+        &self,
+        tenant_id: &str,
+        binding: &str,
+        error: &ProviderError,
+    ) -> Confirmation {
+        if !error.suggests_revocation() {
+            return Confirmation::Unknown;
         }
-        if let Err(err) = self
-            .set_key_state(
-                tenant_id,
-                binding,
-                BindingState::Revoked,
-                &error.to_string(),
-            )
-            .await
-        {
-            tracing::error!(error = %err, tenant = tenant_id, binding, "could not record a revocation");
-        }
+        self.recheck(tenant_id, binding, error).await
     }
 
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {

@@ -6,6 +6,7 @@
 //! [`directory::RegistryDirectory`] serves the data plane from memory on top.
 
 pub mod directory;
+pub mod key_state;
 pub mod sql;
 
 use std::fmt;
@@ -170,13 +171,24 @@ pub struct UnlinkGuard {
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("tenant '{0}' does not exist; create it with CreateTenant first")]
+    #[error(
+        "tenant {} does not exist; create it with CreateTenant first",
+        crate::text::Quoted(_0)
+    )]
     TenantNotFound(String),
-    #[error("tenant '{0}' already exists")]
+    #[error("tenant {} already exists", crate::text::Quoted(_0))]
     TenantExists(String),
-    #[error("tenant '{tenant_id}' has no key named '{name}'")]
+    #[error(
+        "tenant {} has no key named {}",
+        crate::text::Quoted(tenant_id),
+        crate::text::Quoted(name)
+    )]
     BindingNotFound { tenant_id: String, name: String },
-    #[error("tenant '{tenant_id}' already has a key named '{name}'")]
+    #[error(
+        "tenant {} already has a key named {}",
+        crate::text::Quoted(tenant_id),
+        crate::text::Quoted(name)
+    )]
     BindingExists { tenant_id: String, name: String },
     /// The request is valid but the tenant's state forbids it.
     #[error("{0}")]

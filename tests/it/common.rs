@@ -33,6 +33,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub broker: Arc<Broker>,
     pub audit: Arc<keybroker::audit::AuditLog>,
+    /// The registry's view (absent with an injected directory).
+    pub directory: Option<Arc<keybroker::registry::directory::RegistryDirectory>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -56,6 +58,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let broker = Arc::clone(server.broker());
         let audit = Arc::clone(server.audit());
+        let directory = server.admin().map(|a| Arc::clone(a.directory()));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
@@ -64,6 +67,7 @@ impl TestServer {
             addr,
             broker,
             audit,
+            directory,
             shutdown: Some(tx),
             handle,
         }

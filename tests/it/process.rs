@@ -47,7 +47,7 @@ impl Process {
         Self::spawn_with(&[], data_dir, extra, env)
     }
 
-    fn spawn_with(
+    pub(crate) fn spawn_with(
         prefix: &[&str],
         data_dir: &std::path::Path,
         extra: &[&str],
@@ -69,7 +69,13 @@ impl Process {
             .arg("serve")
             // Port 0: the server reports the port it got in its log, so
             // parallel tests never race for a port.
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(
+                (!extra.contains(&"--log-format"))
+                    .then_some(["--log-format", "json"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -82,12 +88,25 @@ impl Process {
         Self { child, log }
     }
 
-    /// The address from the server's "keybroker listening" log line.
+    /// Everything the server printed so far.
+    pub(crate) fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address from the server's "keybroker listening" log line (JSON
+    /// or text format).
     pub(crate) async fn addr(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             for line in text.lines() {
+                if let Some(rest) = line
+                    .contains("keybroker listening")
+                    .then(|| line.split("addr=").nth(1))
+                    .flatten()
+                {
+                    return rest.split_whitespace().next().unwrap().to_owned();
+                }
                 let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue;
                 };
@@ -105,7 +124,7 @@ impl Process {
         Channel::from_shared(url).unwrap().connect().await.unwrap()
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -115,7 +134,7 @@ impl Process {
 
     /// Waits for exit; returns (success, stdout + stderr). Async: the test's
     /// own client connections must keep running to see the server's GOAWAY.
-    async fn wait(mut self, timeout: Duration) -> (bool, String) {
+    pub(crate) async fn wait(mut self, timeout: Duration) -> (bool, String) {
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {

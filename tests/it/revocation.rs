@@ -1,6 +1,7 @@
 //! Revocation: the customer disables or schedules deletion of their key in
 //! (moto's) KMS and keybroker stops serving plaintext within the bound;
-//! a definitive error on a live request revokes at once; an outage does not.
+//! a definitive error on a live request revokes at once, through one describe
+//! of the key (never on the request's word); an outage does not.
 
 use std::time::{Duration, Instant};
 
@@ -196,11 +197,16 @@ async fn a_definitive_error_on_a_live_request_revokes_at_once() {
     let g = generate(&mut server.client().await).await;
     server.stop().await;
 
-    // Same registry, but KMS now answers DisabledException (real wire format).
+    // Same registry, but KMS now answers DisabledException (real wire
+    // format), and DescribeKey, which decides, says disabled too.
     let faults = FaultServer::start().await;
     faults.set(
         "trentservice.decrypt",
         Fault::KmsError(400, "DisabledException"),
+    );
+    faults.set(
+        "trentservice.describekey",
+        crate::trust_boundary::described(&key_arn, "Disabled"),
     );
     config.aws.kms_endpoint = Some(faults.url.clone());
     config.aws.sts_endpoint = Some(faults.url.clone());
@@ -216,6 +222,12 @@ async fn a_definitive_error_on_a_live_request_revokes_at_once() {
         "revoked without waiting for the watcher"
     );
     assert!(k.state_reason.contains("disabled"), "{}", k.state_reason);
+    assert!(k.state_reason.contains("EnableKey"), "{}", k.state_reason);
+    assert_eq!(
+        faults.count("trentservice.describekey"),
+        1,
+        "revoked by one describe, not by the request"
+    );
     // Refused from the registry state now: no further KMS call.
     let err = unwrap(&mut broker, &g.wrapped_key).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);

@@ -149,7 +149,7 @@ async fn describe_over_tls(
 
 const ALLOW_ALL_OF_TRUST_DOMAIN: &str = r#"
 [[allow]]
-identities = ["spiffe://prod.example/*", "billing.internal"]
+identities = ["spiffe://prod.example/*", "dns:billing.internal"]
 methods = ["*"]
 tenants = ["*"]
 "#;
@@ -205,6 +205,23 @@ async fn mtls_accepts_valid_identities_and_rejects_every_bad_certificate() {
             Some(client_ca.client("spiffe://evil.example/ns/a/sa/b")),
         ),
         ("no identity at all", Some(client_ca.issue(&[], false))),
+        (
+            "a SPIFFE ID with '..' segments (not a SPIFFE ID per the spec)",
+            Some(client_ca.client("spiffe://prod.example/ns/billing/../../ops/sa/admin")),
+        ),
+        (
+            "a SPIFFE ID with an empty segment",
+            Some(client_ca.client("spiffe://prod.example/ns//sa/admin")),
+        ),
+        (
+            "a DNS SAN spelled like a SPIFFE ID",
+            Some(client_ca.issue(
+                &[SanType::DnsName(
+                    "spiffe://prod.example/ops/sa/admin".try_into().unwrap(),
+                )],
+                false,
+            )),
+        ),
     ];
     let mut rejected = 0;
     for (case, pem) in &rejected_cases {
@@ -268,7 +285,7 @@ async fn rotated_client_ca_and_policy_are_picked_up_without_restart() {
     // The policy loses the rule: denied with the identity in the message.
     std::fs::write(
         &policy_path,
-        "[[allow]]\nidentities = [\"billing.internal\"]\nmethods = [\"*\"]\ntenants = [\"*\"]\n",
+        "[[allow]]\nidentities = [\"dns:billing.internal\"]\nmethods = [\"*\"]\ntenants = [\"*\"]\n",
     )
     .unwrap();
     wait_for(|| async {
@@ -282,7 +299,7 @@ async fn rotated_client_ca_and_policy_are_picked_up_without_restart() {
     // A broken edit keeps the last good policy.
     std::fs::write(
         &policy_path,
-        "[[allow]]\nidentities = [\"x\"]\nmethods = [\"Typo/*\"]\ntenants = [\"*\"]\n",
+        "[[allow]]\nidentities = [\"dns:x\"]\nmethods = [\"Typo/*\"]\ntenants = [\"*\"]\n",
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -334,7 +351,7 @@ async fn policy_matrix_allows_exactly_the_granted_cells() {
 
         [[allow]]
         description = "reports read globex tenants"
-        identities = ["reports.internal"]
+        identities = ["dns:reports.internal"]
         methods = ["keybroker.v1.KeyBroker/UnwrapKey"]
         tenants = ["globex-*"]
 
@@ -585,10 +602,17 @@ async fn every_call_writes_one_audit_record_without_key_material() {
     assert_eq!(records[2]["provider_calls"], 0);
     assert_eq!(records[1]["wrapped_key_sha256"].as_str().unwrap().len(), 16);
     assert!(records[6]["error"].as_str().unwrap().contains("globex"));
-    assert_eq!(
-        records[7]["tenant_id"],
-        serde_json::Value::Null,
-        "denied before decoding"
+    // A method no rule grants: the denial still names the targeted tenant,
+    // in the message and in the record (the body is decoded for it).
+    assert_eq!(records[7]["tenant_id"], "acme", "{}", records[7]);
+    assert_eq!(records[7]["outcome"], "PERMISSION_DENIED");
+    assert!(
+        records[7]["error"]
+            .as_str()
+            .unwrap()
+            .contains("for tenant 'acme'"),
+        "{}",
+        records[7]
     );
 
     let text = std::fs::read_to_string(&audit_path).unwrap();

@@ -55,5 +55,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if not .Values.authz.policy -}}
 {{- fail "tls.enabled needs authz.policy: without a policy every caller with a certificate from the CA could unwrap every tenant's keys." -}}
 {{- end -}}
+{{- else if not .Values.authz.policy -}}
+{{- fail "plaintext (tls.enabled=false) needs authz.policy: without a policy every caller on the network could call every method for every tenant. Grant the identity \"unauthenticated\" what the mesh in front of keybroker lets through." -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,147 @@
+//! A binding's provider-side state, decided by a describe call and nothing
+//! else (DESIGN.md section 5, "Trust boundary").
+//!
+//! Two paths lead here: the watcher's periodic pass, and live requests. A
+//! live request that sees "access denied", "disabled" or "not found" from a
+//! provider has not proven anything: its own bytes (a forged wrapped key, a
+//! context a key policy refuses) can provoke those answers. So it asks for
+//! an out-of-turn describe of the binding, which uses no caller input, and
+//! only that describe may revoke. Rechecks are coalesced (one describe in
+//! flight per binding) and rate-limited (a verdict is reused for
+//! `recheck_min_interval`), so a flood of forged requests costs the
+//! customer's KMS at most one describe per binding per interval.
+
+use crate::broker::{BindingState, Confirmation};
+use crate::kms::{ProviderError, ProviderKeyState};
+use crate::registry::BindingRecord;
+use crate::registry::directory::RegistryDirectory;
+use crate::text::Escaped;
+
+/// What one describe of a binding found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The key is usable.
+    Usable,
+    /// The customer made the key unusable; why, and what they can do.
+    Revoked(String),
+    /// The provider could not answer (throttled, unreachable): no change.
+    Outage,
+}
+
+/// What applying a verdict changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Revoked,
+    Restored,
+    Outage,
+    Unchanged,
+}
+
+impl RegistryDirectory {
+    /// Describes a stored binding through its provider (for AWS: through the
+    /// customer's role). A describe is not usage: nothing is recorded
+    /// against the binding's counters.
+    pub async fn check_binding(&self, record: &BindingRecord, external_id: &str) -> Verdict {
+        let provider = match self.provider(record, external_id).await {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "cannot build the provider of a binding");
+                return Verdict::Outage;
+            }
+        };
+        let result = provider.describe(&record.key_reference).await;
+        self.record_check(&record.tenant_id, &record.name);
+        match result {
+            Ok(d) if d.state == ProviderKeyState::Enabled => Verdict::Usable,
+            Ok(d) if !d.reason.is_empty() => Verdict::Revoked(d.reason),
+            Ok(d) => Verdict::Revoked(format!(
+                "key {} in {} is {:?}",
+                record.key_reference, record.provider, d.state
+            )),
+            Err(err) if err.suggests_revocation() => Verdict::Revoked(err.to_string()),
+            Err(err @ (ProviderError::Throttled(_) | ProviderError::Unavailable(_))) => {
+                tracing::warn!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed transiently; state unchanged");
+                Verdict::Outage
+            }
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed; state unchanged");
+                Verdict::Outage
+            }
+        }
+    }
+
+    /// Records a verdict as the binding's state (never touching a binding
+    /// an operator disabled) and applies it on every replica.
+    pub async fn apply_verdict(&self, record: &BindingRecord, verdict: &Verdict) -> Applied {
+        let (state, reason) = match verdict {
+            Verdict::Usable => (BindingState::Active, ""),
+            Verdict::Revoked(reason) => (BindingState::Revoked, reason.as_str()),
+            Verdict::Outage => return Applied::Outage,
+        };
+        match self
+            .set_key_state(&record.tenant_id, &record.name, state, reason)
+            .await
+        {
+            Ok(true) if state == BindingState::Revoked => Applied::Revoked,
+            Ok(true) => Applied::Restored,
+            Ok(false) => Applied::Unchanged,
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "could not record key state");
+                Applied::Unchanged
+            }
+        }
+    }
+
+    /// The out-of-turn check a live request's definitive error asks for:
+    /// one describe shared by every concurrent caller, its verdict reused
+    /// for `recheck_min_interval`, applied like a watcher check.
+    pub(crate) async fn recheck(
+        &self,
+        tenant_id: &str,
+        binding: &str,
+        seen: &ProviderError,
+    ) -> Confirmation {
+        let key = (tenant_id.to_owned(), binding.to_owned());
+        let verdict = self
+            .verdicts()
+            .get_with(key, async {
+                self.rechecks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    tenant = %Escaped(tenant_id),
+                    binding = %Escaped(binding),
+                    error = %seen,
+                    "a live request saw a definitive provider error; describing the key"
+                );
+                let stored = match self.registry().tenant(tenant_id).await {
+                    Ok(Some(tenant)) => self
+                        .registry()
+                        .binding(tenant_id, binding)
+                        .await
+                        .map(|b| b.map(|b| (b, tenant.external_id))),
+                    Ok(None) => Ok(None),
+                    Err(err) => Err(err),
+                };
+                match stored {
+                    Ok(Some((record, external_id))) => {
+                        let verdict = self.check_binding(&record, &external_id).await;
+                        self.apply_verdict(&record, &verdict).await;
+                        verdict
+                    }
+                    // The platform key, or a binding unlinked meanwhile:
+                    // nothing a describe could revoke.
+                    Ok(None) => Verdict::Outage,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot read a binding to recheck it");
+                        Verdict::Outage
+                    }
+                }
+            })
+            .await;
+        match verdict {
+            Verdict::Usable => Confirmation::KeyUsable,
+            Verdict::Revoked(_) => Confirmation::Revoked,
+            Verdict::Outage => Confirmation::Unknown,
+        }
+    }
+}
