@@ -225,7 +225,7 @@ fn block(yaml: &str, key: &str) -> String {
 fn bad_values_fail_with_the_reason() {
     let chart = chart();
     let chart = chart.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--set", "replicaCount=3"], "needs a PostgreSQL registry"),
         (
             &[
@@ -241,8 +241,21 @@ fn bad_values_fail_with_the_reason() {
             "tls.enabled needs a TLS Secret",
         ),
         (
-            &["--set", "tls.enabled=true", "--set", "tls.existingSecret=s"],
+            &[
+                "--set",
+                "tls.enabled=true",
+                "--set",
+                "tls.existingSecret=s",
+                "--set",
+                "authz.policy=",
+            ],
             "tls.enabled needs authz.policy",
+        ),
+        // Plaintext on the pod network without a policy: every caller could
+        // call everything.
+        (
+            &["--set", "authz.policy="],
+            "plaintext (tls.enabled=false) needs authz.policy",
         ),
         (&["--set", "replicaCount=three"], "replicaCount"),
     ];
