@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::Broker;
 use keybroker::cache::{CacheKey, CacheSettings, CachedKey, DekCache};
-use keybroker::envelope::{self, Context, Envelope};
+use keybroker::context::{self, Context};
+use keybroker::envelope::Envelope;
+use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
 use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{KeyProvider, ProviderKind, WrapContext};
 use keybroker::quota::QuotaSettings;
@@ -45,7 +47,7 @@ fn envelope_benches(c: &mut Criterion) {
     });
     let ctx = context();
     c.bench_function("aad_encode", |b| {
-        b.iter(|| envelope::aad(black_box("tenant-0001"), black_box(&ctx)))
+        b.iter(|| context::aad(black_box("tenant-0001"), black_box(&ctx)))
     });
 }
 
@@ -61,18 +63,18 @@ fn keyring_benches(c: &mut Criterion) {
         context: &ctx,
     };
     let dek = SecretBytes::random(32).unwrap();
-    let sealed = runtime.block_on(keyring.encrypt("k", &dek, wrap)).unwrap();
+    let sealed = runtime.block_on(keyring.encrypt(&dek, wrap)).unwrap();
     c.bench_function("local_wrap", |b| {
         b.iter(|| {
             runtime
-                .block_on(keyring.encrypt("k", black_box(&dek), wrap))
+                .block_on(keyring.encrypt(black_box(&dek), wrap))
                 .unwrap()
         })
     });
     c.bench_function("local_unwrap", |b| {
         b.iter(|| {
             runtime
-                .block_on(keyring.decrypt("k", &sealed.key_version, black_box(&sealed.bytes), wrap))
+                .block_on(keyring.decrypt(&sealed.key_version, black_box(&sealed.bytes), wrap))
                 .unwrap()
         })
     });

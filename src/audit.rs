@@ -43,25 +43,59 @@ impl std::str::FromStr for AuditTarget {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `audit_*` settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct AuditSettings {
+    /// Audit log: off, stdout, or a file path.
+    #[arg(
+        id = "audit_log",
+        long = "audit-log",
+        env = "KEYBROKER_AUDIT_LOG",
+        default_value = "off"
+    )]
     pub target: AuditTarget,
-    /// Rotate the file when it would grow past this many bytes.
+    /// Rotate the audit file when it would grow past this many bytes.
+    #[arg(
+        id = "audit_max_bytes",
+        long = "audit-max-bytes",
+        env = "KEYBROKER_AUDIT_MAX_BYTES",
+        default_value = "104857600"
+    )]
     pub max_bytes: u64,
-    /// Rotated files kept (`audit.log.1` newest … `.N` oldest).
+    /// Rotated audit files kept (`audit.log.1` newest … `.N` oldest).
+    #[arg(
+        id = "audit_max_files",
+        long = "audit-max-files",
+        env = "KEYBROKER_AUDIT_MAX_FILES",
+        default_value = "5"
+    )]
     pub max_files: u32,
-    /// Refuse calls whose record cannot be written.
+    /// Refuse a call (UNAVAILABLE, no key returned) when its audit record
+    /// cannot be written.
+    #[arg(
+        id = "audit_fail_closed",
+        long = "audit-fail-closed",
+        env = "KEYBROKER_AUDIT_FAIL_CLOSED",
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
     pub fail_closed: bool,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
-        Self {
-            target: AuditTarget::Off,
-            max_bytes: 100 * 1024 * 1024,
-            max_files: 5,
-            fail_closed: false,
+        crate::config::defaults()
+    }
+}
+
+impl AuditSettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.max_bytes < 4096 {
+            return crate::config::invalid("audit_max_bytes", "must be at least 4096");
         }
+        Ok(())
     }
 }
 

@@ -88,7 +88,7 @@ fn check_identity_pattern(pattern: &str) -> Result<(), String> {
     if pattern == "*"
         || pattern == UNAUTHENTICATED
         || pattern.starts_with("spiffe://")
-        || pattern.starts_with(crate::tls::DNS_IDENTITY_PREFIX)
+        || pattern.starts_with(crate::net::tls::DNS_IDENTITY_PREFIX)
     {
         return Ok(());
     }

@@ -2,230 +2,25 @@
 //! describe tenant DEKs. The API layer converts messages and maps
 //! [`BrokerError`] to status codes; everything that decides lives here.
 //!
-//! Key resolution goes through [`KeyDirectory`]: which bindings a tenant has,
-//! which one is primary. [`PlatformOnly`] serves every tenant with the
-//! platform key; the registry is the other implementation.
+//! Key resolution goes through [`KeyDirectory`] (in `keys`): which bindings a
+//! tenant has, which one is primary.
 
-use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-
-use async_trait::async_trait;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cache::{CacheKey, CachedKey, DekCache};
-use crate::envelope::{self, Context, Envelope, EnvelopeError};
-use crate::kms::{KeyProvider, ProviderError, ProviderKind, WrapContext};
+use crate::context::{self, Context, ContextError};
+use crate::envelope::{self, Envelope, EnvelopeError};
+use crate::keys::{
+    Binding, BindingState, Confirmation, DirectoryError, KeyDirectory, KeyInfo, TenantKeys,
+};
+use crate::kms::{ProviderError, ProviderKind, WrapContext};
 use crate::metrics::Metrics;
 use crate::quota::{ProviderQuota, QuotaExceeded, QuotaSettings};
 use crate::secret::SecretBytes;
 
-/// Name of the platform key's binding; reserved in every tenant.
-pub const PLATFORM_BINDING: &str = "platform";
 /// Largest DEK WrapKey accepts (the AWS KMS Encrypt limit).
 pub const MAX_PLAINTEXT_BYTES: usize = 4096;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BindingState {
-    Active,
-    /// Disabled by an operator of the platform.
-    Disabled,
-    /// Made unusable by the customer (disabled, deleted, access denied).
-    Revoked,
-}
-
-impl fmt::Display for BindingState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Active => "active",
-            Self::Disabled => "disabled",
-            Self::Revoked => "revoked",
-        })
-    }
-}
-
-/// Wraps and unwraps served with one binding since the last flush to the
-/// registry. Atomics: recorded on every request, flushed periodically.
-#[derive(Debug, Default)]
-pub struct BindingUsage {
-    wraps: AtomicU64,
-    unwraps: AtomicU64,
-    last_used_ms: AtomicI64,
-    /// Last key-state check by the watcher (not usage: never flushed).
-    pub last_checked_ms: AtomicI64,
-}
-
-/// A snapshot of [`BindingUsage`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UsageCounts {
-    pub wraps: u64,
-    pub unwraps: u64,
-    /// Zero when unused since the last flush.
-    pub last_used_ms: i64,
-}
-
-impl BindingUsage {
-    fn record(&self, counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.last_used_ms
-            .fetch_max(crate::registry::now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn peek(&self) -> UsageCounts {
-        UsageCounts {
-            wraps: self.wraps.load(Ordering::Relaxed),
-            unwraps: self.unwraps.load(Ordering::Relaxed),
-            last_used_ms: self.last_used_ms.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Takes the counts, leaving zero (the flush owns them now).
-    pub fn take(&self) -> UsageCounts {
-        UsageCounts {
-            wraps: self.wraps.swap(0, Ordering::Relaxed),
-            unwraps: self.unwraps.swap(0, Ordering::Relaxed),
-            last_used_ms: self.last_used_ms.swap(0, Ordering::Relaxed),
-        }
-    }
-
-    /// Puts back counts a failed flush could not write.
-    pub fn restore(&self, counts: UsageCounts) {
-        self.wraps.fetch_add(counts.wraps, Ordering::Relaxed);
-        self.unwraps.fetch_add(counts.unwraps, Ordering::Relaxed);
-        self.last_used_ms
-            .fetch_max(counts.last_used_ms, Ordering::Relaxed);
-    }
-}
-
-/// One key able to protect a tenant's DEKs, as the data plane sees it.
-#[derive(Debug)]
-pub struct Binding {
-    pub name: Arc<str>,
-    pub provider: Arc<dyn KeyProvider>,
-    /// The provider's reference to the key (ARN, resource name, keyring id).
-    pub key_reference: String,
-    pub state: BindingState,
-    /// Why the binding is not active, for people.
-    pub state_reason: String,
-    /// Shared with the directory, which outlives this snapshot of the binding.
-    pub usage: Arc<BindingUsage>,
-}
-
-impl Binding {
-    /// An active binding with fresh usage counters (the platform key, tests
-    /// and benchmarks).
-    pub fn active(name: &str, provider: Arc<dyn KeyProvider>, key_reference: &str) -> Self {
-        Self {
-            name: name.into(),
-            provider,
-            key_reference: key_reference.to_owned(),
-            state: BindingState::Active,
-            state_reason: String::new(),
-            usage: Arc::default(),
-        }
-    }
-
-    fn ensure_usable(&self, tenant_id: &str) -> Result<(), BrokerError> {
-        match self.state {
-            BindingState::Active => Ok(()),
-            state => Err(BrokerError::KeyUnusable {
-                tenant_id: tenant_id.to_owned(),
-                binding: self.name.to_string(),
-                state,
-                reason: self.state_reason.clone(),
-            }),
-        }
-    }
-
-    fn info(&self, key_version: String) -> KeyInfo {
-        KeyInfo {
-            key_binding: Arc::clone(&self.name),
-            provider: self.provider.kind(),
-            key_version,
-        }
-    }
-}
-
-/// The keys of one tenant at one moment.
-#[derive(Debug, Clone)]
-pub struct TenantKeys {
-    /// Wraps new DEKs: the platform binding when the tenant has no usable
-    /// customer key.
-    pub primary: Arc<Binding>,
-    /// Every customer binding of the tenant (without the platform key).
-    pub bindings: Vec<Arc<Binding>>,
-    /// Always able to unwrap what it wrapped before a tenant moved to CMEK.
-    pub platform: Arc<Binding>,
-}
-
-impl TenantKeys {
-    pub fn find(&self, name: &str) -> Option<&Arc<Binding>> {
-        if name == PLATFORM_BINDING {
-            return Some(&self.platform);
-        }
-        self.bindings.iter().find(|b| &*b.name == name)
-    }
-
-    pub fn uses_platform_key(&self) -> bool {
-        Arc::ptr_eq(&self.primary, &self.platform)
-    }
-}
-
-/// Where the data plane learns a tenant's keys. Implementations answer from
-/// memory on the hot path (one call per request).
-#[async_trait]
-pub trait KeyDirectory: Send + Sync + fmt::Debug {
-    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError>;
-
-    /// A live request saw `error` from a binding's provider. The request's
-    /// own bytes may have provoked it, so it proves nothing about the key: a
-    /// directory that tracks key state describes the binding (no caller
-    /// input) and lets that describe decide, revoking only then.
-    async fn confirm_failure(
-        &self,
-        _tenant_id: &str,
-        _binding: &str,
-        _error: &ProviderError,
-    ) -> Confirmation {
-        Confirmation::Unknown
-    }
-}
-
-/// What a describe made after a live request's definitive error found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Confirmation {
-    /// The key is unusable: the binding is now revoked.
-    Revoked,
-    /// The key is usable: the request's own bytes caused the error.
-    KeyUsable,
-    /// Not known (no describe possible, or it failed): nothing changes.
-    Unknown,
-}
-
-/// Every tenant uses the platform key (tests, and tenants the registry does
-/// not know).
-#[derive(Debug)]
-pub struct PlatformOnly {
-    keys: Arc<TenantKeys>,
-}
-
-impl PlatformOnly {
-    pub fn new(platform: Arc<Binding>) -> Self {
-        Self {
-            keys: Arc::new(TenantKeys {
-                primary: Arc::clone(&platform),
-                bindings: Vec::new(),
-                platform,
-            }),
-        }
-    }
-}
-
-#[async_trait]
-impl KeyDirectory for PlatformOnly {
-    async fn tenant_keys(&self, _tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
-        Ok(Arc::clone(&self.keys))
-    }
-}
 
 /// Why a data-plane call failed. Mapped to a gRPC status in `api::status`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -234,6 +29,8 @@ pub enum BrokerError {
     InvalidRequest(String),
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
     #[error("the wrapped key was issued for a different tenant than '{tenant_id}'")]
     TenantMismatch { tenant_id: String },
     /// `binding` comes from the caller's wrapped key: shown quoted.
@@ -258,17 +55,9 @@ pub enum BrokerError {
     #[error(transparent)]
     Quota(#[from] QuotaExceeded),
     #[error(transparent)]
-    Registry(#[from] crate::registry::RegistryError),
+    Directory(#[from] DirectoryError),
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-/// Which key protected a DEK.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyInfo {
-    pub key_binding: Arc<str>,
-    pub provider: ProviderKind,
-    pub key_version: String,
 }
 
 #[derive(Debug)]
@@ -417,17 +206,15 @@ impl Broker {
         context: &Context,
         len: usize,
     ) -> Result<Generated, BrokerError> {
-        envelope::validate_tenant_id(tenant_id)?;
+        context::validate_tenant_id(tenant_id)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
         let binding = &keys.primary;
-        binding.ensure_usable(tenant_id)?;
+        ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
-        binding.usage.record(&binding.usage.wraps);
-        let call = binding.provider.generate_data_key(
-            &binding.key_reference,
-            len,
-            WrapContext { tenant_id, context },
-        );
+        binding.usage.record_wrap();
+        let call = binding
+            .provider
+            .generate_data_key(len, WrapContext { tenant_id, context });
         let result = self
             .timed(binding, "generate_data_key", call)
             .await
@@ -447,7 +234,7 @@ impl Broker {
         context: &Context,
         plaintext: &SecretBytes,
     ) -> Result<Wrapped, BrokerError> {
-        envelope::validate_tenant_id(tenant_id)?;
+        context::validate_tenant_id(tenant_id)?;
         if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_BYTES {
             return Err(BrokerError::InvalidRequest(format!(
                 "plaintext must be 1 to {MAX_PLAINTEXT_BYTES} bytes, got {}",
@@ -466,14 +253,12 @@ impl Broker {
         context: &Context,
         plaintext: &SecretBytes,
     ) -> Result<Wrapped, BrokerError> {
-        binding.ensure_usable(tenant_id)?;
+        ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
-        binding.usage.record(&binding.usage.wraps);
-        let call = binding.provider.encrypt(
-            &binding.key_reference,
-            plaintext,
-            WrapContext { tenant_id, context },
-        );
+        binding.usage.record_wrap();
+        let call = binding
+            .provider
+            .encrypt(plaintext, WrapContext { tenant_id, context });
         let result = self
             .timed(binding, "encrypt", call)
             .await
@@ -492,14 +277,14 @@ impl Broker {
         context: &Context,
         wrapped: &[u8],
     ) -> Result<Unwrapped, BrokerError> {
-        envelope::validate_tenant_id(tenant_id)?;
+        context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.directory.tenant_keys(tenant_id).await?;
         if let Some(hit) = self.cache.get(&cache_key).await {
             let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
-            binding.ensure_usable(tenant_id)?;
-            binding.usage.record(&binding.usage.unwraps);
+            ensure_usable(binding, tenant_id)?;
+            binding.usage.record_unwrap();
             return Ok(Unwrapped {
                 rewrap_recommended: rewrap_recommended(&keys, &hit),
                 key: hit,
@@ -529,7 +314,6 @@ impl Broker {
         let load = async {
             self.provider_call(binding, tenant_id, &self.calls.decrypt)?;
             let call = binding.provider.decrypt(
-                &binding.key_reference,
                 &envelope.provider_key_version,
                 &envelope.ciphertext,
                 WrapContext { tenant_id, context },
@@ -551,7 +335,7 @@ impl Broker {
             .await
             .map_err(|shared| (*shared).clone());
         let key = self.reported(tenant_id, &[binding], true, result).await?;
-        binding.usage.record(&binding.usage.unwraps);
+        binding.usage.record_unwrap();
         Ok(key)
     }
 
@@ -564,13 +348,13 @@ impl Broker {
         context: &Context,
         wrapped: &[u8],
     ) -> Result<Rewrapped, BrokerError> {
-        envelope::validate_tenant_id(tenant_id)?;
+        context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
         let (envelope, source) = resolve_wrapped(&keys, tenant_id, wrapped)?;
         let target = &keys.primary;
         if let (Some(dst), Some(src)) = (target.provider.aws_key(), source.provider.aws_key()) {
-            target.ensure_usable(tenant_id)?;
+            ensure_usable(target, tenant_id)?;
             let wrap = WrapContext { tenant_id, context };
             if dst.same_session(src) {
                 self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
@@ -590,8 +374,8 @@ impl Broker {
                 let ciphertext = self
                     .reported(tenant_id, &[source, target], true, result)
                     .await?;
-                source.usage.record(&source.usage.unwraps);
-                target.usage.record(&target.usage.wraps);
+                source.usage.record_unwrap();
+                target.usage.record_wrap();
                 let wrapped = seal(target, tenant_id, ciphertext);
                 return Ok(Rewrapped {
                     wrapped_key: wrapped.wrapped_key,
@@ -664,7 +448,7 @@ impl Broker {
     }
 
     pub async fn describe(&self, tenant_id: &str) -> Result<Description, BrokerError> {
-        envelope::validate_tenant_id(tenant_id)?;
+        context::validate_tenant_id(tenant_id)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
         let status = |b: &Arc<Binding>| BindingStatus {
             name: Arc::clone(&b.name),
@@ -693,6 +477,19 @@ impl Broker {
 /// The envelope of a caller's wrapped key and the binding that can unwrap
 /// it. Everything that can refuse the request runs here, before any provider
 /// call: a bad or foreign wrapped key costs no KMS quota.
+/// Refuses a binding that is not active, naming its state and reason.
+fn ensure_usable(binding: &Binding, tenant_id: &str) -> Result<(), BrokerError> {
+    match binding.state {
+        BindingState::Active => Ok(()),
+        state => Err(BrokerError::KeyUnusable {
+            tenant_id: tenant_id.to_owned(),
+            binding: binding.name.to_string(),
+            state,
+            reason: binding.state_reason.clone(),
+        }),
+    }
+}
+
 fn resolve_wrapped<'a>(
     keys: &'a TenantKeys,
     tenant_id: &str,
@@ -713,7 +510,7 @@ fn resolve_wrapped<'a>(
             binding.provider.kind()
         )));
     }
-    binding.ensure_usable(tenant_id)?;
+    ensure_usable(binding, tenant_id)?;
     binding
         .provider
         .check_version(&envelope.provider_key_version)
@@ -737,10 +534,7 @@ fn seal(binding: &Binding, tenant_id: &str, ciphertext: crate::kms::Ciphertext) 
 }
 
 fn current_version(binding: &Binding) -> String {
-    binding
-        .provider
-        .current_version(&binding.key_reference)
-        .unwrap_or_default()
+    binding.provider.current_version().unwrap_or_default()
 }
 
 fn find_binding<'a>(
@@ -760,11 +554,7 @@ fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
     if key.origin.key_binding != keys.primary.name {
         return true;
     }
-    match keys
-        .primary
-        .provider
-        .current_version(&keys.primary.key_reference)
-    {
+    match keys.primary.provider.current_version() {
         Some(current) => *current != *key.origin.key_version,
         None => false,
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
-use crate::envelope::Context;
+use crate::context::Context;
 use crate::kms::ProviderKind;
 use crate::secret::SecretBytes;
 
@@ -134,13 +134,49 @@ impl fmt::Debug for CachedKey {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// The `cache_*` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct CacheSettings {
+    /// Most unwrapped keys held in memory.
+    #[arg(
+        id = "cache_max_entries",
+        long = "cache-max-entries",
+        env = "KEYBROKER_CACHE_MAX_ENTRIES",
+        default_value = "100000"
+    )]
     pub max_entries: u64,
-    /// Lifetime of an entry since its unwrap.
+    /// How long an unwrapped key is served from memory, e.g. 5m (lifetime of
+    /// an entry since its unwrap).
+    #[arg(id = "cache_ttl", long = "cache-ttl", env = "KEYBROKER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub ttl: Duration,
-    /// An entry unused this long is dropped before its TTL.
+    /// Drop an unwrapped key unused for this long, e.g. 1m.
+    #[arg(id = "cache_tti", long = "cache-tti", env = "KEYBROKER_CACHE_TTI", value_parser = humantime::parse_duration, default_value = "1m")]
     pub tti: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl CacheSettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if self.max_entries == 0 {
+            return invalid("cache_max_entries", "must be at least 1");
+        }
+        if self.ttl.is_zero() || self.tti.is_zero() {
+            return invalid("cache_ttl/cache_tti", "must be longer than zero");
+        }
+        if self.tti > self.ttl {
+            return invalid(
+                "cache_tti",
+                "must not be longer than cache_ttl (an entry never outlives its TTL)",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Counters, readable in-process (and exported as metrics).

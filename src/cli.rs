@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -302,12 +302,27 @@ fn parse_context_entry(text: &str) -> Result<(String, String), String> {
 
 /// Runs the command line; the process exit code.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(args) => serve(*args).await,
-        Command::CheckConfig(args) => check_config(&args),
-        Command::Keyring { command } => keyring(command),
-        client => run_client(client).await,
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // `serve` and `check-config` need to know which settings the flags and
+    // the environment gave, so the config file fills only the others.
+    let settings = matches
+        .subcommand()
+        .filter(|(name, _)| matches!(*name, "serve" | "check-config"))
+        .map(|(_, sub)| Config::from_matches(sub));
+    let result = match (cli.command, settings) {
+        (Command::Serve(_), Some(config)) => match config {
+            Ok(config) => serve(config).await,
+            Err(err) => Err(err.into()),
+        },
+        (Command::CheckConfig(_), Some(config)) => {
+            config.map_err(Into::into).and_then(check_config)
+        }
+        (Command::Keyring { command }, _) => keyring(command),
+        (client, _) => run_client(client).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -318,10 +333,12 @@ pub async fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args)?;
-    let mut telemetry = crate::telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;
-    if config.allow_core_dumps {
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut telemetry = crate::telemetry::init(
+        config.telemetry.log_format,
+        config.telemetry.otlp_endpoint.as_deref(),
+    )?;
+    if config.server.allow_core_dumps {
         tracing::warn!(
             "--allow-core-dumps: a core file of this process would contain unwrapped keys"
         );
@@ -336,11 +353,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(config = ?config, "starting keybroker");
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let metrics_listen = config.metrics_listen;
-    let health_listen = config.health_listen;
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let metrics_listen = config.telemetry.metrics_listen;
+    let health_listen = config.server.health_listen;
     let mut server = Server::build(config).await?;
     if let Some(addr) = health_listen {
         let health = tokio::net::TcpListener::bind(addr)
@@ -369,15 +387,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-fn check_config(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(args)?;
-    if let Some(path) = &config.authz_policy {
+fn check_config(config: Config) -> anyhow::Result<()> {
+    if let Some(path) = &config.server.authz_policy {
         let policy = crate::authz::Policy::load(path).map_err(anyhow::Error::msg)?;
         drop(policy);
     }
     println!(
         "{}",
-        json!({ "ok": true, "listen": config.listen.to_string(), "tls": config.tls.is_some() })
+        json!({ "ok": true, "listen": config.server.listen.to_string(), "tls": config.tls.enabled() })
     );
     Ok(())
 }

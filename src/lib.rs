@@ -1,7 +1,6 @@
 //! keybroker: a gRPC service that hands platform services data encryption
 //! keys protected by each tenant's customer-managed key. See DESIGN.md.
 
-pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod authz;
@@ -9,13 +8,16 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod context;
+pub mod control;
 pub mod envelope;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod hardening;
-pub mod incoming;
+pub mod keys;
 pub mod kms;
 pub mod metrics;
+pub mod net;
 pub mod quota;
 pub mod registry;
 pub mod reload;
@@ -23,8 +25,6 @@ pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod text;
-pub mod tls;
-pub mod watcher;
 
 /// Generated from `proto/keybroker/v1/*.proto`.
 #[allow(

@@ -53,7 +53,25 @@ pub struct Sources {
     pub cache: Option<crate::cache::DekCache>,
     pub assume_role_calls: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub audit: Option<Arc<crate::audit::AuditLog>>,
-    pub watcher: Option<Arc<crate::watcher::Watcher>>,
+    pub key_states: Option<Arc<dyn KeyStateSource>>,
+}
+
+/// Results of key-state checks, kept by whoever checks (the watcher) and
+/// read at scrape time. A trait, so metrics need not know the watcher.
+pub trait KeyStateSource: Send + Sync + std::fmt::Debug {
+    /// Checks so far by result: ok, revoked, restored, outage.
+    fn check_totals(&self) -> CheckCounts;
+    /// Customer bindings by state name, as of the last pass.
+    fn bindings_by_state(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// Key-state checks so far, by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckCounts {
+    pub ok: u64,
+    pub revoked: u64,
+    pub restored: u64,
+    pub outages: u64,
 }
 
 /// Counters already exported, so a scrape adds only what is new.
@@ -250,7 +268,7 @@ impl Metrics {
         self.rpc_requests
             .get_or_create(&RpcLabels {
                 method: method.to_owned(),
-                code: crate::api::call::code_name(code).to_owned(),
+                code: code_name(code).to_owned(),
                 tenant,
             })
             .clone()
@@ -344,8 +362,8 @@ impl Metrics {
                     &named(&self.audit_records, "failed"),
                 );
             }
-            if let Some(watcher) = &sources.watcher {
-                let totals = watcher.totals();
+            if let Some(key_states) = &sources.key_states {
+                let totals = key_states.check_totals();
                 for (key, name, value) in [
                     ("w_ok", "ok", totals.ok),
                     ("w_revoked", "revoked", totals.revoked),
@@ -359,7 +377,7 @@ impl Metrics {
                         &named(&self.watcher_checks, name),
                     );
                 }
-                for (state, count) in watcher.bindings_by_state() {
+                for (state, count) in key_states.bindings_by_state() {
                     self.bindings
                         .get_or_create(&NameLabels {
                             name: state.to_owned(),
@@ -371,6 +389,29 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+/// The canonical name of a gRPC code, as grpcurl and every gRPC library print it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -25,34 +25,76 @@ impl Limit {
     };
 }
 
-impl QuotaSettings {
-    /// No limit at all (benchmarks, tests that make keys in bulk).
-    pub const UNLIMITED: Self = Self {
-        tenant: Limit::UNLIMITED,
-        global: Limit::UNLIMITED,
-    };
+/// The `quota_*` settings. The defaults are well under AWS KMS's smallest
+/// shared quota (5,500 requests/s per account and region): one tenant
+/// cannot use a customer's whole quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct QuotaSettings {
+    /// KMS calls per second one tenant may cause; 0 = unlimited.
+    #[arg(
+        id = "quota_tenant_rate",
+        long = "quota-tenant-rate",
+        env = "KEYBROKER_QUOTA_TENANT_RATE",
+        default_value = "100"
+    )]
+    pub tenant_rate: u32,
+    /// Burst of a tenant's KMS calls.
+    #[arg(
+        id = "quota_tenant_burst",
+        long = "quota-tenant-burst",
+        env = "KEYBROKER_QUOTA_TENANT_BURST",
+        default_value = "200"
+    )]
+    pub tenant_burst: u32,
+    /// KMS calls per second of the whole server; 0 = unlimited.
+    #[arg(
+        id = "quota_global_rate",
+        long = "quota-global-rate",
+        env = "KEYBROKER_QUOTA_GLOBAL_RATE",
+        default_value = "2000"
+    )]
+    pub global_rate: u32,
+    /// Burst of the server's KMS calls.
+    #[arg(
+        id = "quota_global_burst",
+        long = "quota-global-burst",
+        env = "KEYBROKER_QUOTA_GLOBAL_BURST",
+        default_value = "4000"
+    )]
+    pub global_burst: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuotaSettings {
-    pub tenant: Limit,
-    pub global: Limit,
+impl QuotaSettings {
+    /// No limit at all (benchmarks, tests that make keys in bulk).
+    pub const UNLIMITED: Self = Self::new(Limit::UNLIMITED, Limit::UNLIMITED);
+
+    pub const fn new(tenant: Limit, global: Limit) -> Self {
+        Self {
+            tenant_rate: tenant.per_second,
+            tenant_burst: tenant.burst,
+            global_rate: global.per_second,
+            global_burst: global.burst,
+        }
+    }
+
+    pub fn tenant(&self) -> Limit {
+        Limit {
+            per_second: self.tenant_rate,
+            burst: self.tenant_burst,
+        }
+    }
+
+    pub fn global(&self) -> Limit {
+        Limit {
+            per_second: self.global_rate,
+            burst: self.global_burst,
+        }
+    }
 }
 
 impl Default for QuotaSettings {
-    /// Well under AWS KMS's smallest shared quota (5,500 requests/s per
-    /// account and region): one tenant cannot use a customer's whole quota.
     fn default() -> Self {
-        Self {
-            tenant: Limit {
-                per_second: 100,
-                burst: 200,
-            },
-            global: Limit {
-                per_second: 2000,
-                burst: 4000,
-            },
-        }
+        crate::config::defaults()
     }
 }
 
@@ -116,8 +158,8 @@ impl ProviderQuota {
     pub fn new(settings: QuotaSettings) -> Self {
         Self {
             settings,
-            tenants: quota(settings.tenant).map(DefaultKeyedRateLimiter::keyed),
-            global: quota(settings.global).map(DefaultDirectRateLimiter::direct),
+            tenants: quota(settings.tenant()).map(DefaultKeyedRateLimiter::keyed),
+            global: quota(settings.global()).map(DefaultDirectRateLimiter::direct),
             clock: DefaultClock::default(),
         }
     }
@@ -135,12 +177,12 @@ impl ProviderQuota {
         if let Some(tenants) = &self.tenants {
             tenants
                 .check_key(&tenant_id.to_owned())
-                .map_err(|e| refuse(QuotaScope::Tenant, self.settings.tenant, e))?;
+                .map_err(|e| refuse(QuotaScope::Tenant, self.settings.tenant(), e))?;
         }
         if let Some(global) = &self.global {
             global
                 .check()
-                .map_err(|e| refuse(QuotaScope::Global, self.settings.global, e))?;
+                .map_err(|e| refuse(QuotaScope::Global, self.settings.global(), e))?;
         }
         Ok(())
     }
@@ -161,13 +203,13 @@ mod tests {
 
     #[test]
     fn tenant_bucket_refuses_past_burst_and_isolates_tenants() {
-        let quota = ProviderQuota::new(QuotaSettings {
-            tenant: Limit {
+        let quota = ProviderQuota::new(QuotaSettings::new(
+            Limit {
                 per_second: 1,
                 burst: 3,
             },
-            global: Limit::UNLIMITED,
-        });
+            Limit::UNLIMITED,
+        ));
         for _ in 0..3 {
             quota.acquire("acme").unwrap();
         }
@@ -180,13 +222,13 @@ mod tests {
 
     #[test]
     fn global_bucket_is_shared() {
-        let quota = ProviderQuota::new(QuotaSettings {
-            tenant: Limit::UNLIMITED,
-            global: Limit {
+        let quota = ProviderQuota::new(QuotaSettings::new(
+            Limit::UNLIMITED,
+            Limit {
                 per_second: 1,
                 burst: 2,
             },
-        });
+        ));
         quota.acquire("a").unwrap();
         quota.acquire("b").unwrap();
         assert_eq!(quota.acquire("c").unwrap_err().scope, QuotaScope::Global);

@@ -49,9 +49,74 @@ impl fmt::Debug for SecretBytes {
     }
 }
 
+/// A URL that may carry a password (a database URL). `Debug` and `Display`
+/// redact it: `scheme://user:<redacted>@host/db`, and any `password=` query
+/// parameter; [`expose`](Self::expose) gives the real one to the driver.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(Zeroizing<String>);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced, safe to log.
+    pub fn redacted(&self) -> String {
+        let url = self.0.as_str();
+        let mut out = url.to_owned();
+        if let Some((scheme, rest)) = url.split_once("://")
+            && let Some((userinfo, host)) = rest.split_once('@')
+            && let Some((user, _)) = userinfo.split_once(':')
+        {
+            out = format!("{scheme}://{user}:<redacted>@{host}");
+        }
+        if let Some(i) = out.find("password=") {
+            let end = out[i..].find('&').map_or(out.len(), |j| i + j);
+            out.replace_range(i + "password=".len()..end, "<redacted>");
+        }
+        out
+    }
+}
+
+impl std::str::FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(Zeroizing::new(text.to_owned())))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_never_show_their_password() {
+        let url: SecretUrl = "postgres://kb:s3cret@db:5432/kb?sslmode=require&password=other"
+            .parse()
+            .unwrap();
+        for shown in [format!("{url:?}"), url.to_string()] {
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("other"),
+                "{shown}"
+            );
+            assert!(shown.contains("kb:<redacted>@db:5432"), "{shown}");
+        }
+        assert!(url.expose().contains("s3cret"));
+        let plain: SecretUrl = "sqlite:///var/lib/kb.db".parse().unwrap();
+        assert_eq!(plain.to_string(), "sqlite:///var/lib/kb.db");
+    }
 
     #[test]
     fn debug_never_shows_bytes() {

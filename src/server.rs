@@ -8,27 +8,28 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
-use crate::admin::{Admin, AdminSettings};
-use crate::api::admin::KeyAdminApi;
 use crate::api::auth::AuthLayer;
-use crate::api::broker::KeyBrokerApi;
 use crate::api::call::Observers;
+use crate::api::key_admin::KeyAdminApi;
+use crate::api::key_broker::KeyBrokerApi;
 use crate::audit::AuditLog;
 use crate::authz::{Policy, PolicySource};
-use crate::broker::{Binding, Broker, KeyDirectory, PLATFORM_BINDING};
+use crate::broker::Broker;
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
+use crate::control::Admin;
+use crate::control::watcher::Watcher;
+use crate::keys::{Binding, KeyDirectory, PLATFORM_BINDING};
 use crate::kms::aws::AwsKms;
 use crate::kms::gcp::GcpKms;
 use crate::kms::local::LocalKeyring;
 use crate::metrics::Metrics;
+use crate::net::tls::TlsSource;
 use crate::proto;
 use crate::proto::key_admin_server::KeyAdminServer;
 use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::sql::SqlRegistry;
-use crate::tls::TlsSource;
-use crate::watcher::Watcher;
 
 /// A built, not yet serving, keybroker.
 #[derive(Debug)]
@@ -71,14 +72,14 @@ impl Server {
             LocalKeyring::open_or_create(PLATFORM_BINDING, &path)
                 .with_context(|| "loading the platform keyring")?,
         );
-        let reloader = keyring.spawn_reloader(config.keyring_reload_interval);
+        let reloader = keyring.spawn_reloader(config.server.keyring_reload_interval);
         let platform = Arc::new(platform_binding(
             Arc::clone(&keyring),
             &path.display().to_string(),
         ));
-        let registry = match &config.registry {
-            Some(url) => SqlRegistry::connect(url).await,
-            None => SqlRegistry::open_sqlite(&config.data_dir.join("registry.db")).await,
+        let registry = match &config.registry.url {
+            Some(url) => SqlRegistry::connect(url.expose()).await,
+            None => SqlRegistry::open_sqlite(&config.server.data_dir.join("registry.db")).await,
         }
         .with_context(|| "opening the key registry")?;
         let mut listener_task = None;
@@ -96,17 +97,18 @@ impl Server {
                 aws,
                 Arc::new(GcpKms::new(config.gcp.clone())),
                 cache.clone(),
-                config.registry_cache_ttl,
+                config.registry.cache_ttl,
             )
             .with_recheck_interval(config.watcher.recheck_interval),
         );
-        let flusher = directory.spawn_usage_flusher(config.usage_flush_interval);
+        let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);
         if let Some(url) = config
             .registry
+            .url
             .as_ref()
-            .filter(|u| u.starts_with("postgres"))
+            .filter(|u| u.expose().starts_with("postgres"))
         {
-            listener_task = Some(directory.spawn_change_listener(url.clone()));
+            listener_task = Some(directory.spawn_change_listener(url.expose().to_owned()));
         }
         let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
         let watching = watcher.spawn();
@@ -115,16 +117,12 @@ impl Server {
             cache: Some(cache),
             assume_role_calls: Some(assume_role_calls),
             audit: Some(Arc::clone(&server.audit)),
-            watcher: Some(Arc::clone(&watcher)),
+            key_states: Some(Arc::clone(&watcher) as Arc<dyn crate::metrics::KeyStateSource>),
         });
         server.watcher = Some(watcher);
         server.admin = Some(Arc::new(Admin::new(
             directory,
-            AdminSettings {
-                aws_platform_principal: server.config.aws_platform_principal.clone(),
-                gcp_service_account: server.config.gcp_service_account.clone(),
-                unlink_guard_window: server.config.unlink_guard_window,
-            },
+            server.config.control.clone(),
         )));
         server.tasks.extend([reloader, flusher, watching]);
         server.tasks.extend(listener_task);
@@ -150,10 +148,10 @@ impl Server {
         cache: DekCache,
     ) -> anyhow::Result<Self> {
         let mut tasks = Vec::new();
-        let policy = match &config.authz_policy {
+        let policy = match &config.server.authz_policy {
             Some(path) => {
                 let source = PolicySource::from_file(path).map_err(anyhow::Error::msg)?;
-                tasks.push(source.spawn_reloader(config.reload_interval));
+                tasks.push(source.spawn_reloader(config.tls.reload_interval));
                 source
             }
             None => {
@@ -163,16 +161,15 @@ impl Server {
                 PolicySource::fixed(Policy::allow_all())
             }
         };
-        let tls = match &config.tls {
-            Some(settings) => {
-                let source = TlsSource::load(settings.clone())?;
-                tasks.push(source.spawn_reloader());
-                Some(source)
-            }
-            None => None,
+        let tls = if config.tls.enabled() {
+            let source = TlsSource::load(config.tls.clone())?;
+            tasks.push(source.spawn_reloader());
+            Some(source)
+        } else {
+            None
         };
         let audit = Arc::new(AuditLog::open(&config.audit)?);
-        let metrics = Arc::new(Metrics::new(config.metrics_tenant_labels));
+        let metrics = Arc::new(Metrics::new(config.telemetry.metrics_tenant_labels));
         metrics.set_sources(crate::metrics::Sources {
             cache: Some(cache.clone()),
             audit: Some(Arc::clone(&audit)),
@@ -241,7 +238,8 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() && !self.config.insecure_plaintext && self.tls.is_none() {
+        if !addr.ip().is_loopback() && !self.config.server.insecure_plaintext && self.tls.is_none()
+        {
             anyhow::bail!("refusing plaintext gRPC on non-loopback address {addr}");
         }
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -287,8 +285,8 @@ impl Server {
             health.set_serving::<KeyAdminServer<KeyAdminApi>>().await;
         }
 
-        let grace = self.config.shutdown_grace;
-        let drain_timeout = self.config.shutdown_drain_timeout;
+        let grace = self.config.server.shutdown_grace;
+        let drain_timeout = self.config.server.shutdown_drain_timeout;
         // Fires when the grace period ends and draining begins.
         let draining = Arc::new(tokio::sync::Notify::new());
         let draining_tx = Arc::clone(&draining);
@@ -310,12 +308,12 @@ impl Server {
 
         let connections = self.config.connections;
         let (incoming, accepting) =
-            crate::incoming::accept(listener, self.tls.clone(), connections);
+            crate::net::incoming::accept(listener, self.tls.clone(), connections);
         // Dropped on every return path: stops accepting.
         let _accepting = AbortOnDrop(accepting);
         tracing::info!(%addr, tls = self.tls.is_some(), "keybroker listening");
         let serve = tonic::transport::Server::builder()
-            .timeout(self.config.request_timeout)
+            .timeout(self.config.server.request_timeout)
             .http2_keepalive_interval(Some(connections.keepalive_interval))
             .http2_keepalive_timeout(Some(connections.keepalive_timeout))
             .layer(AuthLayer::new(

@@ -11,7 +11,62 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::LogFormat;
+/// How log lines are written: for people, or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logs, traces and metrics: the `log_format`, `otlp_endpoint` and
+/// `metrics_*` settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct TelemetrySettings {
+    /// Log format.
+    #[arg(
+        id = "log_format",
+        long = "log-format",
+        env = "KEYBROKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Export a span per RPC over OTLP/gRPC to this collector, e.g.
+    /// http://otel-collector:4317 [default: off].
+    #[arg(
+        id = "otlp_endpoint",
+        long = "otlp-endpoint",
+        env = "KEYBROKER_OTLP_ENDPOINT"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g.
+    /// 0.0.0.0:9090 [default: off].
+    #[arg(
+        id = "metrics_listen",
+        long = "metrics-listen",
+        env = "KEYBROKER_METRICS_LISTEN"
+    )]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Add a tenant label to RPC metrics (one series per tenant: only for
+    /// small deployments).
+    #[arg(
+        id = "metrics_tenant_labels",
+        long = "metrics-tenant-labels",
+        env = "KEYBROKER_METRICS_TENANT_LABELS",
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub metrics_tenant_labels: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
 
 /// Target of the per-RPC spans.
 pub const RPC_TARGET: &str = "keybroker::rpc";

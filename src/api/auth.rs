@@ -15,7 +15,7 @@ use tonic::Status;
 use crate::api::call::Observers;
 use crate::audit::AuditRecord;
 use crate::authz::{Grant, PolicySource, UNAUTHENTICATED};
-use crate::incoming::PeerInfo;
+use crate::net::incoming::PeerInfo;
 
 /// Methods served to anyone who can connect: probes carry no identity.
 const OPEN_PREFIXES: &[&str] = &["grpc.health.v1.Health/"];
@@ -182,7 +182,7 @@ where
                 key_binding: None,
                 key_version: None,
                 wrapped_key_sha256: None,
-                outcome: crate::api::call::code_name(status.code()),
+                outcome: crate::metrics::code_name(status.code()),
                 error: Some(status.message()),
                 latency_us: elapsed_us(started),
                 cache_hit: None,

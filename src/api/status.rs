@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::admin::AdminError;
 use crate::api::auth::AccessError;
 use crate::broker::BrokerError;
-use crate::envelope::EnvelopeError;
+use crate::context::ContextError;
+use crate::control::AdminError;
+use crate::keys::DirectoryError;
 use crate::kms::ProviderError;
 use crate::registry::RegistryError;
 
@@ -57,7 +58,16 @@ impl From<AdminError> for Status {
         let (code, reason) = match &err {
             AdminError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
             AdminError::Registry(e) => classify_registry(e),
+            AdminError::Directory(e) => classify_directory(e),
             AdminError::Verification(_) => (Code::FailedPrecondition, "KEY_VERIFICATION_FAILED"),
+            AdminError::Provider(e) => match e {
+                ProviderError::Unavailable(_) => (Code::Unavailable, "PROVIDER_UNAVAILABLE"),
+                ProviderError::Throttled(_) => (Code::ResourceExhausted, "PROVIDER_THROTTLED"),
+                // Everything else (denied, disabled, a service account that
+                // cannot be impersonated) is for the customer to fix, and
+                // the message says what.
+                _ => (Code::FailedPrecondition, "KEY_VERIFICATION_FAILED"),
+            },
             AdminError::Internal(_) => (Code::Internal, "INTERNAL"),
         };
         status(code, reason, &err, HashMap::new())
@@ -96,19 +106,26 @@ fn classify_registry(err: &RegistryError) -> (Code, &'static str) {
     }
 }
 
+fn classify_directory(err: &DirectoryError) -> (Code, &'static str) {
+    match err {
+        DirectoryError::Unavailable(_) => (Code::Unavailable, "REGISTRY_UNAVAILABLE"),
+        DirectoryError::Internal(_) => (Code::Internal, "INTERNAL"),
+    }
+}
+
 /// gRPC code and machine-readable reason of each error.
 fn classify(err: &BrokerError) -> (Code, &'static str) {
     match err {
         BrokerError::InvalidRequest(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
-        BrokerError::Envelope(e) => match e {
-            EnvelopeError::InvalidTenant(_) => (Code::InvalidArgument, "INVALID_TENANT_ID"),
-            EnvelopeError::InvalidContext(_) => (Code::InvalidArgument, "INVALID_CONTEXT"),
-            _ => (Code::InvalidArgument, "INVALID_WRAPPED_KEY"),
+        BrokerError::Envelope(_) => (Code::InvalidArgument, "INVALID_WRAPPED_KEY"),
+        BrokerError::Context(e) => match e {
+            ContextError::InvalidTenant(_) => (Code::InvalidArgument, "INVALID_TENANT_ID"),
+            ContextError::InvalidContext(_) => (Code::InvalidArgument, "INVALID_CONTEXT"),
         },
         BrokerError::TenantMismatch { .. } => (Code::PermissionDenied, "TENANT_MISMATCH"),
         BrokerError::UnknownBinding { .. } => (Code::NotFound, "KEY_BINDING_NOT_FOUND"),
         BrokerError::KeyUnusable { state, .. } => match state {
-            crate::broker::BindingState::Revoked => (Code::FailedPrecondition, "KEY_REVOKED"),
+            crate::keys::BindingState::Revoked => (Code::FailedPrecondition, "KEY_REVOKED"),
             _ => (Code::FailedPrecondition, "KEY_DISABLED"),
         },
         BrokerError::Provider { source, .. } => match source {
@@ -126,7 +143,7 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
             ProviderError::Internal(_) => (Code::Internal, "INTERNAL"),
         },
         BrokerError::Quota(_) => (Code::ResourceExhausted, "KMS_QUOTA_EXCEEDED"),
-        BrokerError::Registry(e) => classify_registry(e),
+        BrokerError::Directory(e) => classify_directory(e),
         BrokerError::Internal(_) => (Code::Internal, "INTERNAL"),
     }
 }

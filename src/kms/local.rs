@@ -315,7 +315,6 @@ impl KeyProvider for LocalKeyring {
 
     async fn encrypt(
         &self,
-        _key: &str,
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError> {
@@ -349,7 +348,6 @@ impl KeyProvider for LocalKeyring {
 
     async fn decrypt(
         &self,
-        _key: &str,
         key_version: &str,
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
@@ -378,7 +376,7 @@ impl KeyProvider for LocalKeyring {
         Ok(SecretBytes::new(std::mem::take(&mut *buf)))
     }
 
-    fn current_version(&self, _key: &str) -> Option<String> {
+    fn current_version(&self) -> Option<String> {
         Some(self.newest_version().to_string())
     }
 
@@ -386,7 +384,7 @@ impl KeyProvider for LocalKeyring {
         self.version_key(&self.current(), version).map(|_| ())
     }
 
-    async fn describe(&self, _key: &str) -> Result<KeyDescription, ProviderError> {
+    async fn describe(&self) -> Result<KeyDescription, ProviderError> {
         Ok(KeyDescription {
             state: ProviderKeyState::Enabled,
             current_version: self.newest_version().to_string(),
@@ -515,7 +513,7 @@ fn write_atomically(path: &Path, file: &KeyringFile) -> Result<(), KeyringError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::Context;
+    use crate::context::Context;
     use std::collections::HashMap;
 
     fn ctx(pairs: &[(&str, &str)]) -> Context {
@@ -541,17 +539,17 @@ mod tests {
             context: &c,
         };
         let dek = SecretBytes::random(32).unwrap();
-        let v1 = ring.encrypt("", &dek, wrap).await.unwrap();
+        let v1 = ring.encrypt(&dek, wrap).await.unwrap();
         assert_eq!(v1.key_version, "1");
 
         assert_eq!(rotate_keyring_file(&path).unwrap(), 2);
         assert!(ring.reload_if_changed().unwrap());
         assert!(!ring.reload_if_changed().unwrap());
-        let v2 = ring.encrypt("", &dek, wrap).await.unwrap();
+        let v2 = ring.encrypt(&dek, wrap).await.unwrap();
         assert_eq!(v2.key_version, "2");
         for ct in [&v1, &v2] {
             let back = ring
-                .decrypt("", &ct.key_version, &ct.bytes, wrap)
+                .decrypt(&ct.key_version, &ct.bytes, wrap)
                 .await
                 .unwrap();
             assert_eq!(back.expose(), dek.expose());
@@ -565,7 +563,6 @@ mod tests {
         let dek = SecretBytes::random(32).unwrap();
         let ct = ring
             .encrypt(
-                "",
                 &dek,
                 WrapContext {
                     tenant_id: "a",
@@ -578,7 +575,6 @@ mod tests {
         for (tenant, context) in [("b", &c), ("a", &other_ctx)] {
             let err = ring
                 .decrypt(
-                    "",
                     "1",
                     &ct.bytes,
                     WrapContext {
@@ -595,7 +591,6 @@ mod tests {
         }
         let err = ring
             .decrypt(
-                "",
                 "9",
                 &ct.bytes,
                 WrapContext {

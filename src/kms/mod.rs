@@ -11,7 +11,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::envelope::{self, Context};
+use crate::context::{self, Context};
 use crate::proto;
 use crate::secret::SecretBytes;
 
@@ -72,7 +72,7 @@ pub struct WrapContext<'a> {
 impl WrapContext<'_> {
     /// Canonical AAD bytes for providers that take AAD (local, GCP).
     pub fn aad(&self) -> Vec<u8> {
-        envelope::aad(self.tenant_id, self.context)
+        context::aad(self.tenant_id, self.context)
     }
 }
 
@@ -113,6 +113,12 @@ pub struct KeyDescription {
     /// GCP: SOFTWARE, HSM, EXTERNAL... of the primary version.
     pub protection_level: Option<String>,
 }
+
+/// A key identifier (ARN, resource name, service account) that is not well
+/// formed: the message says what was expected.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidIdentifier(pub String);
 
 /// The failure taxonomy every provider maps its errors into. Messages are
 /// safe to show a customer: they never contain key material.
@@ -202,10 +208,9 @@ impl ProviderError {
 pub trait KeyProvider: Send + Sync + fmt::Debug {
     fn kind(&self) -> ProviderKind;
 
-    /// Encrypts `plaintext` under the newest version of `key`.
+    /// Encrypts `plaintext` under the newest version of this provider's key.
     async fn encrypt(
         &self,
-        key: &str,
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError>;
@@ -214,27 +219,25 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// native call (KMS GenerateDataKey) override this.
     async fn generate_data_key(
         &self,
-        key: &str,
         len: usize,
         wrap: WrapContext<'_>,
     ) -> Result<(SecretBytes, Ciphertext), ProviderError> {
         let plaintext = SecretBytes::random(len)
             .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
-        let ciphertext = self.encrypt(key, &plaintext, wrap).await?;
+        let ciphertext = self.encrypt(&plaintext, wrap).await?;
         Ok((plaintext, ciphertext))
     }
 
-    /// Decrypts a ciphertext this provider produced for `key`.
+    /// Decrypts a ciphertext this provider produced.
     async fn decrypt(
         &self,
-        key: &str,
         key_version: &str,
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError>;
 
     /// Reports the key's state and current version (a provider call).
-    async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError>;
+    async fn describe(&self) -> Result<KeyDescription, ProviderError>;
 
     /// Refuses, before any provider call, a key version this provider could
     /// never have written into a wrapped key (the caller's bytes name it):
@@ -245,7 +248,7 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
 
     /// The version new wraps use, when known without a provider call. Drives
     /// `rewrap_recommended` on the hot path; `None` where versions are hidden.
-    fn current_version(&self, _key: &str) -> Option<String> {
+    fn current_version(&self) -> Option<String> {
         None
     }
 

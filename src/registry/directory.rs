@@ -14,15 +14,17 @@ use async_trait::async_trait;
 use moka::future::Cache;
 
 use super::{BindingRecord, KeyPolicy, Registry, UsageDelta};
-use crate::broker::{
-    Binding, BindingState, BindingUsage, BrokerError, Confirmation, KeyDirectory, TenantKeys,
+use crate::cache::DekCache;
+use crate::context::Context;
+use crate::envelope::Envelope;
+use crate::keys::{
+    Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyDirectory, TenantKeys,
     UsageCounts,
 };
-use crate::cache::DekCache;
-use crate::envelope::{Context, Envelope};
+use crate::kms::InvalidIdentifier;
 use crate::kms::ProviderError;
-use crate::kms::aws::{AwsKeyTarget, AwsKms};
-use crate::kms::gcp::{GcpKeyTarget, GcpKms};
+use crate::kms::aws::{AwsKeyTarget, AwsKms, KeyArn, RoleArn};
+use crate::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
 use crate::kms::local::LocalKeyring;
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
@@ -209,7 +211,7 @@ impl RegistryDirectory {
             return Ok(false);
         }
         self.registry
-            .set_state(tenant_id, name, state, reason, super::now_ms())
+            .set_state(tenant_id, name, state, reason, crate::keys::now_ms())
             .await?;
         self.changed(tenant_id, Some(name)).await;
         match state {
@@ -239,7 +241,7 @@ impl RegistryDirectory {
     pub fn record_check(&self, tenant_id: &str, name: &str) {
         self.usage_for(tenant_id, name)
             .last_checked_ms
-            .store(super::now_ms(), std::sync::atomic::Ordering::Relaxed);
+            .store(crate::keys::now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The provider of a stored binding (the watcher describes through it).
@@ -247,7 +249,7 @@ impl RegistryDirectory {
         &self,
         record: &BindingRecord,
         external_id: &str,
-    ) -> Result<Arc<dyn KeyProvider>, BrokerError> {
+    ) -> Result<Arc<dyn KeyProvider>, DirectoryError> {
         self.provider_for(record, external_id).await
     }
 
@@ -328,7 +330,7 @@ impl RegistryDirectory {
         })
     }
 
-    async fn load(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
+    async fn load(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
         let Some(tenant) = self.registry.tenant(tenant_id).await? else {
             // Tenants without CMEK need no registration.
             return Ok(Arc::new(TenantKeys {
@@ -379,11 +381,11 @@ impl RegistryDirectory {
         &self,
         record: &BindingRecord,
         external_id: &str,
-    ) -> Result<Arc<dyn KeyProvider>, BrokerError> {
+    ) -> Result<Arc<dyn KeyProvider>, DirectoryError> {
         match record.provider {
             ProviderKind::Local => {
                 let sealed = record.key_material.as_deref().ok_or_else(|| {
-                    BrokerError::Internal(format!(
+                    DirectoryError::Internal(format!(
                         "local key '{}' of tenant '{}' has no key material",
                         record.name, record.tenant_id
                     ))
@@ -396,11 +398,17 @@ impl RegistryDirectory {
                 )
                 .await?;
                 let keyring = LocalKeyring::from_material(&record.key_reference, &[material])
-                    .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                    .map_err(|e| DirectoryError::Internal(e.to_string()))?;
                 Ok(Arc::new(keyring))
             }
-            ProviderKind::AwsKms => Ok(Arc::new(self.aws.key(aws_target(record, external_id)))),
-            ProviderKind::GcpKms => Ok(Arc::new(self.gcp.key(gcp_target(record)))),
+            ProviderKind::AwsKms => Ok(Arc::new(
+                self.aws
+                    .key(aws_target(record, external_id).map_err(|e| unusable(record, &e))?),
+            )),
+            ProviderKind::GcpKms => Ok(Arc::new(
+                self.gcp
+                    .key(gcp_target(record).map_err(|e| unusable(record, &e))?),
+            )),
         }
     }
 }
@@ -432,7 +440,7 @@ impl KeyDirectory for RegistryDirectory {
         self.recheck(tenant_id, binding, error).await
     }
 
-    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, BrokerError> {
+    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
         if let Some(keys) = self.tenants.get(tenant_id).await {
             return Ok(keys);
         }
@@ -450,30 +458,44 @@ impl KeyDirectory for RegistryDirectory {
     }
 }
 
-/// What an `aws-kms` binding needs to reach its key.
-pub fn aws_target(record: &BindingRecord, external_id: &str) -> AwsKeyTarget {
-    AwsKeyTarget {
+/// What an `aws-kms` binding needs to reach its key. Fails only on a record
+/// whose identifiers were not validated when linked.
+pub fn aws_target(
+    record: &BindingRecord,
+    external_id: &str,
+) -> Result<AwsKeyTarget, InvalidIdentifier> {
+    Ok(AwsKeyTarget {
         tenant_id: record.tenant_id.clone(),
-        key_arn: record.key_reference.clone(),
-        region: record.region.clone(),
-        role_arn: record.role_arn.clone(),
+        key_arn: KeyArn::parse(&record.key_reference)?,
+        role_arn: RoleArn::parse(&record.role_arn)?,
         external_id: external_id.to_owned(),
         replica_regions: record.replica_regions.clone(),
-    }
+    })
 }
 
 /// What a `gcp-kms` binding needs to reach its key.
-pub fn gcp_target(record: &BindingRecord) -> GcpKeyTarget {
-    GcpKeyTarget {
-        key_name: record.key_reference.clone(),
+pub fn gcp_target(record: &BindingRecord) -> Result<GcpKeyTarget, InvalidIdentifier> {
+    Ok(GcpKeyTarget {
+        key_name: GcpKeyName::parse(&record.key_reference)?,
         service_account: record.service_account.clone(),
-    }
+    })
+}
+
+/// A stored binding this build cannot use (edited by hand, or from a build
+/// that validated differently): an internal error, logged with the details.
+fn unusable(record: &BindingRecord, err: &InvalidIdentifier) -> DirectoryError {
+    DirectoryError::Internal(format!(
+        "stored key binding '{}' of tenant '{}' is unusable: {err}",
+        record.name, record.tenant_id
+    ))
 }
 
 /// Imported key material is wrapped by the platform keyring under an AAD no
 /// data-plane request can produce: `#` is not allowed in tenant ids.
-fn material_wrap_context(tenant_id: &str, name: &str) -> Result<(String, Context), BrokerError> {
-    let context = Context::new(HashMap::from([("binding".to_owned(), name.to_owned())]))?;
+fn material_wrap_context(tenant_id: &str, name: &str) -> Result<(String, Context), DirectoryError> {
+    // Key names are validated long before (at most 64 safe characters).
+    let context = Context::new(HashMap::from([("binding".to_owned(), name.to_owned())]))
+        .map_err(|e| DirectoryError::Internal(format!("key name '{name}': {e}")))?;
     Ok((format!("#imported/{tenant_id}"), context))
 }
 
@@ -483,11 +505,10 @@ pub async fn seal_material(
     tenant_id: &str,
     name: &str,
     material: &SecretBytes,
-) -> Result<Vec<u8>, BrokerError> {
+) -> Result<Vec<u8>, DirectoryError> {
     let (aad_tenant, context) = material_wrap_context(tenant_id, name)?;
     let ciphertext = platform
         .encrypt(
-            "",
             material,
             WrapContext {
                 tenant_id: &aad_tenant,
@@ -495,7 +516,7 @@ pub async fn seal_material(
             },
         )
         .await
-        .map_err(|e| BrokerError::Internal(format!("sealing key material: {e}")))?;
+        .map_err(|e| DirectoryError::Internal(format!("sealing key material: {e}")))?;
     Ok(Envelope {
         tenant_id: aad_tenant,
         key_binding: name.to_owned(),
@@ -511,13 +532,12 @@ async fn open_material(
     tenant_id: &str,
     name: &str,
     sealed: &[u8],
-) -> Result<SecretBytes, BrokerError> {
+) -> Result<SecretBytes, DirectoryError> {
     let (aad_tenant, context) = material_wrap_context(tenant_id, name)?;
     let envelope = Envelope::parse(sealed)
-        .map_err(|e| BrokerError::Internal(format!("stored key material of '{name}': {e}")))?;
+        .map_err(|e| DirectoryError::Internal(format!("stored key material of '{name}': {e}")))?;
     platform
         .decrypt(
-            "",
             &envelope.provider_key_version,
             &envelope.ciphertext,
             WrapContext {
@@ -527,7 +547,7 @@ async fn open_material(
         )
         .await
         .map_err(|e| {
-            BrokerError::Internal(format!(
+            DirectoryError::Internal(format!(
                 "stored key material of '{name}' does not decrypt under the platform keyring: {e}"
             ))
         })

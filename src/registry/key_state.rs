@@ -11,7 +11,7 @@
 //! `recheck_min_interval`), so a flood of forged requests costs the
 //! customer's KMS at most one describe per binding per interval.
 
-use crate::broker::{BindingState, Confirmation};
+use crate::keys::{BindingState, Confirmation};
 use crate::kms::{ProviderError, ProviderKeyState};
 use crate::registry::BindingRecord;
 use crate::registry::directory::RegistryDirectory;
@@ -49,7 +49,7 @@ impl RegistryDirectory {
                 return Verdict::Outage;
             }
         };
-        let result = provider.describe(&record.key_reference).await;
+        let result = provider.describe().await;
         self.record_check(&record.tenant_id, &record.name);
         match result {
             Ok(d) if d.state == ProviderKeyState::Enabled => Verdict::Usable,
@@ -59,7 +59,7 @@ impl RegistryDirectory {
                 record.key_reference, record.provider, d.state
             )),
             Err(err) if err.suggests_revocation() => Verdict::Revoked(err.to_string()),
-            Err(err @ (ProviderError::Throttled(_) | ProviderError::Unavailable(_))) => {
+            Err(err) if err.is_transient() => {
                 tracing::warn!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed transiently; state unchanged");
                 Verdict::Outage
             }

@@ -13,10 +13,57 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::broker::BindingState;
+use crate::keys::BindingState;
 use crate::kms::ProviderKind;
 
 /// How many keys a tenant may have.
+/// The `registry*` and `usage_flush_interval` settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct RegistrySettings {
+    /// Registry database: postgres://USER:PASSWORD@HOST/DB for replicas
+    /// [default: SQLite file registry.db in the data dir].
+    #[arg(id = "registry", long = "registry", env = "KEYBROKER_REGISTRY")]
+    pub url: Option<crate::secret::SecretUrl>,
+    /// How long a tenant's keys are served from memory before the registry is
+    /// read again; bounds how stale another replica's change can be.
+    #[arg(id = "registry_cache_ttl", long = "registry-cache-ttl", env = "KEYBROKER_REGISTRY_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub cache_ttl: std::time::Duration,
+    /// How often key usage counters are written to the registry.
+    #[arg(id = "usage_flush_interval", long = "usage-flush-interval", env = "KEYBROKER_USAGE_FLUSH_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub usage_flush_interval: std::time::Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl RegistrySettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if self.cache_ttl.is_zero() || self.usage_flush_interval.is_zero() {
+            return invalid(
+                "registry_cache_ttl/usage_flush_interval",
+                "must be longer than zero",
+            );
+        }
+        if let Some(url) = &self.url {
+            let url = url.expose();
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite://"))
+            {
+                return invalid(
+                    "registry",
+                    "must be a postgres://, postgresql:// or sqlite:// URL",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyPolicy {
     /// Any number of keys; one is primary.
@@ -201,6 +248,18 @@ pub enum RegistryError {
     Corrupt(String),
 }
 
+/// The data plane sees a registry failure as its directory failing: the
+/// database is unavailable, or it holds something unreadable.
+impl From<RegistryError> for crate::keys::DirectoryError {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::Database(_) => Self::Unavailable(err.to_string()),
+            // Not found, exists, refused: no directory read produces these.
+            _ => Self::Internal(err.to_string()),
+        }
+    }
+}
+
 #[async_trait]
 pub trait Registry: Send + Sync + fmt::Debug {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<(), RegistryError>;
@@ -277,11 +336,4 @@ pub fn decode_change(payload: &str) -> (&str, Option<&str>) {
         Some((tenant, binding)) => (tenant, Some(binding)),
         None => (payload, None),
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

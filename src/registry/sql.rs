@@ -13,7 +13,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use super::{
     BindingRecord, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, UnlinkGuard, UsageDelta,
 };
-use crate::broker::BindingState;
+use crate::keys::BindingState;
 use crate::kms::ProviderKind;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -447,7 +447,7 @@ impl Registry for SqlRegistry {
         name: &str,
         guard: UnlinkGuard,
     ) -> Result<(), RegistryError> {
-        let (mut tx, policy) = self.lock_tenant(tenant_id, super::now_ms()).await?;
+        let (mut tx, policy) = self.lock_tenant(tenant_id, crate::keys::now_ms()).await?;
         let target = existing_binding(&mut *tx, tenant_id, name).await?;
         if policy == KeyPolicy::SingleKey && target.wrap_count + target.unwrap_count > 0 {
             return Err(RegistryError::Refused(format!(
@@ -459,7 +459,7 @@ impl Registry for SqlRegistry {
                 return Err(RegistryError::Refused(format!(
                     "key '{name}' of tenant '{tenant_id}' was used {}s ago; keys it wrapped would become unreadable. \
                      Rewrap them and wait for the unlink guard window, or unlink with force",
-                    (super::now_ms() - last).max(0) / 1000
+                    (crate::keys::now_ms() - last).max(0) / 1000
                 )));
             }
         }

@@ -126,8 +126,8 @@ async fn start(config: Config) -> (TestServer, Admin, Broker) {
 async fn onboarding_material_names_the_external_id() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.aws_platform_principal = Some("arn:aws:iam::999988887777:role/keybroker".into());
-    config.gcp_service_account = Some("keybroker@platform.iam.gserviceaccount.com".into());
+    config.control.aws_platform_principal = Some("arn:aws:iam::999988887777:role/keybroker".into());
+    config.control.gcp_service_account = Some("keybroker@platform.iam.gserviceaccount.com".into());
     let (server, mut admin, _) = start(config).await;
     let t = create_tenant(&mut admin, "acme", proto::KeyPolicy::Unspecified).await;
     assert_eq!(t.key_policy(), proto::KeyPolicy::Keyring);
@@ -261,7 +261,7 @@ async fn pinecone_single_key_flow() {
 async fn turbopuffer_key_fixed_at_first_use() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.unlink_guard_window = Duration::from_millis(1);
+    config.control.unlink_guard_window = Duration::from_millis(1);
     let (server, mut admin, mut broker) = start(config).await;
     create_tenant(&mut admin, "ns-1", proto::KeyPolicy::SingleKey).await;
 
@@ -292,7 +292,7 @@ async fn turbopuffer_key_fixed_at_first_use() {
 async fn pulumi_keyring_flow() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.unlink_guard_window = Duration::from_millis(1);
+    config.control.unlink_guard_window = Duration::from_millis(1);
     let (server, mut admin, mut broker) = start(config).await;
     create_tenant(&mut admin, "org", proto::KeyPolicy::Keyring).await;
 
@@ -430,8 +430,8 @@ async fn pulumi_keyring_flow() {
 async fn cube_imported_keys_flow() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.unlink_guard_window = Duration::from_millis(300);
-    config.usage_flush_interval = Duration::from_millis(100);
+    config.control.unlink_guard_window = Duration::from_millis(300);
+    config.registry.usage_flush_interval = Duration::from_millis(100);
     let (server, mut admin, mut broker) = start(config).await;
     create_tenant(&mut admin, "cube", proto::KeyPolicy::Keyring).await;
 
@@ -750,7 +750,7 @@ async fn restart_on_sqlite_keeps_bindings_and_keys() {
 async fn restart_on_postgres_keeps_bindings_and_keys() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.registry = Some(fresh_postgres_database().await);
+    config.registry.url = Some(fresh_postgres_database().await.parse().unwrap());
     restart_keeps_everything(config).await;
 }
 
@@ -763,8 +763,8 @@ async fn two_servers_share_one_postgres_registry() {
     // Both replicas need the same platform keyring (a shared Secret in k8s).
     let mut configs: Vec<Config> = dirs.iter().map(|d| test_config(d.path())).collect();
     for c in &mut configs {
-        c.registry = Some(url.clone());
-        c.registry_cache_ttl = Duration::from_millis(200);
+        c.registry.url = Some(url.parse().unwrap());
+        c.registry.cache_ttl = Duration::from_millis(200);
     }
     let (a, mut admin_a, mut broker_a) = start(configs[0].clone()).await;
     std::fs::copy(

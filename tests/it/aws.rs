@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use keybroker::envelope::Envelope;
 use keybroker::kms::ProviderKind;
-use keybroker::kms::aws::{AwsKeyTarget, AwsSettings};
+use keybroker::kms::aws::{AwsKeyTarget, AwsSettings, KeyArn, RoleArn};
 use keybroker::proto;
 use prost::Message;
 use tonic::Code;
@@ -285,9 +285,8 @@ async fn fault_server_setup(fault: &FaultServer) -> TestServer {
     });
     let key = aws.key(AwsKeyTarget {
         tenant_id: TENANT.into(),
-        key_arn: FAULT_KEY.into(),
-        region: "us-east-1".into(),
-        role_arn: ROLE_ARN.into(),
+        key_arn: KeyArn::parse(FAULT_KEY).unwrap(),
+        role_arn: RoleArn::parse(ROLE_ARN).unwrap(),
         external_id: "kb-fault-test".into(),
         replica_regions: vec![],
     });
@@ -478,9 +477,8 @@ async fn replica_region_serves_decrypt_when_the_key_region_is_unreachable() {
         });
         aws.key(AwsKeyTarget {
             tenant_id: TENANT.into(),
-            key_arn: mrk.into(),
-            region: "us-east-1".into(),
-            role_arn: ROLE_ARN.into(),
+            key_arn: KeyArn::parse(mrk).unwrap(),
+            role_arn: RoleArn::parse(ROLE_ARN).unwrap(),
             external_id: "kb-fault-test".into(),
             replica_regions: vec!["us-west-2".into()],
         })

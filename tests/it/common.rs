@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::Broker;
 use keybroker::config::Config;
+use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
 use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
@@ -21,12 +22,11 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 pub fn test_config(data_dir: &Path) -> Config {
-    Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: data_dir.to_owned(),
-        keyring_reload_interval: Duration::from_millis(100),
-        ..Config::default()
-    }
+    let mut config = Config::default();
+    config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.server.data_dir = data_dir.to_owned();
+    config.server.keyring_reload_interval = Duration::from_millis(100);
+    config
 }
 
 pub struct TestServer {
@@ -136,32 +136,30 @@ impl KeyProvider for SlowKeyring {
 
     async fn encrypt(
         &self,
-        key: &str,
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError> {
         tokio::time::sleep(self.delay).await;
-        self.inner.encrypt(key, plaintext, wrap).await
+        self.inner.encrypt(plaintext, wrap).await
     }
 
     async fn decrypt(
         &self,
-        key: &str,
         key_version: &str,
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
         self.decrypts.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        self.inner.decrypt(key, key_version, ciphertext, wrap).await
+        self.inner.decrypt(key_version, ciphertext, wrap).await
     }
 
-    async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError> {
-        self.inner.describe(key).await
+    async fn describe(&self) -> Result<KeyDescription, ProviderError> {
+        self.inner.describe().await
     }
 
-    fn current_version(&self, key: &str) -> Option<String> {
-        self.inner.current_version(key)
+    fn current_version(&self) -> Option<String> {
+        self.inner.current_version()
     }
 }
 

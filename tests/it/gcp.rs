@@ -767,7 +767,7 @@ async fn gcp_impersonation_isolates_tenants() {
 /// and protection level; deadlines and destroyed versions classify right.
 #[tokio::test]
 async fn gcp_provider_describe_and_deadlines() {
-    use keybroker::kms::gcp::{GcpKeyTarget, GcpKms};
+    use keybroker::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
     use keybroker::kms::{KeyProvider, ProviderError, ProviderKeyState, WrapContext};
     use std::sync::Arc;
 
@@ -775,50 +775,50 @@ async fn gcp_provider_describe_and_deadlines() {
     let kms = CloudKmsAdmin::connect(&fake.url).await;
     let key = kms.create_key("tenant-keys", "described").await;
     let provider = Arc::new(GcpKms::new(settings(&fake))).key(GcpKeyTarget {
-        key_name: key.clone(),
+        key_name: GcpKeyName::parse(&key).unwrap(),
         service_account: String::new(),
     });
     let v1 = format!("{key}/cryptoKeyVersions/1");
-    let d = provider.describe("").await.unwrap();
+    let d = provider.describe().await.unwrap();
     assert_eq!(d.state, ProviderKeyState::Enabled);
     assert_eq!(d.current_version, v1);
     assert_eq!(d.rotation_period, Some(Duration::from_secs(90 * 86_400)));
     assert_eq!(d.rotation_enabled, Some(true));
     assert_eq!(d.protection_level.as_deref(), Some("HSM"));
-    assert_eq!(provider.current_version("").as_deref(), Some(v1.as_str()));
+    assert_eq!(provider.current_version().as_deref(), Some(v1.as_str()));
 
-    let context = keybroker::envelope::Context::default();
+    let context = keybroker::context::Context::default();
     let wrap = WrapContext {
         tenant_id: TENANT,
         context: &context,
     };
     let probe = keybroker::secret::SecretBytes::new(vec![9u8; 32]);
-    let sealed = provider.encrypt("", &probe, wrap).await.unwrap();
+    let sealed = provider.encrypt(&probe, wrap).await.unwrap();
     assert_eq!(sealed.key_version, v1);
 
     kms.set_version_state(&v1, CryptoKeyVersionState::Disabled)
         .await;
     assert_eq!(
-        provider.describe("").await.unwrap().state,
+        provider.describe().await.unwrap().state,
         ProviderKeyState::Disabled
     );
     // The primary itself is disabled: the key is, not just a version.
     let err = provider
-        .decrypt("", &v1, &sealed.bytes, wrap)
+        .decrypt(&v1, &sealed.bytes, wrap)
         .await
         .unwrap_err();
     assert!(matches!(err, ProviderError::KeyDisabled(_)), "{err:?}");
     kms.destroy(&v1).await;
     assert_eq!(
-        provider.describe("").await.unwrap().state,
+        provider.describe().await.unwrap().state,
         ProviderKeyState::PendingDeletion
     );
     fake.complete_destruction(&v1);
     assert_eq!(
-        provider.describe("").await.unwrap().state,
+        provider.describe().await.unwrap().state,
         ProviderKeyState::Destroyed
     );
-    let err = provider.encrypt("", &probe, wrap).await.unwrap_err();
+    let err = provider.encrypt(&probe, wrap).await.unwrap_err();
     assert!(
         matches!(&err, ProviderError::KeyDisabled(m) if m.contains("DESTROYED")),
         "{err:?}"
@@ -841,11 +841,11 @@ async fn gcp_provider_describe_and_deadlines() {
         ..settings(&slow)
     }))
     .key(GcpKeyTarget {
-        key_name: slow_key,
+        key_name: GcpKeyName::parse(&slow_key).unwrap(),
         service_account: String::new(),
     });
     let started = std::time::Instant::now();
-    let err = provider.encrypt("", &probe, wrap).await.unwrap_err();
+    let err = provider.encrypt(&probe, wrap).await.unwrap_err();
     assert!(
         matches!(&err, ProviderError::Unavailable(m) if m.contains("timeout")),
         "{err:?}"

@@ -1,7 +1,7 @@
 //! The same registry suite against both backends: SQLite (a file in a temp
 //! dir) and PostgreSQL (the real server scripts/test.sh starts).
 
-use keybroker::broker::BindingState;
+use keybroker::keys::BindingState;
 use keybroker::kms::ProviderKind;
 use keybroker::registry::sql::SqlRegistry;
 use keybroker::registry::{

@@ -285,8 +285,8 @@ async fn revocation_reaches_every_replica_through_postgres() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let config = |dir: &std::path::Path, watch: Duration| {
         let mut c = test_config(dir);
-        c.registry = Some(url.clone());
-        c.registry_cache_ttl = Duration::from_secs(3600);
+        c.registry.url = Some(url.parse().unwrap());
+        c.registry.cache_ttl = Duration::from_secs(3600);
         c.aws = moto.settings();
         c.aws.max_attempts = 1;
         c.watcher.interval = watch;

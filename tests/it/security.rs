@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use keybroker::audit::{AuditSettings, AuditTarget};
+use keybroker::net::tls::TlsSettings;
 use keybroker::proto::key_admin_client::KeyAdminClient;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
 use keybroker::proto::{self};
 use keybroker::quota::{Limit, QuotaSettings};
-use keybroker::tls::TlsSettings;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
@@ -96,9 +96,9 @@ pub fn write_server_tls(dir: &Path, server_ca: &Ca, client_ca_pem: &str) -> TlsS
         path
     };
     TlsSettings {
-        cert: write("server.crt", &server.cert),
-        key: write("server.key", &server.key),
-        client_ca: write("client-ca.crt", client_ca_pem),
+        cert: Some(write("server.crt", &server.cert)),
+        key: Some(write("server.key", &server.key)),
+        client_ca: Some(write("client-ca.crt", client_ca_pem)),
         trust_domains: vec![TRUST_DOMAIN.to_owned()],
         reload_interval: Duration::from_millis(100),
     }
@@ -161,8 +161,8 @@ async fn mtls_accepts_valid_identities_and_rejects_every_bad_certificate() {
     let client_ca = Ca::new("client CA");
     let foreign_ca = Ca::new("foreign CA");
     let mut config = test_config(dir.path());
-    config.tls = Some(write_server_tls(dir.path(), &server_ca, &client_ca.pem()));
-    config.authz_policy = Some(write_policy(dir.path(), ALLOW_ALL_OF_TRUST_DOMAIN));
+    config.tls = write_server_tls(dir.path(), &server_ca, &client_ca.pem());
+    config.server.authz_policy = Some(write_policy(dir.path(), ALLOW_ALL_OF_TRUST_DOMAIN));
     config.audit = AuditSettings {
         target: AuditTarget::File(dir.path().join("audit.log")),
         ..AuditSettings::default()
@@ -260,11 +260,11 @@ async fn rotated_client_ca_and_policy_are_picked_up_without_restart() {
     let new_ca = Ca::new("client CA 2");
     let mut config = test_config(dir.path());
     let tls = write_server_tls(dir.path(), &server_ca, &old_ca.pem());
-    let client_ca_path = tls.client_ca.clone();
-    config.tls = Some(tls);
-    config.reload_interval = Duration::from_millis(100);
+    let client_ca_path = tls.client_ca.clone().unwrap();
+    config.tls = tls;
+    config.tls.reload_interval = Duration::from_millis(100);
     let policy_path = write_policy(dir.path(), ALLOW_ALL_OF_TRUST_DOMAIN);
-    config.authz_policy = Some(policy_path.clone());
+    config.server.authz_policy = Some(policy_path.clone());
     let server = TestServer::start(config).await;
     let caller = new_ca.client("spiffe://prod.example/ns/new/sa/api");
     assert!(
@@ -333,8 +333,8 @@ async fn policy_matrix_allows_exactly_the_granted_cells() {
     let server_ca = Ca::new("server CA");
     let client_ca = Ca::new("client CA");
     let mut config = test_config(dir.path());
-    config.tls = Some(write_server_tls(dir.path(), &server_ca, &client_ca.pem()));
-    config.authz_policy = Some(write_policy(
+    config.tls = write_server_tls(dir.path(), &server_ca, &client_ca.pem());
+    config.server.authz_policy = Some(write_policy(
         dir.path(),
         r#"
         [[allow]]
@@ -498,7 +498,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
         target: AuditTarget::File(audit_path.clone()),
         ..AuditSettings::default()
     };
-    config.authz_policy = Some(write_policy(
+    config.server.authz_policy = Some(write_policy(
         dir.path(),
         "[[allow]]\nidentities=[\"unauthenticated\"]\nmethods=[\"keybroker.v1.KeyBroker/*\"]\ntenants=[\"acme\"]\n",
     ));
@@ -705,13 +705,13 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     maker.stop().await;
 
     let mut limited = test_config(dir.path());
-    limited.quota = QuotaSettings {
-        tenant: Limit {
+    limited.quota = QuotaSettings::new(
+        Limit {
             per_second: RATE,
             burst: RATE,
         },
-        global: Limit::UNLIMITED,
-    };
+        Limit::UNLIMITED,
+    );
     let server = TestServer::start_with_provider(limited, provider.clone()).await;
     let client = server.client().await;
     // The calm tenant's first key is cached before the flood.

@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::Broker;
 use keybroker::cache::{CacheSettings, DekCache};
-use keybroker::envelope::Context;
+use keybroker::context::Context;
+use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
 use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
@@ -52,16 +53,14 @@ impl KeyProvider for CountingProvider {
 
     async fn encrypt(
         &self,
-        key: &str,
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError> {
-        self.inner.encrypt(key, plaintext, wrap).await
+        self.inner.encrypt(plaintext, wrap).await
     }
 
     async fn decrypt(
         &self,
-        key: &str,
         key_version: &str,
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
@@ -71,11 +70,11 @@ impl KeyProvider for CountingProvider {
         if self.failing.load(Ordering::SeqCst) {
             return Err(ProviderError::Unavailable("injected failure".into()));
         }
-        self.inner.decrypt(key, key_version, ciphertext, wrap).await
+        self.inner.decrypt(key_version, ciphertext, wrap).await
     }
 
-    async fn describe(&self, key: &str) -> Result<KeyDescription, ProviderError> {
-        self.inner.describe(key).await
+    async fn describe(&self) -> Result<KeyDescription, ProviderError> {
+        self.inner.describe().await
     }
 }
 

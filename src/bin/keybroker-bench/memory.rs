@@ -7,9 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use keybroker::broker::{Binding, Broker, PLATFORM_BINDING, PlatformOnly};
+use keybroker::broker::Broker;
 use keybroker::cache::{CacheSettings, DekCache};
-use keybroker::envelope::Context;
+use keybroker::context::Context;
+use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
 use keybroker::kms::local::LocalKeyring;
 use keybroker::quota::QuotaSettings;
 use keybroker::secret::SecretBytes;

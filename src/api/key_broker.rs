@@ -5,8 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::api::call;
-use crate::broker::{BindingState, Broker, BrokerError, KeyInfo};
-use crate::envelope::Context;
+use crate::api::convert::{key_info, key_state, timestamp};
+use crate::broker::{Broker, BrokerError};
+use crate::context::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
 use crate::secret::SecretBytes;
 
@@ -24,22 +25,6 @@ impl KeyBrokerApi {
 
 fn context(map: std::collections::HashMap<String, String>) -> Result<Context, Status> {
     Context::new(map).map_err(|e| BrokerError::from(e).into())
-}
-
-fn key_info(key: &KeyInfo) -> proto::KeyInfo {
-    proto::KeyInfo {
-        key_binding: key.key_binding.to_string(),
-        provider: proto::Provider::from(key.provider).into(),
-        provider_key_version: key.key_version.clone(),
-    }
-}
-
-fn key_state(state: BindingState) -> proto::KeyState {
-    match state {
-        BindingState::Active => proto::KeyState::Active,
-        BindingState::Disabled => proto::KeyState::Disabled,
-        BindingState::Revoked => proto::KeyState::Revoked,
-    }
 }
 
 #[tonic::async_trait]
@@ -154,7 +139,7 @@ impl KeyBroker for KeyBrokerApi {
                         state_reason: b.state_reason,
                         primary: b.primary,
                         current_key_version: b.current_key_version,
-                        last_check_time: b.last_checked_ms.map(crate::api::admin::timestamp),
+                        last_check_time: b.last_checked_ms.map(timestamp),
                     })
                     .collect(),
             })

@@ -32,6 +32,12 @@ use google_cloud_kms_v1::client::KeyManagementService;
 use google_cloud_kms_v1::model::crypto_key::CryptoKeyPurpose;
 use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
 
+mod classify;
+pub mod name;
+
+pub use name::GcpKeyName;
+
+use self::classify::{classify_status, classify_transport};
 use super::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
     WrapContext,
@@ -65,29 +71,68 @@ impl std::str::FromStr for GcpCredentials {
     }
 }
 
-/// GCP settings from the config.
-#[derive(Debug, Clone)]
+/// The `gcp_*` settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct GcpSettings {
-    /// Cloud KMS endpoint (regional or Private Service Connect endpoint, or an
-    /// emulator); Google's global endpoint when unset.
+    /// Cloud KMS endpoint (regional, Private Service Connect, or an emulator)
+    /// [default: https://cloudkms.googleapis.com].
+    #[arg(
+        id = "gcp_kms_endpoint",
+        long = "gcp-kms-endpoint",
+        env = "KEYBROKER_GCP_KMS_ENDPOINT"
+    )]
     pub endpoint: Option<String>,
+    /// keybroker's Google identity: `default` (Application Default
+    /// Credentials: Workload Identity, GOOGLE_APPLICATION_CREDENTIALS) or
+    /// `anonymous` (emulators only).
+    #[arg(
+        id = "gcp_credentials",
+        long = "gcp-credentials",
+        env = "KEYBROKER_GCP_CREDENTIALS",
+        default_value = "default"
+    )]
     pub credentials: GcpCredentials,
-    /// Attempts per call including the first; only transient errors retry.
+    /// Attempts per Cloud KMS call, first included; only transient errors
+    /// retry.
+    #[arg(
+        id = "gcp_max_attempts",
+        long = "gcp-max-attempts",
+        env = "KEYBROKER_GCP_MAX_ATTEMPTS",
+        default_value = "3"
+    )]
     pub max_attempts: u32,
+    /// Deadline of one Cloud KMS call attempt.
+    #[arg(id = "gcp_attempt_timeout", long = "gcp-attempt-timeout", env = "KEYBROKER_GCP_ATTEMPT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "3s")]
     pub attempt_timeout: Duration,
-    /// Deadline of a call, retries included.
+    /// Deadline of one Cloud KMS call, retries included.
+    #[arg(id = "gcp_operation_timeout", long = "gcp-operation-timeout", env = "KEYBROKER_GCP_OPERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "8s")]
     pub operation_timeout: Duration,
 }
 
 impl Default for GcpSettings {
     fn default() -> Self {
-        Self {
-            endpoint: None,
-            credentials: GcpCredentials::default(),
-            max_attempts: 3,
-            attempt_timeout: Duration::from_secs(3),
-            operation_timeout: Duration::from_secs(8),
+        crate::config::defaults()
+    }
+}
+
+impl GcpSettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if self.max_attempts == 0 || self.max_attempts > 10 {
+            return invalid("gcp_max_attempts", "must be 1 to 10");
         }
+        if self.attempt_timeout > self.operation_timeout {
+            return invalid(
+                "gcp_attempt_timeout",
+                "must not be longer than gcp_operation_timeout",
+            );
+        }
+        if let Some(url) = &self.endpoint
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return invalid("gcp_kms_endpoint", "must be an http:// or https:// URL");
+        }
+        Ok(())
     }
 }
 
@@ -198,8 +243,7 @@ impl GcpKms {
 /// What one binding needs to reach its key.
 #[derive(Debug, Clone)]
 pub struct GcpKeyTarget {
-    /// `projects/*/locations/*/keyRings/*/cryptoKeys/*`.
-    pub key_name: String,
+    pub key_name: GcpKeyName,
     /// Service account to impersonate; empty: keybroker's own identity.
     pub service_account: String,
 }
@@ -213,7 +257,7 @@ pub struct GcpKmsKey {
 
 /// Which call failed, for classification and messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
+pub(super) enum Call {
     Encrypt,
     Decrypt,
     Describe,
@@ -244,9 +288,9 @@ impl GcpKmsKey {
     /// the key itself is usable if its primary is enabled, and the binding
     /// must not be revoked for it.
     async fn precondition(&self, call: Call, message: &str) -> ProviderError {
-        let key = &self.target.key_name;
+        let key = self.target.key_name.as_str();
         if call == Call::Decrypt
-            && let Ok(description) = self.describe("").await
+            && let Ok(description) = self.describe().await
             && description.state == ProviderKeyState::Enabled
         {
             return ProviderError::VersionDisabled(format!(
@@ -273,110 +317,10 @@ impl GcpKmsKey {
             status.code,
             &status.message,
             call,
-            &self.target.key_name,
+            self.target.key_name.as_str(),
             &self.principal(),
         )
     }
-}
-
-/// The taxonomy of a Cloud KMS status; a pure function, table-tested. A
-/// FAILED_PRECONDITION on Decrypt is refined by a describe first
-/// ([`GcpKmsKey::precondition`]). Whether a caller's bytes can provoke each
-/// one (DESIGN.md section 5):
-///
-/// | status | kind | caller bytes can cause it | may revoke |
-/// | --- | --- | --- | --- |
-/// | `PERMISSION_DENIED` | AccessDenied | not known to; treated as possible | only through the describe it triggers |
-/// | `NOT_FOUND` | NotFound | not known to; treated as possible | only through the describe it triggers |
-/// | `FAILED_PRECONDITION`, primary not enabled | KeyDisabled | no | only through the describe it triggers |
-/// | `FAILED_PRECONDITION`, an old version (Decrypt) | VersionDisabled | yes (a ciphertext naming that version) | no |
-/// | `INVALID_ARGUMENT` on Decrypt | InvalidCiphertext | yes | no |
-/// | checksum `INVALID_ARGUMENT` | Unavailable | no (corruption in transit) | no |
-/// | `RESOURCE_EXHAUSTED` | Throttled | yes, by volume (quota buckets first) | no |
-/// | `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `ABORTED`, `UNAUTHENTICATED` | Unavailable | no | no |
-/// | anything else | Internal | no | no |
-fn classify_status(
-    code: Code,
-    message: &str,
-    call: Call,
-    key: &str,
-    principal: &str,
-) -> ProviderError {
-    match code {
-        Code::PermissionDenied => ProviderError::AccessDenied(format!(
-            "{principal} may not use key {key}: the customer must grant it {ENCRYPTER_DECRYPTER_ROLE} on the key ({message})"
-        )),
-        Code::NotFound => ProviderError::NotFound(format!(
-            "key {key} does not exist (deleted, or a wrong resource name) ({message})"
-        )),
-        Code::FailedPrecondition => ProviderError::KeyDisabled(format!(
-            "key {key} cannot be used in its current state ({message}); the customer can enable its primary version (or restore it if destruction is scheduled) in Cloud KMS"
-        )),
-        Code::InvalidArgument if mentions_checksum(message) => ProviderError::Unavailable(format!(
-            "Cloud KMS {call:?} of key {key}: Cloud KMS found a checksum mismatch in the request ({message}); the data was corrupted in transit and was not used, retry"
-        )),
-        Code::InvalidArgument if call == Call::Decrypt => {
-            ProviderError::InvalidCiphertext(format!(
-                "Cloud KMS could not decrypt: the context or tenant differs from the wrap, the wrapped key was altered, or it belongs to another key than {key} ({message})"
-            ))
-        }
-        Code::ResourceExhausted => ProviderError::Throttled(format!(
-            "Cloud KMS quota exhausted for key {key} ({message})"
-        )),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Aborted => {
-            ProviderError::Unavailable(format!("Cloud KMS {code:?}: {message}"))
-        }
-        Code::Unauthenticated => ProviderError::Unavailable(format!(
-            "Cloud KMS rejected keybroker's credentials ({message}); check its Google identity (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)"
-        )),
-        other => ProviderError::Internal(format!("Cloud KMS {other:?} on key {key}: {message}")),
-    }
-}
-
-/// Failures without a Google status: no answer, or no credentials.
-fn classify_transport(err: &GaxError, key: &GcpKmsKey) -> ProviderError {
-    if err.is_timeout() || err.is_exhausted() {
-        return ProviderError::Unavailable(
-            "Cloud KMS: no answer within the configured timeout".into(),
-        );
-    }
-    if err.is_authentication() {
-        let transient = std::error::Error::source(err)
-            .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
-            .is_some_and(|c| c.is_transient());
-        let why = if key.target.service_account.is_empty() {
-            "keybroker could not obtain Google credentials (Workload Identity, GOOGLE_APPLICATION_CREDENTIALS)".to_owned()
-        } else {
-            format!(
-                "keybroker could not impersonate service account {} (grant keybroker's identity roles/iam.serviceAccountTokenCreator on it)",
-                key.target.service_account
-            )
-        };
-        return if transient {
-            ProviderError::Unavailable(format!("{why}: {err}"))
-        } else {
-            ProviderError::Internal(format!("{why}: {err}"))
-        };
-    }
-    if err.is_connect() || err.is_io() || err.is_transport() {
-        return ProviderError::Unavailable("Cloud KMS: the endpoint cannot be reached".into());
-    }
-    if err.is_deserialization() {
-        return ProviderError::Unavailable("Cloud KMS answered with an unreadable response".into());
-    }
-    if let Some(code) = err.http_status_code() {
-        return match code {
-            429 => ProviderError::Throttled("Cloud KMS throttled the request".into()),
-            500..=599 => ProviderError::Unavailable(format!("Cloud KMS answered HTTP {code}")),
-            _ => ProviderError::Internal(format!("Cloud KMS answered HTTP {code}")),
-        };
-    }
-    ProviderError::Internal(format!("Cloud KMS call failed: {err}"))
-}
-
-fn mentions_checksum(message: &str) -> bool {
-    let lower = message.to_ascii_lowercase();
-    lower.contains("checksum") || lower.contains("crc32c")
 }
 
 /// CRC32C (Castagnoli), the checksum Cloud KMS uses for data integrity.
@@ -403,12 +347,11 @@ impl KeyProvider for GcpKmsKey {
 
     async fn encrypt(
         &self,
-        _key: &str,
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError> {
         let aad = wrap.aad();
-        let key = &self.target.key_name;
+        let key = self.target.key_name.as_str();
         let result = self
             .client()
             .await?
@@ -453,7 +396,6 @@ impl KeyProvider for GcpKmsKey {
 
     async fn decrypt(
         &self,
-        _key: &str,
         _key_version: &str,
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
@@ -464,7 +406,7 @@ impl KeyProvider for GcpKmsKey {
             .await?
             .decrypt()
             // The ciphertext names its version; Cloud KMS picks it.
-            .set_name(&self.target.key_name)
+            .set_name(self.target.key_name.as_str())
             .set_ciphertext_crc32c(crc32c(ciphertext))
             .set_ciphertext(Bytes::copy_from_slice(ciphertext))
             .set_additional_authenticated_data_crc32c(crc32c(&aad))
@@ -490,8 +432,8 @@ impl KeyProvider for GcpKmsKey {
         Ok(plaintext)
     }
 
-    async fn describe(&self, _key: &str) -> Result<KeyDescription, ProviderError> {
-        let key_name = &self.target.key_name;
+    async fn describe(&self) -> Result<KeyDescription, ProviderError> {
+        let key_name = self.target.key_name.as_str();
         let result = self
             .client()
             .await?
@@ -539,8 +481,8 @@ impl KeyProvider for GcpKmsKey {
         })
     }
 
-    fn current_version(&self, _key: &str) -> Option<String> {
-        self.kms.primary(&self.target.key_name)
+    fn current_version(&self) -> Option<String> {
+        self.kms.primary(self.target.key_name.as_str())
     }
 
     /// keybroker writes the full name of the version Cloud KMS encrypted
@@ -564,7 +506,7 @@ impl KeyProvider for GcpKmsKey {
 
 /// What describe says about a primary version that is not enabled, and what
 /// the customer can do.
-fn version_reason(state: ProviderKeyState, version: &str) -> String {
+pub(super) fn version_reason(state: ProviderKeyState, version: &str) -> String {
     match state {
         ProviderKeyState::Enabled => String::new(),
         ProviderKeyState::Disabled => format!(
@@ -590,122 +532,11 @@ mod tests {
         assert_eq!(crc32c(b""), 0);
     }
 
-    /// Cloud KMS status in, taxonomy out, and whether it may lead to a
-    /// revocation (only ever through the describe it triggers).
-    #[test]
-    fn statuses_classify() {
-        let key = "projects/p/locations/l/keyRings/r/cryptoKeys/k";
-        let table: &[(Code, &str, Call, &str, bool, &str)] = &[
-            (
-                Code::PermissionDenied,
-                "",
-                Call::Decrypt,
-                "access_denied",
-                true,
-                ENCRYPTER_DECRYPTER_ROLE,
-            ),
-            (
-                Code::NotFound,
-                "",
-                Call::Encrypt,
-                "not_found",
-                true,
-                "does not exist",
-            ),
-            (
-                Code::FailedPrecondition,
-                "",
-                Call::Encrypt,
-                "key_disabled",
-                true,
-                "enable its primary version",
-            ),
-            (
-                Code::InvalidArgument,
-                "bad",
-                Call::Decrypt,
-                "invalid_ciphertext",
-                false,
-                "altered",
-            ),
-            (
-                Code::InvalidArgument,
-                "CRC32C mismatch",
-                Call::Decrypt,
-                "unavailable",
-                false,
-                "corrupted in transit",
-            ),
-            (
-                Code::InvalidArgument,
-                "bad",
-                Call::Encrypt,
-                "internal",
-                false,
-                "bad",
-            ),
-            (
-                Code::ResourceExhausted,
-                "",
-                Call::Decrypt,
-                "throttled",
-                false,
-                "quota",
-            ),
-            (
-                Code::Unavailable,
-                "",
-                Call::Decrypt,
-                "unavailable",
-                false,
-                "Unavailable",
-            ),
-            (
-                Code::DeadlineExceeded,
-                "",
-                Call::Describe,
-                "unavailable",
-                false,
-                "DeadlineExceeded",
-            ),
-            (
-                Code::Unauthenticated,
-                "",
-                Call::Decrypt,
-                "unavailable",
-                false,
-                "credentials",
-            ),
-            (
-                Code::OutOfRange,
-                "",
-                Call::Decrypt,
-                "internal",
-                false,
-                "OutOfRange",
-            ),
-        ];
-        for (code, message, call, kind, may_revoke, says) in table {
-            let err = classify_status(*code, message, *call, key, "service account x");
-            assert_eq!(err.kind_name(), *kind, "{code:?} on {call:?}: {err}");
-            assert_eq!(err.suggests_revocation(), *may_revoke, "{code:?}");
-            assert!(err.to_string().contains(says), "{code:?}: {err}");
-        }
-        for (state, says) in [
-            (ProviderKeyState::Disabled, "enable it"),
-            (ProviderKeyState::PendingDeletion, "RestoreCryptoKeyVersion"),
-            (ProviderKeyState::Destroyed, "cannot be recovered"),
-        ] {
-            assert!(version_reason(state, "v").contains(says), "{state:?}");
-        }
-        assert!(version_reason(ProviderKeyState::Enabled, "v").is_empty());
-    }
-
     #[test]
     fn forged_versions_are_refused_before_any_call() {
         let kms = Arc::new(GcpKms::new(GcpSettings::default()));
         let key = kms.key(GcpKeyTarget {
-            key_name: "projects/p/locations/l/keyRings/r/cryptoKeys/k".into(),
+            key_name: GcpKeyName::parse("projects/p/locations/l/keyRings/r/cryptoKeys/k").unwrap(),
             service_account: String::new(),
         });
         key.check_version("projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/3")

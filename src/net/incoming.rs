@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::tls::TlsSource;
+use crate::net::tls::TlsSource;
 
 /// The client connection preface of HTTP/2 (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -34,34 +34,56 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const RESERVED_FDS: u64 = 128;
 
 /// Limits on client connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct ConnectionSettings {
-    /// TLS handshake plus the HTTP/2 preface must arrive within this.
+    /// A client must finish its TLS handshake and send the HTTP/2 preface
+    /// within this.
+    #[arg(id = "handshake_timeout", long = "handshake-timeout", env = "KEYBROKER_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
-    /// HTTP/2 PING sent after this long without frames from the peer...
+    /// Send an HTTP/2 PING after this long without frames.
+    #[arg(id = "keepalive_interval", long = "keepalive-interval", env = "KEYBROKER_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "60s")]
     pub keepalive_interval: Duration,
-    /// ...and the connection closed if no answer comes within this.
+    /// Close the connection when a PING is unanswered this long.
+    #[arg(id = "keepalive_timeout", long = "keepalive-timeout", env = "KEYBROKER_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
     pub keepalive_timeout: Duration,
-    /// A connection with no RPC in flight for this long is closed.
+    /// Close a connection with no RPC in flight for this long.
+    #[arg(id = "idle_timeout", long = "idle-timeout", env = "KEYBROKER_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
     pub idle_timeout: Duration,
-    /// Client connections open at once; further ones are closed at accept.
-    /// Also capped by the process's file descriptor limit.
+    /// Client connections open at once, further ones are closed at accept;
+    /// also capped by the file descriptor limit minus 128.
+    #[arg(
+        id = "max_connections",
+        long = "max-connections",
+        env = "KEYBROKER_MAX_CONNECTIONS",
+        default_value = "10000"
+    )]
     pub max_connections: usize,
 }
 
 impl Default for ConnectionSettings {
     fn default() -> Self {
-        Self {
-            handshake_timeout: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(600),
-            max_connections: 10_000,
-        }
+        crate::config::defaults()
     }
 }
 
 impl ConnectionSettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.handshake_timeout.is_zero()
+            || self.keepalive_interval.is_zero()
+            || self.keepalive_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+        {
+            return crate::config::invalid(
+                "handshake_timeout/keepalive_interval/keepalive_timeout/idle_timeout",
+                "must be longer than zero",
+            );
+        }
+        if self.max_connections == 0 {
+            return crate::config::invalid("max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+
     /// `max_connections`, lowered so that connections alone can never use
     /// up the file descriptor limit (`RLIMIT_NOFILE`).
     pub fn effective_max_connections(&self) -> usize {
@@ -383,7 +405,7 @@ async fn handshake(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .ok_or_else(|| io::Error::new(io::ErrorKind::PermissionDenied, "no client certificate"))?;
-    let identity = crate::tls::certificate_identity(leaf, trust_domains)
+    let identity = crate::net::tls::certificate_identity(leaf, trust_domains)
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
     Ok((stream, identity.into()))
 }

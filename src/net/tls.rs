@@ -24,20 +24,80 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::reload::FileStamp;
 
-/// Where the listener's TLS material lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the listener's TLS material lives: the `tls_*` settings. All three
+/// files (mTLS) or none (plaintext).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct TlsSettings {
-    /// PEM certificate chain of the server (leaf first).
-    pub cert: PathBuf,
-    /// PEM private key of the server (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-    /// PEM CA certificates that issue client certificates.
-    pub client_ca: PathBuf,
-    /// SPIFFE trust domains whose IDs are accepted; empty accepts any trust
-    /// domain the client CA issues for.
+    /// Server certificate chain (PEM, leaf first). With --tls-key and
+    /// --tls-client-ca, serves mTLS: every caller presents a certificate
+    /// from that CA.
+    #[arg(id = "tls_cert", long = "tls-cert", env = "KEYBROKER_TLS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(id = "tls_key", long = "tls-key", env = "KEYBROKER_TLS_KEY")]
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) that issue caller certificates.
+    #[arg(
+        id = "tls_client_ca",
+        long = "tls-client-ca",
+        env = "KEYBROKER_TLS_CLIENT_CA"
+    )]
+    pub client_ca: Option<PathBuf>,
+    /// SPIFFE trust domain whose IDs are accepted, repeatable [default: any
+    /// the client CA issues for].
+    #[arg(
+        id = "tls_trust_domains",
+        long = "tls-trust-domain",
+        env = "KEYBROKER_TLS_TRUST_DOMAINS",
+        value_delimiter = ','
+    )]
     pub trust_domains: Vec<String>,
-    /// How often the three files are checked for changes.
+    /// How often TLS files and the policy are checked for changes.
+    #[arg(id = "reload_interval", long = "reload-interval", env = "KEYBROKER_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
     pub reload_interval: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl TlsSettings {
+    /// All three files given: the listener serves mTLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some() && self.client_ca.is_some()
+    }
+
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        let given = [&self.cert, &self.key, &self.client_ca]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if given != 0 && given != 3 {
+            return invalid(
+                "tls_cert/tls_key/tls_client_ca",
+                "give all three (mTLS) or none (plaintext on loopback)",
+            );
+        }
+        if self.reload_interval.is_zero() {
+            return invalid("reload_interval", "must be longer than zero");
+        }
+        Ok(())
+    }
+
+    /// The certificate, key and client CA files, or why TLS cannot start.
+    fn files(&self) -> Result<[&PathBuf; 3], TlsError> {
+        match (&self.cert, &self.key, &self.client_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok([cert, key, ca]),
+            _ => Err(TlsError {
+                what: "settings",
+                path: "tls_cert/tls_key/tls_client_ca".into(),
+                reason: "give all three files".into(),
+            }),
+        }
+    }
 }
 
 /// Why a TLS configuration could not be built. Carries paths, never key bytes.
@@ -248,52 +308,45 @@ fn provider() -> Arc<CryptoProvider> {
 /// Reads the files and builds a server configuration (TLS 1.2 and 1.3,
 /// h2 only, client certificates required).
 pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    let [cert, key, client_ca] = settings.files()?;
     let err = |what, path: &PathBuf, reason: String| TlsError {
         what,
         path: path.display().to_string(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(&settings.cert)
+    let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| err("certificate", &settings.cert, e.to_string()))?;
+        .map_err(|e| err("certificate", cert, e.to_string()))?;
     if certs.is_empty() {
-        return Err(err(
-            "certificate",
-            &settings.cert,
-            "no PEM certificate".into(),
-        ));
+        return Err(err("certificate", cert, "no PEM certificate".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(&settings.key)
-        .map_err(|e| err("private key", &settings.key, e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| err("private key", key, e.to_string()))?;
     let mut roots = RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(&settings.client_ca)
+    let cas = CertificateDer::pem_file_iter(client_ca)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| err("client CA", &settings.client_ca, e.to_string()))?;
+        .map_err(|e| err("client CA", client_ca, e.to_string()))?;
     for ca in cas {
         roots
             .add(ca)
-            .map_err(|e| err("client CA", &settings.client_ca, e.to_string()))?;
+            .map_err(|e| err("client CA", client_ca, e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(err(
-            "client CA",
-            &settings.client_ca,
-            "no CA certificate".into(),
-        ));
+        return Err(err("client CA", client_ca, "no CA certificate".into()));
     }
     let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| err("client CA", &settings.client_ca, e.to_string()))?;
+        .map_err(|e| err("client CA", client_ca, e.to_string()))?;
     let verifier = Arc::new(IdentityVerifier {
         chain,
         trust_domains: settings.trust_domains.clone(),
     });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| err("certificate", &settings.cert, e.to_string()))?
+        .map_err(|e| err("certificate", cert, e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| err("certificate/key pair", &settings.cert, e.to_string()))?;
+        .map_err(|e| err("certificate/key pair", cert, e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -382,11 +435,9 @@ impl TlsSource {
 }
 
 fn paths(settings: &TlsSettings) -> [PathBuf; 3] {
-    [
-        settings.cert.clone(),
-        settings.key.clone(),
-        settings.client_ca.clone(),
-    ]
+    settings
+        .files()
+        .map_or_else(|_| Default::default(), |files| files.map(PathBuf::clone))
 }
 
 #[cfg(test)]
@@ -422,9 +473,9 @@ mod tests {
         std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
         std::fs::write(&ca, ck.cert.pem()).unwrap();
         let source = TlsSource::load(TlsSettings {
-            cert,
-            key,
-            client_ca: ca.clone(),
+            cert: Some(cert),
+            key: Some(key),
+            client_ca: Some(ca.clone()),
             trust_domains: vec![],
             reload_interval: Duration::from_secs(1),
         })

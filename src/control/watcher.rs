@@ -16,19 +16,56 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::broker::BindingState;
+use crate::keys::BindingState;
+use crate::metrics::{CheckCounts, KeyStateSource};
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::key_state::{Applied, Verdict};
 
-#[derive(Debug, Clone, Copy)]
+/// The `watcher_*` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct WatcherSettings {
+    /// How often every customer key's state is checked with its provider:
+    /// the revocation bound is about this plus one describe call.
+    #[arg(id = "watcher_interval", long = "watcher-interval", env = "KEYBROKER_WATCHER_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
     pub interval: Duration,
-    /// Describe calls in flight at once, so thousands of bindings never
+    /// Key-state checks in flight at once, so thousands of bindings never
     /// burst a KMS quota.
+    #[arg(
+        id = "watcher_concurrency",
+        long = "watcher-concurrency",
+        env = "KEYBROKER_WATCHER_CONCURRENCY",
+        default_value = "16"
+    )]
     pub concurrency: usize,
-    /// At most one out-of-turn describe per binding this often, however
-    /// many live requests see definitive errors (`registry::key_state`).
+    /// At most one out-of-turn describe of a key per this interval, however
+    /// many live requests see "disabled" or "access denied"
+    /// (`registry::key_state`).
+    #[arg(id = "recheck_interval", long = "recheck-interval", env = "KEYBROKER_RECHECK_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub recheck_interval: Duration,
+}
+
+impl Default for WatcherSettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl WatcherSettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.recheck_interval.is_zero() {
+            return crate::config::invalid(
+                "recheck_interval",
+                "must be longer than zero (it rate-limits describes that requests trigger)",
+            );
+        }
+        if self.interval.is_zero() || self.concurrency == 0 {
+            return crate::config::invalid(
+                "watcher_interval/watcher_concurrency",
+                "must be longer than zero / at least 1",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What one pass found.
@@ -41,22 +78,13 @@ pub struct PassSummary {
     pub outages: usize,
 }
 
-/// Check results since start (metrics).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CheckTotals {
-    pub ok: u64,
-    pub revoked: u64,
-    pub restored: u64,
-    pub outages: u64,
-}
-
 #[derive(Debug)]
 pub struct Watcher {
     directory: Arc<RegistryDirectory>,
     settings: WatcherSettings,
     /// Cumulative results and the binding states of the last pass; written
     /// once per pass, read by metrics scrapes.
-    totals: std::sync::Mutex<(CheckTotals, Vec<(&'static str, u64)>)>,
+    totals: std::sync::Mutex<(CheckCounts, Vec<(&'static str, u64)>)>,
 }
 
 impl Watcher {
@@ -66,15 +94,6 @@ impl Watcher {
             settings,
             totals: std::sync::Mutex::default(),
         }
-    }
-
-    pub fn totals(&self) -> CheckTotals {
-        self.totals.lock().map(|t| t.0).unwrap_or_default()
-    }
-
-    /// Watched bindings by state after the last pass.
-    pub fn bindings_by_state(&self) -> Vec<(&'static str, u64)> {
-        self.totals.lock().map(|t| t.1.clone()).unwrap_or_default()
     }
 
     /// Checks every watched binding once.
@@ -157,4 +176,15 @@ fn jittered(interval: Duration) -> Duration {
     let _ = aws_lc_rs::rand::fill(&mut byte);
     // 90% .. 110% of the interval.
     interval.mul_f64(0.9 + f64::from(byte[0]) / 255.0 * 0.2)
+}
+
+/// Metrics read the watcher's results through this, at scrape time.
+impl KeyStateSource for Watcher {
+    fn check_totals(&self) -> CheckCounts {
+        self.totals.lock().map(|t| t.0).unwrap_or_default()
+    }
+
+    fn bindings_by_state(&self) -> Vec<(&'static str, u64)> {
+        self.totals.lock().map(|t| t.1.clone()).unwrap_or_default()
+    }
 }

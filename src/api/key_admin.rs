@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::admin::{Admin, AdminError, KeyView, LinkRequest};
 use crate::api::call;
-use crate::broker::BindingState;
+use crate::api::convert::{key_state, timestamp};
+use crate::control::{Admin, AdminError, KeyView, LinkRequest};
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
 use crate::registry::{KeyPolicy, Tenant};
@@ -40,13 +40,6 @@ impl KeyAdminApi {
     }
 }
 
-pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
 fn policy_to_proto(policy: KeyPolicy) -> proto::KeyPolicy {
     match policy {
         KeyPolicy::Keyring => proto::KeyPolicy::Keyring,
@@ -76,12 +69,7 @@ pub fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
         region: r.region.clone(),
         role_arn: r.role_arn.clone(),
         service_account: r.service_account.clone(),
-        state: match r.state {
-            BindingState::Active => proto::KeyState::Active,
-            BindingState::Disabled => proto::KeyState::Disabled,
-            BindingState::Revoked => proto::KeyState::Revoked,
-        }
-        .into(),
+        state: key_state(r.state).into(),
         state_reason: r.state_reason.clone(),
         primary: r.primary,
         create_time: Some(timestamp(r.created_at_ms)),

@@ -1,0 +1,41 @@
+//! Domain values as protobuf messages, shared by both services.
+
+use crate::keys::{BindingState, KeyInfo};
+use crate::proto;
+
+/// A registry time (ms since the Unix epoch) as a protobuf timestamp.
+pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+pub(crate) fn key_state(state: BindingState) -> proto::KeyState {
+    match state {
+        BindingState::Active => proto::KeyState::Active,
+        BindingState::Disabled => proto::KeyState::Disabled,
+        BindingState::Revoked => proto::KeyState::Revoked,
+    }
+}
+
+pub(crate) fn key_info(key: &KeyInfo) -> proto::KeyInfo {
+    proto::KeyInfo {
+        key_binding: key.key_binding.to_string(),
+        provider: proto::Provider::from(key.provider).into(),
+        provider_key_version: key.key_version.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_before_the_epoch_keep_nanos_positive() {
+        let t = timestamp(-1);
+        assert_eq!((t.seconds, t.nanos), (-1, 999_000_000));
+        let t = timestamp(1_500);
+        assert_eq!((t.seconds, t.nanos), (1, 500_000_000));
+    }
+}

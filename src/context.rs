@@ -1,0 +1,186 @@
+//! The caller's side of a wrap: the tenant id and the encryption context, and
+//! their canonical encoding as additional authenticated data (AAD).
+//!
+//! The AAD binds the tenant and the caller's context to the ciphertext: a
+//! wrapped key of tenant B never unwraps as tenant A, even under the shared
+//! platform key. Providers pass it to their AEAD or KMS as is.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Tenant ids: 1..=128 of these characters.
+pub const MAX_TENANT_ID_LEN: usize = 128;
+/// Context limits (see broker.proto).
+pub const MAX_CONTEXT_ENTRIES: usize = 64;
+pub const MAX_CONTEXT_KEY_LEN: usize = 256;
+pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
+pub const MAX_CONTEXT_TOTAL_LEN: usize = 4096;
+/// Context keys with this prefix are reserved for keybroker's own entries.
+pub const RESERVED_CONTEXT_PREFIX: &str = "keybroker:";
+
+/// Domain separation tag of AAD format 1.
+const AAD_TAG: &[u8] = b"keybroker.v1.aad";
+
+/// Why a tenant id or context was refused: the caller's input is wrong
+/// (INVALID_ARGUMENT).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ContextError {
+    #[error("invalid tenant_id: {0}")]
+    InvalidTenant(String),
+    #[error("invalid context: {0}")]
+    InvalidContext(String),
+}
+
+/// A validated tenant id.
+pub fn validate_tenant_id(tenant_id: &str) -> Result<(), ContextError> {
+    if tenant_id.is_empty() {
+        return Err(ContextError::InvalidTenant("tenant_id is required".into()));
+    }
+    if tenant_id.len() > MAX_TENANT_ID_LEN {
+        return Err(ContextError::InvalidTenant(format!(
+            "tenant_id is {} bytes; the maximum is {MAX_TENANT_ID_LEN}",
+            tenant_id.len()
+        )));
+    }
+    if let Some(bad) = tenant_id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.:@".contains(*c)))
+    {
+        return Err(ContextError::InvalidTenant(format!(
+            "tenant_id contains {bad:?}; allowed are ASCII letters, digits and -_.:@"
+        )));
+    }
+    Ok(())
+}
+
+/// The caller's encryption context, validated and in canonical (sorted) order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context(BTreeMap<String, String>);
+
+impl Context {
+    pub fn new(map: HashMap<String, String>) -> Result<Self, ContextError> {
+        if map.len() > MAX_CONTEXT_ENTRIES {
+            return Err(ContextError::InvalidContext(format!(
+                "{} entries; the maximum is {MAX_CONTEXT_ENTRIES}",
+                map.len()
+            )));
+        }
+        let mut total = 0usize;
+        for (key, value) in &map {
+            if key.is_empty() || key.len() > MAX_CONTEXT_KEY_LEN {
+                return Err(ContextError::InvalidContext(format!(
+                    "keys must be 1 to {MAX_CONTEXT_KEY_LEN} bytes (got {} bytes)",
+                    key.len()
+                )));
+            }
+            if key.starts_with(RESERVED_CONTEXT_PREFIX) {
+                return Err(ContextError::InvalidContext(format!(
+                    "key {key:?} uses the reserved prefix {RESERVED_CONTEXT_PREFIX:?}"
+                )));
+            }
+            if value.len() > MAX_CONTEXT_VALUE_LEN {
+                return Err(ContextError::InvalidContext(format!(
+                    "the value of {key:?} is {} bytes; the maximum is {MAX_CONTEXT_VALUE_LEN}",
+                    value.len()
+                )));
+            }
+            total += key.len() + value.len();
+        }
+        if total > MAX_CONTEXT_TOTAL_LEN {
+            return Err(ContextError::InvalidContext(format!(
+                "{total} bytes in all; the maximum is {MAX_CONTEXT_TOTAL_LEN}"
+            )));
+        }
+        Ok(Self(map.into_iter().collect()))
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Feeds the canonical encoding to `out` (AAD, cache key).
+    pub fn encode_into(&self, out: &mut dyn FnMut(&[u8])) {
+        out(&len32(self.0.len()));
+        for (key, value) in &self.0 {
+            put_prefixed(out, key.as_bytes());
+            put_prefixed(out, value.as_bytes());
+        }
+    }
+}
+
+/// Canonical AAD of a wrap: tag, tenant, then the context entries sorted by
+/// key, every field length-prefixed (u32, big-endian), so no two different
+/// (tenant, context) pairs encode alike.
+pub fn aad(tenant_id: &str, context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    let mut push = |bytes: &[u8]| out.extend_from_slice(bytes);
+    put_prefixed(&mut push, AAD_TAG);
+    put_prefixed(&mut push, tenant_id.as_bytes());
+    context.encode_into(&mut push);
+    out
+}
+
+fn len32(len: usize) -> [u8; 4] {
+    // Every length here is capped far below u32::MAX by the validation above.
+    u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
+}
+
+fn put_prefixed(out: &mut dyn FnMut(&[u8]), bytes: &[u8]) {
+    out(&len32(bytes.len()));
+    out(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(pairs: &[(&str, &str)]) -> Context {
+        Context::new(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn aad_is_canonical_and_unambiguous() {
+        let a = ctx(&[("b", "2"), ("a", "1")]);
+        let b = ctx(&[("a", "1"), ("b", "2")]);
+        assert_eq!(aad("t", &a), aad("t", &b));
+        assert_eq!(a, b);
+        // Moving bytes between fields changes the encoding.
+        assert_ne!(
+            aad("t", &ctx(&[("ab", "c")])),
+            aad("t", &ctx(&[("a", "bc")]))
+        );
+        assert_ne!(aad("t1", &Context::default()), aad("t", &ctx(&[("1", "")])));
+        assert_ne!(aad("acme", &a), aad("acmf", &a));
+    }
+
+    #[test]
+    fn context_limits() {
+        let reserved = HashMap::from([("keybroker:tenant".to_string(), "x".to_string())]);
+        assert!(Context::new(reserved).is_err());
+        let empty_key = HashMap::from([(String::new(), "x".to_string())]);
+        assert!(Context::new(empty_key).is_err());
+        let many: HashMap<_, _> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(Context::new(many).is_err());
+        let long = HashMap::from([("k".to_string(), "v".repeat(1025))]);
+        assert!(Context::new(long).is_err());
+    }
+
+    #[test]
+    fn tenant_ids() {
+        for ok in [
+            "acme",
+            "3f2b1c9e-0000-4000-8000-000000000000",
+            "org:team.a_b@x",
+        ] {
+            validate_tenant_id(ok).unwrap();
+        }
+        for bad in ["", "a b", "ä", "x/y", &"a".repeat(129)] {
+            assert!(validate_tenant_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

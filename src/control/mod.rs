@@ -1,0 +1,393 @@
+//! The control plane, independent of gRPC: tenants, linking and importing
+//! customer keys, primary selection, disable/enable, unlink. Validates input,
+//! applies it to the registry, and keeps the data plane's view current
+//! (through `RegistryDirectory::changed`: view invalidation, DEK purges).
+
+mod onboarding;
+mod validation;
+mod verification;
+pub mod watcher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::onboarding::Onboarding;
+pub use self::validation::{decode_key_material, validate_name};
+use self::validation::{validate_description, validate_tenant};
+use self::verification::{probe_wrap, verify_provider};
+use crate::context;
+use crate::keys::{BindingState, DirectoryError, UsageCounts, now_ms};
+use crate::kms::{InvalidIdentifier, ProviderError, ProviderKind};
+use crate::registry::directory::{RegistryDirectory, seal_material};
+use crate::registry::{BindingRecord, KeyPolicy, NewBinding, RegistryError, Tenant, UnlinkGuard};
+use crate::secret::SecretBytes;
+
+/// Why a control-plane call failed. Mapped to a gRPC status in `api::status`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    /// The provider could not verify the key: what the customer must fix.
+    #[error("key verification failed: {0}")]
+    Verification(String),
+    /// The provider failed while verifying: keeps its kind, so an outage is
+    /// UNAVAILABLE (retry) and a refusal is what the customer must fix.
+    #[error("key verification failed: {0}")]
+    Provider(ProviderError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<InvalidIdentifier> for AdminError {
+    fn from(err: InvalidIdentifier) -> Self {
+        Self::InvalidArgument(err.0)
+    }
+}
+
+/// The control plane's settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct AdminSettings {
+    /// ARN of the platform's AWS identity that customers' trust policies name.
+    #[arg(
+        id = "aws_platform_principal",
+        long = "aws-platform-principal",
+        env = "KEYBROKER_AWS_PLATFORM_PRINCIPAL"
+    )]
+    pub aws_platform_principal: Option<String>,
+    /// The platform's GCP service account customers grant on their keys.
+    #[arg(
+        id = "gcp_service_account",
+        long = "gcp-service-account",
+        env = "KEYBROKER_GCP_SERVICE_ACCOUNT"
+    )]
+    pub gcp_service_account: Option<String>,
+    /// UnlinkKey is refused for a key used within this window unless forced.
+    #[arg(id = "unlink_guard_window", long = "unlink-guard-window", env = "KEYBROKER_UNLINK_GUARD_WINDOW", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub unlink_guard_window: Duration,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+/// A binding with its live usage (stored counts plus unflushed ones).
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub record: BindingRecord,
+}
+
+/// Fields of a key to link or import, as given by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct LinkRequest {
+    pub tenant_id: String,
+    pub name: String,
+    pub description: String,
+    pub provider: Option<ProviderKind>,
+    pub key_reference: String,
+    pub region: String,
+    pub role_arn: String,
+    pub service_account: String,
+    pub replica_regions: Vec<String>,
+    pub make_primary: bool,
+}
+
+#[derive(Debug)]
+pub struct Admin {
+    directory: Arc<RegistryDirectory>,
+    settings: AdminSettings,
+}
+
+impl Admin {
+    pub fn new(directory: Arc<RegistryDirectory>, settings: AdminSettings) -> Self {
+        Self {
+            directory,
+            settings,
+        }
+    }
+
+    fn registry(&self) -> &Arc<dyn crate::registry::Registry> {
+        self.directory.registry()
+    }
+
+    /// The data plane's view of the registry (tests count its rechecks).
+    pub fn directory(&self) -> &Arc<RegistryDirectory> {
+        &self.directory
+    }
+
+    pub async fn create_tenant(
+        &self,
+        tenant_id: &str,
+        policy: Option<KeyPolicy>,
+    ) -> Result<Tenant, AdminError> {
+        validate_tenant(tenant_id)?;
+        let now = now_ms();
+        let tenant = Tenant {
+            id: tenant_id.to_owned(),
+            key_policy: policy.unwrap_or(KeyPolicy::Keyring),
+            external_id: new_external_id()?,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.registry().create_tenant(&tenant).await?;
+        self.directory.changed(tenant_id, None).await;
+        Ok(tenant)
+    }
+
+    pub async fn tenant(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
+        validate_tenant(tenant_id)?;
+        self.registry()
+            .tenant(tenant_id)
+            .await?
+            .ok_or_else(|| RegistryError::TenantNotFound(tenant_id.to_owned()).into())
+    }
+
+    pub async fn set_policy(
+        &self,
+        tenant_id: &str,
+        policy: KeyPolicy,
+    ) -> Result<Tenant, AdminError> {
+        validate_tenant(tenant_id)?;
+        // Usage decides whether single_key → keyring is allowed.
+        self.flush_usage().await?;
+        let tenant = self
+            .registry()
+            .set_key_policy(tenant_id, policy, now_ms())
+            .await?;
+        self.directory.changed(tenant_id, None).await;
+        Ok(tenant)
+    }
+
+    pub fn onboarding(&self, tenant: &Tenant) -> Onboarding {
+        onboarding::onboarding(&self.settings, tenant)
+    }
+
+    /// Links a cloud KMS key. Input is validated fully; the cloud providers
+    /// themselves arrive with their own issues.
+    pub async fn link_key(&self, req: LinkRequest) -> Result<KeyView, AdminError> {
+        let provider = validation::check_link(&req)?;
+        // The tenant must exist before anything is verified.
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let record = NewBinding {
+            tenant_id: req.tenant_id.clone(),
+            name: req.name.clone(),
+            description: req.description,
+            provider,
+            key_reference: req.key_reference,
+            region: req.region,
+            role_arn: req.role_arn,
+            service_account: req.service_account,
+            replica_regions: req.replica_regions,
+            key_material: None,
+            make_primary: req.make_primary,
+        };
+        match provider {
+            ProviderKind::AwsKms => {
+                let target = crate::registry::directory::aws_target(
+                    &BindingRecord::from_new(&record),
+                    &tenant.external_id,
+                )?;
+                let key = self.directory.aws().key(target);
+                let probe = verify_provider(&key, &req.tenant_id).await?;
+                key.check_replicas(
+                    &probe.bytes,
+                    probe_wrap(&req.tenant_id, &context::Context::default()),
+                )
+                .await
+                .map_err(AdminError::Provider)?;
+            }
+            ProviderKind::GcpKms => {
+                let target =
+                    crate::registry::directory::gcp_target(&BindingRecord::from_new(&record))?;
+                let key = self.directory.gcp().key(target);
+                verify_provider(&key, &req.tenant_id).await?;
+            }
+            ProviderKind::Local => {
+                return Err(AdminError::Internal(
+                    "local keys are linked with ImportKeyMaterial".into(),
+                ));
+            }
+        }
+        let stored = self.registry().insert_binding(&record, now_ms()).await?;
+        self.directory.changed(&req.tenant_id, None).await;
+        Ok(self.view(stored))
+    }
+
+    /// Imports raw AES-256 key material as a `local` key (Cube's flow), after
+    /// a wrap/unwrap round trip with it.
+    pub async fn import_key_material(
+        &self,
+        req: LinkRequest,
+        material_base64: &str,
+    ) -> Result<KeyView, AdminError> {
+        validate_tenant(&req.tenant_id)?;
+        validate_name(&req.name)?;
+        validate_description(&req.description)?;
+        let material = decode_key_material(material_base64)?;
+        let keyring = crate::kms::local::LocalKeyring::from_material(
+            "verification",
+            std::slice::from_ref(&material),
+        )
+        .map_err(|e| AdminError::Verification(e.to_string()))?;
+        verify_provider(&keyring, &req.tenant_id).await?;
+        let sealed = seal_material(
+            self.directory.platform_keyring(),
+            &req.tenant_id,
+            &req.name,
+            &material,
+        )
+        .await?;
+        let record = self
+            .registry()
+            .insert_binding(
+                &NewBinding {
+                    tenant_id: req.tenant_id.clone(),
+                    name: req.name.clone(),
+                    description: req.description,
+                    provider: ProviderKind::Local,
+                    key_reference: format!("local:{}/{}", req.tenant_id, req.name),
+                    region: String::new(),
+                    role_arn: String::new(),
+                    service_account: String::new(),
+                    replica_regions: Vec::new(),
+                    key_material: Some(sealed),
+                    make_primary: req.make_primary,
+                },
+                now_ms(),
+            )
+            .await?;
+        self.directory.changed(&req.tenant_id, None).await;
+        Ok(self.view(record))
+    }
+
+    pub async fn list_keys(&self, tenant_id: &str) -> Result<Vec<KeyView>, AdminError> {
+        self.tenant(tenant_id).await?;
+        // Counts read after a flush are exact; later uses are added by `view`.
+        self.flush_usage().await?;
+        Ok(self
+            .registry()
+            .bindings(tenant_id)
+            .await?
+            .into_iter()
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    pub async fn get_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
+        validate_tenant(tenant_id)?;
+        self.flush_usage().await?;
+        let record = self
+            .registry()
+            .binding(tenant_id, name)
+            .await?
+            .ok_or_else(|| not_found(tenant_id, name))?;
+        Ok(self.view(record))
+    }
+
+    pub async fn set_primary(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
+        validate_tenant(tenant_id)?;
+        let record = self
+            .registry()
+            .set_primary(tenant_id, name, now_ms())
+            .await?;
+        self.directory.changed(tenant_id, None).await;
+        Ok(self.view(record))
+    }
+
+    pub async fn disable_key(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        reason: &str,
+    ) -> Result<KeyView, AdminError> {
+        validate_tenant(tenant_id)?;
+        validate_description(reason)?;
+        let reason = if reason.is_empty() {
+            "disabled by an operator"
+        } else {
+            reason
+        };
+        let record = self
+            .registry()
+            .set_state(tenant_id, name, BindingState::Disabled, reason, now_ms())
+            .await?;
+        self.directory.changed(tenant_id, Some(name)).await;
+        Ok(self.view(record))
+    }
+
+    pub async fn enable_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
+        validate_tenant(tenant_id)?;
+        let record = self
+            .registry()
+            .set_state(tenant_id, name, BindingState::Active, "", now_ms())
+            .await?;
+        self.directory.changed(tenant_id, None).await;
+        Ok(self.view(record))
+    }
+
+    pub async fn unlink_key(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<(), AdminError> {
+        validate_tenant(tenant_id)?;
+        // The guard must see every use, including those not flushed yet.
+        self.flush_usage().await?;
+        let window =
+            i64::try_from(self.settings.unlink_guard_window.as_millis()).unwrap_or(i64::MAX);
+        self.registry()
+            .delete_binding(
+                tenant_id,
+                name,
+                UnlinkGuard {
+                    not_used_since_ms: now_ms().saturating_sub(window),
+                    force,
+                },
+            )
+            .await?;
+        self.directory.changed(tenant_id, Some(name)).await;
+        self.directory.forget_usage(tenant_id, name);
+        Ok(())
+    }
+
+    pub async fn flush_usage(&self) -> Result<(), AdminError> {
+        Ok(self.directory.flush_usage().await?)
+    }
+
+    /// Adds unflushed usage to the stored counts.
+    fn view(&self, mut record: BindingRecord) -> KeyView {
+        let pending: UsageCounts = self
+            .directory
+            .pending_usage(&record.tenant_id, &record.name);
+        record.wrap_count += pending.wraps;
+        record.unwrap_count += pending.unwraps;
+        if pending.last_used_ms > 0 {
+            record.last_used_at_ms = Some(
+                record
+                    .last_used_at_ms
+                    .map_or(pending.last_used_ms, |l| l.max(pending.last_used_ms)),
+            );
+        }
+        KeyView { record }
+    }
+}
+
+fn not_found(tenant_id: &str, name: &str) -> AdminError {
+    RegistryError::BindingNotFound {
+        tenant_id: tenant_id.to_owned(),
+        name: name.to_owned(),
+    }
+    .into()
+}
+
+fn new_external_id() -> Result<String, AdminError> {
+    let bytes = SecretBytes::random(16)
+        .map_err(|_| AdminError::Internal("system random generator failed".into()))?;
+    Ok(format!("kb-{}", hex::encode(bytes.expose())))
+}

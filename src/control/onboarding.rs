@@ -1,0 +1,56 @@
+//! What a customer must configure so keybroker may use their key: the
+//! external ID, the IAM trust policy and key-policy statement for AWS, the
+//! service account and role for Cloud KMS.
+
+use serde_json::json;
+
+use super::AdminSettings;
+use crate::registry::Tenant;
+
+/// What the customer must configure, derived from the tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Onboarding {
+    pub aws_external_id: String,
+    pub aws_trust_policy_json: String,
+    pub aws_key_policy_statement_json: String,
+    pub gcp_service_account: String,
+    pub gcp_role: String,
+}
+
+/// The trust policy, key-policy statement and GCP grant a customer applies
+/// so keybroker may use their key.
+pub(super) fn onboarding(settings: &AdminSettings, tenant: &Tenant) -> Onboarding {
+    let trust_policy = settings.aws_platform_principal.as_ref().map(|principal| {
+        json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Sid": "AllowKeybrokerAssumeRole",
+                "Effect": "Allow",
+                "Principal": { "AWS": principal },
+                "Action": "sts:AssumeRole",
+                "Condition": { "StringEquals": { "sts:ExternalId": tenant.external_id } }
+            }]
+        })
+    });
+    let key_statement = json!({
+        "Sid": "AllowKeybrokerUseOfTheKey",
+        "Effect": "Allow",
+        "Principal": { "AWS": "arn:aws:iam::<YOUR_ACCOUNT_ID>:role/<ROLE_TRUSTING_KEYBROKER>" },
+        "Action": [
+            "kms:Encrypt",
+            "kms:Decrypt",
+            "kms:ReEncrypt*",
+            "kms:GenerateDataKey*",
+            "kms:DescribeKey"
+        ],
+        "Resource": "*"
+    });
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    Onboarding {
+        aws_external_id: tenant.external_id.clone(),
+        aws_trust_policy_json: trust_policy.as_ref().map(pretty).unwrap_or_default(),
+        aws_key_policy_statement_json: pretty(&key_statement),
+        gcp_service_account: settings.gcp_service_account.clone().unwrap_or_default(),
+        gcp_role: crate::kms::gcp::ENCRYPTER_DECRYPTER_ROLE.to_owned(),
+    }
+}

@@ -1,0 +1,249 @@
+//! Input checks of the control plane: names, descriptions, key material and
+//! the fields of a key to link. Provider identifiers are parsed by their
+//! provider's own types (`KeyArn`, `RoleArn`, `GcpKeyName`).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+
+use super::{AdminError, LinkRequest};
+use crate::context;
+use crate::keys::PLATFORM_BINDING;
+use crate::kms::ProviderKind;
+use crate::kms::aws::arn::is_region;
+use crate::kms::aws::{KeyArn, RoleArn};
+use crate::kms::gcp::GcpKeyName;
+use crate::kms::gcp::name::check_service_account;
+use crate::secret::SecretBytes;
+
+const MAX_NAME_LEN: usize = 64;
+const MAX_DESCRIPTION_LEN: usize = 1024;
+
+pub(super) fn validate_tenant(tenant_id: &str) -> Result<(), AdminError> {
+    context::validate_tenant_id(tenant_id).map_err(|e| AdminError::InvalidArgument(e.to_string()))
+}
+
+pub fn validate_name(name: &str) -> Result<(), AdminError> {
+    let bad = |why: &str| {
+        Err(AdminError::InvalidArgument(format!(
+            "invalid key name {name:?}: {why}"
+        )))
+    };
+    if name.is_empty() {
+        return bad("a name is required");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("at most 64 characters");
+    }
+    if name == PLATFORM_BINDING {
+        return bad("`platform` is reserved for the platform key");
+    }
+    let mut chars = name.chars();
+    if !chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        || !chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return bad("use ASCII letters, digits and ._- , starting with a letter or digit");
+    }
+    Ok(())
+}
+
+pub(super) fn validate_description(text: &str) -> Result<(), AdminError> {
+    if text.len() > MAX_DESCRIPTION_LEN || text.chars().any(char::is_control) {
+        return Err(AdminError::InvalidArgument(format!(
+            "descriptions and reasons are at most {MAX_DESCRIPTION_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Exactly 32 bytes in canonical standard base64.
+pub fn decode_key_material(text: &str) -> Result<SecretBytes, AdminError> {
+    let bytes = B64.decode(text.as_bytes()).map_err(|_| {
+        AdminError::InvalidArgument(
+            "key_material_base64 is not canonical standard base64 (A-Z a-z 0-9 + /, = padding, no whitespace)".into(),
+        )
+    })?;
+    let material = SecretBytes::new(bytes);
+    if material.len() != 32 {
+        return Err(AdminError::InvalidArgument(format!(
+            "key material must be exactly 32 bytes (AES-256), got {}",
+            material.len()
+        )));
+    }
+    Ok(material)
+}
+
+/// Replica regions must be regions other than the key's, and the key must be
+/// named by key ARN (aliases are per region). Whether a replica really exists
+/// is proved at link time by a decrypt in each replica region.
+fn check_replica_regions(key_arn: &KeyArn, replicas: &[String]) -> Result<(), AdminError> {
+    let region = key_arn.region();
+    if replicas.is_empty() {
+        return Ok(());
+    }
+    if !key_arn.is_key() {
+        return Err(AdminError::InvalidArgument(
+            "replica_regions need a key ARN (key/mrk-...), not an alias: aliases are per region"
+                .into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in replicas {
+        if !is_region(r) || r == region || !seen.insert(r) {
+            return Err(AdminError::InvalidArgument(format!(
+                "replica region {r:?} is not a region other than the key's ({region}), or is listed twice"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks every field of a cloud key to link; the typed identifiers are
+/// what the provider will be called with.
+pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> {
+    validate_tenant(&req.tenant_id)?;
+    validate_name(&req.name)?;
+    validate_description(&req.description)?;
+    match req.provider {
+        Some(ProviderKind::AwsKms) => {
+            let key_arn = KeyArn::parse(&req.key_reference)?;
+            RoleArn::parse(&req.role_arn)?;
+            if req.region.is_empty() {
+                return Err(AdminError::InvalidArgument(
+                    "region is required for AWS keys".into(),
+                ));
+            }
+            if req.region != key_arn.region() {
+                return Err(AdminError::InvalidArgument(format!(
+                    "region {:?} does not match the key ARN's region {:?}",
+                    req.region,
+                    key_arn.region()
+                )));
+            }
+            check_replica_regions(&key_arn, &req.replica_regions)?;
+            Ok(ProviderKind::AwsKms)
+        }
+        Some(ProviderKind::GcpKms) => {
+            GcpKeyName::parse(&req.key_reference)?;
+            if !req.service_account.is_empty() {
+                check_service_account(&req.service_account)?;
+            }
+            Ok(ProviderKind::GcpKms)
+        }
+        Some(ProviderKind::Local) => Err(AdminError::InvalidArgument(
+            "local keys are linked with ImportKeyMaterial".into(),
+        )),
+        None => Err(AdminError::InvalidArgument(
+            "provider is required: PROVIDER_AWS_KMS or PROVIDER_GCP_KMS".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aws_link(key: &str, region: &str, replicas: &[&str]) -> LinkRequest {
+        LinkRequest {
+            tenant_id: "acme".into(),
+            name: "k".into(),
+            provider: Some(ProviderKind::AwsKms),
+            key_reference: key.into(),
+            region: region.into(),
+            role_arn: "arn:aws:iam::111122223333:role/keybroker-access".into(),
+            replica_regions: replicas.iter().map(|r| (*r).to_owned()).collect(),
+            ..LinkRequest::default()
+        }
+    }
+
+    #[test]
+    fn links_are_checked_field_by_field() {
+        let mrk = "arn:aws:kms:us-east-1:111122223333:key/mrk-1234";
+        assert_eq!(
+            check_link(&aws_link(mrk, "us-east-1", &["eu-west-1"])).unwrap(),
+            ProviderKind::AwsKms
+        );
+        for (req, says) in [
+            (aws_link(mrk, "eu-west-1", &[]), "does not match"),
+            (aws_link(mrk, "", &[]), "region is required"),
+            (
+                aws_link("key/x", "us-east-1", &[]),
+                "invalid AWS KMS key ARN",
+            ),
+            (aws_link(mrk, "us-east-1", &["us-east-1"]), "replica region"),
+            (
+                aws_link(mrk, "us-east-1", &["eu-west-1", "eu-west-1"]),
+                "listed twice",
+            ),
+            (
+                aws_link(
+                    "arn:aws:kms:us-east-1:111122223333:alias/prod",
+                    "us-east-1",
+                    &["eu-west-1"],
+                ),
+                "not an alias",
+            ),
+            (
+                LinkRequest {
+                    role_arn: "arn:aws:iam::111122223333:user/bob".into(),
+                    ..aws_link(mrk, "us-east-1", &[])
+                },
+                "invalid IAM role ARN",
+            ),
+            (
+                LinkRequest {
+                    provider: Some(ProviderKind::GcpKms),
+                    key_reference: "projects/p".into(),
+                    ..LinkRequest::default()
+                },
+                "invalid tenant_id",
+            ),
+            (
+                LinkRequest {
+                    tenant_id: "acme".into(),
+                    name: "k".into(),
+                    provider: Some(ProviderKind::GcpKms),
+                    key_reference: "projects/p".into(),
+                    ..LinkRequest::default()
+                },
+                "invalid Cloud KMS key name",
+            ),
+            (
+                LinkRequest {
+                    tenant_id: "acme".into(),
+                    name: "k".into(),
+                    ..LinkRequest::default()
+                },
+                "provider is required",
+            ),
+        ] {
+            let err = check_link(&req).unwrap_err();
+            assert!(matches!(err, AdminError::InvalidArgument(_)), "{err}");
+            assert!(err.to_string().contains(says), "{says}: {err}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["k1", "prod-2026.a_b", "A"] {
+            validate_name(ok).unwrap();
+        }
+        for bad in ["", "platform", "-x", "a b", "ä", &"a".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn key_material() {
+        let ok = B64.encode([7u8; 32]);
+        assert_eq!(decode_key_material(&ok).unwrap().len(), 32);
+        for bad in [
+            B64.encode([7u8; 31]),
+            B64.encode([7u8; 33]),
+            format!("{ok}\n"),
+            ok.replace('=', ""),
+            "not base64!".into(),
+        ] {
+            assert!(decode_key_material(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

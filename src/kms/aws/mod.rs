@@ -1,0 +1,560 @@
+//! Customer keys in AWS KMS, used through the customer's IAM role, assumed
+//! with STS and the tenant's external ID (the flow of Pinecone's and
+//! turbopuffer's CMEK pages).
+//!
+//! [`AwsKms`] is shared by all bindings: the platform's own credentials (the
+//! standard AWS chain: env, IRSA web identity, instance profile), one role
+//! session per (role, external ID, session name) and one KMS client per
+//! (session, region). [`AwsKmsKey`] is one binding's view of it and is the
+//! [`KeyProvider`] the data plane sees.
+//!
+//! Failures are classified here, from the SDK's error types and AWS error
+//! codes, into [`ProviderError`] with messages a customer can act on.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_kms::config::IdentityCache;
+use aws_sdk_kms::operation::RequestId as _;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::KeyState;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+pub mod arn;
+mod classify;
+mod session;
+
+pub use arn::{KeyArn, RoleArn};
+pub use session::session_name;
+
+use self::classify::{KmsCall, MAX_CIPHERTEXT_BLOB, classify_kms, state_reason};
+use self::session::{RoleSession, SessionCredentials};
+use super::{
+    Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
+    WrapContext,
+};
+use crate::secret::SecretBytes;
+
+/// Encryption-context key that carries the tenant id (callers cannot use the
+/// `keybroker:` prefix, so it never collides with their entries).
+pub const TENANT_CONTEXT_KEY: &str = "keybroker:tenant";
+
+/// AWS settings from the config.
+/// The `aws_*` settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct AwsSettings {
+    /// Region of the platform's own STS calls (the key's region is used for
+    /// KMS).
+    #[arg(
+        id = "aws_region",
+        long = "aws-region",
+        env = "KEYBROKER_AWS_REGION",
+        default_value = "us-east-1"
+    )]
+    pub region: String,
+    /// AWS KMS endpoint for every region (VPC or FIPS endpoint, or moto in
+    /// tests).
+    #[arg(
+        id = "aws_kms_endpoint",
+        long = "aws-kms-endpoint",
+        env = "KEYBROKER_AWS_KMS_ENDPOINT"
+    )]
+    pub kms_endpoint: Option<String>,
+    /// AWS KMS endpoint of one region, repeatable: --aws-kms-region-endpoint
+    /// us-east-1=https://... (wins over --aws-kms-endpoint; the last one
+    /// given for a region wins).
+    #[arg(id = "aws_kms_region_endpoints", long = "aws-kms-region-endpoint", value_parser = parse_region_endpoint)]
+    pub kms_region_endpoints: Vec<(String, String)>,
+    /// AWS STS endpoint.
+    #[arg(
+        id = "aws_sts_endpoint",
+        long = "aws-sts-endpoint",
+        env = "KEYBROKER_AWS_STS_ENDPOINT"
+    )]
+    pub sts_endpoint: Option<String>,
+    /// Lifetime of assumed customer-role sessions (15m to the role's maximum).
+    #[arg(id = "aws_session_duration", long = "aws-session-duration", env = "KEYBROKER_AWS_SESSION_DURATION", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub session_duration: Duration,
+    /// Attempts per AWS call, first included; only transient errors retry.
+    #[arg(
+        id = "aws_max_attempts",
+        long = "aws-max-attempts",
+        env = "KEYBROKER_AWS_MAX_ATTEMPTS",
+        default_value = "3"
+    )]
+    pub max_attempts: u32,
+    /// Not configurable: connecting to an AWS endpoint is quick or broken.
+    #[arg(skip = Duration::from_secs(2))]
+    pub connect_timeout: Duration,
+    /// Deadline of one AWS call attempt.
+    #[arg(id = "aws_attempt_timeout", long = "aws-attempt-timeout", env = "KEYBROKER_AWS_ATTEMPT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "3s")]
+    pub attempt_timeout: Duration,
+    /// Deadline of one AWS call, retries included.
+    #[arg(id = "aws_operation_timeout", long = "aws-operation-timeout", env = "KEYBROKER_AWS_OPERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "8s")]
+    pub operation_timeout: Duration,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl AwsSettings {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if !(900..=43_200).contains(&self.session_duration.as_secs()) {
+            return invalid(
+                "aws_session_duration",
+                "must be between 15m and 12h (the limits of STS AssumeRole)",
+            );
+        }
+        if self.max_attempts == 0 || self.max_attempts > 10 {
+            return invalid("aws_max_attempts", "must be 1 to 10");
+        }
+        if self.attempt_timeout > self.operation_timeout {
+            return invalid(
+                "aws_attempt_timeout",
+                "must not be longer than aws_operation_timeout",
+            );
+        }
+        Ok(())
+    }
+
+    /// The KMS endpoint of `region`: its own, else the shared one.
+    fn kms_endpoint_of(&self, region: &str) -> Option<&str> {
+        self.kms_region_endpoints
+            .iter()
+            .rev()
+            .find(|(r, _)| r == region)
+            .map(|(_, url)| url.as_str())
+            .or(self.kms_endpoint.as_deref())
+    }
+}
+
+fn parse_region_endpoint(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(r, u)| (r.to_owned(), u.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not REGION=URL"))
+}
+
+/// Shared AWS state: platform credentials, role sessions, KMS clients.
+pub struct AwsKms {
+    base: SdkConfig,
+    settings: AwsSettings,
+    sts: aws_sdk_sts::Client,
+    /// Role sessions by (role ARN, external ID, session name). std Mutex:
+    /// held for a map lookup only.
+    sessions: Mutex<HashMap<(RoleArn, String, String), Arc<RoleSession>>>,
+    /// KMS clients by (session identity, region). std Mutex: map lookup only.
+    clients: Mutex<HashMap<(usize, String), aws_sdk_kms::Client>>,
+    /// AssumeRole calls made (metrics; tests assert one per session lifetime).
+    pub assume_role_calls: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for AwsKms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsKms")
+            .field("settings", &self.settings)
+            .field(
+                "assume_role_calls",
+                &self.assume_role_calls.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsKms {
+    /// Platform credentials from the standard AWS chain.
+    pub async fn from_env(settings: AwsSettings) -> Self {
+        let base = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(settings.region.clone()))
+            .load()
+            .await;
+        Self::new(base, settings)
+    }
+
+    pub fn new(base: SdkConfig, settings: AwsSettings) -> Self {
+        let mut sts = aws_sdk_sts::config::Builder::from(&base)
+            .region(aws_config::Region::new(settings.region.clone()))
+            .retry_config(retry_config(&settings))
+            .timeout_config(timeout_config(&settings));
+        if let Some(url) = &settings.sts_endpoint {
+            sts = sts.endpoint_url(url.clone());
+        }
+        Self {
+            sts: aws_sdk_sts::Client::from_conf(sts.build()),
+            base,
+            settings,
+            sessions: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            assume_role_calls: Arc::default(),
+        }
+    }
+
+    /// The provider for one binding.
+    pub fn key(self: &Arc<Self>, target: AwsKeyTarget) -> AwsKmsKey {
+        let session_name = session_name(&target.tenant_id);
+        let session = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(
+                sessions
+                    .entry((
+                        target.role_arn.clone(),
+                        target.external_id.clone(),
+                        session_name.clone(),
+                    ))
+                    .or_insert_with(|| {
+                        Arc::new(RoleSession {
+                            sts: self.sts.clone(),
+                            role_arn: target.role_arn.clone(),
+                            external_id: target.external_id.clone(),
+                            session_name,
+                            duration: self.settings.session_duration,
+                            credentials: tokio::sync::Mutex::new(None),
+                            calls: Arc::clone(&self.assume_role_calls),
+                        })
+                    }),
+            )
+        };
+        AwsKmsKey {
+            kms: Arc::clone(self),
+            target,
+            session,
+        }
+    }
+
+    fn client(&self, session: &Arc<RoleSession>, region: &str) -> aws_sdk_kms::Client {
+        let id = Arc::as_ptr(session) as usize;
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry((id, region.to_owned()))
+            .or_insert_with(|| {
+                let mut config = aws_sdk_kms::config::Builder::from(&self.base)
+                    .region(aws_config::Region::new(region.to_owned()))
+                    .credentials_provider(SessionCredentials(Arc::clone(session)))
+                    // Our session already caches; a second cache would only
+                    // hold credentials past our refresh.
+                    .identity_cache(IdentityCache::no_cache())
+                    .retry_config(retry_config(&self.settings))
+                    .timeout_config(timeout_config(&self.settings));
+                if let Some(url) = self.settings.kms_endpoint_of(region) {
+                    config = config.endpoint_url(url);
+                }
+                aws_sdk_kms::Client::from_conf(config.build())
+            })
+            .clone()
+    }
+}
+
+fn retry_config(settings: &AwsSettings) -> RetryConfig {
+    RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1))
+}
+
+fn timeout_config(settings: &AwsSettings) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(settings.connect_timeout)
+        .operation_attempt_timeout(settings.attempt_timeout)
+        .operation_timeout(settings.operation_timeout)
+        .build()
+}
+
+/// What one binding needs to reach its key.
+#[derive(Debug, Clone)]
+pub struct AwsKeyTarget {
+    pub tenant_id: String,
+    /// Key ARN or alias ARN; its region is the binding's region.
+    pub key_arn: KeyArn,
+    pub role_arn: RoleArn,
+    pub external_id: String,
+    /// Regions holding replicas of a multi-Region key, tried in order when
+    /// the primary region fails transiently.
+    pub replica_regions: Vec<String>,
+}
+
+impl AwsKeyTarget {
+    pub fn region(&self) -> &str {
+        self.key_arn.region()
+    }
+}
+
+/// One AWS binding as a [`KeyProvider`].
+#[derive(Debug)]
+pub struct AwsKmsKey {
+    kms: Arc<AwsKms>,
+    target: AwsKeyTarget,
+    session: Arc<RoleSession>,
+}
+
+impl AwsKmsKey {
+    fn client(&self, region: &str) -> aws_sdk_kms::Client {
+        self.kms.client(&self.session, region)
+    }
+
+    fn context(wrap: &WrapContext<'_>) -> HashMap<String, String> {
+        let mut ctx: HashMap<String, String> = wrap
+            .context
+            .entries()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        ctx.insert(TENANT_CONTEXT_KEY.to_owned(), wrap.tenant_id.to_owned());
+        ctx
+    }
+
+    /// Same customer role and region: ReEncrypt can move a key between them
+    /// without the plaintext leaving KMS.
+    pub fn same_session(&self, other: &AwsKmsKey) -> bool {
+        Arc::ptr_eq(&self.session, &other.session) && self.target.region() == other.target.region()
+    }
+
+    async fn decrypt_in(
+        &self,
+        region: &str,
+        ciphertext: &[u8],
+        context: &HashMap<String, String>,
+    ) -> Result<SecretBytes, ProviderError> {
+        let out = self
+            .client(region)
+            .decrypt()
+            // Pinned: KMS refuses a ciphertext of any other key.
+            .key_id(self.target.key_arn.in_region(region).to_string())
+            .ciphertext_blob(Blob::new(ciphertext.to_vec()))
+            .set_encryption_context(Some(context.clone()))
+            .send()
+            .await
+            .map_err(|e| classify_kms(e, KmsCall::Decrypt, &self.target, region))?;
+        crate::audit::note_provider_request(out.request_id());
+        let plaintext = out
+            .plaintext
+            .ok_or_else(|| ProviderError::Internal("KMS Decrypt returned no plaintext".into()))?;
+        Ok(SecretBytes::new(plaintext.into_inner()))
+    }
+
+    /// Decrypts `ciphertext` in every replica region: proves at link time
+    /// that the fallback regions really hold the key.
+    pub async fn check_replicas(
+        &self,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<(), ProviderError> {
+        let context = Self::context(&wrap);
+        for region in &self.target.replica_regions {
+            self.decrypt_in(region, ciphertext, &context)
+                .await
+                .map_err(|e| {
+                    e.within(&format!(
+                        "replica region {region} (replicate the multi-Region key there and allow the role to use it)"
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// ReEncrypt from `source` (same role and region) to this key.
+    pub async fn reencrypt_from(
+        &self,
+        source: &AwsKmsKey,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Option<Result<Ciphertext, ProviderError>> {
+        if !self.same_session(source) {
+            return None;
+        }
+        let region = self.target.region();
+        let result = async {
+            self.session.credentials().await?;
+            let context = Self::context(&wrap);
+            let out = self
+                .client(region)
+                .re_encrypt()
+                .source_key_id(source.target.key_arn.to_string())
+                .destination_key_id(self.target.key_arn.to_string())
+                .ciphertext_blob(Blob::new(ciphertext.to_vec()))
+                .set_source_encryption_context(Some(context.clone()))
+                .set_destination_encryption_context(Some(context))
+                .send()
+                .await
+                .map_err(|e| classify_kms(e, KmsCall::ReEncrypt, &self.target, region))?;
+            crate::audit::note_provider_request(out.request_id());
+            let blob = out.ciphertext_blob.ok_or_else(|| {
+                ProviderError::Internal("KMS ReEncrypt returned no ciphertext".into())
+            })?;
+            Ok(Ciphertext {
+                bytes: blob.into_inner(),
+                key_version: String::new(),
+            })
+        }
+        .await;
+        Some(result)
+    }
+}
+
+#[async_trait]
+impl KeyProvider for AwsKmsKey {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::AwsKms
+    }
+
+    async fn encrypt(
+        &self,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError> {
+        self.session.credentials().await?;
+        let region = self.target.region();
+        let out = self
+            .client(region)
+            .encrypt()
+            .key_id(self.target.key_arn.to_string())
+            .plaintext(Blob::new(plaintext.expose().to_vec()))
+            .set_encryption_context(Some(Self::context(&wrap)))
+            .send()
+            .await
+            .map_err(|e| classify_kms(e, KmsCall::Encrypt, &self.target, region))?;
+        crate::audit::note_provider_request(out.request_id());
+        let blob = out
+            .ciphertext_blob
+            .ok_or_else(|| ProviderError::Internal("KMS Encrypt returned no ciphertext".into()))?;
+        Ok(Ciphertext {
+            bytes: blob.into_inner(),
+            key_version: String::new(),
+        })
+    }
+
+    async fn generate_data_key(
+        &self,
+        len: usize,
+        wrap: WrapContext<'_>,
+    ) -> Result<(SecretBytes, Ciphertext), ProviderError> {
+        self.session.credentials().await?;
+        let region = self.target.region();
+        let out = self
+            .client(region)
+            .generate_data_key()
+            .key_id(self.target.key_arn.to_string())
+            .number_of_bytes(i32::try_from(len).unwrap_or(32))
+            .set_encryption_context(Some(Self::context(&wrap)))
+            .send()
+            .await
+            .map_err(|e| classify_kms(e, KmsCall::Encrypt, &self.target, region))?;
+        crate::audit::note_provider_request(out.request_id());
+        let plaintext = out.plaintext.ok_or_else(|| {
+            ProviderError::Internal("KMS GenerateDataKey returned no plaintext".into())
+        })?;
+        let blob = out.ciphertext_blob.ok_or_else(|| {
+            ProviderError::Internal("KMS GenerateDataKey returned no ciphertext".into())
+        })?;
+        Ok((
+            SecretBytes::new(plaintext.into_inner()),
+            Ciphertext {
+                bytes: blob.into_inner(),
+                key_version: String::new(),
+            },
+        ))
+    }
+
+    async fn decrypt(
+        &self,
+        _key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError> {
+        if ciphertext.len() > MAX_CIPHERTEXT_BLOB {
+            return Err(ProviderError::InvalidCiphertext(format!(
+                "the wrapped key's ciphertext is {} bytes; AWS KMS ciphertexts are at most {MAX_CIPHERTEXT_BLOB}",
+                ciphertext.len()
+            )));
+        }
+        self.session.credentials().await?;
+        let context = Self::context(&wrap);
+        let first = self
+            .decrypt_in(self.target.region(), ciphertext, &context)
+            .await;
+        let mut last = match first {
+            Err(e) if e.is_transient() => e,
+            // Success and definitive errors are final: a disabled or denied
+            // key is never retried elsewhere.
+            done => return done,
+        };
+        for region in &self.target.replica_regions {
+            tracing::warn!(
+                key = %self.target.key_arn,
+                failed_region = %self.target.region(),
+                replica_region = %region,
+                error = %last,
+                "KMS region failed; decrypting with the multi-Region replica"
+            );
+            match self.decrypt_in(region, ciphertext, &context).await {
+                Err(e) if e.is_transient() => last = e,
+                done => return done,
+            }
+        }
+        Err(last)
+    }
+
+    async fn describe(&self) -> Result<KeyDescription, ProviderError> {
+        self.session.credentials().await?;
+        let region = self.target.region();
+        let client = self.client(region);
+        let out = client
+            .describe_key()
+            .key_id(self.target.key_arn.to_string())
+            .send()
+            .await
+            .map_err(|e| classify_kms(e, KmsCall::Describe, &self.target, region))?;
+        let meta = out.key_metadata.ok_or_else(|| {
+            ProviderError::Internal("KMS DescribeKey returned no metadata".into())
+        })?;
+        let state = match meta.key_state() {
+            Some(KeyState::Enabled) => ProviderKeyState::Enabled,
+            Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => {
+                ProviderKeyState::PendingDeletion
+            }
+            _ => ProviderKeyState::Disabled,
+        };
+        let reason = match state {
+            ProviderKeyState::Enabled => String::new(),
+            _ => state_reason(meta.key_state(), &self.target.key_arn.to_string()),
+        };
+        // Rotation status needs kms:GetKeyRotationStatus, which the
+        // onboarding policy does not ask for: report it when allowed.
+        let rotation_enabled = client
+            .get_key_rotation_status()
+            .key_id(meta.key_id())
+            .send()
+            .await
+            .ok()
+            .map(|r| r.key_rotation_enabled());
+        Ok(KeyDescription {
+            state,
+            reason,
+            current_version: String::new(),
+            key_manager: meta.key_manager().map(|m| m.as_str().to_owned()),
+            multi_region: meta.multi_region(),
+            rotation_enabled,
+            ..KeyDescription::default()
+        })
+    }
+
+    /// AWS ciphertexts carry their key version inside: keybroker writes
+    /// none into the wrapped key, so any version there is forged.
+    fn check_version(&self, version: &str) -> Result<(), ProviderError> {
+        if version.is_empty() {
+            return Ok(());
+        }
+        Err(ProviderError::InvalidCiphertext(format!(
+            "the wrapped key names key version {} for an AWS KMS key; keybroker never writes one there",
+            crate::text::Quoted(version)
+        )))
+    }
+
+    fn aws_key(&self) -> Option<&AwsKmsKey> {
+        Some(self)
+    }
+}
