@@ -9,8 +9,6 @@ const PROTOS: &[&str] = &[
     "proto/keybroker/v1/admin.proto",
 ];
 
-const FLOOR_PROTO: &str = "benches/floor.proto";
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let protos: Vec<PathBuf> = PROTOS.iter().map(PathBuf::from).collect();
@@ -22,18 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::api::codec::StrictProstCodec")
         .file_descriptor_set_path(out_dir.join("keybroker_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
-    // The floor server of the load benchmark (keybroker-bench only).
-    let mut config = tonic_prost_build::Config::new();
-    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure().compile_with_config(
-        config,
-        &[PathBuf::from(FLOOR_PROTO)],
-        &[
-            PathBuf::from("benches"),
-            protoc_bin_vendored::include_path()?,
-        ],
-    )?;
-    for proto in PROTOS.iter().chain([&FLOOR_PROTO]) {
+    for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
     Ok(())

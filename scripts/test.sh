@@ -120,7 +120,7 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "cargo nextest run"
-cargo nextest run --locked --no-fail-fast "$@"
+cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -86,14 +86,14 @@ pub struct AuditSettings {
 
 impl Default for AuditSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl AuditSettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
         if self.max_bytes < 4096 {
-            return crate::config::invalid("audit_max_bytes", "must be at least 4096");
+            return crate::settings::invalid("audit_max_bytes", "must be at least 4096");
         }
         Ok(())
     }

@@ -22,11 +22,11 @@ use serde::Deserialize;
 use crate::reload::FileStamp;
 
 /// Identity of callers on a plaintext (loopback) listener.
-pub const UNAUTHENTICATED: &str = "unauthenticated";
+pub(crate) const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// Every method the server serves that a policy can grant. Health is not
 /// here: probes never need a grant.
-pub const METHODS: &[&str] = &[
+pub(crate) const METHODS: &[&str] = &[
     "keybroker.v1.KeyBroker/GenerateDataKey",
     "keybroker.v1.KeyBroker/WrapKey",
     "keybroker.v1.KeyBroker/UnwrapKey",
@@ -49,10 +49,10 @@ pub const METHODS: &[&str] = &[
 
 /// An exact string or a glob with `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern(String);
+pub(crate) struct Pattern(String);
 
 impl Pattern {
-    pub fn matches(&self, text: &str) -> bool {
+    pub(crate) fn matches(&self, text: &str) -> bool {
         glob(self.0.as_bytes(), text.as_bytes())
     }
 }
@@ -125,7 +125,7 @@ struct Rule {
 /// A parsed policy. `Policy::allow_all` exists for plaintext loopback
 /// development only (the config refuses it with TLS).
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     rules: Vec<Rule>,
     /// No policy file: every call allowed without matching.
     allow_all: bool,
@@ -135,21 +135,21 @@ pub struct Policy {
 /// Holds the policy it was granted under (a reload mid-call does not change
 /// the answer) and allocates nothing per call.
 #[derive(Debug, Clone)]
-pub struct Grant {
+pub(crate) struct Grant {
     policy: Arc<Policy>,
     identity: Arc<str>,
     method: Arc<str>,
 }
 
 impl Grant {
-    pub fn allows_tenant(&self, tenant_id: &str) -> bool {
+    pub(crate) fn allows_tenant(&self, tenant_id: &str) -> bool {
         self.policy
             .allows(&self.identity, &self.method, Some(tenant_id))
     }
 }
 
 impl Policy {
-    pub fn allow_all() -> Self {
+    pub(crate) fn allow_all() -> Self {
         Self {
             rules: Vec::new(),
             allow_all: true,
@@ -159,7 +159,7 @@ impl Policy {
     /// Parses and checks a policy: every list non-empty, every method
     /// pattern naming at least one real method (a typo must not silently
     /// grant nothing, or everything).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut rules = Vec::with_capacity(file.allow.len());
         for (i, rule) in file.allow.into_iter().enumerate() {
@@ -202,7 +202,7 @@ impl Policy {
         })
     }
 
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("authorization policy {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("authorization policy {}: {e}", path.display()))
@@ -210,7 +210,7 @@ impl Policy {
 
     /// Whether one rule matches the identity, the method and (when given)
     /// the tenant.
-    pub fn allows(&self, identity: &str, method: &str, tenant_id: Option<&str>) -> bool {
+    pub(crate) fn allows(&self, identity: &str, method: &str, tenant_id: Option<&str>) -> bool {
         self.allow_all
             || self.rules.iter().any(|r| {
                 r.identities.iter().any(|p| p.matches(identity))
@@ -221,7 +221,7 @@ impl Policy {
 
     /// A grant when some rule lets `identity` call `method` (for some
     /// tenant); `None` when none does.
-    pub fn grant(self: &Arc<Self>, identity: Arc<str>, method: Arc<str>) -> Option<Grant> {
+    pub(crate) fn grant(self: &Arc<Self>, identity: Arc<str>, method: Arc<str>) -> Option<Grant> {
         self.allows(&identity, &method, None).then(|| Grant {
             policy: Arc::clone(self),
             identity,
@@ -232,7 +232,7 @@ impl Policy {
 
 /// The policy in force, re-read from its file when it changes.
 #[derive(Debug)]
-pub struct PolicySource {
+pub(crate) struct PolicySource {
     path: Option<PathBuf>,
     /// Read on every call, replaced on reload; calls never wait on file I/O.
     current: RwLock<Arc<Policy>>,
@@ -241,7 +241,7 @@ pub struct PolicySource {
 }
 
 impl PolicySource {
-    pub fn fixed(policy: Policy) -> Arc<Self> {
+    pub(crate) fn fixed(policy: Policy) -> Arc<Self> {
         Arc::new(Self {
             path: None,
             current: RwLock::new(Arc::new(policy)),
@@ -249,7 +249,7 @@ impl PolicySource {
         })
     }
 
-    pub fn from_file(path: &Path) -> Result<Arc<Self>, String> {
+    pub(crate) fn from_file(path: &Path) -> Result<Arc<Self>, String> {
         let stamp = FileStamp::of(&[path]);
         let policy = Policy::load(path)?;
         Ok(Arc::new(Self {
@@ -259,7 +259,7 @@ impl PolicySource {
         }))
     }
 
-    pub fn current(&self) -> Arc<Policy> {
+    pub(crate) fn current(&self) -> Arc<Policy> {
         match self.current.read() {
             Ok(p) => Arc::clone(&p),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
@@ -268,7 +268,7 @@ impl PolicySource {
 
     /// Re-reads the file if it changed; returns whether a new policy is in
     /// force. A broken file keeps the previous policy (logged).
-    pub fn reload_if_changed(&self) -> bool {
+    pub(crate) fn reload_if_changed(&self) -> bool {
         let Some(path) = &self.path else {
             return false;
         };
@@ -297,7 +297,10 @@ impl PolicySource {
         }
     }
 
-    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn spawn_reloader(
+        self: &Arc<Self>,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         crate::reload::every(interval, self, |source| {
             source.reload_if_changed();
         })

@@ -156,13 +156,13 @@ pub struct CacheSettings {
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl CacheSettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::invalid;
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::invalid;
         if self.max_entries == 0 {
             return invalid("cache_max_entries", "must be at least 1");
         }

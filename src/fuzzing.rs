@@ -74,7 +74,7 @@ impl RequestHarness {
             )
             .build();
         let server = runtime.block_on(Server::build_with(config, Some(aws)))?;
-        let observers = Arc::new(crate::api::call::Observers {
+        let observers = Arc::new(crate::api::Observers {
             audit: Arc::new(AuditLog::disabled()),
             metrics: Arc::clone(server.metrics()),
         });

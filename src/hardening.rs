@@ -4,7 +4,7 @@
 
 /// What [`harden`] left in force, checked by reading it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hardening {
+pub(crate) struct Hardening {
     /// `RLIMIT_CORE` soft and hard limits are 0.
     pub core_dumps_disabled: bool,
     /// `PR_GET_DUMPABLE` is 0: no core, no ptrace attach by the same user,
@@ -13,7 +13,7 @@ pub struct Hardening {
 }
 
 /// Sets `RLIMIT_CORE=0` and `PR_SET_DUMPABLE=0`, then reads both back.
-pub fn harden() -> std::io::Result<Hardening> {
+pub(crate) fn harden() -> std::io::Result<Hardening> {
     use rustix::process::{DumpableBehavior, Resource, Rlimit};
     rustix::process::setrlimit(
         Resource::Core,
@@ -27,7 +27,7 @@ pub fn harden() -> std::io::Result<Hardening> {
 }
 
 /// The process's current settings.
-pub fn current() -> Hardening {
+pub(crate) fn current() -> Hardening {
     use rustix::process::{DumpableBehavior, Resource};
     let core = rustix::process::getrlimit(Resource::Core);
     Hardening {

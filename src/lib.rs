@@ -1,30 +1,66 @@
 //! keybroker: a gRPC service that hands platform services data encryption
 //! keys protected by each tenant's customer-managed key. See DESIGN.md.
+//!
+//! The module map, arrows pointing one way (api -> broker -> keys/cache ->
+//! kms). Public modules are what the binary, the tests and the benchmarks
+//! build on; the rest is private to the crate (`unreachable_pub` is on).
 
-pub mod api;
-pub mod audit;
-pub mod authz;
+// --- the data plane ------------------------------------------------------
+/// The data plane: generate, wrap, unwrap, rewrap, describe. No gRPC.
 pub mod broker;
+/// Unwrapped keys in memory, with single-flight loads.
 pub mod cache;
-pub mod cli;
-pub mod config;
+/// Tenant ids, encryption contexts and their AAD encoding.
 pub mod context;
-pub mod control;
+/// The wrapped-key format.
 pub mod envelope;
+/// Bindings, their states and usage; the `KeyDirectory` seam.
+pub mod keys;
+/// Key providers: the `KeyProvider` trait, local keyrings, AWS KMS, Cloud KMS.
+pub mod kms;
+/// Per-tenant and global limits on provider calls.
+pub mod quota;
+/// Plaintext-holding types that zeroize and never print.
+pub mod secret;
+
+// --- the control plane ---------------------------------------------------
+/// Tenants and their keys: validation, onboarding, verification; the watcher.
+pub mod control;
+/// Tenants and bindings stored in SQLite or PostgreSQL; the registry's
+/// `KeyDirectory`.
+pub mod registry;
+
+// --- the service -----------------------------------------------------------
+/// gRPC services, the auth layer and the one error -> status map.
+mod api;
+/// Audit records, one per call.
+pub mod audit;
+/// The authorization policy.
+mod authz;
+/// The command line (`keybroker serve`, client and admin commands).
+pub mod cli;
+/// One typed configuration, composed of the domains' sections.
+pub mod config;
+/// Core dumps and ptrace off before any key is loaded.
+mod hardening;
+/// Prometheus metrics.
+mod metrics;
+/// Listeners, connection limits, TLS and caller identity.
+pub mod net;
+/// Periodic reload of files (keyring, policy, TLS material).
+mod reload;
+/// Assembles and runs the server.
+pub mod server;
+/// What every settings section shares (defaults, errors).
+mod settings;
+/// Logs and traces.
+pub mod telemetry;
+/// Caller text made safe to show: quoted, escaped, capped.
+pub mod text;
+
+/// Entry points for the cargo-fuzz targets (`fuzz/`).
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
-pub mod hardening;
-pub mod keys;
-pub mod kms;
-pub mod metrics;
-pub mod net;
-pub mod quota;
-pub mod registry;
-pub mod reload;
-pub mod secret;
-pub mod server;
-pub mod telemetry;
-pub mod text;
 
 /// Generated from `proto/keybroker/v1/*.proto`.
 #[allow(

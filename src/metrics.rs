@@ -393,7 +393,7 @@ impl Metrics {
 }
 
 /// The canonical name of a gRPC code, as grpcurl and every gRPC library print it.
-pub fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     match code {
         tonic::Code::Ok => "OK",
         tonic::Code::Cancelled => "CANCELLED",
@@ -416,7 +416,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -94,7 +94,7 @@ impl QuotaSettings {
 
 impl Default for QuotaSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 

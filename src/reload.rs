@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 /// Calls `tick` every `interval` (the first time after one interval) while
 /// `target` is alive: the background loop of every reloader and sweeper.
-pub fn every<T: Send + Sync + 'static>(
+pub(crate) fn every<T: Send + Sync + 'static>(
     interval: Duration,
     target: &Arc<T>,
     tick: impl Fn(&T) + Send + 'static,
@@ -29,7 +29,7 @@ pub fn every<T: Send + Sync + 'static>(
 
 /// What one file looked like: a change to any field means "reload".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     modified: SystemTime,
     len: u64,
     inode: u64,
@@ -37,7 +37,7 @@ pub struct Stamp {
 
 impl Stamp {
     /// Follows symlinks, so a mounted Secret's `..data` swap changes the inode.
-    pub fn of(path: &Path) -> std::io::Result<Self> {
+    pub(crate) fn of(path: &Path) -> std::io::Result<Self> {
         let meta = std::fs::metadata(path)?;
         Ok(Self {
             modified: meta.modified()?,
@@ -50,10 +50,10 @@ impl Stamp {
 /// The stamps of several files; an unreadable file is part of the state, so
 /// it coming back counts as a change too.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileStamp(Vec<Option<Stamp>>);
+pub(crate) struct FileStamp(Vec<Option<Stamp>>);
 
 impl FileStamp {
-    pub fn of<P: AsRef<Path>>(paths: &[P]) -> Self {
+    pub(crate) fn of<P: AsRef<Path>>(paths: &[P]) -> Self {
         Self(paths.iter().map(|p| Stamp::of(p.as_ref()).ok()).collect())
     }
 }

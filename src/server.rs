@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use crate::api::Observers;
 use crate::api::auth::AuthLayer;
-use crate::api::call::Observers;
 use crate::api::key_admin::KeyAdminApi;
 use crate::api::key_broker::KeyBrokerApi;
 use crate::audit::AuditLog;

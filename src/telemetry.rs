@@ -64,7 +64,7 @@ pub struct TelemetrySettings {
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 

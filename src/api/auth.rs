@@ -12,7 +12,7 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use tonic::Status;
 
-use crate::api::call::Observers;
+use crate::api::Observers;
 use crate::audit::AuditRecord;
 use crate::authz::{Grant, PolicySource, UNAUTHENTICATED};
 use crate::net::incoming::PeerInfo;
@@ -21,11 +21,11 @@ use crate::net::incoming::PeerInfo;
 const OPEN_PREFIXES: &[&str] = &["grpc.health.v1.Health/"];
 
 /// Request metadata naming the caller's request id (echoed in the response).
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// What the layer learned about a call, for its handler.
 #[derive(Debug, Clone)]
-pub struct CallContext {
+pub(crate) struct CallContext {
     pub identity: Arc<str>,
     pub peer: Option<std::net::SocketAddr>,
     pub method: Arc<str>,
@@ -46,13 +46,13 @@ fn names_tenant(method: &str) -> bool {
 
 /// Shared by every connection's copy of the layer.
 #[derive(Debug, Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     policy: Arc<PolicySource>,
     observers: Arc<Observers>,
 }
 
 impl AuthLayer {
-    pub fn new(policy: Arc<PolicySource>, observers: Arc<Observers>) -> Self {
+    pub(crate) fn new(policy: Arc<PolicySource>, observers: Arc<Observers>) -> Self {
         Self { policy, observers }
     }
 }
@@ -69,7 +69,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct AuthService<S> {
+pub(crate) struct AuthService<S> {
     inner: S,
     layer: AuthLayer,
 }
@@ -222,7 +222,7 @@ where
     }
 }
 
-pub fn elapsed_us(started: Instant) -> u64 {
+pub(crate) fn elapsed_us(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 

@@ -3,18 +3,17 @@
 //! whatever the outcome. In fail-closed mode an unwritable record turns the
 //! answer into UNAVAILABLE, so no key leaves without a trace.
 
-use std::sync::Arc;
-
 use tonic::{Code, Request, Response, Status};
 
+use crate::api::Observers;
 use crate::api::auth::{AccessError, CallContext, elapsed_us};
 use crate::audit::{self, AuditLog, AuditRecord};
-use crate::metrics::{Metrics, code_name};
+use crate::metrics::code_name;
 use crate::proto;
 use crate::text::Escaped;
 
 /// What a request says about its target, for the policy and the audit log.
-pub trait Scoped {
+pub(crate) trait Scoped {
     fn tenant_id(&self) -> &str;
     /// The key binding an admin request names.
     fn key_binding(&self) -> Option<&str> {
@@ -27,7 +26,7 @@ pub trait Scoped {
 }
 
 /// What a response says about the key used.
-pub trait Audited {
+pub(crate) trait Audited {
     /// (binding, provider key version).
     fn key(&self) -> Option<(&str, &str)> {
         None
@@ -100,16 +99,9 @@ audited!(
     proto::UnlinkKeyResponse,
 );
 
-/// Where every call is recorded: the audit log and the metrics.
-#[derive(Debug)]
-pub struct Observers {
-    pub audit: Arc<AuditLog>,
-    pub metrics: Arc<Metrics>,
-}
-
 /// Authorizes the tenant, runs `handler`, writes the audit record and the
 /// RPC metrics.
-pub async fn serve<Req, Resp, Fut>(
+pub(crate) async fn serve<Req, Resp, Fut>(
     observers: &Observers,
     request: Request<Req>,
     handler: impl FnOnce(Req) -> Fut,

@@ -12,7 +12,7 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// `tonic_prost::ProstCodec` with strict decode errors (set in `build.rs`).
 #[derive(Debug, Clone)]
-pub struct StrictProstCodec<T, U>(PhantomData<(T, U)>);
+pub(crate) struct StrictProstCodec<T, U>(PhantomData<(T, U)>);
 
 impl<T, U> Default for StrictProstCodec<T, U> {
     fn default() -> Self {
@@ -41,7 +41,7 @@ where
 
 /// Decodes like prost, refusing invalid input with INVALID_ARGUMENT.
 #[derive(Debug)]
-pub struct StrictDecoder<U>(ProstDecoder<U>);
+pub(crate) struct StrictDecoder<U>(ProstDecoder<U>);
 
 impl<U: Message + Default> Decoder for StrictDecoder<U> {
     type Item = U;

@@ -12,13 +12,13 @@ use crate::proto::{self, key_admin_server::KeyAdmin};
 use crate::registry::{KeyPolicy, Tenant};
 
 #[derive(Debug, Clone)]
-pub struct KeyAdminApi {
+pub(crate) struct KeyAdminApi {
     admin: Arc<Admin>,
-    observers: Arc<call::Observers>,
+    observers: Arc<crate::api::Observers>,
 }
 
 impl KeyAdminApi {
-    pub fn new(admin: Arc<Admin>, observers: Arc<call::Observers>) -> Self {
+    pub(crate) fn new(admin: Arc<Admin>, observers: Arc<crate::api::Observers>) -> Self {
         Self { admin, observers }
     }
 
@@ -58,7 +58,7 @@ fn policy_from_proto(value: i32, required: bool) -> Result<Option<KeyPolicy>, Ad
     }
 }
 
-pub fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
+pub(crate) fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
     let r = &view.record;
     proto::KeyBinding {
         tenant_id: r.tenant_id.clone(),

@@ -12,13 +12,13 @@ use crate::proto::{self, key_broker_server::KeyBroker};
 use crate::secret::SecretBytes;
 
 #[derive(Debug, Clone)]
-pub struct KeyBrokerApi {
+pub(crate) struct KeyBrokerApi {
     broker: Arc<Broker>,
-    observers: Arc<call::Observers>,
+    observers: Arc<crate::api::Observers>,
 }
 
 impl KeyBrokerApi {
-    pub fn new(broker: Arc<Broker>, observers: Arc<call::Observers>) -> Self {
+    pub(crate) fn new(broker: Arc<Broker>, observers: Arc<crate::api::Observers>) -> Self {
         Self { broker, observers }
     }
 }

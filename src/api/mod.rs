@@ -1,10 +1,23 @@
 //! gRPC services: message conversion only. Decisions live in the domain
 //! modules; errors become `tonic::Status` in exactly one place, [`status`].
 
-pub mod auth;
-pub mod call;
-pub mod codec;
-pub mod convert;
-pub mod key_admin;
-pub mod key_broker;
-pub mod status;
+pub(crate) mod auth;
+pub(crate) mod call;
+pub(crate) mod codec;
+pub(crate) mod convert;
+pub(crate) mod key_admin;
+pub(crate) mod key_broker;
+pub(crate) mod status;
+
+use std::sync::Arc;
+
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+
+/// Where every call is recorded: the audit log and the metrics. Shared by
+/// the auth layer (denials) and every handler (`call::serve`).
+#[derive(Debug)]
+pub(crate) struct Observers {
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+}

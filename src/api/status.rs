@@ -17,7 +17,7 @@ use crate::kms::ProviderError;
 use crate::registry::RegistryError;
 
 /// `ErrorInfo.domain` of every keybroker error.
-pub const ERROR_DOMAIN: &str = "keybroker.v1";
+pub(crate) const ERROR_DOMAIN: &str = "keybroker.v1";
 
 impl From<BrokerError> for Status {
     fn from(err: BrokerError) -> Self {

@@ -6,20 +6,8 @@ use std::path::Path;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Command, FromArgMatches};
 
-use super::{Config, ConfigError};
-
-/// `command` without environment variables (and without defaults unless
-/// `keep_defaults`): what it parses comes from its arguments alone.
-pub(super) fn bare(command: Command, keep_defaults: bool) -> Command {
-    command.mut_args(|arg| {
-        let arg = arg.env(None::<&'static str>);
-        if keep_defaults {
-            arg
-        } else {
-            arg.default_value(None::<&'static str>)
-        }
-    })
-}
+use super::Config;
+use crate::settings::{ConfigError, bare};
 
 /// Applies the file at `path` to `config`: every setting it names that
 /// neither a flag nor the environment gave (per `given`).

@@ -27,6 +27,8 @@ use crate::net::incoming::ConnectionSettings;
 use crate::net::tls::TlsSettings;
 use crate::quota::QuotaSettings;
 use crate::registry::RegistrySettings;
+pub use crate::settings::ConfigError;
+use crate::settings::{defaults, invalid};
 use crate::telemetry::TelemetrySettings;
 
 /// Largest gRPC message the server decodes. Every legitimate request is far
@@ -72,38 +74,6 @@ pub struct Config {
     pub quota: QuotaSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {path}: {reason}")]
-    File { path: PathBuf, reason: String },
-    #[error("invalid setting {setting}: {reason}")]
-    Invalid { setting: String, reason: String },
-    #[error("{0}")]
-    Flags(String),
-}
-
-/// `Err(ConfigError::Invalid)` for `setting`.
-pub(crate) fn invalid<T>(setting: &str, reason: &str) -> Result<T, ConfigError> {
-    Err(ConfigError::Invalid {
-        setting: setting.to_owned(),
-        reason: reason.to_owned(),
-    })
-}
-
-/// A section's built-in defaults: its declared default values, without
-/// flags or environment.
-pub(crate) fn defaults<T: Args + FromArgMatches>() -> T {
-    let command = file::bare(T::augment_args(Command::new("defaults")), true);
-    // The defaults are literals in the declarations; `defaults_validate`
-    // proves every one parses, so this cannot fail at run time.
-    #[allow(clippy::expect_used)]
-    let matches = command
-        .try_get_matches_from(["defaults"])
-        .expect("built-in defaults parse");
-    #[allow(clippy::expect_used)]
-    T::from_arg_matches(&matches).expect("built-in defaults parse")
 }
 
 impl Default for Config {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use humantime::parse_duration;
 
-use super::{ConfigError, invalid};
+use crate::settings::{ConfigError, invalid};
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ServerSettings {
@@ -85,7 +85,7 @@ pub struct ServerSettings {
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        super::defaults()
+        crate::settings::defaults()
     }
 }
 

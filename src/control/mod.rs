@@ -72,7 +72,7 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 

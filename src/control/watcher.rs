@@ -19,7 +19,7 @@ use futures::StreamExt;
 use crate::keys::BindingState;
 use crate::metrics::{CheckCounts, KeyStateSource};
 use crate::registry::directory::RegistryDirectory;
-use crate::registry::key_state::{Applied, Verdict};
+use crate::registry::{Applied, Verdict};
 
 /// The `watcher_*` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -46,20 +46,20 @@ pub struct WatcherSettings {
 
 impl Default for WatcherSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl WatcherSettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
         if self.recheck_interval.is_zero() {
-            return crate::config::invalid(
+            return crate::settings::invalid(
                 "recheck_interval",
                 "must be longer than zero (it rate-limits describes that requests trigger)",
             );
         }
         if self.interval.is_zero() || self.concurrency == 0 {
-            return crate::config::invalid(
+            return crate::settings::invalid(
                 "watcher_interval/watcher_concurrency",
                 "must be longer than zero / at least 1",
             );

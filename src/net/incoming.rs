@@ -62,24 +62,24 @@ pub struct ConnectionSettings {
 
 impl Default for ConnectionSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl ConnectionSettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
         if self.handshake_timeout.is_zero()
             || self.keepalive_interval.is_zero()
             || self.keepalive_timeout.is_zero()
             || self.idle_timeout.is_zero()
         {
-            return crate::config::invalid(
+            return crate::settings::invalid(
                 "handshake_timeout/keepalive_interval/keepalive_timeout/idle_timeout",
                 "must be longer than zero",
             );
         }
         if self.max_connections == 0 {
-            return crate::config::invalid("max_connections", "must be at least 1");
+            return crate::settings::invalid("max_connections", "must be at least 1");
         }
         Ok(())
     }

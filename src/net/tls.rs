@@ -59,7 +59,7 @@ pub struct TlsSettings {
 
 impl Default for TlsSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
@@ -69,8 +69,8 @@ impl TlsSettings {
         self.cert.is_some() && self.key.is_some() && self.client_ca.is_some()
     }
 
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::invalid;
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::invalid;
         let given = [&self.cert, &self.key, &self.client_ca]
             .iter()
             .filter(|f| f.is_some())

@@ -58,7 +58,7 @@ pub struct RegistryDirectory {
     /// runs one describe per binding for all concurrent callers, and the
     /// TTL (`recheck_min_interval`) rate-limits what forged requests can
     /// make the customer's KMS do (see `key_state`).
-    verdicts: Cache<UsageKey, super::key_state::Verdict>,
+    verdicts: Cache<UsageKey, super::Verdict>,
     /// Out-of-turn describes made (tests and metrics).
     pub(crate) rechecks: std::sync::atomic::AtomicU64,
 }
@@ -101,7 +101,7 @@ impl RegistryDirectory {
         self
     }
 
-    pub(crate) fn verdicts(&self) -> &Cache<UsageKey, super::key_state::Verdict> {
+    pub(crate) fn verdicts(&self) -> &Cache<UsageKey, super::Verdict> {
         &self.verdicts
     }
 
@@ -419,7 +419,7 @@ async fn connect_listener(url: &str) -> Result<sqlx::postgres::PgListener, sqlx:
     Ok(listener)
 }
 
-fn verdict_cache(ttl: Duration) -> Cache<UsageKey, super::key_state::Verdict> {
+fn verdict_cache(ttl: Duration) -> Cache<UsageKey, super::Verdict> {
     Cache::builder()
         .max_capacity(10_000)
         .time_to_live(ttl.max(Duration::from_millis(1)))

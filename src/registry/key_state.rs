@@ -13,29 +13,9 @@
 
 use crate::keys::{BindingState, Confirmation};
 use crate::kms::{ProviderError, ProviderKeyState};
-use crate::registry::BindingRecord;
 use crate::registry::directory::RegistryDirectory;
+use crate::registry::{Applied, BindingRecord, Verdict};
 use crate::text::Escaped;
-
-/// What one describe of a binding found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// The key is usable.
-    Usable,
-    /// The customer made the key unusable; why, and what they can do.
-    Revoked(String),
-    /// The provider could not answer (throttled, unreachable): no change.
-    Outage,
-}
-
-/// What applying a verdict changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    Revoked,
-    Restored,
-    Outage,
-    Unchanged,
-}
 
 impl RegistryDirectory {
     /// Describes a stored binding through its provider (for AWS: through the

@@ -17,6 +17,26 @@ use crate::keys::BindingState;
 use crate::kms::ProviderKind;
 
 /// How many keys a tenant may have.
+/// What one describe of a binding found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The key is usable.
+    Usable,
+    /// The customer made the key unusable; why, and what they can do.
+    Revoked(String),
+    /// The provider could not answer (throttled, unreachable): no change.
+    Outage,
+}
+
+/// What applying a verdict changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Revoked,
+    Restored,
+    Outage,
+    Unchanged,
+}
+
 /// The `registry*` and `usage_flush_interval` settings.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct RegistrySettings {
@@ -35,13 +55,13 @@ pub struct RegistrySettings {
 
 impl Default for RegistrySettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl RegistrySettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::invalid;
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::invalid;
         if self.cache_ttl.is_zero() || self.usage_flush_interval.is_zero() {
             return invalid(
                 "registry_cache_ttl/usage_flush_interval",

@@ -16,12 +16,12 @@ use tonic::transport::Channel;
 
 use crate::common::repo_root;
 
-pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/customer-keybroker-access";
+pub(crate) const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/customer-keybroker-access";
 
-pub const TENANT: &str = "acme";
+pub(crate) const TENANT: &str = "acme";
 
 /// Creates the test tenant; returns its external ID.
-pub async fn create_tenant(admin: &mut KeyAdminClient<Channel>) -> String {
+pub(crate) async fn create_tenant(admin: &mut KeyAdminClient<Channel>) -> String {
     admin
         .create_tenant(proto::CreateTenantRequest {
             tenant_id: TENANT.into(),
@@ -38,7 +38,7 @@ pub async fn create_tenant(admin: &mut KeyAdminClient<Channel>) -> String {
 }
 
 /// LinkKey for an AWS key of the test tenant, trusted through ROLE_ARN.
-pub fn link_request(
+pub(crate) fn link_request(
     name: &str,
     key_arn: &str,
     replicas: &[&str],
@@ -59,7 +59,7 @@ pub fn link_request(
 }
 
 /// Static test credentials for the platform identity.
-pub fn test_sdk_config(region: &str) -> aws_config::SdkConfig {
+pub(crate) fn test_sdk_config(region: &str) -> aws_config::SdkConfig {
     aws_config::SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(aws_config::Region::new(region.to_owned()))
@@ -77,10 +77,10 @@ pub fn test_sdk_config(region: &str) -> aws_config::SdkConfig {
         .build()
 }
 
-pub struct Moto {
+pub(crate) struct Moto {
     child: Child,
-    pub url: String,
-    pub recording: std::path::PathBuf,
+    pub(crate) url: String,
+    pub(crate) recording: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -92,7 +92,7 @@ impl Drop for Moto {
 }
 
 impl Moto {
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let python = repo_root().join(".tools/venv/bin/python");
         assert!(
             python.exists(),
@@ -124,7 +124,7 @@ impl Moto {
         }
     }
 
-    pub fn kms(&self, region: &str) -> aws_sdk_kms::Client {
+    pub(crate) fn kms(&self, region: &str) -> aws_sdk_kms::Client {
         let config = aws_sdk_kms::config::Builder::from(&test_sdk_config(region))
             .endpoint_url(&self.url)
             .build();
@@ -132,7 +132,7 @@ impl Moto {
     }
 
     /// A fresh customer key; returns its ARN.
-    pub async fn create_key(&self, region: &str, multi_region: bool) -> String {
+    pub(crate) async fn create_key(&self, region: &str, multi_region: bool) -> String {
         self.kms(region)
             .create_key()
             .multi_region(multi_region)
@@ -145,7 +145,7 @@ impl Moto {
             .unwrap()
     }
 
-    pub fn settings(&self) -> AwsSettings {
+    pub(crate) fn settings(&self) -> AwsSettings {
         AwsSettings {
             kms_endpoint: Some(self.url.clone()),
             sts_endpoint: Some(self.url.clone()),
@@ -153,12 +153,12 @@ impl Moto {
         }
     }
 
-    pub async fn start_recording(&self) {
+    pub(crate) async fn start_recording(&self) {
         http(&self.url, "POST", "/moto-api/recorder/start-recording").await;
     }
 
     /// Recorded requests (headers, body decoded).
-    pub fn recorded(&self) -> Vec<(HashMap<String, String>, String)> {
+    pub(crate) fn recorded(&self) -> Vec<(HashMap<String, String>, String)> {
         use base64::Engine;
         let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
         text.lines()
@@ -200,13 +200,13 @@ async fn http(base: &str, method: &str, path: &str) -> String {
     out
 }
 
-pub fn aws_with(settings: AwsSettings) -> Arc<AwsKms> {
+pub(crate) fn aws_with(settings: AwsSettings) -> Arc<AwsKms> {
     Arc::new(AwsKms::new(test_sdk_config(&settings.region), settings))
 }
 
 /// What the fault server answers for one operation.
 #[derive(Clone)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// An AWS JSON error (KMS): HTTP status and `__type`.
     KmsError(u16, &'static str),
     /// STS AccessDenied in STS's XML.
@@ -221,8 +221,8 @@ pub enum Fault {
 /// operation (`TrentService.Decrypt`, `AssumeRole`...). AssumeRole succeeds
 /// unless scripted otherwise.
 #[derive(Clone)]
-pub struct FaultServer {
-    pub url: String,
+pub(crate) struct FaultServer {
+    pub(crate) url: String,
     faults: Arc<Mutex<HashMap<String, Fault>>>,
     counts: Arc<Mutex<HashMap<String, u64>>>,
     /// Body of the last request of each operation.
@@ -230,7 +230,7 @@ pub struct FaultServer {
 }
 
 impl FaultServer {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = Self {
@@ -252,18 +252,18 @@ impl FaultServer {
         server
     }
 
-    pub fn set(&self, operation: &str, fault: Fault) {
+    pub(crate) fn set(&self, operation: &str, fault: Fault) {
         self.faults
             .lock()
             .unwrap()
             .insert(operation.to_owned(), fault);
     }
 
-    pub fn last_body(&self, operation: &str) -> Option<String> {
+    pub(crate) fn last_body(&self, operation: &str) -> Option<String> {
         self.bodies.lock().unwrap().get(operation).cloned()
     }
 
-    pub fn count(&self, operation: &str) -> u64 {
+    pub(crate) fn count(&self, operation: &str) -> u64 {
         *self.counts.lock().unwrap().get(operation).unwrap_or(&0)
     }
 

@@ -21,7 +21,7 @@ use keybroker::server::Server;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-pub fn test_config(data_dir: &Path) -> Config {
+pub(crate) fn test_config(data_dir: &Path) -> Config {
     let mut config = Config::default();
     config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.server.data_dir = data_dir.to_owned();
@@ -29,31 +29,34 @@ pub fn test_config(data_dir: &Path) -> Config {
     config
 }
 
-pub struct TestServer {
-    pub addr: SocketAddr,
-    pub broker: Arc<Broker>,
-    pub audit: Arc<keybroker::audit::AuditLog>,
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) audit: Arc<keybroker::audit::AuditLog>,
     /// The registry's view (absent with an injected directory).
-    pub directory: Option<Arc<keybroker::registry::directory::RegistryDirectory>>,
+    pub(crate) directory: Option<Arc<keybroker::registry::directory::RegistryDirectory>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl TestServer {
     /// The embedded default on `config`.
-    pub async fn start(config: Config) -> Self {
+    pub(crate) async fn start(config: Config) -> Self {
         let aws = crate::aws_support::test_sdk_config(&config.aws.region);
         Self::serve(Server::build_with(config, Some(aws)).await.unwrap()).await
     }
 
     /// Every tenant on the platform key, served by `provider`.
-    pub async fn start_with_provider(config: Config, provider: Arc<dyn KeyProvider>) -> Self {
+    pub(crate) async fn start_with_provider(
+        config: Config,
+        provider: Arc<dyn KeyProvider>,
+    ) -> Self {
         let binding = Binding::active(PLATFORM_BINDING, provider, "test-keyring");
         let directory = Arc::new(PlatformOnly::new(Arc::new(binding)));
         Self::serve(Server::with_directory(config, directory).unwrap()).await
     }
 
-    pub async fn serve(server: Server) -> Self {
+    pub(crate) async fn serve(server: Server) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let broker = Arc::clone(server.broker());
@@ -73,23 +76,23 @@ impl TestServer {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub async fn client(&self) -> KeyBrokerClient<Channel> {
+    pub(crate) async fn client(&self) -> KeyBrokerClient<Channel> {
         KeyBrokerClient::connect(self.url()).await.unwrap()
     }
 
-    pub fn decrypt_calls(&self) -> u64 {
+    pub(crate) fn decrypt_calls(&self) -> u64 {
         self.broker.provider_calls().decrypt.load(Ordering::SeqCst)
     }
 
-    pub fn encrypt_calls(&self) -> u64 {
+    pub(crate) fn encrypt_calls(&self) -> u64 {
         self.broker.provider_calls().encrypt.load(Ordering::SeqCst)
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -100,16 +103,16 @@ impl TestServer {
 /// A local keyring that sleeps before every call and counts them, standing
 /// in for a remote KMS.
 #[derive(Debug)]
-pub struct SlowKeyring {
+pub(crate) struct SlowKeyring {
     inner: LocalKeyring,
     delay: Duration,
     /// What it reports itself as: remote kinds are subject to the KMS quota.
     kind: ProviderKind,
-    pub decrypts: AtomicU64,
+    pub(crate) decrypts: AtomicU64,
 }
 
 impl SlowKeyring {
-    pub fn new(delay: Duration) -> Self {
+    pub(crate) fn new(delay: Duration) -> Self {
         Self {
             inner: LocalKeyring::from_material("platform", &[SecretBytes::random(32).unwrap()])
                 .unwrap(),
@@ -120,7 +123,7 @@ impl SlowKeyring {
     }
 
     /// Stands in for a remote KMS (reports itself as AWS KMS).
-    pub fn remote(delay: Duration) -> Self {
+    pub(crate) fn remote(delay: Duration) -> Self {
         Self {
             kind: ProviderKind::AwsKms,
             ..Self::new(delay)
@@ -164,13 +167,13 @@ impl KeyProvider for SlowKeyring {
 }
 
 /// Root of the repository (tools live in `.tools/`).
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A test tool installed by scripts/test.sh. A missing tool fails the test
 /// with instructions; it is never a silent skip.
-pub fn tool(name: &str, env_var: &str) -> PathBuf {
+pub(crate) fn tool(name: &str, env_var: &str) -> PathBuf {
     if let Ok(path) = std::env::var(env_var) {
         return PathBuf::from(path);
     }
@@ -183,7 +186,7 @@ pub fn tool(name: &str, env_var: &str) -> PathBuf {
     path
 }
 
-pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+pub(crate) fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -192,7 +195,7 @@ pub fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> 
 
 /// A fresh, empty PostgreSQL database on the server scripts/test.sh starts
 /// (KEYBROKER_TEST_POSTGRES_URL points at its maintenance database).
-pub async fn fresh_postgres_database() -> String {
+pub(crate) async fn fresh_postgres_database() -> String {
     use sqlx::Connection;
     let base = std::env::var("KEYBROKER_TEST_POSTGRES_URL").unwrap_or_else(|_| {
         panic!(
@@ -219,7 +222,7 @@ pub async fn fresh_postgres_database() -> String {
 }
 
 /// Calls the admin API of a test server.
-pub async fn admin_client(
+pub(crate) async fn admin_client(
     server: &TestServer,
 ) -> keybroker::proto::key_admin_client::KeyAdminClient<Channel> {
     keybroker::proto::key_admin_client::KeyAdminClient::connect(server.url())
@@ -228,13 +231,13 @@ pub async fn admin_client(
 }
 
 /// 32 random bytes in base64: customer key material.
-pub fn random_material() -> String {
+pub(crate) fn random_material() -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(SecretBytes::random(32).unwrap().expose())
 }
 
 /// UnwrapKey of `wrapped` for `tenant` under `context`.
-pub fn unwrap_req(
+pub(crate) fn unwrap_req(
     tenant: &str,
     context: &[(&str, &str)],
     wrapped: &[u8],
@@ -247,7 +250,7 @@ pub fn unwrap_req(
 }
 
 /// GenerateDataKey of the default spec for `tenant` under `context`.
-pub fn generate_req(
+pub(crate) fn generate_req(
     tenant: &str,
     context: &[(&str, &str)],
 ) -> keybroker::proto::GenerateDataKeyRequest {

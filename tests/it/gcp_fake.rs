@@ -42,18 +42,18 @@ use keybroker::kms::gcp::crc32c;
 
 /// Faults a test switches on.
 #[derive(Debug, Default, Clone)]
-pub struct Faults {
+pub(crate) struct Faults {
     /// Responses carry a wrong CRC32C (corruption on the way back).
-    pub corrupt_response_crc: bool,
+    pub(crate) corrupt_response_crc: bool,
     /// Encrypt answers without confirming the request checksums (as if the
     /// request had been verified by nobody).
-    pub unverified_request: bool,
+    pub(crate) unverified_request: bool,
     /// The next N calls answer 503 UNAVAILABLE.
-    pub unavailable_calls: u32,
+    pub(crate) unavailable_calls: u32,
     /// The next N calls answer 429 RESOURCE_EXHAUSTED.
-    pub exhausted_calls: u32,
+    pub(crate) exhausted_calls: u32,
     /// Every call waits this long before answering.
-    pub delay: std::time::Duration,
+    pub(crate) delay: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -94,8 +94,8 @@ struct Kms {
 
 /// A running fake, served on 127.0.0.1 until dropped.
 #[derive(Debug)]
-pub struct FakeCloudKms {
-    pub url: String,
+pub(crate) struct FakeCloudKms {
+    pub(crate) url: String,
     state: Arc<Mutex<Kms>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -107,7 +107,7 @@ impl Drop for FakeCloudKms {
 }
 
 impl FakeCloudKms {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let state = Arc::new(Mutex::new(Kms::default()));
         let app = axum::Router::new()
             .fallback(handle)
@@ -125,20 +125,20 @@ impl FakeCloudKms {
     }
 
     /// The router, for serving behind another listener (the TLS proxy).
-    pub fn router(&self) -> axum::Router {
+    pub(crate) fn router(&self) -> axum::Router {
         axum::Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&self.state))
     }
 
-    pub fn set_faults(&self, faults: Faults) {
+    pub(crate) fn set_faults(&self, faults: Faults) {
         self.state.lock().unwrap().faults = faults;
     }
 
     /// Ends a scheduled destruction now (Cloud KMS does it after the key's
     /// `destroyScheduledDuration`): the version is DESTROYED, its material
     /// gone.
-    pub fn complete_destruction(&self, version: &str) {
+    pub(crate) fn complete_destruction(&self, version: &str) {
         let (key, id) = split_version(version).unwrap();
         let mut kms = self.state.lock().unwrap();
         let v = kms
@@ -153,7 +153,7 @@ impl FakeCloudKms {
         v.material = [0; 32];
     }
 
-    pub fn calls(&self, method: &str) -> u64 {
+    pub(crate) fn calls(&self, method: &str) -> u64 {
         self.state
             .lock()
             .unwrap()
@@ -164,7 +164,7 @@ impl FakeCloudKms {
     }
 
     /// Lets `creator` impersonate `service_account` (the Token Creator role).
-    pub fn allow_impersonation(&self, service_account: &str, creator: &str) {
+    pub(crate) fn allow_impersonation(&self, service_account: &str, creator: &str) {
         self.state
             .lock()
             .unwrap()
@@ -940,14 +940,14 @@ fn decrypt(kms: &mut Kms, principal: &str, resource: &str, body: &Value) -> Resp
 /// Key administration in the fake through Google's own Rust client: what a
 /// customer does in their project (create, rotate, disable, destroy, grant).
 #[derive(Debug, Clone)]
-pub struct CloudKmsAdmin {
+pub(crate) struct CloudKmsAdmin {
     client: google_cloud_kms_v1::client::KeyManagementService,
 }
 
-pub const PARENT: &str = "projects/customer-project/locations/us-east1";
+pub(crate) const PARENT: &str = "projects/customer-project/locations/us-east1";
 
 impl CloudKmsAdmin {
-    pub async fn connect(url: &str) -> Self {
+    pub(crate) async fn connect(url: &str) -> Self {
         let client = google_cloud_kms_v1::client::KeyManagementService::builder()
             .with_endpoint(url)
             .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
@@ -958,12 +958,12 @@ impl CloudKmsAdmin {
     }
 
     /// A new ENCRYPT_DECRYPT key (version 1 primary) in a new key ring.
-    pub async fn create_key(&self, ring: &str, key: &str) -> String {
+    pub(crate) async fn create_key(&self, ring: &str, key: &str) -> String {
         self.create_key_with(ring, key, CryptoKeyPurpose::EncryptDecrypt)
             .await
     }
 
-    pub async fn create_key_with(
+    pub(crate) async fn create_key_with(
         &self,
         ring: &str,
         key: &str,
@@ -1011,7 +1011,7 @@ impl CloudKmsAdmin {
     }
 
     /// Rotation: a new version, made primary. Returns its name.
-    pub async fn rotate(&self, key: &str) -> String {
+    pub(crate) async fn rotate(&self, key: &str) -> String {
         use google_cloud_kms_v1::model::CryptoKeyVersion;
         let version = self
             .client
@@ -1034,7 +1034,7 @@ impl CloudKmsAdmin {
         version.name
     }
 
-    pub async fn set_version_state(&self, version: &str, state: CryptoKeyVersionState) {
+    pub(crate) async fn set_version_state(&self, version: &str, state: CryptoKeyVersionState) {
         use google_cloud_kms_v1::model::CryptoKeyVersion;
         let updated = self
             .client
@@ -1051,7 +1051,7 @@ impl CloudKmsAdmin {
         assert_eq!(updated.state, state);
     }
 
-    pub async fn destroy(&self, version: &str) {
+    pub(crate) async fn destroy(&self, version: &str) {
         let destroyed = self
             .client
             .destroy_crypto_key_version()
@@ -1063,7 +1063,7 @@ impl CloudKmsAdmin {
     }
 
     /// Sets the key's IAM policy: `members` get Encrypter/Decrypter.
-    pub async fn grant_only(&self, key: &str, members: &[&str]) {
+    pub(crate) async fn grant_only(&self, key: &str, members: &[&str]) {
         use google_cloud_iam_v1::model::{Binding, Policy};
         let policy = self
             .client
@@ -1081,8 +1081,8 @@ impl CloudKmsAdmin {
     }
 }
 
-pub use google_cloud_kms_v1::model::crypto_key::CryptoKeyPurpose;
-pub use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
+pub(crate) use google_cloud_kms_v1::model::crypto_key::CryptoKeyPurpose;
+pub(crate) use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
 
 /// Google's OAuth token endpoint for `authorized_user` credentials (the
 /// `token_uri` of an ADC file): the refresh grant of `client_id` becomes an
@@ -1150,9 +1150,9 @@ fn percent_decode(text: &str) -> String {
 /// host from a test CA. A child process that trusts only that CA
 /// (`SSL_CERT_FILE`) runs Google's real impersonation code unchanged.
 #[derive(Debug)]
-pub struct GoogleApisProxy {
-    pub url: String,
-    pub ca_pem: String,
+pub(crate) struct GoogleApisProxy {
+    pub(crate) url: String,
+    pub(crate) ca_pem: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -1163,10 +1163,10 @@ impl Drop for GoogleApisProxy {
 }
 
 /// The host whose tunnels the proxy accepts.
-pub const IAM_CREDENTIALS_HOST: &str = "iamcredentials.googleapis.com";
+pub(crate) const IAM_CREDENTIALS_HOST: &str = "iamcredentials.googleapis.com";
 
 impl GoogleApisProxy {
-    pub async fn start(fake: &FakeCloudKms) -> Self {
+    pub(crate) async fn start(fake: &FakeCloudKms) -> Self {
         use rustls_pki_types::pem::PemObject;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let ca = crate::security::Ca::new("fake Google CA");

@@ -5,7 +5,6 @@
 mod admin;
 mod aws;
 mod aws_support;
-mod bench;
 mod clients;
 mod common;
 mod data_plane;

@@ -26,18 +26,18 @@ use crate::common::{SlowKeyring, TestServer, ctx, test_config};
 const TRUST_DOMAIN: &str = "prod.example";
 
 /// A certificate authority of the test.
-pub struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// A PEM certificate and key.
-pub struct Pem {
-    pub cert: String,
-    pub key: String,
+pub(crate) struct Pem {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 impl Ca {
-    pub fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -47,11 +47,11 @@ impl Ca {
         }
     }
 
-    pub fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
-    pub fn issue(&self, sans: &[SanType], expired: bool) -> Pem {
+    pub(crate) fn issue(&self, sans: &[SanType], expired: bool) -> Pem {
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans.to_vec();
         params.distinguished_name.push(DnType::CommonName, "test");
@@ -67,7 +67,7 @@ impl Ca {
         }
     }
 
-    pub fn client(&self, identity: &str) -> Pem {
+    pub(crate) fn client(&self, identity: &str) -> Pem {
         self.issue(&[san(identity)], false)
     }
 }
@@ -82,7 +82,7 @@ fn san(identity: &str) -> SanType {
 
 /// Server files in `dir`: its certificate (localhost, 127.0.0.1) from
 /// `server_ca`, and `client_ca_pem` as the client CA bundle.
-pub fn write_server_tls(dir: &Path, server_ca: &Ca, client_ca_pem: &str) -> TlsSettings {
+pub(crate) fn write_server_tls(dir: &Path, server_ca: &Ca, client_ca_pem: &str) -> TlsSettings {
     let server = server_ca.issue(
         &[
             SanType::DnsName("localhost".try_into().unwrap()),
@@ -104,7 +104,7 @@ pub fn write_server_tls(dir: &Path, server_ca: &Ca, client_ca_pem: &str) -> TlsS
     }
 }
 
-pub fn write_policy(dir: &Path, text: &str) -> PathBuf {
+pub(crate) fn write_policy(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("policy.toml");
     std::fs::write(&path, text).unwrap();
     path

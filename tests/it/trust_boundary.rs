@@ -322,7 +322,7 @@ async fn forged_wrapped_keys_never_change_key_state() {
 }
 
 /// DescribeKey's answer for a key in `state`, in KMS's JSON.
-pub fn described(key_arn: &str, state: &str) -> Fault {
+pub(crate) fn described(key_arn: &str, state: &str) -> Fault {
     Fault::KmsOk(format!(
         r#"{{"KeyMetadata":{{"KeyId":"k1","Arn":"{key_arn}","KeyState":"{state}","Enabled":{},"KeyManager":"CUSTOMER","KeyUsage":"ENCRYPT_DECRYPT"}}}}"#,
         state == "Enabled"

@@ -7,7 +7,6 @@ use aws_sdk_kms::types::KeyState;
 use aws_smithy_runtime_api::client::result::SdkError;
 
 use super::AwsKeyTarget;
-use super::session::RoleSession;
 use crate::kms::ProviderError;
 
 /// AWS error code and message of a failed call, or how it failed to happen.
@@ -171,15 +170,11 @@ pub(super) fn state_reason(state: Option<&KeyState>, key: &str) -> String {
 
 pub(super) fn classify_sts<E: ProvideErrorMetadata, R>(
     err: SdkError<E, R>,
-    session: &RoleSession,
+    role_arn: &str,
+    external_id: &str,
 ) -> ProviderError {
     match error_parts(&err) {
-        Ok((code, message)) => classify_sts_code(
-            &code,
-            &message,
-            session.role_arn.as_str(),
-            &session.external_id,
-        ),
+        Ok((code, message)) => classify_sts_code(&code, &message, role_arn, external_id),
         Err(ProviderError::Unavailable(why)) => {
             ProviderError::Unavailable(format!("AWS STS: {why}"))
         }

@@ -102,13 +102,13 @@ pub struct AwsSettings {
 
 impl Default for AwsSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl AwsSettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::invalid;
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::invalid;
         if !(900..=43_200).contains(&self.session_duration.as_secs()) {
             return invalid(
                 "aws_session_duration",

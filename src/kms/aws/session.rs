@@ -88,7 +88,7 @@ impl RoleSession {
             .duration_seconds(i32::try_from(self.duration.as_secs()).unwrap_or(3600))
             .send()
             .await
-            .map_err(|e| classify_sts(e, self))?;
+            .map_err(|e| classify_sts(e, self.role_arn.as_str(), &self.external_id))?;
         let c = out.credentials().ok_or_else(|| {
             ProviderError::Internal("STS AssumeRole returned no credentials".into())
         })?;

@@ -111,13 +111,13 @@ pub struct GcpSettings {
 
 impl Default for GcpSettings {
     fn default() -> Self {
-        crate::config::defaults()
+        crate::settings::defaults()
     }
 }
 
 impl GcpSettings {
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::invalid;
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::invalid;
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("gcp_max_attempts", "must be 1 to 10");
         }

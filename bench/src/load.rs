@@ -20,7 +20,7 @@ use crate::pb::GetRequest;
 use crate::pb::floor_client::FloorClient;
 
 #[derive(Debug, clap::Args)]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     /// The keybroker binary [default: `keybroker` next to this binary].
     #[arg(long)]
     keybroker_bin: Option<PathBuf>,
@@ -334,7 +334,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-pub fn run(args: LoadArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.rounds >= 1 && args.keys >= 1,
         "rounds and keys must be at least 1"

@@ -28,7 +28,7 @@ fn resident_bytes() -> anyhow::Result<u64> {
 }
 
 /// Spawns one child per size and reports.
-pub fn run(entries: &[usize], json_out: Option<&Path>) -> anyhow::Result<()> {
+pub(crate) fn run(entries: &[usize], json_out: Option<&Path>) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
     let mut results = Vec::new();
     for &n in entries {
@@ -52,7 +52,7 @@ pub fn run(entries: &[usize], json_out: Option<&Path>) -> anyhow::Result<()> {
 }
 
 /// Fills a cache with `entries` keys and prints one JSON object.
-pub fn child(entries: usize) -> anyhow::Result<()> {
+pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -20,7 +20,7 @@ use keybroker::secret::SecretBytes;
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
-pub struct AccountingArgs {
+pub(crate) struct AccountingArgs {
     /// Latency the provider injects into every call.
     #[arg(long, default_value = "20ms", value_parser = crate::parse_duration)]
     latency: Duration,
@@ -87,7 +87,7 @@ fn check(name: &str, expected: u64, actual: u64, failures: &mut Vec<String>) -> 
     json!({ "check": name, "expected_calls": expected, "provider_calls": actual, "ok": expected == actual })
 }
 
-pub fn run(args: AccountingArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: AccountingArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(run_async(args))
 }
 

@@ -20,7 +20,8 @@ use clap::{Parser, Subcommand};
     missing_debug_implementations,
     unused_qualifications,
     clippy::all,
-    clippy::pedantic
+    clippy::pedantic,
+    unreachable_pub
 )]
 mod pb {
     tonic::include_proto!("keybroker.bench");
@@ -86,12 +87,12 @@ fn main() -> ExitCode {
 /// `available_parallelism` reports.
 static NPROC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
-pub fn nproc() -> usize {
+pub(crate) fn nproc() -> usize {
     *NPROC.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Facts about the machine a result was measured on.
-pub fn machine_facts() -> serde_json::Value {
+pub(crate) fn machine_facts() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {
@@ -115,6 +116,6 @@ pub fn machine_facts() -> serde_json::Value {
     })
 }
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| e.to_string())
 }

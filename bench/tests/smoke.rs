@@ -8,6 +8,19 @@ fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keybroker-bench"))
 }
 
+/// The server binary, built beside the bench by `cargo build --workspace`
+/// (and by `cargo nextest run --workspace`, which scripts/test.sh runs).
+fn keybroker_bin() -> std::path::PathBuf {
+    let path =
+        std::path::Path::new(env!("CARGO_BIN_EXE_keybroker-bench")).with_file_name("keybroker");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace (cargo build --workspace) before these tests",
+        path.display()
+    );
+    path
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accounting_is_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,7 +77,7 @@ async fn load_and_memory_runs_complete() {
                     "--keys",
                     "20",
                     "--keybroker-bin",
-                    env!("CARGO_BIN_EXE_keybroker"),
+                    keybroker_bin().to_str().unwrap(),
                 ])
                 .arg("--json")
                 .arg(&out)

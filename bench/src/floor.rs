@@ -46,7 +46,7 @@ impl Floor for FloorService {
 }
 
 /// Serves until killed; prints `listening ADDR` once bound.
-pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await?;

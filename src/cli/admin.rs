@@ -1,0 +1,308 @@
+//! `admin` commands: tenants and their keys, through the KeyAdmin service.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use super::client::channel;
+use super::output::{Answer, binding_json, one_key, tenant_json};
+use crate::proto;
+
+#[derive(Debug, Subcommand)]
+pub(super) enum AdminCommand {
+    /// Tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Customer keys of a tenant.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(super) enum PolicyArg {
+    Keyring,
+    SingleKey,
+}
+
+impl From<PolicyArg> for proto::KeyPolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Keyring => Self::Keyring,
+            PolicyArg::SingleKey => Self::SingleKey,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(super) enum CloudProviderArg {
+    AwsKms,
+    GcpKms,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum TenantCommand {
+    /// Create a tenant; prints its external ID and onboarding material.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum, default_value = "keyring")]
+        policy: PolicyArg,
+    },
+    /// Show a tenant and its onboarding material.
+    Get {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Change a tenant's key policy.
+    SetPolicy {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum)]
+        policy: PolicyArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct KeyName {
+    #[arg(long)]
+    pub(super) tenant: String,
+    /// Key binding name.
+    #[arg(long)]
+    pub(super) name: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum KeyCommand {
+    /// Link a key in AWS KMS or Google Cloud KMS (verified before it is accepted).
+    Link {
+        #[command(flatten)]
+        key: KeyName,
+        #[arg(long, value_enum)]
+        provider: CloudProviderArg,
+        /// Key ARN / alias ARN, or CryptoKey resource name.
+        #[arg(long)]
+        key_reference: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value = "")]
+        role_arn: String,
+        #[arg(long, default_value = "")]
+        service_account: String,
+        /// AWS multi-Region key replica region, repeatable.
+        #[arg(long = "replica-region")]
+        replica_regions: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Make it the primary key.
+        #[arg(long)]
+        primary: bool,
+    },
+    /// Import raw AES-256 key material (32 bytes, base64) as a local key.
+    Import {
+        #[command(flatten)]
+        key: KeyName,
+        /// File holding the base64 key material (`-` for stdin). Not a flag
+        /// value: command lines are visible to other users of the machine.
+        #[arg(long)]
+        material_file: PathBuf,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Make it the primary key.
+        #[arg(long)]
+        primary: bool,
+    },
+    /// List a tenant's keys.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Show one key with live usage counters.
+    Get(KeyName),
+    /// Make a key the primary (it wraps every new DEK).
+    SetPrimary(KeyName),
+    /// Disable a key: it unwraps nothing until enabled.
+    Disable {
+        #[command(flatten)]
+        key: KeyName,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Enable a disabled key.
+    Enable(KeyName),
+    /// Remove a key from the tenant.
+    Unlink {
+        #[command(flatten)]
+        key: KeyName,
+        /// Even if it was used recently (what it wrapped becomes unreadable).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn read_material(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read;
+    let mut text = zeroize::Zeroizing::new(String::new());
+    if path.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        std::fs::File::open(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .read_to_string(&mut text)?;
+    }
+    // A trailing newline from `echo` or an editor is not part of the key.
+    let trimmed = zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned());
+    Ok(trimmed)
+}
+
+pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> anyhow::Result<Value> {
+    let mut client = proto::key_admin_client::KeyAdminClient::new(channel(server).await?);
+    let value = match command {
+        AdminCommand::Tenant { command } => match command {
+            TenantCommand::Create { tenant, policy } => {
+                let resp = client
+                    .create_tenant(proto::CreateTenantRequest {
+                        tenant_id: tenant,
+                        key_policy: proto::KeyPolicy::from(policy).into(),
+                    })
+                    .await
+                    .answer()?;
+                tenant_json(resp.tenant.as_ref())
+            }
+            TenantCommand::Get { tenant } => {
+                let resp = client
+                    .get_tenant(proto::GetTenantRequest { tenant_id: tenant })
+                    .await
+                    .answer()?;
+                tenant_json(resp.tenant.as_ref())
+            }
+            TenantCommand::SetPolicy { tenant, policy } => {
+                let resp = client
+                    .set_tenant_policy(proto::SetTenantPolicyRequest {
+                        tenant_id: tenant,
+                        key_policy: proto::KeyPolicy::from(policy).into(),
+                    })
+                    .await
+                    .answer()?;
+                tenant_json(resp.tenant.as_ref())
+            }
+        },
+        AdminCommand::Key { command } => match command {
+            KeyCommand::Link {
+                key,
+                provider,
+                key_reference,
+                region,
+                role_arn,
+                service_account,
+                replica_regions,
+                description,
+                primary,
+            } => {
+                let resp = client
+                    .link_key(proto::LinkKeyRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                        description,
+                        provider: match provider {
+                            CloudProviderArg::AwsKms => proto::Provider::AwsKms,
+                            CloudProviderArg::GcpKms => proto::Provider::GcpKms,
+                        }
+                        .into(),
+                        key_reference,
+                        region,
+                        role_arn,
+                        service_account,
+                        make_primary: primary,
+                        replica_regions,
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::Import {
+                key,
+                material_file,
+                description,
+                primary,
+            } => {
+                let material = read_material(&material_file)?;
+                let resp = client
+                    .import_key_material(proto::ImportKeyMaterialRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                        description,
+                        key_material_base64: material.to_string(),
+                        make_primary: primary,
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::List { tenant } => {
+                let resp = client
+                    .list_keys(proto::ListKeysRequest { tenant_id: tenant })
+                    .await
+                    .answer()?;
+                json!({ "keys": resp.keys.iter().map(binding_json).collect::<Vec<_>>() })
+            }
+            KeyCommand::Get(key) => {
+                let resp = client
+                    .get_key(proto::GetKeyRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::SetPrimary(key) => {
+                let resp = client
+                    .set_primary_key(proto::SetPrimaryKeyRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::Disable { key, reason } => {
+                let resp = client
+                    .disable_key(proto::DisableKeyRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                        reason,
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::Enable(key) => {
+                let resp = client
+                    .enable_key(proto::EnableKeyRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::Unlink { key, force } => {
+                client
+                    .unlink_key(proto::UnlinkKeyRequest {
+                        tenant_id: key.tenant.clone(),
+                        name: key.name.clone(),
+                        force,
+                    })
+                    .await
+                    .answer()?;
+                json!({ "unlinked": { "tenant_id": key.tenant, "name": key.name } })
+            }
+        },
+    };
+    Ok(value)
+}

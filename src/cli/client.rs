@@ -1,0 +1,231 @@
+//! Data-plane client commands: generate, wrap, unwrap, rewrap, describe,
+//! health; and the connection every client command makes.
+
+use std::path::PathBuf;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use super::Command;
+use super::output::{Answer, key_json};
+use crate::proto::{self, key_broker_client::KeyBrokerClient};
+
+#[derive(Debug, clap::Args)]
+pub(super) struct ServerArg {
+    /// Server address.
+    #[arg(
+        long,
+        env = "KEYBROKER_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub(super) server: String,
+    /// CA certificate (PEM) that issued the server's certificate; makes the
+    /// connection TLS (use an https:// --server).
+    #[arg(long, env = "KEYBROKER_CLIENT_CA")]
+    pub(super) ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS: the caller identity.
+    #[arg(long, env = "KEYBROKER_CLIENT_CERT", requires = "key")]
+    pub(super) cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "KEYBROKER_CLIENT_KEY", requires = "cert")]
+    pub(super) key: Option<PathBuf>,
+    /// Name to verify in the server certificate [default: the host of --server].
+    #[arg(long, env = "KEYBROKER_SERVER_NAME")]
+    pub(super) server_name: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct Target {
+    #[command(flatten)]
+    pub(super) server: ServerArg,
+    /// Tenant id.
+    #[arg(long)]
+    pub(super) tenant: String,
+    /// Encryption context entry, repeatable: --context table=orders.
+    #[arg(long = "context", value_parser = parse_context_entry)]
+    pub(super) context: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(super) enum KeySpecArg {
+    #[value(name = "aes-256")]
+    Aes256,
+    #[value(name = "aes-128")]
+    Aes128,
+}
+
+pub(super) fn parse_context_entry(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not key=value"))
+}
+
+pub(super) async fn channel(server: &ServerArg) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(server.server.clone())
+        .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", server.server))?;
+    if server.ca.is_some() || server.cert.is_some() {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &server.ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&server.cert, &server.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        if let Some(name) = &server.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))
+}
+
+pub(super) async fn connect(server: &ServerArg) -> anyhow::Result<KeyBrokerClient<Channel>> {
+    Ok(KeyBrokerClient::new(channel(server).await?))
+}
+
+pub(super) fn decode_b64(flag: &str, text: &str) -> anyhow::Result<Vec<u8>> {
+    B64.decode(text.trim())
+        .map_err(|e| anyhow::anyhow!("--{flag} is not valid base64: {e}"))
+}
+
+pub(super) async fn run(command: Command) -> anyhow::Result<()> {
+    let output = match command {
+        Command::Generate { target, key_spec } => {
+            let mut client = connect(&target.server).await?;
+            let resp = client
+                .generate_data_key(proto::GenerateDataKeyRequest {
+                    tenant_id: target.tenant,
+                    context: target.context.into_iter().collect(),
+                    key_spec: match key_spec {
+                        KeySpecArg::Aes256 => proto::KeySpec::Aes256,
+                        KeySpecArg::Aes128 => proto::KeySpec::Aes128,
+                    }
+                    .into(),
+                })
+                .await
+                .answer()?;
+            json!({
+                "plaintext": B64.encode(&resp.plaintext),
+                "wrapped_key": B64.encode(&resp.wrapped_key),
+                "key": key_json(resp.key.as_ref()),
+            })
+        }
+        Command::Wrap { target, plaintext } => {
+            let plaintext = zeroize::Zeroizing::new(decode_b64("plaintext", &plaintext)?);
+            let mut client = connect(&target.server).await?;
+            let resp = client
+                .wrap_key(proto::WrapKeyRequest {
+                    tenant_id: target.tenant,
+                    context: target.context.into_iter().collect(),
+                    plaintext: plaintext.to_vec(),
+                })
+                .await
+                .answer()?;
+            json!({
+                "wrapped_key": B64.encode(&resp.wrapped_key),
+                "key": key_json(resp.key.as_ref()),
+            })
+        }
+        Command::Unwrap {
+            target,
+            wrapped_key,
+        } => {
+            let wrapped_key = decode_b64("wrapped-key", &wrapped_key)?;
+            let mut client = connect(&target.server).await?;
+            let resp = client
+                .unwrap_key(proto::UnwrapKeyRequest {
+                    tenant_id: target.tenant,
+                    context: target.context.into_iter().collect(),
+                    wrapped_key,
+                })
+                .await
+                .answer()?;
+            json!({
+                "plaintext": B64.encode(&resp.plaintext),
+                "key": key_json(resp.key.as_ref()),
+                "rewrap_recommended": resp.rewrap_recommended,
+            })
+        }
+        Command::Rewrap {
+            target,
+            wrapped_key,
+        } => {
+            let wrapped_key = decode_b64("wrapped-key", &wrapped_key)?;
+            let mut client = connect(&target.server).await?;
+            let resp = client
+                .rewrap_key(proto::RewrapKeyRequest {
+                    tenant_id: target.tenant,
+                    context: target.context.into_iter().collect(),
+                    wrapped_key,
+                })
+                .await
+                .answer()?;
+            json!({
+                "wrapped_key": B64.encode(&resp.wrapped_key),
+                "key": key_json(resp.key.as_ref()),
+                "previous_key": key_json(resp.previous_key.as_ref()),
+            })
+        }
+        Command::Health { server, service } => {
+            let mut client =
+                tonic_health::pb::health_client::HealthClient::new(channel(&server).await?);
+            let status = client
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.clone(),
+                })
+                .await?
+                .into_inner()
+                .status();
+            let serving = status == tonic_health::pb::health_check_response::ServingStatus::Serving;
+            anyhow::ensure!(serving, "service {service:?} is {}", status.as_str_name());
+            json!({ "service": service, "status": status.as_str_name() })
+        }
+        Command::Describe { server, tenant } => {
+            let mut client = connect(&server).await?;
+            let resp = client
+                .describe_key(proto::DescribeKeyRequest { tenant_id: tenant })
+                .await
+                .answer()?;
+            let bindings: Vec<Value> = resp
+                .bindings
+                .iter()
+                .map(|b| {
+                    json!({
+                        "name": b.name,
+                        "provider": b.provider().as_str_name(),
+                        "key_reference": b.key_reference,
+                        "state": b.state().as_str_name(),
+                        "state_reason": b.state_reason,
+                        "primary": b.primary,
+                        "current_key_version": b.current_key_version,
+                    })
+                })
+                .collect();
+            json!({
+                "tenant_id": resp.tenant_id,
+                "uses_platform_key": resp.uses_platform_key,
+                "primary": key_json(resp.primary.as_ref()),
+                "bindings": bindings,
+            })
+        }
+        Command::Admin { server, command } => super::admin::run(&server, command).await?,
+        Command::Serve(_) | Command::CheckConfig(_) | Command::Keyring { .. } => {
+            anyhow::bail!("not a client command")
+        }
+    };
+    println!("{output}");
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! `serve`, `check-config` and offline keyring maintenance.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::config::{self, Config};
+use crate::kms::local::{LocalKeyring, rotate_keyring_file};
+use crate::server::{Server, shutdown_signal};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum KeyringCommand {
+    /// Add a new key version; it encrypts from now on, old versions still decrypt.
+    Rotate(DataDirArg),
+    /// List key versions (never key material).
+    List(DataDirArg),
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct DataDirArg {
+    /// Data directory of the server.
+    #[arg(long, env = "KEYBROKER_DATA_DIR", default_value = "./data")]
+    pub(super) data_dir: PathBuf,
+}
+
+pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut telemetry = crate::telemetry::init(
+        config.telemetry.log_format,
+        config.telemetry.otlp_endpoint.as_deref(),
+    )?;
+    if config.server.allow_core_dumps {
+        tracing::warn!(
+            "--allow-core-dumps: a core file of this process would contain unwrapped keys"
+        );
+    } else {
+        // Before any key is loaded.
+        let hardening = crate::hardening::harden()
+            .map_err(|e| anyhow::anyhow!("cannot disable core dumps ({e}); refusing to hold keys in a dumpable process (--allow-core-dumps overrides, for debugging)"))?;
+        tracing::info!(
+            core_dumps_disabled = hardening.core_dumps_disabled,
+            not_dumpable = hardening.not_dumpable,
+            "process hardened"
+        );
+    }
+    tracing::info!(config = ?config, "starting keybroker");
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let metrics_listen = config.telemetry.metrics_listen;
+    let health_listen = config.server.health_listen;
+    let mut server = Server::build(config).await?;
+    if let Some(addr) = health_listen {
+        let health = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for health checks on {addr}: {e}"))?;
+        tracing::info!(addr = %health.local_addr()?, "health listening");
+        server = server.with_health_listener(health);
+    }
+    if let Some(addr) = metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+        let bound = metrics_listener.local_addr()?;
+        let metrics = std::sync::Arc::clone(server.metrics());
+        tokio::spawn(async move {
+            if let Err(err) =
+                crate::metrics::serve(metrics, metrics_listener, shutdown_signal()).await
+            {
+                tracing::error!(error = %err, "metrics endpoint failed");
+            }
+        });
+        tracing::info!(addr = %bound, "metrics listening");
+    }
+    let served = server.run(listener, shutdown_signal()).await;
+    telemetry.shutdown();
+    served
+}
+
+pub(super) fn check_config(config: Config) -> anyhow::Result<()> {
+    if let Some(path) = &config.server.authz_policy {
+        let policy = crate::authz::Policy::load(path).map_err(anyhow::Error::msg)?;
+        drop(policy);
+    }
+    println!(
+        "{}",
+        json!({ "ok": true, "listen": config.server.listen.to_string(), "tls": config.tls.enabled() })
+    );
+    Ok(())
+}
+
+pub(super) fn keyring(command: KeyringCommand) -> anyhow::Result<()> {
+    match command {
+        KeyringCommand::Rotate(dir) => {
+            let path = config::platform_keyring_path(&dir.data_dir);
+            let version = rotate_keyring_file(&path)?;
+            println!("{}", json!({ "keyring": path, "new_version": version }));
+        }
+        KeyringCommand::List(dir) => {
+            let path = config::platform_keyring_path(&dir.data_dir);
+            let ring = LocalKeyring::open_or_create("platform", &path)?;
+            let versions: Vec<Value> = ring
+                .version_list()
+                .into_iter()
+                .map(|(v, created)| json!({ "version": v, "created_unix": created }))
+                .collect();
+            println!("{}", json!({ "keyring": path, "versions": versions }));
+        }
+    }
+    Ok(())
+}
