@@ -10,13 +10,13 @@
 //! flag nor the environment gave.
 
 mod file;
-mod server;
+mod service;
 
 use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, Args, Command, FromArgMatches};
 
-pub use self::server::ServerSettings;
+pub use self::service::ServerSettings;
 use crate::audit::AuditSettings;
 use crate::cache::CacheSettings;
 use crate::control::AdminSettings;

@@ -85,6 +85,8 @@ pub struct Watcher {
     /// Cumulative results and the binding states of the last pass; written
     /// once per pass, read by metrics scrapes.
     totals: std::sync::Mutex<(CheckCounts, Vec<(&'static str, u64)>)>,
+    /// Passes completed (tests wait for one instead of trusting a sleep).
+    passes: std::sync::atomic::AtomicU64,
 }
 
 impl Watcher {
@@ -93,7 +95,13 @@ impl Watcher {
             directory,
             settings,
             totals: std::sync::Mutex::default(),
+            passes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Passes completed since start.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Checks every watched binding once.
@@ -148,6 +156,8 @@ impl Watcher {
                 ("revoked", revoked_now),
             ];
         }
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         summary
     }
 

@@ -6,6 +6,10 @@
 //! Ciphertext layout: 12-byte random nonce, then AES-GCM ciphertext and tag.
 //! Random 96-bit nonces are safe here: one key version would need ~2^32 wraps
 //! before nonce collisions become a concern, and rotation adds versions.
+//!
+//! Longer than most files on purpose: the keyring file, its rotation and
+//! the provider over it are one unit (the file *is* the keyring); about a
+//! third is tests.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -18,10 +18,11 @@ use keybroker::proto;
 use prost::Message;
 use tonic::Code;
 
-use crate::aws_support::{
-    Fault, FaultServer, Moto, ROLE_ARN, TENANT, aws_with, create_tenant, link_request,
+use crate::aws_support::{Moto, ROLE_ARN, TENANT, aws_with, link_request};
+use crate::common::{
+    TestServer, admin_client, create_tenant, ctx, generate_req, test_config, unwrap_req,
 };
-use crate::common::{TestServer, admin_client, ctx, generate_req, test_config, unwrap_req};
+use crate::fakes::aws_faults::{Fault, FaultServer};
 
 #[tokio::test]
 async fn aws_kms_flow_against_moto() {
@@ -36,7 +37,7 @@ async fn aws_kms_flow_against_moto() {
     let server = TestServer::start(config).await;
     let mut admin = admin_client(&server).await;
     let mut broker = server.client().await;
-    create_tenant(&mut admin).await;
+    create_tenant(&mut admin, TENANT, proto::KeyPolicy::Unspecified).await;
 
     let linked = admin
         .link_key(link_request("aws-1", &key1, &[], false))
@@ -180,7 +181,11 @@ async fn assume_role_carries_external_id_once_per_session() {
     let server = TestServer::start(config).await;
     let mut admin = admin_client(&server).await;
     let broker = server.client().await;
-    let external_id = create_tenant(&mut admin).await;
+    let external_id = create_tenant(&mut admin, TENANT, proto::KeyPolicy::Unspecified)
+        .await
+        .onboarding
+        .unwrap()
+        .aws_external_id;
 
     moto.start_recording().await;
     admin
@@ -547,7 +552,7 @@ async fn link_verifies_each_replica_region() {
     config.aws = moto.settings();
     let server = TestServer::start(config).await;
     let mut admin = admin_client(&server).await;
-    create_tenant(&mut admin).await;
+    create_tenant(&mut admin, TENANT, proto::KeyPolicy::Unspecified).await;
     let err = admin
         .link_key(link_request("k", &key, &["eu-central-1"], false))
         .await

@@ -15,6 +15,7 @@ use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
 };
+use keybroker::proto::key_admin_client::KeyAdminClient;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
 use keybroker::secret::SecretBytes;
 use keybroker::server::Server;
@@ -35,6 +36,8 @@ pub(crate) struct TestServer {
     pub(crate) audit: Arc<keybroker::audit::AuditLog>,
     /// The registry's view (absent with an injected directory).
     pub(crate) directory: Option<Arc<keybroker::registry::directory::RegistryDirectory>>,
+    /// The key-state watcher (absent with an injected directory).
+    pub(crate) watcher: Option<Arc<keybroker::control::watcher::Watcher>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -62,6 +65,7 @@ impl TestServer {
         let broker = Arc::clone(server.broker());
         let audit = Arc::clone(server.audit());
         let directory = server.admin().map(|a| Arc::clone(a.directory()));
+        let watcher = server.watcher().map(Arc::clone);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
@@ -71,9 +75,15 @@ impl TestServer {
             broker,
             audit,
             directory,
+            watcher,
             shutdown: Some(tx),
             handle,
         }
+    }
+
+    /// Watcher passes completed so far.
+    pub(crate) fn watcher_passes(&self) -> u64 {
+        self.watcher.as_ref().map_or(0, |w| w.passes())
     }
 
     pub(crate) fn url(&self) -> String {
@@ -222,12 +232,8 @@ pub(crate) async fn fresh_postgres_database() -> String {
 }
 
 /// Calls the admin API of a test server.
-pub(crate) async fn admin_client(
-    server: &TestServer,
-) -> keybroker::proto::key_admin_client::KeyAdminClient<Channel> {
-    keybroker::proto::key_admin_client::KeyAdminClient::connect(server.url())
-        .await
-        .unwrap()
+pub(crate) async fn admin_client(server: &TestServer) -> KeyAdminClient<Channel> {
+    KeyAdminClient::connect(server.url()).await.unwrap()
 }
 
 /// 32 random bytes in base64: customer key material.
@@ -259,4 +265,47 @@ pub(crate) fn generate_req(
         context: ctx(context),
         key_spec: keybroker::proto::KeySpec::Unspecified.into(),
     }
+}
+
+/// GenerateDataKey for `tenant` under `context`.
+pub(crate) async fn generate(
+    broker: &mut KeyBrokerClient<Channel>,
+    tenant: &str,
+    context: &[(&str, &str)],
+) -> Result<keybroker::proto::GenerateDataKeyResponse, tonic::Status> {
+    broker
+        .generate_data_key(generate_req(tenant, context))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// UnwrapKey of `wrapped` for `tenant` under `context`.
+pub(crate) async fn unwrap(
+    broker: &mut KeyBrokerClient<Channel>,
+    tenant: &str,
+    context: &[(&str, &str)],
+    wrapped: &[u8],
+) -> Result<keybroker::proto::UnwrapKeyResponse, tonic::Status> {
+    broker
+        .unwrap_key(unwrap_req(tenant, context, wrapped))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// CreateTenant with `policy`; the tenant as created (with its onboarding).
+pub(crate) async fn create_tenant(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    policy: keybroker::proto::KeyPolicy,
+) -> keybroker::proto::Tenant {
+    admin
+        .create_tenant(keybroker::proto::CreateTenantRequest {
+            tenant_id: tenant.into(),
+            key_policy: policy.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap()
 }

@@ -12,6 +12,9 @@
 //! - throttling and outages: codes and retry counts;
 //! - fidelity: Google's Python client (`google-cloud-kms`, REST transport,
 //!   anonymous credentials) drives the fake through the same behaviours.
+//!
+//! Over 600 lines on purpose: every test shares the fake and its setup, and
+//! the list above is the map of what covers what.
 
 use std::time::Duration;
 
@@ -23,7 +26,7 @@ use tonic::Code;
 use crate::common::{
     TestServer, admin_client, ctx, generate_req, repo_root, test_config, unwrap_req,
 };
-use crate::gcp_fake::{
+use crate::fakes::gcp::{
     CloudKmsAdmin, CryptoKeyPurpose, CryptoKeyVersionState, FakeCloudKms, Faults,
 };
 
@@ -306,7 +309,10 @@ async fn gcp_link_refuses_what_cannot_work() {
         err.message()
     );
 
-    let missing = format!("{}/keyRings/none/cryptoKeys/none", crate::gcp_fake::PARENT);
+    let missing = format!(
+        "{}/keyRings/none/cryptoKeys/none",
+        crate::fakes::gcp::PARENT
+    );
     let err = env.link("missing", &missing).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
@@ -628,7 +634,7 @@ async fn google_python_client_agrees_with_the_fake() {
 /// service account's token, and the fake enforces each key's IAM policy.
 #[tokio::test]
 async fn gcp_impersonation_isolates_tenants() {
-    use crate::gcp_fake::GoogleApisProxy;
+    use crate::fakes::gcp::GoogleApisProxy;
     use crate::process::Process;
     const PLATFORM: &str = "keybroker@platform-project.iam.gserviceaccount.com";
     const ACME_SA: &str = "kb-acme@platform-project.iam.gserviceaccount.com";
@@ -830,7 +836,7 @@ async fn gcp_provider_describe_and_deadlines() {
         .await
         .create_key("r", "slow")
         .await;
-    let slow_key = format!("{}/keyRings/r/cryptoKeys/slow", crate::gcp_fake::PARENT);
+    let slow_key = format!("{}/keyRings/r/cryptoKeys/slow", crate::fakes::gcp::PARENT);
     slow.set_faults(Faults {
         delay: Duration::from_millis(400),
         ..Faults::default()

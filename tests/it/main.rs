@@ -2,16 +2,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod admin;
 mod aws;
 mod aws_support;
 mod clients;
 mod common;
+mod control_plane;
 mod data_plane;
+mod defenses;
+mod fakes;
 mod gcp;
-mod gcp_fake;
 mod grpcurl;
-mod hardening;
 mod helm;
 mod process;
 mod proto_hygiene;

@@ -1,4 +1,7 @@
 //! The real `keybroker` binary: logs never carry key material, SIGTERM drains.
+//!
+//! Over 600 lines on purpose: every test here drives the release-like binary
+//! through the same spawn/wait helpers; splitting would scatter them.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,9 @@
 //! The public contract stays clean and compatible: `buf lint` (STANDARD,
 //! exceptions documented in buf.yaml) and `buf breaking` against the
-//! previous commit, with the real buf from npm's @bufbuild/buf.
+//! released contract (a committed buf image), with the real buf from npm's
+//! @bufbuild/buf.
 
+use prost::Message as _;
 use std::process::{Command, Output};
 
 use crate::common::{repo_root, tool};
@@ -28,23 +30,37 @@ fn buf_lint_is_clean() {
     assert!(out.status.success(), "buf lint:\n{}", text(&out));
 }
 
+/// The released contract, as a buf image committed beside the protos
+/// (`contract/keybroker-v1.binpb`; rebuilt with `buf build proto -o
+/// contract/keybroker-v1.binpb --exclude-source-info` only when a release
+/// deliberately changes the contract). Independent of git history, so it
+/// holds in a shallow clone too.
+const BASELINE: &str = "contract/keybroker-v1.binpb";
+
 #[test]
-fn no_breaking_change_since_the_previous_commit() {
+fn no_breaking_change_against_the_released_contract() {
     let root = repo_root();
-    // The previous commit, or HEAD in a clone of depth 1.
-    let has_parent = Command::new("git")
-        .args(["rev-parse", "--verify", "--quiet", "HEAD~1"])
-        .current_dir(&root)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let against = format!(
-        ".git#ref={},subdir=proto",
-        if has_parent { "HEAD~1" } else { "HEAD" }
-    );
-    let out = buf(&["breaking", "--against", &against], &root);
+    let baseline = root.join(BASELINE);
+    // The baseline really is the contract (not an empty image that any
+    // change would pass against).
+    let image =
+        prost_types::FileDescriptorSet::decode(std::fs::read(&baseline).unwrap().as_slice())
+            .unwrap();
+    let files: Vec<&str> = image
+        .file
+        .iter()
+        .filter_map(|f| f.name.as_deref())
+        .collect();
+    for expected in ["keybroker/v1/broker.proto", "keybroker/v1/admin.proto"] {
+        assert!(
+            files.contains(&expected),
+            "{BASELINE} lacks {expected}: {files:?}"
+        );
+    }
+    let out = buf(&["breaking", "--against", BASELINE], &root);
     assert!(
         out.status.success(),
-        "buf breaking against {against}:\n{}",
+        "buf breaking against {BASELINE}:\n{}",
         text(&out)
     );
 }

@@ -10,41 +10,16 @@ use keybroker::proto::{self, key_admin_client::KeyAdminClient};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::aws_support::{Fault, FaultServer, Moto, TENANT, create_tenant, link_request};
-use crate::common::{TestServer, admin_client, test_config};
+use crate::aws_support::{Moto, TENANT, link_request};
+use crate::common::{TestServer, admin_client, create_tenant, generate, test_config, unwrap};
+use crate::fakes::aws_faults::{Fault, FaultServer};
 
 async fn onboard(admin: &mut KeyAdminClient<Channel>, key_arn: &str) {
-    create_tenant(admin).await;
+    create_tenant(admin, TENANT, proto::KeyPolicy::Unspecified).await;
     admin
         .link_key(link_request("cmk", key_arn, &[], false))
         .await
         .unwrap();
-}
-
-async fn generate(broker: &mut KeyBrokerClient<Channel>) -> proto::GenerateDataKeyResponse {
-    broker
-        .generate_data_key(proto::GenerateDataKeyRequest {
-            tenant_id: TENANT.into(),
-            context: Default::default(),
-            key_spec: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn unwrap(
-    broker: &mut KeyBrokerClient<Channel>,
-    wrapped: &[u8],
-) -> Result<Vec<u8>, tonic::Status> {
-    broker
-        .unwrap_key(proto::UnwrapKeyRequest {
-            tenant_id: TENANT.into(),
-            context: Default::default(),
-            wrapped_key: wrapped.to_vec(),
-        })
-        .await
-        .map(|r| r.into_inner().plaintext)
 }
 
 async fn key(admin: &mut KeyAdminClient<Channel>) -> proto::KeyBinding {
@@ -69,7 +44,9 @@ async fn time_until(
 ) -> (Duration, Result<Vec<u8>, tonic::Status>) {
     let start = Instant::now();
     loop {
-        let result = unwrap(broker, wrapped).await;
+        let result = unwrap(broker, TENANT, &[], wrapped)
+            .await
+            .map(|r| r.plaintext);
         if done(&result) {
             return (start.elapsed(), result);
         }
@@ -94,16 +71,24 @@ async fn customer_revocation_is_enforced_within_the_bound() {
     let mut admin = admin_client(&server).await;
     let mut broker = server.client().await;
     onboard(&mut admin, &key_arn).await;
-    let g = generate(&mut broker).await;
+    let g = generate(&mut broker, TENANT, &[]).await.unwrap();
     assert_eq!(
-        unwrap(&mut broker, &g.wrapped_key).await.unwrap(),
+        unwrap(&mut broker, TENANT, &[], &g.wrapped_key)
+            .await
+            .map(|r| r.plaintext)
+            .unwrap(),
         g.plaintext
     );
 
     // The watcher's own describe calls are not usage.
     let before = key(&mut admin).await;
+    let passes = server.watcher_passes();
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let after = key(&mut admin).await;
+    assert!(
+        server.watcher_passes() > passes,
+        "no watcher pass ran during the wait: the check below would prove nothing"
+    );
     assert_eq!(
         (before.wrap_count, before.unwrap_count, before.last_use_time),
         (after.wrap_count, after.unwrap_count, after.last_use_time)
@@ -194,7 +179,9 @@ async fn a_definitive_error_on_a_live_request_revokes_at_once() {
     let server = TestServer::start(config.clone()).await;
     let mut admin = admin_client(&server).await;
     onboard(&mut admin, &key_arn).await;
-    let g = generate(&mut server.client().await).await;
+    let g = generate(&mut server.client().await, TENANT, &[])
+        .await
+        .unwrap();
     server.stop().await;
 
     // Same registry, but KMS now answers DisabledException (real wire
@@ -213,7 +200,9 @@ async fn a_definitive_error_on_a_live_request_revokes_at_once() {
     let server = TestServer::start(config).await;
     let mut admin = admin_client(&server).await;
     let mut broker = server.client().await;
-    let err = unwrap(&mut broker, &g.wrapped_key).await.unwrap_err();
+    let err = unwrap(&mut broker, TENANT, &[], &g.wrapped_key)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let k = key(&mut admin).await;
     assert_eq!(
@@ -229,7 +218,9 @@ async fn a_definitive_error_on_a_live_request_revokes_at_once() {
         "revoked by one describe, not by the request"
     );
     // Refused from the registry state now: no further KMS call.
-    let err = unwrap(&mut broker, &g.wrapped_key).await.unwrap_err();
+    let err = unwrap(&mut broker, TENANT, &[], &g.wrapped_key)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("revoked"), "{}", err.message());
     assert_eq!(faults.count("trentservice.decrypt"), 1);
@@ -249,19 +240,32 @@ async fn an_outage_is_not_a_revocation() {
     let mut admin = admin_client(&server).await;
     let mut broker = server.client().await;
     onboard(&mut admin, &key_arn).await;
-    let warm = generate(&mut broker).await;
-    unwrap(&mut broker, &warm.wrapped_key).await.unwrap();
-    let cold = generate(&mut broker).await;
+    let warm = generate(&mut broker, TENANT, &[]).await.unwrap();
+    unwrap(&mut broker, TENANT, &[], &warm.wrapped_key)
+        .await
+        .map(|r| r.plaintext)
+        .unwrap();
+    let cold = generate(&mut broker, TENANT, &[]).await.unwrap();
 
     // KMS (and STS) become unreachable.
     drop(moto);
+    let passes = server.watcher_passes();
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        server.watcher_passes() > passes,
+        "no watcher pass ran during the outage: the checks below would prove nothing"
+    );
     assert_eq!(
-        unwrap(&mut broker, &warm.wrapped_key).await.unwrap(),
+        unwrap(&mut broker, TENANT, &[], &warm.wrapped_key)
+            .await
+            .map(|r| r.plaintext)
+            .unwrap(),
         warm.plaintext,
         "warm keys keep being served"
     );
-    let err = unwrap(&mut broker, &cold.wrapped_key).await.unwrap_err();
+    let err = unwrap(&mut broker, TENANT, &[], &cold.wrapped_key)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let k = key(&mut admin).await;
     assert_eq!(
@@ -306,9 +310,12 @@ async fn revocation_reaches_every_replica_through_postgres() {
     let mut broker_a = a.client().await;
     let mut broker_b = b.client().await;
     onboard(&mut admin_a, &key_arn).await;
-    let g = generate(&mut broker_a).await;
+    let g = generate(&mut broker_a, TENANT, &[]).await.unwrap();
     assert_eq!(
-        unwrap(&mut broker_b, &g.wrapped_key).await.unwrap(),
+        unwrap(&mut broker_b, TENANT, &[], &g.wrapped_key)
+            .await
+            .map(|r| r.plaintext)
+            .unwrap(),
         g.plaintext
     );
 

@@ -1,6 +1,9 @@
 //! Caller authentication (mTLS), the authorization policy, the audit log and
 //! KMS quota protection, against real servers on 127.0.0.1:0 with a test
 //! PKI generated here by rcgen.
+//!
+//! Over 600 lines on purpose: the test PKI built here is shared by every
+//! mTLS, policy, audit and quota test.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ use rcgen::{
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::common::{SlowKeyring, TestServer, ctx, test_config};
+use crate::common::{SlowKeyring, TestServer, ctx, generate, test_config, unwrap};
 
 const TRUST_DOMAIN: &str = "prod.example";
 
@@ -695,11 +698,16 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     let flood_total = (RATE as u64) * 10 * FLOOD_SECS;
     let mut flood_keys = Vec::new();
     for _ in 0..flood_total {
-        flood_keys.push(generate(&mut client, "flood").await);
+        flood_keys.push(
+            generate(&mut client, "flood", &[])
+                .await
+                .unwrap()
+                .wrapped_key,
+        );
     }
     let calm_keys: Vec<_> = futures::future::join_all((0..5).map(|_| {
         let mut c = client.clone();
-        async move { generate(&mut c, "calm").await }
+        async move { generate(&mut c, "calm", &[]).await.unwrap().wrapped_key }
     }))
     .await;
     maker.stop().await;
@@ -715,7 +723,7 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     let server = TestServer::start_with_provider(limited, provider.clone()).await;
     let client = server.client().await;
     // The calm tenant's first key is cached before the flood.
-    unwrap(&mut client.clone(), "calm", &calm_keys[0])
+    unwrap(&mut client.clone(), "calm", &[], &calm_keys[0])
         .await
         .unwrap();
 
@@ -728,7 +736,7 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
         let at = started + interval * u32::try_from(i).unwrap();
         flood.spawn(async move {
             tokio::time::sleep_until(at.into()).await;
-            unwrap(&mut c, "flood", &key).await
+            unwrap(&mut c, "flood", &[], &key).await
         });
     }
     // Meanwhile the calm tenant: cached unwraps, and its other cold keys.
@@ -736,14 +744,14 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     let calm = tokio::spawn(async move {
         let mut served = 0;
         while started.elapsed() < Duration::from_secs(FLOOD_SECS) {
-            unwrap(&mut calm_client, "calm", &calm_keys[0])
+            unwrap(&mut calm_client, "calm", &[], &calm_keys[0])
                 .await
                 .unwrap();
             served += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for key in &calm_keys[1..] {
-            unwrap(&mut calm_client, "calm", key).await.unwrap();
+            unwrap(&mut calm_client, "calm", &[], key).await.unwrap();
             served += 1;
         }
         served
@@ -751,7 +759,7 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     let (mut ok, mut exhausted) = (0u64, 0u64);
     while let Some(result) = flood.join_next().await {
         match result.unwrap() {
-            Ok(()) => ok += 1,
+            Ok(_) => ok += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
                 assert!(
@@ -783,32 +791,4 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     assert_eq!(ok + exhausted, flood_total);
     assert!(calm_served >= 10 + 4, "calm tenant served {calm_served}");
     server.stop().await;
-}
-
-async fn generate(client: &mut KeyBrokerClient<Channel>, tenant: &str) -> Vec<u8> {
-    client
-        .generate_data_key(proto::GenerateDataKeyRequest {
-            tenant_id: tenant.into(),
-            key_spec: 0,
-            context: ctx(&[]),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .wrapped_key
-}
-
-async fn unwrap(
-    client: &mut KeyBrokerClient<Channel>,
-    tenant: &str,
-    wrapped: &[u8],
-) -> Result<(), tonic::Status> {
-    client
-        .unwrap_key(proto::UnwrapKeyRequest {
-            tenant_id: tenant.into(),
-            wrapped_key: wrapped.to_vec(),
-            context: ctx(&[]),
-        })
-        .await
-        .map(|_| ())
 }

@@ -27,11 +27,12 @@ use prost::Message;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::aws_support::{Fault, FaultServer, Moto, ROLE_ARN, link_request};
+use crate::aws_support::{Moto, ROLE_ARN, link_request};
 use crate::common::{
     TestServer, admin_client, generate_req, random_material, test_config, unwrap_req,
 };
-use crate::gcp_fake::{CloudKmsAdmin, FakeCloudKms};
+use crate::fakes::aws_faults::{Fault, FaultServer};
+use crate::fakes::gcp::{CloudKmsAdmin, FakeCloudKms};
 
 const TENANT: &str = "acme";
 const BINDINGS: [&str; 3] = ["imported", "gcp", "aws"];
@@ -175,7 +176,7 @@ async fn forged_wrapped_keys_never_change_key_state() {
             .unwrap()
             .into_inner(),
     );
-    crate::aws_support::create_tenant(&mut admin).await;
+    crate::common::create_tenant(&mut admin, TENANT, proto::KeyPolicy::Unspecified).await;
     admin
         .import_key_material(proto::ImportKeyMaterialRequest {
             tenant_id: TENANT.into(),
@@ -339,7 +340,7 @@ async fn a_live_definitive_error_revokes_only_through_one_describe() {
     config.watcher.interval = Duration::from_secs(3600);
     let server = TestServer::start(config.clone()).await;
     let mut admin = admin_client(&server).await;
-    crate::aws_support::create_tenant(&mut admin).await;
+    crate::common::create_tenant(&mut admin, TENANT, proto::KeyPolicy::Unspecified).await;
     admin
         .link_key(link_request("aws", &key_arn, &[], true))
         .await

@@ -32,12 +32,12 @@ use google_cloud_kms_v1::client::KeyManagementService;
 use google_cloud_kms_v1::model::crypto_key::CryptoKeyPurpose;
 use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
 
-mod classify;
+mod errors;
 pub mod name;
 
 pub use name::GcpKeyName;
 
-use self::classify::{classify_status, classify_transport};
+use self::errors::{classify_status, classify_transport};
 use super::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
     WrapContext,

@@ -3,6 +3,9 @@
 //! unaudited change, request text that cannot forge log lines, silent
 //! connections that cannot exhaust the server, bodies that are not protobuf,
 //! and plaintext on the network refused without a policy.
+//!
+//! One file, over 600 lines, on purpose: each defense is tested through the
+//! real binary with the same process helpers, and they are reviewed together.
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,5 +1,8 @@
 //! KeyAdmin and the data plane together, one test per flow of the products
 //! in shared/seeds/, plus bad input and restarts on SQLite and PostgreSQL.
+//!
+//! Over 600 lines on purpose: one flow per seed product, each short, sharing
+//! the same onboarding helpers.
 
 use std::time::Duration;
 
@@ -9,24 +12,15 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::common::{
-    TestServer, admin_client, ctx, fresh_postgres_database, random_material, test_config,
+    TestServer, admin_client, create_tenant, ctx, fresh_postgres_database, generate,
+    random_material, test_config, unwrap,
 };
 
 type Admin = KeyAdminClient<Channel>;
 type Broker = proto::key_broker_client::KeyBrokerClient<Channel>;
 
-async fn create_tenant(admin: &mut Admin, tenant: &str, policy: proto::KeyPolicy) -> proto::Tenant {
-    admin
-        .create_tenant(proto::CreateTenantRequest {
-            tenant_id: tenant.into(),
-            key_policy: policy.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap()
-}
+/// The context every DEK of these tests is bound to.
+const D1: &[(&str, &str)] = &[("dataset", "d1")];
 
 async fn import(
     admin: &mut Admin,
@@ -45,35 +39,6 @@ async fn import(
         })
         .await
         .map(|r| r.into_inner().key.unwrap())
-}
-
-async fn generate(
-    broker: &mut Broker,
-    tenant: &str,
-) -> Result<proto::GenerateDataKeyResponse, tonic::Status> {
-    broker
-        .generate_data_key(proto::GenerateDataKeyRequest {
-            tenant_id: tenant.into(),
-            context: ctx(&[("dataset", "d1")]),
-            key_spec: 0,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn unwrap(
-    broker: &mut Broker,
-    tenant: &str,
-    wrapped: &[u8],
-) -> Result<proto::UnwrapKeyResponse, tonic::Status> {
-    broker
-        .unwrap_key(proto::UnwrapKeyRequest {
-            tenant_id: tenant.into(),
-            context: ctx(&[("dataset", "d1")]),
-            wrapped_key: wrapped.to_vec(),
-        })
-        .await
-        .map(|r| r.into_inner())
 }
 
 async fn rewrap(broker: &mut Broker, tenant: &str, wrapped: &[u8]) -> proto::RewrapKeyResponse {
@@ -197,7 +162,7 @@ async fn pinecone_single_key_flow() {
         .unwrap();
     assert!(key.primary);
 
-    let g = generate(&mut broker, "pine").await.unwrap();
+    let g = generate(&mut broker, "pine", D1).await.unwrap();
     assert_eq!(g.key.unwrap().key_binding, "project-key");
 
     let err = import(&mut admin, "pine", "replacement", &random_material(), true)
@@ -240,14 +205,14 @@ async fn pinecone_single_key_flow() {
         })
         .await
         .unwrap();
-    let err = generate(&mut broker, "pine").await.unwrap_err();
+    let err = generate(&mut broker, "pine", D1).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("customer offboarding"),
         "{}",
         err.message()
     );
-    let err = unwrap(&mut broker, "pine", &g.wrapped_key)
+    let err = unwrap(&mut broker, "pine", D1, &g.wrapped_key)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -274,13 +239,15 @@ async fn turbopuffer_key_fixed_at_first_use() {
         .await
         .unwrap();
 
-    let g = generate(&mut broker, "ns-1").await.unwrap();
+    let g = generate(&mut broker, "ns-1", D1).await.unwrap();
     assert_eq!(g.key.as_ref().unwrap().key_binding, "cmek");
     tokio::time::sleep(Duration::from_millis(20)).await;
     // After first write: fixed, even though the guard window has passed.
     let err = unlink(&mut admin, "ns-1", "cmek", true).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    let back = unwrap(&mut broker, "ns-1", &g.wrapped_key).await.unwrap();
+    let back = unwrap(&mut broker, "ns-1", D1, &g.wrapped_key)
+        .await
+        .unwrap();
     assert_eq!(back.plaintext, g.plaintext);
     assert!(!back.rewrap_recommended);
     server.stop().await;
@@ -297,7 +264,7 @@ async fn pulumi_keyring_flow() {
     create_tenant(&mut admin, "org", proto::KeyPolicy::Keyring).await;
 
     // No key yet: the platform key serves the tenant.
-    let platform_dek = generate(&mut broker, "org").await.unwrap();
+    let platform_dek = generate(&mut broker, "org", D1).await.unwrap();
     assert_eq!(platform_dek.key.as_ref().unwrap().key_binding, "platform");
 
     import(&mut admin, "org", "cmk-a", &random_material(), false)
@@ -306,7 +273,7 @@ async fn pulumi_keyring_flow() {
     import(&mut admin, "org", "cmk-b", &random_material(), false)
         .await
         .unwrap();
-    let a_dek = generate(&mut broker, "org").await.unwrap();
+    let a_dek = generate(&mut broker, "org", D1).await.unwrap();
     assert_eq!(
         a_dek.key.as_ref().unwrap().key_binding,
         "cmk-a",
@@ -314,7 +281,7 @@ async fn pulumi_keyring_flow() {
     );
 
     // The platform-wrapped key still reads, flagged for rewrap.
-    let back = unwrap(&mut broker, "org", &platform_dek.wrapped_key)
+    let back = unwrap(&mut broker, "org", D1, &platform_dek.wrapped_key)
         .await
         .unwrap();
     assert_eq!(back.plaintext, platform_dek.plaintext);
@@ -334,11 +301,11 @@ async fn pulumi_keyring_flow() {
     assert!(b.primary);
     let listed = keys(&mut admin, "org").await;
     assert_eq!(listed.iter().filter(|k| k.primary).count(), 1);
-    let b_dek = generate(&mut broker, "org").await.unwrap();
+    let b_dek = generate(&mut broker, "org", D1).await.unwrap();
     assert_eq!(b_dek.key.as_ref().unwrap().key_binding, "cmk-b");
 
     // Disable cmk-a after rewrapping its data keys under cmk-b.
-    let a_back = unwrap(&mut broker, "org", &a_dek.wrapped_key)
+    let a_back = unwrap(&mut broker, "org", D1, &a_dek.wrapped_key)
         .await
         .unwrap();
     assert!(a_back.rewrap_recommended);
@@ -354,7 +321,7 @@ async fn pulumi_keyring_flow() {
         .await
         .unwrap();
     // Disabled: unwraps nothing, even what was cached a moment ago.
-    let err = unwrap(&mut broker, "org", &a_dek.wrapped_key)
+    let err = unwrap(&mut broker, "org", D1, &a_dek.wrapped_key)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -364,7 +331,7 @@ async fn pulumi_keyring_flow() {
         err.message()
     );
     // The rewrapped copy reads under cmk-b.
-    let moved_back = unwrap(&mut broker, "org", &moved.wrapped_key)
+    let moved_back = unwrap(&mut broker, "org", D1, &moved.wrapped_key)
         .await
         .unwrap();
     assert_eq!(moved_back.plaintext, a_dek.plaintext);
@@ -380,7 +347,7 @@ async fn pulumi_keyring_flow() {
         })
         .await
         .unwrap();
-    let fallback = generate(&mut broker, "org").await.unwrap();
+    let fallback = generate(&mut broker, "org", D1).await.unwrap();
     assert_eq!(fallback.key.unwrap().key_binding, "platform");
     let described = broker
         .describe_key(proto::DescribeKeyRequest {
@@ -413,7 +380,7 @@ async fn pulumi_keyring_flow() {
         .await
         .unwrap();
     assert_eq!(
-        generate(&mut broker, "org")
+        generate(&mut broker, "org", D1)
             .await
             .unwrap()
             .key
@@ -441,7 +408,7 @@ async fn cube_imported_keys_flow() {
     let old: Vec<_> = {
         let mut v = Vec::new();
         for _ in 0..3 {
-            v.push(generate(&mut broker, "cube").await.unwrap());
+            v.push(generate(&mut broker, "cube", D1).await.unwrap());
         }
         v
     };
@@ -449,11 +416,13 @@ async fn cube_imported_keys_flow() {
     import(&mut admin, "cube", "k-2026-02", &random_material(), true)
         .await
         .unwrap();
-    let new = generate(&mut broker, "cube").await.unwrap();
+    let new = generate(&mut broker, "cube", D1).await.unwrap();
     assert_eq!(new.key.unwrap().key_binding, "k-2026-02");
     // All keys decrypt; which key protects what is visible.
     for g in &old {
-        let back = unwrap(&mut broker, "cube", &g.wrapped_key).await.unwrap();
+        let back = unwrap(&mut broker, "cube", D1, &g.wrapped_key)
+            .await
+            .unwrap();
         assert_eq!(back.plaintext, g.plaintext);
         assert_eq!(back.key.unwrap().key_binding, "k-2026-01");
         assert!(back.rewrap_recommended);
@@ -495,10 +464,12 @@ async fn cube_imported_keys_flow() {
         .await
         .unwrap();
     for (g, r) in old.iter().zip(&rebuilt) {
-        let back = unwrap(&mut broker, "cube", &r.wrapped_key).await.unwrap();
+        let back = unwrap(&mut broker, "cube", D1, &r.wrapped_key)
+            .await
+            .unwrap();
         assert_eq!(back.plaintext, g.plaintext);
         // A key wrapped under the dropped key no longer resolves.
-        let err = unwrap(&mut broker, "cube", &g.wrapped_key)
+        let err = unwrap(&mut broker, "cube", D1, &g.wrapped_key)
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -687,15 +658,15 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
 async fn restart_keeps_everything(config: Config) {
     let (server, mut admin, mut broker) = start(config.clone()).await;
     create_tenant(&mut admin, "acme", proto::KeyPolicy::Keyring).await;
-    let platform_dek = generate(&mut broker, "acme").await.unwrap();
+    let platform_dek = generate(&mut broker, "acme", D1).await.unwrap();
     import(&mut admin, "acme", "k1", &random_material(), false)
         .await
         .unwrap();
-    let k1_dek = generate(&mut broker, "acme").await.unwrap();
+    let k1_dek = generate(&mut broker, "acme", D1).await.unwrap();
     import(&mut admin, "acme", "k2", &random_material(), true)
         .await
         .unwrap();
-    let k2_dek = generate(&mut broker, "acme").await.unwrap();
+    let k2_dek = generate(&mut broker, "acme", D1).await.unwrap();
     create_tenant(&mut admin, "pine", proto::KeyPolicy::SingleKey).await;
     import(&mut admin, "pine", "only", &random_material(), false)
         .await
@@ -716,12 +687,14 @@ async fn restart_keeps_everything(config: Config) {
         (&k1_dek, "k1"),
         (&k2_dek, "k2"),
     ] {
-        let back = unwrap(&mut broker, "acme", &g.wrapped_key).await.unwrap();
+        let back = unwrap(&mut broker, "acme", D1, &g.wrapped_key)
+            .await
+            .unwrap();
         assert_eq!(back.plaintext, g.plaintext);
         assert_eq!(back.key.unwrap().key_binding, binding);
     }
     assert_eq!(
-        generate(&mut broker, "acme")
+        generate(&mut broker, "acme", D1)
             .await
             .unwrap()
             .key
@@ -776,7 +749,7 @@ async fn two_servers_share_one_postgres_registry() {
     create_tenant(&mut admin_a, "acme", proto::KeyPolicy::Keyring).await;
     // Replica b caches acme's (empty) view now.
     assert_eq!(
-        generate(&mut broker_b, "acme")
+        generate(&mut broker_b, "acme", D1)
             .await
             .unwrap()
             .key
@@ -787,12 +760,14 @@ async fn two_servers_share_one_postgres_registry() {
     import(&mut admin_a, "acme", "k1", &random_material(), false)
         .await
         .unwrap();
-    let g = generate(&mut broker_a, "acme").await.unwrap();
+    let g = generate(&mut broker_a, "acme", D1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let back = unwrap(&mut broker_b, "acme", &g.wrapped_key).await.unwrap();
+    let back = unwrap(&mut broker_b, "acme", D1, &g.wrapped_key)
+        .await
+        .unwrap();
     assert_eq!(back.plaintext, g.plaintext);
     assert_eq!(
-        generate(&mut broker_b, "acme")
+        generate(&mut broker_b, "acme", D1)
             .await
             .unwrap()
             .key
