@@ -8,6 +8,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY benches benches
+COPY bench bench
 COPY migrations migrations
 COPY src src
 RUN cargo build --release --locked --bin keybroker \
