@@ -21,6 +21,7 @@ pub mod kms;
 /// Per-tenant and global limits on provider calls.
 pub mod quota;
 /// Plaintext-holding types that zeroize and never print.
+pub mod seal;
 pub mod secret;
 
 // --- the control plane ---------------------------------------------------

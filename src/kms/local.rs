@@ -3,9 +3,10 @@
 //! default (a 0600 JSON file in the data dir) and, later, the home of raw key
 //! material that customers import.
 //!
-//! Ciphertext layout: 12-byte random nonce, then AES-GCM ciphertext and tag.
-//! Random 96-bit nonces are safe here: one key version would need ~2^32 wraps
-//! before nonce collisions become a concern, and rotation adds versions.
+//! New wraps use the construction in `seal` (AES-256-GCM under a per-wrap
+//! HKDF-derived key, safe at any volume). Wrapped keys of the legacy layout
+//! (12-byte random nonce, then AES-GCM ciphertext and tag under the version
+//! key itself) stay readable.
 //!
 //! Longer than most files on purpose: the keyring file, its rotation and
 //! the provider over it are one unit (the file *is* the keyring); about a
@@ -30,6 +31,7 @@ use super::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
     WrapContext,
 };
+use crate::seal::SealingKey;
 use crate::secret::SecretBytes;
 
 const FILE_FORMAT: &str = "keybroker-keyring-v1";
@@ -73,7 +75,7 @@ struct VersionEntry {
 
 /// Loaded key versions. Immutable: a reload or rotation builds a new one.
 struct Versions {
-    keys: BTreeMap<u32, LessSafeKey>,
+    keys: BTreeMap<u32, VersionKey>,
     created: BTreeMap<u32, u64>,
     newest: u32,
 }
@@ -124,13 +126,24 @@ impl Versions {
     }
 }
 
-fn aes_key(material: &[u8]) -> Option<LessSafeKey> {
+/// One key version: the long-term key of the `seal` construction (new
+/// wraps), and the same bytes as a plain AES-GCM key (legacy wraps).
+struct VersionKey {
+    sealing: SealingKey,
+    legacy: LessSafeKey,
+}
+
+fn aes_key(material: &[u8]) -> Option<VersionKey> {
     if material.len() != KEY_LEN {
         return None;
     }
-    UnboundKey::new(&AES_256_GCM, material)
+    let legacy = UnboundKey::new(&AES_256_GCM, material)
         .ok()
-        .map(LessSafeKey::new)
+        .map(LessSafeKey::new)?;
+    Some(VersionKey {
+        sealing: SealingKey::new(material)?,
+        legacy,
+    })
 }
 
 use crate::reload::Stamp as FileStamp;
@@ -229,7 +242,7 @@ impl LocalKeyring {
         &self,
         versions: &'v Versions,
         version: &str,
-    ) -> Result<&'v LessSafeKey, ProviderError> {
+    ) -> Result<&'v VersionKey, ProviderError> {
         let number: u32 = version.parse().map_err(|_| {
             ProviderError::InvalidCiphertext(format!(
                 "the wrapped key names local key version {}, which is not a version number",
@@ -327,23 +340,10 @@ impl KeyProvider for LocalKeyring {
             .keys
             .get(&versions.newest)
             .ok_or_else(|| ProviderError::Internal("keyring has no newest version".into()))?;
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce)
-            .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
-        // Sealed in place in a buffer sized for the tag, so no reallocation
-        // leaves a plaintext copy behind; zeroizing in case sealing fails.
-        let mut body = Zeroizing::new(Vec::with_capacity(plaintext.len() + TAG_LEN));
-        body.extend_from_slice(plaintext.expose());
-        let aad = wrap.aad();
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad.as_slice()),
-            &mut *body,
-        )
-        .map_err(|_| ProviderError::Internal("AES-GCM seal failed".into()))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + body.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&body);
+        let out = key
+            .sealing
+            .seal(plaintext.expose(), &wrap.aad())
+            .map_err(|e| ProviderError::Internal(e.to_string()))?;
         Ok(Ciphertext {
             bytes: out,
             key_version: versions.newest.to_string(),
@@ -358,6 +358,15 @@ impl KeyProvider for LocalKeyring {
     ) -> Result<SecretBytes, ProviderError> {
         let versions = self.current();
         let key = self.version_key(&versions, key_version)?;
+        let aad = wrap.aad();
+        if crate::seal::is_sealed(ciphertext)
+            && let Ok(plaintext) = key.sealing.open(ciphertext, &aad)
+        {
+            return Ok(plaintext);
+        }
+        // The legacy layout (or a legacy nonce that happens to start with
+        // the magic: tried both ways, authentication decides).
+        let key = &key.legacy;
         if ciphertext.len() < NONCE_LEN + TAG_LEN {
             return Err(ProviderError::InvalidCiphertext(
                 "ciphertext is shorter than nonce and tag".into(),
@@ -367,7 +376,6 @@ impl KeyProvider for LocalKeyring {
         let nonce = Nonce::try_assume_unique_for_key(nonce)
             .map_err(|_| ProviderError::Internal("nonce length".into()))?;
         let mut buf = Zeroizing::new(body.to_vec());
-        let aad = wrap.aad();
         let plain_len = key
             .open_in_place(nonce, Aad::from(aad.as_slice()), &mut buf)
             .map_err(|_| {
@@ -558,6 +566,62 @@ mod tests {
                 .unwrap();
             assert_eq!(back.expose(), dek.expose());
         }
+    }
+
+    /// Keys wrapped before the `seal` construction (nonce || AES-GCM under
+    /// the version key) still unwrap; new wraps use the new construction.
+    #[tokio::test]
+    async fn legacy_wraps_stay_readable() {
+        let material = SecretBytes::new(vec![5u8; 32]);
+        let ring = LocalKeyring::from_material("k", std::slice::from_ref(&material)).unwrap();
+        let context = ctx(&[("a", "1")]);
+        let wrap = WrapContext {
+            tenant_id: "acme",
+            context: &context,
+        };
+        let legacy_key =
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, material.expose()).unwrap());
+        let nonce = [9u8; NONCE_LEN];
+        let mut body = b"old dek".to_vec();
+        legacy_key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(wrap.aad().as_slice()),
+                &mut body,
+            )
+            .unwrap();
+        let legacy = [nonce.as_slice(), &body].concat();
+        assert!(!crate::seal::is_sealed(&legacy));
+        let back = ring.decrypt("1", &legacy, wrap).await.unwrap();
+        assert_eq!(back.expose(), b"old dek");
+
+        let new = ring
+            .encrypt(&SecretBytes::new(b"new dek".to_vec()), wrap)
+            .await
+            .unwrap();
+        assert!(crate::seal::is_sealed(&new.bytes));
+        assert_eq!(new.bytes.len(), crate::seal::OVERHEAD + 7);
+        assert_eq!(
+            ring.decrypt("1", &new.bytes, wrap).await.unwrap().expose(),
+            b"new dek"
+        );
+        // A legacy blob that starts with the magic by chance still opens.
+        let mut lucky_nonce = [0u8; NONCE_LEN];
+        lucky_nonce[..4].copy_from_slice(&crate::seal::MAGIC);
+        let mut body = b"lucky".to_vec();
+        legacy_key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(lucky_nonce),
+                Aad::from(wrap.aad().as_slice()),
+                &mut body,
+            )
+            .unwrap();
+        let lucky = [lucky_nonce.as_slice(), &body].concat();
+        assert!(crate::seal::is_sealed(&lucky));
+        assert_eq!(
+            ring.decrypt("1", &lucky, wrap).await.unwrap().expose(),
+            b"lucky"
+        );
     }
 
     #[tokio::test]
