@@ -37,6 +37,7 @@ fn envelope_benches(c: &mut Criterion) {
         provider: ProviderKind::Local,
         provider_key_version: "3".into(),
         ciphertext: vec![7; 60],
+        tenant_key_version: 0,
     };
     let bytes = envelope.encode();
     c.bench_function("envelope_encode", |b| {
@@ -94,7 +95,7 @@ fn cache_benches(c: &mut Criterion) {
     let key = CacheKey::new("tenant-0001", &[1; 32], &context());
     runtime
         .block_on(cache.get_or_load(key.clone(), async {
-            let origin = cache.origin(&PLATFORM_BINDING.into(), ProviderKind::Local, "1");
+            let origin = cache.origin(&PLATFORM_BINDING.into(), ProviderKind::Local, "1", 0);
             Ok::<_, ()>(CachedKey::new(&SecretBytes::random(32).unwrap(), origin))
         }))
         .unwrap();

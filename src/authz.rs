@@ -43,6 +43,8 @@ pub(crate) const METHODS: &[&str] = &[
     "keybroker.v1.KeyAdmin/DisableKey",
     "keybroker.v1.KeyAdmin/EnableKey",
     "keybroker.v1.KeyAdmin/UnlinkKey",
+    "keybroker.v1.KeyAdmin/UpdateKey",
+    "keybroker.v1.KeyAdmin/DeleteTenant",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];

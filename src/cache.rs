@@ -68,6 +68,10 @@ pub struct KeyOrigin {
     pub key_binding: Arc<str>,
     pub provider: ProviderKind,
     pub key_version: Box<str>,
+    /// The tenant key version that sealed a DEK (0: wrapped directly by
+    /// `key_binding`). Its protecting binding is looked up on every hit:
+    /// a key change may have moved it since.
+    pub tenant_key_version: u32,
 }
 
 /// Keys up to this many bytes (every DEK keybroker generates) are stored
@@ -255,17 +259,20 @@ impl DekCache {
         }
     }
 
-    /// The shared origin for (binding, provider, version).
+    /// The shared origin for (binding, provider, version, tenant key
+    /// version).
     pub fn origin(
         &self,
         key_binding: &Arc<str>,
         provider: ProviderKind,
         key_version: &str,
+        tenant_key_version: u32,
     ) -> Arc<KeyOrigin> {
         let origin = KeyOrigin {
             key_binding: Arc::clone(key_binding),
             provider,
             key_version: key_version.into(),
+            tenant_key_version,
         };
         let Ok(mut origins) = self.origins.lock() else {
             return Arc::new(origin);
@@ -364,6 +371,7 @@ mod tests {
             key_binding: binding.into(),
             provider: ProviderKind::Local,
             key_version: "1".into(),
+            tenant_key_version: 0,
         });
         CachedKey::new(&SecretBytes::new(vec![1; 32]), origin)
     }
@@ -375,6 +383,7 @@ mod tests {
                 key_binding: "b".into(),
                 provider: ProviderKind::Local,
                 key_version: v.into(),
+                tenant_key_version: 0,
             })
         };
         for len in [1, 16, 32, 33, 4096] {
@@ -409,9 +418,9 @@ mod tests {
     fn origins_are_shared_per_binding_and_version() {
         let cache = DekCache::new(settings(1000));
         let binding: Arc<str> = "k1".into();
-        let a = cache.origin(&binding, ProviderKind::Local, "1");
-        let b = cache.origin(&binding, ProviderKind::Local, "1");
-        let c = cache.origin(&binding, ProviderKind::Local, "2");
+        let a = cache.origin(&binding, ProviderKind::Local, "1", 0);
+        let b = cache.origin(&binding, ProviderKind::Local, "1", 0);
+        let c = cache.origin(&binding, ProviderKind::Local, "2", 0);
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &c));
     }

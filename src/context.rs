@@ -93,6 +93,17 @@ impl Context {
         Ok(Self(map.into_iter().collect()))
     }
 
+    /// A context of keybroker's own entries (reserved prefix allowed):
+    /// never built from caller input.
+    pub(crate) fn reserved(entries: &[(&str, String)]) -> Self {
+        Self(
+            entries
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
@@ -115,6 +126,22 @@ pub fn aad(tenant_id: &str, context: &Context) -> Vec<u8> {
     let mut push = |bytes: &[u8]| out.extend_from_slice(bytes);
     put_prefixed(&mut push, AAD_TAG);
     put_prefixed(&mut push, tenant_id.as_bytes());
+    context.encode_into(&mut push);
+    out
+}
+
+/// Domain separation tag of the AAD of a DEK sealed under a tenant key.
+const SEALED_AAD_TAG: &[u8] = b"keybroker.v2.dek";
+
+/// Canonical AAD of a DEK sealed under tenant key `version`: tag, tenant,
+/// version, then the context entries, as in [`aad`]. A sealed DEK opens only
+/// for its tenant, its context and the version that sealed it.
+pub fn sealed_aad(tenant_id: &str, version: u32, context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(72);
+    let mut push = |bytes: &[u8]| out.extend_from_slice(bytes);
+    put_prefixed(&mut push, SEALED_AAD_TAG);
+    put_prefixed(&mut push, tenant_id.as_bytes());
+    push(&version.to_be_bytes());
     context.encode_into(&mut push);
     out
 }
@@ -182,5 +209,14 @@ mod tests {
         for bad in ["", "a b", "ä", "x/y", &"a".repeat(129)] {
             assert!(validate_tenant_id(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn sealed_aad_binds_the_version_and_differs_from_direct() {
+        let c = ctx(&[("a", "1")]);
+        assert_ne!(sealed_aad("t", 1, &c), sealed_aad("t", 2, &c));
+        assert_ne!(sealed_aad("t", 1, &c), sealed_aad("u", 1, &c));
+        assert_ne!(sealed_aad("t", 1, &c), aad("t", &c));
+        assert_eq!(sealed_aad("t", 1, &c), sealed_aad("t", 1, &c));
     }
 }

@@ -13,8 +13,10 @@ use prost::Message;
 use crate::kms::ProviderKind;
 use crate::proto;
 
-/// The only envelope format version this build writes and reads.
+/// Format of a DEK wrapped directly by a key binding's provider.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format of a DEK sealed locally under a tenant key version.
+pub const FORMAT_TENANT_KEY: u32 = 2;
 /// Largest wrapped key accepted. Real ones are under 1 KiB (AWS KMS ciphertext
 /// blobs are at most ~6 KiB for 4 KiB plaintexts).
 pub const MAX_WRAPPED_KEY_BYTES: usize = 16 * 1024;
@@ -30,7 +32,7 @@ pub enum EnvelopeError {
     #[error("wrapped_key is not a keybroker wrapped key (not a valid WrappedKey encoding)")]
     Malformed,
     #[error(
-        "wrapped_key has an unsupported format version {0}; this server reads version {FORMAT_VERSION}"
+        "wrapped_key has an unsupported format version {0}; this server reads versions {FORMAT_VERSION} and {FORMAT_TENANT_KEY}"
     )]
     UnsupportedVersion(u32),
     #[error(
@@ -49,10 +51,23 @@ pub struct Envelope {
     pub provider: ProviderKind,
     pub provider_key_version: String,
     pub ciphertext: Vec<u8>,
+    /// Format 2: the tenant key version that sealed the DEK; 0 in format 1,
+    /// where `key_binding` and `provider` name the wrapping key instead.
+    pub tenant_key_version: u32,
 }
 
 impl Envelope {
     pub fn encode(&self) -> Vec<u8> {
+        if self.tenant_key_version > 0 {
+            return proto::WrappedKey {
+                format_version: FORMAT_TENANT_KEY,
+                tenant_id: self.tenant_id.clone(),
+                ciphertext: self.ciphertext.clone(),
+                tenant_key_version: self.tenant_key_version,
+                ..proto::WrappedKey::default()
+            }
+            .encode_to_vec();
+        }
         proto::WrappedKey {
             format_version: FORMAT_VERSION,
             tenant_id: self.tenant_id.clone(),
@@ -60,6 +75,7 @@ impl Envelope {
             provider: proto::Provider::from(self.provider).into(),
             provider_key_version: self.provider_key_version.clone(),
             ciphertext: self.ciphertext.clone(),
+            tenant_key_version: 0,
         }
         .encode_to_vec()
     }
@@ -68,7 +84,7 @@ impl Envelope {
     pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         check_size(bytes)?;
         let msg = proto::WrappedKey::decode(bytes).map_err(|_| EnvelopeError::Malformed)?;
-        if msg.format_version != FORMAT_VERSION {
+        if msg.format_version != FORMAT_VERSION && msg.format_version != FORMAT_TENANT_KEY {
             return Err(EnvelopeError::UnsupportedVersion(msg.format_version));
         }
         if msg.encoded_len() != bytes.len() || msg.encode_to_vec() != bytes {
@@ -77,11 +93,35 @@ impl Envelope {
         if msg.tenant_id.is_empty() {
             return Err(EnvelopeError::MissingField("tenant_id"));
         }
-        if msg.key_binding.is_empty() {
-            return Err(EnvelopeError::MissingField("key_binding"));
-        }
         if msg.ciphertext.is_empty() {
             return Err(EnvelopeError::MissingField("ciphertext"));
+        }
+        if msg.format_version == FORMAT_TENANT_KEY {
+            // Exactly the fields format 2 writes: nothing a reader could
+            // mistake for the protecting key.
+            if msg.tenant_key_version == 0 {
+                return Err(EnvelopeError::MissingField("tenant_key_version"));
+            }
+            if !msg.key_binding.is_empty()
+                || msg.provider != 0
+                || !msg.provider_key_version.is_empty()
+            {
+                return Err(EnvelopeError::Malformed);
+            }
+            return Ok(Self {
+                tenant_id: msg.tenant_id,
+                key_binding: String::new(),
+                provider: ProviderKind::Local,
+                provider_key_version: String::new(),
+                ciphertext: msg.ciphertext,
+                tenant_key_version: msg.tenant_key_version,
+            });
+        }
+        if msg.tenant_key_version != 0 {
+            return Err(EnvelopeError::Malformed);
+        }
+        if msg.key_binding.is_empty() {
+            return Err(EnvelopeError::MissingField("key_binding"));
         }
         let provider = proto::Provider::try_from(msg.provider)
             .ok()
@@ -93,6 +133,7 @@ impl Envelope {
             provider,
             provider_key_version: msg.provider_key_version,
             ciphertext: msg.ciphertext,
+            tenant_key_version: 0,
         })
     }
 }
@@ -122,6 +163,56 @@ mod tests {
             provider: ProviderKind::Local,
             provider_key_version: "3".into(),
             ciphertext: vec![7; 60],
+            tenant_key_version: 0,
+        }
+    }
+
+    fn sealed() -> Envelope {
+        Envelope {
+            tenant_id: "acme".into(),
+            key_binding: String::new(),
+            provider: ProviderKind::Local,
+            provider_key_version: String::new(),
+            ciphertext: vec![9; 96],
+            tenant_key_version: 4,
+        }
+    }
+
+    #[test]
+    fn tenant_key_format_round_trips_and_is_strict() {
+        let env = sealed();
+        let bytes = env.encode();
+        assert_eq!(Envelope::parse(&bytes).unwrap(), env);
+        let msg = proto::WrappedKey::decode(bytes.as_slice()).unwrap();
+        assert_eq!(msg.format_version, FORMAT_TENANT_KEY);
+        // Format 2 naming a binding, provider or version, or no tenant key
+        // version; format 1 naming a tenant key version: all refused.
+        let mut bad = msg.clone();
+        bad.key_binding = "platform".into();
+        assert_eq!(
+            Envelope::parse(&bad.encode_to_vec()),
+            Err(EnvelopeError::Malformed)
+        );
+        let mut bad = msg.clone();
+        bad.provider = proto::Provider::AwsKms.into();
+        assert_eq!(
+            Envelope::parse(&bad.encode_to_vec()),
+            Err(EnvelopeError::Malformed)
+        );
+        let mut bad = msg.clone();
+        bad.tenant_key_version = 0;
+        assert_eq!(
+            Envelope::parse(&bad.encode_to_vec()),
+            Err(EnvelopeError::MissingField("tenant_key_version"))
+        );
+        let mut bad = proto::WrappedKey::decode(sample().encode().as_slice()).unwrap();
+        bad.tenant_key_version = 2;
+        assert_eq!(
+            Envelope::parse(&bad.encode_to_vec()),
+            Err(EnvelopeError::Malformed)
+        );
+        for len in 0..bytes.len() {
+            assert!(Envelope::parse(&bytes[..len]).is_err());
         }
     }
 
@@ -157,10 +248,10 @@ mod tests {
     #[test]
     fn unknown_version_empty_oversized() {
         let mut msg = proto::WrappedKey::decode(sample().encode().as_slice()).unwrap();
-        msg.format_version = 2;
+        msg.format_version = 3;
         assert_eq!(
             Envelope::parse(&msg.encode_to_vec()),
-            Err(EnvelopeError::UnsupportedVersion(2))
+            Err(EnvelopeError::UnsupportedVersion(3))
         );
         assert_eq!(Envelope::parse(&[]), Err(EnvelopeError::Empty));
         let big = vec![0u8; MAX_WRAPPED_KEY_BYTES + 1];

@@ -235,6 +235,7 @@ fn sample_wrapped_key() -> proto::WrappedKey {
         provider: proto::Provider::Local.into(),
         provider_key_version: "1".into(),
         ciphertext: vec![7; 60],
+        tenant_key_version: 0,
     }
 }
 
@@ -292,6 +293,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
             proto::CreateTenantRequest {
                 tenant_id: "acme".into(),
                 key_policy: 1,
+                key_hierarchy: 0,
             },
         ),
         seed(
@@ -357,6 +359,9 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
                 tenant_id: "acme".into(),
                 name: "imported".into(),
                 reason: "fuzz".into(),
+                // The primary of a tenant_key tenant: its tenant keys move
+                // to the platform key first.
+                reencrypt_to: "platform".into(),
             },
         ),
         seed(

@@ -135,6 +135,48 @@ impl Binding {
     }
 }
 
+/// How a tenant's DEKs are wrapped (DESIGN.md section 4a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyHierarchy {
+    /// Customer key -> versioned tenant key -> DEKs sealed locally.
+    #[default]
+    TenantKey,
+    /// Every DEK wrapped by the primary binding's provider.
+    Direct,
+}
+
+impl KeyHierarchy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TenantKey => "tenant_key",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+/// Context entry naming a tenant key version in its own wrap: the
+/// customer's KMS log (AWS encryption context) shows which version loads.
+pub const TENANT_KEY_CONTEXT: &str = "keybroker:tenant-key-version";
+
+/// What a tenant key version is bound to when its binding wraps it (the
+/// data plane mints and loads with it, a key change re-encrypts with it).
+pub fn tenant_key_context(version: u32) -> crate::context::Context {
+    crate::context::Context::reserved(&[(TENANT_KEY_CONTEXT, version.to_string())])
+}
+
+/// One tenant key version as the data plane sees it: stored only wrapped,
+/// by the binding that protects it now.
+#[derive(Debug)]
+pub struct TenantKeyVersion {
+    /// 1 and up; the newest seals new DEKs while its binding is primary.
+    pub version: u32,
+    /// The binding whose key wraps this version (the platform key included).
+    pub binding: Arc<Binding>,
+    pub provider_key_version: String,
+    /// The version's key, wrapped by `binding`.
+    pub wrapped: Vec<u8>,
+}
+
 /// The keys of one tenant at one moment.
 #[derive(Debug, Clone)]
 pub struct TenantKeys {
@@ -145,6 +187,12 @@ pub struct TenantKeys {
     pub bindings: Vec<Arc<Binding>>,
     /// Always able to unwrap what it wrapped before a tenant moved to CMEK.
     pub platform: Arc<Binding>,
+    pub hierarchy: KeyHierarchy,
+    /// Tenant key versions, oldest first (empty for `direct` tenants and
+    /// tenants the registry does not know).
+    pub versions: Vec<Arc<TenantKeyVersion>>,
+    /// A key change moving every version to this binding is under way.
+    pub reencrypt_to: Option<String>,
 }
 
 impl TenantKeys {
@@ -158,6 +206,35 @@ impl TenantKeys {
     pub fn uses_platform_key(&self) -> bool {
         Arc::ptr_eq(&self.primary, &self.platform)
     }
+
+    pub fn version(&self, version: u32) -> Option<&Arc<TenantKeyVersion>> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// The version new DEKs are sealed under: the newest one, if the
+    /// primary protects it (otherwise a new version is minted first).
+    pub fn sealing_version(&self) -> Option<&Arc<TenantKeyVersion>> {
+        self.versions
+            .last()
+            .filter(|v| v.binding.name == self.primary.name)
+    }
+
+    /// The number the next minted version gets.
+    pub fn next_version(&self) -> u32 {
+        self.versions
+            .last()
+            .map_or(1, |v| v.version.saturating_add(1))
+    }
+}
+
+/// A tenant key version, minted by the data plane, to be stored.
+#[derive(Debug, Clone)]
+pub struct NewTenantKey {
+    pub tenant_id: String,
+    pub version: u32,
+    pub binding: String,
+    pub provider_key_version: String,
+    pub wrapped: Vec<u8>,
 }
 
 /// Where the data plane learns a tenant's keys. Implementations answer from
@@ -165,6 +242,17 @@ impl TenantKeys {
 #[async_trait]
 pub trait KeyDirectory: Send + Sync + fmt::Debug {
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError>;
+
+    /// Stores a tenant key version the data plane minted and drops the
+    /// tenant's view, so the next read sees it. `Ok(false)`: that version
+    /// number was stored first by someone else (another request, another
+    /// replica); reload and use theirs.
+    async fn store_tenant_key(&self, key: &NewTenantKey) -> Result<bool, DirectoryError> {
+        Err(DirectoryError::Internal(format!(
+            "tenant '{}' cannot keep tenant keys here (no registry)",
+            key.tenant_id
+        )))
+    }
 
     /// A live request saw `error` from a binding's provider. The request's
     /// own bytes may have provoked it, so it proves nothing about the key: a
@@ -205,6 +293,9 @@ impl PlatformOnly {
                 primary: Arc::clone(&platform),
                 bindings: Vec::new(),
                 platform,
+                hierarchy: KeyHierarchy::Direct,
+                versions: Vec::new(),
+                reencrypt_to: None,
             }),
         }
     }

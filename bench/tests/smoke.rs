@@ -29,7 +29,7 @@ async fn accounting_is_exact() {
         let out = out.clone();
         move || {
             bench()
-                .args(["accounting", "--keys", "20", "--latency", "5ms", "--json"])
+                .args(["accounting", "--keys", "20", "--latency", "25ms", "--json"])
                 .arg(&out)
                 .output()
                 .unwrap()

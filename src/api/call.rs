@@ -67,6 +67,7 @@ scoped!(
     proto::GetTenantRequest,
     proto::SetTenantPolicyRequest,
     proto::ListKeysRequest,
+    proto::DeleteTenantRequest,
 );
 scoped_wrapped!(proto::UnwrapKeyRequest, proto::RewrapKeyRequest);
 scoped_binding!(
@@ -77,6 +78,7 @@ scoped_binding!(
     proto::DisableKeyRequest,
     proto::EnableKeyRequest,
     proto::UnlinkKeyRequest,
+    proto::UpdateKeyRequest,
 );
 audited_key!(
     proto::GenerateDataKeyResponse,
@@ -97,6 +99,8 @@ audited!(
     proto::DisableKeyResponse,
     proto::EnableKeyResponse,
     proto::UnlinkKeyResponse,
+    proto::UpdateKeyResponse,
+    proto::DeleteTenantResponse,
 );
 
 /// Authorizes the tenant, runs `handler`, writes the audit record and the
@@ -210,6 +214,8 @@ const STATE_CHANGING: &[&str] = &[
     "DisableKey",
     "EnableKey",
     "UnlinkKey",
+    "UpdateKey",
+    "DeleteTenant",
 ];
 
 fn changes_state(method: &str) -> bool {

@@ -1,6 +1,7 @@
 //! Domain values as protobuf messages, shared by both services.
 
-use crate::keys::{BindingState, KeyInfo};
+use crate::control::Reencryption;
+use crate::keys::{BindingState, KeyHierarchy, KeyInfo};
 use crate::proto;
 
 /// A registry time (ms since the Unix epoch) as a protobuf timestamp.
@@ -16,6 +17,22 @@ pub(crate) fn key_state(state: BindingState) -> proto::KeyState {
         BindingState::Active => proto::KeyState::Active,
         BindingState::Disabled => proto::KeyState::Disabled,
         BindingState::Revoked => proto::KeyState::Revoked,
+    }
+}
+
+pub(crate) fn hierarchy_to_proto(hierarchy: KeyHierarchy) -> proto::KeyHierarchy {
+    match hierarchy {
+        KeyHierarchy::TenantKey => proto::KeyHierarchy::TenantKey,
+        KeyHierarchy::Direct => proto::KeyHierarchy::Direct,
+    }
+}
+
+pub(crate) fn reencryption_to_proto(r: Reencryption) -> proto::Reencryption {
+    proto::Reencryption {
+        target: r.target,
+        versions_done: r.versions_done,
+        versions_total: r.versions_total,
+        in_progress: r.in_progress,
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::api::call;
-use crate::api::convert::{key_state, timestamp};
+use crate::api::convert::{hierarchy_to_proto, key_state, reencryption_to_proto, timestamp};
 use crate::control::{Admin, AdminError, KeyView, LinkRequest};
+use crate::keys::KeyHierarchy;
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
 use crate::registry::{KeyPolicy, Tenant};
@@ -22,9 +23,10 @@ impl KeyAdminApi {
         Self { admin, observers }
     }
 
-    fn tenant(&self, tenant: &Tenant) -> proto::Tenant {
+    async fn tenant(&self, tenant: &Tenant) -> Result<proto::Tenant, AdminError> {
         let o = self.admin.onboarding(tenant);
-        proto::Tenant {
+        let reencryption = self.admin.reencryption(tenant).await?;
+        Ok(proto::Tenant {
             tenant_id: tenant.id.clone(),
             key_policy: policy_to_proto(tenant.key_policy).into(),
             onboarding: Some(proto::Onboarding {
@@ -36,7 +38,10 @@ impl KeyAdminApi {
             }),
             create_time: Some(timestamp(tenant.created_at_ms)),
             update_time: Some(timestamp(tenant.updated_at_ms)),
-        }
+            key_hierarchy: hierarchy_to_proto(tenant.key_hierarchy).into(),
+            tenant_key_versions: reencryption.versions_total,
+            reencryption: Some(reencryption_to_proto(reencryption)),
+        })
     }
 }
 
@@ -44,6 +49,17 @@ fn policy_to_proto(policy: KeyPolicy) -> proto::KeyPolicy {
     match policy {
         KeyPolicy::Keyring => proto::KeyPolicy::Keyring,
         KeyPolicy::SingleKey => proto::KeyPolicy::SingleKey,
+    }
+}
+
+fn hierarchy_from_proto(value: i32) -> Result<Option<KeyHierarchy>, AdminError> {
+    match proto::KeyHierarchy::try_from(value) {
+        Ok(proto::KeyHierarchy::TenantKey) => Ok(Some(KeyHierarchy::TenantKey)),
+        Ok(proto::KeyHierarchy::Direct) => Ok(Some(KeyHierarchy::Direct)),
+        Ok(proto::KeyHierarchy::Unspecified) => Ok(None),
+        Err(_) => Err(AdminError::InvalidArgument(format!(
+            "key_hierarchy {value} is not KEY_HIERARCHY_TENANT_KEY or KEY_HIERARCHY_DIRECT"
+        ))),
     }
 }
 
@@ -89,9 +105,13 @@ impl KeyAdmin for KeyAdminApi {
     ) -> Result<Response<proto::CreateTenantResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
             let policy = policy_from_proto(req.key_policy, false)?;
-            let tenant = self.admin.create_tenant(&req.tenant_id, policy).await?;
+            let hierarchy = hierarchy_from_proto(req.key_hierarchy)?;
+            let tenant = self
+                .admin
+                .create_tenant(&req.tenant_id, policy, hierarchy)
+                .await?;
             Ok(proto::CreateTenantResponse {
-                tenant: Some(self.tenant(&tenant)),
+                tenant: Some(self.tenant(&tenant).await?),
             })
         })
         .await
@@ -104,7 +124,7 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |request| async move {
             let tenant = self.admin.tenant(&request.tenant_id).await?;
             Ok(proto::GetTenantResponse {
-                tenant: Some(self.tenant(&tenant)),
+                tenant: Some(self.tenant(&tenant).await?),
             })
         })
         .await
@@ -119,7 +139,7 @@ impl KeyAdmin for KeyAdminApi {
                 .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
             let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
             Ok(proto::SetTenantPolicyResponse {
-                tenant: Some(self.tenant(&tenant)),
+                tenant: Some(self.tenant(&tenant).await?),
             })
         })
         .await
@@ -229,7 +249,12 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |req| async move {
             let view = self
                 .admin
-                .disable_key(&req.tenant_id, &req.name, &req.reason)
+                .disable_key(
+                    &req.tenant_id,
+                    &req.name,
+                    &req.reason,
+                    Some(req.reencrypt_to.as_str()).filter(|t| !t.is_empty()),
+                )
                 .await?;
             Ok(proto::DisableKeyResponse {
                 key: Some(key_to_proto(&view)),
@@ -260,6 +285,33 @@ impl KeyAdmin for KeyAdminApi {
                 .unlink_key(&req.tenant_id, &req.name, req.force)
                 .await?;
             Ok(proto::UnlinkKeyResponse {})
+        })
+        .await
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::UpdateKeyResponse>, Status> {
+        call::serve(&self.observers, request, |req| async move {
+            let view = self
+                .admin
+                .update_key(&req.tenant_id, &req.name, &req.description)
+                .await?;
+            Ok(proto::UpdateKeyResponse {
+                key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<proto::DeleteTenantRequest>,
+    ) -> Result<Response<proto::DeleteTenantResponse>, Status> {
+        call::serve(&self.observers, request, |req| async move {
+            self.admin.delete_tenant(&req.tenant_id, req.force).await?;
+            Ok(proto::DeleteTenantResponse {})
         })
         .await
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::api::call;
-use crate::api::convert::{key_info, key_state, timestamp};
+use crate::api::convert::{hierarchy_to_proto, key_info, key_state, timestamp};
 use crate::broker::{Broker, BrokerError};
 use crate::context::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
@@ -142,6 +142,14 @@ impl KeyBroker for KeyBrokerApi {
                         last_check_time: b.last_checked_ms.map(timestamp),
                     })
                     .collect(),
+                key_hierarchy: hierarchy_to_proto(described.hierarchy).into(),
+                tenant_key_version: described.tenant_key_version,
+                reencryption: Some(proto::Reencryption {
+                    in_progress: described.reencrypt_to.is_some(),
+                    target: described.reencrypt_to.unwrap_or_default(),
+                    versions_done: described.versions_done,
+                    versions_total: described.versions_total,
+                }),
             })
         })
         .await

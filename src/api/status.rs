@@ -60,6 +60,7 @@ impl From<AdminError> for Status {
             AdminError::Registry(e) => classify_registry(e),
             AdminError::Directory(e) => classify_directory(e),
             AdminError::Verification(_) => (Code::FailedPrecondition, "KEY_VERIFICATION_FAILED"),
+            AdminError::Refused(_) => (Code::FailedPrecondition, "REFUSED"),
             AdminError::Provider(e) => match e {
                 ProviderError::Unavailable(_) => (Code::Unavailable, "PROVIDER_UNAVAILABLE"),
                 ProviderError::Throttled(_) => (Code::ResourceExhausted, "PROVIDER_THROTTLED"),
@@ -124,6 +125,7 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
         },
         BrokerError::TenantMismatch { .. } => (Code::PermissionDenied, "TENANT_MISMATCH"),
         BrokerError::UnknownBinding { .. } => (Code::NotFound, "KEY_BINDING_NOT_FOUND"),
+        BrokerError::UnknownTenantKey { .. } => (Code::NotFound, "TENANT_KEY_NOT_FOUND"),
         BrokerError::KeyUnusable { state, .. } => match state {
             crate::keys::BindingState::Revoked => (Code::FailedPrecondition, "KEY_REVOKED"),
             _ => (Code::FailedPrecondition, "KEY_DISABLED"),

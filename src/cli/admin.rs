@@ -39,6 +39,23 @@ impl From<PolicyArg> for proto::KeyPolicy {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(super) enum HierarchyArg {
+    /// Customer key -> tenant key -> DEKs sealed locally.
+    TenantKey,
+    /// Every DEK wrapped by the customer's KMS.
+    Direct,
+}
+
+impl From<HierarchyArg> for proto::KeyHierarchy {
+    fn from(h: HierarchyArg) -> Self {
+        match h {
+            HierarchyArg::TenantKey => Self::TenantKey,
+            HierarchyArg::Direct => Self::Direct,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(super) enum CloudProviderArg {
     AwsKms,
     GcpKms,
@@ -52,8 +69,11 @@ pub(super) enum TenantCommand {
         tenant: String,
         #[arg(long, value_enum, default_value = "keyring")]
         policy: PolicyArg,
+        /// How its DEKs are wrapped.
+        #[arg(long, value_enum, default_value = "tenant-key")]
+        hierarchy: HierarchyArg,
     },
-    /// Show a tenant and its onboarding material.
+    /// Show a tenant, its onboarding material and any key change under way.
     Get {
         #[arg(long)]
         tenant: String,
@@ -64,6 +84,15 @@ pub(super) enum TenantCommand {
         tenant: String,
         #[arg(long, value_enum)]
         policy: PolicyArg,
+    },
+    /// Delete a tenant and destroy its tenant keys (its DEKs become
+    /// unreadable).
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        /// Even if its keys were used recently.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -131,6 +160,17 @@ pub(super) enum KeyCommand {
         key: KeyName,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Re-encrypt the tenant keys it protects under this key (or
+        /// `platform`) first; required for the primary of a tenant_key tenant.
+        #[arg(long)]
+        reencrypt_to: Option<String>,
+    },
+    /// Change a key's description.
+    Update {
+        #[command(flatten)]
+        key: KeyName,
+        #[arg(long)]
+        description: String,
     },
     /// Enable a disabled key.
     Enable(KeyName),
@@ -163,11 +203,16 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
     let mut client = proto::key_admin_client::KeyAdminClient::new(channel(server).await?);
     let value = match command {
         AdminCommand::Tenant { command } => match command {
-            TenantCommand::Create { tenant, policy } => {
+            TenantCommand::Create {
+                tenant,
+                policy,
+                hierarchy,
+            } => {
                 let resp = client
                     .create_tenant(proto::CreateTenantRequest {
                         tenant_id: tenant,
                         key_policy: proto::KeyPolicy::from(policy).into(),
+                        key_hierarchy: proto::KeyHierarchy::from(hierarchy).into(),
                     })
                     .await
                     .answer()?;
@@ -189,6 +234,16 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                     .await
                     .answer()?;
                 tenant_json(resp.tenant.as_ref())
+            }
+            TenantCommand::Delete { tenant, force } => {
+                client
+                    .delete_tenant(proto::DeleteTenantRequest {
+                        tenant_id: tenant.clone(),
+                        force,
+                    })
+                    .await
+                    .answer()?;
+                json!({ "deleted": { "tenant_id": tenant } })
             }
         },
         AdminCommand::Key { command } => match command {
@@ -270,12 +325,28 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                     .answer()?;
                 one_key(resp.key.as_ref())
             }
-            KeyCommand::Disable { key, reason } => {
+            KeyCommand::Disable {
+                key,
+                reason,
+                reencrypt_to,
+            } => {
                 let resp = client
                     .disable_key(proto::DisableKeyRequest {
                         tenant_id: key.tenant,
                         name: key.name,
                         reason,
+                        reencrypt_to: reencrypt_to.unwrap_or_default(),
+                    })
+                    .await
+                    .answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::Update { key, description } => {
+                let resp = client
+                    .update_key(proto::UpdateKeyRequest {
+                        tenant_id: key.tenant,
+                        name: key.name,
+                        description,
                     })
                     .await
                     .answer()?;

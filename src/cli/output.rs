@@ -38,9 +38,18 @@ pub(super) fn timestamp_json(ts: Option<&prost_types::Timestamp>) -> Value {
 pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
     tenant.map_or(Value::Null, |t| {
         let o = t.onboarding.clone().unwrap_or_default();
+        let r = t.reencryption.clone().unwrap_or_default();
         json!({
             "tenant_id": t.tenant_id,
             "key_policy": t.key_policy().as_str_name(),
+            "key_hierarchy": t.key_hierarchy().as_str_name(),
+            "tenant_key_versions": t.tenant_key_versions,
+            "reencryption": {
+                "in_progress": r.in_progress,
+                "target": r.target,
+                "versions_done": r.versions_done,
+                "versions_total": r.versions_total,
+            },
             "create_time_ms": timestamp_json(t.create_time.as_ref()),
             "onboarding": {
                 "aws_external_id": o.aws_external_id,

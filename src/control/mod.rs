@@ -3,6 +3,7 @@
 //! applies it to the registry, and keeps the data plane's view current
 //! (through `RegistryDirectory::changed`: view invalidation, DEK purges).
 
+mod key_change;
 mod onboarding;
 mod validation;
 mod verification;
@@ -11,12 +12,15 @@ pub mod watcher;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::key_change::Reencryption;
 pub use self::onboarding::Onboarding;
 pub use self::validation::{decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
 use self::verification::{probe_wrap, verify_provider};
 use crate::context;
-use crate::keys::{BindingState, DirectoryError, UsageCounts, now_ms};
+use crate::keys::{
+    BindingState, DirectoryError, KeyHierarchy, PLATFORM_BINDING, UsageCounts, now_ms,
+};
 use crate::kms::{InvalidIdentifier, ProviderError, ProviderKind};
 use crate::registry::directory::{RegistryDirectory, seal_material};
 use crate::registry::{BindingRecord, KeyPolicy, NewBinding, RegistryError, Tenant, UnlinkGuard};
@@ -38,6 +42,10 @@ pub enum AdminError {
     /// UNAVAILABLE (retry) and a refusal is what the customer must fix.
     #[error("key verification failed: {0}")]
     Provider(ProviderError),
+    /// Valid, but the tenant's state forbids it now (a key change under
+    /// way, a primary disabled without a re-encryption target).
+    #[error("{0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -124,6 +132,7 @@ impl Admin {
         &self,
         tenant_id: &str,
         policy: Option<KeyPolicy>,
+        hierarchy: Option<KeyHierarchy>,
     ) -> Result<Tenant, AdminError> {
         validate_tenant(tenant_id)?;
         let now = now_ms();
@@ -131,6 +140,8 @@ impl Admin {
             id: tenant_id.to_owned(),
             key_policy: policy.unwrap_or(KeyPolicy::Keyring),
             external_id: new_external_id()?,
+            key_hierarchy: hierarchy.unwrap_or_default(),
+            reencrypt_to: None,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -215,6 +226,7 @@ impl Admin {
         }
         let stored = self.registry().insert_binding(&record, now_ms()).await?;
         self.directory.changed(&req.tenant_id, None).await;
+        self.after_new_primary(&stored).await?;
         Ok(self.view(stored))
     }
 
@@ -229,6 +241,8 @@ impl Admin {
         validate_name(&req.name)?;
         validate_description(&req.description)?;
         let material = decode_key_material(material_base64)?;
+        self.refuse_duplicate_material(&req.tenant_id, &material)
+            .await?;
         let keyring = crate::kms::local::LocalKeyring::from_material(
             "verification",
             std::slice::from_ref(&material),
@@ -262,7 +276,45 @@ impl Admin {
             )
             .await?;
         self.directory.changed(&req.tenant_id, None).await;
+        self.after_new_primary(&record).await?;
         Ok(self.view(record))
+    }
+
+    /// Refuses material the tenant already imported under another name: two
+    /// bindings of one key would make unlinking one a false comfort.
+    async fn refuse_duplicate_material(
+        &self,
+        tenant_id: &str,
+        material: &SecretBytes,
+    ) -> Result<(), AdminError> {
+        for record in self.registry().bindings(tenant_id).await? {
+            let Some(sealed) = record.key_material.as_deref() else {
+                continue;
+            };
+            let existing = crate::registry::directory::open_material(
+                self.directory.platform_keyring(),
+                tenant_id,
+                &record.name,
+                sealed,
+            )
+            .await?;
+            if existing == *material {
+                return Err(AdminError::InvalidArgument(format!(
+                    "this key material is already imported for tenant '{tenant_id}' as key '{}'",
+                    record.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A key that became primary (linked as the first CMK, or made primary)
+    /// takes over every tenant key version.
+    async fn after_new_primary(&self, record: &BindingRecord) -> Result<(), AdminError> {
+        if record.primary {
+            self.change_key(&record.tenant_id, &record.name).await?;
+        }
+        Ok(())
     }
 
     pub async fn list_keys(&self, tenant_id: &str) -> Result<Vec<KeyView>, AdminError> {
@@ -296,6 +348,12 @@ impl Admin {
             .set_primary(tenant_id, name, now_ms())
             .await?;
         self.directory.changed(tenant_id, None).await;
+        self.after_new_primary(&record).await?;
+        let record = self
+            .registry()
+            .binding(tenant_id, name)
+            .await?
+            .ok_or_else(|| not_found(tenant_id, name))?;
         Ok(self.view(record))
     }
 
@@ -304,6 +362,7 @@ impl Admin {
         tenant_id: &str,
         name: &str,
         reason: &str,
+        reencrypt_to: Option<&str>,
     ) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
         validate_description(reason)?;
@@ -312,6 +371,39 @@ impl Admin {
         } else {
             reason
         };
+        let tenant = self.tenant(tenant_id).await?;
+        let record = self
+            .registry()
+            .binding(tenant_id, name)
+            .await?
+            .ok_or_else(|| not_found(tenant_id, name))?;
+        match reencrypt_to {
+            Some(target) if target == name => {
+                return Err(AdminError::InvalidArgument(format!(
+                    "reencrypt_to names the key being disabled ('{name}'); name another key or `platform`"
+                )));
+            }
+            Some(target) => {
+                if target != PLATFORM_BINDING {
+                    validate_name(target)?;
+                    self.registry()
+                        .set_primary(tenant_id, target, now_ms())
+                        .await?;
+                    self.directory.changed(tenant_id, None).await;
+                }
+                self.change_key(tenant_id, target).await?;
+            }
+            None if record.primary
+                && tenant.key_hierarchy == KeyHierarchy::TenantKey
+                && !self.registry().tenant_keys(tenant_id).await?.is_empty() =>
+            {
+                return Err(AdminError::Refused(format!(
+                    "key '{name}' is the primary key of tenant '{tenant_id}' and protects its tenant keys; \
+                     disable it with reencrypt_to naming the key (or `platform`) to move them to"
+                )));
+            }
+            None => {}
+        }
         let record = self
             .registry()
             .set_state(tenant_id, name, BindingState::Disabled, reason, now_ms())
@@ -353,6 +445,57 @@ impl Admin {
             .await?;
         self.directory.changed(tenant_id, Some(name)).await;
         self.directory.forget_usage(tenant_id, name);
+        Ok(())
+    }
+
+    /// Changes a key's description (Kong: keys are renamed and described
+    /// after the fact).
+    pub async fn update_key(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        description: &str,
+    ) -> Result<KeyView, AdminError> {
+        validate_tenant(tenant_id)?;
+        validate_description(description)?;
+        let record = self
+            .registry()
+            .set_description(tenant_id, name, description, now_ms())
+            .await?;
+        self.directory.changed(tenant_id, None).await;
+        Ok(self.view(record))
+    }
+
+    /// Deletes a tenant and destroys its tenant key versions: every DEK
+    /// sealed under them is unreadable from now on, on every replica.
+    pub async fn delete_tenant(&self, tenant_id: &str, force: bool) -> Result<(), AdminError> {
+        validate_tenant(tenant_id)?;
+        // The guard must see every use, including those not flushed yet.
+        self.flush_usage().await?;
+        let window =
+            i64::try_from(self.settings.unlink_guard_window.as_millis()).unwrap_or(i64::MAX);
+        let bindings = self.registry().bindings(tenant_id).await?;
+        self.registry()
+            .delete_tenant(
+                tenant_id,
+                UnlinkGuard {
+                    not_used_since_ms: now_ms().saturating_sub(window),
+                    force,
+                },
+            )
+            .await?;
+        for binding in &bindings {
+            self.directory.changed(tenant_id, Some(&binding.name)).await;
+            self.directory.forget_usage(tenant_id, &binding.name);
+        }
+        // Cached tenant keys and DEKs of the platform key go too.
+        self.directory
+            .changed(tenant_id, Some(PLATFORM_BINDING))
+            .await;
+        tracing::info!(
+            tenant = tenant_id,
+            "tenant deleted; its tenant keys are destroyed"
+        );
         Ok(())
     }
 

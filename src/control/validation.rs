@@ -69,6 +69,12 @@ pub fn decode_key_material(text: &str) -> Result<SecretBytes, AdminError> {
             material.len()
         )));
     }
+    // Not a key anyone chose: a zeroed buffer exported by mistake.
+    if material.expose().iter().all(|b| *b == 0) {
+        return Err(AdminError::InvalidArgument(
+            "key material is all zero bytes; export the real key (32 random bytes)".into(),
+        ));
+    }
     Ok(material)
 }
 

@@ -13,13 +13,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use moka::future::Cache;
 
-use super::{BindingRecord, KeyPolicy, Registry, UsageDelta};
+use super::{BindingRecord, KeyPolicy, Registry, TenantKeyRecord, UsageDelta};
 use crate::cache::DekCache;
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::keys::{
-    Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyDirectory, TenantKeys,
-    UsageCounts,
+    Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyDirectory, KeyHierarchy,
+    NewTenantKey, PLATFORM_BINDING, TenantKeyVersion, TenantKeys, UsageCounts,
 };
 use crate::kms::InvalidIdentifier;
 use crate::kms::ProviderError;
@@ -337,6 +337,9 @@ impl RegistryDirectory {
                 primary: Arc::clone(&self.platform),
                 bindings: Vec::new(),
                 platform: Arc::clone(&self.platform),
+                hierarchy: KeyHierarchy::Direct,
+                versions: Vec::new(),
+                reencrypt_to: None,
             }));
         };
         let records = self.registry.bindings(tenant_id).await?;
@@ -370,10 +373,34 @@ impl RegistryDirectory {
             Some(p) => p,
             None => Arc::clone(&self.platform),
         };
+        // Each version with the binding that protects it now; a version
+        // whose binding was force-unlinked is gone with it.
+        let versions = self
+            .registry
+            .tenant_keys(tenant_id)
+            .await?
+            .into_iter()
+            .filter_map(|record| {
+                let binding = if record.binding == PLATFORM_BINDING {
+                    Arc::clone(&self.platform)
+                } else {
+                    Arc::clone(bindings.iter().find(|b| *b.name == *record.binding)?)
+                };
+                Some(Arc::new(TenantKeyVersion {
+                    version: record.version,
+                    binding,
+                    provider_key_version: record.provider_key_version,
+                    wrapped: record.wrapped,
+                }))
+            })
+            .collect();
         Ok(Arc::new(TenantKeys {
             primary,
             bindings,
             platform: Arc::clone(&self.platform),
+            hierarchy: tenant.key_hierarchy,
+            versions,
+            reencrypt_to: tenant.reencrypt_to,
         }))
     }
 
@@ -438,6 +465,25 @@ impl KeyDirectory for RegistryDirectory {
             return Confirmation::Unknown;
         }
         self.recheck(tenant_id, binding, error).await
+    }
+
+    async fn store_tenant_key(&self, key: &NewTenantKey) -> Result<bool, DirectoryError> {
+        let now = crate::keys::now_ms();
+        let stored = self
+            .registry
+            .insert_tenant_key(&TenantKeyRecord {
+                tenant_id: key.tenant_id.clone(),
+                version: key.version,
+                binding: key.binding.clone(),
+                provider_key_version: key.provider_key_version.clone(),
+                wrapped: key.wrapped.clone(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            })
+            .await?;
+        // Either way the view is stale: this version, or the one that won.
+        self.changed(&key.tenant_id, None).await;
+        Ok(stored)
     }
 
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
@@ -523,11 +569,12 @@ pub async fn seal_material(
         provider: ProviderKind::Local,
         provider_key_version: ciphertext.key_version,
         ciphertext: ciphertext.bytes,
+        tenant_key_version: 0,
     }
     .encode())
 }
 
-async fn open_material(
+pub async fn open_material(
     platform: &LocalKeyring,
     tenant_id: &str,
     name: &str,

@@ -11,13 +11,20 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use super::{
-    BindingRecord, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, UnlinkGuard, UsageDelta,
+    BindingRecord, DeleteGuard, KeyPolicy, NewBinding, Registry, RegistryError, Tenant,
+    TenantKeyRecord, UnlinkGuard, UsageDelta,
 };
-use crate::keys::BindingState;
+use crate::keys::{BindingState, KeyHierarchy};
 use crate::kms::ProviderKind;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+const TENANT_COLUMNS: &str =
+    "id, key_policy, external_id, key_hierarchy, reencrypt_to, created_at, updated_at";
+
+const TENANT_KEY_COLUMNS: &str =
+    "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at";
 
 const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
      role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
@@ -222,11 +229,35 @@ fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
     })
 }
 
+fn parse_hierarchy(text: &str) -> Result<KeyHierarchy, RegistryError> {
+    match text {
+        "tenant_key" => Ok(KeyHierarchy::TenantKey),
+        "direct" => Ok(KeyHierarchy::Direct),
+        other => Err(RegistryError::Corrupt(format!("key hierarchy {other:?}"))),
+    }
+}
+
+fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
+    let version: i64 = row.try_get("version").map_err(db)?;
+    Ok(TenantKeyRecord {
+        tenant_id: row.try_get("tenant_id").map_err(db)?,
+        version: u32::try_from(version)
+            .map_err(|_| RegistryError::Corrupt(format!("tenant key version {version}")))?,
+        binding: row.try_get("binding").map_err(db)?,
+        provider_key_version: row.try_get("provider_key_version").map_err(db)?,
+        wrapped: row.try_get("wrapped").map_err(db)?,
+        created_at_ms: row.try_get("created_at").map_err(db)?,
+        updated_at_ms: row.try_get("updated_at").map_err(db)?,
+    })
+}
+
 fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
     Ok(Tenant {
         id: row.try_get("id").map_err(db)?,
         key_policy: KeyPolicy::parse(&row.try_get::<String, _>("key_policy").map_err(db)?)?,
         external_id: row.try_get("external_id").map_err(db)?,
+        key_hierarchy: parse_hierarchy(&row.try_get::<String, _>("key_hierarchy").map_err(db)?)?,
+        reencrypt_to: row.try_get("reencrypt_to").map_err(db)?,
         created_at_ms: row.try_get("created_at").map_err(db)?,
         updated_at_ms: row.try_get("updated_at").map_err(db)?,
     })
@@ -245,12 +276,13 @@ impl Registry for SqlRegistry {
             return Err(RegistryError::TenantExists(tenant.id.clone()));
         }
         sqlx::query(
-            "INSERT INTO tenants (id, key_policy, external_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO tenants (id, key_policy, external_id, key_hierarchy, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&tenant.id)
         .bind(tenant.key_policy.as_str())
         .bind(&tenant.external_id)
+        .bind(tenant.key_hierarchy.as_str())
         .bind(tenant.created_at_ms)
         .bind(tenant.updated_at_ms)
         .execute(&mut *tx)
@@ -266,9 +298,9 @@ impl Registry for SqlRegistry {
     }
 
     async fn tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, RegistryError> {
-        sqlx::query(
-            "SELECT id, key_policy, external_id, created_at, updated_at FROM tenants WHERE id = $1",
-        )
+        sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await
@@ -454,6 +486,22 @@ impl Registry for SqlRegistry {
                 "key '{name}' is the single key of tenant '{tenant_id}' and protects data; it can never be unlinked"
             )));
         }
+        let protected: i64 =
+            sqlx::query("SELECT COUNT(*) FROM tenant_keys WHERE tenant_id = $1 AND binding = $2")
+                .bind(tenant_id)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+        if protected > 0 && !guard.force {
+            return Err(RegistryError::Refused(format!(
+                "key '{name}' of tenant '{tenant_id}' protects {protected} tenant key version(s); \
+                 every DEK sealed under them would become unreadable. Move them first \
+                 (DisableKey with reencrypt_to, or make another key primary), or unlink with force"
+            )));
+        }
         if let Some(last) = target.last_used_at_ms {
             if last >= guard.not_used_since_ms && !guard.force {
                 return Err(RegistryError::Refused(format!(
@@ -535,5 +583,164 @@ impl Registry for SqlRegistry {
             .map_err(db)?;
         }
         tx.commit().await.map_err(db)
+    }
+
+    async fn tenant_keys(&self, tenant_id: &str) -> Result<Vec<TenantKeyRecord>, RegistryError> {
+        sqlx::query(&format!(
+            "SELECT {TENANT_KEY_COLUMNS} FROM tenant_keys WHERE tenant_id = $1 ORDER BY version"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(tenant_key_from_row)
+        .collect()
+    }
+
+    async fn insert_tenant_key(&self, key: &TenantKeyRecord) -> Result<bool, RegistryError> {
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO tenant_keys ({TENANT_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&key.tenant_id)
+        .bind(i64::from(key.version))
+        .bind(&key.binding)
+        .bind(&key.provider_key_version)
+        .bind(&key.wrapped)
+        .bind(key.created_at_ms)
+        .bind(key.updated_at_ms)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(true),
+            // Another minter (request or replica) took the number first.
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Ok(false),
+            // The tenant was deleted meanwhile.
+            Err(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => {
+                Err(RegistryError::TenantNotFound(key.tenant_id.clone()))
+            }
+            Err(e) => Err(db(e)),
+        }
+    }
+
+    async fn rewrap_tenant_key(
+        &self,
+        tenant_id: &str,
+        version: u32,
+        from: &str,
+        key: &TenantKeyRecord,
+    ) -> Result<bool, RegistryError> {
+        let moved = sqlx::query(
+            "UPDATE tenant_keys SET binding = $1, provider_key_version = $2, wrapped = $3, \
+             updated_at = $4 WHERE tenant_id = $5 AND version = $6 AND binding = $7",
+        )
+        .bind(&key.binding)
+        .bind(&key.provider_key_version)
+        .bind(&key.wrapped)
+        .bind(key.updated_at_ms)
+        .bind(tenant_id)
+        .bind(i64::from(version))
+        .bind(from)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(moved.rows_affected() == 1)
+    }
+
+    async fn set_reencrypt_to(
+        &self,
+        tenant_id: &str,
+        target: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        sqlx::query("UPDATE tenants SET reencrypt_to = $1 WHERE id = $2")
+            .bind(target)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let tenant = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .bind(tenant_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let tenant = tenant_from_row(&tenant)?;
+        tx.commit().await.map_err(db)?;
+        Ok(tenant)
+    }
+
+    async fn tenants_reencrypting(&self) -> Result<Vec<Tenant>, RegistryError> {
+        sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE reencrypt_to IS NOT NULL ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(tenant_from_row)
+        .collect()
+    }
+
+    async fn delete_tenant(
+        &self,
+        tenant_id: &str,
+        guard: DeleteGuard,
+    ) -> Result<(), RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, crate::keys::now_ms()).await?;
+        if !guard.force {
+            for binding in fetch_bindings(&mut *tx, tenant_id).await? {
+                if let Some(last) = binding.last_used_at_ms
+                    && last >= guard.not_used_since_ms
+                {
+                    return Err(RegistryError::Refused(format!(
+                        "tenant '{tenant_id}' used its key '{}' {}s ago; deleting it makes every DEK of the tenant unreadable. \
+                         Wait for the unlink guard window, or delete with force",
+                        binding.name,
+                        (crate::keys::now_ms() - last).max(0) / 1000
+                    )));
+                }
+            }
+        }
+        for table in ["tenant_keys", "key_bindings"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = $1"))
+                .bind(tenant_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn set_description(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        description: &str,
+        now_ms: i64,
+    ) -> Result<BindingRecord, RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        existing_binding(&mut *tx, tenant_id, name).await?;
+        sqlx::query(
+            "UPDATE key_bindings SET description = $1, updated_at = $2 \
+             WHERE tenant_id = $3 AND name = $4",
+        )
+        .bind(description)
+        .bind(now_ms)
+        .bind(tenant_id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = existing_binding(&mut *tx, tenant_id, name).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
     }
 }

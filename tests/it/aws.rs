@@ -306,6 +306,7 @@ fn aws_envelope() -> Vec<u8> {
         provider: ProviderKind::AwsKms,
         provider_key_version: String::new(),
         ciphertext: vec![7; 120],
+        tenant_key_version: 0,
     }
     .encode()
 }

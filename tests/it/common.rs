@@ -292,16 +292,34 @@ pub(crate) async fn unwrap(
         .map(tonic::Response::into_inner)
 }
 
-/// CreateTenant with `policy`; the tenant as created (with its onboarding).
+/// CreateTenant with `policy` and the `direct` hierarchy (what most suites
+/// test: each DEK wrapped by the tenant's key); the tenant as created.
 pub(crate) async fn create_tenant(
     admin: &mut KeyAdminClient<Channel>,
     tenant: &str,
     policy: keybroker::proto::KeyPolicy,
 ) -> keybroker::proto::Tenant {
+    create_tenant_with(
+        admin,
+        tenant,
+        policy,
+        keybroker::proto::KeyHierarchy::Direct,
+    )
+    .await
+}
+
+/// CreateTenant with `policy` and `hierarchy`; the tenant as created.
+pub(crate) async fn create_tenant_with(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    policy: keybroker::proto::KeyPolicy,
+    hierarchy: keybroker::proto::KeyHierarchy,
+) -> keybroker::proto::Tenant {
     admin
         .create_tenant(keybroker::proto::CreateTenantRequest {
             tenant_id: tenant.into(),
             key_policy: policy.into(),
+            key_hierarchy: hierarchy.into(),
         })
         .await
         .unwrap()

@@ -202,6 +202,7 @@ async fn pinecone_single_key_flow() {
             tenant_id: "pine".into(),
             name: "project-key".into(),
             reason: "customer offboarding".into(),
+            reencrypt_to: String::new(),
         })
         .await
         .unwrap();
@@ -317,6 +318,7 @@ async fn pulumi_keyring_flow() {
             tenant_id: "org".into(),
             name: "cmk-a".into(),
             reason: String::new(),
+            reencrypt_to: String::new(),
         })
         .await
         .unwrap();
@@ -344,6 +346,7 @@ async fn pulumi_keyring_flow() {
             tenant_id: "org".into(),
             name: "cmk-b".into(),
             reason: "disable all".into(),
+            reencrypt_to: String::new(),
         })
         .await
         .unwrap();
@@ -527,6 +530,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         .create_tenant(proto::CreateTenantRequest {
             tenant_id: "acme".into(),
             key_policy: 0,
+            key_hierarchy: proto::KeyHierarchy::Direct.into(),
         })
         .await
         .unwrap_err();
@@ -536,6 +540,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             .create_tenant(proto::CreateTenantRequest {
                 tenant_id: tenant.into(),
                 key_policy: policy,
+                key_hierarchy: proto::KeyHierarchy::Direct.into(),
             })
             .await
             .unwrap_err();
@@ -636,6 +641,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
                 tenant_id: "acme".into(),
                 name: "nope".into(),
                 reason: String::new(),
+                reencrypt_to: String::new(),
             })
             .await
             .unwrap_err(),

@@ -45,6 +45,7 @@ async fn fail_closed_audit_commits_no_change_it_cannot_record() {
     a.create_tenant(proto::CreateTenantRequest {
         tenant_id: "acme".into(),
         key_policy: 0,
+        key_hierarchy: proto::KeyHierarchy::Direct.into(),
     })
     .await
     .unwrap();
@@ -71,6 +72,7 @@ async fn fail_closed_audit_commits_no_change_it_cannot_record() {
             a.create_tenant(proto::CreateTenantRequest {
                 tenant_id: "globex".into(),
                 key_policy: 0,
+                key_hierarchy: proto::KeyHierarchy::Direct.into(),
             })
             .await
             .map(drop),
@@ -119,6 +121,7 @@ async fn fail_closed_audit_commits_no_change_it_cannot_record() {
                 tenant_id: "acme".into(),
                 name: "k1".into(),
                 reason: "test".into(),
+                reencrypt_to: String::new(),
             })
             .await
             .map(drop),
@@ -205,6 +208,7 @@ async fn fail_closed_audit_commits_no_change_it_cannot_record() {
         tenant_id: "acme".into(),
         name: "k2".into(),
         reason: "audited".into(),
+        reencrypt_to: String::new(),
     })
     .await
     .unwrap();
@@ -288,6 +292,7 @@ async fn send_hostile_requests(channel: Channel) {
             .create_tenant(proto::CreateTenantRequest {
                 tenant_id: tenant.into(),
                 key_policy: 0,
+                key_hierarchy: proto::KeyHierarchy::Direct.into(),
             })
             .await;
         let _ = admin
@@ -356,6 +361,7 @@ async fn send_hostile_requests(channel: Channel) {
                 tenant_id: tenant.into(),
                 name: HOSTILE.into(),
                 reason: HOSTILE.into(),
+                reencrypt_to: String::new(),
             })
             .await;
         let _ = admin

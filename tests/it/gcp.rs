@@ -66,6 +66,7 @@ impl Env {
             .create_tenant(proto::CreateTenantRequest {
                 tenant_id: TENANT.into(),
                 key_policy: 0,
+                key_hierarchy: proto::KeyHierarchy::Direct.into(),
             })
             .await
             .unwrap();
@@ -138,6 +139,7 @@ impl Env {
                 tenant_id: TENANT.into(),
                 name: name.into(),
                 reason: "test purge".into(),
+                reencrypt_to: String::new(),
             })
             .await
             .unwrap();
@@ -692,6 +694,7 @@ async fn gcp_impersonation_isolates_tenants() {
         .create_tenant(proto::CreateTenantRequest {
             tenant_id: TENANT.into(),
             key_policy: 0,
+            key_hierarchy: proto::KeyHierarchy::Direct.into(),
         })
         .await
         .unwrap();

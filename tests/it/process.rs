@@ -233,6 +233,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
         .create_tenant(proto::CreateTenantRequest {
             tenant_id: "cmek".into(),
             key_policy: 0,
+            key_hierarchy: proto::KeyHierarchy::Direct.into(),
         })
         .await
         .unwrap();

@@ -15,6 +15,8 @@ fn tenant(id: &str, policy: KeyPolicy) -> Tenant {
         id: id.into(),
         key_policy: policy,
         external_id: format!("kb-ext-{id}"),
+        key_hierarchy: keybroker::keys::KeyHierarchy::TenantKey,
+        reencrypt_to: None,
         created_at_ms: 1_000,
         updated_at_ms: 1_000,
     }

@@ -377,6 +377,7 @@ async fn policy_matrix_allows_exactly_the_granted_cells() {
             .create_tenant(proto::CreateTenantRequest {
                 tenant_id: tenant.into(),
                 key_policy: 0,
+                key_hierarchy: proto::KeyHierarchy::Direct.into(),
             })
             .await
             .unwrap();

@@ -5,6 +5,10 @@
 //! Key resolution goes through [`KeyDirectory`] (in `keys`): which bindings a
 //! tenant has, which one is primary.
 
+mod hierarchy;
+
+pub use self::hierarchy::version_label;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,7 +16,8 @@ use crate::cache::{CacheKey, CachedKey, DekCache};
 use crate::context::{self, Context, ContextError};
 use crate::envelope::{self, Envelope, EnvelopeError};
 use crate::keys::{
-    Binding, BindingState, Confirmation, DirectoryError, KeyDirectory, KeyInfo, TenantKeys,
+    Binding, BindingState, Confirmation, DirectoryError, KeyDirectory, KeyHierarchy, KeyInfo,
+    TenantKeys,
 };
 use crate::kms::{ProviderError, ProviderKind, WrapContext};
 use crate::metrics::Metrics;
@@ -39,6 +44,10 @@ pub enum BrokerError {
         crate::text::Quoted(binding)
     )]
     UnknownBinding { tenant_id: String, binding: String },
+    #[error(
+        "tenant '{tenant_id}' has no tenant key version {version} (the tenant was deleted, or the wrapped key comes from another deployment)"
+    )]
+    UnknownTenantKey { tenant_id: String, version: u32 },
     #[error("key binding '{binding}' of tenant '{tenant_id}' is {state}: {reason}")]
     KeyUnusable {
         tenant_id: String,
@@ -105,6 +114,14 @@ pub struct Description {
     pub uses_platform_key: bool,
     pub primary: KeyInfo,
     pub bindings: Vec<BindingStatus>,
+    pub hierarchy: KeyHierarchy,
+    /// The newest tenant key version (0: none yet).
+    pub tenant_key_version: u32,
+    /// A key change moving every version to this binding is under way.
+    pub reencrypt_to: Option<String>,
+    /// Versions under the key change's target (or all when none runs).
+    pub versions_done: u32,
+    pub versions_total: u32,
 }
 
 /// Provider calls made by the data plane, by operation. Tests assert on them
@@ -126,6 +143,9 @@ pub struct Broker {
     /// Token buckets in front of every remote provider call.
     quota: ProviderQuota,
     metrics: Arc<Metrics>,
+    /// One tenant key mint per tenant at a time (the lock of each tenant
+    /// minting now; idle entries expire).
+    minting: moka::future::Cache<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Broker {
@@ -136,6 +156,10 @@ impl Broker {
             calls: Arc::default(),
             quota: ProviderQuota::new(quota),
             metrics: Arc::new(Metrics::new(false)),
+            minting: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(std::time::Duration::from_secs(60))
+                .build(),
         }
     }
 
@@ -208,6 +232,16 @@ impl Broker {
     ) -> Result<Generated, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
+        if keys.hierarchy == KeyHierarchy::TenantKey {
+            let plaintext = SecretBytes::random(len)
+                .map_err(|_| BrokerError::Internal("system random generator failed".into()))?;
+            let (wrapped_key, key) = self.seal_dek(keys, tenant_id, context, &plaintext).await?;
+            return Ok(Generated {
+                plaintext,
+                wrapped_key,
+                key,
+            });
+        }
         let binding = &keys.primary;
         ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
@@ -242,6 +276,10 @@ impl Broker {
             )));
         }
         let keys = self.directory.tenant_keys(tenant_id).await?;
+        if keys.hierarchy == KeyHierarchy::TenantKey {
+            let (wrapped_key, key) = self.seal_dek(keys, tenant_id, context, plaintext).await?;
+            return Ok(Wrapped { wrapped_key, key });
+        }
         self.wrap_with(&keys.primary, tenant_id, context, plaintext)
             .await
     }
@@ -282,7 +320,12 @@ impl Broker {
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.directory.tenant_keys(tenant_id).await?;
         if let Some(hit) = self.cache.get(&cache_key).await {
-            let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
+            // The binding that protects it *now*: for a sealed DEK, its
+            // tenant key version's, which a key change may have moved.
+            let binding = match hit.origin.tenant_key_version {
+                0 => find_binding(&keys, tenant_id, &hit.origin.key_binding)?,
+                v => &hierarchy::sealed_version(&keys, tenant_id, v)?.binding,
+            };
             ensure_usable(binding, tenant_id)?;
             binding.usage.record_unwrap();
             return Ok(Unwrapped {
@@ -290,15 +333,35 @@ impl Broker {
                 key: hit,
             });
         }
-
-        let (envelope, binding) = resolve_wrapped(&keys, tenant_id, wrapped)?;
         let key = self
-            .load(cache_key, binding, &envelope, tenant_id, context)
+            .load_wrapped(&keys, cache_key, tenant_id, context, wrapped)
             .await?;
         Ok(Unwrapped {
             rewrap_recommended: rewrap_recommended(&keys, &key),
             key,
         })
+    }
+
+    /// A caller's wrapped key of either format, parsed and checked before
+    /// any provider call, then loaded through the cache.
+    async fn load_wrapped(
+        &self,
+        keys: &TenantKeys,
+        cache_key: CacheKey,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+    ) -> Result<Arc<CachedKey>, BrokerError> {
+        let envelope = parse_for(tenant_id, wrapped)?;
+        if envelope.tenant_key_version > 0 {
+            let (key, _) = self
+                .open_dek(keys, cache_key, &envelope, tenant_id, context)
+                .await?;
+            return Ok(key);
+        }
+        let binding = resolve_binding(keys, tenant_id, &envelope)?;
+        self.load(cache_key, binding, &envelope, tenant_id, context)
+            .await
     }
 
     /// The plaintext of a resolved wrapped key: from the cache, or one
@@ -326,6 +389,7 @@ impl Broker {
                 &binding.name,
                 envelope.provider,
                 &envelope.provider_key_version,
+                0,
             );
             Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
         };
@@ -351,7 +415,11 @@ impl Broker {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
-        let (envelope, source) = resolve_wrapped(&keys, tenant_id, wrapped)?;
+        let envelope = parse_for(tenant_id, wrapped)?;
+        if keys.hierarchy == KeyHierarchy::TenantKey || envelope.tenant_key_version > 0 {
+            return self.rewrap_through(keys, tenant_id, context, wrapped).await;
+        }
+        let source = resolve_binding(&keys, tenant_id, &envelope)?;
         let target = &keys.primary;
         if let (Some(dst), Some(src)) = (target.provider.aws_key(), source.provider.aws_key()) {
             ensure_usable(target, tenant_id)?;
@@ -400,6 +468,36 @@ impl Broker {
             wrapped_key: wrapped.wrapped_key,
             key: wrapped.key,
             previous_key: source.info(envelope.provider_key_version),
+        })
+    }
+
+    /// Rewraps by unwrapping (through the cache) and wrapping anew under
+    /// the tenant's current hierarchy and primary.
+    async fn rewrap_through(
+        &self,
+        keys: Arc<TenantKeys>,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+    ) -> Result<Rewrapped, BrokerError> {
+        let cache_key = CacheKey::new(tenant_id, wrapped, context);
+        let plain = self
+            .load_wrapped(&keys, cache_key, tenant_id, context, wrapped)
+            .await?;
+        let previous_key = origin_info(&keys, &plain.origin);
+        let plaintext = SecretBytes::new(plain.plaintext().to_vec());
+        let (wrapped_key, key) = if keys.hierarchy == KeyHierarchy::TenantKey {
+            self.seal_dek(keys, tenant_id, context, &plaintext).await?
+        } else {
+            let w = self
+                .wrap_with(&keys.primary, tenant_id, context, &plaintext)
+                .await?;
+            (w.wrapped_key, w.key)
+        };
+        Ok(Rewrapped {
+            wrapped_key,
+            key,
+            previous_key,
         })
     }
 
@@ -465,11 +563,25 @@ impl Broker {
         if keys.uses_platform_key() {
             bindings.insert(0, status(&keys.platform));
         }
+        let total = u32::try_from(keys.versions.len()).unwrap_or(u32::MAX);
+        let done = match &keys.reencrypt_to {
+            Some(target) => keys
+                .versions
+                .iter()
+                .filter(|v| *v.binding.name == **target)
+                .count(),
+            None => keys.versions.len(),
+        };
         Ok(Description {
             tenant_id: tenant_id.to_owned(),
             uses_platform_key: keys.uses_platform_key(),
             primary: keys.primary.info(current_version(&keys.primary)),
             bindings,
+            hierarchy: keys.hierarchy,
+            tenant_key_version: keys.versions.last().map_or(0, |v| v.version),
+            reencrypt_to: keys.reencrypt_to.clone(),
+            versions_done: u32::try_from(done).unwrap_or(u32::MAX),
+            versions_total: total,
         })
     }
 }
@@ -490,17 +602,22 @@ fn ensure_usable(binding: &Binding, tenant_id: &str) -> Result<(), BrokerError> 
     }
 }
 
-fn resolve_wrapped<'a>(
-    keys: &'a TenantKeys,
-    tenant_id: &str,
-    wrapped: &[u8],
-) -> Result<(Envelope, &'a Arc<Binding>), BrokerError> {
+fn parse_for(tenant_id: &str, wrapped: &[u8]) -> Result<Envelope, BrokerError> {
     let envelope = Envelope::parse(wrapped)?;
     if envelope.tenant_id != tenant_id {
         return Err(BrokerError::TenantMismatch {
             tenant_id: tenant_id.to_owned(),
         });
     }
+    Ok(envelope)
+}
+
+/// The binding a directly wrapped key (format 1) names, checked.
+fn resolve_binding<'a>(
+    keys: &'a TenantKeys,
+    tenant_id: &str,
+    envelope: &Envelope,
+) -> Result<&'a Arc<Binding>, BrokerError> {
     let binding = find_binding(keys, tenant_id, &envelope.key_binding)?;
     if binding.provider.kind() != envelope.provider {
         return Err(BrokerError::InvalidRequest(format!(
@@ -515,7 +632,30 @@ fn resolve_wrapped<'a>(
         .provider
         .check_version(&envelope.provider_key_version)
         .map_err(|source| provider_error(binding, source))?;
-    Ok((envelope, binding))
+    Ok(binding)
+}
+
+/// What protected a cached key, as `KeyInfo`.
+fn origin_info(keys: &TenantKeys, origin: &crate::cache::KeyOrigin) -> KeyInfo {
+    match origin.tenant_key_version {
+        0 => KeyInfo {
+            key_binding: Arc::clone(&origin.key_binding),
+            provider: origin.provider,
+            key_version: origin.key_version.to_string(),
+        },
+        v => {
+            let binding = keys
+                .version(v)
+                .map_or(Arc::clone(&origin.key_binding), |tk| {
+                    Arc::clone(&tk.binding.name)
+                });
+            KeyInfo {
+                key_binding: binding,
+                provider: origin.provider,
+                key_version: version_label(v),
+            }
+        }
+    }
 }
 
 /// The wrapped key (envelope) for a provider's ciphertext.
@@ -526,6 +666,7 @@ fn seal(binding: &Binding, tenant_id: &str, ciphertext: crate::kms::Ciphertext) 
         provider: binding.provider.kind(),
         provider_key_version: ciphertext.key_version,
         ciphertext: ciphertext.bytes,
+        tenant_key_version: 0,
     };
     Wrapped {
         wrapped_key: envelope.encode(),
@@ -551,6 +692,17 @@ fn find_binding<'a>(
 /// True when the key was wrapped under another binding than the primary, or
 /// under an older version of the primary where the provider exposes versions.
 fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
+    if keys.hierarchy == KeyHierarchy::TenantKey {
+        // Sealed under an older version (or wrapped directly): a rewrap
+        // seals it under the current one. No KMS call is needed to tell.
+        return match key.origin.tenant_key_version {
+            0 => true,
+            v => keys.sealing_version().is_some_and(|s| s.version != v),
+        };
+    }
+    if key.origin.tenant_key_version > 0 {
+        return true;
+    }
     if key.origin.key_binding != keys.primary.name {
         return true;
     }

@@ -1,0 +1,271 @@
+//! The `tenant_key` hierarchy on the data plane (DESIGN.md section 4a):
+//! customer key -> versioned tenant key -> DEKs sealed locally.
+//!
+//! A tenant key version is 32 random bytes, stored only wrapped by the
+//! binding that protects it (the primary when it was minted). Its plaintext
+//! is cached like a DEK, under the wrapped bytes it was loaded from, so one
+//! provider call serves every DEK of that version until the cache lets it
+//! go, and concurrent cold loads share that call. DEKs are sealed with the
+//! `seal` construction under the version's key, their AAD binding tenant,
+//! version and context. A new version is minted when the newest one is not
+//! protected by the primary (first use, or after a key change).
+
+use std::sync::Arc;
+
+use crate::cache::{CacheKey, CachedKey};
+use crate::context::{self, Context};
+use crate::envelope::Envelope;
+use crate::keys::{
+    Binding, KeyInfo, NewTenantKey, TenantKeyVersion, TenantKeys, tenant_key_context,
+};
+use crate::kms::{ProviderError, WrapContext};
+use crate::seal::{SealError, SealingKey};
+use crate::secret::SecretBytes;
+
+use super::{Broker, BrokerError, ensure_usable, provider_error};
+
+/// Bytes of a tenant key version.
+const TENANT_KEY_LEN: usize = 32;
+
+/// How many times a mint retries after losing a race for a version number.
+const MINT_ATTEMPTS: usize = 3;
+
+/// `KeyInfo.provider_key_version` of a DEK sealed under a tenant key.
+pub fn version_label(version: u32) -> String {
+    format!("tenant-key/{version}")
+}
+
+impl Broker {
+    /// The version new DEKs are sealed under and its key, minting one when
+    /// the newest version is not protected by the primary.
+    pub(super) async fn sealing_key(
+        &self,
+        keys: Arc<TenantKeys>,
+        tenant_id: &str,
+    ) -> Result<(Arc<TenantKeys>, u32, Arc<CachedKey>), BrokerError> {
+        ensure_usable(&keys.primary, tenant_id)?;
+        if let Some(version) = keys.sealing_version() {
+            let key = self.tenant_key(tenant_id, version).await?;
+            return Ok((Arc::clone(&keys), version.version, key));
+        }
+        // One mint per tenant at a time in this process: concurrent first
+        // requests wait for it instead of each calling the customer's KMS.
+        let lock = self
+            .minting
+            .get_with(tenant_id.to_owned(), async { Arc::default() })
+            .await;
+        let _minting = lock.lock().await;
+        let mut keys = self.directory.tenant_keys(tenant_id).await?;
+        for _ in 0..MINT_ATTEMPTS {
+            ensure_usable(&keys.primary, tenant_id)?;
+            if let Some(version) = keys.sealing_version() {
+                let key = self.tenant_key(tenant_id, version).await?;
+                return Ok((Arc::clone(&keys), version.version, key));
+            }
+            if let Some((version, key)) = self.mint(&keys, tenant_id).await? {
+                let keys = self.directory.tenant_keys(tenant_id).await?;
+                return Ok((keys, version, key));
+            }
+            // Another replica stored that version number first: use theirs.
+            keys = self.directory.tenant_keys(tenant_id).await?;
+        }
+        Err(BrokerError::Internal(format!(
+            "tenant '{tenant_id}': could not mint a tenant key version after {MINT_ATTEMPTS} attempts (replicas racing)"
+        )))
+    }
+
+    /// A new version wrapped by the primary: one provider call. `None` when
+    /// another replica stored that version number first.
+    async fn mint(
+        &self,
+        keys: &TenantKeys,
+        tenant_id: &str,
+    ) -> Result<Option<(u32, Arc<CachedKey>)>, BrokerError> {
+        let binding = &keys.primary;
+        let version = keys.next_version();
+        let plaintext = SecretBytes::random(TENANT_KEY_LEN)
+            .map_err(|_| BrokerError::Internal("system random generator failed".into()))?;
+        let context = tenant_key_context(version);
+        self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
+        let call = binding.provider.encrypt(
+            &plaintext,
+            WrapContext {
+                tenant_id,
+                context: &context,
+            },
+        );
+        let result = self
+            .timed(binding, "encrypt", call)
+            .await
+            .map_err(|source| provider_error(binding, source));
+        let ciphertext = self.reported(tenant_id, &[binding], false, result).await?;
+        let stored = self
+            .directory
+            .store_tenant_key(&NewTenantKey {
+                tenant_id: tenant_id.to_owned(),
+                version,
+                binding: binding.name.to_string(),
+                provider_key_version: ciphertext.key_version.clone(),
+                wrapped: ciphertext.bytes.clone(),
+            })
+            .await?;
+        if !stored {
+            return Ok(None);
+        }
+        tracing::info!(
+            tenant = tenant_id,
+            version,
+            binding = %binding.name,
+            "minted a tenant key version"
+        );
+        // Cached under the bytes it was stored as: no provider call to load
+        // what was just made.
+        let origin = self.cache.origin(
+            &binding.name,
+            binding.provider.kind(),
+            &ciphertext.key_version,
+            0,
+        );
+        let cache_key = CacheKey::new(tenant_id, &ciphertext.bytes, &context);
+        let key = self
+            .cache
+            .get_or_load(cache_key, async {
+                Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
+            })
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        Ok(Some((version, key)))
+    }
+
+    /// A tenant key version's plaintext: cached, or one provider call shared
+    /// by every concurrent caller. The wrapped bytes come from the registry,
+    /// never from a caller.
+    pub(super) async fn tenant_key(
+        &self,
+        tenant_id: &str,
+        version: &TenantKeyVersion,
+    ) -> Result<Arc<CachedKey>, BrokerError> {
+        let binding = &version.binding;
+        ensure_usable(binding, tenant_id)?;
+        let context = tenant_key_context(version.version);
+        let cache_key = CacheKey::new(tenant_id, &version.wrapped, &context);
+        if let Some(hit) = self.cache.get(&cache_key).await {
+            return Ok(hit);
+        }
+        let load = async {
+            self.provider_call(binding, tenant_id, &self.calls.decrypt)?;
+            let call = binding.provider.decrypt(
+                &version.provider_key_version,
+                &version.wrapped,
+                WrapContext {
+                    tenant_id,
+                    context: &context,
+                },
+            );
+            let plaintext = self
+                .timed(binding, "decrypt", call)
+                .await
+                .map_err(|source| provider_error(binding, source))?;
+            let origin = self.cache.origin(
+                &binding.name,
+                binding.provider.kind(),
+                &version.provider_key_version,
+                0,
+            );
+            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
+        };
+        let result = self
+            .cache
+            .get_or_load(cache_key, load)
+            .await
+            .map_err(|shared| (*shared).clone());
+        self.reported(tenant_id, &[binding], false, result).await
+    }
+
+    /// Seals `plaintext` under the tenant's sealing version: the wrapped key
+    /// (format 2) and what protects it.
+    pub(super) async fn seal_dek(
+        &self,
+        keys: Arc<TenantKeys>,
+        tenant_id: &str,
+        context: &Context,
+        plaintext: &SecretBytes,
+    ) -> Result<(Vec<u8>, KeyInfo), BrokerError> {
+        let (keys, version, key) = self.sealing_key(keys, tenant_id).await?;
+        let sealing = SealingKey::new(key.plaintext())
+            .ok_or_else(|| BrokerError::Internal("a tenant key is not 32 bytes".into()))?;
+        let sealed = sealing
+            .seal(
+                plaintext.expose(),
+                &context::sealed_aad(tenant_id, version, context),
+            )
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let binding = keys.version(version).map_or(&keys.primary, |v| &v.binding);
+        binding.usage.record_wrap();
+        let envelope = Envelope {
+            tenant_id: tenant_id.to_owned(),
+            key_binding: String::new(),
+            provider: binding.provider.kind(),
+            provider_key_version: String::new(),
+            ciphertext: sealed,
+            tenant_key_version: version,
+        };
+        Ok((envelope.encode(), binding.info(version_label(version))))
+    }
+
+    /// Opens a sealed DEK (format 2) through the DEK cache.
+    pub(super) async fn open_dek(
+        &self,
+        keys: &TenantKeys,
+        cache_key: CacheKey,
+        envelope: &Envelope,
+        tenant_id: &str,
+        context: &Context,
+    ) -> Result<(Arc<CachedKey>, Arc<Binding>), BrokerError> {
+        let version = sealed_version(keys, tenant_id, envelope.tenant_key_version)?;
+        let binding = Arc::clone(&version.binding);
+        ensure_usable(&binding, tenant_id)?;
+        let load = async {
+            let key = self.tenant_key(tenant_id, version).await?;
+            let sealing = SealingKey::new(key.plaintext())
+                .ok_or_else(|| BrokerError::Internal("a tenant key is not 32 bytes".into()))?;
+            let aad = context::sealed_aad(tenant_id, version.version, context);
+            let plaintext = sealing
+                .open(&envelope.ciphertext, &aad)
+                .map_err(|e| match e {
+                    SealError::Open => provider_error(
+                        &binding,
+                        ProviderError::InvalidCiphertext(
+                            "the sealed key does not open: the context or tenant differs from the wrap, or the wrapped key was altered".into(),
+                        ),
+                    ),
+                    SealError::Random => BrokerError::Internal(e.to_string()),
+                })?;
+            let origin =
+                self.cache
+                    .origin(&binding.name, binding.provider.kind(), "", version.version);
+            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
+        };
+        let key = self
+            .cache
+            .get_or_load(cache_key, load)
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        binding.usage.record_unwrap();
+        Ok((key, binding))
+    }
+}
+
+/// The version a sealed DEK names; a version the tenant does not have is the
+/// caller's problem (a forged wrapped key, or a tenant deleted since).
+pub(super) fn sealed_version<'a>(
+    keys: &'a TenantKeys,
+    tenant_id: &str,
+    version: u32,
+) -> Result<&'a Arc<TenantKeyVersion>, BrokerError> {
+    keys.version(version)
+        .ok_or_else(|| BrokerError::UnknownTenantKey {
+            tenant_id: tenant_id.to_owned(),
+            version,
+        })
+}
