@@ -120,11 +120,23 @@ impl Server {
             key_states: Some(Arc::clone(&watcher) as Arc<dyn crate::metrics::KeyStateSource>),
         });
         server.watcher = Some(watcher);
-        server.admin = Some(Arc::new(Admin::new(
-            directory,
-            server.config.control.clone(),
-        )));
-        server.tasks.extend([reloader, flusher, watching]);
+        let admin = Arc::new(Admin::new(directory, server.config.control.clone()));
+        // Key changes a crash interrupted finish in the background: until
+        // then every version is still readable under its old wrapping.
+        let resuming = tokio::spawn({
+            let admin = Arc::clone(&admin);
+            async move {
+                match admin.resume_key_changes().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tenants = n, "interrupted key changes finished"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not list interrupted key changes")
+                    }
+                }
+            }
+        });
+        server.admin = Some(admin);
+        server.tasks.extend([reloader, flusher, watching, resuming]);
         server.tasks.extend(listener_task);
         Ok(server)
     }

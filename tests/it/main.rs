@@ -13,6 +13,7 @@ mod fakes;
 mod gcp;
 mod grpcurl;
 mod helm;
+mod hierarchy;
 mod process;
 mod proto_hygiene;
 mod registry;

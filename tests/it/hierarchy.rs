@@ -1,0 +1,456 @@
+//! The tenant key hierarchy (DESIGN.md section 4a) end to end: customer key
+//! -> versioned tenant key -> DEKs sealed locally. The seed flows (Pulumi's
+//! "first CMK re-encrypts everything", "disable with a re-encryption key",
+//! "disable all"; Pinecone's "delete the key with the project"), a key change
+//! interrupted by a crash and resumed at start, and the provider calls each
+//! costs, counted exactly. Imported (local) keys here; AWS KMS (moto) in
+//! `aws_costs_per_tenant_not_per_dek`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keybroker::envelope::Envelope;
+use keybroker::proto::key_admin_client::KeyAdminClient;
+use keybroker::proto::key_broker_client::KeyBrokerClient;
+use keybroker::proto::{self, KeyHierarchy, KeyPolicy};
+use keybroker::registry::Registry;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::aws_support::{Moto, TENANT, link_request};
+use crate::common::{
+    TestServer, admin_client, create_tenant_with, generate, random_material, test_config, unwrap,
+};
+
+const CTX: &[(&str, &str)] = &[("table", "orders")];
+
+async fn import(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    name: &str,
+    primary: bool,
+) -> proto::KeyBinding {
+    admin
+        .import_key_material(proto::ImportKeyMaterialRequest {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            description: String::new(),
+            key_material_base64: random_material(),
+            make_primary: primary,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+async fn disable(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    name: &str,
+    reencrypt_to: &str,
+) -> Result<proto::KeyBinding, tonic::Status> {
+    admin
+        .disable_key(proto::DisableKeyRequest {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            reason: "rotated out".into(),
+            reencrypt_to: reencrypt_to.into(),
+        })
+        .await
+        .map(|r| r.into_inner().key.unwrap())
+}
+
+async fn tenant(admin: &mut KeyAdminClient<Channel>, tenant: &str) -> proto::Tenant {
+    admin
+        .get_tenant(proto::GetTenantRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap()
+}
+
+/// Every DEK still opens to its plaintext.
+async fn all_readable(
+    broker: &mut KeyBrokerClient<Channel>,
+    tenant: &str,
+    deks: &[proto::GenerateDataKeyResponse],
+) {
+    for (i, g) in deks.iter().enumerate() {
+        let back = unwrap(broker, tenant, CTX, &g.wrapped_key)
+            .await
+            .unwrap_or_else(|e| panic!("DEK {i} of {tenant}: {e:?}"));
+        assert_eq!(back.plaintext, g.plaintext, "DEK {i}");
+    }
+}
+
+fn sealed_version(wrapped: &[u8]) -> u32 {
+    Envelope::parse(wrapped).unwrap().tenant_key_version
+}
+
+/// Pulumi's flows under `tenant_key`: DEKs on the platform key, the first
+/// CMK re-encrypts the tenant key (not the DEKs), disabling the primary
+/// needs a re-encryption key, "disable all" goes back to the platform key;
+/// then the tenant is deleted and every DEK is shredded.
+#[tokio::test]
+async fn key_changes_reencrypt_tenant_keys_and_delete_shreds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let calls = std::sync::Arc::clone(server.broker.provider_calls());
+    let count = || {
+        (
+            calls.encrypt.load(Ordering::SeqCst),
+            calls.decrypt.load(Ordering::SeqCst),
+        )
+    };
+    let t = create_tenant_with(
+        &mut admin,
+        "pulumi",
+        KeyPolicy::Keyring,
+        KeyHierarchy::Unspecified,
+    )
+    .await;
+    assert_eq!(t.key_hierarchy(), KeyHierarchy::TenantKey, "the default");
+
+    // 20 DEKs on the platform key: one tenant key minted, no other call.
+    let before = count();
+    let mut deks = Vec::new();
+    for _ in 0..20 {
+        deks.push(generate(&mut broker, "pulumi", CTX).await.unwrap());
+    }
+    assert_eq!(count(), (before.0 + 1, before.1), "one mint for 20 DEKs");
+    for g in &deks {
+        let key = g.key.as_ref().unwrap();
+        assert_eq!(
+            (key.key_binding.as_str(), key.provider_key_version.as_str()),
+            ("platform", "tenant-key/1")
+        );
+        assert_eq!(sealed_version(&g.wrapped_key), 1);
+    }
+    let before = count();
+    all_readable(&mut broker, "pulumi", &deks).await;
+    assert_eq!(
+        count(),
+        before,
+        "the tenant key is cached: unwraps cost nothing"
+    );
+
+    // The first CMK: version 1 moves under it, version 2 is minted.
+    import(&mut admin, "pulumi", "cmk-a", true).await;
+    let t = tenant(&mut admin, "pulumi").await;
+    let r = t.reencryption.unwrap();
+    assert_eq!(t.tenant_key_versions, 2);
+    assert!(!r.in_progress);
+    assert_eq!((r.versions_done, r.versions_total), (2, 2));
+    all_readable(&mut broker, "pulumi", &deks).await;
+    let old = unwrap(&mut broker, "pulumi", CTX, &deks[0].wrapped_key)
+        .await
+        .unwrap();
+    assert!(old.rewrap_recommended, "sealed under an older version");
+    let g = generate(&mut broker, "pulumi", CTX).await.unwrap();
+    assert_eq!(g.key.as_ref().unwrap().key_binding, "cmk-a");
+    assert_eq!(sealed_version(&g.wrapped_key), 2);
+    deks.push(g);
+    let described = broker
+        .describe_key(proto::DescribeKeyRequest {
+            tenant_id: "pulumi".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.key_hierarchy(), KeyHierarchy::TenantKey);
+    assert_eq!(described.tenant_key_version, 2);
+    assert_eq!(described.primary.unwrap().key_binding, "cmk-a");
+
+    // Disabling the primary without saying where its tenant keys go is
+    // refused: new wraps would silently fall back to the platform key.
+    let err = disable(&mut admin, "pulumi", "cmk-a", "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("reencrypt_to"), "{}", err.message());
+
+    // "Disable with a re-encryption key": every version moves to cmk-b,
+    // which becomes primary; no DEK is touched and all stay readable.
+    import(&mut admin, "pulumi", "cmk-b", false).await;
+    let disabled = disable(&mut admin, "pulumi", "cmk-a", "cmk-b")
+        .await
+        .unwrap();
+    assert_eq!(disabled.state(), proto::KeyState::Disabled);
+    all_readable(&mut broker, "pulumi", &deks).await;
+    let g = generate(&mut broker, "pulumi", CTX).await.unwrap();
+    assert_eq!(g.key.as_ref().unwrap().key_binding, "cmk-b");
+    deks.push(g);
+
+    // "Disable all": back to the platform key.
+    disable(&mut admin, "pulumi", "cmk-b", "platform")
+        .await
+        .unwrap();
+    let t = tenant(&mut admin, "pulumi").await;
+    assert_eq!(t.tenant_key_versions, 4);
+    all_readable(&mut broker, "pulumi", &deks).await;
+    let g = generate(&mut broker, "pulumi", CTX).await.unwrap();
+    assert_eq!(g.key.as_ref().unwrap().key_binding, "platform");
+    deks.push(g);
+
+    // Rewrap moves an old DEK to the newest version, locally.
+    let rewrapped = broker
+        .rewrap_key(proto::RewrapKeyRequest {
+            tenant_id: "pulumi".into(),
+            context: crate::common::ctx(CTX),
+            wrapped_key: deks[0].wrapped_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sealed_version(&rewrapped.wrapped_key), 4);
+    assert_eq!(
+        rewrapped.previous_key.unwrap().provider_key_version,
+        "tenant-key/1"
+    );
+
+    // Deleting the tenant: refused while in use, then shreds every DEK.
+    let err = admin
+        .delete_tenant(proto::DeleteTenantRequest {
+            tenant_id: "pulumi".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    admin
+        .delete_tenant(proto::DeleteTenantRequest {
+            tenant_id: "pulumi".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    for g in &deks {
+        let err = unwrap(&mut broker, "pulumi", CTX, &g.wrapped_key)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
+    // The id can be created anew; the old DEKs stay unreadable under the
+    // new tenant's keys.
+    create_tenant_with(
+        &mut admin,
+        "pulumi",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    generate(&mut broker, "pulumi", CTX).await.unwrap();
+    for g in &deks {
+        let err = unwrap(&mut broker, "pulumi", CTX, &g.wrapped_key)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.code(), Code::NotFound | Code::InvalidArgument),
+            "{err:?}"
+        );
+    }
+    server.stop().await;
+}
+
+/// Pinecone: a single_key tenant's key can never be unlinked while it
+/// protects data, but it goes with its tenant.
+#[tokio::test]
+async fn a_single_key_tenant_is_deleted_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(
+        &mut admin,
+        "pine",
+        KeyPolicy::SingleKey,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "pine", "only", true).await;
+    let g = generate(&mut broker, "pine", CTX).await.unwrap();
+    assert_eq!(g.key.as_ref().unwrap().key_binding, "only");
+    let err = admin
+        .unlink_key(proto::UnlinkKeyRequest {
+            tenant_id: "pine".into(),
+            name: "only".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    admin
+        .delete_tenant(proto::DeleteTenantRequest {
+            tenant_id: "pine".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    let err = unwrap(&mut broker, "pine", CTX, &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin
+        .get_tenant(proto::GetTenantRequest {
+            tenant_id: "pine".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+/// A key change interrupted by a crash (the target recorded, no version
+/// moved yet) finishes when the server starts again, and nothing is lost.
+#[tokio::test]
+async fn an_interrupted_key_change_resumes_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(
+        &mut admin,
+        "cube",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "cube", "k-old", true).await;
+    import(&mut admin, "cube", "k-new", false).await;
+    let mut deks = Vec::new();
+    for _ in 0..10 {
+        deks.push(generate(&mut broker, "cube", CTX).await.unwrap());
+    }
+    server.stop().await;
+
+    // What a crash right after recording the target leaves behind.
+    let registry =
+        keybroker::registry::sql::SqlRegistry::open_sqlite(&dir.path().join("registry.db"))
+            .await
+            .unwrap();
+    registry
+        .set_primary("cube", "k-new", keybroker::keys::now_ms())
+        .await
+        .unwrap();
+    registry
+        .set_reencrypt_to("cube", Some("k-new"), keybroker::keys::now_ms())
+        .await
+        .unwrap();
+    assert!(
+        registry
+            .tenant_keys("cube")
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| v.binding == "k-old")
+    );
+    registry.close().await;
+
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = tenant(&mut admin, "cube").await.reencryption.unwrap();
+        if !r.in_progress {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not resumed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every version is under k-new now: k-old can go without losing a DEK.
+    disable(&mut admin, "cube", "k-old", "").await.unwrap();
+    all_readable(&mut broker, "cube", &deks).await;
+    server.stop().await;
+}
+
+/// AWS KMS (moto): customer-KMS calls grow with tenant key versions, not
+/// DEKs. 100 GenerateDataKey + 100 cold UnwrapKey cost one KMS Decrypt
+/// under `tenant_key` (the version minted at link time, loaded once) against
+/// 200 KMS calls under `direct`; a key change costs two calls per version.
+#[tokio::test]
+async fn aws_costs_per_tenant_not_per_dek() {
+    let moto = Moto::start();
+    let key_a = moto.create_key("us-east-1", false).await;
+    let key_b = moto.create_key("us-east-1", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = moto.settings();
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let calls = std::sync::Arc::clone(server.broker.provider_calls());
+    let count = || calls.encrypt.load(Ordering::SeqCst) + calls.decrypt.load(Ordering::SeqCst);
+
+    let mut costs = Vec::new();
+    for (tenant_id, hierarchy) in [
+        (TENANT, KeyHierarchy::TenantKey),
+        ("direct-co", KeyHierarchy::Direct),
+    ] {
+        create_tenant_with(&mut admin, tenant_id, KeyPolicy::Keyring, hierarchy).await;
+        let mut link = link_request("cmk", &key_a, &[], true);
+        link.tenant_id = tenant_id.into();
+        admin.link_key(link).await.unwrap();
+        let before = count();
+        let mut deks = Vec::new();
+        for _ in 0..100 {
+            deks.push(generate(&mut broker, tenant_id, CTX).await.unwrap());
+        }
+        for g in &deks {
+            let back = unwrap(&mut broker, tenant_id, CTX, &g.wrapped_key)
+                .await
+                .unwrap();
+            assert_eq!(back.plaintext, g.plaintext);
+        }
+        costs.push(count() - before);
+    }
+    println!(
+        "KMS calls for 100 generates + 100 cold unwraps: tenant_key {}, direct {}",
+        costs[0], costs[1]
+    );
+    assert_eq!(costs, [1, 200]);
+
+    // A key change on the tenant_key tenant: one decrypt and one encrypt
+    // per version (one here), plus the new version, whatever the DEKs.
+    let mut link = link_request("cmk-b", &key_b, &[], false);
+    link.tenant_id = TENANT.into();
+    admin.link_key(link).await.unwrap();
+    moto.start_recording().await;
+    let before = moto_kms_calls(&moto).await;
+    admin
+        .set_primary_key(proto::SetPrimaryKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk-b".into(),
+        })
+        .await
+        .unwrap();
+    let change = moto_kms_calls(&moto).await - before;
+    println!("KMS calls for a key change with 1 tenant key version: {change}");
+    assert_eq!(
+        change,
+        2 + 1,
+        "decrypt + encrypt per version, plus the mint"
+    );
+    server.stop().await;
+}
+
+/// KMS Encrypt/Decrypt/GenerateDataKey calls moto recorded so far.
+async fn moto_kms_calls(moto: &Moto) -> usize {
+    moto.recorded()
+        .iter()
+        .filter(|(headers, _)| {
+            headers.get("x-amz-target").is_some_and(|t| {
+                t.ends_with(".Encrypt")
+                    || t.ends_with(".Decrypt")
+                    || t.ends_with(".GenerateDataKey")
+            })
+        })
+        .count()
+}
