@@ -1,11 +1,12 @@
 //! The same registry suite against both backends: SQLite (a file in a temp
 //! dir) and PostgreSQL (the real server scripts/test.sh starts).
 
-use keybroker::keys::BindingState;
+use keybroker::keys::{BindingState, KeyHierarchy};
 use keybroker::kms::ProviderKind;
 use keybroker::registry::sql::SqlRegistry;
 use keybroker::registry::{
-    KeyPolicy, NewBinding, Registry, RegistryError, Tenant, UnlinkGuard, UsageDelta,
+    KeyPolicy, NewBinding, Registry, RegistryError, Tenant, TenantKeyRecord, UnlinkGuard,
+    UsageDelta,
 };
 
 use crate::common::fresh_postgres_database;
@@ -15,7 +16,7 @@ fn tenant(id: &str, policy: KeyPolicy) -> Tenant {
         id: id.into(),
         key_policy: policy,
         external_id: format!("kb-ext-{id}"),
-        key_hierarchy: keybroker::keys::KeyHierarchy::TenantKey,
+        key_hierarchy: KeyHierarchy::TenantKey,
         reencrypt_to: None,
         created_at_ms: 1_000,
         updated_at_ms: 1_000,
@@ -244,6 +245,161 @@ async fn suite(registry: &dyn Registry) {
         .await
         .unwrap();
     assert_eq!(t.key_policy, KeyPolicy::SingleKey);
+
+    tenant_key_suite(registry).await;
+}
+
+fn version(tenant_id: &str, version: u32, binding: &str) -> TenantKeyRecord {
+    TenantKeyRecord {
+        tenant_id: tenant_id.into(),
+        version,
+        binding: binding.into(),
+        provider_key_version: "1".into(),
+        wrapped: vec![u8::try_from(version).unwrap(); 80],
+        created_at_ms: 10,
+        updated_at_ms: 10,
+    }
+}
+
+/// Tenant key versions: stored once per number, moved only from the
+/// binding they are under, kept from unlinked bindings, gone with the
+/// tenant; key-change records survive until cleared.
+async fn tenant_key_suite(registry: &dyn Registry) {
+    registry
+        .create_tenant(&tenant("hier", KeyPolicy::Keyring))
+        .await
+        .unwrap();
+    let got = registry.tenant("hier").await.unwrap().unwrap();
+    assert_eq!(got.key_hierarchy, KeyHierarchy::TenantKey);
+    assert_eq!(got.reencrypt_to, None);
+    registry
+        .insert_binding(&binding("hier", "cmk", true), 20)
+        .await
+        .unwrap();
+    assert!(
+        registry
+            .insert_tenant_key(&version("hier", 1, "platform"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !registry
+            .insert_tenant_key(&version("hier", 1, "cmk"))
+            .await
+            .unwrap(),
+        "a taken number"
+    );
+    assert!(
+        registry
+            .insert_tenant_key(&version("hier", 2, "cmk"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        registry
+            .insert_tenant_key(&version("nobody", 1, "platform"))
+            .await,
+        Err(RegistryError::TenantNotFound("nobody".into()))
+    );
+    let versions = registry.tenant_keys("hier").await.unwrap();
+    assert_eq!(
+        versions,
+        vec![version("hier", 1, "platform"), version("hier", 2, "cmk")]
+    );
+
+    // A move is a compare-and-set on the binding the version is under.
+    let mut moved = version("hier", 1, "cmk");
+    moved.wrapped = vec![0xAB; 90];
+    moved.updated_at_ms = 30;
+    assert!(
+        !registry
+            .rewrap_tenant_key("hier", 1, "cmk", &moved)
+            .await
+            .unwrap()
+    );
+    assert!(
+        registry
+            .rewrap_tenant_key("hier", 1, "platform", &moved)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !registry
+            .rewrap_tenant_key("hier", 1, "platform", &moved)
+            .await
+            .unwrap()
+    );
+    assert_eq!(registry.tenant_keys("hier").await.unwrap()[0], moved);
+
+    // Key-change records.
+    let t = registry
+        .set_reencrypt_to("hier", Some("cmk"), 40)
+        .await
+        .unwrap();
+    assert_eq!(t.reencrypt_to.as_deref(), Some("cmk"));
+    assert_eq!(
+        registry
+            .tenants_reencrypting()
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect::<Vec<_>>(),
+        ["hier"]
+    );
+    registry.set_reencrypt_to("hier", None, 41).await.unwrap();
+    assert!(registry.tenants_reencrypting().await.unwrap().is_empty());
+
+    // A binding that protects versions is not unlinked without force.
+    assert!(matches!(
+        registry.delete_binding("hier", "cmk", NO_GUARD).await,
+        Err(RegistryError::Refused(m)) if m.contains("tenant key version")
+    ));
+    let updated = registry
+        .set_description("hier", "cmk", "renamed", 50)
+        .await
+        .unwrap();
+    assert_eq!(updated.description, "renamed");
+
+    // Deleting the tenant takes its versions and bindings; refused while
+    // recently used unless forced.
+    registry
+        .add_usage(&[UsageDelta {
+            tenant_id: "hier".into(),
+            name: "cmk".into(),
+            wraps: 1,
+            unwraps: 0,
+            last_used_at_ms: 1_000,
+        }])
+        .await
+        .unwrap();
+    let recent = UnlinkGuard {
+        not_used_since_ms: 500,
+        force: false,
+    };
+    assert!(matches!(
+        registry.delete_tenant("hier", recent).await,
+        Err(RegistryError::Refused(_))
+    ));
+    registry
+        .delete_tenant(
+            "hier",
+            UnlinkGuard {
+                force: true,
+                ..recent
+            },
+        )
+        .await
+        .unwrap();
+    assert!(registry.tenant("hier").await.unwrap().is_none());
+    assert!(registry.tenant_keys("hier").await.unwrap().is_empty());
+    assert!(registry.bindings("hier").await.unwrap().is_empty());
+    // The id is free again, with nothing of the old tenant.
+    registry
+        .create_tenant(&tenant("hier", KeyPolicy::Keyring))
+        .await
+        .unwrap();
+    assert!(registry.tenant_keys("hier").await.unwrap().is_empty());
 }
 
 #[tokio::test]
