@@ -454,3 +454,93 @@ async fn moto_kms_calls(moto: &Moto) -> usize {
         })
         .count()
 }
+
+/// Revocation under `tenant_key`, two replicas on one PostgreSQL: the
+/// customer disables their key, A's watcher revokes the binding, and B
+/// stops serving DEKs sealed under the tenant key it protects (cached
+/// ones included) and mints nothing new under it.
+#[tokio::test]
+async fn revocation_reaches_sealed_deks_on_every_replica() {
+    let moto = Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let url = crate::common::fresh_postgres_database().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let config = |dir: &std::path::Path, watch: Duration| {
+        let mut c = test_config(dir);
+        c.registry.url = Some(url.parse().unwrap());
+        c.registry.cache_ttl = Duration::from_secs(3600);
+        c.aws = moto.settings();
+        c.aws.max_attempts = 1;
+        c.watcher.interval = watch;
+        c
+    };
+    let config_a = config(dirs[0].path(), Duration::from_millis(300));
+    let config_b = config(dirs[1].path(), Duration::from_secs(3600));
+    let a = TestServer::start(config_a.clone()).await;
+    std::fs::copy(
+        config_a.platform_keyring_path(),
+        config_b.platform_keyring_path(),
+    )
+    .unwrap();
+    let b = TestServer::start(config_b).await;
+    let mut admin = admin_client(&a).await;
+    let mut broker_a = a.client().await;
+    let mut broker_b = b.client().await;
+    create_tenant_with(
+        &mut admin,
+        TENANT,
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    admin
+        .link_key(link_request("cmk", &key_arn, &[], true))
+        .await
+        .unwrap();
+    let g = generate(&mut broker_a, TENANT, CTX).await.unwrap();
+    assert_eq!(g.key.as_ref().unwrap().key_binding, "cmk");
+    // B loads the tenant key (one KMS call) and caches the DEK.
+    let back = unwrap(&mut broker_b, TENANT, CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, g.plaintext);
+
+    let kms = moto.kms("us-east-1");
+    let key_id = key_arn.rsplit('/').next().unwrap();
+    kms.disable_key().key_id(key_id).send().await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        match unwrap(&mut broker_b, TENANT, CTX, &g.wrapped_key).await {
+            Err(err) => {
+                assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+                break;
+            }
+            Ok(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "B kept serving a DEK of a revoked key"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    println!(
+        "tenant_key: DisableKey in KMS -> sealed DEK refused on replica B after {:?}",
+        start.elapsed()
+    );
+    let err = generate(&mut broker_b, TENANT, CTX).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // The customer enables the key again: served again on both.
+    kms.enable_key().key_id(key_id).send().await.unwrap();
+    let start = std::time::Instant::now();
+    while unwrap(&mut broker_b, TENANT, CTX, &g.wrapped_key)
+        .await
+        .is_err()
+    {
+        assert!(start.elapsed() < Duration::from_secs(5), "never healed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
