@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use keybroker::broker::Broker;
 use keybroker::cache::{CacheSettings, DekCache};
 use keybroker::context::Context;
-use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
+use keybroker::keys::{
+    Binding, DirectoryError, KeyDirectory, KeyHierarchy, NewTenantKey, PLATFORM_BINDING,
+    PlatformOnly, TenantKeyVersion, TenantKeys,
+};
 use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKind, WrapContext,
@@ -42,6 +45,8 @@ struct CountingProvider {
     inner: LocalKeyring,
     latency: Duration,
     decrypts: AtomicU64,
+    /// Encrypts (tenant key mints; DEK wraps under `direct`).
+    encrypts: AtomicU64,
     failing: AtomicBool,
 }
 
@@ -56,6 +61,8 @@ impl KeyProvider for CountingProvider {
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError> {
+        self.encrypts.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.latency).await;
         self.inner.encrypt(plaintext, wrap).await
     }
 
@@ -96,6 +103,7 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         inner: LocalKeyring::from_material("platform", &[SecretBytes::random(32)?])?,
         latency: args.latency,
         decrypts: AtomicU64::new(0),
+        encrypts: AtomicU64::new(0),
         failing: AtomicBool::new(false),
     });
     let binding = Arc::new(Binding::active(
@@ -255,6 +263,62 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
     }
     results.push(r);
 
+    // The tenant key hierarchy: every tenant's DEKs under one customer key
+    // (a binding named `cmk`). Customer-KMS calls are one mint per tenant,
+    // whatever the number of DEKs and cold unwraps (under `direct`: one
+    // call per DEK and one per cold unwrap, 2 x tenants x keys).
+    let tenants = 100usize;
+    let per_tenant = args.keys;
+    let directory = Arc::new(HierarchyDirectory::new(Arc::clone(&provider)));
+    let hierarchy = Arc::new(Broker::new(
+        Arc::clone(&directory) as Arc<dyn KeyDirectory>,
+        DekCache::new(CacheSettings {
+            max_entries: 1_000_000,
+            ttl: Duration::from_secs(3600),
+            tti: Duration::from_secs(3600),
+        }),
+        unlimited,
+    ));
+    let provider_calls =
+        || provider.decrypts.load(Ordering::SeqCst) + provider.encrypts.load(Ordering::SeqCst);
+    let before = provider_calls();
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tenants {
+        let (broker, context) = (Arc::clone(&hierarchy), context.clone());
+        set.spawn(async move {
+            let tenant = format!("tenant-{t:03}");
+            let mut wrapped = Vec::with_capacity(per_tenant);
+            for _ in 0..per_tenant {
+                wrapped.push(broker.generate(&tenant, &context, 32).await?.wrapped_key);
+            }
+            // Cold: no DEK is in the cache (generate does not cache it).
+            for w in &wrapped {
+                broker.unwrap(&tenant, &context, w).await?;
+            }
+            Ok::<_, keybroker::broker::BrokerError>(())
+        });
+    }
+    let mut errors = 0;
+    while let Some(r) = set.join_next().await {
+        errors += usize::from(!matches!(r, Ok(Ok(()))));
+    }
+    let mut r = check(
+        &format!(
+            "tenant_key: {tenants} tenants x {per_tenant} GenerateDataKey + {per_tenant} cold UnwrapKey (direct: {} calls)",
+            2 * tenants * per_tenant
+        ),
+        tenants as u64,
+        provider_calls() - before,
+        &mut failures,
+    );
+    r["wall_ms"] = json!(started.elapsed().as_secs_f64() * 1e3);
+    r["direct_calls"] = json!(2 * tenants * per_tenant);
+    if errors > 0 {
+        failures.push(format!("tenant_key: {errors} tenants failed"));
+    }
+    results.push(r);
+
     let report = json!({
         "machine": crate::machine_facts(),
         "injected_latency_ms": args.latency.as_secs_f64() * 1e3,
@@ -266,4 +330,69 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(failures.is_empty(), "call accounting failed: {failures:?}");
     Ok(())
+}
+
+/// Tenants on the `tenant_key` hierarchy under one customer binding, their
+/// tenant key versions kept in memory (what the registry keeps).
+#[derive(Debug)]
+struct HierarchyDirectory {
+    cmk: Arc<Binding>,
+    platform: Arc<Binding>,
+    /// Versions by tenant. std Mutex: map access only, never across await.
+    versions: std::sync::Mutex<std::collections::HashMap<String, Vec<Arc<TenantKeyVersion>>>>,
+}
+
+impl HierarchyDirectory {
+    fn new(provider: Arc<CountingProvider>) -> Self {
+        let cmk = Arc::new(Binding::active(
+            "cmk",
+            provider as Arc<dyn KeyProvider>,
+            "bench",
+        ));
+        let platform = Arc::clone(&cmk);
+        Self {
+            cmk,
+            platform,
+            versions: std::sync::Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyDirectory for HierarchyDirectory {
+    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
+        let versions = self
+            .versions
+            .lock()
+            .map_err(|_| DirectoryError::Internal("poisoned".into()))?
+            .get(tenant_id)
+            .cloned()
+            .unwrap_or_default();
+        Ok(Arc::new(TenantKeys {
+            primary: Arc::clone(&self.cmk),
+            bindings: vec![Arc::clone(&self.cmk)],
+            platform: Arc::clone(&self.platform),
+            hierarchy: KeyHierarchy::TenantKey,
+            versions,
+            reencrypt_to: None,
+        }))
+    }
+
+    async fn store_tenant_key(&self, key: &NewTenantKey) -> Result<bool, DirectoryError> {
+        let mut map = self
+            .versions
+            .lock()
+            .map_err(|_| DirectoryError::Internal("poisoned".into()))?;
+        let versions = map.entry(key.tenant_id.clone()).or_default();
+        if versions.iter().any(|v| v.version == key.version) {
+            return Ok(false);
+        }
+        versions.push(Arc::new(TenantKeyVersion {
+            version: key.version,
+            binding: Arc::clone(&self.cmk),
+            provider_key_version: key.provider_key_version.clone(),
+            wrapped: key.wrapped.clone(),
+        }));
+        Ok(true)
+    }
 }

@@ -44,7 +44,7 @@ async fn accounting_is_exact() {
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
-    assert_eq!(results.len(), 7);
+    assert_eq!(results.len(), 8);
     for r in results {
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["provider_calls"], r["expected_calls"], "{r}");
@@ -52,6 +52,10 @@ async fn accounting_is_exact() {
     // 1000 concurrent unwraps of one cold key: one provider call, all served.
     assert_eq!(results[2]["provider_calls"], 1);
     assert_eq!(results[2]["succeeded"], 1000);
+    // The tenant key hierarchy: 100 tenants x 20 DEKs generated and
+    // unwrapped cold cost 100 customer-KMS calls (direct: 4000).
+    assert_eq!(results[7]["provider_calls"], 100);
+    assert_eq!(results[7]["direct_calls"], 4000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
