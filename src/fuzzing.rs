@@ -294,6 +294,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
                 tenant_id: "acme".into(),
                 key_policy: 1,
                 key_hierarchy: 0,
+                newest_import_primary: false,
             },
         ),
         seed(

@@ -40,6 +40,7 @@ impl KeyAdminApi {
             update_time: Some(timestamp(tenant.updated_at_ms)),
             key_hierarchy: hierarchy_to_proto(tenant.key_hierarchy).into(),
             tenant_key_versions: reencryption.versions_total,
+            newest_import_primary: tenant.newest_import_primary,
             reencryption: Some(reencryption_to_proto(reencryption)),
         })
     }
@@ -108,7 +109,7 @@ impl KeyAdmin for KeyAdminApi {
             let hierarchy = hierarchy_from_proto(req.key_hierarchy)?;
             let tenant = self
                 .admin
-                .create_tenant(&req.tenant_id, policy, hierarchy)
+                .create_tenant(&req.tenant_id, policy, hierarchy, req.newest_import_primary)
                 .await?;
             Ok(proto::CreateTenantResponse {
                 tenant: Some(self.tenant(&tenant).await?),

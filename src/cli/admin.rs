@@ -72,6 +72,9 @@ pub(super) enum TenantCommand {
         /// How its DEKs are wrapped.
         #[arg(long, value_enum, default_value = "tenant-key")]
         hierarchy: HierarchyArg,
+        /// Every key imported later becomes the primary.
+        #[arg(long)]
+        newest_import_primary: bool,
     },
     /// Show a tenant, its onboarding material and any key change under way.
     Get {
@@ -207,12 +210,14 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 tenant,
                 policy,
                 hierarchy,
+                newest_import_primary,
             } => {
                 let resp = client
                     .create_tenant(proto::CreateTenantRequest {
                         tenant_id: tenant,
                         key_policy: proto::KeyPolicy::from(policy).into(),
                         key_hierarchy: proto::KeyHierarchy::from(hierarchy).into(),
+                        newest_import_primary,
                     })
                     .await
                     .answer()?;

@@ -44,6 +44,7 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
             "key_policy": t.key_policy().as_str_name(),
             "key_hierarchy": t.key_hierarchy().as_str_name(),
             "tenant_key_versions": t.tenant_key_versions,
+            "newest_import_primary": t.newest_import_primary,
             "reencryption": {
                 "in_progress": r.in_progress,
                 "target": r.target,

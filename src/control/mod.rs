@@ -133,6 +133,7 @@ impl Admin {
         tenant_id: &str,
         policy: Option<KeyPolicy>,
         hierarchy: Option<KeyHierarchy>,
+        newest_import_primary: bool,
     ) -> Result<Tenant, AdminError> {
         validate_tenant(tenant_id)?;
         let now = now_ms();
@@ -142,6 +143,7 @@ impl Admin {
             external_id: new_external_id()?,
             key_hierarchy: hierarchy.unwrap_or_default(),
             reencrypt_to: None,
+            newest_import_primary,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -241,6 +243,7 @@ impl Admin {
         validate_name(&req.name)?;
         validate_description(&req.description)?;
         let material = decode_key_material(material_base64)?;
+        let tenant = self.tenant(&req.tenant_id).await?;
         self.refuse_duplicate_material(&req.tenant_id, &material)
             .await?;
         let keyring = crate::kms::local::LocalKeyring::from_material(
@@ -270,7 +273,7 @@ impl Admin {
                     service_account: String::new(),
                     replica_regions: Vec::new(),
                     key_material: Some(sealed),
-                    make_primary: req.make_primary,
+                    make_primary: req.make_primary || tenant.newest_import_primary,
                 },
                 now_ms(),
             )

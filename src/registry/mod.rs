@@ -120,6 +120,8 @@ pub struct Tenant {
     /// The binding a key change moves every tenant key version to, until it
     /// is done (and after: the last target).
     pub reencrypt_to: Option<String>,
+    /// Every imported key becomes primary (Cube: the newest key encrypts).
+    pub newest_import_primary: bool,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }

@@ -20,8 +20,7 @@ use crate::kms::ProviderKind;
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-const TENANT_COLUMNS: &str =
-    "id, key_policy, external_id, key_hierarchy, reencrypt_to, created_at, updated_at";
+const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, newest_import_primary, created_at, updated_at";
 
 const TENANT_KEY_COLUMNS: &str =
     "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at";
@@ -258,6 +257,7 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
         external_id: row.try_get("external_id").map_err(db)?,
         key_hierarchy: parse_hierarchy(&row.try_get::<String, _>("key_hierarchy").map_err(db)?)?,
         reencrypt_to: row.try_get("reencrypt_to").map_err(db)?,
+        newest_import_primary: row.try_get::<i64, _>("newest_import_primary").map_err(db)? == 1,
         created_at_ms: row.try_get("created_at").map_err(db)?,
         updated_at_ms: row.try_get("updated_at").map_err(db)?,
     })
@@ -276,13 +276,14 @@ impl Registry for SqlRegistry {
             return Err(RegistryError::TenantExists(tenant.id.clone()));
         }
         sqlx::query(
-            "INSERT INTO tenants (id, key_policy, external_id, key_hierarchy, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO tenants (id, key_policy, external_id, key_hierarchy, newest_import_primary, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&tenant.id)
         .bind(tenant.key_policy.as_str())
         .bind(&tenant.external_id)
         .bind(tenant.key_hierarchy.as_str())
+        .bind(i64::from(tenant.newest_import_primary))
         .bind(tenant.created_at_ms)
         .bind(tenant.updated_at_ms)
         .execute(&mut *tx)

@@ -320,6 +320,7 @@ pub(crate) async fn create_tenant_with(
             tenant_id: tenant.into(),
             key_policy: policy.into(),
             key_hierarchy: hierarchy.into(),
+            newest_import_primary: false,
         })
         .await
         .unwrap()

@@ -531,6 +531,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             tenant_id: "acme".into(),
             key_policy: 0,
             key_hierarchy: proto::KeyHierarchy::Direct.into(),
+            newest_import_primary: false,
         })
         .await
         .unwrap_err();
@@ -541,6 +542,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
                 tenant_id: tenant.into(),
                 key_policy: policy,
                 key_hierarchy: proto::KeyHierarchy::Direct.into(),
+                newest_import_primary: false,
             })
             .await
             .unwrap_err();

@@ -46,6 +46,7 @@ async fn fail_closed_audit_commits_no_change_it_cannot_record() {
         tenant_id: "acme".into(),
         key_policy: 0,
         key_hierarchy: proto::KeyHierarchy::Direct.into(),
+        newest_import_primary: false,
     })
     .await
     .unwrap();
@@ -73,6 +74,7 @@ async fn fail_closed_audit_commits_no_change_it_cannot_record() {
                 tenant_id: "globex".into(),
                 key_policy: 0,
                 key_hierarchy: proto::KeyHierarchy::Direct.into(),
+                newest_import_primary: false,
             })
             .await
             .map(drop),
@@ -293,6 +295,7 @@ async fn send_hostile_requests(channel: Channel) {
                 tenant_id: tenant.into(),
                 key_policy: 0,
                 key_hierarchy: proto::KeyHierarchy::Direct.into(),
+                newest_import_primary: false,
             })
             .await;
         let _ = admin

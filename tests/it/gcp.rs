@@ -67,6 +67,7 @@ impl Env {
                 tenant_id: TENANT.into(),
                 key_policy: 0,
                 key_hierarchy: proto::KeyHierarchy::Direct.into(),
+                newest_import_primary: false,
             })
             .await
             .unwrap();
@@ -695,6 +696,7 @@ async fn gcp_impersonation_isolates_tenants() {
             tenant_id: TENANT.into(),
             key_policy: 0,
             key_hierarchy: proto::KeyHierarchy::Direct.into(),
+            newest_import_primary: false,
         })
         .await
         .unwrap();

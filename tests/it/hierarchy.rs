@@ -544,3 +544,87 @@ async fn revocation_reaches_sealed_deks_on_every_replica() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Smaller seed gaps: Kong edits a key's description after linking; Cube's
+/// newest imported key becomes primary by itself; key material that is all
+/// zero bytes, or already imported for the tenant, is refused.
+#[tokio::test]
+async fn descriptions_newest_import_primary_and_bad_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let t = admin
+        .create_tenant(proto::CreateTenantRequest {
+            tenant_id: "cube".into(),
+            key_policy: KeyPolicy::Keyring.into(),
+            key_hierarchy: KeyHierarchy::TenantKey.into(),
+            newest_import_primary: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    assert!(t.newest_import_primary);
+    let first = import(&mut admin, "cube", "k-2026-01", false).await;
+    assert!(first.primary);
+    let g1 = generate(&mut broker, "cube", CTX).await.unwrap();
+    let second = import(&mut admin, "cube", "k-2026-02", false).await;
+    assert!(second.primary, "the newest import encrypts");
+    let g2 = generate(&mut broker, "cube", CTX).await.unwrap();
+    assert_eq!(g2.key.as_ref().unwrap().key_binding, "k-2026-02");
+    all_readable(&mut broker, "cube", &[g1, g2]).await;
+
+    let updated = admin
+        .update_key(proto::UpdateKeyRequest {
+            tenant_id: "cube".into(),
+            name: "k-2026-01".into(),
+            description: "retired in February".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(updated.description, "retired in February");
+    let err = admin
+        .update_key(proto::UpdateKeyRequest {
+            tenant_id: "cube".into(),
+            name: "k-2026-01".into(),
+            description: "bad\u{1b}[31m".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let material = random_material();
+    for (name, material, says) in [
+        ("zeros", b64(&[0u8; 32]), "all zero"),
+        ("first", material.clone(), ""),
+        ("again", material, "already imported"),
+    ] {
+        let result = admin
+            .import_key_material(proto::ImportKeyMaterialRequest {
+                tenant_id: "cube".into(),
+                name: name.into(),
+                description: String::new(),
+                key_material_base64: material,
+                make_primary: false,
+            })
+            .await;
+        match says {
+            "" => {
+                result.unwrap();
+            }
+            says => {
+                let err = result.unwrap_err();
+                assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+                assert!(err.message().contains(says), "{name}: {}", err.message());
+            }
+        }
+    }
+    server.stop().await;
+}

@@ -234,6 +234,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
             tenant_id: "cmek".into(),
             key_policy: 0,
             key_hierarchy: proto::KeyHierarchy::Direct.into(),
+            newest_import_primary: false,
         })
         .await
         .unwrap();

@@ -378,6 +378,7 @@ async fn policy_matrix_allows_exactly_the_granted_cells() {
                 tenant_id: tenant.into(),
                 key_policy: 0,
                 key_hierarchy: proto::KeyHierarchy::Direct.into(),
+                newest_import_primary: false,
             })
             .await
             .unwrap();
