@@ -193,6 +193,8 @@ pub struct TenantKeys {
     pub versions: Vec<Arc<TenantKeyVersion>>,
     /// A key change moving every version to this binding is under way.
     pub reencrypt_to: Option<String>,
+    /// `direct` tenants: a disabled binding RewrapKey may still read.
+    pub reencrypt_from: Option<String>,
 }
 
 impl TenantKeys {
@@ -296,6 +298,7 @@ impl PlatformOnly {
                 hierarchy: KeyHierarchy::Direct,
                 versions: Vec::new(),
                 reencrypt_to: None,
+                reencrypt_from: None,
             }),
         }
     }

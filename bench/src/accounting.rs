@@ -375,6 +375,7 @@ impl KeyDirectory for HierarchyDirectory {
             hierarchy: KeyHierarchy::TenantKey,
             versions,
             reencrypt_to: None,
+            reencrypt_from: None,
         }))
     }
 

@@ -5,6 +5,9 @@ ALTER TABLE tenants ADD COLUMN key_hierarchy TEXT NOT NULL DEFAULT 'direct'
 -- The binding ('platform' for the platform key) every tenant key version is
 -- being re-encrypted under after a key change; NULL when none ever ran.
 ALTER TABLE tenants ADD COLUMN reencrypt_to TEXT;
+-- `direct` tenants: the disabled key RewrapKey may still read until the
+-- operator finishes moving its DEKs (NULL: none).
+ALTER TABLE tenants ADD COLUMN reencrypt_from TEXT;
 -- Cube: the most recently imported key becomes primary by itself.
 ALTER TABLE tenants ADD COLUMN newest_import_primary BIGINT NOT NULL DEFAULT 0
     CHECK (newest_import_primary IN (0, 1));

@@ -419,7 +419,12 @@ impl Broker {
         if keys.hierarchy == KeyHierarchy::TenantKey || envelope.tenant_key_version > 0 {
             return self.rewrap_through(keys, tenant_id, context, wrapped).await;
         }
-        let source = resolve_binding(&keys, tenant_id, &envelope)?;
+        // A key the tenant is moving away from still reads for RewrapKey.
+        let retiring = keys.reencrypt_from.as_deref() == Some(envelope.key_binding.as_str());
+        let source = match find_binding(&keys, tenant_id, &envelope.key_binding)? {
+            b if retiring && b.state == BindingState::Disabled => b,
+            _ => resolve_binding(&keys, tenant_id, &envelope)?,
+        };
         let target = &keys.primary;
         if let (Some(dst), Some(src)) = (target.provider.aws_key(), source.provider.aws_key()) {
             ensure_usable(target, tenant_id)?;

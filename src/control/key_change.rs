@@ -91,6 +91,10 @@ impl Admin {
         let Some(target) = tenant.reencrypt_to.clone() else {
             return self.reencryption(&tenant).await;
         };
+        if tenant.key_hierarchy != KeyHierarchy::TenantKey {
+            // A direct tenant's DEKs are the callers' to move (RewrapKey).
+            return self.reencryption(&tenant).await;
+        }
         let to = self.provider_named(&tenant, &target).await?;
         let versions = self.registry().tenant_keys(tenant_id).await?;
         let mut moved = 0usize;

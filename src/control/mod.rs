@@ -143,6 +143,7 @@ impl Admin {
             external_id: new_external_id()?,
             key_hierarchy: hierarchy.unwrap_or_default(),
             reencrypt_to: None,
+            reencrypt_from: None,
             newest_import_primary,
             created_at_ms: now,
             updated_at_ms: now,
@@ -380,6 +381,7 @@ impl Admin {
             .binding(tenant_id, name)
             .await?
             .ok_or_else(|| not_found(tenant_id, name))?;
+        let mut reason = reason.to_owned();
         match reencrypt_to {
             Some(target) if target == name => {
                 return Err(AdminError::InvalidArgument(format!(
@@ -394,29 +396,69 @@ impl Admin {
                         .await?;
                     self.directory.changed(tenant_id, None).await;
                 }
-                self.change_key(tenant_id, target).await?;
+                match tenant.key_hierarchy {
+                    KeyHierarchy::TenantKey => {
+                        self.change_key(tenant_id, target).await?;
+                    }
+                    // The DEKs are the callers': until the operator says
+                    // they are moved, RewrapKey still reads this key.
+                    KeyHierarchy::Direct => {
+                        self.registry()
+                            .set_reencrypt_to(tenant_id, Some(target), now_ms())
+                            .await?;
+                        self.registry()
+                            .set_reencrypt_from(tenant_id, Some(name), now_ms())
+                            .await?;
+                        reason = format!(
+                            "{reason}; being re-encrypted to '{target}': RewrapKey still reads it until DisableKey is repeated without reencrypt_to"
+                        );
+                    }
+                }
             }
+            // A direct tenant's move away from this key is finished: it
+            // now refuses RewrapKey too.
+            None if tenant.reencrypt_from.as_deref() == Some(name) => {
+                self.finish_direct_move(tenant_id).await?;
+            }
+            // Keyring tenants fall back to the platform key when their
+            // primary is disabled: never silently. (A single_key tenant's
+            // new wraps fail instead, which is what disabling it means.)
             None if record.primary
-                && tenant.key_hierarchy == KeyHierarchy::TenantKey
-                && !self.registry().tenant_keys(tenant_id).await?.is_empty() =>
+                && record.state == BindingState::Active
+                && tenant.key_policy == KeyPolicy::Keyring =>
             {
                 return Err(AdminError::Refused(format!(
-                    "key '{name}' is the primary key of tenant '{tenant_id}' and protects its tenant keys; \
-                     disable it with reencrypt_to naming the key (or `platform`) to move them to"
+                    "key '{name}' is the primary key of tenant '{tenant_id}'; disabling it would silently move new \
+                     wraps elsewhere. Give reencrypt_to: the key (or `platform`) that takes over"
                 )));
             }
             None => {}
         }
         let record = self
             .registry()
-            .set_state(tenant_id, name, BindingState::Disabled, reason, now_ms())
+            .set_state(tenant_id, name, BindingState::Disabled, &reason, now_ms())
             .await?;
         self.directory.changed(tenant_id, Some(name)).await;
         Ok(self.view(record))
     }
 
+    /// Clears a `direct` tenant's record of a key its DEKs were moving away
+    /// from.
+    async fn finish_direct_move(&self, tenant_id: &str) -> Result<(), AdminError> {
+        self.registry()
+            .set_reencrypt_from(tenant_id, None, now_ms())
+            .await?;
+        self.registry()
+            .set_reencrypt_to(tenant_id, None, now_ms())
+            .await?;
+        Ok(())
+    }
+
     pub async fn enable_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
+        if self.tenant(tenant_id).await?.reencrypt_from.as_deref() == Some(name) {
+            self.finish_direct_move(tenant_id).await?;
+        }
         let record = self
             .registry()
             .set_state(tenant_id, name, BindingState::Active, "", now_ms())

@@ -340,6 +340,7 @@ impl RegistryDirectory {
                 hierarchy: KeyHierarchy::Direct,
                 versions: Vec::new(),
                 reencrypt_to: None,
+                reencrypt_from: None,
             }));
         };
         let records = self.registry.bindings(tenant_id).await?;
@@ -401,6 +402,7 @@ impl RegistryDirectory {
             hierarchy: tenant.key_hierarchy,
             versions,
             reencrypt_to: tenant.reencrypt_to,
+            reencrypt_from: tenant.reencrypt_from,
         }))
     }
 

@@ -120,6 +120,9 @@ pub struct Tenant {
     /// The binding a key change moves every tenant key version to, until it
     /// is done (and after: the last target).
     pub reencrypt_to: Option<String>,
+    /// `direct` tenants: a disabled key RewrapKey may still read until the
+    /// operator finishes moving its DEKs away from it.
+    pub reencrypt_from: Option<String>,
     /// Every imported key becomes primary (Cube: the newest key encrypts).
     pub newest_import_primary: bool,
     pub created_at_ms: i64,
@@ -389,6 +392,14 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         tenant_id: &str,
         target: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError>;
+    /// Records (or clears) the key a `direct` tenant's DEKs are moving
+    /// away from.
+    async fn set_reencrypt_from(
+        &self,
+        tenant_id: &str,
+        from: Option<&str>,
         now_ms: i64,
     ) -> Result<Tenant, RegistryError>;
     /// Tenants with a key change recorded: resumed at start.

@@ -20,7 +20,8 @@ use crate::kms::ProviderKind;
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, newest_import_primary, created_at, updated_at";
+const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
+     reencrypt_from, newest_import_primary, created_at, updated_at";
 
 const TENANT_KEY_COLUMNS: &str =
     "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at";
@@ -257,6 +258,7 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
         external_id: row.try_get("external_id").map_err(db)?,
         key_hierarchy: parse_hierarchy(&row.try_get::<String, _>("key_hierarchy").map_err(db)?)?,
         reencrypt_to: row.try_get("reencrypt_to").map_err(db)?,
+        reencrypt_from: row.try_get("reencrypt_from").map_err(db)?,
         newest_import_primary: row.try_get::<i64, _>("newest_import_primary").map_err(db)? == 1,
         created_at_ms: row.try_get("created_at").map_err(db)?,
         updated_at_ms: row.try_get("updated_at").map_err(db)?,
@@ -673,9 +675,35 @@ impl Registry for SqlRegistry {
         Ok(tenant)
     }
 
+    async fn set_reencrypt_from(
+        &self,
+        tenant_id: &str,
+        from: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        sqlx::query("UPDATE tenants SET reencrypt_from = $1 WHERE id = $2")
+            .bind(from)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let tenant = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .bind(tenant_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let tenant = tenant_from_row(&tenant)?;
+        tx.commit().await.map_err(db)?;
+        Ok(tenant)
+    }
+
     async fn tenants_reencrypting(&self) -> Result<Vec<Tenant>, RegistryError> {
         sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE reencrypt_to IS NOT NULL ORDER BY id"
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE reencrypt_to IS NOT NULL \
+             AND key_hierarchy = 'tenant_key' ORDER BY id"
         ))
         .fetch_all(&self.pool)
         .await

@@ -346,7 +346,7 @@ async fn pulumi_keyring_flow() {
             tenant_id: "org".into(),
             name: "cmk-b".into(),
             reason: "disable all".into(),
-            reencrypt_to: String::new(),
+            reencrypt_to: "platform".into(),
         })
         .await
         .unwrap();

@@ -140,7 +140,7 @@ impl Env {
                 tenant_id: TENANT.into(),
                 name: name.into(),
                 reason: "test purge".into(),
-                reencrypt_to: String::new(),
+                reencrypt_to: "platform".into(),
             })
             .await
             .unwrap();

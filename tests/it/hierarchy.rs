@@ -628,3 +628,73 @@ async fn descriptions_newest_import_primary_and_bad_material() {
     }
     server.stop().await;
 }
+
+/// The same key change for a `direct` tenant, whose DEKs only callers can
+/// move: the disabled key refuses UnwrapKey but still reads for RewrapKey
+/// until the operator finishes (DisableKey again, without a target).
+#[tokio::test]
+async fn a_direct_tenant_moves_its_deks_with_rewrap_until_the_operator_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(&mut admin, "kong", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    import(&mut admin, "kong", "old", true).await;
+    let deks: Vec<_> = futures::future::join_all((0..5).map(|_| {
+        let mut b = broker.clone();
+        async move { generate(&mut b, "kong", CTX).await.unwrap() }
+    }))
+    .await;
+    import(&mut admin, "kong", "new", false).await;
+    let err = disable(&mut admin, "kong", "old", "").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "the default needs a successor"
+    );
+    disable(&mut admin, "kong", "old", "new").await.unwrap();
+    let r = tenant(&mut admin, "kong").await.reencryption.unwrap();
+    assert!(r.in_progress);
+    assert_eq!(r.target, "new");
+
+    let rewrapper = broker.clone();
+    let rewrap = |wrapped: Vec<u8>| {
+        let mut b = rewrapper.clone();
+        async move {
+            b.rewrap_key(proto::RewrapKeyRequest {
+                tenant_id: "kong".into(),
+                context: crate::common::ctx(CTX),
+                wrapped_key: wrapped,
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    // UnwrapKey refuses the old key; RewrapKey moves its DEKs to the new.
+    let err = unwrap(&mut broker, "kong", CTX, &deks[0].wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let mut moved = Vec::new();
+    for g in &deks[..4] {
+        let m = rewrap(g.wrapped_key.clone()).await.unwrap();
+        assert_eq!(m.key.as_ref().unwrap().key_binding, "new");
+        let back = unwrap(&mut broker, "kong", CTX, &m.wrapped_key)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext, g.plaintext);
+        moved.push(m);
+    }
+    // The operator finishes: the old key now refuses RewrapKey too.
+    disable(&mut admin, "kong", "old", "").await.unwrap();
+    assert!(
+        !tenant(&mut admin, "kong")
+            .await
+            .reencryption
+            .unwrap()
+            .in_progress
+    );
+    let err = rewrap(deks[4].wrapped_key.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    server.stop().await;
+}

@@ -18,6 +18,7 @@ fn tenant(id: &str, policy: KeyPolicy) -> Tenant {
         external_id: format!("kb-ext-{id}"),
         key_hierarchy: KeyHierarchy::TenantKey,
         reencrypt_to: None,
+        reencrypt_from: None,
         newest_import_primary: false,
         created_at_ms: 1_000,
         updated_at_ms: 1_000,

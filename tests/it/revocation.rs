@@ -325,7 +325,7 @@ async fn revocation_reaches_every_replica_through_postgres() {
             tenant_id: TENANT.into(),
             name: "cmk".into(),
             reason: "incident 42".into(),
-            reencrypt_to: String::new(),
+            reencrypt_to: "platform".into(),
         })
         .await
         .unwrap();
