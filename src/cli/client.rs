@@ -222,7 +222,10 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Admin { server, command } => super::admin::run(&server, command).await?,
-        Command::Serve(_) | Command::CheckConfig(_) | Command::Keyring { .. } => {
+        Command::Serve(_)
+        | Command::CheckConfig(_)
+        | Command::Keyring { .. }
+        | Command::Registry { .. } => {
             anyhow::bail!("not a client command")
         }
     };

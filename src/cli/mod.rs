@@ -16,7 +16,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use self::admin::AdminCommand;
 use self::client::{KeySpecArg, ServerArg, Target};
-use self::serve::KeyringCommand;
+use self::serve::{KeyringCommand, RegistryCommand};
 use crate::config::{Config, ServeArgs};
 
 #[derive(Debug, Parser)]
@@ -42,6 +42,12 @@ enum Command {
     Keyring {
         #[command(subcommand)]
         command: KeyringCommand,
+    },
+    /// Back up or restore the registry: tenants, keys and tenant key
+    /// versions (wrapped), which exist nowhere else.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
     },
     /// Generate a data key for a tenant.
     Generate {
@@ -122,6 +128,7 @@ pub async fn main() -> ExitCode {
             config.map_err(Into::into).and_then(serve::check_config)
         }
         (Command::Keyring { command }, _) => serve::keyring(command),
+        (Command::Registry { command }, _) => serve::registry(command).await,
         (client, _) => client::run(client).await,
     };
     match result {

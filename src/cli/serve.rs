@@ -1,5 +1,7 @@
-//! `serve`, `check-config` and offline keyring maintenance.
+//! `serve`, `check-config`, and offline maintenance: the keyring, registry
+//! backups.
 
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 
 use clap::Subcommand;
@@ -7,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::config::{self, Config};
 use crate::kms::local::{LocalKeyring, rotate_keyring_file};
+use crate::registry::sql::SqlRegistry;
 use crate::server::{Server, shutdown_signal};
 
 #[derive(Debug, Subcommand)]
@@ -15,6 +18,77 @@ pub(super) enum KeyringCommand {
     Rotate(DataDirArg),
     /// List key versions (never key material).
     List(DataDirArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum RegistryCommand {
+    /// Write every tenant, key and tenant key version (all still wrapped) to
+    /// a file (mode 0600).
+    Export {
+        #[command(flatten)]
+        registry: RegistryArg,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore an export into an empty registry (all rows or none).
+    Restore {
+        #[command(flatten)]
+        registry: RegistryArg,
+        /// The export to read.
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct RegistryArg {
+    /// Data directory of the server (its SQLite registry).
+    #[arg(long, env = "KEYBROKER_DATA_DIR", default_value = "./data")]
+    pub(super) data_dir: PathBuf,
+    /// Registry database URL, when not the SQLite file in the data dir.
+    #[arg(long, env = "KEYBROKER_REGISTRY")]
+    pub(super) registry: Option<crate::secret::SecretUrl>,
+}
+
+impl RegistryArg {
+    async fn open(&self) -> anyhow::Result<SqlRegistry> {
+        Ok(match &self.registry {
+            Some(url) => SqlRegistry::connect(url.expose()).await?,
+            None => SqlRegistry::open_sqlite(&self.data_dir.join("registry.db")).await?,
+        })
+    }
+}
+
+pub(super) async fn registry(command: RegistryCommand) -> anyhow::Result<()> {
+    match command {
+        RegistryCommand::Export { registry, out } => {
+            let document = registry.open().await?.export().await?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            std::io::Write::write_all(
+                &mut file,
+                serde_json::to_string_pretty(&document)?.as_bytes(),
+            )?;
+            let count = |t: &str| document["tables"][t].as_array().map_or(0, Vec::len);
+            println!(
+                "{}",
+                json!({ "exported": out, "tenants": count("tenants"), "key_bindings": count("key_bindings"), "tenant_keys": count("tenant_keys") })
+            );
+        }
+        RegistryCommand::Restore { registry, from } => {
+            let text = std::fs::read_to_string(&from)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?;
+            let document: Value = serde_json::from_str(&text)?;
+            let rows = registry.open().await?.restore(&document).await?;
+            println!("{}", json!({ "restored": from, "rows": rows }));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]

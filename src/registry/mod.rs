@@ -5,6 +5,7 @@
 //!
 //! [`directory::RegistryDirectory`] serves the data plane from memory on top.
 
+pub mod backup;
 pub mod directory;
 pub mod key_state;
 pub mod sql;

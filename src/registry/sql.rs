@@ -86,6 +86,18 @@ impl SqlRegistry {
         self.pool.close().await;
     }
 
+    /// Every tenant, binding and tenant key version as one JSON document
+    /// (`registry::backup`).
+    pub async fn export(&self) -> Result<serde_json::Value, RegistryError> {
+        super::backup::export(&self.pool).await
+    }
+
+    /// Restores an [`export`](Self::export) into this (empty) registry;
+    /// the number of rows restored.
+    pub async fn restore(&self, document: &serde_json::Value) -> Result<usize, RegistryError> {
+        super::backup::restore(&self.pool, document).await
+    }
+
     /// Starts a transaction holding the tenant's row lock (an UPDATE takes
     /// it in PostgreSQL; in SQLite the first write takes the database lock).
     async fn lock_tenant(

@@ -698,3 +698,98 @@ async fn a_direct_tenant_moves_its_deks_with_rewrap_until_the_operator_finishes(
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     server.stop().await;
 }
+
+/// "Registry lost" as designed: the registry is backed up with `keybroker
+/// registry export` (every row still wrapped), lost, restored with
+/// `keybroker registry restore` into an empty registry, and every DEK reads
+/// again, tenant keys and imported key material included.
+#[tokio::test]
+async fn a_lost_registry_comes_back_from_its_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(test_config(&data)).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    create_tenant_with(
+        &mut admin,
+        "plat",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "acme", "cmk", true).await;
+    let acme = generate(&mut broker, "acme", CTX).await.unwrap();
+    let plat = generate(&mut broker, "plat", CTX).await.unwrap();
+    server.stop().await;
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let backup = dir.path().join("registry-backup.json");
+    let (data_arg, backup_arg) = (data.to_str().unwrap(), backup.to_str().unwrap());
+    let exported = cli(&[
+        "registry",
+        "export",
+        "--data-dir",
+        data_arg,
+        "--out",
+        backup_arg,
+    ]);
+    assert_eq!(exported["tenants"], 2);
+    assert_eq!(exported["tenant_keys"], 2);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&backup).unwrap();
+    assert!(text.contains("keybroker-registry-export-v1"));
+
+    // The registry is lost; the data dir keeps the platform keyring.
+    std::fs::remove_file(data.join("registry.db")).unwrap();
+    let restored = cli(&[
+        "registry",
+        "restore",
+        "--data-dir",
+        data_arg,
+        "--from",
+        backup_arg,
+    ]);
+    assert!(restored["rows"].as_u64().unwrap() >= 5, "{restored}");
+    // A second restore would mix two registries: refused, nothing changed.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args([
+            "registry",
+            "restore",
+            "--data-dir",
+            data_arg,
+            "--from",
+            backup_arg,
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("empty registry"));
+
+    let server = TestServer::start(test_config(&data)).await;
+    let mut broker = server.client().await;
+    all_readable(&mut broker, "acme", &[acme]).await;
+    all_readable(&mut broker, "plat", &[plat]).await;
+    server.stop().await;
+}
