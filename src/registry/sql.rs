@@ -126,6 +126,36 @@ impl SqlRegistry {
     }
 }
 
+impl SqlRegistry {
+    /// Sets one of the tenant's key-change columns (`column` is one of ours,
+    /// never input) under the tenant's lock; the tenant as it is now.
+    async fn set_tenant_text(
+        &self,
+        tenant_id: &str,
+        column: &'static str,
+        value: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError> {
+        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        sqlx::query(&format!("UPDATE tenants SET {column} = $1 WHERE id = $2"))
+            .bind(value)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let tenant = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .bind(tenant_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let tenant = tenant_from_row(&tenant)?;
+        tx.commit().await.map_err(db)?;
+        Ok(tenant)
+    }
+}
+
 /// One binding, through the pool or inside a transaction.
 async fn fetch_binding<'e, E: sqlx::Executor<'e, Database = Any>>(
     exec: E,
@@ -668,23 +698,8 @@ impl Registry for SqlRegistry {
         target: Option<&str>,
         now_ms: i64,
     ) -> Result<Tenant, RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
-        sqlx::query("UPDATE tenants SET reencrypt_to = $1 WHERE id = $2")
-            .bind(target)
-            .bind(tenant_id)
-            .execute(&mut *tx)
+        self.set_tenant_text(tenant_id, "reencrypt_to", target, now_ms)
             .await
-            .map_err(db)?;
-        let tenant = sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
-        ))
-        .bind(tenant_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let tenant = tenant_from_row(&tenant)?;
-        tx.commit().await.map_err(db)?;
-        Ok(tenant)
     }
 
     async fn set_reencrypt_from(
@@ -693,23 +708,8 @@ impl Registry for SqlRegistry {
         from: Option<&str>,
         now_ms: i64,
     ) -> Result<Tenant, RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
-        sqlx::query("UPDATE tenants SET reencrypt_from = $1 WHERE id = $2")
-            .bind(from)
-            .bind(tenant_id)
-            .execute(&mut *tx)
+        self.set_tenant_text(tenant_id, "reencrypt_from", from, now_ms)
             .await
-            .map_err(db)?;
-        let tenant = sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
-        ))
-        .bind(tenant_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let tenant = tenant_from_row(&tenant)?;
-        tx.commit().await.map_err(db)?;
-        Ok(tenant)
     }
 
     async fn tenants_reencrypting(&self) -> Result<Vec<Tenant>, RegistryError> {

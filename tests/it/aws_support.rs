@@ -183,3 +183,39 @@ async fn http(base: &str, method: &str, path: &str) -> String {
 pub(crate) fn aws_with(settings: AwsSettings) -> Arc<AwsKms> {
     Arc::new(AwsKms::new(test_sdk_config(&settings.region), settings))
 }
+
+/// Two replicas on one PostgreSQL registry, both using `moto`'s KMS. A
+/// checks keys every 300 ms; B never checks and never re-reads the
+/// registry on its own (long cache TTL), so whatever B learns comes through
+/// LISTEN/NOTIFY. They share the platform keyring, as replicas share one
+/// Secret. The temp dirs live as long as the servers.
+pub(crate) async fn replicas_on_postgres(
+    moto: &Moto,
+    url: &str,
+) -> (
+    crate::common::TestServer,
+    crate::common::TestServer,
+    [tempfile::TempDir; 2],
+) {
+    use std::time::Duration;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let config = |dir: &std::path::Path, watch: Duration| {
+        let mut c = crate::common::test_config(dir);
+        c.registry.url = Some(url.parse().unwrap());
+        c.registry.cache_ttl = Duration::from_secs(3600);
+        c.aws = moto.settings();
+        c.aws.max_attempts = 1;
+        c.watcher.interval = watch;
+        c
+    };
+    let config_a = config(dirs[0].path(), Duration::from_millis(300));
+    let config_b = config(dirs[1].path(), Duration::from_secs(3600));
+    let a = crate::common::TestServer::start(config_a.clone()).await;
+    std::fs::copy(
+        config_a.platform_keyring_path(),
+        config_b.platform_keyring_path(),
+    )
+    .unwrap();
+    let b = crate::common::TestServer::start(config_b).await;
+    (a, b, dirs)
+}

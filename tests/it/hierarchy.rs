@@ -24,6 +24,20 @@ use crate::common::{
 
 const CTX: &[(&str, &str)] = &[("table", "orders")];
 
+/// A server on the embedded registry, with its admin and broker clients.
+async fn start() -> (
+    tempfile::TempDir,
+    TestServer,
+    KeyAdminClient<Channel>,
+    KeyBrokerClient<Channel>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let admin = admin_client(&server).await;
+    let broker = server.client().await;
+    (dir, server, admin, broker)
+}
+
 async fn import(
     admin: &mut KeyAdminClient<Channel>,
     tenant: &str,
@@ -98,10 +112,7 @@ fn sealed_version(wrapped: &[u8]) -> u32 {
 /// then the tenant is deleted and every DEK is shredded.
 #[tokio::test]
 async fn key_changes_reencrypt_tenant_keys_and_delete_shreds() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = start().await;
     let calls = std::sync::Arc::clone(server.broker.provider_calls());
     let count = || {
         (
@@ -263,10 +274,7 @@ async fn key_changes_reencrypt_tenant_keys_and_delete_shreds() {
 /// protects data, but it goes with its tenant.
 #[tokio::test]
 async fn a_single_key_tenant_is_deleted_with_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = start().await;
     create_tenant_with(
         &mut admin,
         "pine",
@@ -311,10 +319,7 @@ async fn a_single_key_tenant_is_deleted_with_its_key() {
 /// moved yet) finishes when the server starts again, and nothing is lost.
 #[tokio::test]
 async fn an_interrupted_key_change_resumes_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (dir, server, mut admin, mut broker) = start().await;
     create_tenant_with(
         &mut admin,
         "cube",
@@ -483,25 +488,7 @@ async fn revocation_reaches_sealed_deks_on_every_replica() {
     let moto = Moto::start();
     let key_arn = moto.create_key("us-east-1", false).await;
     let url = crate::common::fresh_postgres_database().await;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let config = |dir: &std::path::Path, watch: Duration| {
-        let mut c = test_config(dir);
-        c.registry.url = Some(url.parse().unwrap());
-        c.registry.cache_ttl = Duration::from_secs(3600);
-        c.aws = moto.settings();
-        c.aws.max_attempts = 1;
-        c.watcher.interval = watch;
-        c
-    };
-    let config_a = config(dirs[0].path(), Duration::from_millis(300));
-    let config_b = config(dirs[1].path(), Duration::from_secs(3600));
-    let a = TestServer::start(config_a.clone()).await;
-    std::fs::copy(
-        config_a.platform_keyring_path(),
-        config_b.platform_keyring_path(),
-    )
-    .unwrap();
-    let b = TestServer::start(config_b).await;
+    let (a, b, _dirs) = crate::aws_support::replicas_on_postgres(&moto, &url).await;
     let mut admin = admin_client(&a).await;
     let mut broker_a = a.client().await;
     let mut broker_b = b.client().await;
@@ -569,10 +556,7 @@ async fn revocation_reaches_sealed_deks_on_every_replica() {
 /// zero bytes, or already imported for the tenant, is refused.
 #[tokio::test]
 async fn descriptions_newest_import_primary_and_bad_material() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = start().await;
     let t = admin
         .create_tenant(proto::CreateTenantRequest {
             tenant_id: "cube".into(),
@@ -653,10 +637,7 @@ async fn descriptions_newest_import_primary_and_bad_material() {
 /// until the operator finishes (DisableKey again, without a target).
 #[tokio::test]
 async fn a_direct_tenant_moves_its_deks_with_rewrap_until_the_operator_finishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = start().await;
     create_tenant_with(&mut admin, "kong", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
     import(&mut admin, "kong", "old", true).await;
     let deks: Vec<_> = futures::future::join_all((0..5).map(|_| {

@@ -286,26 +286,7 @@ async fn revocation_reaches_every_replica_through_postgres() {
     let moto = Moto::start();
     let key_arn = moto.create_key("us-east-1", false).await;
     let url = crate::common::fresh_postgres_database().await;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let config = |dir: &std::path::Path, watch: Duration| {
-        let mut c = test_config(dir);
-        c.registry.url = Some(url.parse().unwrap());
-        c.registry.cache_ttl = Duration::from_secs(3600);
-        c.aws = moto.settings();
-        c.aws.max_attempts = 1;
-        c.watcher.interval = watch;
-        c
-    };
-    let config_a = config(dirs[0].path(), Duration::from_millis(300));
-    let config_b = config(dirs[1].path(), Duration::from_secs(3600));
-    let a = TestServer::start(config_a.clone()).await;
-    // Replicas share the platform keyring (one Kubernetes Secret).
-    std::fs::copy(
-        config_a.platform_keyring_path(),
-        config_b.platform_keyring_path(),
-    )
-    .unwrap();
-    let b = TestServer::start(config_b).await;
+    let (a, b, _dirs) = crate::aws_support::replicas_on_postgres(&moto, &url).await;
     let mut admin_a = admin_client(&a).await;
     let mut broker_a = a.client().await;
     let mut broker_b = b.client().await;
