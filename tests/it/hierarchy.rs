@@ -793,3 +793,190 @@ async fn a_lost_registry_comes_back_from_its_export() {
     all_readable(&mut broker, "plat", &[plat]).await;
     server.stop().await;
 }
+
+/// The trust boundary holds for sealed DEKs too: forged wrapped keys of
+/// format 2 (bit flips, other versions, another tenant's) are refused for
+/// the request alone, cost at most the one load of a version the tenant
+/// has, and change no key's state.
+#[tokio::test]
+async fn forged_sealed_keys_change_nothing() {
+    let (_dir, server, mut admin, mut broker) = start().await;
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    create_tenant_with(
+        &mut admin,
+        "globex",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "acme", "cmk", true).await;
+    let genuine = generate(&mut broker, "acme", CTX).await.unwrap();
+    let foreign = generate(&mut broker, "globex", CTX).await.unwrap();
+    let calls = std::sync::Arc::clone(server.broker.provider_calls());
+    let before = calls.decrypt.load(Ordering::SeqCst);
+
+    let mut forged: Vec<Vec<u8>> = Vec::new();
+    for i in 0..genuine.wrapped_key.len() {
+        let mut bad = genuine.wrapped_key.clone();
+        bad[i] ^= 0x01;
+        forged.push(bad);
+    }
+    let msg = |f: &dyn Fn(&mut proto::WrappedKey)| {
+        use prost::Message as _;
+        let mut m = proto::WrappedKey::decode(genuine.wrapped_key.as_slice()).unwrap();
+        f(&mut m);
+        m.encode_to_vec()
+    };
+    for version in [0, 2, 99, u32::MAX] {
+        forged.push(msg(&|m| m.tenant_key_version = version));
+    }
+    forged.push(msg(&|m| m.key_binding = "cmk".into()));
+    forged.push(msg(&|m| m.format_version = 1));
+    forged.push(foreign.wrapped_key.clone());
+    let mut codes = std::collections::BTreeMap::new();
+    for bytes in &forged {
+        if let Err(err) = unwrap(&mut broker, "acme", CTX, bytes).await {
+            assert!(
+                matches!(
+                    err.code(),
+                    Code::InvalidArgument | Code::NotFound | Code::PermissionDenied
+                ),
+                "{err:?}"
+            );
+            *codes.entry(format!("{:?}", err.code())).or_insert(0) += 1;
+        }
+    }
+    println!("{} forged sealed keys: {codes:?}", forged.len());
+    assert_eq!(
+        codes.values().sum::<usize>(),
+        forged.len(),
+        "every forgery refused"
+    );
+    // The version was minted here, so it is cached: no KMS call at all.
+    assert_eq!(calls.decrypt.load(Ordering::SeqCst), before);
+    let key = admin
+        .get_key(proto::GetKeyRequest {
+            tenant_id: "acme".into(),
+            name: "cmk".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(key.state(), proto::KeyState::Active);
+    all_readable(&mut broker, "acme", &[genuine]).await;
+    server.stop().await;
+}
+
+/// Crash and resume through the real binary: a key change re-encrypting
+/// three tenant key versions under slow Cloud KMS calls is killed (SIGKILL)
+/// mid-way; the restarted server finishes it, and every DEK reads.
+#[tokio::test]
+async fn a_key_change_killed_mid_way_finishes_after_restart() {
+    use crate::fakes::gcp::{CloudKmsAdmin, FakeCloudKms, Faults};
+    use crate::process::Process;
+    let fake = FakeCloudKms::start().await;
+    let customer = CloudKmsAdmin::connect(&fake.url).await;
+    let key_a = customer.create_key("ring", "key-a").await;
+    let key_b = customer.create_key("ring", "key-b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--gcp-kms-endpoint",
+        fake.url.as_str(),
+        "--gcp-credentials",
+        "anonymous",
+        "--gcp-attempt-timeout",
+        "5s",
+        "--gcp-operation-timeout",
+        "8s",
+    ];
+    let server = Process::spawn_with(&[], dir.path(), &flags, &[]);
+    let channel = server.channel().await;
+    let mut admin = KeyAdminClient::new(channel.clone());
+    let mut broker = KeyBrokerClient::new(channel);
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    let link = |name: &str, key: &str, primary: bool| proto::LinkKeyRequest {
+        tenant_id: "acme".into(),
+        name: name.into(),
+        provider: proto::Provider::GcpKms.into(),
+        key_reference: key.into(),
+        make_primary: primary,
+        ..Default::default()
+    };
+    let set_primary = |name: &str| proto::SetPrimaryKeyRequest {
+        tenant_id: "acme".into(),
+        name: name.into(),
+    };
+    // Three versions (each key change mints one), DEKs under each.
+    let mut deks = Vec::new();
+    admin.link_key(link("a", &key_a, true)).await.unwrap();
+    deks.push(generate(&mut broker, "acme", CTX).await.unwrap());
+    admin.link_key(link("b", &key_b, false)).await.unwrap();
+    admin.set_primary_key(set_primary("b")).await.unwrap();
+    deks.push(generate(&mut broker, "acme", CTX).await.unwrap());
+    admin.set_primary_key(set_primary("a")).await.unwrap();
+    deks.push(generate(&mut broker, "acme", CTX).await.unwrap());
+    assert_eq!(tenant(&mut admin, "acme").await.tenant_key_versions, 3);
+
+    // Every Cloud KMS call now takes 1 s: the change to b takes about 6 s.
+    fake.set_faults(Faults {
+        delay: Duration::from_secs(1),
+        ..Faults::default()
+    });
+    let mut changer = admin.clone();
+    tokio::spawn(async move {
+        let _ = changer.set_primary_key(set_primary("b")).await;
+    });
+    let started = std::time::Instant::now();
+    loop {
+        let r = tenant(&mut admin, "acme").await.reencryption.unwrap();
+        if r.in_progress && r.versions_done >= 1 && r.versions_done < r.versions_total {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never mid-way: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.signal("KILL");
+    let _ = server.wait(Duration::from_secs(5)).await;
+    fake.set_faults(Faults::default());
+
+    let server = Process::spawn_with(&[], dir.path(), &flags, &[]);
+    let channel = server.channel().await;
+    let mut admin = KeyAdminClient::new(channel.clone());
+    let mut broker = KeyBrokerClient::new(channel);
+    let started = std::time::Instant::now();
+    loop {
+        let r = tenant(&mut admin, "acme").await.reencryption.unwrap();
+        if !r.in_progress {
+            assert_eq!(r.versions_done, r.versions_total);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not resumed: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    all_readable(&mut broker, "acme", &deks).await;
+    // Everything is under b now: a can be disabled without losing a DEK.
+    disable(&mut admin, "acme", "a", "").await.unwrap();
+    all_readable(&mut broker, "acme", &deks).await;
+    server.signal("TERM");
+    let _ = server.wait(Duration::from_secs(10)).await;
+}
