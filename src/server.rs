@@ -31,6 +31,10 @@ use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::sql::SqlRegistry;
 
+/// Connections the health-only port holds at once: kubelet probes need a
+/// few, never thousands.
+const HEALTH_MAX_CONNECTIONS: usize = 256;
+
 /// A built, not yet serving, keybroker.
 #[derive(Debug)]
 pub struct Server {
@@ -255,12 +259,25 @@ impl Server {
             anyhow::bail!("refusing plaintext gRPC on non-loopback address {addr}");
         }
         let (health, health_service) = tonic_health::server::health_reporter();
+        // The probe port gets the same handshake, keepalive and idle limits
+        // as the main one, and few slots: silent connections cannot pile up
+        // there either.
+        let probe_connections = crate::net::incoming::ConnectionSettings {
+            max_connections: HEALTH_MAX_CONNECTIONS,
+            ..self.config.connections
+        };
         let health_only = self.health_listener.take().map(|listener| {
             let service = health_service.clone();
             tokio::spawn(async move {
+                let (incoming, accepting) =
+                    crate::net::incoming::accept(listener, None, probe_connections);
+                let _accepting = AbortOnDrop(accepting);
                 let served = tonic::transport::Server::builder()
+                    .timeout(std::time::Duration::from_secs(5))
+                    .http2_keepalive_interval(Some(probe_connections.keepalive_interval))
+                    .http2_keepalive_timeout(Some(probe_connections.keepalive_timeout))
                     .add_service(service)
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                    .serve_with_incoming(incoming)
                     .await;
                 if let Err(err) = served {
                     tracing::error!(error = %err, "health listener failed");

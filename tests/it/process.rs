@@ -458,6 +458,8 @@ async fn binary_serves_mtls_and_the_cli_authenticates_with_a_client_certificate(
             &path(&policy),
             "--health-listen",
             "127.0.0.1:0",
+            "--handshake-timeout",
+            "1s",
         ],
     );
     let url = format!("https://{}", process.addr().await);
@@ -500,6 +502,37 @@ async fn binary_serves_mtls_and_the_cli_authenticates_with_a_client_certificate(
         .await
         .unwrap_err();
     assert_eq!(plain.code(), tonic::Code::Unimplemented, "{plain:?}");
+    // The probe port has the connection limits too: silent connections
+    // past its 256 slots are closed at accept, and the held ones go when
+    // the handshake timeout (1 s here) ends; a probe then answers.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(tokio::net::TcpStream::connect(&health_addr).await.unwrap());
+    }
+    let mut excess = silent.pop().unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut excess, &mut byte),
+    )
+    .await
+    .expect("an excess connection to the probe port stayed open");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let probe = HealthClient::new(
+        Channel::from_shared(format!("http://{health_addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .check(HealthCheckRequest {
+        service: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(probe.into_inner().status(), ServingStatus::Serving);
+    drop(silent);
     let write = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
