@@ -18,10 +18,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // INVALID_ARGUMENT, not INTERNAL, for a body that is not protobuf.
         .codec_path("crate::api::codec::StrictProstCodec")
+        // Per-item statuses of the batch RPCs: tonic's own google.rpc.Status
+        // (proto/google/rpc is vendored only for protoc to read).
+        .extern_path(".google.rpc.Status", "::tonic_types::Status")
         .file_descriptor_set_path(out_dir.join("keybroker_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
+    println!("cargo:rerun-if-changed=proto/google/rpc/status.proto");
     Ok(())
 }

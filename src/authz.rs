@@ -32,6 +32,9 @@ pub(crate) const METHODS: &[&str] = &[
     "keybroker.v1.KeyBroker/UnwrapKey",
     "keybroker.v1.KeyBroker/RewrapKey",
     "keybroker.v1.KeyBroker/DescribeKey",
+    "keybroker.v1.KeyBroker/BatchGenerateDataKey",
+    "keybroker.v1.KeyBroker/BatchUnwrapKey",
+    "keybroker.v1.KeyBroker/BatchRewrapKey",
     "keybroker.v1.KeyAdmin/CreateTenant",
     "keybroker.v1.KeyAdmin/GetTenant",
     "keybroker.v1.KeyAdmin/SetTenantPolicy",
@@ -48,6 +51,17 @@ pub(crate) const METHODS: &[&str] = &[
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
+
+/// The method a policy grants for `method`: a batch method is granted
+/// exactly as its single counterpart, so a policy never has to name both.
+pub(crate) fn granted_as(method: &str) -> &str {
+    match method {
+        "keybroker.v1.KeyBroker/BatchGenerateDataKey" => "keybroker.v1.KeyBroker/GenerateDataKey",
+        "keybroker.v1.KeyBroker/BatchUnwrapKey" => "keybroker.v1.KeyBroker/UnwrapKey",
+        "keybroker.v1.KeyBroker/BatchRewrapKey" => "keybroker.v1.KeyBroker/RewrapKey",
+        other => other,
+    }
+}
 
 /// An exact string or a glob with `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -165,7 +165,10 @@ where
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
         let policy = self.layer.policy.current();
-        let grant = policy.grant(Arc::clone(&identity), Arc::clone(&method));
+        let grant = policy.grant(
+            Arc::clone(&identity),
+            Arc::from(crate::authz::granted_as(&method)),
+        );
         if grant.is_none() && !names_tenant(&method) {
             let status = Status::from(AccessError::MethodDenied {
                 identity: identity.to_string(),

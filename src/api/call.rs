@@ -103,6 +103,75 @@ audited!(
     proto::DeleteTenantResponse,
 );
 
+/// Most items one batch RPC carries (see broker.proto).
+pub(crate) const MAX_BATCH_ITEMS: usize = 256;
+
+/// A batch RPC: every item goes through what [`serve`] does for one
+/// request (tenant check, handler, one audit record), concurrently; the
+/// batch fails as a whole only when it is empty or too large. One metrics
+/// sample for the batch.
+pub(crate) async fn serve_batch<Item, Resp, Fut>(
+    observers: &Observers,
+    request: Request<Vec<Item>>,
+    handler: impl Fn(Item) -> Fut,
+) -> Result<Vec<Result<Resp, Status>>, Status>
+where
+    Item: Scoped,
+    Resp: Audited,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    let Some(ctx) = request.extensions().get::<CallContext>().cloned() else {
+        return Err(AccessError::NoContext.into());
+    };
+    let items = request.into_inner();
+    if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
+        let status = Status::invalid_argument(format!(
+            "a batch holds 1 to {MAX_BATCH_ITEMS} items (and at most 64 KiB); this one holds {}",
+            items.len()
+        ));
+        observers
+            .metrics
+            .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
+        return Err(status);
+    }
+    let results = futures::future::join_all(
+        items
+            .into_iter()
+            .map(|item| serve_inner(&observers.audit, &ctx, item, &handler)),
+    )
+    .await;
+    observers
+        .metrics
+        .rpc(&ctx.method, Code::Ok, None, ctx.started.elapsed());
+    Ok(results
+        .into_iter()
+        .map(|r| r.map(Response::into_inner))
+        .collect())
+}
+
+/// A per-item answer of a batch as `google.rpc.Status`, with the details
+/// (`ErrorInfo`) the single RPC's status would carry.
+pub(crate) fn item_status(result: &Result<(), &Status>) -> tonic_types::Status {
+    match result {
+        Ok(()) => tonic_types::Status {
+            code: 0,
+            message: String::new(),
+            details: Vec::new(),
+        },
+        Err(status) => {
+            use prost::Message as _;
+            tonic_types::Status::decode(status.details())
+                .ok()
+                .filter(|s| s.code == status.code() as i32)
+                .unwrap_or_else(|| tonic_types::Status {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                    details: Vec::new(),
+                })
+        }
+    }
+}
+
 /// Authorizes the tenant, runs `handler`, writes the audit record and the
 /// RPC metrics.
 pub(crate) async fn serve<Req, Resp, Fut>(

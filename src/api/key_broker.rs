@@ -27,35 +27,71 @@ fn context(map: std::collections::HashMap<String, String>) -> Result<Context, St
     Context::new(map).map_err(|e| BrokerError::from(e).into())
 }
 
+impl KeyBrokerApi {
+    async fn generate_one(
+        &self,
+        req: proto::GenerateDataKeyRequest,
+    ) -> Result<proto::GenerateDataKeyResponse, Status> {
+        let len = match proto::KeySpec::try_from(req.key_spec) {
+            Ok(proto::KeySpec::Unspecified | proto::KeySpec::Aes256) => 32,
+            Ok(proto::KeySpec::Aes128) => 16,
+            Err(_) => {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "unknown key_spec {}; use KEY_SPEC_AES_256 or KEY_SPEC_AES_128",
+                    req.key_spec
+                ))
+                .into());
+            }
+        };
+        let generated = self
+            .broker
+            .generate(&req.tenant_id, &context(req.context)?, len)
+            .await?;
+        Ok(proto::GenerateDataKeyResponse {
+            plaintext: generated.plaintext.expose().to_vec(),
+            wrapped_key: generated.wrapped_key,
+            key: Some(key_info(&generated.key)),
+        })
+    }
+
+    async fn unwrap_one(
+        &self,
+        req: proto::UnwrapKeyRequest,
+    ) -> Result<proto::UnwrapKeyResponse, Status> {
+        let unwrapped = self
+            .broker
+            .unwrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
+            .await?;
+        Ok(proto::UnwrapKeyResponse {
+            plaintext: unwrapped.key.plaintext().to_vec(),
+            key: Some(key_info(&unwrapped.info)),
+            rewrap_recommended: unwrapped.rewrap_recommended,
+        })
+    }
+
+    async fn rewrap_one(
+        &self,
+        req: proto::RewrapKeyRequest,
+    ) -> Result<proto::RewrapKeyResponse, Status> {
+        let rewrapped = self
+            .broker
+            .rewrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
+            .await?;
+        Ok(proto::RewrapKeyResponse {
+            wrapped_key: rewrapped.wrapped_key,
+            key: Some(key_info(&rewrapped.key)),
+            previous_key: Some(key_info(&rewrapped.previous_key)),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl KeyBroker for KeyBrokerApi {
     async fn generate_data_key(
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| async move {
-            let len = match proto::KeySpec::try_from(req.key_spec) {
-                Ok(proto::KeySpec::Unspecified | proto::KeySpec::Aes256) => 32,
-                Ok(proto::KeySpec::Aes128) => 16,
-                Err(_) => {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "unknown key_spec {}; use KEY_SPEC_AES_256 or KEY_SPEC_AES_128",
-                        req.key_spec
-                    ))
-                    .into());
-                }
-            };
-            let generated = self
-                .broker
-                .generate(&req.tenant_id, &context(req.context)?, len)
-                .await?;
-            Ok(proto::GenerateDataKeyResponse {
-                plaintext: generated.plaintext.expose().to_vec(),
-                wrapped_key: generated.wrapped_key,
-                key: Some(key_info(&generated.key)),
-            })
-        })
-        .await
+        call::serve(&self.observers, request, |req| self.generate_one(req)).await
     }
 
     async fn wrap_key(
@@ -81,41 +117,64 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::UnwrapKeyRequest>,
     ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| async move {
-            let unwrapped = self
-                .broker
-                .unwrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
-                .await?;
-            let key = &unwrapped.key;
-            Ok(proto::UnwrapKeyResponse {
-                plaintext: key.plaintext().to_vec(),
-                key: Some(proto::KeyInfo {
-                    key_binding: key.origin.key_binding.to_string(),
-                    provider: proto::Provider::from(key.origin.provider).into(),
-                    provider_key_version: key.origin.key_version.to_string(),
-                }),
-                rewrap_recommended: unwrapped.rewrap_recommended,
-            })
-        })
-        .await
+        call::serve(&self.observers, request, |req| self.unwrap_one(req)).await
     }
 
     async fn rewrap_key(
         &self,
         request: Request<proto::RewrapKeyRequest>,
     ) -> Result<Response<proto::RewrapKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| async move {
-            let rewrapped = self
-                .broker
-                .rewrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
-                .await?;
-            Ok(proto::RewrapKeyResponse {
-                wrapped_key: rewrapped.wrapped_key,
-                key: Some(key_info(&rewrapped.key)),
-                previous_key: Some(key_info(&rewrapped.previous_key)),
+        call::serve(&self.observers, request, |req| self.rewrap_one(req)).await
+    }
+
+    async fn batch_generate_data_key(
+        &self,
+        request: Request<proto::BatchGenerateDataKeyRequest>,
+    ) -> Result<Response<proto::BatchGenerateDataKeyResponse>, Status> {
+        let request = request.map(|r| r.items);
+        let results = call::serve_batch(&self.observers, request, |req| self.generate_one(req))
+            .await?
+            .into_iter()
+            .map(|r| proto::BatchGenerateDataKeyResult {
+                status: Some(call::item_status(&r.as_ref().map(|_| ()))),
+                response: r.ok(),
             })
-        })
-        .await
+            .collect();
+        Ok(Response::new(proto::BatchGenerateDataKeyResponse {
+            results,
+        }))
+    }
+
+    async fn batch_unwrap_key(
+        &self,
+        request: Request<proto::BatchUnwrapKeyRequest>,
+    ) -> Result<Response<proto::BatchUnwrapKeyResponse>, Status> {
+        let request = request.map(|r| r.items);
+        let results = call::serve_batch(&self.observers, request, |req| self.unwrap_one(req))
+            .await?
+            .into_iter()
+            .map(|r| proto::BatchUnwrapKeyResult {
+                status: Some(call::item_status(&r.as_ref().map(|_| ()))),
+                response: r.ok(),
+            })
+            .collect();
+        Ok(Response::new(proto::BatchUnwrapKeyResponse { results }))
+    }
+
+    async fn batch_rewrap_key(
+        &self,
+        request: Request<proto::BatchRewrapKeyRequest>,
+    ) -> Result<Response<proto::BatchRewrapKeyResponse>, Status> {
+        let request = request.map(|r| r.items);
+        let results = call::serve_batch(&self.observers, request, |req| self.rewrap_one(req))
+            .await?
+            .into_iter()
+            .map(|r| proto::BatchRewrapKeyResult {
+                status: Some(call::item_status(&r.as_ref().map(|_| ()))),
+                response: r.ok(),
+            })
+            .collect();
+        Ok(Response::new(proto::BatchRewrapKeyResponse { results }))
     }
 
     async fn describe_key(

@@ -85,6 +85,9 @@ pub struct Wrapped {
 #[derive(Debug)]
 pub struct Unwrapped {
     pub key: Arc<CachedKey>,
+    /// What protects the key now (for a sealed DEK: its tenant key
+    /// version's binding, which a key change may have moved).
+    pub info: KeyInfo,
     pub rewrap_recommended: bool,
 }
 
@@ -330,6 +333,7 @@ impl Broker {
             binding.usage.record_unwrap();
             return Ok(Unwrapped {
                 rewrap_recommended: rewrap_recommended(&keys, &hit),
+                info: origin_info(&keys, &hit.origin),
                 key: hit,
             });
         }
@@ -338,6 +342,7 @@ impl Broker {
             .await?;
         Ok(Unwrapped {
             rewrap_recommended: rewrap_recommended(&keys, &key),
+            info: origin_info(&keys, &key.origin),
             key,
         })
     }

@@ -101,6 +101,20 @@ pub(super) fn decode_b64(flag: &str, text: &str) -> anyhow::Result<Vec<u8>> {
         .map_err(|e| anyhow::anyhow!("--{flag} is not valid base64: {e}"))
 }
 
+/// Items per batch RPC the CLI sends (the server's maximum).
+const BATCH: usize = 256;
+
+/// A failed batch item: its gRPC code and message.
+fn item_error(status: Option<&tonic_types::Status>) -> Value {
+    let status = status.cloned().unwrap_or_default();
+    json!({
+        "error": {
+            "code": format!("{:?}", tonic::Code::from(status.code)),
+            "message": status.message,
+        }
+    })
+}
+
 pub(super) async fn run(command: Command) -> anyhow::Result<()> {
     let output = match command {
         Command::Generate { target, key_spec } => {
@@ -158,6 +172,71 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                 "key": key_json(resp.key.as_ref()),
                 "rewrap_recommended": resp.rewrap_recommended,
             })
+        }
+        Command::BatchUnwrap { target } => {
+            let mut client = connect(&target.server).await?;
+            let context: std::collections::HashMap<String, String> =
+                target.context.into_iter().collect();
+            let lines: Vec<String> = std::io::stdin().lines().collect::<Result<_, _>>()?;
+            let mut items = Vec::new();
+            for (n, line) in lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                items.push(proto::UnwrapKeyRequest {
+                    tenant_id: target.tenant.clone(),
+                    context: context.clone(),
+                    wrapped_key: decode_b64(&format!("wrapped key on line {}", n + 1), line)?,
+                });
+            }
+            let mut results = Vec::new();
+            for chunk in items.chunks(BATCH) {
+                let resp = client
+                    .batch_unwrap_key(proto::BatchUnwrapKeyRequest {
+                        items: chunk.to_vec(),
+                    })
+                    .await
+                    .answer()?;
+                results.extend(resp.results.iter().map(|r| match &r.response {
+                    Some(ok) => json!({
+                        "plaintext": B64.encode(&ok.plaintext),
+                        "key": key_json(ok.key.as_ref()),
+                        "rewrap_recommended": ok.rewrap_recommended,
+                    }),
+                    None => item_error(r.status.as_ref()),
+                }));
+            }
+            json!({ "results": results })
+        }
+        Command::BatchGenerate { target, count } => {
+            let mut client = connect(&target.server).await?;
+            let item = proto::GenerateDataKeyRequest {
+                tenant_id: target.tenant,
+                context: target.context.into_iter().collect(),
+                key_spec: proto::KeySpec::Aes256.into(),
+            };
+            let mut results = Vec::new();
+            let mut left = count;
+            while left > 0 {
+                let n = left.min(BATCH);
+                let resp = client
+                    .batch_generate_data_key(proto::BatchGenerateDataKeyRequest {
+                        items: vec![item.clone(); n],
+                    })
+                    .await
+                    .answer()?;
+                results.extend(resp.results.iter().map(|r| match &r.response {
+                    Some(ok) => json!({
+                        "plaintext": B64.encode(&ok.plaintext),
+                        "wrapped_key": B64.encode(&ok.wrapped_key),
+                        "key": key_json(ok.key.as_ref()),
+                    }),
+                    None => item_error(r.status.as_ref()),
+                }));
+                left -= n;
+            }
+            json!({ "results": results })
         }
         Command::Rewrap {
             target,

@@ -73,6 +73,20 @@ enum Command {
         #[arg(long)]
         wrapped_key: String,
     },
+    /// Unwrap many wrapped keys (base64, one per line on stdin) in batches
+    /// of up to 256; prints one result per line, in order.
+    BatchUnwrap {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Generate many data keys in batches of up to 256.
+    BatchGenerate {
+        #[command(flatten)]
+        target: Target,
+        /// How many.
+        #[arg(long)]
+        count: usize,
+    },
     /// Move a wrapped key (base64) to the tenant's current primary key.
     Rewrap {
         #[command(flatten)]

@@ -4,6 +4,7 @@
 
 mod aws;
 mod aws_support;
+mod batch;
 mod clients;
 mod common;
 mod control_plane;

@@ -78,6 +78,13 @@ fn buf_breaking_reports_a_renumbered_field() {
         let changed = original.replace("string tenant_id = 2;", "string tenant_id = 12;");
         std::fs::write(copy.join(file), changed).unwrap();
     }
+    let vendored = dir.path().join("proto/google/rpc");
+    std::fs::create_dir_all(&vendored).unwrap();
+    std::fs::copy(
+        repo_root().join("proto/google/rpc/status.proto"),
+        vendored.join("status.proto"),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("buf.yaml"),
         "version: v2\nmodules:\n  - path: proto\nbreaking:\n  use: [FILE]\n",
