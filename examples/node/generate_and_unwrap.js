@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// keybroker from Node: generate a data key for a tenant, unwrap it, print the
-// key id. @grpc/proto-loader reads proto/ at run time (no code generation):
+// keybroker from Node: generate a data key for a tenant, unwrap it (alone and
+// in a batch), print the key id. @grpc/proto-loader reads proto/ at run time (no code generation):
 //
 //   cd examples/node && npm ci
 //   node generate_and_unwrap.js --server 127.0.0.1:50051 --tenant acme
@@ -58,6 +58,17 @@ async function main() {
     console.error('unwrapped key differs from the generated key');
     return 1;
   }
+  // A batch: each item answers on its own (a bad one with its status).
+  const batch = await call('BatchUnwrapKey', {
+    items: [
+      { tenant_id: tenant, wrapped_key: generated.wrapped_key, context },
+      { tenant_id: tenant, wrapped_key: Buffer.from('not one') },
+    ],
+  });
+  if (!Buffer.from(batch.results[0].response.plaintext).equals(Buffer.from(generated.plaintext))) {
+    console.error('the batch unwrapped another key');
+    return 1;
+  }
   const key = generated.key;
   console.log(
     JSON.stringify({
@@ -65,6 +76,7 @@ async function main() {
       key_binding: key.key_binding,
       provider: key.provider,
       plaintext_bytes: unwrapped.plaintext.length,
+      batch_codes: batch.results.map((r) => codeName(r.status.code)),
     }),
   );
   return 0;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""keybroker from Python: generate a data key for a tenant, unwrap it, print
-the key id. Uses a client generated from proto/ with grpcio-tools:
+"""keybroker from Python: generate a data key for a tenant, unwrap it (alone
+and in a batch), print the key id. Uses a client generated from proto/ with grpcio-tools:
 
     python -m grpc_tools.protoc -I proto --python_out=sdk --grpc_python_out=sdk \
         proto/keybroker/v1/broker.proto proto/keybroker/v1/admin.proto
@@ -53,6 +53,22 @@ def main() -> int:
         if unwrapped.plaintext != generated.plaintext:
             print("unwrapped key differs from the generated key", file=sys.stderr)
             return 1
+        # A batch: each item answers on its own (a bad one with its status).
+        batch = client.BatchUnwrapKey(
+            broker_pb2.BatchUnwrapKeyRequest(
+                items=[
+                    broker_pb2.UnwrapKeyRequest(
+                        tenant_id=args.tenant, wrapped_key=generated.wrapped_key, context=context
+                    ),
+                    broker_pb2.UnwrapKeyRequest(tenant_id=args.tenant, wrapped_key=b"not one"),
+                ]
+            )
+        )
+        code_names = {c.value[0]: c.name for c in grpc.StatusCode}
+        batch_codes = [code_names[r.status.code] for r in batch.results]
+        if batch.results[0].response.plaintext != generated.plaintext:
+            print("the batch unwrapped another key", file=sys.stderr)
+            return 1
         key = generated.key
         # The key id: which key binding (and provider version) protects it.
         print(
@@ -62,6 +78,7 @@ def main() -> int:
                     "key_binding": key.key_binding,
                     "provider": broker_pb2.Provider.Name(key.provider),
                     "plaintext_bytes": len(unwrapped.plaintext),
+                    "batch_codes": batch_codes,
                 }
             )
         )

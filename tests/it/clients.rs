@@ -86,6 +86,11 @@ async fn python_and_node_examples_work_and_agree_on_errors() {
         assert_eq!(out["key_id"], "platform/1", "{lang}: {out}");
         assert_eq!(out["provider"], "PROVIDER_LOCAL", "{lang}: {out}");
         assert_eq!(out["plaintext_bytes"], 32, "{lang}: {out}");
+        assert_eq!(
+            out["batch_codes"],
+            serde_json::json!(["OK", "INVALID_ARGUMENT"]),
+            "{lang}: {out}"
+        );
     }
     // Two data keys generated, two unwrapped, by the two clients.
     assert_eq!(server.encrypt_calls(), 2);

@@ -122,6 +122,24 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
     .await;
     assert_eq!(back["plaintext"], generated["plaintext"]);
 
+    // A batch: each item answers on its own, a bad one with its status.
+    let batch = call(
+        &addr,
+        "keybroker.v1.KeyBroker/BatchUnwrapKey",
+        &format!(
+            r#"{{"items":[{{"tenant_id":"acme","context":{{"table":"orders"}},"wrapped_key":"{}"}},{{"tenant_id":"acme","wrapped_key":"AAAA"}}]}}"#,
+            generated["wrappedKey"].as_str().unwrap()
+        ),
+    )
+    .await;
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(
+        results[0]["response"]["plaintext"], generated["plaintext"],
+        "{batch}"
+    );
+    assert_eq!(results[1]["status"]["code"], 3, "INVALID_ARGUMENT: {batch}");
+    assert!(results[1].get("response").is_none(), "{batch}");
+
     // A foreign tenant: grpcurl shows the status code and our message.
     let body = body.replace("\"acme\"", "\"other\"");
     let (ok, _, err) = grpcurl(&[
