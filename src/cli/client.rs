@@ -240,9 +240,19 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Rewrap {
             target,
-            wrapped_key,
+            out: Some(out),
+            ..
         } => {
-            let wrapped_key = decode_b64("wrapped-key", &wrapped_key)?;
+            let context = target.context.into_iter().collect();
+            let client = connect(&target.server).await?;
+            super::bulk::rewrap_all(client, &target.tenant, &context, &out).await?
+        }
+        Command::Rewrap {
+            target,
+            wrapped_key,
+            out: None,
+        } => {
+            let wrapped_key = decode_b64("wrapped-key", &wrapped_key.unwrap_or_default())?;
             let mut client = connect(&target.server).await?;
             let resp = client
                 .rewrap_key(proto::RewrapKeyRequest {

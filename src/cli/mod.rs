@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod admin;
+mod bulk;
 mod client;
 mod output;
 mod serve;
@@ -88,12 +89,19 @@ enum Command {
         count: usize,
     },
     /// Move a wrapped key (base64) to the tenant's current primary key.
+    ///
+    /// Without --wrapped-key: every wrapped key on stdin (one base64 key per
+    /// line, optionally a tab and its context as a JSON object), in batches,
+    /// into --out (one line per input line; a killed run resumes there).
     Rewrap {
         #[command(flatten)]
         target: Target,
         /// The wrapped key, base64.
-        #[arg(long)]
-        wrapped_key: String,
+        #[arg(long, required_unless_present = "out")]
+        wrapped_key: Option<String>,
+        /// Bulk mode: where the moved keys go (appended; resumed).
+        #[arg(long, conflicts_with = "wrapped_key")]
+        out: Option<std::path::PathBuf>,
     },
     /// Show which keys protect a tenant's data.
     Describe {

@@ -373,3 +373,163 @@ async fn the_cli_batches() {
     assert_eq!(results[300]["plaintext"], generated[299]["plaintext"]);
     server.stop().await;
 }
+
+/// The bulk rewrap (`keybroker rewrap --out FILE < keys`): after a key
+/// change every old key moves, a bad line reports its own error, a run
+/// killed part-way resumes from its output, and a finished run moves
+/// nothing. For a `tenant_key` tenant and for a tenant on the platform
+/// keyring after a rotation.
+#[tokio::test]
+async fn bulk_rewrap_moves_everything_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    let make = |tenant: &'static str| {
+        let mut b = broker.clone();
+        async move {
+            let mut keys = Vec::new();
+            for _ in 0..2 {
+                let r = b
+                    .batch_generate_data_key(proto::BatchGenerateDataKeyRequest {
+                        items: vec![generate_req(tenant, CTX); 150],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                keys.extend(r.results.into_iter().map(|r| r.response.unwrap()));
+            }
+            keys
+        }
+    };
+    let acme = make("acme").await;
+    let plat = make("plat").await;
+    // Key changes: acme gets its first CMK (a new tenant key version);
+    // the platform keyring rotates.
+    admin
+        .import_key_material(proto::ImportKeyMaterialRequest {
+            tenant_id: "acme".into(),
+            name: "cmk".into(),
+            description: String::new(),
+            key_material_base64: random_material(),
+            make_primary: true,
+        })
+        .await
+        .unwrap();
+    let rotated = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["keyring", "rotate", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(rotated.status.success());
+    tokio::time::sleep(Duration::from_millis(400)).await; // keyring reload: 100 ms
+
+    let url = server.url();
+    let cli = move |tenant: &str, stdin: String, out: std::path::PathBuf| {
+        let url = url.clone();
+        let tenant = tenant.to_owned();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+                .args([
+                    "rewrap",
+                    "--server",
+                    &url,
+                    "--tenant",
+                    &tenant,
+                    "--context",
+                    "object=o1",
+                    "--out",
+                ])
+                .arg(&out)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        })
+    };
+    use base64::Engine as _;
+    let b64 = |k: &proto::GenerateDataKeyResponse| {
+        base64::engine::general_purpose::STANDARD.encode(&k.wrapped_key)
+    };
+    for (tenant, keys) in [("acme", &acme), ("plat", &plat)] {
+        let mut lines: Vec<String> = keys.iter().map(b64).collect();
+        lines.insert(7, "not base64!".into());
+        let out = dir.path().join(format!("{tenant}.out"));
+        // A first run that stopped after 100 lines (as if killed then).
+        let first = cli(tenant, lines[..100].join("\n"), out.clone())
+            .await
+            .unwrap();
+        assert_eq!(first["moved"], 99, "{first}");
+        assert_eq!(first["failed"]["InvalidArgument"], 1, "{first}");
+        // The full run resumes after them.
+        let summary = cli(tenant, lines.join("\n"), out.clone()).await.unwrap();
+        assert_eq!(summary["skipped_already_done"], 100, "{summary}");
+        assert_eq!(summary["moved"], 201, "{summary}");
+        assert_eq!(summary["failed"], serde_json::json!({}), "{summary}");
+        let written: Vec<String> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(written.len(), lines.len());
+        assert!(
+            written[7].contains("error InvalidArgument"),
+            "{}",
+            written[7]
+        );
+        let moved: Vec<&String> = written
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 7)
+            .map(|(_, l)| l)
+            .collect();
+        // Every moved key opens to its DEK and is current.
+        for (line, original) in moved.iter().zip(keys.iter()) {
+            let wrapped = base64::engine::general_purpose::STANDARD
+                .decode(line)
+                .unwrap();
+            let back = crate::common::unwrap(&mut broker, tenant, CTX, &wrapped)
+                .await
+                .unwrap();
+            assert_eq!(back.plaintext, original.plaintext);
+            assert!(!back.rewrap_recommended, "{tenant}: still not current");
+        }
+        // Done already: a third run over the moved keys finds them current.
+        let again = cli(
+            tenant,
+            moved
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            dir.path().join(format!("{tenant}.again")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again["moved"], 0, "{again}");
+        assert_eq!(again["already_current"], 300, "{again}");
+    }
+    server.stop().await;
+}
