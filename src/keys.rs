@@ -175,6 +175,9 @@ pub struct TenantKeyVersion {
     pub provider_key_version: String,
     /// The version's key, wrapped by `binding`.
     pub wrapped: Vec<u8>,
+    /// When it was minted (a re-encryption keeps it): its age decides
+    /// automatic rotation.
+    pub created_at_ms: i64,
 }
 
 /// The keys of one tenant at one moment.

@@ -192,7 +192,9 @@ impl Server {
             ..Default::default()
         });
         let broker = Arc::new(
-            Broker::new(directory, cache, config.quota).with_metrics(Arc::clone(&metrics)),
+            Broker::new(directory, cache, config.quota)
+                .with_metrics(Arc::clone(&metrics))
+                .with_tenant_key_rotation(config.hierarchy.tenant_key_rotation_period),
         );
         // Idle tenants' full buckets are dropped now and then, so the
         // limiter's map holds only recently active tenants.

@@ -393,6 +393,7 @@ impl KeyDirectory for HierarchyDirectory {
             binding: Arc::clone(&self.cmk),
             provider_key_version: key.provider_key_version.clone(),
             wrapped: key.wrapped.clone(),
+            created_at_ms: keybroker::keys::now_ms(),
         }));
         Ok(true)
     }

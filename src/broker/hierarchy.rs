@@ -44,7 +44,7 @@ impl Broker {
         tenant_id: &str,
     ) -> Result<(Arc<TenantKeys>, u32, Arc<CachedKey>), BrokerError> {
         ensure_usable(&keys.primary, tenant_id)?;
-        if let Some(version) = keys.sealing_version() {
+        if let Some(version) = self.current_sealing_version(&keys) {
             let key = self.tenant_key(tenant_id, version).await?;
             return Ok((Arc::clone(&keys), version.version, key));
         }
@@ -58,7 +58,7 @@ impl Broker {
         let mut keys = self.directory.tenant_keys(tenant_id).await?;
         for _ in 0..MINT_ATTEMPTS {
             ensure_usable(&keys.primary, tenant_id)?;
-            if let Some(version) = keys.sealing_version() {
+            if let Some(version) = self.current_sealing_version(&keys) {
                 let key = self.tenant_key(tenant_id, version).await?;
                 return Ok((Arc::clone(&keys), version.version, key));
             }
@@ -72,6 +72,23 @@ impl Broker {
         Err(BrokerError::Internal(format!(
             "tenant '{tenant_id}': could not mint a tenant key version after {MINT_ATTEMPTS} attempts (replicas racing)"
         )))
+    }
+
+    /// The version to seal under: the newest one under the primary, unless
+    /// it is due for rotation. Every replica mints the next number, and the
+    /// registry keeps only the first: one new version per period fleet-wide.
+    fn current_sealing_version<'k>(
+        &self,
+        keys: &'k TenantKeys,
+    ) -> Option<&'k Arc<TenantKeyVersion>> {
+        keys.sealing_version()
+            .filter(|v| match self.tenant_key_rotation {
+                Some(period) => {
+                    let age_ms = crate::keys::now_ms().saturating_sub(v.created_at_ms);
+                    u128::try_from(age_ms).unwrap_or(0) < period.as_millis()
+                }
+                None => true,
+            })
     }
 
     /// A new version wrapped by the primary: one provider call. `None` when
@@ -268,4 +285,27 @@ pub(super) fn sealed_version<'a>(
             tenant_id: tenant_id.to_owned(),
             version,
         })
+}
+
+/// The tenant key hierarchy's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct HierarchySettings {
+    /// Mint a new tenant key version for new DEKs when the newest is older
+    /// than this (one per period across every replica); older versions keep
+    /// decrypting, and UnwrapKey recommends rewrapping their DEKs. 0s never
+    /// rotates.
+    #[arg(
+        id = "tenant_key_rotation_period",
+        long = "tenant-key-rotation-period",
+        env = "KEYBROKER_TENANT_KEY_ROTATION_PERIOD",
+        value_parser = humantime::parse_duration,
+        default_value = "90days"
+    )]
+    pub tenant_key_rotation_period: std::time::Duration,
+}
+
+impl Default for HierarchySettings {
+    fn default() -> Self {
+        crate::settings::defaults()
+    }
 }

@@ -7,7 +7,7 @@
 
 mod hierarchy;
 
-pub use self::hierarchy::version_label;
+pub use self::hierarchy::{HierarchySettings, version_label};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,6 +149,9 @@ pub struct Broker {
     /// One tenant key mint per tenant at a time (the lock of each tenant
     /// minting now; idle entries expire).
     minting: moka::future::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    /// A tenant key version older than this seals no new DEKs: a new one is
+    /// minted (None: never).
+    tenant_key_rotation: Option<std::time::Duration>,
 }
 
 impl Broker {
@@ -163,7 +166,15 @@ impl Broker {
                 .max_capacity(100_000)
                 .time_to_idle(std::time::Duration::from_secs(60))
                 .build(),
+            tenant_key_rotation: None,
         }
+    }
+
+    /// Rotates tenant keys: a version older than `period` seals no new
+    /// DEKs (zero: never rotate).
+    pub fn with_tenant_key_rotation(mut self, period: std::time::Duration) -> Self {
+        self.tenant_key_rotation = (!period.is_zero()).then_some(period);
+        self
     }
 
     /// Records into `metrics` (the server's registry) instead of a private one.

@@ -18,6 +18,7 @@ use clap::{ArgMatches, Args, Command, FromArgMatches};
 
 pub use self::service::ServerSettings;
 use crate::audit::AuditSettings;
+use crate::broker::HierarchySettings;
 use crate::cache::CacheSettings;
 use crate::control::AdminSettings;
 use crate::control::watcher::WatcherSettings;
@@ -74,6 +75,8 @@ pub struct Config {
     pub quota: QuotaSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+    #[command(flatten)]
+    pub hierarchy: HierarchySettings,
 }
 
 impl Default for Config {

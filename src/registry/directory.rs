@@ -392,6 +392,7 @@ impl RegistryDirectory {
                     binding,
                     provider_key_version: record.provider_key_version,
                     wrapped: record.wrapped,
+                    created_at_ms: record.created_at_ms,
                 }))
             })
             .collect();

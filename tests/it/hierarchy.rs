@@ -980,3 +980,72 @@ async fn a_key_change_killed_mid_way_finishes_after_restart() {
     server.signal("TERM");
     let _ = server.wait(Duration::from_secs(10)).await;
 }
+
+/// Automatic tenant key rotation, two replicas on one PostgreSQL: once the
+/// newest version is older than the period, the next GenerateDataKey mints
+/// a new one, and replicas racing for it leave exactly one new version.
+/// Old DEKs still read, with a rewrap recommended.
+#[tokio::test]
+async fn tenant_keys_rotate_once_per_period_across_replicas() {
+    let url = crate::common::fresh_postgres_database().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let config = |dir: &std::path::Path| {
+        let mut c = test_config(dir);
+        c.registry.url = Some(url.parse().unwrap());
+        c.registry.cache_ttl = Duration::from_millis(50);
+        c.hierarchy.tenant_key_rotation_period = Duration::from_secs(2);
+        c
+    };
+    let a = TestServer::start(config(dirs[0].path())).await;
+    std::fs::copy(
+        config(dirs[0].path()).platform_keyring_path(),
+        config(dirs[1].path()).platform_keyring_path(),
+    )
+    .unwrap();
+    let b = TestServer::start(config(dirs[1].path())).await;
+    let mut admin = admin_client(&a).await;
+    let (mut broker_a, mut broker_b) = (a.client().await, b.client().await);
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    let old = generate(&mut broker_a, "acme", CTX).await.unwrap();
+    assert_eq!(sealed_version(&old.wrapped_key), 1);
+    assert_eq!(
+        sealed_version(
+            &generate(&mut broker_b, "acme", CTX)
+                .await
+                .unwrap()
+                .wrapped_key
+        ),
+        1,
+        "within the period both replicas seal under version 1"
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Both replicas, concurrently, past the period.
+    let fresh: Vec<_> = futures::future::join_all((0..20).map(|i| {
+        let mut b = if i % 2 == 0 {
+            broker_a.clone()
+        } else {
+            broker_b.clone()
+        };
+        async move { generate(&mut b, "acme", CTX).await.unwrap() }
+    }))
+    .await;
+    let versions: std::collections::BTreeSet<u32> = fresh
+        .iter()
+        .map(|g| sealed_version(&g.wrapped_key))
+        .collect();
+    assert_eq!(versions, [2].into(), "one new version fleet-wide");
+    assert_eq!(tenant(&mut admin, "acme").await.tenant_key_versions, 2);
+    let back = unwrap(&mut broker_b, "acme", CTX, &old.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, old.plaintext);
+    assert!(back.rewrap_recommended);
+    a.stop().await;
+    b.stop().await;
+}
