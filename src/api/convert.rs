@@ -36,11 +36,13 @@ pub(crate) fn reencryption_to_proto(r: Reencryption) -> proto::Reencryption {
     }
 }
 
-pub(crate) fn key_info(key: &KeyInfo) -> proto::KeyInfo {
+/// Consumes the `KeyInfo`: its version string moves, only the binding name
+/// is copied (this runs on every UnwrapKey).
+pub(crate) fn key_info(key: KeyInfo) -> proto::KeyInfo {
     proto::KeyInfo {
         key_binding: key.key_binding.to_string(),
         provider: proto::Provider::from(key.provider).into(),
-        provider_key_version: key.key_version.clone(),
+        provider_key_version: key.key_version,
     }
 }
 

@@ -50,7 +50,7 @@ impl KeyBrokerApi {
         Ok(proto::GenerateDataKeyResponse {
             plaintext: generated.plaintext.expose().to_vec(),
             wrapped_key: generated.wrapped_key,
-            key: Some(key_info(&generated.key)),
+            key: Some(key_info(generated.key)),
         })
     }
 
@@ -64,7 +64,7 @@ impl KeyBrokerApi {
             .await?;
         Ok(proto::UnwrapKeyResponse {
             plaintext: unwrapped.key.plaintext().to_vec(),
-            key: Some(key_info(&unwrapped.info)),
+            key: Some(key_info(unwrapped.info)),
             rewrap_recommended: unwrapped.rewrap_recommended,
         })
     }
@@ -79,8 +79,8 @@ impl KeyBrokerApi {
             .await?;
         Ok(proto::RewrapKeyResponse {
             wrapped_key: rewrapped.wrapped_key,
-            key: Some(key_info(&rewrapped.key)),
-            previous_key: Some(key_info(&rewrapped.previous_key)),
+            key: Some(key_info(rewrapped.key)),
+            previous_key: Some(key_info(rewrapped.previous_key)),
         })
     }
 }
@@ -107,7 +107,7 @@ impl KeyBroker for KeyBrokerApi {
                 .await?;
             Ok(proto::WrapKeyResponse {
                 wrapped_key: wrapped.wrapped_key,
-                key: Some(key_info(&wrapped.key)),
+                key: Some(key_info(wrapped.key)),
             })
         })
         .await
@@ -186,7 +186,7 @@ impl KeyBroker for KeyBrokerApi {
             Ok(proto::DescribeKeyResponse {
                 tenant_id: described.tenant_id,
                 uses_platform_key: described.uses_platform_key,
-                primary: Some(key_info(&described.primary)),
+                primary: Some(key_info(described.primary)),
                 bindings: described
                     .bindings
                     .into_iter()

@@ -352,12 +352,8 @@ impl Admin {
             .set_primary(tenant_id, name, now_ms())
             .await?;
         self.directory.changed(tenant_id, None).await;
+        // Moves tenant key versions, never the binding row.
         self.after_new_primary(&record).await?;
-        let record = self
-            .registry()
-            .binding(tenant_id, name)
-            .await?
-            .ok_or_else(|| not_found(tenant_id, name))?;
         Ok(self.view(record))
     }
 

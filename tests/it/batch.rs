@@ -20,6 +20,39 @@ use crate::common::{
 
 const CTX: &[(&str, &str)] = &[("object", "o1")];
 
+/// Runs the keybroker binary with `args` and `stdin`; its JSON output.
+async fn cli_json(args: Vec<String>, stdin: String) -> serde_json::Value {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
 async fn batch_unwrap(
     broker: &mut KeyBrokerClient<Channel>,
     items: Vec<proto::UnwrapKeyRequest>,
@@ -305,50 +338,19 @@ async fn the_cli_batches() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(test_config(dir.path())).await;
     let url = server.url();
-    let run = move |args: Vec<String>, stdin: String| {
-        use std::io::Write as _;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
-            .args(&args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
-    let generated = tokio::task::spawn_blocking({
-        let url = url.clone();
-        move || {
-            run(
-                [
-                    "batch-generate",
-                    "--server",
-                    &url,
-                    "--tenant",
-                    "acme",
-                    "--count",
-                    "300",
-                ]
-                .map(String::from)
-                .to_vec(),
-                String::new(),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let generated = cli_json(
+        strings(&[
+            "batch-generate",
+            "--server",
+            &url,
+            "--tenant",
+            "acme",
+            "--count",
+            "300",
+        ]),
+        String::new(),
+    )
+    .await;
     let generated = generated["results"].as_array().unwrap().clone();
     assert_eq!(generated.len(), 300);
     let mut lines: Vec<String> = generated
@@ -356,16 +358,11 @@ async fn the_cli_batches() {
         .map(|g| g["wrapped_key"].as_str().unwrap().to_owned())
         .collect();
     lines.insert(1, "AAAA".into());
-    let unwrapped = tokio::task::spawn_blocking(move || {
-        run(
-            ["batch-unwrap", "--server", &url, "--tenant", "acme"]
-                .map(String::from)
-                .to_vec(),
-            lines.join("\n"),
-        )
-    })
-    .await
-    .unwrap();
+    let unwrapped = cli_json(
+        strings(&["batch-unwrap", "--server", &url, "--tenant", "acme"]),
+        lines.join("\n"),
+    )
+    .await;
     let results = unwrapped["results"].as_array().unwrap();
     assert_eq!(results.len(), 301);
     assert_eq!(results[0]["plaintext"], generated[0]["plaintext"]);
@@ -432,42 +429,19 @@ async fn bulk_rewrap_moves_everything_and_resumes() {
     tokio::time::sleep(Duration::from_millis(400)).await; // keyring reload: 100 ms
 
     let url = server.url();
-    let cli = move |tenant: &str, stdin: String, out: std::path::PathBuf| {
-        let url = url.clone();
-        let tenant = tenant.to_owned();
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write as _;
-            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
-                .args([
-                    "rewrap",
-                    "--server",
-                    &url,
-                    "--tenant",
-                    &tenant,
-                    "--context",
-                    "object=o1",
-                    "--out",
-                ])
-                .arg(&out)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(stdin.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-        })
+    let cli = |tenant: &str, stdin: String, out: std::path::PathBuf| {
+        let mut args = strings(&[
+            "rewrap",
+            "--server",
+            &url,
+            "--tenant",
+            tenant,
+            "--context",
+            "object=o1",
+            "--out",
+        ]);
+        args.push(out.to_str().unwrap().to_owned());
+        cli_json(args, stdin)
     };
     use base64::Engine as _;
     let b64 = |k: &proto::GenerateDataKeyResponse| {
@@ -478,13 +452,11 @@ async fn bulk_rewrap_moves_everything_and_resumes() {
         lines.insert(7, "not base64!".into());
         let out = dir.path().join(format!("{tenant}.out"));
         // A first run that stopped after 100 lines (as if killed then).
-        let first = cli(tenant, lines[..100].join("\n"), out.clone())
-            .await
-            .unwrap();
+        let first = cli(tenant, lines[..100].join("\n"), out.clone()).await;
         assert_eq!(first["moved"], 99, "{first}");
         assert_eq!(first["failed"]["InvalidArgument"], 1, "{first}");
         // The full run resumes after them.
-        let summary = cli(tenant, lines.join("\n"), out.clone()).await.unwrap();
+        let summary = cli(tenant, lines.join("\n"), out.clone()).await;
         assert_eq!(summary["skipped_already_done"], 100, "{summary}");
         assert_eq!(summary["moved"], 201, "{summary}");
         assert_eq!(summary["failed"], serde_json::json!({}), "{summary}");
@@ -526,8 +498,7 @@ async fn bulk_rewrap_moves_everything_and_resumes() {
                 .join("\n"),
             dir.path().join(format!("{tenant}.again")),
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(again["moved"], 0, "{again}");
         assert_eq!(again["already_current"], 300, "{again}");
     }
