@@ -376,6 +376,8 @@ impl KeyDirectory for HierarchyDirectory {
             versions,
             reencrypt_to: None,
             reencrypt_from: None,
+            min_tenant_key_version: 0,
+            tenant_key_usage: Arc::default(),
         }))
     }
 

@@ -70,6 +70,21 @@ scoped!(
     proto::DeleteTenantRequest,
 );
 scoped_wrapped!(proto::UnwrapKeyRequest, proto::RewrapKeyRequest);
+
+/// The platform keyring is every tenant's: the policy must grant the method
+/// for tenant `#platform` (no tenant id can match it but `*`).
+impl Scoped for proto::RetireKeyVersionsRequest {
+    fn tenant_id(&self) -> &str {
+        if self.target == proto::RetireTarget::PlatformKeyring as i32 {
+            crate::registry::FLEET
+        } else {
+            &self.tenant_id
+        }
+    }
+    fn key_binding(&self) -> Option<&str> {
+        (!self.name.is_empty()).then_some(self.name.as_str())
+    }
+}
 scoped_binding!(
     proto::LinkKeyRequest,
     proto::ImportKeyMaterialRequest,
@@ -101,6 +116,7 @@ audited!(
     proto::UnlinkKeyResponse,
     proto::UpdateKeyResponse,
     proto::DeleteTenantResponse,
+    proto::RetireKeyVersionsResponse,
 );
 
 /// Most items one batch RPC carries (see broker.proto).
@@ -285,6 +301,7 @@ const STATE_CHANGING: &[&str] = &[
     "UnlinkKey",
     "UpdateKey",
     "DeleteTenant",
+    "RetireKeyVersions",
 ];
 
 fn changes_state(method: &str) -> bool {

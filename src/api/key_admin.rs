@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, key_state, reencryption_to_proto, timestamp};
-use crate::control::{Admin, AdminError, KeyView, LinkRequest};
+use crate::control::{Admin, AdminError, KeyView, LinkRequest, RetireTarget, VersionUsageView};
 use crate::keys::KeyHierarchy;
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
@@ -26,6 +26,10 @@ impl KeyAdminApi {
     async fn tenant(&self, tenant: &Tenant) -> Result<proto::Tenant, AdminError> {
         let o = self.admin.onboarding(tenant);
         let reencryption = self.admin.reencryption(tenant).await?;
+        let (min_tenant_key_version, tenant_key_usage) = self
+            .admin
+            .version_usage(&tenant.id, crate::keys::TENANT_KEY_USAGE)
+            .await?;
         Ok(proto::Tenant {
             tenant_id: tenant.id.clone(),
             key_policy: policy_to_proto(tenant.key_policy).into(),
@@ -42,6 +46,8 @@ impl KeyAdminApi {
             tenant_key_versions: reencryption.versions_total,
             newest_import_primary: tenant.newest_import_primary,
             reencryption: Some(reencryption_to_proto(reencryption)),
+            min_tenant_key_version,
+            tenant_key_usage: tenant_key_usage.iter().map(version_to_proto).collect(),
         })
     }
 }
@@ -95,6 +101,34 @@ pub(crate) fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
         wrap_count: r.wrap_count,
         unwrap_count: r.unwrap_count,
         replica_regions: r.replica_regions.clone(),
+        min_decryption_version: view.min_decryption_version,
+        versions: view.versions.iter().map(version_to_proto).collect(),
+    }
+}
+
+fn version_to_proto(v: &VersionUsageView) -> proto::KeyVersionUsage {
+    proto::KeyVersionUsage {
+        version: v.version.clone(),
+        wrap_count: v.wraps,
+        unwrap_count: v.unwraps,
+        last_use_time: v.last_used_ms.map(timestamp),
+        tenant_key_versions: v.tenant_key_versions,
+        retired: v.retired,
+    }
+}
+
+fn retire_target(req: &proto::RetireKeyVersionsRequest) -> Result<RetireTarget, AdminError> {
+    match proto::RetireTarget::try_from(req.target) {
+        Ok(proto::RetireTarget::Key) => {
+            crate::control::validate_name(&req.name)?;
+            Ok(RetireTarget::Key(req.name.clone()))
+        }
+        Ok(proto::RetireTarget::TenantKey) => Ok(RetireTarget::TenantKey),
+        Ok(proto::RetireTarget::PlatformKeyring) => Ok(RetireTarget::PlatformKeyring),
+        _ => Err(AdminError::InvalidArgument(format!(
+            "target {} is not RETIRE_TARGET_KEY, RETIRE_TARGET_TENANT_KEY or RETIRE_TARGET_PLATFORM_KEYRING",
+            req.target
+        ))),
     }
 }
 
@@ -313,6 +347,30 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |req| async move {
             self.admin.delete_tenant(&req.tenant_id, req.force).await?;
             Ok(proto::DeleteTenantResponse {})
+        })
+        .await
+    }
+
+    async fn retire_key_versions(
+        &self,
+        request: Request<proto::RetireKeyVersionsRequest>,
+    ) -> Result<Response<proto::RetireKeyVersionsResponse>, Status> {
+        call::serve(&self.observers, request, |req| async move {
+            let target = retire_target(&req)?;
+            let retired = self
+                .admin
+                .retire_versions(
+                    &req.tenant_id,
+                    target,
+                    req.min_decryption_version,
+                    req.force,
+                )
+                .await?;
+            Ok(proto::RetireKeyVersionsResponse {
+                min_decryption_version: retired.min_version,
+                retired_versions: retired.retired_versions,
+                rewrapped: retired.rewrapped,
+            })
         })
         .await
     }

@@ -16,13 +16,13 @@ use crate::cache::{CacheKey, CachedKey};
 use crate::context::{self, Context};
 use crate::envelope::Envelope;
 use crate::keys::{
-    Binding, KeyInfo, NewTenantKey, TenantKeyVersion, TenantKeys, tenant_key_context,
+    Binding, KeyInfo, NewTenantKey, TenantKeyVersion, TenantKeys, UsedVersion, tenant_key_context,
 };
 use crate::kms::{ProviderError, WrapContext};
 use crate::seal::{SealError, SealingKey};
 use crate::secret::SecretBytes;
 
-use super::{Broker, BrokerError, ensure_usable, provider_error};
+use super::{Broker, BrokerError, ensure_current, ensure_usable, provider_error};
 
 /// Bytes of a tenant key version.
 const TENANT_KEY_LEN: usize = 32;
@@ -164,6 +164,7 @@ impl Broker {
     ) -> Result<Arc<CachedKey>, BrokerError> {
         let binding = &version.binding;
         ensure_usable(binding, tenant_id)?;
+        ensure_current(binding, tenant_id, &version.provider_key_version)?;
         let context = tenant_key_context(version.version);
         let cache_key = CacheKey::new(tenant_id, &version.wrapped, &context);
         if let Some(hit) = self.cache.get(&cache_key).await {
@@ -217,8 +218,13 @@ impl Broker {
                 &context::sealed_aad(tenant_id, version, context),
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let binding = keys.version(version).map_or(&keys.primary, |v| &v.binding);
-        binding.usage.record_wrap();
+        let sealing_version = keys.version(version);
+        let binding = sealing_version.map_or(&keys.primary, |v| &v.binding);
+        binding.usage.record_wrap(UsedVersion::Provider(
+            sealing_version.map_or("", |v| &v.provider_key_version),
+        ));
+        keys.tenant_key_usage
+            .record_wrap(UsedVersion::TenantKey(version));
         let envelope = Envelope {
             tenant_id: tenant_id.to_owned(),
             key_binding: String::new(),
@@ -268,7 +274,11 @@ impl Broker {
             .get_or_load(cache_key, load)
             .await
             .map_err(|shared| (*shared).clone())?;
-        binding.usage.record_unwrap();
+        binding
+            .usage
+            .record_unwrap(UsedVersion::Provider(&version.provider_key_version));
+        keys.tenant_key_usage
+            .record_unwrap(UsedVersion::TenantKey(envelope.tenant_key_version));
         Ok((key, binding))
     }
 }
@@ -280,6 +290,14 @@ pub(super) fn sealed_version<'a>(
     tenant_id: &str,
     version: u32,
 ) -> Result<&'a Arc<TenantKeyVersion>, BrokerError> {
+    if version < keys.min_tenant_key_version {
+        return Err(BrokerError::VersionRetired {
+            tenant_id: tenant_id.to_owned(),
+            key: "the tenant key".to_owned(),
+            version,
+            min: keys.min_tenant_key_version,
+        });
+    }
     keys.version(version)
         .ok_or_else(|| BrokerError::UnknownTenantKey {
             tenant_id: tenant_id.to_owned(),

@@ -17,7 +17,7 @@ use crate::context::{self, Context, ContextError};
 use crate::envelope::{self, Envelope, EnvelopeError};
 use crate::keys::{
     Binding, BindingState, Confirmation, DirectoryError, KeyDirectory, KeyHierarchy, KeyInfo,
-    TenantKeys,
+    PLATFORM_BINDING, TenantKeys, UsedVersion,
 };
 use crate::kms::{ProviderError, ProviderKind, WrapContext};
 use crate::metrics::Metrics;
@@ -48,6 +48,19 @@ pub enum BrokerError {
         "tenant '{tenant_id}' has no tenant key version {version} (the tenant was deleted, or the wrapped key comes from another deployment)"
     )]
     UnknownTenantKey { tenant_id: String, version: u32 },
+    /// A wrapped key under a version older than its key's minimum
+    /// decryption version. Nothing in it comes from the caller unchecked:
+    /// the key is a binding the tenant has, the version a number.
+    #[error(
+        "the wrapped key is protected by {key} version {version} of tenant '{tenant_id}', which is retired (minimum decryption version {min}); to read it again, lower the minimum (RetireKeyVersions / keybroker admin retire-versions) and rewrap it with RewrapKey or keybroker rewrap before retiring"
+    )]
+    VersionRetired {
+        tenant_id: String,
+        /// "key 'name'", "the tenant key" or "the platform key".
+        key: String,
+        version: u32,
+        min: u32,
+    },
     #[error("key binding '{binding}' of tenant '{tenant_id}' is {state}: {reason}")]
     KeyUnusable {
         tenant_id: String,
@@ -259,7 +272,6 @@ impl Broker {
         let binding = &keys.primary;
         ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
-        binding.usage.record_wrap();
         let call = binding
             .provider
             .generate_data_key(len, WrapContext { tenant_id, context });
@@ -268,6 +280,9 @@ impl Broker {
             .await
             .map_err(|source| provider_error(binding, source));
         let (plaintext, ciphertext) = self.reported(tenant_id, &[binding], false, result).await?;
+        binding
+            .usage
+            .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
         let wrapped = seal(binding, tenant_id, ciphertext);
         Ok(Generated {
             plaintext,
@@ -307,7 +322,6 @@ impl Broker {
     ) -> Result<Wrapped, BrokerError> {
         ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
-        binding.usage.record_wrap();
         let call = binding
             .provider
             .encrypt(plaintext, WrapContext { tenant_id, context });
@@ -316,6 +330,9 @@ impl Broker {
             .await
             .map_err(|source| provider_error(binding, source));
         let ciphertext = self.reported(tenant_id, &[binding], false, result).await?;
+        binding
+            .usage
+            .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
         Ok(seal(binding, tenant_id, ciphertext))
     }
 
@@ -336,12 +353,26 @@ impl Broker {
         if let Some(hit) = self.cache.get(&cache_key).await {
             // The binding that protects it *now*: for a sealed DEK, its
             // tenant key version's, which a key change may have moved.
-            let binding = match hit.origin.tenant_key_version {
-                0 => find_binding(&keys, tenant_id, &hit.origin.key_binding)?,
-                v => &hierarchy::sealed_version(&keys, tenant_id, v)?.binding,
+            let (binding, version) = match hit.origin.tenant_key_version {
+                0 => {
+                    let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
+                    ensure_current(binding, tenant_id, &hit.origin.key_version)?;
+                    (binding, UsedVersion::Provider(&hit.origin.key_version))
+                }
+                v => {
+                    let version = hierarchy::sealed_version(&keys, tenant_id, v)?;
+                    (
+                        &version.binding,
+                        UsedVersion::Provider(&version.provider_key_version),
+                    )
+                }
             };
             ensure_usable(binding, tenant_id)?;
-            binding.usage.record_unwrap();
+            binding.usage.record_unwrap(version);
+            if hit.origin.tenant_key_version > 0 {
+                keys.tenant_key_usage
+                    .record_unwrap(UsedVersion::TenantKey(hit.origin.tenant_key_version));
+            }
             return Ok(Unwrapped {
                 rewrap_recommended: rewrap_recommended(&keys, &hit),
                 info: origin_info(&keys, &hit.origin),
@@ -415,7 +446,9 @@ impl Broker {
             .await
             .map_err(|shared| (*shared).clone());
         let key = self.reported(tenant_id, &[binding], true, result).await?;
-        binding.usage.record_unwrap();
+        binding
+            .usage
+            .record_unwrap(UsedVersion::Provider(&envelope.provider_key_version));
         Ok(key)
     }
 
@@ -463,8 +496,12 @@ impl Broker {
                 let ciphertext = self
                     .reported(tenant_id, &[source, target], true, result)
                     .await?;
-                source.usage.record_unwrap();
-                target.usage.record_wrap();
+                source
+                    .usage
+                    .record_unwrap(UsedVersion::Provider(&envelope.provider_key_version));
+                target
+                    .usage
+                    .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
                 let wrapped = seal(target, tenant_id, ciphertext);
                 return Ok(Rewrapped {
                     wrapped_key: wrapped.wrapped_key,
@@ -653,7 +690,30 @@ fn resolve_binding<'a>(
         .provider
         .check_version(&envelope.provider_key_version)
         .map_err(|source| provider_error(binding, source))?;
+    ensure_current(binding, tenant_id, &envelope.provider_key_version)?;
     Ok(binding)
+}
+
+/// Refuses a wrapped key under a retired version of `binding`. Free when
+/// nothing is retired (the common case, checked first on the hot path).
+fn ensure_current(binding: &Binding, tenant_id: &str, version: &str) -> Result<(), BrokerError> {
+    let min = binding.min_decryption_version;
+    if min == 0 {
+        return Ok(());
+    }
+    match crate::keys::version_number(version) {
+        Some(number) if number < min => Err(BrokerError::VersionRetired {
+            tenant_id: tenant_id.to_owned(),
+            key: if &*binding.name == PLATFORM_BINDING {
+                "the platform key".to_owned()
+            } else {
+                format!("key '{}'", binding.name)
+            },
+            version: number,
+            min,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// What protected a cached key, as `KeyInfo`.

@@ -21,6 +21,28 @@ pub(super) enum AdminCommand {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Retire old versions of a key, the tenant key or the platform keyring:
+    /// wrapped keys under an older version than --min-version are refused.
+    /// Refused while a retired version was used within the unlink guard
+    /// window unless --force; --min-version 0 un-retires.
+    RetireVersions {
+        /// The tenant (not with --platform-keyring).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// A key binding of the tenant.
+        #[arg(long, conflicts_with_all = ["tenant_key", "platform_keyring"], required_unless_present_any = ["tenant_key", "platform_keyring"])]
+        key: Option<String>,
+        /// The tenant's own key versions.
+        #[arg(long)]
+        tenant_key: bool,
+        /// The platform keyring, for every tenant.
+        #[arg(long, conflicts_with = "tenant_key")]
+        platform_keyring: bool,
+        #[arg(long)]
+        min_version: u32,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -379,6 +401,37 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 json!({ "unlinked": { "tenant_id": key.tenant, "name": key.name } })
             }
         },
+        AdminCommand::RetireVersions {
+            tenant,
+            key,
+            tenant_key,
+            platform_keyring,
+            min_version,
+            force,
+        } => {
+            let target = if platform_keyring {
+                proto::RetireTarget::PlatformKeyring
+            } else if tenant_key {
+                proto::RetireTarget::TenantKey
+            } else {
+                proto::RetireTarget::Key
+            };
+            let resp = client
+                .retire_key_versions(proto::RetireKeyVersionsRequest {
+                    tenant_id: tenant,
+                    target: target.into(),
+                    name: key.unwrap_or_default(),
+                    min_decryption_version: min_version,
+                    force,
+                })
+                .await
+                .answer()?;
+            json!({
+                "min_decryption_version": resp.min_decryption_version,
+                "retired_versions": resp.retired_versions,
+                "rewrapped": resp.rewrapped,
+            })
+        }
     };
     Ok(value)
 }

@@ -45,6 +45,8 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
             "key_hierarchy": t.key_hierarchy().as_str_name(),
             "tenant_key_versions": t.tenant_key_versions,
             "newest_import_primary": t.newest_import_primary,
+            "min_tenant_key_version": t.min_tenant_key_version,
+            "tenant_key_usage": t.tenant_key_usage.iter().map(version_json).collect::<Vec<_>>(),
             "reencryption": {
                 "in_progress": r.in_progress,
                 "target": r.target,
@@ -81,6 +83,19 @@ pub(super) fn binding_json(key: &proto::KeyBinding) -> Value {
         "wrap_count": key.wrap_count,
         "unwrap_count": key.unwrap_count,
         "replica_regions": key.replica_regions,
+        "min_decryption_version": key.min_decryption_version,
+        "versions": key.versions.iter().map(version_json).collect::<Vec<_>>(),
+    })
+}
+
+pub(super) fn version_json(v: &proto::KeyVersionUsage) -> Value {
+    json!({
+        "version": v.version,
+        "wrap_count": v.wrap_count,
+        "unwrap_count": v.unwrap_count,
+        "last_use_time_ms": timestamp_json(v.last_use_time.as_ref()),
+        "tenant_key_versions": v.tenant_key_versions,
+        "retired": v.retired,
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod key_change;
 mod onboarding;
+mod retirement;
 mod validation;
 mod verification;
 pub mod watcher;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use self::key_change::Reencryption;
 pub use self::onboarding::Onboarding;
+pub use self::retirement::{RetireTarget, Retired, VersionUsageView};
 pub use self::validation::{decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
 use self::verification::{probe_wrap, verify_provider};
@@ -88,6 +90,9 @@ impl Default for AdminSettings {
 #[derive(Debug, Clone)]
 pub struct KeyView {
     pub record: BindingRecord,
+    /// Filled by GetKey and ListKeys (0 and empty elsewhere).
+    pub min_decryption_version: u32,
+    pub versions: Vec<VersionUsageView>,
 }
 
 /// Fields of a key to link or import, as given by the caller.
@@ -325,13 +330,21 @@ impl Admin {
         self.tenant(tenant_id).await?;
         // Counts read after a flush are exact; later uses are added by `view`.
         self.flush_usage().await?;
-        Ok(self
-            .registry()
-            .bindings(tenant_id)
-            .await?
-            .into_iter()
-            .map(|r| self.view(r))
-            .collect())
+        let mut views = Vec::new();
+        for record in self.registry().bindings(tenant_id).await? {
+            views.push(self.with_versions(self.view(record)).await?);
+        }
+        Ok(views)
+    }
+
+    /// Adds the key's minimum decryption version and per-version usage.
+    async fn with_versions(&self, mut view: KeyView) -> Result<KeyView, AdminError> {
+        let (min, versions) = self
+            .version_usage(&view.record.tenant_id, &view.record.name)
+            .await?;
+        view.min_decryption_version = min;
+        view.versions = versions;
+        Ok(view)
     }
 
     pub async fn get_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
@@ -342,7 +355,7 @@ impl Admin {
             .binding(tenant_id, name)
             .await?
             .ok_or_else(|| not_found(tenant_id, name))?;
-        Ok(self.view(record))
+        self.with_versions(self.view(record)).await
     }
 
     pub async fn set_primary(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
@@ -558,7 +571,11 @@ impl Admin {
                     .map_or(pending.last_used_ms, |l| l.max(pending.last_used_ms)),
             );
         }
-        KeyView { record }
+        KeyView {
+            record,
+            min_decryption_version: 0,
+            versions: Vec::new(),
+        }
     }
 }
 

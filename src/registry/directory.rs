@@ -13,13 +13,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use moka::future::Cache;
 
-use super::{BindingRecord, KeyPolicy, Registry, TenantKeyRecord, UsageDelta};
+use super::{
+    BindingRecord, FLEET, KeyPolicy, Registry, TenantKeyRecord, UsageDelta, VersionUsageRecord,
+};
 use crate::cache::DekCache;
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::keys::{
     Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyDirectory, KeyHierarchy,
-    NewTenantKey, PLATFORM_BINDING, TenantKeyVersion, TenantKeys, UsageCounts,
+    NewTenantKey, PLATFORM_BINDING, TENANT_KEY_USAGE, TakenUsage, TenantKeyVersion, TenantKeys,
+    UsageCounts, VersionId,
 };
 use crate::kms::InvalidIdentifier;
 use crate::kms::ProviderError;
@@ -140,6 +143,11 @@ impl RegistryDirectory {
     /// Applies a change in this process only (a change another replica
     /// made, or one this process just wrote).
     async fn apply_change(&self, tenant_id: &str, binding: Option<&str>) {
+        if tenant_id == FLEET {
+            // The platform keyring changed for every tenant.
+            self.resync();
+            return;
+        }
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tenants.invalidate(tenant_id).await;
@@ -274,34 +282,58 @@ impl RegistryDirectory {
         map.remove(&(tenant_id.to_owned(), name.to_owned()));
     }
 
+    /// Usage per version not yet flushed.
+    pub fn pending_version_usage(&self, tenant_id: &str, name: &str) -> Vec<VersionUsageRecord> {
+        let usage = if tenant_id == FLEET {
+            Arc::clone(&self.platform.usage)
+        } else {
+            let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&(tenant_id.to_owned(), name.to_owned())) {
+                Some(u) => Arc::clone(u),
+                None => return Vec::new(),
+            }
+        };
+        version_records(name, &usage.peek_versions())
+    }
+
     /// Writes accumulated usage to the registry. On failure the counts are
-    /// put back for the next flush, so none are lost.
+    /// put back for the next flush, so none are lost. The platform binding
+    /// is one for every tenant: its uses are stored fleet-wide.
     pub async fn flush_usage(&self) -> Result<(), super::RegistryError> {
-        let taken: Vec<(Arc<BindingUsage>, UsageCounts, UsageDelta)> = {
+        let mut sources: Vec<(String, String, Arc<BindingUsage>)> = {
             let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
             map.iter()
-                .filter_map(|((tenant_id, name), usage)| {
-                    let counts = usage.take();
-                    (counts != UsageCounts::default()).then(|| {
-                        (
-                            Arc::clone(usage),
-                            counts,
-                            UsageDelta {
-                                tenant_id: tenant_id.clone(),
-                                name: name.clone(),
-                                wraps: counts.wraps,
-                                unwraps: counts.unwraps,
-                                last_used_at_ms: counts.last_used_ms,
-                            },
-                        )
-                    })
+                .map(|((tenant_id, name), usage)| {
+                    (tenant_id.clone(), name.clone(), Arc::clone(usage))
                 })
                 .collect()
         };
+        sources.push((
+            FLEET.to_owned(),
+            PLATFORM_BINDING.to_owned(),
+            Arc::clone(&self.platform.usage),
+        ));
+        let taken: Vec<(Arc<BindingUsage>, TakenUsage, UsageDelta)> = sources
+            .into_iter()
+            .filter_map(|(tenant_id, name, usage)| {
+                let counts = usage.take();
+                (!counts.is_empty()).then(|| {
+                    let delta = UsageDelta {
+                        versions: version_records(&name, &counts.versions),
+                        tenant_id,
+                        name,
+                        wraps: counts.total.wraps,
+                        unwraps: counts.total.unwraps,
+                        last_used_at_ms: counts.total.last_used_ms,
+                    };
+                    (usage, counts, delta)
+                })
+            })
+            .collect();
         let deltas: Vec<UsageDelta> = taken.iter().map(|(_, _, d)| d.clone()).collect();
         if let Err(err) = self.registry.add_usage(&deltas).await {
             for (usage, counts, _) in taken {
-                usage.restore(counts);
+                usage.restore(&counts);
             }
             return Err(err);
         }
@@ -331,18 +363,29 @@ impl RegistryDirectory {
     }
 
     async fn load(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
+        let platform = self.platform_view().await?;
         let Some(tenant) = self.registry.tenant(tenant_id).await? else {
             // Tenants without CMEK need no registration.
             return Ok(Arc::new(TenantKeys {
-                primary: Arc::clone(&self.platform),
+                primary: Arc::clone(&platform),
                 bindings: Vec::new(),
-                platform: Arc::clone(&self.platform),
+                platform,
                 hierarchy: KeyHierarchy::Direct,
                 versions: Vec::new(),
                 reencrypt_to: None,
                 reencrypt_from: None,
+                min_tenant_key_version: 0,
+                tenant_key_usage: Arc::default(),
             }));
         };
+        let retired = self.registry.retirements(tenant_id).await?;
+        let min_of = |name: &str| {
+            retired
+                .iter()
+                .find(|r| r.key_name == name)
+                .map_or(0, |r| r.min_version)
+        };
+
         let records = self.registry.bindings(tenant_id).await?;
         let mut bindings = Vec::with_capacity(records.len());
         let mut primary = None;
@@ -354,6 +397,7 @@ impl RegistryDirectory {
                 state: record.state,
                 state_reason: record.state_reason.clone(),
                 usage: self.usage_for(tenant_id, &record.name),
+                min_decryption_version: min_of(&record.name),
             });
             if record.primary {
                 primary = Some(Arc::clone(&binding));
@@ -367,12 +411,12 @@ impl RegistryDirectory {
             Some(p)
                 if p.state == BindingState::Disabled && tenant.key_policy == KeyPolicy::Keyring =>
             {
-                Arc::clone(&self.platform)
+                Arc::clone(&platform)
             }
             // A single_key tenant never silently leaves its key, and a key
             // the customer revoked is not bypassed: new wraps fail.
             Some(p) => p,
-            None => Arc::clone(&self.platform),
+            None => Arc::clone(&platform),
         };
         // Each version with the binding that protects it now; a version
         // whose binding was force-unlinked is gone with it.
@@ -383,7 +427,7 @@ impl RegistryDirectory {
             .into_iter()
             .filter_map(|record| {
                 let binding = if record.binding == PLATFORM_BINDING {
-                    Arc::clone(&self.platform)
+                    Arc::clone(&platform)
                 } else {
                     Arc::clone(bindings.iter().find(|b| *b.name == *record.binding)?)
                 };
@@ -399,11 +443,38 @@ impl RegistryDirectory {
         Ok(Arc::new(TenantKeys {
             primary,
             bindings,
-            platform: Arc::clone(&self.platform),
+            platform: Arc::clone(&platform),
             hierarchy: tenant.key_hierarchy,
             versions,
             reencrypt_to: tenant.reencrypt_to,
             reencrypt_from: tenant.reencrypt_from,
+            min_tenant_key_version: min_of(TENANT_KEY_USAGE),
+            tenant_key_usage: self.usage_for(tenant_id, TENANT_KEY_USAGE),
+        }))
+    }
+
+    /// The platform binding as tenants see it now: with the fleet-wide
+    /// minimum decryption version, if any version of the platform keyring
+    /// is retired. Its usage counters are the one shared set.
+    async fn platform_view(&self) -> Result<Arc<Binding>, DirectoryError> {
+        let min = self
+            .registry
+            .retirements(FLEET)
+            .await?
+            .into_iter()
+            .find(|r| r.key_name == PLATFORM_BINDING)
+            .map_or(0, |r| r.min_version);
+        if min == 0 {
+            return Ok(Arc::clone(&self.platform));
+        }
+        Ok(Arc::new(Binding {
+            name: Arc::clone(&self.platform.name),
+            provider: Arc::clone(&self.platform.provider),
+            key_reference: self.platform.key_reference.clone(),
+            state: self.platform.state,
+            state_reason: self.platform.state_reason.clone(),
+            usage: Arc::clone(&self.platform.usage),
+            min_decryption_version: min,
         }))
     }
 
@@ -601,4 +672,22 @@ pub async fn open_material(
                 "stored key material of '{name}' does not decrypt under the platform keyring: {e}"
             ))
         })
+}
+
+/// Stored rows of one binding's per-version uses. Tenant key versions are
+/// stored under their own name, whichever binding protects them.
+fn version_records(name: &str, versions: &[(VersionId, UsageCounts)]) -> Vec<VersionUsageRecord> {
+    versions
+        .iter()
+        .map(|(id, counts)| VersionUsageRecord {
+            key_name: match id {
+                VersionId::TenantKey(_) => TENANT_KEY_USAGE.to_owned(),
+                VersionId::Provider(_) => name.to_owned(),
+            },
+            version: id.label(),
+            wraps: counts.wraps,
+            unwraps: counts.unwraps,
+            last_used_at_ms: counts.last_used_ms,
+        })
+        .collect()
 }

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod directory;
 pub mod key_state;
 pub mod sql;
+mod versions;
 
 use std::fmt;
 
@@ -262,6 +263,32 @@ pub struct UsageDelta {
     pub wraps: u64,
     pub unwraps: u64,
     pub last_used_at_ms: i64,
+    /// The same uses by key version.
+    pub versions: Vec<VersionUsageRecord>,
+}
+
+/// Tenant id of fleet-wide rows (the platform keyring's retirement and
+/// usage): `#` is in no tenant id.
+pub const FLEET: &str = "#platform";
+
+/// Uses of one key version (stored, or a delta to add).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionUsageRecord {
+    /// A binding, `platform`, or [`crate::keys::TENANT_KEY_USAGE`].
+    pub key_name: String,
+    pub version: String,
+    pub wraps: u64,
+    pub unwraps: u64,
+    pub last_used_at_ms: i64,
+}
+
+/// A minimum decryption version: older versions of the key are retired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retirement {
+    /// A binding, `platform`, or [`crate::keys::TENANT_KEY_USAGE`].
+    pub key_name: String,
+    pub min_version: u32,
+    pub updated_at_ms: i64,
 }
 
 /// What must hold for an unlink to go ahead.
@@ -415,6 +442,45 @@ pub trait Registry: Send + Sync + fmt::Debug {
         description: &str,
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError>;
+    /// Flushed uses per key version of a tenant ([`FLEET`]: the platform
+    /// keyring's), every key.
+    async fn version_usage(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Vec<VersionUsageRecord>, RegistryError>;
+    /// A tenant's retirements ([`FLEET`]: the platform keyring's).
+    async fn retirements(&self, tenant_id: &str) -> Result<Vec<Retirement>, RegistryError>;
+    /// Sets a key's minimum decryption version; 0 clears it.
+    async fn set_retirement(
+        &self,
+        tenant_id: &str,
+        key_name: &str,
+        min_version: u32,
+        now_ms: i64,
+    ) -> Result<(), RegistryError>;
+    /// Every tenant's key versions wrapped by `binding` (`platform`: what
+    /// retiring a platform keyring version must re-wrap first).
+    async fn tenant_keys_under(&self, binding: &str)
+    -> Result<Vec<TenantKeyRecord>, RegistryError>;
+    /// Every binding holding imported key material (sealed by the platform
+    /// keyring).
+    async fn bindings_with_material(&self) -> Result<Vec<BindingRecord>, RegistryError>;
+    /// Replaces a binding's sealed key material if it is still `old`.
+    async fn replace_key_material(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, RegistryError>;
+    /// Claims the automatic rotation of `subject`: `true` for exactly one
+    /// caller, and only if its last rotation was before `due_before_ms`.
+    async fn claim_rotation(
+        &self,
+        subject: &str,
+        due_before_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, RegistryError>;
 }
 
 /// PostgreSQL channel carrying key changes between replicas.

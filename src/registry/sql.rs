@@ -11,8 +11,8 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use super::{
-    BindingRecord, DeleteGuard, KeyPolicy, NewBinding, Registry, RegistryError, Tenant,
-    TenantKeyRecord, UnlinkGuard, UsageDelta,
+    BindingRecord, DeleteGuard, KeyPolicy, NewBinding, Registry, RegistryError, Retirement, Tenant,
+    TenantKeyRecord, UnlinkGuard, UsageDelta, VersionUsageRecord,
 };
 use crate::keys::{BindingState, KeyHierarchy};
 use crate::kms::ProviderKind;
@@ -23,10 +23,10 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
      reencrypt_from, newest_import_primary, created_at, updated_at";
 
-const TENANT_KEY_COLUMNS: &str =
+pub(super) const TENANT_KEY_COLUMNS: &str =
     "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at";
 
-const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
+pub(super) const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
      role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
      updated_at, last_used_at, wrap_count, unwrap_count";
 
@@ -37,7 +37,7 @@ pub struct SqlRegistry {
     postgres: bool,
 }
 
-fn db(err: sqlx::Error) -> RegistryError {
+pub(super) fn db(err: sqlx::Error) -> RegistryError {
     RegistryError::Database(err.to_string())
 }
 
@@ -80,6 +80,10 @@ impl SqlRegistry {
             .await
             .map_err(|e| RegistryError::Database(format!("registry migration failed: {e}")))?;
         Ok(Self { pool, postgres })
+    }
+
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub async fn close(&self) {
@@ -236,11 +240,11 @@ fn count(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
-fn signed(value: u64) -> i64 {
+pub(super) fn signed(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
+pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
     let get_s = |col: &str| row.try_get::<String, _>(col).map_err(db);
     let get_i = |col: &str| row.try_get::<i64, _>(col).map_err(db);
     Ok(BindingRecord {
@@ -279,7 +283,7 @@ fn parse_hierarchy(text: &str) -> Result<KeyHierarchy, RegistryError> {
     }
 }
 
-fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
+pub(super) fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
     let version: i64 = row.try_get("version").map_err(db)?;
     Ok(TenantKeyRecord {
         tenant_id: row.try_get("tenant_id").map_err(db)?,
@@ -626,6 +630,7 @@ impl Registry for SqlRegistry {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+            Self::add_version_usage(&mut tx, &d.tenant_id, &d.versions).await?;
         }
         tx.commit().await.map_err(db)
     }
@@ -752,6 +757,7 @@ impl Registry for SqlRegistry {
                 .await
                 .map_err(db)?;
         }
+        Self::delete_version_rows(&mut tx, tenant_id).await?;
         sqlx::query("DELETE FROM tenants WHERE id = $1")
             .bind(tenant_id)
             .execute(&mut *tx)
@@ -783,5 +789,58 @@ impl Registry for SqlRegistry {
         let record = existing_binding(&mut *tx, tenant_id, name).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
+    }
+
+    async fn version_usage(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Vec<VersionUsageRecord>, RegistryError> {
+        self.fetch_version_usage(tenant_id).await
+    }
+
+    async fn retirements(&self, tenant_id: &str) -> Result<Vec<Retirement>, RegistryError> {
+        self.fetch_retirements(tenant_id).await
+    }
+
+    async fn set_retirement(
+        &self,
+        tenant_id: &str,
+        key_name: &str,
+        min_version: u32,
+        now_ms: i64,
+    ) -> Result<(), RegistryError> {
+        self.store_retirement(tenant_id, key_name, min_version, now_ms)
+            .await
+    }
+
+    async fn claim_rotation(
+        &self,
+        subject: &str,
+        due_before_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        self.try_claim_rotation(subject, due_before_ms, now_ms)
+            .await
+    }
+
+    async fn tenant_keys_under(
+        &self,
+        binding: &str,
+    ) -> Result<Vec<TenantKeyRecord>, RegistryError> {
+        self.fetch_tenant_keys_under(binding).await
+    }
+
+    async fn bindings_with_material(&self) -> Result<Vec<BindingRecord>, RegistryError> {
+        self.fetch_bindings_with_material().await
+    }
+
+    async fn replace_key_material(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, RegistryError> {
+        self.swap_key_material(tenant_id, name, old, new).await
     }
 }

@@ -25,7 +25,7 @@ use crate::common::{
 const CTX: &[(&str, &str)] = &[("table", "orders")];
 
 /// A server on the embedded registry, with its admin and broker clients.
-async fn start() -> (
+pub(crate) async fn start() -> (
     tempfile::TempDir,
     TestServer,
     KeyAdminClient<Channel>,
@@ -38,7 +38,7 @@ async fn start() -> (
     (dir, server, admin, broker)
 }
 
-async fn import(
+pub(crate) async fn import(
     admin: &mut KeyAdminClient<Channel>,
     tenant: &str,
     name: &str,
@@ -76,7 +76,7 @@ async fn disable(
         .map(|r| r.into_inner().key.unwrap())
 }
 
-async fn tenant(admin: &mut KeyAdminClient<Channel>, tenant: &str) -> proto::Tenant {
+pub(crate) async fn tenant(admin: &mut KeyAdminClient<Channel>, tenant: &str) -> proto::Tenant {
     admin
         .get_tenant(proto::GetTenantRequest {
             tenant_id: tenant.into(),

@@ -18,6 +18,7 @@ mod hierarchy;
 mod process;
 mod proto_hygiene;
 mod registry;
+mod retirement;
 mod revocation;
 mod security;
 mod trust_boundary;

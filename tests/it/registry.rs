@@ -5,8 +5,8 @@ use keybroker::keys::{BindingState, KeyHierarchy};
 use keybroker::kms::ProviderKind;
 use keybroker::registry::sql::SqlRegistry;
 use keybroker::registry::{
-    KeyPolicy, NewBinding, Registry, RegistryError, Tenant, TenantKeyRecord, UnlinkGuard,
-    UsageDelta,
+    FLEET, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, TenantKeyRecord, UnlinkGuard,
+    UsageDelta, VersionUsageRecord,
 };
 
 use crate::common::fresh_postgres_database;
@@ -138,6 +138,13 @@ async fn suite(registry: &dyn Registry) {
         wraps,
         unwraps,
         last_used_at_ms: at,
+        versions: vec![VersionUsageRecord {
+            key_name: "k1".into(),
+            version: "1".into(),
+            wraps,
+            unwraps,
+            last_used_at_ms: at,
+        }],
     };
     registry.add_usage(&[delta(2, 5, 9_000)]).await.unwrap();
     registry.add_usage(&[delta(1, 1, 8_000)]).await.unwrap();
@@ -145,6 +152,56 @@ async fn suite(registry: &dyn Registry) {
     assert_eq!(
         (k1.wrap_count, k1.unwrap_count, k1.last_used_at_ms),
         (3, 6, Some(9_000))
+    );
+    // The same per version; a tenant that does not exist gets no rows.
+    let v1 = registry.version_usage("acme").await.unwrap();
+    assert_eq!(v1.len(), 1);
+    assert_eq!(
+        (v1[0].wraps, v1[0].unwraps, v1[0].last_used_at_ms),
+        (3, 6, 9_000)
+    );
+    let mut ghost = delta(1, 1, 1);
+    ghost.tenant_id = "ghost".into();
+    registry.add_usage(&[ghost]).await.unwrap();
+    assert!(registry.version_usage("ghost").await.unwrap().is_empty());
+
+    // Retirements: set, replace, clear; fleet rows beside tenants'.
+    registry.set_retirement("acme", "k1", 2, 10).await.unwrap();
+    registry.set_retirement("acme", "k1", 3, 11).await.unwrap();
+    registry
+        .set_retirement(FLEET, "platform", 2, 12)
+        .await
+        .unwrap();
+    let r = registry.retirements("acme").await.unwrap();
+    assert_eq!((r.len(), r[0].min_version, r[0].updated_at_ms), (1, 3, 11));
+    assert_eq!(registry.retirements(FLEET).await.unwrap()[0].min_version, 2);
+    registry.set_retirement("acme", "k1", 0, 13).await.unwrap();
+    assert!(registry.retirements("acme").await.unwrap().is_empty());
+
+    // Rotation claims: once per period, whoever asks.
+    assert!(
+        registry
+            .claim_rotation("platform-keyring", 0, 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !registry
+            .claim_rotation("platform-keyring", 1_000, 1_500)
+            .await
+            .unwrap()
+    );
+    assert!(
+        registry
+            .claim_rotation("platform-keyring", 1_001, 2_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !registry
+            .claim_rotation("platform-keyring", 1_001, 2_000)
+            .await
+            .unwrap()
     );
 
     // Unlink guard: refused when used since the cutoff, unless forced.
@@ -206,6 +263,7 @@ async fn suite(registry: &dyn Registry) {
             wraps: 1,
             unwraps: 0,
             last_used_at_ms: 1,
+            versions: Vec::new(),
         }])
         .await
         .unwrap();
@@ -372,6 +430,7 @@ async fn tenant_key_suite(registry: &dyn Registry) {
             wraps: 1,
             unwraps: 0,
             last_used_at_ms: 1_000,
+            versions: Vec::new(),
         }])
         .await
         .unwrap();

@@ -8,11 +8,15 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
 use crate::kms::{KeyProvider, ProviderError, ProviderKind};
+
+mod usage;
+pub use usage::{
+    BindingUsage, TENANT_KEY_USAGE, TakenUsage, UsageCounts, UsedVersion, VersionId, version_number,
+};
 
 /// Name of the platform key's binding; reserved in every tenant.
 pub const PLATFORM_BINDING: &str = "platform";
@@ -36,68 +40,6 @@ impl fmt::Display for BindingState {
     }
 }
 
-/// Wraps and unwraps served with one binding since the last flush to the
-/// registry. Atomics: recorded on every request, flushed periodically.
-#[derive(Debug, Default)]
-pub struct BindingUsage {
-    wraps: AtomicU64,
-    unwraps: AtomicU64,
-    last_used_ms: AtomicI64,
-    /// Last key-state check by the watcher (not usage: never flushed).
-    pub last_checked_ms: AtomicI64,
-}
-
-/// A snapshot of [`BindingUsage`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UsageCounts {
-    pub wraps: u64,
-    pub unwraps: u64,
-    /// Zero when unused since the last flush.
-    pub last_used_ms: i64,
-}
-
-impl BindingUsage {
-    /// One wrap served with the binding.
-    pub fn record_wrap(&self) {
-        self.record(&self.wraps);
-    }
-
-    /// One unwrap served with the binding.
-    pub fn record_unwrap(&self) {
-        self.record(&self.unwraps);
-    }
-
-    fn record(&self, counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.last_used_ms.fetch_max(now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn peek(&self) -> UsageCounts {
-        UsageCounts {
-            wraps: self.wraps.load(Ordering::Relaxed),
-            unwraps: self.unwraps.load(Ordering::Relaxed),
-            last_used_ms: self.last_used_ms.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Takes the counts, leaving zero (the flush owns them now).
-    pub fn take(&self) -> UsageCounts {
-        UsageCounts {
-            wraps: self.wraps.swap(0, Ordering::Relaxed),
-            unwraps: self.unwraps.swap(0, Ordering::Relaxed),
-            last_used_ms: self.last_used_ms.swap(0, Ordering::Relaxed),
-        }
-    }
-
-    /// Puts back counts a failed flush could not write.
-    pub fn restore(&self, counts: UsageCounts) {
-        self.wraps.fetch_add(counts.wraps, Ordering::Relaxed);
-        self.unwraps.fetch_add(counts.unwraps, Ordering::Relaxed);
-        self.last_used_ms
-            .fetch_max(counts.last_used_ms, Ordering::Relaxed);
-    }
-}
-
 /// One key able to protect a tenant's DEKs, as the data plane sees it.
 #[derive(Debug)]
 pub struct Binding {
@@ -110,6 +52,9 @@ pub struct Binding {
     pub state_reason: String,
     /// Shared with the directory, which outlives this snapshot of the binding.
     pub usage: Arc<BindingUsage>,
+    /// Wrapped keys naming an older numbered provider version are refused
+    /// (retired versions); 0 when none is retired.
+    pub min_decryption_version: u32,
 }
 
 impl Binding {
@@ -123,6 +68,7 @@ impl Binding {
             state: BindingState::Active,
             state_reason: String::new(),
             usage: Arc::default(),
+            min_decryption_version: 0,
         }
     }
 
@@ -198,6 +144,11 @@ pub struct TenantKeys {
     pub reencrypt_to: Option<String>,
     /// `direct` tenants: a disabled binding RewrapKey may still read.
     pub reencrypt_from: Option<String>,
+    /// DEKs sealed under an older tenant key version are refused (retired
+    /// versions); 0 when none is retired.
+    pub min_tenant_key_version: u32,
+    /// Uses per tenant key version (whichever binding protects it).
+    pub tenant_key_usage: Arc<BindingUsage>,
 }
 
 impl TenantKeys {
@@ -302,6 +253,8 @@ impl PlatformOnly {
                 versions: Vec::new(),
                 reencrypt_to: None,
                 reencrypt_from: None,
+                min_tenant_key_version: 0,
+                tenant_key_usage: Arc::default(),
             }),
         }
     }

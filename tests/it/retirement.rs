@@ -1,0 +1,325 @@
+//! Retiring old key versions (issue 17): the minimum decryption version of
+//! the tenant key and of the platform keyring, its usage guard, per-version
+//! usage in GetTenant / GetKey, and the registry-held keys (tenant key
+//! versions, imported material) re-wrapped before a platform version retires.
+
+use std::time::Duration;
+
+use keybroker::proto::key_admin_client::KeyAdminClient;
+use keybroker::proto::key_broker_client::KeyBrokerClient;
+use keybroker::proto::{self, KeyHierarchy, KeyPolicy, RetireTarget};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::common::{create_tenant_with, generate, unwrap};
+use crate::hierarchy::{import, start, tenant};
+
+const CTX: &[(&str, &str)] = &[("table", "orders")];
+
+async fn retire(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    target: RetireTarget,
+    name: &str,
+    min: u32,
+    force: bool,
+) -> Result<proto::RetireKeyVersionsResponse, tonic::Status> {
+    admin
+        .retire_key_versions(proto::RetireKeyVersionsRequest {
+            tenant_id: tenant.into(),
+            target: target.into(),
+            name: name.into(),
+            min_decryption_version: min,
+            force,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn usage_of(versions: &[proto::KeyVersionUsage], version: &str) -> proto::KeyVersionUsage {
+    versions
+        .iter()
+        .find(|v| v.version == version)
+        .cloned()
+        .unwrap_or_else(|| panic!("no usage for version {version} in {versions:?}"))
+}
+
+fn expect_retired(status: &tonic::Status, version: u32) {
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains(&format!("version {version}")) && message.contains("retired"),
+        "{message}"
+    );
+    assert!(message.contains("rewrap"), "says how to recover: {message}");
+}
+
+/// Tenant key versions: usage per version, the guard, forced retirement,
+/// refusal on hit and miss, RewrapKey refused too, and un-retiring.
+#[tokio::test]
+async fn tenant_key_versions_retire_with_a_usage_guard() {
+    let (_dir, server, mut admin, mut broker) = start().await;
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    let old = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(
+        old.key.as_ref().unwrap().provider_key_version,
+        "tenant-key/1"
+    );
+    // The first customer key moves version 1 under it and mints version 2.
+    import(&mut admin, "acme", "k1", true).await;
+    let new = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(
+        new.key.as_ref().unwrap().provider_key_version,
+        "tenant-key/2"
+    );
+    unwrap(&mut broker, "acme", CTX, &old.wrapped_key)
+        .await
+        .unwrap();
+    unwrap(&mut broker, "acme", CTX, &old.wrapped_key)
+        .await
+        .unwrap();
+
+    let t = tenant(&mut admin, "acme").await;
+    assert_eq!(t.min_tenant_key_version, 0);
+    let v1 = usage_of(&t.tenant_key_usage, "1");
+    assert_eq!((v1.wrap_count, v1.unwrap_count), (1, 2), "{v1:?}");
+    assert!(v1.last_use_time.is_some() && !v1.retired);
+    assert_eq!(usage_of(&t.tenant_key_usage, "2").wrap_count, 1);
+
+    // Beyond the newest version: nothing would be left to seal with.
+    let err = retire(&mut admin, "acme", RetireTarget::TenantKey, "", 3, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Version 1 was used moments ago: the guard refuses.
+    let err = retire(&mut admin, "acme", RetireTarget::TenantKey, "", 2, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("version 1 was used"),
+        "{}",
+        err.message()
+    );
+    unwrap(&mut broker, "acme", CTX, &old.wrapped_key)
+        .await
+        .unwrap();
+
+    let done = retire(&mut admin, "acme", RetireTarget::TenantKey, "", 2, true)
+        .await
+        .unwrap();
+    assert_eq!(done.min_decryption_version, 2);
+    assert_eq!(done.retired_versions, ["1"]);
+    // Cached, yet refused: every hit checks the minimum.
+    let err = unwrap(&mut broker, "acme", CTX, &old.wrapped_key)
+        .await
+        .unwrap_err();
+    expect_retired(&err, 1);
+    let err = broker
+        .rewrap_key(proto::RewrapKeyRequest {
+            tenant_id: "acme".into(),
+            wrapped_key: old.wrapped_key.clone(),
+            context: crate::common::ctx(CTX),
+        })
+        .await
+        .unwrap_err();
+    expect_retired(&err, 1);
+    // The current version is untouched.
+    let back = unwrap(&mut broker, "acme", CTX, &new.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, new.plaintext);
+    let t = tenant(&mut admin, "acme").await;
+    assert_eq!(t.min_tenant_key_version, 2);
+    assert!(usage_of(&t.tenant_key_usage, "1").retired);
+    assert!(!usage_of(&t.tenant_key_usage, "2").retired);
+
+    // Un-retiring reads it again; then it is rewrapped under version 2.
+    retire(&mut admin, "acme", RetireTarget::TenantKey, "", 0, false)
+        .await
+        .unwrap();
+    let moved = broker
+        .rewrap_key(proto::RewrapKeyRequest {
+            tenant_id: "acme".into(),
+            wrapped_key: old.wrapped_key.clone(),
+            context: crate::common::ctx(CTX),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.key.unwrap().provider_key_version, "tenant-key/2");
+    let back = unwrap(&mut broker, "acme", CTX, &moved.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, old.plaintext);
+    // A direct tenant has no tenant key versions to retire.
+    create_tenant_with(
+        &mut admin,
+        "globex",
+        KeyPolicy::Keyring,
+        KeyHierarchy::Direct,
+    )
+    .await;
+    let err = retire(&mut admin, "globex", RetireTarget::TenantKey, "", 1, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    server.stop().await;
+}
+
+/// The platform keyring, fleet-wide: after a rotation, retiring version 1
+/// re-seals what the registry holds under it (a tenant key version it
+/// protects, imported material), refuses DEKs wrapped under it (cached or
+/// not), and leaves everything else readable.
+#[tokio::test]
+async fn platform_keyring_versions_retire_after_resealing_what_the_registry_holds() {
+    let (dir, server, mut admin, mut broker) = start().await;
+    // Direct DEKs on the platform key, a tenant key under the platform key,
+    // and imported material, all under keyring version 1.
+    let direct_old = generate(&mut broker, "walk-in", CTX).await.unwrap();
+    assert_eq!(direct_old.key.as_ref().unwrap().provider_key_version, "1");
+    create_tenant_with(
+        &mut admin,
+        "hier",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    let sealed = generate(&mut broker, "hier", CTX).await.unwrap();
+    create_tenant_with(&mut admin, "byok", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    import(&mut admin, "byok", "own", true).await;
+    let byok = generate(&mut broker, "byok", CTX).await.unwrap();
+
+    rotate_platform_keyring(dir.path(), &mut broker).await;
+    let direct_new = generate(&mut broker, "walk-in", CTX).await.unwrap();
+    assert_eq!(direct_new.key.as_ref().unwrap().provider_key_version, "2");
+    unwrap(&mut broker, "walk-in", CTX, &direct_old.wrapped_key)
+        .await
+        .unwrap();
+
+    // Only a caller allowed every tenant may retire it; the tenant is empty.
+    let err = retire(
+        &mut admin,
+        "acme",
+        RetireTarget::PlatformKeyring,
+        "",
+        2,
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = retire(&mut admin, "", RetireTarget::PlatformKeyring, "", 2, false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("version 1 was used"),
+        "{}",
+        err.message()
+    );
+    let done = retire(&mut admin, "", RetireTarget::PlatformKeyring, "", 2, true)
+        .await
+        .unwrap();
+    assert_eq!(done.retired_versions, ["1"]);
+    assert_eq!(
+        done.rewrapped, 2,
+        "the tenant key version and the imported material"
+    );
+
+    let err = unwrap(&mut broker, "walk-in", CTX, &direct_old.wrapped_key)
+        .await
+        .unwrap_err();
+    expect_retired(&err, 1);
+    assert!(err.message().contains("platform key"), "{}", err.message());
+    for (tenant, dek) in [("walk-in", &direct_new), ("hier", &sealed), ("byok", &byok)] {
+        let back = unwrap(&mut broker, tenant, CTX, &dek.wrapped_key)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext, dek.plaintext, "{tenant}");
+    }
+    // A new server (empty caches) reads them from the re-sealed registry.
+    let config = crate::common::test_config(dir.path());
+    server.stop().await;
+    let server = crate::common::TestServer::start(config).await;
+    let mut broker = server.client().await;
+    for (tenant, dek) in [("hier", &sealed), ("byok", &byok)] {
+        let back = unwrap(&mut broker, tenant, CTX, &dek.wrapped_key)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext, dek.plaintext, "{tenant} after a restart");
+    }
+    server.stop().await;
+}
+
+/// A key binding's versions: imported material has one version (nothing
+/// older to retire); the minimum shows in GetKey with per-version usage.
+#[tokio::test]
+async fn key_versions_show_usage_and_bound_the_minimum() {
+    let (_dir, server, mut admin, mut broker) = start().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    import(&mut admin, "acme", "own", true).await;
+    let dek = generate(&mut broker, "acme", CTX).await.unwrap();
+    unwrap(&mut broker, "acme", CTX, &dek.wrapped_key)
+        .await
+        .unwrap();
+    let key = admin
+        .get_key(proto::GetKeyRequest {
+            tenant_id: "acme".into(),
+            name: "own".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let v1 = usage_of(&key.versions, "1");
+    assert_eq!((v1.wrap_count, v1.unwrap_count), (1, 1), "{v1:?}");
+    assert_eq!(key.min_decryption_version, 0);
+    let err = retire(&mut admin, "acme", RetireTarget::Key, "own", 2, true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Retiring below version 1 retires nothing and is allowed.
+    let done = retire(&mut admin, "acme", RetireTarget::Key, "own", 1, false)
+        .await
+        .unwrap();
+    assert!(done.retired_versions.is_empty());
+    let err = retire(&mut admin, "acme", RetireTarget::Key, "nope", 1, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    server.stop().await;
+}
+
+/// `keybroker keyring rotate`, then waits until the server wraps with 2.
+async fn rotate_platform_keyring(
+    data_dir: &std::path::Path,
+    broker: &mut KeyBrokerClient<Channel>,
+) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["keyring", "rotate", "--data-dir"])
+        .arg(data_dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in 0..100 {
+        let d = broker
+            .describe_key(proto::DescribeKeyRequest {
+                tenant_id: "walk-in".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.primary.unwrap().provider_key_version == "2" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the rotated keyring was not picked up");
+}
