@@ -18,6 +18,7 @@ use crate::broker::Broker;
 use crate::cache::DekCache;
 use crate::config::{Config, MAX_MESSAGE_BYTES};
 use crate::control::Admin;
+use crate::control::rotation::PlatformRotation;
 use crate::control::watcher::Watcher;
 use crate::keys::{Binding, KeyDirectory, PLATFORM_BINDING};
 use crate::kms::aws::AwsKms;
@@ -49,6 +50,9 @@ pub struct Server {
     /// The control plane; absent when tests inject their own key directory.
     admin: Option<Arc<Admin>>,
     watcher: Option<Arc<Watcher>>,
+    /// Automatic platform keyring rotation (absent with an injected
+    /// directory).
+    rotation: Option<Arc<PlatformRotation>>,
     /// A plaintext listener serving only `grpc.health.v1` (kubelet's gRPC
     /// probes speak no TLS); never key material.
     health_listener: Option<TcpListener>,
@@ -106,6 +110,12 @@ impl Server {
             .with_recheck_interval(config.watcher.recheck_interval),
         );
         let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);
+        let rotation = Arc::new(PlatformRotation::new(
+            Arc::clone(&directory),
+            path.clone(),
+            config.server.platform_keyring_rotation_period,
+        ));
+        let rotating = rotation.spawn(config.server.keyring_reload_interval);
         if let Some(url) = config
             .registry
             .url
@@ -140,7 +150,10 @@ impl Server {
             }
         });
         server.admin = Some(admin);
-        server.tasks.extend([reloader, flusher, watching, resuming]);
+        server.rotation = Some(rotation);
+        server
+            .tasks
+            .extend([reloader, flusher, watching, resuming, rotating]);
         server.tasks.extend(listener_task);
         Ok(server)
     }
@@ -212,6 +225,7 @@ impl Server {
             tls,
             admin: None,
             watcher: None,
+            rotation: None,
             health_listener: None,
             tasks,
         })
@@ -234,6 +248,10 @@ impl Server {
     }
 
     /// The key-state watcher (absent when tests inject their own directory).
+    pub fn rotation(&self) -> Option<&Arc<PlatformRotation>> {
+        self.rotation.as_ref()
+    }
+
     pub fn watcher(&self) -> Option<&Arc<Watcher>> {
         self.watcher.as_ref()
     }

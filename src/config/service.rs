@@ -53,6 +53,15 @@ pub struct ServerSettings {
     /// How often the platform keyring file is checked for rotation.
     #[arg(id = "keyring_reload_interval", long = "keyring-reload-interval", env = "KEYBROKER_KEYRING_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub keyring_reload_interval: Duration,
+    /// Add a new platform keyring version when the newest is older than this
+    /// (checked every keyring_reload_interval; one rotation per period across
+    /// replicas, through the registry). Old versions keep decrypting. Only
+    /// for a keyring file every replica reads (one node, or one shared
+    /// volume): replicas holding copies would not see each other's new
+    /// version. A read-only keyring (mounted Secret) is reported due, not
+    /// rotated. 0s (the default) never rotates.
+    #[arg(id = "platform_keyring_rotation_period", long = "platform-keyring-rotation-period", env = "KEYBROKER_PLATFORM_KEYRING_ROTATION_PERIOD", value_parser = parse_duration, default_value = "0s")]
+    pub platform_keyring_rotation_period: Duration,
     /// Authorization policy file (TOML); required with TLS. Without it, a
     /// plaintext loopback server allows every call.
     #[arg(

@@ -6,6 +6,7 @@
 mod key_change;
 mod onboarding;
 mod retirement;
+pub mod rotation;
 mod validation;
 mod verification;
 pub mod watcher;

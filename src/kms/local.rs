@@ -257,6 +257,23 @@ impl LocalKeyring {
         })
     }
 
+    /// A version number past the newest this process loaded, of a keyring
+    /// that lives in a file (which may hold it by now).
+    fn is_newer(&self, versions: &Versions, version: &str) -> bool {
+        self.path.is_some() && version.parse::<u32>().is_ok_and(|n| n > versions.newest)
+    }
+
+    /// When the newest version was created (Unix seconds; 0 if unknown).
+    pub fn newest_created_unix(&self) -> u64 {
+        let versions = self.current();
+        versions.created.get(&versions.newest).copied().unwrap_or(0)
+    }
+
+    /// The backing file, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     pub fn newest_version(&self) -> u32 {
         self.current().newest
     }
@@ -356,7 +373,13 @@ impl KeyProvider for LocalKeyring {
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
-        let versions = self.current();
+        let mut versions = self.current();
+        if self.is_newer(&versions, key_version) {
+            // Another replica sharing the file may have rotated it since our
+            // last reload tick: look once (a stat; a reload only if changed).
+            let _ = self.reload_if_changed();
+            versions = self.current();
+        }
         let key = self.version_key(&versions, key_version)?;
         let aad = wrap.aad();
         if crate::seal::is_sealed(ciphertext)

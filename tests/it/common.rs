@@ -38,6 +38,8 @@ pub(crate) struct TestServer {
     pub(crate) directory: Option<Arc<keybroker::registry::directory::RegistryDirectory>>,
     /// The key-state watcher (absent with an injected directory).
     pub(crate) watcher: Option<Arc<keybroker::control::watcher::Watcher>>,
+    /// Automatic platform keyring rotation (absent with an injected directory).
+    pub(crate) rotation: Option<Arc<keybroker::control::rotation::PlatformRotation>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -66,6 +68,7 @@ impl TestServer {
         let audit = Arc::clone(server.audit());
         let directory = server.admin().map(|a| Arc::clone(a.directory()));
         let watcher = server.watcher().map(Arc::clone);
+        let rotation = server.rotation().map(Arc::clone);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
@@ -76,6 +79,7 @@ impl TestServer {
             audit,
             directory,
             watcher,
+            rotation,
             shutdown: Some(tx),
             handle,
         }

@@ -323,3 +323,58 @@ async fn rotate_platform_keyring(
     }
     panic!("the rotated keyring was not picked up");
 }
+
+/// Automatic platform keyring rotation, two replicas sharing one keyring
+/// file (one volume) and one PostgreSQL registry. Their periodic checks are
+/// held off (a 1 h interval) so the test runs both checks at the same
+/// moment, past the period: both see version 1 as due, exactly one wins the
+/// registry's claim. The other replica reads DEKs under the new version at
+/// once (a wrapped key naming a newer version makes it re-read the file).
+#[tokio::test]
+async fn platform_keyring_rotates_once_per_period_across_replicas() {
+    let url = crate::common::fresh_postgres_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = crate::common::test_config(dir.path());
+        c.registry.url = Some(url.parse().unwrap());
+        c.server.platform_keyring_rotation_period = Duration::from_secs(2);
+        c.server.keyring_reload_interval = Duration::from_secs(3600);
+        c
+    };
+    let a = crate::common::TestServer::start(config()).await;
+    let b = crate::common::TestServer::start(config()).await;
+    let (mut broker_a, broker_b) = (a.client().await, b.client().await);
+    let old = generate(&mut broker_a, "walk-in", CTX).await.unwrap();
+    assert_eq!(old.key.as_ref().unwrap().provider_key_version, "1");
+    let (rotate_a, rotate_b) = (a.rotation.clone().unwrap(), b.rotation.clone().unwrap());
+    assert_eq!(rotate_a.check().await.unwrap(), None, "not due yet");
+    // Creation times are whole seconds: 3 s is past a 2 s period for sure.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ra, rb) = tokio::join!(rotate_a.check(), rotate_b.check());
+    let mut outcomes = [ra.unwrap(), rb.unwrap()];
+    outcomes.sort();
+    assert_eq!(outcomes, [None, Some(2)], "one rotation fleet-wide");
+    assert_eq!(rotate_a.rotations() + rotate_b.rotations(), 1);
+    // Not due again within the period, on either replica.
+    assert_eq!(rotate_b.check().await.unwrap(), None);
+    assert_eq!(rotate_a.check().await.unwrap(), None);
+    let path = config().platform_keyring_path();
+    let on_disk = keybroker::kms::local::LocalKeyring::open_or_create("platform", &path).unwrap();
+    assert_eq!(on_disk.newest_version(), 2);
+
+    let (mut winner, mut other) = if rotate_a.rotations() == 1 {
+        (broker_a, broker_b)
+    } else {
+        (broker_b, broker_a)
+    };
+    let new = generate(&mut winner, "walk-in", CTX).await.unwrap();
+    assert_eq!(new.key.as_ref().unwrap().provider_key_version, "2");
+    for dek in [&old, &new] {
+        let back = unwrap(&mut other, "walk-in", CTX, &dek.wrapped_key)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext, dek.plaintext);
+    }
+    a.stop().await;
+    b.stop().await;
+}
