@@ -35,3 +35,8 @@ CREATE TABLE rotations (
     subject    TEXT   PRIMARY KEY,
     rotated_at BIGINT NOT NULL
 );
+
+-- Imported key material: when its newest version was imported (the age
+-- `imported_key_rotation_period` reminds about). NULL for other keys.
+ALTER TABLE key_bindings ADD COLUMN material_updated_at BIGINT;
+UPDATE key_bindings SET material_updated_at = created_at WHERE key_material IS NOT NULL;

@@ -103,6 +103,8 @@ pub(crate) fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
         replica_regions: r.replica_regions.clone(),
         min_decryption_version: view.min_decryption_version,
         versions: view.versions.iter().map(version_to_proto).collect(),
+        rotation_due: view.rotation_due(),
+        next_rotation_time: view.next_rotation_ms.map(timestamp),
     }
 }
 
@@ -217,6 +219,15 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |req| async move {
             // Moved into a zeroizing string at once; the request is dropped here.
             let material = zeroize::Zeroizing::new(req.key_material_base64);
+            if req.new_version {
+                let view = self
+                    .admin
+                    .import_key_version(&req.tenant_id, &req.name, &material)
+                    .await?;
+                return Ok(proto::ImportKeyMaterialResponse {
+                    key: Some(key_to_proto(&view)),
+                });
+            }
             let view = self
                 .admin
                 .import_key_material(

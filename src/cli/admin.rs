@@ -169,6 +169,10 @@ pub(super) enum KeyCommand {
         /// Make it the primary key.
         #[arg(long)]
         primary: bool,
+        /// Add the material as the newest version of the existing imported
+        /// key (the customer's rotation); older versions unwrap until retired.
+        #[arg(long, conflicts_with_all = ["primary", "description"])]
+        new_version: bool,
     },
     /// List a tenant's keys.
     List {
@@ -311,6 +315,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 material_file,
                 description,
                 primary,
+                new_version,
             } => {
                 let material = read_material(&material_file)?;
                 let resp = client
@@ -320,6 +325,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                         description,
                         key_material_base64: material.to_string(),
                         make_primary: primary,
+                        new_version,
                     })
                     .await
                     .answer()?;

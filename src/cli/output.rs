@@ -84,6 +84,8 @@ pub(super) fn binding_json(key: &proto::KeyBinding) -> Value {
         "unwrap_count": key.unwrap_count,
         "replica_regions": key.replica_regions,
         "min_decryption_version": key.min_decryption_version,
+        "rotation_due": key.rotation_due,
+        "next_rotation_time_ms": timestamp_json(key.next_rotation_time.as_ref()),
         "versions": key.versions.iter().map(version_json).collect::<Vec<_>>(),
     })
 }

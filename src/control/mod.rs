@@ -3,6 +3,7 @@
 //! applies it to the registry, and keeps the data plane's view current
 //! (through `RegistryDirectory::changed`: view invalidation, DEK purges).
 
+mod imported;
 mod key_change;
 mod onboarding;
 mod retirement;
@@ -79,6 +80,12 @@ pub struct AdminSettings {
     /// UnlinkKey is refused for a key used within this window unless forced.
     #[arg(id = "unlink_guard_window", long = "unlink-guard-window", env = "KEYBROKER_UNLINK_GUARD_WINDOW", value_parser = humantime::parse_duration, default_value = "24h")]
     pub unlink_guard_window: Duration,
+    /// Imported key material whose newest version is older than this is
+    /// reported due for rotation (GetKey, ListKeys, a log line): keybroker
+    /// never replaces a customer's material itself; the customer imports a
+    /// new version (ImportKeyMaterial with new_version). 0s never reminds.
+    #[arg(id = "imported_key_rotation_period", long = "imported-key-rotation-period", env = "KEYBROKER_IMPORTED_KEY_ROTATION_PERIOD", value_parser = humantime::parse_duration, default_value = "365days")]
+    pub imported_key_rotation_period: Duration,
 }
 
 impl Default for AdminSettings {
@@ -94,6 +101,15 @@ pub struct KeyView {
     /// Filled by GetKey and ListKeys (0 and empty elsewhere).
     pub min_decryption_version: u32,
     pub versions: Vec<VersionUsageView>,
+    /// Imported material: when its newest version is due for rotation
+    /// (`imported_key_rotation_period` after it was imported).
+    pub next_rotation_ms: Option<i64>,
+}
+
+impl KeyView {
+    pub fn rotation_due(&self) -> bool {
+        self.next_rotation_ms.is_some_and(|at| at <= now_ms())
+    }
 }
 
 /// Fields of a key to link or import, as given by the caller.
@@ -308,7 +324,8 @@ impl Admin {
                 sealed,
             )
             .await?;
-            if existing == *material {
+            let versions = crate::registry::directory::material_versions(&existing)?;
+            if versions.iter().any(|v| v == material) {
                 return Err(AdminError::InvalidArgument(format!(
                     "this key material is already imported for tenant '{tenant_id}' as key '{}'",
                     record.name
@@ -572,10 +589,17 @@ impl Admin {
                     .map_or(pending.last_used_ms, |l| l.max(pending.last_used_ms)),
             );
         }
+        let period = i64::try_from(self.settings.imported_key_rotation_period.as_millis())
+            .unwrap_or(i64::MAX);
+        let next_rotation_ms = record
+            .material_updated_at_ms
+            .filter(|_| period > 0)
+            .map(|at| at.saturating_add(period));
         KeyView {
             record,
             min_decryption_version: 0,
             versions: Vec::new(),
+            next_rotation_ms,
         }
     }
 }

@@ -196,7 +196,7 @@ impl Admin {
     /// Re-wraps a `tenant_key` tenant's versions that `name` protects under
     /// a retired version, under its current version (one decrypt and one
     /// encrypt per tenant key version, never per DEK).
-    async fn rewrap_tenant_keys_of(
+    pub(super) async fn rewrap_tenant_keys_of(
         &self,
         tenant_id: &str,
         name: &str,
@@ -295,7 +295,7 @@ impl Admin {
                 seal_material(&keyring, &record.tenant_id, &record.name, &material).await?;
             if self
                 .registry()
-                .replace_key_material(&record.tenant_id, &record.name, sealed, &resealed)
+                .replace_key_material(&record.tenant_id, &record.name, sealed, &resealed, None)
                 .await?
             {
                 moved += 1;

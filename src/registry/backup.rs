@@ -66,6 +66,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("last_used_at", Kind::OptInt),
             ("wrap_count", Kind::Int),
             ("unwrap_count", Kind::Int),
+            ("material_updated_at", Kind::OptInt),
         ],
     ),
     (

@@ -498,8 +498,11 @@ impl RegistryDirectory {
                     sealed,
                 )
                 .await?;
-                let keyring = LocalKeyring::from_material(&record.key_reference, &[material])
-                    .map_err(|e| DirectoryError::Internal(e.to_string()))?;
+                let keyring = LocalKeyring::from_material(
+                    &record.key_reference,
+                    &material_versions(&material)?,
+                )
+                .map_err(|e| DirectoryError::Internal(e.to_string()))?;
                 Ok(Arc::new(keyring))
             }
             ProviderKind::AwsKms => Ok(Arc::new(
@@ -617,6 +620,26 @@ fn material_wrap_context(tenant_id: &str, name: &str) -> Result<(String, Context
     let context = Context::new(HashMap::from([("binding".to_owned(), name.to_owned())]))
         .map_err(|e| DirectoryError::Internal(format!("key name '{name}': {e}")))?;
     Ok((format!("#imported/{tenant_id}"), context))
+}
+
+/// Bytes of one imported key version.
+pub const MATERIAL_VERSION_LEN: usize = 32;
+
+/// The versions of stored key material, oldest first: imported versions are
+/// stored as one sealed blob, 32 bytes per version (a key imported once is
+/// one version, as before versions existed).
+pub fn material_versions(material: &SecretBytes) -> Result<Vec<SecretBytes>, DirectoryError> {
+    let bytes = material.expose();
+    if bytes.is_empty() || bytes.len() % MATERIAL_VERSION_LEN != 0 {
+        return Err(DirectoryError::Internal(format!(
+            "stored key material is {} bytes, not a multiple of {MATERIAL_VERSION_LEN}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks(MATERIAL_VERSION_LEN)
+        .map(|c| SecretBytes::new(c.to_vec()))
+        .collect())
 }
 
 /// Encrypts raw key material under the platform keyring for storage.

@@ -179,6 +179,8 @@ pub struct BindingRecord {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub last_used_at_ms: Option<i64>,
+    /// When the newest version of imported key material was imported.
+    pub material_updated_at_ms: Option<i64>,
     pub wrap_count: u64,
     pub unwrap_count: u64,
 }
@@ -221,6 +223,7 @@ impl BindingRecord {
             created_at_ms: 0,
             updated_at_ms: 0,
             last_used_at_ms: None,
+            material_updated_at_ms: None,
             wrap_count: 0,
             unwrap_count: 0,
         }
@@ -465,13 +468,15 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// Every binding holding imported key material (sealed by the platform
     /// keyring).
     async fn bindings_with_material(&self) -> Result<Vec<BindingRecord>, RegistryError>;
-    /// Replaces a binding's sealed key material if it is still `old`.
+    /// Replaces a binding's sealed key material if it is still `old`;
+    /// `imported_at_ms` records a new version (a re-seal passes `None`).
     async fn replace_key_material(
         &self,
         tenant_id: &str,
         name: &str,
         old: &[u8],
         new: &[u8],
+        imported_at_ms: Option<i64>,
     ) -> Result<bool, RegistryError>;
     /// Claims the automatic rotation of `subject`: `true` for exactly one
     /// caller, and only if its last rotation was before `due_before_ms`.

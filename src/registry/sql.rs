@@ -28,7 +28,7 @@ pub(super) const TENANT_KEY_COLUMNS: &str =
 
 pub(super) const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
      role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
-     updated_at, last_used_at, wrap_count, unwrap_count";
+     updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at";
 
 #[derive(Debug, Clone)]
 pub struct SqlRegistry {
@@ -270,6 +270,9 @@ pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryEr
         created_at_ms: get_i("created_at")?,
         updated_at_ms: get_i("updated_at")?,
         last_used_at_ms: row.try_get::<Option<i64>, _>("last_used_at").map_err(db)?,
+        material_updated_at_ms: row
+            .try_get::<Option<i64>, _>("material_updated_at")
+            .map_err(db)?,
         wrap_count: count(get_i("wrap_count")?),
         unwrap_count: count(get_i("unwrap_count")?),
     })
@@ -427,8 +430,8 @@ impl Registry for SqlRegistry {
         sqlx::query(
             "INSERT INTO key_bindings (tenant_id, name, description, provider, key_reference, \
              region, role_arn, service_account, key_material, state, state_reason, is_primary, \
-             created_at, updated_at, replica_regions) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12)",
+             created_at, updated_at, replica_regions, material_updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13)",
         )
         .bind(&b.tenant_id)
         .bind(&b.name)
@@ -442,6 +445,7 @@ impl Registry for SqlRegistry {
         .bind(i64::from(primary))
         .bind(now_ms)
         .bind(b.replica_regions.join(","))
+        .bind(b.key_material.as_ref().map(|_| now_ms))
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -840,7 +844,9 @@ impl Registry for SqlRegistry {
         name: &str,
         old: &[u8],
         new: &[u8],
+        imported_at_ms: Option<i64>,
     ) -> Result<bool, RegistryError> {
-        self.swap_key_material(tenant_id, name, old, new).await
+        self.swap_key_material(tenant_id, name, old, new, imported_at_ms)
+            .await
     }
 }

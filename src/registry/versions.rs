@@ -183,12 +183,15 @@ impl SqlRegistry {
         name: &str,
         old: &[u8],
         new: &[u8],
+        imported_at_ms: Option<i64>,
     ) -> Result<bool, RegistryError> {
         let done = sqlx::query(
-            "UPDATE key_bindings SET key_material = $1 \
-             WHERE tenant_id = $2 AND name = $3 AND key_material = $4",
+            "UPDATE key_bindings SET key_material = $1, \
+             material_updated_at = COALESCE($2, material_updated_at) \
+             WHERE tenant_id = $3 AND name = $4 AND key_material = $5",
         )
         .bind(new)
+        .bind(imported_at_ms)
         .bind(tenant_id)
         .bind(name)
         .bind(old)

@@ -96,6 +96,7 @@ async fn every_item_answers_on_its_own() {
             description: String::new(),
             key_material_base64: random_material(),
             make_primary: true,
+            new_version: false,
         })
         .await
         .unwrap();
@@ -417,6 +418,7 @@ async fn bulk_rewrap_moves_everything_and_resumes() {
             description: String::new(),
             key_material_base64: random_material(),
             make_primary: true,
+            new_version: false,
         })
         .await
         .unwrap();

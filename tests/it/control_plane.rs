@@ -36,6 +36,7 @@ async fn import(
             description: format!("{name} of {tenant}"),
             key_material_base64: material.into(),
             make_primary,
+            new_version: false,
         })
         .await
         .map(|r| r.into_inner().key.unwrap())

@@ -31,6 +31,7 @@ fn import(tenant: &str, name: &str, primary: bool) -> proto::ImportKeyMaterialRe
         description: String::new(),
         key_material_base64: random_material(),
         make_primary: primary,
+        new_version: false,
     }
 }
 
@@ -340,6 +341,7 @@ async fn send_hostile_requests(channel: Channel) {
                 description: HOSTILE.into(),
                 key_material_base64: HOSTILE.into(),
                 make_primary: false,
+                new_version: false,
             })
             .await;
         let _ = admin

@@ -51,6 +51,7 @@ pub(crate) async fn import(
             description: String::new(),
             key_material_base64: random_material(),
             make_primary: primary,
+            new_version: false,
         })
         .await
         .unwrap()
@@ -616,6 +617,7 @@ async fn descriptions_newest_import_primary_and_bad_material() {
                 description: String::new(),
                 key_material_base64: material,
                 make_primary: false,
+                new_version: false,
             })
             .await;
         match says {

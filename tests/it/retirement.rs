@@ -378,3 +378,169 @@ async fn platform_keyring_rotates_once_per_period_across_replicas() {
     a.stop().await;
     b.stop().await;
 }
+
+async fn import_version(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    name: &str,
+    material: &str,
+) -> Result<proto::KeyBinding, tonic::Status> {
+    admin
+        .import_key_material(proto::ImportKeyMaterialRequest {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            description: String::new(),
+            key_material_base64: material.into(),
+            make_primary: false,
+            new_version: true,
+        })
+        .await
+        .map(|r| r.into_inner().key.unwrap())
+}
+
+async fn get_key(
+    admin: &mut KeyAdminClient<Channel>,
+    tenant: &str,
+    name: &str,
+) -> proto::KeyBinding {
+    admin
+        .get_key(proto::GetKeyRequest {
+            tenant_id: tenant.into(),
+            name: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+/// Imported material rotates the way the customer rotates it: a new
+/// version of the same key (Vault's import_version). New DEKs use it, old
+/// ones read with a rewrap recommended, then version 1 retires.
+#[tokio::test]
+async fn imported_keys_take_new_versions_then_retire_the_old_one() {
+    let (_dir, server, mut admin, mut broker) = start().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    import(&mut admin, "acme", "own", true).await;
+    let old = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(old.key.as_ref().unwrap().provider_key_version, "1");
+    let second = crate::common::random_material();
+    let key = import_version(&mut admin, "acme", "own", &second)
+        .await
+        .unwrap();
+    assert!(!key.rotation_due);
+    let next = key.next_rotation_time.unwrap().seconds;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(next > now + 364 * 86_400, "due a year after the import");
+    // The same material twice is refused; so is a version of a missing key.
+    let err = import_version(&mut admin, "acme", "own", &second)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = import_version(
+        &mut admin,
+        "acme",
+        "nope",
+        &crate::common::random_material(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    let new = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(new.key.as_ref().unwrap().provider_key_version, "2");
+    let back = unwrap(&mut broker, "acme", CTX, &old.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, old.plaintext);
+    assert!(back.rewrap_recommended);
+    let key = get_key(&mut admin, "acme", "own").await;
+    assert_eq!(usage_of(&key.versions, "1").unwrap_count, 1);
+    assert_eq!(usage_of(&key.versions, "2").wrap_count, 1);
+
+    let err = retire(&mut admin, "acme", RetireTarget::Key, "own", 2, false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("version 1 was used"),
+        "{}",
+        err.message()
+    );
+    let moved = broker
+        .rewrap_key(proto::RewrapKeyRequest {
+            tenant_id: "acme".into(),
+            wrapped_key: old.wrapped_key.clone(),
+            context: crate::common::ctx(CTX),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.key.unwrap().provider_key_version, "2");
+    let done = retire(&mut admin, "acme", RetireTarget::Key, "own", 2, true)
+        .await
+        .unwrap();
+    assert_eq!(done.retired_versions, ["1"]);
+    expect_retired(
+        &unwrap(&mut broker, "acme", CTX, &old.wrapped_key)
+            .await
+            .unwrap_err(),
+        1,
+    );
+    for dek in [&moved.wrapped_key, &new.wrapped_key] {
+        unwrap(&mut broker, "acme", CTX, dek).await.unwrap();
+    }
+    let key = get_key(&mut admin, "acme", "own").await;
+    assert_eq!(key.min_decryption_version, 2);
+    assert!(usage_of(&key.versions, "1").retired);
+
+    // A tenant_key tenant: its tenant key versions move to the new version
+    // at once (GetKey shows what each version protects).
+    create_tenant_with(
+        &mut admin,
+        "hier",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "hier", "own", true).await;
+    let sealed = generate(&mut broker, "hier", CTX).await.unwrap();
+    let before = get_key(&mut admin, "hier", "own").await;
+    let protected = usage_of(&before.versions, "1").tenant_key_versions;
+    assert!(protected >= 1, "{before:?}");
+    import_version(&mut admin, "hier", "own", &crate::common::random_material())
+        .await
+        .unwrap();
+    let after = get_key(&mut admin, "hier", "own").await;
+    assert_eq!(
+        usage_of(&after.versions, "2").tenant_key_versions,
+        protected
+    );
+    assert_eq!(usage_of(&after.versions, "1").tenant_key_versions, 0);
+    retire(&mut admin, "hier", RetireTarget::Key, "own", 2, true)
+        .await
+        .unwrap();
+    let back = unwrap(&mut broker, "hier", CTX, &sealed.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, sealed.plaintext);
+    server.stop().await;
+}
+
+/// Past `imported_key_rotation_period`, imported keys are reported due.
+#[tokio::test]
+async fn imported_keys_are_reported_due_for_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::common::test_config(dir.path());
+    config.control.imported_key_rotation_period = Duration::from_millis(1);
+    let server = crate::common::TestServer::start(config).await;
+    let mut admin = crate::common::admin_client(&server).await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    import(&mut admin, "acme", "own", true).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(get_key(&mut admin, "acme", "own").await.rotation_due);
+    server.stop().await;
+}

@@ -184,6 +184,7 @@ async fn forged_wrapped_keys_never_change_key_state() {
             description: String::new(),
             key_material_base64: random_material(),
             make_primary: true,
+            new_version: false,
         })
         .await
         .unwrap();
