@@ -77,6 +77,7 @@ impl RequestHarness {
         let observers = Arc::new(crate::api::Observers {
             audit: Arc::new(AuditLog::disabled()),
             metrics: Arc::clone(server.metrics()),
+            request_timeout: std::time::Duration::from_secs(10),
         });
         let admin = server
             .admin()

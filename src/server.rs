@@ -320,6 +320,7 @@ impl Server {
         let observers = Arc::new(Observers {
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
+            request_timeout: self.config.server.request_timeout,
         });
         let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(
             Arc::clone(&self.broker),
@@ -361,8 +362,10 @@ impl Server {
         // Dropped on every return path: stops accepting.
         let _accepting = AbortOnDrop(accepting);
         tracing::info!(%addr, tls = self.tls.is_some(), "keybroker listening");
+        // No `.timeout()`: `call::serve` enforces request_timeout without a
+        // timer for calls answered at once (cache hits); tonic still honours
+        // a client's grpc-timeout.
         let serve = tonic::transport::Server::builder()
-            .timeout(self.config.server.request_timeout)
             .http2_keepalive_interval(Some(connections.keepalive_interval))
             .http2_keepalive_timeout(Some(connections.keepalive_timeout))
             .layer(AuthLayer::new(

@@ -52,9 +52,9 @@ pub(crate) struct LoadArgs {
 }
 
 /// A server process (keybroker or floor), killed on drop.
-struct ServerProcess {
-    child: Child,
-    addr: String,
+pub(crate) struct ServerProcess {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Drop for ServerProcess {
@@ -81,25 +81,28 @@ impl ServerProcess {
     }
 }
 
-fn command(program: &Path, pin_core: Option<usize>) -> Command {
-    match pin_core {
-        Some(core) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", &core.to_string()]).arg(program);
-            c
-        }
-        None => Command::new(program),
+/// `program`, pinned to a core and/or run under `wrapper` (valgrind).
+fn command(program: &Path, pin_core: Option<usize>, wrapper: &[String]) -> Command {
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(core) = pin_core {
+        argv.extend(["taskset".into(), "-c".into(), core.to_string().into()]);
     }
+    argv.extend(wrapper.iter().map(Into::into));
+    argv.push(program.into());
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
 }
 
-fn spawn_keybroker(
+pub(crate) fn spawn_keybroker(
     bin: &Path,
     data_dir: &Path,
     pin: Option<usize>,
+    wrapper: &[String],
 ) -> anyhow::Result<ServerProcess> {
     let log = data_dir.join("keybroker.log");
     let out = std::fs::File::create(&log)?;
-    let child = command(bin, pin)
+    let child = command(bin, pin, wrapper)
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
         .arg("--data-dir")
         .arg(data_dir)
@@ -120,7 +123,7 @@ fn spawn_keybroker(
         child,
         addr: String::new(),
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(if wrapper.is_empty() { 30 } else { 300 });
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(addr) = text.lines().find_map(|l| {
@@ -142,10 +145,10 @@ fn spawn_keybroker(
     }
 }
 
-fn spawn_floor(pin: Option<usize>) -> anyhow::Result<ServerProcess> {
+pub(crate) fn spawn_floor(pin: Option<usize>, wrapper: &[String]) -> anyhow::Result<ServerProcess> {
     use std::io::BufRead as _;
     let me = std::env::current_exe()?;
-    let mut child = command(&me, pin)
+    let mut child = command(&me, pin, wrapper)
         .arg("floor-server")
         .stdout(Stdio::piped())
         .spawn()?;
@@ -199,9 +202,47 @@ impl RunResult {
     }
 }
 
+/// `n` wrapped keys of tenant `bench`, generated one by one.
+pub(crate) async fn generate_keys(
+    mut client: KeyBrokerClient<Channel>,
+    n: usize,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut keys = Vec::with_capacity(n);
+    for _ in 0..n {
+        let wrapped = client
+            .generate_data_key(GenerateDataKeyRequest {
+                tenant_id: "bench".into(),
+                key_spec: 0,
+                context: context(),
+            })
+            .await?
+            .into_inner()
+            .wrapped_key;
+        keys.push(wrapped);
+    }
+    Ok(keys)
+}
+
+/// Unwraps every key once, so the measured runs are all cache hits.
+pub(crate) async fn unwrap_all(
+    client: &mut KeyBrokerClient<Channel>,
+    keys: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    for key in keys {
+        client
+            .unwrap_key(UnwrapKeyRequest {
+                tenant_id: "bench".into(),
+                wrapped_key: key.clone(),
+                context: context(),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 /// What one request of a run sends.
 #[derive(Clone)]
-enum Target {
+pub(crate) enum Target {
     Floor(FloorClient<Channel>, Arc<Vec<Vec<u8>>>),
     Broker {
         client: KeyBrokerClient<Channel>,
@@ -212,12 +253,12 @@ enum Target {
     },
 }
 
-fn context() -> std::collections::HashMap<String, String> {
+pub(crate) fn context() -> std::collections::HashMap<String, String> {
     [("table".to_owned(), "bench".to_owned())].into()
 }
 
 impl Target {
-    async fn call(&mut self, i: u64) -> bool {
+    pub(crate) async fn call(&mut self, i: u64) -> bool {
         match self {
             Self::Floor(client, keys) => {
                 let key = &keys[i as usize % keys.len()];
@@ -361,8 +402,8 @@ pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
     let data_dir = std::env::temp_dir().join(format!("keybroker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let result = (|| {
-        let broker = spawn_keybroker(&keybroker_bin, &data_dir, server_core)?;
-        let floor = spawn_floor(server_core)?;
+        let broker = spawn_keybroker(&keybroker_bin, &data_dir, server_core, &[])?;
+        let floor = spawn_floor(server_core, &[])?;
         // The client gets one worker thread when pinned to its core.
         let runtime = if pinned {
             tokio::runtime::Builder::new_multi_thread()
@@ -400,34 +441,10 @@ async fn drive(
         .connect()
         .await?;
     let mut client = KeyBrokerClient::new(broker_channel);
-    let generate = |mut client: KeyBrokerClient<Channel>, n: usize| async move {
-        let mut keys = Vec::with_capacity(n);
-        for _ in 0..n {
-            let wrapped = client
-                .generate_data_key(GenerateDataKeyRequest {
-                    tenant_id: "bench".into(),
-                    key_spec: 0,
-                    context: context(),
-                })
-                .await?
-                .into_inner()
-                .wrapped_key;
-            keys.push(wrapped);
-        }
-        Ok::<_, anyhow::Error>(keys)
-    };
-    let warm = Arc::new(generate(client.clone(), args.keys).await?);
-    for key in warm.iter() {
-        client
-            .unwrap_key(UnwrapKeyRequest {
-                tenant_id: "bench".into(),
-                wrapped_key: key.clone(),
-                context: context(),
-            })
-            .await?;
-    }
+    let warm = Arc::new(generate_keys(client.clone(), args.keys).await?);
+    unwrap_all(&mut client, &warm).await?;
     let cold_needed = if args.hit_ratio < 1.0 { 50_000 } else { 0 };
-    let cold = Arc::new(generate(client.clone(), cold_needed).await?);
+    let cold = Arc::new(generate_keys(client.clone(), cold_needed).await?);
     let broker_target = Target::Broker {
         client,
         warm: Arc::clone(&warm),

@@ -8,6 +8,7 @@ mod accounting;
 mod floor;
 mod load;
 mod memory;
+mod profile;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,8 @@ enum Command {
     },
     /// Counts provider calls under concurrent cold unwraps.
     Accounting(accounting::AccountingArgs),
+    /// Instructions per request (callgrind), floor and keybroker.
+    Profile(profile::ProfileArgs),
     /// Resident bytes per cached key, a fresh process per size.
     Memory {
         /// Cache sizes to measure.
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run(args),
         Command::FloorServer { listen } => floor::serve(listen),
         Command::Accounting(args) => accounting::run(args),
+        Command::Profile(args) => profile::run(args),
         Command::Memory { entries, json } => memory::run(&entries, json.as_deref()),
         Command::MemoryChild { entries } => memory::child(entries),
     };

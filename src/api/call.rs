@@ -3,6 +3,9 @@
 //! whatever the outcome. In fail-closed mode an unwritable record turns the
 //! answer into UNAVAILABLE, so no key leaves without a trace.
 
+use std::sync::Arc;
+
+use futures::future::Either;
 use tonic::{Code, Request, Response, Status};
 
 use crate::api::Observers;
@@ -150,12 +153,20 @@ where
             .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
         return Err(status);
     }
-    let results = futures::future::join_all(
+    let all = futures::future::join_all(
         items
             .into_iter()
             .map(|item| serve_inner(&observers.audit, &ctx, item, &handler)),
-    )
-    .await;
+    );
+    let results = match within(observers.request_timeout, async { Ok(all.await) }).await {
+        Ok(results) => results,
+        Err(status) => {
+            observers
+                .metrics
+                .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
+            return Err(status);
+        }
+    };
     observers
         .metrics
         .rpc(&ctx.method, Code::Ok, None, ctx.started.elapsed());
@@ -200,11 +211,11 @@ where
     Resp: Audited,
     Fut: Future<Output = Result<Resp, Status>>,
 {
-    let Some(ctx) = request.extensions().get::<CallContext>().cloned() else {
+    let (_, mut extensions, req) = request.into_parts();
+    let Some(ctx) = extensions.remove::<CallContext>() else {
         // Only possible if the server were assembled without the layer.
         return Err(AccessError::NoContext.into());
     };
-    let req = request.into_inner();
     let tenant_id = observers
         .metrics
         .tenant_labels()
@@ -221,7 +232,10 @@ where
         code = tracing::field::Empty,
     );
     let result = tracing::Instrument::instrument(
-        serve_inner(&observers.audit, &ctx, req, handler),
+        within(
+            observers.request_timeout,
+            serve_inner(&observers.audit, &ctx, req, handler),
+        ),
         span.clone(),
     )
     .await;
@@ -234,6 +248,25 @@ where
         ctx.started.elapsed(),
     );
     result
+}
+
+/// Runs `call` under the request deadline. A call that completes at its
+/// first poll (a cache hit waits for nothing) never arms a timer; one that
+/// waits gets the deadline from then on.
+async fn within<T>(
+    limit: std::time::Duration,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let mut call = std::pin::pin!(call);
+    if let Some(done) = futures::FutureExt::now_or_never(call.as_mut()) {
+        return done;
+    }
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "the call did not finish within the server's request_timeout ({})",
+            humantime::format_duration(limit)
+        )))
+    })
 }
 
 async fn serve_inner<Req, Resp, Fut>(
@@ -265,28 +298,38 @@ where
         let result = Err(denied.into());
         return audited(audit, ctx, Facts::of(&req), None, result);
     }
-    if !audit.enabled() {
-        // Nothing to record: no digests, notes or clocks on the hot path.
-        return handler(req).await.map(Response::new);
-    }
-    let facts = Facts::of(&req);
-    if audit.fail_closed() && changes_state(&ctx.method) {
+    let audited_call = audit.enabled();
+    // Nothing to record when audit is off: no digests, notes or clocks.
+    let facts = audited_call.then(|| Facts::of(&req));
+    let durable = audited_call && audit.fail_closed() && changes_state(&ctx.method);
+    if let Some(facts) = facts.as_ref().filter(|_| durable) {
         // The intent is on disk before anything is committed: a change that
         // cannot be audited is never made.
         if let Err(err) = audit.write_durable(&facts.record(ctx, "INTENT", None, None)) {
             tracing::error!(error = %err, request_id = ctx.request_id.as_deref().unwrap_or_default(), "audit record of an intended change not written; refused");
             return Err(AccessError::AuditUnavailable(err.to_string()).into());
         }
-        let (result, notes) = audit::with_notes(handler(req)).await;
-        let record = facts.outcome(ctx, Some(&notes), &result);
+    }
+    // The handler's future is the largest part of every call's state and is
+    // moved with it: one await point holds it, whichever path this is.
+    let notes = audited_call.then(|| Arc::new(audit::CallNotes::default()));
+    let call = match &notes {
+        Some(notes) => Either::Left(audit::scoped(Arc::clone(notes), handler(req))),
+        None => Either::Right(handler(req)),
+    };
+    let result = call.await;
+    let Some(facts) = facts else {
+        return result.map(Response::new);
+    };
+    if durable {
+        let record = facts.outcome(ctx, notes.as_deref(), &result);
         if let Err(err) = audit.write(&record) {
             // The intent record exists; the caller gets the true answer.
             tracing::error!(error = %err, request_id = record.request_id, "audit record of a change's outcome not written (its intent was)");
         }
         return result.map(Response::new);
     }
-    let (result, notes) = audit::with_notes(handler(req)).await;
-    audited(audit, ctx, facts, Some(&notes), result)
+    audited(audit, ctx, facts, notes.as_deref(), result)
 }
 
 /// Admin methods that change what the registry holds.

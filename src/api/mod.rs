@@ -20,4 +20,7 @@ use crate::metrics::Metrics;
 pub(crate) struct Observers {
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
+    /// Server-side deadline of every call (`request_timeout`), enforced in
+    /// `call::serve`: a timer only for calls that wait for something.
+    pub request_timeout: std::time::Duration,
 }

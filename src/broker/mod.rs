@@ -379,9 +379,10 @@ impl Broker {
                 key: hit,
             });
         }
-        let key = self
-            .load_wrapped(&keys, cache_key, tenant_id, context, wrapped)
-            .await?;
+        // Boxed: the cold path's future (provider SDK calls included) is
+        // kilobytes; inline, every hit would carry and move it.
+        let key =
+            Box::pin(self.load_wrapped(&keys, cache_key, tenant_id, context, wrapped)).await?;
         Ok(Unwrapped {
             rewrap_recommended: rewrap_recommended(&keys, &key),
             info: origin_info(&keys, &key.origin),

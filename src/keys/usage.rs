@@ -2,8 +2,11 @@
 //! flush to the registry: "which key protects what". The per-version counts
 //! are what retiring a version is guarded by.
 //!
-//! Recorded on every request, so the hot path is atomics plus one
-//! uncontended read lock over a handful of versions.
+//! Recorded on every request, so the hot path is two relaxed atomic adds
+//! under one uncontended read lock over a handful of versions: no clock.
+//! The time of last use is stamped when the counts are taken (flushed, at
+//! most `usage_flush_interval` after the use) or peeked: never earlier than
+//! the real use, so guards built on it err on the side of refusing.
 
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -100,36 +103,48 @@ pub struct UsageCounts {
 struct Counters {
     wraps: AtomicU64,
     unwraps: AtomicU64,
-    last_used_ms: AtomicI64,
+    /// Only a count a failed flush put back carries its own time here.
+    restored_last_used_ms: AtomicI64,
 }
 
 impl Counters {
-    fn record(&self, wrap: bool, now: i64) {
+    fn record(&self, wrap: bool) {
         let counter = if wrap { &self.wraps } else { &self.unwraps };
         counter.fetch_add(1, Ordering::Relaxed);
-        self.last_used_ms.fetch_max(now, Ordering::Relaxed);
     }
 
-    fn peek(&self) -> UsageCounts {
+    /// The counts, stamped with `now` if there are any.
+    fn counts(wraps: u64, unwraps: u64, restored: i64, now: i64) -> UsageCounts {
+        let used = wraps + unwraps > 0;
         UsageCounts {
-            wraps: self.wraps.load(Ordering::Relaxed),
-            unwraps: self.unwraps.load(Ordering::Relaxed),
-            last_used_ms: self.last_used_ms.load(Ordering::Relaxed),
+            wraps,
+            unwraps,
+            last_used_ms: if used { now.max(restored) } else { 0 },
         }
     }
 
-    fn take(&self) -> UsageCounts {
-        UsageCounts {
-            wraps: self.wraps.swap(0, Ordering::Relaxed),
-            unwraps: self.unwraps.swap(0, Ordering::Relaxed),
-            last_used_ms: self.last_used_ms.swap(0, Ordering::Relaxed),
-        }
+    fn peek(&self, now: i64) -> UsageCounts {
+        Self::counts(
+            self.wraps.load(Ordering::Relaxed),
+            self.unwraps.load(Ordering::Relaxed),
+            self.restored_last_used_ms.load(Ordering::Relaxed),
+            now,
+        )
+    }
+
+    fn take(&self, now: i64) -> UsageCounts {
+        Self::counts(
+            self.wraps.swap(0, Ordering::Relaxed),
+            self.unwraps.swap(0, Ordering::Relaxed),
+            self.restored_last_used_ms.swap(0, Ordering::Relaxed),
+            now,
+        )
     }
 
     fn restore(&self, counts: UsageCounts) {
         self.wraps.fetch_add(counts.wraps, Ordering::Relaxed);
         self.unwraps.fetch_add(counts.unwraps, Ordering::Relaxed);
-        self.last_used_ms
+        self.restored_last_used_ms
             .fetch_max(counts.last_used_ms, Ordering::Relaxed);
     }
 }
@@ -171,49 +186,51 @@ impl BindingUsage {
     }
 
     fn record(&self, wrap: bool, version: UsedVersion<'_>) {
-        let now = super::now_ms();
-        self.total.record(wrap, now);
+        self.total.record(wrap);
         {
             let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
             if let Some((_, counters)) = versions.iter().find(|(id, _)| id.matches(version)) {
-                counters.record(wrap, now);
+                counters.record(wrap);
                 return;
             }
         }
         let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
         // Another request may have added it between the two locks.
         if let Some((_, counters)) = versions.iter().find(|(id, _)| id.matches(version)) {
-            counters.record(wrap, now);
+            counters.record(wrap);
             return;
         }
         let counters = Arc::new(Counters::default());
-        counters.record(wrap, now);
+        counters.record(wrap);
         versions.push((version.into(), counters));
     }
 
-    /// The totals not yet flushed.
+    /// The totals not yet flushed (last use: now, if any).
     pub fn peek(&self) -> UsageCounts {
-        self.total.peek()
+        self.total.peek(super::now_ms())
     }
 
     /// Per-version counts not yet flushed.
     pub fn peek_versions(&self) -> Vec<(VersionId, UsageCounts)> {
+        let now = super::now_ms();
         let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
         versions
             .iter()
-            .map(|(id, c)| (id.clone(), c.peek()))
+            .map(|(id, c)| (id.clone(), c.peek(now)))
             .filter(|(_, c)| *c != UsageCounts::default())
             .collect()
     }
 
-    /// Takes every count, leaving zero (the flush owns them now).
+    /// Takes every count, leaving zero (the flush owns them now), stamped
+    /// with the time of the take.
     pub fn take(&self) -> TakenUsage {
+        let now = super::now_ms();
         let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
         TakenUsage {
-            total: self.total.take(),
+            total: self.total.take(now),
             versions: versions
                 .iter()
-                .map(|(id, c)| (id.clone(), c.take()))
+                .map(|(id, c)| (id.clone(), c.take(now)))
                 .filter(|(_, c)| *c != UsageCounts::default())
                 .collect(),
         }
@@ -258,7 +275,10 @@ mod tests {
         assert_eq!(find(VersionId::TenantKey(1)), Some((0, 1)));
         assert!(usage.take().is_empty(), "a take leaves nothing");
         usage.restore(&taken);
-        assert_eq!(usage.take(), taken, "a failed flush loses nothing");
+        let again = usage.take();
+        assert_eq!(again.total.unwraps, 3, "a failed flush loses nothing");
+        assert!(again.total.last_used_ms >= taken.total.last_used_ms);
+        assert_eq!(again.versions.len(), taken.versions.len());
     }
 
     #[test]

@@ -567,6 +567,16 @@ impl KeyDirectory for RegistryDirectory {
         if let Some(keys) = self.tenants.get(tenant_id).await {
             return Ok(keys);
         }
+        // Boxed: the load's future (registry queries) is large, and inline it
+        // would be part of every hit's future too.
+        Box::pin(self.load_view(tenant_id)).await
+    }
+}
+
+impl RegistryDirectory {
+    /// A tenant's view on a miss: one registry read for all concurrent
+    /// callers.
+    async fn load_view(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
         let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let keys = self
             .tenants
