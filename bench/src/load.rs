@@ -43,6 +43,14 @@ pub(crate) struct LoadArgs {
     /// never seen before (a pool generated up front).
     #[arg(long, default_value_t = 1.0)]
     hit_ratio: f64,
+    /// Items of each BatchUnwrapKey run beside the single UnwrapKey runs
+    /// (all cached); 0 skips the batch runs.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Draw the latency percentiles of the highest concurrency (floor,
+    /// keybroker single and batch) into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Do not pin the servers and the client to different cores.
     #[arg(long)]
     no_pin: bool,
@@ -167,6 +175,8 @@ pub(crate) fn spawn_floor(pin: Option<usize>, wrapper: &[String]) -> anyhow::Res
 #[derive(Debug, Clone)]
 struct RunResult {
     histogram: Histogram<u64>,
+    /// DEKs each request carries (1, or the batch size).
+    deks_per_request: u64,
     requests: u64,
     errors: u64,
     seconds: f64,
@@ -176,6 +186,10 @@ struct RunResult {
 impl RunResult {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
+    }
+
+    fn deks_per_s(&self) -> f64 {
+        self.rps() * self.deks_per_request as f64
     }
 
     fn quantile_us(&self, q: f64) -> f64 {
@@ -193,6 +207,8 @@ impl RunResult {
             "requests": self.requests,
             "errors": self.errors,
             "rps": self.rps(),
+            "deks_per_request": self.deks_per_request,
+            "deks_per_s": self.deks_per_s(),
             "p50_us": self.quantile_us(0.5),
             "p90_us": self.quantile_us(0.9),
             "p99_us": self.quantile_us(0.99),
@@ -251,6 +267,12 @@ pub(crate) enum Target {
         next_cold: Arc<AtomicU64>,
         hit_ratio: f64,
     },
+    /// BatchUnwrapKey of `size` cached keys per request.
+    Batch {
+        client: KeyBrokerClient<Channel>,
+        warm: Arc<Vec<Vec<u8>>>,
+        size: usize,
+    },
 }
 
 pub(crate) fn context() -> std::collections::HashMap<String, String> {
@@ -258,8 +280,36 @@ pub(crate) fn context() -> std::collections::HashMap<String, String> {
 }
 
 impl Target {
+    fn deks_per_request(&self) -> u64 {
+        match self {
+            Self::Batch { size, .. } => *size as u64,
+            _ => 1,
+        }
+    }
+
     pub(crate) async fn call(&mut self, i: u64) -> bool {
         match self {
+            Self::Batch { client, warm, size } => {
+                let start = (i as usize * *size) % warm.len();
+                let items = (0..*size)
+                    .map(|k| UnwrapKeyRequest {
+                        tenant_id: "bench".into(),
+                        wrapped_key: warm[(start + k) % warm.len()].clone(),
+                        context: context(),
+                    })
+                    .collect();
+                client
+                    .batch_unwrap_key(keybroker::proto::BatchUnwrapKeyRequest { items })
+                    .await
+                    .is_ok_and(|r| {
+                        r.get_ref().results.len() == *size
+                            && r.get_ref().results.iter().all(|item| {
+                                item.response
+                                    .as_ref()
+                                    .is_some_and(|u| u.plaintext.len() == 32)
+                            })
+                    })
+            }
             Self::Floor(client, keys) => {
                 let key = &keys[i as usize % keys.len()];
                 client
@@ -345,6 +395,7 @@ async fn measure(
     let mut result = RunResult {
         histogram: Histogram::new_with_bounds(1, 60_000_000_000, 3)
             .map_err(|e| anyhow::anyhow!("{e}"))?,
+        deks_per_request: target.deks_per_request(),
         requests: 0,
         errors: 0,
         seconds,
@@ -440,7 +491,7 @@ async fn drive(
     let floor_channel = Channel::from_shared(format!("http://{}", floor.addr))?
         .connect()
         .await?;
-    let mut client = KeyBrokerClient::new(broker_channel);
+    let mut client = KeyBrokerClient::new(broker_channel.clone());
     let warm = Arc::new(generate_keys(client.clone(), args.keys).await?);
     unwrap_all(&mut client, &warm).await?;
     let cold_needed = if args.hit_ratio < 1.0 { 50_000 } else { 0 };
@@ -452,6 +503,11 @@ async fn drive(
         next_cold: Arc::default(),
         hit_ratio: args.hit_ratio,
     };
+    let batch_target = (args.batch_size > 0).then(|| Target::Batch {
+        client: KeyBrokerClient::new(broker_channel.clone()),
+        warm: Arc::clone(&warm),
+        size: args.batch_size,
+    });
     let floor_target = Target::Floor(FloorClient::new(floor_channel), Arc::clone(&warm));
 
     println!(
@@ -462,9 +518,11 @@ async fn drive(
         args.hit_ratio
     );
     let mut levels = Vec::new();
+    let mut last_level = None;
     for &concurrency in &args.concurrency {
         let mut floors = Vec::new();
         let mut brokers = Vec::new();
+        let mut batches = Vec::new();
         for _ in 0..args.rounds {
             floors.push(
                 measure(
@@ -486,6 +544,18 @@ async fn drive(
                 )
                 .await?,
             );
+            if let Some(batch_target) = &batch_target {
+                batches.push(
+                    measure(
+                        batch_target,
+                        broker,
+                        concurrency,
+                        args.warmup,
+                        args.duration,
+                    )
+                    .await?,
+                );
+            }
         }
         let med = |runs: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
             median(runs.iter().map(f).collect())
@@ -497,7 +567,12 @@ async fn drive(
         let ratio = |f: &dyn Fn(&RunResult) -> f64| med(&brokers, f) / med(&floors, f);
         let (p50_ratio, p99_ratio, rps_ratio, cpu_ratio) =
             (ratio(&p50), ratio(&p99), ratio(&rps), ratio(&cpu));
-        let errors: u64 = brokers.iter().chain(&floors).map(|r| r.errors).sum();
+        let errors: u64 = brokers
+            .iter()
+            .chain(&floors)
+            .chain(&batches)
+            .map(|r| r.errors)
+            .sum();
         let p90 = |r: &RunResult| r.quantile_us(0.9);
         let p999 = |r: &RunResult| r.quantile_us(0.999);
         for (name, runs) in [("floor", &floors), ("keybroker", &brokers)] {
@@ -514,10 +589,31 @@ async fn drive(
         println!(
             "in flight {concurrency:>3}    ratios: p50 {p50_ratio:.3} p99 {p99_ratio:.3} throughput {rps_ratio:.3} server-cpu/req {cpu_ratio:.3} (errors {errors})"
         );
+        let deks = |r: &RunResult| r.deks_per_s();
+        let batch_ratio =
+            (!batches.is_empty()).then(|| med(&batches, &deks) / med(&brokers, &deks));
+        if let Some(ratio) = batch_ratio {
+            println!(
+                "in flight {concurrency:>3}     batch: p50 {:>7.1}us p99 {:>7.1}us per {}-key batch, {:>9.0} DEKs/s vs single {:>8.0} DEKs/s: {ratio:.2}x",
+                med(&batches, &p50),
+                med(&batches, &p99),
+                args.batch_size,
+                med(&batches, &deks),
+                med(&brokers, &deks),
+            );
+        }
+        last_level = Some((
+            concurrency,
+            floors.clone(),
+            brokers.clone(),
+            batches.clone(),
+        ));
         levels.push(json!({
             "concurrency": concurrency,
             "floor": floors.iter().map(RunResult::json).collect::<Vec<_>>(),
             "keybroker": brokers.iter().map(RunResult::json).collect::<Vec<_>>(),
+            "keybroker_batch": batches.iter().map(RunResult::json).collect::<Vec<_>>(),
+            "batch_over_single_deks_per_s": batch_ratio,
             "median_ratios": {
                 "p50": p50_ratio, "p99": p99_ratio, "rps": rps_ratio, "server_cpu_per_request": cpu_ratio,
             },
@@ -536,6 +632,46 @@ async fn drive(
     });
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let (Some(path), Some((concurrency, floors, brokers, batches))) = (&args.plot, last_level) {
+        let merged = |runs: &[RunResult]| -> anyhow::Result<Option<Histogram<u64>>> {
+            let mut iter = runs.iter();
+            let Some(first) = iter.next() else {
+                return Ok(None);
+            };
+            let mut h = first.histogram.clone();
+            for r in iter {
+                h.add(&r.histogram).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            Ok(Some(h))
+        };
+        let mut curves = Vec::new();
+        for (name, runs) in [
+            ("floor (1 key/request)".to_owned(), &floors),
+            ("keybroker UnwrapKey (1 key/request)".to_owned(), &brokers),
+            (
+                format!(
+                    "keybroker BatchUnwrapKey ({} keys/request)",
+                    args.batch_size
+                ),
+                &batches,
+            ),
+        ] {
+            if let Some(h) = merged(runs)? {
+                curves.push((name, h));
+            }
+        }
+        crate::plot::latency_percentiles(
+            path,
+            &format!(
+                "Latency percentiles, {concurrency} requests in flight, all cached ({})",
+                crate::machine_facts()["cpu_model"]
+                    .as_str()
+                    .unwrap_or("unknown CPU")
+            ),
+            &curves,
+        )?;
+        println!("plot: {}", path.display());
     }
     let total_errors: u64 = report["levels"].as_array().map_or(0, |l| {
         l.iter().map(|v| v["errors"].as_u64().unwrap_or(0)).sum()

@@ -5,9 +5,11 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod accounting;
+mod cold_start;
 mod floor;
 mod load;
 mod memory;
+mod plot;
 mod profile;
 
 use std::path::PathBuf;
@@ -51,6 +53,8 @@ enum Command {
     Accounting(accounting::AccountingArgs),
     /// Instructions per request (callgrind), floor and keybroker.
     Profile(profile::ProfileArgs),
+    /// Cold start from AWS KMS (moto): batches vs single RPCs, KMS calls.
+    ColdStart(cold_start::ColdStartArgs),
     /// Resident bytes per cached key, a fresh process per size.
     Memory {
         /// Cache sizes to measure.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::FloorServer { listen } => floor::serve(listen),
         Command::Accounting(args) => accounting::run(args),
         Command::Profile(args) => profile::run(args),
+        Command::ColdStart(args) => cold_start::run(args),
         Command::Memory { entries, json } => memory::run(&entries, json.as_deref()),
         Command::MemoryChild { entries } => memory::child(entries),
     };

@@ -68,7 +68,10 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
         let mut argv = vec![
             "valgrind".to_owned(),
             "--tool=callgrind".to_owned(),
-            format!("--callgrind-out-file={}/{name}.callgrind", out_dir.display()),
+            format!(
+                "--callgrind-out-file={}/{name}.callgrind",
+                out_dir.display()
+            ),
         ];
         if args.cache_sim {
             argv.push("--cache-sim=yes".to_owned());

@@ -82,9 +82,13 @@ async fn load_and_memory_runs_complete() {
                     "20",
                     "--keybroker-bin",
                     keybroker_bin().to_str().unwrap(),
+                    "--batch-size",
+                    "10",
                 ])
                 .arg("--json")
                 .arg(&out)
+                .arg("--plot")
+                .arg(out.with_extension("svg"))
                 .output()
                 .unwrap()
         }
@@ -101,14 +105,19 @@ async fn load_and_memory_runs_complete() {
     assert_eq!(levels.len(), 2);
     for level in levels {
         assert_eq!(level["errors"], 0);
-        for side in ["floor", "keybroker"] {
+        for side in ["floor", "keybroker", "keybroker_batch"] {
             let run = &level[side][0];
             assert!(run["requests"].as_u64().unwrap() > 0, "{side}: {run}");
             assert!(run["p99_us"].as_f64().unwrap() >= run["p50_us"].as_f64().unwrap());
         }
+        // Every batch request carried 10 keys, all unwrapped (errors 0).
+        assert_eq!(level["keybroker_batch"][0]["deks_per_request"], 10);
+        assert!(level["batch_over_single_deks_per_s"].as_f64().unwrap() > 0.0);
         assert!(level["median_ratios"]["p50"].as_f64().unwrap() > 0.0);
     }
     assert!(report["machine"]["nproc"].as_u64().unwrap() >= 1);
+    let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("BatchUnwrapKey (10 keys/request)"));
 
     let output = tokio::task::spawn_blocking(|| {
         bench()
@@ -126,4 +135,41 @@ async fn load_and_memory_runs_complete() {
     let line = String::from_utf8(output.stdout).unwrap();
     let result: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert_eq!(result["entries"], 3000);
+}
+
+/// Cold start from moto, small: exact customer-KMS and STS calls for both
+/// hierarchies (the command itself fails on a wrong count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_counts_kms_calls_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cold.json");
+    let output = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || {
+            bench()
+                .args(["cold-start", "--tenants", "3", "--keys", "12", "--json"])
+                .arg(&out)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results[0]["hierarchy"], "direct");
+    assert_eq!(results[0]["single_decrypts"], 36);
+    assert_eq!(results[0]["batch_decrypts"], 36);
+    assert_eq!(results[1]["hierarchy"], "tenant_key");
+    assert_eq!(results[1]["single_decrypts"], 3);
+    assert_eq!(results[1]["batch_decrypts"], 3);
+    for r in results {
+        assert_eq!(r["single_assume_role"], 3);
+        assert_eq!(r["batch_assume_role"], 3);
+    }
 }
