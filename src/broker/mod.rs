@@ -788,10 +788,10 @@ fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
     if key.origin.key_binding != keys.primary.name {
         return true;
     }
-    match keys.primary.provider.current_version() {
-        Some(current) => *current != *key.origin.key_version,
-        None => false,
-    }
+    keys.primary
+        .provider
+        .is_current_version(&key.origin.key_version)
+        .is_some_and(|current| !current)
 }
 
 fn provider_error(binding: &Binding, source: ProviderError) -> BrokerError {

@@ -415,6 +415,14 @@ impl KeyProvider for LocalKeyring {
         Some(self.newest_version().to_string())
     }
 
+    fn is_current_version(&self, version: &str) -> Option<bool> {
+        let newest = match self.versions.read() {
+            Ok(guard) => guard.newest,
+            Err(poisoned) => poisoned.into_inner().newest,
+        };
+        Some(version.parse::<u32>().is_ok_and(|v| v == newest))
+    }
+
     fn check_version(&self, version: &str) -> Result<(), ProviderError> {
         self.version_key(&self.current(), version).map(|_| ())
     }

@@ -252,6 +252,13 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Whether `version` is the one new wraps use (`None`: not known). The
+    /// hot path asks this on every unwrap, so providers answer it without
+    /// allocating where they can.
+    fn is_current_version(&self, version: &str) -> Option<bool> {
+        self.current_version().map(|current| current == version)
+    }
+
     /// This provider as an AWS KMS key, for KMS-side rewraps (ReEncrypt).
     fn aws_key(&self) -> Option<&aws::AwsKmsKey> {
         None
