@@ -296,6 +296,23 @@ pub(crate) async fn unwrap(
         .map(tonic::Response::into_inner)
 }
 
+/// RewrapKey of `wrapped` for `tenant` under `context`.
+pub(crate) async fn rewrap(
+    broker: &mut KeyBrokerClient<Channel>,
+    tenant: &str,
+    context: &[(&str, &str)],
+    wrapped: &[u8],
+) -> Result<keybroker::proto::RewrapKeyResponse, tonic::Status> {
+    broker
+        .rewrap_key(keybroker::proto::RewrapKeyRequest {
+            tenant_id: tenant.into(),
+            wrapped_key: wrapped.to_vec(),
+            context: ctx(context),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// CreateTenant with `policy` and the `direct` hierarchy (what most suites
 /// test: each DEK wrapped by the tenant's key); the tenant as created.
 pub(crate) async fn create_tenant(

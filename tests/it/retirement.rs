@@ -11,7 +11,7 @@ use keybroker::proto::{self, KeyHierarchy, KeyPolicy, RetireTarget};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::{create_tenant_with, generate, unwrap};
+use crate::common::{create_tenant_with, generate, rewrap, unwrap};
 use crate::hierarchy::{import, start, tenant};
 
 const CTX: &[(&str, &str)] = &[("table", "orders")];
@@ -121,12 +121,7 @@ async fn tenant_key_versions_retire_with_a_usage_guard() {
         .await
         .unwrap_err();
     expect_retired(&err, 1);
-    let err = broker
-        .rewrap_key(proto::RewrapKeyRequest {
-            tenant_id: "acme".into(),
-            wrapped_key: old.wrapped_key.clone(),
-            context: crate::common::ctx(CTX),
-        })
+    let err = rewrap(&mut broker, "acme", CTX, &old.wrapped_key)
         .await
         .unwrap_err();
     expect_retired(&err, 1);
@@ -144,15 +139,9 @@ async fn tenant_key_versions_retire_with_a_usage_guard() {
     retire(&mut admin, "acme", RetireTarget::TenantKey, "", 0, false)
         .await
         .unwrap();
-    let moved = broker
-        .rewrap_key(proto::RewrapKeyRequest {
-            tenant_id: "acme".into(),
-            wrapped_key: old.wrapped_key.clone(),
-            context: crate::common::ctx(CTX),
-        })
+    let moved = rewrap(&mut broker, "acme", CTX, &old.wrapped_key)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(moved.key.unwrap().provider_key_version, "tenant-key/2");
     let back = unwrap(&mut broker, "acme", CTX, &moved.wrapped_key)
         .await
@@ -470,15 +459,9 @@ async fn imported_keys_take_new_versions_then_retire_the_old_one() {
         "{}",
         err.message()
     );
-    let moved = broker
-        .rewrap_key(proto::RewrapKeyRequest {
-            tenant_id: "acme".into(),
-            wrapped_key: old.wrapped_key.clone(),
-            context: crate::common::ctx(CTX),
-        })
+    let moved = rewrap(&mut broker, "acme", CTX, &old.wrapped_key)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(moved.key.unwrap().provider_key_version, "2");
     let done = retire(&mut admin, "acme", RetireTarget::Key, "own", 2, true)
         .await
