@@ -220,9 +220,7 @@ impl Broker {
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
         let sealing_version = keys.version(version);
         let binding = sealing_version.map_or(&keys.primary, |v| &v.binding);
-        binding.usage.record_wrap(UsedVersion::Provider(
-            sealing_version.map_or("", |v| &v.provider_key_version),
-        ));
+        binding.usage.record_sealed(true);
         keys.tenant_key_usage
             .record_wrap(UsedVersion::TenantKey(version));
         let envelope = Envelope {
@@ -274,9 +272,7 @@ impl Broker {
             .get_or_load(cache_key, load)
             .await
             .map_err(|shared| (*shared).clone())?;
-        binding
-            .usage
-            .record_unwrap(UsedVersion::Provider(&version.provider_key_version));
+        binding.usage.record_sealed(false);
         keys.tenant_key_usage
             .record_unwrap(UsedVersion::TenantKey(envelope.tenant_key_version));
         Ok((key, binding))

@@ -351,27 +351,25 @@ impl Broker {
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.directory.tenant_keys(tenant_id).await?;
         if let Some(hit) = self.cache.get(&cache_key).await {
-            // The binding that protects it *now*: for a sealed DEK, its
-            // tenant key version's, which a key change may have moved.
-            let (binding, version) = match hit.origin.tenant_key_version {
+            // Checked on every hit: the binding's state and retired versions.
+            match hit.origin.tenant_key_version {
                 0 => {
                     let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
                     ensure_current(binding, tenant_id, &hit.origin.key_version)?;
-                    (binding, UsedVersion::Provider(&hit.origin.key_version))
+                    ensure_usable(binding, tenant_id)?;
+                    binding
+                        .usage
+                        .record_unwrap(UsedVersion::Provider(&hit.origin.key_version));
                 }
                 v => {
-                    let version = hierarchy::sealed_version(&keys, tenant_id, v)?;
-                    (
-                        &version.binding,
-                        UsedVersion::Provider(&version.provider_key_version),
-                    )
+                    // Protected *now* by its tenant key version's binding,
+                    // which a key change may have moved.
+                    let binding = &hierarchy::sealed_version(&keys, tenant_id, v)?.binding;
+                    ensure_usable(binding, tenant_id)?;
+                    binding.usage.record_sealed(false);
+                    keys.tenant_key_usage
+                        .record_unwrap(UsedVersion::TenantKey(v));
                 }
-            };
-            ensure_usable(binding, tenant_id)?;
-            binding.usage.record_unwrap(version);
-            if hit.origin.tenant_key_version > 0 {
-                keys.tenant_key_usage
-                    .record_unwrap(UsedVersion::TenantKey(hit.origin.tenant_key_version));
             }
             return Ok(Unwrapped {
                 rewrap_recommended: rewrap_recommended(&keys, &hit),

@@ -355,6 +355,31 @@ impl Admin {
                 views[at].tenant_key_versions += 1;
             }
         }
+        // Imported material: every version it has, used or not.
+        if tenant_id != FLEET
+            && let Some(record) = registry.binding(tenant_id, key_name).await?
+            && record.provider == ProviderKind::Local
+        {
+            let tenant = self.tenant(tenant_id).await?;
+            let provider = self
+                .directory
+                .provider(&record, &tenant.external_id)
+                .await?;
+            let newest = provider
+                .current_version()
+                .and_then(|v| version_number(&v))
+                .unwrap_or(0);
+            for n in 1..=newest {
+                let version = n.to_string();
+                if !views.iter().any(|v| v.version == version) {
+                    views.push(VersionUsageView {
+                        retired: n < min,
+                        version,
+                        ..VersionUsageView::default()
+                    });
+                }
+            }
+        }
         views.sort_by_key(|v| (version_number(&v.version), v.version.clone()));
         Ok((min, views))
     }

@@ -185,6 +185,14 @@ impl BindingUsage {
         self.record(false, version);
     }
 
+    /// A DEK sealed (`wrap`) or opened under a tenant key version this
+    /// binding protects: counted in the binding's totals only. The DEK does
+    /// not depend on the binding's version (re-wrapping the tenant key moves
+    /// it); the tenant key version's own counters say which version it used.
+    pub fn record_sealed(&self, wrap: bool) {
+        self.total.record(wrap);
+    }
+
     fn record(&self, wrap: bool, version: UsedVersion<'_>) {
         self.total.record(wrap);
         {
