@@ -35,6 +35,10 @@ pub(crate) struct ProfileArgs {
     /// Keep the callgrind files here (for callgrind_annotate).
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Profile BatchUnwrapKey of this many keys per request instead of
+    /// single UnwrapKey (figures are then per key; the floor stays single).
+    #[arg(long, default_value_t = 0)]
+    batch_size: usize,
     /// Also simulate the caches (callgrind --cache-sim=yes): misses per
     /// request, where instructions alone do not explain the time.
     #[arg(long)]
@@ -87,14 +91,23 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
         let mut client = KeyBrokerClient::new(channel);
         let keys = Arc::new(generate_keys(client.clone(), args.keys).await?);
         unwrap_all(&mut client, &keys).await?;
-        let broker_target = Target::Broker {
-            client,
-            warm: Arc::clone(&keys),
-            cold: Arc::default(),
-            next_cold: Arc::default(),
-            hit_ratio: 1.0,
+        let broker_target = if args.batch_size > 0 {
+            Target::Batch {
+                client,
+                warm: Arc::clone(&keys),
+                size: args.batch_size,
+            }
+        } else {
+            Target::Broker {
+                client,
+                warm: Arc::clone(&keys),
+                cold: Arc::default(),
+                next_cold: Arc::default(),
+                hit_ratio: 1.0,
+            }
         };
-        let broker_ir = count(&broker, &broker_target, &args).await?;
+        let broker_ir =
+            count(&broker, &broker_target, &args).await? / args.batch_size.max(1) as u64;
         drop(broker);
 
         let floor = spawn_floor(None, &wrapper("floor"))?;
@@ -109,9 +122,14 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let (floor_ir, broker_ir) = result?;
     let per = |ir: u64| ir as f64 / args.requests as f64;
     println!(
-        "callgrind, {} requests at {} in flight: floor {:.0} instructions/request, keybroker {:.0} (ratio {:.3})",
+        "callgrind, {} requests at {} in flight{}: floor {:.0} instructions/request, keybroker {:.0} (ratio {:.3})",
         args.requests,
         args.concurrency,
+        if args.batch_size > 0 {
+            format!(" (keybroker: per key of {}-key batches)", args.batch_size)
+        } else {
+            String::new()
+        },
         per(floor_ir),
         per(broker_ir),
         per(broker_ir) / per(floor_ir)
@@ -121,6 +139,7 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
             "machine": crate::machine_facts(),
             "requests": args.requests,
             "concurrency": args.concurrency,
+            "batch_size": args.batch_size,
             "floor_instructions_per_request": per(floor_ir),
             "keybroker_instructions_per_request": per(broker_ir),
             "ratio": per(broker_ir) / per(floor_ir),
@@ -136,7 +155,12 @@ async fn count(server: &ServerProcess, target: &Target, args: &ProfileArgs) -> a
     let pid = server.child.id().to_string();
     // A few requests first: connection setup and first-use paths are not
     // what a request costs in steady state.
-    run_requests(target, args.concurrency, 2_000).await?;
+    run_requests(
+        target,
+        args.concurrency,
+        (args.requests / 10).clamp(50, 2_000),
+    )
+    .await?;
     callgrind_control(&["-z", &pid])?;
     run_requests(target, args.concurrency, args.requests).await?;
     callgrind_control(&["-d", &pid])?;
