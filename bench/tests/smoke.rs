@@ -21,15 +21,17 @@ fn keybroker_bin() -> std::path::PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accounting_is_exact() {
+/// Runs `keybroker-bench` with `args` plus `--json FILE` (off the async
+/// runtime), asserts it succeeded, and returns the JSON report.
+async fn report(args: Vec<String>) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("accounting.json");
+    let out = dir.path().join("report.json");
     let output = tokio::task::spawn_blocking({
         let out = out.clone();
         move || {
             bench()
-                .args(["accounting", "--keys", "20", "--latency", "25ms", "--json"])
+                .args(&args)
+                .arg("--json")
                 .arg(&out)
                 .output()
                 .unwrap()
@@ -42,7 +44,23 @@ async fn accounting_is_exact() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounting_is_exact() {
+    let report = report(strings(&[
+        "accounting",
+        "--keys",
+        "20",
+        "--latency",
+        "25ms",
+    ]))
+    .await;
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 8);
     for r in results {
@@ -141,26 +159,7 @@ async fn load_and_memory_runs_complete() {
 /// hierarchies (the command itself fails on a wrong count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_start_counts_kms_calls_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cold.json");
-    let output = tokio::task::spawn_blocking({
-        let out = out.clone();
-        move || {
-            bench()
-                .args(["cold-start", "--tenants", "3", "--keys", "12", "--json"])
-                .arg(&out)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let report = report(strings(&["cold-start", "--tenants", "3", "--keys", "12"])).await;
     let results = report["results"].as_array().unwrap();
     assert_eq!(results[0]["hierarchy"], "direct");
     assert_eq!(results[0]["single_decrypts"], 36);
