@@ -2,6 +2,8 @@
 //! KMS-call accounting is exact. Never a timing threshold: speed is judged
 //! from release runs side by side with the floor (BENCHMARKS.md).
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 fn bench() -> Command {
