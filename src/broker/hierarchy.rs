@@ -218,8 +218,7 @@ impl Broker {
                 &context::sealed_aad(tenant_id, version, context),
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let sealing_version = keys.version(version);
-        let binding = sealing_version.map_or(&keys.primary, |v| &v.binding);
+        let binding = keys.version(version).map_or(&keys.primary, |v| &v.binding);
         binding.usage.record_sealed(true);
         keys.tenant_key_usage
             .record_wrap(UsedVersion::TenantKey(version));

@@ -218,17 +218,6 @@ impl BindingUsage {
         self.total.peek(super::now_ms())
     }
 
-    /// Per-version counts not yet flushed.
-    pub fn peek_versions(&self) -> Vec<(VersionId, UsageCounts)> {
-        let now = super::now_ms();
-        let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
-        versions
-            .iter()
-            .map(|(id, c)| (id.clone(), c.peek(now)))
-            .filter(|(_, c)| *c != UsageCounts::default())
-            .collect()
-    }
-
     /// Takes every count, leaving zero (the flush owns them now), stamped
     /// with the time of the take.
     pub fn take(&self) -> TakenUsage {

@@ -269,11 +269,6 @@ impl LocalKeyring {
         versions.created.get(&versions.newest).copied().unwrap_or(0)
     }
 
-    /// The backing file, if any.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
     pub fn newest_version(&self) -> u32 {
         self.current().newest
     }

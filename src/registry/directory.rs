@@ -282,20 +282,6 @@ impl RegistryDirectory {
         map.remove(&(tenant_id.to_owned(), name.to_owned()));
     }
 
-    /// Usage per version not yet flushed.
-    pub fn pending_version_usage(&self, tenant_id: &str, name: &str) -> Vec<VersionUsageRecord> {
-        let usage = if tenant_id == FLEET {
-            Arc::clone(&self.platform.usage)
-        } else {
-            let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-            match map.get(&(tenant_id.to_owned(), name.to_owned())) {
-                Some(u) => Arc::clone(u),
-                None => return Vec::new(),
-            }
-        };
-        version_records(name, &usage.peek_versions())
-    }
-
     /// Writes accumulated usage to the registry. On failure the counts are
     /// put back for the next flush, so none are lost. The platform binding
     /// is one for every tenant: its uses are stored fleet-wide.

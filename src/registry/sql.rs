@@ -754,14 +754,18 @@ impl Registry for SqlRegistry {
                 }
             }
         }
-        for table in ["tenant_keys", "key_bindings"] {
+        for table in [
+            "tenant_keys",
+            "key_bindings",
+            "key_version_usage",
+            "key_retirements",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = $1"))
                 .bind(tenant_id)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
         }
-        Self::delete_version_rows(&mut tx, tenant_id).await?;
         sqlx::query("DELETE FROM tenants WHERE id = $1")
             .bind(tenant_id)
             .execute(&mut *tx)

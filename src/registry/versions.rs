@@ -200,21 +200,6 @@ impl SqlRegistry {
         .map_err(db)?;
         Ok(done.rows_affected() == 1)
     }
-
-    /// A deleted tenant's version rows go with it.
-    pub(super) async fn delete_version_rows(
-        tx: &mut Transaction<'static, Any>,
-        tenant_id: &str,
-    ) -> Result<(), RegistryError> {
-        for table in ["key_version_usage", "key_retirements"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = $1"))
-                .bind(tenant_id)
-                .execute(&mut **tx)
-                .await
-                .map_err(db)?;
-        }
-        Ok(())
-    }
 }
 
 fn unsigned(value: i64) -> u64 {
