@@ -78,6 +78,7 @@ impl RequestHarness {
             audit: Arc::new(AuditLog::disabled()),
             metrics: Arc::clone(server.metrics()),
             request_timeout: std::time::Duration::from_secs(10),
+            affinity_header: crate::api::affinity::DEFAULT_HEADER.to_owned(),
         });
         let admin = server
             .admin()

@@ -54,6 +54,13 @@ pub struct Sources {
     pub assume_role_calls: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     pub key_states: Option<Arc<dyn KeyStateSource>>,
+    pub identities: Option<Arc<dyn IdentitySource>>,
+}
+
+/// Sizes of the per-identity client caches, read at scrape time.
+pub trait IdentitySource: Send + Sync + std::fmt::Debug {
+    /// (cache name, live entries).
+    fn identity_counts(&self) -> Vec<(&'static str, u64)>;
 }
 
 /// Results of key-state checks, kept by whoever checks (the watcher) and
@@ -95,6 +102,12 @@ pub struct Metrics {
     audit_records: Family<NameLabels, Counter>,
     watcher_checks: Family<NameLabels, Counter>,
     bindings: Family<NameLabels, Gauge>,
+    /// Calls by how their affinity header matched, indexed like
+    /// `Affinity::ALL`: handles made once, so the hot path only increments.
+    affinity: [Counter; 3],
+    /// Live per-customer-identity clients (AWS role sessions, GCP
+    /// impersonated clients), read at scrape.
+    identities: Family<NameLabels, Gauge>,
     /// Per (method, code) counter and per-method histogram handles of the
     /// known methods, made on first use: the hot path neither allocates
     /// labels nor takes the family's lock.
@@ -196,9 +209,30 @@ impl Metrics {
             "Customer key bindings by state, as of the watcher's last pass",
             bindings.clone(),
         );
+        let affinity_family = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "affinity_header",
+            "Calls by their tenant-affinity header: matched, absent, other_tenant",
+            affinity_family.clone(),
+        );
+        let affinity = crate::api::affinity::Affinity::ALL.map(|a| {
+            affinity_family
+                .get_or_create(&NameLabels {
+                    name: a.as_str().to_owned(),
+                })
+                .clone()
+        });
+        let identities = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "identity_clients",
+            "Live clients per customer identity (bounded, evicted when idle)",
+            identities.clone(),
+        );
         Self {
             tenant_labels,
             registry,
+            affinity,
+            identities,
             rpc_requests,
             rpc_duration,
             provider_calls,
@@ -272,6 +306,14 @@ impl Metrics {
                 tenant,
             })
             .clone()
+    }
+
+    pub(crate) fn affinity(&self, affinity: crate::api::affinity::Affinity) {
+        let index = crate::api::affinity::Affinity::ALL
+            .iter()
+            .position(|a| *a == affinity)
+            .unwrap_or(0);
+        self.affinity[index].inc();
     }
 
     pub fn provider_call(&self, provider: &str, operation: &str, outcome: &str, elapsed: Duration) {
@@ -381,6 +423,17 @@ impl Metrics {
                     self.bindings
                         .get_or_create(&NameLabels {
                             name: state.to_owned(),
+                        })
+                        .set(i64::try_from(count).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        if let Ok(sources) = self.sources.lock() {
+            if let Some(identities) = &sources.identities {
+                for (name, count) in identities.identity_counts() {
+                    self.identities
+                        .get_or_create(&NameLabels {
+                            name: name.to_owned(),
                         })
                         .set(i64::try_from(count).unwrap_or(i64::MAX));
                 }

@@ -132,6 +132,7 @@ impl Server {
             assume_role_calls: Some(assume_role_calls),
             audit: Some(Arc::clone(&server.audit)),
             key_states: Some(Arc::clone(&watcher) as Arc<dyn crate::metrics::KeyStateSource>),
+            identities: Some(Arc::clone(&directory) as Arc<dyn crate::metrics::IdentitySource>),
         });
         server.watcher = Some(watcher);
         let admin = Arc::new(Admin::new(directory, server.config.control.clone()));
@@ -321,6 +322,7 @@ impl Server {
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
             request_timeout: self.config.server.request_timeout,
+            affinity_header: self.config.server.affinity_header.clone(),
         });
         let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(
             Arc::clone(&self.broker),

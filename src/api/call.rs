@@ -9,6 +9,7 @@ use futures::future::Either;
 use tonic::{Code, Request, Response, Status};
 
 use crate::api::Observers;
+use crate::api::affinity::Affinity;
 use crate::api::auth::{AccessError, CallContext, elapsed_us};
 use crate::audit::{self, AuditLog, AuditRecord};
 use crate::metrics::code_name;
@@ -142,7 +143,12 @@ where
     let Some(ctx) = request.extensions().get::<CallContext>().cloned() else {
         return Err(AccessError::NoContext.into());
     };
-    let items = request.into_inner();
+    let (metadata, _, items) = request.into_parts();
+    observers.metrics.affinity(Affinity::of(
+        &observers.affinity_header,
+        &metadata,
+        items.iter().map(Scoped::tenant_id),
+    ));
     if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
         let status = Status::invalid_argument(format!(
             "a batch holds 1 to {MAX_BATCH_ITEMS} items (and at most 64 KiB); this one holds {}",
@@ -230,7 +236,12 @@ where
     Resp: Audited,
     Fut: Future<Output = Result<Resp, Status>>,
 {
-    let (_, mut extensions, req) = request.into_parts();
+    let (metadata, mut extensions, req) = request.into_parts();
+    observers.metrics.affinity(Affinity::of(
+        &observers.affinity_header,
+        &metadata,
+        std::iter::once(req.tenant_id()),
+    ));
     let Some(ctx) = extensions.remove::<CallContext>() else {
         // Only possible if the server were assembled without the layer.
         return Err(AccessError::NoContext.into());

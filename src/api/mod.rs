@@ -1,6 +1,7 @@
 //! gRPC services: message conversion only. Decisions live in the domain
 //! modules; errors become `tonic::Status` in exactly one place, [`status`].
 
+pub(crate) mod affinity;
 pub(crate) mod auth;
 pub(crate) mod call;
 pub(crate) mod codec;
@@ -23,4 +24,6 @@ pub(crate) struct Observers {
     /// Server-side deadline of every call (`request_timeout`), enforced in
     /// `call::serve`: a timer only for calls that wait for something.
     pub request_timeout: std::time::Duration,
+    /// The tenant-affinity header (`affinity_header`), only counted.
+    pub affinity_header: String,
 }

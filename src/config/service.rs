@@ -90,6 +90,19 @@ pub struct ServerSettings {
         default_missing_value = "true"
     )]
     pub allow_core_dumps: bool,
+    /// The request header that carries the tenant for tenant affinity: a
+    /// gRPC client's `ring_hash` policy hashes it to pick the replica, so a
+    /// tenant's cold keys are loaded by one replica, not all (README "A
+    /// fleet"). Affinity is an optimisation: a call is served the same on
+    /// any replica; `keybroker_affinity_header_total` counts calls whose
+    /// header is absent or names another tenant.
+    #[arg(
+        id = "affinity_header",
+        long = "affinity-header",
+        env = "KEYBROKER_AFFINITY_HEADER",
+        default_value = crate::api::affinity::DEFAULT_HEADER
+    )]
+    pub affinity_header: String,
 }
 
 impl Default for ServerSettings {
@@ -105,6 +118,9 @@ impl ServerSettings {
         }
         if self.keyring_reload_interval.is_zero() {
             return invalid("keyring_reload_interval", "must be longer than zero");
+        }
+        if let Err(reason) = crate::api::affinity::parse_header(&self.affinity_header) {
+            return invalid("affinity_header", &reason);
         }
         Ok(())
     }

@@ -710,3 +710,13 @@ fn version_records(name: &str, versions: &[(VersionId, UsageCounts)]) -> Vec<Ver
         })
         .collect()
 }
+
+/// Live per-identity clients, for `keybroker_identity_clients`.
+impl crate::metrics::IdentitySource for RegistryDirectory {
+    fn identity_counts(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("aws_role_sessions", self.aws.live_sessions()),
+            ("gcp_clients", self.gcp.live_clients_now()),
+        ]
+    }
+}

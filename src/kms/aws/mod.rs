@@ -98,6 +98,20 @@ pub struct AwsSettings {
     /// Deadline of one AWS call, retries included.
     #[arg(id = "aws_operation_timeout", long = "aws-operation-timeout", env = "KEYBROKER_AWS_OPERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "8s")]
     pub operation_timeout: Duration,
+    /// Most customer role sessions (with their KMS clients) kept at once;
+    /// the least recently used beyond it are dropped, so 100,000 tenants
+    /// never mean 100,000 live sessions.
+    #[arg(
+        id = "aws_identity_cache_capacity",
+        long = "aws-identity-cache-capacity",
+        env = "KEYBROKER_AWS_IDENTITY_CACHE_CAPACITY",
+        default_value = "10000"
+    )]
+    pub identity_cache_capacity: u64,
+    /// A role session unused this long is dropped (its next use assumes the
+    /// role again: one STS call).
+    #[arg(id = "aws_identity_idle_timeout", long = "aws-identity-idle-timeout", env = "KEYBROKER_AWS_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub identity_idle_timeout: Duration,
 }
 
 impl Default for AwsSettings {
@@ -117,6 +131,12 @@ impl AwsSettings {
         }
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("aws_max_attempts", "must be 1 to 10");
+        }
+        if self.identity_cache_capacity == 0 || self.identity_idle_timeout.is_zero() {
+            return invalid(
+                "aws_identity_cache_capacity/aws_identity_idle_timeout",
+                "must be at least 1 / longer than zero",
+            );
         }
         if self.attempt_timeout > self.operation_timeout {
             return invalid(
@@ -149,11 +169,12 @@ pub struct AwsKms {
     base: SdkConfig,
     settings: AwsSettings,
     sts: aws_sdk_sts::Client,
-    /// Role sessions by (role ARN, external ID, session name). std Mutex:
-    /// held for a map lookup only.
-    sessions: Mutex<HashMap<(RoleArn, String, String), Arc<RoleSession>>>,
-    /// KMS clients by (session identity, region). std Mutex: map lookup only.
-    clients: Mutex<HashMap<(usize, String), aws_sdk_kms::Client>>,
+    /// Role sessions (each with its KMS clients) by (role ARN, external ID,
+    /// session name): bounded and dropped when idle
+    /// (`aws_identity_cache_*`). A binding's provider holds its session, so
+    /// eviction never breaks a call; a session evicted while in use is
+    /// replaced on the next tenant-view load, at one AssumeRole.
+    sessions: moka::sync::Cache<(RoleArn, String, String), Arc<RoleSession>>,
     /// AssumeRole calls made (metrics; tests assert one per session lifetime).
     pub assume_role_calls: Arc<AtomicU64>,
 }
@@ -191,38 +212,41 @@ impl AwsKms {
         Self {
             sts: aws_sdk_sts::Client::from_conf(sts.build()),
             base,
+            sessions: moka::sync::Cache::builder()
+                .max_capacity(settings.identity_cache_capacity)
+                .time_to_idle(settings.identity_idle_timeout)
+                .build(),
             settings,
-            sessions: Mutex::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
             assume_role_calls: Arc::default(),
         }
+    }
+
+    /// Live role sessions (metrics: `keybroker_identity_clients`).
+    pub fn live_sessions(&self) -> u64 {
+        self.sessions.run_pending_tasks();
+        self.sessions.entry_count()
     }
 
     /// The provider for one binding.
     pub fn key(self: &Arc<Self>, target: AwsKeyTarget) -> AwsKmsKey {
         let session_name = session_name(&target.tenant_id);
-        let session = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(
-                sessions
-                    .entry((
-                        target.role_arn.clone(),
-                        target.external_id.clone(),
-                        session_name.clone(),
-                    ))
-                    .or_insert_with(|| {
-                        Arc::new(RoleSession {
-                            sts: self.sts.clone(),
-                            role_arn: target.role_arn.clone(),
-                            external_id: target.external_id.clone(),
-                            session_name,
-                            duration: self.settings.session_duration,
-                            credentials: tokio::sync::Mutex::new(None),
-                            calls: Arc::clone(&self.assume_role_calls),
-                        })
-                    }),
-            )
-        };
+        let key = (
+            target.role_arn.clone(),
+            target.external_id.clone(),
+            session_name,
+        );
+        let session = self.sessions.get_with_by_ref(&key, || {
+            Arc::new(RoleSession {
+                sts: self.sts.clone(),
+                role_arn: key.0.clone(),
+                external_id: key.1.clone(),
+                session_name: key.2.clone(),
+                duration: self.settings.session_duration,
+                credentials: tokio::sync::Mutex::new(None),
+                clients: Mutex::default(),
+                calls: Arc::clone(&self.assume_role_calls),
+            })
+        });
         AwsKmsKey {
             kms: Arc::clone(self),
             target,
@@ -231,14 +255,13 @@ impl AwsKms {
     }
 
     fn client(&self, session: &Arc<RoleSession>, region: &str) -> aws_sdk_kms::Client {
-        let id = Arc::as_ptr(session) as usize;
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = session.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
-            .entry((id, region.to_owned()))
+            .entry(region.to_owned())
             .or_insert_with(|| {
                 let mut config = aws_sdk_kms::config::Builder::from(&self.base)
                     .region(aws_config::Region::new(region.to_owned()))
-                    .credentials_provider(SessionCredentials(Arc::clone(session)))
+                    .credentials_provider(SessionCredentials(Arc::downgrade(session)))
                     // Our session already caches; a second cache would only
                     // hold credentials past our refresh.
                     .identity_cache(IdentityCache::no_cache())
@@ -310,7 +333,7 @@ impl AwsKmsKey {
     /// Same customer role and region: ReEncrypt can move a key between them
     /// without the plaintext leaving KMS.
     pub fn same_session(&self, other: &AwsKmsKey) -> bool {
-        Arc::ptr_eq(&self.session, &other.session) && self.target.region() == other.target.region()
+        self.session.same_identity(&other.session) && self.target.region() == other.target.region()
     }
 
     async fn decrypt_in(

@@ -48,6 +48,10 @@ pub(super) struct RoleSession {
     /// The current credentials; see the struct's comment for why a tokio
     /// mutex held across the call.
     pub(super) credentials: tokio::sync::Mutex<Option<Credentials>>,
+    /// This session's KMS clients by region (a handful at most). They hold
+    /// the session weakly, so dropping the session frees them. std Mutex:
+    /// map access only.
+    pub(super) clients: std::sync::Mutex<std::collections::HashMap<String, aws_sdk_kms::Client>>,
     /// AssumeRole calls made, shared by every session (metrics, tests).
     pub(super) calls: Arc<AtomicU64>,
 }
@@ -66,6 +70,13 @@ impl RoleSession {
     /// five minutes), so no request ever carries expiring credentials.
     fn refresh_margin(&self) -> Duration {
         (self.duration / 5).min(Duration::from_secs(300))
+    }
+
+    /// The same customer role, external ID and session name.
+    pub(super) fn same_identity(&self, other: &RoleSession) -> bool {
+        self.role_arn == other.role_arn
+            && self.external_id == other.external_id
+            && self.session_name == other.session_name
     }
 
     pub(super) async fn credentials(&self) -> Result<Credentials, ProviderError> {
@@ -107,9 +118,12 @@ impl RoleSession {
     }
 }
 
-/// Hands the session's cached credentials to the SDK.
+/// Hands the session's cached credentials to the SDK. Weak: the session
+/// owns its clients, and a client must not keep its session alive. Every
+/// call goes through a provider that holds the session, so the upgrade
+/// fails only for a client used after its session was dropped.
 #[derive(Debug)]
-pub(super) struct SessionCredentials(pub(super) Arc<RoleSession>);
+pub(super) struct SessionCredentials(pub(super) std::sync::Weak<RoleSession>);
 
 impl ProvideCredentials for SessionCredentials {
     fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
@@ -117,7 +131,12 @@ impl ProvideCredentials for SessionCredentials {
         Self: 'a,
     {
         future::ProvideCredentials::new(async move {
-            self.0
+            let session = self.0.upgrade().ok_or_else(|| {
+                CredentialsError::provider_error(ProviderError::Internal(
+                    "the customer role session was dropped".into(),
+                ))
+            })?;
+            session
                 .credentials()
                 .await
                 .map_err(CredentialsError::provider_error)

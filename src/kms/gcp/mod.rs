@@ -15,9 +15,9 @@
 //! error (never a wrong key). Failures are classified here, from the status
 //! Google returns, into [`ProviderError`].
 
-use std::collections::HashMap;
+
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -107,6 +107,19 @@ pub struct GcpSettings {
     /// Deadline of one Cloud KMS call, retries included.
     #[arg(id = "gcp_operation_timeout", long = "gcp-operation-timeout", env = "KEYBROKER_GCP_OPERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "8s")]
     pub operation_timeout: Duration,
+    /// Most Cloud KMS clients (one per impersonated service account) kept
+    /// at once; the least recently used beyond it are dropped.
+    #[arg(
+        id = "gcp_identity_cache_capacity",
+        long = "gcp-identity-cache-capacity",
+        env = "KEYBROKER_GCP_IDENTITY_CACHE_CAPACITY",
+        default_value = "10000"
+    )]
+    pub identity_cache_capacity: u64,
+    /// A client unused this long is dropped (its next use builds a new one
+    /// and mints a new impersonated token).
+    #[arg(id = "gcp_identity_idle_timeout", long = "gcp-identity-idle-timeout", env = "KEYBROKER_GCP_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub identity_idle_timeout: Duration,
 }
 
 impl Default for GcpSettings {
@@ -120,6 +133,12 @@ impl GcpSettings {
         use crate::settings::invalid;
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("gcp_max_attempts", "must be 1 to 10");
+        }
+        if self.identity_cache_capacity == 0 || self.identity_idle_timeout.is_zero() {
+            return invalid(
+                "gcp_identity_cache_capacity/gcp_identity_idle_timeout",
+                "must be at least 1 / longer than zero",
+            );
         }
         if self.attempt_timeout > self.operation_timeout {
             return invalid(
@@ -140,14 +159,15 @@ impl GcpSettings {
 pub struct GcpKms {
     settings: GcpSettings,
     /// Clients by impersonated service account (`""`: keybroker's own
-    /// identity). tokio Mutex: building a client is async, and concurrent
-    /// first uses of an identity should build it once.
-    clients: tokio::sync::Mutex<HashMap<String, KeyManagementService>>,
+    /// identity), bounded and dropped when idle (`gcp_identity_cache_*`).
+    /// moka builds a client once for concurrent first uses.
+    clients: moka::future::Cache<String, KeyManagementService>,
     /// The primary version last reported per CryptoKey (by Encrypt or a
     /// describe), so `rewrap_recommended` needs no call. It outlives the
-    /// tenant views, which are rebuilt on every change. std Mutex: map
-    /// access only.
-    primaries: Mutex<HashMap<String, String>>,
+    /// tenant views, which are rebuilt on every change; bounded like the
+    /// clients (a forgotten entry only means no recommendation until the
+    /// next Encrypt or describe).
+    primaries: moka::sync::Cache<String, String>,
 }
 
 impl fmt::Debug for GcpKms {
@@ -161,10 +181,22 @@ impl fmt::Debug for GcpKms {
 impl GcpKms {
     pub fn new(settings: GcpSettings) -> Self {
         Self {
+            clients: moka::future::Cache::builder()
+                .max_capacity(settings.identity_cache_capacity)
+                .time_to_idle(settings.identity_idle_timeout)
+                .build(),
+            primaries: moka::sync::Cache::builder()
+                .max_capacity(settings.identity_cache_capacity.saturating_mul(4))
+                .time_to_idle(settings.identity_idle_timeout)
+                .build(),
             settings,
-            clients: tokio::sync::Mutex::new(HashMap::new()),
-            primaries: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Live Cloud KMS clients (metrics: `keybroker_identity_clients`), as
+    /// of moka's last maintenance (it runs on every few cache operations).
+    pub fn live_clients_now(&self) -> u64 {
+        self.clients.entry_count()
     }
 
     /// The provider for one binding.
@@ -176,10 +208,16 @@ impl GcpKms {
     }
 
     async fn client(&self, service_account: &str) -> Result<KeyManagementService, ProviderError> {
-        let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(service_account) {
-            return Ok(client.clone());
-        }
+        self.clients
+            .try_get_with_by_ref(service_account, self.build_client(service_account))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn build_client(
+        &self,
+        service_account: &str,
+    ) -> Result<KeyManagementService, ProviderError> {
         let credentials = self.credentials(service_account)?;
         let retry = Aip194Strict
             .with_attempt_limit(self.settings.max_attempts.max(1))
@@ -199,7 +237,6 @@ impl GcpKms {
         let client = builder.build().await.map_err(|e| {
             ProviderError::Internal(format!("cannot create the Cloud KMS client: {e}"))
         })?;
-        clients.insert(service_account.to_owned(), client.clone());
         Ok(client)
     }
 
@@ -228,15 +265,13 @@ impl GcpKms {
     }
 
     fn note_primary(&self, key: &str, version: &str) {
-        let mut primaries = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
-        if primaries.get(key).map(String::as_str) != Some(version) {
-            primaries.insert(key.to_owned(), version.to_owned());
+        if self.primaries.get(key).as_deref() != Some(version) {
+            self.primaries.insert(key.to_owned(), version.to_owned());
         }
     }
 
     fn primary(&self, key: &str) -> Option<String> {
-        let primaries = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
-        primaries.get(key).cloned()
+        self.primaries.get(key)
     }
 }
 
