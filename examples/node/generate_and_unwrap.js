@@ -6,6 +6,11 @@
 //   node generate_and_unwrap.js --server 127.0.0.1:50051 --tenant acme
 //
 // --bad-input sends a wrapped key that is not one and prints the status code.
+//
+// Every call carries the tenant in the x-keybroker-tenant header, which a
+// ring-hash load balancer in front of a fleet (Envoy, README "A fleet")
+// hashes so each tenant's calls reach one replica. (@grpc/grpc-js has no
+// ring_hash policy outside xDS; grpcio and grpc-go hash it in the client.)
 'use strict';
 
 const path = require('node:path');
@@ -35,8 +40,14 @@ const definition = protoLoader.loadSync('keybroker/v1/broker.proto', {
 const { keybroker } = grpc.loadPackageDefinition(definition);
 const client = new keybroker.v1.KeyBroker(server, grpc.credentials.createInsecure());
 
+// On every call, so a ring hash keyed on it never fails closed.
+const tenantHeader = new grpc.Metadata();
+tenantHeader.set('x-keybroker-tenant', tenant);
+
 const call = (method, request) =>
-  new Promise((resolve, reject) => client[method](request, (err, reply) => (err ? reject(err) : resolve(reply))));
+  new Promise((resolve, reject) =>
+    client[method](request, tenantHeader, (err, reply) => (err ? reject(err) : resolve(reply))),
+  );
 
 const codeName = (code) => Object.keys(grpc.status).find((k) => grpc.status[k] === code);
 

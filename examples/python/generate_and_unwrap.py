@@ -8,13 +8,29 @@ and in a batch), print the key id. Uses a client generated from proto/ with grpc
 
 --bad-input sends a wrapped key that is not one and prints the status code,
 so clients in every language can be checked to see the same codes.
+
+Every call carries the tenant in the x-keybroker-tenant header. Against a
+fleet, give a multi-address target and the shipped service config, and each
+tenant's calls go to one replica (README "A fleet"):
+
+    PYTHONPATH=sdk python examples/python/generate_and_unwrap.py --tenant acme \
+        --server ipv4:10.0.0.1:50051,10.0.0.2:50051 \
+        --service-config examples/grpc-service-config.json
 """
 
 import argparse
 import json
+import os
 import sys
 
-import grpc
+# grpcio before the ring_hash request_hash_header became default reads
+# this at start-up; without it every ring_hash call fails INTERNAL "hash
+# attribute not present". Harmless on releases that no longer need it.
+os.environ.setdefault("GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY", "true")
+
+import grpc  # noqa: E402  (after the environment it reads)
+
+AFFINITY_HEADER = "x-keybroker-tenant"
 
 from keybroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -24,17 +40,25 @@ def main() -> int:
     parser.add_argument("--server", default="127.0.0.1:50051")
     parser.add_argument("--tenant", required=True)
     parser.add_argument("--bad-input", action="store_true")
+    parser.add_argument("--service-config", help="gRPC service config (JSON file)")
     args = parser.parse_args()
 
-    with grpc.insecure_channel(args.server) as channel:
+    options = []
+    if args.service_config:
+        with open(args.service_config, encoding="utf-8") as f:
+            options.append(("grpc.service_config", f.read()))
+    with grpc.insecure_channel(args.server, options=options) as channel:
         client = broker_pb2_grpc.KeyBrokerStub(channel)
+        # On every call: a ring_hash policy keyed on it never fails closed.
+        tenant_header = [(AFFINITY_HEADER, args.tenant)]
         context = {"table": "orders"}
         if args.bad_input:
             try:
                 client.UnwrapKey(
                     broker_pb2.UnwrapKeyRequest(
                         tenant_id=args.tenant, wrapped_key=b"not a wrapped key", context=context
-                    )
+                    ),
+                    metadata=tenant_header,
                 )
             except grpc.RpcError as err:
                 print(json.dumps({"code": err.code().name, "message": err.details()}))
@@ -43,12 +67,14 @@ def main() -> int:
             return 1
 
         generated = client.GenerateDataKey(
-            broker_pb2.GenerateDataKeyRequest(tenant_id=args.tenant, context=context)
+            broker_pb2.GenerateDataKeyRequest(tenant_id=args.tenant, context=context),
+            metadata=tenant_header,
         )
         unwrapped = client.UnwrapKey(
             broker_pb2.UnwrapKeyRequest(
                 tenant_id=args.tenant, wrapped_key=generated.wrapped_key, context=context
-            )
+            ),
+            metadata=tenant_header,
         )
         if unwrapped.plaintext != generated.plaintext:
             print("unwrapped key differs from the generated key", file=sys.stderr)
@@ -62,7 +88,8 @@ def main() -> int:
                     ),
                     broker_pb2.UnwrapKeyRequest(tenant_id=args.tenant, wrapped_key=b"not one"),
                 ]
-            )
+            ),
+            metadata=tenant_header,
         )
         code_names = {c.value[0]: c.name for c in grpc.StatusCode}
         batch_codes = [code_names[r.status.code] for r in batch.results]

@@ -57,9 +57,9 @@ impl Affinity {
 /// not one gRPC or HTTP/2 reserves.
 pub(crate) fn parse_header(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        });
     if !valid {
         return Err(format!(
             "{:?} is not a lowercase header name (letters, digits, - _ .)",
@@ -81,7 +81,14 @@ mod tests {
     #[test]
     fn header_names_are_checked() {
         assert!(parse_header(DEFAULT_HEADER).is_ok());
-        for bad in ["", "X-Tenant", "tenant id", "grpc-tenant", "tenant-bin", ":authority"] {
+        for bad in [
+            "",
+            "X-Tenant",
+            "tenant id",
+            "grpc-tenant",
+            "tenant-bin",
+            ":authority",
+        ] {
             assert!(parse_header(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -89,9 +96,15 @@ mod tests {
     #[test]
     fn affinity_is_classified() {
         let mut md = MetadataMap::new();
-        assert_eq!(Affinity::of(DEFAULT_HEADER, &md, ["a"].into_iter()), Affinity::Absent);
+        assert_eq!(
+            Affinity::of(DEFAULT_HEADER, &md, ["a"].into_iter()),
+            Affinity::Absent
+        );
         md.insert(DEFAULT_HEADER, "acme".parse().unwrap());
-        assert_eq!(Affinity::of(DEFAULT_HEADER, &md, ["acme"].into_iter()), Affinity::Matched);
+        assert_eq!(
+            Affinity::of(DEFAULT_HEADER, &md, ["acme"].into_iter()),
+            Affinity::Matched
+        );
         assert_eq!(
             Affinity::of(DEFAULT_HEADER, &md, ["acme", "acme"].into_iter()),
             Affinity::Matched
@@ -100,6 +113,9 @@ mod tests {
             Affinity::of(DEFAULT_HEADER, &md, ["acme", "globex"].into_iter()),
             Affinity::OtherTenant
         );
-        assert_eq!(Affinity::of("x-other", &md, ["acme"].into_iter()), Affinity::Absent);
+        assert_eq!(
+            Affinity::of("x-other", &md, ["acme"].into_iter()),
+            Affinity::Absent
+        );
     }
 }

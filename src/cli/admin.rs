@@ -45,6 +45,33 @@ pub(super) enum AdminCommand {
     },
 }
 
+impl AdminCommand {
+    /// The tenant the command is about (`""` for the platform keyring), for
+    /// the affinity header.
+    fn tenant(&self) -> &str {
+        match self {
+            Self::Tenant { command } => match command {
+                TenantCommand::Create { tenant, .. }
+                | TenantCommand::Get { tenant }
+                | TenantCommand::SetPolicy { tenant, .. }
+                | TenantCommand::Delete { tenant, .. } => tenant,
+            },
+            Self::Key { command } => match command {
+                KeyCommand::Link { key, .. }
+                | KeyCommand::Import { key, .. }
+                | KeyCommand::Get(key)
+                | KeyCommand::SetPrimary(key)
+                | KeyCommand::Disable { key, .. }
+                | KeyCommand::Update { key, .. }
+                | KeyCommand::Enable(key)
+                | KeyCommand::Unlink { key, .. } => &key.tenant,
+                KeyCommand::List { tenant } => tenant,
+            },
+            Self::RetireVersions { tenant, .. } => tenant,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(super) enum PolicyArg {
     Keyring,
@@ -229,7 +256,8 @@ fn read_material(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<St
 }
 
 pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> anyhow::Result<Value> {
-    let mut client = proto::key_admin_client::KeyAdminClient::new(channel(server).await?);
+    let mut client =
+        proto::key_admin_client::KeyAdminClient::new(channel(server, command.tenant()).await?);
     let value = match command {
         AdminCommand::Tenant { command } => match command {
             TenantCommand::Create {

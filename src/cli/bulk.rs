@@ -14,11 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 
+use super::client::TenantChannel;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use super::output::Answer;
 use crate::proto::{self, key_broker_client::KeyBrokerClient};
@@ -64,7 +64,7 @@ enum Outcome {
 /// Moves the batch: unwrap first (cached keys cost nothing) to learn which
 /// keys are already current, then rewrap the others.
 async fn move_batch(
-    mut client: KeyBrokerClient<Channel>,
+    mut client: KeyBrokerClient<TenantChannel>,
     tenant: String,
     lines: Vec<Line>,
 ) -> anyhow::Result<Vec<Outcome>> {
@@ -148,7 +148,7 @@ async fn move_batch(
 
 /// Runs the bulk rewrap; the summary.
 pub(super) async fn rewrap_all(
-    client: KeyBrokerClient<Channel>,
+    client: KeyBrokerClient<TenantChannel>,
     tenant: &str,
     default_context: &HashMap<String, String>,
     out: &Path,

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
+use tonic::metadata::{Ascii, MetadataKey, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::Command;
@@ -34,7 +37,51 @@ pub(super) struct ServerArg {
     /// Name to verify in the server certificate [default: the host of --server].
     #[arg(long, env = "KEYBROKER_SERVER_NAME")]
     pub(super) server_name: Option<String>,
+    /// Header that carries the tenant on every call, for a ring-hash load
+    /// balancer's tenant affinity (the server's `affinity_header`).
+    #[arg(long, env = "KEYBROKER_AFFINITY_HEADER", default_value = crate::api::affinity::DEFAULT_HEADER)]
+    pub(super) affinity_header: String,
 }
+
+/// Sets the affinity header on every call of a client made for one tenant,
+/// so a `ring_hash` policy keyed on it never fails closed (README "A
+/// fleet"). A tenant id that is not a valid header value (the server
+/// refuses such ids anyway) is sent without the header.
+#[derive(Debug, Clone)]
+pub(super) struct TenantHeader {
+    name: MetadataKey<Ascii>,
+    value: Option<MetadataValue<Ascii>>,
+}
+
+impl TenantHeader {
+    fn new(name: &str, tenant: &str) -> anyhow::Result<Self> {
+        crate::api::affinity::parse_header(name)
+            .map_err(|reason| anyhow::anyhow!("--affinity-header: {reason}"))?;
+        let name = MetadataKey::from_bytes(name.as_bytes())
+            .map_err(|e| anyhow::anyhow!("--affinity-header: {e}"))?;
+        let value = (!tenant.is_empty())
+            .then(|| MetadataValue::try_from(tenant).ok())
+            .flatten();
+        Ok(Self { name, value })
+    }
+}
+
+impl Interceptor for TenantHeader {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.value {
+            request
+                .metadata_mut()
+                .insert(self.name.clone(), value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection whose calls carry one tenant's affinity header.
+pub(super) type TenantChannel = InterceptedService<Channel, TenantHeader>;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct Target {
@@ -62,7 +109,9 @@ pub(super) fn parse_context_entry(text: &str) -> Result<(String, String), String
         .ok_or_else(|| format!("{text:?} is not key=value"))
 }
 
-pub(super) async fn channel(server: &ServerArg) -> anyhow::Result<Channel> {
+/// A connection for calls about `tenant` (`""`: none, e.g. health).
+pub(super) async fn channel(server: &ServerArg, tenant: &str) -> anyhow::Result<TenantChannel> {
+    let header = TenantHeader::new(&server.affinity_header, tenant)?;
     let mut endpoint = Channel::from_shared(server.server.clone())
         .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", server.server))?;
     if server.ca.is_some() || server.cert.is_some() {
@@ -86,14 +135,18 @@ pub(super) async fn channel(server: &ServerArg) -> anyhow::Result<Channel> {
             .tls_config(tls)
             .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     }
-    endpoint
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", server.server))?;
+    Ok(InterceptedService::new(channel, header))
 }
 
-pub(super) async fn connect(server: &ServerArg) -> anyhow::Result<KeyBrokerClient<Channel>> {
-    Ok(KeyBrokerClient::new(channel(server).await?))
+pub(super) async fn connect(
+    server: &ServerArg,
+    tenant: &str,
+) -> anyhow::Result<KeyBrokerClient<TenantChannel>> {
+    Ok(KeyBrokerClient::new(channel(server, tenant).await?))
 }
 
 pub(super) fn decode_b64(flag: &str, text: &str) -> anyhow::Result<Vec<u8>> {
@@ -118,7 +171,7 @@ fn item_error(status: Option<&tonic_types::Status>) -> Value {
 pub(super) async fn run(command: Command) -> anyhow::Result<()> {
     let output = match command {
         Command::Generate { target, key_spec } => {
-            let mut client = connect(&target.server).await?;
+            let mut client = connect(&target.server, &target.tenant).await?;
             let resp = client
                 .generate_data_key(proto::GenerateDataKeyRequest {
                     tenant_id: target.tenant,
@@ -139,7 +192,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Wrap { target, plaintext } => {
             let plaintext = zeroize::Zeroizing::new(decode_b64("plaintext", &plaintext)?);
-            let mut client = connect(&target.server).await?;
+            let mut client = connect(&target.server, &target.tenant).await?;
             let resp = client
                 .wrap_key(proto::WrapKeyRequest {
                     tenant_id: target.tenant,
@@ -158,7 +211,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             wrapped_key,
         } => {
             let wrapped_key = decode_b64("wrapped-key", &wrapped_key)?;
-            let mut client = connect(&target.server).await?;
+            let mut client = connect(&target.server, &target.tenant).await?;
             let resp = client
                 .unwrap_key(proto::UnwrapKeyRequest {
                     tenant_id: target.tenant,
@@ -174,7 +227,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::BatchUnwrap { target } => {
-            let mut client = connect(&target.server).await?;
+            let mut client = connect(&target.server, &target.tenant).await?;
             let context: std::collections::HashMap<String, String> =
                 target.context.into_iter().collect();
             let lines: Vec<String> = std::io::stdin().lines().collect::<Result<_, _>>()?;
@@ -210,7 +263,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             json!({ "results": results })
         }
         Command::BatchGenerate { target, count } => {
-            let mut client = connect(&target.server).await?;
+            let mut client = connect(&target.server, &target.tenant).await?;
             let item = proto::GenerateDataKeyRequest {
                 tenant_id: target.tenant,
                 context: target.context.into_iter().collect(),
@@ -244,7 +297,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             ..
         } => {
             let context = target.context.into_iter().collect();
-            let client = connect(&target.server).await?;
+            let client = connect(&target.server, &target.tenant).await?;
             super::bulk::rewrap_all(client, &target.tenant, &context, &out).await?
         }
         Command::Rewrap {
@@ -253,7 +306,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             out: None,
         } => {
             let wrapped_key = decode_b64("wrapped-key", &wrapped_key.unwrap_or_default())?;
-            let mut client = connect(&target.server).await?;
+            let mut client = connect(&target.server, &target.tenant).await?;
             let resp = client
                 .rewrap_key(proto::RewrapKeyRequest {
                     tenant_id: target.tenant,
@@ -270,7 +323,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Health { server, service } => {
             let mut client =
-                tonic_health::pb::health_client::HealthClient::new(channel(&server).await?);
+                tonic_health::pb::health_client::HealthClient::new(channel(&server, "").await?);
             let status = client
                 .check(tonic_health::pb::HealthCheckRequest {
                     service: service.clone(),
@@ -283,7 +336,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
             json!({ "service": service, "status": status.as_str_name() })
         }
         Command::Describe { server, tenant } => {
-            let mut client = connect(&server).await?;
+            let mut client = connect(&server, &tenant).await?;
             let resp = client
                 .describe_key(proto::DescribeKeyRequest { tenant_id: tenant })
                 .await

@@ -22,12 +22,16 @@ pub(super) async fn verify_provider(
     use crate::kms::ProviderKeyState;
     let failed = AdminError::Provider;
     let description = provider.describe().await.map_err(failed)?;
+    let rotation_enabled = match description.rotation_enabled {
+        Some(known) => Some(known),
+        None => provider.rotation_enabled().await,
+    };
     tracing::info!(
         tenant = tenant_id,
         provider = %provider.kind(),
         state = ?description.state,
         version = %description.current_version,
-        rotation_enabled = ?description.rotation_enabled,
+        rotation_enabled = ?rotation_enabled,
         rotation_period = ?description.rotation_period,
         protection_level = ?description.protection_level,
         "verifying a key to link"

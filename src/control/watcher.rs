@@ -6,20 +6,26 @@
 //! again becomes ACTIVE on the next check. An outage (throttling, timeouts,
 //! 5xx) changes nothing: cached DEKs keep being served until their TTL.
 //!
-//! The bound "revoked → no plaintext served" is the interval (plus up to 10%
-//! jitter) plus one describe call; a live request that sees a definitive
-//! error asks for an out-of-turn describe sooner (`registry::key_state`),
-//! and the describe, never the request, decides.
+//! One pass per fleet: replicas claim due bindings through the registry
+//! (`claim_checks`), so each binding is described about once per interval
+//! whatever the replica count, and a verdict reaches the other replicas as
+//! a registry change (PostgreSQL NOTIFY; `registry_cache_ttl` at worst).
+//!
+//! The bound "revoked → no plaintext served" is the interval plus one tick
+//! (a tenth of it, see [`Watcher::tick`]) plus one describe call; bindings
+//! a replica claimed just before dying are checked one interval later by
+//! the others (twice the interval, once). A live request that sees a
+//! definitive error asks for an out-of-turn describe sooner
+//! (`registry::key_state`), and the describe, never the request, decides.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::keys::BindingState;
 use crate::metrics::{CheckCounts, KeyStateSource};
+use crate::registry::Applied;
 use crate::registry::directory::RegistryDirectory;
-use crate::registry::{Applied, Verdict};
 
 /// The `watcher_*` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -78,16 +84,34 @@ pub struct PassSummary {
     pub outages: usize,
 }
 
+impl PassSummary {
+    fn add(&mut self, other: PassSummary) {
+        self.checked += other.checked;
+        self.revoked += other.revoked;
+        self.restored += other.restored;
+        self.outages += other.outages;
+    }
+}
+
 #[derive(Debug)]
 pub struct Watcher {
     directory: Arc<RegistryDirectory>,
     settings: WatcherSettings,
-    /// Cumulative results and the binding states of the last pass; written
-    /// once per pass, read by metrics scrapes.
+    /// Cumulative results of this replica's checks, and the fleet's
+    /// bindings by state (counted at most once per interval); written per
+    /// pass, read by metrics scrapes.
     totals: std::sync::Mutex<(CheckCounts, Vec<(&'static str, u64)>)>,
-    /// Passes completed (tests wait for one instead of trusting a sleep).
+    /// Passes that checked something (tests wait for one instead of
+    /// trusting a sleep).
     passes: std::sync::atomic::AtomicU64,
+    /// When the bindings-by-state gauge was last counted. std Mutex: read
+    /// and set, never held across an await.
+    counted_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Bindings claimed per registry round trip; a tick claims again until
+/// fewer come back, so a backlog drains in one tick.
+const CLAIM_BATCH: usize = 256;
 
 impl Watcher {
     pub fn new(directory: Arc<RegistryDirectory>, settings: WatcherSettings) -> Self {
@@ -96,79 +120,119 @@ impl Watcher {
             settings,
             totals: std::sync::Mutex::default(),
             passes: std::sync::atomic::AtomicU64::new(0),
+            counted_at: std::sync::Mutex::new(None),
         }
     }
 
-    /// Passes completed since start.
+    /// Passes that checked at least one binding since start.
     pub fn passes(&self) -> u64 {
         self.passes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Checks every watched binding once.
+    /// How often a replica looks for due bindings: a tenth of the interval
+    /// (50 ms to 5 s). A binding is checked at most this late, so the
+    /// revocation bound is the interval plus this plus one describe call.
+    pub fn tick(&self) -> Duration {
+        (self.settings.interval / 10).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+
+    /// Checks every binding due now, fleet-wide: each is claimed through
+    /// the registry, which moves its next check one interval ahead, so
+    /// another replica ticking at the same moment checks other bindings.
     pub async fn pass(&self) -> PassSummary {
-        let bindings = match self.directory.registry().bindings_to_watch().await {
-            Ok(b) => b,
-            Err(err) => {
-                tracing::warn!(error = %err, "watcher could not list key bindings; will retry");
-                return PassSummary::default();
+        let interval_ms = i64::try_from(self.settings.interval.as_millis()).unwrap_or(i64::MAX);
+        let mut summary = PassSummary::default();
+        loop {
+            let now = crate::keys::now_ms();
+            let claimed = match self
+                .directory
+                .registry()
+                .claim_checks(now, now.saturating_add(interval_ms), CLAIM_BATCH)
+                .await
+            {
+                Ok(b) => b,
+                Err(err) => {
+                    tracing::warn!(error = %err, "watcher could not claim key bindings to check; will retry");
+                    break;
+                }
+            };
+            let full = claimed.len() == CLAIM_BATCH;
+            summary.add(self.check_all(claimed).await);
+            if !full {
+                break;
             }
-        };
-        // Each result is applied as soon as its check completes: a
-        // revocation never waits for the rest of the pass.
-        let total = bindings.len();
-        let (summary, revoked_now) = futures::stream::iter(bindings)
-            .map(|(record, external_id)| async move {
-                let verdict = self.directory.check_binding(&record, &external_id).await;
-                let revoked = match &verdict {
-                    Verdict::Usable => false,
-                    Verdict::Revoked(_) => true,
-                    Verdict::Outage => record.state == BindingState::Revoked,
-                };
-                (
-                    self.directory.apply_verdict(&record, &verdict).await,
-                    revoked,
-                )
-            })
-            .buffer_unordered(self.settings.concurrency.max(1))
-            .fold(
-                (PassSummary::default(), 0u64),
-                |(mut summary, mut revoked), (result, is_revoked)| async move {
-                    summary.checked += 1;
-                    revoked += u64::from(is_revoked);
-                    match result {
-                        Applied::Revoked => summary.revoked += 1,
-                        Applied::Restored => summary.restored += 1,
-                        Applied::Outage => summary.outages += 1,
-                        Applied::Unchanged => {}
-                    }
-                    (summary, revoked)
-                },
-            )
-            .await;
+        }
         if let Ok(mut totals) = self.totals.lock() {
             let t = &mut totals.0;
             t.revoked += summary.revoked as u64;
             t.restored += summary.restored as u64;
             t.outages += summary.outages as u64;
             t.ok += (summary.checked - summary.revoked - summary.restored - summary.outages) as u64;
-            totals.1 = vec![
-                ("active", total as u64 - revoked_now),
-                ("revoked", revoked_now),
-            ];
         }
-        self.passes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if summary.checked > 0 {
+            self.passes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.count_states().await;
         summary
     }
 
-    /// Runs a pass every interval (±10% jitter, so replicas do not check in
-    /// lockstep) until the watcher is dropped.
+    /// Checks claimed bindings, `watcher_concurrency` at a time. Each result
+    /// is applied as soon as its check completes: a revocation never waits
+    /// for the rest.
+    async fn check_all(
+        &self,
+        bindings: Vec<(crate::registry::BindingRecord, String)>,
+    ) -> PassSummary {
+        futures::stream::iter(bindings)
+            .map(|(record, external_id)| async move {
+                let verdict = self.directory.check_binding(&record, &external_id).await;
+                self.directory.apply_verdict(&record, &verdict).await
+            })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .fold(PassSummary::default(), |mut summary, applied| async move {
+                summary.checked += 1;
+                match applied {
+                    Applied::Revoked => summary.revoked += 1,
+                    Applied::Restored => summary.restored += 1,
+                    Applied::Outage => summary.outages += 1,
+                    Applied::Unchanged => {}
+                }
+                summary
+            })
+            .await
+    }
+
+    /// Refreshes the fleet-wide bindings-by-state gauge, at most once per
+    /// interval (one grouped count in the registry).
+    async fn count_states(&self) {
+        let due = self.counted_at.lock().is_ok_and(|at| {
+            at.is_none_or(|at: std::time::Instant| at.elapsed() >= self.settings.interval)
+        });
+        if !due {
+            return;
+        }
+        match self.directory.registry().binding_states().await {
+            Ok(counts) => {
+                if let Ok(mut totals) = self.totals.lock() {
+                    totals.1 = counts;
+                }
+                if let Ok(mut at) = self.counted_at.lock() {
+                    *at = Some(std::time::Instant::now());
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "could not count key bindings by state"),
+        }
+    }
+
+    /// Looks for due bindings every [`tick`](Self::tick) (±10% jitter)
+    /// until the watcher is dropped.
     pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let watcher = Arc::downgrade(self);
-        let interval = self.settings.interval;
+        let tick = self.tick();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(jittered(interval)).await;
+                tokio::time::sleep(jittered(tick)).await;
                 let Some(watcher) = watcher.upgrade() else {
                     return;
                 };

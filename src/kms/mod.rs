@@ -236,8 +236,17 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError>;
 
-    /// Reports the key's state and current version (a provider call).
+    /// Reports the key's state and current version: one provider call, as
+    /// the watcher makes it for every binding every interval.
     async fn describe(&self) -> Result<KeyDescription, ProviderError>;
+
+    /// Whether the provider rotates the key itself, where that takes a call
+    /// of its own (AWS GetKeyRotationStatus). Asked only when a key is
+    /// linked: the watcher's state check does not need it. `None`: unknown
+    /// or not allowed.
+    async fn rotation_enabled(&self) -> Option<bool> {
+        None
+    }
 
     /// Refuses, before any provider call, a key version this provider could
     /// never have written into a wrapped key (the caller's bytes name it):

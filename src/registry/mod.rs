@@ -402,9 +402,19 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Result<(), RegistryError> {
         Ok(())
     }
-    /// Every ACTIVE or REVOKED binding with its tenant's external ID: what
-    /// the revocation watcher checks.
-    async fn bindings_to_watch(&self) -> Result<Vec<(BindingRecord, String)>, RegistryError>;
+    /// Claims up to `limit` ACTIVE or REVOKED bindings due for a state
+    /// check (`next_check_at <= now_ms`), with their tenant's external ID,
+    /// and moves their next check to `next_check_ms` in the same statement:
+    /// concurrent claimers (replicas) never get the same binding, and a
+    /// claim nobody finishes comes due again at `next_check_ms`.
+    async fn claim_checks(
+        &self,
+        now_ms: i64,
+        next_check_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(BindingRecord, String)>, RegistryError>;
+    /// Bindings by state (lowercase state name, count), fleet-wide.
+    async fn binding_states(&self) -> Result<Vec<(&'static str, u64)>, RegistryError>;
     /// A tenant's key versions, oldest first.
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Vec<TenantKeyRecord>, RegistryError>;
     /// Stores a new version; `Ok(false)` when that number exists already.

@@ -590,26 +590,64 @@ impl Registry for SqlRegistry {
         Ok(())
     }
 
-    async fn bindings_to_watch(&self) -> Result<Vec<(BindingRecord, String)>, RegistryError> {
-        let columns: Vec<String> = BINDING_COLUMNS
-            .split(", ")
-            .map(|c| format!("b.{}", c.trim()))
-            .collect();
+    async fn claim_checks(
+        &self,
+        now_ms: i64,
+        next_check_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(BindingRecord, String)>, RegistryError> {
+        // SKIP LOCKED: a replica claiming at the same moment takes the next
+        // rows instead of waiting for these. SQLite has one writer at a time
+        // and no row locks.
+        let lock = if self.postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
         let rows = sqlx::query(&format!(
-            "SELECT {}, t.external_id AS tenant_external_id FROM key_bindings b \
-             JOIN tenants t ON t.id = b.tenant_id \
-             WHERE b.state IN ('ACTIVE', 'REVOKED') ORDER BY b.tenant_id, b.name",
-            columns.join(", ")
+            "UPDATE key_bindings SET next_check_at = $1 \
+             WHERE (tenant_id, name) IN ( \
+                 SELECT tenant_id, name FROM key_bindings \
+                 WHERE state IN ('ACTIVE', 'REVOKED') AND next_check_at <= $2 \
+                 ORDER BY next_check_at, tenant_id, name LIMIT $3{lock}) \
+             RETURNING {BINDING_COLUMNS}, \
+                 (SELECT t.external_id FROM tenants t WHERE t.id = key_bindings.tenant_id) \
+                 AS tenant_external_id"
         ))
+        .bind(next_check_ms)
+        .bind(now_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        rows.iter()
+        let mut claimed = rows
+            .iter()
             .map(|row| {
                 let external_id: String = row.try_get("tenant_external_id").map_err(db)?;
                 Ok((binding_from_row(row)?, external_id))
             })
-            .collect()
+            .collect::<Result<Vec<_>, RegistryError>>()?;
+        claimed.sort_by(|a, b| (&a.0.tenant_id, &a.0.name).cmp(&(&b.0.tenant_id, &b.0.name)));
+        Ok(claimed)
+    }
+
+    async fn binding_states(&self) -> Result<Vec<(&'static str, u64)>, RegistryError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM key_bindings GROUP BY state")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let mut counts = Vec::new();
+        for row in &rows {
+            let state: String = row.try_get("state").map_err(db)?;
+            let n: i64 = row.try_get("n").map_err(db)?;
+            let name = match parse_state(&state)? {
+                BindingState::Active => "active",
+                BindingState::Disabled => "disabled",
+                BindingState::Revoked => "revoked",
+            };
+            counts.push((name, u64::try_from(n).unwrap_or(0)));
+        }
+        Ok(counts)
     }
 
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError> {

@@ -39,6 +39,7 @@ fn settings(fake: &FakeCloudKms) -> GcpSettings {
         max_attempts: 3,
         attempt_timeout: Duration::from_secs(2),
         operation_timeout: Duration::from_secs(5),
+        ..GcpSettings::default()
     }
 }
 

@@ -101,6 +101,10 @@ fn chart_lints_and_renders_valid_manifests_for_default_and_production_values() {
         "tls_client_ca = \"/etc/keybroker/tls/ca.crt\"",
         "secretName: keybroker-tls",
         "eks.amazonaws.com/role-arn",
+        // The headless Service tenant affinity resolves (README "A fleet").
+        "name: kb-keybroker-headless\n",
+        "clusterIP: None",
+        "affinity_header = \"x-keybroker-tenant\"",
     ] {
         // The HPA owns the replica count in production: `replicas` is absent.
         if needle == "replicas: 3" {

@@ -157,6 +157,7 @@ async fn forged_wrapped_keys_never_change_key_state() {
         max_attempts: 1,
         attempt_timeout: Duration::from_secs(2),
         operation_timeout: Duration::from_secs(5),
+        ..GcpSettings::default()
     };
     // Only rechecks can change state in this test: no watcher pass.
     config.watcher.interval = Duration::from_secs(3600);

@@ -545,24 +545,28 @@ impl KeyProvider for AwsKmsKey {
             ProviderKeyState::Enabled => String::new(),
             _ => state_reason(meta.key_state(), &self.target.key_arn.to_string()),
         };
-        // Rotation status needs kms:GetKeyRotationStatus, which the
-        // onboarding policy does not ask for: report it when allowed.
-        let rotation_enabled = client
-            .get_key_rotation_status()
-            .key_id(meta.key_id())
-            .send()
-            .await
-            .ok()
-            .map(|r| r.key_rotation_enabled());
         Ok(KeyDescription {
             state,
             reason,
             current_version: String::new(),
             key_manager: meta.key_manager().map(|m| m.as_str().to_owned()),
             multi_region: meta.multi_region(),
-            rotation_enabled,
+            rotation_enabled: None,
             ..KeyDescription::default()
         })
+    }
+
+    /// Needs kms:GetKeyRotationStatus, which the onboarding policy does not
+    /// ask for: reported when allowed.
+    async fn rotation_enabled(&self) -> Option<bool> {
+        self.session.credentials().await.ok()?;
+        self.client(self.target.region())
+            .get_key_rotation_status()
+            .key_id(self.target.key_arn.to_string())
+            .send()
+            .await
+            .ok()
+            .map(|r| r.key_rotation_enabled())
     }
 
     /// AWS ciphertexts carry their key version inside: keybroker writes

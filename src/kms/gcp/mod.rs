@@ -15,7 +15,6 @@
 //! error (never a wrong key). Failures are classified here, from the status
 //! Google returns, into [`ProviderError`].
 
-
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
