@@ -137,8 +137,8 @@ impl Watcher {
     }
 
     /// Checks every binding due now, fleet-wide: each is claimed through
-    /// the registry, which moves its next check one interval ahead, so
-    /// another replica ticking at the same moment checks other bindings.
+    /// the registry (due: last claimed an interval ago or more), so another
+    /// replica ticking at the same moment checks other bindings.
     pub async fn pass(&self) -> PassSummary {
         let interval_ms = i64::try_from(self.settings.interval.as_millis()).unwrap_or(i64::MAX);
         let mut summary = PassSummary::default();
@@ -147,7 +147,7 @@ impl Watcher {
             let claimed = match self
                 .directory
                 .registry()
-                .claim_checks(now, now.saturating_add(interval_ms), CLAIM_BATCH)
+                .claim_checks(now, now.saturating_sub(interval_ms), CLAIM_BATCH)
                 .await
             {
                 Ok(b) => b,

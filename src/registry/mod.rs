@@ -403,14 +403,15 @@ pub trait Registry: Send + Sync + fmt::Debug {
         Ok(())
     }
     /// Claims up to `limit` ACTIVE or REVOKED bindings due for a state
-    /// check (`next_check_at <= now_ms`), with their tenant's external ID,
-    /// and moves their next check to `next_check_ms` in the same statement:
-    /// concurrent claimers (replicas) never get the same binding, and a
-    /// claim nobody finishes comes due again at `next_check_ms`.
+    /// check (last claimed at or before `due_before_ms`), with their
+    /// tenant's external ID, marking them claimed at `now_ms` in the same
+    /// statement: concurrent claimers (replicas) never get the same
+    /// binding, and a claim nobody finishes comes due again one interval
+    /// later.
     async fn claim_checks(
         &self,
         now_ms: i64,
-        next_check_ms: i64,
+        due_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<(BindingRecord, String)>, RegistryError>;
     /// Bindings by state (lowercase state name, count), fleet-wide.

@@ -141,9 +141,10 @@ impl Moto {
     pub(crate) fn recorded(&self) -> Vec<(HashMap<String, String>, String)> {
         use base64::Engine;
         let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
+        // The last line may be half written while moto records.
         text.lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
                 let headers = v["headers"]
                     .as_object()
                     .unwrap()

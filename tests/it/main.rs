@@ -11,6 +11,7 @@ mod control_plane;
 mod data_plane;
 mod defenses;
 mod fakes;
+mod fleet;
 mod gcp;
 mod grpcurl;
 mod helm;

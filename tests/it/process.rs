@@ -56,6 +56,19 @@ impl Process {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        // Port 0: the server reports the port it got in its log, so
+        // parallel tests never race for a port.
+        Self::spawn_at(prefix, "127.0.0.1:0", data_dir, extra, env)
+    }
+
+    /// Spawns listening on `listen` (a loopback address, port 0 usually).
+    pub(crate) fn spawn_at(
+        prefix: &[&str],
+        listen: &str,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = data_dir.join(format!("server-{n}.log"));
@@ -70,9 +83,7 @@ impl Process {
         };
         let child = command
             .arg("serve")
-            // Port 0: the server reports the port it got in its log, so
-            // parallel tests never race for a port.
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(
                 (!extra.contains(&"--log-format"))
                     .then_some(["--log-format", "json"])
@@ -125,6 +136,12 @@ impl Process {
     pub(crate) async fn channel(&self) -> Channel {
         let url = format!("http://{}", self.addr().await);
         Channel::from_shared(url).unwrap().connect().await.unwrap()
+    }
+
+    /// SIGKILL: no drain, no goodbye (a crashed replica).
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub(crate) fn signal(&self, name: &str) {

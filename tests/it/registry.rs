@@ -567,3 +567,96 @@ async fn concurrent_primary_changes_keep_one_primary() {
         assert_eq!(primaries, 1, "backend {url:?}");
     }
 }
+
+/// One watcher pass per fleet: replicas claiming at the same moment get
+/// disjoint bindings, every due binding is claimed once, claims come due
+/// again at the time they named (a dead claimer's bindings are taken over),
+/// and DISABLED bindings are never claimed.
+#[tokio::test]
+async fn watch_claims_are_disjoint_and_come_due_again() {
+    for url in [None, Some(fresh_postgres_database().await)] {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = match &url {
+            Some(url) => SqlRegistry::connect(url).await.unwrap(),
+            None => SqlRegistry::open_sqlite(&dir.path().join("r.db"))
+                .await
+                .unwrap(),
+        };
+        for t in 0..10 {
+            let id = format!("t{t}");
+            registry
+                .create_tenant(&tenant(&id, KeyPolicy::Keyring))
+                .await
+                .unwrap();
+            for k in 0..30 {
+                registry
+                    .insert_binding(&binding(&id, &format!("k{k}"), false), 1)
+                    .await
+                    .unwrap();
+            }
+        }
+        registry
+            .set_state("t0", "k0", BindingState::Disabled, "operator", 2)
+            .await
+            .unwrap();
+        // Three replicas claim at once, each in batches of 40 (interval
+        // 30 s).
+        let now = 100_000;
+        let claimers: Vec<_> = (0..3)
+            .map(|_| {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let batch = registry.claim_checks(now, now - 30_000, 40).await.unwrap();
+                        if batch.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(batch.into_iter().map(|(b, ext)| {
+                            assert_eq!(ext, format!("kb-ext-{}", b.tenant_id));
+                            (b.tenant_id, b.name)
+                        }));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for c in claimers {
+            all.extend(c.await.unwrap());
+        }
+        let distinct: std::collections::HashSet<_> = all.iter().cloned().collect();
+        assert_eq!(all.len(), 299, "backend {url:?}: every due binding once");
+        assert_eq!(distinct.len(), 299, "backend {url:?}: no binding twice");
+        assert!(!distinct.contains(&("t0".to_owned(), "k0".to_owned())));
+        // Nothing is due until an interval has passed since the claims,
+        // whatever the claimer's interval was.
+        let later = now + 29_999;
+        assert!(
+            registry
+                .claim_checks(later, later - 30_000, 1000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Then all of them are, to whoever asks (the first claimer died).
+        let later = now + 30_000;
+        let again = registry
+            .claim_checks(later, later - 30_000, 1000)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 299, "backend {url:?}");
+        // A replica with a shorter interval claims sooner.
+        let sooner = later + 5_000;
+        assert_eq!(
+            registry
+                .claim_checks(sooner, sooner - 5_000, 1000)
+                .await
+                .unwrap()
+                .len(),
+            299
+        );
+        let counts = registry.binding_states().await.unwrap();
+        assert!(counts.contains(&("active", 299)), "{counts:?}");
+        assert!(counts.contains(&("disabled", 1)), "{counts:?}");
+    }
+}
