@@ -12,9 +12,9 @@
 //! a registry change (PostgreSQL NOTIFY; `registry_cache_ttl` at worst).
 //!
 //! The bound "revoked → no plaintext served" is the interval plus one tick
-//! (a tenth of it, see [`Watcher::tick`]) plus one describe call; bindings
-//! a replica claimed just before dying are checked one interval later by
-//! the others (twice the interval, once). A live request that sees a
+//! (a tenth of it, see [`Watcher::tick`]) plus one describe call; the
+//! bindings of a replica that died are taken over 1.25 intervals after its
+//! last claim (once: 1.25 intervals plus a tick plus a describe). A live request that sees a
 //! definitive error asks for an out-of-turn describe sooner
 //! (`registry::key_state`), and the describe, never the request, decides.
 
@@ -24,8 +24,8 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::metrics::{CheckCounts, KeyStateSource};
-use crate::registry::Applied;
 use crate::registry::directory::RegistryDirectory;
+use crate::registry::{Applied, CheckClaim};
 
 /// The `watcher_*` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -107,6 +107,8 @@ pub struct Watcher {
     /// When the bindings-by-state gauge was last counted. std Mutex: read
     /// and set, never held across an await.
     counted_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// This process's id in watcher claims (random per start).
+    replica_id: String,
 }
 
 /// Bindings claimed per registry round trip; a tick claims again until
@@ -121,6 +123,7 @@ impl Watcher {
             totals: std::sync::Mutex::default(),
             passes: std::sync::atomic::AtomicU64::new(0),
             counted_at: std::sync::Mutex::new(None),
+            replica_id: replica_id(),
         }
     }
 
@@ -136,18 +139,36 @@ impl Watcher {
         (self.settings.interval / 10).clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 
-    /// Checks every binding due now, fleet-wide: each is claimed through
-    /// the registry (due: last claimed an interval ago or more), so another
-    /// replica ticking at the same moment checks other bindings.
+    /// Checks every binding due now, fleet-wide. Bindings are claimed
+    /// through the registry: this replica's own once an interval has passed
+    /// since it last claimed them, anyone else's (a dead replica's, or new
+    /// ones) a quarter interval after that. Sticky claims keep each binding
+    /// with one replica, so its AWS role session stays warm there instead of
+    /// on every replica.
     pub async fn pass(&self) -> PassSummary {
         let interval_ms = i64::try_from(self.settings.interval.as_millis()).unwrap_or(i64::MAX);
         let mut summary = PassSummary::default();
+        let mut first = true;
         loop {
             let now = crate::keys::now_ms();
+            // Others' bindings in the first round only: a replica takes at
+            // most one batch of them per tick, so orphans spread over the
+            // replicas that tick meanwhile.
+            let claim = CheckClaim {
+                claimer: &self.replica_id,
+                now_ms: now,
+                own_due_before_ms: now.saturating_sub(interval_ms),
+                others_due_before_ms: if first {
+                    now.saturating_sub(interval_ms.saturating_add(interval_ms / 4))
+                } else {
+                    i64::MIN
+                },
+            };
+            first = false;
             let claimed = match self
                 .directory
                 .registry()
-                .claim_checks(now, now.saturating_sub(interval_ms), CLAIM_BATCH)
+                .claim_checks(&claim, CLAIM_BATCH)
                 .await
             {
                 Ok(b) => b,
@@ -243,6 +264,12 @@ impl Watcher {
             }
         })
     }
+}
+
+fn replica_id() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    hex::encode(bytes)
 }
 
 fn jittered(interval: Duration) -> Duration {

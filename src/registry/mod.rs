@@ -403,15 +403,12 @@ pub trait Registry: Send + Sync + fmt::Debug {
         Ok(())
     }
     /// Claims up to `limit` ACTIVE or REVOKED bindings due for a state
-    /// check (last claimed at or before `due_before_ms`), with their
-    /// tenant's external ID, marking them claimed at `now_ms` in the same
-    /// statement: concurrent claimers (replicas) never get the same
-    /// binding, and a claim nobody finishes comes due again one interval
-    /// later.
+    /// check by `claim.claimer`, with their tenant's external ID, marking
+    /// them claimed by it at `claim.now_ms` in the same statement:
+    /// concurrent claimers (replicas) never get the same binding.
     async fn claim_checks(
         &self,
-        now_ms: i64,
-        due_before_ms: i64,
+        claim: &CheckClaim<'_>,
         limit: usize,
     ) -> Result<Vec<(BindingRecord, String)>, RegistryError>;
     /// Bindings by state (lowercase state name, count), fleet-wide.
@@ -503,6 +500,20 @@ pub trait Registry: Send + Sync + fmt::Debug {
 pub const CHANGE_CHANNEL: &str = "keybroker_key_changes";
 
 /// `tenant` or `tenant\nbinding` (neither may contain a newline).
+/// Which bindings a watcher claims (`Registry::claim_checks`).
+#[derive(Debug, Clone, Copy)]
+pub struct CheckClaim<'a> {
+    /// The claiming replica's id.
+    pub claimer: &'a str,
+    pub now_ms: i64,
+    /// Its own bindings claimed at or before this are due (now minus its
+    /// interval).
+    pub own_due_before_ms: i64,
+    /// Anyone else's (or nobody's) claimed at or before this are taken
+    /// over; `i64::MIN` takes none.
+    pub others_due_before_ms: i64,
+}
+
 pub fn encode_change(tenant_id: &str, binding: Option<&str>) -> String {
     match binding {
         Some(name) => format!("{tenant_id}\n{name}"),

@@ -592,8 +592,7 @@ impl Registry for SqlRegistry {
 
     async fn claim_checks(
         &self,
-        now_ms: i64,
-        due_before_ms: i64,
+        claim: &super::CheckClaim<'_>,
         limit: usize,
     ) -> Result<Vec<(BindingRecord, String)>, RegistryError> {
         // SKIP LOCKED: a replica claiming at the same moment takes the next
@@ -605,17 +604,21 @@ impl Registry for SqlRegistry {
             ""
         };
         let rows = sqlx::query(&format!(
-            "UPDATE key_bindings SET check_claimed_at = $1 \
+            "UPDATE key_bindings SET check_claimed_at = $1, check_claimed_by = $2 \
              WHERE (tenant_id, name) IN ( \
                  SELECT tenant_id, name FROM key_bindings \
-                 WHERE state IN ('ACTIVE', 'REVOKED') AND check_claimed_at <= $2 \
-                 ORDER BY check_claimed_at, tenant_id, name LIMIT $3{lock}) \
+                 WHERE state IN ('ACTIVE', 'REVOKED') \
+                   AND ((check_claimed_by = $2 AND check_claimed_at <= $3) \
+                     OR (check_claimed_by <> $2 AND check_claimed_at <= $4)) \
+                 ORDER BY check_claimed_at, tenant_id, name LIMIT $5{lock}) \
              RETURNING {BINDING_COLUMNS}, \
                  (SELECT t.external_id FROM tenants t WHERE t.id = key_bindings.tenant_id) \
                  AS tenant_external_id"
         ))
-        .bind(now_ms)
-        .bind(due_before_ms)
+        .bind(claim.now_ms)
+        .bind(claim.claimer)
+        .bind(claim.own_due_before_ms)
+        .bind(claim.others_due_before_ms)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await

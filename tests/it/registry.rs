@@ -5,8 +5,8 @@ use keybroker::keys::{BindingState, KeyHierarchy};
 use keybroker::kms::ProviderKind;
 use keybroker::registry::sql::SqlRegistry;
 use keybroker::registry::{
-    FLEET, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, TenantKeyRecord, UnlinkGuard,
-    UsageDelta, VersionUsageRecord,
+    CheckClaim, FLEET, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, TenantKeyRecord,
+    UnlinkGuard, UsageDelta, VersionUsageRecord,
 };
 
 use crate::common::fresh_postgres_database;
@@ -600,17 +600,27 @@ async fn watch_claims_are_disjoint_and_come_due_again() {
             .await
             .unwrap();
         // Three replicas claim at once, each in batches of 40 (interval
-        // 30 s).
+        // 30 s): every due binding once, none twice.
+        let claim = |claimer: &'static str, now: i64, others: bool| CheckClaim {
+            claimer,
+            now_ms: now,
+            own_due_before_ms: now - 30_000,
+            others_due_before_ms: if others { now - 37_500 } else { i64::MIN },
+        };
         let now = 100_000;
-        let claimers: Vec<_> = (0..3)
-            .map(|_| {
+        let claimers: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|id| {
                 let registry = registry.clone();
                 tokio::spawn(async move {
                     let mut mine = Vec::new();
                     loop {
-                        let batch = registry.claim_checks(now, now - 30_000, 40).await.unwrap();
+                        let batch = registry
+                            .claim_checks(&claim(id, now, true), 40)
+                            .await
+                            .unwrap();
                         if batch.is_empty() {
-                            return mine;
+                            return (id, mine);
                         }
                         mine.extend(batch.into_iter().map(|(b, ext)| {
                             assert_eq!(ext, format!("kb-ext-{}", b.tenant_id));
@@ -620,41 +630,44 @@ async fn watch_claims_are_disjoint_and_come_due_again() {
                 })
             })
             .collect();
+        let mut owned = std::collections::HashMap::new();
         let mut all = Vec::new();
         for c in claimers {
-            all.extend(c.await.unwrap());
+            let (id, mine) = c.await.unwrap();
+            owned.insert(id, mine.len());
+            all.extend(mine);
         }
         let distinct: std::collections::HashSet<_> = all.iter().cloned().collect();
         assert_eq!(all.len(), 299, "backend {url:?}: every due binding once");
         assert_eq!(distinct.len(), 299, "backend {url:?}: no binding twice");
         assert!(!distinct.contains(&("t0".to_owned(), "k0".to_owned())));
-        // Nothing is due until an interval has passed since the claims,
-        // whatever the claimer's interval was.
-        let later = now + 29_999;
-        assert!(
-            registry
-                .claim_checks(later, later - 30_000, 1000)
+        // Nothing is due before an interval has passed.
+        for id in ["a", "b", "c"] {
+            let early = registry
+                .claim_checks(&claim(id, now + 29_999, true), 1000)
                 .await
-                .unwrap()
-                .is_empty()
-        );
-        // Then all of them are, to whoever asks (the first claimer died).
+                .unwrap();
+            assert!(early.is_empty(), "backend {url:?}");
+        }
+        // Then each claimer's own bindings are due to it, not to the others
+        // (sticky), until a quarter interval later.
         let later = now + 30_000;
-        let again = registry
-            .claim_checks(later, later - 30_000, 1000)
+        let a = registry
+            .claim_checks(&claim("a", later, false), 1000)
             .await
             .unwrap();
-        assert_eq!(again.len(), 299, "backend {url:?}");
-        // A replica with a shorter interval claims sooner.
-        let sooner = later + 5_000;
-        assert_eq!(
-            registry
-                .claim_checks(sooner, sooner - 5_000, 1000)
-                .await
-                .unwrap()
-                .len(),
-            299
-        );
+        assert_eq!(a.len(), owned["a"], "backend {url:?}");
+        let b = registry
+            .claim_checks(&claim("b", later + 7_499, true), 1000)
+            .await
+            .unwrap();
+        assert_eq!(b.len(), owned["b"], "backend {url:?}: only b's own");
+        // c died: its bindings go to whoever claims 1.25 intervals on.
+        let taken = registry
+            .claim_checks(&claim("b", now + 37_500, true), 1000)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), owned["c"], "backend {url:?}");
         let counts = registry.binding_states().await.unwrap();
         assert!(counts.contains(&("active", 299)), "{counts:?}");
         assert!(counts.contains(&("disabled", 1)), "{counts:?}");
