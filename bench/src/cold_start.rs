@@ -39,12 +39,14 @@ pub(crate) struct ColdStartArgs {
 }
 
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/customer-keybroker-access";
+/// Customer roles numbered per tenant (`identities`).
+pub(crate) const ROLE_ARN_PREFIX: &str = "arn:aws:iam::123456789012:role/customer-keybroker-";
 const REGION: &str = "us-east-1";
 
 /// moto from the repository's `.tools/venv`, stopped on drop.
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for Moto {
@@ -54,7 +56,7 @@ impl Drop for Moto {
     }
 }
 
-fn start_moto() -> anyhow::Result<Moto> {
+pub(crate) fn start_moto() -> anyhow::Result<Moto> {
     use std::io::BufRead as _;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = root.join(".tools/venv/bin/python");
@@ -80,7 +82,7 @@ fn start_moto() -> anyhow::Result<Moto> {
     })
 }
 
-fn sdk_config() -> aws_config::SdkConfig {
+pub(crate) fn sdk_config() -> aws_config::SdkConfig {
     aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(REGION))

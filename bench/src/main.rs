@@ -7,6 +7,7 @@
 mod accounting;
 mod cold_start;
 mod floor;
+mod identities;
 mod load;
 mod memory;
 mod plot;
@@ -64,6 +65,18 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Resident bytes per idle tenant identity (AWS role session + KMS
+    /// client) and the bound the session cache keeps (moto).
+    Identities(identities::IdentitiesArgs),
+    /// One identities measurement (spawned by `identities`).
+    IdentitiesChild {
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        capacity: u64,
+        #[arg(long)]
+        moto_url: String,
+    },
     /// One memory measurement (spawned by `memory`).
     MemoryChild {
         #[arg(long)]
@@ -82,6 +95,12 @@ fn main() -> ExitCode {
         Command::ColdStart(args) => cold_start::run(args),
         Command::Memory { entries, json } => memory::run(&entries, json.as_deref()),
         Command::MemoryChild { entries } => memory::child(entries),
+        Command::Identities(args) => identities::run(args),
+        Command::IdentitiesChild {
+            count,
+            capacity,
+            moto_url,
+        } => identities::child(count, capacity, &moto_url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ use keybroker::secret::SecretBytes;
 use serde_json::json;
 
 /// Bytes currently resident (`/proc/self/statm`).
-fn resident_bytes() -> anyhow::Result<u64> {
+pub(crate) fn resident_bytes() -> anyhow::Result<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm")?;
     let pages: u64 = statm
         .split_whitespace()

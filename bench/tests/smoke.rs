@@ -174,3 +174,28 @@ async fn cold_start_counts_kms_calls_exactly() {
         assert_eq!(r["batch_assume_role"], 3);
     }
 }
+
+/// Idle identities (moto), small: the session cache keeps at most its
+/// capacity whatever the tenant count, and every identity assumed its role
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_stay_bounded() {
+    let report = report(strings(&[
+        "identities",
+        "--count",
+        "60",
+        "--capacity",
+        "1000,20",
+    ]))
+    .await;
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(
+        results[0]["live_sessions"], 160,
+        "60 + 100 warm-up, all kept"
+    );
+    assert_eq!(results[1]["live_sessions"], 20, "capacity 20");
+    for r in results {
+        assert_eq!(r["assume_role_calls"], 160);
+        assert!(r["bytes_per_identity_made"].as_f64().unwrap() >= 0.0);
+    }
+}

@@ -202,6 +202,19 @@ impl AwsKms {
     }
 
     pub fn new(base: SdkConfig, settings: AwsSettings) -> Self {
+        // Without an HTTP client in the base config, the SDK builds a new
+        // one (TLS config, root store, connection pool: ~120 KB and its own
+        // connections) for every client, that is for every customer role
+        // session: one shared client keeps per-tenant state small and
+        // reuses connections to each KMS endpoint across tenants (SigV4
+        // signs each request with the session's own credentials).
+        let base = if base.http_client().is_none() {
+            base.into_builder()
+                .http_client(shared_https_client())
+                .build()
+        } else {
+            base
+        };
         let mut sts = aws_sdk_sts::config::Builder::from(&base)
             .region(aws_config::Region::new(settings.region.clone()))
             .retry_config(retry_config(&settings))
@@ -274,6 +287,23 @@ impl AwsKms {
             })
             .clone()
     }
+}
+
+/// The SDK's default HTTPS client (rustls on aws-lc, proxy from the
+/// environment), built once instead of once per client.
+fn shared_https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::{Builder, ConnectorBuilder, proxy::ProxyConfig, tls};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector = ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
 }
 
 fn retry_config(settings: &AwsSettings) -> RetryConfig {
