@@ -662,6 +662,33 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    // The affinity header: counted, never required or trusted.
+    for header in ["acme", "globex"] {
+        let mut request = tonic::Request::new(proto::UnwrapKeyRequest {
+            tenant_id: "acme".into(),
+            wrapped_key: generated.wrapped_key.clone(),
+            context: Default::default(),
+        });
+        request
+            .metadata_mut()
+            .insert("x-keybroker-tenant", header.parse().unwrap());
+        client.unwrap_key(request).await.unwrap();
+    }
+    // The CLI sends it on every call.
+    let server = format!("http://{}", process.addr().await);
+    let cli = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(["describe", "--server", &server, "--tenant", "acme"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
 
     let log = std::fs::read_to_string(&process.log).unwrap();
     let addr = log
@@ -680,7 +707,23 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
         )
     };
     assert_eq!(rpc("GenerateDataKey", "OK"), 1.0);
-    assert_eq!(rpc("UnwrapKey", "OK"), 2.0);
+    assert_eq!(rpc("UnwrapKey", "OK"), 4.0);
+    let affinity = |name: &str| {
+        sample(
+            &text,
+            &format!("keybroker_affinity_header_total{{name=\"{name}\"}}"),
+        )
+    };
+    assert_eq!(affinity("absent"), 4.0);
+    assert_eq!(affinity("matched"), 2.0);
+    assert_eq!(affinity("other_tenant"), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "keybroker_identity_clients{name=\"aws_role_sessions\"}"
+        ),
+        0.0
+    );
     assert_eq!(rpc("UnwrapKey", "INVALID_ARGUMENT"), 1.0);
     assert_eq!(
         sample(&text, "keybroker_cache_events_total{name=\"miss\"}"),
@@ -688,7 +731,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
     );
     assert_eq!(
         sample(&text, "keybroker_cache_events_total{name=\"hit\"}"),
-        1.0
+        3.0
     );
     assert_eq!(sample(&text, "keybroker_cache_entries"), 1.0);
     let provider = |op: &str| {
@@ -706,7 +749,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
             &text,
             "keybroker_rpc_duration_seconds_count{method=\"keybroker.v1.KeyBroker/UnwrapKey\"}"
         ),
-        3.0
+        5.0
     );
     assert!(!text.contains("acme"), "no tenant ids in labels by default");
     process.signal("TERM");
