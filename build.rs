@@ -21,6 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Per-item statuses of the batch RPCs: tonic's own google.rpc.Status
         // (proto/google/rpc is vendored only for protoc to read).
         .extern_path(".google.rpc.Status", "::tonic_types::Status")
+        // Secrets in requests get a redacting Debug (src/lib.rs).
+        .skip_debug([
+            ".keybroker.v1.VaultAppRole",
+            ".keybroker.v1.ImportKeyMaterialRequest",
+        ])
         .file_descriptor_set_path(out_dir.join("keybroker_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
     for proto in PROTOS {

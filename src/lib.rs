@@ -76,4 +76,26 @@ pub mod proto {
     /// Encoded descriptors of the public protos, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keybroker_descriptor");
+
+    /// The secret_id never reaches a log line, even through `{:?}`.
+    impl std::fmt::Debug for VaultAppRole {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("VaultAppRole")
+                .field("mount", &self.mount)
+                .field("role_id", &self.role_id)
+                .field("secret_id", &"<redacted>")
+                .finish()
+        }
+    }
+
+    /// The key material never reaches a log line, even through `{:?}`.
+    impl std::fmt::Debug for ImportKeyMaterialRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ImportKeyMaterialRequest")
+                .field("tenant_id", &self.tenant_id)
+                .field("name", &self.name)
+                .field("key_material_base64", &"<redacted>")
+                .finish_non_exhaustive()
+        }
+    }
 }

@@ -107,6 +107,10 @@ impl Server {
                 cache.clone(),
                 config.registry.cache_ttl,
             )
+            .with_vault(Arc::new(
+                crate::kms::vault::VaultTransit::new(config.vault.clone())
+                    .with_context(|| "setting up the Vault client")?,
+            ))
             .with_recheck_interval(config.watcher.recheck_interval),
         );
         let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);

@@ -203,6 +203,11 @@ impl KeyAdmin for KeyAdminApi {
                     service_account: req.service_account,
                     replica_regions: req.replica_regions,
                     make_primary: req.make_primary,
+                    vault: req.vault_approle.map(|a| crate::control::VaultAppRole {
+                        mount: a.mount,
+                        role_id: a.role_id,
+                        secret_id: zeroize::Zeroizing::new(a.secret_id),
+                    }),
                 })
                 .await?;
             Ok(proto::LinkKeyResponse {

@@ -108,6 +108,7 @@ impl From<HierarchyArg> for proto::KeyHierarchy {
 pub(super) enum CloudProviderArg {
     AwsKms,
     GcpKms,
+    VaultTransit,
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,13 +160,15 @@ pub(super) struct KeyName {
 
 #[derive(Debug, Subcommand)]
 pub(super) enum KeyCommand {
-    /// Link a key in AWS KMS or Google Cloud KMS (verified before it is accepted).
+    /// Link a key in AWS KMS, Google Cloud KMS or Vault/OpenBao Transit
+    /// (verified before it is accepted).
     Link {
         #[command(flatten)]
         key: KeyName,
         #[arg(long, value_enum)]
         provider: CloudProviderArg,
-        /// Key ARN / alias ARN, or CryptoKey resource name.
+        /// Key ARN / alias ARN, CryptoKey resource name, or Transit key URL
+        /// (https://HOST:8200/v1/<mount>/keys/<name>).
         #[arg(long)]
         key_reference: String,
         #[arg(long, default_value = "")]
@@ -182,6 +185,16 @@ pub(super) enum KeyCommand {
         /// Make it the primary key.
         #[arg(long)]
         primary: bool,
+        /// Vault: the AppRole role_id keybroker logs in with.
+        #[arg(long, default_value = "")]
+        vault_role_id: String,
+        /// Vault: file holding the AppRole secret_id (`-` for stdin). Not a
+        /// flag value: command lines are visible to other users.
+        #[arg(long)]
+        vault_secret_id_file: Option<PathBuf>,
+        /// Vault: the AppRole auth mount path.
+        #[arg(long, default_value = "approle")]
+        vault_auth_mount: String,
     },
     /// Import raw AES-256 key material (32 bytes, base64) as a local key.
     Import {
@@ -316,7 +329,18 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 replica_regions,
                 description,
                 primary,
+                vault_role_id,
+                vault_secret_id_file,
+                vault_auth_mount,
             } => {
+                let vault_approle = match vault_secret_id_file {
+                    Some(path) => Some(proto::VaultAppRole {
+                        mount: vault_auth_mount,
+                        role_id: vault_role_id,
+                        secret_id: read_material(&path)?.trim().to_owned(),
+                    }),
+                    None => None,
+                };
                 let resp = client
                     .link_key(proto::LinkKeyRequest {
                         tenant_id: key.tenant,
@@ -325,6 +349,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                         provider: match provider {
                             CloudProviderArg::AwsKms => proto::Provider::AwsKms,
                             CloudProviderArg::GcpKms => proto::Provider::GcpKms,
+                            CloudProviderArg::VaultTransit => proto::Provider::VaultTransit,
                         }
                         .into(),
                         key_reference,
@@ -333,6 +358,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                         service_account,
                         make_primary: primary,
                         replica_regions,
+                        vault_approle,
                     })
                     .await
                     .answer()?;

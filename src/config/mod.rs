@@ -70,6 +70,8 @@ pub struct Config {
     #[command(flatten)]
     pub gcp: GcpSettings,
     #[command(flatten)]
+    pub vault: crate::kms::vault::VaultSettings,
+    #[command(flatten)]
     pub audit: AuditSettings,
     #[command(flatten)]
     pub quota: QuotaSettings,
@@ -122,6 +124,7 @@ impl Config {
         self.watcher.validate()?;
         self.aws.validate()?;
         self.gcp.validate()?;
+        self.vault.validate()?;
         self.audit.validate()?;
         let listen = self.server.listen;
         let tls = self.tls.enabled();

@@ -125,6 +125,27 @@ pub struct LinkRequest {
     pub service_account: String,
     pub replica_regions: Vec<String>,
     pub make_primary: bool,
+    /// Vault/OpenBao: the AppRole keybroker logs in with.
+    pub vault: Option<VaultAppRole>,
+}
+
+/// An AppRole in a customer's Vault; the secret_id is zeroized and never
+/// printed.
+#[derive(Clone, Default)]
+pub struct VaultAppRole {
+    pub mount: String,
+    pub role_id: String,
+    pub secret_id: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for VaultAppRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultAppRole")
+            .field("mount", &self.mount)
+            .field("role_id", &self.role_id)
+            .field("secret_id", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -209,7 +230,7 @@ impl Admin {
         let provider = validation::check_link(&req)?;
         // The tenant must exist before anything is verified.
         let tenant = self.tenant(&req.tenant_id).await?;
-        let record = NewBinding {
+        let mut record = NewBinding {
             tenant_id: req.tenant_id.clone(),
             name: req.name.clone(),
             description: req.description,
@@ -242,6 +263,31 @@ impl Admin {
                     crate::registry::directory::gcp_target(&BindingRecord::from_new(&record))?;
                 let key = self.directory.gcp().key(target);
                 verify_provider(&key, &req.tenant_id).await?;
+            }
+            ProviderKind::VaultTransit => {
+                let approle = req.vault.clone().unwrap_or_default();
+                record.role_arn = approle.role_id.clone();
+                record.service_account = if approle.mount.is_empty() {
+                    "approle".into()
+                } else {
+                    approle.mount.clone()
+                };
+                let target = crate::registry::directory::vault_target(
+                    &BindingRecord::from_new(&record),
+                    approle.secret_id.clone(),
+                )?;
+                let key = self.directory.vault()?.key(target);
+                verify_provider(&key, &req.tenant_id).await?;
+                // The secret_id, like imported material, only ever rests
+                // encrypted under the platform key.
+                let sealed = seal_material(
+                    self.directory.platform_keyring(),
+                    &req.tenant_id,
+                    &req.name,
+                    &SecretBytes::new(approle.secret_id.as_bytes().to_vec()),
+                )
+                .await?;
+                record.key_material = Some(sealed);
             }
             ProviderKind::Local => {
                 return Err(AdminError::Internal(

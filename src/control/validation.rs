@@ -103,12 +103,42 @@ fn check_replica_regions(key_arn: &KeyArn, replicas: &[String]) -> Result<(), Ad
     Ok(())
 }
 
+/// An AppRole's mount is a path of plain segments; role and secret ids are
+/// Vault's (UUIDs by default; any printable ASCII is accepted, at most 256).
+fn check_approle(approle: &super::VaultAppRole) -> Result<(), AdminError> {
+    let plain = |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
+    let mount_ok = approle.mount.is_empty()
+        || approle.mount.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    if !mount_ok {
+        return Err(AdminError::InvalidArgument(format!(
+            "vault_approle.mount {} is not an auth mount path",
+            crate::text::Quoted(&approle.mount)
+        )));
+    }
+    if !plain(&approle.role_id) || !plain(&approle.secret_id) {
+        return Err(AdminError::InvalidArgument(
+            "vault_approle.role_id and secret_id are required: printable ASCII, at most 256 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks every field of a cloud key to link; the typed identifiers are
 /// what the provider will be called with.
 pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> {
     validate_tenant(&req.tenant_id)?;
     validate_name(&req.name)?;
     validate_description(&req.description)?;
+    if req.vault.is_some() && req.provider != Some(ProviderKind::VaultTransit) {
+        return Err(AdminError::InvalidArgument(
+            "vault_approle is only for PROVIDER_VAULT_TRANSIT keys".into(),
+        ));
+    }
     match req.provider {
         Some(ProviderKind::AwsKms) => {
             let key_arn = KeyArn::parse(&req.key_reference)?;
@@ -135,11 +165,30 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
             }
             Ok(ProviderKind::GcpKms)
         }
+        Some(ProviderKind::VaultTransit) => {
+            crate::kms::vault::VaultKeyRef::parse(&req.key_reference)?;
+            if !(req.region.is_empty()
+                && req.role_arn.is_empty()
+                && req.service_account.is_empty()
+                && req.replica_regions.is_empty())
+            {
+                return Err(AdminError::InvalidArgument(
+                    "a Vault key takes key_reference and vault_approle only (no region, role_arn, service_account or replica_regions)".into(),
+                ));
+            }
+            let Some(approle) = &req.vault else {
+                return Err(AdminError::InvalidArgument(
+                    "vault_approle (role_id and secret_id of the AppRole the customer made for keybroker) is required for Vault keys".into(),
+                ));
+            };
+            check_approle(approle)?;
+            Ok(ProviderKind::VaultTransit)
+        }
         Some(ProviderKind::Local) => Err(AdminError::InvalidArgument(
             "local keys are linked with ImportKeyMaterial".into(),
         )),
         None => Err(AdminError::InvalidArgument(
-            "provider is required: PROVIDER_AWS_KMS or PROVIDER_GCP_KMS".into(),
+            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS or PROVIDER_VAULT_TRANSIT".into(),
         )),
     }
 }

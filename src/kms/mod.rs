@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod gcp;
 pub mod local;
+pub mod vault;
 
 use std::fmt;
 
@@ -21,6 +22,7 @@ pub enum ProviderKind {
     Local,
     AwsKms,
     GcpKms,
+    VaultTransit,
 }
 
 impl ProviderKind {
@@ -29,6 +31,7 @@ impl ProviderKind {
             Self::Local => "local",
             Self::AwsKms => "aws-kms",
             Self::GcpKms => "gcp-kms",
+            Self::VaultTransit => "vault-transit",
         }
     }
 }
@@ -45,6 +48,7 @@ impl From<ProviderKind> for proto::Provider {
             ProviderKind::Local => Self::Local,
             ProviderKind::AwsKms => Self::AwsKms,
             ProviderKind::GcpKms => Self::GcpKms,
+            ProviderKind::VaultTransit => Self::VaultTransit,
         }
     }
 }
@@ -56,6 +60,7 @@ impl TryFrom<proto::Provider> for ProviderKind {
             proto::Provider::Local => Ok(Self::Local),
             proto::Provider::AwsKms => Ok(Self::AwsKms),
             proto::Provider::GcpKms => Ok(Self::GcpKms),
+            proto::Provider::VaultTransit => Ok(Self::VaultTransit),
             proto::Provider::Unspecified => Err(()),
         }
     }

@@ -29,6 +29,7 @@ use crate::kms::ProviderError;
 use crate::kms::aws::{AwsKeyTarget, AwsKms, KeyArn, RoleArn};
 use crate::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
 use crate::kms::local::LocalKeyring;
+use crate::kms::vault::{VaultKeyRef, VaultTarget, VaultTransit};
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
 
@@ -44,6 +45,9 @@ pub struct RegistryDirectory {
     aws: Arc<AwsKms>,
     /// Shared Cloud KMS clients for `gcp-kms` bindings.
     gcp: Arc<GcpKms>,
+    /// Vault/OpenBao logins for `vault-transit` bindings (absent: the
+    /// server was assembled without Vault support).
+    vault: Option<Arc<VaultTransit>>,
     /// The data plane's DEK cache, purged here when a binding changes.
     cache: DekCache,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
@@ -85,6 +89,7 @@ impl RegistryDirectory {
             platform_keyring,
             aws,
             gcp,
+            vault: None,
             cache,
             tenants: Cache::builder()
                 .max_capacity(100_000)
@@ -95,6 +100,12 @@ impl RegistryDirectory {
             verdicts: verdict_cache(DEFAULT_RECHECK_INTERVAL),
             rechecks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Serve `vault-transit` bindings through `vault`.
+    pub fn with_vault(mut self, vault: Arc<VaultTransit>) -> Self {
+        self.vault = Some(vault);
+        self
     }
 
     /// Reuse a recheck's verdict this long (the rate limit of out-of-turn
@@ -127,6 +138,12 @@ impl RegistryDirectory {
 
     pub fn gcp(&self) -> &Arc<GcpKms> {
         &self.gcp
+    }
+
+    pub fn vault(&self) -> Result<&Arc<VaultTransit>, DirectoryError> {
+        self.vault.as_ref().ok_or_else(|| {
+            DirectoryError::Internal("this server was built without Vault support".into())
+        })
     }
 
     /// A tenant's keys changed (`binding` names the one, if one): forget the
@@ -499,6 +516,28 @@ impl RegistryDirectory {
                 self.gcp
                     .key(gcp_target(record).map_err(|e| unusable(record, &e))?),
             )),
+            ProviderKind::VaultTransit => {
+                let sealed = record.key_material.as_deref().ok_or_else(|| {
+                    DirectoryError::Internal(format!(
+                        "Vault key '{}' of tenant '{}' has no AppRole secret_id",
+                        record.name, record.tenant_id
+                    ))
+                })?;
+                let secret = open_material(
+                    &self.platform_keyring,
+                    &record.tenant_id,
+                    &record.name,
+                    sealed,
+                )
+                .await?;
+                let secret = zeroize::Zeroizing::new(
+                    String::from_utf8(secret.expose().to_vec()).map_err(|_| {
+                        DirectoryError::Internal("a stored AppRole secret_id is not text".into())
+                    })?,
+                );
+                let target = vault_target(record, secret).map_err(|e| unusable(record, &e))?;
+                Ok(Arc::new(self.vault()?.key(target)))
+            }
         }
     }
 }
@@ -593,6 +632,21 @@ pub fn aws_target(
 }
 
 /// What a `gcp-kms` binding needs to reach its key.
+/// A `vault-transit` binding's target: the key URL, and the AppRole (role_id
+/// kept in `role_arn`, auth mount in `service_account`, the secret_id
+/// given opened).
+pub fn vault_target(
+    record: &BindingRecord,
+    secret_id: zeroize::Zeroizing<String>,
+) -> Result<VaultTarget, InvalidIdentifier> {
+    Ok(VaultTarget {
+        key: VaultKeyRef::parse(&record.key_reference)?,
+        auth_mount: record.service_account.clone(),
+        role_id: record.role_arn.clone(),
+        secret_id: Arc::new(secret_id),
+    })
+}
+
 pub fn gcp_target(record: &BindingRecord) -> Result<GcpKeyTarget, InvalidIdentifier> {
     Ok(GcpKeyTarget {
         key_name: GcpKeyName::parse(&record.key_reference)?,
@@ -717,6 +771,10 @@ impl crate::metrics::IdentitySource for RegistryDirectory {
         vec![
             ("aws_role_sessions", self.aws.live_sessions()),
             ("gcp_clients", self.gcp.live_clients_now()),
+            (
+                "vault_logins",
+                self.vault.as_ref().map_or(0, |v| v.live_sessions()),
+            ),
         ]
     }
 }

@@ -232,6 +232,7 @@ fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
         "local" => Ok(ProviderKind::Local),
         "aws-kms" => Ok(ProviderKind::AwsKms),
         "gcp-kms" => Ok(ProviderKind::GcpKms),
+        "vault-transit" => Ok(ProviderKind::VaultTransit),
         other => Err(RegistryError::Corrupt(format!("provider {other:?}"))),
     }
 }
