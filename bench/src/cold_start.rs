@@ -395,6 +395,7 @@ async fn prepare(
                 service_account: String::new(),
                 make_primary: true,
                 replica_regions: Vec::new(),
+                vault_approle: None,
             })
             .await?;
         let generated = broker

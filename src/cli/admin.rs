@@ -18,8 +18,9 @@ pub(super) enum AdminCommand {
     },
     /// Customer keys of a tenant.
     Key {
+        // Boxed: Link's many flags make it far larger than the others.
         #[command(subcommand)]
-        command: KeyCommand,
+        command: Box<KeyCommand>,
     },
     /// Retire old versions of a key, the tenant key or the platform keyring:
     /// wrapped keys under an older version than --min-version are refused.
@@ -56,7 +57,7 @@ impl AdminCommand {
                 | TenantCommand::SetPolicy { tenant, .. }
                 | TenantCommand::Delete { tenant, .. } => tenant,
             },
-            Self::Key { command } => match command {
+            Self::Key { command } => match command.as_ref() {
                 KeyCommand::Link { key, .. }
                 | KeyCommand::Import { key, .. }
                 | KeyCommand::Get(key)
@@ -318,7 +319,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 json!({ "deleted": { "tenant_id": tenant } })
             }
         },
-        AdminCommand::Key { command } => match command {
+        AdminCommand::Key { command } => match *command {
             KeyCommand::Link {
                 key,
                 provider,

@@ -106,7 +106,8 @@ fn check_replica_regions(key_arn: &KeyArn, replicas: &[String]) -> Result<(), Ad
 /// An AppRole's mount is a path of plain segments; role and secret ids are
 /// Vault's (UUIDs by default; any printable ASCII is accepted, at most 256).
 fn check_approle(approle: &super::VaultAppRole) -> Result<(), AdminError> {
-    let plain = |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
+    let plain =
+        |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
     let mount_ok = approle.mount.is_empty()
         || approle.mount.split('/').all(|seg| {
             !seg.is_empty()
@@ -188,7 +189,8 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
             "local keys are linked with ImportKeyMaterial".into(),
         )),
         None => Err(AdminError::InvalidArgument(
-            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS or PROVIDER_VAULT_TRANSIT".into(),
+            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS or PROVIDER_VAULT_TRANSIT"
+                .into(),
         )),
     }
 }

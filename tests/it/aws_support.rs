@@ -35,6 +35,7 @@ pub(crate) fn link_request(
         service_account: String::new(),
         make_primary: primary,
         replica_regions: replicas.iter().map(|r| r.to_string()).collect(),
+        vault_approle: None,
     }
 }
 

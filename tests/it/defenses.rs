@@ -322,6 +322,21 @@ async fn send_hostile_requests(channel: Channel) {
                 service_account: HOSTILE.into(),
                 make_primary: true,
                 replica_regions: vec![HOSTILE.into()],
+                vault_approle: None,
+            })
+            .await;
+        let _ = admin
+            .link_key(proto::LinkKeyRequest {
+                tenant_id: tenant.into(),
+                name: HOSTILE.into(),
+                provider: proto::Provider::VaultTransit.into(),
+                key_reference: HOSTILE.into(),
+                vault_approle: Some(proto::VaultAppRole {
+                    mount: HOSTILE.into(),
+                    role_id: HOSTILE.into(),
+                    secret_id: HOSTILE.into(),
+                }),
+                ..Default::default()
             })
             .await;
         let _ = admin

@@ -23,3 +23,4 @@ mod retirement;
 mod revocation;
 mod security;
 mod trust_boundary;
+mod vault;

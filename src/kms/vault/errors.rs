@@ -10,7 +10,6 @@ pub(super) enum Call {
     Login,
     Encrypt,
     Decrypt,
-    Rewrap,
     Describe,
 }
 
@@ -20,7 +19,6 @@ impl Call {
             Self::Login => "AppRole login",
             Self::Encrypt => "Transit encrypt",
             Self::Decrypt => "Transit decrypt",
-            Self::Rewrap => "Transit rewrap",
             Self::Describe => "Transit key read",
         }
     }
@@ -121,12 +119,22 @@ mod tests {
                 "ciphertext or signature version is disallowed by policy (too old) below min_decryption_version",
                 "version_disabled",
             ),
-            (Call::Login, 400, "invalid role or secret ID", "access_denied"),
+            (
+                Call::Login,
+                400,
+                "invalid role or secret ID",
+                "access_denied",
+            ),
             (Call::Describe, 403, "permission denied", "access_denied"),
             (Call::Encrypt, 401, "", "access_denied"),
             (Call::Describe, 404, "", "not_found"),
             (Call::Encrypt, 429, "rate limit quota exceeded", "throttled"),
-            (Call::Encrypt, 412, "required index state not present", "throttled"),
+            (
+                Call::Encrypt,
+                412,
+                "required index state not present",
+                "throttled",
+            ),
             (Call::Decrypt, 503, "Vault is sealed", "unavailable"),
             (Call::Decrypt, 502, "", "unavailable"),
             (Call::Encrypt, 500, "internal error", "unavailable"),
@@ -135,7 +143,11 @@ mod tests {
         ];
         for (call, status, errors, want) in cases {
             let got = classify(*call, *status, errors, key);
-            assert_eq!(got.kind_name(), *want, "{call:?} {status} {errors:?} -> {got}");
+            assert_eq!(
+                got.kind_name(),
+                *want,
+                "{call:?} {status} {errors:?} -> {got}"
+            );
             assert!(got.to_string().contains(key), "{got}");
         }
         // Only definitive answers may trigger a revocation check.

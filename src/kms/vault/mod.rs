@@ -19,6 +19,9 @@
 //! - **Versions**: Transit's ciphertext `vault:vN:...` is stored whole; the
 //!   envelope's key version is `N`. Rotation in Vault is transparent; a DEK
 //!   under an older version than the newest seen gets `rewrap_recommended`.
+//!   RewrapKey decrypts and encrypts: Transit's own `rewrap` ignores
+//!   `associated_data` (OpenBao 2.7; `vault::` tests check it), so it
+//!   cannot move an AAD-bound ciphertext.
 //! - **Describe** reads the key: exists, encrypt/decrypt allowed, latest
 //!   and min_decryption_version, auto-rotation.
 
@@ -166,7 +169,8 @@ impl VaultTransit {
 
     /// The provider for one binding.
     pub fn key(self: &Arc<Self>, target: VaultTarget) -> VaultTransitKey {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, target.secret_id.as_bytes());
+        let digest =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, target.secret_id.as_bytes());
         let mut secret_digest = [0u8; 32];
         secret_digest.copy_from_slice(digest.as_ref());
         let id = (
@@ -482,7 +486,7 @@ impl VaultTransitKey {
         let mut attempt = 1;
         loop {
             let token = self.session.token(&self.vault, self.name()).await?;
-            if matches!(call, Call::Encrypt | Call::Decrypt | Call::Rewrap) {
+            if matches!(call, Call::Encrypt | Call::Decrypt) {
                 self.vault.transit_calls.fetch_add(1, Ordering::Relaxed);
             }
             let error = match self.vault.post(url, Some(&token), body).await {
@@ -503,6 +507,38 @@ impl VaultTransitKey {
             tokio::time::sleep(Duration::from_millis(50) * 2u32.pow(attempt - 1)).await;
             attempt += 1;
         }
+    }
+
+    /// The caller's ciphertext, checked against the envelope's version
+    /// before the customer's Vault sees anything.
+    fn checked_ciphertext<'a>(
+        &self,
+        key_version: &str,
+        ciphertext: &'a [u8],
+    ) -> Result<&'a str, ProviderError> {
+        let text = std::str::from_utf8(ciphertext).ok();
+        match text.and_then(|t| Some((t, ciphertext_version(t)?))) {
+            Some((text, v)) if v.to_string() == key_version => Ok(text),
+            _ => Err(ProviderError::InvalidCiphertext(format!(
+                "the wrapped key does not hold a Transit ciphertext of version {} of {}",
+                crate::text::Quoted(key_version),
+                self.name()
+            ))),
+        }
+    }
+
+    fn ciphertext_of(&self, reply: &[u8], call: Call) -> Result<Ciphertext, ProviderError> {
+        let reply: Data<EncryptData> = serde_json::from_slice(reply).map_err(|e| {
+            ProviderError::Internal(format!("{call:?} answered something else: {e}"))
+        })?;
+        let version = ciphertext_version(&reply.data.ciphertext).ok_or_else(|| {
+            ProviderError::Internal(format!("{call:?} returned no vault:vN: ciphertext"))
+        })?;
+        self.seen_version(version);
+        Ok(Ciphertext {
+            bytes: reply.data.ciphertext.into_bytes(),
+            key_version: version.to_string(),
+        })
     }
 
     fn seen_version(&self, version: u32) {
@@ -535,18 +571,10 @@ impl KeyProvider for VaultTransitKey {
             ciphertext: None,
             associated_data: &aad,
         };
-        let reply = self.call(Call::Encrypt, &self.url("encrypt"), &body).await?;
-        let reply: Data<EncryptData> = serde_json::from_slice(&reply).map_err(|e| {
-            ProviderError::Internal(format!("Transit encrypt answered something else: {e}"))
-        })?;
-        let version = ciphertext_version(&reply.data.ciphertext).ok_or_else(|| {
-            ProviderError::Internal("Transit encrypt returned no vault:vN: ciphertext".into())
-        })?;
-        self.seen_version(version);
-        Ok(Ciphertext {
-            bytes: reply.data.ciphertext.into_bytes(),
-            key_version: version.to_string(),
-        })
+        let reply = self
+            .call(Call::Encrypt, &self.url("encrypt"), &body)
+            .await?;
+        self.ciphertext_of(&reply, Call::Encrypt)
     }
 
     async fn decrypt(
@@ -555,24 +583,16 @@ impl KeyProvider for VaultTransitKey {
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
-        // The caller's bytes: the envelope's version and the ciphertext's
-        // own must agree before the customer's Vault sees anything.
-        let text = std::str::from_utf8(ciphertext).ok();
-        let version = text.and_then(ciphertext_version);
-        if version.is_none() || version.map(|v| v.to_string()).as_deref() != Some(key_version) {
-            return Err(ProviderError::InvalidCiphertext(format!(
-                "the wrapped key does not hold a Transit ciphertext of version {} of {}",
-                crate::text::Quoted(key_version),
-                self.name()
-            )));
-        }
+        let text = self.checked_ciphertext(key_version, ciphertext)?;
         let aad = B64.encode(wrap.aad());
         let body = TransitBody {
             plaintext: None,
-            ciphertext: text,
+            ciphertext: Some(text),
             associated_data: &aad,
         };
-        let reply = self.call(Call::Decrypt, &self.url("decrypt"), &body).await?;
+        let reply = self
+            .call(Call::Decrypt, &self.url("decrypt"), &body)
+            .await?;
         let reply: Data<DecryptData> = serde_json::from_slice(&reply).map_err(|e| {
             ProviderError::Internal(format!("Transit decrypt answered something else: {e}"))
         })?;
@@ -613,7 +633,9 @@ impl KeyProvider for VaultTransitKey {
         let (state, reason) = if key.soft_deleted {
             (
                 ProviderKeyState::PendingDeletion,
-                format!("{name} is soft-deleted in the customer's Vault; restore it to use it again"),
+                format!(
+                    "{name} is soft-deleted in the customer's Vault; restore it to use it again"
+                ),
             )
         } else if !key.supports_encryption || !key.supports_decryption {
             (

