@@ -39,6 +39,7 @@ impl KeyAdminApi {
                 aws_key_policy_statement_json: o.aws_key_policy_statement_json,
                 gcp_service_account: o.gcp_service_account,
                 gcp_role: o.gcp_role,
+                vault_policy_hcl: o.vault_policy_hcl,
             }),
             create_time: Some(timestamp(tenant.created_at_ms)),
             update_time: Some(timestamp(tenant.updated_at_ms)),

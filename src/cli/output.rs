@@ -60,6 +60,7 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
                 "aws_key_policy_statement_json": o.aws_key_policy_statement_json,
                 "gcp_service_account": o.gcp_service_account,
                 "gcp_role": o.gcp_role,
+                "vault_policy_hcl": o.vault_policy_hcl,
             },
         })
     })

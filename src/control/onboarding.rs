@@ -1,6 +1,6 @@
 //! What a customer must configure so keybroker may use their key: the
 //! external ID, the IAM trust policy and key-policy statement for AWS, the
-//! service account and role for Cloud KMS.
+//! service account and role for Cloud KMS, the policy for a Vault AppRole.
 
 use serde_json::json;
 
@@ -15,6 +15,7 @@ pub struct Onboarding {
     pub aws_key_policy_statement_json: String,
     pub gcp_service_account: String,
     pub gcp_role: String,
+    pub vault_policy_hcl: String,
 }
 
 /// The trust policy, key-policy statement and GCP grant a customer applies
@@ -52,5 +53,6 @@ pub(super) fn onboarding(settings: &AdminSettings, tenant: &Tenant) -> Onboardin
         aws_key_policy_statement_json: pretty(&key_statement),
         gcp_service_account: settings.gcp_service_account.clone().unwrap_or_default(),
         gcp_role: crate::kms::gcp::ENCRYPTER_DECRYPTER_ROLE.to_owned(),
+        vault_policy_hcl: crate::kms::vault::policy_hcl("<TRANSIT_MOUNT>", "<KEY_NAME>"),
     }
 }

@@ -120,6 +120,10 @@ impl Bao {
     /// A Transit mount with one aes256-gcm96 key, an AppRole allowed to use
     /// it (the policy README gives customers); returns what LinkKey takes.
     fn customer_key(&self) -> CustomerKey {
+        self.customer_key_with_ttl("20m", "1h")
+    }
+
+    fn customer_key_with_ttl(&self, ttl: &str, max_ttl: &str) -> CustomerKey {
         let mount = random_name("transit");
         self.cli(&["secrets", "enable", &format!("-path={mount}"), "transit"]);
         self.cli(&["write", "-f", &format!("{mount}/keys/cmk")]);
@@ -131,8 +135,8 @@ impl Bao {
             "write",
             &format!("auth/approle/role/{role}"),
             &format!("token_policies={role}"),
-            "token_ttl=20m",
-            "token_max_ttl=1h",
+            &format!("token_ttl={ttl}"),
+            &format!("token_max_ttl={max_ttl}"),
         ]);
         let role_id = self.cli(&[
             "read",
@@ -174,15 +178,10 @@ impl Bao {
     }
 }
 
-/// The policy README asks customers to grant keybroker's AppRole.
+/// The policy onboarding gives customers for keybroker's AppRole (the same
+/// text GetTenant returns, placeholders filled).
 fn policy(mount: &str, key: &str) -> String {
-    format!(
-        r#"path "{mount}/encrypt/{key}" {{ capabilities = ["update"] }}
-path "{mount}/decrypt/{key}" {{ capabilities = ["update"] }}
-path "{mount}/rewrap/{key}" {{ capabilities = ["update"] }}
-path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
-"#
-    )
+    keybroker::kms::vault::policy_hcl(mount, key)
 }
 
 struct CustomerKey {
@@ -249,7 +248,13 @@ async fn vault_transit_keys_work_end_to_end() {
     let mut broker = server.client().await;
 
     // A wrong secret_id: refused with the reason, nothing stored.
-    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    let tenant =
+        create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    assert_eq!(
+        tenant.onboarding.unwrap().vault_policy_hcl,
+        policy("<TRANSIT_MOUNT>", "<KEY_NAME>"),
+        "onboarding gives the policy these tests grant"
+    );
     let mut bad = key.link("acme", "vault");
     bad.vault_approle.as_mut().unwrap().secret_id = "00000000-0000-0000-0000-000000000000".into();
     let err = admin.link_key(bad).await.unwrap_err();
@@ -497,6 +502,36 @@ async fn sealed_vault_is_unavailable_not_revoked() {
     assert_eq!(
         binding_state(&mut admin, "acme").await.0,
         proto::KeyState::Active
+    );
+    server.stop().await;
+}
+
+/// AppRole tokens: renewed while renewable, a new login once the max TTL
+/// has passed; calls never fail for it. (Vault's clock, not ours: real
+/// seconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_tokens_are_renewed_then_replaced() {
+    let bao = Bao::shared();
+    let key = bao.customer_key_with_ttl("2s", "4s");
+    let (server, _dir) = server(Duration::from_secs(3600)).await;
+    let vault = std::sync::Arc::clone(server.directory.as_ref().unwrap().vault().unwrap());
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    admin.link_key(key.link("acme", "vault")).await.unwrap();
+    generate(&mut broker, "acme", CTX).await.unwrap();
+    let logins = count(&vault.logins);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    generate(&mut broker, "acme", CTX).await.unwrap();
+    assert!(count(&vault.renewals) >= 1, "no renewal");
+    assert_eq!(count(&vault.logins), logins, "renewed, not logged in again");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(
+        count(&vault.logins),
+        logins + 1,
+        "a new login after the max TTL"
     );
     server.stop().await;
 }

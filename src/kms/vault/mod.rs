@@ -47,6 +47,19 @@ use crate::kms::{
 };
 use crate::secret::SecretBytes;
 
+/// What keybroker's AppRole needs on one Transit key, and nothing more: no
+/// key management, no export, no other key.
+pub fn policy_hcl(mount: &str, key: &str) -> String {
+    format!(
+        r#"# keybroker: wrap and unwrap data keys with {mount}/keys/{key}
+path "{mount}/encrypt/{key}" {{ capabilities = ["update"] }}
+path "{mount}/decrypt/{key}" {{ capabilities = ["update"] }}
+# read the key's state and versions (revocation checks, rotation)
+path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
+"#
+    )
+}
+
 /// The `vault_*` settings.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct VaultSettings {
@@ -118,6 +131,8 @@ pub struct VaultTransit {
     sessions: moka::sync::Cache<(String, String, String, [u8; 32]), Arc<VaultSession>>,
     /// AppRole logins made (tests count them).
     pub logins: Arc<AtomicU64>,
+    /// Token renewals made (tests count them).
+    pub renewals: Arc<AtomicU64>,
     /// Transit encrypt/decrypt/rewrap calls made (tests count them).
     pub transit_calls: Arc<AtomicU64>,
 }
@@ -157,6 +172,7 @@ impl VaultTransit {
                 .build(),
             settings,
             logins: Arc::default(),
+            renewals: Arc::default(),
             transit_calls: Arc::default(),
         })
     }
@@ -285,6 +301,7 @@ impl VaultSession {
                 return Ok(token.value.clone());
             }
             if token.renewable && now < token.expires_at {
+                vault.renewals.fetch_add(1, Ordering::Relaxed);
                 let renewed = vault
                     .post(
                         &format!("{}/v1/auth/token/renew-self", self.address),
