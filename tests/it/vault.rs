@@ -326,6 +326,7 @@ async fn vault_transit_keys_work_end_to_end() {
 
     // The customer rotates in Vault: old DEKs stay readable and are
     // flagged once keybroker has seen the new version; RewrapKey moves them.
+    let v1_cold = generate(&mut broker, "acme", CTX).await.unwrap();
     bao.cli(&["write", "-f", &format!("{}/keys/cmk/rotate", key.mount)]);
     let newer = generate(&mut broker, "acme", CTX).await.unwrap();
     assert_eq!(newer.key.as_ref().unwrap().provider_key_version, "2");
@@ -347,6 +348,27 @@ async fn vault_transit_keys_work_end_to_end() {
         .unwrap();
     assert_eq!(again.plaintext, g.plaintext);
     assert!(!again.rewrap_recommended);
+
+    // The customer retires version 1 in Vault: data under it is unreadable,
+    // the key itself stays usable.
+    bao.cli(&[
+        "write",
+        &format!("{}/keys/cmk/config", key.mount),
+        "min_decryption_version=2",
+    ]);
+    let retired = unwrap(&mut broker, "acme", CTX, &v1_cold.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(retired.code(), Code::FailedPrecondition, "{retired:?}");
+    assert!(
+        retired.message().contains("min_decryption_version"),
+        "{}",
+        retired.message()
+    );
+    assert_eq!(
+        binding_state(&mut admin, "acme").await.0,
+        proto::KeyState::Active
+    );
 
     // Why RewrapKey decrypts and encrypts instead of calling Transit's
     // rewrap: rewrap ignores associated_data, so it cannot open an

@@ -45,9 +45,7 @@ pub(super) fn classify(call: Call, status: u16, errors: &str, key: &str) -> Prov
                 "{key} does not exist in the customer's Vault (deleted?): {errors}"
             ))
         }
-        400 if lower.contains("below min_decryption_version")
-            || lower.contains("requested version for decryption is less than") =>
-        {
+        400 if lower.contains("disallowed by policy (too old)") => {
             ProviderError::VersionDisabled(format!(
                 "{key}: the customer raised min_decryption_version past this wrapped key's version: {errors}"
             ))
@@ -116,7 +114,7 @@ mod tests {
             (
                 Call::Decrypt,
                 400,
-                "ciphertext or signature version is disallowed by policy (too old) below min_decryption_version",
+                "ciphertext or signature version is disallowed by policy (too old)",
                 "version_disabled",
             ),
             (
