@@ -12,6 +12,7 @@ mod load;
 mod memory;
 mod plot;
 mod profile;
+mod provider_latency;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +69,9 @@ enum Command {
     /// Resident bytes per idle tenant identity (AWS role session + KMS
     /// client) and the bound the session cache keeps (moto).
     Identities(identities::IdentitiesArgs),
+    /// Latency of one provider unwrap call: local keyring vs Vault/OpenBao
+    /// Transit over loopback (what a cold key costs with each).
+    ProviderLatency(provider_latency::ProviderLatencyArgs),
     /// One identities measurement (spawned by `identities`).
     IdentitiesChild {
         #[arg(long)]
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Memory { entries, json } => memory::run(&entries, json.as_deref()),
         Command::MemoryChild { entries } => memory::child(entries),
         Command::Identities(args) => identities::run(args),
+        Command::ProviderLatency(args) => provider_latency::run(args),
         Command::IdentitiesChild {
             count,
             capacity,

