@@ -134,6 +134,26 @@ done
   || { echo "OpenBao dev server did not start:" >&2; cat "$PGTMP/bao.log" >&2; exit 1; }
 export KEYBROKER_TEST_BAO_ADDR="http://127.0.0.1:$BAO_PORT" KEYBROKER_TEST_BAO_TOKEN="$BAO_ROOT"
 
+# --- SoftHSM (Debian softhsm2): a real PKCS#11 token, initialised afresh in
+# a temp dir for this run; the PKCS#11 tests make their own keys on it -------
+SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+if [ ! -f "$SOFTHSM_MODULE" ] || ! command -v softhsm2-util >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing SoftHSM (Debian package softhsm2)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+  fi
+fi
+[ -f "$SOFTHSM_MODULE" ] || { echo "SoftHSM is missing: sudo apt-get install softhsm2" >&2; exit 1; }
+mkdir -p "$PGTMP/softhsm/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
+  "$PGTMP/softhsm/tokens" >"$PGTMP/softhsm/softhsm2.conf"
+export SOFTHSM2_CONF="$PGTMP/softhsm/softhsm2.conf"
+HSM_PIN=$("$PY" -c 'import secrets; print(secrets.token_hex(8))')
+softhsm2-util --init-token --free --label keybroker-test --so-pin "so-$HSM_PIN" --pin "$HSM_PIN" >/dev/null
+printf '%s' "$HSM_PIN" >"$PGTMP/softhsm/pin"
+chmod 600 "$PGTMP/softhsm/pin"
+export KEYBROKER_TEST_PKCS11_MODULE="$SOFTHSM_MODULE" KEYBROKER_TEST_PKCS11_PIN_FILE="$PGTMP/softhsm/pin"
+
 # --- Rust ------------------------------------------------------------------
 command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || {
   log "installing cargo-nextest"

@@ -111,6 +111,11 @@ impl Server {
                 crate::kms::vault::VaultTransit::new(config.vault.clone())
                     .with_context(|| "setting up the Vault client")?,
             ))
+            .with_pkcs11(
+                crate::kms::pkcs11::Pkcs11Hsm::from_settings(&config.pkcs11)
+                    .with_context(|| "setting up the PKCS#11 module")?
+                    .map(Arc::new),
+            )
             .with_recheck_interval(config.watcher.recheck_interval),
         );
         let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);

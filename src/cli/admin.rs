@@ -110,6 +110,7 @@ pub(super) enum CloudProviderArg {
     AwsKms,
     GcpKms,
     VaultTransit,
+    Pkcs11,
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,6 +352,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                             CloudProviderArg::AwsKms => proto::Provider::AwsKms,
                             CloudProviderArg::GcpKms => proto::Provider::GcpKms,
                             CloudProviderArg::VaultTransit => proto::Provider::VaultTransit,
+                            CloudProviderArg::Pkcs11 => proto::Provider::Pkcs11,
                         }
                         .into(),
                         key_reference,

@@ -72,6 +72,8 @@ pub struct Config {
     #[command(flatten)]
     pub vault: crate::kms::vault::VaultSettings,
     #[command(flatten)]
+    pub pkcs11: crate::kms::pkcs11::Pkcs11Settings,
+    #[command(flatten)]
     pub audit: AuditSettings,
     #[command(flatten)]
     pub quota: QuotaSettings,
@@ -125,6 +127,7 @@ impl Config {
         self.aws.validate()?;
         self.gcp.validate()?;
         self.vault.validate()?;
+        self.pkcs11.validate()?;
         self.audit.validate()?;
         let listen = self.server.listen;
         let tls = self.tls.enabled();

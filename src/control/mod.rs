@@ -289,6 +289,11 @@ impl Admin {
                 .await?;
                 record.key_material = Some(sealed);
             }
+            ProviderKind::Pkcs11 => {
+                let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)?;
+                let key = self.directory.pkcs11()?.key(key);
+                verify_provider(&key, &req.tenant_id).await?;
+            }
             ProviderKind::Local => {
                 return Err(AdminError::Internal(
                     "local keys are linked with ImportKeyMaterial".into(),

@@ -185,12 +185,25 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
             check_approle(approle)?;
             Ok(ProviderKind::VaultTransit)
         }
+        Some(ProviderKind::Pkcs11) => {
+            crate::kms::pkcs11::Pkcs11KeyRef::parse(&req.key_reference)?;
+            if !(req.region.is_empty()
+                && req.role_arn.is_empty()
+                && req.service_account.is_empty()
+                && req.replica_regions.is_empty())
+            {
+                return Err(AdminError::InvalidArgument(
+                    "a PKCS#11 key takes key_reference only (the module and PIN are the server's)"
+                        .into(),
+                ));
+            }
+            Ok(ProviderKind::Pkcs11)
+        }
         Some(ProviderKind::Local) => Err(AdminError::InvalidArgument(
             "local keys are linked with ImportKeyMaterial".into(),
         )),
         None => Err(AdminError::InvalidArgument(
-            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS or PROVIDER_VAULT_TRANSIT"
-                .into(),
+            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS, PROVIDER_VAULT_TRANSIT or PROVIDER_PKCS11".into(),
         )),
     }
 }

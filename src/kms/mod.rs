@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod gcp;
 pub mod local;
+pub mod pkcs11;
 pub mod vault;
 
 use std::fmt;
@@ -23,6 +24,7 @@ pub enum ProviderKind {
     AwsKms,
     GcpKms,
     VaultTransit,
+    Pkcs11,
 }
 
 impl ProviderKind {
@@ -32,6 +34,7 @@ impl ProviderKind {
             Self::AwsKms => "aws-kms",
             Self::GcpKms => "gcp-kms",
             Self::VaultTransit => "vault-transit",
+            Self::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -49,6 +52,7 @@ impl From<ProviderKind> for proto::Provider {
             ProviderKind::AwsKms => Self::AwsKms,
             ProviderKind::GcpKms => Self::GcpKms,
             ProviderKind::VaultTransit => Self::VaultTransit,
+            ProviderKind::Pkcs11 => Self::Pkcs11,
         }
     }
 }
@@ -61,6 +65,7 @@ impl TryFrom<proto::Provider> for ProviderKind {
             proto::Provider::AwsKms => Ok(Self::AwsKms),
             proto::Provider::GcpKms => Ok(Self::GcpKms),
             proto::Provider::VaultTransit => Ok(Self::VaultTransit),
+            proto::Provider::Pkcs11 => Ok(Self::Pkcs11),
             proto::Provider::Unspecified => Err(()),
         }
     }

@@ -29,6 +29,7 @@ use crate::kms::ProviderError;
 use crate::kms::aws::{AwsKeyTarget, AwsKms, KeyArn, RoleArn};
 use crate::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
 use crate::kms::local::LocalKeyring;
+use crate::kms::pkcs11::Pkcs11Hsm;
 use crate::kms::vault::{VaultKeyRef, VaultTarget, VaultTransit};
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
@@ -48,6 +49,9 @@ pub struct RegistryDirectory {
     /// Vault/OpenBao logins for `vault-transit` bindings (absent: the
     /// server was assembled without Vault support).
     vault: Option<Arc<VaultTransit>>,
+    /// The platform's PKCS#11 module for `pkcs11` bindings (absent: no
+    /// `pkcs11_module` configured).
+    pkcs11: Option<Arc<Pkcs11Hsm>>,
     /// The data plane's DEK cache, purged here when a binding changes.
     cache: DekCache,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
@@ -90,6 +94,7 @@ impl RegistryDirectory {
             aws,
             gcp,
             vault: None,
+            pkcs11: None,
             cache,
             tenants: Cache::builder()
                 .max_capacity(100_000)
@@ -105,6 +110,12 @@ impl RegistryDirectory {
     /// Serve `vault-transit` bindings through `vault`.
     pub fn with_vault(mut self, vault: Arc<VaultTransit>) -> Self {
         self.vault = Some(vault);
+        self
+    }
+
+    /// Serve `pkcs11` bindings through `hsm`.
+    pub fn with_pkcs11(mut self, hsm: Option<Arc<Pkcs11Hsm>>) -> Self {
+        self.pkcs11 = hsm;
         self
     }
 
@@ -138,6 +149,14 @@ impl RegistryDirectory {
 
     pub fn gcp(&self) -> &Arc<GcpKms> {
         &self.gcp
+    }
+
+    pub fn pkcs11(&self) -> Result<&Arc<Pkcs11Hsm>, DirectoryError> {
+        self.pkcs11.as_ref().ok_or_else(|| {
+            DirectoryError::Internal(
+                "PKCS#11 keys need the server's pkcs11_module (and its PIN) configured".into(),
+            )
+        })
     }
 
     pub fn vault(&self) -> Result<&Arc<VaultTransit>, DirectoryError> {
@@ -537,6 +556,11 @@ impl RegistryDirectory {
                 );
                 let target = vault_target(record, secret).map_err(|e| unusable(record, &e))?;
                 Ok(Arc::new(self.vault()?.key(target)))
+            }
+            ProviderKind::Pkcs11 => {
+                let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)
+                    .map_err(|e| unusable(record, &e))?;
+                Ok(Arc::new(self.pkcs11()?.key(key)))
             }
         }
     }

@@ -233,6 +233,7 @@ fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
         "aws-kms" => Ok(ProviderKind::AwsKms),
         "gcp-kms" => Ok(ProviderKind::GcpKms),
         "vault-transit" => Ok(ProviderKind::VaultTransit),
+        "pkcs11" => Ok(ProviderKind::Pkcs11),
         other => Err(RegistryError::Corrupt(format!("provider {other:?}"))),
     }
 }

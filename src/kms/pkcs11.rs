@@ -1,0 +1,543 @@
+//! Keys in a PKCS#11 token (an HSM; SoftHSM in tests), through `cryptoki`.
+//!
+//! The module is the platform's, configured on the server
+//! (`pkcs11_module`, an allow-list of one: a LinkKey caller never names a
+//! library to load), and so is the PIN (`pkcs11_pin_file`, or the
+//! `KEYBROKER_PKCS11_PIN` environment variable; never a flag). A binding
+//! names the token and the key object: `pkcs11:token=<label>;object=<label>`.
+//! The key is an AES-256 secret key on the token; keybroker wraps with
+//! CKM_AES_GCM, a 96-bit IV drawn by the host, the tenant and context as
+//! AAD, and stores IV ‖ ciphertext ‖ tag. PKCS#11 sessions are not
+//! free-threaded: each token has a bounded pool of logged-in sessions
+//! (`pkcs11_sessions`), and every call runs on the blocking pool, never on
+//! the async runtime.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use crate::kms::{
+    Ciphertext, InvalidIdentifier, KeyDescription, KeyProvider, ProviderError, ProviderKeyState,
+    ProviderKind, WrapContext,
+};
+use crate::secret::SecretBytes;
+
+const IV_LEN: usize = 12;
+const TAG_BITS: u64 = 128;
+
+/// The `pkcs11_*` settings.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module (shared library) of the platform's HSM; the only
+    /// one keybroker loads. Unset: no PKCS#11 keys.
+    #[arg(
+        id = "pkcs11_module",
+        long = "pkcs11-module",
+        env = "KEYBROKER_PKCS11_MODULE"
+    )]
+    pub module: Option<PathBuf>,
+    /// File holding the token user PIN [default: the KEYBROKER_PKCS11_PIN
+    /// environment variable]. Never a flag value.
+    #[arg(
+        id = "pkcs11_pin_file",
+        long = "pkcs11-pin-file",
+        env = "KEYBROKER_PKCS11_PIN_FILE"
+    )]
+    pub pin_file: Option<PathBuf>,
+    /// Logged-in sessions per token, the most calls in flight on it.
+    #[arg(
+        id = "pkcs11_sessions",
+        long = "pkcs11-sessions",
+        env = "KEYBROKER_PKCS11_SESSIONS",
+        default_value = "4"
+    )]
+    pub sessions: usize,
+}
+
+impl Default for Pkcs11Settings {
+    fn default() -> Self {
+        crate::settings::defaults()
+    }
+}
+
+impl Pkcs11Settings {
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        if self.sessions == 0 || self.sessions > 256 {
+            return crate::settings::invalid("pkcs11_sessions", "must be 1 to 256");
+        }
+        Ok(())
+    }
+}
+
+/// A key object on a token: `pkcs11:token=<label>;object=<label>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11KeyRef {
+    pub token: String,
+    pub object: String,
+}
+
+impl Pkcs11KeyRef {
+    pub fn parse(reference: &str) -> Result<Self, InvalidIdentifier> {
+        let bad = || {
+            InvalidIdentifier(format!(
+                "{} is not a PKCS#11 key reference; expected pkcs11:token=<token label>;object=<key label> (labels: letters, digits, space - _ .)",
+                crate::text::Quoted(reference)
+            ))
+        };
+        let rest = reference.strip_prefix("pkcs11:").ok_or_else(bad)?;
+        let (mut token, mut object) = (None, None);
+        for part in rest.split(';') {
+            match part.split_once('=') {
+                Some(("token", v)) if token.is_none() => token = Some(v),
+                Some(("object", v)) if object.is_none() => object = Some(v),
+                _ => return Err(bad()),
+            }
+        }
+        let label_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'-' | b'_' | b'.'))
+        };
+        match (token, object) {
+            (Some(t), Some(o)) if label_ok(t) && label_ok(o) => Ok(Self {
+                token: t.to_owned(),
+                object: o.to_owned(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Pkcs11KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pkcs11:token={};object={}", self.token, self.object)
+    }
+}
+
+/// Classifies a PKCS#11 return value (a pure function; table test below).
+pub(crate) fn classify(err: &CkError, key: &str) -> ProviderError {
+    let CkError::Pkcs11(rv, function) = err else {
+        return ProviderError::Internal(format!("PKCS#11 call on {key} failed: {err}"));
+    };
+    let what = format!("{function:?} on {key}: {rv:?}");
+    match rv {
+        RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid => ProviderError::NotFound(
+            format!("{what}: the key is no longer on the token (destroyed?)"),
+        ),
+        RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => {
+            ProviderError::InvalidCiphertext(format!(
+                "{what}: wrong tenant or context, or an altered wrapped key"
+            ))
+        }
+        // SoftHSM answers a failed AES-GCM tag check with
+        // CKR_GENERAL_ERROR. On C_Decrypt it is read as the caller's bytes:
+        // never a key state, only this request fails.
+        RvError::GeneralError if matches!(function, Function::Decrypt) => {
+            ProviderError::InvalidCiphertext(format!(
+                "{what}: the token could not decrypt it (wrong tenant or context, or an altered wrapped key)"
+            ))
+        }
+        RvError::PinIncorrect
+        | RvError::PinLocked
+        | RvError::PinExpired
+        | RvError::UserNotLoggedIn => ProviderError::AccessDenied(format!(
+            "{what}: check the token PIN keybroker is given (pkcs11_pin_file)"
+        )),
+        RvError::KeyFunctionNotPermitted | RvError::KeyTypeInconsistent => {
+            ProviderError::KeyDisabled(format!(
+                "{what}: the key may not encrypt/decrypt with AES-GCM (CKA_ENCRYPT, CKA_DECRYPT)"
+            ))
+        }
+        RvError::DeviceError
+        | RvError::DeviceRemoved
+        | RvError::DeviceMemory
+        | RvError::HostMemory
+        | RvError::TokenNotPresent
+        | RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::FunctionFailed => {
+            ProviderError::Unavailable(format!("{what}: the token is unavailable; retry"))
+        }
+        _ => ProviderError::Internal(what),
+    }
+}
+
+/// One token's logged-in sessions. std Mutex: a pop or a push, never held
+/// across a PKCS#11 call.
+struct TokenPool {
+    slot: Slot,
+    idle: Mutex<Vec<Session>>,
+    /// Bounds the sessions (and calls) in flight on the token.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// The platform's PKCS#11 module, initialized once.
+pub struct Pkcs11Hsm {
+    ctx: Pkcs11,
+    pin: AuthPin,
+    sessions: usize,
+    /// Session pools by token label. std Mutex: map access only.
+    tokens: Mutex<HashMap<String, Arc<TokenPool>>>,
+    /// Encrypt/decrypt calls made (tests count them).
+    pub calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl fmt::Debug for Pkcs11Hsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Hsm")
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pkcs11Hsm {
+    /// Loads and initializes the configured module; `None` without one.
+    pub fn from_settings(settings: &Pkcs11Settings) -> Result<Option<Self>, ProviderError> {
+        let Some(module) = &settings.module else {
+            return Ok(None);
+        };
+        let pin = match &settings.pin_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    ProviderError::Internal(format!("pkcs11_pin_file {}: {e}", path.display()))
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            None => std::env::var("KEYBROKER_PKCS11_PIN").map_err(|_| {
+                ProviderError::Internal(
+                    "pkcs11_module is set but no PIN: set pkcs11_pin_file or KEYBROKER_PKCS11_PIN"
+                        .into(),
+                )
+            })?,
+        };
+        let ctx = Pkcs11::new(module).map_err(|e| {
+            ProviderError::Internal(format!(
+                "cannot load PKCS#11 module {}: {e}",
+                module.display()
+            ))
+        })?;
+        // Already initialized by another user of the module in this process
+        // (cryptoki loads it once): that initialization serves us too.
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(ProviderError::Internal(format!("C_Initialize: {e}"))),
+        }
+        Ok(Some(Self {
+            ctx,
+            pin: AuthPin::new(pin.into()),
+            sessions: settings.sessions,
+            tokens: Mutex::new(HashMap::new()),
+            calls: Arc::default(),
+        }))
+    }
+
+    /// The provider for one key object.
+    pub fn key(self: &Arc<Self>, key: Pkcs11KeyRef) -> Pkcs11Key {
+        Pkcs11Key {
+            hsm: Arc::clone(self),
+            name: key.to_string(),
+            key,
+        }
+    }
+
+    fn pool(&self, token: &str, name: &str) -> Result<Arc<TokenPool>, ProviderError> {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = tokens.get(token) {
+            return Ok(Arc::clone(pool));
+        }
+        let slot = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(|e| classify(&e, name))?
+            .into_iter()
+            .find(|slot| {
+                self.ctx
+                    .get_token_info(*slot)
+                    .is_ok_and(|info| info.label().trim_end() == token)
+            })
+            .ok_or_else(|| {
+                ProviderError::NotFound(format!("{name}: no token labelled {token:?} in the HSM"))
+            })?;
+        let pool = Arc::new(TokenPool {
+            slot,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(self.sessions)),
+        });
+        tokens.insert(token.to_owned(), Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    /// Runs `op` with a logged-in session of `token`, on the blocking pool.
+    async fn with_session<T: Send + 'static>(
+        self: &Arc<Self>,
+        token: &str,
+        name: &str,
+        op: impl FnOnce(&Session) -> Result<T, ProviderError> + Send + 'static,
+    ) -> Result<T, ProviderError> {
+        let hsm = Arc::clone(self);
+        let (token, name) = (token.to_owned(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let pool = hsm.pool(&token, &name)?;
+            // Blocking here is fine: this is the blocking pool, and the
+            // semaphore bounds it to `pkcs11_sessions` per token.
+            let _permit = futures::executor::block_on(Arc::clone(&pool.permits).acquire_owned())
+                .map_err(|_| ProviderError::Internal("session pool closed".into()))?;
+            let idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let session = match idle {
+                Some(session) => session,
+                None => {
+                    let session = hsm
+                        .ctx
+                        .open_rw_session(pool.slot)
+                        .map_err(|e| classify(&e, &name))?;
+                    match session.login(UserType::User, Some(&hsm.pin)) {
+                        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                        Err(e) => return Err(classify(&e, &name)),
+                    }
+                    session
+                }
+            };
+            let result = op(&session);
+            // A session the token dropped is not reused.
+            let broken = matches!(&result, Err(ProviderError::Unavailable(_)));
+            if !broken {
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(session);
+            }
+            result
+        })
+        .await
+        .map_err(|e| ProviderError::Internal(format!("PKCS#11 task failed: {e}")))?
+    }
+}
+
+/// One key object as a [`KeyProvider`].
+pub struct Pkcs11Key {
+    hsm: Arc<Pkcs11Hsm>,
+    key: Pkcs11KeyRef,
+    name: String,
+}
+
+impl fmt::Debug for Pkcs11Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Key")
+            .field("key", &self.name)
+            .finish()
+    }
+}
+
+/// The AES secret key labelled `object`.
+fn find_key(session: &Session, object: &str, name: &str) -> Result<ObjectHandle, ProviderError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Label(object.as_bytes().to_vec()),
+        ])
+        .map_err(|e| classify(&e, name))?;
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ProviderError::NotFound(format!(
+            "{name}: no AES key with that label on the token (destroyed, or never made)"
+        ))),
+        _ => Err(ProviderError::Internal(format!(
+            "{name}: {} AES keys share that label; keybroker needs exactly one",
+            found.len()
+        ))),
+    }
+}
+
+#[async_trait]
+impl KeyProvider for Pkcs11Key {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Pkcs11
+    }
+
+    async fn encrypt(
+        &self,
+        plaintext: &SecretBytes,
+        wrap: WrapContext<'_>,
+    ) -> Result<Ciphertext, ProviderError> {
+        let mut iv = [0u8; IV_LEN];
+        aws_lc_rs::rand::fill(&mut iv)
+            .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
+        let aad = wrap.aad();
+        let plaintext = SecretBytes::new(plaintext.expose().to_vec());
+        let (object, name) = (self.key.object.clone(), self.name.clone());
+        self.hsm
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sealed = self
+            .hsm
+            .with_session(&self.key.token, &self.name, move |session| {
+                let key = find_key(session, &object, &name)?;
+                let mut iv_param = iv;
+                let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into())
+                    .map_err(|e| ProviderError::Internal(format!("GCM parameters: {e}")))?;
+                session
+                    .encrypt(&Mechanism::AesGcm(params), key, plaintext.expose())
+                    .map_err(|e| classify(&e, &name))
+            })
+            .await?;
+        let mut bytes = Vec::with_capacity(IV_LEN + sealed.len());
+        bytes.extend_from_slice(&iv);
+        bytes.extend_from_slice(&sealed);
+        Ok(Ciphertext {
+            bytes,
+            key_version: String::new(),
+        })
+    }
+
+    async fn decrypt(
+        &self,
+        _key_version: &str,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Result<SecretBytes, ProviderError> {
+        if ciphertext.len() < IV_LEN + 16 {
+            return Err(ProviderError::InvalidCiphertext(format!(
+                "{}: the wrapped key is too short to be AES-GCM",
+                self.name
+            )));
+        }
+        let (iv, sealed) = ciphertext.split_at(IV_LEN);
+        let (mut iv, sealed) = (
+            <[u8; IV_LEN]>::try_from(iv).unwrap_or_default(),
+            sealed.to_vec(),
+        );
+        let aad = wrap.aad();
+        let (object, name) = (self.key.object.clone(), self.name.clone());
+        self.hsm
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let plain = self
+            .hsm
+            .with_session(&self.key.token, &self.name, move |session| {
+                let key = find_key(session, &object, &name)?;
+                let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())
+                    .map_err(|e| ProviderError::Internal(format!("GCM parameters: {e}")))?;
+                session
+                    .decrypt(&Mechanism::AesGcm(params), key, &sealed)
+                    .map(SecretBytes::new)
+                    .map_err(|e| classify(&e, &name))
+            })
+            .await?;
+        Ok(plain)
+    }
+
+    async fn describe(&self) -> Result<KeyDescription, ProviderError> {
+        let (object, name) = (self.key.object.clone(), self.name.clone());
+        let usable = self
+            .hsm
+            .with_session(&self.key.token, &self.name, move |session| {
+                let key = find_key(session, &object, &name)?;
+                let attributes = session
+                    .get_attributes(key, &[AttributeType::Encrypt, AttributeType::Decrypt])
+                    .map_err(|e| classify(&e, &name))?;
+                Ok(attributes
+                    .iter()
+                    .all(|a| matches!(a, Attribute::Encrypt(true) | Attribute::Decrypt(true))))
+            })
+            .await?;
+        Ok(if usable {
+            KeyDescription::default()
+        } else {
+            KeyDescription {
+                state: ProviderKeyState::Disabled,
+                reason: format!(
+                    "{} may not encrypt and decrypt (CKA_ENCRYPT, CKA_DECRYPT are false)",
+                    self.name
+                ),
+                ..KeyDescription::default()
+            }
+        })
+    }
+
+    /// Keybroker writes no version for PKCS#11 keys: any is forged.
+    fn check_version(&self, version: &str) -> Result<(), ProviderError> {
+        if version.is_empty() {
+            return Ok(());
+        }
+        Err(ProviderError::InvalidCiphertext(format!(
+            "the wrapped key names key version {} for a PKCS#11 key; keybroker never writes one there",
+            crate::text::Quoted(version)
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse() {
+        let r = Pkcs11KeyRef::parse("pkcs11:token=kb-hsm;object=acme kek").unwrap();
+        assert_eq!(
+            (r.token.as_str(), r.object.as_str()),
+            ("kb-hsm", "acme kek")
+        );
+        assert_eq!(r.to_string(), "pkcs11:token=kb-hsm;object=acme kek");
+        for bad in [
+            "pkcs11:token=a",
+            "pkcs11:object=a",
+            "token=a;object=b",
+            "pkcs11:token=a;object=b;module-path=/tmp/x.so",
+            "pkcs11:token=a;object=b\n",
+            "pkcs11:token=;object=b",
+        ] {
+            assert!(Pkcs11KeyRef::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ckr_errors_classify() {
+        let cases = [
+            (RvError::KeyHandleInvalid, "not_found"),
+            (RvError::ObjectHandleInvalid, "not_found"),
+            (RvError::EncryptedDataInvalid, "invalid_ciphertext"),
+            (RvError::EncryptedDataLenRange, "invalid_ciphertext"),
+            (RvError::PinIncorrect, "access_denied"),
+            (RvError::PinLocked, "access_denied"),
+            (RvError::UserNotLoggedIn, "access_denied"),
+            (RvError::KeyFunctionNotPermitted, "key_disabled"),
+            (RvError::DeviceError, "unavailable"),
+            (RvError::DeviceRemoved, "unavailable"),
+            (RvError::TokenNotPresent, "unavailable"),
+            (RvError::SessionHandleInvalid, "unavailable"),
+            (RvError::ArgumentsBad, "internal"),
+        ];
+        // SoftHSM's failed GCM tag: the caller's bytes on decrypt only.
+        let tag = classify(
+            &CkError::Pkcs11(RvError::GeneralError, Function::Decrypt),
+            "k",
+        );
+        assert_eq!(tag.kind_name(), "invalid_ciphertext");
+        let other = classify(
+            &CkError::Pkcs11(RvError::GeneralError, Function::Encrypt),
+            "k",
+        );
+        assert_eq!(other.kind_name(), "internal");
+        for (rv, want) in cases {
+            let got = classify(
+                &CkError::Pkcs11(rv, Function::Decrypt),
+                "pkcs11:token=t;object=k",
+            );
+            assert_eq!(got.kind_name(), want, "{rv:?} -> {got}");
+            assert!(got.to_string().contains("object=k"), "{got}");
+        }
+    }
+}
