@@ -72,6 +72,13 @@ enum Command {
     /// Latency of one provider unwrap call: local keyring vs Vault/OpenBao
     /// Transit over loopback (what a cold key costs with each).
     ProviderLatency(provider_latency::ProviderLatencyArgs),
+    /// One provider-latency measurement (spawned by `provider-latency`).
+    ProviderLatencyChild {
+        #[arg(long)]
+        calls: usize,
+        #[arg(long)]
+        softhsm_dir: PathBuf,
+    },
     /// One identities measurement (spawned by `identities`).
     IdentitiesChild {
         #[arg(long)]
@@ -101,6 +108,9 @@ fn main() -> ExitCode {
         Command::MemoryChild { entries } => memory::child(entries),
         Command::Identities(args) => identities::run(args),
         Command::ProviderLatency(args) => provider_latency::run(args),
+        Command::ProviderLatencyChild { calls, softhsm_dir } => {
+            provider_latency::child(calls, &softhsm_dir)
+        }
         Command::IdentitiesChild {
             count,
             capacity,

@@ -1,8 +1,9 @@
 //! What a cold key costs per provider: the latency of one provider unwrap
 //! (decrypt) call, measured side by side in one run, sequentially, through
-//! keybroker's own provider code. Local keyring (the floor: no I/O) and
+//! keybroker's own provider code. Local keyring (the floor: no I/O),
 //! Vault/OpenBao Transit over loopback (a `bao server -dev` started from
-//! `.tools/venv`, AppRole login as in production).
+//! `.tools/venv`, AppRole login as in production) and a PKCS#11 token
+//! (SoftHSM, a throwaway token initialised in a temp dir).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -160,29 +161,122 @@ async fn measure(provider: &dyn KeyProvider, calls: usize) -> anyhow::Result<ser
     }))
 }
 
+/// SoftHSM's module (Debian softhsm2).
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const HSM_PIN: &str = "bench-pin";
+
+/// A throwaway SoftHSM token in `dir`; returns its SOFTHSM2_CONF.
+fn softhsm_token(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        std::path::Path::new(SOFTHSM_MODULE).exists(),
+        "SoftHSM is missing: sudo apt-get install softhsm2 (scripts/test.sh installs it)"
+    );
+    let conf = dir.join("softhsm2.conf");
+    std::fs::create_dir_all(dir.join("tokens"))?;
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
+    )?;
+    let status = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", "bench"])
+        .args(["--so-pin", "bench-so", "--pin", HSM_PIN])
+        .env("SOFTHSM2_CONF", &conf)
+        .stdout(Stdio::null())
+        .status()
+        .context("running softhsm2-util")?;
+    anyhow::ensure!(status.success(), "softhsm2-util --init-token failed");
+    std::fs::write(dir.join("pin"), HSM_PIN)?;
+    Ok(conf)
+}
+
+/// The token's provider, with a fresh AES-256 key made through cryptoki as
+/// an HSM administrator would. Runs in the child, whose SOFTHSM2_CONF
+/// points at the token.
+fn softhsm_key(dir: &std::path::Path) -> anyhow::Result<keybroker::kms::pkcs11::Pkcs11Key> {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::Attribute;
+    use cryptoki::session::UserType;
+    use keybroker::kms::pkcs11::{Pkcs11Hsm, Pkcs11KeyRef, Pkcs11Settings};
+    let ctx = Pkcs11::new(SOFTHSM_MODULE)?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+    let slot = *ctx.get_slots_with_token()?.first().context("no token")?;
+    let session = ctx.open_rw_session(slot)?;
+    session.login(
+        UserType::User,
+        Some(&cryptoki::types::AuthPin::new(HSM_PIN.into())),
+    )?;
+    session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::ValueLen(32.into()),
+            Attribute::Label(b"bench-kek".to_vec()),
+        ],
+    )?;
+    let hsm = Pkcs11Hsm::from_settings(&Pkcs11Settings {
+        module: Some(PathBuf::from(SOFTHSM_MODULE)),
+        pin_file: Some(dir.join("pin")),
+        sessions: 4,
+    })?
+    .context("no PKCS#11 module")?;
+    Ok(Arc::new(hsm).key(Pkcs11KeyRef::parse("pkcs11:token=bench;object=bench-kek")?))
+}
+
 pub(crate) fn run(args: ProviderLatencyArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("kb-bench-softhsm-{}", std::process::id()));
+    let conf = softhsm_token(&dir)?;
+    // SoftHSM reads SOFTHSM2_CONF when the module initialises: measure in
+    // a child process that has it.
+    let output = Command::new(std::env::current_exe()?)
+        .args(["provider-latency-child", "--calls", &args.calls.to_string()])
+        .arg("--softhsm-dir")
+        .arg(&dir)
+        .env("SOFTHSM2_CONF", &conf)
+        .stderr(Stdio::inherit())
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output?;
+    anyhow::ensure!(output.status.success(), "provider-latency child failed");
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
+    let local = results[0]["p50_us"].as_f64().unwrap_or(1.0).max(0.001);
+    for r in &results {
+        let p50 = r["p50_us"].as_f64().unwrap_or(0.0);
+        println!("{r}  ({:.0}x local)", p50 / local);
+    }
+    let report = json!({ "machine": crate::machine_facts(), "results": results });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// The measurement (spawned by `run`); prints the results as JSON.
+pub(crate) fn child(calls: usize, softhsm_dir: &std::path::Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let bao = Bao::start()?;
     let target = bao.target().context("setting up OpenBao")?;
+    let hsm = softhsm_key(softhsm_dir).context("setting up SoftHSM")?;
     let results = runtime.block_on(async {
         let local = LocalKeyring::from_material("bench", &[SecretBytes::random(32)?])?;
         let vault = Arc::new(VaultTransit::new(VaultSettings::default())?).key(target);
-        let local = measure(&local, args.calls).await?;
-        let vault = measure(&vault, args.calls).await?;
-        Ok::<_, anyhow::Error>(vec![local, vault])
+        Ok::<_, anyhow::Error>(vec![
+            measure(&local, calls).await?,
+            measure(&vault, calls).await?,
+            measure(&hsm, calls).await?,
+        ])
     })?;
-    let ratio = results[1]["p50_us"].as_f64().unwrap_or(0.0)
-        / results[0]["p50_us"].as_f64().unwrap_or(1.0).max(0.001);
-    for r in &results {
-        println!("{r}");
-    }
-    println!("vault-transit p50 / local p50: {ratio:.0}x");
-    let report = json!({ "machine": crate::machine_facts(), "results": results });
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-    }
+    println!("{}", serde_json::to_string(&results)?);
     Ok(())
 }

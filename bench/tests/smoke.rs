@@ -200,14 +200,16 @@ async fn identities_stay_bounded() {
     }
 }
 
-/// Provider call latency, small: the local keyring and Vault/OpenBao
-/// Transit (a dev server of its own) both answer and are reported.
+/// Provider call latency, small: the local keyring, Vault/OpenBao Transit
+/// (a dev server of its own) and SoftHSM (a token of its own) all answer
+/// and are reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_latency_runs() {
     let report = report(strings(&["provider-latency", "--calls", "20"])).await;
     let results = report["results"].as_array().unwrap();
     assert_eq!(results[0]["provider"], "local");
     assert_eq!(results[1]["provider"], "vault-transit");
+    assert_eq!(results[2]["provider"], "pkcs11");
     for r in results {
         assert_eq!(r["calls"], 20);
         assert!(r["p50_us"].as_f64().unwrap() > 0.0);
