@@ -72,25 +72,23 @@ impl Drop for ServerProcess {
     }
 }
 
-impl ServerProcess {
-    /// utime + stime of the process, in clock ticks.
-    fn cpu_ticks(&self) -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the parenthesised command name: state is field 3,
-        // utime 14, stime 15.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("bad /proc stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-        let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-        Ok(utime + stime)
-    }
+/// utime + stime of process `pid`, in clock ticks.
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name: state is field 3,
+    // utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
 }
 
 /// `program`, pinned to a core and/or run under `wrapper` (valgrind).
-fn command(program: &Path, pin_core: Option<usize>, wrapper: &[String]) -> Command {
+pub(crate) fn command(program: &Path, pin_core: Option<usize>, wrapper: &[String]) -> Command {
     let mut argv: Vec<std::ffi::OsString> = Vec::new();
     if let Some(core) = pin_core {
         argv.extend(["taskset".into(), "-c".into(), core.to_string().into()]);
@@ -173,7 +171,7 @@ pub(crate) fn spawn_floor(pin: Option<usize>, wrapper: &[String]) -> anyhow::Res
 
 /// One measured run.
 #[derive(Debug, Clone)]
-struct RunResult {
+pub(crate) struct RunResult {
     histogram: Histogram<u64>,
     /// DEKs each request carries (1, or the batch size).
     deks_per_request: u64,
@@ -184,7 +182,7 @@ struct RunResult {
 }
 
 impl RunResult {
-    fn rps(&self) -> f64 {
+    pub(crate) fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
 
@@ -192,17 +190,17 @@ impl RunResult {
         self.rps() * self.deks_per_request as f64
     }
 
-    fn quantile_us(&self, q: f64) -> f64 {
+    pub(crate) fn quantile_us(&self, q: f64) -> f64 {
         self.histogram.value_at_quantile(q) as f64 / 1000.0
     }
 
     /// Server CPU microseconds per request.
-    fn cpu_us_per_request(&self) -> f64 {
+    pub(crate) fn cpu_us_per_request(&self) -> f64 {
         let ticks_per_s = rustix::param::clock_ticks_per_second() as f64;
         self.cpu_ticks as f64 / ticks_per_s * 1e6 / self.requests.max(1) as f64
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({
             "requests": self.requests,
             "errors": self.errors,
@@ -273,6 +271,16 @@ pub(crate) enum Target {
         warm: Arc<Vec<Vec<u8>>>,
         size: usize,
     },
+    /// GenerateDataKey for tenant `bench`.
+    Generate(KeyBrokerClient<Channel>),
+    /// An OpenBao Transit call over HTTP/1.1: POST `url` with one of
+    /// `bodies` (cycled), as Vault clients do (`peer`).
+    Http {
+        client: reqwest::Client,
+        url: Arc<str>,
+        token: Arc<str>,
+        bodies: Arc<Vec<String>>,
+    },
 }
 
 pub(crate) fn context() -> std::collections::HashMap<String, String> {
@@ -309,6 +317,33 @@ impl Target {
                                     .is_some_and(|u| u.plaintext.len() == 32)
                             })
                     })
+            }
+            Self::Generate(client) => client
+                .generate_data_key(GenerateDataKeyRequest {
+                    tenant_id: "bench".into(),
+                    key_spec: 0,
+                    context: context(),
+                })
+                .await
+                .is_ok_and(|r| r.get_ref().plaintext.len() == 32),
+            Self::Http {
+                client,
+                url,
+                token,
+                bodies,
+            } => {
+                let body = bodies[i as usize % bodies.len()].clone();
+                match client
+                    .post(&**url)
+                    .header("X-Vault-Token", &**token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                }
             }
             Self::Floor(client, keys) => {
                 let key = &keys[i as usize % keys.len()];
@@ -351,9 +386,9 @@ impl Target {
     }
 }
 
-async fn measure(
+pub(crate) async fn measure(
     target: &Target,
-    server: &ServerProcess,
+    server_pid: u32,
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
@@ -385,13 +420,13 @@ async fn measure(
         }));
     }
     tokio::time::sleep(warmup).await;
-    let cpu_before = server.cpu_ticks()?;
+    let cpu_before = cpu_ticks(server_pid)?;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
-    let cpu_after = server.cpu_ticks()?;
+    let cpu_after = cpu_ticks(server_pid)?;
     let mut result = RunResult {
         histogram: Histogram::new_with_bounds(1, 60_000_000_000, 3)
             .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -413,7 +448,7 @@ async fn measure(
     Ok(result)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n == 0 {
@@ -527,7 +562,7 @@ async fn drive(
             floors.push(
                 measure(
                     &floor_target,
-                    floor,
+                    floor.child.id(),
                     concurrency,
                     args.warmup,
                     args.duration,
@@ -537,7 +572,7 @@ async fn drive(
             brokers.push(
                 measure(
                     &broker_target,
-                    broker,
+                    broker.child.id(),
                     concurrency,
                     args.warmup,
                     args.duration,
@@ -548,7 +583,7 @@ async fn drive(
                 batches.push(
                     measure(
                         batch_target,
-                        broker,
+                        broker.child.id(),
                         concurrency,
                         args.warmup,
                         args.duration,

@@ -10,6 +10,7 @@ mod floor;
 mod identities;
 mod load;
 mod memory;
+mod peer;
 mod plot;
 mod profile;
 mod provider_latency;
@@ -72,6 +73,9 @@ enum Command {
     /// Latency of one provider unwrap call: local keyring vs Vault/OpenBao
     /// Transit over loopback (what a cold key costs with each).
     ProviderLatency(provider_latency::ProviderLatencyArgs),
+    /// keybroker vs OpenBao Transit (its peer): cached UnwrapKey vs
+    /// transit/decrypt, GenerateDataKey vs transit/datakey, pinned cores.
+    Peer(peer::PeerArgs),
     /// One provider-latency measurement (spawned by `provider-latency`).
     ProviderLatencyChild {
         #[arg(long)]
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::MemoryChild { entries } => memory::child(entries),
         Command::Identities(args) => identities::run(args),
         Command::ProviderLatency(args) => provider_latency::run(args),
+        Command::Peer(args) => peer::run(args),
         Command::ProviderLatencyChild { calls, softhsm_dir } => {
             provider_latency::child(calls, &softhsm_dir)
         }

@@ -30,9 +30,9 @@ pub(crate) struct ProviderLatencyArgs {
 }
 
 /// A `bao server -dev`, killed on drop.
-struct Bao {
-    child: Child,
-    addr: String,
+pub(crate) struct Bao {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
     token: String,
 }
 
@@ -54,12 +54,13 @@ fn bao_bin() -> anyhow::Result<PathBuf> {
 }
 
 impl Bao {
-    fn start() -> anyhow::Result<Self> {
+    /// A dev server, pinned to `core` when given (as `load` pins servers).
+    pub(crate) fn start(core: Option<usize>) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let token = "bench-root".to_owned();
-        let child = Command::new(bao_bin()?)
+        let child = crate::load::command(&bao_bin()?, core, &[])
             .args(["server", "-dev", "-dev-no-store-token"])
             .arg(format!("-dev-root-token-id={token}"))
             .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
@@ -79,7 +80,7 @@ impl Bao {
         Ok(bao)
     }
 
-    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(bao_bin()?)
             .args(args)
             .env("BAO_ADDR", &self.addr)
@@ -95,7 +96,7 @@ impl Bao {
     }
 
     /// A Transit key and an AppRole allowed to use it.
-    fn target(&self) -> anyhow::Result<VaultTarget> {
+    pub(crate) fn target(&self) -> anyhow::Result<VaultTarget> {
         self.cli(&["secrets", "enable", "transit"])?;
         self.cli(&["write", "-f", "transit/keys/bench"])?;
         self.cli(&["auth", "enable", "approle"])?;
@@ -265,7 +266,7 @@ pub(crate) fn child(calls: usize, softhsm_dir: &std::path::Path) -> anyhow::Resu
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let bao = Bao::start()?;
+    let bao = Bao::start(None)?;
     let target = bao.target().context("setting up OpenBao")?;
     let hsm = softhsm_key(softhsm_dir).context("setting up SoftHSM")?;
     let results = runtime.block_on(async {

@@ -215,3 +215,32 @@ async fn provider_latency_runs() {
         assert!(r["p50_us"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// keybroker vs OpenBao Transit, tiny: every run answers without errors
+/// and the ratios are reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_runs_against_openbao() {
+    let report = report(strings(&[
+        "peer",
+        "--concurrency",
+        "2",
+        "--rounds",
+        "1",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "100ms",
+        "--keys",
+        "20",
+        "--keybroker-bin",
+        keybroker_bin().to_str().unwrap(),
+    ]))
+    .await;
+    let level = &report["levels"][0];
+    assert_eq!(level["concurrency"], 2);
+    for run in level["runs"].as_array().unwrap() {
+        assert_eq!(run["errors"], 0, "{run}");
+        assert!(run["rps"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    assert!(level["ratios"]["unwrap_throughput"].as_f64().unwrap() > 0.0);
+}
