@@ -27,6 +27,22 @@ pub(crate) fn invalid<T>(setting: &str, reason: &str) -> Result<T, ConfigError> 
     })
 }
 
+/// The bounds of a per-identity client cache (`<prefix>_identity_cache_*`):
+/// at least one entry, a non-zero idle timeout.
+pub(crate) fn check_identity_cache(
+    prefix: &str,
+    capacity: u64,
+    idle: std::time::Duration,
+) -> Result<(), ConfigError> {
+    if capacity == 0 || idle.is_zero() {
+        return invalid(
+            &format!("{prefix}_identity_cache_capacity/{prefix}_identity_idle_timeout"),
+            "must be at least 1 / longer than zero",
+        );
+    }
+    Ok(())
+}
+
 /// `command` without environment variables (and without defaults unless
 /// `keep_defaults`): what it parses comes from its arguments alone.
 pub(crate) fn bare(command: Command, keep_defaults: bool) -> Command {

@@ -470,39 +470,53 @@ pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.hit_ratio),
         "hit ratio is a share, 0 to 1"
     );
-    let nproc = crate::nproc();
-    let pinned = !args.no_pin && nproc >= 2 && which("taskset");
+    let pinned = pin_client(args.no_pin)?;
     let server_core = pinned.then_some(0);
-    if pinned {
-        let mut set = rustix::thread::CpuSet::new();
-        set.set(1);
-        rustix::thread::sched_setaffinity(None, &set).context("pinning the client to core 1")?;
-    }
-    let keybroker_bin = match args.keybroker_bin.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no parent directory")?
-            .join("keybroker"),
-    };
+    let keybroker_bin = keybroker_bin(args.keybroker_bin.clone())?;
     let data_dir = std::env::temp_dir().join(format!("keybroker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let result = (|| {
         let broker = spawn_keybroker(&keybroker_bin, &data_dir, server_core, &[])?;
         let floor = spawn_floor(server_core, &[])?;
-        // The client gets one worker thread when pinned to its core.
-        let runtime = if pinned {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?
-        } else {
-            tokio::runtime::Runtime::new()?
-        };
-        runtime.block_on(drive(&args, &broker, &floor, pinned))
+        client_runtime(pinned)?.block_on(drive(&args, &broker, &floor, pinned))
     })();
     let _ = std::fs::remove_dir_all(&data_dir);
     result
+}
+
+/// With two cores or more (and taskset), pins this process to core 1;
+/// servers go to core 0. Whether it pinned.
+pub(crate) fn pin_client(no_pin: bool) -> anyhow::Result<bool> {
+    let pinned = !no_pin && crate::nproc() >= 2 && which("taskset");
+    if pinned {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(1);
+        rustix::thread::sched_setaffinity(None, &set).context("pinning the client to core 1")?;
+    }
+    Ok(pinned)
+}
+
+/// The load client's runtime: one worker thread when pinned to its core.
+pub(crate) fn client_runtime(pinned: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(if pinned {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Runtime::new()?
+    })
+}
+
+/// The keybroker binary: `given`, or the one next to this binary.
+pub(crate) fn keybroker_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("no parent directory")?
+            .join("keybroker")),
+    }
 }
 
 fn which(program: &str) -> bool {

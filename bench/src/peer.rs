@@ -53,20 +53,9 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
         args.rounds >= 1 && args.keys >= 1,
         "rounds and keys must be at least 1"
     );
-    let pinned = crate::nproc() >= 2;
+    let pinned = crate::load::pin_client(false)?;
     let server_core = pinned.then_some(0);
-    if pinned {
-        let mut set = rustix::thread::CpuSet::new();
-        set.set(1);
-        rustix::thread::sched_setaffinity(None, &set).context("pinning the client to core 1")?;
-    }
-    let keybroker_bin = match args.keybroker_bin.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no parent directory")?
-            .join("keybroker"),
-    };
+    let keybroker_bin = crate::load::keybroker_bin(args.keybroker_bin.clone())?;
     let data_dir = std::env::temp_dir().join(format!("keybroker-peer-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let result = (|| {
@@ -80,15 +69,7 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
         // An application token with a policy, as a platform service would
         // hold (not the root token, which skips policy checks).
         let token = bao.cli(&["token", "create", "-field=token", "-policy=peer"])?;
-        let runtime = if pinned {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?
-        } else {
-            tokio::runtime::Runtime::new()?
-        };
-        runtime.block_on(drive(
+        crate::load::client_runtime(pinned)?.block_on(drive(
             &args,
             broker.child.id(),
             &broker.addr,

@@ -82,6 +82,18 @@ impl SqlRegistry {
         Ok(Self { pool, postgres })
     }
 
+    /// A write transaction. SQLite: `BEGIN IMMEDIATE`, so the write lock is
+    /// taken (waiting out `busy_timeout`) at the start, never by upgrading a
+    /// read lock mid-transaction, which SQLite refuses at once with
+    /// "database is locked" when another connection is writing.
+    pub(super) async fn begin(&self) -> Result<Transaction<'static, Any>, RegistryError> {
+        if self.postgres {
+            self.pool.begin().await.map_err(db)
+        } else {
+            self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+        }
+    }
+
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -109,7 +121,7 @@ impl SqlRegistry {
         tenant_id: &str,
         now_ms: i64,
     ) -> Result<(Transaction<'static, Any>, KeyPolicy), RegistryError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         let locked = sqlx::query("UPDATE tenants SET updated_at = $1 WHERE id = $2")
             .bind(now_ms)
             .bind(tenant_id)
@@ -319,7 +331,7 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
 #[async_trait]
 impl Registry for SqlRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<(), RegistryError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         let exists = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
             .bind(&tenant.id)
             .fetch_optional(&mut *tx)
@@ -659,7 +671,7 @@ impl Registry for SqlRegistry {
         if deltas.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         for d in deltas {
             // A binding unlinked since is simply not updated.
             sqlx::query(

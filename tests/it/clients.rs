@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use crate::common::{TestServer, repo_root, test_config};
 
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let path = repo_root().join(".tools/venv/bin/python");
     assert!(
         path.exists(),

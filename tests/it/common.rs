@@ -349,3 +349,41 @@ pub(crate) async fn create_tenant_with(
         .tenant
         .unwrap()
 }
+
+/// What every customer-key provider owes once a key is linked for
+/// `tenants.0` and `g` was generated under `context`: another context is
+/// refused by the provider's AAD (`INVALID_ARGUMENT`), another tenant
+/// (`tenants.1`, created here) is refused (`PERMISSION_DENIED`), and 64
+/// concurrent cold unwraps of one new wrapped key make exactly one provider
+/// call.
+pub(crate) async fn assert_isolated_and_single_flight(
+    server: &TestServer,
+    admin: &mut KeyAdminClient<Channel>,
+    broker: &mut KeyBrokerClient<Channel>,
+    (tenant, other_tenant): (&str, &str),
+    context: &[(&str, &str)],
+    g: &keybroker::proto::GenerateDataKeyResponse,
+) {
+    let other = unwrap(broker, tenant, &[("table", "elsewhere")], &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::InvalidArgument, "{other:?}");
+    create_tenant(admin, other_tenant, keybroker::proto::KeyPolicy::Keyring).await;
+    let cross = unwrap(broker, other_tenant, context, &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(cross.code(), tonic::Code::PermissionDenied, "{cross:?}");
+
+    let cold = generate(broker, tenant, context).await.unwrap();
+    let before = server.decrypt_calls();
+    let all = futures::future::join_all((0..64).map(|_| {
+        let mut b = broker.clone();
+        let wrapped = cold.wrapped_key.clone();
+        async move { unwrap(&mut b, tenant, context, &wrapped).await }
+    }))
+    .await;
+    for r in all {
+        assert_eq!(r.unwrap().plaintext, cold.plaintext);
+    }
+    assert_eq!(server.decrypt_calls() - before, 1, "single flight");
+}

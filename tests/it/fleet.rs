@@ -30,6 +30,7 @@ use keybroker::proto::{KeyHierarchy, KeyPolicy};
 use serde_json::{Value, json};
 
 use crate::aws_support::{Moto, link_request};
+use crate::clients::python;
 use crate::common::{
     TestServer, admin_client, create_tenant_with, fresh_postgres_database, repo_root, test_config,
 };
@@ -44,16 +45,6 @@ const REVOKED: &str = "t49";
 
 fn tenant_name(i: usize) -> String {
     format!("t{i:02}")
-}
-
-fn python() -> PathBuf {
-    let path = repo_root().join(".tools/venv/bin/python");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/test.sh (it installs grpcio into .tools/venv)",
-        path.display()
-    );
-    path
 }
 
 struct Fleet {

@@ -147,36 +147,15 @@ async fn pkcs11_keys_work_end_to_end_on_softhsm() {
             .plaintext,
         g.plaintext
     );
-    // The context is AAD on the token.
-    let other = unwrap(&mut broker, "acme", &[("table", "users")], &g.wrapped_key)
-        .await
-        .unwrap_err();
-    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
-    create_tenant_with(
+    crate::common::assert_isolated_and_single_flight(
+        &server,
         &mut admin,
-        "globex",
-        KeyPolicy::Keyring,
-        KeyHierarchy::Direct,
+        &mut broker,
+        ("acme", "globex"),
+        CTX,
+        &g,
     )
     .await;
-    let cross = unwrap(&mut broker, "globex", CTX, &g.wrapped_key)
-        .await
-        .unwrap_err();
-    assert_eq!(cross.code(), Code::PermissionDenied, "{cross:?}");
-
-    // 64 concurrent cold unwraps of one wrapped key: one token call.
-    let cold = generate(&mut broker, "acme", CTX).await.unwrap();
-    let before = server.decrypt_calls();
-    let all = futures::future::join_all((0..64).map(|_| {
-        let mut b = broker.clone();
-        let wrapped = cold.wrapped_key.clone();
-        async move { unwrap(&mut b, "acme", CTX, &wrapped).await }
-    }))
-    .await;
-    for r in all {
-        assert_eq!(r.unwrap().plaintext, cold.plaintext);
-    }
-    assert_eq!(server.decrypt_calls() - before, 1);
 
     // The key is destroyed on the token: cached DEKs stop being served.
     destroy_key(&hsm, &label);

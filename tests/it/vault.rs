@@ -293,36 +293,15 @@ async fn vault_transit_keys_work_end_to_end() {
         .unwrap();
     assert_eq!(back.plaintext, g.plaintext);
     assert!(!back.rewrap_recommended);
-    // The context and the tenant are bound: Vault refuses other AAD.
-    let other = unwrap(&mut broker, "acme", &[("table", "users")], &g.wrapped_key)
-        .await
-        .unwrap_err();
-    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
-    create_tenant_with(
+    crate::common::assert_isolated_and_single_flight(
+        &server,
         &mut admin,
-        "globex",
-        KeyPolicy::Keyring,
-        KeyHierarchy::Direct,
+        &mut broker,
+        ("acme", "globex"),
+        CTX,
+        &g,
     )
     .await;
-    let cross = unwrap(&mut broker, "globex", CTX, &g.wrapped_key)
-        .await
-        .unwrap_err();
-    assert_eq!(cross.code(), Code::PermissionDenied, "{cross:?}");
-
-    // 64 concurrent cold unwraps of one wrapped key: one Transit decrypt.
-    let cold = generate(&mut broker, "acme", CTX).await.unwrap();
-    let before = server.decrypt_calls();
-    let all = futures::future::join_all((0..64).map(|_| {
-        let mut b = broker.clone();
-        let wrapped = cold.wrapped_key.clone();
-        async move { unwrap(&mut b, "acme", CTX, &wrapped).await }
-    }))
-    .await;
-    for r in all {
-        assert_eq!(r.unwrap().plaintext, cold.plaintext);
-    }
-    assert_eq!(server.decrypt_calls() - before, 1);
 
     // The customer rotates in Vault: old DEKs stay readable and are
     // flagged once keybroker has seen the new version; RewrapKey moves them.

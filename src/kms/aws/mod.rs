@@ -132,12 +132,11 @@ impl AwsSettings {
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("aws_max_attempts", "must be 1 to 10");
         }
-        if self.identity_cache_capacity == 0 || self.identity_idle_timeout.is_zero() {
-            return invalid(
-                "aws_identity_cache_capacity/aws_identity_idle_timeout",
-                "must be at least 1 / longer than zero",
-            );
-        }
+        crate::settings::check_identity_cache(
+            "aws",
+            self.identity_cache_capacity,
+            self.identity_idle_timeout,
+        )?;
         if self.attempt_timeout > self.operation_timeout {
             return invalid(
                 "aws_attempt_timeout",

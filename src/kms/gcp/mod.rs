@@ -133,12 +133,11 @@ impl GcpSettings {
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("gcp_max_attempts", "must be 1 to 10");
         }
-        if self.identity_cache_capacity == 0 || self.identity_idle_timeout.is_zero() {
-            return invalid(
-                "gcp_identity_cache_capacity/gcp_identity_idle_timeout",
-                "must be at least 1 / longer than zero",
-            );
-        }
+        crate::settings::check_identity_cache(
+            "gcp",
+            self.identity_cache_capacity,
+            self.identity_idle_timeout,
+        )?;
         if self.attempt_timeout > self.operation_timeout {
             return invalid(
                 "gcp_attempt_timeout",

@@ -111,12 +111,11 @@ impl VaultSettings {
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("vault_max_attempts", "must be 1 to 10");
         }
-        if self.identity_cache_capacity == 0 || self.identity_idle_timeout.is_zero() {
-            return invalid(
-                "vault_identity_cache_capacity/vault_identity_idle_timeout",
-                "must be at least 1 / longer than zero",
-            );
-        }
+        crate::settings::check_identity_cache(
+            "vault",
+            self.identity_cache_capacity,
+            self.identity_idle_timeout,
+        )?;
         Ok(())
     }
 }
