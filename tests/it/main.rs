@@ -16,6 +16,7 @@ mod gcp;
 mod grpcurl;
 mod helm;
 mod hierarchy;
+mod image;
 mod pkcs11;
 mod process;
 mod proto_hygiene;
