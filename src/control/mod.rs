@@ -642,9 +642,11 @@ impl Admin {
         }
         let period = i64::try_from(self.settings.imported_key_rotation_period.as_millis())
             .unwrap_or(i64::MAX);
+        // Only imported key material rotates by import; a Vault binding's
+        // sealed AppRole secret_id is not key material.
         let next_rotation_ms = record
             .material_updated_at_ms
-            .filter(|_| period > 0)
+            .filter(|_| period > 0 && record.provider == ProviderKind::Local)
             .map(|at| at.saturating_add(period));
         KeyView {
             record,

@@ -217,6 +217,8 @@ async fn server(watcher: Duration) -> (TestServer, tempfile::TempDir) {
     config.watcher.interval = watcher;
     config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
     config.vault.max_attempts = 1;
+    // Due at once: a Vault key must never be reported due for an import.
+    config.control.imported_key_rotation_period = Duration::from_millis(1);
     (TestServer::start(config).await, dir)
 }
 
@@ -285,6 +287,21 @@ async fn vault_transit_keys_work_end_to_end() {
         .unwrap();
     assert_eq!(linked.provider(), proto::Provider::VaultTransit);
     assert_eq!(linked.state(), proto::KeyState::Active);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let got = admin
+        .get_key(proto::GetKeyRequest {
+            tenant_id: "acme".into(),
+            name: "vault".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert!(
+        !got.rotation_due && got.next_rotation_time.is_none(),
+        "the sealed secret_id is not imported key material: {got:?}"
+    );
 
     let g = generate(&mut broker, "acme", CTX).await.unwrap();
     assert_eq!(g.key.as_ref().unwrap().provider_key_version, "1");
