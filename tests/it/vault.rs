@@ -389,6 +389,53 @@ async fn vault_transit_keys_work_end_to_end() {
         "Transit rewrap now takes associated_data: {answer}"
     );
 
+    // The cold items of one BatchUnwrapKey go to Vault as one Transit
+    // batch_input call, each answered on its own (a forged one fails alone).
+    let transit = std::sync::Arc::clone(
+        &server
+            .directory
+            .as_ref()
+            .unwrap()
+            .vault()
+            .unwrap()
+            .transit_calls,
+    );
+    let mut items = Vec::new();
+    let mut expected = Vec::new();
+    for _ in 0..40 {
+        let d = generate(&mut broker, "acme", CTX).await.unwrap();
+        items.push(crate::common::unwrap_req("acme", CTX, &d.wrapped_key));
+        expected.push(Some(d.plaintext));
+    }
+    let mut forged = items[7].wrapped_key.clone();
+    let last = forged.len() - 3;
+    forged[last] ^= 1;
+    items.push(crate::common::unwrap_req("acme", CTX, &forged));
+    expected.push(None);
+    let before = transit.load(std::sync::atomic::Ordering::SeqCst);
+    let results = broker
+        .batch_unwrap_key(proto::BatchUnwrapKeyRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let calls = transit.load(std::sync::atomic::Ordering::SeqCst) - before;
+    for (r, want) in results.iter().zip(&expected) {
+        match want {
+            Some(plaintext) => assert_eq!(&r.response.as_ref().unwrap().plaintext, plaintext),
+            None => assert_eq!(
+                r.status.as_ref().unwrap().code,
+                Code::InvalidArgument as i32,
+                "{r:?}"
+            ),
+        }
+    }
+    println!("41 cold items of one BatchUnwrapKey -> {calls} Transit call(s)");
+    assert!(
+        calls <= 3,
+        "{calls} Transit calls for one batch of 41 cold keys"
+    );
+
     // A tenant_key tenant on the same Vault key: KMS cost per tenant key.
     create_tenant_with(
         &mut admin,

@@ -24,13 +24,15 @@
 //!   cannot move an AAD-bound ciphertext.
 //! - **Describe** reads the key: exists, encrypt/decrypt allowed, latest
 //!   and min_decryption_version, auto-rotation.
+//! - **Batches**: decrypts of one key that arrive together go out as one
+//!   `batch_input` call (`KeyLink::decrypt_batch`).
 
 mod errors;
 mod reference;
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -204,10 +206,13 @@ impl VaultTransit {
             })
         });
         VaultTransitKey {
-            vault: Arc::clone(self),
-            target,
-            session,
-            latest: AtomicU32::new(0),
+            link: Arc::new(KeyLink {
+                vault: Arc::clone(self),
+                target,
+                session,
+                latest: AtomicU32::new(0),
+            }),
+            pending: Arc::default(),
         }
     }
 }
@@ -427,6 +432,18 @@ impl VaultTransit {
 
 /// One `vault-transit` binding as a [`KeyProvider`].
 pub struct VaultTransitKey {
+    link: Arc<KeyLink>,
+    /// Cold decrypts gathered for one Transit `batch_input` call. The first
+    /// one in an empty queue spawns the sender, which yields once so the
+    /// other cold items polled with it (a BatchUnwrapKey's) join; so a
+    /// queue that is not empty always has a sender coming. std Mutex: a
+    /// push or a take, never held across an await.
+    pending: Arc<Mutex<Vec<PendingDecrypt>>>,
+}
+
+/// What every call on one binding's key needs, shared with the batch
+/// sender task.
+struct KeyLink {
     vault: Arc<VaultTransit>,
     target: VaultTarget,
     session: Arc<VaultSession>,
@@ -434,10 +451,17 @@ pub struct VaultTransitKey {
     latest: AtomicU32,
 }
 
+/// One decrypt waiting in the batch queue.
+struct PendingDecrypt {
+    ciphertext: String,
+    aad: String,
+    reply: tokio::sync::oneshot::Sender<Result<SecretBytes, ProviderError>>,
+}
+
 impl fmt::Debug for VaultTransitKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VaultTransitKey")
-            .field("target", &self.target)
+            .field("target", &self.link.target)
             .finish_non_exhaustive()
     }
 }
@@ -480,7 +504,7 @@ struct KeyData {
 /// Key types whose encrypt/decrypt take `associated_data`.
 const AEAD_TYPES: [&str; 3] = ["aes256-gcm96", "aes128-gcm96", "chacha20-poly1305"];
 
-impl VaultTransitKey {
+impl KeyLink {
     fn url(&self, operation: &str) -> String {
         self.target.key.operation_url(operation)
     }
@@ -495,7 +519,7 @@ impl VaultTransitKey {
         &self,
         call: Call,
         url: &str,
-        body: &TransitBody<'_>,
+        body: &impl serde::Serialize,
     ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
         let attempts = self.vault.settings.max_attempts.max(1);
         let mut relogged = false;
@@ -557,6 +581,113 @@ impl VaultTransitKey {
         })
     }
 
+    /// Sends queued decrypts: one alone as a plain decrypt, more as one
+    /// `batch_input` call; each caller gets its own item's answer.
+    async fn decrypt_batch(&self, batch: Vec<PendingDecrypt>) {
+        #[derive(serde::Serialize)]
+        struct Item<'a> {
+            ciphertext: &'a str,
+            associated_data: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct Batch<'a> {
+            batch_input: Vec<Item<'a>>,
+            /// 200 when only some items fail (Vault answers 400 otherwise);
+            /// when all fail it still answers 400, and every item fails.
+            partial_failure_response_code: u16,
+        }
+        #[derive(Deserialize)]
+        struct BatchData {
+            batch_results: Vec<BatchResult>,
+        }
+        #[derive(Deserialize)]
+        struct BatchResult {
+            #[serde(default)]
+            plaintext: Option<Zeroizing<String>>,
+            #[serde(default)]
+            error: String,
+        }
+        let url = self.url("decrypt");
+        let answers: Vec<Result<Zeroizing<String>, ProviderError>> = if let [one] = batch.as_slice()
+        {
+            let body = TransitBody {
+                plaintext: None,
+                ciphertext: Some(&one.ciphertext),
+                associated_data: &one.aad,
+            };
+            vec![
+                self.call(Call::Decrypt, &url, &body)
+                    .await
+                    .and_then(|reply| {
+                        serde_json::from_slice::<Data<DecryptData>>(&reply)
+                            .map(|d| d.data.plaintext)
+                            .map_err(|e| {
+                                ProviderError::Internal(format!(
+                                    "Transit decrypt answered something else: {e}"
+                                ))
+                            })
+                    }),
+            ]
+        } else {
+            let body = Batch {
+                batch_input: batch
+                    .iter()
+                    .map(|p| Item {
+                        ciphertext: &p.ciphertext,
+                        associated_data: &p.aad,
+                    })
+                    .collect(),
+                partial_failure_response_code: 200,
+            };
+            match self
+                .call(Call::Decrypt, &url, &body)
+                .await
+                .and_then(|reply| {
+                    serde_json::from_slice::<Data<BatchData>>(&reply).map_err(|e| {
+                        ProviderError::Internal(format!(
+                            "Transit batch decrypt answered something else: {e}"
+                        ))
+                    })
+                }) {
+                Ok(data) if data.data.batch_results.len() == batch.len() => data
+                    .data
+                    .batch_results
+                    .into_iter()
+                    .map(|r| match r.plaintext {
+                        Some(p) if r.error.is_empty() => Ok(p),
+                        _ => Err(classify(
+                            Call::Decrypt,
+                            400,
+                            &crate::text::Escaped(&r.error).to_string(),
+                            self.name(),
+                        )),
+                    })
+                    .collect(),
+                Ok(_) => batch
+                    .iter()
+                    .map(|_| {
+                        Err(ProviderError::Internal(
+                            "Transit batch decrypt answered a different number of items".into(),
+                        ))
+                    })
+                    .collect(),
+                Err(err) => batch.iter().map(|_| Err(err.clone())).collect(),
+            }
+        };
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            let plaintext = answer.and_then(|text| {
+                let mut plaintext = Zeroizing::new(Vec::with_capacity(48));
+                B64.decode_vec(text.as_bytes(), &mut plaintext)
+                    .map_err(|_| {
+                        ProviderError::Internal("Transit decrypt returned bad base64".into())
+                    })?;
+                Ok(SecretBytes::new(std::mem::take(&mut *plaintext)))
+            });
+            // A caller that went away no longer needs its key.
+            let _ = pending.reply.send(plaintext);
+        }
+    }
+
     fn seen_version(&self, version: u32) {
         self.latest.fetch_max(version, Ordering::Relaxed);
     }
@@ -588,9 +719,10 @@ impl KeyProvider for VaultTransitKey {
             associated_data: &aad,
         };
         let reply = self
-            .call(Call::Encrypt, &self.url("encrypt"), &body)
+            .link
+            .call(Call::Encrypt, &self.link.url("encrypt"), &body)
             .await?;
-        self.ciphertext_of(&reply, Call::Encrypt)
+        self.link.ciphertext_of(&reply, Call::Encrypt)
     }
 
     async fn decrypt(
@@ -599,37 +731,49 @@ impl KeyProvider for VaultTransitKey {
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
-        let text = self.checked_ciphertext(key_version, ciphertext)?;
-        let aad = B64.encode(wrap.aad());
-        let body = TransitBody {
-            plaintext: None,
-            ciphertext: Some(text),
-            associated_data: &aad,
+        let text = self.link.checked_ciphertext(key_version, ciphertext)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.push(PendingDecrypt {
+                ciphertext: text.to_owned(),
+                aad: B64.encode(wrap.aad()),
+                reply,
+            });
+            pending.len() == 1
         };
-        let reply = self
-            .call(Call::Decrypt, &self.url("decrypt"), &body)
-            .await?;
-        let reply: Data<DecryptData> = serde_json::from_slice(&reply).map_err(|e| {
-            ProviderError::Internal(format!("Transit decrypt answered something else: {e}"))
-        })?;
-        let mut plaintext = Zeroizing::new(Vec::with_capacity(48));
-        B64.decode_vec(reply.data.plaintext.as_bytes(), &mut plaintext)
-            .map_err(|_| ProviderError::Internal("Transit decrypt returned bad base64".into()))?;
-        Ok(SecretBytes::new(std::mem::take(&mut *plaintext)))
+        if first {
+            // A task of its own: a cancelled caller never strands the queue.
+            let (link, pending) = (Arc::clone(&self.link), Arc::clone(&self.pending));
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let batch = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+                link.decrypt_batch(batch).await;
+            });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(ProviderError::Internal(
+                "the Transit batch sender stopped".into(),
+            ))
+        })
     }
 
     async fn describe(&self) -> Result<KeyDescription, ProviderError> {
-        let url = self.url("keys");
+        let url = self.link.url("keys");
         let mut relogged = false;
         let (status, body) = loop {
-            let token = self.session.token(&self.vault, self.name()).await?;
-            match self.vault.get(&url, &token).await {
+            let token = self
+                .link
+                .session
+                .token(&self.link.vault, self.link.name())
+                .await?;
+            match self.link.vault.get(&url, &token).await {
                 Ok((403, _)) if !relogged => {
                     relogged = true;
-                    self.session.forget().await;
+                    self.link.session.forget().await;
                 }
                 Ok(answer) => break answer,
-                Err(err) => return Err(transport(Call::Describe, self.name(), &err)),
+                Err(err) => return Err(transport(Call::Describe, self.link.name(), &err)),
             }
         };
         if status != 200 {
@@ -637,15 +781,15 @@ impl KeyProvider for VaultTransitKey {
                 Call::Describe,
                 status,
                 &error_text(&body),
-                self.name(),
+                self.link.name(),
             ));
         }
         let key: Data<KeyData> = serde_json::from_slice(&body).map_err(|e| {
             ProviderError::Internal(format!("the Transit key read answered something else: {e}"))
         })?;
         let key = key.data;
-        self.seen_version(key.latest_version);
-        let name = self.name();
+        self.link.seen_version(key.latest_version);
+        let name = self.link.name();
         let (state, reason) = if key.soft_deleted {
             (
                 ProviderKeyState::PendingDeletion,
@@ -699,12 +843,12 @@ impl KeyProvider for VaultTransitKey {
     }
 
     fn current_version(&self) -> Option<String> {
-        let latest = self.latest.load(Ordering::Relaxed);
+        let latest = self.link.latest.load(Ordering::Relaxed);
         (latest > 0).then(|| latest.to_string())
     }
 
     fn is_current_version(&self, version: &str) -> Option<bool> {
-        let latest = self.latest.load(Ordering::Relaxed);
+        let latest = self.link.latest.load(Ordering::Relaxed);
         (latest > 0).then(|| version.parse::<u32>().is_ok_and(|v| v >= latest))
     }
 }
