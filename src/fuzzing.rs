@@ -78,7 +78,8 @@ impl RequestHarness {
             audit: Arc::new(AuditLog::disabled()),
             metrics: Arc::clone(server.metrics()),
             request_timeout: std::time::Duration::from_secs(10),
-            affinity_header: crate::api::affinity::DEFAULT_HEADER.to_owned(),
+            affinity_header: crate::api::affinity::header_key(crate::api::affinity::DEFAULT_HEADER)
+                .map_err(|e| anyhow::anyhow!(e))?,
         });
         let admin = server
             .admin()

@@ -331,7 +331,8 @@ impl Server {
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
             request_timeout: self.config.server.request_timeout,
-            affinity_header: self.config.server.affinity_header.clone(),
+            affinity_header: crate::api::affinity::header_key(&self.config.server.affinity_header)
+                .map_err(|e| anyhow::anyhow!("affinity_header: {e}"))?,
         });
         let broker_service = KeyBrokerServer::new(KeyBrokerApi::new(
             Arc::clone(&self.broker),

@@ -6,7 +6,7 @@
 //! arrive, so an operator sees clients that do not send the header (their
 //! calls scatter) or send another tenant's id (a client bug).
 
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap};
 
 /// Default header name; the shipped clients and service configs use it.
 pub(crate) const DEFAULT_HEADER: &str = "x-keybroker-tenant";
@@ -35,7 +35,7 @@ impl Affinity {
 
     /// Compares the header in `metadata` with the tenants of the call.
     pub(crate) fn of<'a>(
-        header: &str,
+        header: &MetadataKey<Ascii>,
         metadata: &MetadataMap,
         mut tenants: impl Iterator<Item = &'a str>,
     ) -> Self {
@@ -51,6 +51,13 @@ impl Affinity {
             }
         }
     }
+}
+
+/// The configured header as a metadata key, parsed once (the hot path only
+/// looks it up).
+pub(crate) fn header_key(name: &str) -> Result<MetadataKey<Ascii>, String> {
+    parse_header(name)?;
+    MetadataKey::from_bytes(name.as_bytes()).map_err(|e| e.to_string())
 }
 
 /// Checks a configured header name: lowercase ASCII as HTTP/2 sends it, and
@@ -95,26 +102,24 @@ mod tests {
 
     #[test]
     fn affinity_is_classified() {
+        let key = header_key(DEFAULT_HEADER).unwrap();
         let mut md = MetadataMap::new();
-        assert_eq!(
-            Affinity::of(DEFAULT_HEADER, &md, ["a"].into_iter()),
-            Affinity::Absent
-        );
+        assert_eq!(Affinity::of(&key, &md, ["a"].into_iter()), Affinity::Absent);
         md.insert(DEFAULT_HEADER, "acme".parse().unwrap());
         assert_eq!(
-            Affinity::of(DEFAULT_HEADER, &md, ["acme"].into_iter()),
+            Affinity::of(&key, &md, ["acme"].into_iter()),
             Affinity::Matched
         );
         assert_eq!(
-            Affinity::of(DEFAULT_HEADER, &md, ["acme", "acme"].into_iter()),
+            Affinity::of(&key, &md, ["acme", "acme"].into_iter()),
             Affinity::Matched
         );
         assert_eq!(
-            Affinity::of(DEFAULT_HEADER, &md, ["acme", "globex"].into_iter()),
+            Affinity::of(&key, &md, ["acme", "globex"].into_iter()),
             Affinity::OtherTenant
         );
         assert_eq!(
-            Affinity::of("x-other", &md, ["acme"].into_iter()),
+            Affinity::of(&header_key("x-other").unwrap(), &md, ["acme"].into_iter()),
             Affinity::Absent
         );
     }

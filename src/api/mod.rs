@@ -25,5 +25,5 @@ pub(crate) struct Observers {
     /// `call::serve`: a timer only for calls that wait for something.
     pub request_timeout: std::time::Duration,
     /// The tenant-affinity header (`affinity_header`), only counted.
-    pub affinity_header: String,
+    pub affinity_header: tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
 }

@@ -55,10 +55,8 @@ pub(super) struct TenantHeader {
 
 impl TenantHeader {
     fn new(name: &str, tenant: &str) -> anyhow::Result<Self> {
-        crate::api::affinity::parse_header(name)
+        let name = crate::api::affinity::header_key(name)
             .map_err(|reason| anyhow::anyhow!("--affinity-header: {reason}"))?;
-        let name = MetadataKey::from_bytes(name.as_bytes())
-            .map_err(|e| anyhow::anyhow!("--affinity-header: {e}"))?;
         let value = (!tenant.is_empty())
             .then(|| MetadataValue::try_from(tenant).ok())
             .flatten();

@@ -222,6 +222,24 @@ async fn server(watcher: Duration) -> (TestServer, tempfile::TempDir) {
     (TestServer::start(config).await, dir)
 }
 
+/// A server with `key` linked as binding `vault` of the `direct` tenant
+/// `acme`, and its admin and broker clients.
+async fn linked(key: &CustomerKey, watcher: Duration) -> Linked {
+    let (server, dir) = server(watcher).await;
+    let mut admin = admin_client(&server).await;
+    let broker = server.client().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    admin.link_key(key.link("acme", "vault")).await.unwrap();
+    (server, dir, admin, broker)
+}
+
+type Linked = (
+    TestServer,
+    tempfile::TempDir,
+    proto::key_admin_client::KeyAdminClient<tonic::transport::Channel>,
+    proto::key_broker_client::KeyBrokerClient<tonic::transport::Channel>,
+);
+
 async fn binding_state(
     admin: &mut proto::key_admin_client::KeyAdminClient<tonic::transport::Channel>,
     tenant: &str,
@@ -468,11 +486,7 @@ async fn vault_transit_keys_work_end_to_end() {
 async fn vault_revocation_is_enforced_within_the_bound() {
     let bao = Bao::shared();
     let key = bao.customer_key();
-    let (server, _dir) = server(Duration::from_millis(300)).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
-    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
-    admin.link_key(key.link("acme", "vault")).await.unwrap();
+    let (server, _dir, mut admin, mut broker) = linked(&key, Duration::from_millis(300)).await;
     let g = generate(&mut broker, "acme", CTX).await.unwrap();
     unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
         .await
@@ -537,11 +551,7 @@ async fn vault_revocation_is_enforced_within_the_bound() {
 async fn sealed_vault_is_unavailable_not_revoked() {
     let bao = Bao::start_own();
     let key = bao.customer_key();
-    let (server, _dir) = server(Duration::from_millis(200)).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
-    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
-    admin.link_key(key.link("acme", "vault")).await.unwrap();
+    let (server, _dir, mut admin, mut broker) = linked(&key, Duration::from_millis(200)).await;
     let warm = generate(&mut broker, "acme", CTX).await.unwrap();
     unwrap(&mut broker, "acme", CTX, &warm.wrapped_key)
         .await
@@ -578,13 +588,9 @@ async fn sealed_vault_is_unavailable_not_revoked() {
 async fn vault_tokens_are_renewed_then_replaced() {
     let bao = Bao::shared();
     let key = bao.customer_key_with_ttl("2s", "4s");
-    let (server, _dir) = server(Duration::from_secs(3600)).await;
+    let (server, _dir, _admin, mut broker) = linked(&key, Duration::from_secs(3600)).await;
     let vault = std::sync::Arc::clone(server.directory.as_ref().unwrap().vault().unwrap());
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
-    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
-    admin.link_key(key.link("acme", "vault")).await.unwrap();
     generate(&mut broker, "acme", CTX).await.unwrap();
     let logins = count(&vault.logins);
     tokio::time::sleep(Duration::from_millis(1500)).await;

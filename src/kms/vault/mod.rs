@@ -316,8 +316,10 @@ impl VaultSession {
                 if let Ok((200, body)) = renewed
                     && let Ok(reply) = serde_json::from_slice::<AuthReply>(&body)
                 {
-                    *slot = Some(Self::fresh(reply.auth));
-                    return Ok(slot.as_ref().map(|t| t.value.clone()).unwrap_or_default());
+                    let token = Self::fresh(reply.auth);
+                    let value = token.value.clone();
+                    *slot = Some(token);
+                    return Ok(value);
                 }
                 // Not renewable after all (max TTL reached): log in again.
             }
