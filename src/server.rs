@@ -76,8 +76,14 @@ impl Server {
     ) -> anyhow::Result<Self> {
         config.validate()?;
         let path = config.platform_keyring_path();
+        let hsm = crate::kms::pkcs11::Pkcs11Hsm::from_settings(&config.pkcs11)
+            .with_context(|| "setting up the PKCS#11 module")?
+            .map(Arc::new);
+        let seal =
+            crate::kms::pkcs11::platform_seal(hsm.as_ref(), config.server.platform_key.as_deref())
+                .with_context(|| "the platform key (platform_key)")?;
         let keyring = Arc::new(
-            LocalKeyring::open_or_create(PLATFORM_BINDING, &path)
+            LocalKeyring::open_or_create_sealed(PLATFORM_BINDING, &path, seal)
                 .with_context(|| "loading the platform keyring")?,
         );
         let reloader = keyring.spawn_reloader(config.server.keyring_reload_interval);
@@ -111,11 +117,7 @@ impl Server {
                 crate::kms::vault::VaultTransit::new(config.vault.clone())
                     .with_context(|| "setting up the Vault client")?,
             ))
-            .with_pkcs11(
-                crate::kms::pkcs11::Pkcs11Hsm::from_settings(&config.pkcs11)
-                    .with_context(|| "setting up the PKCS#11 module")?
-                    .map(Arc::new),
-            )
+            .with_pkcs11(hsm)
             .with_recheck_interval(config.watcher.recheck_interval),
         );
         let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);

@@ -3,21 +3,36 @@
 
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::config::{self, Config};
-use crate::kms::local::{LocalKeyring, rotate_keyring_file};
+use crate::kms::local::{KeyringSeal, LocalKeyring, reseal_keyring_file, rotate_keyring_file};
+use crate::kms::pkcs11::Pkcs11Hsm;
 use crate::registry::sql::SqlRegistry;
 use crate::server::{Server, shutdown_signal};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum KeyringCommand {
     /// Add a new key version; it encrypts from now on, old versions still decrypt.
-    Rotate(DataDirArg),
+    Rotate(KeyringArgs),
     /// List key versions (never key material).
-    List(DataDirArg),
+    List(KeyringArgs),
+    /// Seal every version under the HSM key --platform-key names (from a
+    /// plain file, or from --from-platform-key): the keyring stays the
+    /// same, so every wrapped key stays readable. Then serve with the same
+    /// --platform-key.
+    Seal {
+        #[command(flatten)]
+        keyring: KeyringArgs,
+        /// The HSM key the file is sealed under now [default: a plain file].
+        #[arg(long)]
+        from_platform_key: Option<String>,
+    },
+    /// Move a keyring sealed under --platform-key back to a plain file.
+    Unseal(KeyringArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,10 +107,34 @@ pub(super) async fn registry(command: RegistryCommand) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, clap::Args)]
-pub(super) struct DataDirArg {
+pub(super) struct KeyringArgs {
     /// Data directory of the server.
     #[arg(long, env = "KEYBROKER_DATA_DIR", default_value = "./data")]
     pub(super) data_dir: PathBuf,
+    /// The HSM key the keyring is (to be) sealed under, as `serve
+    /// --platform-key`.
+    #[arg(long, env = "KEYBROKER_PLATFORM_KEY")]
+    pub(super) platform_key: Option<String>,
+    #[command(flatten)]
+    pub(super) pkcs11: crate::kms::pkcs11::Pkcs11Settings,
+}
+
+impl KeyringArgs {
+    fn path(&self) -> PathBuf {
+        config::platform_keyring_path(&self.data_dir)
+    }
+
+    /// The HSM (when a module is given) and the seal `platform_key` names.
+    fn seal(&self, platform_key: Option<&str>) -> anyhow::Result<Option<Arc<dyn KeyringSeal>>> {
+        if platform_key.is_none() {
+            return Ok(None);
+        }
+        let hsm = Pkcs11Hsm::from_settings(&self.pkcs11)?.map(Arc::new);
+        Ok(crate::kms::pkcs11::platform_seal(
+            hsm.as_ref(),
+            platform_key,
+        )?)
+    }
 }
 
 pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
@@ -137,7 +176,7 @@ pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
         let bound = metrics_listener.local_addr()?;
-        let metrics = std::sync::Arc::clone(server.metrics());
+        let metrics = Arc::clone(server.metrics());
         tokio::spawn(async move {
             if let Err(err) =
                 crate::metrics::serve(metrics, metrics_listener, shutdown_signal()).await
@@ -166,20 +205,57 @@ pub(super) fn check_config(config: Config) -> anyhow::Result<()> {
 
 pub(super) fn keyring(command: KeyringCommand) -> anyhow::Result<()> {
     match command {
-        KeyringCommand::Rotate(dir) => {
-            let path = config::platform_keyring_path(&dir.data_dir);
-            let version = rotate_keyring_file(&path)?;
+        KeyringCommand::Rotate(args) => {
+            let path = args.path();
+            let seal = args.seal(args.platform_key.as_deref())?;
+            let version = rotate_keyring_file(&path, seal.as_deref())?;
             println!("{}", json!({ "keyring": path, "new_version": version }));
         }
-        KeyringCommand::List(dir) => {
-            let path = config::platform_keyring_path(&dir.data_dir);
-            let ring = LocalKeyring::open_or_create("platform", &path)?;
+        KeyringCommand::List(args) => {
+            let path = args.path();
+            let seal = args.seal(args.platform_key.as_deref())?;
+            let ring = LocalKeyring::open_or_create_sealed("platform", &path, seal.clone())?;
             let versions: Vec<Value> = ring
                 .version_list()
                 .into_iter()
                 .map(|(v, created)| json!({ "version": v, "created_unix": created }))
                 .collect();
-            println!("{}", json!({ "keyring": path, "versions": versions }));
+            let sealed_by = seal.map(|s| s.name());
+            println!(
+                "{}",
+                json!({ "keyring": path, "sealed_by": sealed_by, "versions": versions })
+            );
+        }
+        KeyringCommand::Seal {
+            keyring,
+            from_platform_key,
+        } => {
+            let Some(to) = keyring.platform_key.as_deref() else {
+                anyhow::bail!(
+                    "give --platform-key pkcs11:token=<label>;object=<label>: the HSM key to seal the keyring under"
+                );
+            };
+            let path = keyring.path();
+            let from = keyring.seal(from_platform_key.as_deref())?;
+            let to = keyring.seal(Some(to))?;
+            let versions = reseal_keyring_file(&path, from.as_deref(), to.as_deref())?;
+            let sealed_by = to.map(|s| s.name());
+            println!(
+                "{}",
+                json!({ "keyring": path, "sealed_by": sealed_by, "versions": versions })
+            );
+        }
+        KeyringCommand::Unseal(args) => {
+            let Some(from) = args.platform_key.as_deref() else {
+                anyhow::bail!("give --platform-key: the HSM key the keyring is sealed under now");
+            };
+            let path = args.path();
+            let from = args.seal(Some(from))?;
+            let versions = reseal_keyring_file(&path, from.as_deref(), None)?;
+            println!(
+                "{}",
+                json!({ "keyring": path, "sealed_by": null, "versions": versions })
+            );
         }
     }
     Ok(())

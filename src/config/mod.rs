@@ -129,6 +129,13 @@ impl Config {
         self.vault.validate()?;
         self.pkcs11.validate()?;
         self.audit.validate()?;
+        if self.server.platform_key.is_some() && self.pkcs11.module.is_none() {
+            return invalid(
+                "platform_key",
+                "names a PKCS#11 key: give pkcs11_module (the HSM's library) and its PIN \
+                 (pkcs11_pin_file or KEYBROKER_PKCS11_PIN)",
+            );
+        }
         let listen = self.server.listen;
         let tls = self.tls.enabled();
         let policy = self.server.authz_policy.is_some();

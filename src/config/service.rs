@@ -62,6 +62,17 @@ pub struct ServerSettings {
     /// rotated. 0s (the default) never rotates.
     #[arg(id = "platform_keyring_rotation_period", long = "platform-keyring-rotation-period", env = "KEYBROKER_PLATFORM_KEYRING_ROTATION_PERIOD", value_parser = parse_duration, default_value = "0s")]
     pub platform_keyring_rotation_period: Duration,
+    /// Seal the platform keyring under an AES key in the HSM
+    /// (`pkcs11:token=<label>;object=<label>`, with pkcs11_module and its
+    /// PIN): the keyring file then holds its versions only sealed by that
+    /// key, which never leaves the token. An existing plain keyring is moved
+    /// with `keybroker keyring seal` [default: a plain keyring file].
+    #[arg(
+        id = "platform_key",
+        long = "platform-key",
+        env = "KEYBROKER_PLATFORM_KEY"
+    )]
+    pub platform_key: Option<String>,
     /// Authorization policy file (TOML); required with TLS. Without it, a
     /// plaintext loopback server allows every call.
     #[arg(
@@ -121,6 +132,11 @@ impl ServerSettings {
         }
         if let Err(reason) = crate::api::affinity::parse_header(&self.affinity_header) {
             return invalid("affinity_header", &reason);
+        }
+        if let Some(key) = &self.platform_key
+            && let Err(e) = crate::kms::pkcs11::Pkcs11KeyRef::parse(key)
+        {
+            return invalid("platform_key", &e.to_string());
         }
         Ok(())
     }

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::keys::now_ms;
-use crate::kms::local::rotate_keyring_file;
 use crate::registry::FLEET;
 use crate::registry::directory::RegistryDirectory;
 
@@ -91,8 +90,7 @@ impl PlatformRotation {
             // Another replica rotates (or just did) this period.
             return Ok(None);
         }
-        let version = rotate_keyring_file(&self.path)?;
-        keyring.reload_if_changed()?;
+        let version = keyring.rotate()?;
         self.rotations.fetch_add(1, Ordering::Relaxed);
         // Views carry no keyring version, but other replicas should reload
         // soon: the notification resynchronises them.

@@ -288,41 +288,115 @@ impl Pkcs11Hsm {
     ) -> Result<T, ProviderError> {
         let hsm = Arc::clone(self);
         let (token, name) = (token.to_owned(), name.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let pool = hsm.pool(&token, &name)?;
-            // Blocking here is fine: this is the blocking pool, and the
-            // semaphore bounds it to `pkcs11_sessions` per token.
-            let _permit = futures::executor::block_on(Arc::clone(&pool.permits).acquire_owned())
-                .map_err(|_| ProviderError::Internal("session pool closed".into()))?;
-            let idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let session = match idle {
-                Some(session) => session,
-                None => {
-                    let session = hsm
-                        .ctx
-                        .open_rw_session(pool.slot)
-                        .map_err(|e| classify(&e, &name))?;
-                    match session.login(UserType::User, Some(&hsm.pin)) {
-                        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                        Err(e) => return Err(classify(&e, &name)),
-                    }
-                    session
-                }
-            };
-            let result = op(&session);
-            // A session the token dropped is not reused.
-            let broken = matches!(&result, Err(ProviderError::Unavailable(_)));
-            if !broken {
-                pool.idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(session);
-            }
-            result
-        })
-        .await
-        .map_err(|e| ProviderError::Internal(format!("PKCS#11 task failed: {e}")))?
+        tokio::task::spawn_blocking(move || hsm.in_session(&token, &name, op))
+            .await
+            .map_err(|e| ProviderError::Internal(format!("PKCS#11 task failed: {e}")))?
     }
+
+    /// Runs `op` with a logged-in session of `token` on this thread, which
+    /// may block (the blocking pool, or loading the platform keyring).
+    fn in_session<T>(
+        &self,
+        token: &str,
+        name: &str,
+        op: impl FnOnce(&Session) -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let pool = self.pool(token, name)?;
+        // The semaphore bounds the sessions to `pkcs11_sessions` per token.
+        let _permit = futures::executor::block_on(Arc::clone(&pool.permits).acquire_owned())
+            .map_err(|_| ProviderError::Internal("session pool closed".into()))?;
+        let idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let session = match idle {
+            Some(session) => session,
+            None => {
+                let session = self
+                    .ctx
+                    .open_rw_session(pool.slot)
+                    .map_err(|e| classify(&e, name))?;
+                match session.login(UserType::User, Some(&self.pin)) {
+                    Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                    Err(e) => return Err(classify(&e, name)),
+                }
+                session
+            }
+        };
+        let result = op(&session);
+        // A session the token dropped is not reused.
+        let broken = matches!(&result, Err(ProviderError::Unavailable(_)));
+        if !broken {
+            pool.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(session);
+        }
+        result
+    }
+}
+
+/// AES-GCM on the token under the key labelled `object`: IV ‖ ciphertext ‖ tag.
+fn gcm_encrypt(
+    session: &Session,
+    object: &str,
+    name: &str,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, ProviderError> {
+    let mut iv = [0u8; IV_LEN];
+    aws_lc_rs::rand::fill(&mut iv)
+        .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
+    let key = find_key(session, object, name)?;
+    let mut iv_param = iv;
+    let params = GcmParams::new(&mut iv_param, aad, TAG_BITS.into())
+        .map_err(|e| ProviderError::Internal(format!("GCM parameters: {e}")))?;
+    let sealed = session
+        .encrypt(&Mechanism::AesGcm(params), key, plaintext)
+        .map_err(|e| classify(&e, name))?;
+    let mut bytes = Vec::with_capacity(IV_LEN + sealed.len());
+    bytes.extend_from_slice(&iv);
+    bytes.extend_from_slice(&sealed);
+    Ok(bytes)
+}
+
+/// The inverse of [`gcm_encrypt`].
+fn gcm_decrypt(
+    session: &Session,
+    object: &str,
+    name: &str,
+    ciphertext: &[u8],
+    aad: &[u8],
+) -> Result<SecretBytes, ProviderError> {
+    if ciphertext.len() < IV_LEN + 16 {
+        return Err(ProviderError::InvalidCiphertext(format!(
+            "{name}: the wrapped key is too short to be AES-GCM"
+        )));
+    }
+    let (iv, sealed) = ciphertext.split_at(IV_LEN);
+    let mut iv = <[u8; IV_LEN]>::try_from(iv).unwrap_or_default();
+    let key = find_key(session, object, name)?;
+    let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
+        .map_err(|e| ProviderError::Internal(format!("GCM parameters: {e}")))?;
+    session
+        .decrypt(&Mechanism::AesGcm(params), key, sealed)
+        .map(SecretBytes::new)
+        .map_err(|e| classify(&e, name))
+}
+
+/// The seal of the platform keyring that `platform_key` names (a
+/// `pkcs11:` reference on the configured module); `None` without one.
+pub fn platform_seal(
+    hsm: Option<&Arc<Pkcs11Hsm>>,
+    platform_key: Option<&str>,
+) -> Result<Option<Arc<dyn crate::kms::local::KeyringSeal>>, ProviderError> {
+    let Some(reference) = platform_key else {
+        return Ok(None);
+    };
+    let key = Pkcs11KeyRef::parse(reference).map_err(|e| ProviderError::Internal(e.0))?;
+    let hsm = hsm.ok_or_else(|| {
+        ProviderError::Internal(
+            "platform_key names a PKCS#11 key but pkcs11_module is not configured".into(),
+        )
+    })?;
+    Ok(Some(Arc::new(hsm.key(key))))
 }
 
 /// One key object as a [`KeyProvider`].
@@ -337,6 +411,33 @@ impl fmt::Debug for Pkcs11Key {
         f.debug_struct("Pkcs11Key")
             .field("key", &self.name)
             .finish()
+    }
+}
+
+/// The platform keyring sealed at rest under this key (`serve
+/// --platform-key pkcs11:...`): each version is AES-GCM-encrypted on the
+/// token, with its number and creation time as AAD.
+impl crate::kms::local::KeyringSeal for Pkcs11Key {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn seal(&self, material: &[u8], aad: &[u8]) -> Result<Vec<u8>, ProviderError> {
+        self.hsm
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.hsm.in_session(&self.key.token, &self.name, |session| {
+            gcm_encrypt(session, &self.key.object, &self.name, material, aad)
+        })
+    }
+
+    fn unseal(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretBytes, ProviderError> {
+        self.hsm
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.hsm.in_session(&self.key.token, &self.name, |session| {
+            gcm_decrypt(session, &self.key.object, &self.name, sealed, aad)
+        })
     }
 }
 
@@ -372,30 +473,18 @@ impl KeyProvider for Pkcs11Key {
         plaintext: &SecretBytes,
         wrap: WrapContext<'_>,
     ) -> Result<Ciphertext, ProviderError> {
-        let mut iv = [0u8; IV_LEN];
-        aws_lc_rs::rand::fill(&mut iv)
-            .map_err(|_| ProviderError::Internal("system random generator failed".into()))?;
         let aad = wrap.aad();
         let plaintext = SecretBytes::new(plaintext.expose().to_vec());
         let (object, name) = (self.key.object.clone(), self.name.clone());
         self.hsm
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let sealed = self
+        let bytes = self
             .hsm
             .with_session(&self.key.token, &self.name, move |session| {
-                let key = find_key(session, &object, &name)?;
-                let mut iv_param = iv;
-                let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into())
-                    .map_err(|e| ProviderError::Internal(format!("GCM parameters: {e}")))?;
-                session
-                    .encrypt(&Mechanism::AesGcm(params), key, plaintext.expose())
-                    .map_err(|e| classify(&e, &name))
+                gcm_encrypt(session, &object, &name, plaintext.expose(), &aad)
             })
             .await?;
-        let mut bytes = Vec::with_capacity(IV_LEN + sealed.len());
-        bytes.extend_from_slice(&iv);
-        bytes.extend_from_slice(&sealed);
         Ok(Ciphertext {
             bytes,
             key_version: String::new(),
@@ -408,35 +497,17 @@ impl KeyProvider for Pkcs11Key {
         ciphertext: &[u8],
         wrap: WrapContext<'_>,
     ) -> Result<SecretBytes, ProviderError> {
-        if ciphertext.len() < IV_LEN + 16 {
-            return Err(ProviderError::InvalidCiphertext(format!(
-                "{}: the wrapped key is too short to be AES-GCM",
-                self.name
-            )));
-        }
-        let (iv, sealed) = ciphertext.split_at(IV_LEN);
-        let (mut iv, sealed) = (
-            <[u8; IV_LEN]>::try_from(iv).unwrap_or_default(),
-            sealed.to_vec(),
-        );
         let aad = wrap.aad();
+        let ciphertext = ciphertext.to_vec();
         let (object, name) = (self.key.object.clone(), self.name.clone());
         self.hsm
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let plain = self
-            .hsm
+        self.hsm
             .with_session(&self.key.token, &self.name, move |session| {
-                let key = find_key(session, &object, &name)?;
-                let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())
-                    .map_err(|e| ProviderError::Internal(format!("GCM parameters: {e}")))?;
-                session
-                    .decrypt(&Mechanism::AesGcm(params), key, &sealed)
-                    .map(SecretBytes::new)
-                    .map_err(|e| classify(&e, &name))
+                gcm_decrypt(session, &object, &name, &ciphertext, &aad)
             })
-            .await?;
-        Ok(plain)
+            .await
     }
 
     async fn describe(&self) -> Result<KeyDescription, ProviderError> {

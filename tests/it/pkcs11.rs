@@ -190,3 +190,174 @@ async fn pkcs11_keys_work_end_to_end_on_softhsm() {
     );
     server.stop().await;
 }
+
+/// The start-up error of a server that must not start.
+fn start_refused(built: anyhow::Result<keybroker::server::Server>, why: &str) -> String {
+    match built {
+        Ok(_) => panic!("{why}"),
+        Err(err) => format!("{err:#}"),
+    }
+}
+
+fn keyring_cli(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .arg("keyring")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--pkcs11-module")
+        .arg(env("KEYBROKER_TEST_PKCS11_MODULE"))
+        .arg("--pkcs11-pin-file")
+        .arg(env("KEYBROKER_TEST_PKCS11_PIN_FILE"))
+        .env_remove("KEYBROKER_PLATFORM_KEY")
+        .output()
+        .unwrap()
+}
+
+/// The platform key in the HSM (`serve --platform-key pkcs11:...`): an
+/// existing plain keyring is sealed under a token key by `keybroker keyring
+/// seal`; every DEK wrapped before stays readable; the file then holds no
+/// key in the clear, and without the token nothing starts. The HSM is
+/// called once per keyring version when the keyring is loaded, never per
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_keyring_sealed_in_the_hsm() {
+    let label = format!("platform-{}", std::process::id());
+    let reference = format!("pkcs11:token={TOKEN};object={label}");
+    let (_ctx, hsm) = admin_session();
+    make_key(&hsm, &label);
+    let dir = tempfile::tempdir().unwrap();
+    let plain_config = || {
+        let mut config = test_config(dir.path());
+        config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
+        config
+    };
+    let hsm_config = || {
+        let mut config = plain_config();
+        config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
+        config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+        config.server.platform_key = Some(reference.clone());
+        config
+    };
+
+    // Before: a plain keyring, two tenants on the platform key (DEKs wrapped
+    // directly, and under a tenant key).
+    let server = TestServer::start(plain_config()).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(
+        &mut admin,
+        "direct",
+        KeyPolicy::Keyring,
+        KeyHierarchy::Direct,
+    )
+    .await;
+    create_tenant_with(
+        &mut admin,
+        "tree",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    let old_direct = generate(&mut broker, "direct", CTX).await.unwrap();
+    let old_tree = generate(&mut broker, "tree", CTX).await.unwrap();
+    server.stop().await;
+
+    // The server refuses a plain file under a platform key, and says how to
+    // seal it.
+    let err = start_refused(
+        keybroker::server::Server::build(hsm_config()).await,
+        "a plain keyring under --platform-key is refused",
+    );
+    assert!(
+        format!("{err:#}").contains("keybroker keyring seal"),
+        "{err:#}"
+    );
+
+    let before = std::fs::read_to_string(dir.path().join("platform-keyring.json")).unwrap();
+    let sealed = keyring_cli(dir.path(), &["seal", "--platform-key", &reference]);
+    assert!(
+        sealed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sealed.stderr)
+    );
+    let after = std::fs::read_to_string(dir.path().join("platform-keyring.json")).unwrap();
+    let plain: serde_json::Value = serde_json::from_str(&before).unwrap();
+    let key_v1 = plain["versions"][0]["key"].as_str().unwrap();
+    assert!(
+        !after.contains(key_v1),
+        "the sealed file still holds the key"
+    );
+    assert!(after.contains(&reference), "{after}");
+
+    // With the HSM: every old DEK unwraps from an empty cache; new ones too.
+    let server = TestServer::start(hsm_config()).await;
+    let calls = || {
+        let directory = server.directory.as_ref().unwrap();
+        directory
+            .pkcs11()
+            .unwrap()
+            .calls
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert_eq!(calls(), 1, "one unseal per keyring version at start");
+    let mut broker = server.client().await;
+    for (tenant, old) in [("direct", &old_direct), ("tree", &old_tree)] {
+        let back = unwrap(&mut broker, tenant, CTX, &old.wrapped_key)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext, old.plaintext, "{tenant}");
+        let new = generate(&mut broker, tenant, CTX).await.unwrap();
+        let back = unwrap(&mut broker, tenant, CTX, &new.wrapped_key)
+            .await
+            .unwrap();
+        assert_eq!(back.plaintext, new.plaintext, "{tenant}");
+    }
+    assert_eq!(calls(), 1, "no HSM call per request");
+
+    // Rotation under the seal: the CLI needs the key; the server reloads
+    // the new version (one unseal per version) and wraps with it.
+    let refused = keyring_cli(dir.path(), &["rotate"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--platform-key"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let rotated = keyring_cli(dir.path(), &["rotate", "--platform-key", &reference]);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let started = Instant::now();
+    loop {
+        let g = generate(&mut broker, "direct", CTX).await.unwrap();
+        if g.key.unwrap().provider_key_version == "2" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "rotation not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(calls(), 1 + 2, "the reload unsealed both versions once");
+    server.stop().await;
+
+    // Without the token key, nothing starts, and the error names the key.
+    destroy_key(&hsm, &label);
+    let err = start_refused(
+        keybroker::server::Server::build(hsm_config()).await,
+        "a keyring sealed by a destroyed key cannot load",
+    );
+    assert!(
+        err.contains("could not be unsealed") && err.contains(&label),
+        "{err}"
+    );
+    let err = start_refused(
+        keybroker::server::Server::build(plain_config()).await,
+        "a sealed keyring without --platform-key is refused",
+    );
+    assert!(err.contains("--platform-key"), "{err}");
+}

@@ -8,24 +8,22 @@
 //! (12-byte random nonce, then AES-GCM ciphertext and tag under the version
 //! key itself) stay readable.
 //!
-//! Longer than most files on purpose: the keyring file, its rotation and
-//! the provider over it are one unit (the file *is* the keyring); about a
-//! third is tests.
+//! The file itself (its format, rotation, and sealing under an HSM key)
+//! is `file.rs`.
+
+mod file;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
+
+pub use self::file::{KeyringSeal, reseal_keyring_file, rotate_keyring_file};
 
 use super::{
     Ciphertext, KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind,
@@ -34,7 +32,6 @@ use super::{
 use crate::seal::SealingKey;
 use crate::secret::SecretBytes;
 
-const FILE_FORMAT: &str = "keybroker-keyring-v1";
 const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 
@@ -55,22 +52,10 @@ pub enum KeyringError {
     Permissions { path: PathBuf, mode: u32 },
     #[error("keyring file {path} is not a valid keyring: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("keyring file {path}: {reason}")]
+    Seal { path: PathBuf, reason: String },
     #[error("could not generate key material: the system random generator failed")]
     Random,
-}
-
-/// Serialized form. Key material is base64 in zeroizing strings.
-#[derive(Serialize, Deserialize)]
-struct KeyringFile {
-    format: String,
-    versions: Vec<VersionEntry>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct VersionEntry {
-    version: u32,
-    created_unix: u64,
-    key: Zeroizing<String>,
 }
 
 /// Loaded key versions. Immutable: a reload or rotation builds a new one.
@@ -81,43 +66,24 @@ struct Versions {
 }
 
 impl Versions {
-    fn from_file(path: &Path, file: &KeyringFile) -> Result<Self, KeyringError> {
-        let invalid = |reason: String| KeyringError::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
-        if file.format != FILE_FORMAT {
-            return Err(invalid(format!(
-                "format is {:?}, expected {FILE_FORMAT:?}",
-                file.format
-            )));
-        }
+    fn from_material(path: &Path, material: Vec<file::Material>) -> Result<Self, KeyringError> {
         let mut keys = BTreeMap::new();
         let mut created = BTreeMap::new();
-        for entry in &file.versions {
-            let material = Zeroizing::new(
-                B64.decode(entry.key.as_bytes())
-                    .map_err(|_| invalid(format!("version {} is not base64", entry.version)))?,
-            );
-            let key = aes_key(&material).ok_or_else(|| {
-                invalid(format!(
-                    "version {} is {} bytes, expected {KEY_LEN}",
-                    entry.version,
-                    material.len()
-                ))
+        for m in material {
+            let key = aes_key(m.key.expose()).ok_or_else(|| KeyringError::Invalid {
+                path: path.to_owned(),
+                reason: format!("version {} is not a {KEY_LEN}-byte key", m.version),
             })?;
-            if entry.version == 0 || keys.insert(entry.version, key).is_some() {
-                return Err(invalid(format!(
-                    "version {} is zero or repeated",
-                    entry.version
-                )));
-            }
-            created.insert(entry.version, entry.created_unix);
+            keys.insert(m.version, key);
+            created.insert(m.version, m.created_unix);
         }
         let newest = *keys
             .keys()
             .next_back()
-            .ok_or_else(|| invalid("no key versions".into()))?;
+            .ok_or_else(|| KeyringError::Invalid {
+                path: path.to_owned(),
+                reason: "no key versions".into(),
+            })?;
         Ok(Self {
             keys,
             created,
@@ -148,8 +114,13 @@ fn aes_key(material: &[u8]) -> Option<VersionKey> {
 
 use crate::reload::Stamp as FileStamp;
 
-fn stamp(path: &Path) -> std::io::Result<FileStamp> {
-    FileStamp::of(path)
+/// Loads the file's versions, unsealing them with `seal` when sealed.
+fn load(
+    path: &Path,
+    seal: Option<&dyn KeyringSeal>,
+) -> Result<(Versions, FileStamp), KeyringError> {
+    let (material, stamp) = file::load(path, seal)?;
+    Ok((Versions::from_material(path, material)?, stamp))
 }
 
 /// A local keyring, usable as a [`KeyProvider`].
@@ -164,6 +135,8 @@ pub struct LocalKeyring {
     versions: RwLock<Arc<Versions>>,
     /// File identity at the last load; written only by `reload_if_changed`.
     stamp: RwLock<Option<FileStamp>>,
+    /// The HSM key the file's versions are sealed under, if any.
+    seal: Option<Arc<dyn KeyringSeal>>,
 }
 
 impl fmt::Debug for LocalKeyring {
@@ -172,6 +145,7 @@ impl fmt::Debug for LocalKeyring {
             .field("id", &self.id)
             .field("path", &self.path)
             .field("newest_version", &self.current().newest)
+            .field("sealed_by", &self.seal.as_ref().map(|s| s.name()))
             .finish_non_exhaustive()
     }
 }
@@ -180,16 +154,41 @@ impl LocalKeyring {
     /// Opens the keyring file at `path`, creating it (mode 0600, one fresh
     /// version) when absent. Refuses a file group or others can read.
     pub fn open_or_create(id: &str, path: &Path) -> Result<Self, KeyringError> {
+        Self::open_or_create_sealed(id, path, None)
+    }
+
+    /// [`open_or_create`](Self::open_or_create) for a file whose versions
+    /// are sealed under `seal` (an HSM key): created sealed when absent, and
+    /// refused unless sealed by that key.
+    pub fn open_or_create_sealed(
+        id: &str,
+        path: &Path,
+        seal: Option<Arc<dyn KeyringSeal>>,
+    ) -> Result<Self, KeyringError> {
         if !path.exists() {
-            create_keyring_file(path)?;
+            file::create(path, seal.as_deref())?;
         }
-        let (versions, stamp) = load(path)?;
+        let (versions, stamp) = load(path, seal.as_deref())?;
         Ok(Self {
             id: id.to_owned(),
             path: Some(path.to_owned()),
             versions: RwLock::new(Arc::new(versions)),
             stamp: RwLock::new(Some(stamp)),
+            seal,
         })
+    }
+
+    /// Adds a new version to the backing file and loads it; its number.
+    pub fn rotate(&self) -> Result<u32, KeyringError> {
+        let Some(path) = &self.path else {
+            return Err(KeyringError::Invalid {
+                path: PathBuf::from(&self.id),
+                reason: "an in-memory keyring has no file to rotate".into(),
+            });
+        };
+        let version = rotate_keyring_file(path, self.seal.as_deref())?;
+        self.reload_if_changed()?;
+        Ok(version)
     }
 
     /// A keyring held only in memory, from raw 32-byte key versions (oldest
@@ -222,6 +221,7 @@ impl LocalKeyring {
                 newest,
             })),
             stamp: RwLock::new(None),
+            seal: None,
         })
     }
 
@@ -288,7 +288,7 @@ impl LocalKeyring {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let now = stamp(path).map_err(|cause| KeyringError::Io {
+        let now = FileStamp::of(path).map_err(|cause| KeyringError::Io {
             path: path.clone(),
             cause,
         })?;
@@ -296,7 +296,7 @@ impl LocalKeyring {
         if last == Some(now) {
             return Ok(false);
         }
-        let (versions, stamp) = load(path)?;
+        let (versions, stamp) = load(path, self.seal.as_deref())?;
         if let Ok(mut guard) = self.versions.write() {
             *guard = Arc::new(versions);
         }
@@ -431,128 +431,13 @@ impl KeyProvider for LocalKeyring {
     }
 }
 
-/// No access for others, and no group access except reading a file nobody
-/// can write: 0440 is how Kubernetes mounts a Secret for a pod's fsGroup.
-fn private_mode(mode: u32) -> bool {
-    mode & 0o007 == 0 && (mode & 0o070 == 0 || (mode & 0o070 == 0o040 && mode & 0o222 == 0))
-}
-
-fn load(path: &Path) -> Result<(Versions, FileStamp), KeyringError> {
-    let io = |cause| KeyringError::Io {
-        path: path.to_owned(),
-        cause,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if !private_mode(mode) {
-        return Err(KeyringError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let stamp = stamp(path).map_err(io)?;
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(io)?);
-    let file: KeyringFile = serde_json::from_slice(&bytes).map_err(|e| KeyringError::Invalid {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    Ok((Versions::from_file(path, &file)?, stamp))
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn new_entry(version: u32) -> Result<VersionEntry, KeyringError> {
-    let material = SecretBytes::random(KEY_LEN).map_err(|_| KeyringError::Random)?;
-    Ok(VersionEntry {
-        version,
-        created_unix: now_unix(),
-        key: Zeroizing::new(B64.encode(material.expose())),
-    })
-}
-
-fn create_keyring_file(path: &Path) -> Result<(), KeyringError> {
-    let file = KeyringFile {
-        format: FILE_FORMAT.into(),
-        versions: vec![new_entry(1)?],
-    };
-    write_atomically(path, &file)
-}
-
-/// Adds a new newest version to the keyring file; returns its number. Old
-/// versions stay, so every key wrapped before keeps unwrapping.
-pub fn rotate_keyring_file(path: &Path) -> Result<u32, KeyringError> {
-    if !path.exists() {
-        // Nothing to rotate yet: the first version is the new one.
-        let created = LocalKeyring::open_or_create("platform", path)?;
-        return Ok(created
-            .version_list()
-            .into_iter()
-            .map(|(v, _)| v)
-            .max()
-            .unwrap_or(1));
-    }
-    // Validate the file (permissions, format) before rewriting it.
-    load(path)?;
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|cause| KeyringError::Io {
-        path: path.to_owned(),
-        cause,
-    })?);
-    let mut file: KeyringFile =
-        serde_json::from_slice(&bytes).map_err(|e| KeyringError::Invalid {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    let next = file.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-    file.versions.push(new_entry(next)?);
-    write_atomically(path, &file)?;
-    Ok(next)
-}
-
-/// Writes to a 0600 temp file beside `path`, syncs, then renames over it:
-/// readers see the old or the new keyring, never a partial one.
-fn write_atomically(path: &Path, file: &KeyringFile) -> Result<(), KeyringError> {
-    let io = |cause| KeyringError::Io {
-        path: path.to_owned(),
-        cause,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io)?;
-    }
-    let json =
-        Zeroizing::new(
-            serde_json::to_vec_pretty(file).map_err(|e| KeyringError::Invalid {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?,
-        );
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    out.write_all(&json).map_err(io)?;
-    out.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::file::private_mode;
     use super::*;
     use crate::context::Context;
     use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
 
     fn ctx(pairs: &[(&str, &str)]) -> Context {
         Context::new(
@@ -580,7 +465,7 @@ mod tests {
         let v1 = ring.encrypt(&dek, wrap).await.unwrap();
         assert_eq!(v1.key_version, "1");
 
-        assert_eq!(rotate_keyring_file(&path).unwrap(), 2);
+        assert_eq!(rotate_keyring_file(&path, None).unwrap(), 2);
         assert!(ring.reload_if_changed().unwrap());
         assert!(!ring.reload_if_changed().unwrap());
         let v2 = ring.encrypt(&dek, wrap).await.unwrap();

@@ -1,0 +1,507 @@
+//! The keyring file: numbered AES-256 versions in a 0600 JSON file, each
+//! either plain (base64) or sealed by a key that never leaves an HSM
+//! (`serve --platform-key pkcs11:...`, as Vault's PKCS#11 seal keeps its
+//! root key). A sealed file says which key sealed it; each version is sealed
+//! with its number and creation time as AAD, so versions cannot be swapped
+//! or re-dated without the HSM.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{KEY_LEN, KeyringError};
+use crate::kms::ProviderError;
+use crate::reload::Stamp;
+use crate::secret::SecretBytes;
+
+const FILE_FORMAT: &str = "keybroker-keyring-v1";
+/// A different format name on purpose: a keybroker without sealing support
+/// refuses the file by name instead of misreading sealed bytes as keys.
+const SEALED_FORMAT: &str = "keybroker-keyring-sealed-v1";
+
+/// A key that seals keyring versions at rest. Calls block: a keyring is
+/// read at start, on reload and on rotation, never per request.
+pub trait KeyringSeal: Send + Sync {
+    /// How a sealed file names this key (`pkcs11:token=..;object=..`).
+    fn name(&self) -> String;
+    fn seal(&self, material: &[u8], aad: &[u8]) -> Result<Vec<u8>, ProviderError>;
+    fn unseal(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretBytes, ProviderError>;
+}
+
+/// Serialized form. Key material (or its sealed form) is base64 in
+/// zeroizing strings.
+#[derive(Serialize, Deserialize)]
+struct KeyringFile {
+    format: String,
+    /// The key that sealed every version (sealed files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed_by: Option<String>,
+    versions: Vec<VersionEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VersionEntry {
+    version: u32,
+    created_unix: u64,
+    key: Zeroizing<String>,
+}
+
+/// One version as loaded: its number, creation time and key material.
+pub(super) struct Material {
+    pub version: u32,
+    pub created_unix: u64,
+    pub key: SecretBytes,
+}
+
+/// What a sealed version is bound to.
+fn version_aad(version: u32, created_unix: u64) -> Vec<u8> {
+    format!("{SEALED_FORMAT}\0version={version}\0created={created_unix}").into_bytes()
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> KeyringError {
+    KeyringError::Invalid {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn sealing(path: &Path, reason: impl Into<String>) -> KeyringError {
+    KeyringError::Seal {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// No access for others, and no group access except reading a file nobody
+/// can write: 0440 is how Kubernetes mounts a Secret for a pod's fsGroup.
+pub(super) fn private_mode(mode: u32) -> bool {
+    mode & 0o007 == 0 && (mode & 0o070 == 0 || (mode & 0o070 == 0o040 && mode & 0o222 == 0))
+}
+
+/// Reads and parses the file, refusing one that others may read.
+fn read(path: &Path) -> Result<(KeyringFile, Stamp), KeyringError> {
+    let io = |cause| KeyringError::Io {
+        path: path.to_owned(),
+        cause,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if !private_mode(mode) {
+        return Err(KeyringError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let stamp = Stamp::of(path).map_err(io)?;
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(io)?);
+    let file: KeyringFile =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(path, e.to_string()))?;
+    Ok((file, stamp))
+}
+
+/// Every version of the file at `path`, unsealed with `seal` when the file
+/// is sealed. The file and the server must agree on the seal: a plain file
+/// under a configured seal (or the reverse, or another key) is refused
+/// with the command that fixes it.
+pub(super) fn load(
+    path: &Path,
+    seal: Option<&dyn KeyringSeal>,
+) -> Result<(Vec<Material>, Stamp), KeyringError> {
+    let (file, stamp) = read(path)?;
+    Ok((unpack(path, &file, seal)?, stamp))
+}
+
+fn unpack(
+    path: &Path,
+    file: &KeyringFile,
+    seal: Option<&dyn KeyringSeal>,
+) -> Result<Vec<Material>, KeyringError> {
+    let sealed_by = match (file.format.as_str(), &file.sealed_by, seal) {
+        (FILE_FORMAT, None, None) => None,
+        (FILE_FORMAT, None, Some(seal)) => {
+            return Err(sealing(
+                path,
+                format!(
+                    "the server is configured to seal the platform keyring with {} but this \
+                     file is not sealed; seal it first: keybroker keyring seal --platform-key {}",
+                    seal.name(),
+                    seal.name()
+                ),
+            ));
+        }
+        (SEALED_FORMAT, Some(by), None) => {
+            return Err(sealing(
+                path,
+                format!(
+                    "the file is sealed by {} (an HSM key); start with --platform-key {} and the \
+                     pkcs11_module and PIN of that HSM",
+                    crate::text::Escaped(by),
+                    crate::text::Escaped(by)
+                ),
+            ));
+        }
+        (SEALED_FORMAT, Some(by), Some(seal)) if *by != seal.name() => {
+            return Err(sealing(
+                path,
+                format!(
+                    "the file is sealed by {}, not by the configured {}; give --platform-key {} \
+                     (or move it to the new key with keybroker keyring seal)",
+                    crate::text::Escaped(by),
+                    seal.name(),
+                    crate::text::Escaped(by)
+                ),
+            ));
+        }
+        (SEALED_FORMAT, Some(_), Some(seal)) => Some(seal),
+        (format, _, _) => {
+            return Err(invalid(
+                path,
+                format!(
+                    "format is {:?}, expected {FILE_FORMAT:?} (or {SEALED_FORMAT:?} with sealed_by)",
+                    format
+                ),
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(file.versions.len());
+    for entry in &file.versions {
+        let stored = Zeroizing::new(
+            B64.decode(entry.key.as_bytes())
+                .map_err(|_| invalid(path, format!("version {} is not base64", entry.version)))?,
+        );
+        let key = match sealed_by {
+            None => SecretBytes::new(stored.to_vec()),
+            Some(seal) => seal
+                .unseal(&stored, &version_aad(entry.version, entry.created_unix))
+                .map_err(|e| {
+                    sealing(
+                        path,
+                        format!(
+                            "version {} could not be unsealed by {}: {e}",
+                            entry.version,
+                            seal.name()
+                        ),
+                    )
+                })?,
+        };
+        if key.len() != KEY_LEN {
+            return Err(invalid(
+                path,
+                format!(
+                    "version {} is {} bytes, expected {KEY_LEN}",
+                    entry.version,
+                    key.len()
+                ),
+            ));
+        }
+        if entry.version == 0 || out.iter().any(|m: &Material| m.version == entry.version) {
+            return Err(invalid(
+                path,
+                format!("version {} is zero or repeated", entry.version),
+            ));
+        }
+        out.push(Material {
+            version: entry.version,
+            created_unix: entry.created_unix,
+            key,
+        });
+    }
+    if out.is_empty() {
+        return Err(invalid(path, "no key versions"));
+    }
+    Ok(out)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `material` as the file stores it: base64, sealed first under a seal.
+fn entry(
+    path: &Path,
+    version: u32,
+    created_unix: u64,
+    material: &SecretBytes,
+    seal: Option<&dyn KeyringSeal>,
+) -> Result<VersionEntry, KeyringError> {
+    let key = match seal {
+        None => Zeroizing::new(B64.encode(material.expose())),
+        Some(seal) => {
+            let sealed = seal
+                .seal(material.expose(), &version_aad(version, created_unix))
+                .map_err(|e| {
+                    sealing(
+                        path,
+                        format!(
+                            "version {version} could not be sealed by {}: {e}",
+                            seal.name()
+                        ),
+                    )
+                })?;
+            Zeroizing::new(B64.encode(sealed))
+        }
+    };
+    Ok(VersionEntry {
+        version,
+        created_unix,
+        key,
+    })
+}
+
+fn new_entry(
+    path: &Path,
+    version: u32,
+    seal: Option<&dyn KeyringSeal>,
+) -> Result<VersionEntry, KeyringError> {
+    let material = SecretBytes::random(KEY_LEN).map_err(|_| KeyringError::Random)?;
+    entry(path, version, now_unix(), &material, seal)
+}
+
+fn header(seal: Option<&dyn KeyringSeal>) -> (String, Option<String>) {
+    match seal {
+        None => (FILE_FORMAT.into(), None),
+        Some(seal) => (SEALED_FORMAT.into(), Some(seal.name())),
+    }
+}
+
+/// Creates a keyring file of one fresh version (sealed under `seal`).
+pub(super) fn create(path: &Path, seal: Option<&dyn KeyringSeal>) -> Result<(), KeyringError> {
+    let (format, sealed_by) = header(seal);
+    let file = KeyringFile {
+        format,
+        sealed_by,
+        versions: vec![new_entry(path, 1, seal)?],
+    };
+    write_atomically(path, &file)
+}
+
+/// Adds a new newest version to the keyring file (creating the file if
+/// absent); returns its number. Old versions stay, so every key wrapped
+/// before keeps unwrapping. A sealed file needs its seal.
+pub fn rotate_keyring_file(
+    path: &Path,
+    seal: Option<&dyn KeyringSeal>,
+) -> Result<u32, KeyringError> {
+    if !path.exists() {
+        // Nothing to rotate yet: the first version is the new one.
+        create(path, seal)?;
+        return Ok(1);
+    }
+    let (mut file, _) = read(path)?;
+    // Validate every version (and the seal) before rewriting the file.
+    let versions = unpack(path, &file, seal)?;
+    let next = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+    file.versions.push(new_entry(path, next, seal)?);
+    write_atomically(path, &file)?;
+    Ok(next)
+}
+
+/// Rewrites the keyring file with every version sealed under `to` (or
+/// plain, `None`), reading it with `from`: moving the platform keyring
+/// into an HSM, to another HSM key, or out. The versions, their numbers and
+/// their creation times are unchanged, so every wrapped key stays readable.
+/// Returns how many versions were rewritten.
+pub fn reseal_keyring_file(
+    path: &Path,
+    from: Option<&dyn KeyringSeal>,
+    to: Option<&dyn KeyringSeal>,
+) -> Result<usize, KeyringError> {
+    let (versions, _) = load(path, from)?;
+    let (format, sealed_by) = header(to);
+    let file = KeyringFile {
+        format,
+        sealed_by,
+        versions: versions
+            .iter()
+            .map(|m| entry(path, m.version, m.created_unix, &m.key, to))
+            .collect::<Result<_, _>>()?,
+    };
+    // The new file is proven readable before it replaces the old one.
+    unpack(path, &file, to)?;
+    write_atomically(path, &file)?;
+    Ok(file.versions.len())
+}
+
+/// Writes to a 0600 temp file beside `path`, syncs, then renames over it:
+/// readers see the old or the new keyring, never a partial one.
+fn write_atomically(path: &Path, file: &KeyringFile) -> Result<(), KeyringError> {
+    let io = |cause| KeyringError::Io {
+        path: path.to_owned(),
+        cause,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+    }
+    let json =
+        Zeroizing::new(serde_json::to_vec_pretty(file).map_err(|e| invalid(path, e.to_string()))?);
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    out.write_all(&json).map_err(io)?;
+    out.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::local::LocalKeyring;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A software stand-in for an HSM key (the SoftHSM test in
+    /// tests/it/pkcs11.rs runs the real one): AES-256-GCM under a fixed key.
+    struct TestSeal {
+        name: &'static str,
+        key: aws_lc_rs::aead::LessSafeKey,
+        calls: AtomicU64,
+    }
+
+    impl TestSeal {
+        fn new(name: &'static str, byte: u8) -> Arc<Self> {
+            let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &[byte; 32])
+                .unwrap();
+            Arc::new(Self {
+                name,
+                key: aws_lc_rs::aead::LessSafeKey::new(key),
+                calls: AtomicU64::new(0),
+            })
+        }
+    }
+
+    impl KeyringSeal for TestSeal {
+        fn name(&self) -> String {
+            self.name.into()
+        }
+        fn seal(&self, material: &[u8], aad: &[u8]) -> Result<Vec<u8>, ProviderError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let mut nonce = [0u8; 12];
+            aws_lc_rs::rand::fill(&mut nonce).unwrap();
+            let mut out = material.to_vec();
+            self.key
+                .seal_in_place_append_tag(
+                    aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                    aws_lc_rs::aead::Aad::from(aad),
+                    &mut out,
+                )
+                .unwrap();
+            Ok([nonce.as_slice(), &out].concat())
+        }
+        fn unseal(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretBytes, ProviderError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let (nonce, body) = sealed.split_at(12);
+            let mut buf = body.to_vec();
+            let plain = self
+                .key
+                .open_in_place(
+                    aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).unwrap(),
+                    aws_lc_rs::aead::Aad::from(aad),
+                    &mut buf,
+                )
+                .map_err(|_| ProviderError::InvalidCiphertext("authentication failed".into()))?;
+            Ok(SecretBytes::new(plain.to_vec()))
+        }
+    }
+
+    fn material(path: &Path, seal: Option<&dyn KeyringSeal>) -> Vec<(u32, Vec<u8>)> {
+        load(path, seal)
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|m| (m.version, m.key.expose().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn sealed_files_hold_no_key_and_need_their_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        let hsm = TestSeal::new("pkcs11:token=t;object=platform", 1);
+        let ring =
+            LocalKeyring::open_or_create_sealed("platform", &path, Some(hsm.clone())).unwrap();
+        assert_eq!(ring.rotate().unwrap(), 2);
+        let sealed = material(&path, Some(hsm.as_ref()));
+        assert_eq!(sealed.len(), 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(SEALED_FORMAT) && text.contains("pkcs11:token=t;object=platform"));
+        for (_, key) in &sealed {
+            assert!(
+                !text.contains(&B64.encode(key)),
+                "a version is in the clear"
+            );
+        }
+
+        // Without the seal, under another key, or sealed and read plainly:
+        // refused with the fix, never misread.
+        let err = LocalKeyring::open_or_create("platform", &path).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--platform-key pkcs11:token=t;object=platform"),
+            "{err}"
+        );
+        let other = TestSeal::new("pkcs11:token=t;object=other", 2);
+        let err = LocalKeyring::open_or_create_sealed("platform", &path, Some(other.clone()))
+            .unwrap_err();
+        assert!(err.to_string().contains("not by the configured"), "{err}");
+
+        // A version moved to another number fails its AAD.
+        let mut file: KeyringFile = serde_json::from_str(&text).unwrap();
+        file.versions[1].version = 7;
+        write_atomically(&path, &file).unwrap();
+        let err = load(&path, Some(hsm.as_ref())).err().unwrap();
+        assert!(
+            err.to_string().contains("version 7 could not be unsealed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reseal_moves_a_plain_keyring_into_the_hsm_and_out_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        LocalKeyring::open_or_create("platform", &path).unwrap();
+        rotate_keyring_file(&path, None).unwrap();
+        let plain = material(&path, None);
+
+        let hsm = TestSeal::new("pkcs11:token=t;object=platform", 1);
+        let err =
+            LocalKeyring::open_or_create_sealed("platform", &path, Some(hsm.clone())).unwrap_err();
+        assert!(err.to_string().contains("keybroker keyring seal"), "{err}");
+
+        assert_eq!(
+            reseal_keyring_file(&path, None, Some(hsm.as_ref())).unwrap(),
+            2
+        );
+        assert_eq!(material(&path, Some(hsm.as_ref())), plain);
+        let other = TestSeal::new("pkcs11:token=t;object=next", 3);
+        reseal_keyring_file(&path, Some(hsm.as_ref()), Some(other.as_ref())).unwrap();
+        assert_eq!(material(&path, Some(other.as_ref())), plain);
+        reseal_keyring_file(&path, Some(other.as_ref()), None).unwrap();
+        assert_eq!(material(&path, None), plain);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Reading with a wrong seal never rewrites the file.
+        let before = std::fs::read(&path).unwrap();
+        assert!(reseal_keyring_file(&path, Some(hsm.as_ref()), None).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+}
