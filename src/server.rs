@@ -118,6 +118,10 @@ impl Server {
                     .with_context(|| "setting up the Vault client")?,
             ))
             .with_pkcs11(hsm)
+            .with_azure(Arc::new(
+                crate::kms::azure::AzureKeyVault::new(config.azure.clone())
+                    .with_context(|| "setting up the Azure Key Vault client")?,
+            ))
             .with_recheck_interval(config.watcher.recheck_interval),
         );
         let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);

@@ -40,6 +40,9 @@ impl KeyAdminApi {
                 gcp_service_account: o.gcp_service_account,
                 gcp_role: o.gcp_role,
                 vault_policy_hcl: o.vault_policy_hcl,
+                azure_application_id: o.azure_application_id,
+                azure_consent_url: o.azure_consent_url,
+                azure_role: o.azure_role,
             }),
             create_time: Some(timestamp(tenant.created_at_ms)),
             update_time: Some(timestamp(tenant.updated_at_ms)),
@@ -91,7 +94,16 @@ pub(crate) fn key_to_proto(view: &KeyView) -> proto::KeyBinding {
         provider: proto::Provider::from(r.provider).into(),
         key_reference: r.key_reference.clone(),
         region: r.region.clone(),
-        role_arn: r.role_arn.clone(),
+        // The identity column: an AWS role, a Vault AppRole's role_id, or
+        // an Azure customer tenant; each shown in its own field.
+        role_arn: match r.provider {
+            ProviderKind::AzureKeyVault => String::new(),
+            _ => r.role_arn.clone(),
+        },
+        azure_tenant_id: match r.provider {
+            ProviderKind::AzureKeyVault => r.role_arn.clone(),
+            _ => String::new(),
+        },
         service_account: r.service_account.clone(),
         state: key_state(r.state).into(),
         state_reason: r.state_reason.clone(),
@@ -209,6 +221,7 @@ impl KeyAdmin for KeyAdminApi {
                         role_id: a.role_id,
                         secret_id: zeroize::Zeroizing::new(a.secret_id),
                     }),
+                    azure_tenant_id: req.azure_tenant_id,
                 })
                 .await?;
             Ok(proto::LinkKeyResponse {

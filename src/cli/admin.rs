@@ -111,6 +111,7 @@ pub(super) enum CloudProviderArg {
     GcpKms,
     VaultTransit,
     Pkcs11,
+    AzureKv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +198,9 @@ pub(super) enum KeyCommand {
         /// Vault: the AppRole auth mount path.
         #[arg(long, default_value = "approle")]
         vault_auth_mount: String,
+        /// Azure: the customer's Entra tenant (directory) id.
+        #[arg(long, default_value = "")]
+        azure_tenant_id: String,
     },
     /// Import raw AES-256 key material (32 bytes, base64) as a local key.
     Import {
@@ -334,6 +338,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 vault_role_id,
                 vault_secret_id_file,
                 vault_auth_mount,
+                azure_tenant_id,
             } => {
                 let vault_approle = match vault_secret_id_file {
                     Some(path) => Some(proto::VaultAppRole {
@@ -353,6 +358,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                             CloudProviderArg::GcpKms => proto::Provider::GcpKms,
                             CloudProviderArg::VaultTransit => proto::Provider::VaultTransit,
                             CloudProviderArg::Pkcs11 => proto::Provider::Pkcs11,
+                            CloudProviderArg::AzureKv => proto::Provider::AzureKeyVault,
                         }
                         .into(),
                         key_reference,
@@ -362,6 +368,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                         make_primary: primary,
                         replica_regions,
                         vault_approle,
+                        azure_tenant_id,
                     })
                     .await
                     .answer()?;

@@ -74,6 +74,8 @@ pub struct Config {
     #[command(flatten)]
     pub pkcs11: crate::kms::pkcs11::Pkcs11Settings,
     #[command(flatten)]
+    pub azure: crate::kms::azure::AzureSettings,
+    #[command(flatten)]
     pub audit: AuditSettings,
     #[command(flatten)]
     pub quota: QuotaSettings,
@@ -128,6 +130,7 @@ impl Config {
         self.gcp.validate()?;
         self.vault.validate()?;
         self.pkcs11.validate()?;
+        self.azure.validate()?;
         self.audit.validate()?;
         if self.server.platform_key.is_some() && self.pkcs11.module.is_none() {
             return invalid(

@@ -127,6 +127,9 @@ pub struct LinkRequest {
     pub make_primary: bool,
     /// Vault/OpenBao: the AppRole keybroker logs in with.
     pub vault: Option<VaultAppRole>,
+    /// Azure: the customer's Entra tenant id (stored in the binding's
+    /// identity column, as AWS keeps its role there).
+    pub azure_tenant_id: String,
 }
 
 /// An AppRole in a customer's Vault; the secret_id is zeroized and never
@@ -221,7 +224,8 @@ impl Admin {
     }
 
     pub fn onboarding(&self, tenant: &Tenant) -> Onboarding {
-        onboarding::onboarding(&self.settings, tenant)
+        let azure = self.directory.azure().ok().map(|a| a.settings());
+        onboarding::onboarding(&self.settings, azure, tenant)
     }
 
     /// Links a cloud KMS key. Input is validated fully; the cloud providers
@@ -288,6 +292,15 @@ impl Admin {
                 )
                 .await?;
                 record.key_material = Some(sealed);
+            }
+            ProviderKind::AzureKeyVault => {
+                record.role_arn = req.azure_tenant_id.clone();
+                let azure = self.directory.azure()?;
+                let key = crate::registry::directory::azure_key(
+                    azure,
+                    &BindingRecord::from_new(&record),
+                )?;
+                verify_provider(&key, &req.tenant_id).await?;
             }
             ProviderKind::Pkcs11 => {
                 let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)?;

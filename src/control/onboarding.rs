@@ -1,6 +1,7 @@
 //! What a customer must configure so keybroker may use their key: the
 //! external ID, the IAM trust policy and key-policy statement for AWS, the
-//! service account and role for Cloud KMS, the policy for a Vault AppRole.
+//! service account and role for Cloud KMS, the policy for a Vault AppRole,
+//! the application, consent URL and role for Azure Key Vault.
 
 use serde_json::json;
 
@@ -16,11 +17,22 @@ pub struct Onboarding {
     pub gcp_service_account: String,
     pub gcp_role: String,
     pub vault_policy_hcl: String,
+    pub azure_application_id: String,
+    pub azure_consent_url: String,
+    pub azure_role: String,
 }
 
 /// The trust policy, key-policy statement and GCP grant a customer applies
 /// so keybroker may use their key.
-pub(super) fn onboarding(settings: &AdminSettings, tenant: &Tenant) -> Onboarding {
+pub(super) fn onboarding(
+    settings: &AdminSettings,
+    azure: Option<&crate::kms::azure::AzureSettings>,
+    tenant: &Tenant,
+) -> Onboarding {
+    let azure_app = azure.and_then(|a| a.client_id.clone()).unwrap_or_default();
+    let authority = azure.map_or("https://login.microsoftonline.com", |a| {
+        a.authority_host.as_str()
+    });
     let trust_policy = settings.aws_platform_principal.as_ref().map(|principal| {
         json!({
             "Version": "2012-10-17",
@@ -54,5 +66,12 @@ pub(super) fn onboarding(settings: &AdminSettings, tenant: &Tenant) -> Onboardin
         gcp_service_account: settings.gcp_service_account.clone().unwrap_or_default(),
         gcp_role: crate::kms::gcp::ENCRYPTER_DECRYPTER_ROLE.to_owned(),
         vault_policy_hcl: crate::kms::vault::policy_hcl("<TRANSIT_MOUNT>", "<KEY_NAME>"),
+        azure_consent_url: if azure_app.is_empty() {
+            String::new()
+        } else {
+            crate::kms::azure::consent_url(authority, "<CUSTOMER_TENANT_ID>", &azure_app)
+        },
+        azure_application_id: azure_app,
+        azure_role: crate::kms::azure::KEY_ROLE.to_owned(),
     }
 }

@@ -135,6 +135,11 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
     validate_tenant(&req.tenant_id)?;
     validate_name(&req.name)?;
     validate_description(&req.description)?;
+    if !req.azure_tenant_id.is_empty() && req.provider != Some(ProviderKind::AzureKeyVault) {
+        return Err(AdminError::InvalidArgument(
+            "azure_tenant_id is only for PROVIDER_AZURE_KEY_VAULT keys".into(),
+        ));
+    }
     if req.vault.is_some() && req.provider != Some(ProviderKind::VaultTransit) {
         return Err(AdminError::InvalidArgument(
             "vault_approle is only for PROVIDER_VAULT_TRANSIT keys".into(),
@@ -199,11 +204,26 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
             }
             Ok(ProviderKind::Pkcs11)
         }
+        Some(ProviderKind::AzureKeyVault) => {
+            // The reference's host is checked against the server's
+            // azure_vault_domains when the provider is built.
+            if !(req.region.is_empty()
+                && req.role_arn.is_empty()
+                && req.service_account.is_empty()
+                && req.replica_regions.is_empty())
+            {
+                return Err(AdminError::InvalidArgument(
+                    "an Azure key takes key_reference and azure_tenant_id only (no region, role_arn, service_account or replica_regions)".into(),
+                ));
+            }
+            crate::kms::azure::validate_tenant_id(&req.azure_tenant_id)?;
+            Ok(ProviderKind::AzureKeyVault)
+        }
         Some(ProviderKind::Local) => Err(AdminError::InvalidArgument(
             "local keys are linked with ImportKeyMaterial".into(),
         )),
         None => Err(AdminError::InvalidArgument(
-            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS, PROVIDER_VAULT_TRANSIT or PROVIDER_PKCS11".into(),
+            "provider is required: PROVIDER_AWS_KMS, PROVIDER_GCP_KMS, PROVIDER_VAULT_TRANSIT, PROVIDER_PKCS11 or PROVIDER_AZURE_KEY_VAULT".into(),
         )),
     }
 }

@@ -4,6 +4,7 @@
 //! boundary, so the API layer maps one small taxonomy to gRPC codes.
 
 pub mod aws;
+pub mod azure;
 pub mod gcp;
 pub mod local;
 pub mod pkcs11;
@@ -25,6 +26,7 @@ pub enum ProviderKind {
     GcpKms,
     VaultTransit,
     Pkcs11,
+    AzureKeyVault,
 }
 
 impl ProviderKind {
@@ -35,6 +37,7 @@ impl ProviderKind {
             Self::GcpKms => "gcp-kms",
             Self::VaultTransit => "vault-transit",
             Self::Pkcs11 => "pkcs11",
+            Self::AzureKeyVault => "azure-kv",
         }
     }
 }
@@ -53,6 +56,7 @@ impl From<ProviderKind> for proto::Provider {
             ProviderKind::GcpKms => Self::GcpKms,
             ProviderKind::VaultTransit => Self::VaultTransit,
             ProviderKind::Pkcs11 => Self::Pkcs11,
+            ProviderKind::AzureKeyVault => Self::AzureKeyVault,
         }
     }
 }
@@ -66,6 +70,7 @@ impl TryFrom<proto::Provider> for ProviderKind {
             proto::Provider::GcpKms => Ok(Self::GcpKms),
             proto::Provider::VaultTransit => Ok(Self::VaultTransit),
             proto::Provider::Pkcs11 => Ok(Self::Pkcs11),
+            proto::Provider::AzureKeyVault => Ok(Self::AzureKeyVault),
             proto::Provider::Unspecified => Err(()),
         }
     }

@@ -27,6 +27,7 @@ use crate::keys::{
 use crate::kms::InvalidIdentifier;
 use crate::kms::ProviderError;
 use crate::kms::aws::{AwsKeyTarget, AwsKms, KeyArn, RoleArn};
+use crate::kms::azure::{AzureKey, AzureKeyRef, AzureKeyVault};
 use crate::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
 use crate::kms::local::LocalKeyring;
 use crate::kms::pkcs11::Pkcs11Hsm;
@@ -52,6 +53,9 @@ pub struct RegistryDirectory {
     /// The platform's PKCS#11 module for `pkcs11` bindings (absent: no
     /// `pkcs11_module` configured).
     pkcs11: Option<Arc<Pkcs11Hsm>>,
+    /// Entra credentials and Key Vault clients for `azure-kv` bindings
+    /// (absent: the server was assembled without Azure support).
+    azure: Option<Arc<AzureKeyVault>>,
     /// The data plane's DEK cache, purged here when a binding changes.
     cache: DekCache,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
@@ -95,6 +99,7 @@ impl RegistryDirectory {
             gcp,
             vault: None,
             pkcs11: None,
+            azure: None,
             cache,
             tenants: Cache::builder()
                 .max_capacity(100_000)
@@ -110,6 +115,12 @@ impl RegistryDirectory {
     /// Serve `vault-transit` bindings through `vault`.
     pub fn with_vault(mut self, vault: Arc<VaultTransit>) -> Self {
         self.vault = Some(vault);
+        self
+    }
+
+    /// Serve `azure-kv` bindings through `azure`.
+    pub fn with_azure(mut self, azure: Arc<AzureKeyVault>) -> Self {
+        self.azure = Some(azure);
         self
     }
 
@@ -156,6 +167,12 @@ impl RegistryDirectory {
             DirectoryError::Internal(
                 "PKCS#11 keys need the server's pkcs11_module (and its PIN) configured".into(),
             )
+        })
+    }
+
+    pub fn azure(&self) -> Result<&Arc<AzureKeyVault>, DirectoryError> {
+        self.azure.as_ref().ok_or_else(|| {
+            DirectoryError::Internal("this server was built without Azure support".into())
         })
     }
 
@@ -562,6 +579,9 @@ impl RegistryDirectory {
                     .map_err(|e| unusable(record, &e))?;
                 Ok(Arc::new(self.pkcs11()?.key(key)))
             }
+            ProviderKind::AzureKeyVault => Ok(Arc::new(
+                azure_key(self.azure()?, record).map_err(|e| unusable(record, &e))?,
+            )),
         }
     }
 }
@@ -669,6 +689,18 @@ pub fn vault_target(
         role_id: record.role_arn.clone(),
         secret_id: Arc::new(secret_id),
     })
+}
+
+/// An `azure-kv` binding's key: the reference (its host checked against
+/// `azure_vault_domains`) and the customer's Entra tenant, kept in the
+/// binding's identity column (`role_arn`).
+pub fn azure_key(
+    azure: &Arc<AzureKeyVault>,
+    record: &BindingRecord,
+) -> Result<AzureKey, InvalidIdentifier> {
+    let key = AzureKeyRef::parse(&record.key_reference, &azure.settings().vault_domains)?;
+    crate::kms::azure::validate_tenant_id(&record.role_arn)?;
+    Ok(azure.key(key, record.role_arn.clone()))
 }
 
 pub fn gcp_target(record: &BindingRecord) -> Result<GcpKeyTarget, InvalidIdentifier> {
@@ -798,6 +830,10 @@ impl crate::metrics::IdentitySource for RegistryDirectory {
             (
                 "vault_logins",
                 self.vault.as_ref().map_or(0, |v| v.live_sessions()),
+            ),
+            (
+                "azure_tenant_credentials",
+                self.azure.as_ref().map_or(0, |a| a.live_credentials()),
             ),
         ]
     }

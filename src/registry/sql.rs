@@ -246,6 +246,7 @@ fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
         "gcp-kms" => Ok(ProviderKind::GcpKms),
         "vault-transit" => Ok(ProviderKind::VaultTransit),
         "pkcs11" => Ok(ProviderKind::Pkcs11),
+        "azure-kv" => Ok(ProviderKind::AzureKeyVault),
         other => Err(RegistryError::Corrupt(format!("provider {other:?}"))),
     }
 }
