@@ -36,6 +36,7 @@ pub(crate) fn link_request(
         make_primary: primary,
         replica_regions: replicas.iter().map(|r| r.to_string()).collect(),
         vault_approle: None,
+        azure_tenant_id: String::new(),
     }
 }
 

@@ -323,6 +323,7 @@ async fn send_hostile_requests(channel: Channel) {
                 make_primary: true,
                 replica_regions: vec![HOSTILE.into()],
                 vault_approle: None,
+                azure_tenant_id: String::new(),
             })
             .await;
         let _ = admin

@@ -4,6 +4,7 @@
 
 mod aws;
 mod aws_support;
+mod azure;
 mod batch;
 mod clients;
 mod common;

@@ -118,6 +118,14 @@ pub struct AzureSettings {
         env = "KEYBROKER_AZURE_CA_FILE"
     )]
     pub ca_file: Option<std::path::PathBuf>,
+    /// HTTPS proxy (an egress proxy) for Entra and Key Vault traffic
+    /// [default: HTTPS_PROXY, if set].
+    #[arg(
+        id = "azure_proxy",
+        long = "azure-proxy",
+        env = "KEYBROKER_AZURE_PROXY"
+    )]
+    pub proxy: Option<String>,
     /// Deadline of one Key Vault or Entra request.
     #[arg(id = "azure_request_timeout", long = "azure-request-timeout", env = "KEYBROKER_AZURE_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub request_timeout: Duration,
@@ -312,6 +320,11 @@ impl AzureKeyVault {
         let mut builder = reqwest::Client::builder()
             .timeout(settings.request_timeout)
             .https_only(true);
+        if let Some(proxy) = &settings.proxy {
+            let proxy = reqwest::Proxy::https(proxy)
+                .map_err(|e| ProviderError::Internal(format!("azure_proxy: {e}")))?;
+            builder = builder.proxy(proxy);
+        }
         if let Some(path) = &settings.ca_file {
             let pem = std::fs::read(path).map_err(|e| {
                 ProviderError::Internal(format!("azure_ca_file {}: {e}", path.display()))
@@ -593,6 +606,47 @@ impl AzureKey {
         }
     }
 
+    /// Key Vault's unwrapKey of `wrapped` with RSA-OAEP-256 under
+    /// `version`: the raw operation, without keybroker's AEAD layer (the
+    /// fidelity test reads with it what Microsoft's Python SDK wrapped).
+    pub async fn unwrap_raw(
+        &self,
+        version: &str,
+        wrapped: &[u8],
+    ) -> Result<SecretBytes, ProviderError> {
+        self.check_version(version)?;
+        self.unwrap_key(Algorithm::RsaOaep256, version, wrapped)
+            .await
+    }
+
+    async fn unwrap_key(
+        &self,
+        alg: Algorithm,
+        version: &str,
+        wrapped: &[u8],
+    ) -> Result<SecretBytes, ProviderError> {
+        self.kv.calls.fetch_add(1, Ordering::Relaxed);
+        let name = self.key.name.clone();
+        let result = self
+            .with_retries(Call::Unwrap, |client| {
+                let (name, version) = (name.clone(), version.to_owned());
+                let params = KeyOperationParameters {
+                    algorithm: Some(alg.sdk()),
+                    value: Some(wrapped.to_vec()),
+                    ..KeyOperationParameters::default()
+                };
+                async move {
+                    let body: RequestContent<KeyOperationParameters> = params.try_into()?;
+                    client
+                        .unwrap_key(&name, &version, body, None)
+                        .await?
+                        .into_model()
+                }
+            })
+            .await?;
+        Ok(SecretBytes::new(result.result.unwrap_or_default()))
+    }
+
     /// The wrapping algorithm of this key: known from a describe, else one
     /// get-key call (once per key per process).
     async fn algorithm(&self) -> Result<Algorithm, ProviderError> {
@@ -690,27 +744,7 @@ impl KeyProvider for AzureKey {
             return Err(invalid("the wrapped key is truncated"));
         }
         let (wrapped, sealed) = rest.split_at(len);
-        self.kv.calls.fetch_add(1, Ordering::Relaxed);
-        let name = self.key.name.clone();
-        let version = key_version.to_owned();
-        let result = self
-            .with_retries(Call::Unwrap, |client| {
-                let (name, version) = (name.clone(), version.clone());
-                let params = KeyOperationParameters {
-                    algorithm: Some(alg.sdk()),
-                    value: Some(wrapped.to_vec()),
-                    ..KeyOperationParameters::default()
-                };
-                async move {
-                    let body: RequestContent<KeyOperationParameters> = params.try_into()?;
-                    client
-                        .unwrap_key(&name, &version, body, None)
-                        .await?
-                        .into_model()
-                }
-            })
-            .await?;
-        let kek = SecretBytes::new(result.result.unwrap_or_default());
+        let kek = self.unwrap_key(alg, key_version, wrapped).await?;
         let sealing = SealingKey::new(kek.expose())
             .ok_or_else(|| invalid("Key Vault unwrapped a key of the wrong length"))?;
         sealing.open(sealed, &wrap.aad()).map_err(|_| {
