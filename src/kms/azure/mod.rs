@@ -814,9 +814,9 @@ impl KeyProvider for AzureKey {
                 self.name, jwk.kty
             )));
         }
-        if !ops.is_empty()
-            && !(ops.iter().any(|o| o == "wrapKey") && ops.iter().any(|o| o == "unwrapKey"))
-        {
+        let allows = |op: &str| ops.iter().any(|o| o == op);
+        let usable = ops.is_empty() || (allows("wrapKey") && allows("unwrapKey"));
+        if !usable {
             return Ok(disabled(format!(
                 "{} does not allow wrapKey and unwrapKey (key_ops: {}); the customer can allow them",
                 self.name,

@@ -52,6 +52,11 @@ pub(crate) const LOGIN_HOST: &str = "login.microsoftonline.com";
 const RESOURCE: &str = "https://vault.azure.net";
 const MHSM_RESOURCE: &str = "https://managedhsm.azure.net";
 
+/// A random GUID (tenants, applications).
+pub(crate) fn random_guid() -> String {
+    uuid()
+}
+
 /// The platform's multi-tenant application as registered in Entra.
 #[derive(Debug, Clone)]
 pub(crate) struct App {
@@ -464,6 +469,17 @@ async fn handle(
             ),
         );
     }
+    // The fake's own control (the tenant's administrator only): throttle
+    // the next calls, so a client in another process can test Retry-After.
+    if uri.path() == "/_fake/throttle" && principal == "admin" {
+        let query: HashMap<String, String> =
+            form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect();
+        fake.throttle = query.get("n").and_then(|n| n.parse().ok()).unwrap_or(1);
+        fake.retry_after = query.get("secs").and_then(|s| s.parse().ok()).unwrap_or(1);
+        return StatusCode::NO_CONTENT.into_response();
+    }
     if fake.throttle > 0 {
         fake.throttle -= 1;
         let mut response = kv_error(
@@ -494,7 +510,8 @@ async fn handle(
         (method.as_str(), segments.as_slice()),
         ("GET", ["keys", ..]) | ("POST", ["keys", .., "wrapkey" | "unwrapkey"])
     );
-    if !admin && !(crypto_use && fake.vaults[&vault_name].roles.contains(&principal)) {
+    let permitted = admin || (crypto_use && fake.vaults[&vault_name].roles.contains(&principal));
+    if !permitted {
         return kv_error(
             StatusCode::FORBIDDEN,
             "Forbidden",
