@@ -66,7 +66,19 @@ fn link(
     }
 }
 
+/// How keybroker proves it is the platform's application.
+#[derive(Clone, Copy, PartialEq)]
+enum Proof {
+    Secret,
+    /// A federated client assertion in a file (workload identity).
+    Federated,
+}
+
 async fn env(watcher: Duration) -> Env {
+    env_with(watcher, Proof::Secret).await
+}
+
+async fn env_with(watcher: Duration, proof: Proof) -> Env {
     let fake = FakeAzure::start().await;
     let app = fake.register_app();
     let customer = fake.add_tenant();
@@ -74,13 +86,18 @@ async fn env(watcher: Duration) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("azure-secret");
     std::fs::write(&secret, &app.secret).unwrap();
+    let assertion = dir.path().join("azure-federated-token");
+    std::fs::write(&assertion, format!("assertion-for-{}\n", app.client_id)).unwrap();
     let ca = dir.path().join("azure-ca.pem");
     std::fs::write(&ca, &fake.tunnel.ca_pem).unwrap();
     let mut config = test_config(dir.path());
     config.watcher.interval = watcher;
     config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
     config.azure.client_id = Some(app.client_id.clone());
-    config.azure.client_secret_file = Some(secret);
+    match proof {
+        Proof::Secret => config.azure.client_secret_file = Some(secret),
+        Proof::Federated => config.azure.federated_token_file = Some(assertion),
+    }
     config.azure.ca_file = Some(ca);
     config.azure.proxy = Some(fake.tunnel.url.clone());
     config.azure.max_retry_delay = Duration::from_secs(2);
@@ -165,6 +182,31 @@ async fn azure_keys_work_end_to_end() {
     )
     .await;
     let customer = env.customer.clone();
+    // Onboarding names the application, the consent URL and the role.
+    let onboarding = env
+        .admin
+        .get_tenant(proto::GetTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap()
+        .onboarding
+        .unwrap();
+    assert_eq!(onboarding.azure_application_id, env.app.client_id);
+    assert_eq!(
+        onboarding.azure_consent_url,
+        format!(
+            "https://login.microsoftonline.com/<CUSTOMER_TENANT_ID>/adminconsent?client_id={}",
+            env.app.client_id
+        )
+    );
+    assert_eq!(
+        onboarding.azure_role,
+        "Key Vault Crypto Service Encryption User"
+    );
 
     // Not consented yet: the consent URL, nothing stored.
     let err = env
@@ -258,6 +300,13 @@ async fn azure_keys_work_end_to_end() {
     assert_eq!(linked.azure_tenant_id, customer);
     assert!(linked.role_arn.is_empty());
 
+    // From here on, every call reuses the tenant's cached token.
+    let tokens_after_link = env
+        .fake
+        .calls
+        .tokens
+        .load(std::sync::atomic::Ordering::SeqCst);
+
     // One wrapKey per generate; the version is in the envelope.
     let before = wraps(&env);
     let g = generate(&mut env.broker, "acme", CTX).await.unwrap();
@@ -310,6 +359,14 @@ async fn azure_keys_work_end_to_end() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(unwraps(&env), calls);
+    assert_eq!(
+        env.fake
+            .calls
+            .tokens
+            .load(std::sync::atomic::Ordering::SeqCst),
+        tokens_after_link,
+        "one Entra token per customer tenant, reused by every call"
+    );
     env.server.stop().await;
 }
 
@@ -436,12 +493,14 @@ async fn azure_key_states_revoke_and_heal() {
     env.server.stop().await;
 }
 
-/// A Managed HSM AES key (A256KW), and a `tenant_key` tenant: 50 DEKs cost
+/// A Managed HSM AES key (A256KW), with keybroker authenticating by a
+/// federated client assertion, and a `tenant_key` tenant: 50 DEKs cost
 /// no wrapKey (the tenant key is wrapped at link), and unwrapping them
 /// from an empty DEK cache at most one unwrapKey.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_managed_hsm_and_tenant_keys() {
-    let mut env = env(Duration::from_secs(30)).await;
+    // keybroker proves its identity with a federated assertion here.
+    let mut env = env_with(Duration::from_secs(30), Proof::Federated).await;
     let customer = env.customer.clone();
     env.fake.add_vault("hsm1", &customer, true, true);
     env.fake.consent(&customer, &env.app.client_id);
