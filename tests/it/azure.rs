@@ -28,7 +28,7 @@ use keybroker::proto::{KeyHierarchy, KeyPolicy};
 use tonic::Code;
 
 use crate::common::{
-    TestServer, admin_client, create_tenant_with, generate, repo_root, rewrap, test_config, unwrap,
+    TestServer, admin_client, create_tenant_with, generate, rewrap, test_config, unwrap,
 };
 use crate::fakes::azure::{App, FakeAzure};
 
@@ -46,6 +46,16 @@ struct Env {
     admin: Admin,
     broker: Broker,
     _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// What the customer does: consent to the application, assign it the
+    /// key role on `vault`, and make the key.
+    fn customer_ready(&self, vault: &str, key: &str) {
+        self.fake.consent(&self.customer, &self.app.client_id);
+        self.fake.grant(vault, &self.app.client_id);
+        self.fake.create_key(vault, key);
+    }
 }
 
 fn link(
@@ -375,9 +385,7 @@ async fn azure_keys_work_end_to_end() {
 async fn azure_key_states_revoke_and_heal() {
     let mut env = env(Duration::from_millis(300)).await;
     let customer = env.customer.clone();
-    env.fake.consent(&customer, &env.app.client_id);
-    env.fake.grant("contoso", &env.app.client_id);
-    env.fake.create_key("contoso", "cmek");
+    env.customer_ready("contoso", "cmek");
     create_tenant_with(
         &mut env.admin,
         "acme",
@@ -503,9 +511,7 @@ async fn azure_managed_hsm_and_tenant_keys() {
     let mut env = env_with(Duration::from_secs(30), Proof::Federated).await;
     let customer = env.customer.clone();
     env.fake.add_vault("hsm1", &customer, true, true);
-    env.fake.consent(&customer, &env.app.client_id);
-    env.fake.grant("hsm1", &env.app.client_id);
-    env.fake.create_key("hsm1", "aes");
+    env.customer_ready("hsm1", "aes");
     create_tenant_with(
         &mut env.admin,
         "tree",
@@ -553,14 +559,7 @@ async fn azure_managed_hsm_and_tenant_keys() {
 async fn microsoft_python_sdk_agrees_with_the_fake() {
     let mut env = env(Duration::from_secs(30)).await;
     let customer = env.customer.clone();
-    env.fake.consent(&customer, &env.app.client_id);
-    env.fake.grant("contoso", &env.app.client_id);
-    env.fake.create_key("contoso", "pykey");
-    let python = repo_root().join(".tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "azure-keyvault-keys is not installed: run scripts/test.sh (it installs it into .tools/venv)"
-    );
+    env.customer_ready("contoso", "pykey");
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &env.fake.tunnel.ca_pem).unwrap();
@@ -585,56 +584,36 @@ async fn microsoft_python_sdk_agrees_with_the_fake() {
         "vault_url": env.fake.vault_url("contoso"),
         "jwk": env.fake.private_jwk("contoso", "pykey"),
     });
-    let script = repo_root().join("tests/support/azure_fidelity.py");
-    let proxy = env.fake.tunnel.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(input.to_string())
-            .env("HTTPS_PROXY", &proxy)
-            .env("REQUESTS_CA_BUNDLE", &ca)
-            .env("SSL_CERT_FILE", &ca)
-            .env_remove("AZURE_AUTHORITY_HOST")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python fidelity checks failed:\n{stdout}\n{stderr}"
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let names: Vec<&str> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
-    for expected in [
-        "challenge_then_token",
-        "get_key_public_jwk",
-        "wrap_names_version",
-        "unwrap_round_trip",
-        "fake_wrap_opens_locally_with_jwk",
-        "local_wrap_opens_in_fake",
-        "bad_ciphertext_bad_parameter",
-        "disabled_key_forbidden",
-        "expired_key_forbidden",
-        "rotate_keeps_old_versions",
-        "soft_delete_not_found_with_recovery_hint",
-        "recover_restores",
-        "throttled_retry_after_honoured",
-        "no_role_forbidden",
-        "unconsented_app_aadsts700016",
-        "unknown_tenant_aadsts90002",
-        "wrong_secret_aadsts7000215",
-    ] {
-        assert!(names.contains(&expected), "missing {expected}: {names:?}");
-    }
-
+    let report = crate::common::python_fidelity(
+        "azure_fidelity.py",
+        "azure-keyvault-keys",
+        vec![input.to_string()],
+        vec![
+            ("HTTPS_PROXY", env.fake.tunnel.url.clone()),
+            ("REQUESTS_CA_BUNDLE", ca.display().to_string()),
+            ("SSL_CERT_FILE", ca.display().to_string()),
+        ],
+        &[
+            "challenge_then_token",
+            "get_key_public_jwk",
+            "wrap_names_version",
+            "unwrap_round_trip",
+            "fake_wrap_opens_locally_with_jwk",
+            "local_wrap_opens_in_fake",
+            "bad_ciphertext_bad_parameter",
+            "disabled_key_forbidden",
+            "expired_key_forbidden",
+            "rotate_keeps_old_versions",
+            "soft_delete_not_found_with_recovery_hint",
+            "recover_restores",
+            "throttled_retry_after_honoured",
+            "no_role_forbidden",
+            "unconsented_app_aadsts700016",
+            "unknown_tenant_aadsts90002",
+            "wrong_secret_aadsts7000215",
+        ],
+    )
+    .await;
     assert!(
         env.fake
             .calls

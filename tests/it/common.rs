@@ -387,3 +387,52 @@ pub(crate) async fn assert_isolated_and_single_flight(
     }
     assert_eq!(server.decrypt_calls() - before, 1, "single flight");
 }
+
+/// Runs a fidelity script of `tests/support` with the test venv's Python
+/// (installed by scripts/test.sh; `package` names what it needs), checks
+/// that it passed and reported every check in `expected`, and returns its
+/// report (the last line it printed, JSON).
+pub(crate) async fn python_fidelity(
+    script: &str,
+    package: &str,
+    args: Vec<String>,
+    envs: Vec<(&'static str, String)>,
+    expected: &[&str],
+) -> serde_json::Value {
+    let python = repo_root().join(".tools/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{package} is not installed: run scripts/test.sh (it installs it into .tools/venv)"
+    );
+    let script = repo_root().join("tests/support").join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(args)
+            .envs(envs)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python fidelity checks failed:\n{stdout}\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    for check in expected {
+        assert!(
+            names.contains(check),
+            "check {check} missing from {names:?}"
+        );
+    }
+    report
+}

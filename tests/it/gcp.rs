@@ -23,9 +23,7 @@ use keybroker::kms::gcp::{GcpCredentials, GcpSettings};
 use keybroker::proto;
 use tonic::Code;
 
-use crate::common::{
-    TestServer, admin_client, ctx, generate_req, repo_root, test_config, unwrap_req,
-};
+use crate::common::{TestServer, admin_client, ctx, generate_req, test_config, unwrap_req};
 use crate::fakes::gcp::{
     CloudKmsAdmin, CryptoKeyPurpose, CryptoKeyVersionState, FakeCloudKms, Faults,
 };
@@ -561,51 +559,28 @@ async fn gcp_integrity_throttling_and_outages() {
 #[tokio::test]
 async fn google_python_client_agrees_with_the_fake() {
     let fake = FakeCloudKms::start().await;
-    let python = repo_root().join(".tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "google-cloud-kms is not installed: run scripts/test.sh (it installs it into .tools/venv)"
-    );
-    let script = repo_root().join("tests/support/gcp_fidelity.py");
-    let url = fake.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(url)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python fidelity checks failed:\n{stdout}\n{stderr}"
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let checks = report["checks"].as_array().unwrap();
-    let names: Vec<&str> = checks.iter().map(|c| c.as_str().unwrap()).collect();
-    for expected in [
-        "encrypt_names_primary_version",
-        "response_crc32c_matches",
-        "request_crc32c_verified",
-        "decrypt_round_trip",
-        "wrong_aad_invalid_argument",
-        "bad_request_crc32c_invalid_argument",
-        "rotation_keeps_old_versions",
-        "disabled_version_failed_precondition",
-        "destroyed_version_failed_precondition",
-        "disabled_primary_encrypt_failed_precondition",
-        "permission_denied",
-        "not_found",
-        "crypto_key_fields",
-    ] {
-        assert!(
-            names.contains(&expected),
-            "check {expected} missing from {names:?}"
-        );
-    }
+    let report = crate::common::python_fidelity(
+        "gcp_fidelity.py",
+        "google-cloud-kms",
+        vec![fake.url.clone()],
+        vec![],
+        &[
+            "encrypt_names_primary_version",
+            "response_crc32c_matches",
+            "request_crc32c_verified",
+            "decrypt_round_trip",
+            "wrong_aad_invalid_argument",
+            "bad_request_crc32c_invalid_argument",
+            "rotation_keeps_old_versions",
+            "disabled_version_failed_precondition",
+            "destroyed_version_failed_precondition",
+            "disabled_primary_encrypt_failed_precondition",
+            "permission_denied",
+            "not_found",
+            "crypto_key_fields",
+        ],
+    )
+    .await;
     // A ciphertext made by the Python client decrypts with the Rust client.
     let key = report["key"].as_str().unwrap();
     let ciphertext = base64::Engine::decode(

@@ -707,6 +707,20 @@ fn key_bundle(vault: &str, v: &Vault, name: &str, key: &Key, version: &Version) 
     json!({ "key": jwk, "attributes": attributes })
 }
 
+/// The current version of a live key, as Key Vault returns it.
+fn current_bundle(fake: &Fake, vault: &str, name: &str) -> Response {
+    let v = &fake.vaults[vault];
+    let key = &v.keys[name];
+    axum::Json(key_bundle(
+        vault,
+        v,
+        name,
+        key,
+        key.versions.last().unwrap(),
+    ))
+    .into_response()
+}
+
 fn keys_api(
     fake: &mut Fake,
     calls: &Calls,
@@ -725,16 +739,7 @@ fn keys_api(
                     .collect()
             });
             create_key(fake, vault_name, name, ops);
-            let v = &fake.vaults[vault_name];
-            let key = &v.keys[*name];
-            axum::Json(key_bundle(
-                vault_name,
-                v,
-                name,
-                key,
-                key.versions.last().unwrap(),
-            ))
-            .into_response()
+            current_bundle(fake, vault_name, name)
         }
         ("POST", ["keys", name, "rotate"]) => {
             let v = fake.vaults.get_mut(vault_name).unwrap();
@@ -742,16 +747,7 @@ fn keys_api(
                 return not_found(name);
             };
             key.versions.push(new_version(hsm));
-            let v = &fake.vaults[vault_name];
-            let key = &v.keys[*name];
-            axum::Json(key_bundle(
-                vault_name,
-                v,
-                name,
-                key,
-                key.versions.last().unwrap(),
-            ))
-            .into_response()
+            current_bundle(fake, vault_name, name)
         }
         ("GET", ["keys", name]) | ("GET", ["keys", name, ""]) => {
             calls.gets.fetch_add(1, Ordering::Relaxed);
@@ -849,16 +845,7 @@ fn keys_api(
                 );
             };
             v.keys.insert((*name).to_owned(), key);
-            let v = &fake.vaults[vault_name];
-            let key = &v.keys[*name];
-            axum::Json(key_bundle(
-                vault_name,
-                v,
-                name,
-                key,
-                key.versions.last().unwrap(),
-            ))
-            .into_response()
+            current_bundle(fake, vault_name, name)
         }
         ("POST", ["keys", name, .., op @ ("wrapkey" | "unwrapkey")]) => {
             let version = if segments.len() == 4 { segments[2] } else { "" };
