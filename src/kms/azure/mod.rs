@@ -428,11 +428,12 @@ impl AzureKeyVault {
                 }),
             )
             .map_err(build_error)?,
+            // Settings validation requires a proof with a client id.
             None => {
-                return Err(self
-                    .client_id()
-                    .err()
-                    .unwrap_or_else(|| ProviderError::Internal("no Azure credential".into())));
+                return Err(ProviderError::Internal(
+                    "azure_client_id needs azure_client_secret_file or azure_federated_token_file"
+                        .into(),
+                ));
             }
         };
         self.credentials
