@@ -45,7 +45,7 @@ struct Env {
     server: TestServer,
     admin: Admin,
     broker: Broker,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Env {
@@ -111,6 +111,7 @@ async fn env_with(watcher: Duration, proof: Proof) -> Env {
     config.azure.ca_file = Some(ca);
     config.azure.proxy = Some(fake.tunnel.url.clone());
     config.azure.max_retry_delay = Duration::from_secs(2);
+    config.audit.target = keybroker::audit::AuditTarget::File(dir.path().join("audit.log"));
     let server = TestServer::start(config).await;
     let admin = admin_client(&server).await;
     let broker = server.client().await;
@@ -121,7 +122,7 @@ async fn env_with(watcher: Duration, proof: Proof) -> Env {
         server,
         admin,
         broker,
-        _dir: dir,
+        dir: dir,
     }
 }
 
@@ -323,6 +324,17 @@ async fn azure_keys_work_end_to_end() {
     assert_eq!(wraps(&env) - before, 1);
     let v1 = g.key.clone().unwrap().provider_key_version;
     assert_eq!(v1.len(), 32, "{v1}");
+    // The audit record names Key Vault's request id for the wrapKey.
+    let audit = std::fs::read_to_string(env.dir.path().join("audit.log")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert!(
+        record["method"]
+            .as_str()
+            .unwrap()
+            .ends_with("GenerateDataKey")
+    );
+    let request_id = record["provider_request_id"].as_str().unwrap_or_default();
+    assert!(env.fake.answered(request_id), "{record}");
     let back = unwrap(&mut env.broker, "acme", CTX, &g.wrapped_key)
         .await
         .unwrap();

@@ -537,6 +537,16 @@ fn failure(err: &azure_core::Error) -> Failure {
     }
 }
 
+/// Notes Key Vault's request id (`x-ms-request-id`) for the call's audit
+/// record, so a customer can find the call in their vault's logs.
+fn noted<T>(response: azure_core::http::Response<T>) -> azure_core::http::Response<T> {
+    let id = response.headers().get_optional_string(
+        &azure_core::http::headers::HeaderName::from_static("x-ms-request-id"),
+    );
+    crate::audit::note_provider_request(id.as_deref());
+    response
+}
+
 /// The version at the end of a `kid` (`.../keys/<name>/<version>`).
 fn version_of(kid: &str) -> String {
     kid.rsplit('/').next().unwrap_or_default().to_owned()
@@ -638,10 +648,7 @@ impl AzureKey {
                 };
                 async move {
                     let body: RequestContent<KeyOperationParameters> = params.try_into()?;
-                    client
-                        .unwrap_key(&name, &version, body, None)
-                        .await?
-                        .into_model()
+                    noted(client.unwrap_key(&name, &version, body, None).await?).into_model()
                 }
             })
             .await?;
@@ -695,7 +702,7 @@ impl KeyProvider for AzureKey {
                 };
                 async move {
                     let body: RequestContent<KeyOperationParameters> = params.try_into()?;
-                    client.wrap_key(&name, body, None).await?.into_model()
+                    noted(client.wrap_key(&name, body, None).await?).into_model()
                 }
             })
             .await?;
@@ -759,7 +766,7 @@ impl KeyProvider for AzureKey {
         let key = self
             .with_retries(Call::Describe, |client| {
                 let name = name.clone();
-                async move { client.get_key(&name, None).await?.into_model() }
+                async move { noted(client.get_key(&name, None).await?).into_model() }
             })
             .await?;
         let jwk = key.key.unwrap_or_default();

@@ -120,6 +120,8 @@ struct Fake {
     /// The next N Key Vault calls answer 429 with this Retry-After.
     throttle: u32,
     retry_after: u64,
+    /// `x-ms-request-id` of every authorized Key Vault answer.
+    request_ids: Vec<String>,
 }
 
 pub(crate) struct FakeAzure {
@@ -281,6 +283,11 @@ impl FakeAzure {
             f.throttle = n;
             f.retry_after = secs;
         });
+    }
+
+    /// Whether Key Vault answered a call with this request id.
+    pub(crate) fn answered(&self, request_id: &str) -> bool {
+        self.with(|f| f.request_ids.iter().any(|id| id == request_id))
     }
 
     /// The current version's private JWK (what only the key's owner has).
@@ -536,7 +543,7 @@ async fn handle(
             }
         }
     };
-    keys_api(
+    let mut response = keys_api(
         &mut fake,
         &calls,
         &vault_name,
@@ -544,7 +551,14 @@ async fn handle(
         &method,
         &segments,
         &body,
-    )
+    );
+    // Key Vault names every answer for its logs.
+    let request_id = uuid();
+    response
+        .headers_mut()
+        .insert("x-ms-request-id", request_id.parse().unwrap());
+    fake.request_ids.push(request_id);
+    response
 }
 
 /// Entra's metadata, as MSAL (Python) reads it before a token request:
