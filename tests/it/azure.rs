@@ -122,7 +122,7 @@ async fn env_with(watcher: Duration, proof: Proof) -> Env {
         server,
         admin,
         broker,
-        dir: dir,
+        dir,
     }
 }
 
