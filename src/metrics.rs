@@ -55,6 +55,8 @@ pub struct Sources {
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     pub key_states: Option<Arc<dyn KeyStateSource>>,
     pub identities: Option<Arc<dyn IdentitySource>>,
+    /// The platform keyring, for the state of its HSM seal.
+    pub platform_keyring: Option<Arc<crate::kms::local::LocalKeyring>>,
 }
 
 /// Sizes of the per-identity client caches, read at scrape time.
@@ -108,6 +110,7 @@ pub struct Metrics {
     /// Live per-customer-identity clients (AWS role sessions, GCP
     /// impersonated clients), read at scrape.
     identities: Family<NameLabels, Gauge>,
+    platform_key_seal: Gauge,
     /// Per (method, code) counter and per-method histogram handles of the
     /// known methods, made on first use: the hot path neither allocates
     /// labels nor takes the family's lock.
@@ -228,11 +231,18 @@ impl Metrics {
             "Live clients per customer identity (bounded, evicted when idle)",
             identities.clone(),
         );
+        let platform_key_seal = Gauge::default();
+        registry.register(
+            "platform_key_seal_usable",
+            "0 when the HSM key sealing the platform keyring is not usable (this replica serves from memory, but none could start); 1 otherwise, and for an unsealed keyring",
+            platform_key_seal.clone(),
+        );
         Self {
             tenant_labels,
             registry,
             affinity,
             identities,
+            platform_key_seal,
             rpc_requests,
             rpc_duration,
             provider_calls,
@@ -429,6 +439,12 @@ impl Metrics {
             }
         }
         if let Ok(sources) = self.sources.lock() {
+            let usable = sources
+                .platform_keyring
+                .as_ref()
+                .and_then(|k| k.seal_usable())
+                .unwrap_or(true);
+            self.platform_key_seal.set(i64::from(usable));
             if let Some(identities) = &sources.identities {
                 for (name, count) in identities.identity_counts() {
                     self.identities

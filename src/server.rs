@@ -148,6 +148,7 @@ impl Server {
             audit: Some(Arc::clone(&server.audit)),
             key_states: Some(Arc::clone(&watcher) as Arc<dyn crate::metrics::KeyStateSource>),
             identities: Some(Arc::clone(&directory) as Arc<dyn crate::metrics::IdentitySource>),
+            platform_keyring: Some(Arc::clone(directory.platform_keyring())),
         });
         server.watcher = Some(watcher);
         let admin = Arc::new(Admin::new(directory, server.config.control.clone()));

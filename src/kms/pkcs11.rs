@@ -431,6 +431,12 @@ impl crate::kms::local::KeyringSeal for Pkcs11Key {
         })
     }
 
+    fn check(&self) -> Result<(), ProviderError> {
+        self.hsm.in_session(&self.key.token, &self.name, |session| {
+            find_key(session, &self.key.object, &self.name).map(|_| ())
+        })
+    }
+
     fn unseal(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretBytes, ProviderError> {
         self.hsm
             .calls

@@ -343,10 +343,31 @@ async fn platform_keyring_sealed_in_the_hsm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(calls(), 1 + 2, "the reload unsealed both versions once");
+
+    // The token key destroyed while serving: this process keeps serving
+    // from memory, and says within a reload tick that none could start.
+    let keyring = std::sync::Arc::clone(server.directory.as_ref().unwrap().platform_keyring());
+    assert_eq!(keyring.seal_usable(), Some(true));
+    destroy_key(&hsm, &label);
+    let started = Instant::now();
+    while keyring.seal_usable() != Some(false) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "seal loss not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "HSM platform key destroyed -> noticed after {:?} (100 ms reload interval)",
+        started.elapsed()
+    );
+    let back = unwrap(&mut broker, "direct", CTX, &old_direct.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, old_direct.plaintext);
     server.stop().await;
 
     // Without the token key, nothing starts, and the error names the key.
-    destroy_key(&hsm, &label);
     let err = start_refused(
         keybroker::server::Server::build(hsm_config()).await,
         "a keyring sealed by a destroyed key cannot load",

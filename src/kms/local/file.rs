@@ -32,6 +32,11 @@ pub trait KeyringSeal: Send + Sync {
     fn name(&self) -> String;
     fn seal(&self, material: &[u8], aad: &[u8]) -> Result<Vec<u8>, ProviderError>;
     fn unseal(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretBytes, ProviderError>;
+    /// Whether the sealing key is still there and usable (checked on
+    /// every keyring reload tick: the next start needs it).
+    fn check(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }
 
 /// Serialized form. Key material (or its sealed form) is base64 in

@@ -137,6 +137,8 @@ pub struct LocalKeyring {
     stamp: RwLock<Option<FileStamp>>,
     /// The HSM key the file's versions are sealed under, if any.
     seal: Option<Arc<dyn KeyringSeal>>,
+    /// Whether the sealing key passed its last check (true unsealed).
+    seal_usable: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for LocalKeyring {
@@ -175,6 +177,7 @@ impl LocalKeyring {
             versions: RwLock::new(Arc::new(versions)),
             stamp: RwLock::new(Some(stamp)),
             seal,
+            seal_usable: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -222,6 +225,7 @@ impl LocalKeyring {
             })),
             stamp: RwLock::new(None),
             seal: None,
+            seal_usable: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -306,11 +310,48 @@ impl LocalKeyring {
         Ok(true)
     }
 
+    /// Whether the HSM key sealing this keyring is usable, as of the last
+    /// check; `None` for a keyring that is not sealed.
+    pub fn seal_usable(&self) -> Option<bool> {
+        self.seal
+            .as_ref()
+            .map(|_| self.seal_usable.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Checks the sealing key (one token call) and logs when that changes:
+    /// the running process serves from memory, but the next start (or
+    /// reload) needs the key.
+    pub fn check_seal(&self) {
+        let Some(seal) = &self.seal else {
+            return;
+        };
+        let result = seal.check();
+        let usable = result.is_ok();
+        let was = self
+            .seal_usable
+            .swap(usable, std::sync::atomic::Ordering::Relaxed);
+        match result {
+            Err(err) if was => tracing::error!(
+                keyring = %self.id,
+                sealed_by = %seal.name(),
+                error = %err,
+                "the HSM key sealing the platform keyring is not usable: this process keeps serving from memory, but no replica can start or load a rotated keyring until it is back"
+            ),
+            Ok(()) if !was => tracing::info!(
+                keyring = %self.id,
+                sealed_by = %seal.name(),
+                "the HSM key sealing the platform keyring is usable again"
+            ),
+            _ => {}
+        }
+    }
+
     /// Polls the backing file every `interval` and reloads it when it
     /// changed, so `keybroker keyring rotate` (or a rotated Kubernetes Secret)
     /// takes effect without a restart.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         crate::reload::every(interval, self, |keyring| {
+            keyring.check_seal();
             match keyring.reload_if_changed() {
                 Ok(true) => tracing::info!(
                     keyring = %keyring.id,
