@@ -397,6 +397,7 @@ async fn prepare(
                 replica_regions: Vec::new(),
                 vault_approle: None,
                 azure_tenant_id: String::new(),
+                vault_jwt: None,
             })
             .await?;
         let generated = broker

@@ -125,8 +125,10 @@ impl Bao {
         Ok(VaultTarget {
             key: VaultKeyRef::parse(&format!("{}/v1/transit/keys/bench", self.addr))?,
             auth_mount: "approle".into(),
-            role_id,
-            secret_id: Arc::new(zeroize::Zeroizing::new(secret_id)),
+            login: keybroker::kms::vault::VaultLogin::AppRole {
+                role_id,
+                secret_id: Arc::new(zeroize::Zeroizing::new(secret_id)),
+            },
         })
     }
 }

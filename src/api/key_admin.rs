@@ -222,6 +222,10 @@ impl KeyAdmin for KeyAdminApi {
                         secret_id: zeroize::Zeroizing::new(a.secret_id),
                     }),
                     azure_tenant_id: req.azure_tenant_id,
+                    vault_jwt: req.vault_jwt.map(|j| crate::control::VaultJwtRole {
+                        mount: j.mount,
+                        role: j.role,
+                    }),
                 })
                 .await?;
             Ok(proto::LinkKeyResponse {

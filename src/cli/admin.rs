@@ -161,9 +161,13 @@ pub(super) struct KeyName {
     pub(super) name: String,
 }
 
+// One value per process, already boxed by its parent: Link's size costs
+// nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(super) enum KeyCommand {
-    /// Link a key in AWS KMS, Google Cloud KMS or Vault/OpenBao Transit
+    /// Link a key in AWS KMS, Google Cloud KMS, Azure Key Vault, a PKCS#11
+    /// HSM or Vault/OpenBao Transit
     /// (verified before it is accepted).
     Link {
         #[command(flatten)]
@@ -195,9 +199,14 @@ pub(super) enum KeyCommand {
         /// flag value: command lines are visible to other users.
         #[arg(long)]
         vault_secret_id_file: Option<PathBuf>,
-        /// Vault: the AppRole auth mount path.
-        #[arg(long, default_value = "approle")]
-        vault_auth_mount: String,
+        /// Vault, instead of an AppRole: the customer's jwt auth role that
+        /// trusts the platform's identity token.
+        #[arg(long, conflicts_with_all = ["vault_role_id", "vault_secret_id_file"])]
+        vault_jwt_role: Option<String>,
+        /// Vault: the auth mount path [default: approle, or jwt with
+        /// --vault-jwt-role].
+        #[arg(long)]
+        vault_auth_mount: Option<String>,
         /// Azure: the customer's Entra tenant (directory) id.
         #[arg(long, default_value = "")]
         azure_tenant_id: String,
@@ -337,12 +346,17 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                 primary,
                 vault_role_id,
                 vault_secret_id_file,
+                vault_jwt_role,
                 vault_auth_mount,
                 azure_tenant_id,
             } => {
+                let vault_jwt = vault_jwt_role.map(|role| proto::VaultJwt {
+                    mount: vault_auth_mount.clone().unwrap_or_else(|| "jwt".into()),
+                    role,
+                });
                 let vault_approle = match vault_secret_id_file {
                     Some(path) => Some(proto::VaultAppRole {
-                        mount: vault_auth_mount,
+                        mount: vault_auth_mount.unwrap_or_else(|| "approle".into()),
                         role_id: vault_role_id,
                         secret_id: read_material(&path)?.trim().to_owned(),
                     }),
@@ -369,6 +383,7 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                         replica_regions,
                         vault_approle,
                         azure_tenant_id,
+                        vault_jwt,
                     })
                     .await
                     .answer()?;

@@ -127,6 +127,9 @@ pub struct LinkRequest {
     pub make_primary: bool,
     /// Vault/OpenBao: the AppRole keybroker logs in with.
     pub vault: Option<VaultAppRole>,
+    /// Vault/OpenBao, instead: a jwt auth role trusting the platform's
+    /// identity token.
+    pub vault_jwt: Option<VaultJwtRole>,
     /// Azure: the customer's Entra tenant id (stored in the binding's
     /// identity column, as AWS keeps its role there).
     pub azure_tenant_id: String,
@@ -149,6 +152,13 @@ impl std::fmt::Debug for VaultAppRole {
             .field("secret_id", &"<redacted>")
             .finish()
     }
+}
+
+/// A role of the jwt auth method in a customer's Vault.
+#[derive(Clone, Debug, Default)]
+pub struct VaultJwtRole {
+    pub mount: String,
+    pub role: String,
 }
 
 #[derive(Debug)]
@@ -268,6 +278,21 @@ impl Admin {
                 let key = self.directory.gcp().key(target);
                 verify_provider(&key, &req.tenant_id).await?;
             }
+            ProviderKind::VaultTransit if req.vault_jwt.is_some() => {
+                let jwt = req.vault_jwt.clone().unwrap_or_default();
+                record.role_arn = jwt.role;
+                record.service_account = if jwt.mount.is_empty() {
+                    "jwt".into()
+                } else {
+                    jwt.mount
+                };
+                let target = crate::registry::directory::vault_target(
+                    &BindingRecord::from_new(&record),
+                    None,
+                )?;
+                let key = self.directory.vault()?.key(target);
+                verify_provider(&key, &req.tenant_id).await?;
+            }
             ProviderKind::VaultTransit => {
                 let approle = req.vault.clone().unwrap_or_default();
                 record.role_arn = approle.role_id.clone();
@@ -278,7 +303,7 @@ impl Admin {
                 };
                 let target = crate::registry::directory::vault_target(
                     &BindingRecord::from_new(&record),
-                    approle.secret_id.clone(),
+                    Some(approle.secret_id.clone()),
                 )?;
                 let key = self.directory.vault()?.key(target);
                 verify_provider(&key, &req.tenant_id).await?;

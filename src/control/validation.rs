@@ -106,27 +106,40 @@ fn check_replica_regions(key_arn: &KeyArn, replicas: &[String]) -> Result<(), Ad
 /// An AppRole's mount is a path of plain segments; role and secret ids are
 /// Vault's (UUIDs by default; any printable ASCII is accepted, at most 256).
 fn check_approle(approle: &super::VaultAppRole) -> Result<(), AdminError> {
-    let plain =
-        |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
-    let mount_ok = approle.mount.is_empty()
-        || approle.mount.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        });
-    if !mount_ok {
-        return Err(AdminError::InvalidArgument(format!(
-            "vault_approle.mount {} is not an auth mount path",
-            crate::text::Quoted(&approle.mount)
-        )));
-    }
+    check_mount("vault_approle.mount", &approle.mount)?;
     if !plain(&approle.role_id) || !plain(&approle.secret_id) {
         return Err(AdminError::InvalidArgument(
             "vault_approle.role_id and secret_id are required: printable ASCII, at most 256 characters".into(),
         ));
     }
     Ok(())
+}
+
+/// Vault's role and secret ids: any printable ASCII, at most 256.
+fn plain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// An auth mount is a path of plain segments (empty: the default); `.`
+/// and `..` would move the login URL to another path of the Vault.
+fn check_mount(field: &str, mount: &str) -> Result<(), AdminError> {
+    let ok = mount.is_empty()
+        || mount.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::InvalidArgument(format!(
+            "{field} {} is not an auth mount path",
+            crate::text::Quoted(mount)
+        )))
+    }
 }
 
 /// Checks every field of a cloud key to link; the typed identifiers are
@@ -140,9 +153,11 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
             "azure_tenant_id is only for PROVIDER_AZURE_KEY_VAULT keys".into(),
         ));
     }
-    if req.vault.is_some() && req.provider != Some(ProviderKind::VaultTransit) {
+    if (req.vault.is_some() || req.vault_jwt.is_some())
+        && req.provider != Some(ProviderKind::VaultTransit)
+    {
         return Err(AdminError::InvalidArgument(
-            "vault_approle is only for PROVIDER_VAULT_TRANSIT keys".into(),
+            "vault_approle and vault_jwt are only for PROVIDER_VAULT_TRANSIT keys".into(),
         ));
     }
     match req.provider {
@@ -179,15 +194,26 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
                 && req.replica_regions.is_empty())
             {
                 return Err(AdminError::InvalidArgument(
-                    "a Vault key takes key_reference and vault_approle only (no region, role_arn, service_account or replica_regions)".into(),
+                    "a Vault key takes key_reference and vault_approle or vault_jwt only (no region, role_arn, service_account or replica_regions)".into(),
                 ));
             }
-            let Some(approle) = &req.vault else {
-                return Err(AdminError::InvalidArgument(
-                    "vault_approle (role_id and secret_id of the AppRole the customer made for keybroker) is required for Vault keys".into(),
-                ));
-            };
-            check_approle(approle)?;
+            match (&req.vault, &req.vault_jwt) {
+                (Some(approle), None) => check_approle(approle)?,
+                (None, Some(jwt)) => {
+                    check_mount("vault_jwt.mount", &jwt.mount)?;
+                    if !plain(&jwt.role) {
+                        return Err(AdminError::InvalidArgument(
+                            "vault_jwt.role is required: printable ASCII, at most 256 characters"
+                                .into(),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(AdminError::InvalidArgument(
+                        "a Vault key needs exactly one login: vault_approle (role_id and secret_id of the AppRole the customer made for keybroker) or vault_jwt (a jwt auth role trusting the platform's identity token)".into(),
+                    ));
+                }
+            }
             Ok(ProviderKind::VaultTransit)
         }
         Some(ProviderKind::Pkcs11) => {
@@ -231,6 +257,51 @@ pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Vault key logs in exactly one way: AppRole or jwt.
+    #[test]
+    fn vault_keys_take_exactly_one_login() {
+        let approle = super::super::VaultAppRole {
+            mount: String::new(),
+            role_id: "r".into(),
+            secret_id: zeroize::Zeroizing::new("s".into()),
+        };
+        let jwt = super::super::VaultJwtRole {
+            mount: "jwt".into(),
+            role: "keybroker".into(),
+        };
+        let link = |vault, vault_jwt| LinkRequest {
+            tenant_id: "acme".into(),
+            name: "v".into(),
+            provider: Some(ProviderKind::VaultTransit),
+            key_reference: "https://vault.example.com/v1/transit/keys/k".into(),
+            vault,
+            vault_jwt,
+            ..LinkRequest::default()
+        };
+        assert!(check_link(&link(Some(approle.clone()), None)).is_ok());
+        assert!(check_link(&link(None, Some(jwt.clone()))).is_ok());
+        assert!(check_link(&link(Some(approle), Some(jwt.clone()))).is_err());
+        assert!(check_link(&link(None, None)).is_err());
+        let bad_mount = super::super::VaultJwtRole {
+            mount: "../sys".into(),
+            ..jwt.clone()
+        };
+        assert!(check_link(&link(None, Some(bad_mount))).is_err());
+        let mut dotted = super::super::VaultAppRole {
+            mount: "auth/./x".into(),
+            role_id: "r".into(),
+            secret_id: zeroize::Zeroizing::new("s".into()),
+        };
+        assert!(check_link(&link(Some(dotted.clone()), None)).is_err());
+        dotted.mount = "team.a/approle".into();
+        assert!(check_link(&link(Some(dotted), None)).is_ok());
+        let no_role = super::super::VaultJwtRole {
+            role: String::new(),
+            ..jwt
+        };
+        assert!(check_link(&link(None, Some(no_role))).is_err());
+    }
 
     fn aws_link(key: &str, region: &str, replicas: &[&str]) -> LinkRequest {
         LinkRequest {

@@ -31,7 +31,7 @@ use crate::kms::azure::{AzureKey, AzureKeyRef, AzureKeyVault};
 use crate::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
 use crate::kms::local::LocalKeyring;
 use crate::kms::pkcs11::Pkcs11Hsm;
-use crate::kms::vault::{VaultKeyRef, VaultTarget, VaultTransit};
+use crate::kms::vault::{VaultKeyRef, VaultLogin, VaultTarget, VaultTransit};
 use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
 
@@ -553,24 +553,26 @@ impl RegistryDirectory {
                     .key(gcp_target(record).map_err(|e| unusable(record, &e))?),
             )),
             ProviderKind::VaultTransit => {
-                let sealed = record.key_material.as_deref().ok_or_else(|| {
-                    DirectoryError::Internal(format!(
-                        "Vault key '{}' of tenant '{}' has no AppRole secret_id",
-                        record.name, record.tenant_id
-                    ))
-                })?;
-                let secret = open_material(
-                    &self.platform_keyring,
-                    &record.tenant_id,
-                    &record.name,
-                    sealed,
-                )
-                .await?;
-                let secret = zeroize::Zeroizing::new(
-                    String::from_utf8(secret.expose().to_vec()).map_err(|_| {
-                        DirectoryError::Internal("a stored AppRole secret_id is not text".into())
-                    })?,
-                );
+                // A sealed secret_id means AppRole; none, the jwt method.
+                let secret = match record.key_material.as_deref() {
+                    None => None,
+                    Some(sealed) => {
+                        let secret = open_material(
+                            &self.platform_keyring,
+                            &record.tenant_id,
+                            &record.name,
+                            sealed,
+                        )
+                        .await?;
+                        Some(zeroize::Zeroizing::new(
+                            String::from_utf8(secret.expose().to_vec()).map_err(|_| {
+                                DirectoryError::Internal(
+                                    "a stored AppRole secret_id is not text".into(),
+                                )
+                            })?,
+                        ))
+                    }
+                };
                 let target = vault_target(record, secret).map_err(|e| unusable(record, &e))?;
                 Ok(Arc::new(self.vault()?.key(target)))
             }
@@ -676,18 +678,24 @@ pub fn aws_target(
 }
 
 /// What a `gcp-kms` binding needs to reach its key.
-/// A `vault-transit` binding's target: the key URL, and the AppRole (role_id
-/// kept in `role_arn`, auth mount in `service_account`, the secret_id
-/// given opened).
+/// A `vault-transit` binding's target: the key URL and the login (the
+/// AppRole's role_id or the jwt role kept in `role_arn`, the auth mount in
+/// `service_account`; an AppRole's secret_id given opened, none for jwt).
 pub fn vault_target(
     record: &BindingRecord,
-    secret_id: zeroize::Zeroizing<String>,
+    secret_id: Option<zeroize::Zeroizing<String>>,
 ) -> Result<VaultTarget, InvalidIdentifier> {
+    let role = record.role_arn.clone();
     Ok(VaultTarget {
         key: VaultKeyRef::parse(&record.key_reference)?,
         auth_mount: record.service_account.clone(),
-        role_id: record.role_arn.clone(),
-        secret_id: Arc::new(secret_id),
+        login: match secret_id {
+            Some(secret_id) => VaultLogin::AppRole {
+                role_id: role,
+                secret_id: Arc::new(secret_id),
+            },
+            None => VaultLogin::Jwt { role },
+        },
     })
 }
 

@@ -37,6 +37,7 @@ pub(crate) fn link_request(
         replica_regions: replicas.iter().map(|r| r.to_string()).collect(),
         vault_approle: None,
         azure_tenant_id: String::new(),
+        vault_jwt: None,
     }
 }
 

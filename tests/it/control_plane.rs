@@ -565,6 +565,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             replica_regions: Vec::new(),
             vault_approle: None,
             azure_tenant_id: String::new(),
+            vault_jwt: None,
         };
     let good_role = "arn:aws:iam::111122223333:role/keybroker";
     let good_arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";

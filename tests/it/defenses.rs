@@ -324,6 +324,7 @@ async fn send_hostile_requests(channel: Channel) {
                 replica_regions: vec![HOSTILE.into()],
                 vault_approle: None,
                 azure_tenant_id: String::new(),
+                vault_jwt: None,
             })
             .await;
         let _ = admin

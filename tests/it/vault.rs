@@ -606,3 +606,159 @@ async fn vault_tokens_are_renewed_then_replaced() {
     );
     server.stop().await;
 }
+
+/// The platform's identity token as the customer's jwt auth method sees it:
+/// ES256, signed by a key pair the customer's Vault trusts.
+struct PlatformIdentity {
+    signer: aws_lc_rs::signature::EcdsaKeyPair,
+}
+
+const ISSUER: &str = "https://oidc.platform.example";
+const SUBJECT: &str = "system:serviceaccount:keybroker:keybroker";
+
+impl PlatformIdentity {
+    fn new() -> Self {
+        Self {
+            signer: aws_lc_rs::signature::EcdsaKeyPair::generate(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            )
+            .unwrap(),
+        }
+    }
+
+    fn public_pem(&self) -> String {
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::signature::KeyPair;
+        use base64::Engine;
+        let der = self.signer.public_key().as_der().unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        )
+    }
+
+    fn token(&self, subject: &str) -> String {
+        use base64::Engine;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = b64(br#"{"alg":"ES256","typ":"JWT"}"#);
+        let claims = b64(serde_json::json!({
+            "iss": ISSUER, "sub": subject, "aud": "vault",
+            "iat": now, "nbf": now - 5, "exp": now + 3600,
+        })
+        .to_string()
+        .as_bytes());
+        let signing_input = format!("{header}.{claims}");
+        let signature = self
+            .signer
+            .sign(
+                &aws_lc_rs::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+            )
+            .unwrap();
+        format!("{signing_input}.{}", b64(signature.as_ref()))
+    }
+}
+
+/// The jwt auth method: the customer's Vault trusts the platform's identity
+/// token (issuer, subject, audience), so no secret is stored per binding.
+/// Against OpenBao's real jwt method: link, the data plane with one login,
+/// and a token with another subject or a role that does not exist refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_jwt_login_uses_the_platforms_identity_token() {
+    let bao = Bao::shared();
+    let key = bao.customer_key();
+    let identity = PlatformIdentity::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("platform.pem");
+    std::fs::write(&pem, identity.public_pem()).unwrap();
+    // The customer's side: trust the platform's issuer and key, bind a
+    // role to keybroker's subject with the key's policy.
+    let jwt_mount = random_name("jwt");
+    bao.cli(&["auth", "enable", &format!("-path={jwt_mount}"), "jwt"]);
+    bao.cli(&[
+        "write",
+        &format!("auth/{jwt_mount}/config"),
+        &format!("jwt_validation_pubkeys=@{}", pem.display()),
+        &format!("bound_issuer={ISSUER}"),
+    ]);
+    for role in ["keybroker", "keybroker2"] {
+        bao.cli(&[
+            "write",
+            &format!("auth/{jwt_mount}/role/{role}"),
+            "role_type=jwt",
+            "user_claim=sub",
+            &format!("bound_subject={SUBJECT}"),
+            "bound_audiences=vault",
+            &format!("token_policies={}", key.role),
+            "token_ttl=20m",
+        ]);
+    }
+
+    let token_file = dir.path().join("platform-token");
+    std::fs::write(&token_file, identity.token(SUBJECT)).unwrap();
+    let mut config = test_config(dir.path());
+    config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
+    config.vault.max_attempts = 1;
+    config.vault.jwt_file = Some(token_file.clone());
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    let link = |role: &str| proto::LinkKeyRequest {
+        tenant_id: "acme".into(),
+        name: "vault".into(),
+        provider: proto::Provider::VaultTransit.into(),
+        key_reference: key.reference.clone(),
+        make_primary: true,
+        vault_jwt: Some(proto::VaultJwt {
+            mount: jwt_mount.clone(),
+            role: role.into(),
+        }),
+        ..Default::default()
+    };
+
+    // A role the customer never made: refused, nothing stored.
+    let err = admin.link_key(link("nobody")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let vault = std::sync::Arc::clone(server.directory.as_ref().unwrap().vault().unwrap());
+    let logins = || vault.logins.load(std::sync::atomic::Ordering::SeqCst);
+    let before = logins();
+    admin.link_key(link("keybroker")).await.unwrap();
+    let g = generate(&mut broker, "acme", CTX).await.unwrap();
+    let back = unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext, g.plaintext);
+    server.broker.cache().purge_all();
+    unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(logins() - before, 1, "one jwt login serves every call");
+
+    // Another workload's token (another subject), at the next login (a
+    // role not logged in yet): Vault refuses it. The token file is read at
+    // every login, so a rotated token is used without a restart.
+    std::fs::write(
+        &token_file,
+        identity.token("system:serviceaccount:other:app"),
+    )
+    .unwrap();
+    let mut other = link("keybroker2");
+    other.name = "vault2".into();
+    other.make_primary = false;
+    let err = admin.link_key(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("jwt role"), "{}", err.message());
+    server.stop().await;
+}

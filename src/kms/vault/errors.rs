@@ -16,7 +16,7 @@ pub(super) enum Call {
 impl Call {
     fn as_str(self) -> &'static str {
         match self {
-            Self::Login => "AppRole login",
+            Self::Login => "Vault login",
             Self::Encrypt => "Transit encrypt",
             Self::Decrypt => "Transit decrypt",
             Self::Describe => "Transit key read",
@@ -51,7 +51,7 @@ pub(super) fn classify(call: Call, status: u16, errors: &str, key: &str) -> Prov
             ))
         }
         400 if call == Call::Login => ProviderError::AccessDenied(format!(
-            "{what} failed for {key}: {errors}; check the AppRole role_id and secret_id given to keybroker"
+            "{what} failed for {key}: {errors}; check the AppRole role_id and secret_id given to keybroker, or the jwt role's bound issuer, subject and audience"
         )),
         401 | 403 => ProviderError::AccessDenied(format!(
             "{what} on {key} was denied: {errors}; the customer's Vault policy must grant keybroker's role the Transit encrypt/decrypt/rewrap paths and read on the key (README \"A customer key in Vault or OpenBao\")"

@@ -93,6 +93,15 @@ pub struct VaultSettings {
         default_value = "10000"
     )]
     pub identity_cache_capacity: u64,
+    /// File holding the platform's identity token (a JWT, e.g. a projected
+    /// Kubernetes service-account token) for customers' jwt auth roles;
+    /// re-read at every login, so a rotated token is used.
+    #[arg(
+        id = "vault_jwt_file",
+        long = "vault-jwt-file",
+        env = "KEYBROKER_VAULT_JWT_FILE"
+    )]
+    pub jwt_file: Option<std::path::PathBuf>,
     /// A Vault login unused this long is dropped (the next use logs in).
     #[arg(id = "vault_identity_idle_timeout", long = "vault-identity-idle-timeout", env = "KEYBROKER_VAULT_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
     pub identity_idle_timeout: Duration,
@@ -178,6 +187,19 @@ impl VaultTransit {
         })
     }
 
+    /// The platform's identity token for jwt logins, read now (it rotates).
+    async fn platform_jwt(&self) -> Result<Zeroizing<String>, ProviderError> {
+        let path = self.settings.jwt_file.as_ref().ok_or_else(|| {
+            ProviderError::Internal(
+                "this Vault key logs in with the jwt auth method, but the server has no vault_jwt_file (the platform's identity token)".into(),
+            )
+        })?;
+        let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+            ProviderError::Internal(format!("vault_jwt_file {}: {e}", path.display()))
+        })?;
+        Ok(Zeroizing::new(text.trim().to_owned()))
+    }
+
     /// Live Vault logins (metrics: `keybroker_identity_clients`).
     pub fn live_sessions(&self) -> u64 {
         self.sessions.run_pending_tasks();
@@ -186,22 +208,18 @@ impl VaultTransit {
 
     /// The provider for one binding.
     pub fn key(self: &Arc<Self>, target: VaultTarget) -> VaultTransitKey {
-        let digest =
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, target.secret_id.as_bytes());
-        let mut secret_digest = [0u8; 32];
-        secret_digest.copy_from_slice(digest.as_ref());
+        let (role, secret_digest) = target.login.identity();
         let id = (
             target.key.address().to_owned(),
             target.auth_mount.clone(),
-            target.role_id.clone(),
+            role,
             secret_digest,
         );
         let session = self.sessions.get_with_by_ref(&id, || {
             Arc::new(VaultSession {
                 address: id.0.clone(),
                 auth_mount: id.1.clone(),
-                role_id: id.2.clone(),
-                secret_id: target.secret_id.clone(),
+                login: target.login.clone(),
                 token: tokio::sync::Mutex::new(None),
             })
         });
@@ -218,23 +236,54 @@ impl VaultTransit {
 }
 
 /// What one binding needs to reach its key.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct VaultTarget {
     pub key: VaultKeyRef,
-    /// AppRole auth mount path (`approle` by default).
+    /// Auth mount path (`approle` or `jwt` by default).
     pub auth_mount: String,
-    pub role_id: String,
-    pub secret_id: Arc<Zeroizing<String>>,
+    pub login: VaultLogin,
 }
 
-impl fmt::Debug for VaultTarget {
+/// How keybroker logs in to a customer's Vault.
+#[derive(Clone)]
+pub enum VaultLogin {
+    /// An AppRole: its role_id, and the secret_id sealed with the binding.
+    AppRole {
+        role_id: String,
+        secret_id: Arc<Zeroizing<String>>,
+    },
+    /// A role of the jwt auth method that trusts the platform's identity
+    /// token (`vault_jwt_file`): nothing secret per binding.
+    Jwt { role: String },
+}
+
+impl fmt::Debug for VaultLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VaultTarget")
-            .field("key", &self.key)
-            .field("auth_mount", &self.auth_mount)
-            .field("role_id", &self.role_id)
-            .field("secret_id", &"<redacted>")
-            .finish()
+        match self {
+            Self::AppRole { role_id, .. } => f
+                .debug_struct("AppRole")
+                .field("role_id", role_id)
+                .field("secret_id", &"<redacted>")
+                .finish(),
+            Self::Jwt { role } => f.debug_struct("Jwt").field("role", role).finish(),
+        }
+    }
+}
+
+impl VaultLogin {
+    /// The session key of this login: the role, and a digest of the secret
+    /// (a re-linked key with a new secret gets a new login).
+    fn identity(&self) -> (String, [u8; 32]) {
+        let (role, secret) = match self {
+            Self::AppRole { role_id, secret_id } => {
+                (format!("approle:{role_id}"), secret_id.as_bytes())
+            }
+            Self::Jwt { role } => (format!("jwt:{role}"), &b""[..]),
+        };
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        (role, out)
     }
 }
 
@@ -251,8 +300,7 @@ struct Token {
 struct VaultSession {
     address: String,
     auth_mount: String,
-    role_id: String,
-    secret_id: Arc<Zeroizing<String>>,
+    login: VaultLogin,
     token: tokio::sync::Mutex<Option<Token>>,
 }
 
@@ -268,10 +316,18 @@ struct AuthReply {
     auth: Auth,
 }
 
+/// The body of a login: AppRole's, or the jwt method's.
 #[derive(serde::Serialize)]
-struct LoginBody<'a> {
-    role_id: &'a str,
-    secret_id: &'a str,
+#[serde(untagged)]
+enum LoginBody<'a> {
+    AppRole {
+        role_id: &'a str,
+        secret_id: &'a str,
+    },
+    Jwt {
+        role: &'a str,
+        jwt: &'a str,
+    },
 }
 
 /// A Transit encrypt or decrypt request; `text` is the base64 plaintext or
@@ -325,9 +381,19 @@ impl VaultSession {
             }
         }
         vault.logins.fetch_add(1, Ordering::Relaxed);
-        let body = LoginBody {
-            role_id: &self.role_id,
-            secret_id: self.secret_id.as_str(),
+        let jwt;
+        let body = match &self.login {
+            VaultLogin::AppRole { role_id, secret_id } => LoginBody::AppRole {
+                role_id,
+                secret_id: secret_id.as_str(),
+            },
+            VaultLogin::Jwt { role } => {
+                jwt = vault.platform_jwt().await?;
+                LoginBody::Jwt {
+                    role,
+                    jwt: jwt.as_str(),
+                }
+            }
         };
         let url = format!("{}/v1/auth/{}/login", self.address, self.auth_mount);
         let (status, reply) = vault
@@ -338,7 +404,7 @@ impl VaultSession {
             return Err(classify(Call::Login, status, &error_text(&reply), key));
         }
         let reply: AuthReply = serde_json::from_slice(&reply).map_err(|e| {
-            ProviderError::Internal(format!("the AppRole login answer is not Vault's: {e}"))
+            ProviderError::Internal(format!("the Vault login answer is not Vault's: {e}"))
         })?;
         let token = Self::fresh(reply.auth);
         let value = token.value.clone();
