@@ -18,6 +18,19 @@ use crate::context::{self, Context};
 use crate::proto;
 use crate::secret::SecretBytes;
 
+/// An extra CA certificate (PEM) for a provider's HTTPS client, read from
+/// the file the setting `setting` names.
+pub(crate) fn extra_root_ca(
+    setting: &str,
+    path: &std::path::Path,
+) -> Result<reqwest::Certificate, ProviderError> {
+    let fail = |e: &dyn fmt::Display| {
+        ProviderError::Internal(format!("{setting} {}: {e}", path.display()))
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(&e))?;
+    reqwest::Certificate::from_pem(&pem).map_err(|e| fail(&e))
+}
+
 /// Which kind of key store a binding uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProviderKind {

@@ -569,7 +569,7 @@ async fn azure_managed_hsm_and_tenant_keys() {
 /// wrapped through the fake unwraps through keybroker's Rust provider.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microsoft_python_sdk_agrees_with_the_fake() {
-    let mut env = env(Duration::from_secs(30)).await;
+    let env = env(Duration::from_secs(30)).await;
     let customer = env.customer.clone();
     env.customer_ready("contoso", "pykey");
     let dir = tempfile::tempdir().unwrap();
@@ -662,6 +662,5 @@ async fn microsoft_python_sdk_agrees_with_the_fake() {
         hex::encode(kek.expose()),
         report["python_wrapped"]["plaintext_hex"].as_str().unwrap()
     );
-    let _ = &mut env.admin;
     env.server.stop().await;
 }

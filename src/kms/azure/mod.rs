@@ -326,13 +326,7 @@ impl AzureKeyVault {
             builder = builder.proxy(proxy);
         }
         if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                ProviderError::Internal(format!("azure_ca_file {}: {e}", path.display()))
-            })?;
-            let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                ProviderError::Internal(format!("azure_ca_file {}: {e}", path.display()))
-            })?;
-            builder = builder.add_root_certificate(ca);
+            builder = builder.add_root_certificate(super::extra_root_ca("azure_ca_file", path)?);
         }
         let http = builder.build().map_err(|e| {
             ProviderError::Internal(format!("cannot build the Azure HTTPS client: {e}"))

@@ -163,13 +163,7 @@ impl VaultTransit {
             // A redirect could carry the token elsewhere.
             .redirect(reqwest::redirect::Policy::none());
         if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                ProviderError::Internal(format!("vault_ca_file {}: {e}", path.display()))
-            })?;
-            let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                ProviderError::Internal(format!("vault_ca_file {}: {e}", path.display()))
-            })?;
-            builder = builder.add_root_certificate(ca);
+            builder = builder.add_root_certificate(super::extra_root_ca("vault_ca_file", path)?);
         }
         let http = builder
             .build()
