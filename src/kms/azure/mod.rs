@@ -319,7 +319,10 @@ impl AzureKeyVault {
         };
         let mut builder = reqwest::Client::builder()
             .timeout(settings.request_timeout)
-            .https_only(true);
+            .https_only(true)
+            // A redirect would re-send a wrapKey body (the per-wrap key) to
+            // another host; Key Vault and Entra never redirect these calls.
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(proxy) = &settings.proxy {
             let proxy = reqwest::Proxy::https(proxy)
                 .map_err(|e| ProviderError::Internal(format!("azure_proxy: {e}")))?;
