@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Per-item statuses of the batch RPCs: tonic's own google.rpc.Status
         // (proto/google/rpc is vendored only for protoc to read).
         .extern_path(".google.rpc.Status", "::tonic_types::Status")
+        // Contexts decode straight into the sorted map `Context` keeps (no
+        // hashing, no second map per request).
+        .btree_map(".keybroker.v1")
         // Secrets in requests get a redacting Debug (src/lib.rs).
         .skip_debug([
             ".keybroker.v1.VaultAppRole",

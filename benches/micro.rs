@@ -118,16 +118,16 @@ fn cache_benches(c: &mut Criterion) {
     );
     let ctx = context();
     let wrapped = runtime
-        .block_on(broker.generate("tenant-0001", &ctx, 32))
+        .block_on(broker.generate("tenant-0001", &ctx, 32, None))
         .unwrap()
         .wrapped_key;
     runtime
-        .block_on(broker.unwrap("tenant-0001", &ctx, &wrapped))
+        .block_on(broker.unwrap("tenant-0001", &ctx, &wrapped, None))
         .unwrap();
     c.bench_function("broker_unwrap_hit", |b| {
         b.iter(|| {
             runtime
-                .block_on(broker.unwrap("tenant-0001", black_box(&ctx), black_box(&wrapped)))
+                .block_on(broker.unwrap("tenant-0001", black_box(&ctx), black_box(&wrapped), None))
                 .unwrap()
         })
     });

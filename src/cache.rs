@@ -32,18 +32,67 @@ pub struct CacheKey {
 
 impl CacheKey {
     pub fn new(tenant_id: &str, wrapped_key: &[u8], context: &Context) -> Self {
-        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut hash = BufferedSha256::default();
         for part in [tenant_id.as_bytes(), wrapped_key] {
             hash.update(&(part.len() as u64).to_be_bytes());
             hash.update(part);
         }
         context.encode_into(&mut |bytes| hash.update(bytes));
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(hash.finish().as_ref());
         Self {
-            digest,
+            digest: hash.finish(),
             tenant_tag: tenant_tag(tenant_id),
         }
+    }
+}
+
+/// SHA-256 of many small parts in one call when they fit in a stack buffer
+/// (every cache key of a DEK keybroker issues): fed part by part, aws-lc
+/// spent more on its per-call overhead than on hashing. Longer input
+/// streams through a digest context; the digest is the same either way.
+struct BufferedSha256 {
+    buf: [u8; 512],
+    len: usize,
+    /// Set once the input outgrew `buf`.
+    stream: Option<aws_lc_rs::digest::Context>,
+}
+
+impl Default for BufferedSha256 {
+    fn default() -> Self {
+        Self {
+            buf: [0; 512],
+            len: 0,
+            stream: None,
+        }
+    }
+}
+
+impl BufferedSha256 {
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(room) = self.buf.get_mut(self.len..self.len + bytes.len()) {
+            room.copy_from_slice(bytes);
+            self.len += bytes.len();
+            return;
+        }
+        let stream = self
+            .stream
+            .get_or_insert_with(|| aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256));
+        stream.update(&self.buf[..self.len]);
+        stream.update(bytes);
+        self.len = 0;
+    }
+
+    /// By reference: the buffer is not moved (copied) to be hashed.
+    fn finish(&mut self) -> [u8; 32] {
+        let digest = match self.stream.take() {
+            None => aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.buf[..self.len]),
+            Some(mut stream) => {
+                stream.update(&self.buf[..self.len]);
+                stream.finish()
+            }
+        };
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        out
     }
 }
 
@@ -365,6 +414,35 @@ impl DekCache {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn buffered_sha256_is_sha256_of_the_concatenation() {
+        let input: Vec<u8> = (0..3000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        // Part sizes below, at and across the buffer, and one part larger
+        // than it: every path of `update`.
+        for parts in [
+            vec![0, 1, 31, 64],
+            vec![511, 1],
+            vec![512],
+            vec![500, 20, 1000],
+            vec![2999, 1],
+            vec![100; 30],
+        ] {
+            let total: usize = parts.iter().sum();
+            let mut hash = BufferedSha256::default();
+            let mut at = 0;
+            for part in &parts {
+                hash.update(&input[at..at + part]);
+                at += part;
+            }
+            let expected = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input[..total]);
+            assert_eq!(
+                hash.finish().as_slice(),
+                expected.as_ref(),
+                "parts {parts:?}"
+            );
+        }
+    }
 
     fn value(binding: &str) -> Arc<CachedKey> {
         let origin = Arc::new(KeyOrigin {

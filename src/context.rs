@@ -5,7 +5,7 @@
 //! wrapped key of tenant B never unwraps as tenant A, even under the shared
 //! platform key. Providers pass it to their AEAD or KMS as is.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Tenant ids: 1..=128 of these characters.
 pub const MAX_TENANT_ID_LEN: usize = 128;
@@ -57,7 +57,7 @@ pub fn validate_tenant_id(tenant_id: &str) -> Result<(), ContextError> {
 pub struct Context(BTreeMap<String, String>);
 
 impl Context {
-    pub fn new(map: HashMap<String, String>) -> Result<Self, ContextError> {
+    pub fn new(map: BTreeMap<String, String>) -> Result<Self, ContextError> {
         if map.len() > MAX_CONTEXT_ENTRIES {
             return Err(ContextError::InvalidContext(format!(
                 "{} entries; the maximum is {MAX_CONTEXT_ENTRIES}",
@@ -90,7 +90,7 @@ impl Context {
                 "{total} bytes in all; the maximum is {MAX_CONTEXT_TOTAL_LEN}"
             )));
         }
-        Ok(Self(map.into_iter().collect()))
+        Ok(Self(map))
     }
 
     /// A context of keybroker's own entries (reserved prefix allowed):
@@ -187,13 +187,13 @@ mod tests {
 
     #[test]
     fn context_limits() {
-        let reserved = HashMap::from([("keybroker:tenant".to_string(), "x".to_string())]);
+        let reserved = BTreeMap::from([("keybroker:tenant".to_string(), "x".to_string())]);
         assert!(Context::new(reserved).is_err());
-        let empty_key = HashMap::from([(String::new(), "x".to_string())]);
+        let empty_key = BTreeMap::from([(String::new(), "x".to_string())]);
         assert!(Context::new(empty_key).is_err());
-        let many: HashMap<_, _> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        let many: BTreeMap<_, _> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
         assert!(Context::new(many).is_err());
-        let long = HashMap::from([("k".to_string(), "v".repeat(1025))]);
+        let long = BTreeMap::from([("k".to_string(), "v".repeat(1025))]);
         assert!(Context::new(long).is_err());
     }
 

@@ -129,7 +129,12 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         async move {
             let mut keys = Vec::with_capacity(n);
             for _ in 0..n {
-                keys.push(broker.generate("acme", &context, 32).await?.wrapped_key);
+                keys.push(
+                    broker
+                        .generate("acme", &context, 32, None)
+                        .await?
+                        .wrapped_key,
+                );
             }
             Ok::<_, anyhow::Error>(keys)
         }
@@ -146,7 +151,7 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
                     let (broker, context, key) =
                         (Arc::clone(&broker), context.clone(), key.clone());
                     set.spawn(async move {
-                        let ok = broker.unwrap("acme", &context, &key).await.is_ok();
+                        let ok = broker.unwrap("acme", &context, &key, None).await.is_ok();
                         (ok, started.elapsed())
                     });
                 }
@@ -290,11 +295,16 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
             let tenant = format!("tenant-{t:03}");
             let mut wrapped = Vec::with_capacity(per_tenant);
             for _ in 0..per_tenant {
-                wrapped.push(broker.generate(&tenant, &context, 32).await?.wrapped_key);
+                wrapped.push(
+                    broker
+                        .generate(&tenant, &context, 32, None)
+                        .await?
+                        .wrapped_key,
+                );
             }
             // Cold: no DEK is in the cache (generate does not cache it).
             for w in &wrapped {
-                broker.unwrap(&tenant, &context, w).await?;
+                broker.unwrap(&tenant, &context, w, None).await?;
             }
             Ok::<_, keybroker::broker::BrokerError>(())
         });

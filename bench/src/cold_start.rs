@@ -156,7 +156,7 @@ impl Running {
     }
 }
 
-fn context() -> std::collections::HashMap<String, String> {
+fn context() -> std::collections::BTreeMap<String, String> {
     [("table".to_owned(), "cold".to_owned())].into()
 }
 

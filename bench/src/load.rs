@@ -283,7 +283,7 @@ pub(crate) enum Target {
     },
 }
 
-pub(crate) fn context() -> std::collections::HashMap<String, String> {
+pub(crate) fn context() -> std::collections::BTreeMap<String, String> {
     [("table".to_owned(), "bench".to_owned())].into()
 }
 
@@ -643,12 +643,15 @@ async fn drive(
             (!batches.is_empty()).then(|| med(&batches, &deks) / med(&brokers, &deks));
         if let Some(ratio) = batch_ratio {
             println!(
-                "in flight {concurrency:>3}     batch: p50 {:>7.1}us p99 {:>7.1}us per {}-key batch, {:>9.0} DEKs/s vs single {:>8.0} DEKs/s: {ratio:.2}x",
+                "in flight {concurrency:>3}     batch: p50 {:>7.1}us p99 {:>7.1}us per {}-key batch, {:>9.0} DEKs/s vs single {:>8.0} DEKs/s: {ratio:.2}x; server CPU per DEK {:.2}us vs {:.2}us single ({:.2}x)",
                 med(&batches, &p50),
                 med(&batches, &p99),
                 args.batch_size,
                 med(&batches, &deks),
                 med(&brokers, &deks),
+                med(&batches, &cpu) / args.batch_size as f64,
+                med(&brokers, &cpu),
+                med(&brokers, &cpu) / (med(&batches, &cpu) / args.batch_size as f64),
             );
         }
         last_level = Some((

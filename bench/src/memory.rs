@@ -77,10 +77,12 @@ pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
         let fill = async |n: usize| {
             for _ in 0..n {
                 let wrapped = broker
-                    .generate("tenant-0001", &context, 32)
+                    .generate("tenant-0001", &context, 32, None)
                     .await?
                     .wrapped_key;
-                broker.unwrap("tenant-0001", &context, &wrapped).await?;
+                broker
+                    .unwrap("tenant-0001", &context, &wrapped, None)
+                    .await?;
             }
             cache.run_pending_tasks().await;
             Ok::<_, anyhow::Error>(())

@@ -63,6 +63,9 @@ macro_rules! audited {
     ($($t:ty),* $(,)?) => { $(impl Audited for $t {})* };
 }
 
+/// A refused call: nothing was used.
+impl Audited for () {}
+
 scoped!(
     proto::GenerateDataKeyRequest,
     proto::WrapKeyRequest,
@@ -127,13 +130,19 @@ audited!(
 pub(crate) const MAX_BATCH_ITEMS: usize = 256;
 
 /// A batch RPC: every item goes through what [`serve`] does for one
-/// request (tenant check, handler, one audit record), concurrently; the
-/// batch fails as a whole only when it is empty or too large. One metrics
-/// sample for the batch.
-pub(crate) async fn serve_batch<Item, Resp, Fut>(
+/// request (tenant check, handler, one audit record); the batch fails as a
+/// whole only when it is empty or too large. One metrics sample for the
+/// batch.
+///
+/// `at_once` answers an item without waiting when it can (a cached key),
+/// or hands it on, prepared, to `handler`, whose futures run concurrently.
+/// Most items of a warm batch never become a future: building, moving and
+/// polling a future per item cost more than serving a cached one.
+pub(crate) async fn serve_batch<Item, Next, Resp, Fut>(
     observers: &Observers,
     request: Request<Vec<Item>>,
-    handler: impl Fn(Item) -> Fut,
+    at_once: impl Fn(Item) -> Result<Result<Resp, Status>, Next>,
+    handler: impl Fn(Next) -> Fut,
 ) -> Result<Vec<Result<Resp, Status>>, Status>
 where
     Item: Scoped,
@@ -159,33 +168,59 @@ where
             .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
         return Err(status);
     }
-    let all = join_in_place(
-        items
-            .into_iter()
-            .map(|item| serve_inner(&observers.audit, &ctx, item, &handler)),
-    );
-    let results = match within(observers.request_timeout, async { Ok(all.await) }).await {
-        Ok(results) => results,
-        Err(status) => {
-            observers
-                .metrics
-                .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
-            return Err(status);
+    let audit = &observers.audit;
+    let mut results: Vec<Option<Result<Response<Resp>, Status>>> = Vec::with_capacity(items.len());
+    let mut waiting = Vec::new();
+    for item in items {
+        let facts = match authorize(audit, &ctx, &item) {
+            Ok(facts) => facts,
+            Err(denied) => {
+                results.push(Some(Err(denied)));
+                continue;
+            }
+        };
+        match at_once(item) {
+            Ok(result) => results.push(Some(finish(audit, &ctx, facts, None, result))),
+            Err(next) => {
+                waiting.push((results.len(), facts, next));
+                results.push(None);
+            }
         }
-    };
+    }
+    if !waiting.is_empty() {
+        let (ctx, handler) = (&ctx, &handler);
+        let all = join_in_place(waiting.into_iter().map(|(at, facts, next)| async move {
+            (at, run(audit, ctx, facts, next, handler).await)
+        }));
+        match within(observers.request_timeout, async { Ok(all.await) }).await {
+            Ok(answers) => {
+                for (at, answer) in answers {
+                    results[at] = Some(answer);
+                }
+            }
+            Err(status) => {
+                observers
+                    .metrics
+                    .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
+                return Err(status);
+            }
+        }
+    }
     observers
         .metrics
         .rpc(&ctx.method, Code::Ok, None, ctx.started.elapsed());
     Ok(results
         .into_iter()
-        .map(|r| r.map(Response::into_inner))
+        .map(|r| {
+            r.unwrap_or_else(|| Err(Status::internal("batch item left unanswered")))
+                .map(Response::into_inner)
+        })
         .collect())
 }
 
 /// Every future of `futures`, concurrently, in order, without a task per
 /// future: `join_all` polls up to 30 futures in place (one allocation) and
-/// boxes each one beyond that, so a batch is joined in chunks of 30. A
-/// batch's cached items finish at the first poll.
+/// boxes each one beyond that, so a batch is joined in chunks of 30.
 async fn join_in_place<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
     const IN_PLACE: usize = 30;
     let mut futures = futures.peekable();
@@ -310,6 +345,19 @@ where
     Resp: Audited,
     Fut: Future<Output = Result<Resp, Status>>,
 {
+    let facts = authorize(audit, ctx, &req)?;
+    run(audit, ctx, facts, req, handler).await
+}
+
+/// The tenant check of the authorization policy. A refusal is audited
+/// here and returned as the answer; an allowed call gets what its audit
+/// record will say about the request (None when audit is off: no digests,
+/// no notes, no clocks).
+fn authorize(
+    audit: &AuditLog,
+    ctx: &CallContext,
+    req: &impl Scoped,
+) -> Result<Option<Facts>, Status> {
     let denied = match &ctx.grant {
         None => Some(AccessError::MethodDenied {
             identity: ctx.identity.to_string(),
@@ -325,13 +373,29 @@ where
     };
     if let Some(denied) = denied {
         tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %Escaped(req.tenant_id()), "call denied by the authorization policy");
-        let result = Err(denied.into());
-        return audited(audit, ctx, Facts::of(&req), None, result);
+        let facts = audit.enabled().then(|| Facts::of(req));
+        let answer = finish::<()>(audit, ctx, facts, None, Err(denied.into()));
+        return Err(answer
+            .err()
+            .unwrap_or_else(|| Status::internal("a denied call was answered")));
     }
-    let audited_call = audit.enabled();
-    // Nothing to record when audit is off: no digests, notes or clocks.
-    let facts = audited_call.then(|| Facts::of(&req));
-    let durable = audited_call && audit.fail_closed() && changes_state(&ctx.method);
+    Ok(audit.enabled().then(|| Facts::of(req)))
+}
+
+/// Runs an authorized call's handler and writes its audit record (`facts`
+/// is None when audit is off).
+async fn run<Req, Resp, Fut>(
+    audit: &AuditLog,
+    ctx: &CallContext,
+    facts: Option<Facts>,
+    req: Req,
+    handler: impl FnOnce(Req) -> Fut,
+) -> Result<Response<Resp>, Status>
+where
+    Resp: Audited,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    let durable = facts.is_some() && audit.fail_closed() && changes_state(&ctx.method);
     if let Some(facts) = facts.as_ref().filter(|_| durable) {
         // The intent is on disk before anything is committed: a change that
         // cannot be audited is never made.
@@ -342,24 +406,25 @@ where
     }
     // The handler's future is the largest part of every call's state and is
     // moved with it: one await point holds it, whichever path this is.
-    let notes = audited_call.then(|| Arc::new(audit::CallNotes::default()));
+    let notes = facts
+        .is_some()
+        .then(|| Arc::new(audit::CallNotes::default()));
     let call = match &notes {
         Some(notes) => Either::Left(audit::scoped(Arc::clone(notes), handler(req))),
         None => Either::Right(handler(req)),
     };
     let result = call.await;
-    let Some(facts) = facts else {
-        return result.map(Response::new);
-    };
     if durable {
-        let record = facts.outcome(ctx, notes.as_deref(), &result);
-        if let Err(err) = audit.write(&record) {
-            // The intent record exists; the caller gets the true answer.
-            tracing::error!(error = %err, request_id = record.request_id, "audit record of a change's outcome not written (its intent was)");
+        if let Some(facts) = &facts {
+            let record = facts.outcome(ctx, notes.as_deref(), &result);
+            if let Err(err) = audit.write(&record) {
+                // The intent record exists; the caller gets the true answer.
+                tracing::error!(error = %err, request_id = record.request_id, "audit record of a change's outcome not written (its intent was)");
+            }
         }
         return result.map(Response::new);
     }
-    audited(audit, ctx, facts, notes.as_deref(), result)
+    finish(audit, ctx, facts, notes.as_deref(), result)
 }
 
 /// Admin methods that change what the registry holds.
@@ -459,24 +524,33 @@ impl Facts {
             record.key_binding = Some(binding);
             record.key_version = Some(version).filter(|v| !v.is_empty());
         }
-        let unwraps = ctx.method.ends_with("/UnwrapKey") || ctx.method.ends_with("/RewrapKey");
+        // Batch items too: their records have the fields of the single call.
+        let unwraps = [
+            "/UnwrapKey",
+            "/RewrapKey",
+            "/BatchUnwrapKey",
+            "/BatchRewrapKey",
+        ]
+        .iter()
+        .any(|m| ctx.method.ends_with(m));
         record.cache_hit = (unwraps && code == Code::Ok).then_some(record.provider_calls == 0);
         record
     }
 }
 
-/// Writes the record of a finished call; in fail-closed mode an unwritable
-/// record replaces the answer with UNAVAILABLE.
-fn audited<Resp: Audited>(
+/// Writes the record of a finished call (none when `facts` is None: audit
+/// off); in fail-closed mode an unwritable record replaces the answer with
+/// UNAVAILABLE.
+fn finish<Resp: Audited>(
     audit: &AuditLog,
     ctx: &CallContext,
-    facts: Facts,
+    facts: Option<Facts>,
     notes: Option<&audit::CallNotes>,
     result: Result<Resp, Status>,
 ) -> Result<Response<Resp>, Status> {
-    if !audit.enabled() {
+    let Some(facts) = facts else {
         return result.map(Response::new);
-    }
+    };
     let record = facts.outcome(ctx, notes, &result);
     if let Err(err) = audit.write(&record) {
         tracing::error!(error = %err, request_id = record.request_id, "audit record not written");

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, key_info, key_state, timestamp};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, SharedViews};
 use crate::context::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
 use crate::secret::SecretBytes;
@@ -23,14 +23,31 @@ impl KeyBrokerApi {
     }
 }
 
-fn context(map: std::collections::HashMap<String, String>) -> Result<Context, Status> {
+fn context(map: std::collections::BTreeMap<String, String>) -> Result<Context, Status> {
     Context::new(map).map_err(|e| BrokerError::from(e).into())
+}
+
+/// An UnwrapKey batch item whose context is validated, for the path that
+/// may wait (a key not in the cache).
+struct PreparedUnwrap {
+    tenant_id: String,
+    context: Context,
+    wrapped_key: Vec<u8>,
+}
+
+fn unwrap_response(unwrapped: crate::broker::Unwrapped) -> proto::UnwrapKeyResponse {
+    proto::UnwrapKeyResponse {
+        plaintext: unwrapped.key.plaintext().to_vec(),
+        key: Some(key_info(unwrapped.info)),
+        rewrap_recommended: unwrapped.rewrap_recommended,
+    }
 }
 
 impl KeyBrokerApi {
     async fn generate_one(
         &self,
         req: proto::GenerateDataKeyRequest,
+        shared: Option<&SharedViews>,
     ) -> Result<proto::GenerateDataKeyResponse, Status> {
         let len = match proto::KeySpec::try_from(req.key_spec) {
             Ok(proto::KeySpec::Unspecified | proto::KeySpec::Aes256) => 32,
@@ -45,7 +62,7 @@ impl KeyBrokerApi {
         };
         let generated = self
             .broker
-            .generate(&req.tenant_id, &context(req.context)?, len)
+            .generate(&req.tenant_id, &context(req.context)?, len, shared)
             .await?;
         Ok(proto::GenerateDataKeyResponse {
             plaintext: generated.plaintext.expose().to_vec(),
@@ -60,22 +77,66 @@ impl KeyBrokerApi {
     ) -> Result<proto::UnwrapKeyResponse, Status> {
         let unwrapped = self
             .broker
-            .unwrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
+            .unwrap(
+                &req.tenant_id,
+                &context(req.context)?,
+                &req.wrapped_key,
+                None,
+            )
             .await?;
-        Ok(proto::UnwrapKeyResponse {
-            plaintext: unwrapped.key.plaintext().to_vec(),
-            key: Some(key_info(unwrapped.info)),
-            rewrap_recommended: unwrapped.rewrap_recommended,
-        })
+        Ok(unwrap_response(unwrapped))
+    }
+
+    /// A batch item answered at once (a cached key, or a request refused
+    /// before any lookup), or handed on, its context validated, to
+    /// [`KeyBrokerApi::unwrap_prepared`].
+    fn unwrap_at_once(
+        &self,
+        req: proto::UnwrapKeyRequest,
+        shared: &SharedViews,
+    ) -> Result<Result<proto::UnwrapKeyResponse, Status>, PreparedUnwrap> {
+        let context = match context(req.context) {
+            Ok(context) => context,
+            Err(status) => return Ok(Err(status)),
+        };
+        match self
+            .broker
+            .unwrap_cached(&req.tenant_id, &context, &req.wrapped_key, shared)
+        {
+            Some(result) => Ok(result.map(unwrap_response).map_err(Status::from)),
+            None => Err(PreparedUnwrap {
+                tenant_id: req.tenant_id,
+                context,
+                wrapped_key: req.wrapped_key,
+            }),
+        }
+    }
+
+    async fn unwrap_prepared(
+        &self,
+        req: PreparedUnwrap,
+        shared: &SharedViews,
+    ) -> Result<proto::UnwrapKeyResponse, Status> {
+        let unwrapped = self
+            .broker
+            .unwrap(&req.tenant_id, &req.context, &req.wrapped_key, Some(shared))
+            .await?;
+        Ok(unwrap_response(unwrapped))
     }
 
     async fn rewrap_one(
         &self,
         req: proto::RewrapKeyRequest,
+        shared: Option<&SharedViews>,
     ) -> Result<proto::RewrapKeyResponse, Status> {
         let rewrapped = self
             .broker
-            .rewrap(&req.tenant_id, &context(req.context)?, &req.wrapped_key)
+            .rewrap(
+                &req.tenant_id,
+                &context(req.context)?,
+                &req.wrapped_key,
+                shared,
+            )
             .await?;
         Ok(proto::RewrapKeyResponse {
             wrapped_key: rewrapped.wrapped_key,
@@ -91,7 +152,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| self.generate_one(req)).await
+        call::serve(&self.observers, request, |req| self.generate_one(req, None)).await
     }
 
     async fn wrap_key(
@@ -124,7 +185,7 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::RewrapKeyRequest>,
     ) -> Result<Response<proto::RewrapKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| self.rewrap_one(req)).await
+        call::serve(&self.observers, request, |req| self.rewrap_one(req, None)).await
     }
 
     async fn batch_generate_data_key(
@@ -132,14 +193,17 @@ impl KeyBroker for KeyBrokerApi {
         request: Request<proto::BatchGenerateDataKeyRequest>,
     ) -> Result<Response<proto::BatchGenerateDataKeyResponse>, Status> {
         let request = request.map(|r| r.items);
-        let results = call::serve_batch(&self.observers, request, |req| self.generate_one(req))
-            .await?
-            .into_iter()
-            .map(|r| proto::BatchGenerateDataKeyResult {
-                status: Some(call::item_status(&r.as_ref().map(|_| ()))),
-                response: r.ok(),
-            })
-            .collect();
+        let shared = SharedViews::default();
+        let results = call::serve_batch(&self.observers, request, Err, |req| {
+            self.generate_one(req, Some(&shared))
+        })
+        .await?
+        .into_iter()
+        .map(|r| proto::BatchGenerateDataKeyResult {
+            status: Some(call::item_status(&r.as_ref().map(|_| ()))),
+            response: r.ok(),
+        })
+        .collect();
         Ok(Response::new(proto::BatchGenerateDataKeyResponse {
             results,
         }))
@@ -150,14 +214,20 @@ impl KeyBroker for KeyBrokerApi {
         request: Request<proto::BatchUnwrapKeyRequest>,
     ) -> Result<Response<proto::BatchUnwrapKeyResponse>, Status> {
         let request = request.map(|r| r.items);
-        let results = call::serve_batch(&self.observers, request, |req| self.unwrap_one(req))
-            .await?
-            .into_iter()
-            .map(|r| proto::BatchUnwrapKeyResult {
-                status: Some(call::item_status(&r.as_ref().map(|_| ()))),
-                response: r.ok(),
-            })
-            .collect();
+        let shared = SharedViews::default();
+        let results = call::serve_batch(
+            &self.observers,
+            request,
+            |req| self.unwrap_at_once(req, &shared),
+            |req| self.unwrap_prepared(req, &shared),
+        )
+        .await?
+        .into_iter()
+        .map(|r| proto::BatchUnwrapKeyResult {
+            status: Some(call::item_status(&r.as_ref().map(|_| ()))),
+            response: r.ok(),
+        })
+        .collect();
         Ok(Response::new(proto::BatchUnwrapKeyResponse { results }))
     }
 
@@ -166,14 +236,17 @@ impl KeyBroker for KeyBrokerApi {
         request: Request<proto::BatchRewrapKeyRequest>,
     ) -> Result<Response<proto::BatchRewrapKeyResponse>, Status> {
         let request = request.map(|r| r.items);
-        let results = call::serve_batch(&self.observers, request, |req| self.rewrap_one(req))
-            .await?
-            .into_iter()
-            .map(|r| proto::BatchRewrapKeyResult {
-                status: Some(call::item_status(&r.as_ref().map(|_| ()))),
-                response: r.ok(),
-            })
-            .collect();
+        let shared = SharedViews::default();
+        let results = call::serve_batch(&self.observers, request, Err, |req| {
+            self.rewrap_one(req, Some(&shared))
+        })
+        .await?
+        .into_iter()
+        .map(|r| proto::BatchRewrapKeyResult {
+            status: Some(call::item_status(&r.as_ref().map(|_| ()))),
+            response: r.ok(),
+        })
+        .collect();
         Ok(Response::new(proto::BatchRewrapKeyResponse { results }))
     }
 

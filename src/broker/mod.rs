@@ -151,6 +151,38 @@ pub struct ProviderCalls {
     pub reencrypt: AtomicU64,
 }
 
+/// The tenant views the items of one batch RPC share, so a batch of one
+/// tenant looks the tenant up once rather than once per item. It holds the
+/// last view looked up: batches usually name one tenant, and a batch that
+/// interleaves tenants falls back to the directory's own cache. Every item
+/// still sees a view no older than its batch.
+#[derive(Debug, Default)]
+pub struct SharedViews {
+    /// (tenant id, view). A lock, not a cell: items of one batch run in one
+    /// task, so it is never contended; it is held for a string compare.
+    last: std::sync::Mutex<Option<(Box<str>, Arc<TenantKeys>)>>,
+}
+
+impl SharedViews {
+    fn get(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.as_ref()
+            .filter(|(id, _)| **id == *tenant_id)
+            .map(|(_, keys)| Arc::clone(keys))
+    }
+
+    fn put(&self, tenant_id: &str, keys: &Arc<TenantKeys>) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = Some((tenant_id.into(), Arc::clone(keys)));
+    }
+}
+
 #[derive(Debug)]
 pub struct Broker {
     directory: Arc<dyn KeyDirectory>,
@@ -247,6 +279,23 @@ impl Broker {
         &self.cache
     }
 
+    /// The tenant's view: from `shared` when a batch item before this one
+    /// looked it up, else from the directory.
+    async fn view(
+        &self,
+        tenant_id: &str,
+        shared: Option<&SharedViews>,
+    ) -> Result<Arc<TenantKeys>, BrokerError> {
+        if let Some(keys) = shared.and_then(|s| s.get(tenant_id)) {
+            return Ok(keys);
+        }
+        let keys = self.directory.tenant_keys(tenant_id).await?;
+        if let Some(shared) = shared {
+            shared.put(tenant_id, &keys);
+        }
+        Ok(keys)
+    }
+
     pub fn provider_calls(&self) -> &Arc<ProviderCalls> {
         &self.calls
     }
@@ -256,9 +305,10 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         len: usize,
+        shared: Option<&SharedViews>,
     ) -> Result<Generated, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
-        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let keys = self.view(tenant_id, shared).await?;
         if keys.hierarchy == KeyHierarchy::TenantKey {
             let plaintext = SecretBytes::random(len)
                 .map_err(|_| BrokerError::Internal("system random generator failed".into()))?;
@@ -345,37 +395,14 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
+        shared: Option<&SharedViews>,
     ) -> Result<Unwrapped, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let keys = self.view(tenant_id, shared).await?;
         if let Some(hit) = self.cache.get(&cache_key).await {
-            // Checked on every hit: the binding's state and retired versions.
-            match hit.origin.tenant_key_version {
-                0 => {
-                    let binding = find_binding(&keys, tenant_id, &hit.origin.key_binding)?;
-                    ensure_current(binding, tenant_id, &hit.origin.key_version)?;
-                    ensure_usable(binding, tenant_id)?;
-                    binding
-                        .usage
-                        .record_unwrap(UsedVersion::Provider(&hit.origin.key_version));
-                }
-                v => {
-                    // Protected *now* by its tenant key version's binding,
-                    // which a key change may have moved.
-                    let binding = &hierarchy::sealed_version(&keys, tenant_id, v)?.binding;
-                    ensure_usable(binding, tenant_id)?;
-                    binding.usage.record_sealed(false);
-                    keys.tenant_key_usage
-                        .record_unwrap(UsedVersion::TenantKey(v));
-                }
-            }
-            return Ok(Unwrapped {
-                rewrap_recommended: rewrap_recommended(&keys, &hit),
-                info: origin_info(&keys, &hit.origin),
-                key: hit,
-            });
+            return self.serve_hit(&keys, tenant_id, hit);
         }
         // Boxed: the cold path's future (provider SDK calls included) is
         // kilobytes; inline, every hit would carry and move it.
@@ -385,6 +412,74 @@ impl Broker {
             rewrap_recommended: rewrap_recommended(&keys, &key),
             info: origin_info(&keys, &key.origin),
             key,
+        })
+    }
+
+    /// [`Broker::unwrap`] when it can answer without waiting: a cached key
+    /// of a tenant whose view is at hand, or a request refused before any
+    /// lookup. `None`: not cached (or a lookup would wait); call `unwrap`.
+    /// A batch answers its cached items through this, with no future per
+    /// item.
+    pub fn unwrap_cached(
+        &self,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+        shared: &SharedViews,
+    ) -> Option<Result<Unwrapped, BrokerError>> {
+        use futures::FutureExt as _;
+        if let Err(err) = context::validate_tenant_id(tenant_id)
+            .map_err(BrokerError::from)
+            .and_then(|()| envelope::check_size(wrapped).map_err(BrokerError::from))
+        {
+            return Some(Err(err));
+        }
+        let keys = match shared.get(tenant_id) {
+            Some(keys) => keys,
+            None => match self.directory.tenant_keys(tenant_id).now_or_never()? {
+                Ok(keys) => {
+                    shared.put(tenant_id, &keys);
+                    keys
+                }
+                Err(err) => return Some(Err(err.into())),
+            },
+        };
+        let cache_key = CacheKey::new(tenant_id, wrapped, context);
+        let hit = self.cache.get(&cache_key).now_or_never()??;
+        Some(self.serve_hit(&keys, tenant_id, hit))
+    }
+
+    /// A cached key, if its key may serve it now: the binding's state and
+    /// retired versions are checked on every hit.
+    fn serve_hit(
+        &self,
+        keys: &TenantKeys,
+        tenant_id: &str,
+        hit: Arc<CachedKey>,
+    ) -> Result<Unwrapped, BrokerError> {
+        match hit.origin.tenant_key_version {
+            0 => {
+                let binding = find_binding(keys, tenant_id, &hit.origin.key_binding)?;
+                ensure_current(binding, tenant_id, &hit.origin.key_version)?;
+                ensure_usable(binding, tenant_id)?;
+                binding
+                    .usage
+                    .record_unwrap(UsedVersion::Provider(&hit.origin.key_version));
+            }
+            v => {
+                // Protected *now* by its tenant key version's binding,
+                // which a key change may have moved.
+                let binding = &hierarchy::sealed_version(keys, tenant_id, v)?.binding;
+                ensure_usable(binding, tenant_id)?;
+                binding.usage.record_sealed(false);
+                keys.tenant_key_usage
+                    .record_unwrap(UsedVersion::TenantKey(v));
+            }
+        }
+        Ok(Unwrapped {
+            rewrap_recommended: rewrap_recommended(keys, &hit),
+            info: origin_info(keys, &hit.origin),
+            key: hit,
         })
     }
 
@@ -459,10 +554,11 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
+        shared: Option<&SharedViews>,
     ) -> Result<Rewrapped, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
-        let keys = self.directory.tenant_keys(tenant_id).await?;
+        let keys = self.view(tenant_id, shared).await?;
         let envelope = parse_for(tenant_id, wrapped)?;
         if keys.hierarchy == KeyHierarchy::TenantKey || envelope.tenant_key_version > 0 {
             return self.rewrap_through(keys, tenant_id, context, wrapped).await;

@@ -10,7 +10,7 @@
 //! stopped: the lines already in `--out` are skipped. Progress goes to
 //! stderr on a terminal; a JSON summary goes to stdout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 
@@ -31,18 +31,18 @@ const IN_FLIGHT: usize = 4;
 /// One input line, parsed.
 struct Line {
     wrapped_b64: String,
-    context: HashMap<String, String>,
+    context: BTreeMap<String, String>,
 }
 
 fn parse_line(
     n: usize,
     text: &str,
-    default_context: &HashMap<String, String>,
+    default_context: &BTreeMap<String, String>,
 ) -> anyhow::Result<Line> {
     let (key, context) = match text.split_once('\t') {
         Some((key, context)) => (
             key,
-            serde_json::from_str::<HashMap<String, String>>(context).map_err(|e| {
+            serde_json::from_str::<BTreeMap<String, String>>(context).map_err(|e| {
                 anyhow::anyhow!("line {n}: the context column is not a JSON object of strings: {e}")
             })?,
         ),
@@ -150,7 +150,7 @@ async fn move_batch(
 pub(super) async fn rewrap_all(
     client: KeyBrokerClient<TenantChannel>,
     tenant: &str,
-    default_context: &HashMap<String, String>,
+    default_context: &BTreeMap<String, String>,
     out: &Path,
 ) -> anyhow::Result<Value> {
     let mut input = Vec::new();

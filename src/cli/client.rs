@@ -226,7 +226,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::BatchUnwrap { target } => {
             let mut client = connect(&target.server, &target.tenant).await?;
-            let context: std::collections::HashMap<String, String> =
+            let context: std::collections::BTreeMap<String, String> =
                 target.context.into_iter().collect();
             let lines: Vec<String> = std::io::stdin().lines().collect::<Result<_, _>>()?;
             let mut items = Vec::new();

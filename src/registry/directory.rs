@@ -731,8 +731,11 @@ fn unusable(record: &BindingRecord, err: &InvalidIdentifier) -> DirectoryError {
 /// data-plane request can produce: `#` is not allowed in tenant ids.
 fn material_wrap_context(tenant_id: &str, name: &str) -> Result<(String, Context), DirectoryError> {
     // Key names are validated long before (at most 64 safe characters).
-    let context = Context::new(HashMap::from([("binding".to_owned(), name.to_owned())]))
-        .map_err(|e| DirectoryError::Internal(format!("key name '{name}': {e}")))?;
+    let context = Context::new(std::collections::BTreeMap::from([(
+        "binding".to_owned(),
+        name.to_owned(),
+    )]))
+    .map_err(|e| DirectoryError::Internal(format!("key name '{name}': {e}")))?;
     Ok((format!("#imported/{tenant_id}"), context))
 }
 

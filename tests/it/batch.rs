@@ -311,6 +311,44 @@ async fn items_are_authorized_and_audited_one_by_one() {
     for r in &records {
         assert_eq!(r["method"], "keybroker.v1.KeyBroker/BatchUnwrapKey");
     }
+    // The same batch again, its key now cached: the items answered at once
+    // (no future per item) are authorized and audited like the others.
+    let lines_before = text.lines().count();
+    let results = batch_unwrap(
+        &mut broker,
+        vec![
+            unwrap_req("acme", CTX, &g.wrapped_key),
+            unwrap_req("globex", CTX, &g.wrapped_key),
+            unwrap_req("acme", CTX, &g.wrapped_key),
+        ],
+    )
+    .await
+    .unwrap();
+    let codes: Vec<Code> = results.iter().map(code).collect();
+    assert_eq!(codes, [Code::Ok, Code::PermissionDenied, Code::Ok]);
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let cached: Vec<serde_json::Value> = text
+        .lines()
+        .skip(lines_before)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cached.len(), 3, "one record per item:\n{text}");
+    let first_digest = &records[0]["wrapped_key_sha256"];
+    assert!(first_digest.is_string());
+    for (r, (tenant, outcome)) in cached.iter().zip([
+        ("acme", "OK"),
+        ("globex", "PERMISSION_DENIED"),
+        ("acme", "OK"),
+    ]) {
+        assert_eq!(r["tenant_id"], tenant, "{r}");
+        assert_eq!(r["outcome"], outcome, "{r}");
+        assert_eq!(&r["wrapped_key_sha256"], first_digest, "{r}");
+        if outcome == "OK" {
+            assert_eq!(r["cache_hit"], true, "{r}");
+            assert_eq!(r["provider_calls"], 0, "{r}");
+            assert_eq!(r["key_binding"], "platform", "{r}");
+        }
+    }
     // RewrapKey is not granted, so neither is its batch.
     let denied = broker
         .batch_rewrap_key(proto::BatchRewrapKeyRequest {

@@ -200,7 +200,7 @@ pub(crate) fn tool(name: &str, env_var: &str) -> PathBuf {
     path
 }
 
-pub(crate) fn ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+pub(crate) fn ctx(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -477,7 +477,7 @@ mod tests {
     use super::file::private_mode;
     use super::*;
     use crate::context::Context;
-    use std::collections::HashMap;
+    use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt;
 
     fn ctx(pairs: &[(&str, &str)]) -> Context {
@@ -485,7 +485,7 @@ mod tests {
             pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<HashMap<_, _>>(),
+                .collect::<BTreeMap<_, _>>(),
         )
         .unwrap()
     }
