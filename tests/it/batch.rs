@@ -544,3 +544,94 @@ async fn bulk_rewrap_moves_everything_and_resumes() {
     }
     server.stop().await;
 }
+
+/// Cached items are answered without a future per item, and still pass
+/// every check a single call makes: a disabled key refuses its cached DEKs
+/// in a batch at once (a direct and a tenant-key tenant, interleaved, so the
+/// batch's shared tenant view switches tenants) without a provider call,
+/// and enabling it serves them again.
+#[tokio::test]
+async fn cached_items_obey_the_key_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    for (tenant, hierarchy) in [
+        ("acme", KeyHierarchy::TenantKey),
+        ("globex", KeyHierarchy::Direct),
+    ] {
+        create_tenant_with(&mut admin, tenant, KeyPolicy::SingleKey, hierarchy).await;
+        admin
+            .import_key_material(proto::ImportKeyMaterialRequest {
+                tenant_id: tenant.into(),
+                name: "cmk".into(),
+                description: String::new(),
+                key_material_base64: random_material(),
+                make_primary: true,
+                new_version: false,
+            })
+            .await
+            .unwrap();
+    }
+    let mut items = Vec::new();
+    for i in 0..40 {
+        let tenant = if i % 3 == 0 { "globex" } else { "acme" };
+        let g = generate(&mut broker, tenant, CTX).await.unwrap();
+        items.push(unwrap_req(tenant, CTX, &g.wrapped_key));
+    }
+    let ok = |results: &[proto::BatchUnwrapKeyResult]| {
+        results.iter().filter(|r| code(r) == Code::Ok).count()
+    };
+    // Cold, then warm: every item answers both times.
+    assert_eq!(
+        ok(&batch_unwrap(&mut broker, items.clone()).await.unwrap()),
+        40
+    );
+    let hits = server.broker.cache().stats().hits.load(Ordering::SeqCst);
+    let warm = batch_unwrap(&mut broker, items.clone()).await.unwrap();
+    assert_eq!(ok(&warm), 40);
+    assert_eq!(
+        server.broker.cache().stats().hits.load(Ordering::SeqCst) - hits,
+        40,
+        "all 40 from the cache"
+    );
+    let calls = server.decrypt_calls();
+
+    admin
+        .disable_key(proto::DisableKeyRequest {
+            tenant_id: "globex".into(),
+            name: "cmk".into(),
+            reason: "customer offboarding".into(),
+            reencrypt_to: String::new(),
+        })
+        .await
+        .unwrap();
+    let results = batch_unwrap(&mut broker, items.clone()).await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        if i % 3 == 0 {
+            assert_eq!(code(r), Code::FailedPrecondition, "item {i}: {r:?}");
+            let message = &r.status.as_ref().unwrap().message;
+            assert!(message.contains("customer offboarding"), "{message}");
+            assert!(r.response.is_none());
+        } else {
+            assert_eq!(code(r), Code::Ok, "item {i}: {r:?}");
+        }
+    }
+    assert_eq!(
+        server.decrypt_calls(),
+        calls,
+        "refused without a provider call"
+    );
+    admin
+        .enable_key(proto::EnableKeyRequest {
+            tenant_id: "globex".into(),
+            name: "cmk".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok(&batch_unwrap(&mut broker, items).await.unwrap()), 40);
+    // Disabling dropped globex's cached keys: each is loaded once again;
+    // acme's stayed cached.
+    assert_eq!(server.decrypt_calls(), calls + 14);
+    server.stop().await;
+}
