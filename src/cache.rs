@@ -165,6 +165,21 @@ impl CachedKey {
     }
 }
 
+/// A cached key's plaintext as `Bytes`, without a copy: an answer's bytes
+/// are the entry's own, zeroized when the last holder (cache or answer)
+/// drops it.
+pub fn plaintext_bytes(key: Arc<CachedKey>) -> bytes::Bytes {
+    bytes::Bytes::from_owner(SharedPlaintext(key))
+}
+
+struct SharedPlaintext(Arc<CachedKey>);
+
+impl AsRef<[u8]> for SharedPlaintext {
+    fn as_ref(&self) -> &[u8] {
+        self.0.plaintext()
+    }
+}
+
 impl Drop for CachedKey {
     fn drop(&mut self) {
         use zeroize::Zeroize as _;

@@ -273,7 +273,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
             2,
             proto::UnwrapKeyRequest {
                 tenant_id: "acme".into(),
-                wrapped_key: wrapped.clone(),
+                wrapped_key: wrapped.clone().into(),
                 context: Default::default(),
             },
         ),

@@ -249,7 +249,7 @@ async fn measure(
                 broker
                     .unwrap_key(proto::UnwrapKeyRequest {
                         tenant_id: tenant_id.clone(),
-                        wrapped_key: key.clone(),
+                        wrapped_key: key.clone().into(),
                         context: context(),
                     })
                     .await?;
@@ -287,7 +287,7 @@ async fn measure(
                             .iter()
                             .map(|k| proto::UnwrapKeyRequest {
                                 tenant_id: tenant(t),
-                                wrapped_key: k.clone(),
+                                wrapped_key: k.clone().into(),
                                 context: context(),
                             })
                             .collect(),

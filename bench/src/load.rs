@@ -246,7 +246,7 @@ pub(crate) async fn unwrap_all(
         client
             .unwrap_key(UnwrapKeyRequest {
                 tenant_id: "bench".into(),
-                wrapped_key: key.clone(),
+                wrapped_key: key.clone().into(),
                 context: context(),
             })
             .await?;
@@ -302,7 +302,7 @@ impl Target {
                 let items = (0..*size)
                     .map(|k| UnwrapKeyRequest {
                         tenant_id: "bench".into(),
-                        wrapped_key: warm[(start + k) % warm.len()].clone(),
+                        wrapped_key: warm[(start + k) % warm.len()].clone().into(),
                         context: context(),
                     })
                     .collect();
@@ -376,7 +376,7 @@ impl Target {
                 client
                     .unwrap_key(UnwrapKeyRequest {
                         tenant_id: "bench".into(),
-                        wrapped_key: key.clone(),
+                        wrapped_key: key.clone().into(),
                         context: context(),
                     })
                     .await

@@ -32,12 +32,12 @@ fn context(map: std::collections::BTreeMap<String, String>) -> Result<Context, S
 struct PreparedUnwrap {
     tenant_id: String,
     context: Context,
-    wrapped_key: Vec<u8>,
+    wrapped_key: bytes::Bytes,
 }
 
 fn unwrap_response(unwrapped: crate::broker::Unwrapped) -> proto::UnwrapKeyResponse {
     proto::UnwrapKeyResponse {
-        plaintext: unwrapped.key.plaintext().to_vec(),
+        plaintext: crate::cache::plaintext_bytes(unwrapped.key),
         key: Some(key_info(unwrapped.info)),
         rewrap_recommended: unwrapped.rewrap_recommended,
     }

@@ -79,7 +79,7 @@ async fn move_batch(
                     proto::UnwrapKeyRequest {
                         tenant_id: tenant.clone(),
                         context: line.context.clone(),
-                        wrapped_key,
+                        wrapped_key: wrapped_key.into(),
                     },
                 ));
             }
@@ -122,7 +122,7 @@ async fn move_batch(
                         .map(|(_, i)| proto::RewrapKeyRequest {
                             tenant_id: i.tenant_id.clone(),
                             context: i.context.clone(),
-                            wrapped_key: i.wrapped_key.clone(),
+                            wrapped_key: i.wrapped_key.to_vec(),
                         })
                         .collect(),
                 })

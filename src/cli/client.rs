@@ -214,7 +214,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                 .unwrap_key(proto::UnwrapKeyRequest {
                     tenant_id: target.tenant,
                     context: target.context.into_iter().collect(),
-                    wrapped_key,
+                    wrapped_key: wrapped_key.into(),
                 })
                 .await
                 .answer()?;
@@ -238,7 +238,8 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                 items.push(proto::UnwrapKeyRequest {
                     tenant_id: target.tenant.clone(),
                     context: context.clone(),
-                    wrapped_key: decode_b64(&format!("wrapped key on line {}", n + 1), line)?,
+                    wrapped_key: decode_b64(&format!("wrapped key on line {}", n + 1), line)?
+                        .into(),
                 });
             }
             let mut results = Vec::new();

@@ -508,7 +508,7 @@ async fn replica_region_serves_decrypt_when_the_key_region_is_unreachable() {
         .await
         .expect("decrypt should be served by the replica region")
         .into_inner();
-    assert_eq!(back.plaintext, dek);
+    assert_eq!(back.plaintext[..], dek[..]);
     assert_eq!(replica.count("trentservice.decrypt"), 1);
     let body: serde_json::Value =
         serde_json::from_str(&replica.last_body("trentservice.decrypt").unwrap()).unwrap();

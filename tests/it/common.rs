@@ -255,7 +255,7 @@ pub(crate) fn unwrap_req(
     keybroker::proto::UnwrapKeyRequest {
         tenant_id: tenant.into(),
         context: ctx(context),
-        wrapped_key: wrapped.to_vec(),
+        wrapped_key: wrapped.to_vec().into(),
     }
 }
 

@@ -275,7 +275,7 @@ async fn send_hostile_requests(channel: Channel) {
                 .unwrap_key(proto::UnwrapKeyRequest {
                     tenant_id: tenant.into(),
                     context: c.clone(),
-                    wrapped_key: wrapped.clone(),
+                    wrapped_key: wrapped.clone().into(),
                 })
                 .await;
             let _ = broker

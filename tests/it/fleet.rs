@@ -342,7 +342,7 @@ async fn unwrap_revoked(target: &str, dek: &proto::GenerateDataKeyResponse) -> t
     match client
         .unwrap_key(proto::UnwrapKeyRequest {
             tenant_id: REVOKED.into(),
-            wrapped_key: dek.wrapped_key.clone(),
+            wrapped_key: dek.wrapped_key.clone().into(),
             context: Default::default(),
         })
         .await

@@ -207,7 +207,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
             .unwrap_key(proto::UnwrapKeyRequest {
                 tenant_id: "acme".into(),
                 context: c.clone(),
-                wrapped_key: wrapped.clone(),
+                wrapped_key: wrapped.clone().into(),
             })
             .await
             .unwrap()
@@ -228,7 +228,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
             .unwrap_key(proto::UnwrapKeyRequest {
                 tenant_id: "acme".into(),
                 context: ctx(&[("table", "other")]),
-                wrapped_key: wrapped.clone(),
+                wrapped_key: wrapped.clone().into(),
             })
             .await
             .unwrap_err(),
@@ -236,7 +236,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
             .unwrap_key(proto::UnwrapKeyRequest {
                 tenant_id: "acme".into(),
                 context: c.clone(),
-                wrapped_key: canary.clone(),
+                wrapped_key: canary.clone().into(),
             })
             .await
             .unwrap_err(),
@@ -406,7 +406,7 @@ async fn sigterm_turns_health_off_then_drains_and_exits_cleanly() {
                 .unwrap_key(proto::UnwrapKeyRequest {
                     tenant_id: "acme".into(),
                     context: Default::default(),
-                    wrapped_key: generated.wrapped_key.clone(),
+                    wrapped_key: generated.wrapped_key.clone().into(),
                 })
                 .await
                 .expect("RPC during the shutdown grace period failed");
@@ -647,7 +647,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
         client
             .unwrap_key(proto::UnwrapKeyRequest {
                 tenant_id: "acme".into(),
-                wrapped_key: generated.wrapped_key.clone(),
+                wrapped_key: generated.wrapped_key.clone().into(),
                 context: Default::default(),
             })
             .await
@@ -656,7 +656,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
     let bad = client
         .unwrap_key(proto::UnwrapKeyRequest {
             tenant_id: "acme".into(),
-            wrapped_key: b"garbage".to_vec(),
+            wrapped_key: b"garbage".to_vec().into(),
             context: Default::default(),
         })
         .await
@@ -666,7 +666,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
     for header in ["acme", "globex"] {
         let mut request = tonic::Request::new(proto::UnwrapKeyRequest {
             tenant_id: "acme".into(),
-            wrapped_key: generated.wrapped_key.clone(),
+            wrapped_key: generated.wrapped_key.clone().into(),
             context: Default::default(),
         });
         request

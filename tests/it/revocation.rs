@@ -46,7 +46,7 @@ async fn time_until(
     loop {
         let result = unwrap(broker, TENANT, &[], wrapped)
             .await
-            .map(|r| r.plaintext);
+            .map(|r| r.plaintext.to_vec());
         if done(&result) {
             return (start.elapsed(), result);
         }

@@ -468,7 +468,7 @@ async fn call(
         "UnwrapKey" => broker
             .unwrap_key(proto::UnwrapKeyRequest {
                 tenant_id,
-                wrapped_key: wrapped.to_vec(),
+                wrapped_key: wrapped.to_vec().into(),
                 context: ctx(&[]),
             })
             .await
@@ -532,7 +532,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
         let unwrapped = client
             .unwrap_key(proto::UnwrapKeyRequest {
                 tenant_id: "acme".into(),
-                wrapped_key: generated.wrapped_key.clone(),
+                wrapped_key: generated.wrapped_key.clone().into(),
                 context: ctx(&[("table", "orders")]),
             })
             .await
@@ -555,7 +555,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
     let bad = client
         .unwrap_key(proto::UnwrapKeyRequest {
             tenant_id: "acme".into(),
-            wrapped_key: b"not a wrapped key".to_vec(),
+            wrapped_key: b"not a wrapped key".to_vec().into(),
             context: ctx(&[]),
         })
         .await

@@ -425,7 +425,7 @@ async fn vault_transit_keys_work_end_to_end() {
         items.push(crate::common::unwrap_req("acme", CTX, &d.wrapped_key));
         expected.push(Some(d.plaintext));
     }
-    let mut forged = items[7].wrapped_key.clone();
+    let mut forged = items[7].wrapped_key.to_vec();
     let last = forged.len() - 3;
     forged[last] ^= 1;
     items.push(crate::common::unwrap_req("acme", CTX, &forged));
