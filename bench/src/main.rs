@@ -21,6 +21,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// The floor and the load client use the allocator keybroker uses, so the
+/// comparison measures the service, not the allocators.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Generated from `benches/floor.proto`.
 #[allow(
     missing_debug_implementations,
