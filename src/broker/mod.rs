@@ -434,15 +434,15 @@ impl Broker {
         {
             return Some(Err(err));
         }
+        // Never a registry load here: a load polled once and dropped would
+        // be cancelled (a query cut off) for every item of a cold batch.
         let keys = match shared.get(tenant_id) {
             Some(keys) => keys,
-            None => match self.directory.tenant_keys(tenant_id).now_or_never()? {
-                Ok(keys) => {
-                    shared.put(tenant_id, &keys);
-                    keys
-                }
-                Err(err) => return Some(Err(err.into())),
-            },
+            None => {
+                let keys = self.directory.tenant_keys_in_memory(tenant_id)?;
+                shared.put(tenant_id, &keys);
+                keys
+            }
         };
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let hit = self.cache.get(&cache_key).now_or_never()??;

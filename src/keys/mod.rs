@@ -199,6 +199,12 @@ pub struct NewTenantKey {
 pub trait KeyDirectory: Send + Sync + fmt::Debug {
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError>;
 
+    /// The tenant's view if it is in memory now, without starting (or
+    /// waiting for) a load: the path that must not wait asks this first.
+    fn tenant_keys_in_memory(&self, _tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        None
+    }
+
     /// Stores a tenant key version the data plane minted and drops the
     /// tenant's view, so the next read sees it. `Ok(false)`: that version
     /// number was stored first by someone else (another request, another
@@ -264,6 +270,10 @@ impl PlatformOnly {
 impl KeyDirectory for PlatformOnly {
     async fn tenant_keys(&self, _tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
         Ok(Arc::clone(&self.keys))
+    }
+
+    fn tenant_keys_in_memory(&self, _tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        Some(Arc::clone(&self.keys))
     }
 }
 

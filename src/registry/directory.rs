@@ -642,6 +642,11 @@ impl KeyDirectory for RegistryDirectory {
         // would be part of every hit's future too.
         Box::pin(self.load_view(tenant_id)).await
     }
+
+    fn tenant_keys_in_memory(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        // A lookup, never a load: moka's get waits for nothing.
+        futures::FutureExt::now_or_never(self.tenants.get(tenant_id)).flatten()
+    }
 }
 
 impl RegistryDirectory {
