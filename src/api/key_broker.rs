@@ -27,8 +27,8 @@ fn context(map: std::collections::BTreeMap<String, String>) -> Result<Context, S
     Context::new(map).map_err(|e| BrokerError::from(e).into())
 }
 
-/// An UnwrapKey batch item whose context is validated, for the path that
-/// may wait (a key not in the cache).
+/// An UnwrapKey request whose context is validated, for the path that may
+/// wait (a key not in the cache).
 struct PreparedUnwrap {
     tenant_id: String,
     context: Context,
@@ -71,25 +71,9 @@ impl KeyBrokerApi {
         })
     }
 
-    async fn unwrap_one(
-        &self,
-        req: proto::UnwrapKeyRequest,
-    ) -> Result<proto::UnwrapKeyResponse, Status> {
-        let unwrapped = self
-            .broker
-            .unwrap(
-                &req.tenant_id,
-                &context(req.context)?,
-                &req.wrapped_key,
-                None,
-            )
-            .await?;
-        Ok(unwrap_response(unwrapped))
-    }
-
-    /// A batch item answered at once (a cached key, or a request refused
-    /// before any lookup), or handed on, its context validated, to
-    /// [`KeyBrokerApi::unwrap_prepared`].
+    /// An UnwrapKey (single or batch item) answered at once (a cached key,
+    /// or a request refused before any lookup), or handed on, its context
+    /// validated, to [`KeyBrokerApi::unwrap_prepared`].
     fn unwrap_at_once(
         &self,
         req: proto::UnwrapKeyRequest,
@@ -178,7 +162,16 @@ impl KeyBroker for KeyBrokerApi {
         &self,
         request: Request<proto::UnwrapKeyRequest>,
     ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| self.unwrap_one(req)).await
+        call::serve(&self.observers, request, |req| async move {
+            // A cached key is answered without awaiting anything; the path
+            // that may wait is boxed, so the hit's future stays small.
+            let shared = SharedViews::default();
+            match self.unwrap_at_once(req, &shared) {
+                Ok(answer) => answer,
+                Err(prepared) => Box::pin(self.unwrap_prepared(prepared, &shared)).await,
+            }
+        })
+        .await
     }
 
     async fn rewrap_key(

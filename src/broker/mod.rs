@@ -289,7 +289,11 @@ impl Broker {
         if let Some(keys) = shared.and_then(|s| s.get(tenant_id)) {
             return Ok(keys);
         }
-        let keys = self.directory.tenant_keys(tenant_id).await?;
+        // In memory (the usual case): no boxed directory future to await.
+        let keys = match self.directory.tenant_keys_in_memory(tenant_id) {
+            Some(keys) => keys,
+            None => self.directory.tenant_keys(tenant_id).await?,
+        };
         if let Some(shared) = shared {
             shared.put(tenant_id, &keys);
         }
