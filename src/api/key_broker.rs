@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, key_info, key_state, timestamp};
-use crate::broker::{Broker, BrokerError, SharedViews};
+use crate::broker::{Broker, BrokerError, Miss, SharedViews};
 use crate::context::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
 use crate::secret::SecretBytes;
@@ -33,6 +33,7 @@ struct PreparedUnwrap {
     tenant_id: String,
     context: Context,
     wrapped_key: bytes::Bytes,
+    miss: Miss,
 }
 
 fn unwrap_response(unwrapped: crate::broker::Unwrapped) -> proto::UnwrapKeyResponse {
@@ -78,7 +79,7 @@ impl KeyBrokerApi {
         &self,
         req: proto::UnwrapKeyRequest,
         shared: &SharedViews,
-    ) -> Result<Result<proto::UnwrapKeyResponse, Status>, PreparedUnwrap> {
+    ) -> Result<Result<proto::UnwrapKeyResponse, Status>, Box<PreparedUnwrap>> {
         let context = match context(req.context) {
             Ok(context) => context,
             Err(status) => return Ok(Err(status)),
@@ -87,23 +88,31 @@ impl KeyBrokerApi {
             .broker
             .unwrap_cached(&req.tenant_id, &context, &req.wrapped_key, shared)
         {
-            Some(result) => Ok(result.map(unwrap_response).map_err(Status::from)),
-            None => Err(PreparedUnwrap {
+            Ok(result) => Ok(result.map(unwrap_response).map_err(Status::from)),
+            // Boxed: a miss is the cold path, and the hit's result stays small.
+            Err(miss) => Err(Box::new(PreparedUnwrap {
                 tenant_id: req.tenant_id,
                 context,
                 wrapped_key: req.wrapped_key,
-            }),
+                miss,
+            })),
         }
     }
 
     async fn unwrap_prepared(
         &self,
-        req: PreparedUnwrap,
+        req: Box<PreparedUnwrap>,
         shared: &SharedViews,
     ) -> Result<proto::UnwrapKeyResponse, Status> {
         let unwrapped = self
             .broker
-            .unwrap(&req.tenant_id, &req.context, &req.wrapped_key, Some(shared))
+            .unwrap_missed(
+                &req.tenant_id,
+                &req.context,
+                &req.wrapped_key,
+                req.miss,
+                shared,
+            )
             .await?;
         Ok(unwrap_response(unwrapped))
     }

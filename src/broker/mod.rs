@@ -183,6 +183,11 @@ impl SharedViews {
     }
 }
 
+/// What [`Broker::unwrap_cached`] learned before it stopped: the cache key,
+/// when it got as far as computing one (validated, not cached).
+#[derive(Debug)]
+pub struct Miss(Option<CacheKey>);
+
 #[derive(Debug)]
 pub struct Broker {
     directory: Arc<dyn KeyDirectory>,
@@ -408,49 +413,87 @@ impl Broker {
         if let Some(hit) = self.cache.get(&cache_key).await {
             return self.serve_hit(&keys, tenant_id, hit);
         }
+        self.unwrap_cold(&keys, cache_key, tenant_id, context, wrapped)
+            .await
+    }
+
+    /// A key not in the cache: parsed, checked and loaded (one provider
+    /// call shared by every concurrent caller of the same key).
+    async fn unwrap_cold(
+        &self,
+        keys: &TenantKeys,
+        cache_key: CacheKey,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+    ) -> Result<Unwrapped, BrokerError> {
         // Boxed: the cold path's future (provider SDK calls included) is
         // kilobytes; inline, every hit would carry and move it.
-        let key =
-            Box::pin(self.load_wrapped(&keys, cache_key, tenant_id, context, wrapped)).await?;
+        let key = Box::pin(self.load_wrapped(keys, cache_key, tenant_id, context, wrapped)).await?;
         Ok(Unwrapped {
-            rewrap_recommended: rewrap_recommended(&keys, &key),
-            info: origin_info(&keys, &key.origin),
+            rewrap_recommended: rewrap_recommended(keys, &key),
+            info: origin_info(keys, &key.origin),
             key,
         })
     }
 
+    /// [`Broker::unwrap`] after [`Broker::unwrap_cached`] found no cached
+    /// key: what it already did (validation, the cache key) is not done
+    /// again.
+    pub async fn unwrap_missed(
+        &self,
+        tenant_id: &str,
+        context: &Context,
+        wrapped: &[u8],
+        miss: Miss,
+        shared: &SharedViews,
+    ) -> Result<Unwrapped, BrokerError> {
+        let Miss(Some(cache_key)) = miss else {
+            // The tenant's view was not in memory: nothing was looked up.
+            return self.unwrap(tenant_id, context, wrapped, Some(shared)).await;
+        };
+        let keys = self.view(tenant_id, Some(shared)).await?;
+        self.unwrap_cold(&keys, cache_key, tenant_id, context, wrapped)
+            .await
+    }
+
     /// [`Broker::unwrap`] when it can answer without waiting: a cached key
     /// of a tenant whose view is at hand, or a request refused before any
-    /// lookup. `None`: not cached (or a lookup would wait); call `unwrap`.
-    /// A batch answers its cached items through this, with no future per
-    /// item.
+    /// lookup. A [`Miss`] otherwise: finish with [`Broker::unwrap_missed`].
+    /// UnwrapKey answers its cached keys through this, a batch with no
+    /// future per item.
     pub fn unwrap_cached(
         &self,
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
         shared: &SharedViews,
-    ) -> Option<Result<Unwrapped, BrokerError>> {
+    ) -> Result<Result<Unwrapped, BrokerError>, Miss> {
         use futures::FutureExt as _;
         if let Err(err) = context::validate_tenant_id(tenant_id)
             .map_err(BrokerError::from)
             .and_then(|()| envelope::check_size(wrapped).map_err(BrokerError::from))
         {
-            return Some(Err(err));
+            return Ok(Err(err));
         }
         // Never a registry load here: a load polled once and dropped would
         // be cancelled (a query cut off) for every item of a cold batch.
         let keys = match shared.get(tenant_id) {
             Some(keys) => keys,
             None => {
-                let keys = self.directory.tenant_keys_in_memory(tenant_id)?;
+                let keys = self
+                    .directory
+                    .tenant_keys_in_memory(tenant_id)
+                    .ok_or(Miss(None))?;
                 shared.put(tenant_id, &keys);
                 keys
             }
         };
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        let hit = self.cache.get(&cache_key).now_or_never()??;
-        Some(self.serve_hit(&keys, tenant_id, hit))
+        match self.cache.get(&cache_key).now_or_never() {
+            Some(Some(hit)) => Ok(self.serve_hit(&keys, tenant_id, hit)),
+            _ => Err(Miss(Some(cache_key))),
+        }
     }
 
     /// A cached key, if its key may serve it now: the binding's state and
