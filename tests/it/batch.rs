@@ -15,8 +15,9 @@ use tonic_types::StatusExt as _;
 
 use crate::common::{
     SlowKeyring, TestServer, admin_client, create_tenant_with, ctx, generate, generate_req,
-    random_material, test_config, unwrap_req,
+    test_config, unwrap_req,
 };
+use crate::hierarchy::import;
 
 const CTX: &[(&str, &str)] = &[("object", "o1")];
 
@@ -89,17 +90,7 @@ async fn every_item_answers_on_its_own() {
         KeyHierarchy::Direct,
     )
     .await;
-    admin
-        .import_key_material(proto::ImportKeyMaterialRequest {
-            tenant_id: "globex".into(),
-            name: "cmk".into(),
-            description: String::new(),
-            key_material_base64: random_material(),
-            make_primary: true,
-            new_version: false,
-        })
-        .await
-        .unwrap();
+    import(&mut admin, "globex", "cmk", true).await;
     let good: Vec<_> = futures::future::join_all((0..3).map(|_| {
         let mut b = broker.clone();
         async move { generate(&mut b, "acme", CTX).await.unwrap() }
@@ -428,17 +419,7 @@ async fn bulk_rewrap_moves_everything_and_resumes() {
     let plat = make("plat").await;
     // Key changes: acme gets its first CMK (a new tenant key version);
     // the platform keyring rotates.
-    admin
-        .import_key_material(proto::ImportKeyMaterialRequest {
-            tenant_id: "acme".into(),
-            name: "cmk".into(),
-            description: String::new(),
-            key_material_base64: random_material(),
-            make_primary: true,
-            new_version: false,
-        })
-        .await
-        .unwrap();
+    import(&mut admin, "acme", "cmk", true).await;
     let rotated = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
         .args(["keyring", "rotate", "--data-dir"])
         .arg(dir.path())
@@ -540,17 +521,7 @@ async fn cached_items_obey_the_key_state() {
         ("globex", KeyHierarchy::Direct),
     ] {
         create_tenant_with(&mut admin, tenant, KeyPolicy::SingleKey, hierarchy).await;
-        admin
-            .import_key_material(proto::ImportKeyMaterialRequest {
-                tenant_id: tenant.into(),
-                name: "cmk".into(),
-                description: String::new(),
-                key_material_base64: random_material(),
-                make_primary: true,
-                new_version: false,
-            })
-            .await
-            .unwrap();
+        import(&mut admin, tenant, "cmk", true).await;
     }
     let mut items = Vec::new();
     for i in 0..40 {
