@@ -414,13 +414,11 @@ where
         None => Either::Right(handler(req)),
     };
     let result = call.await;
-    if durable {
-        if let Some(facts) = &facts {
-            let record = facts.outcome(ctx, notes.as_deref(), &result);
-            if let Err(err) = audit.write(&record) {
-                // The intent record exists; the caller gets the true answer.
-                tracing::error!(error = %err, request_id = record.request_id, "audit record of a change's outcome not written (its intent was)");
-            }
+    if let Some(facts) = facts.as_ref().filter(|_| durable) {
+        let record = facts.outcome(ctx, notes.as_deref(), &result);
+        if let Err(err) = audit.write(&record) {
+            // The intent record exists; the caller gets the true answer.
+            tracing::error!(error = %err, request_id = record.request_id, "audit record of a change's outcome not written (its intent was)");
         }
         return result.map(Response::new);
     }

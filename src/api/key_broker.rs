@@ -78,7 +78,7 @@ impl KeyBrokerApi {
     fn unwrap_at_once(
         &self,
         req: proto::UnwrapKeyRequest,
-        shared: &SharedViews,
+        shared: Option<&SharedViews>,
     ) -> Result<Result<proto::UnwrapKeyResponse, Status>, Box<PreparedUnwrap>> {
         let context = match context(req.context) {
             Ok(context) => context,
@@ -102,7 +102,7 @@ impl KeyBrokerApi {
     async fn unwrap_prepared(
         &self,
         req: Box<PreparedUnwrap>,
-        shared: &SharedViews,
+        shared: Option<&SharedViews>,
     ) -> Result<proto::UnwrapKeyResponse, Status> {
         let unwrapped = self
             .broker
@@ -173,11 +173,11 @@ impl KeyBroker for KeyBrokerApi {
     ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
             // A cached key is answered without awaiting anything; the path
-            // that may wait is boxed, so the hit's future stays small.
-            let shared = SharedViews::default();
-            match self.unwrap_at_once(req, &shared) {
+            // that may wait is boxed, so the hit's future stays small. One
+            // request shares no views (nothing to remember them for).
+            match self.unwrap_at_once(req, None) {
                 Ok(answer) => answer,
-                Err(prepared) => Box::pin(self.unwrap_prepared(prepared, &shared)).await,
+                Err(prepared) => Box::pin(self.unwrap_prepared(prepared, None)).await,
             }
         })
         .await
@@ -220,8 +220,8 @@ impl KeyBroker for KeyBrokerApi {
         let results = call::serve_batch(
             &self.observers,
             request,
-            |req| self.unwrap_at_once(req, &shared),
-            |req| self.unwrap_prepared(req, &shared),
+            |req| self.unwrap_at_once(req, Some(&shared)),
+            |req| self.unwrap_prepared(req, Some(&shared)),
         )
         .await?
         .into_iter()

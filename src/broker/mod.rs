@@ -291,18 +291,31 @@ impl Broker {
         tenant_id: &str,
         shared: Option<&SharedViews>,
     ) -> Result<Arc<TenantKeys>, BrokerError> {
-        if let Some(keys) = shared.and_then(|s| s.get(tenant_id)) {
+        if let Some(keys) = self.view_in_memory(tenant_id, shared) {
             return Ok(keys);
         }
-        // In memory (the usual case): no boxed directory future to await.
-        let keys = match self.directory.tenant_keys_in_memory(tenant_id) {
-            Some(keys) => keys,
-            None => self.directory.tenant_keys(tenant_id).await?,
-        };
+        let keys = self.directory.tenant_keys(tenant_id).await?;
         if let Some(shared) = shared {
             shared.put(tenant_id, &keys);
         }
         Ok(keys)
+    }
+
+    /// The tenant's view if it is at hand: in `shared`, or in the
+    /// directory's memory. Never a registry load (no future to await).
+    fn view_in_memory(
+        &self,
+        tenant_id: &str,
+        shared: Option<&SharedViews>,
+    ) -> Option<Arc<TenantKeys>> {
+        if let Some(keys) = shared.and_then(|s| s.get(tenant_id)) {
+            return Some(keys);
+        }
+        let keys = self.directory.tenant_keys_in_memory(tenant_id)?;
+        if let Some(shared) = shared {
+            shared.put(tenant_id, &keys);
+        }
+        Some(keys)
     }
 
     pub fn provider_calls(&self) -> &Arc<ProviderCalls> {
@@ -446,13 +459,13 @@ impl Broker {
         context: &Context,
         wrapped: &[u8],
         miss: Miss,
-        shared: &SharedViews,
+        shared: Option<&SharedViews>,
     ) -> Result<Unwrapped, BrokerError> {
         let Miss(Some(cache_key)) = miss else {
             // The tenant's view was not in memory: nothing was looked up.
-            return self.unwrap(tenant_id, context, wrapped, Some(shared)).await;
+            return self.unwrap(tenant_id, context, wrapped, shared).await;
         };
-        let keys = self.view(tenant_id, Some(shared)).await?;
+        let keys = self.view(tenant_id, shared).await?;
         self.unwrap_cold(&keys, cache_key, tenant_id, context, wrapped)
             .await
     }
@@ -467,7 +480,7 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
-        shared: &SharedViews,
+        shared: Option<&SharedViews>,
     ) -> Result<Result<Unwrapped, BrokerError>, Miss> {
         use futures::FutureExt as _;
         if let Err(err) = context::validate_tenant_id(tenant_id)
@@ -478,17 +491,7 @@ impl Broker {
         }
         // Never a registry load here: a load polled once and dropped would
         // be cancelled (a query cut off) for every item of a cold batch.
-        let keys = match shared.get(tenant_id) {
-            Some(keys) => keys,
-            None => {
-                let keys = self
-                    .directory
-                    .tenant_keys_in_memory(tenant_id)
-                    .ok_or(Miss(None))?;
-                shared.put(tenant_id, &keys);
-                keys
-            }
-        };
+        let keys = self.view_in_memory(tenant_id, shared).ok_or(Miss(None))?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         match self.cache.get(&cache_key).now_or_never() {
             Some(Some(hit)) => Ok(self.serve_hit(&keys, tenant_id, hit)),
