@@ -100,7 +100,7 @@ fn cache_benches(c: &mut Criterion) {
         }))
         .unwrap();
     c.bench_function("cache_hit", |b| {
-        b.iter(|| runtime.block_on(cache.get(black_box(&key))).unwrap())
+        b.iter(|| cache.get(black_box(&key)).unwrap())
     });
 
     // The whole data-plane hit: validation, digests, directory, cache, state.

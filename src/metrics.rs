@@ -364,7 +364,7 @@ impl Metrics {
     pub async fn scrape(&self) -> Result<String, std::fmt::Error> {
         let cache = self.sources.lock().ok().and_then(|s| s.cache.clone());
         if let Some(cache) = cache {
-            cache.run_pending_tasks().await;
+            cache.run_pending_tasks();
         }
         self.encode()
     }

@@ -84,7 +84,7 @@ pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
                     .unwrap("tenant-0001", &context, &wrapped, None)
                     .await?;
             }
-            cache.run_pending_tasks().await;
+            cache.run_pending_tasks();
             Ok::<_, anyhow::Error>(())
         };
         // Warm-up: allocator arenas, moka's internals, the keyring.

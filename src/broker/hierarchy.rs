@@ -167,7 +167,7 @@ impl Broker {
         ensure_current(binding, tenant_id, &version.provider_key_version)?;
         let context = tenant_key_context(version.version);
         let cache_key = CacheKey::new(tenant_id, &version.wrapped, &context);
-        if let Some(hit) = self.cache.get(&cache_key).await {
+        if let Some(hit) = self.cache.get(&cache_key) {
             return Ok(hit);
         }
         let load = async {

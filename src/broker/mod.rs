@@ -423,7 +423,7 @@ impl Broker {
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.view(tenant_id, shared).await?;
-        if let Some(hit) = self.cache.get(&cache_key).await {
+        if let Some(hit) = self.cache.get(&cache_key) {
             return self.serve_hit(&keys, tenant_id, hit);
         }
         self.unwrap_cold(&keys, cache_key, tenant_id, context, wrapped)
@@ -482,7 +482,6 @@ impl Broker {
         wrapped: &[u8],
         shared: Option<&SharedViews>,
     ) -> Result<Result<Unwrapped, BrokerError>, Miss> {
-        use futures::FutureExt as _;
         if let Err(err) = context::validate_tenant_id(tenant_id)
             .map_err(BrokerError::from)
             .and_then(|()| envelope::check_size(wrapped).map_err(BrokerError::from))
@@ -493,9 +492,9 @@ impl Broker {
         // be cancelled (a query cut off) for every item of a cold batch.
         let keys = self.view_in_memory(tenant_id, shared).ok_or(Miss(None))?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        match self.cache.get(&cache_key).now_or_never() {
-            Some(Some(hit)) => Ok(self.serve_hit(&keys, tenant_id, hit)),
-            _ => Err(Miss(Some(cache_key))),
+        match self.cache.get(&cache_key) {
+            Some(hit) => Ok(self.serve_hit(&keys, tenant_id, hit)),
+            None => Err(Miss(Some(cache_key))),
         }
     }
 

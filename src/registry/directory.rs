@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use moka::future::Cache;
 
+use super::views::ViewMemo;
 use super::{
     BindingRecord, FLEET, KeyPolicy, Registry, TenantKeyRecord, UsageDelta, VersionUsageRecord,
 };
@@ -60,7 +61,9 @@ pub struct RegistryDirectory {
     cache: DekCache,
     /// Tenant views. moka collapses concurrent loads of one tenant into one
     /// database read; the TTL bounds staleness across replicas.
-    tenants: Cache<String, Arc<TenantKeys>>,
+    tenants: Cache<String, LoadedView>,
+    /// The hit path's copy of `tenants` (see `views`).
+    memo: ViewMemo,
     /// Bumped by every applied change. A tenant view loaded across a change
     /// may predate it; moka does not cancel in-flight loads on invalidate, so
     /// `tenant_keys` drops such a view right after loading it.
@@ -76,6 +79,13 @@ pub struct RegistryDirectory {
     verdicts: Cache<UsageKey, super::Verdict>,
     /// Out-of-turn describes made (tests and metrics).
     pub(crate) rechecks: std::sync::atomic::AtomicU64,
+}
+
+/// A tenant view and the directory generation its load began at.
+#[derive(Debug, Clone)]
+struct LoadedView {
+    keys: Arc<TenantKeys>,
+    generation: u64,
 }
 
 /// Default of `recheck_min_interval`.
@@ -105,6 +115,7 @@ impl RegistryDirectory {
                 .max_capacity(100_000)
                 .time_to_live(cache_ttl)
                 .build(),
+            memo: ViewMemo::new(cache_ttl),
             generation: std::sync::atomic::AtomicU64::new(0),
             usage: Mutex::new(HashMap::new()),
             verdicts: verdict_cache(DEFAULT_RECHECK_INTERVAL),
@@ -204,6 +215,7 @@ impl RegistryDirectory {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tenants.invalidate(tenant_id).await;
+        self.memo.forget(tenant_id);
         if let Some(name) = binding {
             self.cache.purge_binding(tenant_id, name);
         }
@@ -296,6 +308,7 @@ impl RegistryDirectory {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tenants.invalidate_all();
+        self.memo.forget_all();
     }
 
     /// Records a watcher check of a binding (for DescribeKey).
@@ -635,7 +648,7 @@ impl KeyDirectory for RegistryDirectory {
     }
 
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
-        if let Some(keys) = self.tenants.get(tenant_id).await {
+        if let Some(keys) = self.tenant_keys_in_memory(tenant_id) {
             return Ok(keys);
         }
         // Boxed: the load's future (registry queries) is large, and inline it
@@ -644,8 +657,13 @@ impl KeyDirectory for RegistryDirectory {
     }
 
     fn tenant_keys_in_memory(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        if let Some(keys) = self.memo.get(tenant_id) {
+            return Some(keys);
+        }
         // A lookup, never a load: moka's get waits for nothing.
-        futures::FutureExt::now_or_never(self.tenants.get(tenant_id)).flatten()
+        futures::FutureExt::now_or_never(self.tenants.get(tenant_id))
+            .flatten()
+            .map(|view| view.keys)
     }
 }
 
@@ -653,17 +671,25 @@ impl RegistryDirectory {
     /// A tenant's view on a miss: one registry read for all concurrent
     /// callers.
     async fn load_view(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
-        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
-        let keys = self
+        let load = async {
+            let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+            let keys = self.load(tenant_id).await?;
+            Ok::<_, DirectoryError>(LoadedView { keys, generation })
+        };
+        let view = self
             .tenants
-            .try_get_with_by_ref(tenant_id, self.load(tenant_id))
+            .try_get_with_by_ref(tenant_id, load)
             .await
             .map_err(|shared| (*shared).clone())?;
-        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
-            // Loaded across a change: serve it to this request only.
+        // The generation the load began at, whoever ran it: a view loaded
+        // across a change is served to the callers that waited for it only.
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != view.generation {
             self.tenants.invalidate(tenant_id).await;
+        } else {
+            self.memo
+                .put(tenant_id, &view.keys, &self.generation, view.generation);
         }
-        Ok(keys)
+        Ok(view.keys)
     }
 }
 

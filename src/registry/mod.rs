@@ -10,6 +10,7 @@ pub mod directory;
 pub mod key_state;
 pub mod sql;
 mod versions;
+mod views;
 
 use std::fmt;
 
