@@ -90,3 +90,48 @@ impl ViewMemo {
             .clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{Binding, KeyDirectory as _, PLATFORM_BINDING, PlatformOnly};
+    use crate::kms::local::LocalKeyring;
+    use crate::secret::SecretBytes;
+
+    fn keys() -> Arc<TenantKeys> {
+        let keyring =
+            LocalKeyring::from_material("platform", &[SecretBytes::random(32).unwrap()]).unwrap();
+        let binding = Arc::new(Binding::active(PLATFORM_BINDING, Arc::new(keyring), "t"));
+        PlatformOnly::new(binding)
+            .tenant_keys_in_memory("t")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_view_loaded_across_a_change_is_not_kept() {
+        let memo = ViewMemo::new(Duration::from_secs(60));
+        let generation = AtomicU64::new(7);
+        let view = keys();
+        // The load began at 6; a change (7) came before it landed.
+        memo.put("acme", &view, &generation, 6);
+        assert!(memo.get("acme").is_none());
+        memo.put("acme", &view, &generation, 7);
+        assert!(Arc::ptr_eq(&memo.get("acme").unwrap(), &view));
+        assert!(memo.get("other").is_none());
+        memo.forget("acme");
+        assert!(memo.get("acme").is_none());
+        memo.put("acme", &view, &generation, 7);
+        memo.forget_all();
+        assert!(memo.get("acme").is_none());
+    }
+
+    #[test]
+    fn a_view_is_kept_no_longer_than_the_ttl() {
+        let memo = ViewMemo::new(Duration::from_millis(50));
+        let generation = AtomicU64::new(0);
+        memo.put("acme", &keys(), &generation, 0);
+        assert!(memo.get("acme").is_some());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(memo.get("acme").is_none());
+    }
+}
