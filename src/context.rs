@@ -41,9 +41,14 @@ pub fn validate_tenant_id(tenant_id: &str) -> Result<(), ContextError> {
             tenant_id.len()
         )));
     }
+    // Bytes, not chars: every allowed character is ASCII, and the first
+    // byte that is not allowed starts the character to name.
+    let allowed =
+        |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@');
     if let Some(bad) = tenant_id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-_.:@".contains(*c)))
+        .bytes()
+        .position(|b| !allowed(&b))
+        .and_then(|at| tenant_id[at..].chars().next())
     {
         return Err(ContextError::InvalidTenant(format!(
             "tenant_id contains {bad:?}; allowed are ASCII letters, digits and -_.:@"
@@ -208,6 +213,11 @@ mod tests {
         }
         for bad in ["", "a b", "ä", "x/y", &"a".repeat(129)] {
             assert!(validate_tenant_id(bad).is_err(), "{bad:?} accepted");
+        }
+        // The message names the first character refused, multi-byte too.
+        for (bad, named) in [("acmeäb", "'ä'"), ("a b", "' '"), ("x/y", "'/'")] {
+            let err = validate_tenant_id(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("contains {named}")), "{err}");
         }
     }
 

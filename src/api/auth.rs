@@ -5,17 +5,18 @@
 //! policy needs the decoded request: handlers check it first thing, through
 //! the [`CallContext`] this layer attaches (see `api::call`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use futures::future::BoxFuture;
 use tonic::Status;
 
 use crate::api::Observers;
 use crate::audit::AuditRecord;
 use crate::authz::{Grant, PolicySource, UNAUTHENTICATED};
-use crate::net::incoming::PeerInfo;
+use crate::net::incoming::{ActiveRpc, PeerInfo};
 
 /// Methods served to anyone who can connect: probes carry no identity.
 const OPEN_PREFIXES: &[&str] = &["grpc.health.v1.Health/"];
@@ -134,7 +135,7 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = AuthFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -155,11 +156,7 @@ where
             .iter()
             .any(|p| path.trim_start_matches('/').starts_with(p))
         {
-            return Box::pin(async move {
-                let response = inner.call(request).await;
-                drop(active);
-                response
-            });
+            return AuthFuture::call(inner.call(request), None, active);
         }
         let started = Instant::now();
         let method = method_name(path);
@@ -211,7 +208,7 @@ where
             if let Some(echo) = echo {
                 response.headers_mut().insert(REQUEST_ID_HEADER, echo);
             }
-            return Box::pin(async move { Ok(response) });
+            return AuthFuture::answer(response);
         }
         request.extensions_mut().insert(CallContext {
             identity,
@@ -221,14 +218,78 @@ where
             grant,
             started,
         });
-        Box::pin(async move {
-            let mut response = inner.call(request).await?;
-            drop(active);
-            if let Some(echo) = echo {
-                response.headers_mut().insert(REQUEST_ID_HEADER, echo);
-            }
-            Ok(response)
-        })
+        AuthFuture::call(inner.call(request), echo, active)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of [`AuthService`]: the inner call's, with the request id
+    /// echoed, or a refusal made before the call. A named future rather
+    /// than a boxed block: one allocation and one copy of the inner future
+    /// less per RPC.
+    pub struct AuthFuture<F> {
+        #[pin]
+        step: Step<F>,
+        echo: Option<http::HeaderValue>,
+        // Dropped when the answer is ready: the idle timeout never closes a
+        // connection mid-call.
+        active: Option<ActiveRpc>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StepProj]
+    enum Step<F> {
+        Call { #[pin] future: F },
+        Answer { response: Option<http::Response<tonic::body::Body>> },
+    }
+}
+
+impl<F> AuthFuture<F> {
+    fn call(future: F, echo: Option<http::HeaderValue>, active: Option<ActiveRpc>) -> Self {
+        Self {
+            step: Step::Call { future },
+            echo,
+            active,
+        }
+    }
+
+    fn answer(response: http::Response<tonic::body::Body>) -> Self {
+        Self {
+            step: Step::Answer {
+                response: Some(response),
+            },
+            echo: None,
+            active: None,
+        }
+    }
+}
+
+impl<F, E> Future for AuthFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = match this.step.project() {
+            StepProj::Call { future } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => response,
+                Err(err) => {
+                    this.active.take();
+                    return Poll::Ready(Err(err));
+                }
+            },
+            StepProj::Answer { response } => response.take().unwrap_or_else(|| {
+                Status::internal("an answer was polled after it completed").into_http()
+            }),
+        };
+        this.active.take();
+        if let Some(echo) = this.echo.take() {
+            response.headers_mut().insert(REQUEST_ID_HEADER, echo);
+        }
+        Poll::Ready(Ok(response))
     }
 }
 

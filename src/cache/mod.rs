@@ -109,11 +109,16 @@ impl BufferedBlake3 {
     }
 }
 
-/// A deterministic 64-bit tag of a tenant id (SipHash with fixed keys).
+/// A 64-bit tag of a tenant id, for purges: the tenant's bytes folded
+/// through the table's seeded multiply (a random seed per process, so no
+/// tenant id can be chosen to share another's tag).
 fn tenant_tag(tenant_id: &str) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::hash::DefaultHasher::new();
-    tenant_id.hash(&mut hasher);
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static SEED: std::sync::LazyLock<table::DigestHasher> =
+        std::sync::LazyLock::new(table::DigestHasher::random);
+    let mut hasher = SEED.build_hasher();
+    hasher.write(tenant_id.as_bytes());
+    hasher.write_u64(tenant_id.len() as u64);
     hasher.finish()
 }
 

@@ -276,7 +276,7 @@ pub(super) struct DigestHasher {
 }
 
 impl DigestHasher {
-    fn random() -> Self {
+    pub(super) fn random() -> Self {
         Self {
             seed: std::hash::RandomState::new().hash_one(0x6b65_7962_726f_6b65_u64) | 1,
         }
