@@ -406,12 +406,14 @@ impl DekCache {
             // Poisoned only by a panic elsewhere: load alone.
             Err(_) => Arc::default(),
         };
-        let mut outcome = flight.lock().await;
+        // Before the wait: a caller cancelled while waiting must not leave
+        // a flight behind either.
         let landing = Landing {
             cache: self,
             key: &key,
             flight: &flight,
         };
+        let mut outcome = flight.lock().await;
         match outcome.as_ref() {
             Some(Ok(found)) => {
                 stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -690,6 +692,21 @@ mod tests {
         assert_eq!(flights(&cache), 0);
         assert!(cache.get(&key).is_some());
         assert_eq!(cache.stats().snapshot().misses, 1);
+        // Loader and waiter both cancelled: nothing left behind.
+        let key = CacheKey::new("t", &[4; 32], &Context::default());
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, k) = (cache.clone(), key.clone());
+                tokio::spawn(async move { c.get_or_load::<(), _>(k, std::future::pending()).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(flights(&cache), 1);
+        for task in tasks {
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(flights(&cache), 0);
     }
 
     #[tokio::test]
