@@ -294,12 +294,18 @@ async fn measure(
                     })
                     .await?
                     .into_inner();
-                let failed = response
+                let failures: Vec<_> = response
                     .results
                     .iter()
-                    .filter(|r| r.status.as_ref().is_some_and(|s| s.code != 0))
-                    .count();
-                anyhow::ensure!(failed == 0, "{failed} items of a batch failed");
+                    .filter_map(|r| r.status.as_ref().filter(|s| s.code != 0))
+                    .collect();
+                anyhow::ensure!(
+                    failures.is_empty(),
+                    "{} items of a batch failed, the first: code {}, {}",
+                    failures.len(),
+                    failures[0].code,
+                    failures[0].message
+                );
             }
         }));
     }
