@@ -1,8 +1,8 @@
 //! The DEK cache: unwrapped keys in memory so KMS latency and quota are paid
 //! once per wrapped key per TTL, not once per read (DESIGN.md section 4).
 //!
-//! Keyed by a digest of (tenant, SHA-256 of the wrapped key bytes, SHA-256 of
-//! the canonical context): an entry exists only if exactly those bytes were parsed, matched
+//! Keyed by one BLAKE3 digest of (tenant, wrapped key bytes, canonical
+//! context): an entry exists only if exactly those bytes were parsed, matched
 //! to that tenant and decrypted under that context, which is what lets a hit
 //! skip parsing. Values are `Arc`s, so a hit copies a pointer, not key bytes.
 

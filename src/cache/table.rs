@@ -55,7 +55,6 @@ pub(super) struct Table {
     epoch: Instant,
 }
 
-#[derive(Default)]
 struct Shard {
     map: HashMap<CacheKey, Slot, DigestHasher>,
     /// Insertion order for the clock hand: a key and the `seq` of the slot
@@ -87,7 +86,9 @@ impl Table {
                 .map(|_| {
                     RwLock::new(Shard {
                         map: HashMap::with_hasher(hasher.clone()),
-                        ..Shard::default()
+                        ring: VecDeque::new(),
+                        next_seq: 0,
+                        swept_ms: 0,
                     })
                 })
                 .collect(),
@@ -270,7 +271,7 @@ fn compact_ring(shard: &mut Shard) {
 /// mixed with a per-process random seed, so which keys share a bucket
 /// cannot be chosen by whoever picks the wrapped bytes. Eight bytes and a
 /// multiply instead of SipHash over 40 bytes.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(super) struct DigestHasher {
     seed: u64,
 }
