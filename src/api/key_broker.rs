@@ -1,5 +1,7 @@
 //! `keybroker.v1.KeyBroker`: converts messages to and from the data plane.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -167,20 +169,32 @@ impl KeyBroker for KeyBrokerApi {
         .await
     }
 
-    async fn unwrap_key(
-        &self,
+    /// By hand, not `async fn`: a cached key is answered before any future
+    /// exists, and the boxed future is then only the ready answer. A miss
+    /// boxes the path that waits.
+    fn unwrap_key<'life0, 'async_trait>(
+        &'life0 self,
         request: Request<proto::UnwrapKeyRequest>,
-    ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
-        call::serve(&self.observers, request, |req| async move {
-            // A cached key is answered without awaiting anything; the path
-            // that may wait is boxed, so the hit's future stays small. One
-            // request shares no views (nothing to remember them for).
-            match self.unwrap_at_once(req, None) {
-                Ok(answer) => answer,
-                Err(prepared) => Box::pin(self.unwrap_prepared(prepared, None)).await,
-            }
-        })
-        .await
+    ) -> Pin<
+        Box<
+            dyn Future<Output = Result<Response<proto::UnwrapKeyResponse>, Status>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        // One request shares no views (nothing to remember them for).
+        match call::serve_now(&self.observers, request, |req| {
+            self.unwrap_at_once(req, None)
+        }) {
+            call::Served::Answered(answer) => Box::pin(std::future::ready(answer)),
+            call::Served::Parked(parked) => Box::pin(parked.serve(&self.observers, |prepared| {
+                self.unwrap_prepared(prepared, None)
+            })),
+        }
     }
 
     async fn rewrap_key(

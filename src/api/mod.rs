@@ -21,8 +21,9 @@ use crate::metrics::Metrics;
 pub(crate) struct Observers {
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
-    /// Server-side deadline of every call (`request_timeout`), enforced in
-    /// `call::serve`: a timer only for calls that wait for something.
+    /// Server-side deadline of every call and batch item (`request_timeout`),
+    /// enforced in `call::run`: a timer only for calls that wait for
+    /// something; a call it cuts is audited.
     pub request_timeout: std::time::Duration,
     /// The tenant-affinity header (`affinity_header`), only counted.
     pub affinity_header: tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
