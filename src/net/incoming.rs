@@ -102,9 +102,11 @@ impl ConnectionSettings {
 #[derive(Debug)]
 pub struct Activity {
     in_flight: AtomicUsize,
-    /// Milliseconds since `epoch` of the last RPC start or end.
+    /// Milliseconds since `epoch` of the last RPC's end (0: none yet).
     last_ms: AtomicU64,
-    epoch: Instant,
+    /// tokio's clock (std's outside tests), so the idle logic is tested on
+    /// paused time.
+    epoch: tokio::time::Instant,
 }
 
 impl Activity {
@@ -112,7 +114,7 @@ impl Activity {
         Self {
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            epoch: tokio::time::Instant::now(),
         }
     }
 
@@ -120,15 +122,16 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Marks an RPC in flight until the guard is dropped.
+    /// Marks an RPC in flight until the guard is dropped. No clock read: a
+    /// connection with an RPC in flight is never idle, and the RPC's end
+    /// records the time.
     pub fn begin(self: &Arc<Self>) -> ActiveRpc {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.last_ms.fetch_max(self.now_ms(), Ordering::Relaxed);
         ActiveRpc(Arc::clone(self))
     }
 
     /// When the connection becomes idle-closable, or `None` while RPCs run.
-    fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
+    fn idle_deadline(&self, idle: Duration) -> Option<tokio::time::Instant> {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
@@ -172,33 +175,42 @@ pub struct PeerStream {
     info: PeerInfo,
     /// The HTTP/2 preface, read to prove the peer speaks, replayed to hyper.
     preface_left: usize,
-    idle_timeout: Duration,
-    /// Wakes the reader to check for idleness.
-    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    idle: IdleTimer,
     /// This connection's slot under `max_connections`; freed on drop.
     _slot: OwnedSemaphorePermit,
 }
 
-impl PeerStream {
-    /// True when the connection has had no RPC in flight for the idle
-    /// timeout; otherwise re-arms the timer for the next check.
-    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        loop {
-            let deadline = self
-                .info
-                .activity
-                .idle_deadline(self.idle_timeout)
-                .unwrap_or_else(|| Instant::now() + self.idle_timeout);
-            if deadline <= Instant::now() {
-                return true;
-            }
-            self.idle_timer
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(deadline));
-            if self.idle_timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
+/// Tells a connection when it has had no RPC in flight for `timeout`.
+#[derive(Debug)]
+struct IdleTimer {
+    timeout: Duration,
+    /// Wakes the reader to check for idleness.
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
         }
+    }
+
+    /// True when `activity` shows no RPC in flight for the timeout. The
+    /// timer is only re-armed once it fires (then for the idle deadline the
+    /// activity gives, or a full timeout later while RPCs run): a busy
+    /// connection's reads cost no clock read.
+    fn expired(&mut self, activity: &Activity, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            let deadline = match activity.idle_deadline(self.timeout) {
+                Some(deadline) if deadline <= now => return true,
+                Some(deadline) => deadline,
+                None => now + self.timeout,
+            };
+            self.sleep.as_mut().reset(deadline);
+        }
+        false
     }
 }
 
@@ -228,7 +240,7 @@ impl AsyncRead for PeerStream {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
-        if read.is_pending() && this.idle_expired(cx) {
+        if read.is_pending() && this.idle.expired(&this.info.activity, cx) {
             // End of stream: hyper closes the connection. Only ever with no
             // RPC in flight, so no answer is cut short.
             tracing::debug!(peer = ?this.info.remote_addr, "closing an idle connection");
@@ -341,8 +353,7 @@ pub fn accept(
                             transport,
                             info,
                             preface_left: H2_PREFACE.len(),
-                            idle_timeout: settings.idle_timeout,
-                            idle_timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+                            idle: IdleTimer::new(settings.idle_timeout),
                             _slot: slot,
                         };
                         let _ = tx.send(Ok(stream)).await;
@@ -408,4 +419,52 @@ async fn handshake(
     let identity = crate::net::tls::certificate_identity(leaf, trust_domains)
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
     Ok((stream, identity.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn expired(timer: &mut IdleTimer, activity: &Activity) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(timer.expired(activity, cx))).await
+    }
+
+    async fn at(start: tokio::time::Instant, secs: u64) {
+        tokio::time::sleep_until(start + Duration::from_secs(secs)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_a_full_timeout_after_its_last_rpc_ends() {
+        let start = tokio::time::Instant::now();
+        let activity = Arc::new(Activity::new());
+        let mut timer = IdleTimer::new(Duration::from_secs(3));
+        assert!(!expired(&mut timer, &activity).await);
+
+        // An RPC from 1 s to 5 s: the timer fires at 3 s mid-call and at
+        // 6 s, one second after it ended; neither closes the connection.
+        at(start, 1).await;
+        let rpc = activity.begin();
+        at(start, 3).await;
+        assert!(!expired(&mut timer, &activity).await, "an RPC is in flight");
+        at(start, 5).await;
+        drop(rpc);
+        at(start, 6).await;
+        assert!(!expired(&mut timer, &activity).await, "idle for 1 s only");
+        at(start, 7).await;
+        assert!(!expired(&mut timer, &activity).await, "idle for 2 s only");
+        // Three seconds after the RPC's end.
+        at(start, 8).await;
+        assert!(expired(&mut timer, &activity).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_calls_is_idle_after_one_timeout() {
+        let start = tokio::time::Instant::now();
+        let activity = Activity::new();
+        let mut timer = IdleTimer::new(Duration::from_secs(3));
+        at(start, 2).await;
+        assert!(!expired(&mut timer, &activity).await);
+        at(start, 3).await;
+        assert!(expired(&mut timer, &activity).await);
+    }
 }
