@@ -114,7 +114,9 @@ impl Context {
     }
 
     /// Feeds the canonical encoding to `out` (AAD, cache key).
-    pub fn encode_into(&self, out: &mut dyn FnMut(&[u8])) {
+    /// Generic, not `dyn`: inlined into the cache key's hash on the hot
+    /// path, where an indirect call per field cost more than the copies.
+    pub fn encode_into(&self, out: &mut impl FnMut(&[u8])) {
         out(&len32(self.0.len()));
         for (key, value) in &self.0 {
             put_prefixed(out, key.as_bytes());
@@ -156,7 +158,7 @@ fn len32(len: usize) -> [u8; 4] {
     u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
 }
 
-fn put_prefixed(out: &mut dyn FnMut(&[u8]), bytes: &[u8]) {
+fn put_prefixed(out: &mut impl FnMut(&[u8]), bytes: &[u8]) {
     out(&len32(bytes.len()));
     out(bytes);
 }

@@ -40,7 +40,8 @@ pub(crate) fn reencryption_to_proto(r: Reencryption) -> proto::Reencryption {
 /// is copied (this runs on every UnwrapKey).
 pub(crate) fn key_info(key: KeyInfo) -> proto::KeyInfo {
     proto::KeyInfo {
-        key_binding: key.key_binding.to_string(),
+        // `String::from`, not `to_string`: no formatter on the hot path.
+        key_binding: String::from(&*key.key_binding),
         provider: proto::Provider::from(key.provider).into(),
         provider_key_version: key.key_version,
     }

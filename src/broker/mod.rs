@@ -291,7 +291,7 @@ impl Broker {
         tenant_id: &str,
         shared: Option<&SharedViews>,
     ) -> Result<Arc<TenantKeys>, BrokerError> {
-        if let Some(keys) = self.view_in_memory(tenant_id, shared) {
+        if let Some(keys) = self.view_in_memory(tenant_id, shared, std::time::Instant::now()) {
             return Ok(keys);
         }
         let keys = self.directory.tenant_keys(tenant_id).await?;
@@ -307,11 +307,12 @@ impl Broker {
         &self,
         tenant_id: &str,
         shared: Option<&SharedViews>,
+        now: std::time::Instant,
     ) -> Option<Arc<TenantKeys>> {
         if let Some(keys) = shared.and_then(|s| s.get(tenant_id)) {
             return Some(keys);
         }
-        let keys = self.directory.tenant_keys_in_memory(tenant_id)?;
+        let keys = self.directory.tenant_keys_in_memory(tenant_id, now)?;
         if let Some(shared) = shared {
             shared.put(tenant_id, &keys);
         }
@@ -490,9 +491,13 @@ impl Broker {
         }
         // Never a registry load here: a load polled once and dropped would
         // be cancelled (a query cut off) for every item of a cold batch.
-        let keys = self.view_in_memory(tenant_id, shared).ok_or(Miss(None))?;
+        // One clock reading serves both lookups (view TTL, cache TTL/TTI).
+        let now = std::time::Instant::now();
+        let keys = self
+            .view_in_memory(tenant_id, shared, now)
+            .ok_or(Miss(None))?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        match self.cache.get(&cache_key) {
+        match self.cache.get_at(&cache_key, now) {
             Some(hit) => Ok(self.serve_hit(&keys, tenant_id, hit)),
             None => Err(Miss(Some(cache_key))),
         }
@@ -866,7 +871,8 @@ fn origin_info(keys: &TenantKeys, origin: &crate::cache::KeyOrigin) -> KeyInfo {
         0 => KeyInfo {
             key_binding: Arc::clone(&origin.key_binding),
             provider: origin.provider,
-            key_version: origin.key_version.to_string(),
+            // `String::from`, not `to_string`: no formatter on the hot path.
+            key_version: String::from(&*origin.key_version),
         },
         v => {
             let binding = keys

@@ -84,10 +84,20 @@ impl Default for BufferedBlake3 {
 }
 
 impl BufferedBlake3 {
+    #[inline]
     fn update(&mut self, bytes: &[u8]) {
-        if let Some(room) = self.buf.get_mut(self.len..self.len + bytes.len()) {
-            room.copy_from_slice(bytes);
-            self.len += bytes.len();
+        let end = self.len + bytes.len();
+        if end <= self.buf.len() {
+            // Short parts (length prefixes, ids) are copied inline: a call
+            // to memcpy per four bytes cost more than the copy.
+            if bytes.len() <= 8 {
+                for (to, from) in self.buf[self.len..end].iter_mut().zip(bytes) {
+                    *to = *from;
+                }
+            } else {
+                self.buf[self.len..end].copy_from_slice(bytes);
+            }
+            self.len = end;
             return;
         }
         let stream = self.stream.get_or_insert_with(Box::default);
@@ -382,7 +392,13 @@ impl DekCache {
     /// The cached key, if present; counts a hit. A miss is counted by
     /// [`get_or_load`](Self::get_or_load), which callers use next.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedKey>> {
-        let found = self.inner.entries.get(key);
+        self.get_at(key, std::time::Instant::now())
+    }
+
+    /// [`get`](Self::get) at `now`, a clock reading the caller took anyway
+    /// (the hot path reads the clock once per lookup, not once per table).
+    pub fn get_at(&self, key: &CacheKey, now: std::time::Instant) -> Option<Arc<CachedKey>> {
+        let found = self.inner.entries.get(key, now);
         if found.is_some() {
             self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
         }
@@ -430,7 +446,7 @@ impl DekCache {
             None => {
                 // First here, or the loader before us was cancelled; a
                 // flight may also have landed between our lookup and now.
-                if let Some(found) = self.inner.entries.get(&key) {
+                if let Some(found) = self.inner.entries.get(&key, std::time::Instant::now()) {
                     stats.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(found);
                 }

@@ -120,9 +120,10 @@ impl Table {
                     .saturating_add(self.tti_ms)
     }
 
-    /// The live value under `key`, its last use refreshed.
-    pub(super) fn get(&self, key: &CacheKey) -> Option<Arc<CachedKey>> {
-        let now = self.now_ms();
+    /// The live value under `key` at `now`, its last use refreshed.
+    pub(super) fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<CachedKey>> {
+        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
         let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
         let slot = shard.map.get(key)?;
         if !self.live(slot, now) {
@@ -369,7 +370,10 @@ mod tests {
             table.insert(key(n), value(1));
             // One key read after every insert: always used since the hand
             // last passed, so it must survive every eviction.
-            assert!(table.get(&key(0)).is_some(), "key 0 evicted at insert {n}");
+            assert!(
+                table.get(&key(0), Instant::now()).is_some(),
+                "key 0 evicted at insert {n}"
+            );
             assert_eq!(table.len(), 100, "at insert {n}");
         }
         assert_eq!(table.entries_in_shards(), 100);
@@ -402,11 +406,14 @@ mod tests {
         // Key 1 used every 40 ms stays past its TTI, never past its TTL.
         for _ in 0..4 {
             std::thread::sleep(Duration::from_millis(40));
-            assert!(table.get(&key(1)).is_some());
+            assert!(table.get(&key(1), Instant::now()).is_some());
         }
-        assert!(table.get(&key(2)).is_none(), "idle past the TTI");
+        assert!(
+            table.get(&key(2), Instant::now()).is_none(),
+            "idle past the TTI"
+        );
         std::thread::sleep(Duration::from_millis(200));
-        assert!(table.get(&key(1)).is_none(), "past the TTL");
+        assert!(table.get(&key(1), Instant::now()).is_none(), "past the TTL");
         assert_eq!(table.len(), 2, "hidden, not yet freed");
         assert_eq!(table.sweep(), 2);
         assert_eq!(table.len(), 0);
@@ -422,8 +429,8 @@ mod tests {
         table.purge(|_, v| v.plaintext()[0] == 1);
         assert_eq!(table.len(), 50);
         assert_eq!(table.entries_in_shards(), 50);
-        assert!(table.get(&key(0)).is_some());
-        assert!(table.get(&key(1)).is_none());
+        assert!(table.get(&key(0), Instant::now()).is_some());
+        assert!(table.get(&key(1), Instant::now()).is_none());
     }
 
     #[test]

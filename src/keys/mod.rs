@@ -201,7 +201,12 @@ pub trait KeyDirectory: Send + Sync + fmt::Debug {
 
     /// The tenant's view if it is in memory now, without starting (or
     /// waiting for) a load: the path that must not wait asks this first.
-    fn tenant_keys_in_memory(&self, _tenant_id: &str) -> Option<Arc<TenantKeys>> {
+    /// `now`: the caller's clock reading, for the view's TTL.
+    fn tenant_keys_in_memory(
+        &self,
+        _tenant_id: &str,
+        _now: std::time::Instant,
+    ) -> Option<Arc<TenantKeys>> {
         None
     }
 
@@ -272,7 +277,11 @@ impl KeyDirectory for PlatformOnly {
         Ok(Arc::clone(&self.keys))
     }
 
-    fn tenant_keys_in_memory(&self, _tenant_id: &str) -> Option<Arc<TenantKeys>> {
+    fn tenant_keys_in_memory(
+        &self,
+        _tenant_id: &str,
+        _now: std::time::Instant,
+    ) -> Option<Arc<TenantKeys>> {
         Some(Arc::clone(&self.keys))
     }
 }

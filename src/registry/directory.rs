@@ -648,7 +648,7 @@ impl KeyDirectory for RegistryDirectory {
     }
 
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
-        if let Some(keys) = self.tenant_keys_in_memory(tenant_id) {
+        if let Some(keys) = self.tenant_keys_in_memory(tenant_id, std::time::Instant::now()) {
             return Ok(keys);
         }
         // Boxed: the load's future (registry queries) is large, and inline it
@@ -656,8 +656,12 @@ impl KeyDirectory for RegistryDirectory {
         Box::pin(self.load_view(tenant_id)).await
     }
 
-    fn tenant_keys_in_memory(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
-        if let Some(keys) = self.memo.get(tenant_id) {
+    fn tenant_keys_in_memory(
+        &self,
+        tenant_id: &str,
+        now: std::time::Instant,
+    ) -> Option<Arc<TenantKeys>> {
+        if let Some(keys) = self.memo.get_at(tenant_id, now) {
             return Some(keys);
         }
         // A lookup, never a load: moka's get waits for nothing.

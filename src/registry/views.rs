@@ -39,10 +39,16 @@ impl ViewMemo {
 
     /// The tenant's view, if one was loaded within the TTL and not changed
     /// since.
+    #[cfg(test)]
     pub(super) fn get(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        self.get_at(tenant_id, Instant::now())
+    }
+
+    /// [`get`](Self::get) at `now`, the caller's clock reading.
+    pub(super) fn get_at(&self, tenant_id: &str, now: Instant) -> Option<Arc<TenantKeys>> {
         let views = self.views.read().unwrap_or_else(|p| p.into_inner());
         let memo = views.get(tenant_id)?;
-        (Instant::now() < memo.expires).then(|| Arc::clone(&memo.keys))
+        (now < memo.expires).then(|| Arc::clone(&memo.keys))
     }
 
     /// Keeps a view just loaded, unless a change was applied since the load
@@ -103,7 +109,7 @@ mod tests {
             LocalKeyring::from_material("platform", &[SecretBytes::random(32).unwrap()]).unwrap();
         let binding = Arc::new(Binding::active(PLATFORM_BINDING, Arc::new(keyring), "t"));
         PlatformOnly::new(binding)
-            .tenant_keys_in_memory("t")
+            .tenant_keys_in_memory("t", Instant::now())
             .unwrap()
     }
 
