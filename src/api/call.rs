@@ -265,10 +265,7 @@ where
     Resp: Audited,
     Fut: Future<Output = Result<Resp, Status>>,
 {
-    let (started, req) = match Started::of(observers, request) {
-        Ok(started) => started,
-        Err(status) => return Err(status),
-    };
+    let (started, req) = Started::of(observers, request)?;
     let result = tracing::Instrument::instrument(
         serve_inner(observers, &started.ctx, req, handler),
         started.span.clone(),
