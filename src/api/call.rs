@@ -172,16 +172,9 @@ where
     let mut results: Vec<Option<Result<Response<Resp>, Status>>> = Vec::with_capacity(items.len());
     let mut waiting = Vec::new();
     for item in items {
-        let facts = match authorize(audit, &ctx, &item) {
-            Ok(facts) => facts,
-            Err(denied) => {
-                results.push(Some(Err(denied)));
-                continue;
-            }
-        };
-        match at_once(item) {
-            Ok(result) => results.push(Some(finish(audit, &ctx, facts, None, result))),
-            Err(next) => {
+        match answer_at_once(audit, &ctx, item, &at_once) {
+            AtOnce::Answered(answer) => results.push(Some(answer)),
+            AtOnce::Waits(facts, next) => {
                 waiting.push((results.len(), facts, next));
                 results.push(None);
             }
@@ -341,32 +334,52 @@ where
         Ok(started) => started,
         Err(status) => return Served::Answered(Err(status)),
     };
-    let entered = started.span.enter();
-    let facts = match authorize(&observers.audit, &started.ctx, &req) {
-        Ok(facts) => facts,
-        Err(denied) => {
-            drop(entered);
-            let answer = Err(denied);
-            started.end(observers, &answer);
-            return Served::Answered(answer);
-        }
-    };
-    match at_once(req) {
-        Ok(result) => {
-            // Nothing was waited for, so no provider was called: no notes.
-            let answer = finish(&observers.audit, &started.ctx, facts, None, result);
-            drop(entered);
+    let outcome = started
+        .span
+        .in_scope(|| answer_at_once(&observers.audit, &started.ctx, req, at_once));
+    match outcome {
+        AtOnce::Answered(answer) => {
             started.end(observers, &answer);
             Served::Answered(answer)
         }
-        Err(next) => {
-            drop(entered);
-            Served::Parked(Parked {
-                started,
-                facts,
-                next,
-            })
-        }
+        AtOnce::Waits(facts, next) => Served::Parked(Parked {
+            started,
+            facts,
+            next,
+        }),
+    }
+}
+
+/// What [`answer_at_once`] did with one request.
+enum AtOnce<Resp, Next> {
+    /// Refused, or answered without waiting; audited.
+    Answered(Result<Response<Resp>, Status>),
+    /// Authorized, for the handler that may wait: what its record will
+    /// say, and what `at_once` handed on.
+    Waits(Option<Facts>, Next),
+}
+
+/// The tenant check, then `at_once`: a refusal or an answer is audited
+/// here; a request `at_once` hands on is returned for the waiting path.
+/// Shared by single calls ([`serve_now`]) and batch items.
+fn answer_at_once<Req, Next, Resp>(
+    audit: &AuditLog,
+    ctx: &CallContext,
+    req: Req,
+    at_once: impl FnOnce(Req) -> Result<Result<Resp, Status>, Next>,
+) -> AtOnce<Resp, Next>
+where
+    Req: Scoped,
+    Resp: Audited,
+{
+    let facts = match authorize(audit, ctx, &req) {
+        Ok(facts) => facts,
+        Err(denied) => return AtOnce::Answered(Err(denied)),
+    };
+    match at_once(req) {
+        // Nothing was waited for, so no provider was called: no notes.
+        Ok(result) => AtOnce::Answered(finish(audit, ctx, facts, None, result)),
+        Err(next) => AtOnce::Waits(facts, next),
     }
 }
 

@@ -103,7 +103,12 @@ impl Table {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` on the table's clock: milliseconds since its epoch.
+    fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
     fn shard(&self, key: &CacheKey) -> &RwLock<Shard> {
@@ -122,8 +127,7 @@ impl Table {
 
     /// The live value under `key` at `now`, its last use refreshed.
     pub(super) fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<CachedKey>> {
-        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX);
+        let now = self.ms_at(now);
         let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
         let slot = shard.map.get(key)?;
         if !self.live(slot, now) {

@@ -37,14 +37,14 @@ impl ViewMemo {
         }
     }
 
-    /// The tenant's view, if one was loaded within the TTL and not changed
-    /// since.
+    /// [`get_at`](Self::get_at) now.
     #[cfg(test)]
     pub(super) fn get(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
         self.get_at(tenant_id, Instant::now())
     }
 
-    /// [`get`](Self::get) at `now`, the caller's clock reading.
+    /// The tenant's view, if one was loaded within the TTL before `now`
+    /// (the caller's clock reading) and not changed since.
     pub(super) fn get_at(&self, tenant_id: &str, now: Instant) -> Option<Arc<TenantKeys>> {
         let views = self.views.read().unwrap_or_else(|p| p.into_inner());
         let memo = views.get(tenant_id)?;
