@@ -72,8 +72,30 @@ impl Drop for ServerProcess {
     }
 }
 
-/// utime + stime of process `pid`, in clock ticks.
-pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// CPU time a process has used, in clock ticks: user space (keybroker's
+/// own code and its libraries) and kernel (socket reads and writes), kept
+/// apart because only the first is what callgrind counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuTicks {
+    pub(crate) user: u64,
+    pub(crate) system: u64,
+}
+
+impl CpuTicks {
+    fn since(self, before: Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+
+    fn total(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+/// utime and stime of process `pid`.
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name: state is field 3,
     // utime 14, stime 15.
@@ -82,9 +104,10 @@ pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
         .map(|(_, r)| r)
         .context("bad /proc stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
+    Ok(CpuTicks {
+        user: fields.get(11).context("no utime")?.parse()?,
+        system: fields.get(12).context("no stime")?.parse()?,
+    })
 }
 
 /// `program`, pinned to a core and/or run under `wrapper` (valgrind).
@@ -178,7 +201,7 @@ pub(crate) struct RunResult {
     requests: u64,
     errors: u64,
     seconds: f64,
-    cpu_ticks: u64,
+    cpu: CpuTicks,
 }
 
 impl RunResult {
@@ -196,8 +219,22 @@ impl RunResult {
 
     /// Server CPU microseconds per request.
     pub(crate) fn cpu_us_per_request(&self) -> f64 {
+        self.us_per_request(self.cpu.total())
+    }
+
+    /// The user-space part of [`Self::cpu_us_per_request`].
+    fn user_us_per_request(&self) -> f64 {
+        self.us_per_request(self.cpu.user)
+    }
+
+    /// The kernel part of [`Self::cpu_us_per_request`].
+    fn system_us_per_request(&self) -> f64 {
+        self.us_per_request(self.cpu.system)
+    }
+
+    fn us_per_request(&self, ticks: u64) -> f64 {
         let ticks_per_s = rustix::param::clock_ticks_per_second() as f64;
-        self.cpu_ticks as f64 / ticks_per_s * 1e6 / self.requests.max(1) as f64
+        ticks as f64 / ticks_per_s * 1e6 / self.requests.max(1) as f64
     }
 
     pub(crate) fn json(&self) -> serde_json::Value {
@@ -212,6 +249,8 @@ impl RunResult {
             "p99_us": self.quantile_us(0.99),
             "p999_us": self.quantile_us(0.999),
             "server_cpu_us_per_request": self.cpu_us_per_request(),
+            "server_user_us_per_request": self.user_us_per_request(),
+            "server_system_us_per_request": self.system_us_per_request(),
         })
     }
 }
@@ -434,7 +473,7 @@ pub(crate) async fn measure(
         requests: 0,
         errors: 0,
         seconds,
-        cpu_ticks: cpu_after.saturating_sub(cpu_before),
+        cpu: cpu_after.since(cpu_before),
     };
     for task in tasks {
         let (h, requests, errors) = task.await??;
@@ -613,9 +652,12 @@ async fn drive(
         let p99 = |r: &RunResult| r.quantile_us(0.99);
         let rps = |r: &RunResult| r.rps();
         let cpu = |r: &RunResult| r.cpu_us_per_request();
+        let user = |r: &RunResult| r.user_us_per_request();
+        let system = |r: &RunResult| r.system_us_per_request();
         let ratio = |f: &dyn Fn(&RunResult) -> f64| med(&brokers, f) / med(&floors, f);
         let (p50_ratio, p99_ratio, rps_ratio, cpu_ratio) =
             (ratio(&p50), ratio(&p99), ratio(&rps), ratio(&cpu));
+        let (user_ratio, system_ratio) = (ratio(&user), ratio(&system));
         let errors: u64 = brokers
             .iter()
             .chain(&floors)
@@ -626,17 +668,19 @@ async fn drive(
         let p999 = |r: &RunResult| r.quantile_us(0.999);
         for (name, runs) in [("floor", &floors), ("keybroker", &brokers)] {
             println!(
-                "in flight {concurrency:>3} {name:>9}: p50 {:>7.1}us p90 {:>7.1}us p99 {:>7.1}us p999 {:>7.1}us {:>8.0} req/s {:>6.1} server-cpu-us/req",
+                "in flight {concurrency:>3} {name:>9}: p50 {:>7.1}us p90 {:>7.1}us p99 {:>7.1}us p999 {:>7.1}us {:>8.0} req/s {:>6.1} server-cpu-us/req (user {:.1}, kernel {:.1})",
                 med(runs, &p50),
                 med(runs, &p90),
                 med(runs, &p99),
                 med(runs, &p999),
                 med(runs, &rps),
                 med(runs, &cpu),
+                med(runs, &user),
+                med(runs, &system),
             );
         }
         println!(
-            "in flight {concurrency:>3}    ratios: p50 {p50_ratio:.3} p99 {p99_ratio:.3} throughput {rps_ratio:.3} server-cpu/req {cpu_ratio:.3} (errors {errors})"
+            "in flight {concurrency:>3}    ratios: p50 {p50_ratio:.3} p99 {p99_ratio:.3} throughput {rps_ratio:.3} server-cpu/req {cpu_ratio:.3} (user {user_ratio:.3}, kernel {system_ratio:.3}) (errors {errors})"
         );
         let deks = |r: &RunResult| r.deks_per_s();
         let batch_ratio =
@@ -668,6 +712,8 @@ async fn drive(
             "batch_over_single_deks_per_s": batch_ratio,
             "median_ratios": {
                 "p50": p50_ratio, "p99": p99_ratio, "rps": rps_ratio, "server_cpu_per_request": cpu_ratio,
+                "server_user_cpu_per_request": user_ratio,
+                "server_kernel_cpu_per_request": system_ratio,
             },
             "errors": errors,
         }));
