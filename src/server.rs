@@ -10,6 +10,7 @@ use tonic_health::ServingStatus;
 
 use crate::api::Observers;
 use crate::api::auth::AuthLayer;
+use crate::api::dispatch::DataPlaneLayer;
 use crate::api::key_admin::KeyAdminApi;
 use crate::api::key_broker::KeyBrokerApi;
 use crate::audit::AuditLog;
@@ -400,6 +401,8 @@ impl Server {
                 Arc::clone(&self.policy),
                 Arc::clone(&observers),
             ))
+            // Inside the auth layer: every call is authorized first.
+            .layer(DataPlaneLayer::new(broker_service.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -22,7 +22,9 @@ use crate::net::incoming::{ActiveRpc, PeerInfo};
 const OPEN_PREFIXES: &[&str] = &["grpc.health.v1.Health/"];
 
 /// Request metadata naming the caller's request id (echoed in the response).
-pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
+/// A parsed name: looked up on every call, a `&str` was parsed every time.
+pub(crate) static REQUEST_ID_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-request-id");
 
 /// What the layer learned about a call, for its handler.
 #[derive(Debug, Clone)]
@@ -81,7 +83,7 @@ pub(crate) struct AuthService<S> {
 fn request_id<B>(request: &http::Request<B>, audited: bool) -> Option<Arc<str>> {
     let given = request
         .headers()
-        .get(REQUEST_ID_HEADER)
+        .get(&REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
     match given {
@@ -206,7 +208,7 @@ where
             tracing::info!(caller = %identity, method = %crate::text::Escaped(&method), request_id = request_id.as_deref().unwrap_or_default(), "call denied by the authorization policy");
             let mut response = status.into_http();
             if let Some(echo) = echo {
-                response.headers_mut().insert(REQUEST_ID_HEADER, echo);
+                response.headers_mut().insert(&REQUEST_ID_HEADER, echo);
             }
             return AuthFuture::answer(response);
         }
@@ -287,7 +289,7 @@ where
         };
         this.active.take();
         if let Some(echo) = this.echo.take() {
-            response.headers_mut().insert(REQUEST_ID_HEADER, echo);
+            response.headers_mut().insert(&REQUEST_ID_HEADER, echo);
         }
         Poll::Ready(Ok(response))
     }

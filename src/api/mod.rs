@@ -6,6 +6,7 @@ pub(crate) mod auth;
 pub(crate) mod call;
 pub(crate) mod codec;
 pub(crate) mod convert;
+pub(crate) mod dispatch;
 pub(crate) mod key_admin;
 pub(crate) mod key_broker;
 pub(crate) mod status;

@@ -413,6 +413,33 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("key_spec"));
 
+    // A method the service does not have, and a service the server does
+    // not have: UNIMPLEMENTED either way (the first answered by the data
+    // plane's own dispatch, the second by tonic's router).
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for path in [
+        "/keybroker.v1.KeyBroker/NoSuchMethod",
+        "/keybroker.v9.NoSuchService/UnwrapKey",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<proto::DescribeKeyRequest, proto::DescribeKeyResponse, _>(
+                tonic::Request::new(proto::DescribeKeyRequest {
+                    tenant_id: "acme".into(),
+                }),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{path}: {err:?}");
+    }
+
     // Still serving, and the good key still unwraps.
     let back = client
         .unwrap_key(unwrap_req("acme", &[], w))
