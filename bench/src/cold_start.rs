@@ -111,6 +111,14 @@ impl Running {
         config.aws.kms_endpoint = Some(moto.to_owned());
         config.aws.sts_endpoint = Some(moto.to_owned());
         config.cache.max_entries = 1_000_000;
+        // moto is one Python process: 4 batches of 100 cold keys open 400
+        // connections and queue 400 Decrypts behind each other for seconds,
+        // past the default connect and attempt timeouts, where AWS KMS
+        // answers each in milliseconds. The bench measures calls and time,
+        // not moto's queue: generous limits.
+        config.aws.connect_timeout = std::time::Duration::from_secs(30);
+        config.aws.attempt_timeout = std::time::Duration::from_secs(30);
+        config.aws.operation_timeout = std::time::Duration::from_secs(60);
         let server = Server::build_with(config, Some(sdk_config())).await?;
         let server_broker = Arc::clone(server.broker());
         let assume_role_calls = Arc::clone(
