@@ -116,7 +116,6 @@ impl Context {
     /// Feeds the canonical encoding to `out` (AAD, cache key).
     /// Generic, not `dyn`: inlined into the cache key's hash on the hot
     /// path, where an indirect call per field cost more than the copies.
-    #[inline]
     pub fn encode_into(&self, out: &mut impl FnMut(&[u8])) {
         out(&len32(self.0.len()));
         for (key, value) in &self.0 {
@@ -154,13 +153,11 @@ pub fn sealed_aad(tenant_id: &str, version: u32, context: &Context) -> Vec<u8> {
     out
 }
 
-#[inline]
 fn len32(len: usize) -> [u8; 4] {
     // Every length here is capped far below u32::MAX by the validation above.
     u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
 }
 
-#[inline]
 fn put_prefixed(out: &mut impl FnMut(&[u8]), bytes: &[u8]) {
     out(&len32(bytes.len()));
     out(bytes);
