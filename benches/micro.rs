@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use keybroker::broker::Broker;
-use keybroker::cache::{CacheKey, CacheSettings, CachedKey, DekCache};
+use keybroker::cache::{CacheKey, CacheSettings, CachedKey, DekCache, Freshness};
 use keybroker::context::{self, Context};
 use keybroker::envelope::Envelope;
 use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
@@ -38,6 +38,7 @@ fn envelope_benches(c: &mut Criterion) {
         provider_key_version: "3".into(),
         ciphertext: vec![7; 60],
         tenant_key_version: 0,
+        incarnation: 1,
     };
     let bytes = envelope.encode();
     c.bench_function("envelope_encode", |b| {
@@ -94,9 +95,13 @@ fn cache_benches(c: &mut Criterion) {
     let cache = DekCache::new(settings);
     let key = CacheKey::new("tenant-0001", &[1; 32], &context());
     runtime
-        .block_on(cache.get_or_load(key.clone(), async {
+        .block_on(cache.get_or_load(key.clone(), Freshness::default(), async {
             let origin = cache.origin(&PLATFORM_BINDING.into(), ProviderKind::Local, "1", 0);
-            Ok::<_, ()>(CachedKey::new(&SecretBytes::random(32).unwrap(), origin))
+            Ok::<_, ()>(CachedKey::new(
+                &SecretBytes::random(32).unwrap(),
+                origin,
+                Freshness::default(),
+            ))
         }))
         .unwrap();
     c.bench_function("cache_hit", |b| {

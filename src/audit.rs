@@ -120,7 +120,9 @@ pub struct AuditRecord<'a> {
     /// The status message of a failed call (never contains key material).
     pub error: Option<&'a str>,
     pub latency_us: u64,
-    /// UnwrapKey/RewrapKey: whether the DEK came from the cache.
+    /// UnwrapKey/RewrapKey: whether the DEK came from the cache (false
+    /// when it was loaded: through its provider, or unsealed under a tenant
+    /// key).
     pub cache_hit: Option<bool>,
     /// KMS (or keyring) calls this request made itself.
     pub provider_calls: u32,
@@ -341,6 +343,9 @@ pub fn rfc3339_now() -> String {
 #[derive(Debug, Default)]
 pub struct CallNotes {
     provider_calls: AtomicU32,
+    /// DEKs this call loaded rather than found in the cache (a provider
+    /// call, or a local unseal under a cached tenant key).
+    dek_loads: AtomicU32,
     /// Written by the provider that made the call; read once at the end.
     provider_request_id: Mutex<Option<String>>,
 }
@@ -348,6 +353,10 @@ pub struct CallNotes {
 impl CallNotes {
     pub fn provider_calls(&self) -> u32 {
         self.provider_calls.load(Ordering::Relaxed)
+    }
+
+    pub fn dek_loads(&self) -> u32 {
+        self.dek_loads.load(Ordering::Relaxed)
     }
 
     pub fn provider_request_id(&self) -> Option<String> {
@@ -377,6 +386,11 @@ pub fn scoped<F: Future>(notes: Arc<CallNotes>, call: F) -> impl Future<Output =
 /// The current call asked a provider (KMS or keyring) for something.
 pub fn note_provider_call() {
     let _ = NOTES.try_with(|n| n.provider_calls.fetch_add(1, Ordering::Relaxed));
+}
+
+/// The current call loaded a DEK the cache did not have.
+pub fn note_dek_load() {
+    let _ = NOTES.try_with(|n| n.dek_loads.fetch_add(1, Ordering::Relaxed));
 }
 
 /// The provider's id of the request just made, if the SDK gave one.

@@ -48,6 +48,7 @@ pub(crate) const METHODS: &[&str] = &[
     "keybroker.v1.KeyAdmin/UnlinkKey",
     "keybroker.v1.KeyAdmin/UpdateKey",
     "keybroker.v1.KeyAdmin/DeleteTenant",
+    "keybroker.v1.KeyAdmin/CancelTenantDeletion",
     "keybroker.v1.KeyAdmin/RetireKeyVersions",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",

@@ -17,6 +17,10 @@ pub const MAX_CONTEXT_TOTAL_LEN: usize = 4096;
 /// Context keys with this prefix are reserved for keybroker's own entries.
 pub const RESERVED_CONTEXT_PREFIX: &str = "keybroker:";
 
+/// Context entry binding a direct wrap to the tenant's incarnation (in the
+/// customer's KMS log, the AWS encryption context shows it).
+pub const INCARNATION_CONTEXT: &str = "keybroker:tenant-incarnation";
+
 /// Domain separation tag of AAD format 1.
 const AAD_TAG: &[u8] = b"keybroker.v1.aad";
 
@@ -109,6 +113,19 @@ impl Context {
         )
     }
 
+    /// This context bound to a tenant incarnation (a reserved entry) for a
+    /// direct wrap; itself for incarnation 0 (keys from before incarnations).
+    pub fn with_incarnation(&self, incarnation: u64) -> std::borrow::Cow<'_, Self> {
+        if incarnation == 0 {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut bound = self.clone();
+        bound
+            .0
+            .insert(INCARNATION_CONTEXT.to_owned(), incarnation.to_string());
+        std::borrow::Cow::Owned(bound)
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
@@ -139,15 +156,25 @@ pub fn aad(tenant_id: &str, context: &Context) -> Vec<u8> {
 
 /// Domain separation tag of the AAD of a DEK sealed under a tenant key.
 const SEALED_AAD_TAG: &[u8] = b"keybroker.v2.dek";
+/// The same, with the tenant's incarnation bound in.
+const SEALED_AAD_TAG_INCARNATION: &[u8] = b"keybroker.v3.dek";
 
 /// Canonical AAD of a DEK sealed under tenant key `version`: tag, tenant,
 /// version, then the context entries, as in [`aad`]. A sealed DEK opens only
 /// for its tenant, its context and the version that sealed it.
-pub fn sealed_aad(tenant_id: &str, version: u32, context: &Context) -> Vec<u8> {
-    let mut out = Vec::with_capacity(72);
+/// With an incarnation (every key sealed since they exist) it is bound in
+/// too, under another tag; 0 is the layout of keys sealed before.
+pub fn sealed_aad(tenant_id: &str, incarnation: u64, version: u32, context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80);
     let mut push = |bytes: &[u8]| out.extend_from_slice(bytes);
-    put_prefixed(&mut push, SEALED_AAD_TAG);
-    put_prefixed(&mut push, tenant_id.as_bytes());
+    if incarnation == 0 {
+        put_prefixed(&mut push, SEALED_AAD_TAG);
+        put_prefixed(&mut push, tenant_id.as_bytes());
+    } else {
+        put_prefixed(&mut push, SEALED_AAD_TAG_INCARNATION);
+        put_prefixed(&mut push, tenant_id.as_bytes());
+        push(&incarnation.to_be_bytes());
+    }
     push(&version.to_be_bytes());
     context.encode_into(&mut push);
     out
@@ -226,9 +253,28 @@ mod tests {
     #[test]
     fn sealed_aad_binds_the_version_and_differs_from_direct() {
         let c = ctx(&[("a", "1")]);
-        assert_ne!(sealed_aad("t", 1, &c), sealed_aad("t", 2, &c));
-        assert_ne!(sealed_aad("t", 1, &c), sealed_aad("u", 1, &c));
-        assert_ne!(sealed_aad("t", 1, &c), aad("t", &c));
-        assert_eq!(sealed_aad("t", 1, &c), sealed_aad("t", 1, &c));
+        for incarnation in [0, 1] {
+            let sealed = |t: &str, v: u32| sealed_aad(t, incarnation, v, &c);
+            assert_ne!(sealed("t", 1), sealed("t", 2));
+            assert_ne!(sealed("t", 1), sealed("u", 1));
+            assert_ne!(sealed("t", 1), aad("t", &c));
+            assert_eq!(sealed("t", 1), sealed("t", 1));
+        }
+        // Incarnations differ, and none encodes like a key from before them.
+        assert_ne!(sealed_aad("t", 1, 1, &c), sealed_aad("t", 2, 1, &c));
+        assert_ne!(sealed_aad("t", 0, 1, &c), sealed_aad("t", 1, 1, &c));
+    }
+
+    #[test]
+    fn an_incarnation_is_a_reserved_entry_of_a_direct_wrap() {
+        let c = ctx(&[("a", "1")]);
+        assert_eq!(*c.with_incarnation(0), c);
+        let bound = c.with_incarnation(7);
+        assert_eq!(
+            bound.entries().collect::<Vec<_>>(),
+            vec![("a", "1"), (INCARNATION_CONTEXT, "7")]
+        );
+        // No caller can send the entry itself.
+        assert!(Context::new([(INCARNATION_CONTEXT.to_owned(), "7".to_owned())].into()).is_err());
     }
 }

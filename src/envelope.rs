@@ -13,10 +13,18 @@ use prost::Message;
 use crate::kms::ProviderKind;
 use crate::proto;
 
-/// Format of a DEK wrapped directly by a key binding's provider.
+/// Format of a DEK wrapped directly by a key binding's provider, from
+/// before incarnations (read, never written).
 pub const FORMAT_VERSION: u32 = 1;
-/// Format of a DEK sealed locally under a tenant key version.
+/// Format of a DEK sealed locally under a tenant key version, from before
+/// incarnations (read, never written).
 pub const FORMAT_TENANT_KEY: u32 = 2;
+/// Format 1 bound to the tenant's incarnation (required, nonzero).
+pub const FORMAT_DIRECT_BOUND: u32 = 3;
+/// Format 2 bound to the tenant's incarnation (required, nonzero). A
+/// format of its own rather than an optional field: a key cut just before
+/// the incarnation must not parse as one from before incarnations.
+pub const FORMAT_SEALED_BOUND: u32 = 4;
 /// Largest wrapped key accepted. Real ones are under 1 KiB (AWS KMS ciphertext
 /// blobs are at most ~6 KiB for 4 KiB plaintexts).
 pub const MAX_WRAPPED_KEY_BYTES: usize = 16 * 1024;
@@ -32,7 +40,7 @@ pub enum EnvelopeError {
     #[error("wrapped_key is not a keybroker wrapped key (not a valid WrappedKey encoding)")]
     Malformed,
     #[error(
-        "wrapped_key has an unsupported format version {0}; this server reads versions {FORMAT_VERSION} and {FORMAT_TENANT_KEY}"
+        "wrapped_key has an unsupported format version {0}; this server reads versions {FORMAT_VERSION} to {FORMAT_SEALED_BOUND}"
     )]
     UnsupportedVersion(u32),
     #[error(
@@ -54,28 +62,42 @@ pub struct Envelope {
     /// Format 2: the tenant key version that sealed the DEK; 0 in format 1,
     /// where `key_binding` and `provider` name the wrapping key instead.
     pub tenant_key_version: u32,
+    /// The tenant's incarnation the key was issued for (bound into the
+    /// AAD); 0 in keys from before incarnations.
+    pub incarnation: u64,
 }
 
 impl Envelope {
     pub fn encode(&self) -> Vec<u8> {
+        let bound = self.incarnation != 0;
         if self.tenant_key_version > 0 {
             return proto::WrappedKey {
-                format_version: FORMAT_TENANT_KEY,
+                format_version: if bound {
+                    FORMAT_SEALED_BOUND
+                } else {
+                    FORMAT_TENANT_KEY
+                },
                 tenant_id: self.tenant_id.clone(),
                 ciphertext: self.ciphertext.clone(),
                 tenant_key_version: self.tenant_key_version,
+                tenant_incarnation: self.incarnation,
                 ..proto::WrappedKey::default()
             }
             .encode_to_vec();
         }
         proto::WrappedKey {
-            format_version: FORMAT_VERSION,
+            format_version: if bound {
+                FORMAT_DIRECT_BOUND
+            } else {
+                FORMAT_VERSION
+            },
             tenant_id: self.tenant_id.clone(),
             key_binding: self.key_binding.clone(),
             provider: proto::Provider::from(self.provider).into(),
             provider_key_version: self.provider_key_version.clone(),
             ciphertext: self.ciphertext.clone(),
             tenant_key_version: 0,
+            tenant_incarnation: self.incarnation,
         }
         .encode_to_vec()
     }
@@ -84,9 +106,13 @@ impl Envelope {
     pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         check_size(bytes)?;
         let msg = proto::WrappedKey::decode(bytes).map_err(|_| EnvelopeError::Malformed)?;
-        if msg.format_version != FORMAT_VERSION && msg.format_version != FORMAT_TENANT_KEY {
-            return Err(EnvelopeError::UnsupportedVersion(msg.format_version));
-        }
+        let (sealed, bound) = match msg.format_version {
+            FORMAT_VERSION => (false, false),
+            FORMAT_TENANT_KEY => (true, false),
+            FORMAT_DIRECT_BOUND => (false, true),
+            FORMAT_SEALED_BOUND => (true, true),
+            other => return Err(EnvelopeError::UnsupportedVersion(other)),
+        };
         if msg.encoded_len() != bytes.len() || msg.encode_to_vec() != bytes {
             return Err(EnvelopeError::NonCanonical);
         }
@@ -96,7 +122,12 @@ impl Envelope {
         if msg.ciphertext.is_empty() {
             return Err(EnvelopeError::MissingField("ciphertext"));
         }
-        if msg.format_version == FORMAT_TENANT_KEY {
+        match (bound, msg.tenant_incarnation) {
+            (true, 0) => return Err(EnvelopeError::MissingField("tenant_incarnation")),
+            (false, n) if n != 0 => return Err(EnvelopeError::Malformed),
+            _ => {}
+        }
+        if sealed {
             // Exactly the fields format 2 writes: nothing a reader could
             // mistake for the protecting key.
             if msg.tenant_key_version == 0 {
@@ -115,6 +146,7 @@ impl Envelope {
                 provider_key_version: String::new(),
                 ciphertext: msg.ciphertext,
                 tenant_key_version: msg.tenant_key_version,
+                incarnation: msg.tenant_incarnation,
             });
         }
         if msg.tenant_key_version != 0 {
@@ -134,6 +166,7 @@ impl Envelope {
             provider_key_version: msg.provider_key_version,
             ciphertext: msg.ciphertext,
             tenant_key_version: 0,
+            incarnation: msg.tenant_incarnation,
         })
     }
 }
@@ -164,6 +197,7 @@ mod tests {
             provider_key_version: "3".into(),
             ciphertext: vec![7; 60],
             tenant_key_version: 0,
+            incarnation: 0,
         }
     }
 
@@ -175,6 +209,7 @@ mod tests {
             provider_key_version: String::new(),
             ciphertext: vec![9; 96],
             tenant_key_version: 4,
+            incarnation: 3,
         }
     }
 
@@ -184,7 +219,7 @@ mod tests {
         let bytes = env.encode();
         assert_eq!(Envelope::parse(&bytes).unwrap(), env);
         let msg = proto::WrappedKey::decode(bytes.as_slice()).unwrap();
-        assert_eq!(msg.format_version, FORMAT_TENANT_KEY);
+        assert_eq!(msg.format_version, FORMAT_SEALED_BOUND);
         // Format 2 naming a binding, provider or version, or no tenant key
         // version; format 1 naming a tenant key version: all refused.
         let mut bad = msg.clone();
@@ -211,6 +246,47 @@ mod tests {
             Envelope::parse(&bad.encode_to_vec()),
             Err(EnvelopeError::Malformed)
         );
+        for len in 0..bytes.len() {
+            assert!(Envelope::parse(&bytes[..len]).is_err());
+        }
+        // A bound format needs its incarnation; a legacy one has none.
+        let mut bad = msg.clone();
+        bad.tenant_incarnation = 0;
+        assert_eq!(
+            Envelope::parse(&bad.encode_to_vec()),
+            Err(EnvelopeError::MissingField("tenant_incarnation"))
+        );
+        let mut bad = msg.clone();
+        bad.format_version = FORMAT_TENANT_KEY;
+        assert_eq!(
+            Envelope::parse(&bad.encode_to_vec()),
+            Err(EnvelopeError::Malformed)
+        );
+        // Keys from before incarnations still read as what they were.
+        let legacy = Envelope {
+            incarnation: 0,
+            ..sealed()
+        };
+        let bytes = legacy.encode();
+        assert_eq!(
+            proto::WrappedKey::decode(bytes.as_slice())
+                .unwrap()
+                .format_version,
+            FORMAT_TENANT_KEY
+        );
+        assert_eq!(Envelope::parse(&bytes).unwrap(), legacy);
+        let direct = Envelope {
+            incarnation: 9,
+            ..sample()
+        };
+        let bytes = direct.encode();
+        assert_eq!(
+            proto::WrappedKey::decode(bytes.as_slice())
+                .unwrap()
+                .format_version,
+            FORMAT_DIRECT_BOUND
+        );
+        assert_eq!(Envelope::parse(&bytes).unwrap(), direct);
         for len in 0..bytes.len() {
             assert!(Envelope::parse(&bytes[..len]).is_err());
         }
@@ -248,10 +324,10 @@ mod tests {
     #[test]
     fn unknown_version_empty_oversized() {
         let mut msg = proto::WrappedKey::decode(sample().encode().as_slice()).unwrap();
-        msg.format_version = 3;
+        msg.format_version = 5;
         assert_eq!(
             Envelope::parse(&msg.encode_to_vec()),
-            Err(EnvelopeError::UnsupportedVersion(3))
+            Err(EnvelopeError::UnsupportedVersion(5))
         );
         assert_eq!(Envelope::parse(&[]), Err(EnvelopeError::Empty));
         let big = vec![0u8; MAX_WRAPPED_KEY_BYTES + 1];

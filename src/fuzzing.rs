@@ -239,6 +239,7 @@ fn sample_wrapped_key() -> proto::WrappedKey {
         provider_key_version: "1".into(),
         ciphertext: vec![7; 60],
         tenant_key_version: 0,
+        tenant_incarnation: 0,
     }
 }
 

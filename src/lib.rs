@@ -27,8 +27,11 @@ pub mod secret;
 // --- the control plane ---------------------------------------------------
 /// Tenants and their keys: validation, onboarding, verification; the watcher.
 pub mod control;
+/// The tenant-key lifecycle: mint, re-encrypt, orphan, schedule and shred;
+/// the only writer of tenant key versions.
+pub mod lifecycle;
 /// Tenants and bindings stored in SQLite or PostgreSQL; the registry's
-/// `KeyDirectory`.
+/// views of them.
 pub mod registry;
 
 // --- the service -----------------------------------------------------------

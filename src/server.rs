@@ -25,6 +25,7 @@ use crate::keys::{Binding, KeyDirectory, PLATFORM_BINDING};
 use crate::kms::aws::AwsKms;
 use crate::kms::gcp::GcpKms;
 use crate::kms::local::LocalKeyring;
+use crate::lifecycle::{Lifecycle, Shredder};
 use crate::metrics::Metrics;
 use crate::net::tls::TlsSource;
 use crate::proto;
@@ -142,7 +143,9 @@ impl Server {
         }
         let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
         let watching = watcher.spawn();
-        let mut server = Self::assemble(config, Arc::clone(&directory) as _, cache.clone())?;
+        let lifecycle = Arc::new(Lifecycle::new(Arc::clone(&directory)));
+        let maintaining = Shredder::spawn(&lifecycle, config.deletion.maintenance_interval);
+        let mut server = Self::assemble(config, Arc::clone(&lifecycle) as _, cache.clone())?;
         server.metrics.set_sources(crate::metrics::Sources {
             cache: Some(cache),
             assume_role_calls: Some(assume_role_calls),
@@ -152,7 +155,11 @@ impl Server {
             platform_keyring: Some(Arc::clone(directory.platform_keyring())),
         });
         server.watcher = Some(watcher);
-        let admin = Arc::new(Admin::new(directory, server.config.control.clone()));
+        let admin = Arc::new(Admin::new(
+            lifecycle,
+            server.config.control.clone(),
+            server.config.deletion.window,
+        ));
         // Key changes a crash interrupted finish in the background: until
         // then every version is still readable under its old wrapping.
         let resuming = tokio::spawn({
@@ -171,7 +178,7 @@ impl Server {
         server.rotation = Some(rotation);
         server
             .tasks
-            .extend([reloader, flusher, watching, resuming, rotating]);
+            .extend([reloader, flusher, watching, resuming, rotating, maintaining]);
         server.tasks.extend(listener_task);
         Ok(server)
     }

@@ -58,6 +58,13 @@ impl fmt::Debug for Quoted<'_> {
     }
 }
 
+/// A Unix time in milliseconds as RFC 3339 (UTC), for messages.
+pub fn rfc3339(ms: i64) -> String {
+    let at =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 /// `Quoted` as an owned string (for error fields built once).
 pub fn quoted(text: &str) -> String {
     Quoted(text).to_string()

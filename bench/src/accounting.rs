@@ -11,8 +11,8 @@ use keybroker::broker::Broker;
 use keybroker::cache::{CacheSettings, DekCache};
 use keybroker::context::Context;
 use keybroker::keys::{
-    Binding, DirectoryError, KeyDirectory, KeyHierarchy, NewTenantKey, PLATFORM_BINDING,
-    PlatformOnly, TenantKeyVersion, TenantKeys,
+    Binding, DirectoryError, KeyDirectory, KeyHierarchy, Minted, NewTenantKey, PLATFORM_BINDING,
+    PlatformOnly, TenantKeyVersion, TenantKeys, TenantLife,
 };
 use keybroker::kms::local::LocalKeyring;
 use keybroker::kms::{
@@ -388,17 +388,21 @@ impl KeyDirectory for HierarchyDirectory {
             reencrypt_from: None,
             min_tenant_key_version: 0,
             tenant_key_usage: Arc::default(),
+            life: TenantLife {
+                legacy_deks: true,
+                ..TenantLife::default()
+            },
         }))
     }
 
-    async fn store_tenant_key(&self, key: &NewTenantKey) -> Result<bool, DirectoryError> {
+    async fn mint_tenant_key(&self, key: &NewTenantKey) -> Result<Minted, DirectoryError> {
         let mut map = self
             .versions
             .lock()
             .map_err(|_| DirectoryError::Internal("poisoned".into()))?;
         let versions = map.entry(key.tenant_id.clone()).or_default();
         if versions.iter().any(|v| v.version == key.version) {
-            return Ok(false);
+            return Ok(Minted::Stale);
         }
         versions.push(Arc::new(TenantKeyVersion {
             version: key.version,
@@ -406,7 +410,8 @@ impl KeyDirectory for HierarchyDirectory {
             provider_key_version: key.provider_key_version.clone(),
             wrapped: key.wrapped.clone(),
             created_at_ms: keybroker::keys::now_ms(),
+            epoch: 0,
         }));
-        Ok(true)
+        Ok(Minted::Stored)
     }
 }

@@ -75,6 +75,7 @@ scoped!(
     proto::SetTenantPolicyRequest,
     proto::ListKeysRequest,
     proto::DeleteTenantRequest,
+    proto::CancelTenantDeletionRequest,
 );
 scoped_wrapped!(proto::UnwrapKeyRequest, proto::RewrapKeyRequest);
 
@@ -123,6 +124,7 @@ audited!(
     proto::UnlinkKeyResponse,
     proto::UpdateKeyResponse,
     proto::DeleteTenantResponse,
+    proto::CancelTenantDeletionResponse,
     proto::RetireKeyVersionsResponse,
 );
 
@@ -572,6 +574,7 @@ const STATE_CHANGING: &[&str] = &[
     "UnlinkKey",
     "UpdateKey",
     "DeleteTenant",
+    "CancelTenantDeletion",
     "RetireKeyVersions",
 ];
 
@@ -666,7 +669,8 @@ impl Facts {
         ]
         .iter()
         .any(|m| ctx.method.ends_with(m));
-        record.cache_hit = (unwraps && code == Code::Ok).then_some(record.provider_calls == 0);
+        record.cache_hit = (unwraps && code == Code::Ok)
+            .then_some(notes.is_none_or(|n| n.dek_loads() == 0));
         record
     }
 }
@@ -821,7 +825,7 @@ mod tests {
         assert_eq!(hit.get_ref().plaintext, vec![1; 32]);
 
         // A miss: parked, then served by the handler that waits; the
-        // provider call it notes reaches the record.
+        // DEK load and the provider call it notes reach the record.
         let parked = serve_now(&observers, request("t1"), |req| {
             Err::<Result<proto::UnwrapKeyResponse, Status>, _>(req.wrapped_key.len())
         });
@@ -832,6 +836,7 @@ mod tests {
             .serve(&observers, |len| async move {
                 assert_eq!(len, 40);
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                audit::note_dek_load();
                 audit::note_provider_call();
                 Ok(response())
             })

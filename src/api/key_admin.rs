@@ -52,6 +52,9 @@ impl KeyAdminApi {
             reencryption: Some(reencryption_to_proto(reencryption)),
             min_tenant_key_version,
             tenant_key_usage: tenant_key_usage.iter().map(version_to_proto).collect(),
+            delete_time: tenant.delete_at_ms.map(timestamp),
+            incarnation: tenant.incarnation,
+            implicit: tenant.implicit,
         })
     }
 }
@@ -350,10 +353,13 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::UnlinkKeyRequest>,
     ) -> Result<Response<proto::UnlinkKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            self.admin
+            let unlinked = self
+                .admin
                 .unlink_key(&req.tenant_id, &req.name, req.force)
                 .await?;
-            Ok(proto::UnlinkKeyResponse {})
+            Ok(proto::UnlinkKeyResponse {
+                tenant_key_versions_destroyed: unlinked.versions_destroyed,
+            })
         })
         .await
     }
@@ -379,8 +385,37 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::DeleteTenantRequest>,
     ) -> Result<Response<proto::DeleteTenantResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            self.admin.delete_tenant(&req.tenant_id, req.force).await?;
-            Ok(proto::DeleteTenantResponse {})
+            let window = req
+                .restore_window
+                .map(|d| {
+                    std::time::Duration::try_from(d).map_err(|_| {
+                        AdminError::InvalidArgument(
+                            "restore_window must be zero or positive".into(),
+                        )
+                    })
+                })
+                .transpose()?;
+            let scheduled = self
+                .admin
+                .delete_tenant(&req.tenant_id, req.force, window)
+                .await?;
+            Ok(proto::DeleteTenantResponse {
+                delete_time: Some(timestamp(scheduled.delete_at_ms)),
+                deleted: scheduled.shredded,
+            })
+        })
+        .await
+    }
+
+    async fn cancel_tenant_deletion(
+        &self,
+        request: Request<proto::CancelTenantDeletionRequest>,
+    ) -> Result<Response<proto::CancelTenantDeletionResponse>, Status> {
+        call::serve(&self.observers, request, |req| async move {
+            let tenant = self.admin.cancel_deletion(&req.tenant_id).await?;
+            Ok(proto::CancelTenantDeletionResponse {
+                tenant: Some(self.tenant(&tenant).await?),
+            })
         })
         .await
     }

@@ -126,6 +126,10 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
         BrokerError::TenantMismatch { .. } => (Code::PermissionDenied, "TENANT_MISMATCH"),
         BrokerError::UnknownBinding { .. } => (Code::NotFound, "KEY_BINDING_NOT_FOUND"),
         BrokerError::UnknownTenantKey { .. } => (Code::NotFound, "TENANT_KEY_NOT_FOUND"),
+        BrokerError::IncarnationGone { .. } => (Code::NotFound, "TENANT_DELETED"),
+        BrokerError::TenantDeleting { .. } => {
+            (Code::FailedPrecondition, "TENANT_DELETION_SCHEDULED")
+        }
         BrokerError::VersionRetired { .. } => (Code::FailedPrecondition, "KEY_VERSION_RETIRED"),
         BrokerError::KeyUnusable { state, .. } => match state {
             crate::keys::BindingState::Revoked => (Code::FailedPrecondition, "KEY_REVOKED"),

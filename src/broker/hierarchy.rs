@@ -16,19 +16,26 @@ use crate::cache::{CacheKey, CachedKey};
 use crate::context::{self, Context};
 use crate::envelope::Envelope;
 use crate::keys::{
-    Binding, KeyInfo, NewTenantKey, TenantKeyVersion, TenantKeys, UsedVersion, tenant_key_context,
+    Binding, DirectoryError, KeyInfo, Minted, NewTenantKey, TenantKeyVersion, TenantKeys,
+    UsedVersion, tenant_key_context,
 };
 use crate::kms::{ProviderError, WrapContext};
 use crate::seal::{SealError, SealingKey};
 use crate::secret::SecretBytes;
 
-use super::{Broker, BrokerError, ensure_current, ensure_usable, provider_error};
+use super::{
+    Broker, BrokerError, ensure_current, ensure_incarnation, ensure_live, ensure_usable, freshness,
+    provider_error,
+};
 
 /// Bytes of a tenant key version.
 const TENANT_KEY_LEN: usize = 32;
 
-/// How many times a mint retries after losing a race for a version number.
-const MINT_ATTEMPTS: usize = 3;
+/// How many times a wrap plans a mint again after the tenant moved on
+/// (another minter took the number, a key change began): each is a fresh
+/// read of the registry, so only a storm of control-plane changes exhausts
+/// them, and that answers UNAVAILABLE (retry), never INTERNAL.
+const MINT_ATTEMPTS: usize = 8;
 
 /// `KeyInfo.provider_key_version` of a DEK sealed under a tenant key.
 pub fn version_label(version: u32) -> String {
@@ -37,46 +44,60 @@ pub fn version_label(version: u32) -> String {
 
 impl Broker {
     /// The version new DEKs are sealed under and its key, minting one when
-    /// the newest version is not protected by the primary.
+    /// the tenant has none of the current epoch under its sealing key (a
+    /// first wrap, a key change, rotation). The registry stores a mint only
+    /// if the tenant is still as the view saw it (`crate::lifecycle`).
     pub(super) async fn sealing_key(
         &self,
-        keys: Arc<TenantKeys>,
+        mut keys: Arc<TenantKeys>,
         tenant_id: &str,
     ) -> Result<(Arc<TenantKeys>, u32, Arc<CachedKey>), BrokerError> {
-        ensure_usable(&keys.primary, tenant_id)?;
-        if let Some(version) = self.current_sealing_version(&keys) {
-            let key = self.tenant_key(tenant_id, version).await?;
-            return Ok((Arc::clone(&keys), version.version, key));
-        }
-        // One mint per tenant at a time in this process: concurrent first
-        // requests wait for it instead of each calling the customer's KMS.
-        let lock = self
-            .minting
-            .get_with(tenant_id.to_owned(), async { Arc::default() })
-            .await;
-        let _minting = lock.lock().await;
-        let mut keys = self.directory.tenant_keys(tenant_id).await?;
+        let mut lock = None;
         for _ in 0..MINT_ATTEMPTS {
+            ensure_live(&keys, tenant_id)?;
+            if keys.life.registers_on_wrap {
+                // A tenant nobody registered: it gets a row and a tenant key
+                // of its own, so deleting it shreds what it sealed.
+                self.directory.register_on_wrap(tenant_id).await?;
+                keys = self.directory.tenant_keys(tenant_id).await?;
+                continue;
+            }
             ensure_usable(&keys.primary, tenant_id)?;
             if let Some(version) = self.current_sealing_version(&keys) {
-                let key = self.tenant_key(tenant_id, version).await?;
-                return Ok((Arc::clone(&keys), version.version, key));
+                let key = self.tenant_key(&keys, tenant_id, version).await?;
+                let version = version.version;
+                return Ok((keys, version, key));
+            }
+            if lock.is_none() {
+                // One mint per tenant at a time in this process: concurrent
+                // first requests wait for it instead of each calling the
+                // customer's KMS; then look again.
+                let mutex = self
+                    .minting
+                    .get_with(tenant_id.to_owned(), async { Arc::default() })
+                    .await;
+                lock = Some(mutex.lock_owned().await);
+                keys = self.directory.tenant_keys(tenant_id).await?;
+                continue;
             }
             if let Some((version, key)) = self.mint(&keys, tenant_id).await? {
                 let keys = self.directory.tenant_keys(tenant_id).await?;
                 return Ok((keys, version, key));
             }
-            // Another replica stored that version number first: use theirs.
+            // The tenant moved on since this view: plan again on a fresh one.
             keys = self.directory.tenant_keys(tenant_id).await?;
         }
-        Err(BrokerError::Internal(format!(
-            "tenant '{tenant_id}': could not mint a tenant key version after {MINT_ATTEMPTS} attempts (replicas racing)"
+        Err(BrokerError::Directory(DirectoryError::Unavailable(
+            format!(
+                "tenant '{tenant_id}': its keys kept changing while a tenant key version was minted ({MINT_ATTEMPTS} attempts); retry"
+            ),
         )))
     }
 
-    /// The version to seal under: the newest one under the primary, unless
-    /// it is due for rotation. Every replica mints the next number, and the
-    /// registry keeps only the first: one new version per period fleet-wide.
+    /// The version to seal under: the newest one of the current epoch under
+    /// the sealing key, unless it is due for rotation. Every replica plans
+    /// the registry's next number, and the registry keeps only the first:
+    /// one new version per period fleet-wide.
     fn current_sealing_version<'k>(
         &self,
         keys: &'k TenantKeys,
@@ -91,8 +112,8 @@ impl Broker {
             })
     }
 
-    /// A new version wrapped by the primary: one provider call. `None` when
-    /// another replica stored that version number first.
+    /// A new version wrapped by the sealing key: one provider call. `None`
+    /// when the registry refused it as planned on a stale view.
     async fn mint(
         &self,
         keys: &TenantKeys,
@@ -116,25 +137,21 @@ impl Broker {
             .await
             .map_err(|source| provider_error(binding, source));
         let ciphertext = self.reported(tenant_id, &[binding], false, result).await?;
-        let stored = self
+        let minted = self
             .directory
-            .store_tenant_key(&NewTenantKey {
+            .mint_tenant_key(&NewTenantKey {
                 tenant_id: tenant_id.to_owned(),
                 version,
                 binding: binding.name.to_string(),
                 provider_key_version: ciphertext.key_version.clone(),
                 wrapped: ciphertext.bytes.clone(),
+                incarnation: keys.life.incarnation,
+                epoch: keys.life.epoch,
             })
             .await?;
-        if !stored {
+        if minted == Minted::Stale {
             return Ok(None);
         }
-        tracing::info!(
-            tenant = tenant_id,
-            version,
-            binding = %binding.name,
-            "minted a tenant key version"
-        );
         // Cached under the bytes it was stored as: no provider call to load
         // what was just made.
         let origin = self.cache.origin(
@@ -143,14 +160,11 @@ impl Broker {
             &ciphertext.key_version,
             0,
         );
-        let cache_key = CacheKey::new(tenant_id, &ciphertext.bytes, &context);
-        let key = self
-            .cache
-            .get_or_load(cache_key, async {
-                Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
-            })
-            .await
-            .map_err(|shared| (*shared).clone())?;
+        let key = CachedKey::new(&plaintext, origin, freshness(keys));
+        self.cache.insert(
+            CacheKey::new(tenant_id, &ciphertext.bytes, &context),
+            Arc::clone(&key),
+        );
         Ok(Some((version, key)))
     }
 
@@ -159,6 +173,7 @@ impl Broker {
     /// never from a caller.
     pub(super) async fn tenant_key(
         &self,
+        keys: &TenantKeys,
         tenant_id: &str,
         version: &TenantKeyVersion,
     ) -> Result<Arc<CachedKey>, BrokerError> {
@@ -167,7 +182,8 @@ impl Broker {
         ensure_current(binding, tenant_id, &version.provider_key_version)?;
         let context = tenant_key_context(version.version);
         let cache_key = CacheKey::new(tenant_id, &version.wrapped, &context);
-        if let Some(hit) = self.cache.get(&cache_key) {
+        let fresh = freshness(keys);
+        if let Some(hit) = self.cache.get(&cache_key).filter(|h| h.fresh == fresh) {
             return Ok(hit);
         }
         let load = async {
@@ -184,17 +200,18 @@ impl Broker {
                 .timed(binding, "decrypt", call)
                 .await
                 .map_err(|source| provider_error(binding, source))?;
-            let origin = self.cache.origin(
+            let origin = self.cache.origin_of_link(
                 &binding.name,
+                binding.link_id,
                 binding.provider.kind(),
                 &version.provider_key_version,
                 0,
             );
-            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
+            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin, fresh))
         };
         let result = self
             .cache
-            .get_or_load(cache_key, load)
+            .get_or_load(cache_key, fresh, load)
             .await
             .map_err(|shared| (*shared).clone());
         self.reported(tenant_id, &[binding], false, result).await
@@ -212,10 +229,11 @@ impl Broker {
         let (keys, version, key) = self.sealing_key(keys, tenant_id).await?;
         let sealing = SealingKey::new(key.plaintext())
             .ok_or_else(|| BrokerError::Internal("a tenant key is not 32 bytes".into()))?;
+        let incarnation = keys.life.incarnation;
         let sealed = sealing
             .seal(
                 plaintext.expose(),
-                &context::sealed_aad(tenant_id, version, context),
+                &context::sealed_aad(tenant_id, incarnation, version, context),
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
         let binding = keys.version(version).map_or(&keys.primary, |v| &v.binding);
@@ -229,6 +247,7 @@ impl Broker {
             provider_key_version: String::new(),
             ciphertext: sealed,
             tenant_key_version: version,
+            incarnation,
         };
         Ok((envelope.encode(), binding.info(version_label(version))))
     }
@@ -242,14 +261,18 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
     ) -> Result<(Arc<CachedKey>, Arc<Binding>), BrokerError> {
+        ensure_incarnation(keys, tenant_id, envelope.incarnation)?;
         let version = sealed_version(keys, tenant_id, envelope.tenant_key_version)?;
         let binding = Arc::clone(&version.binding);
         ensure_usable(&binding, tenant_id)?;
+        let fresh = freshness(keys);
         let load = async {
-            let key = self.tenant_key(tenant_id, version).await?;
+            crate::audit::note_dek_load();
+            let key = self.tenant_key(keys, tenant_id, version).await?;
             let sealing = SealingKey::new(key.plaintext())
                 .ok_or_else(|| BrokerError::Internal("a tenant key is not 32 bytes".into()))?;
-            let aad = context::sealed_aad(tenant_id, version.version, context);
+            let aad =
+                context::sealed_aad(tenant_id, envelope.incarnation, version.version, context);
             let plaintext = sealing
                 .open(&envelope.ciphertext, &aad)
                 .map_err(|e| match e {
@@ -264,11 +287,11 @@ impl Broker {
             let origin =
                 self.cache
                     .origin(&binding.name, binding.provider.kind(), "", version.version);
-            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
+            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin, fresh))
         };
         let key = self
             .cache
-            .get_or_load(cache_key, load)
+            .get_or_load(cache_key, fresh, load)
             .await
             .map_err(|shared| (*shared).clone())?;
         binding.usage.record_sealed(false);

@@ -45,9 +45,25 @@ pub enum BrokerError {
     )]
     UnknownBinding { tenant_id: String, binding: String },
     #[error(
-        "tenant '{tenant_id}' has no tenant key version {version} (the tenant was deleted, or the wrapped key comes from another deployment)"
+        "tenant '{tenant_id}' has no tenant key version {version} (it was destroyed with the key that protected it or with the tenant, or the wrapped key comes from another deployment)"
     )]
     UnknownTenantKey { tenant_id: String, version: u32 },
+    /// The wrapped key names an incarnation of the tenant id that is not
+    /// the current one: a deleted tenant's, or another deployment's.
+    #[error(
+        "the wrapped key was issued for {} of tenant '{tenant_id}', which was deleted: its keys are destroyed (or the wrapped key comes from another deployment)",
+        match incarnation { 0 => "an earlier life".to_owned(), n => format!("incarnation {n}") }
+    )]
+    IncarnationGone { tenant_id: String, incarnation: u64 },
+    /// DeleteTenant scheduled the tenant's keys for destruction.
+    #[error(
+        "tenant '{tenant_id}' is scheduled for deletion at {}: its keys are destroyed then and serve nothing until; to keep its data, cancel the deletion before that time (KeyAdmin.CancelTenantDeletion, or keybroker admin tenant cancel-deletion)",
+        crate::text::rfc3339(*delete_at_ms)
+    )]
+    TenantDeleting {
+        tenant_id: String,
+        delete_at_ms: i64,
+    },
     /// A wrapped key under a version older than its key's minimum
     /// decryption version. Nothing in it comes from the caller unchecked:
     /// the key is a binding the tenant has, the version a number.
@@ -332,7 +348,8 @@ impl Broker {
     ) -> Result<Generated, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         let keys = self.view(tenant_id, shared).await?;
-        if keys.hierarchy == KeyHierarchy::TenantKey {
+        ensure_live(&keys, tenant_id)?;
+        if seals(&keys) {
             let plaintext = SecretBytes::random(len)
                 .map_err(|_| BrokerError::Internal("system random generator failed".into()))?;
             let (wrapped_key, key) = self.seal_dek(keys, tenant_id, context, &plaintext).await?;
@@ -345,9 +362,15 @@ impl Broker {
         let binding = &keys.primary;
         ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
-        let call = binding
-            .provider
-            .generate_data_key(len, WrapContext { tenant_id, context });
+        let incarnation = keys.life.incarnation;
+        let bound = context.with_incarnation(incarnation);
+        let call = binding.provider.generate_data_key(
+            len,
+            WrapContext {
+                tenant_id,
+                context: &bound,
+            },
+        );
         let result = self
             .timed(binding, "generate_data_key", call)
             .await
@@ -356,7 +379,7 @@ impl Broker {
         binding
             .usage
             .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
-        let wrapped = seal(binding, tenant_id, ciphertext);
+        let wrapped = seal(binding, tenant_id, incarnation, ciphertext);
         Ok(Generated {
             plaintext,
             wrapped_key: wrapped.wrapped_key,
@@ -378,26 +401,34 @@ impl Broker {
             )));
         }
         let keys = self.directory.tenant_keys(tenant_id).await?;
-        if keys.hierarchy == KeyHierarchy::TenantKey {
+        ensure_live(&keys, tenant_id)?;
+        if seals(&keys) {
             let (wrapped_key, key) = self.seal_dek(keys, tenant_id, context, plaintext).await?;
             return Ok(Wrapped { wrapped_key, key });
         }
-        self.wrap_with(&keys.primary, tenant_id, context, plaintext)
-            .await
+        self.wrap_with(&keys, tenant_id, context, plaintext).await
     }
 
+    /// A direct wrap by the tenant's primary, bound to its incarnation.
     async fn wrap_with(
         &self,
-        binding: &Binding,
+        keys: &TenantKeys,
         tenant_id: &str,
         context: &Context,
         plaintext: &SecretBytes,
     ) -> Result<Wrapped, BrokerError> {
+        let binding = &keys.primary;
         ensure_usable(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
-        let call = binding
-            .provider
-            .encrypt(plaintext, WrapContext { tenant_id, context });
+        let incarnation = keys.life.incarnation;
+        let bound = context.with_incarnation(incarnation);
+        let call = binding.provider.encrypt(
+            plaintext,
+            WrapContext {
+                tenant_id,
+                context: &bound,
+            },
+        );
         let result = self
             .timed(binding, "encrypt", call)
             .await
@@ -406,7 +437,7 @@ impl Broker {
         binding
             .usage
             .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
-        Ok(seal(binding, tenant_id, ciphertext))
+        Ok(seal(binding, tenant_id, incarnation, ciphertext))
     }
 
     /// Unwraps through the cache. A hit skips parsing: the cache key pins the
@@ -424,8 +455,10 @@ impl Broker {
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.view(tenant_id, shared).await?;
-        if let Some(hit) = self.cache.get(&cache_key) {
-            return self.serve_hit(&keys, tenant_id, hit);
+        if let Some(hit) = self.cache.get(&cache_key)
+            && let Some(served) = self.serve_hit(&keys, tenant_id, hit)
+        {
+            return served;
         }
         self.unwrap_cold(&keys, cache_key, tenant_id, context, wrapped)
             .await
@@ -441,6 +474,7 @@ impl Broker {
         context: &Context,
         wrapped: &[u8],
     ) -> Result<Unwrapped, BrokerError> {
+        ensure_live(keys, tenant_id)?;
         // Boxed: the cold path's future (provider SDK calls included) is
         // kilobytes; inline, every hit would carry and move it.
         let key = Box::pin(self.load_wrapped(keys, cache_key, tenant_id, context, wrapped)).await?;
@@ -497,23 +531,50 @@ impl Broker {
             .view_in_memory(tenant_id, shared, now)
             .ok_or(Miss(None))?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        match self.cache.get_at(&cache_key, now) {
-            Some(hit) => Ok(self.serve_hit(&keys, tenant_id, hit)),
+        match self
+            .cache
+            .get_at(&cache_key, now)
+            .and_then(|hit| self.serve_hit(&keys, tenant_id, hit))
+        {
+            Some(served) => Ok(served),
             None => Err(Miss(Some(cache_key))),
         }
     }
 
-    /// A cached key, if its key may serve it now: the binding's state and
-    /// retired versions are checked on every hit.
+    /// A cached key, if its key may serve it now: the tenant's state, the
+    /// binding's state and retired versions are checked on every hit.
+    /// `None`: the entry is stale (loaded before a purge, for another
+    /// incarnation or another link of the name) and is loaded anew.
     fn serve_hit(
         &self,
         keys: &TenantKeys,
         tenant_id: &str,
         hit: Arc<CachedKey>,
+    ) -> Option<Result<Unwrapped, BrokerError>> {
+        if hit.fresh != freshness(keys) {
+            return None;
+        }
+        Some(self.serve_fresh(keys, tenant_id, hit))
+    }
+
+    fn serve_fresh(
+        &self,
+        keys: &TenantKeys,
+        tenant_id: &str,
+        hit: Arc<CachedKey>,
     ) -> Result<Unwrapped, BrokerError> {
+        ensure_live(keys, tenant_id)?;
         match hit.origin.tenant_key_version {
             0 => {
                 let binding = find_binding(keys, tenant_id, &hit.origin.key_binding)?;
+                if binding.link_id != hit.origin.link_id {
+                    // Another key under the same name: what this one
+                    // unwrapped is not the tenant's any more.
+                    return Err(BrokerError::UnknownBinding {
+                        tenant_id: tenant_id.to_owned(),
+                        binding: hit.origin.key_binding.to_string(),
+                    });
+                }
                 ensure_current(binding, tenant_id, &hit.origin.key_version)?;
                 ensure_usable(binding, tenant_id)?;
                 binding
@@ -554,8 +615,9 @@ impl Broker {
                 .await?;
             return Ok(key);
         }
+        ensure_incarnation(keys, tenant_id, envelope.incarnation)?;
         let binding = resolve_binding(keys, tenant_id, &envelope)?;
-        self.load(cache_key, binding, &envelope, tenant_id, context)
+        self.load(keys, cache_key, binding, &envelope, tenant_id, context)
             .await
     }
 
@@ -563,34 +625,42 @@ impl Broker {
     /// provider call shared by every concurrent caller of the same key.
     async fn load(
         &self,
+        keys: &TenantKeys,
         cache_key: CacheKey,
         binding: &Binding,
         envelope: &Envelope,
         tenant_id: &str,
         context: &Context,
     ) -> Result<Arc<CachedKey>, BrokerError> {
+        let fresh = freshness(keys);
         let load = async {
+            crate::audit::note_dek_load();
             self.provider_call(binding, tenant_id, &self.calls.decrypt)?;
+            let bound = context.with_incarnation(envelope.incarnation);
             let call = binding.provider.decrypt(
                 &envelope.provider_key_version,
                 &envelope.ciphertext,
-                WrapContext { tenant_id, context },
+                WrapContext {
+                    tenant_id,
+                    context: &bound,
+                },
             );
             let plaintext = self
                 .timed(binding, "decrypt", call)
                 .await
                 .map_err(|source| provider_error(binding, source))?;
-            let origin = self.cache.origin(
+            let origin = self.cache.origin_of_link(
                 &binding.name,
+                binding.link_id,
                 envelope.provider,
                 &envelope.provider_key_version,
                 0,
             );
-            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin))
+            Ok::<_, BrokerError>(CachedKey::new(&plaintext, origin, fresh))
         };
         let result = self
             .cache
-            .get_or_load(cache_key, load)
+            .get_or_load(cache_key, fresh, load)
             .await
             .map_err(|shared| (*shared).clone());
         let key = self.reported(tenant_id, &[binding], true, result).await?;
@@ -613,10 +683,12 @@ impl Broker {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let keys = self.view(tenant_id, shared).await?;
+        ensure_live(&keys, tenant_id)?;
         let envelope = parse_for(tenant_id, wrapped)?;
-        if keys.hierarchy == KeyHierarchy::TenantKey || envelope.tenant_key_version > 0 {
+        if seals(&keys) || envelope.tenant_key_version > 0 {
             return self.rewrap_through(keys, tenant_id, context, wrapped).await;
         }
+        ensure_incarnation(&keys, tenant_id, envelope.incarnation)?;
         // A key the tenant is moving away from still reads for RewrapKey.
         let retiring = keys.reencrypt_from.as_deref() == Some(envelope.key_binding.as_str());
         let source = match find_binding(&keys, tenant_id, &envelope.key_binding)? {
@@ -624,9 +696,21 @@ impl Broker {
             _ => resolve_binding(&keys, tenant_id, &envelope)?,
         };
         let target = &keys.primary;
-        if let (Some(dst), Some(src)) = (target.provider.aws_key(), source.provider.aws_key()) {
+        let incarnation = keys.life.incarnation;
+        // One encryption context for both sides: only when the key was
+        // bound to the incarnation it is rewrapped for.
+        let same_context = envelope.incarnation == incarnation;
+        if let (Some(dst), Some(src), true) = (
+            target.provider.aws_key(),
+            source.provider.aws_key(),
+            same_context,
+        ) {
             ensure_usable(target, tenant_id)?;
-            let wrap = WrapContext { tenant_id, context };
+            let bound = context.with_incarnation(incarnation);
+            let wrap = WrapContext {
+                tenant_id,
+                context: &bound,
+            };
             if dst.same_session(src) {
                 self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
             }
@@ -651,7 +735,7 @@ impl Broker {
                 target
                     .usage
                     .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
-                let wrapped = seal(target, tenant_id, ciphertext);
+                let wrapped = seal(target, tenant_id, incarnation, ciphertext);
                 return Ok(Rewrapped {
                     wrapped_key: wrapped.wrapped_key,
                     key: wrapped.key,
@@ -661,11 +745,11 @@ impl Broker {
         }
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let plain = self
-            .load(cache_key, source, &envelope, tenant_id, context)
+            .load(&keys, cache_key, source, &envelope, tenant_id, context)
             .await?;
         let wrapped = self
             .wrap_with(
-                target,
+                &keys,
                 tenant_id,
                 context,
                 &SecretBytes::new(plain.plaintext().to_vec()),
@@ -693,11 +777,11 @@ impl Broker {
             .await?;
         let previous_key = origin_info(&keys, &plain.origin);
         let plaintext = SecretBytes::new(plain.plaintext().to_vec());
-        let (wrapped_key, key) = if keys.hierarchy == KeyHierarchy::TenantKey {
+        let (wrapped_key, key) = if seals(&keys) {
             self.seal_dek(keys, tenant_id, context, &plaintext).await?
         } else {
             let w = self
-                .wrap_with(&keys.primary, tenant_id, context, &plaintext)
+                .wrap_with(&keys, tenant_id, context, &plaintext)
                 .await?;
             (w.wrapped_key, w.key)
         };
@@ -755,6 +839,7 @@ impl Broker {
     pub async fn describe(&self, tenant_id: &str) -> Result<Description, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         let keys = self.directory.tenant_keys(tenant_id).await?;
+        ensure_live(&keys, tenant_id)?;
         let status = |b: &Arc<Binding>| BindingStatus {
             name: Arc::clone(&b.name),
             provider: b.provider.kind(),
@@ -793,9 +878,51 @@ impl Broker {
     }
 }
 
-/// The envelope of a caller's wrapped key and the binding that can unwrap
-/// it. Everything that can refuse the request runs here, before any provider
-/// call: a bad or foreign wrapped key costs no KMS quota.
+/// Whether new DEKs of the tenant are sealed under a tenant key: always
+/// under the `tenant_key` hierarchy, and under `direct` when the platform
+/// key would wrap them (a tenant with no usable customer key) and the
+/// tenant can have tenant keys, so deleting it shreds them. A directory
+/// without a registry (incarnation 0, not registering) wraps directly.
+fn seals(keys: &TenantKeys) -> bool {
+    keys.hierarchy == KeyHierarchy::TenantKey
+        || (keys.uses_platform_key() && (keys.life.incarnation != 0 || keys.life.registers_on_wrap))
+}
+
+/// What the tenant's cached keys must have been loaded under.
+pub(super) fn freshness(keys: &TenantKeys) -> crate::cache::Freshness {
+    crate::cache::Freshness {
+        generation: keys.life.cache_generation,
+        incarnation: keys.life.incarnation,
+    }
+}
+
+/// Refuses every call for a tenant whose deletion is scheduled.
+pub(super) fn ensure_live(keys: &TenantKeys, tenant_id: &str) -> Result<(), BrokerError> {
+    match keys.life.delete_at_ms {
+        None => Ok(()),
+        Some(delete_at_ms) => Err(BrokerError::TenantDeleting {
+            tenant_id: tenant_id.to_owned(),
+            delete_at_ms,
+        }),
+    }
+}
+
+/// Refuses a wrapped key of another incarnation of the tenant id; one from
+/// before incarnations (0) only while the id was never deleted.
+pub(super) fn ensure_incarnation(
+    keys: &TenantKeys,
+    tenant_id: &str,
+    incarnation: u64,
+) -> Result<(), BrokerError> {
+    if incarnation == keys.life.incarnation || (incarnation == 0 && keys.life.legacy_deks) {
+        return Ok(());
+    }
+    Err(BrokerError::IncarnationGone {
+        tenant_id: tenant_id.to_owned(),
+        incarnation,
+    })
+}
+
 /// Refuses a binding that is not active, naming its state and reason.
 fn ensure_usable(binding: &Binding, tenant_id: &str) -> Result<(), BrokerError> {
     match binding.state {
@@ -890,7 +1017,12 @@ fn origin_info(keys: &TenantKeys, origin: &crate::cache::KeyOrigin) -> KeyInfo {
 }
 
 /// The wrapped key (envelope) for a provider's ciphertext.
-fn seal(binding: &Binding, tenant_id: &str, ciphertext: crate::kms::Ciphertext) -> Wrapped {
+fn seal(
+    binding: &Binding,
+    tenant_id: &str,
+    incarnation: u64,
+    ciphertext: crate::kms::Ciphertext,
+) -> Wrapped {
     let envelope = Envelope {
         tenant_id: tenant_id.to_owned(),
         key_binding: binding.name.to_string(),
@@ -898,6 +1030,7 @@ fn seal(binding: &Binding, tenant_id: &str, ciphertext: crate::kms::Ciphertext) 
         provider_key_version: ciphertext.key_version,
         ciphertext: ciphertext.bytes,
         tenant_key_version: 0,
+        incarnation,
     };
     Wrapped {
         wrapped_key: envelope.encode(),
@@ -923,12 +1056,13 @@ fn find_binding<'a>(
 /// True when the key was wrapped under another binding than the primary, or
 /// under an older version of the primary where the provider exposes versions.
 fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
-    if keys.hierarchy == KeyHierarchy::TenantKey {
-        // Sealed under an older version (or wrapped directly): a rewrap
+    if seals(keys) {
+        // Sealed under another version than new DEKs are (or will be, when
+        // a key change started a new epoch), or wrapped directly: a rewrap
         // seals it under the current one. No KMS call is needed to tell.
         return match key.origin.tenant_key_version {
             0 => true,
-            v => keys.sealing_version().is_some_and(|s| s.version != v),
+            v => keys.sealing_version().is_none_or(|s| s.version != v),
         };
     }
     if key.origin.tenant_key_version > 0 {

@@ -148,6 +148,10 @@ impl fmt::Debug for CacheKey {
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct KeyOrigin {
     pub key_binding: Arc<str>,
+    /// The link of `key_binding` that unwrapped it (a key unlinked and
+    /// linked again under the same name is another key); 0 for the
+    /// platform key and sealed DEKs.
+    pub link_id: i64,
     pub provider: ProviderKind,
     pub key_version: Box<str>,
     /// The tenant key version that sealed a DEK (0: wrapped directly by
@@ -168,10 +172,23 @@ pub struct CachedKey {
     len: u8,
     heap: Option<Box<[u8]>>,
     pub origin: Arc<KeyOrigin>,
+    /// The tenant's cache generation and incarnation it was loaded under.
+    pub fresh: Freshness,
+}
+
+/// What a cached key is valid for: the tenant's cache generation (bumped
+/// by every purge of the tenant, so a load that began before a purge is
+/// never served after it) and incarnation (a tenant id deleted and created
+/// again is another tenant). A hit is served only when both equal the
+/// current view's ([`crate::keys::TenantLife`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Freshness {
+    pub generation: u64,
+    pub incarnation: u64,
 }
 
 impl CachedKey {
-    pub fn new(plaintext: &SecretBytes, origin: Arc<KeyOrigin>) -> Arc<Self> {
+    pub fn new(plaintext: &SecretBytes, origin: Arc<KeyOrigin>, fresh: Freshness) -> Arc<Self> {
         let bytes = plaintext.expose();
         let small = bytes.len() <= INLINE;
         let mut key = Arc::new(Self {
@@ -179,6 +196,7 @@ impl CachedKey {
             len: 0,
             heap: (!small).then(|| bytes.to_vec().into_boxed_slice()),
             origin,
+            fresh,
         });
         if small {
             // Unique right after creation: the bytes go straight to the heap.
@@ -324,7 +342,22 @@ struct Inner {
     /// Interned origins; taken on the miss path only. Entries no cached key
     /// uses any more are dropped when the set doubles.
     origins: Mutex<Origins>,
+    /// Purge generations (see [`Freshness`]): a tenant's is `global` plus
+    /// its own count. Read when a tenant view is built, never on a hit.
+    generations: Mutex<Generations>,
 }
+
+#[derive(Debug, Default)]
+struct Generations {
+    /// Bumped by a purge of everything (and when `by_tenant` is reset).
+    global: u64,
+    /// Purges per tenant tag (a shared tag costs a miss, never a wrong key).
+    by_tenant: HashMap<u64, u64>,
+}
+
+/// Tenants whose purges are counted one by one; past this the counts are
+/// folded into the global generation (every entry then reloads once).
+const GENERATION_TENANTS: usize = 1_000_000;
 
 /// One load and its outcome, for the callers that waited on it. The
 /// loader holds the lock while it loads; a loader that is cancelled
@@ -356,7 +389,49 @@ impl DekCache {
                 stats: Arc::default(),
                 flights: Mutex::default(),
                 origins: Mutex::default(),
+                generations: Mutex::default(),
             }),
+        }
+    }
+
+    /// The tenant's purge generation now: stamped on the keys loaded under
+    /// a view built after this call.
+    pub fn generation(&self, tenant_id: &str) -> u64 {
+        let generations = self
+            .inner
+            .generations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        generations.global
+            + generations
+                .by_tenant
+                .get(&tenant_tag(tenant_id))
+                .copied()
+                .unwrap_or(0)
+    }
+
+    /// Moves a tenant's generation on (before its entries are removed, so a
+    /// load racing the purge lands stale).
+    fn bump(&self, tenant_id: Option<&str>) {
+        let mut generations = self
+            .inner
+            .generations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tenant_id {
+            Some(tenant_id) => {
+                if generations.by_tenant.len() >= GENERATION_TENANTS {
+                    // Sums stay increasing: the global moves past them all.
+                    let most = generations.by_tenant.values().copied().max().unwrap_or(0);
+                    generations.global += most + 1;
+                    generations.by_tenant.clear();
+                }
+                *generations
+                    .by_tenant
+                    .entry(tenant_tag(tenant_id))
+                    .or_default() += 1;
+            }
+            None => generations.global += 1,
         }
     }
 
@@ -369,8 +444,21 @@ impl DekCache {
         key_version: &str,
         tenant_key_version: u32,
     ) -> Arc<KeyOrigin> {
+        self.origin_of_link(key_binding, 0, provider, key_version, tenant_key_version)
+    }
+
+    /// [`origin`](Self::origin) of a customer key's link `link_id`.
+    pub fn origin_of_link(
+        &self,
+        key_binding: &Arc<str>,
+        link_id: i64,
+        provider: ProviderKind,
+        key_version: &str,
+        tenant_key_version: u32,
+    ) -> Arc<KeyOrigin> {
         let origin = KeyOrigin {
             key_binding: Arc::clone(key_binding),
+            link_id,
             provider,
             key_version: key_version.into(),
             tenant_key_version,
@@ -413,13 +501,27 @@ impl DekCache {
     /// The cached key, or the result of `load` stored under `key`. Concurrent
     /// callers for the same key share one `load`; a failed load is not cached,
     /// so the next request tries again.
-    pub async fn get_or_load<E, F>(&self, key: CacheKey, load: F) -> Result<Arc<CachedKey>, Arc<E>>
+    /// Only an entry loaded under `fresh` counts: a stale one (from before
+    /// a purge, or another incarnation) is replaced.
+    pub async fn get_or_load<E, F>(
+        &self,
+        key: CacheKey,
+        fresh: Freshness,
+        load: F,
+    ) -> Result<Arc<CachedKey>, Arc<E>>
     where
         F: Future<Output = Result<Arc<CachedKey>, E>>,
         E: Send + Sync + 'static,
     {
         let stats = &self.inner.stats;
-        if let Some(found) = self.get(&key) {
+        let now = std::time::Instant::now();
+        if let Some(found) = self
+            .inner
+            .entries
+            .get(&key, now)
+            .filter(|f| f.fresh == fresh)
+        {
+            stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(found);
         }
         let flight = match self.inner.flights.lock() {
@@ -436,10 +538,13 @@ impl DekCache {
         };
         let mut outcome = flight.lock().await;
         match outcome.as_ref() {
-            Some(Ok(found)) => {
+            Some(Ok(found)) if found.fresh == fresh => {
                 stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Arc::clone(found));
             }
+            // Loaded under another view (before a purge, or after one we
+            // have not seen): ours is loaded anew.
+            Some(Ok(_)) => {}
             Some(Err(shared)) => {
                 // The same key failed for the caller we waited on: the
                 // same answer (a waiter with another error type loads).
@@ -451,7 +556,12 @@ impl DekCache {
             None => {
                 // First here, or the loader before us was cancelled; a
                 // flight may also have landed between our lookup and now.
-                if let Some(found) = self.inner.entries.get(&key, std::time::Instant::now()) {
+                if let Some(found) = self
+                    .inner
+                    .entries
+                    .get(&key, std::time::Instant::now())
+                    .filter(|f| f.fresh == fresh)
+                {
                     stats.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(found);
                 }
@@ -477,6 +587,13 @@ impl DekCache {
         loaded
     }
 
+    /// Stores a key the caller just made (a minted tenant key): no lookup
+    /// happened, so neither a hit nor a miss is counted.
+    pub fn insert(&self, key: CacheKey, value: Arc<CachedKey>) {
+        let removed = self.inner.entries.insert(key, value);
+        self.count_removed(removed);
+    }
+
     fn count_removed(&self, removed: Removed) {
         if removed.total() > 0 {
             self.inner
@@ -487,21 +604,27 @@ impl DekCache {
     }
 
     /// Drops every entry of a tenant, at once (their plaintext is zeroized
-    /// as soon as no answer in flight still holds it).
+    /// as soon as no answer in flight still holds it); a load of the tenant
+    /// under way lands stale.
     pub fn purge_tenant(&self, tenant_id: &str) {
+        self.bump(Some(tenant_id));
         let tag = tenant_tag(tenant_id);
         self.inner.entries.purge(|k, _| k.tenant_tag == tag);
     }
 
-    /// Drops every entry unwrapped with one key binding of a tenant.
+    /// Drops every entry unwrapped with one key binding of a tenant; every
+    /// load of the tenant under way lands stale.
     pub fn purge_binding(&self, tenant_id: &str, binding: &str) {
+        self.bump(Some(tenant_id));
         let tag = tenant_tag(tenant_id);
         self.inner
             .entries
             .purge(|k, v| k.tenant_tag == tag && &*v.origin.key_binding == binding);
     }
 
+    /// Drops everything; every load under way lands stale.
     pub fn purge_all(&self) {
+        self.bump(None);
         self.inner.entries.purge(|_, _| true);
     }
 
@@ -590,11 +713,12 @@ mod tests {
     fn value(binding: &str) -> Arc<CachedKey> {
         let origin = Arc::new(KeyOrigin {
             key_binding: binding.into(),
+            link_id: 0,
             provider: ProviderKind::Local,
             key_version: "1".into(),
             tenant_key_version: 0,
         });
-        CachedKey::new(&SecretBytes::new(vec![1; 32]), origin)
+        CachedKey::new(&SecretBytes::new(vec![1; 32]), origin, Freshness::default())
     }
 
     #[test]
@@ -602,6 +726,7 @@ mod tests {
         let origin = |v: &str| {
             Arc::new(KeyOrigin {
                 key_binding: "b".into(),
+                link_id: 0,
                 provider: ProviderKind::Local,
                 key_version: v.into(),
                 tenant_key_version: 0,
@@ -609,7 +734,11 @@ mod tests {
         };
         for len in [1, 16, 32, 33, 4096] {
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
-            let key = CachedKey::new(&SecretBytes::new(bytes.clone()), origin("1"));
+            let key = CachedKey::new(
+                &SecretBytes::new(bytes.clone()),
+                origin("1"),
+                Freshness::default(),
+            );
             assert_eq!(key.plaintext(), bytes.as_slice(), "len {len}");
             let shown = format!("{key:?}");
             assert!(
@@ -664,7 +793,7 @@ mod tests {
                 let (cache, loads, key) = (cache.clone(), loads.clone(), key.clone());
                 tokio::spawn(async move {
                     cache
-                        .get_or_load::<(), _>(key, async {
+                        .get_or_load::<(), _>(key, Freshness::default(), async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             Ok(value("platform"))
@@ -688,7 +817,8 @@ mod tests {
         let key = CacheKey::new("t", &[3; 32], &Context::default());
         let flights = |cache: &DekCache| cache.inner.flights.lock().unwrap().len();
         // Cancelled with nobody waiting: nothing left behind.
-        let alone = cache.get_or_load::<(), _>(key.clone(), std::future::pending());
+        let alone =
+            cache.get_or_load::<(), _>(key.clone(), Freshness::default(), std::future::pending());
         assert!(
             tokio::time::timeout(Duration::from_millis(20), alone)
                 .await
@@ -697,12 +827,14 @@ mod tests {
         assert_eq!(flights(&cache), 0);
         // Cancelled with a waiter: the waiter loads, then the flight goes.
         let (c, k) = (cache.clone(), key.clone());
-        let stuck =
-            tokio::spawn(async move { c.get_or_load::<(), _>(k, std::future::pending()).await });
+        let stuck = tokio::spawn(async move {
+            c.get_or_load::<(), _>(k, Freshness::default(), std::future::pending())
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(10)).await;
         let (c, k) = (cache.clone(), key.clone());
         let waiter = tokio::spawn(async move {
-            c.get_or_load::<(), _>(k, async { Ok(value("platform")) })
+            c.get_or_load::<(), _>(k, Freshness::default(), async { Ok(value("platform")) })
                 .await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -718,7 +850,10 @@ mod tests {
         let tasks: Vec<_> = (0..2)
             .map(|_| {
                 let (c, k) = (cache.clone(), key.clone());
-                tokio::spawn(async move { c.get_or_load::<(), _>(k, std::future::pending()).await })
+                tokio::spawn(async move {
+                    c.get_or_load::<(), _>(k, Freshness::default(), std::future::pending())
+                        .await
+                })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -735,12 +870,16 @@ mod tests {
         let cache = DekCache::new(settings(60_000));
         let key = CacheKey::new("t", &[1; 32], &Context::default());
         let err = cache
-            .get_or_load(key.clone(), async { Err::<Arc<CachedKey>, _>("down") })
+            .get_or_load(key.clone(), Freshness::default(), async {
+                Err::<Arc<CachedKey>, _>("down")
+            })
             .await;
         assert!(err.is_err());
         assert!(cache.get(&key).is_none());
         cache
-            .get_or_load::<(), _>(key.clone(), async { Ok(value("platform")) })
+            .get_or_load::<(), _>(key.clone(), Freshness::default(), async {
+                Ok(value("platform"))
+            })
             .await
             .unwrap();
         assert!(cache.get(&key).is_some());
@@ -755,7 +894,9 @@ mod tests {
         let b1 = CacheKey::new("b", &[1; 32], &Context::default());
         for (k, binding) in [(&a1, "k1"), (&a2, "k2"), (&b1, "k1")] {
             cache
-                .get_or_load::<(), _>(k.clone(), async { Ok(value(binding)) })
+                .get_or_load::<(), _>(k.clone(), Freshness::default(), async {
+                    Ok(value(binding))
+                })
                 .await
                 .unwrap();
         }
@@ -773,7 +914,9 @@ mod tests {
         let cache = DekCache::new(settings(200));
         let key = CacheKey::new("t", &[1; 32], &Context::default());
         cache
-            .get_or_load::<(), _>(key.clone(), async { Ok(value("platform")) })
+            .get_or_load::<(), _>(key.clone(), Freshness::default(), async {
+                Ok(value("platform"))
+            })
             .await
             .unwrap();
         assert!(cache.get(&key).is_some());

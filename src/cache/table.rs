@@ -337,12 +337,17 @@ mod tests {
 
     fn value(n: u8) -> Arc<CachedKey> {
         let origin = Arc::new(KeyOrigin {
+            link_id: 0,
             key_binding: "b".into(),
             provider: ProviderKind::Local,
             key_version: "1".into(),
             tenant_key_version: 0,
         });
-        CachedKey::new(&SecretBytes::new(vec![n; 32]), origin)
+        CachedKey::new(
+            &SecretBytes::new(vec![n; 32]),
+            origin,
+            super::super::Freshness::default(),
+        )
     }
 
     fn key(n: u32) -> CacheKey {

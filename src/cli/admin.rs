@@ -55,7 +55,8 @@ impl AdminCommand {
                 TenantCommand::Create { tenant, .. }
                 | TenantCommand::Get { tenant }
                 | TenantCommand::SetPolicy { tenant, .. }
-                | TenantCommand::Delete { tenant, .. } => tenant,
+                | TenantCommand::Delete { tenant, .. }
+                | TenantCommand::CancelDeletion { tenant } => tenant,
             },
             Self::Key { command } => match command.as_ref() {
                 KeyCommand::Link { key, .. }
@@ -141,14 +142,23 @@ pub(super) enum TenantCommand {
         #[arg(long, value_enum)]
         policy: PolicyArg,
     },
-    /// Delete a tenant and destroy its tenant keys (its DEKs become
-    /// unreadable).
+    /// Schedule a tenant's deletion: refused from now on, its keys (and so
+    /// every DEK of it) destroyed when the restore window ends.
     Delete {
         #[arg(long)]
         tenant: String,
         /// Even if its keys were used recently.
         #[arg(long)]
         force: bool,
+        /// How long it can be cancelled, e.g. 7days; 0s destroys the keys
+        /// now [default: the server's deletion_window].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        restore_window: Option<std::time::Duration>,
+    },
+    /// Cancel a scheduled deletion before its time.
+    CancelDeletion {
+        #[arg(long)]
+        tenant: String,
     },
 }
 
@@ -322,15 +332,36 @@ pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> any
                     .answer()?;
                 tenant_json(resp.tenant.as_ref())
             }
-            TenantCommand::Delete { tenant, force } => {
-                client
+            TenantCommand::Delete {
+                tenant,
+                force,
+                restore_window,
+            } => {
+                let resp = client
                     .delete_tenant(proto::DeleteTenantRequest {
                         tenant_id: tenant.clone(),
                         force,
+                        restore_window: restore_window
+                            .map(prost_types::Duration::try_from)
+                            .transpose()
+                            .map_err(|e| anyhow::anyhow!("restore window: {e}"))?,
                     })
                     .await
                     .answer()?;
-                json!({ "deleted": { "tenant_id": tenant } })
+                json!({
+                    "tenant_id": tenant,
+                    "delete_time": resp.delete_time.map(|t| t.to_string()),
+                    "deleted": resp.deleted,
+                })
+            }
+            TenantCommand::CancelDeletion { tenant } => {
+                let resp = client
+                    .cancel_tenant_deletion(proto::CancelTenantDeletionRequest {
+                        tenant_id: tenant,
+                    })
+                    .await
+                    .answer()?;
+                tenant_json(resp.tenant.as_ref())
             }
         },
         AdminCommand::Key { command } => match *command {

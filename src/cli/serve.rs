@@ -79,16 +79,7 @@ pub(super) async fn registry(command: RegistryCommand) -> anyhow::Result<()> {
     match command {
         RegistryCommand::Export { registry, out } => {
             let document = registry.open().await?.export().await?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&out)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-            std::io::Write::write_all(
-                &mut file,
-                serde_json::to_string_pretty(&document)?.as_bytes(),
-            )?;
+            write_durably(&out, serde_json::to_string_pretty(&document)?.as_bytes())?;
             let count = |t: &str| document["tables"][t].as_array().map_or(0, Vec::len);
             println!(
                 "{}",
@@ -103,6 +94,25 @@ pub(super) async fn registry(command: RegistryCommand) -> anyhow::Result<()> {
             println!("{}", json!({ "restored": from, "rows": rows }));
         }
     }
+    Ok(())
+}
+
+/// Writes a new 0600 file and makes it durable: the data, then its
+/// directory entry (a backup that vanishes in a crash is no backup).
+fn write_durably(out: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 

@@ -83,6 +83,8 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     #[command(flatten)]
     pub hierarchy: HierarchySettings,
+    #[command(flatten)]
+    pub deletion: crate::lifecycle::DeletionSettings,
 }
 
 impl Default for Config {
@@ -132,6 +134,7 @@ impl Config {
         self.pkcs11.validate()?;
         self.azure.validate()?;
         self.audit.validate()?;
+        self.deletion.validate()?;
         if self.server.platform_key.is_some() && self.pkcs11.module.is_none() {
             return invalid(
                 "platform_key",

@@ -22,10 +22,9 @@ pub use self::validation::{decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
 use self::verification::{probe_wrap, verify_provider};
 use crate::context;
-use crate::keys::{
-    BindingState, DirectoryError, KeyHierarchy, PLATFORM_BINDING, UsageCounts, now_ms,
-};
+use crate::keys::{BindingState, DirectoryError, KeyHierarchy, UsageCounts, now_ms};
 use crate::kms::{InvalidIdentifier, ProviderError, ProviderKind};
+use crate::lifecycle::{Lifecycle, LifecycleError, Scheduled};
 use crate::registry::directory::{RegistryDirectory, seal_material};
 use crate::registry::{BindingRecord, KeyPolicy, NewBinding, RegistryError, Tenant, UnlinkGuard};
 use crate::secret::SecretBytes;
@@ -52,6 +51,17 @@ pub enum AdminError {
     Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<LifecycleError> for AdminError {
+    fn from(err: LifecycleError) -> Self {
+        match err {
+            LifecycleError::Registry(e) => Self::Registry(e),
+            LifecycleError::Directory(e) => Self::Directory(e),
+            LifecycleError::Provider(e) => Self::Provider(e),
+            LifecycleError::Internal(e) => Self::Internal(e),
+        }
+    }
 }
 
 impl From<InvalidIdentifier> for AdminError {
@@ -163,16 +173,30 @@ pub struct VaultJwtRole {
 
 #[derive(Debug)]
 pub struct Admin {
+    lifecycle: Arc<Lifecycle>,
     directory: Arc<RegistryDirectory>,
     settings: AdminSettings,
+    /// The restore window of DeleteTenant when a call names none.
+    deletion_window: Duration,
 }
 
 impl Admin {
-    pub fn new(directory: Arc<RegistryDirectory>, settings: AdminSettings) -> Self {
+    pub fn new(
+        lifecycle: Arc<Lifecycle>,
+        settings: AdminSettings,
+        deletion_window: Duration,
+    ) -> Self {
         Self {
-            directory,
+            directory: Arc::clone(lifecycle.directory()),
+            lifecycle,
             settings,
+            deletion_window,
         }
+    }
+
+    /// The tenant-key lifecycle (tests drive it directly).
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
     }
 
     fn registry(&self) -> &Arc<dyn crate::registry::Registry> {
@@ -192,21 +216,15 @@ impl Admin {
         newest_import_primary: bool,
     ) -> Result<Tenant, AdminError> {
         validate_tenant(tenant_id)?;
-        let now = now_ms();
-        let tenant = Tenant {
-            id: tenant_id.to_owned(),
-            key_policy: policy.unwrap_or(KeyPolicy::Keyring),
-            external_id: new_external_id()?,
-            key_hierarchy: hierarchy.unwrap_or_default(),
-            reencrypt_to: None,
-            reencrypt_from: None,
-            newest_import_primary,
-            created_at_ms: now,
-            updated_at_ms: now,
-        };
-        self.registry().create_tenant(&tenant).await?;
-        self.directory.changed(tenant_id, None).await;
-        Ok(tenant)
+        Ok(self
+            .lifecycle
+            .create_tenant(
+                tenant_id,
+                policy.unwrap_or(KeyPolicy::Keyring),
+                hierarchy.unwrap_or_default(),
+                newest_import_primary,
+            )
+            .await?)
     }
 
     pub async fn tenant(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
@@ -428,7 +446,8 @@ impl Admin {
     /// takes over every tenant key version.
     async fn after_new_primary(&self, record: &BindingRecord) -> Result<(), AdminError> {
         if record.primary {
-            self.change_key(&record.tenant_id, &record.name).await?;
+            self.change_key(&record.tenant_id, &record.name, None)
+                .await?;
         }
         Ok(())
     }
@@ -467,13 +486,13 @@ impl Admin {
 
     pub async fn set_primary(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
+        // Makes it primary and moves tenant key versions, never DEKs.
+        self.change_key(tenant_id, name, None).await?;
         let record = self
             .registry()
-            .set_primary(tenant_id, name, now_ms())
-            .await?;
-        self.directory.changed(tenant_id, None).await;
-        // Moves tenant key versions, never the binding row.
-        self.after_new_primary(&record).await?;
+            .binding(tenant_id, name)
+            .await?
+            .ok_or_else(|| not_found(tenant_id, name))?;
         Ok(self.view(record))
     }
 
@@ -497,7 +516,6 @@ impl Admin {
             .binding(tenant_id, name)
             .await?
             .ok_or_else(|| not_found(tenant_id, name))?;
-        let mut reason = reason.to_owned();
         match reencrypt_to {
             Some(target) if target == name => {
                 return Err(AdminError::InvalidArgument(format!(
@@ -505,38 +523,35 @@ impl Admin {
                 )));
             }
             Some(target) => {
-                if target != PLATFORM_BINDING {
+                if target != crate::keys::PLATFORM_BINDING {
                     validate_name(target)?;
-                    self.registry()
-                        .set_primary(tenant_id, target, now_ms())
-                        .await?;
-                    self.directory.changed(tenant_id, None).await;
                 }
-                match tenant.key_hierarchy {
-                    KeyHierarchy::TenantKey => {
-                        self.change_key(tenant_id, target).await?;
-                    }
-                    // The DEKs are the callers': until the operator says
-                    // they are moved, RewrapKey still reads this key.
-                    KeyHierarchy::Direct => {
-                        self.registry()
-                            .set_reencrypt_to(tenant_id, Some(target), now_ms())
-                            .await?;
-                        self.registry()
-                            .set_reencrypt_from(tenant_id, Some(name), now_ms())
-                            .await?;
-                        reason = format!(
-                            "{reason}; being re-encrypted to '{target}': RewrapKey still reads it until DisableKey is repeated without reencrypt_to"
-                        );
-                    }
-                }
+                let reason = match tenant.key_hierarchy {
+                    KeyHierarchy::TenantKey => reason.to_owned(),
+                    // The DEKs it wrapped directly are the callers': until
+                    // the operator says they are moved, RewrapKey still
+                    // reads this key.
+                    KeyHierarchy::Direct => format!(
+                        "{reason}; being re-encrypted to '{target}': RewrapKey still reads it until DisableKey is repeated without reencrypt_to"
+                    ),
+                };
+                // Disabled by the transaction that finishes the change, so
+                // nothing it protects is refused while it moves.
+                self.change_key(tenant_id, target, Some((name.to_owned(), reason)))
+                    .await?;
+                let record = self
+                    .registry()
+                    .binding(tenant_id, name)
+                    .await?
+                    .ok_or_else(|| not_found(tenant_id, name))?;
+                return Ok(self.view(record));
             }
             // A direct tenant's move away from this key is finished: it
             // now refuses RewrapKey too.
             None if tenant.reencrypt_from.as_deref() == Some(name) => {
-                self.finish_direct_move(tenant_id).await?;
+                self.lifecycle.finish_direct_move(tenant_id).await?;
             }
-            // Keyring tenants fall back to the platform key when their
+            // Keyring tenants would fall back to the platform key when their
             // primary is disabled: never silently. (A single_key tenant's
             // new wraps fail instead, which is what disabling it means.)
             None if record.primary
@@ -552,7 +567,7 @@ impl Admin {
         }
         let record = self
             .registry()
-            .set_state(tenant_id, name, BindingState::Disabled, &reason, now_ms())
+            .set_state(tenant_id, name, BindingState::Disabled, reason, now_ms())
             .await?;
         self.directory.changed(tenant_id, Some(name)).await;
         Ok(self.view(record))
@@ -561,13 +576,7 @@ impl Admin {
     /// Clears a `direct` tenant's record of a key its DEKs were moving away
     /// from.
     async fn finish_direct_move(&self, tenant_id: &str) -> Result<(), AdminError> {
-        self.registry()
-            .set_reencrypt_from(tenant_id, None, now_ms())
-            .await?;
-        self.registry()
-            .set_reencrypt_to(tenant_id, None, now_ms())
-            .await?;
-        Ok(())
+        Ok(self.lifecycle.finish_direct_move(tenant_id).await?)
     }
 
     pub async fn enable_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
@@ -583,30 +592,31 @@ impl Admin {
         Ok(self.view(record))
     }
 
+    /// Unlinks a key; the tenant key versions it wraps are destroyed with
+    /// it (`crate::lifecycle`'s unlink says when that is refused).
     pub async fn unlink_key(
         &self,
         tenant_id: &str,
         name: &str,
         force: bool,
-    ) -> Result<(), AdminError> {
+    ) -> Result<crate::lifecycle::Unlinked, AdminError> {
         validate_tenant(tenant_id)?;
         // The guard must see every use, including those not flushed yet.
         self.flush_usage().await?;
+        Ok(self
+            .lifecycle
+            .unlink(tenant_id, name, self.guard(force))
+            .await?)
+    }
+
+    /// Refuse what was used within the unlink guard window, unless forced.
+    fn guard(&self, force: bool) -> UnlinkGuard {
         let window =
             i64::try_from(self.settings.unlink_guard_window.as_millis()).unwrap_or(i64::MAX);
-        self.registry()
-            .delete_binding(
-                tenant_id,
-                name,
-                UnlinkGuard {
-                    not_used_since_ms: now_ms().saturating_sub(window),
-                    force,
-                },
-            )
-            .await?;
-        self.directory.changed(tenant_id, Some(name)).await;
-        self.directory.forget_usage(tenant_id, name);
-        Ok(())
+        UnlinkGuard {
+            not_used_since_ms: now_ms().saturating_sub(window),
+            force,
+        }
     }
 
     /// Changes a key's description (Kong: keys are renamed and described
@@ -627,37 +637,32 @@ impl Admin {
         Ok(self.view(record))
     }
 
-    /// Deletes a tenant and destroys its tenant key versions: every DEK
-    /// sealed under them is unreadable from now on, on every replica.
-    pub async fn delete_tenant(&self, tenant_id: &str, force: bool) -> Result<(), AdminError> {
+    /// Schedules the deletion of a tenant: refused on every replica from
+    /// now on, its keys destroyed when `window` (the server's
+    /// `deletion_window` when `None`; zero: now) is over, unless cancelled.
+    pub async fn delete_tenant(
+        &self,
+        tenant_id: &str,
+        force: bool,
+        window: Option<Duration>,
+    ) -> Result<Scheduled, AdminError> {
         validate_tenant(tenant_id)?;
         // The guard must see every use, including those not flushed yet.
         self.flush_usage().await?;
-        let window =
-            i64::try_from(self.settings.unlink_guard_window.as_millis()).unwrap_or(i64::MAX);
-        let bindings = self.registry().bindings(tenant_id).await?;
-        self.registry()
-            .delete_tenant(
+        Ok(self
+            .lifecycle
+            .schedule_deletion(
                 tenant_id,
-                UnlinkGuard {
-                    not_used_since_ms: now_ms().saturating_sub(window),
-                    force,
-                },
+                window.unwrap_or(self.deletion_window),
+                self.guard(force),
             )
-            .await?;
-        for binding in &bindings {
-            self.directory.changed(tenant_id, Some(&binding.name)).await;
-            self.directory.forget_usage(tenant_id, &binding.name);
-        }
-        // Cached tenant keys and DEKs of the platform key go too.
-        self.directory
-            .changed(tenant_id, Some(PLATFORM_BINDING))
-            .await;
-        tracing::info!(
-            tenant = tenant_id,
-            "tenant deleted; its tenant keys are destroyed"
-        );
-        Ok(())
+            .await?)
+    }
+
+    /// Cancels a scheduled deletion (before its time).
+    pub async fn cancel_deletion(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
+        validate_tenant(tenant_id)?;
+        Ok(self.lifecycle.cancel_deletion(tenant_id).await?)
     }
 
     pub async fn flush_usage(&self) -> Result<(), AdminError> {
@@ -701,10 +706,4 @@ fn not_found(tenant_id: &str, name: &str) -> AdminError {
         name: name.to_owned(),
     }
     .into()
-}
-
-fn new_external_id() -> Result<String, AdminError> {
-    let bytes = SecretBytes::random(16)
-        .map_err(|_| AdminError::Internal("system random generator failed".into()))?;
-    Ok(format!("kb-{}", hex::encode(bytes.expose())))
 }

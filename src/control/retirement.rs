@@ -246,10 +246,8 @@ impl Admin {
                 .await
                 .map_err(AdminError::Provider)?;
             let stored = self
-                .registry()
-                .rewrap_tenant_key(
-                    &version.tenant_id,
-                    version.version,
+                .lifecycle
+                .rewrap_version(
                     &version.binding,
                     &TenantKeyRecord {
                         provider_key_version: ciphertext.key_version,
@@ -259,10 +257,7 @@ impl Admin {
                     },
                 )
                 .await?;
-            if stored {
-                moved += 1;
-                self.directory.changed(&version.tenant_id, None).await;
-            }
+            moved += u32::from(stored);
         }
         Ok(moved)
     }

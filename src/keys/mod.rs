@@ -44,6 +44,9 @@ impl fmt::Display for BindingState {
 #[derive(Debug)]
 pub struct Binding {
     pub name: Arc<str>,
+    /// Which link of the name this is (random per link; 0 for the platform
+    /// key): a key unlinked and linked again is another key to the cache.
+    pub link_id: i64,
     pub provider: Arc<dyn KeyProvider>,
     /// The provider's reference to the key (ARN, resource name, keyring id).
     pub key_reference: String,
@@ -63,6 +66,7 @@ impl Binding {
     pub fn active(name: &str, provider: Arc<dyn KeyProvider>, key_reference: &str) -> Self {
         Self {
             name: name.into(),
+            link_id: 0,
             provider,
             key_reference: key_reference.to_owned(),
             state: BindingState::Active,
@@ -124,6 +128,9 @@ pub struct TenantKeyVersion {
     /// When it was minted (a re-encryption keeps it): its age decides
     /// automatic rotation.
     pub created_at_ms: i64,
+    /// The tenant's key epoch it was minted in: only a version of the
+    /// current epoch seals new DEKs (a key change starts a new one).
+    pub epoch: u64,
 }
 
 /// The keys of one tenant at one moment.
@@ -149,6 +156,55 @@ pub struct TenantKeys {
     pub min_tenant_key_version: u32,
     /// Uses per tenant key version (whichever binding protects it).
     pub tenant_key_usage: Arc<BindingUsage>,
+    /// Where the tenant is in its life (registered, scheduled for deletion,
+    /// which incarnation) and the cache generation of this view.
+    pub life: TenantLife,
+}
+
+/// A tenant's lifecycle state as one view saw it (DESIGN.md section 4b).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantLife {
+    /// Which life of the tenant id this is; wrapped keys carry it. 0: the
+    /// tenant has no registry row (or there is no registry).
+    pub incarnation: u64,
+    /// Wrapped keys issued without an incarnation are accepted.
+    pub legacy_deks: bool,
+    /// The directory can register the tenant on its first wrap (it is
+    /// then served through its own tenant key, so deleting it shreds).
+    pub registers_on_wrap: bool,
+    /// A scheduled deletion: every data-plane call is refused until then,
+    /// and the tenant's keys are destroyed at this time (unix ms).
+    pub delete_at_ms: Option<i64>,
+    /// The current key epoch (see [`TenantKeyVersion::epoch`]).
+    pub epoch: u64,
+    /// The number the next tenant key version gets.
+    pub next_version: u32,
+    /// The DEK cache's generation for this tenant when the view was built:
+    /// a cached key loaded under another generation predates a purge and
+    /// is never served (see `cache`).
+    pub cache_generation: u64,
+}
+
+/// Which binding new wraps (tenant key versions, direct DEKs) go under: the
+/// target of a key change under way; otherwise the primary when active;
+/// the platform key when a keyring tenant's primary was disabled by an
+/// operator ("disable all") or there is no primary; otherwise the primary
+/// as it is (revoked, or a single_key tenant's disabled key): new wraps
+/// then fail, naming why. The registry checks mints against the same rule.
+pub fn sealing_binding<'a>(
+    reencrypt_to: Option<&'a str>,
+    primary: Option<(&'a str, BindingState)>,
+    single_key: bool,
+) -> &'a str {
+    if let Some(target) = reencrypt_to {
+        return target;
+    }
+    match primary {
+        Some((name, BindingState::Active)) => name,
+        Some((_, BindingState::Disabled)) if !single_key => PLATFORM_BINDING,
+        Some((name, _)) => name,
+        None => PLATFORM_BINDING,
+    }
 }
 
 impl TenantKeys {
@@ -167,23 +223,25 @@ impl TenantKeys {
         self.versions.iter().find(|v| v.version == version)
     }
 
-    /// The version new DEKs are sealed under: the newest one, if the
-    /// primary protects it (otherwise a new version is minted first).
+    /// The version new DEKs are sealed under: the newest one, if it was
+    /// minted in the current epoch and the primary protects it (otherwise a
+    /// new version is minted first).
     pub fn sealing_version(&self) -> Option<&Arc<TenantKeyVersion>> {
         self.versions
             .last()
-            .filter(|v| v.binding.name == self.primary.name)
+            .filter(|v| v.epoch == self.life.epoch && v.binding.name == self.primary.name)
     }
 
-    /// The number the next minted version gets.
+    /// The number the next minted version gets: the registry's counter,
+    /// never a number a destroyed version had.
     pub fn next_version(&self) -> u32 {
-        self.versions
-            .last()
-            .map_or(1, |v| v.version.saturating_add(1))
+        let newest = self.versions.last().map_or(0, |v| v.version);
+        self.life.next_version.max(newest.saturating_add(1))
     }
 }
 
-/// A tenant key version, minted by the data plane, to be stored.
+/// A tenant key version, minted by the data plane, to be stored if the
+/// tenant is still as the view that planned it saw it.
 #[derive(Debug, Clone)]
 pub struct NewTenantKey {
     pub tenant_id: String,
@@ -191,6 +249,18 @@ pub struct NewTenantKey {
     pub binding: String,
     pub provider_key_version: String,
     pub wrapped: Vec<u8>,
+    /// The incarnation and key epoch of the view it was planned on.
+    pub incarnation: u64,
+    pub epoch: u64,
+}
+
+/// What became of a minted version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Minted {
+    Stored,
+    /// The tenant changed since the view (another minter took the number,
+    /// a key change began, the key was disabled): reload and plan again.
+    Stale,
 }
 
 /// Where the data plane learns a tenant's keys. Implementations answer from
@@ -211,13 +281,21 @@ pub trait KeyDirectory: Send + Sync + fmt::Debug {
     }
 
     /// Stores a tenant key version the data plane minted and drops the
-    /// tenant's view, so the next read sees it. `Ok(false)`: that version
-    /// number was stored first by someone else (another request, another
-    /// replica); reload and use theirs.
-    async fn store_tenant_key(&self, key: &NewTenantKey) -> Result<bool, DirectoryError> {
+    /// tenant's view, so the next read sees it; [`Minted::Stale`] when the
+    /// tenant moved on since the view it was planned on.
+    async fn mint_tenant_key(&self, key: &NewTenantKey) -> Result<Minted, DirectoryError> {
         Err(DirectoryError::Internal(format!(
             "tenant '{}' cannot keep tenant keys here (no registry)",
             key.tenant_id
+        )))
+    }
+
+    /// Registers a tenant nobody created on its first wrap
+    /// ([`TenantLife::registers_on_wrap`]), so its DEKs are sealed under a
+    /// tenant key of its own and deleting it shreds them.
+    async fn register_on_wrap(&self, tenant_id: &str) -> Result<(), DirectoryError> {
+        Err(DirectoryError::Internal(format!(
+            "tenant '{tenant_id}' cannot be registered here (no registry)"
         )))
     }
 
@@ -266,6 +344,10 @@ impl PlatformOnly {
                 reencrypt_from: None,
                 min_tenant_key_version: 0,
                 tenant_key_usage: Arc::default(),
+                life: TenantLife {
+                    legacy_deks: true,
+                    ..TenantLife::default()
+                },
             }),
         }
     }

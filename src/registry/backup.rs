@@ -43,6 +43,15 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("newest_import_primary", Kind::Int),
             ("created_at", Kind::Int),
             ("updated_at", Kind::Int),
+            ("incarnation", Kind::Int),
+            ("legacy_deks", Kind::Int),
+            ("implicit", Kind::Int),
+            ("key_epoch", Kind::Int),
+            ("next_key_version", Kind::Int),
+            ("delete_at", Kind::OptInt),
+            ("reencrypt_then_disable", Kind::OptText),
+            ("reencrypt_disable_reason", Kind::Text),
+            ("reencrypt_last", Kind::OptText),
         ],
     ),
     (
@@ -67,6 +76,8 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("wrap_count", Kind::Int),
             ("unwrap_count", Kind::Int),
             ("material_updated_at", Kind::OptInt),
+            ("link_id", Kind::Int),
+            ("canary", Kind::OptBlob),
         ],
     ),
     (
@@ -79,6 +90,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("wrapped", Kind::Blob),
             ("created_at", Kind::Int),
             ("updated_at", Kind::Int),
+            ("epoch", Kind::Int),
         ],
     ),
     (
@@ -105,10 +117,45 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         "rotations",
         &[("subject", Kind::Text), ("rotated_at", Kind::Int)],
     ),
+    (
+        "deleted_tenants",
+        &[
+            ("id", Kind::Text),
+            ("incarnation", Kind::Int),
+            ("deleted_at", Kind::Int),
+        ],
+    ),
 ];
 
 /// Tables an export from a build before them does not have: restored empty.
-const ADDED_LATER: [&str; 3] = ["key_retirements", "key_version_usage", "rotations"];
+const ADDED_LATER: [&str; 4] = [
+    "key_retirements",
+    "key_version_usage",
+    "rotations",
+    "deleted_tenants",
+];
+
+/// Columns an export from a build before them does not have, and the value
+/// they get (what the migration that added them gives existing rows; a
+/// restored tenant's next version number is fixed up after the rows).
+const COLUMNS_ADDED_LATER: &[(&str, &str, i64)] = &[
+    ("tenants", "incarnation", 1),
+    ("tenants", "legacy_deks", 1),
+    ("tenants", "implicit", 0),
+    ("tenants", "key_epoch", 0),
+    ("tenants", "next_key_version", 1),
+    ("key_bindings", "link_id", 0),
+    ("tenant_keys", "epoch", 0),
+];
+
+/// Nullable or text columns added later: absent means NULL or empty.
+const OPTIONAL_ADDED_LATER: &[&str] = &[
+    "delete_at",
+    "reencrypt_then_disable",
+    "reencrypt_disable_reason",
+    "reencrypt_last",
+    "canary",
+];
 
 fn db(err: sqlx::Error) -> RegistryError {
     RegistryError::Database(err.to_string())
@@ -129,8 +176,18 @@ fn value_of(row: &sqlx::any::AnyRow, column: &str, kind: Kind) -> Result<Value, 
     })
 }
 
-/// Every row of every table, as one document.
-pub(super) async fn export(pool: &AnyPool) -> Result<Value, RegistryError> {
+/// Every row of every table, as one document: one read-only transaction,
+/// so the tables agree with each other (a key change or a deletion running
+/// meanwhile is in it entirely or not at all).
+pub(super) async fn export(pool: &AnyPool, postgres: bool) -> Result<Value, RegistryError> {
+    let mut tx: Transaction<'static, Any> = if postgres {
+        pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(db)?
+    } else {
+        // A read transaction: every SELECT in it sees one snapshot.
+        pool.begin_with("BEGIN DEFERRED").await.map_err(db)?
+    };
     let mut tables = Map::new();
     for (table, columns) in TABLES {
         let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
@@ -139,7 +196,7 @@ pub(super) async fn export(pool: &AnyPool) -> Result<Value, RegistryError> {
             names.join(", "),
             names[0]
         ))
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
         let mut out = Vec::with_capacity(rows.len());
@@ -152,6 +209,7 @@ pub(super) async fn export(pool: &AnyPool) -> Result<Value, RegistryError> {
         }
         tables.insert((*table).to_owned(), Value::Array(out));
     }
+    tx.commit().await.map_err(db)?;
     Ok(json!({ "format": FORMAT, "tables": tables }))
 }
 
@@ -191,7 +249,20 @@ pub(super) async fn restore(pool: &AnyPool, document: &Value) -> Result<usize, R
         for row in rows {
             let mut query = sqlx::query(&sql);
             for (name, kind) in *columns {
-                let v = &row[name];
+                let added = COLUMNS_ADDED_LATER
+                    .iter()
+                    .find(|(t, c, _)| t == table && c == name)
+                    .map(|(_, _, default)| json!(default));
+                let v = match (&row[name], added) {
+                    (Value::Null, Some(default)) => default,
+                    (Value::Null, None)
+                        if OPTIONAL_ADDED_LATER.contains(name) && *kind == Kind::Text =>
+                    {
+                        json!("")
+                    }
+                    (v, _) => v.clone(),
+                };
+                let v = &v;
                 let bad = || corrupt(format!("{table}.{name} is {v}"));
                 query = match kind {
                     Kind::Text => query.bind(v.as_str().ok_or_else(bad)?.to_owned()),
@@ -212,6 +283,17 @@ pub(super) async fn restore(pool: &AnyPool, document: &Value) -> Result<usize, R
             restored += 1;
         }
     }
+    // An export from before version counters: each tenant's next number is
+    // past its newest version.
+    sqlx::query(
+        "UPDATE tenants SET next_key_version = COALESCE((SELECT MAX(version) FROM tenant_keys \
+         WHERE tenant_keys.tenant_id = tenants.id), 0) + 1 \
+         WHERE next_key_version <= COALESCE((SELECT MAX(version) FROM tenant_keys \
+         WHERE tenant_keys.tenant_id = tenants.id), 0)",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(restored)
 }

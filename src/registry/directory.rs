@@ -10,20 +10,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use moka::future::Cache;
 
 use super::views::ViewMemo;
-use super::{
-    BindingRecord, FLEET, KeyPolicy, Registry, TenantKeyRecord, UsageDelta, VersionUsageRecord,
-};
+use super::{BindingRecord, FLEET, KeyPolicy, Registry, UsageDelta, VersionUsageRecord};
 use crate::cache::DekCache;
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::keys::{
-    Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyDirectory, KeyHierarchy,
-    NewTenantKey, PLATFORM_BINDING, TENANT_KEY_USAGE, TakenUsage, TenantKeyVersion, TenantKeys,
-    UsageCounts, VersionId,
+    Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyHierarchy,
+    PLATFORM_BINDING, TENANT_KEY_USAGE, TakenUsage, TenantKeyVersion, TenantKeys, TenantLife,
+    UsageCounts, VersionId, sealing_binding,
 };
 use crate::kms::InvalidIdentifier;
 use crate::kms::ProviderError;
@@ -37,6 +34,10 @@ use crate::kms::{KeyProvider, ProviderKind, WrapContext};
 use crate::secret::SecretBytes;
 
 type UsageKey = (String, String);
+
+/// A change naming this "binding" purges every cached key of the tenant
+/// (`#` is in no binding name).
+const ALL_BINDINGS: &str = "#all";
 
 #[derive(Debug)]
 pub struct RegistryDirectory {
@@ -204,21 +205,31 @@ impl RegistryDirectory {
         }
     }
 
+    /// A tenant was scheduled for deletion or destroyed: forget its view and
+    /// drop everything of it from the cache, on every replica.
+    pub async fn purged(&self, tenant_id: &str) {
+        self.changed(tenant_id, Some(ALL_BINDINGS)).await;
+    }
+
     /// Applies a change in this process only (a change another replica
-    /// made, or one this process just wrote).
+    /// made, or one this process just wrote). Cache purges come first:
+    /// they move the tenant's cache generation, which a view built after
+    /// the forget below carries, so nothing loaded before is served.
     async fn apply_change(&self, tenant_id: &str, binding: Option<&str>) {
         if tenant_id == FLEET {
             // The platform keyring changed for every tenant.
             self.resync();
             return;
         }
+        match binding {
+            Some(ALL_BINDINGS) => self.cache.purge_tenant(tenant_id),
+            Some(name) => self.cache.purge_binding(tenant_id, name),
+            None => {}
+        }
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tenants.invalidate(tenant_id).await;
         self.memo.forget(tenant_id);
-        if let Some(name) = binding {
-            self.cache.purge_binding(tenant_id, name);
-        }
     }
 
     /// Follows other replicas' changes through PostgreSQL LISTEN until the
@@ -303,8 +314,10 @@ impl RegistryDirectory {
         Ok(true)
     }
 
-    /// Drops every tenant view (changes may have been missed).
+    /// Drops every tenant view and every cached key: changes (a purge, a
+    /// deletion) may have been missed.
     fn resync(&self) {
+        self.cache.purge_all();
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tenants.invalidate_all();
@@ -415,19 +428,31 @@ impl RegistryDirectory {
     }
 
     async fn load(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
+        // Before any read: a purge after this point makes what this view
+        // loads stale, and a purge before it is already counted.
+        let cache_generation = self.cache.generation(tenant_id);
         let platform = self.platform_view().await?;
         let Some(tenant) = self.registry.tenant(tenant_id).await? else {
-            // Tenants without CMEK need no registration.
+            // Nobody registered it: the platform key serves it, and its
+            // first wrap registers it with a tenant key of its own.
+            let tombstone = self.registry.tombstone(tenant_id).await?;
             return Ok(Arc::new(TenantKeys {
                 primary: Arc::clone(&platform),
                 bindings: Vec::new(),
                 platform,
-                hierarchy: KeyHierarchy::Direct,
+                hierarchy: KeyHierarchy::TenantKey,
                 versions: Vec::new(),
                 reencrypt_to: None,
                 reencrypt_from: None,
                 min_tenant_key_version: 0,
                 tenant_key_usage: Arc::default(),
+                life: TenantLife {
+                    legacy_deks: tombstone.is_none(),
+                    registers_on_wrap: true,
+                    next_version: 1,
+                    cache_generation,
+                    ..TenantLife::default()
+                },
             }));
         };
         let retired = self.registry.retirements(tenant_id).await?;
@@ -440,38 +465,33 @@ impl RegistryDirectory {
 
         let records = self.registry.bindings(tenant_id).await?;
         let mut bindings = Vec::with_capacity(records.len());
-        let mut primary = None;
         for record in &records {
-            let binding = Arc::new(Binding {
+            bindings.push(Arc::new(Binding {
                 name: record.name.as_str().into(),
+                link_id: record.link_id,
                 provider: self.provider_for(record, &tenant.external_id).await?,
                 key_reference: record.key_reference.clone(),
                 state: record.state,
                 state_reason: record.state_reason.clone(),
                 usage: self.usage_for(tenant_id, &record.name),
                 min_decryption_version: min_of(&record.name),
-            });
-            if record.primary {
-                primary = Some(Arc::clone(&binding));
-            }
-            bindings.push(binding);
+            }));
         }
-        let primary = match primary {
-            Some(p) if p.state == BindingState::Active => p,
-            // An operator-disabled primary of a keyring tenant: new wraps
-            // fall back to the platform key (Pulumi's "disable all").
-            Some(p)
-                if p.state == BindingState::Disabled && tenant.key_policy == KeyPolicy::Keyring =>
-            {
-                Arc::clone(&platform)
-            }
-            // A single_key tenant never silently leaves its key, and a key
-            // the customer revoked is not bypassed: new wraps fail.
-            Some(p) => p,
-            None => Arc::clone(&platform),
-        };
-        // Each version with the binding that protects it now; a version
-        // whose binding was force-unlinked is gone with it.
+        // The same rule the registry checks mints against.
+        let sealing = sealing_binding(
+            tenant.reencrypt_to.as_deref(),
+            records
+                .iter()
+                .find(|r| r.primary)
+                .map(|r| (r.name.as_str(), r.state)),
+            tenant.key_policy == KeyPolicy::SingleKey,
+        );
+        let primary = bindings
+            .iter()
+            .find(|b| *b.name == *sealing)
+            .map_or_else(|| Arc::clone(&platform), Arc::clone);
+        // Each version with the binding that protects it now (an unlink
+        // destroys the versions of its key in the same transaction).
         let versions = self
             .registry
             .tenant_keys(tenant_id)
@@ -489,6 +509,7 @@ impl RegistryDirectory {
                     provider_key_version: record.provider_key_version,
                     wrapped: record.wrapped,
                     created_at_ms: record.created_at_ms,
+                    epoch: record.epoch,
                 }))
             })
             .collect();
@@ -502,6 +523,15 @@ impl RegistryDirectory {
             reencrypt_from: tenant.reencrypt_from,
             min_tenant_key_version: min_of(TENANT_KEY_USAGE),
             tenant_key_usage: self.usage_for(tenant_id, TENANT_KEY_USAGE),
+            life: TenantLife {
+                incarnation: tenant.incarnation,
+                legacy_deks: tenant.legacy_deks,
+                registers_on_wrap: false,
+                delete_at_ms: tenant.delete_at_ms,
+                epoch: tenant.key_epoch,
+                next_version: tenant.next_key_version,
+                cache_generation,
+            },
         }))
     }
 
@@ -521,6 +551,7 @@ impl RegistryDirectory {
         }
         Ok(Arc::new(Binding {
             name: Arc::clone(&self.platform.name),
+            link_id: 0,
             provider: Arc::clone(&self.platform.provider),
             key_reference: self.platform.key_reference.clone(),
             state: self.platform.state,
@@ -614,9 +645,11 @@ fn verdict_cache(ttl: Duration) -> Cache<UsageKey, super::Verdict> {
         .build()
 }
 
-#[async_trait]
-impl KeyDirectory for RegistryDirectory {
-    async fn confirm_failure(
+/// The data plane's side (served through `crate::lifecycle::Lifecycle`).
+impl RegistryDirectory {
+    /// A live request saw `error` from a binding (see
+    /// [`KeyDirectory::confirm_failure`]).
+    pub async fn confirm_failure(
         &self,
         tenant_id: &str,
         binding: &str,
@@ -628,26 +661,9 @@ impl KeyDirectory for RegistryDirectory {
         self.recheck(tenant_id, binding, error).await
     }
 
-    async fn store_tenant_key(&self, key: &NewTenantKey) -> Result<bool, DirectoryError> {
-        let now = crate::keys::now_ms();
-        let stored = self
-            .registry
-            .insert_tenant_key(&TenantKeyRecord {
-                tenant_id: key.tenant_id.clone(),
-                version: key.version,
-                binding: key.binding.clone(),
-                provider_key_version: key.provider_key_version.clone(),
-                wrapped: key.wrapped.clone(),
-                created_at_ms: now,
-                updated_at_ms: now,
-            })
-            .await?;
-        // Either way the view is stale: this version, or the one that won.
-        self.changed(&key.tenant_id, None).await;
-        Ok(stored)
-    }
-
-    async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
+    /// The tenant's view: from memory, or one registry read shared by
+    /// every concurrent caller.
+    pub async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
         if let Some(keys) = self.tenant_keys_in_memory(tenant_id, std::time::Instant::now()) {
             return Ok(keys);
         }
@@ -656,7 +672,8 @@ impl KeyDirectory for RegistryDirectory {
         Box::pin(self.load_view(tenant_id)).await
     }
 
-    fn tenant_keys_in_memory(
+    /// The tenant's view if it is in memory now (never a load).
+    pub fn tenant_keys_in_memory(
         &self,
         tenant_id: &str,
         now: std::time::Instant,
@@ -819,6 +836,7 @@ pub async fn seal_material(
         provider_key_version: ciphertext.key_version,
         ciphertext: ciphertext.bytes,
         tenant_key_version: 0,
+        incarnation: 0,
     }
     .encode())
 }

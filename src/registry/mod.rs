@@ -9,6 +9,7 @@ pub mod backup;
 pub mod directory;
 pub mod key_state;
 pub mod sql;
+pub mod tenant_tx;
 mod versions;
 mod views;
 
@@ -130,6 +131,53 @@ pub struct Tenant {
     pub newest_import_primary: bool,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Which life of the tenant id this is (1, then one more per
+    /// re-creation after a deletion); wrapped keys carry it.
+    pub incarnation: u64,
+    /// Wrapped keys without an incarnation (issued before incarnations
+    /// existed) are accepted: never once the id was deleted.
+    pub legacy_deks: bool,
+    /// Created by a first wrap of an unregistered tenant; CreateTenant
+    /// adopts it.
+    pub implicit: bool,
+    /// Bumped by every key change; versions minted in another epoch seal
+    /// no new DEKs.
+    pub key_epoch: u64,
+    /// The number the next tenant key version gets (never reused).
+    pub next_key_version: u32,
+    /// A scheduled deletion: the tenant's keys are destroyed at this time.
+    pub delete_at_ms: Option<i64>,
+    /// DisableKey with reencrypt_to: disabled when the key change finishes.
+    pub reencrypt_then_disable: Option<String>,
+    pub reencrypt_disable_reason: String,
+    /// The target of the last key change that finished.
+    pub reencrypt_last: Option<String>,
+}
+
+impl Tenant {
+    /// A tenant as CreateTenant (or a first wrap) makes it.
+    pub fn new(id: &str, external_id: String, now_ms: i64) -> Self {
+        Self {
+            id: id.to_owned(),
+            key_policy: KeyPolicy::Keyring,
+            external_id,
+            key_hierarchy: KeyHierarchy::TenantKey,
+            reencrypt_to: None,
+            reencrypt_from: None,
+            newest_import_primary: false,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            incarnation: 1,
+            legacy_deks: true,
+            implicit: false,
+            key_epoch: 0,
+            next_key_version: 1,
+            delete_at_ms: None,
+            reencrypt_then_disable: None,
+            reencrypt_disable_reason: String::new(),
+            reencrypt_last: None,
+        }
+    }
 }
 
 /// A stored tenant key version.
@@ -143,6 +191,8 @@ pub struct TenantKeyRecord {
     pub wrapped: Vec<u8>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// The tenant's key epoch it was minted in.
+    pub epoch: u64,
 }
 
 impl fmt::Debug for TenantKeyRecord {
@@ -155,9 +205,6 @@ impl fmt::Debug for TenantKeyRecord {
             .finish_non_exhaustive()
     }
 }
-
-/// Whether a tenant may be deleted although its keys were used recently.
-pub type DeleteGuard = UnlinkGuard;
 
 /// A stored key binding.
 #[derive(Clone, PartialEq, Eq)]
@@ -184,6 +231,11 @@ pub struct BindingRecord {
     pub material_updated_at_ms: Option<i64>,
     pub wrap_count: u64,
     pub unwrap_count: u64,
+    /// Random per link: the same name linked again is another key.
+    pub link_id: i64,
+    /// A value keybroker encrypted under the key (an envelope), decrypted
+    /// by every key-state check.
+    pub canary: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for BindingRecord {
@@ -227,6 +279,8 @@ impl BindingRecord {
             material_updated_at_ms: None,
             wrap_count: 0,
             unwrap_count: 0,
+            link_id: 0,
+            canary: None,
         }
     }
 }
@@ -372,13 +426,6 @@ pub trait Registry: Send + Sync + fmt::Debug {
         tenant_id: &str,
         name: &str,
     ) -> Result<Option<BindingRecord>, RegistryError>;
-    /// Only an ACTIVE binding can become primary.
-    async fn set_primary(
-        &self,
-        tenant_id: &str,
-        name: &str,
-        now_ms: i64,
-    ) -> Result<BindingRecord, RegistryError>;
     async fn set_state(
         &self,
         tenant_id: &str,
@@ -387,12 +434,6 @@ pub trait Registry: Send + Sync + fmt::Debug {
         reason: &str,
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError>;
-    async fn delete_binding(
-        &self,
-        tenant_id: &str,
-        name: &str,
-        guard: UnlinkGuard,
-    ) -> Result<(), RegistryError>;
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError>;
     /// Tells every other replica that a tenant's keys changed (PostgreSQL
     /// NOTIFY). A registry only this process uses has nobody to tell.
@@ -416,37 +457,23 @@ pub trait Registry: Send + Sync + fmt::Debug {
     async fn binding_states(&self) -> Result<Vec<(&'static str, u64)>, RegistryError>;
     /// A tenant's key versions, oldest first.
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Vec<TenantKeyRecord>, RegistryError>;
-    /// Stores a new version; `Ok(false)` when that number exists already.
-    async fn insert_tenant_key(&self, key: &TenantKeyRecord) -> Result<bool, RegistryError>;
-    /// Moves one version from binding `from` to `to` with its new wrapping;
-    /// `Ok(false)` when it is no longer under `from` (someone moved it).
-    async fn rewrap_tenant_key(
-        &self,
-        tenant_id: &str,
-        version: u32,
-        from: &str,
-        key: &TenantKeyRecord,
-    ) -> Result<bool, RegistryError>;
-    /// Records (or clears) the target of a key change.
-    async fn set_reencrypt_to(
-        &self,
-        tenant_id: &str,
-        target: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Tenant, RegistryError>;
-    /// Records (or clears) the key a `direct` tenant's DEKs are moving
-    /// away from.
-    async fn set_reencrypt_from(
-        &self,
-        tenant_id: &str,
-        from: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Tenant, RegistryError>;
     /// Tenants with a key change recorded: resumed at start.
     async fn tenants_reencrypting(&self) -> Result<Vec<Tenant>, RegistryError>;
-    /// Deletes a tenant, its bindings and its tenant key versions.
-    async fn delete_tenant(&self, tenant_id: &str, guard: DeleteGuard)
-    -> Result<(), RegistryError>;
+    /// Starts a transaction holding the tenant's row lock, with the row as
+    /// it is now; `None` when the tenant has no row. Every write of the
+    /// tenant-key lifecycle goes through one (`crate::lifecycle`).
+    async fn lock_tenant(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Option<tenant_tx::TenantTx>, RegistryError>;
+    /// The highest incarnation of `tenant_id` that was deleted, if any.
+    async fn tombstone(&self, tenant_id: &str) -> Result<Option<u64>, RegistryError>;
+    /// Tenants whose scheduled deletion is due at `now_ms`, oldest first.
+    async fn due_deletions(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, RegistryError>;
+    /// After rows were destroyed: makes the database drop what it still
+    /// keeps of them (SQLite: secure_delete is on, the journal is
+    /// checkpointed; PostgreSQL: the tables are vacuumed).
+    async fn compact(&self) -> Result<(), RegistryError>;
     async fn set_description(
         &self,
         tenant_id: &str,

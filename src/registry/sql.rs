@@ -11,8 +11,8 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use super::{
-    BindingRecord, DeleteGuard, KeyPolicy, NewBinding, Registry, RegistryError, Retirement, Tenant,
-    TenantKeyRecord, UnlinkGuard, UsageDelta, VersionUsageRecord,
+    BindingRecord, KeyPolicy, NewBinding, Registry, RegistryError, Retirement, Tenant,
+    TenantKeyRecord, UsageDelta, VersionUsageRecord,
 };
 use crate::keys::{BindingState, KeyHierarchy};
 use crate::kms::ProviderKind;
@@ -20,15 +20,16 @@ use crate::kms::ProviderKind;
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
-     reencrypt_from, newest_import_primary, created_at, updated_at";
+pub(super) const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
+     reencrypt_from, newest_import_primary, created_at, updated_at, incarnation, legacy_deks, \
+     implicit, key_epoch, next_key_version, delete_at, reencrypt_then_disable, reencrypt_disable_reason, reencrypt_last";
 
 pub(super) const TENANT_KEY_COLUMNS: &str =
-    "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at";
+    "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at, epoch";
 
 pub(super) const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
      role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
-     updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at";
+     updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at, link_id, canary";
 
 #[derive(Debug, Clone)]
 pub struct SqlRegistry {
@@ -67,6 +68,16 @@ impl SqlRegistry {
         let pool = AnyPoolOptions::new()
             .max_connections(if postgres { 10 } else { 4 })
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    // Deleted rows (a shredded tenant's keys) are overwritten
+                    // with zeros in the file, not just unlinked from the tree.
+                    if !postgres {
+                        sqlx::Executor::execute(&mut *conn, "PRAGMA secure_delete = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(|e| RegistryError::Database(format!("cannot open the registry: {e}")))?;
@@ -105,7 +116,7 @@ impl SqlRegistry {
     /// Every tenant, binding and tenant key version as one JSON document
     /// (`registry::backup`).
     pub async fn export(&self) -> Result<serde_json::Value, RegistryError> {
-        super::backup::export(&self.pool).await
+        super::backup::export(&self.pool, self.postgres).await
     }
 
     /// Restores an [`export`](Self::export) into this (empty) registry;
@@ -116,7 +127,7 @@ impl SqlRegistry {
 
     /// Starts a transaction holding the tenant's row lock (an UPDATE takes
     /// it in PostgreSQL; in SQLite the first write takes the database lock).
-    async fn lock_tenant(
+    async fn lock_row(
         &self,
         tenant_id: &str,
         now_ms: i64,
@@ -139,36 +150,6 @@ impl SqlRegistry {
             .try_get(0)
             .map_err(db)?;
         Ok((tx, KeyPolicy::parse(&policy)?))
-    }
-}
-
-impl SqlRegistry {
-    /// Sets one of the tenant's key-change columns (`column` is one of ours,
-    /// never input) under the tenant's lock; the tenant as it is now.
-    async fn set_tenant_text(
-        &self,
-        tenant_id: &str,
-        column: &'static str,
-        value: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Tenant, RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
-        sqlx::query(&format!("UPDATE tenants SET {column} = $1 WHERE id = $2"))
-            .bind(value)
-            .bind(tenant_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        let tenant = sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
-        ))
-        .bind(tenant_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let tenant = tenant_from_row(&tenant)?;
-        tx.commit().await.map_err(db)?;
-        Ok(tenant)
     }
 }
 
@@ -222,7 +203,7 @@ async fn fetch_bindings<'e, E: sqlx::Executor<'e, Database = Any>>(
     .collect()
 }
 
-fn state_str(state: BindingState) -> &'static str {
+pub(super) fn state_str(state: BindingState) -> &'static str {
     match state {
         BindingState::Active => "ACTIVE",
         BindingState::Disabled => "DISABLED",
@@ -249,6 +230,16 @@ fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
         "azure-kv" => Ok(ProviderKind::AzureKeyVault),
         other => Err(RegistryError::Corrupt(format!("provider {other:?}"))),
     }
+}
+
+/// A random link id: a key linked again under the same name is another key
+/// to every cache.
+fn new_link_id() -> Result<i64, RegistryError> {
+    let bytes = crate::secret::SecretBytes::random(8)
+        .map_err(|_| RegistryError::Database("system random generator failed".into()))?;
+    let mut word = [0u8; 8];
+    word.copy_from_slice(bytes.expose());
+    Ok(i64::from_le_bytes(word) & i64::MAX)
 }
 
 fn count(value: i64) -> u64 {
@@ -290,6 +281,8 @@ pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryEr
             .map_err(db)?,
         wrap_count: count(get_i("wrap_count")?),
         unwrap_count: count(get_i("unwrap_count")?),
+        link_id: get_i("link_id")?,
+        canary: row.try_get::<Option<Vec<u8>>, _>("canary").map_err(db)?,
     })
 }
 
@@ -312,10 +305,12 @@ pub(super) fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, Regis
         wrapped: row.try_get("wrapped").map_err(db)?,
         created_at_ms: row.try_get("created_at").map_err(db)?,
         updated_at_ms: row.try_get("updated_at").map_err(db)?,
+        epoch: count(row.try_get("epoch").map_err(db)?),
     })
 }
 
-fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
+pub(super) fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
+    let next: i64 = row.try_get("next_key_version").map_err(db)?;
     Ok(Tenant {
         id: row.try_get("id").map_err(db)?,
         key_policy: KeyPolicy::parse(&row.try_get::<String, _>("key_policy").map_err(db)?)?,
@@ -326,6 +321,16 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
         newest_import_primary: row.try_get::<i64, _>("newest_import_primary").map_err(db)? == 1,
         created_at_ms: row.try_get("created_at").map_err(db)?,
         updated_at_ms: row.try_get("updated_at").map_err(db)?,
+        incarnation: count(row.try_get("incarnation").map_err(db)?),
+        legacy_deks: row.try_get::<i64, _>("legacy_deks").map_err(db)? == 1,
+        implicit: row.try_get::<i64, _>("implicit").map_err(db)? == 1,
+        key_epoch: count(row.try_get("key_epoch").map_err(db)?),
+        next_key_version: u32::try_from(next)
+            .map_err(|_| RegistryError::Corrupt(format!("next tenant key version {next}")))?,
+        delete_at_ms: row.try_get("delete_at").map_err(db)?,
+        reencrypt_then_disable: row.try_get("reencrypt_then_disable").map_err(db)?,
+        reencrypt_disable_reason: row.try_get("reencrypt_disable_reason").map_err(db)?,
+        reencrypt_last: row.try_get("reencrypt_last").map_err(db)?,
     })
 }
 
@@ -341,9 +346,20 @@ impl Registry for SqlRegistry {
         if exists.is_some() {
             return Err(RegistryError::TenantExists(tenant.id.clone()));
         }
+        // A re-created id is a new incarnation, and nothing issued for an
+        // earlier one (wrapped keys without an incarnation included) reads.
+        let deleted: Option<i64> =
+            sqlx::query("SELECT MAX(incarnation) FROM deleted_tenants WHERE id = $1")
+                .bind(&tenant.id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
         sqlx::query(
             "INSERT INTO tenants (id, key_policy, external_id, key_hierarchy, newest_import_primary, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             created_at, updated_at, incarnation, legacy_deks, implicit) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&tenant.id)
         .bind(tenant.key_policy.as_str())
@@ -352,6 +368,9 @@ impl Registry for SqlRegistry {
         .bind(i64::from(tenant.newest_import_primary))
         .bind(tenant.created_at_ms)
         .bind(tenant.updated_at_ms)
+        .bind(deleted.map_or(1, |d| d.saturating_add(1)))
+        .bind(i64::from(deleted.is_none()))
+        .bind(i64::from(tenant.implicit))
         .execute(&mut *tx)
         .await
         .map_err(|e| match &e {
@@ -383,7 +402,7 @@ impl Registry for SqlRegistry {
         policy: KeyPolicy,
         now_ms: i64,
     ) -> Result<Tenant, RegistryError> {
-        let (mut tx, current) = self.lock_tenant(tenant_id, now_ms).await?;
+        let (mut tx, current) = self.lock_row(tenant_id, now_ms).await?;
         let bindings = fetch_bindings(&mut *tx, tenant_id).await?;
         match (current, policy) {
             (KeyPolicy::Keyring, KeyPolicy::SingleKey) if bindings.len() > 1 => {
@@ -418,7 +437,7 @@ impl Registry for SqlRegistry {
         b: &NewBinding,
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError> {
-        let (mut tx, policy) = self.lock_tenant(&b.tenant_id, now_ms).await?;
+        let (mut tx, policy) = self.lock_row(&b.tenant_id, now_ms).await?;
         let existing = fetch_bindings(&mut *tx, &b.tenant_id).await?;
         if existing.iter().any(|e| e.name == b.name) {
             return Err(RegistryError::BindingExists {
@@ -445,8 +464,8 @@ impl Registry for SqlRegistry {
         sqlx::query(
             "INSERT INTO key_bindings (tenant_id, name, description, provider, key_reference, \
              region, role_arn, service_account, key_material, state, state_reason, is_primary, \
-             created_at, updated_at, replica_regions, material_updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13)",
+             created_at, updated_at, replica_regions, material_updated_at, link_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13, $14)",
         )
         .bind(&b.tenant_id)
         .bind(&b.name)
@@ -461,6 +480,7 @@ impl Registry for SqlRegistry {
         .bind(now_ms)
         .bind(b.replica_regions.join(","))
         .bind(b.key_material.as_ref().map(|_| now_ms))
+        .bind(new_link_id()?)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -481,39 +501,6 @@ impl Registry for SqlRegistry {
         fetch_binding(&self.pool, tenant_id, name).await
     }
 
-    async fn set_primary(
-        &self,
-        tenant_id: &str,
-        name: &str,
-        now_ms: i64,
-    ) -> Result<BindingRecord, RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
-        let target = existing_binding(&mut *tx, tenant_id, name).await?;
-        if target.state != BindingState::Active {
-            return Err(RegistryError::Refused(format!(
-                "key '{name}' of tenant '{tenant_id}' is {}; only an active key can become primary (enable it first)",
-                target.state
-            )));
-        }
-        sqlx::query("UPDATE key_bindings SET is_primary = 0 WHERE tenant_id = $1")
-            .bind(tenant_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        sqlx::query(
-            "UPDATE key_bindings SET is_primary = 1, updated_at = $1 WHERE tenant_id = $2 AND name = $3",
-        )
-        .bind(now_ms)
-        .bind(tenant_id)
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        let record = existing_binding(&mut *tx, tenant_id, name).await?;
-        tx.commit().await.map_err(db)?;
-        Ok(record)
-    }
-
     async fn set_state(
         &self,
         tenant_id: &str,
@@ -522,7 +509,7 @@ impl Registry for SqlRegistry {
         reason: &str,
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        let (mut tx, _) = self.lock_row(tenant_id, now_ms).await?;
         existing_binding(&mut *tx, tenant_id, name).await?;
         sqlx::query(
             "UPDATE key_bindings SET state = $1, state_reason = $2, updated_at = $3 \
@@ -539,53 +526,6 @@ impl Registry for SqlRegistry {
         let record = existing_binding(&mut *tx, tenant_id, name).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
-    }
-
-    async fn delete_binding(
-        &self,
-        tenant_id: &str,
-        name: &str,
-        guard: UnlinkGuard,
-    ) -> Result<(), RegistryError> {
-        let (mut tx, policy) = self.lock_tenant(tenant_id, crate::keys::now_ms()).await?;
-        let target = existing_binding(&mut *tx, tenant_id, name).await?;
-        if policy == KeyPolicy::SingleKey && target.wrap_count + target.unwrap_count > 0 {
-            return Err(RegistryError::Refused(format!(
-                "key '{name}' is the single key of tenant '{tenant_id}' and protects data; it can never be unlinked"
-            )));
-        }
-        let protected: i64 =
-            sqlx::query("SELECT COUNT(*) FROM tenant_keys WHERE tenant_id = $1 AND binding = $2")
-                .bind(tenant_id)
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?
-                .try_get(0)
-                .map_err(db)?;
-        if protected > 0 && !guard.force {
-            return Err(RegistryError::Refused(format!(
-                "key '{name}' of tenant '{tenant_id}' protects {protected} tenant key version(s); \
-                 every DEK sealed under them would become unreadable. Move them first \
-                 (DisableKey with reencrypt_to, or make another key primary), or unlink with force"
-            )));
-        }
-        if let Some(last) = target.last_used_at_ms {
-            if last >= guard.not_used_since_ms && !guard.force {
-                return Err(RegistryError::Refused(format!(
-                    "key '{name}' of tenant '{tenant_id}' was used {}s ago; keys it wrapped would become unreadable. \
-                     Rewrap them and wait for the unlink guard window, or unlink with force",
-                    (crate::keys::now_ms() - last).max(0) / 1000
-                )));
-            }
-        }
-        sqlx::query("DELETE FROM key_bindings WHERE tenant_id = $1 AND name = $2")
-            .bind(tenant_id)
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
     }
 
     async fn publish_change(
@@ -708,75 +648,6 @@ impl Registry for SqlRegistry {
         .collect()
     }
 
-    async fn insert_tenant_key(&self, key: &TenantKeyRecord) -> Result<bool, RegistryError> {
-        let inserted = sqlx::query(&format!(
-            "INSERT INTO tenant_keys ({TENANT_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-        ))
-        .bind(&key.tenant_id)
-        .bind(i64::from(key.version))
-        .bind(&key.binding)
-        .bind(&key.provider_key_version)
-        .bind(&key.wrapped)
-        .bind(key.created_at_ms)
-        .bind(key.updated_at_ms)
-        .execute(&self.pool)
-        .await;
-        match inserted {
-            Ok(_) => Ok(true),
-            // Another minter (request or replica) took the number first.
-            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Ok(false),
-            // The tenant was deleted meanwhile.
-            Err(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => {
-                Err(RegistryError::TenantNotFound(key.tenant_id.clone()))
-            }
-            Err(e) => Err(db(e)),
-        }
-    }
-
-    async fn rewrap_tenant_key(
-        &self,
-        tenant_id: &str,
-        version: u32,
-        from: &str,
-        key: &TenantKeyRecord,
-    ) -> Result<bool, RegistryError> {
-        let moved = sqlx::query(
-            "UPDATE tenant_keys SET binding = $1, provider_key_version = $2, wrapped = $3, \
-             updated_at = $4 WHERE tenant_id = $5 AND version = $6 AND binding = $7",
-        )
-        .bind(&key.binding)
-        .bind(&key.provider_key_version)
-        .bind(&key.wrapped)
-        .bind(key.updated_at_ms)
-        .bind(tenant_id)
-        .bind(i64::from(version))
-        .bind(from)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(moved.rows_affected() == 1)
-    }
-
-    async fn set_reencrypt_to(
-        &self,
-        tenant_id: &str,
-        target: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Tenant, RegistryError> {
-        self.set_tenant_text(tenant_id, "reencrypt_to", target, now_ms)
-            .await
-    }
-
-    async fn set_reencrypt_from(
-        &self,
-        tenant_id: &str,
-        from: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Tenant, RegistryError> {
-        self.set_tenant_text(tenant_id, "reencrypt_from", from, now_ms)
-            .await
-    }
-
     async fn tenants_reencrypting(&self) -> Result<Vec<Tenant>, RegistryError> {
         sqlx::query(&format!(
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE reencrypt_to IS NOT NULL \
@@ -790,44 +661,59 @@ impl Registry for SqlRegistry {
         .collect()
     }
 
-    async fn delete_tenant(
+    async fn lock_tenant(
         &self,
         tenant_id: &str,
-        guard: DeleteGuard,
-    ) -> Result<(), RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, crate::keys::now_ms()).await?;
-        if !guard.force {
-            for binding in fetch_bindings(&mut *tx, tenant_id).await? {
-                if let Some(last) = binding.last_used_at_ms
-                    && last >= guard.not_used_since_ms
-                {
-                    return Err(RegistryError::Refused(format!(
-                        "tenant '{tenant_id}' used its key '{}' {}s ago; deleting it makes every DEK of the tenant unreadable. \
-                         Wait for the unlink guard window, or delete with force",
-                        binding.name,
-                        (crate::keys::now_ms() - last).max(0) / 1000
-                    )));
-                }
-            }
-        }
-        for table in [
-            "tenant_keys",
-            "key_bindings",
-            "key_version_usage",
-            "key_retirements",
-        ] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = $1"))
+    ) -> Result<Option<super::tenant_tx::TenantTx>, RegistryError> {
+        super::tenant_tx::TenantTx::lock(self.begin().await?, tenant_id).await
+    }
+
+    async fn tombstone(&self, tenant_id: &str) -> Result<Option<u64>, RegistryError> {
+        let max: Option<i64> =
+            sqlx::query("SELECT MAX(incarnation) FROM deleted_tenants WHERE id = $1")
                 .bind(tenant_id)
-                .execute(&mut *tx)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+        Ok(max.map(count))
+    }
+
+    async fn due_deletions(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, RegistryError> {
+        sqlx::query(
+            "SELECT id FROM tenants WHERE delete_at IS NOT NULL AND delete_at <= $1 \
+             ORDER BY delete_at, id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.try_get::<String, _>(0).map_err(db))
+        .collect()
+    }
+
+    async fn compact(&self) -> Result<(), RegistryError> {
+        if self.postgres {
+            // VACUUM cannot run in a transaction; FULL rewrites each table
+            // into new files, so a dead row's bytes leave the old one with it.
+            for table in ["tenant_keys", "key_bindings"] {
+                sqlx::query(&format!("VACUUM FULL {table}"))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+            }
+        } else {
+            // secure_delete zeroed the rows in place; a write-ahead log (if
+            // an operator turned one on) is copied back and truncated.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
                 .await
                 .map_err(db)?;
         }
-        sqlx::query("DELETE FROM tenants WHERE id = $1")
-            .bind(tenant_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
+        Ok(())
     }
 
     async fn set_description(
@@ -837,7 +723,7 @@ impl Registry for SqlRegistry {
         description: &str,
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError> {
-        let (mut tx, _) = self.lock_tenant(tenant_id, now_ms).await?;
+        let (mut tx, _) = self.lock_row(tenant_id, now_ms).await?;
         existing_binding(&mut *tx, tenant_id, name).await?;
         sqlx::query(
             "UPDATE key_bindings SET description = $1, updated_at = $2 \

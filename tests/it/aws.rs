@@ -307,6 +307,7 @@ fn aws_envelope() -> Vec<u8> {
         provider_key_version: String::new(),
         ciphertext: vec![7; 120],
         tenant_key_version: 0,
+        incarnation: 0,
     }
     .encode()
 }

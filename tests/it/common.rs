@@ -436,3 +436,48 @@ pub(crate) async fn python_fidelity(
     }
     report
 }
+
+/// A DEK as keybroker wrapped it before incarnations and tenant keys for
+/// everyone: format 1, directly by the platform keyring in `data_dir`
+/// (its newest version), bound to tenant and context only. Upgrades must
+/// keep these readable until the tenant id is deleted.
+pub(crate) async fn legacy_platform_dek(
+    data_dir: &Path,
+    tenant: &str,
+    context: &[(&str, &str)],
+) -> (Vec<u8>, Vec<u8>) {
+    let keyring = LocalKeyring::open_or_create(
+        PLATFORM_BINDING,
+        &keybroker::config::platform_keyring_path(data_dir),
+    )
+    .unwrap();
+    let context = keybroker::context::Context::new(
+        context
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
+    .unwrap();
+    let plaintext = SecretBytes::random(32).unwrap();
+    let ciphertext = keyring
+        .encrypt(
+            &plaintext,
+            WrapContext {
+                tenant_id: tenant,
+                context: &context,
+            },
+        )
+        .await
+        .unwrap();
+    let wrapped = keybroker::envelope::Envelope {
+        tenant_id: tenant.to_owned(),
+        key_binding: PLATFORM_BINDING.to_owned(),
+        provider: ProviderKind::Local,
+        provider_key_version: ciphertext.key_version,
+        ciphertext: ciphertext.bytes,
+        tenant_key_version: 0,
+        incarnation: 0,
+    }
+    .encode();
+    (plaintext.expose().to_vec(), wrapped)
+}

@@ -12,8 +12,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::common::{
-    TestServer, admin_client, create_tenant, ctx, fresh_postgres_database, generate,
-    random_material, test_config, unwrap,
+    TestServer, admin_client, create_tenant, create_tenant_with, ctx, fresh_postgres_database,
+    generate, random_material, test_config, unwrap,
 };
 
 type Admin = KeyAdminClient<Channel>;
@@ -176,17 +176,12 @@ async fn pinecone_single_key_flow() {
         err.message()
     );
 
-    // In use: unlink refused, even forced.
-    for force in [false, true] {
-        let err = unlink(&mut admin, "pine", "project-key", force)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Code::FailedPrecondition,
-            "force={force}: {err:?}"
-        );
-    }
+    // In use: unlink refused, saying when it would go through.
+    let err = unlink(&mut admin, "pine", "project-key", false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("used 0s ago"), "{}", err.message());
     let err = admin
         .set_tenant_policy(proto::SetTenantPolicyRequest {
             tenant_id: "pine".into(),
@@ -222,6 +217,56 @@ async fn pinecone_single_key_flow() {
     server.stop().await;
 }
 
+/// Pinecone's "Delete a key": once nothing used the project's key for the
+/// unlink guard window (the indexes are deleted), it unlinks without force,
+/// and what it protected is destroyed with it.
+#[tokio::test]
+async fn pinecone_deletes_a_key_nothing_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.control.unlink_guard_window = Duration::from_millis(300);
+    let (server, mut admin, mut broker) = start(config).await;
+    create_tenant_with(
+        &mut admin,
+        "pine",
+        proto::KeyPolicy::SingleKey,
+        proto::KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "pine", "project-key", &random_material(), false)
+        .await
+        .unwrap();
+    // A key that never sealed anything unlinks at once (a typo fixed).
+    let spare = create_tenant(&mut admin, "pine-2", proto::KeyPolicy::SingleKey).await;
+    assert_eq!(spare.tenant_id, "pine-2");
+    import(&mut admin, "pine-2", "typo", &random_material(), false)
+        .await
+        .unwrap();
+    unlink(&mut admin, "pine-2", "typo", false).await.unwrap();
+    let g = generate(&mut broker, "pine", D1).await.unwrap();
+    let err = unlink(&mut admin, "pine", "project-key", false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let unlinked = admin
+        .unlink_key(proto::UnlinkKeyRequest {
+            tenant_id: "pine".into(),
+            name: "project-key".into(),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unlinked.tenant_key_versions_destroyed, 1);
+    let err = unwrap(&mut broker, "pine", D1, &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(keys(&mut admin, "pine").await.is_empty());
+    server.stop().await;
+}
+
 /// turbopuffer: the key given on first write is fixed afterwards; the key
 /// protects what was written and nothing moves it.
 #[tokio::test]
@@ -244,8 +289,10 @@ async fn turbopuffer_key_fixed_at_first_use() {
     let g = generate(&mut broker, "ns-1", D1).await.unwrap();
     assert_eq!(g.key.as_ref().unwrap().key_binding, "cmek");
     tokio::time::sleep(Duration::from_millis(20)).await;
-    // After first write: fixed, even though the guard window has passed.
-    let err = unlink(&mut admin, "ns-1", "cmek", true).await.unwrap_err();
+    // After first write: fixed; no other key replaces it.
+    let err = import(&mut admin, "ns-1", "other", &random_material(), true)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let back = unwrap(&mut broker, "ns-1", D1, &g.wrapped_key)
         .await
@@ -694,11 +741,10 @@ async fn restart_keeps_everything(config: Config) {
     }
     // Usage written at shutdown survived.
     assert!(after.iter().find(|k| k.name == "k1").unwrap().wrap_count >= 1);
-    for (g, binding) in [
-        (&platform_dek, "platform"),
-        (&k1_dek, "k1"),
-        (&k2_dek, "k2"),
-    ] {
+    // A DEK from the tenant's days on the platform key was sealed under a
+    // tenant key version, which each new primary took over (k1, then k2);
+    // the direct tenant's DEKs stay with the key that wrapped them.
+    for (g, binding) in [(&platform_dek, "k2"), (&k1_dek, "k1"), (&k2_dek, "k2")] {
         let back = unwrap(&mut broker, "acme", D1, &g.wrapped_key)
             .await
             .unwrap();

@@ -8,6 +8,9 @@ use keybroker::proto::{self, WrappedKey};
 use prost::Message;
 use tonic::Code;
 
+use keybroker::registry::Registry as _;
+use keybroker::registry::sql::SqlRegistry;
+
 use crate::common::{SlowKeyring, TestServer, ctx, generate_req, test_config, unwrap_req};
 
 #[tokio::test]
@@ -26,13 +29,19 @@ async fn every_rpc_round_trips() {
     let key = generated.key.clone().unwrap();
     assert_eq!(key.key_binding, "platform");
     assert_eq!(key.provider(), proto::Provider::Local);
-    assert_eq!(key.provider_key_version, "1");
+    // A tenant nobody registered is registered by its first wrap, and its
+    // DEKs are sealed under a tenant key of its own (wrapped by the
+    // platform key), so deleting it would shred them.
+    assert_eq!(key.provider_key_version, "tenant-key/1");
 
     // The wrapped key is a WrappedKey message any SDK can inspect.
     let envelope = WrappedKey::decode(generated.wrapped_key.as_slice()).unwrap();
-    assert_eq!(envelope.format_version, 1);
+    assert_eq!(envelope.format_version, 4);
     assert_eq!(envelope.tenant_id, "acme");
-    assert_eq!(envelope.key_binding, "platform");
+    assert_eq!(
+        (envelope.tenant_key_version, envelope.tenant_incarnation),
+        (1, 1)
+    );
     assert!(
         !envelope
             .ciphertext
@@ -121,7 +130,10 @@ async fn keyring_rotation_keeps_old_keys_readable() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(old.key.unwrap().provider_key_version, "1");
+    assert_eq!(
+        old.key.as_ref().unwrap().provider_key_version,
+        "tenant-key/1"
+    );
 
     // What `keybroker keyring rotate` does, while the server runs.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
@@ -150,52 +162,57 @@ async fn keyring_rotation_keeps_old_keys_readable() {
     }
     assert_eq!(newest, "2", "rotation not picked up");
 
+    // New tenant keys are wrapped under the new version; those wrapped
+    // before keep theirs, so every DEK sealed under them keeps unwrapping.
     let new = client
-        .generate_data_key(generate_req("acme", &[]))
+        .generate_data_key(generate_req("globex", &[]))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(new.key.unwrap().provider_key_version, "2");
-
-    let old_back = client
-        .unwrap_key(unwrap_req("acme", &[], &old.wrapped_key))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(old_back.plaintext, old.plaintext);
-    assert!(
-        old_back.rewrap_recommended,
-        "v1 key should be flagged for rewrap"
+    for (tenant, dek) in [("acme", &old), ("globex", &new)] {
+        let back = client
+            .unwrap_key(unwrap_req(tenant, &[], &dek.wrapped_key))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(back.plaintext, dek.plaintext);
+        assert!(!back.rewrap_recommended, "{tenant}");
+    }
+    let wrapped_under = |tenant: &'static str| {
+        let dir = dir.path().to_owned();
+        async move {
+            let registry = SqlRegistry::open_sqlite(&dir.join("registry.db"))
+                .await
+                .unwrap();
+            let versions = registry.tenant_keys(tenant).await.unwrap();
+            registry.close().await;
+            versions
+                .iter()
+                .map(|v| (v.binding.clone(), v.provider_key_version.clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        wrapped_under("acme").await,
+        [("platform".into(), "1".into())]
     );
-    let new_back = client
-        .unwrap_key(unwrap_req("acme", &[], &new.wrapped_key))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!new_back.rewrap_recommended);
-
-    let moved = client
-        .rewrap_key(proto::RewrapKeyRequest {
-            tenant_id: "acme".into(),
-            context: ctx(&[]),
-            wrapped_key: old.wrapped_key,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(moved.key.unwrap().provider_key_version, "2");
-    assert_eq!(moved.previous_key.unwrap().provider_key_version, "1");
+    assert_eq!(
+        wrapped_under("globex").await,
+        [("platform".into(), "2".into())]
+    );
     server.stop().await;
 
     // A restart on the same data dir reads both versions.
     let server = TestServer::start(test_config(dir.path())).await;
     let mut client = server.client().await;
-    let back = client
-        .unwrap_key(unwrap_req("acme", &[], &moved.wrapped_key))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(back.plaintext, old.plaintext);
+    for (tenant, dek) in [("acme", &old), ("globex", &new)] {
+        let back = client
+            .unwrap_key(unwrap_req(tenant, &[], &dek.wrapped_key))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(back.plaintext, dek.plaintext);
+    }
     server.stop().await;
 }
 
@@ -238,10 +255,27 @@ async fn cross_tenant_and_wrong_context_are_refused() {
     );
     assert_eq!(server.encrypt_calls(), encrypts);
 
-    // Forging the tenant inside the envelope fails authentication: the
-    // tenant is bound into the AAD, not just written beside the ciphertext.
+    // Forging the tenant inside the envelope gets nothing. For a tenant
+    // that was never registered it names an incarnation the tenant does
+    // not have: refused before any key is touched.
     let mut forged = WrappedKey::decode(b.wrapped_key.as_slice()).unwrap();
     forged.tenant_id = "tenant-a".into();
+    let err = client
+        .unwrap_key(unwrap_req(
+            "tenant-a",
+            &[("t", "1")],
+            &forged.encode_to_vec(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // For a registered one (same incarnation number) it fails
+    // authentication: the tenant is bound into the AAD, not just written
+    // beside the ciphertext.
+    client
+        .generate_data_key(generate_req("tenant-a", &[]))
+        .await
+        .unwrap();
     let err = client
         .unwrap_key(unwrap_req(
             "tenant-a",
@@ -282,9 +316,10 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
         .into_inner();
     let w = &good.wrapped_key;
 
-    let mut tampered_ct = w.clone();
-    let last = tampered_ct.len() - 1;
-    tampered_ct[last] ^= 1;
+    let mut tampered = WrappedKey::decode(w.as_slice()).unwrap();
+    let last = tampered.ciphertext.len() - 1;
+    tampered.ciphertext[last] ^= 1;
+    let tampered_ct = tampered.encode_to_vec();
     let mut unknown_version = WrappedKey::decode(w.as_slice()).unwrap();
     unknown_version.format_version = 9;
     let mut trailing = w.clone();
@@ -294,7 +329,7 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
             "tampered ciphertext",
             tampered_ct,
             Code::InvalidArgument,
-            "authentication failed",
+            "altered",
         ),
         (
             "truncated",
@@ -354,8 +389,9 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
             err.message()
         );
     }
-    // Only the tampered ciphertext (well-formed envelope) reached the provider.
-    assert_eq!(server.decrypt_calls() - decrypts_before, 1);
+    // None reached a provider: the tampered ciphertext (a well-formed
+    // envelope) fails its seal under the tenant key cached at its mint.
+    assert_eq!(server.decrypt_calls() - decrypts_before, 0);
 
     let bad_requests: Vec<(&str, proto::WrapKeyRequest)> = vec![
         (
@@ -503,7 +539,11 @@ async fn cache_expires_after_ttl_and_purges_by_tenant() {
     let mut config = test_config(dir.path());
     config.cache.ttl = Duration::from_millis(300);
     config.cache.tti = Duration::from_millis(300);
-    let server = TestServer::start(config).await;
+    // DEKs wrapped directly by a counting provider: each load of a DEK is
+    // one provider call.
+    let provider = Arc::new(SlowKeyring::new(Duration::ZERO));
+    let server = TestServer::start_with_provider(config, Arc::clone(&provider) as _).await;
+    let decrypts = || provider.decrypts.load(Ordering::SeqCst);
     let mut client = server.client().await;
     let a = client
         .generate_data_key(generate_req("a", &[]))
@@ -527,23 +567,19 @@ async fn cache_expires_after_ttl_and_purges_by_tenant() {
     };
     unwrap("a", a.wrapped_key.clone()).await;
     unwrap("a", a.wrapped_key.clone()).await;
-    assert_eq!(server.decrypt_calls(), 1, "second unwrap should hit");
+    assert_eq!(decrypts(), 1, "second unwrap should hit");
 
     tokio::time::sleep(Duration::from_millis(450)).await;
     unwrap("a", a.wrapped_key.clone()).await;
-    assert_eq!(server.decrypt_calls(), 2, "entry should have expired");
+    assert_eq!(decrypts(), 2, "entry should have expired");
 
     unwrap("b", b.wrapped_key.clone()).await;
-    assert_eq!(server.decrypt_calls(), 3);
+    assert_eq!(decrypts(), 3);
     server.broker.cache().purge_tenant("a");
     unwrap("b", b.wrapped_key.clone()).await;
-    assert_eq!(
-        server.decrypt_calls(),
-        3,
-        "tenant b's entry must survive a purge of a"
-    );
+    assert_eq!(decrypts(), 3, "tenant b's entry must survive a purge of a");
     unwrap("a", a.wrapped_key.clone()).await;
-    assert_eq!(server.decrypt_calls(), 4, "tenant a's entry must be gone");
+    assert_eq!(decrypts(), 4, "tenant a's entry must be gone");
     server.stop().await;
 }
 

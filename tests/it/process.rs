@@ -729,11 +729,13 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
         sample(&text, "keybroker_cache_events_total{name=\"miss\"}"),
         1.0
     );
+    // Three cached DEKs, and the tenant key (cached at its mint) that
+    // opened the first one; the entries are that DEK and that tenant key.
     assert_eq!(
         sample(&text, "keybroker_cache_events_total{name=\"hit\"}"),
-        3.0
+        4.0
     );
-    assert_eq!(sample(&text, "keybroker_cache_entries"), 1.0);
+    assert_eq!(sample(&text, "keybroker_cache_entries"), 2.0);
     let provider = |op: &str| {
         sample(
             &text,
@@ -742,8 +744,10 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
             ),
         )
     };
-    assert_eq!(provider("generate_data_key"), 1.0);
-    assert_eq!(provider("decrypt"), 1.0);
+    // One provider call: the platform key wrapping the tenant key version
+    // the first GenerateDataKey minted. DEKs are sealed and opened under it.
+    assert_eq!(provider("encrypt"), 1.0);
+    assert!(!text.contains("operation=\"decrypt\""), "{text}");
     assert_eq!(
         sample(
             &text,

@@ -6,23 +6,30 @@ use keybroker::kms::ProviderKind;
 use keybroker::registry::sql::SqlRegistry;
 use keybroker::registry::{
     CheckClaim, FLEET, KeyPolicy, NewBinding, Registry, RegistryError, Tenant, TenantKeyRecord,
-    UnlinkGuard, UsageDelta, VersionUsageRecord,
+    UsageDelta, VersionUsageRecord,
 };
 
 use crate::common::fresh_postgres_database;
 
 fn tenant(id: &str, policy: KeyPolicy) -> Tenant {
-    Tenant {
-        id: id.into(),
-        key_policy: policy,
-        external_id: format!("kb-ext-{id}"),
-        key_hierarchy: KeyHierarchy::TenantKey,
-        reencrypt_to: None,
-        reencrypt_from: None,
-        newest_import_primary: false,
-        created_at_ms: 1_000,
-        updated_at_ms: 1_000,
-    }
+    let mut tenant = Tenant::new(id, format!("kb-ext-{id}"), 1_000);
+    tenant.key_policy = policy;
+    tenant
+}
+
+/// Makes `name` the tenant's only primary, in one locked transaction.
+async fn set_primary(registry: &dyn Registry, tenant_id: &str, name: &str, now_ms: i64) {
+    let mut tx = registry.lock_tenant(tenant_id).await.unwrap().unwrap();
+    tx.set_primary(Some(name), now_ms).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Removes a binding row (the lifecycle's unlink decides when; here only
+/// what the row does).
+async fn delete_binding(registry: &dyn Registry, tenant_id: &str, name: &str) {
+    let mut tx = registry.lock_tenant(tenant_id).await.unwrap().unwrap();
+    tx.delete_binding(name).await.unwrap();
+    tx.commit().await.unwrap();
 }
 
 fn binding(tenant_id: &str, name: &str, make_primary: bool) -> NewBinding {
@@ -40,11 +47,6 @@ fn binding(tenant_id: &str, name: &str, make_primary: bool) -> NewBinding {
         make_primary,
     }
 }
-
-const NO_GUARD: UnlinkGuard = UnlinkGuard {
-    not_used_since_ms: i64::MAX,
-    force: false,
-};
 
 async fn suite(registry: &dyn Registry) {
     // Tenants.
@@ -112,16 +114,12 @@ async fn suite(registry: &dyn Registry) {
         .collect();
     assert_eq!(primaries, vec!["k3".to_string()]);
 
-    // Primary moves; only active bindings may take it.
-    registry.set_primary("acme", "k1", 5_000).await.unwrap();
+    // Primary moves, and stays one.
+    set_primary(registry, "acme", "k1", 5_000).await;
     registry
         .set_state("acme", "k2", BindingState::Disabled, "ops", 6_000)
         .await
         .unwrap();
-    assert!(matches!(
-        registry.set_primary("acme", "k2", 6_500).await,
-        Err(RegistryError::Refused(_))
-    ));
     let k2 = registry.binding("acme", "k2").await.unwrap().unwrap();
     assert_eq!(
         (k2.state, k2.state_reason.as_str()),
@@ -204,44 +202,21 @@ async fn suite(registry: &dyn Registry) {
             .unwrap()
     );
 
-    // Unlink guard: refused when used since the cutoff, unless forced.
-    let guard = UnlinkGuard {
-        not_used_since_ms: 8_500,
-        force: false,
-    };
-    assert!(matches!(
-        registry.delete_binding("acme", "k1", guard).await,
-        Err(RegistryError::Refused(_))
-    ));
-    assert!(registry.binding("acme", "k1").await.unwrap().is_some());
-    let old_enough = UnlinkGuard {
-        not_used_since_ms: 9_001,
-        force: false,
-    };
-    registry
-        .delete_binding("acme", "k3", NO_GUARD)
-        .await
-        .unwrap();
-    registry
-        .delete_binding("acme", "k1", old_enough)
-        .await
-        .unwrap();
+    // Unlinking removes the row, its retirements and per-version usage.
+    delete_binding(registry, "acme", "k3").await;
+    delete_binding(registry, "acme", "k1").await;
     assert!(registry.binding("acme", "k1").await.unwrap().is_none());
-    assert_eq!(
-        registry.delete_binding("acme", "k1", NO_GUARD).await,
-        Err(RegistryError::BindingNotFound {
-            tenant_id: "acme".into(),
-            name: "k1".into()
-        })
+    assert!(
+        registry
+            .version_usage("acme")
+            .await
+            .unwrap()
+            .iter()
+            .all(|u| u.key_name != "k1")
     );
-    let forced = UnlinkGuard {
-        not_used_since_ms: 0,
-        force: true,
-    };
-    registry.delete_binding("acme", "k2", forced).await.unwrap();
+    delete_binding(registry, "acme", "k2").await;
 
-    // single_key: one key, never replaced; once used, never unlinked and the
-    // policy is fixed.
+    // single_key: one key, never replaced; once used, the policy is fixed.
     registry
         .create_tenant(&tenant("pine", KeyPolicy::SingleKey))
         .await
@@ -268,10 +243,6 @@ async fn suite(registry: &dyn Registry) {
         .await
         .unwrap();
     assert!(matches!(
-        registry.delete_binding("pine", "only", forced).await,
-        Err(RegistryError::Refused(_))
-    ));
-    assert!(matches!(
         registry.set_key_policy("pine", KeyPolicy::Keyring, 3).await,
         Err(RegistryError::Refused(_))
     ));
@@ -296,10 +267,7 @@ async fn suite(registry: &dyn Registry) {
             .await,
         Err(RegistryError::Refused(_))
     ));
-    registry
-        .delete_binding("multi", "b", NO_GUARD)
-        .await
-        .unwrap();
+    delete_binding(registry, "multi", "b").await;
     let t = registry
         .set_key_policy("multi", KeyPolicy::SingleKey, 4)
         .await
@@ -318,12 +286,14 @@ fn version(tenant_id: &str, version: u32, binding: &str) -> TenantKeyRecord {
         wrapped: vec![u8::try_from(version).unwrap(); 80],
         created_at_ms: 10,
         updated_at_ms: 10,
+        epoch: 0,
     }
 }
 
-/// Tenant key versions: stored once per number, moved only from the
-/// binding they are under, kept from unlinked bindings, gone with the
-/// tenant; key-change records survive until cleared.
+/// Tenant key versions under the tenant's lock: stored, moved only from
+/// the binding they are under, destroyed by binding; the tenant's lifecycle
+/// columns written as edited; a shredded tenant leaves a tombstone, and the
+/// id created again is the next incarnation, refusing keys without one.
 async fn tenant_key_suite(registry: &dyn Registry) {
     registry
         .create_tenant(&tenant("hier", KeyPolicy::Keyring))
@@ -331,72 +301,30 @@ async fn tenant_key_suite(registry: &dyn Registry) {
         .unwrap();
     let got = registry.tenant("hier").await.unwrap().unwrap();
     assert_eq!(got.key_hierarchy, KeyHierarchy::TenantKey);
-    assert_eq!(got.reencrypt_to, None);
+    assert_eq!((got.incarnation, got.legacy_deks), (1, true));
+    assert_eq!((got.reencrypt_to, got.next_key_version), (None, 1));
+    assert!(registry.lock_tenant("nobody").await.unwrap().is_none());
     registry
         .insert_binding(&binding("hier", "cmk", true), 20)
         .await
         .unwrap();
-    assert!(
-        registry
-            .insert_tenant_key(&version("hier", 1, "platform"))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !registry
-            .insert_tenant_key(&version("hier", 1, "cmk"))
-            .await
-            .unwrap(),
-        "a taken number"
-    );
-    assert!(
-        registry
-            .insert_tenant_key(&version("hier", 2, "cmk"))
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        registry
-            .insert_tenant_key(&version("nobody", 1, "platform"))
-            .await,
-        Err(RegistryError::TenantNotFound("nobody".into()))
-    );
-    let versions = registry.tenant_keys("hier").await.unwrap();
-    assert_eq!(
-        versions,
-        vec![version("hier", 1, "platform"), version("hier", 2, "cmk")]
-    );
-
-    // A move is a compare-and-set on the binding the version is under.
-    let mut moved = version("hier", 1, "cmk");
-    moved.wrapped = vec![0xAB; 90];
-    moved.updated_at_ms = 30;
-    assert!(
-        !registry
-            .rewrap_tenant_key("hier", 1, "cmk", &moved)
-            .await
-            .unwrap()
-    );
-    assert!(
-        registry
-            .rewrap_tenant_key("hier", 1, "platform", &moved)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !registry
-            .rewrap_tenant_key("hier", 1, "platform", &moved)
-            .await
-            .unwrap()
-    );
-    assert_eq!(registry.tenant_keys("hier").await.unwrap()[0], moved);
-
-    // Key-change records.
-    let t = registry
-        .set_reencrypt_to("hier", Some("cmk"), 40)
+    let mut tx = registry.lock_tenant("hier").await.unwrap().unwrap();
+    tx.insert_version(&version("hier", 1, "platform"))
         .await
         .unwrap();
-    assert_eq!(t.reencrypt_to.as_deref(), Some("cmk"));
+    tx.insert_version(&version("hier", 2, "cmk")).await.unwrap();
+    let t = tx.tenant_mut();
+    t.next_key_version = 3;
+    t.key_epoch = 4;
+    t.reencrypt_to = Some("cmk".into());
+    t.delete_at_ms = Some(99);
+    tx.write_tenant(30).await.unwrap();
+    tx.commit().await.unwrap();
+    let got = registry.tenant("hier").await.unwrap().unwrap();
+    assert_eq!(
+        (got.next_key_version, got.key_epoch, got.delete_at_ms),
+        (3, 4, Some(99))
+    );
     assert_eq!(
         registry
             .tenants_reencrypting()
@@ -407,22 +335,38 @@ async fn tenant_key_suite(registry: &dyn Registry) {
             .collect::<Vec<_>>(),
         ["hier"]
     );
-    registry.set_reencrypt_to("hier", None, 41).await.unwrap();
-    assert!(registry.tenants_reencrypting().await.unwrap().is_empty());
+    assert_eq!(
+        registry.due_deletions(98, 10).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(registry.due_deletions(99, 10).await.unwrap(), ["hier"]);
+    assert_eq!(
+        registry.tenant_keys("hier").await.unwrap(),
+        vec![version("hier", 1, "platform"), version("hier", 2, "cmk")]
+    );
+    // Nothing a dropped transaction did stays.
+    let mut tx = registry.lock_tenant("hier").await.unwrap().unwrap();
+    tx.insert_version(&version("hier", 3, "cmk")).await.unwrap();
+    drop(tx);
+    assert_eq!(registry.tenant_keys("hier").await.unwrap().len(), 2);
 
-    // A binding that protects versions is not unlinked without force.
-    assert!(matches!(
-        registry.delete_binding("hier", "cmk", NO_GUARD).await,
-        Err(RegistryError::Refused(m)) if m.contains("tenant key version")
-    ));
+    // A move is a compare-and-set on the binding the version is under.
+    let mut moved = version("hier", 1, "cmk");
+    moved.wrapped = vec![0xAB; 90];
+    moved.updated_at_ms = 30;
+    let mut tx = registry.lock_tenant("hier").await.unwrap().unwrap();
+    assert!(!tx.rewrap_version("cmk", &moved).await.unwrap());
+    assert!(tx.rewrap_version("platform", &moved).await.unwrap());
+    assert!(!tx.rewrap_version("platform", &moved).await.unwrap());
+    tx.commit().await.unwrap();
+    assert_eq!(registry.tenant_keys("hier").await.unwrap()[0], moved);
     let updated = registry
         .set_description("hier", "cmk", "renamed", 50)
         .await
         .unwrap();
     assert_eq!(updated.description, "renamed");
 
-    // Deleting the tenant takes its versions and bindings; refused while
-    // recently used unless forced.
+    // Usage of the versions a binding wraps (what an unlink is guarded by).
     registry
         .add_usage(&[UsageDelta {
             tenant_id: "hier".into(),
@@ -430,36 +374,47 @@ async fn tenant_key_suite(registry: &dyn Registry) {
             wraps: 1,
             unwraps: 0,
             last_used_at_ms: 1_000,
-            versions: Vec::new(),
+            versions: vec![VersionUsageRecord {
+                key_name: keybroker::keys::TENANT_KEY_USAGE.into(),
+                version: "2".into(),
+                wraps: 5,
+                unwraps: 1,
+                last_used_at_ms: 1_500,
+            }],
         }])
         .await
         .unwrap();
-    let recent = UnlinkGuard {
-        not_used_since_ms: 500,
-        force: false,
-    };
-    assert!(matches!(
-        registry.delete_tenant("hier", recent).await,
-        Err(RegistryError::Refused(_))
-    ));
-    registry
-        .delete_tenant(
-            "hier",
-            UnlinkGuard {
-                force: true,
-                ..recent
-            },
-        )
-        .await
-        .unwrap();
+    let mut tx = registry.lock_tenant("hier").await.unwrap().unwrap();
+    assert_eq!(
+        tx.last_use_of_versions_under("cmk").await.unwrap(),
+        Some(1_500)
+    );
+    assert_eq!(tx.seals_under("cmk").await.unwrap(), 5);
+    assert_eq!(
+        tx.last_use_of_versions_under("platform").await.unwrap(),
+        None
+    );
+    assert_eq!(tx.delete_versions_under("cmk").await.unwrap(), 2);
+    drop(tx);
+
+    // Shredding: every row goes, a tombstone stays; the id comes back as
+    // the next incarnation, refusing wrapped keys without one.
+    let mut tx = registry.lock_tenant("hier").await.unwrap().unwrap();
+    tx.shred(2_000).await.unwrap();
+    tx.commit().await.unwrap();
+    registry.compact().await.unwrap();
     assert!(registry.tenant("hier").await.unwrap().is_none());
     assert!(registry.tenant_keys("hier").await.unwrap().is_empty());
     assert!(registry.bindings("hier").await.unwrap().is_empty());
-    // The id is free again, with nothing of the old tenant.
+    assert!(registry.version_usage("hier").await.unwrap().is_empty());
+    assert_eq!(registry.tombstone("hier").await.unwrap(), Some(1));
+    assert_eq!(registry.tombstone("acme").await.unwrap(), None);
     registry
         .create_tenant(&tenant("hier", KeyPolicy::Keyring))
         .await
         .unwrap();
+    let again = registry.tenant("hier").await.unwrap().unwrap();
+    assert_eq!((again.incarnation, again.legacy_deks), (2, false));
     assert!(registry.tenant_keys("hier").await.unwrap().is_empty());
 }
 
@@ -547,15 +502,19 @@ async fn concurrent_primary_changes_keep_one_primary() {
             .map(|i| {
                 let registry = registry.clone();
                 tokio::spawn(async move {
-                    registry
-                        .set_primary("race", &format!("k{}", i % 4), 100 + i)
-                        .await
+                    // SQLite may report a busy database under contention.
+                    let Ok(Some(mut tx)) = registry.lock_tenant("race").await else {
+                        return;
+                    };
+                    let name = format!("k{}", i % 4);
+                    if tx.set_primary(Some(&name), 100 + i).await.is_ok() {
+                        let _ = tx.commit().await;
+                    }
                 })
             })
             .collect();
         for t in tasks {
-            // SQLite may report a busy database under contention; never two primaries.
-            let _ = t.await.unwrap();
+            t.await.unwrap();
         }
         let primaries = registry
             .bindings("race")

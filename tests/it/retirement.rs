@@ -163,16 +163,22 @@ async fn tenant_key_versions_retire_with_a_usage_guard() {
 }
 
 /// The platform keyring, fleet-wide: after a rotation, retiring version 1
-/// re-seals what the registry holds under it (a tenant key version it
-/// protects, imported material), refuses DEKs wrapped under it (cached or
-/// not), and leaves everything else readable.
+/// re-seals what the registry holds under it (the tenant key versions it
+/// protects, imported material), refuses DEKs it wrapped directly (from
+/// before tenant keys for everyone), and leaves everything else readable.
 #[tokio::test]
 async fn platform_keyring_versions_retire_after_resealing_what_the_registry_holds() {
     let (dir, server, mut admin, mut broker) = start().await;
-    // Direct DEKs on the platform key, a tenant key under the platform key,
-    // and imported material, all under keyring version 1.
-    let direct_old = generate(&mut broker, "walk-in", CTX).await.unwrap();
-    assert_eq!(direct_old.key.as_ref().unwrap().provider_key_version, "1");
+    // Under keyring version 1: a DEK it wrapped directly (an old one), a
+    // walk-in tenant's tenant key, a registered tenant's, and imported
+    // material.
+    let (legacy_plain, legacy) =
+        crate::common::legacy_platform_dek(dir.path(), "walk-in", CTX).await;
+    let walk_in = generate(&mut broker, "walk-in", CTX).await.unwrap();
+    assert_eq!(
+        walk_in.key.as_ref().unwrap().provider_key_version,
+        "tenant-key/1"
+    );
     create_tenant_with(
         &mut admin,
         "hier",
@@ -186,11 +192,14 @@ async fn platform_keyring_versions_retire_after_resealing_what_the_registry_hold
     let byok = generate(&mut broker, "byok", CTX).await.unwrap();
 
     rotate_platform_keyring(dir.path(), &mut broker).await;
-    let direct_new = generate(&mut broker, "walk-in", CTX).await.unwrap();
-    assert_eq!(direct_new.key.as_ref().unwrap().provider_key_version, "2");
-    unwrap(&mut broker, "walk-in", CTX, &direct_old.wrapped_key)
-        .await
-        .unwrap();
+    // A tenant key minted now is wrapped under version 2.
+    let walk_in_2 = generate(&mut broker, "walk-in-2", CTX).await.unwrap();
+    let back = unwrap(&mut broker, "walk-in", CTX, &legacy).await.unwrap();
+    assert_eq!(back.plaintext, legacy_plain);
+    assert!(
+        back.rewrap_recommended,
+        "wrapped directly: a rewrap seals it"
+    );
 
     // Only a caller allowed every tenant may retire it; the tenant is empty.
     let err = retire(
@@ -217,16 +226,21 @@ async fn platform_keyring_versions_retire_after_resealing_what_the_registry_hold
         .unwrap();
     assert_eq!(done.retired_versions, ["1"]);
     assert_eq!(
-        done.rewrapped, 2,
-        "the tenant key version and the imported material"
+        done.rewrapped, 3,
+        "two tenant key versions and the imported material"
     );
 
-    let err = unwrap(&mut broker, "walk-in", CTX, &direct_old.wrapped_key)
+    let err = unwrap(&mut broker, "walk-in", CTX, &legacy)
         .await
         .unwrap_err();
     expect_retired(&err, 1);
     assert!(err.message().contains("platform key"), "{}", err.message());
-    for (tenant, dek) in [("walk-in", &direct_new), ("hier", &sealed), ("byok", &byok)] {
+    for (tenant, dek) in [
+        ("walk-in", &walk_in),
+        ("walk-in-2", &walk_in_2),
+        ("hier", &sealed),
+        ("byok", &byok),
+    ] {
         let back = unwrap(&mut broker, tenant, CTX, &dek.wrapped_key)
             .await
             .unwrap();
@@ -237,7 +251,7 @@ async fn platform_keyring_versions_retire_after_resealing_what_the_registry_hold
     server.stop().await;
     let server = crate::common::TestServer::start(config).await;
     let mut broker = server.client().await;
-    for (tenant, dek) in [("hier", &sealed), ("byok", &byok)] {
+    for (tenant, dek) in [("walk-in", &walk_in), ("hier", &sealed), ("byok", &byok)] {
         let back = unwrap(&mut broker, tenant, CTX, &dek.wrapped_key)
             .await
             .unwrap();
@@ -334,7 +348,6 @@ async fn platform_keyring_rotates_once_per_period_across_replicas() {
     let b = crate::common::TestServer::start(config()).await;
     let (mut broker_a, broker_b) = (a.client().await, b.client().await);
     let old = generate(&mut broker_a, "walk-in", CTX).await.unwrap();
-    assert_eq!(old.key.as_ref().unwrap().provider_key_version, "1");
     let (rotate_a, rotate_b) = (a.rotation.clone().unwrap(), b.rotation.clone().unwrap());
     assert_eq!(rotate_a.check().await.unwrap(), None, "not due yet");
     // Creation times are whole seconds: 3 s is past a 2 s period for sure.
@@ -356,10 +369,18 @@ async fn platform_keyring_rotates_once_per_period_across_replicas() {
     } else {
         (broker_b, broker_a)
     };
-    let new = generate(&mut winner, "walk-in", CTX).await.unwrap();
-    assert_eq!(new.key.as_ref().unwrap().provider_key_version, "2");
-    for dek in [&old, &new] {
-        let back = unwrap(&mut other, "walk-in", CTX, &dek.wrapped_key)
+    // A tenant key minted now is wrapped under version 2; the other
+    // replica, which never re-read the file, loads it at once (a wrap
+    // naming a newer version makes it re-read the keyring).
+    let new = generate(&mut winner, "walk-in-2", CTX).await.unwrap();
+    let registry = keybroker::registry::sql::SqlRegistry::connect(&url)
+        .await
+        .unwrap();
+    use keybroker::registry::Registry as _;
+    let versions = registry.tenant_keys("walk-in-2").await.unwrap();
+    assert_eq!(versions[0].provider_key_version, "2");
+    for (tenant, dek) in [("walk-in", &old), ("walk-in-2", &new)] {
+        let back = unwrap(&mut other, tenant, CTX, &dek.wrapped_key)
             .await
             .unwrap();
         assert_eq!(back.plaintext, dek.plaintext);

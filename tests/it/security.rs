@@ -597,13 +597,14 @@ async fn every_call_writes_one_audit_record_without_key_material() {
     assert_eq!(records[0]["tenant_id"], "acme");
     assert_eq!(records[0]["key_binding"], "platform");
     assert_eq!(records[0]["provider_calls"], 1);
-    // The first unwrap loads through the provider, the next two are hits.
+    // The first unwrap loads (unseals) the DEK, the next two are hits.
     let hits: Vec<_> = records[1..4]
         .iter()
         .map(|r| r["cache_hit"].clone())
         .collect();
     assert_eq!(hits, [false, true, true].map(serde_json::Value::from));
-    assert_eq!(records[1]["provider_calls"], 1);
+    // Sealed under the tenant key cached at its mint: no provider call.
+    assert_eq!(records[1]["provider_calls"], 0);
     assert_eq!(records[2]["provider_calls"], 0);
     assert_eq!(records[1]["wrapped_key_sha256"].as_str().unwrap().len(), 16);
     assert!(records[6]["error"].as_str().unwrap().contains("globex"));

@@ -451,6 +451,10 @@ async fn request_text_is_escaped_in_messages() {
         .unwrap()
         .into_inner();
     let mut msg = proto::WrappedKey::decode(g.wrapped_key.as_slice()).unwrap();
+    // A direct wrap (format 3) naming a binding of its own.
+    msg.format_version = 3;
+    msg.tenant_key_version = 0;
+    msg.provider = proto::Provider::Local.into();
     msg.key_binding = "k\n2026-12-01T00:00:00Z ERROR forged\u{1b}[2J".into();
     let err = broker
         .unwrap_key(unwrap_req(TENANT, &[], &msg.encode_to_vec()))
@@ -463,7 +467,7 @@ async fn request_text_is_escaped_in_messages() {
         "{}",
         err.message()
     );
-    let mut msg = proto::WrappedKey::decode(g.wrapped_key.as_slice()).unwrap();
+    msg.key_binding = "platform".into();
     msg.provider_key_version = "1\r\n\u{7}".into();
     let err = broker
         .unwrap_key(unwrap_req(TENANT, &[], &msg.encode_to_vec()))

@@ -296,6 +296,9 @@ pub fn rotate_keyring_file(
     path: &Path,
     seal: Option<&dyn KeyringSeal>,
 ) -> Result<u32, KeyringError> {
+    // Read-modify-write: two rotations at once (a CLI and a server's
+    // automatic rotation) must not both add the same number.
+    let _lock = Locked::take(path)?;
     if !path.exists() {
         // Nothing to rotate yet: the first version is the new one.
         create(path, seal)?;
@@ -320,6 +323,7 @@ pub fn reseal_keyring_file(
     from: Option<&dyn KeyringSeal>,
     to: Option<&dyn KeyringSeal>,
 ) -> Result<usize, KeyringError> {
+    let _lock = Locked::take(path)?;
     let (versions, _) = load(path, from)?;
     let (format, sealed_by) = header(to);
     let file = KeyringFile {
@@ -363,7 +367,48 @@ fn write_atomically(path: &Path, file: &KeyringFile) -> Result<(), KeyringError>
     out.write_all(&json).map_err(io)?;
     out.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename itself is durable only once the directory is synced: a
+    // crash must not bring back the keyring without its newest version.
+    std::fs::File::open(dir_of(path))
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
     Ok(())
+}
+
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// An exclusive advisory lock on `<keyring>.lock` beside the keyring,
+/// held for one read-modify-write of the file; released when dropped.
+struct Locked {
+    _held: std::fs::File,
+}
+
+impl Locked {
+    fn take(path: &Path) -> Result<Self, KeyringError> {
+        let io = |cause| KeyringError::Io {
+            path: path.to_owned(),
+            cause,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir_of(path))
+            .map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path.with_extension("lock"))
+            .map_err(io)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io(e.into()))?;
+        Ok(Self { _held: file })
+    }
 }
 
 #[cfg(test)]
@@ -434,6 +479,26 @@ mod tests {
             .into_iter()
             .map(|m| (m.version, m.key.expose().to_vec()))
             .collect()
+    }
+
+    /// Rotations racing on one file (a CLI and a server, or two CLIs) each
+    /// add their own version: none is lost to another's rewrite.
+    #[test]
+    fn concurrent_rotations_lose_no_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        create(&path, None).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || rotate_keyring_file(&path, None).unwrap())
+            })
+            .collect();
+        let mut got: Vec<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        got.sort_unstable();
+        assert_eq!(got, (2..=9).collect::<Vec<_>>());
+        let versions: Vec<u32> = material(&path, None).iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=9).collect::<Vec<_>>());
     }
 
     #[test]
