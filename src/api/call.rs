@@ -669,8 +669,8 @@ impl Facts {
         ]
         .iter()
         .any(|m| ctx.method.ends_with(m));
-        record.cache_hit = (unwraps && code == Code::Ok)
-            .then_some(notes.is_none_or(|n| n.dek_loads() == 0));
+        record.cache_hit =
+            (unwraps && code == Code::Ok).then_some(notes.is_none_or(|n| n.dek_loads() == 0));
         record
     }
 }
