@@ -333,7 +333,7 @@ async fn platform_keyring_sealed_in_the_hsm() {
     let started = Instant::now();
     loop {
         let described = broker
-            .describe_key(keybroker::proto::DescribeKeyRequest {
+            .describe_key(proto::DescribeKeyRequest {
                 tenant_id: "direct".into(),
             })
             .await
