@@ -20,8 +20,8 @@ pub use self::onboarding::Onboarding;
 pub use self::retirement::{RetireTarget, Retired, VersionUsageView};
 pub use self::validation::{decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
-use self::verification::{probe_wrap, verify_provider};
-use crate::context;
+use self::verification::{canary_envelope, probe_wrap, verify_provider};
+use crate::keys::canary_context;
 use crate::keys::{BindingState, DirectoryError, KeyHierarchy, UsageCounts, now_ms};
 use crate::kms::{InvalidIdentifier, ProviderError, ProviderKind};
 use crate::lifecycle::{Lifecycle, LifecycleError, Scheduled};
@@ -274,8 +274,9 @@ impl Admin {
             replica_regions: req.replica_regions,
             key_material: None,
             make_primary: req.make_primary,
+            canary: None,
         };
-        match provider {
+        let canary = match provider {
             ProviderKind::AwsKms => {
                 let target = crate::registry::directory::aws_target(
                     &BindingRecord::from_new(&record),
@@ -283,18 +284,17 @@ impl Admin {
                 )?;
                 let key = self.directory.aws().key(target);
                 let probe = verify_provider(&key, &req.tenant_id).await?;
-                key.check_replicas(
-                    &probe.bytes,
-                    probe_wrap(&req.tenant_id, &context::Context::default()),
-                )
-                .await
-                .map_err(AdminError::Provider)?;
+                let canary = canary_context();
+                key.check_replicas(&probe.bytes, probe_wrap(&req.tenant_id, &canary))
+                    .await
+                    .map_err(AdminError::Provider)?;
+                probe
             }
             ProviderKind::GcpKms => {
                 let target =
                     crate::registry::directory::gcp_target(&BindingRecord::from_new(&record))?;
                 let key = self.directory.gcp().key(target);
-                verify_provider(&key, &req.tenant_id).await?;
+                verify_provider(&key, &req.tenant_id).await?
             }
             ProviderKind::VaultTransit if req.vault_jwt.is_some() => {
                 let jwt = req.vault_jwt.clone().unwrap_or_default();
@@ -309,7 +309,7 @@ impl Admin {
                     None,
                 )?;
                 let key = self.directory.vault()?.key(target);
-                verify_provider(&key, &req.tenant_id).await?;
+                verify_provider(&key, &req.tenant_id).await?
             }
             ProviderKind::VaultTransit => {
                 let approle = req.vault.clone().unwrap_or_default();
@@ -324,7 +324,7 @@ impl Admin {
                     Some(approle.secret_id.clone()),
                 )?;
                 let key = self.directory.vault()?.key(target);
-                verify_provider(&key, &req.tenant_id).await?;
+                let probe = verify_provider(&key, &req.tenant_id).await?;
                 // The secret_id, like imported material, only ever rests
                 // encrypted under the platform key.
                 let sealed = seal_material(
@@ -335,6 +335,7 @@ impl Admin {
                 )
                 .await?;
                 record.key_material = Some(sealed);
+                probe
             }
             ProviderKind::AzureKeyVault => {
                 record.role_arn = req.azure_tenant_id.clone();
@@ -343,19 +344,20 @@ impl Admin {
                     azure,
                     &BindingRecord::from_new(&record),
                 )?;
-                verify_provider(&key, &req.tenant_id).await?;
+                verify_provider(&key, &req.tenant_id).await?
             }
             ProviderKind::Pkcs11 => {
                 let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)?;
                 let key = self.directory.pkcs11()?.key(key);
-                verify_provider(&key, &req.tenant_id).await?;
+                verify_provider(&key, &req.tenant_id).await?
             }
             ProviderKind::Local => {
                 return Err(AdminError::Internal(
                     "local keys are linked with ImportKeyMaterial".into(),
                 ));
             }
-        }
+        };
+        record.canary = Some(canary_envelope(&record, canary));
         let stored = self.registry().insert_binding(&record, now_ms()).await?;
         self.directory.changed(&req.tenant_id, None).await;
         self.after_new_primary(&stored).await?;
@@ -381,6 +383,7 @@ impl Admin {
             std::slice::from_ref(&material),
         )
         .map_err(|e| AdminError::Verification(e.to_string()))?;
+        // No canary: a key keybroker holds has no customer side to lose.
         verify_provider(&keyring, &req.tenant_id).await?;
         let sealed = seal_material(
             self.directory.platform_keyring(),
@@ -404,6 +407,7 @@ impl Admin {
                     replica_regions: Vec::new(),
                     key_material: Some(sealed),
                     make_primary: req.make_primary || tenant.newest_import_primary,
+                    canary: None,
                 },
                 now_ms(),
             )

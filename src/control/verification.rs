@@ -14,7 +14,9 @@ pub(super) fn probe_wrap<'a>(
 
 /// A real round trip through the provider before a key is accepted: the key
 /// is enabled and customer managed, and a random probe encrypts and decrypts
-/// under the tenant's binding. Returns the probe's ciphertext.
+/// under the tenant's binding (with the canary context, so no caller's
+/// wrapped key can ever be one). Returns the probe's ciphertext: the
+/// binding's canary, which every key-state check decrypts again.
 pub(super) async fn verify_provider(
     provider: &dyn crate::kms::KeyProvider,
     tenant_id: &str,
@@ -49,7 +51,7 @@ pub(super) async fn verify_provider(
     }
     let probe = SecretBytes::random(32)
         .map_err(|_| AdminError::Internal("system random generator failed".into()))?;
-    let context = context::Context::default();
+    let context = crate::keys::canary_context();
     let ciphertext = provider
         .encrypt(&probe, probe_wrap(tenant_id, &context))
         .await
@@ -68,4 +70,22 @@ pub(super) async fn verify_provider(
         ));
     }
     Ok(ciphertext)
+}
+
+/// The stored form of a binding's canary: its ciphertext in an envelope
+/// naming the key version that wrapped it.
+pub(super) fn canary_envelope(
+    record: &crate::registry::NewBinding,
+    ciphertext: crate::kms::Ciphertext,
+) -> Vec<u8> {
+    crate::envelope::Envelope {
+        tenant_id: record.tenant_id.clone(),
+        key_binding: record.name.clone(),
+        provider: record.provider,
+        provider_key_version: ciphertext.key_version,
+        ciphertext: ciphertext.bytes,
+        tenant_key_version: 0,
+        incarnation: 0,
+    }
+    .encode()
 }

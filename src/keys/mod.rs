@@ -114,6 +114,16 @@ pub fn tenant_key_context(version: u32) -> crate::context::Context {
     crate::context::Context::reserved(&[(TENANT_KEY_CONTEXT, version.to_string())])
 }
 
+/// Context entry of a binding's canary (see `registry::key_state`): what a
+/// key-state check decrypts to prove keybroker may still use the key.
+pub const CANARY_CONTEXT: &str = "keybroker:canary";
+
+/// What a binding's canary is bound to: no caller's wrapped key can be
+/// one (callers cannot send reserved entries).
+pub fn canary_context() -> crate::context::Context {
+    crate::context::Context::reserved(&[(CANARY_CONTEXT, "1".to_owned())])
+}
+
 /// One tenant key version as the data plane sees it: stored only wrapped,
 /// by the binding that protects it now.
 #[derive(Debug)]

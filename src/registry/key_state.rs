@@ -11,16 +11,22 @@
 //! `recheck_min_interval`), so a flood of forged requests costs the
 //! customer's KMS at most one describe per binding per interval.
 
-use crate::keys::{BindingState, Confirmation};
-use crate::kms::{ProviderError, ProviderKeyState};
+use crate::envelope::Envelope;
+use crate::keys::{BindingState, Confirmation, canary_context};
+use crate::kms::{KeyProvider, ProviderError, ProviderKeyState, ProviderKind, WrapContext};
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::{Applied, BindingRecord, Verdict};
+use crate::secret::SecretBytes;
 use crate::text::Escaped;
 
 impl RegistryDirectory {
     /// Describes a stored binding through its provider (for AWS: through the
-    /// customer's role). A describe is not usage: nothing is recorded
-    /// against the binding's counters.
+    /// customer's role), then decrypts its canary: the describe sees a key
+    /// disabled, scheduled for deletion or gone, the canary sees keybroker's
+    /// permission to decrypt removed while the key itself is fine (a
+    /// policy edited to drop decrypt), which is what the data plane needs.
+    /// Two calls per check, no caller bytes in either. A check is not usage:
+    /// nothing is recorded against the binding's counters.
     pub async fn check_binding(&self, record: &BindingRecord, external_id: &str) -> Verdict {
         let provider = match self.provider(record, external_id).await {
             Ok(p) => p,
@@ -32,7 +38,9 @@ impl RegistryDirectory {
         let result = provider.describe().await;
         self.record_check(&record.tenant_id, &record.name);
         match result {
-            Ok(d) if d.state == ProviderKeyState::Enabled => Verdict::Usable,
+            Ok(d) if d.state == ProviderKeyState::Enabled => {
+                self.check_canary(record, provider.as_ref()).await
+            }
             Ok(d) if !d.reason.is_empty() => Verdict::Revoked(d.reason),
             Ok(d) => Verdict::Revoked(format!(
                 "key {} in {} is {:?}",
@@ -48,6 +56,69 @@ impl RegistryDirectory {
                 Verdict::Outage
             }
         }
+    }
+
+    /// Decrypts the binding's canary. One is made (and stored) first for a
+    /// binding linked before canaries existed, and again when the provider
+    /// key version the stored one was made under is disabled or destroyed
+    /// (a version's state is not the key's: DEKs under it say so alone).
+    async fn check_canary(&self, record: &BindingRecord, provider: &dyn KeyProvider) -> Verdict {
+        if record.provider == ProviderKind::Local {
+            // Material keybroker holds: no customer side to lose.
+            return Verdict::Usable;
+        }
+        let stored = match record.canary.as_deref().map(Envelope::parse).transpose() {
+            Ok(stored) => stored,
+            Err(err) => {
+                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "a stored canary is unreadable; making another");
+                None
+            }
+        };
+        if let Some(canary) = stored {
+            match decrypt_canary(record, provider, &canary).await {
+                Err(ProviderError::VersionDisabled(_)) => {}
+                Err(err) => return canary_verdict(record, "decrypt", &err),
+                Ok(()) => return Verdict::Usable,
+            }
+        }
+        let plaintext = match SecretBytes::random(32) {
+            Ok(p) => p,
+            Err(_) => return Verdict::Outage,
+        };
+        let context = canary_context();
+        let wrap = WrapContext {
+            tenant_id: &record.tenant_id,
+            context: &context,
+        };
+        let canary = match provider.encrypt(&plaintext, wrap).await {
+            Ok(ciphertext) => Envelope {
+                tenant_id: record.tenant_id.clone(),
+                key_binding: record.name.clone(),
+                provider: record.provider,
+                provider_key_version: ciphertext.key_version,
+                ciphertext: ciphertext.bytes,
+                tenant_key_version: 0,
+                incarnation: 0,
+            },
+            Err(err) => return canary_verdict(record, "encrypt", &err),
+        };
+        if let Err(err) = decrypt_canary(record, provider, &canary).await {
+            return canary_verdict(record, "decrypt", &err);
+        }
+        if let Err(err) = self
+            .registry()
+            .set_canary(
+                &record.tenant_id,
+                &record.name,
+                record.link_id,
+                record.canary.as_deref(),
+                &canary.encode(),
+            )
+            .await
+        {
+            tracing::warn!(error = %err, "could not store a binding's canary; made again next check");
+        }
+        Verdict::Usable
     }
 
     /// Records a verdict as the binding's state (never touching a binding
@@ -122,6 +193,50 @@ impl RegistryDirectory {
             Verdict::Usable => Confirmation::KeyUsable,
             Verdict::Revoked(_) => Confirmation::Revoked,
             Verdict::Outage => Confirmation::Unknown,
+        }
+    }
+}
+
+async fn decrypt_canary(
+    record: &BindingRecord,
+    provider: &dyn KeyProvider,
+    canary: &Envelope,
+) -> Result<(), ProviderError> {
+    let context = canary_context();
+    provider
+        .decrypt(
+            &canary.provider_key_version,
+            &canary.ciphertext,
+            WrapContext {
+                tenant_id: &record.tenant_id,
+                context: &context,
+            },
+        )
+        .await
+        .map(drop)
+}
+
+/// What a failed canary round trip says about a key that describes as
+/// usable: its permission was taken (or the key replaced under its name);
+/// an outage changes nothing.
+fn canary_verdict(record: &BindingRecord, operation: &str, err: &ProviderError) -> Verdict {
+    if err.is_transient() {
+        tracing::warn!(error = %err, tenant = %record.tenant_id, binding = %record.name, "canary check failed transiently; state unchanged");
+        return Verdict::Outage;
+    }
+    match err {
+        ProviderError::AccessDenied(_)
+        | ProviderError::KeyDisabled(_)
+        | ProviderError::VersionDisabled(_)
+        | ProviderError::NotFound(_) => Verdict::Revoked(format!(
+            "the key is enabled, but keybroker may no longer {operation} with it ({err}); restore keybroker's {operation} permission on the key"
+        )),
+        ProviderError::InvalidCiphertext(_) => Verdict::Revoked(format!(
+            "the key no longer decrypts what keybroker encrypted under it ({err}): it was replaced or its material changed; link the original key again"
+        )),
+        _ => {
+            tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "canary check failed; state unchanged");
+            Verdict::Outage
         }
     }
 }

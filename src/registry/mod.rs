@@ -280,7 +280,7 @@ impl BindingRecord {
             wrap_count: 0,
             unwrap_count: 0,
             link_id: 0,
-            canary: None,
+            canary: new.canary.clone(),
         }
     }
 }
@@ -301,6 +301,8 @@ pub struct NewBinding {
     /// Make it primary; the first binding of a tenant (or the first while
     /// none is primary) becomes primary regardless.
     pub make_primary: bool,
+    /// The link's verification probe (an envelope), kept as its canary.
+    pub canary: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for NewBinding {
@@ -435,6 +437,16 @@ pub trait Registry: Send + Sync + fmt::Debug {
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError>;
     async fn add_usage(&self, deltas: &[UsageDelta]) -> Result<(), RegistryError>;
+    /// Replaces a binding's canary (`old`: the one it had, or none), if it
+    /// is still that link with that canary.
+    async fn set_canary(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        link_id: i64,
+        old: Option<&[u8]>,
+        canary: &[u8],
+    ) -> Result<(), RegistryError>;
     /// Tells every other replica that a tenant's keys changed (PostgreSQL
     /// NOTIFY). A registry only this process uses has nobody to tell.
     async fn publish_change(

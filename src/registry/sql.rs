@@ -464,8 +464,8 @@ impl Registry for SqlRegistry {
         sqlx::query(
             "INSERT INTO key_bindings (tenant_id, name, description, provider, key_reference, \
              region, role_arn, service_account, key_material, state, state_reason, is_primary, \
-             created_at, updated_at, replica_regions, material_updated_at, link_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13, $14)",
+             created_at, updated_at, replica_regions, material_updated_at, link_id, canary) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13, $14, $15)",
         )
         .bind(&b.tenant_id)
         .bind(&b.name)
@@ -481,6 +481,7 @@ impl Registry for SqlRegistry {
         .bind(b.replica_regions.join(","))
         .bind(b.key_material.as_ref().map(|_| now_ms))
         .bind(new_link_id()?)
+        .bind(b.canary.clone())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -633,6 +634,29 @@ impl Registry for SqlRegistry {
             Self::add_version_usage(&mut tx, &d.tenant_id, &d.versions).await?;
         }
         tx.commit().await.map_err(db)
+    }
+
+    async fn set_canary(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        link_id: i64,
+        old: Option<&[u8]>,
+        canary: &[u8],
+    ) -> Result<(), RegistryError> {
+        sqlx::query(
+            "UPDATE key_bindings SET canary = $1 WHERE tenant_id = $2 AND name = $3 \
+             AND link_id = $4 AND ((canary IS NULL AND $5 IS NULL) OR canary = $5)",
+        )
+        .bind(canary)
+        .bind(tenant_id)
+        .bind(name)
+        .bind(link_id)
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn tenant_keys(&self, tenant_id: &str) -> Result<Vec<TenantKeyRecord>, RegistryError> {

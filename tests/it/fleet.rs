@@ -68,7 +68,10 @@ struct Fleet {
 /// KMS calls moto recorded, by what the fleet test counts.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Calls {
+    /// Decrypts of DEKs and tenant keys (the data plane's).
     decrypt: usize,
+    /// Decrypts of keybroker's canaries (the key-state checks').
+    canary: usize,
     describe: usize,
     assume_role: usize,
 }
@@ -78,6 +81,7 @@ impl std::ops::Sub for Calls {
     fn sub(self, o: Calls) -> Calls {
         Calls {
             decrypt: self.decrypt - o.decrypt,
+            canary: self.canary - o.canary,
             describe: self.describe - o.describe,
             assume_role: self.assume_role - o.assume_role,
         }
@@ -248,6 +252,9 @@ impl Fleet {
         let mut calls = Calls::default();
         for (headers, body) in self.moto.recorded() {
             match headers.get("x-amz-target").map(String::as_str) {
+                Some("TrentService.Decrypt") if body.contains("keybroker:canary") => {
+                    calls.canary += 1
+                }
                 Some("TrentService.Decrypt") => calls.decrypt += 1,
                 Some("TrentService.DescribeKey") => calls.describe += 1,
                 _ if body.contains("Action=AssumeRole") => calls.assume_role += 1,
@@ -313,12 +320,19 @@ impl Fleet {
         self.calls() - before
     }
 
-    /// DescribeKey calls per binding per interval over `window`.
+    /// DescribeKey calls per binding per interval over `window`; each
+    /// check also decrypts the binding's canary, exactly once.
     async fn describe_rate(&self, window: Duration) -> f64 {
-        let before = self.calls().describe;
+        let before = self.calls();
         tokio::time::sleep(window).await;
-        let describes = self.calls().describe - before;
-        describes as f64 / (TENANTS as f64 * window.as_secs_f64() / INTERVAL.as_secs_f64())
+        let during = self.calls() - before;
+        // A window cuts some checks between their two calls.
+        let ratio = during.canary as f64 / during.describe.max(1) as f64;
+        assert!(
+            (0.8..=1.25).contains(&ratio),
+            "one canary decrypt per describe: {during:?}"
+        );
+        during.describe as f64 / (TENANTS as f64 * window.as_secs_f64() / INTERVAL.as_secs_f64())
     }
 }
 

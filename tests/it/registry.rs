@@ -45,6 +45,7 @@ fn binding(tenant_id: &str, name: &str, make_primary: bool) -> NewBinding {
         replica_regions: vec!["eu-west-1".into(), "us-west-2".into()],
         key_material: Some(vec![1, 2, 3]),
         make_primary,
+        canary: None,
     }
 }
 

@@ -370,6 +370,8 @@ async fn a_live_definitive_error_revokes_only_through_one_describe() {
         Fault::KmsError(400, "DisabledException"),
     );
     faults.set("trentservice.describekey", described(&key_arn, "Enabled"));
+    // keybroker's own canary still decrypts: only the caller's bytes fail.
+    faults.serve_canary(&key_arn);
     config.aws.kms_endpoint = Some(faults.url.clone());
     config.aws.sts_endpoint = Some(faults.url.clone());
     let server = TestServer::start(config).await;

@@ -545,6 +545,73 @@ async fn vault_revocation_is_enforced_within_the_bound() {
     server.stop().await;
 }
 
+/// The customer removes only the decrypt permission (the key stays
+/// readable and encryptable): a key-state check decrypts the binding's
+/// canary, so this is seen like any revocation. A cold unwrap's refusal
+/// triggers an out-of-turn check that revokes at once and answers
+/// FAILED_PRECONDITION naming the permission (not INVALID_ARGUMENT, which
+/// would tell the caller its data is corrupt); cached DEKs stop being
+/// served within the watcher bound; restoring the permission heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_decrypt_permission_is_a_revocation() {
+    let bao = Bao::shared();
+    let no_decrypt = |key: &CustomerKey| {
+        format!(
+            "path \"{m}/encrypt/cmk\" {{ capabilities = [\"update\"] }}\n\
+             path \"{m}/keys/cmk\" {{ capabilities = [\"read\"] }}\n",
+            m = key.mount
+        )
+    };
+    // The out-of-turn check (the watcher would take an hour).
+    let key = bao.customer_key();
+    let (server, _dir, mut admin, mut broker) = linked(&key, Duration::from_secs(3600)).await;
+    let g = generate(&mut broker, "acme", CTX).await.unwrap();
+    bao.write_policy(&key.role, &no_decrypt(&key));
+    let err = unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let (state, reason) = binding_state(&mut admin, "acme").await;
+    assert_eq!(state, proto::KeyState::Revoked);
+    assert!(reason.contains("may no longer decrypt"), "{reason}");
+    assert!(err.message().contains("decrypt"), "{}", err.message());
+    server.stop().await;
+
+    // Cached DEKs, the watcher's check.
+    let key = bao.customer_key();
+    let (server, _dir, mut admin, mut broker) = linked(&key, Duration::from_millis(300)).await;
+    let g = generate(&mut broker, "acme", CTX).await.unwrap();
+    unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .unwrap();
+    bao.write_policy(&key.role, &no_decrypt(&key));
+    let started = Instant::now();
+    while unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .is_ok()
+    {
+        assert!(started.elapsed() < Duration::from_secs(3), "still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "Vault decrypt permission removed -> cached DEK refused after {:?} (300 ms watcher)",
+        started.elapsed()
+    );
+    let (state, reason) = binding_state(&mut admin, "acme").await;
+    assert_eq!(state, proto::KeyState::Revoked);
+    assert!(reason.contains("decrypt"), "{reason}");
+    bao.write_policy(&key.role, &policy(&key.mount, "cmk"));
+    let started = Instant::now();
+    while unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < Duration::from_secs(3), "not healed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
 /// A sealed Vault is an outage: UNAVAILABLE for cold keys, warm keys still
 /// served, the binding never revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

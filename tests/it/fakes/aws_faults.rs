@@ -31,6 +31,9 @@ pub(crate) enum Fault {
 pub(crate) struct FaultServer {
     pub(crate) url: String,
     faults: Arc<Mutex<HashMap<String, Fault>>>,
+    /// Scripted by what the request body contains, checked first:
+    /// (operation, needle, fault).
+    when: Arc<Mutex<Vec<(String, String, Fault)>>>,
     counts: Arc<Mutex<HashMap<String, u64>>>,
     /// Body of the last request of each operation.
     bodies: Arc<Mutex<HashMap<String, String>>>,
@@ -43,6 +46,7 @@ impl FaultServer {
         let server = Self {
             url,
             faults: Arc::default(),
+            when: Arc::default(),
             counts: Arc::default(),
             bodies: Arc::default(),
         };
@@ -60,6 +64,29 @@ impl FaultServer {
             .lock()
             .unwrap()
             .insert(operation.to_owned(), fault);
+    }
+
+    /// Answers `operation` with `fault` when its body contains `needle`
+    /// (before anything `set` scripted).
+    pub(crate) fn set_when(&self, operation: &str, needle: &str, fault: Fault) {
+        self.when
+            .lock()
+            .unwrap()
+            .push((operation.to_owned(), needle.to_owned(), fault));
+    }
+
+    /// Decrypts of keybroker's canary (its own bytes, no caller's) succeed:
+    /// the key works for keybroker, whatever is scripted for other bytes.
+    pub(crate) fn serve_canary(&self, key_arn: &str) {
+        use base64::Engine as _;
+        let plaintext = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        self.set_when(
+            "trentservice.decrypt",
+            "keybroker:canary",
+            Fault::KmsOk(format!(
+                r#"{{"KeyId":"{key_arn}","Plaintext":"{plaintext}","EncryptionAlgorithm":"SYMMETRIC_DEFAULT"}}"#
+            )),
+        );
     }
 
     pub(crate) fn last_body(&self, operation: &str) -> Option<String> {
@@ -93,7 +120,14 @@ async fn answer(State(server): State<FaultServer>, headers: HeaderMap, body: Byt
         .lock()
         .unwrap()
         .insert(operation.clone(), body.clone());
-    let fault = s.faults.lock().unwrap().get(&operation).cloned();
+    let scripted = s
+        .when
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(op, needle, _)| *op == operation && body.contains(needle.as_str()))
+        .map(|(_, _, fault)| fault.clone());
+    let fault = scripted.or_else(|| s.faults.lock().unwrap().get(&operation).cloned());
     let (status, content_type, payload) = match fault {
             Some(Fault::Hang) => {
                 tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
