@@ -914,7 +914,11 @@ pub(super) fn ensure_incarnation(
     tenant_id: &str,
     incarnation: u64,
 ) -> Result<(), BrokerError> {
-    if incarnation == keys.life.incarnation || (incarnation == 0 && keys.life.legacy_deks) {
+    let current = match incarnation {
+        0 => keys.life.legacy_deks,
+        n => n == keys.life.incarnation,
+    };
+    if current {
         return Ok(());
     }
     Err(BrokerError::IncarnationGone {

@@ -865,6 +865,88 @@ mod tests {
         assert_eq!(flights(&cache), 0);
     }
 
+    /// A load under way when its tenant is purged lands, for the callers
+    /// that asked before the purge, but is never served to a view built
+    /// after it: the purge moved the generation.
+    #[tokio::test]
+    async fn a_load_that_began_before_a_purge_is_not_served_after_it() {
+        let cache = DekCache::new(settings(60_000));
+        let key = CacheKey::new("t", &[5; 32], &Context::default());
+        let before = Freshness {
+            generation: cache.generation("t"),
+            incarnation: 1,
+        };
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (c, k) = (cache.clone(), key.clone());
+        let loading = tokio::spawn(async move {
+            c.get_or_load::<(), _>(k, before, async {
+                let _ = released.await;
+                Ok(CachedKey::new(
+                    &SecretBytes::new(vec![1; 32]),
+                    origin(),
+                    before,
+                ))
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cache.purge_tenant("t");
+        release.send(()).unwrap();
+        assert!(loading.await.unwrap().is_ok());
+        let after = Freshness {
+            generation: cache.generation("t"),
+            incarnation: 1,
+        };
+        assert_ne!(after, before);
+        let loads = AtomicUsize::new(0);
+        cache
+            .get_or_load::<(), _>(key.clone(), after, async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok(CachedKey::new(
+                    &SecretBytes::new(vec![2; 32]),
+                    origin(),
+                    after,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            1,
+            "the stale entry was served"
+        );
+        // Another incarnation of the tenant is another tenant to the cache.
+        let reborn = Freshness {
+            incarnation: 2,
+            ..after
+        };
+        let got = cache
+            .get_or_load::<(), _>(key, reborn, async {
+                Ok(CachedKey::new(
+                    &SecretBytes::new(vec![3; 32]),
+                    origin(),
+                    reborn,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.plaintext(), [3; 32].as_slice());
+        // Other tenants' generations did not move.
+        assert_eq!(cache.generation("u"), 0);
+        cache.purge_all();
+        assert_eq!(cache.generation("u"), 1);
+    }
+
+    fn origin() -> Arc<KeyOrigin> {
+        Arc::new(KeyOrigin {
+            key_binding: "b".into(),
+            link_id: 0,
+            provider: ProviderKind::Local,
+            key_version: "1".into(),
+            tenant_key_version: 0,
+        })
+    }
+
     #[tokio::test]
     async fn failures_are_not_cached() {
         let cache = DekCache::new(settings(60_000));

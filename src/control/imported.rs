@@ -28,7 +28,7 @@ impl Admin {
         validate_tenant(tenant_id)?;
         validate_name(name)?;
         let material = decode_key_material(material_base64)?;
-        let tenant = self.tenant(tenant_id).await?;
+        let tenant = self.live_tenant(tenant_id).await?;
         let record = self
             .registry()
             .binding(tenant_id, name)

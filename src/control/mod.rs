@@ -227,6 +227,14 @@ impl Admin {
             .await?)
     }
 
+    /// The tenant, refused while its deletion is scheduled: nothing about
+    /// its keys changes during the restore window (cancel it first).
+    pub(crate) async fn live_tenant(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
+        let tenant = self.tenant(tenant_id).await?;
+        crate::lifecycle::refuse_if_deleting(&tenant)?;
+        Ok(tenant)
+    }
+
     pub async fn tenant(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
         validate_tenant(tenant_id)?;
         self.registry()
@@ -241,6 +249,7 @@ impl Admin {
         policy: KeyPolicy,
     ) -> Result<Tenant, AdminError> {
         validate_tenant(tenant_id)?;
+        self.live_tenant(tenant_id).await?;
         // Usage decides whether single_key → keyring is allowed.
         self.flush_usage().await?;
         let tenant = self
@@ -261,7 +270,7 @@ impl Admin {
     pub async fn link_key(&self, req: LinkRequest) -> Result<KeyView, AdminError> {
         let provider = validation::check_link(&req)?;
         // The tenant must exist before anything is verified.
-        let tenant = self.tenant(&req.tenant_id).await?;
+        let tenant = self.live_tenant(&req.tenant_id).await?;
         let mut record = NewBinding {
             tenant_id: req.tenant_id.clone(),
             name: req.name.clone(),
@@ -375,7 +384,7 @@ impl Admin {
         validate_name(&req.name)?;
         validate_description(&req.description)?;
         let material = decode_key_material(material_base64)?;
-        let tenant = self.tenant(&req.tenant_id).await?;
+        let tenant = self.live_tenant(&req.tenant_id).await?;
         self.refuse_duplicate_material(&req.tenant_id, &material)
             .await?;
         let keyring = crate::kms::local::LocalKeyring::from_material(
@@ -514,7 +523,7 @@ impl Admin {
         } else {
             reason
         };
-        let tenant = self.tenant(tenant_id).await?;
+        let tenant = self.live_tenant(tenant_id).await?;
         let record = self
             .registry()
             .binding(tenant_id, name)
@@ -585,7 +594,7 @@ impl Admin {
 
     pub async fn enable_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
-        if self.tenant(tenant_id).await?.reencrypt_from.as_deref() == Some(name) {
+        if self.live_tenant(tenant_id).await?.reencrypt_from.as_deref() == Some(name) {
             self.finish_direct_move(tenant_id).await?;
         }
         let record = self
@@ -633,6 +642,7 @@ impl Admin {
     ) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
         validate_description(description)?;
+        self.live_tenant(tenant_id).await?;
         let record = self
             .registry()
             .set_description(tenant_id, name, description, now_ms())

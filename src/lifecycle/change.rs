@@ -344,7 +344,7 @@ impl Lifecycle {
 }
 
 /// Refuses a change to a tenant whose deletion is scheduled.
-pub(super) fn refuse_if_deleting(tenant: &Tenant) -> Result<(), LifecycleError> {
+pub fn refuse_if_deleting(tenant: &Tenant) -> Result<(), LifecycleError> {
     match tenant.delete_at_ms {
         Some(at) => Err(RegistryError::Refused(format!(
             "tenant '{}' is scheduled for deletion at {}; cancel it first (CancelTenantDeletion)",

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use self::change::{Change, ChangeStatus};
+pub use self::change::{Change, ChangeStatus, refuse_if_deleting};
 pub use self::deletion::{DeletionSettings, Scheduled, Shredder};
 pub use self::unlink::Unlinked;
 use crate::keys::{

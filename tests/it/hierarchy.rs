@@ -60,7 +60,7 @@ pub(crate) async fn import(
         .unwrap()
 }
 
-async fn disable(
+pub(crate) async fn disable(
     admin: &mut KeyAdminClient<Channel>,
     tenant: &str,
     name: &str,
@@ -90,7 +90,7 @@ pub(crate) async fn tenant(admin: &mut KeyAdminClient<Channel>, tenant: &str) ->
 }
 
 /// Every DEK still opens to its plaintext.
-async fn all_readable(
+pub(crate) async fn all_readable(
     broker: &mut KeyBrokerClient<Channel>,
     tenant: &str,
     deks: &[proto::GenerateDataKeyResponse],

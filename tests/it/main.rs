@@ -18,6 +18,7 @@ mod grpcurl;
 mod helm;
 mod hierarchy;
 mod image;
+mod lifecycle;
 mod pkcs11;
 mod process;
 mod proto_hygiene;
