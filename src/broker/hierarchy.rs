@@ -24,8 +24,7 @@ use crate::seal::{SealError, SealingKey};
 use crate::secret::SecretBytes;
 
 use super::{
-    Broker, BrokerError, ensure_current, ensure_incarnation, ensure_live, ensure_usable, freshness,
-    provider_error,
+    Broker, BrokerError, ensure_current, ensure_live, ensure_usable, freshness, provider_error,
 };
 
 /// Bytes of a tenant key version.
@@ -261,7 +260,6 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
     ) -> Result<(Arc<CachedKey>, Arc<Binding>), BrokerError> {
-        ensure_incarnation(keys, tenant_id, envelope.incarnation)?;
         let version = sealed_version(keys, tenant_id, envelope.tenant_key_version)?;
         let binding = Arc::clone(&version.binding);
         ensure_usable(&binding, tenant_id)?;

@@ -474,7 +474,6 @@ impl Broker {
         context: &Context,
         wrapped: &[u8],
     ) -> Result<Unwrapped, BrokerError> {
-        ensure_live(keys, tenant_id)?;
         // Boxed: the cold path's future (provider SDK calls included) is
         // kilobytes; inline, every hit would carry and move it.
         let key = Box::pin(self.load_wrapped(keys, cache_key, tenant_id, context, wrapped)).await?;
@@ -609,13 +608,15 @@ impl Broker {
         wrapped: &[u8],
     ) -> Result<Arc<CachedKey>, BrokerError> {
         let envelope = parse_for(tenant_id, wrapped)?;
+        // A key of a deleted life is gone whatever this life's state is.
+        ensure_incarnation(keys, tenant_id, envelope.incarnation)?;
+        ensure_live(keys, tenant_id)?;
         if envelope.tenant_key_version > 0 {
             let (key, _) = self
                 .open_dek(keys, cache_key, &envelope, tenant_id, context)
                 .await?;
             return Ok(key);
         }
-        ensure_incarnation(keys, tenant_id, envelope.incarnation)?;
         let binding = resolve_binding(keys, tenant_id, &envelope)?;
         self.load(keys, cache_key, binding, &envelope, tenant_id, context)
             .await
@@ -683,12 +684,12 @@ impl Broker {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let keys = self.view(tenant_id, shared).await?;
-        ensure_live(&keys, tenant_id)?;
         let envelope = parse_for(tenant_id, wrapped)?;
+        ensure_incarnation(&keys, tenant_id, envelope.incarnation)?;
+        ensure_live(&keys, tenant_id)?;
         if seals(&keys) || envelope.tenant_key_version > 0 {
             return self.rewrap_through(keys, tenant_id, context, wrapped).await;
         }
-        ensure_incarnation(&keys, tenant_id, envelope.incarnation)?;
         // A key the tenant is moving away from still reads for RewrapKey.
         let retiring = keys.reencrypt_from.as_deref() == Some(envelope.key_binding.as_str());
         let source = match find_binding(&keys, tenant_id, &envelope.key_binding)? {

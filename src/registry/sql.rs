@@ -674,8 +674,7 @@ impl Registry for SqlRegistry {
 
     async fn tenants_reencrypting(&self) -> Result<Vec<Tenant>, RegistryError> {
         sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE reencrypt_to IS NOT NULL \
-             AND key_hierarchy = 'tenant_key' ORDER BY id"
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE reencrypt_to IS NOT NULL ORDER BY id"
         ))
         .fetch_all(&self.pool)
         .await

@@ -555,3 +555,79 @@ async fn a_lost_change_feed_purges_the_cache() {
     );
     server.stop().await;
 }
+
+/// Found by the model: a key change of a `direct` tenant interrupted by a
+/// crash was never resumed at start (only `tenant_key` tenants were), so
+/// the tenant stayed mid-change for good.
+#[tokio::test]
+async fn an_interrupted_key_change_of_a_direct_tenant_resumes_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    // Sealed on the platform key first (no customer key yet), then a key.
+    create_tenant_with(&mut admin, "mid", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    let sealed = generate(&mut broker, "mid", CTX).await.unwrap();
+    import(&mut admin, "mid", "a", true).await;
+    import(&mut admin, "mid", "b", false).await;
+    let direct = generate(&mut broker, "mid", CTX).await.unwrap();
+    server.stop().await;
+
+    // What a crash right after the key change to b began leaves behind.
+    let registry = SqlRegistry::open_sqlite(&dir.path().join("registry.db"))
+        .await
+        .unwrap();
+    let mut tx = registry.lock_tenant("mid").await.unwrap().unwrap();
+    let now = keybroker::keys::now_ms();
+    tx.set_primary(Some("b"), now).await.unwrap();
+    tx.tenant_mut().reencrypt_to = Some("b".into());
+    tx.tenant_mut().key_epoch += 1;
+    tx.write_tenant(now).await.unwrap();
+    tx.commit().await.unwrap();
+    registry.close().await;
+
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let started = Instant::now();
+    while crate::hierarchy::tenant(&mut admin, "mid")
+        .await
+        .reencryption
+        .unwrap()
+        .in_progress
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "not resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let registry = SqlRegistry::open_sqlite(&dir.path().join("registry.db"))
+        .await
+        .unwrap();
+    assert_eq!(versions_in(&registry, "mid").await, [(1, "b".to_owned())]);
+    all_readable(&mut broker, "mid", &[sealed, direct]).await;
+    server.stop().await;
+}
+
+/// Found by the model: a DEK of a deleted life of a tenant id answered
+/// "scheduled for deletion, cancel it" when the id's next life was
+/// scheduled for deletion; cancelling could never bring it back. It is
+/// gone (NOT_FOUND), whatever the current life's state.
+#[tokio::test]
+async fn a_dek_of_a_deleted_life_is_gone_whatever_the_next_life_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    let first = generate(&mut broker, "lives", CTX).await.unwrap();
+    delete(&mut admin, "lives", Some(Duration::ZERO)).await;
+    let second = generate(&mut broker, "lives", CTX).await.unwrap();
+    delete(&mut admin, "lives", None).await;
+    let err = unwrap(&mut broker, "lives", CTX, &first.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = unwrap(&mut broker, "lives", CTX, &second.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    server.stop().await;
+}

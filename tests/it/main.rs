@@ -19,6 +19,7 @@ mod helm;
 mod hierarchy;
 mod image;
 mod lifecycle;
+mod lifecycle_model;
 mod pkcs11;
 mod process;
 mod proto_hygiene;

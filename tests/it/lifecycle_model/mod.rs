@@ -1,0 +1,909 @@
+//! The model-based lifecycle test (DESIGN.md section 4b, issue 31): random
+//! sequences of data-plane calls running concurrently with control-plane
+//! operations, replica restarts and SIGKILLs, against the real binary; after
+//! every step a reference model says which acknowledged DEKs must unwrap,
+//! which must be refused and which must be gone, and every one is checked.
+//!
+//! Invariants checked after each step:
+//! - every acknowledged DEK unwraps to its plaintext until an action that
+//!   destroys it on purpose (a deletion, a forced unlink of what protects
+//!   it) or refuses it (a disabled key, a retired version, a scheduled
+//!   deletion), and is served again when that is undone;
+//! - no DEK of a deleted life of a tenant id unwraps again, from any cache,
+//!   also after the id is created again (a new incarnation);
+//! - every key change finishes (after a restart too), and then the stored
+//!   tenant key versions are exactly where the model put them: none under a
+//!   key changed away from, none of an unlinked key left;
+//! - no call answers INTERNAL (or UNKNOWN);
+//! - an export taken at any step restores to a registry that serves what
+//!   the original served then.
+//!
+//! CI runs a bounded number of cases (`KEYBROKER_LIFECYCLE_CASES`, default
+//! 4, of up to 24 steps); `KEYBROKER_LIFECYCLE_SOAK=SECONDS` runs cases
+//! until that much time has passed and reports cases and steps. A failure
+//! is shrunk by proptest and printed as the list of steps that still fails.
+
+mod model;
+mod system;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use keybroker::envelope::Envelope;
+use keybroker::proto;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
+use tonic::Code;
+
+use self::model::{Control, Data, Dek, Expect, RefState, Step, TENANTS, Target, Tenant};
+use self::system::{System, patiently};
+
+static CASES: AtomicUsize = AtomicUsize::new(0);
+static STEPS: AtomicUsize = AtomicUsize::new(0);
+/// DEK checks made, by what the model expected: read, refused, gone.
+static CHECKED: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
+/// Control operations acknowledged, and refused (FAILED_PRECONDITION etc.).
+static CONTROLS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+struct Reference;
+
+impl ReferenceStateMachine for Reference {
+    type State = RefState;
+    type Transition = Step;
+
+    fn init_state() -> BoxedStrategy<RefState> {
+        Just(RefState::default()).boxed()
+    }
+
+    fn transitions(state: &RefState) -> BoxedStrategy<Step> {
+        model::transitions(state)
+    }
+
+    fn apply(state: RefState, step: &Step) -> RefState {
+        model::apply_ref(state, step)
+    }
+
+    fn preconditions(state: &RefState, step: &Step) -> bool {
+        model::precondition(state, step)
+    }
+}
+
+/// The system under test, the precise model beside it, and what ran.
+struct Sut {
+    rt: tokio::runtime::Runtime,
+    system: Option<System>,
+    tenants: Vec<Tenant>,
+    deks: Vec<Dek>,
+    /// Exports taken, with what every DEK was to do then.
+    exports: Vec<(std::path::PathBuf, Vec<(usize, Expect)>)>,
+    log: Vec<String>,
+}
+
+struct LifecycleTest;
+
+impl StateMachineTest for LifecycleTest {
+    type SystemUnderTest = Sut;
+    type Reference = Reference;
+
+    fn init_test(_: &RefState) -> Sut {
+        CASES.fetch_add(1, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let system = rt.block_on(System::start());
+        Sut {
+            rt,
+            system: Some(system),
+            tenants: vec![Tenant::default(); TENANTS.len()],
+            deks: Vec::new(),
+            exports: Vec::new(),
+            log: Vec::new(),
+        }
+    }
+
+    fn apply(mut sut: Sut, _: &RefState, step: Step) -> Sut {
+        STEPS.fetch_add(1, Ordering::Relaxed);
+        sut.log.push(format!("{step:?}"));
+        let rt = std::mem::replace(
+            &mut sut.rt,
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+        );
+        rt.block_on(sut.run(&step));
+        sut.rt = rt;
+        sut
+    }
+
+    fn teardown(mut sut: Sut, _: RefState) {
+        let rt = std::mem::replace(
+            &mut sut.rt,
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+        );
+        rt.block_on(sut.check_exports());
+        if let Some(mut system) = sut.system.take() {
+            rt.block_on(system.stop(false));
+        }
+    }
+}
+
+impl Sut {
+    fn system(&mut self) -> &mut System {
+        self.system.as_mut().unwrap()
+    }
+
+    fn fail(&self, what: String) -> ! {
+        let log = self.system.as_ref().map(System::log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "{what}\nsteps so far:\n  {}\nserver log (newest last):\n{}",
+            self.log.join("\n  "),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    /// One step: the control operation and the data calls at once, then
+    /// what the model learns, then every check.
+    async fn run(&mut self, step: &Step) {
+        let kill = matches!(step.control, Control::Killed(_));
+        let control = match &step.control {
+            Control::Killed(inner) => (**inner).clone(),
+            c => c.clone(),
+        };
+        let system = self.system.as_ref().unwrap();
+        let (broker, admin) = (system.broker.clone(), system.admin.clone());
+        let picks = self.picks(&step.data);
+        let retire_min = match &control {
+            Control::Retire { tenant, .. } => self.newest_version(*tenant),
+            _ => 0,
+        };
+        let data = futures::future::join_all(
+            step.data
+                .iter()
+                .zip(picks)
+                .map(|(d, pick)| run_data(broker.clone(), d.clone(), pick)),
+        );
+        let outcome = if kill {
+            let control_run = run_control(admin, control.clone(), retire_min);
+            let (_, data_out) = tokio::join!(
+                async {
+                    tokio::select! {
+                        _ = control_run => {}
+                        _ = tokio::time::sleep(Duration::from_millis(15)) => {}
+                    }
+                },
+                data
+            );
+            self.system().restart(true).await;
+            (None, data_out)
+        } else if matches!(control, Control::Restart) {
+            let data_out = data.await;
+            self.system().restart(false).await;
+            (Some(Ok(())), data_out)
+        } else {
+            let (c, d) = tokio::join!(run_control(admin, control.clone(), retire_min), data);
+            (Some(c), d)
+        };
+        let (control_result, data_out) = outcome;
+        for out in data_out {
+            self.learn(out);
+        }
+        match control_result {
+            Some(result) => self.apply_control(&control, result, retire_min).await,
+            None => self.resolve_killed(&control).await,
+        }
+        self.sync_tenants().await;
+        self.check_versions().await;
+        self.check_deks().await;
+    }
+
+    /// The DEK each Unwrap/Rewrap picks (by index among the tenant's).
+    fn picks(&self, data: &[Data]) -> Vec<Option<Dek>> {
+        data.iter()
+            .map(|d| match d {
+                Data::Unwrap { tenant, pick } | Data::Rewrap { tenant, pick } => {
+                    let own: Vec<&Dek> = self.deks.iter().filter(|k| k.tenant == *tenant).collect();
+                    (!own.is_empty()).then(|| own[usize::from(*pick) % own.len()].clone())
+                }
+                Data::Generate { .. } => None,
+            })
+            .collect()
+    }
+
+    /// New DEKs from a data call (refusals are the model's to judge at
+    /// the next check; INTERNAL never).
+    fn learn(&mut self, out: DataOut) {
+        for result in out {
+            match result {
+                Ok((tenant, key, wrapped, plaintext)) => {
+                    let envelope = Envelope::parse(&wrapped).unwrap();
+                    let sealed =
+                        (envelope.tenant_key_version > 0).then_some(envelope.tenant_key_version);
+                    let t = &mut self.tenants[tenant];
+                    if let Some(v) = sealed {
+                        t.versions
+                            .entry((envelope.incarnation, v))
+                            .or_insert_with(|| Some(key.key_binding.clone()));
+                    }
+                    t.seen.insert(envelope.incarnation);
+                    if t.incarnation < envelope.incarnation {
+                        t.incarnation = envelope.incarnation;
+                    }
+                    self.deks.push(Dek {
+                        tenant,
+                        incarnation: envelope.incarnation,
+                        wrapped,
+                        plaintext,
+                        sealed,
+                        direct: (sealed.is_none()).then_some(envelope.key_binding),
+                    });
+                }
+                Err(status) => {
+                    if matches!(status.code(), Code::Internal | Code::Unknown) {
+                        self.fail(format!("a data call answered {status:?}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// What an acknowledged control operation did, in the model.
+    async fn apply_control(
+        &mut self,
+        control: &Control,
+        result: Result<(), tonic::Status>,
+        retire_min: u32,
+    ) {
+        if let Err(status) = &result {
+            if matches!(status.code(), Code::Internal | Code::Unknown) {
+                self.fail(format!("{control:?} answered {status:?}"));
+            }
+        }
+        CONTROLS[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        match control {
+            Control::Export => {
+                let n = self.exports.len();
+                let path = self.system().export(n);
+                let expected = self.expectations();
+                self.exports.push((path, expected));
+            }
+            Control::RotateKeyring => self.system().rotate_keyring(),
+            _ => {}
+        }
+        if result.is_err() {
+            return;
+        }
+        match control {
+            Control::Create { tenant, direct } => {
+                let t = &mut self.tenants[*tenant];
+                t.direct = *direct;
+            }
+            Control::Import {
+                tenant,
+                key,
+                primary,
+            } => {
+                let t = &mut self.tenants[*tenant];
+                let first = t.primary().is_none();
+                t.keys.insert((*key).to_owned(), model::Key::default());
+                if *primary || first {
+                    self.make_primary(*tenant, key);
+                }
+            }
+            Control::SetPrimary { tenant, key } => self.make_primary(*tenant, key),
+            Control::Disable { tenant, key, to } => {
+                let t = &mut self.tenants[*tenant];
+                match to {
+                    Some(Target::Platform) => t.changed_to("platform"),
+                    Some(Target::Key(k)) => {
+                        self.make_primary(*tenant, k);
+                    }
+                    None => {}
+                }
+                let t = &mut self.tenants[*tenant];
+                if let Some(k) = t.keys.get_mut(*key) {
+                    k.disabled = true;
+                }
+            }
+            Control::Enable { tenant, key } => {
+                if let Some(k) = self.tenants[*tenant].keys.get_mut(*key) {
+                    k.disabled = false;
+                }
+            }
+            Control::Unlink { tenant, key, .. } => {
+                let t = &mut self.tenants[*tenant];
+                t.keys.remove(*key);
+                let life = t.incarnation;
+                for ((i, _), binding) in t.versions.iter_mut() {
+                    if *i == life && binding.as_deref() == Some(*key) {
+                        *binding = None;
+                    }
+                }
+            }
+            Control::Retire { tenant, undo } => {
+                self.tenants[*tenant].min_version = if *undo { 0 } else { retire_min.max(1) };
+            }
+            Control::Delete { tenant, now } => {
+                if *now {
+                    self.tenants[*tenant].destroyed();
+                } else {
+                    self.tenants[*tenant].scheduled = true;
+                }
+            }
+            Control::Cancel { tenant } => self.tenants[*tenant].scheduled = false,
+            _ => {}
+        }
+    }
+
+    /// The newest tenant key version the model knows of (0: none).
+    fn newest_version(&self, tenant: usize) -> u32 {
+        self.tenants[tenant]
+            .current_versions()
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn make_primary(&mut self, tenant: usize, key: &str) {
+        let t = &mut self.tenants[tenant];
+        for (name, k) in t.keys.iter_mut() {
+            k.primary = name == key;
+        }
+        t.changed_to(key);
+    }
+
+    /// A control operation the replica was killed under: whatever of it
+    /// committed is resumed at start; the model takes the stored outcome.
+    async fn resolve_killed(&mut self, control: &Control) {
+        let tenant = match control {
+            Control::Create { tenant, .. }
+            | Control::Import { tenant, .. }
+            | Control::SetPrimary { tenant, .. }
+            | Control::Disable { tenant, .. }
+            | Control::Enable { tenant, .. }
+            | Control::Unlink { tenant, .. }
+            | Control::Retire { tenant, .. }
+            | Control::Delete { tenant, .. }
+            | Control::Cancel { tenant } => *tenant,
+            _ => return,
+        };
+        self.wait_for_key_changes().await;
+        let id = TENANTS[tenant];
+        let mut admin = self.system().admin.clone();
+        let got = patiently(|| {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .get_tenant(proto::GetTenantRequest {
+                        tenant_id: id.into(),
+                    })
+                    .await
+            }
+        })
+        .await;
+        let t = &mut self.tenants[tenant];
+        match got {
+            Err(s) if s.code() == Code::NotFound => {
+                if t.incarnation != 0 {
+                    t.destroyed();
+                    t.settle(0);
+                }
+                return;
+            }
+            Err(s) => self.fail(format!("GetTenant after a kill: {s:?}")),
+            Ok(r) => {
+                let shown = r.into_inner().tenant.unwrap();
+                if shown.incarnation != t.incarnation {
+                    // Deleted (and maybe re-created) while killed.
+                    if matches!(control, Control::Delete { .. }) {
+                        t.destroyed();
+                    }
+                    t.settle(shown.incarnation);
+                }
+                t.scheduled = shown.delete_time.is_some();
+                t.min_version = shown.min_tenant_key_version;
+                t.direct = shown.key_hierarchy() == proto::KeyHierarchy::Direct;
+            }
+        }
+        let keys = admin
+            .list_keys(proto::ListKeysRequest {
+                tenant_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        let t = &mut self.tenants[tenant];
+        t.keys = keys
+            .iter()
+            .map(|k| {
+                (
+                    k.name.clone(),
+                    model::Key {
+                        disabled: k.state() != proto::KeyState::Active,
+                        primary: k.primary,
+                    },
+                )
+            })
+            .collect();
+        let stored = self.system.as_ref().unwrap().stored_versions(id).await;
+        let t = &mut self.tenants[tenant];
+        let life = t.incarnation;
+        for ((i, _), binding) in t.versions.iter_mut() {
+            if *i == life {
+                *binding = None;
+            }
+        }
+        for (v, b) in stored {
+            t.versions.insert((life, v), Some(b));
+        }
+    }
+
+    /// Key changes a killed replica left: resumed at its start.
+    async fn wait_for_key_changes(&mut self) {
+        let started = Instant::now();
+        for id in TENANTS {
+            loop {
+                let admin = self.system().admin.clone();
+                let got = patiently(|| {
+                    let mut admin = admin.clone();
+                    async move {
+                        admin
+                            .get_tenant(proto::GetTenantRequest {
+                                tenant_id: id.into(),
+                            })
+                            .await
+                    }
+                })
+                .await;
+                let in_progress = match &got {
+                    Ok(r) => r
+                        .get_ref()
+                        .tenant
+                        .as_ref()
+                        .and_then(|t| t.reencryption.as_ref())
+                        .is_some_and(|r| {
+                            r.in_progress
+                                && !r.target.is_empty()
+                                && r.versions_done < r.versions_total
+                        }),
+                    Err(_) => false,
+                };
+                if !in_progress {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(15) {
+                    self.fail(format!(
+                        "a key change of {id} did not finish after a restart"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Incarnations and scheduled deletions as GetTenant shows them; a
+    /// re-created id must be a new life.
+    async fn sync_tenants(&mut self) {
+        for (i, id) in TENANTS.iter().enumerate() {
+            let admin = self.system().admin.clone();
+            let got = patiently(|| {
+                let mut admin = admin.clone();
+                async move {
+                    admin
+                        .get_tenant(proto::GetTenantRequest {
+                            tenant_id: (*id).into(),
+                        })
+                        .await
+                }
+            })
+            .await;
+            let t = &mut self.tenants[i];
+            match got {
+                Ok(r) => {
+                    let shown = r.into_inner().tenant.unwrap();
+                    t.settle(shown.incarnation);
+                    if t.deleted.contains(&shown.incarnation) {
+                        let what = format!(
+                            "{id} was created again as a deleted incarnation {}",
+                            shown.incarnation
+                        );
+                        self.fail(what);
+                    }
+                    t.scheduled = shown.delete_time.is_some();
+                }
+                Err(s) if s.code() == Code::NotFound => t.settle(0),
+                Err(s) => {
+                    let what = format!("GetTenant {id}: {s:?}");
+                    self.fail(what)
+                }
+            }
+        }
+    }
+
+    /// Stored tenant key versions are where the model says, once no key
+    /// change is under way: none under a key changed away from, none of an
+    /// unlinked key left, none lost.
+    async fn check_versions(&mut self) {
+        for (i, id) in TENANTS.iter().enumerate() {
+            let stored = self.system.as_ref().unwrap().stored_versions(id).await;
+            let t = &self.tenants[i];
+            if t.scheduled {
+                continue;
+            }
+            let model = t.current_versions();
+            let expected: Vec<(u32, String)> = model
+                .iter()
+                .filter_map(|(v, b)| b.clone().map(|b| (*v, b)))
+                .collect();
+            // Versions minted by calls whose answer never came (killed)
+            // are not the model's: compare those it knows.
+            let known: Vec<(u32, String)> = stored
+                .iter()
+                .filter(|(v, _)| model.contains_key(v))
+                .cloned()
+                .collect();
+            if known != expected {
+                self.fail(format!(
+                    "{id}: tenant key versions stored {stored:?}, the model says {expected:?}"
+                ));
+            }
+            for (v, b) in &stored {
+                if b != "platform" && !t.keys.contains_key(b) && model.contains_key(v) {
+                    self.fail(format!("{id}: version {v} under unlinked key {b}"));
+                }
+            }
+        }
+    }
+
+    fn expectations(&self) -> Vec<(usize, Expect)> {
+        self.deks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i, self.tenants[d.tenant].expect(d)))
+            .collect()
+    }
+
+    /// Every acknowledged DEK does what the model says, in one batch call
+    /// per tenant.
+    async fn check_deks(&mut self) {
+        let expected = self.expectations();
+        let broker = self.system().broker.clone();
+        let got = unwrap_all(broker, &self.deks).await;
+        for ((i, want), got) in expected.iter().zip(got) {
+            CHECKED[*want as usize].fetch_add(1, Ordering::Relaxed);
+            if let Err(why) = judge(&self.deks[*i], *want, &got) {
+                self.fail(format!("DEK {i}: {why}"));
+            }
+        }
+    }
+
+    /// Each export, restored into a new registry with the same keyring,
+    /// serves what the original served when it was taken.
+    async fn check_exports(&mut self) {
+        let exports = std::mem::take(&mut self.exports);
+        let from = self.system.as_ref().unwrap().dir.path().to_owned();
+        for (n, (path, expected)) in exports.iter().enumerate() {
+            let (_dir, mut process, broker) = system::restored(&from, path).await;
+            let deks: Vec<Dek> = expected
+                .iter()
+                .map(|(i, _)| self.deks[*i].clone())
+                .collect();
+            let got = unwrap_all(broker, &deks).await;
+            for ((i, want), got) in expected.iter().zip(got) {
+                if let Err(why) = judge(&self.deks[*i], *want, &got) {
+                    self.fail(format!("export {n}, restored: DEK {i}: {why}"));
+                }
+            }
+            process.kill();
+        }
+    }
+}
+
+/// A DEK a data call got: (tenant, key info, wrapped key, plaintext).
+type Got = (usize, proto::KeyInfo, Vec<u8>, Vec<u8>);
+type DataOut = Vec<Result<Got, tonic::Status>>;
+
+async fn run_data(
+    mut broker: proto::key_broker_client::KeyBrokerClient<tonic::transport::Channel>,
+    data: Data,
+    pick: Option<Dek>,
+) -> DataOut {
+    let ctx = || crate::common::ctx(&[("obj", "o")]);
+    match data {
+        Data::Generate { tenant, batch } => {
+            let items = (0..batch)
+                .map(|_| proto::GenerateDataKeyRequest {
+                    tenant_id: TENANTS[tenant].into(),
+                    context: ctx(),
+                    ..Default::default()
+                })
+                .collect();
+            match broker
+                .batch_generate_data_key(proto::BatchGenerateDataKeyRequest { items })
+                .await
+            {
+                Ok(r) => r
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|r| match (r.response, r.status) {
+                        (Some(g), _) => Ok((
+                            tenant,
+                            g.key.unwrap_or_default(),
+                            g.wrapped_key.to_vec(),
+                            g.plaintext.to_vec(),
+                        )),
+                        (None, Some(s)) => Err(tonic::Status::new(Code::from(s.code), s.message)),
+                        (None, None) => Err(tonic::Status::internal("an empty batch item")),
+                    })
+                    .collect(),
+                Err(s) => vec![Err(s)],
+            }
+        }
+        Data::Unwrap { .. } => {
+            // Judged at the step's check; here only INTERNAL matters.
+            let Some(dek) = pick else { return Vec::new() };
+            match broker
+                .unwrap_key(crate::common::unwrap_req(
+                    TENANTS[dek.tenant],
+                    &[("obj", "o")],
+                    &dek.wrapped,
+                ))
+                .await
+            {
+                Ok(_) => Vec::new(),
+                Err(s) => vec![Err(s)],
+            }
+        }
+        Data::Rewrap { .. } => {
+            let Some(dek) = pick else { return Vec::new() };
+            match broker
+                .rewrap_key(proto::RewrapKeyRequest {
+                    tenant_id: TENANTS[dek.tenant].into(),
+                    context: ctx(),
+                    wrapped_key: dek.wrapped.clone(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    vec![Ok((
+                        dek.tenant,
+                        r.key.unwrap_or_default(),
+                        r.wrapped_key.to_vec(),
+                        dek.plaintext.clone(),
+                    ))]
+                }
+                Err(s) => vec![Err(s)],
+            }
+        }
+    }
+}
+
+/// Runs a control operation; `retire_min`: the newest version the model
+/// knows of the tenant a Retire names (all older ones are retired).
+async fn run_control(
+    mut admin: proto::key_admin_client::KeyAdminClient<tonic::transport::Channel>,
+    control: Control,
+    retire_min: u32,
+) -> Result<(), tonic::Status> {
+    let id = |t: usize| TENANTS[t].to_owned();
+    match control {
+        Control::Nothing | Control::Restart | Control::Export | Control::RotateKeyring => Ok(()),
+        Control::Killed(_) => Ok(()),
+        Control::Create { tenant, direct } => admin
+            .create_tenant(proto::CreateTenantRequest {
+                tenant_id: id(tenant),
+                key_hierarchy: if direct {
+                    proto::KeyHierarchy::Direct
+                } else {
+                    proto::KeyHierarchy::TenantKey
+                }
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Control::Import {
+            tenant,
+            key,
+            primary,
+        } => {
+            let material = base64::engine::general_purpose::STANDARD
+                .encode(keybroker::secret::SecretBytes::random(32).unwrap().expose());
+            admin
+                .import_key_material(proto::ImportKeyMaterialRequest {
+                    tenant_id: id(tenant),
+                    name: key.into(),
+                    key_material_base64: material,
+                    make_primary: primary,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+        }
+        Control::SetPrimary { tenant, key } => admin
+            .set_primary_key(proto::SetPrimaryKeyRequest {
+                tenant_id: id(tenant),
+                name: key.into(),
+            })
+            .await
+            .map(drop),
+        Control::Disable { tenant, key, to } => admin
+            .disable_key(proto::DisableKeyRequest {
+                tenant_id: id(tenant),
+                name: key.into(),
+                reason: "model".into(),
+                reencrypt_to: match to {
+                    None => String::new(),
+                    Some(Target::Platform) => "platform".into(),
+                    Some(Target::Key(k)) => k.into(),
+                },
+            })
+            .await
+            .map(drop),
+        Control::Enable { tenant, key } => admin
+            .enable_key(proto::EnableKeyRequest {
+                tenant_id: id(tenant),
+                name: key.into(),
+            })
+            .await
+            .map(drop),
+        Control::Unlink { tenant, key, force } => admin
+            .unlink_key(proto::UnlinkKeyRequest {
+                tenant_id: id(tenant),
+                name: key.into(),
+                force,
+            })
+            .await
+            .map(drop),
+        Control::Retire { tenant, undo } => admin
+            .retire_key_versions(proto::RetireKeyVersionsRequest {
+                tenant_id: id(tenant),
+                target: proto::RetireTarget::TenantKey.into(),
+                min_decryption_version: if undo { 0 } else { retire_min.max(1) },
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Control::Delete { tenant, now } => admin
+            .delete_tenant(proto::DeleteTenantRequest {
+                tenant_id: id(tenant),
+                force: true,
+                restore_window: Some(if now {
+                    prost_types::Duration::default()
+                } else {
+                    Duration::from_secs(3600).try_into().unwrap()
+                }),
+            })
+            .await
+            .map(drop),
+        Control::Cancel { tenant } => admin
+            .cancel_tenant_deletion(proto::CancelTenantDeletionRequest {
+                tenant_id: id(tenant),
+            })
+            .await
+            .map(drop),
+    }
+}
+
+/// Unwraps `deks` (a batch per tenant, in order); each item's outcome.
+async fn unwrap_all(
+    broker: proto::key_broker_client::KeyBrokerClient<tonic::transport::Channel>,
+    deks: &[Dek],
+) -> Vec<Result<Vec<u8>, tonic::Status>> {
+    let mut out = Vec::with_capacity(deks.len());
+    for chunk in deks.chunks(100) {
+        let items: Vec<proto::UnwrapKeyRequest> = chunk
+            .iter()
+            .map(|d| crate::common::unwrap_req(TENANTS[d.tenant], &[("obj", "o")], &d.wrapped))
+            .collect();
+        let answer = patiently(|| {
+            let mut broker = broker.clone();
+            let items = items.clone();
+            async move {
+                broker
+                    .batch_unwrap_key(proto::BatchUnwrapKeyRequest { items })
+                    .await
+            }
+        })
+        .await;
+        match answer {
+            Ok(r) => out.extend(r.into_inner().results.into_iter().map(|r| {
+                match (r.response, r.status) {
+                    (Some(u), _) => Ok(u.plaintext.to_vec()),
+                    (None, Some(s)) => Err(tonic::Status::new(Code::from(s.code), s.message)),
+                    (None, None) => Err(tonic::Status::internal("an empty batch item")),
+                }
+            })),
+            Err(s) => out.extend(chunk.iter().map(|_| Err(s.clone()))),
+        }
+    }
+    out
+}
+
+/// Whether an answer is what the model expects.
+fn judge(dek: &Dek, want: Expect, got: &Result<Vec<u8>, tonic::Status>) -> Result<(), String> {
+    match (want, got) {
+        (_, Ok(p)) if *p != dek.plaintext => Err("unwrapped to other bytes".into()),
+        (Expect::Read, Ok(_)) => Ok(()),
+        (_, Err(s)) if matches!(s.code(), Code::Internal | Code::Unknown) => {
+            Err(format!("answered {s:?}"))
+        }
+        (Expect::Refused, Err(s)) if s.code() == Code::FailedPrecondition => Ok(()),
+        (Expect::Gone, Err(s)) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
+            Ok(())
+        }
+        (want, got) => Err(format!(
+            "expected {want:?}, got {:?}",
+            got.as_ref().map(|_| "the plaintext")
+        )),
+    }
+}
+
+/// Runs cases: `cases` of them, or (soak) until `soak` has passed; what
+/// ran, for the report.
+fn run(cases: u32, soak: Option<Duration>) -> String {
+    let started = Instant::now();
+    let config = Config {
+        cases,
+        max_shrink_iters: 64,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    loop {
+        let mut runner = TestRunner::new(config.clone());
+        let result = runner.run(
+            &Reference::sequential_strategy(1..24),
+            |(state, steps, seen)| {
+                LifecycleTest::test_sequential(config.clone(), state, steps, seen);
+                Ok(())
+            },
+        );
+        if let Err(e) = result {
+            panic!("the lifecycle model found a failing sequence:\n{e}");
+        }
+        match soak {
+            Some(limit) if started.elapsed() < limit => continue,
+            _ => break,
+        }
+    }
+    let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+    format!(
+        "lifecycle model: {} cases, {} steps in {:?}; control operations {} done, {} refused; DEK checks: {} read, {} refused, {} gone",
+        n(&CASES),
+        n(&STEPS),
+        started.elapsed(),
+        n(&CONTROLS[0]),
+        n(&CONTROLS[1]),
+        n(&CHECKED[0]),
+        n(&CHECKED[1]),
+        n(&CHECKED[2]),
+    )
+}
+
+#[test]
+fn lifecycle_model_sqlite() {
+    let soak = std::env::var("KEYBROKER_LIFECYCLE_SOAK")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs);
+    let cases = std::env::var("KEYBROKER_LIFECYCLE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    println!("{}", run(cases, soak));
+}

@@ -1,0 +1,381 @@
+//! The reference model: what every DEK must do after each step.
+//!
+//! Operations are generated from a coarse reference state (which tenants
+//! and key names exist, as far as generation needs); the precise model
+//! lives beside the system under test and learns what only the system can
+//! say (a DEK's bytes, the tenant key version that sealed it) from its
+//! answers. From them it says, per acknowledged DEK: must unwrap to its
+//! plaintext, must be refused (FAILED_PRECONDITION: a key disabled, a
+//! version retired, a deletion scheduled), or must be gone for good
+//! (NOT_FOUND: its tenant's life deleted, what protected it unlinked).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use proptest::prelude::*;
+
+/// The tenant ids the test uses: few, so deletions meet re-creations.
+pub(super) const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
+const KEYS: [&str; 4] = ["ka", "kb", "kc", "kd"];
+
+/// One step: a control-plane operation and data-plane calls running
+/// concurrently with it.
+#[derive(Clone)]
+pub(super) struct Step {
+    pub(super) control: Control,
+    pub(super) data: Vec<Data>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    Platform,
+    Key(&'static str),
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum Control {
+    Nothing,
+    Create {
+        tenant: usize,
+        direct: bool,
+    },
+    Import {
+        tenant: usize,
+        key: &'static str,
+        primary: bool,
+    },
+    SetPrimary {
+        tenant: usize,
+        key: &'static str,
+    },
+    Disable {
+        tenant: usize,
+        key: &'static str,
+        to: Option<Target>,
+    },
+    Enable {
+        tenant: usize,
+        key: &'static str,
+    },
+    Unlink {
+        tenant: usize,
+        key: &'static str,
+        force: bool,
+    },
+    /// Retire every tenant key version but the newest (or undo).
+    Retire {
+        tenant: usize,
+        undo: bool,
+    },
+    Delete {
+        tenant: usize,
+        now: bool,
+    },
+    Cancel {
+        tenant: usize,
+    },
+    RotateKeyring,
+    Restart,
+    /// The operation, with the replica SIGKILLed while it runs.
+    Killed(Box<Control>),
+    Export,
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum Data {
+    Generate { tenant: usize, batch: u8 },
+    Unwrap { tenant: usize, pick: u16 },
+    Rewrap { tenant: usize, pick: u16 },
+}
+
+impl fmt::Debug for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.control)?;
+        if !self.data.is_empty() {
+            write!(f, " ‖ {:?}", self.data)?;
+        }
+        Ok(())
+    }
+}
+
+/// What generation knows: which key names each tenant may have.
+#[derive(Clone, Debug, Default)]
+pub(super) struct RefState {
+    pub(super) keys: [BTreeSet<&'static str>; 3],
+}
+
+pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
+    let tenant = 0..TENANTS.len();
+    let key = prop::sample::select(KEYS.to_vec());
+    let known = |t: usize| state.keys[t].iter().copied().collect::<Vec<_>>();
+    let any_known: Vec<(usize, &'static str)> = (0..TENANTS.len())
+        .flat_map(|t| known(t).into_iter().map(move |k| (t, k)))
+        .collect();
+    let data = prop::collection::vec(
+        prop_oneof![
+            3 => (tenant.clone(), 1u8..4).prop_map(|(tenant, batch)| Data::Generate { tenant, batch }),
+            2 => (tenant.clone(), any::<u16>()).prop_map(|(tenant, pick)| Data::Unwrap { tenant, pick }),
+            1 => (tenant.clone(), any::<u16>()).prop_map(|(tenant, pick)| Data::Rewrap { tenant, pick }),
+        ],
+        0..6,
+    );
+    let mut controls: Vec<(u32, BoxedStrategy<Control>)> = vec![
+        (2, Just(Control::Nothing).boxed()),
+        (
+            2,
+            (tenant.clone(), any::<bool>())
+                .prop_map(|(tenant, direct)| Control::Create { tenant, direct })
+                .boxed(),
+        ),
+        (
+            4,
+            (tenant.clone(), key, any::<bool>())
+                .prop_map(|(tenant, key, primary)| Control::Import {
+                    tenant,
+                    key,
+                    primary,
+                })
+                .boxed(),
+        ),
+        (
+            1,
+            (tenant.clone(), any::<bool>())
+                .prop_map(|(tenant, undo)| Control::Retire { tenant, undo })
+                .boxed(),
+        ),
+        (
+            2,
+            (tenant.clone(), any::<bool>())
+                .prop_map(|(tenant, now)| Control::Delete { tenant, now })
+                .boxed(),
+        ),
+        (
+            1,
+            tenant
+                .clone()
+                .prop_map(|tenant| Control::Cancel { tenant })
+                .boxed(),
+        ),
+        (1, Just(Control::RotateKeyring).boxed()),
+        (1, Just(Control::Restart).boxed()),
+        (1, Just(Control::Export).boxed()),
+    ];
+    if !any_known.is_empty() {
+        let pick = prop::sample::select(any_known);
+        let targets = {
+            let mut t = vec![Target::Platform];
+            t.extend(KEYS.iter().map(|k| Target::Key(k)));
+            prop::sample::select(t)
+        };
+        controls.extend([
+            (
+                3,
+                pick.clone()
+                    .prop_map(|(tenant, key)| Control::SetPrimary { tenant, key })
+                    .boxed(),
+            ),
+            (
+                3,
+                (pick.clone(), prop::option::weighted(0.7, targets))
+                    .prop_map(|((tenant, key), to)| Control::Disable { tenant, key, to })
+                    .boxed(),
+            ),
+            (
+                2,
+                pick.clone()
+                    .prop_map(|(tenant, key)| Control::Enable { tenant, key })
+                    .boxed(),
+            ),
+            (
+                2,
+                (pick.clone(), any::<bool>())
+                    .prop_map(|((tenant, key), force)| Control::Unlink { tenant, key, force })
+                    .boxed(),
+            ),
+        ]);
+    }
+    let plain = prop::strategy::Union::new_weighted(controls).boxed();
+    let control = prop_oneof![
+        9 => plain.clone(),
+        1 => plain.prop_map(|c| match c {
+            Control::Nothing | Control::Restart | Control::Export | Control::Killed(_) => Control::Restart,
+            c => Control::Killed(Box::new(c)),
+        }),
+    ];
+    (control, data)
+        .prop_map(|(control, data)| Step { control, data })
+        .boxed()
+}
+
+/// Generation's view after a step (outcomes unknown: a superset).
+pub(super) fn apply_ref(mut state: RefState, step: &Step) -> RefState {
+    let mut control = &step.control;
+    if let Control::Killed(inner) = control {
+        control = inner;
+    }
+    match control {
+        Control::Import { tenant, key, .. } => {
+            state.keys[*tenant].insert(key);
+        }
+        Control::Delete { tenant, now: true } => state.keys[*tenant].clear(),
+        _ => {}
+    }
+    state
+}
+
+/// Shrinking keeps a step only where its key is still one generation knows.
+pub(super) fn precondition(state: &RefState, step: &Step) -> bool {
+    let mut control = &step.control;
+    if let Control::Killed(inner) = control {
+        control = inner;
+    }
+    match control {
+        Control::SetPrimary { tenant, key }
+        | Control::Disable { tenant, key, .. }
+        | Control::Enable { tenant, key }
+        | Control::Unlink { tenant, key, .. } => state.keys[*tenant].contains(key),
+        _ => true,
+    }
+}
+
+/// An acknowledged DEK.
+#[derive(Clone, Debug)]
+pub(super) struct Dek {
+    pub(super) tenant: usize,
+    pub(super) incarnation: u64,
+    pub(super) wrapped: Vec<u8>,
+    pub(super) plaintext: Vec<u8>,
+    pub(super) sealed: Option<u32>,
+    /// Format 3: the key that wrapped it directly.
+    pub(super) direct: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Key {
+    pub(super) disabled: bool,
+    pub(super) primary: bool,
+}
+
+/// One tenant id as the model knows it.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Tenant {
+    /// Its current life (0: none, nothing registered).
+    pub(super) incarnation: u64,
+    /// Lives destroyed: nothing issued in them ever unwraps again.
+    pub(super) deleted: BTreeSet<u64>,
+    pub(super) direct: bool,
+    pub(super) scheduled: bool,
+    pub(super) keys: BTreeMap<String, Key>,
+    /// Tenant key versions by (life, number), and the key that wraps each
+    /// (`platform` for the platform key); `None`: destroyed with an
+    /// unlinked key.
+    pub(super) versions: BTreeMap<(u64, u32), Option<String>>,
+    pub(super) min_version: u32,
+    /// Every life the model saw (in a wrapped key or GetTenant).
+    pub(super) seen: BTreeSet<u64>,
+    /// A deletion was acknowledged this step: which life it destroyed is
+    /// settled once GetTenant says which one is current.
+    pub(super) deletion: bool,
+}
+
+/// What a DEK must do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Expect {
+    Read,
+    /// FAILED_PRECONDITION: refused until someone acts (enable, un-retire,
+    /// cancel the deletion).
+    Refused,
+    /// NOT_FOUND (or INVALID_ARGUMENT for a name linked again): destroyed.
+    Gone,
+}
+
+impl Tenant {
+    pub(super) fn expect(&self, dek: &Dek) -> Expect {
+        if dek.incarnation != 0 && self.deleted.contains(&dek.incarnation) {
+            return Expect::Gone;
+        }
+        if self.scheduled {
+            return Expect::Refused;
+        }
+        if dek.incarnation != self.incarnation {
+            return Expect::Gone;
+        }
+        if let Some(v) = dek.sealed {
+            if v < self.min_version {
+                return Expect::Refused;
+            }
+            return match self.versions.get(&(dek.incarnation, v)) {
+                Some(Some(b)) if b == "platform" => Expect::Read,
+                Some(Some(b)) => match self.keys.get(b) {
+                    Some(k) if k.disabled => Expect::Refused,
+                    Some(_) => Expect::Read,
+                    None => Expect::Gone,
+                },
+                _ => Expect::Gone,
+            };
+        }
+        match dek.direct.as_deref().and_then(|b| self.keys.get(b)) {
+            Some(k) if k.disabled => Expect::Refused,
+            Some(_) => Expect::Read,
+            None => Expect::Gone,
+        }
+    }
+
+    /// A key change to `target` finished: every version of the current
+    /// life is under it.
+    pub(super) fn changed_to(&mut self, target: &str) {
+        let life = self.incarnation;
+        for ((i, _), binding) in self.versions.iter_mut() {
+            if let Some(b) = binding.as_mut().filter(|_| *i == life) {
+                *b = target.to_owned();
+            }
+        }
+    }
+
+    /// The current life's versions, by number.
+    pub(super) fn current_versions(&self) -> BTreeMap<u32, Option<String>> {
+        self.versions
+            .iter()
+            .filter(|((i, _), _)| *i == self.incarnation)
+            .map(|((_, v), b)| (*v, b.clone()))
+            .collect()
+    }
+
+    pub(super) fn primary(&self) -> Option<&str> {
+        self.keys
+            .iter()
+            .find(|(_, k)| k.primary)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// A deletion destroyed the life it ran in: its keys and settings go
+    /// now; which life that was is settled by [`settle`](Self::settle).
+    pub(super) fn destroyed(&mut self) {
+        self.keys.clear();
+        self.scheduled = false;
+        self.direct = false;
+        self.min_version = 0;
+        self.deletion = true;
+    }
+
+    /// The current life is `current` (0: none): after a deletion every
+    /// other life seen is dead, and nothing of a dead life stays.
+    pub(super) fn settle(&mut self, current: u64) {
+        if self.deletion {
+            self.deletion = false;
+            let dead: Vec<u64> = self
+                .seen
+                .iter()
+                .copied()
+                .filter(|i| *i != current)
+                .collect();
+            self.deleted.extend(dead);
+        }
+        if current != 0 {
+            self.seen.insert(current);
+        }
+        self.incarnation = current;
+        let deleted = &self.deleted;
+        self.versions.retain(|(i, _), _| !deleted.contains(i));
+    }
+}
