@@ -538,6 +538,21 @@ impl Admin {
             Some(target) => {
                 if target != crate::keys::PLATFORM_BINDING {
                     validate_name(target)?;
+                } else if !record.primary
+                    && let Some(primary) = self
+                        .registry()
+                        .bindings(tenant_id)
+                        .await?
+                        .into_iter()
+                        .find(|b| b.primary && b.state == BindingState::Active)
+                {
+                    // Back to the platform key is a change of the key new
+                    // wraps go under: that is the primary's to make.
+                    return Err(AdminError::Refused(format!(
+                        "reencrypt_to `platform` moves tenant '{tenant_id}' back to the platform key, but key '{name}' is not \
+                         its primary ('{}' is): disable '{}' with reencrypt_to `platform` for that, or disable '{name}' without reencrypt_to",
+                        primary.name, primary.name
+                    )));
                 }
                 let reason = match tenant.key_hierarchy {
                     KeyHierarchy::TenantKey => reason.to_owned(),

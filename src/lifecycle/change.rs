@@ -36,7 +36,10 @@ const STALLED_MS: i64 = 60_000;
 pub struct Change {
     /// The binding every version moves to (`platform` for the platform key).
     pub target: String,
-    /// Make the target the primary in the same transaction.
+    /// Make the target the primary in the same transaction (a change to
+    /// the platform key keeps the primary, which DisableKey turns off: a
+    /// keyring tenant's disabled primary wraps with the platform key, and
+    /// enabling it again makes it the default again).
     pub make_primary: bool,
     /// Disable this key, with this reason, when the change finishes
     /// (DisableKey with reencrypt_to).

@@ -631,3 +631,46 @@ async fn a_dek_of_a_deleted_life_is_gone_whatever_the_next_life_does() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     server.stop().await;
 }
+
+/// Found by the model's soak: `DisableKey(kc, reencrypt_to=platform)` of a
+/// key that was not the primary moved every version to the platform key
+/// but left the primary in place, so the next wrap minted under it again:
+/// a tenant split between two keys for nothing. Back to the platform key is
+/// the primary's change to make: refused for another key, saying which.
+#[tokio::test]
+async fn only_the_primary_takes_a_tenant_back_to_the_platform_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    create_tenant_with(
+        &mut admin,
+        "split",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    import(&mut admin, "split", "kb", true).await;
+    import(&mut admin, "split", "kc", false).await;
+    let before = generate(&mut broker, "split", CTX).await.unwrap();
+    let err = disable(&mut admin, "split", "kc", "platform")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("'kb'"), "{}", err.message());
+    disable(&mut admin, "split", "kc", "").await.unwrap();
+    disable(&mut admin, "split", "kb", "platform")
+        .await
+        .unwrap();
+    let after = generate(&mut broker, "split", CTX).await.unwrap();
+    assert_eq!(after.key.as_ref().unwrap().key_binding, "platform");
+    let registry = SqlRegistry::open_sqlite(&dir.path().join("registry.db"))
+        .await
+        .unwrap();
+    assert_eq!(
+        versions_in(&registry, "split").await,
+        [(1, "platform".to_owned()), (2, "platform".to_owned())]
+    );
+    all_readable(&mut broker, "split", &[before, after]).await;
+    server.stop().await;
+}

@@ -24,6 +24,7 @@
 //! is shrunk by proptest and printed as the list of steps that still fails.
 
 mod model;
+mod postgres;
 mod system;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +39,12 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
 use tonic::Code;
 
 use self::model::{Control, Data, Dek, Expect, RefState, Step, TENANTS, Target, Tenant};
-use self::system::{System, patiently};
+use self::system::{Backend, System, patiently};
+
+thread_local! {
+    /// Where the next case's replicas keep their registry.
+    static BACKEND: std::cell::Cell<Backend> = const { std::cell::Cell::new(Backend::Sqlite) };
+}
 
 static CASES: AtomicUsize = AtomicUsize::new(0);
 static STEPS: AtomicUsize = AtomicUsize::new(0);
@@ -98,7 +104,7 @@ impl StateMachineTest for LifecycleTest {
             .enable_all()
             .build()
             .unwrap();
-        let system = rt.block_on(System::start());
+        let system = rt.block_on(System::start(BACKEND.with(std::cell::Cell::get)));
         Sut {
             rt,
             system: Some(system),
@@ -160,8 +166,12 @@ impl Sut {
             Control::Killed(inner) => (**inner).clone(),
             c => c.clone(),
         };
+        let at = usize::from(step.replica);
         let system = self.system.as_ref().unwrap();
-        let (broker, admin) = (system.broker.clone(), system.admin.clone());
+        let admin = system.admin(at);
+        let brokers: Vec<_> = (0..step.data.len())
+            .map(|i| system.broker(at + 1 + i))
+            .collect();
         let picks = self.picks(&step.data);
         let retire_min = match &control {
             Control::Retire { tenant, .. } => self.newest_version(*tenant),
@@ -171,7 +181,8 @@ impl Sut {
             step.data
                 .iter()
                 .zip(picks)
-                .map(|(d, pick)| run_data(broker.clone(), d.clone(), pick)),
+                .zip(brokers)
+                .map(|((d, pick), broker)| run_data(broker, d.clone(), pick)),
         );
         let outcome = if kill {
             let control_run = run_control(admin, control.clone(), retire_min);
@@ -184,11 +195,21 @@ impl Sut {
                 },
                 data
             );
-            self.system().restart(true).await;
+            self.system().restart(at, true).await;
             (None, data_out)
         } else if matches!(control, Control::Restart) {
             let data_out = data.await;
-            self.system().restart(false).await;
+            self.system().restart(at, false).await;
+            (Some(Ok(())), data_out)
+        } else if matches!(control, Control::RestartRegistry) {
+            let (_, data_out) = tokio::join!(
+                async { self.system.as_ref().unwrap().restart_registry() },
+                data
+            );
+            (Some(Ok(())), data_out)
+        } else if matches!(control, Control::DropFeeds) {
+            let (_, data_out) =
+                tokio::join!(self.system.as_ref().unwrap().drop_change_feeds(), data);
             (Some(Ok(())), data_out)
         } else {
             let (c, d) = tokio::join!(run_control(admin, control.clone(), retire_min), data);
@@ -199,6 +220,8 @@ impl Sut {
             self.learn(out);
         }
         match control_result {
+            // The registry went away under it: whatever committed counts.
+            Some(Err(s)) if s.code() == Code::Unavailable => self.resolve_killed(&control).await,
             Some(result) => self.apply_control(&control, result, retire_min).await,
             None => self.resolve_killed(&control).await,
         }
@@ -380,7 +403,7 @@ impl Sut {
         };
         self.wait_for_key_changes().await;
         let id = TENANTS[tenant];
-        let mut admin = self.system().admin.clone();
+        let mut admin = self.system().admin(0);
         let got = patiently(|| {
             let mut admin = admin.clone();
             async move {
@@ -455,7 +478,7 @@ impl Sut {
         let started = Instant::now();
         for id in TENANTS {
             loop {
-                let admin = self.system().admin.clone();
+                let admin = self.system().admin(0);
                 let got = patiently(|| {
                     let mut admin = admin.clone();
                     async move {
@@ -497,7 +520,7 @@ impl Sut {
     /// re-created id must be a new life.
     async fn sync_tenants(&mut self) {
         for (i, id) in TENANTS.iter().enumerate() {
-            let admin = self.system().admin.clone();
+            let admin = self.system().admin(0);
             let got = patiently(|| {
                 let mut admin = admin.clone();
                 async move {
@@ -575,16 +598,36 @@ impl Sut {
             .collect()
     }
 
-    /// Every acknowledged DEK does what the model says, in one batch call
-    /// per tenant.
+    /// Every acknowledged DEK does what the model says, on every replica
+    /// (batch calls). With replicas, another replica may lag a change by
+    /// the propagation bound; past it, any difference is a violation. A
+    /// wrong plaintext or INTERNAL never waits.
     async fn check_deks(&mut self) {
         let expected = self.expectations();
-        let broker = self.system().broker.clone();
-        let got = unwrap_all(broker, &self.deks).await;
-        for ((i, want), got) in expected.iter().zip(got) {
-            CHECKED[*want as usize].fetch_add(1, Ordering::Relaxed);
-            if let Err(why) = judge(&self.deks[*i], *want, &got) {
-                self.fail(format!("DEK {i}: {why}"));
+        let replicas = self.system().replicas.len();
+        for r in 0..replicas {
+            let started = Instant::now();
+            loop {
+                let broker = self.system().broker(r);
+                let got = unwrap_all(broker, &self.deks).await;
+                let mut wrong = None;
+                for ((i, want), got) in expected.iter().zip(&got) {
+                    if let Err(why) = judge(&self.deks[*i], *want, got) {
+                        let fatal = why.contains("other bytes") || why.contains("answered");
+                        if fatal || started.elapsed() > system::PROPAGATION {
+                            self.fail(format!("replica {r}: DEK {i}: {why}"));
+                        }
+                        wrong = Some(why);
+                        break;
+                    }
+                }
+                if wrong.is_none() {
+                    for (_, want) in &expected {
+                        CHECKED[*want as usize].fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -593,7 +636,7 @@ impl Sut {
     /// serves what the original served when it was taken.
     async fn check_exports(&mut self) {
         let exports = std::mem::take(&mut self.exports);
-        let from = self.system.as_ref().unwrap().dir.path().to_owned();
+        let from = self.system.as_ref().unwrap().keyring_dir().to_owned();
         for (n, (path, expected)) in exports.iter().enumerate() {
             let (_dir, mut process, broker) = system::restored(&from, path).await;
             let deks: Vec<Dek> = expected
@@ -701,7 +744,12 @@ async fn run_control(
 ) -> Result<(), tonic::Status> {
     let id = |t: usize| TENANTS[t].to_owned();
     match control {
-        Control::Nothing | Control::Restart | Control::Export | Control::RotateKeyring => Ok(()),
+        Control::Nothing
+        | Control::Restart
+        | Control::RestartRegistry
+        | Control::DropFeeds
+        | Control::Export
+        | Control::RotateKeyring => Ok(()),
         Control::Killed(_) => Ok(()),
         Control::Create { tenant, direct } => admin
             .create_tenant(proto::CreateTenantRequest {
@@ -895,8 +943,7 @@ fn run(cases: u32, soak: Option<Duration>) -> String {
     )
 }
 
-#[test]
-fn lifecycle_model_sqlite() {
+fn settings() -> (u32, Option<Duration>) {
     let soak = std::env::var("KEYBROKER_LIFECYCLE_SOAK")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -905,5 +952,22 @@ fn lifecycle_model_sqlite() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
+    (cases, soak)
+}
+
+/// One replica on SQLite, restarted and killed.
+#[test]
+fn lifecycle_model_sqlite() {
+    let (cases, soak) = settings();
+    BACKEND.with(|b| b.set(Backend::Sqlite));
+    println!("{}", run(cases, soak));
+}
+
+/// Two replicas on a PostgreSQL server of the test's own, which it
+/// restarts; their change feeds cut; each killed and restarted.
+#[test]
+fn lifecycle_model_postgres() {
+    let (cases, soak) = settings();
+    BACKEND.with(|b| b.set(Backend::Postgres));
     println!("{}", run(cases, soak));
 }

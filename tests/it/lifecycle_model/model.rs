@@ -24,6 +24,9 @@ const KEYS: [&str; 4] = ["ka", "kb", "kc", "kd"];
 pub(super) struct Step {
     pub(super) control: Control,
     pub(super) data: Vec<Data>,
+    /// The replica the control operation (or a restart, a kill) goes to;
+    /// data call `i` goes to the next `i`-th one.
+    pub(super) replica: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +79,10 @@ pub(super) enum Control {
     },
     RotateKeyring,
     Restart,
+    /// PostgreSQL restarted under the replicas (SQLite: nothing).
+    RestartRegistry,
+    /// Every replica's LISTEN connection cut (SQLite: nothing).
+    DropFeeds,
     /// The operation, with the replica SIGKILLed while it runs.
     Killed(Box<Control>),
     Export,
@@ -90,7 +97,7 @@ pub(super) enum Data {
 
 impl fmt::Debug for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.control)?;
+        write!(f, "@{} {:?}", self.replica, self.control)?;
         if !self.data.is_empty() {
             write!(f, " ‖ {:?}", self.data)?;
         }
@@ -159,6 +166,8 @@ pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
         (1, Just(Control::RotateKeyring).boxed()),
         (1, Just(Control::Restart).boxed()),
         (1, Just(Control::Export).boxed()),
+        (1, Just(Control::RestartRegistry).boxed()),
+        (1, Just(Control::DropFeeds).boxed()),
     ];
     if !any_known.is_empty() {
         let pick = prop::sample::select(any_known);
@@ -198,12 +207,21 @@ pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     let control = prop_oneof![
         9 => plain.clone(),
         1 => plain.prop_map(|c| match c {
-            Control::Nothing | Control::Restart | Control::Export | Control::Killed(_) => Control::Restart,
+            Control::Nothing
+            | Control::Restart
+            | Control::Export
+            | Control::RestartRegistry
+            | Control::DropFeeds
+            | Control::Killed(_) => Control::Restart,
             c => Control::Killed(Box::new(c)),
         }),
     ];
-    (control, data)
-        .prop_map(|(control, data)| Step { control, data })
+    (control, data, 0u8..2)
+        .prop_map(|(control, data, replica)| Step {
+            control,
+            data,
+            replica,
+        })
         .boxed()
 }
 

@@ -1,6 +1,8 @@
 //! The system under test: real `keybroker` processes (so a kill is a real
-//! SIGKILL) on one data dir's SQLite registry, reached through the
-//! generated clients, and what the test reads of their registry.
+//! SIGKILL), reached through the generated clients: one replica on its
+//! data dir's SQLite registry, or two replicas sharing a PostgreSQL server
+//! of the test's own (and one platform keyring, as replicas share a
+//! Secret), and what the test reads of their registry.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -12,16 +14,26 @@ use keybroker::registry::Registry as _;
 use keybroker::registry::sql::SqlRegistry;
 use tonic::transport::Channel;
 
+use super::postgres::PgCluster;
 use crate::process::Process;
 
-/// One replica and the data dir it serves from.
-pub(super) struct System {
+/// Where the replicas keep their registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub(super) struct Replica {
     pub(super) dir: tempfile::TempDir,
     process: Option<Process>,
     pub(super) broker: KeyBrokerClient<Channel>,
     pub(super) admin: KeyAdminClient<Channel>,
-    /// Starts so far (the first included).
-    pub(super) starts: u32,
+}
+
+pub(super) struct System {
+    pub(super) replicas: Vec<Replica>,
+    postgres: Option<PgCluster>,
 }
 
 const FLAGS: &[&str] = &[
@@ -35,24 +47,61 @@ const FLAGS: &[&str] = &[
     "100ms",
     "--tenant-key-rotation-period",
     "0s",
+    "--registry-cache-ttl",
+    "1s",
 ];
 
+/// How long another replica may serve what a change on one replica ended:
+/// NOTIFY in milliseconds, at worst `registry_cache_ttl` (1 s here).
+pub(super) const PROPAGATION: Duration = Duration::from_secs(3);
+
 impl System {
-    pub(super) async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (process, broker, admin) = spawn(dir.path()).await;
-        Self {
-            dir,
-            process: Some(process),
-            broker,
-            admin,
-            starts: 1,
+    pub(super) async fn start(backend: Backend) -> Self {
+        let postgres = (backend == Backend::Postgres).then(PgCluster::start);
+        let count = if postgres.is_some() { 2 } else { 1 };
+        let mut replicas = Vec::new();
+        for i in 0..count {
+            let dir = tempfile::tempdir().unwrap();
+            if i > 0 {
+                std::fs::copy(
+                    keybroker::config::platform_keyring_path(replicas_dir(&replicas, 0)),
+                    keybroker::config::platform_keyring_path(dir.path()),
+                )
+                .unwrap();
+            }
+            let url = postgres.as_ref().map(|p| p.url.clone());
+            let (process, broker, admin) = spawn(dir.path(), url.as_deref()).await;
+            replicas.push(Replica {
+                dir,
+                process: Some(process),
+                broker,
+                admin,
+            });
+        }
+        Self { replicas, postgres }
+    }
+
+    pub(super) fn broker(&self, replica: usize) -> KeyBrokerClient<Channel> {
+        self.replicas[replica % self.replicas.len()].broker.clone()
+    }
+
+    pub(super) fn admin(&self, replica: usize) -> KeyAdminClient<Channel> {
+        self.replicas[replica % self.replicas.len()].admin.clone()
+    }
+
+    fn url(&self) -> Option<String> {
+        self.postgres.as_ref().map(|p| p.url.clone())
+    }
+
+    /// Stops every replica: gracefully (SIGTERM, drain) or not (SIGKILL).
+    pub(super) async fn stop(&mut self, kill: bool) {
+        for r in 0..self.replicas.len() {
+            self.stop_one(r, kill).await;
         }
     }
 
-    /// Stops the replica: gracefully (SIGTERM, drain) or not (SIGKILL).
-    pub(super) async fn stop(&mut self, kill: bool) {
-        if let Some(mut process) = self.process.take() {
+    async fn stop_one(&mut self, replica: usize, kill: bool) {
+        if let Some(mut process) = self.replicas[replica].process.take() {
             if kill {
                 process.kill();
             } else {
@@ -63,39 +112,68 @@ impl System {
         }
     }
 
-    pub(super) async fn restart(&mut self, kill: bool) {
-        self.stop(kill).await;
-        let (process, broker, admin) = spawn(self.dir.path()).await;
-        self.process = Some(process);
-        self.broker = broker;
-        self.admin = admin;
-        self.starts += 1;
+    /// Restarts one replica (killed, or stopped cleanly).
+    pub(super) async fn restart(&mut self, replica: usize, kill: bool) {
+        let replica = replica % self.replicas.len();
+        self.stop_one(replica, kill).await;
+        let url = self.url();
+        let (process, broker, admin) =
+            spawn(self.replicas[replica].dir.path(), url.as_deref()).await;
+        let r = &mut self.replicas[replica];
+        r.process = Some(process);
+        r.broker = broker;
+        r.admin = admin;
     }
 
-    /// The server's log so far (the newest start's).
+    /// PostgreSQL restarted under the replicas (SQLite: nothing to do).
+    pub(super) fn restart_registry(&self) {
+        if let Some(postgres) = &self.postgres {
+            postgres.restart();
+        }
+    }
+
+    /// Every replica's LISTEN connection cut (what a network blip does).
+    pub(super) async fn drop_change_feeds(&self) {
+        use sqlx::Connection as _;
+        let Some(url) = self.url() else { return };
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+
+    /// The servers' logs so far (each replica's newest start).
     pub(super) fn log(&self) -> String {
-        self.process
-            .as_ref()
-            .map(Process::output)
-            .unwrap_or_default()
+        self.replicas
+            .iter()
+            .filter_map(|r| r.process.as_ref().map(Process::output))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     }
 
     pub(super) async fn registry(&self) -> SqlRegistry {
-        SqlRegistry::open_sqlite(&self.dir.path().join("registry.db"))
-            .await
-            .unwrap()
+        match self.url() {
+            Some(url) => SqlRegistry::connect(&url).await.unwrap(),
+            None => SqlRegistry::open_sqlite(&self.replicas[0].dir.path().join("registry.db"))
+                .await
+                .unwrap(),
+        }
     }
 
     /// `keybroker registry export` into a new file; its path.
     pub(super) fn export(&self, n: usize) -> PathBuf {
-        let out = self.dir.path().join(format!("export-{n}.json"));
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
-            .args(["registry", "export", "--data-dir"])
-            .arg(self.dir.path())
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
+        let dir = self.replicas[0].dir.path();
+        let out = dir.join(format!("export-{n}.json"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"));
+        command.args(["registry", "export", "--data-dir"]).arg(dir);
+        if let Some(url) = self.url() {
+            command.args(["--registry", &url]);
+        }
+        let status = command.arg("--out").arg(&out).output().unwrap();
         assert!(
             status.status.success(),
             "export failed: {}",
@@ -104,17 +182,25 @@ impl System {
         out
     }
 
-    /// `keybroker keyring rotate` (the running server reloads it).
+    /// `keybroker keyring rotate` on the first replica's keyring, copied to
+    /// the others (one Secret for all): every replica reloads it.
     pub(super) fn rotate_keyring(&self) {
+        let first = self.replicas[0].dir.path();
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
             .args(["keyring", "rotate", "--data-dir"])
-            .arg(self.dir.path())
+            .arg(first)
             .output()
             .unwrap();
         assert!(status.status.success());
+        for r in &self.replicas[1..] {
+            let to = keybroker::config::platform_keyring_path(r.dir.path());
+            let tmp = to.with_extension("copy");
+            std::fs::copy(keybroker::config::platform_keyring_path(first), &tmp).unwrap();
+            std::fs::rename(tmp, to).unwrap();
+        }
     }
 
-    /// Every tenant key version's binding, by tenant, as stored now.
+    /// Every tenant key version's binding, as stored now.
     pub(super) async fn stored_versions(&self, tenant: &str) -> Vec<(u32, String)> {
         let registry = self.registry().await;
         let versions = registry
@@ -127,10 +213,19 @@ impl System {
         registry.close().await;
         versions
     }
+
+    /// The first replica's data dir (its keyring is everyone's).
+    pub(super) fn keyring_dir(&self) -> &Path {
+        self.replicas[0].dir.path()
+    }
+}
+
+fn replicas_dir(replicas: &[Replica], i: usize) -> &Path {
+    replicas[i].dir.path()
 }
 
 /// A server restored from `export` (with the keyring of `from`) in a new
-/// data dir.
+/// data dir, on SQLite.
 pub(super) async fn restored(
     from: &Path,
     export: &Path,
@@ -153,12 +248,19 @@ pub(super) async fn restored(
         "restore failed: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let (process, broker, _) = spawn(dir.path()).await;
+    let (process, broker, _) = spawn(dir.path(), None).await;
     (dir, process, broker)
 }
 
-async fn spawn(dir: &Path) -> (Process, KeyBrokerClient<Channel>, KeyAdminClient<Channel>) {
-    let process = Process::spawn_with(&[], dir, FLAGS, &[("RUST_LOG", "info")]);
+async fn spawn(
+    dir: &Path,
+    registry: Option<&str>,
+) -> (Process, KeyBrokerClient<Channel>, KeyAdminClient<Channel>) {
+    let mut flags: Vec<&str> = FLAGS.to_vec();
+    if let Some(url) = registry {
+        flags.extend(["--registry", url]);
+    }
+    let process = Process::spawn_with(&[], dir, &flags, &[("RUST_LOG", "info")]);
     let channel = process.channel().await;
     (
         process,
@@ -172,8 +274,8 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// Retries `call` while the server is (re)starting (UNAVAILABLE), for at
-/// most 10 s.
+/// Retries `call` while a server or the registry is (re)starting
+/// (UNAVAILABLE), for at most 15 s.
 pub(super) async fn patiently<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
@@ -184,7 +286,7 @@ where
         match call().await {
             Err(s)
                 if s.code() == tonic::Code::Unavailable
-                    && started.elapsed() < Duration::from_secs(10) =>
+                    && started.elapsed() < Duration::from_secs(15) =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
