@@ -41,6 +41,16 @@ pub fn version_label(version: u32) -> String {
     format!("tenant-key/{version}")
 }
 
+/// What a DEK is sealed under: a tenant key version, its key, the binding
+/// that wrapped it when it was chosen (or minted), and the view it was
+/// chosen in.
+pub(super) struct Sealing {
+    keys: Arc<TenantKeys>,
+    version: u32,
+    binding: Arc<Binding>,
+    key: Arc<CachedKey>,
+}
+
 impl Broker {
     /// The version new DEKs are sealed under and its key, minting one when
     /// the tenant has none of the current epoch under its sealing key (a
@@ -50,7 +60,7 @@ impl Broker {
         &self,
         mut keys: Arc<TenantKeys>,
         tenant_id: &str,
-    ) -> Result<(Arc<TenantKeys>, u32, Arc<CachedKey>), BrokerError> {
+    ) -> Result<Sealing, BrokerError> {
         let mut lock = None;
         for _ in 0..MINT_ATTEMPTS {
             ensure_live(&keys, tenant_id)?;
@@ -64,8 +74,12 @@ impl Broker {
             ensure_usable(&keys.primary, tenant_id)?;
             if let Some(version) = self.current_sealing_version(&keys) {
                 let key = self.tenant_key(&keys, tenant_id, version).await?;
-                let version = version.version;
-                return Ok((keys, version, key));
+                return Ok(Sealing {
+                    version: version.version,
+                    binding: Arc::clone(&version.binding),
+                    keys,
+                    key,
+                });
             }
             if lock.is_none() {
                 // One mint per tenant at a time in this process: concurrent
@@ -80,8 +94,14 @@ impl Broker {
                 continue;
             }
             if let Some((version, key)) = self.mint(&keys, tenant_id).await? {
-                let keys = self.directory.tenant_keys(tenant_id).await?;
-                return Ok((keys, version, key));
+                // Reported as minted: a concurrent forced unlink may have
+                // destroyed it since, which the view reloaded now would hide.
+                return Ok(Sealing {
+                    version,
+                    binding: Arc::clone(&keys.primary),
+                    keys,
+                    key,
+                });
             }
             // The tenant moved on since this view: plan again on a fresh one.
             keys = self.directory.tenant_keys(tenant_id).await?;
@@ -225,7 +245,12 @@ impl Broker {
         context: &Context,
         plaintext: &SecretBytes,
     ) -> Result<(Vec<u8>, KeyInfo), BrokerError> {
-        let (keys, version, key) = self.sealing_key(keys, tenant_id).await?;
+        let Sealing {
+            keys,
+            version,
+            binding,
+            key,
+        } = self.sealing_key(keys, tenant_id).await?;
         let sealing = SealingKey::new(key.plaintext())
             .ok_or_else(|| BrokerError::Internal("a tenant key is not 32 bytes".into()))?;
         let incarnation = keys.life.incarnation;
@@ -235,7 +260,6 @@ impl Broker {
                 &context::sealed_aad(tenant_id, incarnation, version, context),
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let binding = keys.version(version).map_or(&keys.primary, |v| &v.binding);
         binding.usage.record_sealed(true);
         keys.tenant_key_usage
             .record_wrap(UsedVersion::TenantKey(version));

@@ -134,10 +134,7 @@ async fn a_key_change_racing_wraps_mints_nothing_under_the_old_key() {
 /// next key change in progress forever).
 #[tokio::test]
 async fn a_forced_unlink_leaves_a_tenant_that_works() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = crate::hierarchy::start().await;
     create_tenant_with(
         &mut admin,
         "brick",
@@ -468,10 +465,7 @@ async fn deletion_shreds_on_postgres() {
 /// second (the cache checks the link, not the name).
 #[tokio::test]
 async fn a_relinked_key_name_serves_nothing_of_the_old_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = crate::hierarchy::start().await;
     create_tenant_with(
         &mut admin,
         "relink",
@@ -561,10 +555,7 @@ async fn a_lost_change_feed_purges_the_cache() {
 /// the tenant stayed mid-change for good.
 #[tokio::test]
 async fn an_interrupted_key_change_of_a_direct_tenant_resumes_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (dir, server, mut admin, mut broker) = crate::hierarchy::start().await;
     // Sealed on the platform key first (no customer key yet), then a key.
     create_tenant_with(&mut admin, "mid", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
     let sealed = generate(&mut broker, "mid", CTX).await.unwrap();
@@ -613,10 +604,7 @@ async fn an_interrupted_key_change_of_a_direct_tenant_resumes_at_start() {
 /// gone (NOT_FOUND), whatever the current life's state.
 #[tokio::test]
 async fn a_dek_of_a_deleted_life_is_gone_whatever_the_next_life_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (_dir, server, mut admin, mut broker) = crate::hierarchy::start().await;
     let first = generate(&mut broker, "lives", CTX).await.unwrap();
     delete(&mut admin, "lives", Some(Duration::ZERO)).await;
     let second = generate(&mut broker, "lives", CTX).await.unwrap();
@@ -639,10 +627,7 @@ async fn a_dek_of_a_deleted_life_is_gone_whatever_the_next_life_does() {
 /// the primary's change to make: refused for another key, saying which.
 #[tokio::test]
 async fn only_the_primary_takes_a_tenant_back_to_the_platform_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
+    let (dir, server, mut admin, mut broker) = crate::hierarchy::start().await;
     create_tenant_with(
         &mut admin,
         "split",

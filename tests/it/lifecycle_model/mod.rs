@@ -216,6 +216,7 @@ impl Sut {
             (Some(c), d)
         };
         let (control_result, data_out) = outcome;
+        let learned_from = self.deks.len();
         for out in data_out {
             self.learn(out);
         }
@@ -224,6 +225,9 @@ impl Sut {
             Some(Err(s)) if s.code() == Code::Unavailable => self.resolve_killed(&control).await,
             Some(result) => self.apply_control(&control, result, retire_min).await,
             None => self.resolve_killed(&control).await,
+        }
+        for dek in &mut self.deks[learned_from..] {
+            self.tenants[dek.tenant].pin_links(std::slice::from_mut(dek));
         }
         self.sync_tenants().await;
         self.check_versions().await;
@@ -268,7 +272,7 @@ impl Sut {
                         wrapped,
                         plaintext,
                         sealed,
-                        direct: (sealed.is_none()).then_some(envelope.key_binding),
+                        direct: (sealed.is_none()).then_some((envelope.key_binding, None)),
                     });
                 }
                 Err(status) => {
@@ -318,7 +322,7 @@ impl Sut {
             } => {
                 let t = &mut self.tenants[*tenant];
                 let first = t.primary().is_none();
-                t.keys.insert((*key).to_owned(), model::Key::default());
+                t.linked(key);
                 if *primary || first {
                     self.make_primary(*tenant, key);
                 }
@@ -404,17 +408,7 @@ impl Sut {
         self.wait_for_key_changes().await;
         let id = TENANTS[tenant];
         let mut admin = self.system().admin(0);
-        let got = patiently(|| {
-            let mut admin = admin.clone();
-            async move {
-                admin
-                    .get_tenant(proto::GetTenantRequest {
-                        tenant_id: id.into(),
-                    })
-                    .await
-            }
-        })
-        .await;
+        let got = get_tenant(&admin, id).await;
         let t = &mut self.tenants[tenant];
         match got {
             Err(s) if s.code() == Code::NotFound => {
@@ -425,8 +419,7 @@ impl Sut {
                 return;
             }
             Err(s) => self.fail(format!("GetTenant after a kill: {s:?}")),
-            Ok(r) => {
-                let shown = r.into_inner().tenant.unwrap();
+            Ok(shown) => {
                 if shown.incarnation != t.incarnation {
                     // Deleted (and maybe re-created) while killed.
                     if matches!(control, Control::Delete { .. }) {
@@ -448,18 +441,18 @@ impl Sut {
             .into_inner()
             .keys;
         let t = &mut self.tenants[tenant];
-        t.keys = keys
-            .iter()
-            .map(|k| {
-                (
-                    k.name.clone(),
-                    model::Key {
-                        disabled: k.state() != proto::KeyState::Active,
-                        primary: k.primary,
-                    },
-                )
-            })
-            .collect();
+        let before = std::mem::take(&mut t.keys);
+        for k in &keys {
+            let key = match before.get(&k.name) {
+                Some(old) => {
+                    t.keys.insert(k.name.clone(), old.clone());
+                    t.keys.get_mut(&k.name).unwrap()
+                }
+                None => t.linked(&k.name),
+            };
+            key.disabled = k.state() != proto::KeyState::Active;
+            key.primary = k.primary;
+        }
         let stored = self.system.as_ref().unwrap().stored_versions(id).await;
         let t = &mut self.tenants[tenant];
         let life = t.incarnation;
@@ -478,29 +471,11 @@ impl Sut {
         let started = Instant::now();
         for id in TENANTS {
             loop {
-                let admin = self.system().admin(0);
-                let got = patiently(|| {
-                    let mut admin = admin.clone();
-                    async move {
-                        admin
-                            .get_tenant(proto::GetTenantRequest {
-                                tenant_id: id.into(),
-                            })
-                            .await
-                    }
-                })
-                .await;
+                let got = get_tenant(&self.system().admin(0), id).await;
                 let in_progress = match &got {
-                    Ok(r) => r
-                        .get_ref()
-                        .tenant
-                        .as_ref()
-                        .and_then(|t| t.reencryption.as_ref())
-                        .is_some_and(|r| {
-                            r.in_progress
-                                && !r.target.is_empty()
-                                && r.versions_done < r.versions_total
-                        }),
+                    Ok(t) => t.reencryption.as_ref().is_some_and(|r| {
+                        r.in_progress && !r.target.is_empty() && r.versions_done < r.versions_total
+                    }),
                     Err(_) => false,
                 };
                 if !in_progress {
@@ -520,22 +495,10 @@ impl Sut {
     /// re-created id must be a new life.
     async fn sync_tenants(&mut self) {
         for (i, id) in TENANTS.iter().enumerate() {
-            let admin = self.system().admin(0);
-            let got = patiently(|| {
-                let mut admin = admin.clone();
-                async move {
-                    admin
-                        .get_tenant(proto::GetTenantRequest {
-                            tenant_id: (*id).into(),
-                        })
-                        .await
-                }
-            })
-            .await;
+            let got = get_tenant(&self.system().admin(0), id).await;
             let t = &mut self.tenants[i];
             match got {
-                Ok(r) => {
-                    let shown = r.into_inner().tenant.unwrap();
+                Ok(shown) => {
                     t.settle(shown.incarnation);
                     if t.deleted.contains(&shown.incarnation) {
                         let what = format!(
@@ -657,6 +620,25 @@ impl Sut {
 /// A DEK a data call got: (tenant, key info, wrapped key, plaintext).
 type Got = (usize, proto::KeyInfo, Vec<u8>, Vec<u8>);
 type DataOut = Vec<Result<Got, tonic::Status>>;
+
+/// GetTenant, patiently (a replica or the registry may be restarting).
+async fn get_tenant(
+    admin: &proto::key_admin_client::KeyAdminClient<tonic::transport::Channel>,
+    id: &'static str,
+) -> Result<proto::Tenant, tonic::Status> {
+    patiently(|| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_tenant(proto::GetTenantRequest {
+                    tenant_id: id.into(),
+                })
+                .await
+        }
+    })
+    .await
+    .map(|r| r.into_inner().tenant.unwrap_or_default())
+}
 
 async fn run_data(
     mut broker: proto::key_broker_client::KeyBrokerClient<tonic::transport::Channel>,

@@ -264,14 +264,18 @@ pub(super) struct Dek {
     pub(super) wrapped: Vec<u8>,
     pub(super) plaintext: Vec<u8>,
     pub(super) sealed: Option<u32>,
-    /// Format 3: the key that wrapped it directly.
-    pub(super) direct: Option<String>,
+    /// Format 3: the key that wrapped it directly, and which link of
+    /// that name (`None` until the step that made it is applied).
+    pub(super) direct: Option<(String, Option<u64>)>,
 }
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Key {
     pub(super) disabled: bool,
     pub(super) primary: bool,
+    /// Which link of the name: a key unlinked and imported again under it
+    /// is another key.
+    pub(super) link: u64,
 }
 
 /// One tenant id as the model knows it.
@@ -291,6 +295,8 @@ pub(super) struct Tenant {
     pub(super) min_version: u32,
     /// Every life the model saw (in a wrapped key or GetTenant).
     pub(super) seen: BTreeSet<u64>,
+    /// The link the next imported key gets.
+    pub(super) next_link: u64,
     /// A deletion was acknowledged this step: which life it destroyed is
     /// settled once GetTenant says which one is current.
     pub(super) deletion: bool,
@@ -332,7 +338,12 @@ impl Tenant {
                 _ => Expect::Gone,
             };
         }
-        match dek.direct.as_deref().and_then(|b| self.keys.get(b)) {
+        let key = dek.direct.as_ref().and_then(|(name, link)| {
+            self.keys
+                .get(name)
+                .filter(|k| link.is_none_or(|l| l == k.link))
+        });
+        match key {
             Some(k) if k.disabled => Expect::Refused,
             Some(_) => Expect::Read,
             None => Expect::Gone,
@@ -357,6 +368,30 @@ impl Tenant {
             .filter(|((i, _), _)| *i == self.incarnation)
             .map(|((_, v), b)| (*v, b.clone()))
             .collect()
+    }
+
+    /// A new link of key `name`.
+    pub(super) fn linked(&mut self, name: &str) -> &mut Key {
+        self.next_link += 1;
+        let link = self.next_link;
+        self.keys.insert(
+            name.to_owned(),
+            Key {
+                link,
+                ..Key::default()
+            },
+        );
+        self.keys.get_mut(name).unwrap_or_else(|| unreachable!())
+    }
+
+    /// Direct DEKs learned this step: the link of the name now (0: none,
+    /// unlinked in the same step).
+    pub(super) fn pin_links(&mut self, deks: &mut [Dek]) {
+        for dek in deks {
+            if let Some((name, link @ None)) = dek.direct.as_mut() {
+                *link = Some(self.keys.get(name.as_str()).map_or(0, |k| k.link));
+            }
+        }
     }
 
     pub(super) fn primary(&self) -> Option<&str> {
