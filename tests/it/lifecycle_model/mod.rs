@@ -262,10 +262,9 @@ impl Sut {
                             .entry((envelope.incarnation, v))
                             .or_insert_with(|| Some(key.key_binding.clone()));
                     }
+                    // Which life is current is GetTenant's to say, after
+                    // the step (a concurrent deletion may have ended it).
                     t.seen.insert(envelope.incarnation);
-                    if t.incarnation < envelope.incarnation {
-                        t.incarnation = envelope.incarnation;
-                    }
                     self.deks.push(Dek {
                         tenant,
                         incarnation: envelope.incarnation,
