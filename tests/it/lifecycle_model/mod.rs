@@ -167,6 +167,14 @@ impl Sut {
             c => c.clone(),
         };
         let at = usize::from(step.replica);
+        if let Control::Export = control {
+            // Taken before the step's data calls: what every DEK
+            // acknowledged so far is to do is known then.
+            let n = self.exports.len();
+            let path = self.system().export(n);
+            let expected = self.expectations();
+            self.exports.push((path, expected));
+        }
         let system = self.system.as_ref().unwrap();
         let admin = system.admin(at);
         let brokers: Vec<_> = (0..step.data.len())
@@ -296,15 +304,8 @@ impl Sut {
             }
         }
         CONTROLS[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
-        match control {
-            Control::Export => {
-                let n = self.exports.len();
-                let path = self.system().export(n);
-                let expected = self.expectations();
-                self.exports.push((path, expected));
-            }
-            Control::RotateKeyring => self.system().rotate_keyring(),
-            _ => {}
+        if let Control::RotateKeyring = control {
+            self.system().rotate_keyring();
         }
         if result.is_err() {
             return;
@@ -349,7 +350,7 @@ impl Sut {
             Control::Unlink { tenant, key, .. } => {
                 let t = &mut self.tenants[*tenant];
                 t.keys.remove(*key);
-                let life = t.incarnation;
+                let life = t.life();
                 for ((i, _), binding) in t.versions.iter_mut() {
                     if *i == life && binding.as_deref() == Some(*key) {
                         *binding = None;
@@ -454,7 +455,7 @@ impl Sut {
         }
         let stored = self.system.as_ref().unwrap().stored_versions(id).await;
         let t = &mut self.tenants[tenant];
-        let life = t.incarnation;
+        let life = t.life();
         for ((i, _), binding) in t.versions.iter_mut() {
             if *i == life {
                 *binding = None;

@@ -353,7 +353,7 @@ impl Tenant {
     /// A key change to `target` finished: every version of the current
     /// life is under it.
     pub(super) fn changed_to(&mut self, target: &str) {
-        let life = self.incarnation;
+        let life = self.life();
         for ((i, _), binding) in self.versions.iter_mut() {
             if let Some(b) = binding.as_mut().filter(|_| *i == life) {
                 *b = target.to_owned();
@@ -361,11 +361,23 @@ impl Tenant {
         }
     }
 
+    /// The life control operations act on: the current one, or one a data
+    /// call of this step began (a first wrap registers the tenant).
+    pub(super) fn life(&self) -> u64 {
+        self.seen
+            .iter()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(self.incarnation)
+    }
+
     /// The current life's versions, by number.
     pub(super) fn current_versions(&self) -> BTreeMap<u32, Option<String>> {
+        let life = self.life();
         self.versions
             .iter()
-            .filter(|((i, _), _)| *i == self.incarnation)
+            .filter(|((i, _), _)| *i == life)
             .map(|((_, v), b)| (*v, b.clone()))
             .collect()
     }
