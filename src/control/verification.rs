@@ -72,20 +72,16 @@ pub(super) async fn verify_provider(
     Ok(ciphertext)
 }
 
-/// The stored form of a binding's canary: its ciphertext in an envelope
-/// naming the key version that wrapped it.
+/// The stored form of a link's canary (`registry::key_state`).
 pub(super) fn canary_envelope(
     record: &crate::registry::NewBinding,
     ciphertext: crate::kms::Ciphertext,
 ) -> Vec<u8> {
-    crate::envelope::Envelope {
-        tenant_id: record.tenant_id.clone(),
-        key_binding: record.name.clone(),
-        provider: record.provider,
-        provider_key_version: ciphertext.key_version,
-        ciphertext: ciphertext.bytes,
-        tenant_key_version: 0,
-        incarnation: 0,
-    }
+    crate::registry::key_state::canary_envelope(
+        &record.tenant_id,
+        &record.name,
+        record.provider,
+        ciphertext,
+    )
     .encode()
 }

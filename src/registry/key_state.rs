@@ -91,15 +91,9 @@ impl RegistryDirectory {
             context: &context,
         };
         let canary = match provider.encrypt(&plaintext, wrap).await {
-            Ok(ciphertext) => Envelope {
-                tenant_id: record.tenant_id.clone(),
-                key_binding: record.name.clone(),
-                provider: record.provider,
-                provider_key_version: ciphertext.key_version,
-                ciphertext: ciphertext.bytes,
-                tenant_key_version: 0,
-                incarnation: 0,
-            },
+            Ok(ciphertext) => {
+                canary_envelope(&record.tenant_id, &record.name, record.provider, ciphertext)
+            }
             Err(err) => return canary_verdict(record, "encrypt", &err),
         };
         if let Err(err) = decrypt_canary(record, provider, &canary).await {
@@ -194,6 +188,25 @@ impl RegistryDirectory {
             Verdict::Revoked(_) => Confirmation::Revoked,
             Verdict::Outage => Confirmation::Unknown,
         }
+    }
+}
+
+/// The stored form of a binding's canary: its ciphertext in an envelope
+/// naming the key version that wrapped it (made at link, or here).
+pub(crate) fn canary_envelope(
+    tenant_id: &str,
+    name: &str,
+    provider: ProviderKind,
+    ciphertext: crate::kms::Ciphertext,
+) -> Envelope {
+    Envelope {
+        tenant_id: tenant_id.to_owned(),
+        key_binding: name.to_owned(),
+        provider,
+        provider_key_version: ciphertext.key_version,
+        ciphertext: ciphertext.bytes,
+        tenant_key_version: 0,
+        incarnation: 0,
     }
 }
 
