@@ -367,6 +367,7 @@ impl Admin {
             }
         };
         record.canary = Some(canary_envelope(&record, canary));
+        self.check_can_take_over(&record).await?;
         let stored = self.registry().insert_binding(&record, now_ms()).await?;
         self.directory.changed(&req.tenant_id, None).await;
         self.after_new_primary(&stored).await?;
@@ -401,26 +402,22 @@ impl Admin {
             &material,
         )
         .await?;
-        let record = self
-            .registry()
-            .insert_binding(
-                &NewBinding {
-                    tenant_id: req.tenant_id.clone(),
-                    name: req.name.clone(),
-                    description: req.description,
-                    provider: ProviderKind::Local,
-                    key_reference: format!("local:{}/{}", req.tenant_id, req.name),
-                    region: String::new(),
-                    role_arn: String::new(),
-                    service_account: String::new(),
-                    replica_regions: Vec::new(),
-                    key_material: Some(sealed),
-                    make_primary: req.make_primary || tenant.newest_import_primary,
-                    canary: None,
-                },
-                now_ms(),
-            )
-            .await?;
+        let record = NewBinding {
+            tenant_id: req.tenant_id.clone(),
+            name: req.name.clone(),
+            description: req.description,
+            provider: ProviderKind::Local,
+            key_reference: format!("local:{}/{}", req.tenant_id, req.name),
+            region: String::new(),
+            role_arn: String::new(),
+            service_account: String::new(),
+            replica_regions: Vec::new(),
+            key_material: Some(sealed),
+            make_primary: req.make_primary || tenant.newest_import_primary,
+            canary: None,
+        };
+        self.check_can_take_over(&record).await?;
+        let record = self.registry().insert_binding(&record, now_ms()).await?;
         self.directory.changed(&req.tenant_id, None).await;
         self.after_new_primary(&record).await?;
         Ok(self.view(record))
@@ -451,6 +448,18 @@ impl Admin {
                     record.name
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a link that would become primary while the tenant's key
+    /// versions cannot move to it.
+    async fn check_can_take_over(&self, record: &NewBinding) -> Result<(), AdminError> {
+        let bindings = self.registry().bindings(&record.tenant_id).await?;
+        if record.make_primary || !bindings.iter().any(|b| b.primary) {
+            self.lifecycle
+                .check_can_take_over(&record.tenant_id, &record.name)
+                .await?;
         }
         Ok(())
     }
@@ -609,7 +618,41 @@ impl Admin {
 
     pub async fn enable_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
-        if self.live_tenant(tenant_id).await?.reencrypt_from.as_deref() == Some(name) {
+        let tenant = self.live_tenant(tenant_id).await?;
+        let current = self
+            .registry()
+            .binding(tenant_id, name)
+            .await?
+            .ok_or_else(|| RegistryError::BindingNotFound {
+                tenant_id: tenant_id.to_owned(),
+                name: name.to_owned(),
+            })?;
+        if current.state == BindingState::Revoked
+            || (current.state == BindingState::Disabled && current.provider != ProviderKind::Local)
+        {
+            // Confirmed at the provider first: a key the customer took
+            // away there (or whose decrypt right they removed) would
+            // otherwise be served from caches until the watcher's next
+            // pass, and only a check may restore a revoked one.
+            match self
+                .directory
+                .check_binding(&current, &tenant.external_id)
+                .await
+            {
+                crate::registry::Verdict::Usable => {}
+                crate::registry::Verdict::Revoked(reason) => {
+                    return Err(AdminError::Refused(format!(
+                        "key '{name}' of tenant '{tenant_id}' is unusable at its provider ({reason}); the customer restores keybroker's access there (enable the key, grant decrypt), then EnableKey again; keybroker also restores a revoked key at its next check"
+                    )));
+                }
+                crate::registry::Verdict::Outage => {
+                    return Err(AdminError::Provider(ProviderError::Unavailable(format!(
+                        "could not reach the provider of key '{name}' to confirm it is usable; retry"
+                    ))));
+                }
+            }
+        }
+        if tenant.reencrypt_from.as_deref() == Some(name) {
             self.finish_direct_move(tenant_id).await?;
         }
         let record = self

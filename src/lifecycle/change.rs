@@ -159,6 +159,7 @@ impl Lifecycle {
                 .into());
             }
         }
+        refuse_revoked_sources(tenant_id, &bindings, &tx.versions().await?, &change.target)?;
         let now = now_ms();
         if change.make_primary {
             tx.set_primary(Some(&change.target), now).await?;
@@ -178,6 +179,21 @@ impl Lifecycle {
         tx.commit().await?;
         self.directory.changed(tenant_id, None).await;
         Ok(Begun::Started)
+    }
+
+    /// Whether a change to a key about to be linked as `target` could
+    /// begin now: checked before the link is stored, so a link that would
+    /// leave the tenant half changed is refused whole. (`begin` checks
+    /// again under the lock.)
+    pub async fn check_can_take_over(
+        &self,
+        tenant_id: &str,
+        target: &str,
+    ) -> Result<(), LifecycleError> {
+        let bindings = self.registry().bindings(tenant_id).await?;
+        let versions = self.registry().tenant_keys(tenant_id).await?;
+        refuse_revoked_sources(tenant_id, &bindings, &versions, target)?;
+        Ok(())
     }
 
     /// Moves every version to `target` and finishes the change recorded
@@ -355,6 +371,28 @@ pub fn refuse_if_deleting(tenant: &Tenant) -> Result<(), LifecycleError> {
             crate::text::rfc3339(at)
         ))
         .into()),
+        None => Ok(()),
+    }
+}
+
+/// A version under a key revoked at its provider cannot be read to move:
+/// a change would stall half done until the customer restores the key,
+/// with new DEKs already going to the target.
+fn refuse_revoked_sources(
+    tenant_id: &str,
+    bindings: &[crate::registry::BindingRecord],
+    versions: &[TenantKeyRecord],
+    target: &str,
+) -> Result<(), RegistryError> {
+    match bindings.iter().find(|b| {
+        b.state == BindingState::Revoked
+            && b.name != target
+            && versions.iter().any(|v| v.binding == b.name)
+    }) {
+        Some(revoked) => Err(RegistryError::Refused(format!(
+            "key '{}' of tenant '{tenant_id}' is revoked at its provider ({}); the tenant key versions it wraps cannot move to another key until the customer restores keybroker's access to it",
+            revoked.name, revoked.state_reason
+        ))),
         None => Ok(()),
     }
 }

@@ -281,12 +281,22 @@ impl RegistryDirectory {
     /// operator disabled.
     pub async fn set_key_state(
         &self,
-        tenant_id: &str,
-        name: &str,
+        record: &BindingRecord,
         state: BindingState,
         reason: &str,
     ) -> Result<bool, super::RegistryError> {
-        let Some(current) = self.registry.binding(tenant_id, name).await? else {
+        let (tenant_id, name) = (record.tenant_id.as_str(), record.name.as_str());
+        // Under the tenant's lock, and only for the link that was checked:
+        // an operator's DisableKey, or an unlink and a new link of the
+        // name, committed while the check ran must not be overwritten.
+        let Some(mut tx) = self.registry.lock_tenant(tenant_id).await? else {
+            return Ok(false);
+        };
+        let bindings = tx.bindings().await?;
+        let Some(current) = bindings
+            .iter()
+            .find(|b| b.name == name && b.link_id == record.link_id)
+        else {
             return Ok(false);
         };
         if current.state == BindingState::Disabled
@@ -294,9 +304,9 @@ impl RegistryDirectory {
         {
             return Ok(false);
         }
-        self.registry
-            .set_state(tenant_id, name, state, reason, crate::keys::now_ms())
+        tx.set_state(name, state, reason, crate::keys::now_ms())
             .await?;
+        tx.commit().await?;
         self.changed(tenant_id, Some(name)).await;
         match state {
             BindingState::Revoked => {

@@ -123,10 +123,7 @@ impl RegistryDirectory {
             Verdict::Revoked(reason) => (BindingState::Revoked, reason.as_str()),
             Verdict::Outage => return Applied::Outage,
         };
-        match self
-            .set_key_state(&record.tenant_id, &record.name, state, reason)
-            .await
-        {
+        match self.set_key_state(record, state, reason).await {
             Ok(true) if state == BindingState::Revoked => Applied::Revoked,
             Ok(true) => Applied::Restored,
             Ok(false) => Applied::Unchanged,

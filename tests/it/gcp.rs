@@ -444,13 +444,14 @@ async fn gcp_version_states_and_access() {
     );
 
     // Access removed: PERMISSION_DENIED revokes at once on a request.
+    // (Purged before: EnableKey confirms the key at the provider.)
+    env.purge("gcp-1").await;
     env.kms
         .grant_only(
             &key,
             &["serviceAccount:someone-else@other.iam.gserviceaccount.com"],
         )
         .await;
-    env.purge("gcp-1").await;
     let err = env.unwrap(&c, &under_v2.wrapped_key).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(

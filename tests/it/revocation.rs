@@ -370,3 +370,156 @@ async fn revocation_reaches_every_replica_through_postgres() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Found by the lifecycle model: a key linked as primary while the tenant
+/// key versions sat under a key revoked at its provider was stored (and
+/// made primary) although the key change to it was refused, so new DEKs
+/// went to it with the change never recorded. Now the link is refused
+/// whole, and so is every key change away from the revoked key; EnableKey
+/// of a revoked key asks the provider first.
+#[tokio::test]
+async fn a_revoked_key_blocks_take_overs_and_enables_only_when_restored() {
+    let moto = Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = moto.settings();
+    config.aws.max_attempts = 1;
+    config.watcher.interval = Duration::from_millis(200);
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let mut broker = server.client().await;
+    crate::common::create_tenant_with(
+        &mut admin,
+        TENANT,
+        proto::KeyPolicy::Unspecified,
+        proto::KeyHierarchy::TenantKey,
+    )
+    .await;
+    admin
+        .link_key(link_request("cmk", &key_arn, &[], false))
+        .await
+        .unwrap();
+    let g = generate(&mut broker, TENANT, &[]).await.unwrap();
+    assert!(
+        keybroker::envelope::Envelope::parse(&g.wrapped_key)
+            .unwrap()
+            .tenant_key_version
+            > 0
+    );
+
+    let kms = moto.kms("us-east-1");
+    let key_id = key_arn.rsplit('/').next().unwrap();
+    kms.disable_key().key_id(key_id).send().await.unwrap();
+    let started = Instant::now();
+    while key(&mut admin).await.state() != proto::KeyState::Revoked {
+        assert!(started.elapsed() < Duration::from_secs(5), "never revoked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let material = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+    let err = admin
+        .import_key_material(proto::ImportKeyMaterialRequest {
+            tenant_id: TENANT.into(),
+            name: "mine".into(),
+            key_material_base64: material.clone(),
+            make_primary: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("'cmk'") && err.message().contains("revoked"),
+        "{}",
+        err.message()
+    );
+    let keys = admin
+        .list_keys(proto::ListKeysRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 1, "the refused link was stored: {keys:?}");
+    // Linked without taking over, it is stored; a take-over is refused.
+    admin
+        .import_key_material(proto::ImportKeyMaterialRequest {
+            tenant_id: TENANT.into(),
+            name: "mine".into(),
+            key_material_base64: material,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for err in [
+        admin
+            .set_primary_key(proto::SetPrimaryKeyRequest {
+                tenant_id: TENANT.into(),
+                name: "mine".into(),
+            })
+            .await
+            .unwrap_err(),
+        admin
+            .disable_key(proto::DisableKeyRequest {
+                tenant_id: TENANT.into(),
+                name: "cmk".into(),
+                reason: "moving off".into(),
+                reencrypt_to: "platform".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("revoked"), "{}", err.message());
+    }
+    let shown = admin
+        .get_tenant(proto::GetTenantRequest {
+            tenant_id: TENANT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    assert!(
+        shown.reencryption.is_none_or(|r| !r.in_progress),
+        "a refused change was left in progress"
+    );
+    assert!(key(&mut admin).await.primary);
+
+    // EnableKey cannot restore what the customer took away...
+    let err = admin
+        .enable_key(proto::EnableKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("provider"), "{}", err.message());
+    assert_eq!(key(&mut admin).await.state(), proto::KeyState::Revoked);
+    let err = unwrap(&mut broker, TENANT, &[], &g.wrapped_key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // ...and restores it at once when the customer has.
+    kms.enable_key().key_id(key_id).send().await.unwrap();
+    admin
+        .enable_key(proto::EnableKeyRequest {
+            tenant_id: TENANT.into(),
+            name: "cmk".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(key(&mut admin).await.state(), proto::KeyState::Active);
+    assert_eq!(
+        unwrap(&mut broker, TENANT, &[], &g.wrapped_key)
+            .await
+            .unwrap()
+            .plaintext,
+        g.plaintext
+    );
+    server.stop().await;
+}

@@ -54,6 +54,11 @@ static CHECKED: [AtomicUsize; 3] = [
     AtomicUsize::new(0),
     AtomicUsize::new(0),
 ];
+/// Per kind of control operation: acknowledged, refused.
+static BY_KIND: std::sync::Mutex<std::collections::BTreeMap<String, [usize; 2]>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// Customer keys disabled or enabled at the provider (moto), each seen.
+static AT_PROVIDER: AtomicUsize = AtomicUsize::new(0);
 /// Control operations acknowledged, and refused (FAILED_PRECONDITION etc.).
 static CONTROLS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
@@ -181,6 +186,17 @@ impl Sut {
             .map(|i| system.broker(at + 1 + i))
             .collect();
         let picks = self.picks(&step.data);
+        // The AWS key a step names: a new one in moto for LinkKey, the
+        // model's for a change at the provider.
+        let aws = match &control {
+            Control::Link { .. } => Some(system.create_aws_key().await),
+            Control::AtProvider { tenant, key, .. } => self.tenants[*tenant]
+                .keys
+                .get(*key)
+                .and_then(|k| k.aws.clone()),
+            _ => None,
+        };
+        let kms = system.kms();
         let retire_min = match &control {
             Control::Retire { tenant, .. } => self.newest_version(*tenant),
             _ => 0,
@@ -193,7 +209,7 @@ impl Sut {
                 .map(|((d, pick), broker)| run_data(broker, d.clone(), pick)),
         );
         let outcome = if kill {
-            let control_run = run_control(admin, control.clone(), retire_min);
+            let control_run = run_control(admin, control.clone(), retire_min, kms, aws.clone());
             let (_, data_out) = tokio::join!(
                 async {
                     tokio::select! {
@@ -220,7 +236,10 @@ impl Sut {
                 tokio::join!(self.system.as_ref().unwrap().drop_change_feeds(), data);
             (Some(Ok(())), data_out)
         } else {
-            let (c, d) = tokio::join!(run_control(admin, control.clone(), retire_min), data);
+            let (c, d) = tokio::join!(
+                run_control(admin, control.clone(), retire_min, kms, aws.clone()),
+                data
+            );
             (Some(c), d)
         };
         let (control_result, data_out) = outcome;
@@ -231,7 +250,7 @@ impl Sut {
         match control_result {
             // The registry went away under it: whatever committed counts.
             Some(Err(s)) if s.code() == Code::Unavailable => self.resolve_killed(&control).await,
-            Some(result) => self.apply_control(&control, result, retire_min).await,
+            Some(result) => self.apply_control(&control, result, retire_min, aws).await,
             None => self.resolve_killed(&control).await,
         }
         for dek in &mut self.deks[learned_from..] {
@@ -297,6 +316,7 @@ impl Sut {
         control: &Control,
         result: Result<(), tonic::Status>,
         retire_min: u32,
+        aws: Option<String>,
     ) {
         if let Err(status) = &result {
             if matches!(status.code(), Code::Internal | Code::Unknown) {
@@ -304,6 +324,18 @@ impl Sut {
             }
         }
         CONTROLS[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        let kind = format!("{control:?}");
+        let kind = kind.split([' ', '{']).next().unwrap_or_default().to_owned();
+        BY_KIND.lock().unwrap().entry(kind).or_default()[usize::from(result.is_err())] += 1;
+        if let Err(status) = &result
+            && std::env::var_os("KEYBROKER_LIFECYCLE_VERBOSE").is_some()
+        {
+            eprintln!(
+                "refused: {control:?}: {:?} {}",
+                status.code(),
+                status.message()
+            );
+        }
         if let Control::RotateKeyring = control {
             self.system().rotate_keyring();
         }
@@ -326,6 +358,34 @@ impl Sut {
                 if *primary || first {
                     self.make_primary(*tenant, key);
                 }
+            }
+            Control::Link {
+                tenant,
+                key,
+                primary,
+            } => {
+                let t = &mut self.tenants[*tenant];
+                let first = t.primary().is_none();
+                t.linked(key).aws = aws;
+                if *primary || first {
+                    self.make_primary(*tenant, key);
+                }
+            }
+            Control::AtProvider {
+                tenant,
+                key,
+                enable,
+            } => {
+                let Some(k) = self.tenants[*tenant]
+                    .keys
+                    .get_mut(*key)
+                    .filter(|k| k.aws.is_some() && k.aws == aws)
+                else {
+                    return;
+                };
+                k.revoked = !enable;
+                self.await_key_state(*tenant, key).await;
+                AT_PROVIDER.fetch_add(1, Ordering::Relaxed);
             }
             Control::SetPrimary { tenant, key } => self.make_primary(*tenant, key),
             Control::Disable { tenant, key, to } => {
@@ -396,6 +456,7 @@ impl Sut {
         let tenant = match control {
             Control::Create { tenant, .. }
             | Control::Import { tenant, .. }
+            | Control::Link { tenant, .. }
             | Control::SetPrimary { tenant, .. }
             | Control::Disable { tenant, .. }
             | Control::Enable { tenant, .. }
@@ -448,9 +509,15 @@ impl Sut {
                     t.keys.insert(k.name.clone(), old.clone());
                     t.keys.get_mut(&k.name).unwrap()
                 }
-                None => t.linked(&k.name),
+                None => {
+                    let key = t.linked(&k.name);
+                    if k.provider() == proto::Provider::AwsKms {
+                        key.aws = Some(k.key_reference.clone());
+                    }
+                    key
+                }
             };
-            key.disabled = k.state() != proto::KeyState::Active;
+            key.disabled = k.state() == proto::KeyState::Disabled;
             key.primary = k.primary;
         }
         let stored = self.system.as_ref().unwrap().stored_versions(id).await;
@@ -463,6 +530,51 @@ impl Sut {
         }
         for (v, b) in stored {
             t.versions.insert((life, v), Some(b));
+        }
+    }
+
+    /// A change at the provider is seen within the revocation bound: the
+    /// key's state becomes what the model says (an operator's DisableKey
+    /// stays whatever the provider does).
+    async fn await_key_state(&mut self, tenant: usize, name: &str) {
+        let Some(key) = self.tenants[tenant].keys.get(name).cloned() else {
+            return;
+        };
+        let want = if key.disabled {
+            proto::KeyState::Disabled
+        } else if key.revoked {
+            proto::KeyState::Revoked
+        } else {
+            proto::KeyState::Active
+        };
+        let started = Instant::now();
+        loop {
+            let keys = patiently(|| {
+                let mut admin = self.system().admin(0);
+                async move {
+                    admin
+                        .list_keys(proto::ListKeysRequest {
+                            tenant_id: TENANTS[tenant].into(),
+                        })
+                        .await
+                }
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+            let state = keys.iter().find(|k| k.name == name).map(|k| k.state());
+            if state == Some(want) || state.is_none() {
+                return;
+            }
+            if started.elapsed() > system::REVOCATION {
+                self.fail(format!(
+                    "key {name} of {}: {state:?} {:?} after a change at the provider, the model says {want:?}",
+                    TENANTS[tenant],
+                    started.elapsed()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -600,8 +712,9 @@ impl Sut {
     async fn check_exports(&mut self) {
         let exports = std::mem::take(&mut self.exports);
         let from = self.system.as_ref().unwrap().keyring_dir().to_owned();
+        let moto = self.system.as_ref().unwrap().moto_url().to_owned();
         for (n, (path, expected)) in exports.iter().enumerate() {
-            let (_dir, mut process, broker) = system::restored(&from, path).await;
+            let (_dir, mut process, broker) = system::restored(&from, path, &moto).await;
             let deks: Vec<Dek> = expected
                 .iter()
                 .map(|(i, _)| self.deks[*i].clone())
@@ -723,6 +836,8 @@ async fn run_control(
     mut admin: proto::key_admin_client::KeyAdminClient<tonic::transport::Channel>,
     control: Control,
     retire_min: u32,
+    kms: aws_sdk_kms::Client,
+    aws: Option<String>,
 ) -> Result<(), tonic::Status> {
     let id = |t: usize| TENANTS[t].to_owned();
     match control {
@@ -763,6 +878,48 @@ async fn run_control(
                 })
                 .await
                 .map(drop)
+        }
+        Control::Link {
+            tenant,
+            key,
+            primary,
+        } => {
+            let arn = aws.unwrap_or_default();
+            admin
+                .link_key(proto::LinkKeyRequest {
+                    tenant_id: id(tenant),
+                    name: key.into(),
+                    provider: proto::Provider::AwsKms.into(),
+                    region: arn.split(':').nth(3).unwrap_or_default().into(),
+                    key_reference: arn,
+                    role_arn: crate::aws_support::ROLE_ARN.into(),
+                    make_primary: primary,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+        }
+        Control::AtProvider { enable, .. } => {
+            // A key keybroker holds has no provider side.
+            let Some(arn) = aws else { return Ok(()) };
+            // moto finds keys to disable and enable by id only.
+            let arn = arn.rsplit('/').next().unwrap_or_default().to_owned();
+            let moto = |e: String| tonic::Status::internal(format!("moto: {e}"));
+            if enable {
+                kms.enable_key()
+                    .key_id(arn)
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| moto(format!("{e:?}")))
+            } else {
+                kms.disable_key()
+                    .key_id(arn)
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| moto(format!("{e:?}")))
+            }
         }
         Control::SetPrimary { tenant, key } => admin
             .set_primary_key(proto::SetPrimaryKeyRequest {
@@ -913,16 +1070,17 @@ fn run(cases: u32, soak: Option<Duration>) -> String {
     }
     let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
     format!(
-        "lifecycle model: {} cases, {} steps in {:?}; control operations {} done, {} refused; DEK checks: {} read, {} refused, {} gone",
+        "lifecycle model: {} cases, {} steps in {:?}; control operations {} done, {} refused, {} at the provider; DEK checks: {} read, {} refused, {} gone",
         n(&CASES),
         n(&STEPS),
         started.elapsed(),
         n(&CONTROLS[0]),
         n(&CONTROLS[1]),
+        n(&AT_PROVIDER),
         n(&CHECKED[0]),
         n(&CHECKED[1]),
         n(&CHECKED[2]),
-    )
+    ) + &format!("\n  by kind (done, refused): {:?}", BY_KIND.lock().unwrap())
 }
 
 fn settings() -> (u32, Option<Duration>) {

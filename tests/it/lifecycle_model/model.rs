@@ -47,6 +47,19 @@ pub(super) enum Control {
         key: &'static str,
         primary: bool,
     },
+    /// LinkKey of a new AWS key (in moto), through the tenant's role.
+    Link {
+        tenant: usize,
+        key: &'static str,
+        primary: bool,
+    },
+    /// The customer disables (or enables) the AWS key at the provider;
+    /// nothing for a key keybroker holds.
+    AtProvider {
+        tenant: usize,
+        key: &'static str,
+        enable: bool,
+    },
     SetPrimary {
         tenant: usize,
         key: &'static str,
@@ -109,6 +122,8 @@ impl fmt::Debug for Step {
 #[derive(Clone, Debug, Default)]
 pub(super) struct RefState {
     pub(super) keys: [BTreeSet<&'static str>; 3],
+    /// Names LinkKey was asked for (AWS keys, if it succeeded).
+    pub(super) linked: [BTreeSet<&'static str>; 3],
 }
 
 pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
@@ -117,6 +132,9 @@ pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
     let known = |t: usize| state.keys[t].iter().copied().collect::<Vec<_>>();
     let any_known: Vec<(usize, &'static str)> = (0..TENANTS.len())
         .flat_map(|t| known(t).into_iter().map(move |k| (t, k)))
+        .collect();
+    let any_linked: Vec<(usize, &'static str)> = (0..TENANTS.len())
+        .flat_map(|t| state.linked[t].iter().map(move |k| (t, *k)))
         .collect();
     let data = prop::collection::vec(
         prop_oneof![
@@ -135,9 +153,19 @@ pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
                 .boxed(),
         ),
         (
-            4,
-            (tenant.clone(), key, any::<bool>())
+            3,
+            (tenant.clone(), key.clone(), any::<bool>())
                 .prop_map(|(tenant, key, primary)| Control::Import {
+                    tenant,
+                    key,
+                    primary,
+                })
+                .boxed(),
+        ),
+        (
+            3,
+            (tenant.clone(), key, any::<bool>())
+                .prop_map(|(tenant, key, primary)| Control::Link {
                     tenant,
                     key,
                     primary,
@@ -203,6 +231,18 @@ pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
             ),
         ]);
     }
+    if !any_linked.is_empty() {
+        controls.push((
+            4,
+            (prop::sample::select(any_linked), any::<bool>())
+                .prop_map(|((tenant, key), enable)| Control::AtProvider {
+                    tenant,
+                    key,
+                    enable,
+                })
+                .boxed(),
+        ));
+    }
     let plain = prop::strategy::Union::new_weighted(controls).boxed();
     let control = prop_oneof![
         9 => plain.clone(),
@@ -212,6 +252,7 @@ pub(super) fn transitions(state: &RefState) -> BoxedStrategy<Step> {
             | Control::Export
             | Control::RestartRegistry
             | Control::DropFeeds
+            | Control::AtProvider { .. }
             | Control::Killed(_) => Control::Restart,
             c => Control::Killed(Box::new(c)),
         }),
@@ -235,7 +276,14 @@ pub(super) fn apply_ref(mut state: RefState, step: &Step) -> RefState {
         Control::Import { tenant, key, .. } => {
             state.keys[*tenant].insert(key);
         }
-        Control::Delete { tenant, now: true } => state.keys[*tenant].clear(),
+        Control::Link { tenant, key, .. } => {
+            state.keys[*tenant].insert(key);
+            state.linked[*tenant].insert(key);
+        }
+        Control::Delete { tenant, now: true } => {
+            state.keys[*tenant].clear();
+            state.linked[*tenant].clear();
+        }
         _ => {}
     }
     state
@@ -252,6 +300,7 @@ pub(super) fn precondition(state: &RefState, step: &Step) -> bool {
         | Control::Disable { tenant, key, .. }
         | Control::Enable { tenant, key }
         | Control::Unlink { tenant, key, .. } => state.keys[*tenant].contains(key),
+        Control::AtProvider { tenant, key, .. } => state.linked[*tenant].contains(key),
         _ => true,
     }
 }
@@ -271,7 +320,11 @@ pub(super) struct Dek {
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Key {
+    /// Disabled by an operator (DisableKey).
     pub(super) disabled: bool,
+    /// An AWS key (its ARN), and whether the customer disabled it there.
+    pub(super) aws: Option<String>,
+    pub(super) revoked: bool,
     pub(super) primary: bool,
     /// Which link of the name: a key unlinked and imported again under it
     /// is another key.
@@ -331,7 +384,7 @@ impl Tenant {
             return match self.versions.get(&(dek.incarnation, v)) {
                 Some(Some(b)) if b == "platform" => Expect::Read,
                 Some(Some(b)) => match self.keys.get(b) {
-                    Some(k) if k.disabled => Expect::Refused,
+                    Some(k) if k.disabled || k.revoked => Expect::Refused,
                     Some(_) => Expect::Read,
                     None => Expect::Gone,
                 },
@@ -344,7 +397,7 @@ impl Tenant {
                 .filter(|k| link.is_none_or(|l| l == k.link))
         });
         match key {
-            Some(k) if k.disabled => Expect::Refused,
+            Some(k) if k.disabled || k.revoked => Expect::Refused,
             Some(_) => Expect::Read,
             None => Expect::Gone,
         }

@@ -15,7 +15,10 @@ use keybroker::registry::sql::SqlRegistry;
 use tonic::transport::Channel;
 
 use super::postgres::PgCluster;
+use crate::aws_support::Moto;
 use crate::process::Process;
+
+const REGION: &str = "us-east-1";
 
 /// Where the replicas keep their registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +37,8 @@ pub(super) struct Replica {
 pub(super) struct System {
     pub(super) replicas: Vec<Replica>,
     postgres: Option<PgCluster>,
+    /// The customers' AWS: every replica's KMS and STS.
+    moto: Moto,
 }
 
 const FLAGS: &[&str] = &[
@@ -42,11 +47,11 @@ const FLAGS: &[&str] = &[
     "--maintenance-interval",
     "200ms",
     "--watcher-interval",
-    "1h",
+    "300ms",
     "--keyring-reload-interval",
     "100ms",
     "--tenant-key-rotation-period",
-    "0s",
+    "2s",
     "--registry-cache-ttl",
     "1s",
 ];
@@ -55,9 +60,14 @@ const FLAGS: &[&str] = &[
 /// NOTIFY in milliseconds, at worst `registry_cache_ttl` (1 s here).
 pub(super) const PROPAGATION: Duration = Duration::from_secs(3);
 
+/// How long a change at the provider may go unseen: a watcher pass
+/// (300 ms here) and its describe and canary calls.
+pub(super) const REVOCATION: Duration = Duration::from_secs(5);
+
 impl System {
     pub(super) async fn start(backend: Backend) -> Self {
         let postgres = (backend == Backend::Postgres).then(PgCluster::start);
+        let moto = Moto::start();
         let count = if postgres.is_some() { 2 } else { 1 };
         let mut replicas = Vec::new();
         for i in 0..count {
@@ -70,7 +80,7 @@ impl System {
                 .unwrap();
             }
             let url = postgres.as_ref().map(|p| p.url.clone());
-            let (process, broker, admin) = spawn(dir.path(), url.as_deref()).await;
+            let (process, broker, admin) = spawn(dir.path(), url.as_deref(), &moto.url).await;
             replicas.push(Replica {
                 dir,
                 process: Some(process),
@@ -78,7 +88,21 @@ impl System {
                 admin,
             });
         }
-        Self { replicas, postgres }
+        Self {
+            replicas,
+            postgres,
+            moto,
+        }
+    }
+
+    /// A new customer key in moto; its ARN.
+    pub(super) async fn create_aws_key(&self) -> String {
+        self.moto.create_key(REGION, false).await
+    }
+
+    /// The customers' side of AWS KMS (to disable and enable their keys).
+    pub(super) fn kms(&self) -> aws_sdk_kms::Client {
+        self.moto.kms(REGION)
     }
 
     pub(super) fn broker(&self, replica: usize) -> KeyBrokerClient<Channel> {
@@ -117,8 +141,12 @@ impl System {
         let replica = replica % self.replicas.len();
         self.stop_one(replica, kill).await;
         let url = self.url();
-        let (process, broker, admin) =
-            spawn(self.replicas[replica].dir.path(), url.as_deref()).await;
+        let (process, broker, admin) = spawn(
+            self.replicas[replica].dir.path(),
+            url.as_deref(),
+            &self.moto.url,
+        )
+        .await;
         let r = &mut self.replicas[replica];
         r.process = Some(process);
         r.broker = broker;
@@ -214,6 +242,10 @@ impl System {
         versions
     }
 
+    pub(super) fn moto_url(&self) -> &str {
+        &self.moto.url
+    }
+
     /// The first replica's data dir (its keyring is everyone's).
     pub(super) fn keyring_dir(&self) -> &Path {
         self.replicas[0].dir.path()
@@ -229,6 +261,7 @@ fn replicas_dir(replicas: &[Replica], i: usize) -> &Path {
 pub(super) async fn restored(
     from: &Path,
     export: &Path,
+    moto_url: &str,
 ) -> (tempfile::TempDir, Process, KeyBrokerClient<Channel>) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
@@ -248,19 +281,31 @@ pub(super) async fn restored(
         "restore failed: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let (process, broker, _) = spawn(dir.path(), None).await;
+    let (process, broker, _) = spawn(dir.path(), None, moto_url).await;
     (dir, process, broker)
 }
 
 async fn spawn(
     dir: &Path,
     registry: Option<&str>,
+    moto: &str,
 ) -> (Process, KeyBrokerClient<Channel>, KeyAdminClient<Channel>) {
     let mut flags: Vec<&str> = FLAGS.to_vec();
+    flags.extend(["--aws-kms-endpoint", moto, "--aws-sts-endpoint", moto]);
     if let Some(url) = registry {
         flags.extend(["--registry", url]);
     }
-    let process = Process::spawn_with(&[], dir, &flags, &[("RUST_LOG", "info")]);
+    let process = Process::spawn_with(
+        &[],
+        dir,
+        &flags,
+        &[
+            ("RUST_LOG", "info"),
+            ("AWS_ACCESS_KEY_ID", "AKIATEST"),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
     let channel = process.channel().await;
     (
         process,
