@@ -484,9 +484,11 @@ pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics` (and `more`: the issuer's keys) on `listener`
+/// until `shutdown` resolves.
 pub(crate) async fn serve(
     metrics: Arc<Metrics>,
+    more: axum::Router,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -514,7 +516,7 @@ pub(crate) async fn serve(
             }
         }),
     );
-    axum::serve(listener, app)
+    axum::serve(listener, app.merge(more))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -62,6 +62,26 @@ impl SealingKey {
         Some(Self(Zeroizing::new(bytes)))
     }
 
+    /// A key for another purpose, derived from this one under `label`
+    /// (HKDF-SHA256; a label per purpose keeps the keys independent): the
+    /// seed of keybroker's token signing keys, for one.
+    pub fn derive_subkey(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        struct Len32;
+        impl aws_lc_rs::hkdf::KeyType for Len32 {
+            fn len(&self) -> usize {
+                32
+            }
+        }
+        let prk = Salt::new(HKDF_SHA256, b"keybroker derived keys v1").extract(self.0.as_slice());
+        let info = [label];
+        let mut out = Zeroizing::new([0u8; 32]);
+        // 32 bytes are far below HKDF-SHA256's limit: expand cannot fail.
+        if let Ok(okm) = prk.expand(&info, Len32) {
+            let _ = okm.fill(out.as_mut_slice());
+        }
+        out
+    }
+
     /// The one-time key of the wrap that drew `salt`. HKDF-SHA256 can
     /// expand up to 8160 bytes, so the 32 asked here never fail; the error
     /// is only passed on.

@@ -58,6 +58,9 @@ pub struct Server {
     /// A plaintext listener serving only `grpc.health.v1` (kubelet's gRPC
     /// probes speak no TLS); never key material.
     health_listener: Option<TcpListener>,
+    /// Mints customers' Vault login tokens; its keys are published on the
+    /// metrics listener.
+    issuer: Option<Arc<crate::kms::issuer::Issuer>>,
     /// Background tasks that live as long as the server (keyring reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -89,6 +92,8 @@ impl Server {
                 .with_context(|| "loading the platform keyring")?,
         );
         let reloader = keyring.spawn_reloader(config.server.keyring_reload_interval);
+        let issuer = crate::kms::issuer::Issuer::from_settings(&config.oidc, Arc::clone(&keyring))
+            .map(Arc::new);
         let platform = Arc::new(platform_binding(
             Arc::clone(&keyring),
             &path.display().to_string(),
@@ -117,7 +122,8 @@ impl Server {
             )
             .with_vault(Arc::new(
                 crate::kms::vault::VaultTransit::new(config.vault.clone())
-                    .with_context(|| "setting up the Vault client")?,
+                    .with_context(|| "setting up the Vault client")?
+                    .with_issuer(issuer.clone()),
             ))
             .with_pkcs11(hsm)
             .with_azure(Arc::new(
@@ -176,6 +182,7 @@ impl Server {
         });
         server.admin = Some(admin);
         server.rotation = Some(rotation);
+        server.issuer = issuer;
         server
             .tasks
             .extend([reloader, flusher, watching, resuming, rotating, maintaining]);
@@ -261,8 +268,14 @@ impl Server {
             watcher: None,
             rotation: None,
             health_listener: None,
+            issuer: None,
             tasks,
         })
+    }
+
+    /// The issuer of customers' Vault login tokens, if configured.
+    pub fn issuer(&self) -> Option<&Arc<crate::kms::issuer::Issuer>> {
+        self.issuer.as_ref()
     }
 
     /// Also serve health checks, in plaintext, on `listener`.

@@ -40,6 +40,7 @@ impl KeyAdminApi {
                 gcp_service_account: o.gcp_service_account,
                 gcp_role: o.gcp_role,
                 vault_policy_hcl: o.vault_policy_hcl,
+                vault_jwt_setup: o.vault_jwt_setup,
                 azure_application_id: o.azure_application_id,
                 azure_consent_url: o.azure_consent_url,
                 azure_role: o.azure_role,

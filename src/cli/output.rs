@@ -61,6 +61,7 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
                 "gcp_service_account": o.gcp_service_account,
                 "gcp_role": o.gcp_role,
                 "vault_policy_hcl": o.vault_policy_hcl,
+                "vault_jwt_setup": o.vault_jwt_setup,
             },
         })
     })

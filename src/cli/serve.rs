@@ -33,6 +33,17 @@ pub(super) enum KeyringCommand {
     },
     /// Move a keyring sealed under --platform-key back to a plain file.
     Unseal(KeyringArgs),
+    /// Print the public keys keybroker signs customers' Vault login tokens
+    /// with (one per keyring version): a JWK Set for a Vault's `jwks_url`
+    /// or `jwks_pairs`, and PEM for `jwt_validation_pubkeys` (a Vault that
+    /// cannot reach keybroker's metrics listener).
+    OidcKeys {
+        #[command(flatten)]
+        keyring: KeyringArgs,
+        /// The server's oidc_issuer.
+        #[arg(long, env = "KEYBROKER_OIDC_ISSUER")]
+        issuer: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,9 +198,13 @@ pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
         let bound = metrics_listener.local_addr()?;
         let metrics = Arc::clone(server.metrics());
+        let more = server
+            .issuer()
+            .map(crate::kms::issuer::Issuer::routes)
+            .unwrap_or_default();
         tokio::spawn(async move {
             if let Err(err) =
-                crate::metrics::serve(metrics, metrics_listener, shutdown_signal()).await
+                crate::metrics::serve(metrics, more, metrics_listener, shutdown_signal()).await
             {
                 tracing::error!(error = %err, "metrics endpoint failed");
             }
@@ -253,6 +268,29 @@ pub(super) fn keyring(command: KeyringCommand) -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({ "keyring": path, "sealed_by": sealed_by, "versions": versions })
+            );
+        }
+        KeyringCommand::OidcKeys { keyring, issuer } => {
+            let settings = crate::kms::issuer::IssuerSettings {
+                issuer: Some(issuer),
+                ..Default::default()
+            };
+            settings.validate()?;
+            let path = keyring.path();
+            let seal = keyring.seal(keyring.platform_key.as_deref())?;
+            let ring = Arc::new(LocalKeyring::open_or_create_sealed(
+                "platform", &path, seal,
+            )?);
+            let issuer = crate::kms::issuer::Issuer::from_settings(&settings, ring)
+                .ok_or_else(|| anyhow::anyhow!("give --issuer"))?;
+            println!(
+                "{}",
+                json!({
+                    "issuer": issuer.issuer(),
+                    "jwks_uri": issuer.jwks_url(),
+                    "jwks": issuer.jwks()?,
+                    "jwt_validation_pubkeys": issuer.public_pems()?,
+                })
             );
         }
         KeyringCommand::Unseal(args) => {

@@ -72,6 +72,8 @@ pub struct Config {
     #[command(flatten)]
     pub vault: crate::kms::vault::VaultSettings,
     #[command(flatten)]
+    pub oidc: crate::kms::issuer::IssuerSettings,
+    #[command(flatten)]
     pub pkcs11: crate::kms::pkcs11::Pkcs11Settings,
     #[command(flatten)]
     pub azure: crate::kms::azure::AzureSettings,
@@ -131,6 +133,7 @@ impl Config {
         self.aws.validate()?;
         self.gcp.validate()?;
         self.vault.validate()?;
+        self.oidc.validate()?;
         self.pkcs11.validate()?;
         self.azure.validate()?;
         self.audit.validate()?;

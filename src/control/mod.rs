@@ -262,7 +262,9 @@ impl Admin {
 
     pub fn onboarding(&self, tenant: &Tenant) -> Onboarding {
         let azure = self.directory.azure().ok().map(|a| a.settings());
-        onboarding::onboarding(&self.settings, azure, tenant)
+        let vault = self.directory.vault().ok();
+        let issuer = vault.as_ref().and_then(|v| v.issuer()).map(|i| i.as_ref());
+        onboarding::onboarding(&self.settings, azure, issuer, tenant)
     }
 
     /// Links a cloud KMS key. Input is validated fully; the cloud providers
@@ -306,6 +308,11 @@ impl Admin {
                 verify_provider(&key, &req.tenant_id).await?
             }
             ProviderKind::VaultTransit if req.vault_jwt.is_some() => {
+                if !self.directory.vault()?.has_issuer() {
+                    return Err(AdminError::Refused(
+                        "this server mints no login tokens for Vault jwt roles (no oidc_issuer): the operator sets oidc_issuer, or link the key with an AppRole".into(),
+                    ));
+                }
                 let jwt = req.vault_jwt.clone().unwrap_or_default();
                 record.role_arn = jwt.role;
                 record.service_account = if jwt.mount.is_empty() {

@@ -17,6 +17,7 @@ pub struct Onboarding {
     pub gcp_service_account: String,
     pub gcp_role: String,
     pub vault_policy_hcl: String,
+    pub vault_jwt_setup: String,
     pub azure_application_id: String,
     pub azure_consent_url: String,
     pub azure_role: String,
@@ -27,6 +28,7 @@ pub struct Onboarding {
 pub(super) fn onboarding(
     settings: &AdminSettings,
     azure: Option<&crate::kms::azure::AzureSettings>,
+    issuer: Option<&crate::kms::issuer::Issuer>,
     tenant: &Tenant,
 ) -> Onboarding {
     let azure_app = azure.and_then(|a| a.client_id.clone()).unwrap_or_default();
@@ -66,6 +68,9 @@ pub(super) fn onboarding(
         gcp_service_account: settings.gcp_service_account.clone().unwrap_or_default(),
         gcp_role: crate::kms::gcp::ENCRYPTER_DECRYPTER_ROLE.to_owned(),
         vault_policy_hcl: crate::kms::vault::policy_hcl("<TRANSIT_MOUNT>", "<KEY_NAME>"),
+        vault_jwt_setup: issuer
+            .map(|i| vault_jwt_setup(i, tenant))
+            .unwrap_or_default(),
         azure_consent_url: if azure_app.is_empty() {
             String::new()
         } else {
@@ -74,4 +79,20 @@ pub(super) fn onboarding(
         azure_application_id: azure_app,
         azure_role: crate::kms::azure::KEY_ROLE.to_owned(),
     }
+}
+
+/// The customer's Vault commands for a jwt role only this tenant's logins,
+/// and only logins meant for that Vault, can use.
+fn vault_jwt_setup(issuer: &crate::kms::issuer::Issuer, tenant: &Tenant) -> String {
+    let iss = issuer.issuer();
+    let subject = crate::kms::issuer::subject(&tenant.id);
+    format!(
+        "vault auth enable -path=keybroker jwt\n\
+         vault write auth/keybroker/config oidc_discovery_url=\"{iss}\" bound_issuer=\"{iss}\"\n\
+         # (a Vault that cannot reach {iss}: jwt_validation_pubkeys from `keybroker keyring oidc-keys`)\n\
+         vault write auth/keybroker/role/keybroker role_type=jwt user_claim=sub \\\n  \
+         bound_subject=\"{subject}\" bound_audiences=\"<VAULT_ADDR>\" \\\n  \
+         token_policies=\"<POLICY>\" token_ttl=20m token_max_ttl=1h\n\
+         # then LinkKey with vault_jwt {{ mount: \"keybroker\", role: \"keybroker\" }}\n"
+    )
 }

@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod azure;
 pub mod gcp;
+pub mod issuer;
 pub mod local;
 pub mod pkcs11;
 pub mod vault;

@@ -756,7 +756,10 @@ pub fn vault_target(
                 role_id: role,
                 secret_id: Arc::new(secret_id),
             },
-            None => VaultLogin::Jwt { role },
+            None => VaultLogin::Jwt {
+                role,
+                subject: crate::kms::issuer::subject(&record.tenant_id),
+            },
         },
     })
 }

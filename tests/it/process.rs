@@ -32,7 +32,7 @@ impl Drop for Process {
 }
 
 impl Process {
-    fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Self {
+    pub(crate) fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Self {
         Self::spawn_under(&[], data_dir, extra)
     }
 

@@ -674,158 +674,272 @@ async fn vault_tokens_are_renewed_then_replaced() {
     server.stop().await;
 }
 
-/// The platform's identity token as the customer's jwt auth method sees it:
-/// ES256, signed by a key pair the customer's Vault trusts.
-struct PlatformIdentity {
-    signer: aws_lc_rs::signature::EcdsaKeyPair,
+/// A loopback port nothing listens on now (the issuer's URL must be known
+/// before the server that serves it starts).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-const ISSUER: &str = "https://oidc.platform.example";
-const SUBJECT: &str = "system:serviceaccount:keybroker:keybroker";
-
-impl PlatformIdentity {
-    fn new() -> Self {
-        Self {
-            signer: aws_lc_rs::signature::EcdsaKeyPair::generate(
-                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            )
-            .unwrap(),
-        }
-    }
-
-    fn public_pem(&self) -> String {
-        use aws_lc_rs::encoding::AsDer;
-        use aws_lc_rs::signature::KeyPair;
-        use base64::Engine;
-        let der = self.signer.public_key().as_der().unwrap();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            lines.join("\n")
-        )
-    }
-
-    fn token(&self, subject: &str) -> String {
-        use base64::Engine;
-        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let header = b64(br#"{"alg":"ES256","typ":"JWT"}"#);
-        let claims = b64(serde_json::json!({
-            "iss": ISSUER, "sub": subject, "aud": "vault",
-            "iat": now, "nbf": now - 5, "exp": now + 3600,
-        })
-        .to_string()
-        .as_bytes());
-        let signing_input = format!("{header}.{claims}");
-        let signature = self
-            .signer
-            .sign(
-                &aws_lc_rs::rand::SystemRandom::new(),
-                signing_input.as_bytes(),
-            )
-            .unwrap();
-        format!("{signing_input}.{}", b64(signature.as_ref()))
-    }
-}
-
-/// The jwt auth method: the customer's Vault trusts the platform's identity
-/// token (issuer, subject, audience), so no secret is stored per binding.
-/// Against OpenBao's real jwt method: link, the data plane with one login,
-/// and a token with another subject or a role that does not exist refused.
+/// keybroker as the OIDC issuer of its own Vault logins, against OpenBao's
+/// real jwt auth method and the release binary: every login's token is
+/// minted for one Vault (`aud`: the address keybroker logs in to) and one
+/// tenant (`sub`), valid for minutes, signed by keys the binary publishes
+/// on its metrics listener (discovery + JWKS) and `keyring oidc-keys`
+/// prints (PEM). The matrix audience × subject × expiry, every outcome
+/// asserted; a customer's server collecting a token gets nothing it can
+/// use anywhere else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vault_jwt_login_uses_the_platforms_identity_token() {
+async fn vault_jwt_logins_are_minted_per_vault_and_per_tenant() {
+    use keybroker::proto::key_admin_client::KeyAdminClient;
     let bao = Bao::shared();
     let key = bao.customer_key();
-    let identity = PlatformIdentity::new();
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("platform.pem");
-    std::fs::write(&pem, identity.public_pem()).unwrap();
-    // The customer's side: trust the platform's issuer and key, bind a
-    // role to keybroker's subject with the key's policy.
-    let jwt_mount = random_name("jwt");
-    bao.cli(&["auth", "enable", &format!("-path={jwt_mount}"), "jwt"]);
+    let metrics = format!("127.0.0.1:{port}");
+    let process = crate::process::Process::spawn(
+        dir.path(),
+        &[
+            "--metrics-listen",
+            &metrics,
+            "--oidc-issuer",
+            &issuer,
+            "--oidc-token-lifetime",
+            "1m",
+            "--vault-max-attempts",
+            "1",
+        ],
+    );
+    let channel = process.channel().await;
+    let mut admin = KeyAdminClient::new(channel.clone());
+    let mut broker = proto::key_broker_client::KeyBrokerClient::new(channel);
+
+    // The published keys: the discovery document names the JWKS, whose
+    // keys are the ones `keybroker keyring oidc-keys` prints.
+    let discovery: serde_json::Value =
+        reqwest::get(format!("{issuer}/.well-known/openid-configuration"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(discovery["issuer"], issuer.as_str());
+    let jwks: serde_json::Value = reqwest::get(discovery["jwks_uri"].as_str().unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let printed = Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["keyring", "oidc-keys", "--issuer", &issuer, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let printed: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    assert_eq!(
+        printed["jwks"], jwks,
+        "the CLI prints what the server serves"
+    );
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["alg"], "ES256");
+    assert_eq!(keys[0]["crv"], "P-256");
+    assert!(keys[0].get("d").is_none(), "a private part was published");
+
+    // The customer's Vault, two ways of trusting keybroker: its discovery
+    // URL, and the PEM keys the CLI printed.
+    let discovered = random_name("jwt");
+    let pinned = random_name("jwt");
+    bao.cli(&["auth", "enable", &format!("-path={discovered}"), "jwt"]);
+    bao.cli(&["auth", "enable", &format!("-path={pinned}"), "jwt"]);
     bao.cli(&[
         "write",
-        &format!("auth/{jwt_mount}/config"),
-        &format!("jwt_validation_pubkeys=@{}", pem.display()),
-        &format!("bound_issuer={ISSUER}"),
+        &format!("auth/{discovered}/config"),
+        &format!("oidc_discovery_url={issuer}"),
+        &format!("bound_issuer={issuer}"),
     ]);
-    for role in ["keybroker", "keybroker2"] {
+    let pem = dir.path().join("keybroker.pem");
+    std::fs::write(&pem, printed["jwt_validation_pubkeys"][0].as_str().unwrap()).unwrap();
+    bao.cli(&[
+        "write",
+        &format!("auth/{pinned}/config"),
+        &format!("jwt_validation_pubkeys=@{}", pem.display()),
+        &format!("bound_issuer={issuer}"),
+    ]);
+    // Vault "B" is the same server under another name: what a customer's
+    // own server is to keybroker, an audience no token for A carries.
+    let vault_a = bao.addr.clone();
+    let vault_b = bao.addr.replace("127.0.0.1", "localhost");
+    let role = |mount: &str, name: &str, audience: &str, tenant: &str| {
         bao.cli(&[
             "write",
-            &format!("auth/{jwt_mount}/role/{role}"),
+            &format!("auth/{mount}/role/{name}"),
             "role_type=jwt",
             "user_claim=sub",
-            &format!("bound_subject={SUBJECT}"),
-            "bound_audiences=vault",
+            &format!("bound_subject=keybroker:tenant:{tenant}"),
+            &format!("bound_audiences={audience}"),
             &format!("token_policies={}", key.role),
             "token_ttl=20m",
+            "expiration_leeway=-1",
+            "clock_skew_leeway=-1",
+            "not_before_leeway=10",
         ]);
-    }
-
-    let token_file = dir.path().join("platform-token");
-    std::fs::write(&token_file, identity.token(SUBJECT)).unwrap();
-    let mut config = test_config(dir.path());
-    config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
-    config.vault.max_attempts = 1;
-    config.vault.jwt_file = Some(token_file.clone());
-    let server = TestServer::start(config).await;
-    let mut admin = admin_client(&server).await;
-    let mut broker = server.client().await;
-    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
-    let link = |role: &str| proto::LinkKeyRequest {
-        tenant_id: "acme".into(),
-        name: "vault".into(),
-        provider: proto::Provider::VaultTransit.into(),
-        key_reference: key.reference.clone(),
-        make_primary: true,
-        vault_jwt: Some(proto::VaultJwt {
-            mount: jwt_mount.clone(),
-            role: role.into(),
-        }),
-        ..Default::default()
     };
+    role(&discovered, "acme-at-a", &vault_a, "acme");
+    role(&discovered, "acme-at-b", &vault_b, "acme");
+    role(&discovered, "globex-at-a", &vault_a, "globex");
+    role(&pinned, "acme-at-a", &vault_a, "acme");
 
-    // A role the customer never made: refused, nothing stored.
-    let err = admin.link_key(link("nobody")).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-
-    let vault = std::sync::Arc::clone(server.directory.as_ref().unwrap().vault().unwrap());
-    let logins = || vault.logins.load(std::sync::atomic::Ordering::SeqCst);
-    let before = logins();
-    admin.link_key(link("keybroker")).await.unwrap();
+    for tenant in ["acme", "globex"] {
+        create_tenant_with(&mut admin, tenant, KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    }
+    let link =
+        |tenant: &str, name: &str, vault: &str, mount: &str, role: &str| proto::LinkKeyRequest {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            provider: proto::Provider::VaultTransit.into(),
+            key_reference: key.reference.replace(&vault_a, vault),
+            vault_jwt: Some(proto::VaultJwt {
+                mount: mount.into(),
+                role: role.into(),
+            }),
+            ..Default::default()
+        };
+    // (tenant, the Vault keybroker logs in to, mount, role) → accepted?
+    let matrix = [
+        ("acme", &vault_a, &discovered, "acme-at-a", true),
+        ("acme", &vault_a, &pinned, "acme-at-a", true),
+        ("acme", &vault_b, &discovered, "acme-at-b", true),
+        // Audience: a token minted for A is refused by B's role, and B's by A's.
+        ("acme", &vault_a, &discovered, "acme-at-b", false),
+        ("acme", &vault_b, &discovered, "acme-at-a", false),
+        // Subject: one tenant's token is refused by another's role.
+        ("globex", &vault_a, &discovered, "acme-at-a", false),
+        ("acme", &vault_a, &discovered, "globex-at-a", false),
+        ("globex", &vault_a, &discovered, "globex-at-a", true),
+    ];
+    for (i, (tenant, vault, mount, role_name, accepted)) in matrix.iter().enumerate() {
+        let got = admin
+            .link_key(link(tenant, &format!("v{i}"), vault, mount, role_name))
+            .await;
+        println!(
+            "jwt login: tenant {tenant} at {vault} as role {role_name} ({}): {}",
+            if *mount == &discovered {
+                "discovery"
+            } else {
+                "pinned PEM"
+            },
+            match &got {
+                Ok(_) => "accepted".to_owned(),
+                Err(s) => format!("refused, {:?}", s.code()),
+            }
+        );
+        match got {
+            Ok(_) => assert!(accepted, "case {i} was accepted"),
+            Err(s) => {
+                assert!(!accepted, "case {i} was refused: {s:?}");
+                assert_eq!(s.code(), Code::FailedPrecondition, "case {i}: {s:?}");
+                assert!(s.message().contains("jwt role"), "{}", s.message());
+            }
+        }
+    }
+    // The data plane logs in the same way.
     let g = generate(&mut broker, "acme", CTX).await.unwrap();
-    let back = unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
-        .await
-        .unwrap();
-    assert_eq!(back.plaintext, g.plaintext);
-    server.broker.cache().purge_all();
-    unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
-        .await
-        .unwrap();
-    assert_eq!(logins() - before, 1, "one jwt login serves every call");
+    assert_eq!(
+        unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+            .await
+            .unwrap()
+            .plaintext,
+        g.plaintext
+    );
 
-    // Another workload's token (another subject), at the next login (a
-    // role not logged in yet): Vault refuses it. The token file is read at
-    // every login, so a rotated token is used without a restart.
-    std::fs::write(
-        &token_file,
-        identity.token("system:serviceaccount:other:app"),
+    // Expiry: a token collected and replayed after its lifetime is refused
+    // (minted here with the server's own keys: the same keyring file).
+    let keyring = std::sync::Arc::new(
+        keybroker::kms::local::LocalKeyring::open_or_create(
+            "platform",
+            &keybroker::config::platform_keyring_path(dir.path()),
+        )
+        .unwrap(),
+    );
+    let minter = keybroker::kms::issuer::Issuer::from_settings(
+        &keybroker::kms::issuer::IssuerSettings {
+            issuer: Some(issuer.clone()),
+            token_lifetime: Duration::from_secs(3),
+        },
+        keyring,
     )
     .unwrap();
-    let mut other = link("keybroker2");
-    other.name = "vault2".into();
-    other.make_primary = false;
-    let err = admin.link_key(other).await.unwrap_err();
+    let login = |jwt: &str| {
+        bao.try_cli(&[
+            "write",
+            &format!("auth/{discovered}/login"),
+            "role=acme-at-a",
+            &format!("jwt={jwt}"),
+        ])
+    };
+    let token = minter
+        .mint(&vault_a, &keybroker::kms::issuer::subject("acme"))
+        .unwrap();
+    let (fresh, out) = login(&token);
+    assert!(fresh, "a fresh token is accepted: {out}");
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let (replayed, out) = login(&token);
+    assert!(!replayed, "an expired token was accepted: {out}");
+    assert!(out.contains("expired") || out.contains("exp"), "{out}");
+    println!(
+        "jwt login: the same token 4.5 s later (lifetime 3 s): refused ({})",
+        out.lines().last().unwrap_or_default()
+    );
+    drop(process);
+}
+
+/// The shared-token mode is gone: a server configured with it refuses to
+/// start, saying why and what replaces it; without an issuer a jwt link is
+/// refused before anything is sent anywhere.
+#[tokio::test]
+async fn the_shared_vault_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args([
+            "check-config",
+            "--vault-jwt-file",
+            "/tmp/token",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vault_jwt_file") && err.contains("oidc_issuer"),
+        "{err}"
+    );
+
+    let server = TestServer::start(test_config(dir.path())).await;
+    let mut admin = admin_client(&server).await;
+    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    let err = admin
+        .link_key(proto::LinkKeyRequest {
+            tenant_id: "acme".into(),
+            name: "vault".into(),
+            provider: proto::Provider::VaultTransit.into(),
+            key_reference: "http://127.0.0.1:1/v1/transit/keys/cmk".into(),
+            vault_jwt: Some(proto::VaultJwt {
+                mount: "jwt".into(),
+                role: "keybroker".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("jwt role"), "{}", err.message());
+    assert!(err.message().contains("oidc_issuer"), "{}", err.message());
     server.stop().await;
 }

@@ -273,6 +273,17 @@ impl LocalKeyring {
         versions.created.get(&versions.newest).copied().unwrap_or(0)
     }
 
+    /// Per version, oldest first: a key derived from it under `label`
+    /// (replicas sharing the keyring derive the same keys; a rotation adds
+    /// one, and the older ones live as long as their versions).
+    pub fn derived_keys(&self, label: &[u8]) -> Vec<(u32, Zeroizing<[u8; 32]>)> {
+        self.current()
+            .keys
+            .iter()
+            .map(|(v, key)| (*v, key.sealing.derive_subkey(label)))
+            .collect()
+    }
+
     pub fn newest_version(&self) -> u32 {
         self.current().newest
     }

@@ -93,13 +93,15 @@ pub struct VaultSettings {
         default_value = "10000"
     )]
     pub identity_cache_capacity: u64,
-    /// File holding the platform's identity token (a JWT, e.g. a projected
-    /// Kubernetes service-account token) for customers' jwt auth roles;
-    /// re-read at every login, so a rotated token is used.
+    /// Removed: one platform token sent to every customer's Vault let any
+    /// customer who pointed a link at a server of their own log in as
+    /// keybroker to every other customer's jwt role. keybroker mints a token
+    /// per login instead (`oidc_issuer`). Kept only to refuse it by name.
     #[arg(
         id = "vault_jwt_file",
         long = "vault-jwt-file",
-        env = "KEYBROKER_VAULT_JWT_FILE"
+        env = "KEYBROKER_VAULT_JWT_FILE",
+        hide = true
     )]
     pub jwt_file: Option<std::path::PathBuf>,
     /// A Vault login unused this long is dropped (the next use logs in).
@@ -121,6 +123,12 @@ impl VaultSettings {
         }
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("vault_max_attempts", "must be 1 to 10");
+        }
+        if self.jwt_file.is_some() {
+            return invalid(
+                "vault_jwt_file",
+                "was removed: a shared token sent to every customer's Vault could be replayed against the others. keybroker now mints a token per login; set oidc_issuer and have customers trust its keys (keybroker keyring oidc-keys; README, Vault)",
+            );
         }
         crate::settings::check_identity_cache(
             "vault",
@@ -145,6 +153,8 @@ pub struct VaultTransit {
     pub renewals: Arc<AtomicU64>,
     /// Transit encrypt/decrypt/rewrap calls made (tests count them).
     pub transit_calls: Arc<AtomicU64>,
+    /// Mints the token of each jwt login (none: jwt links are refused).
+    issuer: Option<Arc<super::issuer::Issuer>>,
 }
 
 impl fmt::Debug for VaultTransit {
@@ -178,20 +188,39 @@ impl VaultTransit {
             logins: Arc::default(),
             renewals: Arc::default(),
             transit_calls: Arc::default(),
+            issuer: None,
         })
     }
 
-    /// The platform's identity token for jwt logins, read now (it rotates).
-    async fn platform_jwt(&self) -> Result<Zeroizing<String>, ProviderError> {
-        let path = self.settings.jwt_file.as_ref().ok_or_else(|| {
+    /// Logs in to jwt roles with tokens `issuer` mints.
+    pub fn with_issuer(mut self, issuer: Option<Arc<super::issuer::Issuer>>) -> Self {
+        self.issuer = issuer;
+        self
+    }
+
+    /// The issuer of jwt login tokens, if configured.
+    pub fn issuer(&self) -> Option<&Arc<super::issuer::Issuer>> {
+        self.issuer.as_ref()
+    }
+
+    /// Whether jwt logins are possible (an issuer is configured).
+    pub fn has_issuer(&self) -> bool {
+        self.issuer.is_some()
+    }
+
+    /// A token for one jwt login to the Vault at `audience` as `subject`:
+    /// usable there only, by that subject only, for minutes only.
+    fn login_token(
+        &self,
+        audience: &str,
+        subject: &str,
+    ) -> Result<Zeroizing<String>, ProviderError> {
+        let issuer = self.issuer.as_ref().ok_or_else(|| {
             ProviderError::Internal(
-                "this Vault key logs in with the jwt auth method, but the server has no vault_jwt_file (the platform's identity token)".into(),
+                "this Vault key logs in with the jwt auth method, but the server has no oidc_issuer to mint its login tokens".into(),
             )
         })?;
-        let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-            ProviderError::Internal(format!("vault_jwt_file {}: {e}", path.display()))
-        })?;
-        Ok(Zeroizing::new(text.trim().to_owned()))
+        issuer.mint(audience, subject)
     }
 
     /// Live Vault logins (metrics: `keybroker_identity_clients`).
@@ -246,9 +275,10 @@ pub enum VaultLogin {
         role_id: String,
         secret_id: Arc<Zeroizing<String>>,
     },
-    /// A role of the jwt auth method that trusts the platform's identity
-    /// token (`vault_jwt_file`): nothing secret per binding.
-    Jwt { role: String },
+    /// A role of the jwt auth method that trusts keybroker's issuer:
+    /// nothing secret per binding. `subject` is the tenant's
+    /// (`keybroker:tenant:<id>`), what the role's `bound_subject` names.
+    Jwt { role: String, subject: String },
 }
 
 impl fmt::Debug for VaultLogin {
@@ -259,7 +289,11 @@ impl fmt::Debug for VaultLogin {
                 .field("role_id", role_id)
                 .field("secret_id", &"<redacted>")
                 .finish(),
-            Self::Jwt { role } => f.debug_struct("Jwt").field("role", role).finish(),
+            Self::Jwt { role, subject } => f
+                .debug_struct("Jwt")
+                .field("role", role)
+                .field("subject", subject)
+                .finish(),
         }
     }
 }
@@ -272,7 +306,9 @@ impl VaultLogin {
             Self::AppRole { role_id, secret_id } => {
                 (format!("approle:{role_id}"), secret_id.as_bytes())
             }
-            Self::Jwt { role } => (format!("jwt:{role}"), &b""[..]),
+            // Per tenant: two tenants naming one role log in apart, each
+            // with its own subject.
+            Self::Jwt { role, subject } => (format!("jwt:{role}:{subject}"), &b""[..]),
         };
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret);
         let mut out = [0u8; 32];
@@ -381,8 +417,8 @@ impl VaultSession {
                 role_id,
                 secret_id: secret_id.as_str(),
             },
-            VaultLogin::Jwt { role } => {
-                jwt = vault.platform_jwt().await?;
+            VaultLogin::Jwt { role, subject } => {
+                jwt = vault.login_token(&self.address, subject)?;
                 LoginBody::Jwt {
                     role,
                     jwt: jwt.as_str(),
