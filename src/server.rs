@@ -83,7 +83,7 @@ impl Server {
         let path = config.platform_keyring_path();
         let hsm = crate::kms::pkcs11::Pkcs11Hsm::from_settings(&config.pkcs11)
             .with_context(|| "setting up the PKCS#11 module")?
-            .map(Arc::new);
+            .map(|h| Arc::new(h.with_platform_key(config.server.platform_key.clone())));
         let seal =
             crate::kms::pkcs11::platform_seal(hsm.as_ref(), config.server.platform_key.as_deref())
                 .with_context(|| "the platform key (platform_key)")?;

@@ -142,7 +142,7 @@ impl Config {
             return invalid(
                 "platform_key",
                 "names a PKCS#11 key: give pkcs11_module (the HSM's library) and its PIN \
-                 (pkcs11_pin_file or KEYBROKER_PKCS11_PIN)",
+                 (pkcs11_pin_file)",
             );
         }
         let listen = self.server.listen;

@@ -364,7 +364,12 @@ impl Admin {
             }
             ProviderKind::Pkcs11 => {
                 let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)?;
-                let key = self.directory.pkcs11()?.key(key);
+                let hsm = self.directory.pkcs11()?;
+                // Before anything reaches the HSM: the PIN unlocks every
+                // object, so the label is what proves the key is theirs.
+                hsm.check_owner(&req.tenant_id, &key)
+                    .map_err(AdminError::Refused)?;
+                let key = hsm.key(key);
                 verify_provider(&key, &req.tenant_id).await?
             }
             ProviderKind::Local => {

@@ -2,9 +2,13 @@
 //!
 //! The module is the platform's, configured on the server
 //! (`pkcs11_module`, an allow-list of one: a LinkKey caller never names a
-//! library to load), and so is the PIN (`pkcs11_pin_file`, or the
-//! `KEYBROKER_PKCS11_PIN` environment variable; never a flag). A binding
-//! names the token and the key object: `pkcs11:token=<label>;object=<label>`.
+//! library to load), and so is the PIN (`pkcs11_pin_file` only: never a
+//! flag, never the environment, which children inherit and /proc shows;
+//! read once into a zeroizing buffer). A binding names the token and the
+//! key object: `pkcs11:token=<label>;object=<label>`, and a tenant may name
+//! only objects of its own namespace (`pkcs11_tenant_label_prefix`), never
+//! the key that seals the platform keyring: the PIN unlocks every object
+//! on the token, so the label is the proof of ownership.
 //! The key is an AES-256 secret key on the token; keybroker wraps with
 //! CKM_AES_GCM, a 96-bit IV drawn by the host, the tenant and context as
 //! AAD, and stores IV ‖ ciphertext ‖ tag. PKCS#11 sessions are not
@@ -47,14 +51,25 @@ pub struct Pkcs11Settings {
         env = "KEYBROKER_PKCS11_MODULE"
     )]
     pub module: Option<PathBuf>,
-    /// File holding the token user PIN [default: the KEYBROKER_PKCS11_PIN
-    /// environment variable]. Never a flag value.
+    /// File holding the token user PIN (mode 0600). Never a flag value,
+    /// never an environment variable.
     #[arg(
         id = "pkcs11_pin_file",
         long = "pkcs11-pin-file",
         env = "KEYBROKER_PKCS11_PIN_FILE"
     )]
     pub pin_file: Option<PathBuf>,
+    /// The object labels a tenant may link: those starting with this,
+    /// `{tenant}` replaced by the tenant id. The PIN unlocks every object
+    /// on the token, so a label outside the tenant's namespace (another
+    /// tenant's key, the platform's) is refused before the HSM is asked.
+    #[arg(
+        id = "pkcs11_tenant_label_prefix",
+        long = "pkcs11-tenant-label-prefix",
+        env = "KEYBROKER_PKCS11_TENANT_LABEL_PREFIX",
+        default_value = "{tenant}."
+    )]
+    pub tenant_label_prefix: String,
     /// Logged-in sessions per token, the most calls in flight on it.
     #[arg(
         id = "pkcs11_sessions",
@@ -76,6 +91,12 @@ impl Pkcs11Settings {
         if self.sessions == 0 || self.sessions > 256 {
             return crate::settings::invalid("pkcs11_sessions", "must be 1 to 256");
         }
+        if !self.tenant_label_prefix.contains("{tenant}") {
+            return crate::settings::invalid(
+                "pkcs11_tenant_label_prefix",
+                "must contain {tenant}: without it every tenant could link every object the PIN unlocks",
+            );
+        }
         Ok(())
     }
 }
@@ -91,7 +112,7 @@ impl Pkcs11KeyRef {
     pub fn parse(reference: &str) -> Result<Self, InvalidIdentifier> {
         let bad = || {
             InvalidIdentifier(format!(
-                "{} is not a PKCS#11 key reference; expected pkcs11:token=<token label>;object=<key label> (labels: letters, digits, space - _ .)",
+                "{} is not a PKCS#11 key reference; expected pkcs11:token=<token label>;object=<key label> (labels: letters, digits, space - _ . : @)",
                 crate::text::Quoted(reference)
             ))
         };
@@ -104,14 +125,18 @@ impl Pkcs11KeyRef {
                 _ => return Err(bad()),
             }
         }
-        let label_ok = |s: &str| {
+        // Token labels are 32 bytes by the standard; object labels are
+        // free, and hold a tenant id (`:` and `@` included) and a name.
+        let label_ok = |s: &str, max: usize| {
             !s.is_empty()
-                && s.len() <= 32
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'-' | b'_' | b'.'))
+                && s.len() <= max
+                && s.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b' ' | b'-' | b'_' | b'.' | b':' | b'@')
+                })
         };
         match (token, object) {
-            (Some(t), Some(o)) if label_ok(t) && label_ok(o) => Ok(Self {
+            (Some(t), Some(o)) if label_ok(t, 32) && label_ok(o, 160) => Ok(Self {
                 token: t.to_owned(),
                 object: o.to_owned(),
             }),
@@ -123,6 +148,35 @@ impl Pkcs11KeyRef {
 impl fmt::Display for Pkcs11KeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "pkcs11:token={};object={}", self.token, self.object)
+    }
+}
+
+impl Pkcs11KeyRef {
+    /// Whether `tenant_id` may link this object: its label is in the
+    /// tenant's namespace, and it is not the key that seals the platform
+    /// keyring (`platform_key`). A pure function: no HSM call.
+    pub fn check_owner(
+        &self,
+        tenant_id: &str,
+        prefix_template: &str,
+        platform_key: Option<&str>,
+    ) -> Result<(), String> {
+        if platform_key
+            .and_then(|p| Self::parse(p).ok())
+            .is_some_and(|p| p.token == self.token && p.object == self.object)
+        {
+            return Err(format!(
+                "{self} is the key that seals the platform keyring; no tenant may link it"
+            ));
+        }
+        let prefix = prefix_template.replace("{tenant}", tenant_id);
+        if !self.object.starts_with(&prefix) {
+            return Err(format!(
+                "object '{}' is outside tenant '{tenant_id}''s namespace on the HSM: its label must start with '{prefix}' (pkcs11_tenant_label_prefix); the platform labels each tenant's keys so that no tenant can link another's",
+                self.object
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -192,6 +246,11 @@ pub struct Pkcs11Hsm {
     tokens: Mutex<HashMap<String, Arc<TokenPool>>>,
     /// Encrypt/decrypt calls made (tests count them).
     pub calls: Arc<std::sync::atomic::AtomicU64>,
+    /// `pkcs11_tenant_label_prefix`.
+    tenant_label_prefix: String,
+    /// The key that seals the platform keyring (`platform_key`): no
+    /// tenant's.
+    platform_key: Option<String>,
 }
 
 impl fmt::Debug for Pkcs11Hsm {
@@ -208,20 +267,21 @@ impl Pkcs11Hsm {
         let Some(module) = &settings.module else {
             return Ok(None);
         };
-        let pin = match &settings.pin_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| {
-                    ProviderError::Internal(format!("pkcs11_pin_file {}: {e}", path.display()))
-                })?
-                .trim_end_matches(['\n', '\r'])
-                .to_owned(),
-            None => std::env::var("KEYBROKER_PKCS11_PIN").map_err(|_| {
-                ProviderError::Internal(
-                    "pkcs11_module is set but no PIN: set pkcs11_pin_file or KEYBROKER_PKCS11_PIN"
-                        .into(),
-                )
-            })?,
-        };
+        if std::env::var_os("KEYBROKER_PKCS11_PIN").is_some() {
+            return Err(ProviderError::Internal(
+                "KEYBROKER_PKCS11_PIN is no longer read: a PIN in the environment is inherited by child processes and readable in /proc; put it in a 0600 file and set pkcs11_pin_file".into(),
+            ));
+        }
+        let path = settings.pin_file.as_ref().ok_or_else(|| {
+            ProviderError::Internal(
+                "pkcs11_module is set but no PIN: set pkcs11_pin_file (a 0600 file)".into(),
+            )
+        })?;
+        let read = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            ProviderError::Internal(format!("pkcs11_pin_file {}: {e}", path.display()))
+        })?);
+        // AuthPin zeroizes its copy; the file's text is zeroized here.
+        let pin = read.trim_end_matches(['\n', '\r']).to_owned();
         let ctx = Pkcs11::new(module).map_err(|e| {
             ProviderError::Internal(format!(
                 "cannot load PKCS#11 module {}: {e}",
@@ -240,7 +300,24 @@ impl Pkcs11Hsm {
             sessions: settings.sessions,
             tokens: Mutex::new(HashMap::new()),
             calls: Arc::default(),
+            tenant_label_prefix: settings.tenant_label_prefix.clone(),
+            platform_key: None,
         }))
+    }
+
+    /// Reserves the key that seals the platform keyring.
+    pub fn with_platform_key(mut self, platform_key: Option<String>) -> Self {
+        self.platform_key = platform_key;
+        self
+    }
+
+    /// Whether `tenant_id` may link `key` (no HSM call).
+    pub fn check_owner(&self, tenant_id: &str, key: &Pkcs11KeyRef) -> Result<(), String> {
+        key.check_owner(
+            tenant_id,
+            &self.tenant_label_prefix,
+            self.platform_key.as_deref(),
+        )
     }
 
     /// The provider for one key object.

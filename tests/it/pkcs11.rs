@@ -96,7 +96,8 @@ fn link(tenant: &str, object: &str) -> proto::LinkKeyRequest {
 /// the customer's key destroyed on the token → revoked within the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pkcs11_keys_work_end_to_end_on_softhsm() {
-    let label = format!("kek-{}", std::process::id());
+    // In acme's namespace on the token (pkcs11_tenant_label_prefix).
+    let label = format!("acme.kek-{}", std::process::id());
     let (_ctx, hsm) = admin_session();
     make_key(&hsm, &label);
 
@@ -114,7 +115,7 @@ async fn pkcs11_keys_work_end_to_end_on_softhsm() {
     // No such object: refused, nothing stored. A module path in the
     // reference is refused before anything is loaded.
     let err = admin
-        .link_key(link("acme", "no-such-key"))
+        .link_key(link("acme", "acme.no-such-key"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -387,4 +388,109 @@ async fn platform_keyring_sealed_in_the_hsm() {
         "a sealed keyring without --platform-key is refused",
     );
     assert!(err.contains("--platform-key"), "{err}");
+}
+
+/// Proof of ownership: the PIN unlocks every object on the token, so a
+/// tenant links only labels of its own namespace, and never the key that
+/// seals the platform keyring. Refused with 0 HSM calls, nothing stored,
+/// saying what to configure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_links_only_its_own_hsm_objects() {
+    let pid = std::process::id();
+    let (acme_key, seal_key) = (format!("acme.own-{pid}"), format!("acme.seal-{pid}"));
+    let (_ctx, hsm) = admin_session();
+    make_key(&hsm, &acme_key);
+    make_key(&hsm, &seal_key);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
+    config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+    // The platform keyring sealed by a key whose label even sits in a
+    // tenant's namespace: still no tenant's.
+    config.server.platform_key = Some(format!("pkcs11:token={TOKEN};object={seal_key}"));
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    for tenant in ["acme", "globex"] {
+        create_tenant_with(
+            &mut admin,
+            tenant,
+            KeyPolicy::Keyring,
+            KeyHierarchy::TenantKey,
+        )
+        .await;
+    }
+    let hsm_calls = || {
+        server
+            .directory
+            .as_ref()
+            .unwrap()
+            .pkcs11()
+            .unwrap()
+            .calls
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = hsm_calls();
+    for (tenant, object, why) in [
+        ("globex", acme_key.as_str(), "namespace"),
+        ("globex", "platform-anything", "namespace"),
+        ("acme", seal_key.as_str(), "seals the platform keyring"),
+    ] {
+        let err = admin.link_key(link(tenant, object)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains(why), "{}", err.message());
+        if why == "namespace" {
+            assert!(
+                err.message().contains(&format!("'{tenant}.'"))
+                    && err.message().contains("pkcs11_tenant_label_prefix"),
+                "{}",
+                err.message()
+            );
+        }
+        let keys = admin
+            .list_keys(proto::ListKeysRequest {
+                tenant_id: tenant.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        assert!(keys.is_empty(), "a refused link was stored: {keys:?}");
+    }
+    assert_eq!(hsm_calls(), before, "a refused link reached the HSM");
+    // Its own object: linked, used.
+    admin.link_key(link("acme", &acme_key)).await.unwrap();
+    assert!(hsm_calls() > before);
+    let mut broker = server.client().await;
+    let g = generate(&mut broker, "acme", CTX).await.unwrap();
+    assert_eq!(
+        unwrap(&mut broker, "acme", CTX, &g.wrapped_key)
+            .await
+            .unwrap()
+            .plaintext,
+        g.plaintext
+    );
+    server.stop().await;
+    destroy_key(&hsm, &acme_key);
+    destroy_key(&hsm, &seal_key);
+}
+
+/// The PIN is read from its file only: a PIN in the environment (inherited
+/// by children, readable in /proc) stops the server with the fix.
+#[tokio::test]
+async fn the_pin_is_never_taken_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--pkcs11-module", &env("KEYBROKER_TEST_PKCS11_MODULE")])
+        .env("KEYBROKER_PKCS11_PIN", "1234")
+        .env_remove("KEYBROKER_PKCS11_PIN_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("KEYBROKER_PKCS11_PIN") && err.contains("pkcs11_pin_file"),
+        "{err}"
+    );
 }
