@@ -101,6 +101,7 @@ pub struct Metrics {
     cache_events: Family<NameLabels, Counter>,
     cache_entries: Gauge,
     sts_assume_role: Counter,
+    legacy_local_unwraps: Counter,
     audit_records: Family<NameLabels, Counter>,
     watcher_checks: Family<NameLabels, Counter>,
     bindings: Family<NameLabels, Gauge>,
@@ -194,6 +195,12 @@ impl Metrics {
             "STS AssumeRole calls",
             sts_assume_role.clone(),
         );
+        let legacy_local_unwraps = Counter::default();
+        registry.register(
+            "legacy_local_unwraps",
+            "Wrapped keys of the legacy local layout read (zero for long: legacy_local_wraps can be refuse)",
+            legacy_local_unwraps.clone(),
+        );
         let audit_records = Family::<NameLabels, Counter>::default();
         registry.register(
             "audit_records",
@@ -251,6 +258,7 @@ impl Metrics {
             cache_events,
             cache_entries,
             sts_assume_role,
+            legacy_local_unwraps,
             audit_records,
             watcher_checks,
             bindings,
@@ -400,6 +408,12 @@ impl Metrics {
                     &self.sts_assume_role,
                 );
             }
+            self.sync(
+                &mut exported,
+                "legacy_local_unwraps",
+                crate::kms::local::LEGACY_UNWRAPS.load(Ordering::Relaxed),
+                &self.legacy_local_unwraps,
+            );
             if let Some(audit) = &sources.audit {
                 self.sync(
                     &mut exported,

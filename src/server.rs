@@ -91,6 +91,7 @@ impl Server {
             LocalKeyring::open_or_create_sealed(PLATFORM_BINDING, &path, seal)
                 .with_context(|| "loading the platform keyring")?,
         );
+        keyring.set_legacy_wraps(config.server.legacy_local_wraps);
         let reloader = keyring.spawn_reloader(config.server.keyring_reload_interval);
         let issuer = crate::kms::issuer::Issuer::from_settings(&config.oidc, Arc::clone(&keyring))
             .map(Arc::new);
@@ -130,7 +131,8 @@ impl Server {
                 crate::kms::azure::AzureKeyVault::new(config.azure.clone())
                     .with_context(|| "setting up the Azure Key Vault client")?,
             ))
-            .with_recheck_interval(config.watcher.recheck_interval),
+            .with_recheck_interval(config.watcher.recheck_interval)
+            .with_legacy_wraps(config.server.legacy_local_wraps),
         );
         let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);
         let rotation = Arc::new(PlatformRotation::new(

@@ -228,7 +228,7 @@ fn softhsm_key(dir: &std::path::Path) -> anyhow::Result<keybroker::kms::pkcs11::
     let hsm = Pkcs11Hsm::from_settings(&Pkcs11Settings {
         module: Some(PathBuf::from(SOFTHSM_MODULE)),
         pin_file: Some(dir.join("pin")),
-        sessions: 4,
+        ..Pkcs11Settings::default()
     })?
     .context("no PKCS#11 module")?;
     Ok(Arc::new(hsm).key(Pkcs11KeyRef::parse("pkcs11:token=bench;object=bench-kek")?))

@@ -45,6 +45,8 @@ pub struct RegistryDirectory {
     platform: Arc<Binding>,
     /// Decrypts imported key material stored in the registry.
     platform_keyring: Arc<LocalKeyring>,
+    /// Whether legacy-layout wraps under imported material are read.
+    legacy_wraps: crate::kms::local::LegacyWraps,
     /// Shared AWS sessions and clients for `aws-kms` bindings.
     aws: Arc<AwsKms>,
     /// Shared Cloud KMS clients for `gcp-kms` bindings.
@@ -120,6 +122,7 @@ impl RegistryDirectory {
             generation: std::sync::atomic::AtomicU64::new(0),
             usage: Mutex::new(HashMap::new()),
             verdicts: verdict_cache(DEFAULT_RECHECK_INTERVAL),
+            legacy_wraps: crate::kms::local::LegacyWraps::default(),
             rechecks: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -139,6 +142,12 @@ impl RegistryDirectory {
     /// Serve `pkcs11` bindings through `hsm`.
     pub fn with_pkcs11(mut self, hsm: Option<Arc<Pkcs11Hsm>>) -> Self {
         self.pkcs11 = hsm;
+        self
+    }
+
+    /// Reads or refuses legacy-layout wraps under imported material.
+    pub fn with_legacy_wraps(mut self, legacy: crate::kms::local::LegacyWraps) -> Self {
+        self.legacy_wraps = legacy;
         self
     }
 
@@ -596,6 +605,7 @@ impl RegistryDirectory {
                     &material_versions(&material)?,
                 )
                 .map_err(|e| DirectoryError::Internal(e.to_string()))?;
+                keyring.set_legacy_wraps(self.legacy_wraps);
                 Ok(Arc::new(keyring))
             }
             ProviderKind::AwsKms => Ok(Arc::new(

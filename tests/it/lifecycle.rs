@@ -511,8 +511,10 @@ async fn a_lost_change_feed_purges_the_cache() {
         .await
         .unwrap();
     // The replica's own notifications (of the import) come back through
-    // its feed: let them land before the feed is tested.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // its feed: let them land before the feed is tested (generously: on
+    // a loaded machine one landing after the change below would reload
+    // the view, and the premise "nothing told this replica" would not hold).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // An operator's change made behind the feed's back (no NOTIFY).
     sqlx::any::install_default_drivers();

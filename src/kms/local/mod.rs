@@ -33,6 +33,23 @@ use crate::seal::SealingKey;
 use crate::secret::SecretBytes;
 
 const KEY_LEN: usize = 32;
+
+/// Legacy-layout unwraps served since start, every local keyring together
+/// (`keybroker_legacy_local_unwraps_total`): when it stays at zero, the
+/// operator can refuse them (`legacy_local_wraps = refuse`).
+pub static LEGACY_UNWRAPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether wrapped keys of the legacy layout (random nonce under the
+/// version key, written before the `seal` construction) are still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LegacyWraps {
+    /// Read (and counted), as every release before did.
+    #[default]
+    Accept,
+    /// Refused (FAILED_PRECONDITION naming this setting): the metric says
+    /// none was read for as long as the operator wanted to be sure.
+    Refuse,
+}
 const TAG_LEN: usize = 16;
 
 /// Errors loading, creating or rotating a keyring file. These stop the server
@@ -139,6 +156,8 @@ pub struct LocalKeyring {
     seal: Option<Arc<dyn KeyringSeal>>,
     /// Whether the sealing key passed its last check (true unsealed).
     seal_usable: std::sync::atomic::AtomicBool,
+    /// Whether legacy-layout wraps are refused.
+    refuse_legacy: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for LocalKeyring {
@@ -178,7 +197,16 @@ impl LocalKeyring {
             stamp: RwLock::new(Some(stamp)),
             seal,
             seal_usable: std::sync::atomic::AtomicBool::new(true),
+            refuse_legacy: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Reads or refuses legacy-layout wraps from now on.
+    pub fn set_legacy_wraps(&self, legacy: LegacyWraps) {
+        self.refuse_legacy.store(
+            legacy == LegacyWraps::Refuse,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Adds a new version to the backing file and loads it; its number.
@@ -226,6 +254,7 @@ impl LocalKeyring {
             stamp: RwLock::new(None),
             seal: None,
             seal_usable: std::sync::atomic::AtomicBool::new(true),
+            refuse_legacy: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -436,6 +465,15 @@ impl KeyProvider for LocalKeyring {
         }
         // The legacy layout (or a legacy nonce that happens to start with
         // the magic: tried both ways, authentication decides).
+        if self
+            .refuse_legacy
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(ProviderError::VersionDisabled(format!(
+                "a wrapped key of the legacy layout under {} version {key_version}, which the operator refuses (legacy_local_wraps = refuse); set it to accept to read it, then rewrap it",
+                self.id
+            )));
+        }
         let key = &key.legacy;
         if ciphertext.len() < NONCE_LEN + TAG_LEN {
             return Err(ProviderError::InvalidCiphertext(
@@ -454,6 +492,7 @@ impl KeyProvider for LocalKeyring {
                 )
             })?
             .len();
+        LEGACY_UNWRAPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         buf.truncate(plain_len);
         Ok(SecretBytes::new(std::mem::take(&mut *buf)))
     }
@@ -555,8 +594,34 @@ mod tests {
             .unwrap();
         let legacy = [nonce.as_slice(), &body].concat();
         assert!(!crate::seal::is_sealed(&legacy));
+        let counted = LEGACY_UNWRAPS.load(std::sync::atomic::Ordering::Relaxed);
         let back = ring.decrypt("1", &legacy, wrap).await.unwrap();
         assert_eq!(back.expose(), b"old dek");
+        assert!(
+            LEGACY_UNWRAPS.load(std::sync::atomic::Ordering::Relaxed) > counted,
+            "a legacy unwrap was not counted"
+        );
+
+        // The operator's switch: refused, naming it; new wraps unaffected.
+        ring.set_legacy_wraps(LegacyWraps::Refuse);
+        match ring.decrypt("1", &legacy, wrap).await {
+            Err(ProviderError::VersionDisabled(why)) => {
+                assert!(why.contains("legacy_local_wraps"), "{why}")
+            }
+            other => panic!("a legacy wrap was not refused: {other:?}"),
+        }
+        let sealed = ring
+            .encrypt(&SecretBytes::new(b"x".to_vec()), wrap)
+            .await
+            .unwrap();
+        assert_eq!(
+            ring.decrypt("1", &sealed.bytes, wrap)
+                .await
+                .unwrap()
+                .expose(),
+            b"x"
+        );
+        ring.set_legacy_wraps(LegacyWraps::Accept);
 
         let new = ring
             .encrypt(&SecretBytes::new(b"new dek".to_vec()), wrap)
