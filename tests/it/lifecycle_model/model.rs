@@ -367,6 +367,19 @@ pub(super) enum Expect {
 }
 
 impl Tenant {
+    /// Whether an AWS key (in moto) protects `dek`: what it does then also
+    /// depends on that key's state at the provider, which the customer may
+    /// change after an export was taken.
+    pub(super) fn at_provider(&self, dek: &Dek) -> bool {
+        let name = match (dek.sealed, &dek.direct) {
+            (Some(v), _) => self.versions.get(&(dek.incarnation, v)).cloned().flatten(),
+            (None, Some((name, _))) => Some(name.clone()),
+            (None, None) => None,
+        };
+        name.and_then(|n| self.keys.get(&n))
+            .is_some_and(|k| k.aws.is_some())
+    }
+
     pub(super) fn expect(&self, dek: &Dek) -> Expect {
         if dek.incarnation != 0 && self.deleted.contains(&dek.incarnation) {
             return Expect::Gone;
