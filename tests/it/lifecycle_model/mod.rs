@@ -94,7 +94,7 @@ struct Sut {
     /// Exports taken, with what every DEK was to do then.
     /// Exports taken, with what every DEK was to do then, and whether an
     /// AWS key protected it (its provider state may have changed since).
-    exports: Vec<(std::path::PathBuf, Vec<(usize, Expect, bool)>)>,
+    exports: Vec<(std::path::PathBuf, Vec<Expected>)>,
     log: Vec<String>,
 }
 
@@ -749,6 +749,10 @@ impl Sut {
         }
     }
 }
+
+/// What a DEK was to do when an export was taken: (index, expectation,
+/// whether an AWS key protected it).
+type Expected = (usize, Expect, bool);
 
 /// A DEK a data call got: (tenant, key info, wrapped key, plaintext).
 type Got = (usize, proto::KeyInfo, Vec<u8>, Vec<u8>);
