@@ -618,6 +618,15 @@ impl Broker {
             return Ok(key);
         }
         let binding = resolve_binding(keys, tenant_id, &envelope)?;
+        if keys.hierarchy == KeyHierarchy::TenantKey && &*binding.name != PLATFORM_BINDING {
+            // keybroker never wraps such a tenant's DEKs directly under a
+            // customer key; one claiming so is made by someone else (with
+            // an RSA key's public half, say), and is not opened.
+            return Err(BrokerError::InvalidRequest(format!(
+                "tenant '{tenant_id}' wraps its DEKs under its tenant key; a wrapped key sealed directly under key '{}' was not made by keybroker",
+                binding.name
+            )));
+        }
         self.load(keys, cache_key, binding, &envelope, tenant_id, context)
             .await
     }

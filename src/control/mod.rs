@@ -360,10 +360,24 @@ impl Admin {
                     azure,
                     &BindingRecord::from_new(&record),
                 )?;
-                verify_provider(&key, &req.tenant_id).await?
+                let probe = verify_provider(&key, &req.tenant_id).await?;
+                if tenant.key_hierarchy == KeyHierarchy::Direct
+                    && crate::kms::azure::wraps_with_rsa(&probe.bytes)
+                {
+                    return Err(AdminError::Refused(format!(
+                        "{} is an RSA key: anyone holding its public key can make a wrap it opens, so it cannot vouch for a DEK wrapped directly; RSA keys protect tenant keys only (a tenant created with key_hierarchy TENANT_KEY), or use a Managed HSM AES key",
+                        record.key_reference
+                    )));
+                }
+                probe
             }
             ProviderKind::Pkcs11 => {
                 let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)?;
+                if tenant.key_hierarchy == KeyHierarchy::Direct {
+                    return Err(AdminError::Refused(
+                        "PKCS#11 keys protect tenant keys only: each wrap is AES-GCM under the one HSM key with a random 96-bit IV, 2^32 wraps for the key's life, which a tenant's DEKs wrapped directly would spend in days; create the tenant with key_hierarchy TENANT_KEY (a few wraps per rotation period reach the HSM)".into(),
+                    ));
+                }
                 let hsm = self.directory.pkcs11()?;
                 // Before anything reaches the HSM: the PIN unlocks every
                 // object, so the label is what proves the key is theirs.

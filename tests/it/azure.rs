@@ -179,12 +179,29 @@ fn unwraps(env: &Env) -> u64 {
         .load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// LinkKey of `key` in the Managed HSM `mhsm`.
+fn hsm_link(
+    env: &Env,
+    tenant: &str,
+    name: &str,
+    key: &str,
+    customer: &str,
+) -> proto::LinkKeyRequest {
+    let mut req = link(env, tenant, name, key, customer);
+    req.key_reference = format!("{}/keys/{key}", env.fake.vault_url("mhsm"));
+    req
+}
+
 /// Link with its identity failures, the data plane, isolation, single
 /// flight, rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_keys_work_end_to_end() {
     let mut env = env(Duration::from_secs(30)).await;
-    env.fake.create_key("contoso", "cmek");
+    // A Managed HSM AES key (A256KW): a tenant's DEKs wrapped directly
+    // need a key whose wraps only Key Vault can make; an RSA key's are
+    // made by anyone with its public half (see the test below).
+    env.fake.add_vault("mhsm", &env.customer, true, true);
+    env.fake.create_key("mhsm", "cmek");
     create_tenant_with(
         &mut env.admin,
         "acme",
@@ -222,7 +239,7 @@ async fn azure_keys_work_end_to_end() {
     // Not consented yet: the consent URL, nothing stored.
     let err = env
         .admin
-        .link_key(link(&env, "acme", "az", "cmek", &customer))
+        .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -238,7 +255,7 @@ async fn azure_keys_work_end_to_end() {
     env.fake.consent(&elsewhere, &env.app.client_id);
     let err = env
         .admin
-        .link_key(link(&env, "acme", "az", "cmek", &elsewhere))
+        .link_key(hsm_link(&env, "acme", "az", "cmek", &elsewhere))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -248,7 +265,7 @@ async fn azure_keys_work_end_to_end() {
     env.fake.consent(&customer, &env.app.client_id);
     let err = env
         .admin
-        .link_key(link(&env, "acme", "az", "cmek", &customer))
+        .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -275,16 +292,16 @@ async fn azure_keys_work_end_to_end() {
         (
             format!(
                 "{}/keys/cmek/0123456789abcdef0123456789abcdef",
-                env.fake.vault_url("contoso")
+                env.fake.vault_url("mhsm")
             ),
             customer.clone(),
         ),
         (
-            format!("{}/keys/cmek", env.fake.vault_url("contoso")),
+            format!("{}/keys/cmek", env.fake.vault_url("mhsm")),
             "contoso.onmicrosoft.com".to_owned(),
         ),
     ] {
-        let mut req = link(&env, "acme", "az", "cmek", &tenant);
+        let mut req = hsm_link(&env, "acme", "az", "cmek", &tenant);
         req.key_reference = reference;
         let err = env.admin.link_key(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -298,10 +315,10 @@ async fn azure_keys_work_end_to_end() {
         "no token requested for a refused reference"
     );
 
-    env.fake.grant("contoso", &env.app.client_id);
+    env.fake.grant("mhsm", &env.app.client_id);
     let linked = env
         .admin
-        .link_key(link(&env, "acme", "az", "cmek", &customer))
+        .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
         .await
         .unwrap()
         .into_inner()
@@ -352,7 +369,7 @@ async fn azure_keys_work_end_to_end() {
 
     // Rotation in Key Vault: new wraps use the new version (learned from
     // the next wrapKey's kid); old DEKs still unwrap, flagged, and move.
-    let v2 = env.fake.rotate("contoso", "cmek");
+    let v2 = env.fake.rotate("mhsm", "cmek");
     let g2 = generate(&mut env.broker, "acme", CTX).await.unwrap();
     assert_eq!(g2.key.unwrap().provider_key_version, v2);
     env.server.broker.cache().purge_all();
@@ -397,7 +414,8 @@ async fn azure_keys_work_end_to_end() {
 async fn azure_key_states_revoke_and_heal() {
     let mut env = env(Duration::from_millis(300)).await;
     let customer = env.customer.clone();
-    env.customer_ready("contoso", "cmek");
+    env.fake.add_vault("mhsm", &customer, true, true);
+    env.customer_ready("mhsm", "cmek");
     create_tenant_with(
         &mut env.admin,
         "acme",
@@ -406,7 +424,7 @@ async fn azure_key_states_revoke_and_heal() {
     )
     .await;
     env.admin
-        .link_key(link(&env, "acme", "az", "cmek", &customer))
+        .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
         .await
         .unwrap();
     let g = generate(&mut env.broker, "acme", CTX).await.unwrap();
@@ -427,7 +445,7 @@ async fn azure_key_states_revoke_and_heal() {
     };
 
     // Disabled in the vault: the cached DEK stops being served.
-    env.fake.set_enabled("contoso", "cmek", false);
+    env.fake.set_enabled("mhsm", "cmek", false);
     let took = within(Duration::from_secs(3), || {
         refused(&env.broker, g.wrapped_key.clone())
     })
@@ -440,7 +458,7 @@ async fn azure_key_states_revoke_and_heal() {
         "{}",
         key.state_reason
     );
-    env.fake.set_enabled("contoso", "cmek", true);
+    env.fake.set_enabled("mhsm", "cmek", true);
     within(Duration::from_secs(3), || {
         served(&env.broker, g.wrapped_key.clone())
     })
@@ -451,7 +469,7 @@ async fn azure_key_states_revoke_and_heal() {
     );
 
     // Soft-deleted: revoked, with the command that recovers it.
-    env.fake.soft_delete("contoso", "cmek");
+    env.fake.soft_delete("mhsm", "cmek");
     within(Duration::from_secs(3), || {
         refused(&env.broker, g.wrapped_key.clone())
     })
@@ -460,11 +478,11 @@ async fn azure_key_states_revoke_and_heal() {
     assert_eq!(key.state(), proto::KeyState::Revoked);
     assert!(
         key.state_reason
-            .contains("az keyvault key recover --vault-name contoso --name cmek"),
+            .contains("az keyvault key recover --hsm-name mhsm --name cmek"),
         "{}",
         key.state_reason
     );
-    env.fake.recover("contoso", "cmek");
+    env.fake.recover("mhsm", "cmek");
     within(Duration::from_secs(3), || {
         served(&env.broker, g.wrapped_key.clone())
     })
@@ -500,16 +518,85 @@ async fn azure_key_states_revoke_and_heal() {
     );
 
     // The role removed: revoked (access denied), restored: healed.
-    env.fake.revoke_role("contoso", &env.app.client_id);
+    env.fake.revoke_role("mhsm", &env.app.client_id);
     within(Duration::from_secs(3), || {
         refused(&env.broker, g.wrapped_key.clone())
     })
     .await;
-    env.fake.grant("contoso", &env.app.client_id);
+    env.fake.grant("mhsm", &env.app.client_id);
     within(Duration::from_secs(3), || {
         served(&env.broker, g.wrapped_key.clone())
     })
     .await;
+    env.server.stop().await;
+}
+
+/// An RSA key's wraps are made by anyone with its public half: linked to a
+/// tenant whose DEKs it would wrap directly it is refused (nothing
+/// stored); under a tenant key it protects tenant key versions only, and a
+/// wrapped key claiming to be sealed directly under it (what a forger
+/// makes) is refused before Key Vault is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_keys_never_vouch_for_a_direct_wrap() {
+    let mut env = env(Duration::from_secs(30)).await;
+    let customer = env.customer.clone();
+    env.customer_ready("contoso", "cmek");
+    for (tenant, hierarchy) in [
+        ("direct", KeyHierarchy::Direct),
+        ("tree", KeyHierarchy::TenantKey),
+    ] {
+        create_tenant_with(&mut env.admin, tenant, KeyPolicy::Keyring, hierarchy).await;
+    }
+    let err = env
+        .admin
+        .link_key(link(&env, "direct", "az", "cmek", &customer))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("RSA") && err.message().contains("TENANT_KEY"),
+        "{}",
+        err.message()
+    );
+    no_keys(&mut env.admin, "direct").await;
+
+    env.admin
+        .link_key(link(&env, "tree", "az", "cmek", &customer))
+        .await
+        .unwrap();
+    let g = generate(&mut env.broker, "tree", CTX).await.unwrap();
+    // A direct wrap under the RSA key, as a forger would make one (its
+    // bytes need not even be valid: it is refused before any call).
+    let forged = keybroker::envelope::Envelope {
+        tenant_id: "tree".into(),
+        key_binding: "az".into(),
+        provider: keybroker::kms::ProviderKind::AzureKeyVault,
+        provider_key_version: "0123456789abcdef0123456789abcdef".into(),
+        ciphertext: vec![1, 1, 0, 4, 9, 9, 9, 9, 7, 7, 7],
+        tenant_key_version: 0,
+        incarnation: keybroker::envelope::Envelope::parse(&g.wrapped_key)
+            .unwrap()
+            .incarnation,
+    }
+    .encode();
+    let before = unwraps(&env);
+    let err = unwrap(&mut env.broker, "tree", CTX, &forged)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("not made by keybroker"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(unwraps(&env), before, "a forged wrap reached Key Vault");
+    assert_eq!(
+        unwrap(&mut env.broker, "tree", CTX, &g.wrapped_key)
+            .await
+            .unwrap()
+            .plaintext,
+        g.plaintext
+    );
     env.server.stop().await;
 }
 

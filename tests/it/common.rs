@@ -355,7 +355,7 @@ pub(crate) async fn create_tenant_with(
 /// refused by the provider's AAD (`INVALID_ARGUMENT`), another tenant
 /// (`tenants.1`, created here) is refused (`PERMISSION_DENIED`), and 64
 /// concurrent cold unwraps of one new wrapped key make exactly one provider
-/// call.
+/// call (of the DEK, or of the tenant key that sealed it).
 pub(crate) async fn assert_isolated_and_single_flight(
     server: &TestServer,
     admin: &mut KeyAdminClient<Channel>,
@@ -375,6 +375,8 @@ pub(crate) async fn assert_isolated_and_single_flight(
     assert_eq!(cross.code(), tonic::Code::PermissionDenied, "{cross:?}");
 
     let cold = generate(broker, tenant, context).await.unwrap();
+    // Cold: for a tenant-key tenant, its tenant key is what is loaded once.
+    server.broker.cache().purge_all();
     let before = server.decrypt_calls();
     let all = futures::future::join_all((0..64).map(|_| {
         let mut b = broker.clone();

@@ -110,7 +110,28 @@ async fn pkcs11_keys_work_end_to_end_on_softhsm() {
     let server = TestServer::start(config).await;
     let mut admin = admin_client(&server).await;
     let mut broker = server.client().await;
-    create_tenant_with(&mut admin, "acme", KeyPolicy::Keyring, KeyHierarchy::Direct).await;
+    // Direct wraps are refused for HSM keys (the IV budget): a tenant key
+    // is what the HSM key wraps.
+    create_tenant_with(
+        &mut admin,
+        "direct",
+        KeyPolicy::Keyring,
+        KeyHierarchy::Direct,
+    )
+    .await;
+    let err = admin
+        .link_key(link("direct", "direct.k"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("2^32"), "{}", err.message());
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
 
     // No such object: refused, nothing stored. A module path in the
     // reference is refused before anything is loaded.

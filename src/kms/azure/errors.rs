@@ -116,8 +116,15 @@ pub(super) fn classify(
             scope.client_id
         )),
         404 => ProviderError::NotFound(format!(
-            "{key} was not found in Key Vault. If it was deleted, the customer can recover it while soft-deleted: az keyvault key recover --vault-name {} --name {} ({said})",
-            scope.vault, scope.key_name
+            "{key} was not found in Key Vault. If it was deleted, the customer can recover it while soft-deleted: az keyvault key recover --{} {} --name {} ({said})",
+            // A Managed HSM is named with --hsm-name, a vault --vault-name.
+            if key.contains(".managedhsm.") {
+                "hsm-name"
+            } else {
+                "vault-name"
+            },
+            scope.vault,
+            scope.key_name
         )),
         400 if call == Call::Unwrap => ProviderError::InvalidCiphertext(format!(
             "Key Vault could not unwrap with {key}: the wrapped key was altered or belongs to another key ({said})"

@@ -294,6 +294,14 @@ impl Algorithm {
     }
 }
 
+/// Whether `ciphertext` (ours) wraps its per-wrap key with RSA: anyone
+/// holding the public key can make such a wrap, so it authenticates
+/// nothing, and RSA keys protect tenant key versions only (the registry,
+/// not a caller, supplies those).
+pub fn wraps_with_rsa(ciphertext: &[u8]) -> bool {
+    matches!(ciphertext, [FORMAT, alg, ..] if Algorithm::from_id(*alg) == Some(Algorithm::RsaOaep256))
+}
+
 /// Layout of our ciphertext: format byte, algorithm byte, length of the
 /// wrapped K (u16, big-endian), the wrapped K, then the DEK sealed under K.
 const FORMAT: u8 = 1;
