@@ -47,6 +47,10 @@ def main() -> int:
     if args.service_config:
         with open(args.service_config, encoding="utf-8") as f:
             options.append(("grpc.service_config", f.read()))
+    if "," in args.server:
+        # A multi-address target would go out as the :authority, which
+        # HTTP/2 servers refuse: name the service instead.
+        options.append(("grpc.default_authority", "keybroker"))
     with grpc.insecure_channel(args.server, options=options) as channel:
         client = broker_pb2_grpc.KeyBrokerStub(channel)
         # On every call: a ring_hash policy keyed on it never fails closed.

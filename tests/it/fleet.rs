@@ -1,8 +1,8 @@
 //! A fleet (issue 21, README "A fleet"): replicas of the real binary on
 //! 127.0.0.1/2/3 sharing the test PostgreSQL, moto behind them, driven by
 //! grpcio with the shipped ring-hash service config over a multi-address
-//! target (no authority override: the patched h2 must accept grpcio's
-//! comma-joined `:authority`, vendor/README.md). 50 tenants × 200 DEKs; 5
+//! target (with `grpc.default_authority`: the comma-joined list grpcio would
+//! send otherwise is not a valid `:authority`). 50 tenants × 200 DEKs; 5
 //! tenants are `direct` (one KMS Decrypt per cold DEK), 45 `tenant_key`
 //! (one per tenant key version).
 //!

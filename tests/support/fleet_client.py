@@ -95,10 +95,15 @@ def main():
     with open(args.service_config, encoding="utf-8") as f:
         service_config = f.read()
     items = read_items(args.items)
-    # No authority override: grpcio sends the comma-joined target as
-    # :authority, which keybroker must accept (vendor/README.md).
+    # A valid authority: over a multi-address target grpcio would send the
+    # comma-joined list, which HTTP/2 servers (h2) reset. In a cluster the
+    # headless Service's DNS name is the target and the authority.
     channel = grpc.insecure_channel(
-        args.target, options=[("grpc.service_config", service_config)]
+        args.target,
+        options=[
+            ("grpc.service_config", service_config),
+            ("grpc.default_authority", "keybroker.fleet.test"),
+        ],
     )
     # No channel_ready_future: ring_hash connects lazily, per pick.
     stub = broker_pb2_grpc.KeyBrokerStub(channel)
