@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::client::channel;
+use super::connection::channel;
 use super::output::{Answer, binding_json, one_key, tenant_json};
 use crate::proto;
 
@@ -293,7 +293,10 @@ fn read_material(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<St
     Ok(trimmed)
 }
 
-pub(super) async fn run(server: &super::ServerArg, command: AdminCommand) -> anyhow::Result<Value> {
+pub(super) async fn run(
+    server: &super::connection::ServerArg,
+    command: AdminCommand,
+) -> anyhow::Result<Value> {
     let mut client =
         proto::key_admin_client::KeyAdminClient::new(channel(server, command.tenant()).await?);
     let value = match command {

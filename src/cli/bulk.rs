@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 
-use super::client::TenantChannel;
+use super::connection::TenantChannel;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::StreamExt as _;

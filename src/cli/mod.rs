@@ -8,6 +8,7 @@
 mod admin;
 mod bulk;
 mod client;
+mod connection;
 mod output;
 mod serve;
 
@@ -16,7 +17,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use self::admin::AdminCommand;
-use self::client::{KeySpecArg, ServerArg, Target};
+use self::client::{KeySpecArg, Target};
+use self::connection::ServerArg;
 use self::serve::{KeyringCommand, RegistryCommand};
 use crate::config::{Config, ServeArgs};
 
