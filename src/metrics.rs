@@ -46,6 +46,9 @@ struct NameLabels {
     name: String,
 }
 
+/// The `name` labels of `keybroker_affinity_header_total`: what
+/// `api::affinity` classifies a call's header as.
+pub(crate) const AFFINITY_NAMES: [&str; 3] = ["matched", "absent", "other_tenant"];
 /// Values kept elsewhere as plain atomics (cache, STS, audit, watcher),
 /// copied into the registry at scrape time.
 #[derive(Debug, Default)]
@@ -225,10 +228,10 @@ impl Metrics {
             "Calls by their tenant-affinity header: matched, absent, other_tenant",
             affinity_family.clone(),
         );
-        let affinity = crate::api::affinity::Affinity::ALL.map(|a| {
+        let affinity = AFFINITY_NAMES.map(|name| {
             affinity_family
                 .get_or_create(&NameLabels {
-                    name: a.as_str().to_owned(),
+                    name: name.to_owned(),
                 })
                 .clone()
         });
@@ -326,12 +329,12 @@ impl Metrics {
             .clone()
     }
 
-    pub(crate) fn affinity(&self, affinity: crate::api::affinity::Affinity) {
-        let index = crate::api::affinity::Affinity::ALL
-            .iter()
-            .position(|a| *a == affinity)
-            .unwrap_or(0);
-        self.affinity[index].inc();
+    /// Counts a call by how its affinity header matched (one of
+    /// [`AFFINITY_NAMES`]; the API layer classifies).
+    pub(crate) fn affinity(&self, name: &str) {
+        if let Some(index) = AFFINITY_NAMES.iter().position(|n| *n == name) {
+            self.affinity[index].inc();
+        }
     }
 
     pub fn provider_call(&self, provider: &str, operation: &str, outcome: &str, elapsed: Duration) {

@@ -23,7 +23,8 @@ pub(crate) enum Affinity {
 }
 
 impl Affinity {
-    pub(crate) const ALL: [Affinity; 3] = [Self::Matched, Self::Absent, Self::OtherTenant];
+    #[cfg(test)]
+    const ALL: [Affinity; 3] = [Self::Matched, Self::Absent, Self::OtherTenant];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -122,5 +123,11 @@ mod tests {
             Affinity::of(&header_key("x-other").unwrap(), &md, ["acme"].into_iter()),
             Affinity::Absent
         );
+    }
+
+    #[test]
+    fn metrics_count_every_outcome_by_name() {
+        let names: Vec<&str> = Affinity::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names, crate::metrics::AFFINITY_NAMES);
     }
 }

@@ -155,11 +155,14 @@ where
         return Err(AccessError::NoContext.into());
     };
     let (metadata, _, items) = request.into_parts();
-    observers.metrics.affinity(Affinity::of(
-        &observers.affinity_header,
-        &metadata,
-        items.iter().map(Scoped::tenant_id),
-    ));
+    observers.metrics.affinity(
+        Affinity::of(
+            &observers.affinity_header,
+            &metadata,
+            items.iter().map(Scoped::tenant_id),
+        )
+        .as_str(),
+    );
     if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
         let status = Status::invalid_argument(format!(
             "a batch holds 1 to {MAX_BATCH_ITEMS} items (and at most 64 KiB); this one holds {}",
@@ -402,11 +405,14 @@ impl Started {
         request: Request<Req>,
     ) -> Result<(Self, Req), Status> {
         let (metadata, mut extensions, req) = request.into_parts();
-        observers.metrics.affinity(Affinity::of(
-            &observers.affinity_header,
-            &metadata,
-            std::iter::once(req.tenant_id()),
-        ));
+        observers.metrics.affinity(
+            Affinity::of(
+                &observers.affinity_header,
+                &metadata,
+                std::iter::once(req.tenant_id()),
+            )
+            .as_str(),
+        );
         let Some(ctx) = extensions.remove::<CallContext>() else {
             // Only possible if the server were assembled without the layer.
             return Err(AccessError::NoContext.into());
