@@ -8,7 +8,7 @@
 // --bad-input sends a wrapped key that is not one and prints the status code.
 //
 // Every call carries the tenant in the x-keybroker-tenant header, which a
-// ring-hash load balancer in front of a fleet (Envoy, README "A fleet")
+// ring-hash load balancer in front of a fleet (Envoy, docs/fleet.md)
 // hashes so each tenant's calls reach one replica. (@grpc/grpc-js has no
 // ring_hash policy outside xDS; grpcio and grpc-go hash it in the client.)
 'use strict';

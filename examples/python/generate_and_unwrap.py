@@ -11,7 +11,7 @@ so clients in every language can be checked to see the same codes.
 
 Every call carries the tenant in the x-keybroker-tenant header. Against a
 fleet, give a multi-address target and the shipped service config, and each
-tenant's calls go to one replica (README "A fleet"):
+tenant's calls go to one replica (docs/fleet.md):
 
     PYTHONPATH=sdk python examples/python/generate_and_unwrap.py --tenant acme \
         --server ipv4:10.0.0.1:50051,10.0.0.2:50051 \

@@ -1,4 +1,4 @@
-//! Tenant affinity (README "A fleet"). Clients send the tenant in a request
+//! Tenant affinity (docs/fleet.md). Clients send the tenant in a request
 //! header; a gRPC `ring_hash` load-balancing policy hashes that header, so
 //! every call of a tenant lands on one replica and its cold keys cost one
 //! KMS call fleet-wide, not one per replica. The server never relies on it:

@@ -38,8 +38,8 @@ pub(super) struct ServerArg {
 }
 
 /// Sets the affinity header on every call of a client made for one tenant,
-/// so a `ring_hash` policy keyed on it never fails closed (README "A
-/// fleet"). A tenant id that is not a valid header value (the server
+/// so a `ring_hash` policy keyed on it never fails closed (docs/fleet.md).
+/// A tenant id that is not a valid header value (the server
 /// refuses such ids anyway) is sent without the header.
 #[derive(Debug, Clone)]
 pub(super) struct TenantHeader {

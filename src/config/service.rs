@@ -115,8 +115,8 @@ pub struct ServerSettings {
     pub allow_core_dumps: bool,
     /// The request header that carries the tenant for tenant affinity: a
     /// gRPC client's `ring_hash` policy hashes it to pick the replica, so a
-    /// tenant's cold keys are loaded by one replica, not all (README "A
-    /// fleet"). Affinity is an optimisation: a call is served the same on
+    /// tenant's cold keys are loaded by one replica, not all (docs/fleet.md).
+    /// Affinity is an optimisation: a call is served the same on
     /// any replica; `keybroker_affinity_header_total` counts calls whose
     /// header is absent or names another tenant.
     #[arg(

@@ -1,4 +1,4 @@
-//! A fleet (issue 21, README "A fleet"): replicas of the real binary on
+//! A fleet (issue 21, docs/fleet.md): replicas of the real binary on
 //! 127.0.0.1/2/3 sharing the test PostgreSQL, moto behind them, driven by
 //! grpcio with the shipped ring-hash service config over a multi-address
 //! target (with `grpc.default_authority`: the comma-joined list grpcio would

@@ -101,7 +101,7 @@ fn chart_lints_and_renders_valid_manifests_for_default_and_production_values() {
         "tls_client_ca = \"/etc/keybroker/tls/ca.crt\"",
         "secretName: keybroker-tls",
         "eks.amazonaws.com/role-arn",
-        // The headless Service tenant affinity resolves (README "A fleet").
+        // The headless Service tenant affinity resolves (docs/fleet.md).
         "name: kb-keybroker-headless\n",
         "clusterIP: None",
         "affinity_header = \"x-keybroker-tenant\"",

@@ -1,5 +1,5 @@
 """The fleet test's client (tests/it/fleet.rs): grpcio with a service config
-over a multi-address target, as README "A fleet" tells platform teams to
+over a multi-address target, as docs/fleet.md tells platform teams to
 run it. Reads wrapped keys (JSON lines: tenant, wrapped_key, plaintext, all
 base64 but the tenant), sends the tenant in the affinity header on every
 call, prints one JSON object.
@@ -27,7 +27,7 @@ import threading
 import time
 
 # grpcio releases that still gate ring_hash's request_hash_header read this
-# at start-up (README "A fleet"); our clients set it so the ring never fails
+# at start-up (docs/fleet.md); our clients set it so the ring never fails
 # closed with INTERNAL "hash attribute not present".
 os.environ.setdefault("GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY", "true")
 
