@@ -54,7 +54,7 @@ pub(super) fn classify(call: Call, status: u16, errors: &str, key: &str) -> Prov
             "{what} failed for {key}: {errors}; check the AppRole role_id and secret_id given to keybroker, or the jwt role's bound issuer, subject and audience"
         )),
         401 | 403 => ProviderError::AccessDenied(format!(
-            "{what} on {key} was denied: {errors}; the customer's Vault policy must grant keybroker's role the Transit encrypt/decrypt/rewrap paths and read on the key (docs/keys.md, \"A customer key in Vault or OpenBao\")"
+            "{what} on {key} was denied: {errors}; the customer's Vault policy must grant keybroker's role the Transit encrypt/decrypt/rewrap paths and read on the key (docs/providers.md, \"A customer key in Vault or OpenBao\")"
         )),
         404 => ProviderError::NotFound(format!(
             "{key} does not exist in the customer's Vault (deleted, or the mount path is wrong)"

@@ -127,7 +127,7 @@ impl VaultSettings {
         if self.jwt_file.is_some() {
             return invalid(
                 "vault_jwt_file",
-                "was removed: a shared token sent to every customer's Vault could be replayed against the others. keybroker now mints a token per login; set oidc_issuer and have customers trust its keys (keybroker keyring oidc-keys; docs/keys.md, Vault)",
+                "was removed: a shared token sent to every customer's Vault could be replayed against the others. keybroker now mints a token per login; set oidc_issuer and have customers trust its keys (keybroker keyring oidc-keys; docs/providers.md, Vault)",
             );
         }
         crate::settings::check_identity_cache(
