@@ -295,6 +295,16 @@ impl RegistryDirectory {
         reason: &str,
     ) -> Result<bool, super::RegistryError> {
         let (tenant_id, name) = (record.tenant_id.as_str(), record.name.as_str());
+        let unchanged = |current: &BindingRecord| {
+            current.link_id != record.link_id
+                || current.state == BindingState::Disabled
+                || (current.state == state && current.state_reason == reason)
+        };
+        // Most verdicts change nothing: settled by a plain read, no lock.
+        match self.registry.binding(tenant_id, name).await? {
+            Some(current) if !unchanged(&current) => {}
+            _ => return Ok(false),
+        }
         // Under the tenant's lock, and only for the link that was checked:
         // an operator's DisableKey, or an unlink and a new link of the
         // name, committed while the check ran must not be overwritten.
@@ -302,16 +312,9 @@ impl RegistryDirectory {
             return Ok(false);
         };
         let bindings = tx.bindings().await?;
-        let Some(current) = bindings
-            .iter()
-            .find(|b| b.name == name && b.link_id == record.link_id)
-        else {
-            return Ok(false);
-        };
-        if current.state == BindingState::Disabled
-            || (current.state == state && current.state_reason == reason)
-        {
-            return Ok(false);
+        match bindings.iter().find(|b| b.name == name) {
+            Some(current) if !unchanged(current) => {}
+            _ => return Ok(false),
         }
         tx.set_state(name, state, reason, crate::keys::now_ms())
             .await?;
