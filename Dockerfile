@@ -10,8 +10,6 @@ COPY proto proto
 COPY benches benches
 COPY bench bench
 COPY migrations migrations
-# h2 with keybroker's one-line patch ([patch.crates-io], vendor/README.md).
-COPY vendor vendor
 COPY src src
 RUN cargo build --release --locked --bin keybroker \
  && strip target/release/keybroker
