@@ -350,7 +350,8 @@ async fn revocation_reaches_every_replica_through_postgres() {
     let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
     let killed = sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+         WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid() \
+         AND datname = current_database()",
     )
     .fetch_all(&mut conn)
     .await
