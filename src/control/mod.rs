@@ -484,7 +484,7 @@ impl Admin {
         let bindings = self.registry().bindings(&record.tenant_id).await?;
         if record.make_primary || !bindings.iter().any(|b| b.primary) {
             self.lifecycle
-                .check_can_take_over(&record.tenant_id, &record.name)
+                .check_can_take_over(&record.tenant_id, &record.name, &bindings)
                 .await?;
         }
         Ok(())

@@ -189,10 +189,10 @@ impl Lifecycle {
         &self,
         tenant_id: &str,
         target: &str,
+        bindings: &[crate::registry::BindingRecord],
     ) -> Result<(), LifecycleError> {
-        let bindings = self.registry().bindings(tenant_id).await?;
         let versions = self.registry().tenant_keys(tenant_id).await?;
-        refuse_revoked_sources(tenant_id, &bindings, &versions, target)?;
+        refuse_revoked_sources(tenant_id, bindings, &versions, target)?;
         Ok(())
     }
 
