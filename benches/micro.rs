@@ -88,9 +88,9 @@ fn cache_benches(c: &mut Criterion) {
         .build()
         .unwrap();
     let settings = CacheSettings {
-        max_entries: 100_000,
         ttl: Duration::from_secs(3600),
         tti: Duration::from_secs(3600),
+        ..CacheSettings::default()
     };
     let cache = DekCache::new(settings);
     let key = CacheKey::new("tenant-0001", &[1; 32], &context());
@@ -105,7 +105,11 @@ fn cache_benches(c: &mut Criterion) {
         }))
         .unwrap();
     c.bench_function("cache_hit", |b| {
-        b.iter(|| cache.get(black_box(&key)).unwrap())
+        b.iter(|| {
+            cache
+                .get(black_box(&key).clone(), Freshness::default())
+                .unwrap()
+        })
     });
 
     // The whole data-plane hit: validation, digests, directory, cache, state.

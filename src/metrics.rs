@@ -60,6 +60,16 @@ pub struct Sources {
     pub identities: Option<Arc<dyn IdentitySource>>,
     /// The platform keyring, for the state of its HSM seal.
     pub platform_keyring: Option<Arc<crate::kms::local::LocalKeyring>>,
+    pub registry: Option<Arc<dyn RegistrySource>>,
+}
+
+/// The registry's health as the data plane sees it, read at scrape time.
+pub trait RegistrySource: Send + Sync + std::fmt::Debug {
+    /// How long the registry has not answered (None: it answers).
+    fn outage(&self) -> Option<Duration>;
+    /// Requests answered from tenant views as last read, for want of a
+    /// registry.
+    fn stale_view_serves(&self) -> u64;
 }
 
 /// Sizes of the per-identity client caches, read at scrape time.
@@ -114,6 +124,8 @@ pub struct Metrics {
     /// Live per-customer-identity clients (AWS role sessions, GCP
     /// impersonated clients), read at scrape.
     identities: Family<NameLabels, Gauge>,
+    registry_outage: Gauge<f64, std::sync::atomic::AtomicU64>,
+    stale_view_serves: Counter,
     platform_key_seal: Gauge,
     /// Per (method, code) counter and per-method histogram handles of the
     /// known methods, made on first use: the hot path neither allocates
@@ -183,7 +195,7 @@ impl Metrics {
         let cache_events = Family::<NameLabels, Counter>::default();
         registry.register(
             "cache_events",
-            "DEK cache hits, misses, load failures and evictions",
+            "DEK cache hits, misses, load failures, evictions and keys served uncached because their tenant held its share (over_share)",
             cache_events.clone(),
         );
         let cache_entries = Gauge::default();
@@ -241,6 +253,18 @@ impl Metrics {
             "Live clients per customer identity (bounded, evicted when idle)",
             identities.clone(),
         );
+        let registry_outage = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "registry_outage_seconds",
+            "How long the key registry has not answered a tenant view refresh (0: it answers); while above 0, tenants are served from their views as last read, for up to registry_cache_ttl + registry_outage_grace",
+            registry_outage.clone(),
+        );
+        let stale_view_serves = Counter::default();
+        registry.register(
+            "registry_stale_view_serves",
+            "Refreshes that failed for want of a registry and served the tenant view as last read",
+            stale_view_serves.clone(),
+        );
         let platform_key_seal = Gauge::default();
         registry.register(
             "platform_key_seal_usable",
@@ -252,6 +276,8 @@ impl Metrics {
             registry,
             affinity,
             identities,
+            registry_outage,
+            stale_view_serves,
             platform_key_seal,
             rpc_requests,
             rpc_duration,
@@ -375,7 +401,7 @@ impl Metrics {
     pub async fn scrape(&self) -> Result<String, std::fmt::Error> {
         let cache = self.sources.lock().ok().and_then(|s| s.cache.clone());
         if let Some(cache) = cache {
-            cache.run_pending_tasks();
+            cache.run_pending_tasks().await;
         }
         self.encode()
     }
@@ -397,11 +423,20 @@ impl Metrics {
                     ("miss", s.misses),
                     ("load_failure", s.load_failures),
                     ("eviction", s.evictions),
+                    ("over_share", s.over_share),
                 ] {
                     self.sync(&mut exported, key, value, &named(&self.cache_events, key));
                 }
                 self.cache_entries
                     .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+            }
+            if let Some(registry) = &sources.registry {
+                self.sync(
+                    &mut exported,
+                    "stale_view_serves",
+                    registry.stale_view_serves(),
+                    &self.stale_view_serves,
+                );
             }
             if let Some(calls) = &sources.assume_role_calls {
                 self.sync(
@@ -462,6 +497,10 @@ impl Metrics {
                 .and_then(|k| k.seal_usable())
                 .unwrap_or(true);
             self.platform_key_seal.set(i64::from(usable));
+            if let Some(registry) = &sources.registry {
+                self.registry_outage
+                    .set(registry.outage().map_or(0.0, |d| d.as_secs_f64()));
+            }
             if let Some(identities) = &sources.identities {
                 for (name, count) in identities.identity_counts() {
                     self.identities

@@ -38,6 +38,10 @@ use crate::registry::sql::SqlRegistry;
 /// few, never thousands.
 const HEALTH_MAX_CONNECTIONS: usize = 256;
 
+/// The gRPC health service name that reports the registry: NOT_SERVING
+/// while tenants are served from views as last read.
+pub const REGISTRY_HEALTH: &str = "keybroker.Registry";
+
 /// A built, not yet serving, keybroker.
 #[derive(Debug)]
 pub struct Server {
@@ -61,6 +65,9 @@ pub struct Server {
     /// Mints customers' Vault login tokens; its keys are published on the
     /// metrics listener.
     issuer: Option<Arc<crate::kms::issuer::Issuer>>,
+    /// The registry-backed directory, whose outage health reports (absent
+    /// with an injected directory).
+    registry: Option<Arc<RegistryDirectory>>,
     /// Background tasks that live as long as the server (keyring reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -100,7 +107,7 @@ impl Server {
             &path.display().to_string(),
         ));
         let registry = match &config.registry.url {
-            Some(url) => SqlRegistry::connect(url.expose()).await,
+            Some(url) => SqlRegistry::connect_with(url.expose(), &config.registry).await,
             None => SqlRegistry::open_sqlite(&config.server.data_dir.join("registry.db")).await,
         }
         .with_context(|| "opening the key registry")?;
@@ -119,7 +126,7 @@ impl Server {
                 aws,
                 Arc::new(GcpKms::new(config.gcp.clone())),
                 cache.clone(),
-                config.registry.cache_ttl,
+                config.registry.views(),
             )
             .with_vault(Arc::new(
                 crate::kms::vault::VaultTransit::new(config.vault.clone())
@@ -161,6 +168,7 @@ impl Server {
             key_states: Some(Arc::clone(&watcher) as Arc<dyn crate::metrics::KeyStateSource>),
             identities: Some(Arc::clone(&directory) as Arc<dyn crate::metrics::IdentitySource>),
             platform_keyring: Some(Arc::clone(directory.platform_keyring())),
+            registry: Some(Arc::clone(&directory) as Arc<dyn crate::metrics::RegistrySource>),
         });
         server.watcher = Some(watcher);
         let admin = Arc::new(Admin::new(
@@ -185,6 +193,7 @@ impl Server {
         server.admin = Some(admin);
         server.rotation = Some(rotation);
         server.issuer = issuer;
+        server.registry = Some(Arc::clone(&directory));
         server
             .tasks
             .extend([reloader, flusher, watching, resuming, rotating, maintaining]);
@@ -249,8 +258,14 @@ impl Server {
             std::time::Duration::from_millis(100),
             std::time::Duration::from_secs(10),
         );
-        tasks.push(crate::reload::every(sweep, &broker, |broker| {
-            broker.cache().run_pending_tasks();
+        let cache = broker.cache().clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + sweep, sweep);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                cache.run_pending_tasks().await;
+            }
         }));
         // Idle tenants' full buckets are dropped now and then, so the
         // limiter's map holds only recently active tenants.
@@ -270,6 +285,7 @@ impl Server {
             watcher: None,
             rotation: None,
             health_listener: None,
+            registry: None,
             issuer: None,
             tasks,
         })
@@ -385,6 +401,27 @@ impl Server {
         if admin_service.is_some() {
             health.set_serving::<KeyAdminServer<KeyAdminApi>>().await;
         }
+        // `keybroker.Registry`: NOT_SERVING while the registry does not
+        // answer and tenants are served from views as last read. For
+        // dashboards and alerts, never for readiness: a replica serving
+        // from memory through a failover is doing its job.
+        let _registry_health = self.registry.clone().map(|directory| {
+            let health = health.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let mut last = None;
+                loop {
+                    let status = match directory.registry_outage_since() {
+                        None => ServingStatus::Serving,
+                        Some(_) => ServingStatus::NotServing,
+                    };
+                    if last != Some(status) {
+                        health.set_service_status(REGISTRY_HEALTH, status).await;
+                        last = Some(status);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            }))
+        });
 
         let grace = self.config.server.shutdown_grace;
         let drain_timeout = self.config.server.shutdown_drain_timeout;

@@ -114,6 +114,8 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
     let unlimited = QuotaSettings::UNLIMITED;
     let cache = DekCache::new(CacheSettings {
         max_entries: 1_000_000,
+        max_bytes: u64::MAX,
+        tenant_share: 100,
         ttl: args.ttl,
         tti: args.ttl,
     });
@@ -279,6 +281,8 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         Arc::clone(&directory) as Arc<dyn KeyDirectory>,
         DekCache::new(CacheSettings {
             max_entries: 1_000_000,
+            max_bytes: u64::MAX,
+            tenant_share: 100,
             ttl: Duration::from_secs(3600),
             tti: Duration::from_secs(3600),
         }),

@@ -65,6 +65,8 @@ pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
         ));
         let cache = DekCache::new(CacheSettings {
             max_entries: entries as u64 + 1000,
+            max_bytes: u64::MAX,
+            tenant_share: 100,
             ttl: std::time::Duration::from_secs(3600),
             tti: std::time::Duration::from_secs(3600),
         });
@@ -84,7 +86,7 @@ pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
                     .unwrap("tenant-0001", &context, &wrapped, None)
                     .await?;
             }
-            cache.run_pending_tasks();
+            cache.run_pending_tasks().await;
             Ok::<_, anyhow::Error>(())
         };
         // Warm-up: allocator arenas, moka's internals, the keyring.

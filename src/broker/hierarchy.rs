@@ -179,11 +179,15 @@ impl Broker {
             &ciphertext.key_version,
             0,
         );
-        let key = CachedKey::new(&plaintext, origin, freshness(keys));
-        self.cache.insert(
-            CacheKey::new(tenant_id, &ciphertext.bytes, &context),
-            Arc::clone(&key),
-        );
+        let fresh = freshness(keys);
+        let key = CachedKey::new(&plaintext, origin, fresh);
+        self.cache
+            .insert(
+                CacheKey::new(tenant_id, &ciphertext.bytes, &context),
+                fresh,
+                Arc::clone(&key),
+            )
+            .await;
         Ok(Some((version, key)))
     }
 
@@ -202,7 +206,7 @@ impl Broker {
         let context = tenant_key_context(version.version);
         let cache_key = CacheKey::new(tenant_id, &version.wrapped, &context);
         let fresh = freshness(keys);
-        if let Some(hit) = self.cache.get(&cache_key).filter(|h| h.fresh == fresh) {
+        if let Some(hit) = self.cache.get(cache_key.clone(), fresh) {
             return Ok(hit);
         }
         let load = async {

@@ -455,7 +455,7 @@ impl Broker {
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.view(tenant_id, shared).await?;
-        if let Some(hit) = self.cache.get(&cache_key)
+        if let Some(hit) = self.cache.get(cache_key.clone(), freshness(&keys))
             && let Some(served) = self.serve_hit(&keys, tenant_id, hit)
         {
             return served;
@@ -532,7 +532,7 @@ impl Broker {
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         match self
             .cache
-            .get_at(&cache_key, now)
+            .get(cache_key.clone(), freshness(&keys))
             .and_then(|hit| self.serve_hit(&keys, tenant_id, hit))
         {
             Some(served) => Ok(served),

@@ -1,14 +1,17 @@
 //! The DEK cache: unwrapped keys in memory so KMS latency and quota are paid
 //! once per wrapped key per TTL, not once per read (DESIGN.md section 4).
 //!
-//! Keyed by one BLAKE3 digest of (tenant, wrapped key bytes, canonical
-//! context): an entry exists only if exactly those bytes were parsed, matched
-//! to that tenant and decrypted under that context, which is what lets a hit
-//! skip parsing. Values are `Arc`s, so a hit copies a pointer, not key bytes.
+//! A moka cache (TTL, TTI, a byte bound by weight, single-flight loads)
+//! keyed by one BLAKE3 digest of (tenant, wrapped key bytes, canonical
+//! context) and the tenant view's freshness: an entry exists only if
+//! exactly those bytes were parsed, matched to that tenant and decrypted
+//! under that context, which is what lets a hit skip parsing. Values are
+//! `Arc`s, so a hit copies a pointer, not key bytes. Tenant keys (the
+//! hierarchy's middle layer) live here too, under their own context.
 
-mod table;
+mod entry;
+mod key;
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -16,241 +19,51 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use table::{Removed, Table};
+pub use entry::{CachedKey, Freshness, KeyOrigin, plaintext_bytes};
+pub use key::CacheKey;
+use key::{DigestHasher, tenant_tag};
+use moka::notification::RemovalCause;
 
-use crate::context::Context;
 use crate::kms::ProviderKind;
-use crate::secret::SecretBytes;
 
-/// 40 bytes inline, no heap: memory per cached key matters at a million
-/// entries. `digest` is one BLAKE3 hash over the length-prefixed tenant,
-/// wrapped key bytes and canonical context, so it pins all three (a
-/// collision-resistant hash: bytes that hash alike would be served the
-/// other's key without being parsed). BLAKE3 rather than SHA-256: on a
-/// CPU without SHA extensions (many Xeons) SHA-256 of a wrapped key cost
-/// more than the rest of a cache hit.
-/// `tenant_tag` only selects entries for a tenant purge: a collision purges
-/// a few extra entries (a cache miss), never serves a wrong key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct CacheKey {
-    digest: [u8; 32],
-    tenant_tag: u64,
+/// The weight of a cached key of 32 bytes or fewer, in bytes: the key and
+/// value moka holds (a `CacheKey`, an `Arc<CachedKey>` and its allocation)
+/// and moka's own bookkeeping per entry, rounded up. Longer keys weigh
+/// their extra bytes too.
+const ENTRY_WEIGHT: u64 = 256;
+
+fn weight(value: &CachedKey) -> u32 {
+    let extra = value.plaintext().len().saturating_sub(entry::INLINE) as u64;
+    u32::try_from(ENTRY_WEIGHT + extra).unwrap_or(u32::MAX)
 }
 
-/// The digest is a cryptographic hash already: eight of its bytes are as
-/// good a hash as all forty (the table mixes in a secret seed).
-impl std::hash::Hash for CacheKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&self.digest[..8]);
-        state.write_u64(u64::from_le_bytes(word));
-    }
-}
-
-impl CacheKey {
-    pub fn new(tenant_id: &str, wrapped_key: &[u8], context: &Context) -> Self {
-        let mut hash = BufferedBlake3::default();
-        for part in [tenant_id.as_bytes(), wrapped_key] {
-            hash.update(&(part.len() as u64).to_be_bytes());
-            hash.update(part);
+/// `64MiB`, `512KiB`, `1GB` or a plain number of bytes.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size: use e.g. 64MiB, 512KiB or 1000000"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}': use B, KiB, MiB, GiB, KB, MB or GB"
+            ));
         }
-        context.encode_into(&mut |bytes| hash.update(bytes));
-        Self {
-            digest: hash.finish(),
-            tenant_tag: tenant_tag(tenant_id),
-        }
-    }
-}
-
-/// BLAKE3 of many small parts in one call when they fit in a stack buffer
-/// (every cache key of a DEK keybroker issues): fed part by part, the
-/// hasher's per-call bookkeeping cost a third of the hash. Longer input
-/// streams through the hasher; the digest is the same either way.
-struct BufferedBlake3 {
-    buf: [u8; 512],
-    len: usize,
-    /// Set once the input outgrew `buf`.
-    stream: Option<Box<blake3::Hasher>>,
-}
-
-impl Default for BufferedBlake3 {
-    fn default() -> Self {
-        Self {
-            buf: [0; 512],
-            len: 0,
-            stream: None,
-        }
-    }
-}
-
-impl BufferedBlake3 {
-    /// One copy per part, the overflow out of line. Not inlined: nine
-    /// inlined copies cost as many instructions per request and more code
-    /// lines, which every request fetches anew (the request path is larger
-    /// than the L1 i-cache).
-    #[inline(never)]
-    fn update(&mut self, bytes: &[u8]) {
-        let end = self.len + bytes.len();
-        match self.buf.get_mut(self.len..end) {
-            Some(room) => {
-                room.copy_from_slice(bytes);
-                self.len = end;
-            }
-            None => self.spill(bytes),
-        }
-    }
-
-    /// The input outgrew `buf`: what was buffered and `bytes` go to the
-    /// streaming hasher.
-    #[cold]
-    #[inline(never)]
-    fn spill(&mut self, bytes: &[u8]) {
-        let stream = self.stream.get_or_insert_with(Box::default);
-        stream.update(&self.buf[..self.len]);
-        stream.update(bytes);
-        self.len = 0;
-    }
-
-    /// By reference: the buffer is not moved (copied) to be hashed.
-    fn finish(&mut self) -> [u8; 32] {
-        let digest = match self.stream.take() {
-            None => blake3::hash(&self.buf[..self.len]),
-            Some(mut stream) => {
-                stream.update(&self.buf[..self.len]);
-                stream.finalize()
-            }
-        };
-        *digest.as_bytes()
-    }
-}
-
-/// A 64-bit tag of a tenant id, for purges: the tenant's bytes folded
-/// through the table's seeded multiply (a random seed per process, so no
-/// tenant id can be chosen to share another's tag).
-fn tenant_tag(tenant_id: &str) -> u64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    static SEED: std::sync::LazyLock<table::DigestHasher> =
-        std::sync::LazyLock::new(table::DigestHasher::random);
-    let mut hasher = SEED.build_hasher();
-    hasher.write(tenant_id.as_bytes());
-    hasher.write_u64(tenant_id.len() as u64);
-    hasher.finish()
-}
-
-impl fmt::Debug for CacheKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CacheKey({})", hex::encode(&self.digest[..6]))
-    }
-}
-
-/// What protected a cached key. One shared instance per (binding,
-/// provider, version): a million entries of one binding hold one origin.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct KeyOrigin {
-    pub key_binding: Arc<str>,
-    /// The link of `key_binding` that unwrapped it (a key unlinked and
-    /// linked again under the same name is another key); 0 for the
-    /// platform key and sealed DEKs.
-    pub link_id: i64,
-    pub provider: ProviderKind,
-    pub key_version: Box<str>,
-    /// The tenant key version that sealed a DEK (0: wrapped directly by
-    /// `key_binding`). Its protecting binding is looked up on every hit:
-    /// a key change may have moved it since.
-    pub tenant_key_version: u32,
-}
-
-/// Keys up to this many bytes (every DEK keybroker generates) are stored
-/// inside the entry; longer wrapped plaintexts go to the heap.
-const INLINE: usize = 32;
-
-/// An unwrapped DEK and what protected it. Zeroized on drop. Built in place
-/// inside its `Arc` ([`CachedKey::new`]) so the key bytes are never copied
-/// through the stack.
-pub struct CachedKey {
-    inline: [u8; INLINE],
-    len: u8,
-    heap: Option<Box<[u8]>>,
-    pub origin: Arc<KeyOrigin>,
-    /// The tenant's cache generation and incarnation it was loaded under.
-    pub fresh: Freshness,
-}
-
-/// What a cached key is valid for: the tenant's cache generation (bumped
-/// by every purge of the tenant, so a load that began before a purge is
-/// never served after it) and incarnation (a tenant id deleted and created
-/// again is another tenant). A hit is served only when both equal the
-/// current view's ([`crate::keys::TenantLife`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Freshness {
-    pub generation: u64,
-    pub incarnation: u64,
-}
-
-impl CachedKey {
-    pub fn new(plaintext: &SecretBytes, origin: Arc<KeyOrigin>, fresh: Freshness) -> Arc<Self> {
-        let bytes = plaintext.expose();
-        let small = bytes.len() <= INLINE;
-        let mut key = Arc::new(Self {
-            inline: [0; INLINE],
-            len: 0,
-            heap: (!small).then(|| bytes.to_vec().into_boxed_slice()),
-            origin,
-            fresh,
-        });
-        if small {
-            // Unique right after creation: the bytes go straight to the heap.
-            if let Some(entry) = Arc::get_mut(&mut key) {
-                entry.inline[..bytes.len()].copy_from_slice(bytes);
-                entry.len = bytes.len() as u8;
-            }
-        }
-        key
-    }
-
-    pub fn plaintext(&self) -> &[u8] {
-        match &self.heap {
-            Some(heap) => heap,
-            None => &self.inline[..usize::from(self.len)],
-        }
-    }
-}
-
-/// A cached key's plaintext as `Bytes`, without a copy: an answer's bytes
-/// are the entry's own, zeroized when the last holder (cache or answer)
-/// drops it.
-pub fn plaintext_bytes(key: Arc<CachedKey>) -> bytes::Bytes {
-    bytes::Bytes::from_owner(SharedPlaintext(key))
-}
-
-struct SharedPlaintext(Arc<CachedKey>);
-
-impl AsRef<[u8]> for SharedPlaintext {
-    fn as_ref(&self) -> &[u8] {
-        self.0.plaintext()
-    }
-}
-
-impl Drop for CachedKey {
-    fn drop(&mut self) {
-        use zeroize::Zeroize as _;
-        self.inline.zeroize();
-        if let Some(heap) = &mut self.heap {
-            heap.zeroize();
-        }
-    }
-}
-
-impl fmt::Debug for CachedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CachedKey")
-            .field(
-                "plaintext",
-                &format_args!("<redacted {} bytes>", self.plaintext().len()),
-            )
-            .field("origin", &self.origin)
-            .finish()
-    }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 /// The `cache_*` settings.
@@ -264,6 +77,27 @@ pub struct CacheSettings {
         default_value = "100000"
     )]
     pub max_entries: u64,
+    /// Most bytes of unwrapped keys (and their bookkeeping) held in memory,
+    /// e.g. 64MiB: the bound for keys larger than 32 bytes.
+    #[arg(
+        id = "cache_max_bytes",
+        long = "cache-max-bytes",
+        env = "KEYBROKER_CACHE_MAX_BYTES",
+        value_parser = parse_bytes,
+        default_value = "64MiB"
+    )]
+    pub max_bytes: u64,
+    /// The share of the cache one tenant may fill, in percent: past it, a
+    /// tenant's further keys are served without being cached, so one tenant
+    /// unwrapping many keys cannot push the others' keys out.
+    #[arg(
+        id = "cache_tenant_share",
+        long = "cache-tenant-share",
+        env = "KEYBROKER_CACHE_TENANT_SHARE",
+        value_parser = clap::value_parser!(u8).range(1..=100),
+        default_value = "25"
+    )]
+    pub tenant_share: u8,
     /// How long an unwrapped key is served from memory, e.g. 5m (lifetime of
     /// an entry since its unwrap).
     #[arg(id = "cache_ttl", long = "cache-ttl", env = "KEYBROKER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
@@ -284,6 +118,12 @@ impl CacheSettings {
         use crate::settings::invalid;
         if self.max_entries == 0 {
             return invalid("cache_max_entries", "must be at least 1");
+        }
+        if self.max_bytes < ENTRY_WEIGHT {
+            return invalid(
+                "cache_max_bytes",
+                &format!("must hold one key at least ({ENTRY_WEIGHT} bytes)"),
+            );
         }
         if self.ttl.is_zero() || self.tti.is_zero() {
             return invalid("cache_ttl/cache_tti", "must be longer than zero");
@@ -306,6 +146,8 @@ pub struct CacheStats {
     pub load_failures: AtomicU64,
     /// Entries dropped for size or age (not explicit purges).
     pub evictions: AtomicU64,
+    /// Keys served without being cached: their tenant held its share.
+    pub over_share: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +156,7 @@ pub struct CacheStatsSnapshot {
     pub misses: u64,
     pub load_failures: u64,
     pub evictions: u64,
+    pub over_share: u64,
 }
 
 impl CacheStats {
@@ -323,6 +166,7 @@ impl CacheStats {
             misses: self.misses.load(Ordering::Relaxed),
             load_failures: self.load_failures.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            over_share: self.over_share.load(Ordering::Relaxed),
         }
     }
 }
@@ -333,18 +177,54 @@ pub struct DekCache {
 }
 
 struct Inner {
-    entries: Table,
+    entries: moka::future::Cache<CacheKey, Arc<CachedKey>, DigestHasher>,
     stats: Arc<CacheStats>,
-    /// Loads under way, one per key: later callers of the same key wait
-    /// for the first one's answer instead of calling the provider again.
-    /// Held only to look up or remove a flight, never across an await.
-    flights: Mutex<HashMap<CacheKey, Arc<Flight>>>,
     /// Interned origins; taken on the miss path only. Entries no cached key
     /// uses any more are dropped when the set doubles.
     origins: Mutex<Origins>,
     /// Purge generations (see [`Freshness`]): a tenant's is `global` plus
     /// its own count. Read when a tenant view is built, never on a hit.
     generations: Mutex<Generations>,
+    /// Weight each tenant (by tag) holds, and the most it may: added when a
+    /// key is loaded or inserted, taken off when moka lets it go.
+    shares: Arc<Shares>,
+}
+
+#[derive(Debug, Default)]
+struct Shares {
+    held: Mutex<HashMap<u64, u64>>,
+    limit: u64,
+}
+
+impl Shares {
+    fn full(&self, tag: u64) -> bool {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.get(&tag).is_some_and(|held| *held >= self.limit)
+    }
+
+    fn add(&self, tag: u64, weight: u32) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *held.entry(tag).or_default() += u64::from(weight);
+    }
+
+    fn release(&self, tag: u64, weight: u32) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(now) = held.get_mut(&tag) {
+            *now = now.saturating_sub(u64::from(weight));
+            if *now == 0 {
+                held.remove(&tag);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -358,12 +238,6 @@ struct Generations {
 /// Tenants whose purges are counted one by one; past this the counts are
 /// folded into the global generation (every entry then reloads once).
 const GENERATION_TENANTS: usize = 1_000_000;
-
-/// One load and its outcome, for the callers that waited on it. The
-/// loader holds the lock while it loads; a loader that is cancelled
-/// leaves `None`, and the next waiter loads instead.
-type Flight = tokio::sync::Mutex<Option<Result<Arc<CachedKey>, SharedError>>>;
-type SharedError = Arc<dyn Any + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct Origins {
@@ -383,13 +257,38 @@ impl fmt::Debug for DekCache {
 
 impl DekCache {
     pub fn new(settings: CacheSettings) -> Self {
+        let stats = Arc::new(CacheStats::default());
+        // Both bounds as one weight: `max_entries` keys of 32 bytes, or
+        // `max_bytes`, whichever is less.
+        let capacity = settings
+            .max_bytes
+            .min(settings.max_entries.saturating_mul(ENTRY_WEIGHT));
+        let shares = Arc::new(Shares {
+            held: Mutex::default(),
+            limit: (capacity / 100)
+                .saturating_mul(u64::from(settings.tenant_share))
+                .max(ENTRY_WEIGHT),
+        });
+        let (counted, released) = (Arc::clone(&stats), Arc::clone(&shares));
+        let entries = moka::future::Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_, value: &Arc<CachedKey>| weight(value))
+            .time_to_live(settings.ttl)
+            .time_to_idle(settings.tti)
+            .eviction_listener(move |key: Arc<CacheKey>, value: Arc<CachedKey>, cause| {
+                released.release(key.tenant_tag, weight(&value));
+                if matches!(cause, RemovalCause::Expired | RemovalCause::Size) {
+                    counted.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build_with_hasher(DigestHasher::random());
         Self {
             inner: Arc::new(Inner {
-                entries: Table::new(settings.max_entries, settings.ttl, settings.tti),
-                stats: Arc::default(),
-                flights: Mutex::default(),
+                entries,
+                stats,
                 origins: Mutex::default(),
                 generations: Mutex::default(),
+                shares,
             }),
         }
     }
@@ -411,7 +310,7 @@ impl DekCache {
     }
 
     /// Moves a tenant's generation on (before its entries are removed, so a
-    /// load racing the purge lands stale).
+    /// load racing the purge lands under a key no later view looks up).
     fn bump(&self, tenant_id: Option<&str>) {
         let mut generations = self
             .inner
@@ -482,27 +381,25 @@ impl DekCache {
         &self.inner.stats
     }
 
-    /// The cached key, if present; counts a hit. A miss is counted by
-    /// [`get_or_load`](Self::get_or_load), which callers use next.
-    pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedKey>> {
-        self.get_at(key, std::time::Instant::now())
-    }
-
-    /// [`get`](Self::get) at `now`, a clock reading the caller took anyway
-    /// (the hot path reads the clock once per lookup, not once per table).
-    pub fn get_at(&self, key: &CacheKey, now: std::time::Instant) -> Option<Arc<CachedKey>> {
-        let found = self.inner.entries.get(key, now);
+    /// The key cached under `key` for the view `fresh`, if any; counts a
+    /// hit. A miss is counted by [`get_or_load`](Self::get_or_load), which
+    /// callers use next. Never waits: moka's lookup only records the read
+    /// (its maintenance runs behind a lock it only tries), and a lookup that
+    /// could not finish at once is a miss.
+    pub fn get(&self, key: CacheKey, fresh: Freshness) -> Option<Arc<CachedKey>> {
+        let key = key.under(fresh);
+        let found = futures::FutureExt::now_or_never(self.inner.entries.get(&key)).flatten();
         if found.is_some() {
             self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
         }
         found
     }
 
-    /// The cached key, or the result of `load` stored under `key`. Concurrent
-    /// callers for the same key share one `load`; a failed load is not cached,
-    /// so the next request tries again.
-    /// Only an entry loaded under `fresh` counts: a stale one (from before
-    /// a purge, or another incarnation) is replaced.
+    /// The cached key, or the result of `load` stored under `key` for the
+    /// view `fresh`. Concurrent callers for the same key and view share one
+    /// `load` (moka's `try_get_with`; a cancelled loader hands over to a
+    /// waiter); a failed load is not cached, so the next request tries
+    /// again. A tenant holding its share is served `load`'s key uncached.
     pub async fn get_or_load<E, F>(
         &self,
         key: CacheKey,
@@ -513,255 +410,188 @@ impl DekCache {
         F: Future<Output = Result<Arc<CachedKey>, E>>,
         E: Send + Sync + 'static,
     {
+        let key = key.under(fresh);
         let stats = &self.inner.stats;
-        let now = std::time::Instant::now();
-        if let Some(found) = self
-            .inner
-            .entries
-            .get(&key, now)
-            .filter(|f| f.fresh == fresh)
-        {
+        if let Some(found) = self.inner.entries.get(&key).await {
             stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(found);
         }
-        let flight = match self.inner.flights.lock() {
-            Ok(mut flights) => Arc::clone(flights.entry(key.clone()).or_default()),
-            // Poisoned only by a panic elsewhere: load alone.
-            Err(_) => Arc::default(),
-        };
-        // Before the wait: a caller cancelled while waiting must not leave
-        // a flight behind either.
-        let landing = Landing {
-            cache: self,
-            key: &key,
-            flight: &flight,
-        };
-        let mut outcome = flight.lock().await;
-        match outcome.as_ref() {
-            Some(Ok(found)) if found.fresh == fresh => {
-                stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Arc::clone(found));
-            }
-            // Loaded under another view (before a purge, or after one we
-            // have not seen): ours is loaded anew.
-            Some(Ok(_)) => {}
-            Some(Err(shared)) => {
-                // The same key failed for the caller we waited on: the
-                // same answer (a waiter with another error type loads).
-                if let Ok(err) = Arc::clone(shared).downcast::<E>() {
-                    stats.load_failures.fetch_add(1, Ordering::Relaxed);
-                    return Err(err);
-                }
-            }
-            None => {
-                // First here, or the loader before us was cancelled; a
-                // flight may also have landed between our lookup and now.
-                if let Some(found) = self
-                    .inner
-                    .entries
-                    .get(&key, std::time::Instant::now())
-                    .filter(|f| f.fresh == fresh)
-                {
-                    stats.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(found);
-                }
-            }
-        }
-        let loaded = load.await;
-        match &loaded {
-            Ok(value) => {
-                let removed = self.inner.entries.insert(key.clone(), Arc::clone(value));
-                self.count_removed(removed);
-                stats.misses.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
+        let tag = key.tenant_tag;
+        if self.inner.shares.full(tag) {
+            stats.over_share.fetch_add(1, Ordering::Relaxed);
+            stats.misses.fetch_add(1, Ordering::Relaxed);
+            return load.await.map_err(|err| {
                 stats.load_failures.fetch_add(1, Ordering::Relaxed);
-            }
+                Arc::new(err)
+            });
         }
-        let loaded = loaded.map_err(Arc::new);
-        *outcome = Some(match &loaded {
-            Ok(value) => Ok(Arc::clone(value)),
-            Err(err) => Err(Arc::clone(err) as SharedError),
-        });
-        landing.landed();
-        loaded
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let result = self
+            .inner
+            .entries
+            .try_get_with(key, async {
+                let value = load.await?;
+                // Counted before moka holds it: its listener takes the same
+                // weight off when it lets the entry go.
+                self.inner.shares.add(tag, weight(&value));
+                loaded.store(true, Ordering::Relaxed);
+                Ok(value)
+            })
+            .await;
+        // A load that lands after a purge of its tenant stays under its
+        // old freshness: served to the views that predate the purge (as the
+        // callers that asked before it were), never to a later one, and
+        // freed by its TTI.
+        let loaded = loaded.load(Ordering::Relaxed);
+        let counter = match (&result, loaded) {
+            (Ok(_), true) => &stats.misses,
+            (Ok(_), false) => &stats.hits,
+            (Err(_), _) => &stats.load_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
     }
 
-    /// Stores a key the caller just made (a minted tenant key): no lookup
-    /// happened, so neither a hit nor a miss is counted.
-    pub fn insert(&self, key: CacheKey, value: Arc<CachedKey>) {
-        let removed = self.inner.entries.insert(key, value);
-        self.count_removed(removed);
-    }
-
-    fn count_removed(&self, removed: Removed) {
-        if removed.total() > 0 {
-            self.inner
-                .stats
-                .evictions
-                .fetch_add(removed.total(), Ordering::Relaxed);
+    /// Stores a key the caller just made (a minted tenant key) for the view
+    /// `fresh`: no lookup happened, so neither a hit nor a miss is counted.
+    pub async fn insert(&self, key: CacheKey, fresh: Freshness, value: Arc<CachedKey>) {
+        let key = key.under(fresh);
+        if self.inner.shares.full(key.tenant_tag) {
+            return;
         }
+        self.inner.shares.add(key.tenant_tag, weight(&value));
+        self.inner.entries.insert(key, value).await;
     }
 
-    /// Drops every entry of a tenant, at once (their plaintext is zeroized
+    /// Drops every entry of a tenant at once (their plaintext is zeroized
     /// as soon as no answer in flight still holds it); a load of the tenant
-    /// under way lands stale.
-    pub fn purge_tenant(&self, tenant_id: &str) {
+    /// under way lands under a key no later view looks up.
+    pub async fn purge_tenant(&self, tenant_id: &str) {
         self.bump(Some(tenant_id));
         let tag = tenant_tag(tenant_id);
-        self.inner.entries.purge(|k, _| k.tenant_tag == tag);
+        self.remove_if(|k, _| k.tenant_tag == tag).await;
     }
 
     /// Drops every entry unwrapped with one key binding of a tenant; every
     /// load of the tenant under way lands stale.
-    pub fn purge_binding(&self, tenant_id: &str, binding: &str) {
+    pub async fn purge_binding(&self, tenant_id: &str, binding: &str) {
         self.bump(Some(tenant_id));
         let tag = tenant_tag(tenant_id);
-        self.inner
-            .entries
-            .purge(|k, v| k.tenant_tag == tag && &*v.origin.key_binding == binding);
+        self.remove_if(|k, v| k.tenant_tag == tag && &*v.origin.key_binding == binding)
+            .await;
     }
 
     /// Drops everything; every load under way lands stale.
-    pub fn purge_all(&self) {
+    pub async fn purge_all(&self) {
         self.bump(None);
-        self.inner.entries.purge(|_, _| true);
+        self.remove_if(|_, _| true).await;
     }
 
-    /// Entries held (expired ones not yet swept included).
-    pub fn entry_count(&self) -> u64 {
-        self.inner.entries.len()
-    }
-
-    /// Frees expired entries now (the server calls it on a timer, the
-    /// metrics scrape before counting).
-    pub fn run_pending_tasks(&self) {
-        let expired = self.inner.entries.sweep();
-        self.count_removed(Removed {
-            expired,
-            evicted: 0,
-        });
-    }
-}
-
-/// Removes a flight from the map when its loader is done with it: landed,
-/// or cancelled with nobody waiting (a waiter left behind loads, then
-/// removes it).
-struct Landing<'a> {
-    cache: &'a DekCache,
-    key: &'a CacheKey,
-    flight: &'a Arc<Flight>,
-}
-
-impl Landing<'_> {
-    fn landed(&self) {
-        self.remove(true);
-    }
-
-    fn remove(&self, always: bool) {
-        if let Ok(mut flights) = self.cache.inner.flights.lock() {
-            // Clones are taken only under this lock: the count is exact.
-            let ours = flights
-                .get(self.key)
-                .is_some_and(|f| Arc::ptr_eq(f, self.flight));
-            if ours && (always || Arc::strong_count(self.flight) <= 2) {
-                flights.remove(self.key);
-            }
+    /// Removes what `purge` selects now, not at moka's next maintenance:
+    /// a purge is a revocation or a deletion, and the plaintext goes with
+    /// it. A scan of the cache; purges are admin events, not requests.
+    async fn remove_if(&self, purge: impl Fn(&CacheKey, &CachedKey) -> bool) {
+        let doomed: Vec<Arc<CacheKey>> = self
+            .inner
+            .entries
+            .iter()
+            .filter(|(key, value)| purge(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in doomed {
+            self.inner.entries.invalidate(&*key).await;
         }
+        // moka's pending removals still hold the values until it applies
+        // them.
+        self.inner.entries.run_pending_tasks().await;
     }
-}
 
-impl Drop for Landing<'_> {
-    fn drop(&mut self) {
-        self.remove(false);
+    /// Entries held (as of moka's last maintenance).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entries.entry_count()
+    }
+
+    /// Bytes held by weight (as of moka's last maintenance).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.entries.weighted_size()
+    }
+
+    /// Runs moka's maintenance now: frees expired and purged entries (the
+    /// server calls it on a timer, the metrics scrape before counting).
+    pub async fn run_pending_tasks(&self) {
+        self.inner.entries.run_pending_tasks().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::Context;
+    use crate::secret::SecretBytes;
     use std::sync::atomic::AtomicUsize;
 
-    #[test]
-    fn buffered_blake3_is_blake3_of_the_concatenation() {
-        let input: Vec<u8> = (0..3000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        // Part sizes below, at and across the buffer, and one part larger
-        // than it: every path of `update`.
-        for parts in [
-            vec![0, 1, 31, 64],
-            vec![511, 1],
-            vec![512],
-            vec![500, 20, 1000],
-            vec![2999, 1],
-            vec![100; 30],
-        ] {
-            let total: usize = parts.iter().sum();
-            let mut hash = BufferedBlake3::default();
-            let mut at = 0;
-            for part in &parts {
-                hash.update(&input[at..at + part]);
-                at += part;
-            }
-            assert_eq!(
-                hash.finish(),
-                *blake3::hash(&input[..total]).as_bytes(),
-                "parts {parts:?}"
-            );
-        }
-    }
-
-    fn value(binding: &str) -> Arc<CachedKey> {
-        let origin = Arc::new(KeyOrigin {
+    fn origin(binding: &str) -> Arc<KeyOrigin> {
+        Arc::new(KeyOrigin {
             key_binding: binding.into(),
             link_id: 0,
             provider: ProviderKind::Local,
             key_version: "1".into(),
             tenant_key_version: 0,
-        });
-        CachedKey::new(&SecretBytes::new(vec![1; 32]), origin, Freshness::default())
+        })
     }
 
-    #[test]
-    fn keys_of_any_length_round_trip_and_debug_hides_them() {
-        let origin = |v: &str| {
-            Arc::new(KeyOrigin {
-                key_binding: "b".into(),
-                link_id: 0,
-                provider: ProviderKind::Local,
-                key_version: v.into(),
-                tenant_key_version: 0,
-            })
-        };
-        for len in [1, 16, 32, 33, 4096] {
-            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
-            let key = CachedKey::new(
-                &SecretBytes::new(bytes.clone()),
-                origin("1"),
-                Freshness::default(),
-            );
-            assert_eq!(key.plaintext(), bytes.as_slice(), "len {len}");
-            let shown = format!("{key:?}");
-            assert!(
-                shown.contains(&format!("<redacted {len} bytes>")),
-                "{shown}"
-            );
-            assert!(!shown.contains("1, 2, 3"), "{shown}");
+    fn value(binding: &str) -> Arc<CachedKey> {
+        CachedKey::new(
+            &SecretBytes::new(vec![1; 32]),
+            origin(binding),
+            Freshness::default(),
+        )
+    }
+
+    fn settings(ttl_ms: u64) -> CacheSettings {
+        CacheSettings {
+            ttl: Duration::from_millis(ttl_ms),
+            tti: Duration::from_millis(ttl_ms),
+            ..CacheSettings::default()
         }
     }
 
+    const FRESH: Freshness = Freshness {
+        generation: 0,
+        incarnation: 0,
+    };
+
+    async fn load_as(cache: &DekCache, key: &CacheKey, plaintext: Vec<u8>) -> Arc<CachedKey> {
+        cache
+            .get_or_load::<(), _>(key.clone(), FRESH, async {
+                Ok(CachedKey::new(
+                    &SecretBytes::new(plaintext),
+                    origin("b"),
+                    FRESH,
+                ))
+            })
+            .await
+            .unwrap()
+    }
+
     #[test]
-    fn cache_key_pins_tenant_bytes_and_context() {
-        let ctx = |k: &str, v: &str| Context::new([(k.to_owned(), v.to_owned())].into()).unwrap();
-        let base = CacheKey::new("acme", b"wrapped", &ctx("a", "1"));
-        assert_eq!(base, CacheKey::new("acme", b"wrapped", &ctx("a", "1")));
-        assert_ne!(base, CacheKey::new("acmf", b"wrapped", &ctx("a", "1")));
-        assert_ne!(base, CacheKey::new("acme", b"wrappee", &ctx("a", "1")));
-        assert_ne!(base, CacheKey::new("acme", b"wrapped", &ctx("a", "2")));
-        // Bytes moved across the tenant/key boundary hash differently.
-        assert_ne!(
-            CacheKey::new("ab", b"c", &Context::default()),
-            CacheKey::new("a", b"bc", &Context::default())
+    fn sizes_parse_with_units_and_bad_ones_say_how() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").unwrap_err().contains("64MiB"));
+        assert!(parse_bytes("5 parsecs").unwrap_err().contains("unit"));
+        assert!(
+            parse_bytes("99999999999999GiB")
+                .unwrap_err()
+                .contains("too large")
         );
+        let small = CacheSettings {
+            max_bytes: 10,
+            ..CacheSettings::default()
+        };
+        assert!(small.validate().is_err());
     }
 
     #[test]
@@ -775,14 +605,6 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &c));
     }
 
-    fn settings(ttl_ms: u64) -> CacheSettings {
-        CacheSettings {
-            max_entries: 1000,
-            ttl: Duration::from_millis(ttl_ms),
-            tti: Duration::from_millis(ttl_ms),
-        }
-    }
-
     #[tokio::test]
     async fn concurrent_misses_load_once() {
         let cache = DekCache::new(settings(60_000));
@@ -793,7 +615,7 @@ mod tests {
                 let (cache, loads, key) = (cache.clone(), loads.clone(), key.clone());
                 tokio::spawn(async move {
                     cache
-                        .get_or_load::<(), _>(key, Freshness::default(), async {
+                        .get_or_load::<(), _>(key, FRESH, async {
                             loads.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             Ok(value("platform"))
@@ -811,58 +633,40 @@ mod tests {
         assert_eq!((s.misses, s.hits), (1, 49));
     }
 
+    /// The single-flight bug of the hand-written cache (a13fc42) as a test:
+    /// a loader cancelled mid-load must hand over to a waiter, which loads
+    /// and is answered, and leave nothing behind that blocks later loads.
     #[tokio::test]
-    async fn a_cancelled_load_hands_over_and_leaves_no_flight() {
+    async fn a_cancelled_load_hands_over_to_a_waiter() {
         let cache = DekCache::new(settings(60_000));
         let key = CacheKey::new("t", &[3; 32], &Context::default());
-        let flights = |cache: &DekCache| cache.inner.flights.lock().unwrap().len();
-        // Cancelled with nobody waiting: nothing left behind.
-        let alone =
-            cache.get_or_load::<(), _>(key.clone(), Freshness::default(), std::future::pending());
+        let alone = cache.get_or_load::<(), _>(key.clone(), FRESH, std::future::pending());
         assert!(
             tokio::time::timeout(Duration::from_millis(20), alone)
                 .await
                 .is_err()
         );
-        assert_eq!(flights(&cache), 0);
-        // Cancelled with a waiter: the waiter loads, then the flight goes.
         let (c, k) = (cache.clone(), key.clone());
         let stuck = tokio::spawn(async move {
-            c.get_or_load::<(), _>(k, Freshness::default(), std::future::pending())
+            c.get_or_load::<(), _>(k, FRESH, std::future::pending())
                 .await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         let (c, k) = (cache.clone(), key.clone());
         let waiter = tokio::spawn(async move {
-            c.get_or_load::<(), _>(k, Freshness::default(), async { Ok(value("platform")) })
+            c.get_or_load::<(), _>(k, FRESH, async { Ok(value("platform")) })
                 .await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(flights(&cache), 1);
         stuck.abort();
-        let got = waiter.await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter was left waiting on a cancelled load")
+            .unwrap()
+            .unwrap();
         assert_eq!(got.plaintext(), [1; 32].as_slice());
-        assert_eq!(flights(&cache), 0);
-        assert!(cache.get(&key).is_some());
+        assert!(cache.get(key, FRESH).is_some());
         assert_eq!(cache.stats().snapshot().misses, 1);
-        // Loader and waiter both cancelled: nothing left behind.
-        let key = CacheKey::new("t", &[4; 32], &Context::default());
-        let tasks: Vec<_> = (0..2)
-            .map(|_| {
-                let (c, k) = (cache.clone(), key.clone());
-                tokio::spawn(async move {
-                    c.get_or_load::<(), _>(k, Freshness::default(), std::future::pending())
-                        .await
-                })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(flights(&cache), 1);
-        for task in tasks {
-            task.abort();
-            assert!(task.await.unwrap_err().is_cancelled());
-        }
-        assert_eq!(flights(&cache), 0);
     }
 
     /// A load under way when its tenant is purged lands, for the callers
@@ -883,14 +687,14 @@ mod tests {
                 let _ = released.await;
                 Ok(CachedKey::new(
                     &SecretBytes::new(vec![1; 32]),
-                    origin(),
+                    origin("b"),
                     before,
                 ))
             })
             .await
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        cache.purge_tenant("t");
+        cache.purge_tenant("t").await;
         release.send(()).unwrap();
         assert!(loading.await.unwrap().is_ok());
         let after = Freshness {
@@ -904,7 +708,7 @@ mod tests {
                 loads.fetch_add(1, Ordering::SeqCst);
                 Ok(CachedKey::new(
                     &SecretBytes::new(vec![2; 32]),
-                    origin(),
+                    origin("b"),
                     after,
                 ))
             })
@@ -924,7 +728,7 @@ mod tests {
             .get_or_load::<(), _>(key, reborn, async {
                 Ok(CachedKey::new(
                     &SecretBytes::new(vec![3; 32]),
-                    origin(),
+                    origin("b"),
                     reborn,
                 ))
             })
@@ -933,18 +737,8 @@ mod tests {
         assert_eq!(got.plaintext(), [3; 32].as_slice());
         // Other tenants' generations did not move.
         assert_eq!(cache.generation("u"), 0);
-        cache.purge_all();
+        cache.purge_all().await;
         assert_eq!(cache.generation("u"), 1);
-    }
-
-    fn origin() -> Arc<KeyOrigin> {
-        Arc::new(KeyOrigin {
-            key_binding: "b".into(),
-            link_id: 0,
-            provider: ProviderKind::Local,
-            key_version: "1".into(),
-            tenant_key_version: 0,
-        })
     }
 
     #[tokio::test]
@@ -952,66 +746,115 @@ mod tests {
         let cache = DekCache::new(settings(60_000));
         let key = CacheKey::new("t", &[1; 32], &Context::default());
         let err = cache
-            .get_or_load(key.clone(), Freshness::default(), async {
+            .get_or_load(key.clone(), FRESH, async {
                 Err::<Arc<CachedKey>, _>("down")
             })
             .await;
         assert!(err.is_err());
-        assert!(cache.get(&key).is_none());
-        cache
-            .get_or_load::<(), _>(key.clone(), Freshness::default(), async {
-                Ok(value("platform"))
-            })
-            .await
-            .unwrap();
-        assert!(cache.get(&key).is_some());
+        assert!(cache.get(key.clone(), FRESH).is_none());
+        load_as(&cache, &key, vec![1; 32]).await;
+        assert!(cache.get(key, FRESH).is_some());
         assert_eq!(cache.stats().snapshot().load_failures, 1);
     }
 
     #[tokio::test]
-    async fn purge_by_tenant_and_binding() {
+    async fn purge_by_tenant_and_binding_frees_the_entries() {
         let cache = DekCache::new(settings(60_000));
         let a1 = CacheKey::new("a", &[1; 32], &Context::default());
         let a2 = CacheKey::new("a", &[2; 32], &Context::default());
         let b1 = CacheKey::new("b", &[1; 32], &Context::default());
+        let mut held = Vec::new();
         for (k, binding) in [(&a1, "k1"), (&a2, "k2"), (&b1, "k1")] {
-            cache
-                .get_or_load::<(), _>(k.clone(), Freshness::default(), async {
-                    Ok(value(binding))
-                })
+            let got = cache
+                .get_or_load::<(), _>(k.clone(), FRESH, async { Ok(value(binding)) })
                 .await
                 .unwrap();
+            held.push(Arc::downgrade(&got));
         }
-        cache.purge_binding("a", "k1");
-        assert!(cache.get(&a1).is_none());
-        assert!(cache.get(&a2).is_some());
-        assert!(cache.get(&b1).is_some());
-        cache.purge_tenant("a");
-        assert!(cache.get(&a2).is_none());
-        assert!(cache.get(&b1).is_some());
+        let fresh = |t: &str| Freshness {
+            generation: cache.generation(t),
+            incarnation: 0,
+        };
+        cache.purge_binding("a", "k1").await;
+        // a1's plaintext is gone from memory, not merely out of reach.
+        assert!(held[0].upgrade().is_none(), "a purged key is still held");
+        assert!(held[1].upgrade().is_some());
+        assert!(cache.get(b1.clone(), fresh("b")).is_some());
+        cache.purge_tenant("a").await;
+        assert!(held[1].upgrade().is_none());
+        assert!(cache.get(b1, fresh("b")).is_some());
+        assert_eq!(cache.entry_count(), 1);
     }
 
     #[tokio::test]
     async fn entries_expire_after_ttl() {
         let cache = DekCache::new(settings(200));
         let key = CacheKey::new("t", &[1; 32], &Context::default());
-        cache
-            .get_or_load::<(), _>(key.clone(), Freshness::default(), async {
-                Ok(value("platform"))
-            })
-            .await
-            .unwrap();
-        assert!(cache.get(&key).is_some());
+        load_as(&cache, &key, vec![1; 32]).await;
+        assert!(cache.get(key.clone(), FRESH).is_some());
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert!(cache.get(&key).is_none());
-        cache.run_pending_tasks();
+        assert!(cache.get(key, FRESH).is_none());
+        cache.run_pending_tasks().await;
         assert_eq!(cache.stats().snapshot().evictions, 1);
+        assert_eq!(cache.entry_count(), 0);
     }
 
-    #[test]
-    fn debug_hides_plaintext() {
-        let shown = format!("{:?}", value("platform"));
-        assert!(shown.contains("redacted"), "{shown}");
-        assert!(!shown.contains("[1, 1"), "{shown}");
+    /// 4 KiB keys are bounded by bytes, not by the entry count.
+    #[tokio::test]
+    async fn large_keys_are_bounded_by_bytes() {
+        let cache = DekCache::new(CacheSettings {
+            max_bytes: 1 << 20,
+            tenant_share: 100,
+            ..settings(60_000)
+        });
+        for n in 0..1000u32 {
+            let key = CacheKey::new("t", &n.to_be_bytes(), &Context::default());
+            load_as(&cache, &key, vec![9; 4096]).await;
+        }
+        cache.run_pending_tasks().await;
+        assert!(
+            cache.weighted_size() <= 1 << 20,
+            "{}",
+            cache.weighted_size()
+        );
+        // About 1 MiB / (4 KiB + bookkeeping), never the 1,000 loaded.
+        assert!(cache.entry_count() <= 256, "{}", cache.entry_count());
+    }
+
+    /// One tenant unwrapping many distinct keys fills its share, then is
+    /// served uncached: another tenant's keys stay cached.
+    #[tokio::test]
+    async fn one_tenant_cannot_push_the_others_out() {
+        let cache = DekCache::new(CacheSettings {
+            max_entries: 1000,
+            tenant_share: 25,
+            ..settings(60_000)
+        });
+        let quiet: Vec<_> = (0..100u32)
+            .map(|n| CacheKey::new("quiet", &n.to_be_bytes(), &Context::default()))
+            .collect();
+        for key in &quiet {
+            load_as(&cache, key, vec![1; 32]).await;
+        }
+        for n in 0..20_000u32 {
+            let key = CacheKey::new("flood", &n.to_be_bytes(), &Context::default());
+            load_as(&cache, &key, vec![2; 32]).await;
+            if n % 1000 == 0 {
+                cache.run_pending_tasks().await;
+            }
+        }
+        cache.run_pending_tasks().await;
+        let kept = quiet
+            .iter()
+            .filter(|k| cache.get((*k).clone(), FRESH).is_some())
+            .count();
+        assert_eq!(kept, quiet.len(), "the flood evicted another tenant's keys");
+        let s = cache.stats().snapshot();
+        assert!(s.over_share > 19_000, "{s:?}");
+        assert!(
+            cache.entry_count() <= 100 + 250 + 1,
+            "{}",
+            cache.entry_count()
+        );
     }
 }

@@ -179,12 +179,14 @@ pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(config = ?config, "starting keybroker");
     let listen = config.server.listen;
+    let metrics_listen = config.telemetry.metrics_listen;
+    let health_listen = config.server.health_listen;
+    // The registry opens first: a replica that cannot open it exits without
+    // ever accepting a connection it could not answer.
+    let mut server = Server::build(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    let metrics_listen = config.telemetry.metrics_listen;
-    let health_listen = config.server.health_listen;
-    let mut server = Server::build(config).await?;
     if let Some(addr) = health_listen {
         let health = tokio::net::TcpListener::bind(addr)
             .await

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
-use super::views::ViewMemo;
+use super::views::{ViewSettings, Views};
 use super::{BindingRecord, FLEET, KeyPolicy, Registry, UsageDelta, VersionUsageRecord};
 use crate::cache::DekCache;
 use crate::context::Context;
@@ -62,15 +62,9 @@ pub struct RegistryDirectory {
     azure: Option<Arc<AzureKeyVault>>,
     /// The data plane's DEK cache, purged here when a binding changes.
     cache: DekCache,
-    /// Tenant views. moka collapses concurrent loads of one tenant into one
-    /// database read; the TTL bounds staleness across replicas.
-    tenants: Cache<String, LoadedView>,
-    /// The hit path's copy of `tenants` (see `views`).
-    memo: ViewMemo,
-    /// Bumped by every applied change. A tenant view loaded across a change
-    /// may predate it; moka does not cancel in-flight loads on invalidate, so
-    /// `tenant_keys` drops such a view right after loading it.
-    generation: std::sync::atomic::AtomicU64,
+    /// Tenant views: one registry read per tenant per TTL, kept through a
+    /// registry outage within a grace (see `views`).
+    views: Views,
     /// Usage counters by (tenant, binding). They outlive the tenant views,
     /// which are rebuilt on every change. std Mutex: held for a map lookup,
     /// never across an await.
@@ -84,13 +78,6 @@ pub struct RegistryDirectory {
     pub(crate) rechecks: std::sync::atomic::AtomicU64,
 }
 
-/// A tenant view and the directory generation its load began at.
-#[derive(Debug, Clone)]
-struct LoadedView {
-    keys: Arc<TenantKeys>,
-    generation: u64,
-}
-
 /// Default of `recheck_min_interval`.
 pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -102,7 +89,7 @@ impl RegistryDirectory {
         aws: Arc<AwsKms>,
         gcp: Arc<GcpKms>,
         cache: DekCache,
-        cache_ttl: Duration,
+        views: ViewSettings,
     ) -> Self {
         Self {
             registry,
@@ -114,12 +101,7 @@ impl RegistryDirectory {
             pkcs11: None,
             azure: None,
             cache,
-            tenants: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(cache_ttl)
-                .build(),
-            memo: ViewMemo::new(cache_ttl),
-            generation: std::sync::atomic::AtomicU64::new(0),
+            views: Views::new(views),
             usage: Mutex::new(HashMap::new()),
             verdicts: verdict_cache(DEFAULT_RECHECK_INTERVAL),
             legacy_wraps: crate::kms::local::LegacyWraps::default(),
@@ -227,58 +209,68 @@ impl RegistryDirectory {
     async fn apply_change(&self, tenant_id: &str, binding: Option<&str>) {
         if tenant_id == FLEET {
             // The platform keyring changed for every tenant.
-            self.resync();
+            self.resync().await;
             return;
         }
         match binding {
-            Some(ALL_BINDINGS) => self.cache.purge_tenant(tenant_id),
-            Some(name) => self.cache.purge_binding(tenant_id, name),
+            Some(ALL_BINDINGS) => self.cache.purge_tenant(tenant_id).await,
+            Some(name) => self.cache.purge_binding(tenant_id, name).await,
             None => {}
         }
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.tenants.invalidate(tenant_id).await;
-        self.memo.forget(tenant_id);
+        self.views.forget(tenant_id).await;
     }
 
     /// Follows other replicas' changes through PostgreSQL LISTEN until the
-    /// directory is dropped. After a lost connection (when notifications may
-    /// have been missed) every tenant view is dropped and reloaded on demand:
-    /// a full resync. Revoked bindings are then refused from registry state,
-    /// cached DEKs included, since every hit checks its binding.
+    /// directory is dropped. When the connection is lost, notifications may
+    /// be missed: every view is distrusted at once (refreshed before it is
+    /// trusted again, served meanwhile only as a stale view is, within the
+    /// outage grace), and the listener reconnects with a short backoff. Once
+    /// connected again, before any notification is applied, the directory
+    /// resynchronises: every view is dropped and every cached key purged
+    /// (a missed deletion's plaintext goes too).
     pub fn spawn_change_listener(self: &Arc<Self>, url: String) -> tokio::task::JoinHandle<()> {
+        const FIRST_RETRY: Duration = Duration::from_millis(100);
+        const LAST_RETRY: Duration = Duration::from_secs(2);
         let directory = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut listener = loop {
-                match connect_listener(&url).await {
-                    Ok(l) => break l,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cannot LISTEN for key changes; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            };
+            let mut retry = FIRST_RETRY;
             loop {
-                let received = listener.try_recv().await;
-                let Some(directory) = directory.upgrade() else {
+                let mut listener = match connect_listener(&url).await {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        tracing::warn!(error = %err, retry_ms = retry.as_millis() as u64, "cannot LISTEN for key changes; retrying");
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(LAST_RETRY);
+                        if directory.strong_count() == 0 {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                retry = FIRST_RETRY;
+                let Some(connected) = directory.upgrade() else {
                     return;
                 };
-                match received {
-                    Ok(Some(n)) => {
-                        let (tenant, binding) = super::decode_change(n.payload());
-                        directory.apply_change(tenant, binding).await;
-                    }
-                    Ok(None) => {
-                        tracing::warn!(
-                            "lost the key-change connection; resynchronising all tenants"
-                        );
-                        directory.resync();
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "key-change listener failed; resynchronising all tenants");
-                        directory.resync();
-                        drop(directory);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                connected.resync().await;
+                drop(connected);
+                loop {
+                    let received = listener.try_recv().await;
+                    let Some(directory) = directory.upgrade() else {
+                        return;
+                    };
+                    match received {
+                        Ok(Some(n)) => {
+                            let (tenant, binding) = super::decode_change(n.payload());
+                            directory.apply_change(tenant, binding).await;
+                        }
+                        Ok(None) | Err(_) => {
+                            tracing::warn!(
+                                error = ?received.err(),
+                                "lost the key-change connection; views are refreshed before they are trusted, and every cached key is purged on reconnect"
+                            );
+                            directory.views.distrust_all();
+                            break;
+                        }
                     }
                 }
             }
@@ -338,12 +330,9 @@ impl RegistryDirectory {
 
     /// Drops every tenant view and every cached key: changes (a purge, a
     /// deletion) may have been missed.
-    fn resync(&self) {
-        self.cache.purge_all();
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.tenants.invalidate_all();
-        self.memo.forget_all();
+    async fn resync(&self) {
+        self.cache.purge_all().await;
+        self.views.forget_all();
     }
 
     /// Records a watcher check of a binding (for DescribeKey).
@@ -685,55 +674,37 @@ impl RegistryDirectory {
     }
 
     /// The tenant's view: from memory, or one registry read shared by
-    /// every concurrent caller.
+    /// every concurrent caller; through a registry outage, the view as last
+    /// read, within `registry_outage_grace`.
     pub async fn tenant_keys(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
-        if let Some(keys) = self.tenant_keys_in_memory(tenant_id, std::time::Instant::now()) {
+        if let Some(keys) = self.views.fresh_at(tenant_id, std::time::Instant::now()) {
             return Ok(keys);
         }
         // Boxed: the load's future (registry queries) is large, and inline it
         // would be part of every hit's future too.
-        Box::pin(self.load_view(tenant_id)).await
+        Box::pin(self.views.get(tenant_id, || self.load(tenant_id))).await
     }
 
-    /// The tenant's view if it is in memory now (never a load).
+    /// The tenant's view if a fresh one is in memory now (never a load).
     pub fn tenant_keys_in_memory(
         &self,
         tenant_id: &str,
         now: std::time::Instant,
     ) -> Option<Arc<TenantKeys>> {
-        if let Some(keys) = self.memo.get_at(tenant_id, now) {
-            return Some(keys);
-        }
-        // A lookup, never a load: moka's get waits for nothing.
-        futures::FutureExt::now_or_never(self.tenants.get(tenant_id))
-            .flatten()
-            .map(|view| view.keys)
+        self.views.fresh_at(tenant_id, now)
     }
-}
 
-impl RegistryDirectory {
-    /// A tenant's view on a miss: one registry read for all concurrent
-    /// callers.
-    async fn load_view(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
-        let load = async {
-            let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
-            let keys = self.load(tenant_id).await?;
-            Ok::<_, DirectoryError>(LoadedView { keys, generation })
-        };
-        let view = self
-            .tenants
-            .try_get_with_by_ref(tenant_id, load)
-            .await
-            .map_err(|shared| (*shared).clone())?;
-        // The generation the load began at, whoever ran it: a view loaded
-        // across a change is served to the callers that waited for it only.
-        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != view.generation {
-            self.tenants.invalidate(tenant_id).await;
-        } else {
-            self.memo
-                .put(tenant_id, &view.keys, &self.generation, view.generation);
-        }
-        Ok(view.keys)
+    /// Since when the registry has not answered (None: it answers).
+    pub fn registry_outage_since(&self) -> Option<std::time::Instant> {
+        self.views.outage_since()
+    }
+
+    /// Requests answered from views past their TTL because the registry did
+    /// not answer.
+    pub fn stale_view_serves(&self) -> u64 {
+        self.views
+            .stale_serves
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -912,6 +883,16 @@ fn version_records(name: &str, versions: &[(VersionId, UsageCounts)]) -> Vec<Ver
 }
 
 /// Live per-identity clients, for `keybroker_identity_clients`.
+impl crate::metrics::RegistrySource for RegistryDirectory {
+    fn outage(&self) -> Option<Duration> {
+        self.registry_outage_since().map(|since| since.elapsed())
+    }
+
+    fn stale_view_serves(&self) -> u64 {
+        RegistryDirectory::stale_view_serves(self)
+    }
+}
+
 impl crate::metrics::IdentitySource for RegistryDirectory {
     fn identity_counts(&self) -> Vec<(&'static str, u64)> {
         vec![

@@ -63,16 +63,34 @@ impl SqlRegistry {
     /// Connects to `url` (`sqlite://...` or `postgres://...`) and applies
     /// migrations.
     pub async fn connect(url: &str) -> Result<Self, RegistryError> {
+        Self::connect_with(url, &super::RegistrySettings::default()).await
+    }
+
+    /// [`connect`](Self::connect) with the pool's settings.
+    pub async fn connect_with(
+        url: &str,
+        settings: &super::RegistrySettings,
+    ) -> Result<Self, RegistryError> {
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let statement_timeout = format!(
+            "SET statement_timeout = {}",
+            settings.statement_timeout.as_millis()
+        );
         let pool = AnyPoolOptions::new()
-            .max_connections(if postgres { 10 } else { 4 })
-            .acquire_timeout(std::time::Duration::from_secs(10))
+            .max_connections(if postgres { settings.pool_size } else { 4 })
+            .acquire_timeout(settings.acquire_timeout)
             .after_connect(move |conn, _| {
+                let statement_timeout = statement_timeout.clone();
                 Box::pin(async move {
-                    // Deleted rows (a shredded tenant's keys) are overwritten
-                    // with zeros in the file, not just unlinked from the tree.
-                    if !postgres {
+                    if postgres {
+                        // A statement stuck on a lock or a dying server ends
+                        // here, not in a client that waits forever.
+                        sqlx::Executor::execute(&mut *conn, statement_timeout.as_str()).await?;
+                    } else {
+                        // Deleted rows (a shredded tenant's keys) are
+                        // overwritten with zeros in the file, not just
+                        // unlinked from the tree.
                         sqlx::Executor::execute(&mut *conn, "PRAGMA secure_delete = ON").await?;
                     }
                     Ok(())

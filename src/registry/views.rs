@@ -1,99 +1,309 @@
-//! The hit path's copy of the tenant views. Every data-plane request looks
-//! up its tenant's view; moka's lookup also records the read for its
-//! eviction policy (a channel push per get), which at one lookup per RPC was
-//! a measurable share of a cached unwrap. This map is a read lock and a
-//! probe. moka stays the source (single-flight loads, capacity); a view
-//! enters here only right after a load, with the same TTL, so nothing
-//! lives here longer than it would in moka.
+//! Tenant views in memory: one moka cache, kept through a registry outage.
+//!
+//! A view is fresh for `registry_cache_ttl` after its load began. Past that
+//! it is refreshed by one caller per tenant (with a deadline well under a
+//! second), while the others keep the view they have. When the refresh fails
+//! because the registry does not answer, the view keeps serving
+//! (stale-while-error) until `registry_cache_ttl + registry_outage_grace`
+//! after its load: while the registry is down no admin change can be
+//! committed, and a replica cut off from a registry that others still reach
+//! misses their changes for at most that long (docs/operations.md). A change
+//! this replica applies (its own, or one the change feed brings) drops the
+//! view at once: it is never served stale.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::keys::TenantKeys;
+use crate::keys::{DirectoryError, TenantKeys};
 
-/// Views kept at most (moka's capacity for the same views).
-const CAPACITY: usize = 100_000;
+/// Views kept at most.
+const CAPACITY: u64 = 100_000;
 
-#[derive(Debug)]
-pub(super) struct ViewMemo {
-    /// Read-locked on every request, write-locked on loads and changes.
-    views: RwLock<HashMap<Box<str>, Memo>>,
-    ttl: Duration,
+/// After a refresh failed, the next try comes no sooner than this (or the
+/// TTL, if shorter).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How views are kept and refreshed (from the `registry_*` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct ViewSettings {
+    /// Fresh this long after a load began.
+    pub ttl: Duration,
+    /// Served this much longer while the registry does not answer.
+    pub outage_grace: Duration,
+    /// A view load on the request path gives up after this long.
+    pub read_timeout: Duration,
 }
 
 #[derive(Debug)]
-struct Memo {
+struct View {
     keys: Arc<TenantKeys>,
-    expires: Instant,
+    /// The change generation the load began at.
+    generation: u64,
+    /// When the load began: freshness and grace count from here.
+    loaded: Instant,
+    /// After a failed refresh: no caller tries again before this (each try
+    /// would wait out the read deadline); until then the view serves as is.
+    retry_at: Option<Instant>,
 }
 
-impl ViewMemo {
-    pub(super) fn new(ttl: Duration) -> Self {
+pub(super) struct Views {
+    map: moka::future::Cache<String, Arc<View>>,
+    settings: ViewSettings,
+    /// Bumped by every applied change. A view loaded across a change may
+    /// predate it; moka does not cancel in-flight loads on invalidate, so a
+    /// view whose load began before the current generation is dropped right
+    /// after it lands.
+    generation: AtomicU64,
+    /// Views whose load began before this generation are refreshed before
+    /// they are trusted (the change feed was lost: changes may have been
+    /// missed), and meanwhile serve only as stale views do.
+    trusted_from: AtomicU64,
+    /// Tenants whose stale view one caller is refreshing now.
+    refreshing: Mutex<HashSet<Box<str>>>,
+    /// Since when refreshes fail for want of a registry (None: they work).
+    outage: Mutex<Option<Instant>>,
+    /// Requests answered from a view past its TTL because the registry did
+    /// not answer.
+    pub(super) stale_serves: AtomicU64,
+}
+
+impl std::fmt::Debug for Views {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Views")
+            .field("entries", &self.map.entry_count())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Views {
+    pub(super) fn new(settings: ViewSettings) -> Self {
         Self {
-            views: RwLock::default(),
-            ttl,
+            map: moka::future::Cache::builder()
+                .max_capacity(CAPACITY)
+                .build(),
+            settings,
+            generation: AtomicU64::new(0),
+            trusted_from: AtomicU64::new(0),
+            refreshing: Mutex::default(),
+            outage: Mutex::default(),
+            stale_serves: AtomicU64::new(0),
         }
     }
 
-    /// [`get_at`](Self::get_at) now.
-    #[cfg(test)]
-    pub(super) fn get(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
-        self.get_at(tenant_id, Instant::now())
+    fn fresh(&self, view: &View, now: Instant) -> bool {
+        now < view.loaded + self.settings.ttl
+            && view.generation >= self.trusted_from.load(Ordering::SeqCst)
     }
 
-    /// The tenant's view, if one was loaded within the TTL before `now`
-    /// (the caller's clock reading) and not changed since.
-    pub(super) fn get_at(&self, tenant_id: &str, now: Instant) -> Option<Arc<TenantKeys>> {
-        let views = self.views.read().unwrap_or_else(|p| p.into_inner());
-        let memo = views.get(tenant_id)?;
-        (now < memo.expires).then(|| Arc::clone(&memo.keys))
+    /// The tenant's view if a fresh one is in memory (never a load, never a
+    /// wait: moka's lookup only records the read).
+    pub(super) fn fresh_at(&self, tenant_id: &str, now: Instant) -> Option<Arc<TenantKeys>> {
+        let view = futures::FutureExt::now_or_never(self.map.get(tenant_id)).flatten()?;
+        self.fresh(&view, now).then(|| Arc::clone(&view.keys))
     }
 
-    /// Keeps a view just loaded, unless a change was applied since the load
-    /// began (`generation` moved from `loaded_at`): changes bump the
-    /// generation before they forget views, and this check runs under the
-    /// same lock, so a view that predates a change never lands here.
-    pub(super) fn put(
+    /// The tenant's view: fresh from memory; else refreshed by this caller
+    /// (or, while another caller refreshes it, the stale one); else loaded by
+    /// one caller for all. `load` reads the registry.
+    pub(super) async fn get<F, Fut>(
         &self,
         tenant_id: &str,
-        keys: &Arc<TenantKeys>,
-        generation: &AtomicU64,
-        loaded_at: u64,
-    ) {
-        let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
-        if generation.load(Ordering::SeqCst) != loaded_at {
-            return;
-        }
+        load: F,
+    ) -> Result<Arc<TenantKeys>, DirectoryError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Arc<TenantKeys>, DirectoryError>>,
+    {
         let now = Instant::now();
-        if views.len() >= CAPACITY {
-            views.retain(|_, memo| now < memo.expires);
-            if views.len() >= CAPACITY {
-                views.clear();
+        let found = self.map.get(tenant_id).await;
+        match found {
+            Some(view) if self.fresh(&view, now) => Ok(Arc::clone(&view.keys)),
+            Some(stale) if now < stale.loaded + self.settings.ttl + self.settings.outage_grace => {
+                self.refresh(tenant_id, stale, load).await
             }
+            Some(_) => {
+                // Past its grace: never served again; loaded as if new.
+                self.map.invalidate(tenant_id).await;
+                self.load_new(tenant_id, load).await
+            }
+            None => self.load_new(tenant_id, load).await,
         }
-        views.insert(
-            tenant_id.into(),
-            Memo {
-                keys: Arc::clone(keys),
-                expires: now + self.ttl,
-            },
-        );
     }
 
-    pub(super) fn forget(&self, tenant_id: &str) {
-        self.views
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(tenant_id);
+    /// A view past its TTL: refreshed by the first caller, the others keep
+    /// it meanwhile; kept through a failed refresh (the registry did not
+    /// answer) within its grace.
+    async fn refresh<F, Fut>(
+        &self,
+        tenant_id: &str,
+        stale: Arc<View>,
+        load: F,
+    ) -> Result<Arc<TenantKeys>, DirectoryError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Arc<TenantKeys>, DirectoryError>>,
+    {
+        if stale.retry_at.is_some_and(|at| Instant::now() < at) {
+            self.stale_serves.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::clone(&stale.keys));
+        }
+        let Some(_claim) = Claim::take(self, tenant_id) else {
+            return Ok(Arc::clone(&stale.keys));
+        };
+        match self.load_timed(load).await {
+            Ok(view) => {
+                self.map
+                    .insert(tenant_id.to_owned(), Arc::clone(&view))
+                    .await;
+                self.drop_if_changed(tenant_id, &view).await;
+                Ok(Arc::clone(&view.keys))
+            }
+            Err(DirectoryError::Unavailable(why)) => {
+                self.stale_serves.fetch_add(1, Ordering::Relaxed);
+                let since = *self
+                    .outage
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert_with(Instant::now);
+                tracing::warn!(
+                    tenant = tenant_id,
+                    error = %why,
+                    outage_seconds = since.elapsed().as_secs(),
+                    "the registry did not answer; serving the tenant's keys as last read"
+                );
+                let backoff = self.settings.ttl.min(RETRY_AFTER);
+                let held = Arc::new(View {
+                    keys: Arc::clone(&stale.keys),
+                    generation: stale.generation,
+                    loaded: stale.loaded,
+                    retry_at: Some(Instant::now() + backoff),
+                });
+                self.map.insert(tenant_id.to_owned(), held).await;
+                self.drop_if_changed(tenant_id, &stale).await;
+                Ok(Arc::clone(&stale.keys))
+            }
+            Err(err) => Err(err),
+        }
     }
 
+    /// No usable view: one load for every concurrent caller.
+    async fn load_new<F, Fut>(
+        &self,
+        tenant_id: &str,
+        load: F,
+    ) -> Result<Arc<TenantKeys>, DirectoryError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Arc<TenantKeys>, DirectoryError>>,
+    {
+        let view = self
+            .map
+            .try_get_with_by_ref(tenant_id, self.load_timed(load))
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        self.drop_if_changed(tenant_id, &view).await;
+        Ok(Arc::clone(&view.keys))
+    }
+
+    /// One registry read of a view, within the read deadline.
+    async fn load_timed<F, Fut>(&self, load: F) -> Result<Arc<View>, DirectoryError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Arc<TenantKeys>, DirectoryError>>,
+    {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let loaded = Instant::now();
+        let keys = tokio::time::timeout(self.settings.read_timeout, load())
+            .await
+            .map_err(|_| {
+                DirectoryError::Unavailable(format!(
+                    "the key registry did not answer within {:?} (registry_read_timeout); retry shortly",
+                    self.settings.read_timeout
+                ))
+            })??;
+        // The registry answered: whatever outage there was is over.
+        self.outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        Ok(Arc::new(View {
+            keys,
+            generation,
+            loaded,
+            retry_at: None,
+        }))
+    }
+
+    /// A view loaded across a change is served to the callers that waited
+    /// for it only.
+    async fn drop_if_changed(&self, tenant_id: &str, view: &View) {
+        if self.generation.load(Ordering::SeqCst) != view.generation {
+            self.map.invalidate(tenant_id).await;
+        }
+    }
+
+    /// A change to the tenant was applied: its view goes (after the
+    /// generation moves, so a load under way lands stale).
+    pub(super) async fn forget(&self, tenant_id: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.map.invalidate(tenant_id).await;
+    }
+
+    /// Every view goes (the platform keyring changed for every tenant).
     pub(super) fn forget_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.map.invalidate_all();
+    }
+
+    /// Changes may have been missed (the change feed was lost): every view
+    /// is refreshed before it is trusted, and until then serves as a stale
+    /// view does — through an outage within its grace.
+    pub(super) fn distrust_all(&self) {
+        let next = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.trusted_from.store(next, Ordering::SeqCst);
+    }
+
+    /// Since when the registry has not answered a refresh (None: it has
+    /// answered the last one).
+    pub(super) fn outage_since(&self) -> Option<Instant> {
+        *self
+            .outage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One refresher per tenant: held while it refreshes, released on drop (a
+/// cancelled refresher lets the next caller refresh).
+struct Claim<'a> {
+    views: &'a Views,
+    tenant_id: &'a str,
+}
+
+impl<'a> Claim<'a> {
+    fn take(views: &'a Views, tenant_id: &'a str) -> Option<Self> {
+        let mut refreshing = views
+            .refreshing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Lazily: a Claim built and dropped here would release another's.
+        refreshing
+            .insert(tenant_id.into())
+            .then(|| Self { views, tenant_id })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
         self.views
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .refreshing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(self.tenant_id);
     }
 }
 
@@ -113,31 +323,141 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_view_loaded_across_a_change_is_not_kept() {
-        let memo = ViewMemo::new(Duration::from_secs(60));
-        let generation = AtomicU64::new(7);
-        let view = keys();
-        // The load began at 6; a change (7) came before it landed.
-        memo.put("acme", &view, &generation, 6);
-        assert!(memo.get("acme").is_none());
-        memo.put("acme", &view, &generation, 7);
-        assert!(Arc::ptr_eq(&memo.get("acme").unwrap(), &view));
-        assert!(memo.get("other").is_none());
-        memo.forget("acme");
-        assert!(memo.get("acme").is_none());
-        memo.put("acme", &view, &generation, 7);
-        memo.forget_all();
-        assert!(memo.get("acme").is_none());
+    fn views(ttl_ms: u64, grace_ms: u64) -> Views {
+        Views::new(ViewSettings {
+            ttl: Duration::from_millis(ttl_ms),
+            outage_grace: Duration::from_millis(grace_ms),
+            read_timeout: Duration::from_millis(100),
+        })
     }
 
-    #[test]
-    fn a_view_is_kept_no_longer_than_the_ttl() {
-        let memo = ViewMemo::new(Duration::from_millis(50));
-        let generation = AtomicU64::new(0);
-        memo.put("acme", &keys(), &generation, 0);
-        assert!(memo.get("acme").is_some());
-        std::thread::sleep(Duration::from_millis(80));
-        assert!(memo.get("acme").is_none());
+    fn down() -> Result<Arc<TenantKeys>, DirectoryError> {
+        Err(DirectoryError::Unavailable("registry down".into()))
+    }
+
+    #[tokio::test]
+    async fn a_view_is_fresh_for_the_ttl_then_refreshed() {
+        let views = views(50, 0);
+        let first = keys();
+        let got = views
+            .get("acme", || async { Ok(Arc::clone(&first)) })
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &first));
+        assert!(views.fresh_at("acme", Instant::now()).is_some());
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(views.fresh_at("acme", Instant::now()).is_none());
+        let second = keys();
+        let got = views
+            .get("acme", || async { Ok(Arc::clone(&second)) })
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &second));
+    }
+
+    #[tokio::test]
+    async fn a_stale_view_serves_through_an_outage_within_its_grace_only() {
+        let views = views(50, 300);
+        let first = keys();
+        views
+            .get("acme", || async { Ok(Arc::clone(&first)) })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // The registry is down: the view as last read, and the outage shows.
+        let got = views.get("acme", || async { down() }).await.unwrap();
+        assert!(Arc::ptr_eq(&got, &first));
+        assert!(views.outage_since().is_some());
+        assert_eq!(views.stale_serves.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // A registry that hangs is cut off at the read deadline.
+        let started = Instant::now();
+        let got = views.get("acme", std::future::pending).await.unwrap();
+        assert!(Arc::ptr_eq(&got, &first));
+        assert!(started.elapsed() < Duration::from_millis(300));
+        // Past TTL + grace: refused, not served.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let err = views.get("acme", || async { down() }).await.unwrap_err();
+        assert!(matches!(err, DirectoryError::Unavailable(_)), "{err:?}");
+        // A new tenant has nothing to serve during the outage.
+        assert!(views.get("new", || async { down() }).await.is_err());
+        // The registry answers again: the outage is over.
+        views.get("acme", || async { Ok(keys()) }).await.unwrap();
+        assert!(views.outage_since().is_none());
+    }
+
+    #[tokio::test]
+    async fn one_caller_refreshes_while_the_others_keep_the_stale_view() {
+        let views = Arc::new(views(30, 60_000));
+        let first = keys();
+        views
+            .get("acme", || async { Ok(Arc::clone(&first)) })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let refresher = {
+            let views = Arc::clone(&views);
+            tokio::spawn(async move {
+                views
+                    .get("acme", || async {
+                        let _ = released.await;
+                        Ok(keys())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Meanwhile: the stale view at once, and no second load.
+        let got = views
+            .get("acme", || async { panic!("a second refresh ran") })
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &first));
+        release.send(()).unwrap();
+        let fresh = refresher.await.unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&fresh, &first));
+    }
+
+    #[tokio::test]
+    async fn a_changed_tenant_is_never_served_stale() {
+        let views = views(30, 60_000);
+        views.get("acme", || async { Ok(keys()) }).await.unwrap();
+        views.forget("acme").await;
+        assert!(views.get("acme", || async { down() }).await.is_err());
+        // A view loaded across a change is not kept.
+        let (views, first) = (self::views(60_000, 60_000), keys());
+        let got = views
+            .get("acme", || async {
+                views.forget("acme").await;
+                Ok(Arc::clone(&first))
+            })
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &first));
+        assert!(views.fresh_at("acme", Instant::now()).is_none());
+    }
+
+    #[tokio::test]
+    async fn distrusted_views_are_refreshed_before_they_are_trusted() {
+        let views = views(60_000, 60_000);
+        let first = keys();
+        views
+            .get("acme", || async { Ok(Arc::clone(&first)) })
+            .await
+            .unwrap();
+        views.distrust_all();
+        assert!(views.fresh_at("acme", Instant::now()).is_none());
+        // Registry down: served as a stale view.
+        let got = views.get("acme", || async { down() }).await.unwrap();
+        assert!(Arc::ptr_eq(&got, &first));
+        // Registry back: refreshed and trusted again.
+        let second = keys();
+        let got = views
+            .get("acme", || async { Ok(Arc::clone(&second)) })
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &second));
+        assert!(views.fresh_at("acme", Instant::now()).is_some());
     }
 }

@@ -94,7 +94,7 @@ async fn aws_kms_flow_against_moto() {
         .await
         .unwrap()
         .into_inner();
-    server.broker.cache().purge_all();
+    server.broker.cache().purge_all().await;
     let back = broker
         .unwrap_key(unwrap_req(TENANT, &c, &w.wrapped_key))
         .await
@@ -103,7 +103,7 @@ async fn aws_kms_flow_against_moto() {
     assert_eq!(back.plaintext, mine);
 
     // The encryption context is enforced by KMS itself.
-    server.broker.cache().purge_all();
+    server.broker.cache().purge_all().await;
     let err = broker
         .unwrap_key(unwrap_req(TENANT, &[("dataset", "d2")], &g.wrapped_key))
         .await
@@ -205,7 +205,7 @@ async fn assume_role_carries_external_id_once_per_session() {
                 .into_inner(),
         );
     }
-    server.broker.cache().purge_all();
+    server.broker.cache().purge_all().await;
     let decrypts = server.decrypt_calls();
 
     let tasks: Vec<_> = (0..1000)

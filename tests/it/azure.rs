@@ -372,7 +372,7 @@ async fn azure_keys_work_end_to_end() {
     let v2 = env.fake.rotate("mhsm", "cmek");
     let g2 = generate(&mut env.broker, "acme", CTX).await.unwrap();
     assert_eq!(g2.key.unwrap().provider_key_version, v2);
-    env.server.broker.cache().purge_all();
+    env.server.broker.cache().purge_all().await;
     let old = unwrap(&mut env.broker, "acme", CTX, &g.wrapped_key)
         .await
         .unwrap();
@@ -489,7 +489,7 @@ async fn azure_key_states_revoke_and_heal() {
     .await;
 
     // Throttled with a short Retry-After: waited for, served.
-    env.server.broker.cache().purge_all();
+    env.server.broker.cache().purge_all().await;
     env.fake.throttle(1, 1);
     let started = Instant::now();
     let back = unwrap(&mut env.broker, "acme", CTX, &g.wrapped_key)
@@ -501,7 +501,7 @@ async fn azure_key_states_revoke_and_heal() {
         "Retry-After honoured"
     );
     // A long one: RESOURCE_EXHAUSTED naming the delay, binding untouched.
-    env.server.broker.cache().purge_all();
+    env.server.broker.cache().purge_all().await;
     env.fake.throttle(1, 30);
     let err = unwrap(&mut env.broker, "acme", CTX, &g.wrapped_key)
         .await
@@ -635,7 +635,7 @@ async fn azure_managed_hsm_and_tenant_keys() {
         1,
         "one wrapKey (the tenant key), none per DEK"
     );
-    env.server.broker.cache().purge_all();
+    env.server.broker.cache().purge_all().await;
     let before = unwraps(&env);
     for g in &deks {
         let back = unwrap(&mut env.broker, "tree", CTX, &g.wrapped_key)

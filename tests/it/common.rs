@@ -376,7 +376,7 @@ pub(crate) async fn assert_isolated_and_single_flight(
 
     let cold = generate(broker, tenant, context).await.unwrap();
     // Cold: for a tenant-key tenant, its tenant key is what is loaded once.
-    server.broker.cache().purge_all();
+    server.broker.cache().purge_all().await;
     let before = server.decrypt_calls();
     let all = futures::future::join_all((0..64).map(|_| {
         let mut b = broker.clone();

@@ -122,7 +122,7 @@ async fn a_key_change_racing_wraps_mints_nothing_under_the_old_key() {
         );
         let mut broker = broker.clone();
         all_readable(&mut broker, &tenant, &deks).await;
-        server.broker.cache().purge_all();
+        server.broker.cache().purge_all().await;
         all_readable(&mut broker, &tenant, &deks).await;
     }
     server.stop().await;

@@ -20,6 +20,7 @@ mod hierarchy;
 mod image;
 mod lifecycle;
 mod lifecycle_model;
+mod outage;
 mod pkcs11;
 mod process;
 mod proto_hygiene;
