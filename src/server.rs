@@ -484,8 +484,24 @@ impl Server {
             task.abort();
         }
         if let Some(admin) = &self.admin {
-            if let Err(err) = admin.flush_usage().await {
-                tracing::warn!(error = %err, "could not flush key usage counters at shutdown");
+            // Within the drain timeout: a registry that does not answer
+            // (an outage) must not hold the process past it.
+            let flushed = tokio::time::timeout(drain_timeout, admin.flush_usage()).await;
+            let failed = match flushed {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(err.to_string()),
+                Err(_) => Some(format!(
+                    "the registry did not answer within {drain_timeout:?}"
+                )),
+            };
+            if let Some(error) = failed {
+                let (wraps, unwraps) = admin.directory().unflushed_usage();
+                tracing::warn!(
+                    error = %error,
+                    unflushed_wraps = wraps,
+                    unflushed_unwraps = unwraps,
+                    "could not flush key usage counters at shutdown: these counts are lost (last-used times and unlink guards read the registry)"
+                );
             }
         }
         tracing::info!("keybroker stopped");

@@ -328,11 +328,14 @@ impl RegistryDirectory {
         Ok(true)
     }
 
-    /// Drops every tenant view and every cached key: changes (a purge, a
-    /// deletion) may have been missed.
+    /// Purges every cached key and distrusts every tenant view (each is
+    /// read again before it is trusted): changes (a purge, a deletion) may
+    /// have been missed. Views are distrusted rather than dropped, so a
+    /// registry that is still flapping leaves them serving within the outage
+    /// grace instead of failing every tenant at once.
     async fn resync(&self) {
         self.cache.purge_all().await;
-        self.views.forget_all();
+        self.views.distrust_all();
     }
 
     /// Records a watcher check of a binding (for DescribeKey).
@@ -375,6 +378,15 @@ impl RegistryDirectory {
     /// Writes accumulated usage to the registry. On failure the counts are
     /// put back for the next flush, so none are lost. The platform binding
     /// is one for every tenant: its uses are stored fleet-wide.
+    /// Usage counts not yet written to the registry: (wraps, unwraps).
+    pub fn unflushed_usage(&self) -> (u64, u64) {
+        let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .chain(std::iter::once(&self.platform.usage))
+            .map(|usage| usage.peek())
+            .fold((0, 0), |(w, u), c| (w + c.wraps, u + c.unwraps))
+    }
+
     pub async fn flush_usage(&self) -> Result<(), super::RegistryError> {
         let mut sources: Vec<(String, String, Arc<BindingUsage>)> = {
             let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,7 +11,7 @@
 //! this replica applies (its own, or one the change feed brings) drops the
 //! view at once: it is never served stale.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,9 +44,6 @@ struct View {
     generation: u64,
     /// When the load began: freshness and grace count from here.
     loaded: Instant,
-    /// After a failed refresh: no caller tries again before this (each try
-    /// would wait out the read deadline); until then the view serves as is.
-    retry_at: Option<Instant>,
 }
 
 pub(super) struct Views {
@@ -63,6 +60,10 @@ pub(super) struct Views {
     trusted_from: AtomicU64,
     /// Tenants whose stale view one caller is refreshing now.
     refreshing: Mutex<HashSet<Box<str>>>,
+    /// After a failed refresh: no caller of the tenant tries again before
+    /// this (each try would wait out the read deadline); until then its view
+    /// serves as is. Emptied as refreshes succeed.
+    retry_at: Mutex<HashMap<Box<str>, Instant>>,
     /// Since when refreshes fail for want of a registry (None: they work).
     outage: Mutex<Option<Instant>>,
     /// Requests answered from a view past its TTL because the registry did
@@ -89,6 +90,7 @@ impl Views {
             generation: AtomicU64::new(0),
             trusted_from: AtomicU64::new(0),
             refreshing: Mutex::default(),
+            retry_at: Mutex::default(),
             outage: Mutex::default(),
             stale_serves: AtomicU64::new(0),
         }
@@ -147,7 +149,7 @@ impl Views {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Arc<TenantKeys>, DirectoryError>>,
     {
-        if stale.retry_at.is_some_and(|at| Instant::now() < at) {
+        if self.backing_off(tenant_id) {
             self.stale_serves.fetch_add(1, Ordering::Relaxed);
             return Ok(Arc::clone(&stale.keys));
         }
@@ -175,15 +177,11 @@ impl Views {
                     outage_seconds = since.elapsed().as_secs(),
                     "the registry did not answer; serving the tenant's keys as last read"
                 );
-                let backoff = self.settings.ttl.min(RETRY_AFTER);
-                let held = Arc::new(View {
-                    keys: Arc::clone(&stale.keys),
-                    generation: stale.generation,
-                    loaded: stale.loaded,
-                    retry_at: Some(Instant::now() + backoff),
-                });
-                self.map.insert(tenant_id.to_owned(), held).await;
-                self.drop_if_changed(tenant_id, &stale).await;
+                let retry_at = Instant::now() + self.settings.ttl.min(RETRY_AFTER);
+                self.retry_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(tenant_id.into(), retry_at);
                 Ok(Arc::clone(&stale.keys))
             }
             Err(err) => Err(err),
@@ -234,7 +232,6 @@ impl Views {
             keys,
             generation,
             loaded,
-            retry_at: None,
         }))
     }
 
@@ -246,17 +243,21 @@ impl Views {
         }
     }
 
+    fn backing_off(&self, tenant_id: &str) -> bool {
+        let retry_at = self
+            .retry_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        retry_at
+            .get(tenant_id)
+            .is_some_and(|at| Instant::now() < *at)
+    }
+
     /// A change to the tenant was applied: its view goes (after the
     /// generation moves, so a load under way lands stale).
     pub(super) async fn forget(&self, tenant_id: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.map.invalidate(tenant_id).await;
-    }
-
-    /// Every view goes (the platform keyring changed for every tenant).
-    pub(super) fn forget_all(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.map.invalidate_all();
     }
 
     /// Changes may have been missed (the change feed was lost): every view
@@ -440,7 +441,7 @@ mod tests {
 
     #[tokio::test]
     async fn distrusted_views_are_refreshed_before_they_are_trusted() {
-        let views = views(60_000, 60_000);
+        let views = views(200, 60_000);
         let first = keys();
         views
             .get("acme", || async { Ok(Arc::clone(&first)) })
@@ -451,7 +452,9 @@ mod tests {
         // Registry down: served as a stale view.
         let got = views.get("acme", || async { down() }).await.unwrap();
         assert!(Arc::ptr_eq(&got, &first));
-        // Registry back: refreshed and trusted again.
+        // Registry back (and the retry backoff, here the TTL, past):
+        // refreshed and trusted again.
+        tokio::time::sleep(Duration::from_millis(220)).await;
         let second = keys();
         let got = views
             .get("acme", || async { Ok(Arc::clone(&second)) })

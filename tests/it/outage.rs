@@ -2,8 +2,10 @@
 //! PostgreSQL server of their own, which the test stops under load and
 //! starts again (issue: the data plane outlives its registry).
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keybroker::proto;
@@ -11,15 +13,17 @@ use keybroker::proto;
 use crate::common::{TestServer, admin_client, create_tenant, generate, test_config, unwrap};
 
 /// A PostgreSQL server on a loopback port, in a temp dir, owned by the test:
-/// stopped and started at will (the shared test server is not).
+/// stopped, started and promoted at will (the shared test server is not).
 struct OwnPostgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// `dir`/data.
+    data: String,
     port: u16,
 }
 
 impl OwnPostgres {
-    fn start() -> Self {
+    fn new() -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|dirs| {
@@ -32,25 +36,30 @@ impl OwnPostgres {
                 "PostgreSQL server binaries are missing: apt-get install postgresql (scripts/test.sh installs it)",
             );
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let pg = Self { bin, dir, port };
         if is_root() {
             Command::new("chown")
                 .args(["-R", "postgres"])
-                .arg(pg.dir.path())
+                .arg(dir.path())
                 .status()
                 .unwrap();
         }
-        let data = pg.dir.path().join("data");
+        let data = path(&dir.path().join("data")).to_owned();
+        Self {
+            bin,
+            dir,
+            data,
+            port: free_port(),
+        }
+    }
+
+    /// A new server, started.
+    fn start() -> Self {
+        let pg = Self::new();
         pg.run(
             "initdb",
             &[
                 "-D",
-                path(&data),
+                pg.data(),
                 "-U",
                 "keybroker",
                 "-A",
@@ -62,12 +71,39 @@ impl OwnPostgres {
         pg
     }
 
+    /// A streaming replica of `primary` (hot standby), started.
+    fn standby_of(primary: &Self) -> Self {
+        let pg = Self::new();
+        let port = primary.port.to_string();
+        pg.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "keybroker",
+                "-D",
+                pg.data(),
+                "-R",
+                "-X",
+                "stream",
+            ],
+        );
+        pg.up();
+        pg
+    }
+
+    fn data(&self) -> &str {
+        &self.data
+    }
+
     fn url(&self) -> String {
         format!("postgres://keybroker@127.0.0.1:{}/postgres", self.port)
     }
 
     fn up(&self) {
-        let data = self.dir.path().join("data");
         let log = self.dir.path().join("server.log");
         let options = format!(
             "-h 127.0.0.1 -p {} -k {} -c fsync=off",
@@ -78,7 +114,7 @@ impl OwnPostgres {
             "pg_ctl",
             &[
                 "-D",
-                path(&data),
+                self.data(),
                 "-l",
                 path(&log),
                 "-w",
@@ -92,45 +128,77 @@ impl OwnPostgres {
     }
 
     fn down(&self) {
-        let data = self.dir.path().join("data");
-        self.run("pg_ctl", &["-D", path(&data), "-m", "fast", "-w", "stop"]);
+        self.run("pg_ctl", &["-D", self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    fn promote(&self) {
+        self.run("pg_ctl", &["-D", self.data(), "-w", "promote"]);
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
         let program = self.bin.join(tool);
-        let status = if is_root() {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&program)
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .status()
+        let mut command = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
         } else {
             Command::new(&program)
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .status()
-        }
-        .unwrap();
+        };
+        let status = command
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
         assert!(status.success(), "{tool} {args:?} failed");
+    }
+
+    /// SQL as the superuser, through psql.
+    fn sql(&self, statement: &str) {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "keybroker",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qc",
+                statement,
+            ],
+        );
     }
 }
 
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let _ = Command::new(if is_root() { "runuser" } else { "true" })
-            .args(if is_root() {
-                vec!["-u", "postgres", "--"]
-            } else {
-                vec![]
-            })
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D", path(&data), "-m", "immediate", "stop"])
+        let mut command = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
+            c
+        } else {
+            Command::new(self.bin.join("pg_ctl"))
+        };
+        let _ = command
+            .args(["-D", self.data(), "-m", "immediate", "stop"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// initdb refuses to run as root: the server then runs as `postgres`.
@@ -143,6 +211,63 @@ fn is_root() -> bool {
 
 fn path(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// What operators put in front of a failover pair (a managed service's
+/// writer endpoint, pgbouncer, a DNS name the failover moves): one address
+/// that leads to the primary. Moving it cuts every connection through it.
+struct WriterEndpoint {
+    port: u16,
+    target: Arc<std::sync::atomic::AtomicU16>,
+    cut: tokio::sync::watch::Sender<u64>,
+    _accepting: tokio::task::JoinHandle<()>,
+}
+
+impl WriterEndpoint {
+    async fn to(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let accepting = {
+            let (target, cut) = (Arc::clone(&target), cut.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let to = target.load(std::sync::atomic::Ordering::SeqCst);
+                    let mut cut = cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            })
+        };
+        Self {
+            port,
+            target,
+            cut,
+            _accepting: accepting,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://keybroker@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn move_to(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
 }
 
 async fn registry_health(server: &TestServer) -> i32 {
@@ -296,6 +421,251 @@ async fn cached_keys_are_served_through_a_registry_outage_and_changes_flow_after
         changed.elapsed()
     );
     assert_eq!(registry_health(&b).await, serving);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Two replicas on the registry at `url` sharing one platform keyring;
+/// `tweak` adjusts both configs (B's `registry_url` may be replaced after).
+async fn two_replicas(
+    url: &str,
+    url_b: &str,
+    tweak: impl Fn(&mut keybroker::config::Config),
+) -> (TestServer, TestServer, [tempfile::TempDir; 2]) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let config = |dir: &std::path::Path, url: &str| {
+        let mut c = test_config(dir);
+        c.registry.url = Some(url.parse().unwrap());
+        c.registry.cache_ttl = Duration::from_millis(500);
+        c.registry.read_timeout = Duration::from_millis(300);
+        tweak(&mut c);
+        c
+    };
+    let config_a = config(dirs[0].path(), url);
+    let a = TestServer::start(config_a.clone()).await;
+    let config_b = config(dirs[1].path(), url_b);
+    std::fs::copy(
+        config_a.platform_keyring_path(),
+        config_b.platform_keyring_path(),
+    )
+    .unwrap();
+    let b = TestServer::start(config_b).await;
+    (a, b, dirs)
+}
+
+/// Waits until `call` succeeds, for at most `within`; returns how long.
+async fn admin_until_ok<T, F, Fut>(within: Duration, mut call: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let started = Instant::now();
+    loop {
+        match call().await {
+            Ok(_) => return started.elapsed(),
+            Err(s) if s.code() == tonic::Code::Unavailable && started.elapsed() < within => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("admin call after {:?}: {s:?}", started.elapsed()),
+        }
+    }
+}
+
+/// A failover, not just a restart: the primary stops, its streaming replica
+/// is promoted, and the writer endpoint the replicas use moves to it
+/// (cutting every connection, as a managed failover does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_promoted_standby_costs_no_cached_read() {
+    let primary = OwnPostgres::start();
+    let writer = WriterEndpoint::to(primary.port).await;
+    let (a, b, _dirs) = two_replicas(&writer.url(), &writer.url(), |_| {}).await;
+    let mut admin = admin_client(&a).await;
+    create_tenant(&mut admin, "acme", proto::KeyPolicy::Keyring).await;
+    let ctx = [("table", "orders")];
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let dek = generate(&mut ca, "acme", &ctx).await.unwrap();
+    assert!(
+        unwrap(&mut cb, "acme", &ctx, &dek.wrapped_key)
+            .await
+            .is_ok()
+    );
+    let standby = OwnPostgres::standby_of(&primary);
+
+    // Cached reads run on both replicas through the whole failover.
+    let reading = {
+        let (mut ca, mut cb) = (ca.clone(), cb.clone());
+        let (wrapped, plaintext) = (dek.wrapped_key.clone(), dek.plaintext.clone());
+        tokio::spawn(async move {
+            let (mut calls, mut slowest) = (0u32, Duration::ZERO);
+            let until = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < until {
+                for c in [&mut ca, &mut cb] {
+                    let started = Instant::now();
+                    let got = unwrap(c, "acme", &[("table", "orders")], &wrapped).await;
+                    slowest = slowest.max(started.elapsed());
+                    assert_eq!(
+                        got.expect("a cached key during the failover").plaintext,
+                        plaintext
+                    );
+                    calls += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (calls, slowest)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    primary.down();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    standby.promote();
+    writer.move_to(standby.port);
+    let promoted = Instant::now();
+    // What was committed before the failover is on the new primary, and
+    // admin changes work again.
+    let to_admin = admin_until_ok(Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .create_tenant(proto::CreateTenantRequest {
+                    tenant_id: "after".into(),
+                    ..Default::default()
+                })
+                .await
+        }
+    })
+    .await;
+    let made = generate(&mut ca, "after", &ctx).await.unwrap();
+    let (calls, slowest) = reading.await.unwrap();
+    eprintln!(
+        "failover: {calls} cached unwraps, slowest {slowest:?}; promotion to first admin change: {to_admin:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a cached unwrap waited {slowest:?}"
+    );
+    // The other replica reads what the first made after the failover, and
+    // sees a change made after it.
+    let got = unwrap(&mut cb, "after", &ctx, &made.wrapped_key)
+        .await
+        .unwrap();
+    assert_eq!(got.plaintext, made.plaintext);
+    admin
+        .delete_tenant(proto::DeleteTenantRequest {
+            tenant_id: "acme".into(),
+            force: false,
+            restore_window: Some(Default::default()),
+        })
+        .await
+        .unwrap();
+    let changed = Instant::now();
+    while unwrap(&mut cb, "acme", &ctx, &dek.wrapped_key)
+        .await
+        .is_ok()
+    {
+        assert!(
+            changed.elapsed() < Duration::from_secs(3),
+            "the other replica missed a change made after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "after the failover: a change reached the other replica in {:?} ({:?} after promotion)",
+        changed.elapsed(),
+        promoted.elapsed()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A partition: one replica cannot reach the registry (its logins are
+/// refused) while the other commits a deletion. The cut-off replica serves
+/// what it last read for at most `registry_cache_ttl + registry_outage_grace`,
+/// then refuses; once it reaches the registry again, it sees the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_replica_misses_a_change_for_the_grace_at_most() {
+    let pg = OwnPostgres::start();
+    pg.sql("CREATE ROLE replica_b LOGIN SUPERUSER");
+    let url_b = format!("postgres://replica_b@127.0.0.1:{}/postgres", pg.port);
+    let grace = Duration::from_secs(2);
+    let ttl = Duration::from_millis(500);
+    let (a, b, _dirs) = two_replicas(&pg.url(), &url_b, |c| {
+        c.registry.outage_grace = grace;
+    })
+    .await;
+    let mut admin = admin_client(&a).await;
+    create_tenant(&mut admin, "acme", proto::KeyPolicy::Keyring).await;
+    let ctx = [("table", "orders")];
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let dek = generate(&mut ca, "acme", &ctx).await.unwrap();
+    assert!(
+        unwrap(&mut cb, "acme", &ctx, &dek.wrapped_key)
+            .await
+            .is_ok()
+    );
+
+    // B is cut off: its logins refused, its connections ended.
+    pg.sql(
+        "ALTER ROLE replica_b NOLOGIN; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'replica_b'",
+    );
+    let cut = Instant::now();
+    admin
+        .delete_tenant(proto::DeleteTenantRequest {
+            tenant_id: "acme".into(),
+            force: false,
+            restore_window: Some(Default::default()),
+        })
+        .await
+        .unwrap();
+    assert!(
+        unwrap(&mut ca, "acme", &ctx, &dek.wrapped_key)
+            .await
+            .is_err()
+    );
+    // B, which cannot hear of it, serves its last view until the bound...
+    let mut served_stale = Duration::ZERO;
+    loop {
+        match unwrap(&mut cb, "acme", &ctx, &dek.wrapped_key).await {
+            Ok(_) => served_stale = cut.elapsed(),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                eprintln!("partition: B refuses: {}", s.message());
+                break;
+            }
+        }
+        assert!(
+            cut.elapsed() < ttl + grace + Duration::from_secs(1),
+            "a partitioned replica served past registry_cache_ttl + registry_outage_grace"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused_at = cut.elapsed();
+    eprintln!(
+        "partition: last stale answer {served_stale:?}, refused from {refused_at:?} (bound {:?})",
+        ttl + grace
+    );
+    // ...then refuses, and once it reaches the registry, knows why.
+    pg.sql("ALTER ROLE replica_b LOGIN");
+    let healed = Instant::now();
+    loop {
+        let status = unwrap(&mut cb, "acme", &ctx, &dek.wrapped_key)
+            .await
+            .unwrap_err();
+        if status.code() != tonic::Code::Unavailable {
+            assert_ne!(status.code(), tonic::Code::Ok);
+            eprintln!(
+                "partition healed: B refuses with {:?} after {:?}",
+                status.code(),
+                healed.elapsed()
+            );
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(10),
+            "B never reached the registry again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     a.stop().await;
     b.stop().await;
 }
