@@ -218,6 +218,57 @@ pub fn sealing_binding<'a>(
 }
 
 impl TenantKeys {
+    /// This view with the binding `name` (link `link_id`) revoked for
+    /// `reason`: every reference to it (primary, bindings, the tenant key
+    /// versions it protects) points at the revoked copy. What a replica
+    /// applies on its own when the registry cannot record a revocation.
+    pub fn with_binding_revoked(&self, name: &str, link_id: i64, reason: &str) -> Self {
+        let target = |b: &Arc<Binding>| &*b.name == name && b.link_id == link_id;
+        let Some(found) = self.bindings.iter().find(|b| target(b)) else {
+            return self.clone();
+        };
+        let revoked = Arc::new(Binding {
+            name: Arc::clone(&found.name),
+            link_id: found.link_id,
+            provider: Arc::clone(&found.provider),
+            key_reference: found.key_reference.clone(),
+            state: BindingState::Revoked,
+            state_reason: reason.to_owned(),
+            usage: Arc::clone(&found.usage),
+            min_decryption_version: found.min_decryption_version,
+        });
+        let swap = |b: &Arc<Binding>| {
+            if target(b) {
+                Arc::clone(&revoked)
+            } else {
+                Arc::clone(b)
+            }
+        };
+        Self {
+            primary: swap(&self.primary),
+            bindings: self.bindings.iter().map(swap).collect(),
+            versions: self
+                .versions
+                .iter()
+                .map(|v| {
+                    if target(&v.binding) {
+                        Arc::new(TenantKeyVersion {
+                            version: v.version,
+                            binding: Arc::clone(&revoked),
+                            provider_key_version: v.provider_key_version.clone(),
+                            wrapped: v.wrapped.clone(),
+                            created_at_ms: v.created_at_ms,
+                            epoch: v.epoch,
+                        })
+                    } else {
+                        Arc::clone(v)
+                    }
+                })
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     pub fn find(&self, name: &str) -> Option<&Arc<Binding>> {
         if name == PLATFORM_BINDING {
             return Some(&self.platform);

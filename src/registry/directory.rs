@@ -61,10 +61,10 @@ pub struct RegistryDirectory {
     /// (absent: the server was assembled without Azure support).
     azure: Option<Arc<AzureKeyVault>>,
     /// The data plane's DEK cache, purged here when a binding changes.
-    cache: DekCache,
+    pub(super) cache: DekCache,
     /// Tenant views: one registry read per tenant per TTL, kept through a
     /// registry outage within a grace (see `views`).
-    views: Views,
+    pub(super) views: Views,
     /// Usage counters by (tenant, binding). They outlive the tenant views,
     /// which are rebuilt on every change. std Mutex: held for a map lookup,
     /// never across an await.

@@ -12,6 +12,8 @@
 //! customer's KMS at most one describe per binding per interval.
 
 use crate::envelope::Envelope;
+use std::sync::Arc;
+
 use crate::keys::{BindingState, Confirmation, canary_context};
 use crate::kms::{KeyProvider, ProviderError, ProviderKeyState, ProviderKind, WrapContext};
 use crate::registry::directory::RegistryDirectory;
@@ -113,6 +115,55 @@ impl RegistryDirectory {
             tracing::warn!(error = %err, "could not store a binding's canary; made again next check");
         }
         Verdict::Usable
+    }
+
+    /// The watcher's pass while the registry does not answer (it cannot
+    /// claim bindings or record a verdict): every customer key this replica
+    /// serves from memory is described, and one found revoked is applied
+    /// here, in memory: its cached keys purged and the tenant's view amended,
+    /// so the data plane refuses it at once. The registry learns it from the
+    /// first pass after it answers again. Returns (checked, revoked).
+    pub async fn check_in_memory(&self, concurrency: usize) -> (usize, usize) {
+        use futures::StreamExt as _;
+        let mut seen = std::collections::HashSet::new();
+        let mut work = Vec::new();
+        for (tenant, keys) in self.views.all() {
+            for binding in &keys.bindings {
+                let customer = binding.provider.kind() != ProviderKind::Local;
+                if customer
+                    && binding.state == BindingState::Active
+                    && seen.insert((Arc::clone(&tenant), Arc::clone(&binding.name)))
+                {
+                    work.push((Arc::clone(&tenant), Arc::clone(&keys), Arc::clone(binding)));
+                }
+            }
+        }
+        let checked = work.len();
+        let revoked = futures::stream::iter(work)
+            .map(|(tenant, keys, binding)| async move {
+                let verdict = match binding.provider.describe().await {
+                    Ok(d) if d.state == ProviderKeyState::Enabled => return false,
+                    Ok(d) if !d.reason.is_empty() => d.reason,
+                    Ok(d) => format!("key {} is {:?}", binding.key_reference, d.state),
+                    Err(err) if err.suggests_revocation() => err.to_string(),
+                    Err(_) => return false,
+                };
+                tracing::warn!(
+                    tenant = %tenant,
+                    binding = %binding.name,
+                    reason = %verdict,
+                    "a key was revoked at its provider while the registry does not answer: applied on this replica now, recorded when the registry answers"
+                );
+                self.cache.purge_binding(&tenant, &binding.name).await;
+                let changed = keys.with_binding_revoked(&binding.name, binding.link_id, &verdict);
+                self.views.amend(&tenant, &keys, changed).await;
+                true
+            })
+            .buffer_unordered(concurrency.max(1))
+            .filter(|revoked| std::future::ready(*revoked))
+            .count()
+            .await;
+        (checked, revoked)
     }
 
     /// Records a verdict as the binding's state (never touching a binding

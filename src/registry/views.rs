@@ -268,6 +268,38 @@ impl Views {
         self.trusted_from.store(next, Ordering::SeqCst);
     }
 
+    /// Every view in memory (the watcher's work list while the registry
+    /// does not answer).
+    pub(super) fn all(&self) -> Vec<(Arc<String>, Arc<TenantKeys>)> {
+        self.map
+            .iter()
+            .map(|(tenant, view)| (tenant, Arc::clone(&view.keys)))
+            .collect()
+    }
+
+    /// Replaces the tenant's view `seen` by `changed` (same load time and
+    /// generation), unless the view was replaced or dropped meanwhile.
+    pub(super) async fn amend(&self, tenant_id: &str, seen: &Arc<TenantKeys>, changed: TenantKeys) {
+        let changed = Arc::new(changed);
+        self.map
+            .entry_by_ref(tenant_id)
+            .and_compute_with(|entry| {
+                let op = match entry {
+                    Some(entry) if Arc::ptr_eq(&entry.value().keys, seen) => {
+                        let view = entry.into_value();
+                        moka::ops::compute::Op::Put(Arc::new(View {
+                            keys: changed,
+                            generation: view.generation,
+                            loaded: view.loaded,
+                        }))
+                    }
+                    _ => moka::ops::compute::Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
     /// Since when the registry has not answered a refresh (None: it has
     /// answered the last one).
     pub(super) fn outage_since(&self) -> Option<Instant> {

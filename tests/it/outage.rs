@@ -669,3 +669,105 @@ async fn a_partitioned_replica_misses_a_change_for_the_grace_at_most() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A customer revoking their key at AWS during a registry outage: the
+/// watcher cannot claim or record anything, so it checks the keys this
+/// replica serves from memory and applies the revocation here; the cached
+/// DEK is refused within the revocation bound. When the registry answers
+/// again, the revocation is recorded there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_a_registry_outage_is_applied_from_memory() {
+    let moto = crate::aws_support::Moto::start();
+    let key_arn = moto.create_key("us-east-1", false).await;
+    let pg = OwnPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.registry.url = Some(pg.url().parse().unwrap());
+    config.registry.cache_ttl = Duration::from_millis(500);
+    config.registry.read_timeout = Duration::from_millis(300);
+    config.aws = moto.settings();
+    config.aws.max_attempts = 1;
+    config.watcher.interval = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    create_tenant(&mut admin, "acme", proto::KeyPolicy::Unspecified).await;
+    admin
+        .link_key(crate::aws_support::link_request(
+            "cmk",
+            &key_arn,
+            &[],
+            false,
+        ))
+        .await
+        .unwrap();
+    let mut broker = server.client().await;
+    let dek = generate(&mut broker, "acme", &[]).await.unwrap();
+    assert_eq!(
+        unwrap(&mut broker, "acme", &[], &dek.wrapped_key)
+            .await
+            .unwrap()
+            .plaintext,
+        dek.plaintext
+    );
+
+    pg.down();
+    // Still served from memory through the outage...
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        unwrap(&mut broker, "acme", &[], &dek.wrapped_key)
+            .await
+            .is_ok()
+    );
+    // ...until the customer disables the key.
+    let key_id = key_arn.rsplit('/').next().unwrap();
+    moto.kms("us-east-1")
+        .disable_key()
+        .key_id(key_id)
+        .send()
+        .await
+        .unwrap();
+    let disabled = Instant::now();
+    loop {
+        match unwrap(&mut broker, "acme", &[], &dek.wrapped_key).await {
+            Ok(_) => assert!(
+                disabled.elapsed() < Duration::from_secs(5),
+                "a key revoked at AWS during a registry outage was still served"
+            ),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "revocation during the outage applied after {:?}",
+        disabled.elapsed()
+    );
+
+    // The registry is back: the watcher records the revocation there.
+    pg.up();
+    let back = Instant::now();
+    loop {
+        let key = admin
+            .get_key(proto::GetKeyRequest {
+                tenant_id: "acme".into(),
+                name: "cmk".into(),
+            })
+            .await;
+        if key.is_ok_and(|k| k.into_inner().key.unwrap().state() == proto::KeyState::Revoked) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the revocation never reached the registry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        unwrap(&mut broker, "acme", &[], &dek.wrapped_key)
+            .await
+            .is_err()
+    );
+    server.stop().await;
+}
