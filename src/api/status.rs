@@ -31,9 +31,18 @@ impl From<BrokerError> for Status {
             }
             _ => {}
         }
-        if let BrokerError::Quota(quota) = &err {
+        let retry_after = match &err {
+            BrokerError::Quota(quota) => Some(quota.retry_after),
+            // A registry outage usually passes within seconds: a second is
+            // the view refresh backoff, so a retry sooner finds nothing new.
+            BrokerError::Directory(DirectoryError::Unavailable(_)) => {
+                Some(std::time::Duration::from_secs(1))
+            }
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
-            details.set_retry_info(Some(quota.retry_after));
+            details.set_retry_info(Some(retry_after));
             return Status::with_error_details(code, err.to_string(), details);
         }
         status(code, reason, &err, metadata)
@@ -164,6 +173,20 @@ mod tests {
         let status = Status::from(BrokerError::Internal("db password=hunter2".into()));
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("hunter2"));
+    }
+
+    #[test]
+    fn a_registry_outage_says_when_to_retry() {
+        let status = Status::from(BrokerError::Directory(DirectoryError::Unavailable(
+            "registry down".into(),
+        )));
+        assert_eq!(status.code(), Code::Unavailable);
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(1)));
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "REGISTRY_UNAVAILABLE"
+        );
     }
 
     #[test]

@@ -26,11 +26,12 @@ use moka::notification::RemovalCause;
 
 use crate::kms::ProviderKind;
 
-/// The weight of a cached key of 32 bytes or fewer, in bytes: the key and
-/// value moka holds (a `CacheKey`, an `Arc<CachedKey>` and its allocation)
-/// and moka's own bookkeeping per entry, rounded up. Longer keys weigh
-/// their extra bytes too.
-const ENTRY_WEIGHT: u64 = 256;
+/// The weight of a cached key of 32 bytes or fewer, in bytes: what one
+/// entry adds to the process (the key and value moka holds, the entry's
+/// allocation, moka's bookkeeping), as measured by `keybroker-bench memory`
+/// (457 to 505 bytes, BENCHMARKS.md), rounded up. Longer keys weigh their
+/// extra bytes too.
+const ENTRY_WEIGHT: u64 = 512;
 
 fn weight(value: &CachedKey) -> u32 {
     let extra = value.plaintext().len().saturating_sub(entry::INLINE) as u64;

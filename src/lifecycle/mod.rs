@@ -287,11 +287,13 @@ impl KeyDirectory for Lifecycle {
     }
 
     async fn mint_tenant_key(&self, key: &NewTenantKey) -> Result<Minted, DirectoryError> {
-        Ok(self.mint(key).await?)
+        self.directory.data_path_write(self.mint(key)).await
     }
 
     async fn register_on_wrap(&self, tenant_id: &str) -> Result<(), DirectoryError> {
-        Ok(Lifecycle::register_on_wrap(self, tenant_id).await?)
+        self.directory
+            .data_path_write(Lifecycle::register_on_wrap(self, tenant_id))
+            .await
     }
 
     async fn confirm_failure(

@@ -7,6 +7,7 @@
 //! registry periodically (never per request).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -704,6 +705,24 @@ impl RegistryDirectory {
         now: std::time::Instant,
     ) -> Option<Arc<TenantKeys>> {
         self.views.fresh_at(tenant_id, now)
+    }
+
+    /// Runs a registry write of the request path within its deadline
+    /// (`registry_write_timeout`).
+    pub async fn data_path_write<T, E>(
+        &self,
+        write: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, DirectoryError>
+    where
+        DirectoryError: From<E>,
+    {
+        let deadline = self.views.settings().write_timeout;
+        match tokio::time::timeout(deadline, write).await {
+            Ok(done) => Ok(done?),
+            Err(_) => Err(DirectoryError::Unavailable(format!(
+                "the key registry did not complete a write within {deadline:?} (registry_write_timeout); retry shortly"
+            ))),
+        }
     }
 
     /// Since when the registry has not answered (None: it answers).

@@ -64,6 +64,11 @@ pub struct RegistrySettings {
     /// UNAVAILABLE.
     #[arg(id = "registry_read_timeout", long = "registry-read-timeout", env = "KEYBROKER_REGISTRY_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "500ms")]
     pub read_timeout: std::time::Duration,
+    /// A registry write on the request path (minting a tenant key version,
+    /// registering a tenant on its first wrap) gives up after this long and
+    /// answers UNAVAILABLE with a retry delay.
+    #[arg(id = "registry_write_timeout", long = "registry-write-timeout", env = "KEYBROKER_REGISTRY_WRITE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub write_timeout: std::time::Duration,
     /// Connections to the registry, at most.
     #[arg(
         id = "registry_pool_size",
@@ -96,6 +101,7 @@ impl RegistrySettings {
             ttl: self.cache_ttl,
             outage_grace: self.outage_grace,
             read_timeout: self.read_timeout,
+            write_timeout: self.write_timeout,
         }
     }
 
@@ -104,6 +110,7 @@ impl RegistrySettings {
         if self.cache_ttl.is_zero()
             || self.usage_flush_interval.is_zero()
             || self.read_timeout.is_zero()
+            || self.write_timeout.is_zero()
             || self.acquire_timeout.is_zero()
             || self.statement_timeout.is_zero()
         {

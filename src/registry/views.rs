@@ -35,6 +35,9 @@ pub struct ViewSettings {
     pub outage_grace: Duration,
     /// A view load on the request path gives up after this long.
     pub read_timeout: Duration,
+    /// A registry write on the request path (minting a tenant key version,
+    /// registering a tenant on its first wrap) gives up after this long.
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -300,6 +303,10 @@ impl Views {
             .await;
     }
 
+    pub(super) fn settings(&self) -> &ViewSettings {
+        &self.settings
+    }
+
     /// Since when the registry has not answered a refresh (None: it has
     /// answered the last one).
     pub(super) fn outage_since(&self) -> Option<Instant> {
@@ -361,6 +368,7 @@ mod tests {
             ttl: Duration::from_millis(ttl_ms),
             outage_grace: Duration::from_millis(grace_ms),
             read_timeout: Duration::from_millis(100),
+            write_timeout: Duration::from_millis(100),
         })
     }
 

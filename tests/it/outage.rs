@@ -357,6 +357,18 @@ async fn cached_keys_are_served_through_a_registry_outage_and_changes_flow_after
         "health does not report the registry outage"
     );
     assert!(a.directory.as_ref().unwrap().stale_view_serves() > 0);
+    // A tenant this replica never read has nothing to serve: UNAVAILABLE at
+    // once, saying when to retry.
+    let started = Instant::now();
+    let unknown = generate(&mut ca, "never-seen", &ctx).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::Unavailable, "{unknown:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    use tonic_types::StatusExt as _;
+    assert!(unknown.get_details_retry_info().is_some(), "{unknown:?}");
     // An admin change cannot be committed meanwhile: refused, promptly.
     let started = Instant::now();
     let refused = admin
