@@ -485,7 +485,9 @@ impl Server {
         }
         if let Some(admin) = &self.admin {
             // Within the drain timeout: a registry that does not answer
-            // (an outage) must not hold the process past it.
+            // (an outage) must not hold the process past it. Counted first:
+            // a flush cut off by the timeout has taken the counts already.
+            let pending = admin.directory().unflushed_usage();
             let flushed = tokio::time::timeout(drain_timeout, admin.flush_usage()).await;
             let failed = match flushed {
                 Ok(Ok(())) => None,
@@ -495,7 +497,7 @@ impl Server {
                 )),
             };
             if let Some(error) = failed {
-                let (wraps, unwraps) = admin.directory().unflushed_usage();
+                let (wraps, unwraps) = pending;
                 tracing::warn!(
                     error = %error,
                     unflushed_wraps = wraps,

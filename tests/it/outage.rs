@@ -357,6 +357,13 @@ async fn cached_keys_are_served_through_a_registry_outage_and_changes_flow_after
         "health does not report the registry outage"
     );
     assert!(a.directory.as_ref().unwrap().stale_view_serves() > 0);
+    // A cold key of a known tenant (its DEK and tenant key both out of the
+    // cache) is unwrapped through its provider, without the registry.
+    a.broker.cache().purge_all().await;
+    let cold = unwrap(&mut ca, "acme", &ctx, &dek.wrapped_key)
+        .await
+        .expect("a cold key of a known tenant during the outage");
+    assert_eq!(cold.plaintext, dek.plaintext);
     // A tenant this replica never read has nothing to serve: UNAVAILABLE at
     // once, saying when to retry.
     let started = Instant::now();
@@ -782,4 +789,288 @@ async fn a_revocation_during_a_registry_outage_is_applied_from_memory() {
             .is_err()
     );
     server.stop().await;
+}
+
+/// One run of bounded load (two callers per replica, cached unwraps of 20
+/// DEKs) through a registry outage: calls by phase and result code, and
+/// cached-unwrap latency during against outside the outage.
+struct OutageRun {
+    /// (phase, latency, code) of every call; phase 0 before, 1 during, 2
+    /// after the outage.
+    calls: Vec<(u8, Duration, tonic::Code)>,
+    /// From the registry's return to an admin change seen on both replicas.
+    change_seen_after: Duration,
+}
+
+async fn outage_under_load(grace: Duration, outage: Duration) -> OutageRun {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    let pg = OwnPostgres::start();
+    let (a, b, _dirs) = two_replicas(&pg.url(), &pg.url(), |c| {
+        c.registry.outage_grace = grace;
+    })
+    .await;
+    let mut admin = admin_client(&a).await;
+    create_tenant(&mut admin, "acme", proto::KeyPolicy::Keyring).await;
+    let ctx = [("table", "orders")];
+    let mut ca = a.client().await;
+    let mut deks = Vec::new();
+    for _ in 0..20 {
+        deks.push(generate(&mut ca, "acme", &ctx).await.unwrap());
+    }
+    let phase = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deks = Arc::new(deks);
+    let mut callers = Vec::new();
+    for server in [&a, &b, &a, &b] {
+        let (mut client, phase, stop, deks) = (
+            server.client().await,
+            Arc::clone(&phase),
+            Arc::clone(&stop),
+            Arc::clone(&deks),
+        );
+        callers.push(tokio::spawn(async move {
+            let mut calls = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let dek = &deks[n % deks.len()];
+                n += 1;
+                let at = phase.load(Ordering::SeqCst);
+                let started = Instant::now();
+                let got = unwrap(
+                    &mut client,
+                    "acme",
+                    &[("table", "orders")],
+                    &dek.wrapped_key,
+                )
+                .await;
+                let code = match &got {
+                    Ok(r) => {
+                        assert_eq!(r.plaintext, dek.plaintext, "a wrong plaintext");
+                        tonic::Code::Ok
+                    }
+                    Err(s) => s.code(),
+                };
+                calls.push((at, started.elapsed(), code));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            calls
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.down();
+    phase.store(1, Ordering::SeqCst);
+    tokio::time::sleep(outage).await;
+    pg.up();
+    phase.store(2, Ordering::SeqCst);
+    let back = Instant::now();
+    admin_until_ok(Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .disable_key(proto::DisableKeyRequest {
+                    tenant_id: "acme".into(),
+                    name: "no-such-key".into(),
+                    reason: String::new(),
+                    reencrypt_to: String::new(),
+                })
+                .await
+                .or_else(|s| {
+                    if s.code() == tonic::Code::NotFound {
+                        Ok(tonic::Response::new(Default::default()))
+                    } else {
+                        Err(s)
+                    }
+                })
+        }
+    })
+    .await;
+    // The load stops before the deletion: what it saw after the return is
+    // phase 2 up to the registry answering admin calls again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = Vec::new();
+    for caller in callers {
+        calls.extend(caller.await.unwrap());
+    }
+    admin
+        .delete_tenant(proto::DeleteTenantRequest {
+            tenant_id: "acme".into(),
+            force: false,
+            restore_window: Some(Default::default()),
+        })
+        .await
+        .unwrap();
+    let (mut c1, mut c2) = (a.client().await, b.client().await);
+    for c in [&mut c1, &mut c2] {
+        while unwrap(c, "acme", &ctx, &deks[0].wrapped_key).await.is_ok() {
+            assert!(
+                back.elapsed() < Duration::from_secs(20),
+                "a replica never saw the deletion"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let change_seen_after = back.elapsed();
+    a.stop().await;
+    b.stop().await;
+    OutageRun {
+        calls,
+        change_seen_after,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The outage under load, with the default grace and with none (every
+/// refresh that fails is an error: the behaviour before stale-while-error).
+/// `KEYBROKER_OUTAGE_SECS` sets the outage (default 3; the BENCHMARKS.md
+/// figures are from 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_under_load_with_and_without_grace() {
+    let outage = Duration::from_secs(
+        std::env::var("KEYBROKER_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    );
+    for (label, grace) in [
+        ("grace 2m", Duration::from_secs(120)),
+        ("grace 0", Duration::ZERO),
+    ] {
+        let run = outage_under_load(grace, outage).await;
+        let mut by_code = std::collections::BTreeMap::new();
+        let mut latencies: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        for (phase, took, code) in &run.calls {
+            *by_code.entry((*phase, format!("{code:?}"))).or_insert(0u32) += 1;
+            if *code == tonic::Code::Ok {
+                latencies[usize::from(*phase == 1)].push(*took);
+            }
+        }
+        for l in &mut latencies {
+            l.sort();
+        }
+        let (outside, during) = (&latencies[0], &latencies[1]);
+        eprintln!(
+            "{label}, {outage:?} outage: calls by (phase, code) {by_code:?}; cached unwrap p50 {:?} / {:?}, p99 {:?} / {:?} (during / outside); registry back to a change seen on both replicas {:?}",
+            percentile(during, 0.5),
+            percentile(outside, 0.5),
+            percentile(during, 0.99),
+            percentile(outside, 0.99),
+            run.change_seen_after
+        );
+        let bad: Vec<_> = by_code
+            .keys()
+            .filter(|(_, code)| code != "Ok" && code != "Unavailable")
+            .collect();
+        assert!(bad.is_empty(), "{label}: unexpected codes {bad:?}");
+        if grace.is_zero() {
+            assert!(
+                by_code.contains_key(&(1, "Unavailable".to_owned())),
+                "{label}: without a grace the outage should cost cached reads: {by_code:?}"
+            );
+        } else {
+            assert!(
+                by_code.keys().all(|(_, code)| code == "Ok"),
+                "{label}: a cached read failed: {by_code:?}"
+            );
+            assert!(percentile(during, 0.99) < Duration::from_secs(1));
+        }
+    }
+}
+
+/// A replica (re)started while its registry is down never accepts a
+/// connection it could not answer: it exits, non-zero, saying why, within
+/// the acquire timeout.
+#[tokio::test]
+async fn a_replica_started_without_its_registry_never_listens() {
+    let dead = free_port();
+    let listen_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = format!("postgres://keybroker@127.0.0.1:{dead}/postgres");
+    let listen = format!("127.0.0.1:{listen_port}");
+    let server = crate::process::Process::spawn_at(
+        &[],
+        &listen,
+        dir.path(),
+        &["--registry", &registry, "--registry-acquire-timeout", "2s"],
+        &[],
+    );
+    let started = Instant::now();
+    let probing = tokio::spawn(async move {
+        let mut accepted = 0;
+        while started.elapsed() < Duration::from_secs(4) {
+            if tokio::net::TcpStream::connect(("127.0.0.1", listen_port))
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        accepted
+    });
+    let (ok, log) = server.wait(Duration::from_secs(15)).await;
+    assert!(!ok, "a replica without its registry exited 0:\n{log}");
+    assert!(log.contains("opening the key registry"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        probing.await.unwrap(),
+        0,
+        "the port accepted connections:\n{log}"
+    );
+}
+
+/// SIGTERM during a registry outage: the replica still stops within its
+/// drain timeout, and says how much usage it could not write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_outage_is_bounded_and_counts_lost_usage() {
+    let pg = OwnPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::process::Process::spawn(
+        dir.path(),
+        &[
+            "--registry",
+            &pg.url(),
+            "--usage-flush-interval",
+            "1h",
+            "--shutdown-drain-timeout",
+            "2s",
+        ],
+    );
+    let channel = server.channel().await;
+    let mut broker = proto::key_broker_client::KeyBrokerClient::new(channel);
+    let dek = generate(&mut broker, "acme", &[]).await.unwrap();
+    for _ in 0..3 {
+        unwrap(&mut broker, "acme", &[], &dek.wrapped_key)
+            .await
+            .unwrap();
+    }
+    pg.down();
+    server.signal("TERM");
+    let signalled = Instant::now();
+    let (_, log) = server.wait(Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    eprintln!("shutdown during the outage took {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "shutdown took {took:?}:\n{log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("could not flush key usage counters at shutdown"))
+        .unwrap_or_else(|| panic!("no lost-usage line:\n{log}"));
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    // The three unwraps, each counted for the tenant key version and for
+    // the binding that protects it.
+    let unwraps = entry["fields"]["unflushed_unwraps"].as_u64().unwrap();
+    assert!(unwraps >= 3, "{line}");
 }
