@@ -13,37 +13,37 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
+use super::material::unusable;
+pub use super::material::{
+    MATERIAL_VERSION_LEN, aws_target, azure_key, gcp_target, material_versions, open_material,
+    seal_material, vault_target,
+};
 use super::views::{ViewSettings, Views};
-use super::{BindingRecord, FLEET, KeyPolicy, Registry, UsageDelta, VersionUsageRecord};
+use super::{BindingRecord, FLEET, KeyPolicy, Registry};
 use crate::cache::DekCache;
-use crate::context::Context;
-use crate::envelope::Envelope;
 use crate::keys::{
     Binding, BindingState, BindingUsage, Confirmation, DirectoryError, KeyHierarchy,
-    PLATFORM_BINDING, TENANT_KEY_USAGE, TakenUsage, TenantKeyVersion, TenantKeys, TenantLife,
-    UsageCounts, VersionId, sealing_binding,
+    PLATFORM_BINDING, TENANT_KEY_USAGE, TenantKeyVersion, TenantKeys, TenantLife, sealing_binding,
 };
-use crate::kms::InvalidIdentifier;
 use crate::kms::ProviderError;
-use crate::kms::aws::{AwsKeyTarget, AwsKms, KeyArn, RoleArn};
-use crate::kms::azure::{AzureKey, AzureKeyRef, AzureKeyVault};
-use crate::kms::gcp::{GcpKeyName, GcpKeyTarget, GcpKms};
+use crate::kms::aws::AwsKms;
+use crate::kms::azure::AzureKeyVault;
+use crate::kms::gcp::GcpKms;
 use crate::kms::local::LocalKeyring;
 use crate::kms::pkcs11::Pkcs11Hsm;
-use crate::kms::vault::{VaultKeyRef, VaultLogin, VaultTarget, VaultTransit};
-use crate::kms::{KeyProvider, ProviderKind, WrapContext};
-use crate::secret::SecretBytes;
+use crate::kms::vault::VaultTransit;
+use crate::kms::{KeyProvider, ProviderKind};
 
-type UsageKey = (String, String);
+pub(super) type UsageKey = (String, String);
 
 /// A change naming this "binding" purges every cached key of the tenant
 /// (`#` is in no binding name).
-const ALL_BINDINGS: &str = "#all";
+pub(super) const ALL_BINDINGS: &str = "#all";
 
 #[derive(Debug)]
 pub struct RegistryDirectory {
-    registry: Arc<dyn Registry>,
-    platform: Arc<Binding>,
+    pub(super) registry: Arc<dyn Registry>,
+    pub(super) platform: Arc<Binding>,
     /// Decrypts imported key material stored in the registry.
     platform_keyring: Arc<LocalKeyring>,
     /// Whether legacy-layout wraps under imported material are read.
@@ -69,7 +69,7 @@ pub struct RegistryDirectory {
     /// Usage counters by (tenant, binding). They outlive the tenant views,
     /// which are rebuilt on every change. std Mutex: held for a map lookup,
     /// never across an await.
-    usage: Mutex<HashMap<UsageKey, Arc<BindingUsage>>>,
+    pub(super) usage: Mutex<HashMap<UsageKey, Arc<BindingUsage>>>,
     /// Verdicts of recent out-of-turn describes by (tenant, binding): moka
     /// runs one describe per binding for all concurrent callers, and the
     /// TTL (`recheck_min_interval`) rate-limits what forged requests can
@@ -186,98 +186,6 @@ impl RegistryDirectory {
         })
     }
 
-    /// A tenant's keys changed (`binding` names the one, if one): forget the
-    /// cached view so the next request reloads it, and drop the DEKs that
-    /// binding unwrapped. Every state change goes through here.
-    pub async fn changed(&self, tenant_id: &str, binding: Option<&str>) {
-        self.apply_change(tenant_id, binding).await;
-        if let Err(err) = self.registry.publish_change(tenant_id, binding).await {
-            // Other replicas still converge within registry_cache_ttl.
-            tracing::warn!(error = %err, tenant = tenant_id, "could not notify other replicas of a key change");
-        }
-    }
-
-    /// A tenant was scheduled for deletion or destroyed: forget its view and
-    /// drop everything of it from the cache, on every replica.
-    pub async fn purged(&self, tenant_id: &str) {
-        self.changed(tenant_id, Some(ALL_BINDINGS)).await;
-    }
-
-    /// Applies a change in this process only (a change another replica
-    /// made, or one this process just wrote). Cache purges come first:
-    /// they move the tenant's cache generation, which a view built after
-    /// the forget below carries, so nothing loaded before is served.
-    async fn apply_change(&self, tenant_id: &str, binding: Option<&str>) {
-        if tenant_id == FLEET {
-            // The platform keyring changed for every tenant.
-            self.resync().await;
-            return;
-        }
-        match binding {
-            Some(ALL_BINDINGS) => self.cache.purge_tenant(tenant_id).await,
-            Some(name) => self.cache.purge_binding(tenant_id, name).await,
-            None => {}
-        }
-        self.views.forget(tenant_id).await;
-    }
-
-    /// Follows other replicas' changes through PostgreSQL LISTEN until the
-    /// directory is dropped. When the connection is lost, notifications may
-    /// be missed: every view is distrusted at once (refreshed before it is
-    /// trusted again, served meanwhile only as a stale view is, within the
-    /// outage grace), and the listener reconnects with a short backoff. Once
-    /// connected again, before any notification is applied, the directory
-    /// resynchronises: every view is dropped and every cached key purged
-    /// (a missed deletion's plaintext goes too).
-    pub fn spawn_change_listener(self: &Arc<Self>, url: String) -> tokio::task::JoinHandle<()> {
-        const FIRST_RETRY: Duration = Duration::from_millis(100);
-        const LAST_RETRY: Duration = Duration::from_secs(2);
-        let directory = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut retry = FIRST_RETRY;
-            loop {
-                let mut listener = match connect_listener(&url).await {
-                    Ok(listener) => listener,
-                    Err(err) => {
-                        tracing::warn!(error = %err, retry_ms = retry.as_millis() as u64, "cannot LISTEN for key changes; retrying");
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(LAST_RETRY);
-                        if directory.strong_count() == 0 {
-                            return;
-                        }
-                        continue;
-                    }
-                };
-                retry = FIRST_RETRY;
-                let Some(connected) = directory.upgrade() else {
-                    return;
-                };
-                connected.resync().await;
-                drop(connected);
-                loop {
-                    let received = listener.try_recv().await;
-                    let Some(directory) = directory.upgrade() else {
-                        return;
-                    };
-                    match received {
-                        Ok(Some(n)) => {
-                            let (tenant, binding) = super::decode_change(n.payload());
-                            directory.apply_change(tenant, binding).await;
-                        }
-                        Ok(None) | Err(_) => {
-                            tracing::warn!(
-                                error = ?received.err(),
-                                "lost the key-change connection; views are refreshed before they are trusted, and every cached key is purged on reconnect"
-                            );
-                            directory.views.distrust_all();
-                            break;
-                        }
-                    }
-                }
-            }
-        })
-    }
-
     /// Sets a binding's provider-side state (revoked by the customer, or
     /// usable again) and applies it at once. Never touches a binding an
     /// operator disabled.
@@ -329,16 +237,6 @@ impl RegistryDirectory {
         Ok(true)
     }
 
-    /// Purges every cached key and distrusts every tenant view (each is
-    /// read again before it is trusted): changes (a purge, a deletion) may
-    /// have been missed. Views are distrusted rather than dropped, so a
-    /// registry that is still flapping leaves them serving within the outage
-    /// grace instead of failing every tenant at once.
-    async fn resync(&self) {
-        self.cache.purge_all().await;
-        self.views.distrust_all();
-    }
-
     /// Records a watcher check of a binding (for DescribeKey).
     pub fn record_check(&self, tenant_id: &str, name: &str) {
         self.usage_for(tenant_id, name)
@@ -353,102 +251,6 @@ impl RegistryDirectory {
         external_id: &str,
     ) -> Result<Arc<dyn KeyProvider>, DirectoryError> {
         self.provider_for(record, external_id).await
-    }
-
-    fn usage_for(&self, tenant_id: &str, name: &str) -> Arc<BindingUsage> {
-        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            map.entry((tenant_id.to_owned(), name.to_owned()))
-                .or_default(),
-        )
-    }
-
-    /// Usage not yet flushed to the registry.
-    pub fn pending_usage(&self, tenant_id: &str, name: &str) -> UsageCounts {
-        let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&(tenant_id.to_owned(), name.to_owned()))
-            .map(|u| u.peek())
-            .unwrap_or_default()
-    }
-
-    pub fn forget_usage(&self, tenant_id: &str, name: &str) {
-        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&(tenant_id.to_owned(), name.to_owned()));
-    }
-
-    /// Writes accumulated usage to the registry. On failure the counts are
-    /// put back for the next flush, so none are lost. The platform binding
-    /// is one for every tenant: its uses are stored fleet-wide.
-    /// Usage counts not yet written to the registry: (wraps, unwraps).
-    pub fn unflushed_usage(&self) -> (u64, u64) {
-        let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        map.values()
-            .chain(std::iter::once(&self.platform.usage))
-            .map(|usage| usage.peek())
-            .fold((0, 0), |(w, u), c| (w + c.wraps, u + c.unwraps))
-    }
-
-    pub async fn flush_usage(&self) -> Result<(), super::RegistryError> {
-        let mut sources: Vec<(String, String, Arc<BindingUsage>)> = {
-            let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-            map.iter()
-                .map(|((tenant_id, name), usage)| {
-                    (tenant_id.clone(), name.clone(), Arc::clone(usage))
-                })
-                .collect()
-        };
-        sources.push((
-            FLEET.to_owned(),
-            PLATFORM_BINDING.to_owned(),
-            Arc::clone(&self.platform.usage),
-        ));
-        let taken: Vec<(Arc<BindingUsage>, TakenUsage, UsageDelta)> = sources
-            .into_iter()
-            .filter_map(|(tenant_id, name, usage)| {
-                let counts = usage.take();
-                (!counts.is_empty()).then(|| {
-                    let delta = UsageDelta {
-                        versions: version_records(&name, &counts.versions),
-                        tenant_id,
-                        name,
-                        wraps: counts.total.wraps,
-                        unwraps: counts.total.unwraps,
-                        last_used_at_ms: counts.total.last_used_ms,
-                    };
-                    (usage, counts, delta)
-                })
-            })
-            .collect();
-        let deltas: Vec<UsageDelta> = taken.iter().map(|(_, _, d)| d.clone()).collect();
-        if let Err(err) = self.registry.add_usage(&deltas).await {
-            for (usage, counts, _) in taken {
-                usage.restore(&counts);
-            }
-            return Err(err);
-        }
-        Ok(())
-    }
-
-    /// Flushes usage every `interval` until the directory is dropped.
-    pub fn spawn_usage_flusher(
-        self: &Arc<Self>,
-        interval: Duration,
-    ) -> tokio::task::JoinHandle<()> {
-        let directory = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(directory) = directory.upgrade() else {
-                    return;
-                };
-                if let Err(err) = directory.flush_usage().await {
-                    tracing::warn!(error = %err, "could not flush key usage counters; will retry");
-                }
-            }
-        })
     }
 
     async fn load(&self, tenant_id: &str) -> Result<Arc<TenantKeys>, DirectoryError> {
@@ -657,12 +459,6 @@ impl RegistryDirectory {
     }
 }
 
-async fn connect_listener(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
-    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-    listener.listen(super::CHANGE_CHANNEL).await?;
-    Ok(listener)
-}
-
 fn verdict_cache(ttl: Duration) -> Cache<UsageKey, super::Verdict> {
     Cache::builder()
         .max_capacity(10_000)
@@ -737,180 +533,6 @@ impl RegistryDirectory {
             .stale_serves
             .load(std::sync::atomic::Ordering::Relaxed)
     }
-}
-
-/// What an `aws-kms` binding needs to reach its key. Fails only on a record
-/// whose identifiers were not validated when linked.
-pub fn aws_target(
-    record: &BindingRecord,
-    external_id: &str,
-) -> Result<AwsKeyTarget, InvalidIdentifier> {
-    Ok(AwsKeyTarget {
-        tenant_id: record.tenant_id.clone(),
-        key_arn: KeyArn::parse(&record.key_reference)?,
-        role_arn: RoleArn::parse(&record.role_arn)?,
-        external_id: external_id.to_owned(),
-        replica_regions: record.replica_regions.clone(),
-    })
-}
-
-/// What a `gcp-kms` binding needs to reach its key.
-/// A `vault-transit` binding's target: the key URL and the login (the
-/// AppRole's role_id or the jwt role kept in `role_arn`, the auth mount in
-/// `service_account`; an AppRole's secret_id given opened, none for jwt).
-pub fn vault_target(
-    record: &BindingRecord,
-    secret_id: Option<zeroize::Zeroizing<String>>,
-) -> Result<VaultTarget, InvalidIdentifier> {
-    let role = record.role_arn.clone();
-    Ok(VaultTarget {
-        key: VaultKeyRef::parse(&record.key_reference)?,
-        auth_mount: record.service_account.clone(),
-        login: match secret_id {
-            Some(secret_id) => VaultLogin::AppRole {
-                role_id: role,
-                secret_id: Arc::new(secret_id),
-            },
-            None => VaultLogin::Jwt {
-                role,
-                subject: crate::kms::issuer::subject(&record.tenant_id),
-            },
-        },
-    })
-}
-
-/// An `azure-kv` binding's key: the reference (its host checked against
-/// `azure_vault_domains`) and the customer's Entra tenant, kept in the
-/// binding's identity column (`role_arn`).
-pub fn azure_key(
-    azure: &Arc<AzureKeyVault>,
-    record: &BindingRecord,
-) -> Result<AzureKey, InvalidIdentifier> {
-    let key = AzureKeyRef::parse(&record.key_reference, &azure.settings().vault_domains)?;
-    crate::kms::azure::validate_tenant_id(&record.role_arn)?;
-    Ok(azure.key(key, record.role_arn.clone()))
-}
-
-pub fn gcp_target(record: &BindingRecord) -> Result<GcpKeyTarget, InvalidIdentifier> {
-    Ok(GcpKeyTarget {
-        key_name: GcpKeyName::parse(&record.key_reference)?,
-        service_account: record.service_account.clone(),
-    })
-}
-
-/// A stored binding this build cannot use (edited by hand, or from a build
-/// that validated differently): an internal error, logged with the details.
-fn unusable(record: &BindingRecord, err: &InvalidIdentifier) -> DirectoryError {
-    DirectoryError::Internal(format!(
-        "stored key binding '{}' of tenant '{}' is unusable: {err}",
-        record.name, record.tenant_id
-    ))
-}
-
-/// Imported key material is wrapped by the platform keyring under an AAD no
-/// data-plane request can produce: `#` is not allowed in tenant ids.
-fn material_wrap_context(tenant_id: &str, name: &str) -> Result<(String, Context), DirectoryError> {
-    // Key names are validated long before (at most 64 safe characters).
-    let context = Context::new(std::collections::BTreeMap::from([(
-        "binding".to_owned(),
-        name.to_owned(),
-    )]))
-    .map_err(|e| DirectoryError::Internal(format!("key name '{name}': {e}")))?;
-    Ok((format!("#imported/{tenant_id}"), context))
-}
-
-/// Bytes of one imported key version.
-pub const MATERIAL_VERSION_LEN: usize = 32;
-
-/// The versions of stored key material, oldest first: imported versions are
-/// stored as one sealed blob, 32 bytes per version (a key imported once is
-/// one version, as before versions existed).
-pub fn material_versions(material: &SecretBytes) -> Result<Vec<SecretBytes>, DirectoryError> {
-    let bytes = material.expose();
-    if bytes.is_empty() || bytes.len() % MATERIAL_VERSION_LEN != 0 {
-        return Err(DirectoryError::Internal(format!(
-            "stored key material is {} bytes, not a multiple of {MATERIAL_VERSION_LEN}",
-            bytes.len()
-        )));
-    }
-    Ok(bytes
-        .chunks(MATERIAL_VERSION_LEN)
-        .map(|c| SecretBytes::new(c.to_vec()))
-        .collect())
-}
-
-/// Encrypts raw key material under the platform keyring for storage.
-pub async fn seal_material(
-    platform: &LocalKeyring,
-    tenant_id: &str,
-    name: &str,
-    material: &SecretBytes,
-) -> Result<Vec<u8>, DirectoryError> {
-    let (aad_tenant, context) = material_wrap_context(tenant_id, name)?;
-    let ciphertext = platform
-        .encrypt(
-            material,
-            WrapContext {
-                tenant_id: &aad_tenant,
-                context: &context,
-            },
-        )
-        .await
-        .map_err(|e| DirectoryError::Internal(format!("sealing key material: {e}")))?;
-    Ok(Envelope {
-        tenant_id: aad_tenant,
-        key_binding: name.to_owned(),
-        provider: ProviderKind::Local,
-        provider_key_version: ciphertext.key_version,
-        ciphertext: ciphertext.bytes,
-        tenant_key_version: 0,
-        incarnation: 0,
-    }
-    .encode())
-}
-
-pub async fn open_material(
-    platform: &LocalKeyring,
-    tenant_id: &str,
-    name: &str,
-    sealed: &[u8],
-) -> Result<SecretBytes, DirectoryError> {
-    let (aad_tenant, context) = material_wrap_context(tenant_id, name)?;
-    let envelope = Envelope::parse(sealed)
-        .map_err(|e| DirectoryError::Internal(format!("stored key material of '{name}': {e}")))?;
-    platform
-        .decrypt(
-            &envelope.provider_key_version,
-            &envelope.ciphertext,
-            WrapContext {
-                tenant_id: &aad_tenant,
-                context: &context,
-            },
-        )
-        .await
-        .map_err(|e| {
-            DirectoryError::Internal(format!(
-                "stored key material of '{name}' does not decrypt under the platform keyring: {e}"
-            ))
-        })
-}
-
-/// Stored rows of one binding's per-version uses. Tenant key versions are
-/// stored under their own name, whichever binding protects them.
-fn version_records(name: &str, versions: &[(VersionId, UsageCounts)]) -> Vec<VersionUsageRecord> {
-    versions
-        .iter()
-        .map(|(id, counts)| VersionUsageRecord {
-            key_name: match id {
-                VersionId::TenantKey(_) => TENANT_KEY_USAGE.to_owned(),
-                VersionId::Provider(_) => name.to_owned(),
-            },
-            version: id.label(),
-            wraps: counts.wraps,
-            unwraps: counts.unwraps,
-            last_used_at_ms: counts.last_used_ms,
-        })
-        .collect()
 }
 
 /// Live per-identity clients, for `keybroker_identity_clients`.

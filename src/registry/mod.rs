@@ -6,10 +6,13 @@
 //! [`directory::RegistryDirectory`] serves the data plane from memory on top.
 
 pub mod backup;
+mod changes;
 pub mod directory;
 pub mod key_state;
+pub mod material;
 pub mod sql;
 pub mod tenant_tx;
+mod usage_flush;
 mod versions;
 pub mod views;
 
