@@ -510,30 +510,35 @@ async fn a_failover_to_a_promoted_standby_costs_no_cached_read() {
     );
     let standby = OwnPostgres::standby_of(&primary);
 
-    // Cached reads run on both replicas through the whole failover.
+    // Cached reads run on both replicas through the whole failover; each
+    // call's latency is kept by phase (0 before, 1 from the primary's stop
+    // to the first admin change on the new one, 2 after).
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let reading = {
         let (mut ca, mut cb) = (ca.clone(), cb.clone());
         let (wrapped, plaintext) = (dek.wrapped_key.clone(), dek.plaintext.clone());
+        let phase = Arc::clone(&phase);
         tokio::spawn(async move {
-            let (mut calls, mut slowest) = (0u32, Duration::ZERO);
+            let mut by_phase: [Vec<Duration>; 3] = Default::default();
             let until = Instant::now() + Duration::from_secs(6);
             while Instant::now() < until {
                 for c in [&mut ca, &mut cb] {
+                    let at = usize::from(phase.load(std::sync::atomic::Ordering::SeqCst));
                     let started = Instant::now();
                     let got = unwrap(c, "acme", &[("table", "orders")], &wrapped).await;
-                    slowest = slowest.max(started.elapsed());
+                    by_phase[at].push(started.elapsed());
                     assert_eq!(
                         got.expect("a cached key during the failover").plaintext,
                         plaintext
                     );
-                    calls += 1;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (calls, slowest)
+            by_phase
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    phase.store(1, std::sync::atomic::Ordering::SeqCst);
     primary.down();
     tokio::time::sleep(Duration::from_secs(1)).await;
     standby.promote();
@@ -553,10 +558,23 @@ async fn a_failover_to_a_promoted_standby_costs_no_cached_read() {
         }
     })
     .await;
+    phase.store(2, std::sync::atomic::Ordering::SeqCst);
     let made = generate(&mut ca, "after", &ctx).await.unwrap();
-    let (calls, slowest) = reading.await.unwrap();
+    let mut by_phase = reading.await.unwrap();
+    let calls: usize = by_phase.iter().map(Vec::len).sum();
+    let slowest = by_phase.iter().flatten().max().copied().unwrap_or_default();
+    for l in &mut by_phase {
+        l.sort();
+    }
+    let mut outside = [by_phase[0].clone(), by_phase[2].clone()].concat();
+    outside.sort();
     eprintln!(
-        "failover: {calls} cached unwraps, slowest {slowest:?}; promotion to first admin change: {to_admin:?}"
+        "failover: {calls} cached unwraps ({} during), all OK, slowest {slowest:?}; p50 {:?} / {:?}, p99 {:?} / {:?} (during / outside); promotion to first admin change: {to_admin:?}",
+        by_phase[1].len(),
+        percentile(&by_phase[1], 0.5),
+        percentile(&outside, 0.5),
+        percentile(&by_phase[1], 0.99),
+        percentile(&outside, 0.99),
     );
     assert!(
         slowest < Duration::from_secs(1),
