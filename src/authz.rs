@@ -315,10 +315,10 @@ impl PolicySource {
         }
     }
 
-    pub(crate) fn spawn_reloader(
+    pub(crate) fn reloader(
         self: &Arc<Self>,
         interval: Duration,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> impl Future<Output = ()> + Send + 'static {
         crate::reload::every(interval, self, |source| {
             source.reload_if_changed();
         })

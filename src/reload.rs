@@ -12,9 +12,9 @@ pub(crate) fn every<T: Send + Sync + 'static>(
     interval: Duration,
     target: &Arc<T>,
     tick: impl Fn(&T) + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
+) -> impl Future<Output = ()> + Send + 'static {
     let target = Arc::downgrade(target);
-    tokio::spawn(async move {
+    async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -24,7 +24,7 @@ pub(crate) fn every<T: Send + Sync + 'static>(
             };
             tick(&target);
         }
-    })
+    }
 }
 
 /// What one file looked like: a change to any field means "reload".

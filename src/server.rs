@@ -68,8 +68,9 @@ pub struct Server {
     /// The registry-backed directory, whose outage health reports (absent
     /// with an injected directory).
     registry: Option<Arc<RegistryDirectory>>,
-    /// Background tasks that live as long as the server (keyring reload).
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Background tasks that live as long as the server (keyring reload,
+    /// the watcher, the change listener...).
+    tasks: Background,
 }
 
 impl Server {
@@ -99,7 +100,7 @@ impl Server {
                 .with_context(|| "loading the platform keyring")?,
         );
         keyring.set_legacy_wraps(config.server.legacy_local_wraps);
-        let reloader = keyring.spawn_reloader(config.server.keyring_reload_interval);
+        let reloader = keyring.reloader(config.server.keyring_reload_interval);
         let issuer = crate::kms::issuer::Issuer::from_settings(&config.oidc, Arc::clone(&keyring))
             .map(Arc::new);
         let platform = Arc::new(platform_binding(
@@ -141,25 +142,25 @@ impl Server {
             .with_recheck_interval(config.watcher.recheck_interval)
             .with_legacy_wraps(config.server.legacy_local_wraps),
         );
-        let flusher = directory.spawn_usage_flusher(config.registry.usage_flush_interval);
+        let flusher = directory.usage_flusher(config.registry.usage_flush_interval);
         let rotation = Arc::new(PlatformRotation::new(
             Arc::clone(&directory),
             path.clone(),
             config.server.platform_keyring_rotation_period,
         ));
-        let rotating = rotation.spawn(config.server.keyring_reload_interval);
+        let rotating = rotation.run(config.server.keyring_reload_interval);
         if let Some(url) = config
             .registry
             .url
             .as_ref()
             .filter(|u| u.expose().starts_with("postgres"))
         {
-            listener_task = Some(directory.spawn_change_listener(url.expose().to_owned()));
+            listener_task = Some(directory.change_listener(url.expose().to_owned()));
         }
         let watcher = Arc::new(Watcher::new(Arc::clone(&directory), config.watcher));
-        let watching = watcher.spawn();
+        let watching = watcher.run();
         let lifecycle = Arc::new(Lifecycle::new(Arc::clone(&directory)));
-        let maintaining = Shredder::spawn(&lifecycle, config.deletion.maintenance_interval);
+        let maintaining = Shredder::run(&lifecycle, config.deletion.maintenance_interval);
         let mut server = Self::assemble(config, Arc::clone(&lifecycle) as _, cache.clone())?;
         server.metrics.set_sources(crate::metrics::Sources {
             cache: Some(cache),
@@ -178,7 +179,7 @@ impl Server {
         ));
         // Key changes a crash interrupted finish in the background: until
         // then every version is still readable under its old wrapping.
-        let resuming = tokio::spawn({
+        let resuming = {
             let admin = Arc::clone(&admin);
             async move {
                 match admin.resume_key_changes().await {
@@ -189,15 +190,21 @@ impl Server {
                     }
                 }
             }
-        });
+        };
         server.admin = Some(admin);
         server.rotation = Some(rotation);
         server.issuer = issuer;
         server.registry = Some(Arc::clone(&directory));
-        server
-            .tasks
-            .extend([reloader, flusher, watching, resuming, rotating, maintaining]);
-        server.tasks.extend(listener_task);
+        let tasks = &server.tasks;
+        tasks.spawn(reloader);
+        tasks.spawn(flusher);
+        tasks.spawn(watching);
+        tasks.spawn(resuming);
+        tasks.spawn(rotating);
+        tasks.spawn(maintaining);
+        if let Some(listening) = listener_task {
+            tasks.spawn(listening);
+        }
         Ok(server)
     }
 
@@ -219,11 +226,11 @@ impl Server {
         directory: Arc<dyn KeyDirectory>,
         cache: DekCache,
     ) -> anyhow::Result<Self> {
-        let mut tasks = Vec::new();
+        let tasks = Background::default();
         let policy = match &config.server.authz_policy {
             Some(path) => {
                 let source = PolicySource::from_file(path).map_err(anyhow::Error::msg)?;
-                tasks.push(source.spawn_reloader(config.tls.reload_interval));
+                tasks.spawn(source.reloader(config.tls.reload_interval));
                 source
             }
             None => {
@@ -235,7 +242,7 @@ impl Server {
         };
         let tls = if config.tls.enabled() {
             let source = TlsSource::load(config.tls.clone())?;
-            tasks.push(source.spawn_reloader());
+            tasks.spawn(source.reloader());
             Some(source)
         } else {
             None
@@ -259,17 +266,17 @@ impl Server {
             std::time::Duration::from_secs(10),
         );
         let cache = broker.cache().clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + sweep, sweep);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
                 cache.run_pending_tasks().await;
             }
-        }));
+        });
         // Idle tenants' full buckets are dropped now and then, so the
         // limiter's map holds only recently active tenants.
-        tasks.push(crate::reload::every(
+        tasks.spawn(crate::reload::every(
             std::time::Duration::from_secs(60),
             &broker,
             |broker| broker.quota().forget_idle(),
@@ -480,9 +487,9 @@ impl Server {
                 "connections still open after the drain timeout; exiting anyway"
             ),
         }
-        for task in &self.tasks {
-            task.abort();
-        }
+        // Background work stops at its next await and is waited for, before
+        // the final usage flush below.
+        self.tasks.stop(drain_timeout).await;
         if let Some(admin) = &self.admin {
             // Within the drain timeout: a registry that does not answer
             // (an outage) must not hold the process past it. Counted first:
@@ -513,6 +520,46 @@ impl Server {
 
 fn platform_binding(provider: Arc<LocalKeyring>, reference: &str) -> Binding {
     Binding::active(PLATFORM_BINDING, provider, reference)
+}
+
+/// Every background task of a server: spawned through it, cancelled and
+/// awaited together at shutdown (tokio-util's `TaskTracker` and
+/// `CancellationToken`). A task stops at its next await point; dropping
+/// the guard (a server never run) cancels them too.
+#[derive(Debug, Default)]
+pub(crate) struct Background {
+    tracker: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Background {
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tracker.spawn(async move {
+            stop.run_until_cancelled(task).await;
+        });
+    }
+
+    /// Cancels every task and waits for them, at most `within`.
+    pub(crate) async fn stop(&self, within: std::time::Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tracker.len(),
+                "background tasks still running after cancellation"
+            );
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Aborts a background task when dropped.

@@ -101,9 +101,9 @@ impl PlatformRotation {
 
     /// Checks every `interval` while the returned task runs (the server
     /// owns it and aborts it on shutdown).
-    pub fn spawn(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn run(self: &Arc<Self>, interval: Duration) -> impl Future<Output = ()> + Send + 'static {
         let rotation = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -115,6 +115,6 @@ impl PlatformRotation {
                     tracing::warn!(error = %err, "automatic platform keyring rotation failed; will retry");
                 }
             }
-        })
+        }
     }
 }

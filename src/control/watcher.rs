@@ -165,10 +165,11 @@ impl Watcher {
                 },
             };
             first = false;
+            // Within the data path's write deadline: a registry that does not
+            // answer must not delay the checks from memory below.
             let claimed = match self
                 .directory
-                .registry()
-                .claim_checks(&claim, CLAIM_BATCH)
+                .data_path_write(self.directory.registry().claim_checks(&claim, CLAIM_BATCH))
                 .await
             {
                 Ok(b) => b,
@@ -257,10 +258,10 @@ impl Watcher {
 
     /// Looks for due bindings every [`tick`](Self::tick) (±10% jitter)
     /// until the watcher is dropped.
-    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    pub fn run(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let watcher = Arc::downgrade(self);
         let tick = self.tick();
-        tokio::spawn(async move {
+        async move {
             loop {
                 tokio::time::sleep(jittered(tick)).await;
                 let Some(watcher) = watcher.upgrade() else {
@@ -271,7 +272,7 @@ impl Watcher {
                     tracing::info!(?summary, "key-state watcher pass");
                 }
             }
-        })
+        }
     }
 }
 

@@ -185,9 +185,12 @@ impl Lifecycle {
 pub struct Shredder;
 
 impl Shredder {
-    pub fn spawn(lifecycle: &Arc<Lifecycle>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn run(
+        lifecycle: &Arc<Lifecycle>,
+        interval: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let lifecycle = Arc::downgrade(lifecycle);
-        tokio::spawn(async move {
+        async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -206,6 +209,6 @@ impl Shredder {
                     tracing::warn!(error = %err, "could not resume stalled key changes; will retry");
                 }
             }
-        })
+        }
     }
 }

@@ -426,7 +426,7 @@ impl TlsSource {
         self.failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn spawn_reloader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    pub fn reloader(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         crate::reload::every(self.settings.reload_interval, self, |source| {
             source.reload_if_changed();
         })

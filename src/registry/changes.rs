@@ -51,11 +51,14 @@ impl RegistryDirectory {
     /// connected again, before any notification is applied, the directory
     /// resynchronises: every view is dropped and every cached key purged
     /// (a missed deletion's plaintext goes too).
-    pub fn spawn_change_listener(self: &Arc<Self>, url: String) -> tokio::task::JoinHandle<()> {
+    pub fn change_listener(
+        self: &Arc<Self>,
+        url: String,
+    ) -> impl Future<Output = ()> + Send + 'static {
         const FIRST_RETRY: Duration = Duration::from_millis(100);
         const LAST_RETRY: Duration = Duration::from_secs(2);
         let directory = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             let mut retry = FIRST_RETRY;
             loop {
                 let mut listener = match connect_listener(&url).await {
@@ -97,7 +100,7 @@ impl RegistryDirectory {
                     }
                 }
             }
-        })
+        }
     }
 
     /// Purges every cached key and distrusts every tenant view (each is

@@ -86,12 +86,12 @@ impl RegistryDirectory {
     }
 
     /// Flushes usage every `interval` until the directory is dropped.
-    pub fn spawn_usage_flusher(
+    pub fn usage_flusher(
         self: &Arc<Self>,
         interval: Duration,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> impl Future<Output = ()> + Send + 'static {
         let directory = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
@@ -104,7 +104,7 @@ impl RegistryDirectory {
                     tracing::warn!(error = %err, "could not flush key usage counters; will retry");
                 }
             }
-        })
+        }
     }
 }
 

@@ -389,7 +389,10 @@ impl LocalKeyring {
     /// Polls the backing file every `interval` and reloads it when it
     /// changed, so `keybroker keyring rotate` (or a rotated Kubernetes Secret)
     /// takes effect without a restart.
-    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn reloader(
+        self: &Arc<Self>,
+        interval: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
         crate::reload::every(interval, self, |keyring| {
             keyring.check_seal();
             match keyring.reload_if_changed() {
