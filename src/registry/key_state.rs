@@ -15,11 +15,40 @@ use crate::envelope::Envelope;
 use std::sync::Arc;
 
 use crate::keys::{BindingState, Confirmation, canary_context};
-use crate::kms::{KeyProvider, ProviderError, ProviderKeyState, ProviderKind, WrapContext};
+use crate::kms::{
+    KeyDescription, KeyProvider, ProviderError, ProviderKeyState, ProviderKind, WrapContext,
+};
 use crate::registry::directory::RegistryDirectory;
 use crate::registry::{Applied, BindingRecord, Verdict};
 use crate::secret::SecretBytes;
 use crate::text::Escaped;
+
+/// What a describe alone says of a key: usable (the canary is still to
+/// check), revoked and why, or nothing while the provider cannot answer.
+fn described(
+    result: Result<KeyDescription, ProviderError>,
+    (tenant, binding): (&str, &str),
+    key_reference: &str,
+    provider: ProviderKind,
+) -> Verdict {
+    match result {
+        Ok(d) if d.state == ProviderKeyState::Enabled => Verdict::Usable,
+        Ok(d) if !d.reason.is_empty() => Verdict::Revoked(d.reason),
+        Ok(d) => Verdict::Revoked(format!(
+            "key {key_reference} in {provider} is {:?}",
+            d.state
+        )),
+        Err(err) if err.suggests_revocation() => Verdict::Revoked(err.to_string()),
+        Err(err) if err.is_transient() => {
+            tracing::warn!(error = %err, tenant = %tenant, binding = %binding, "key check failed transiently; state unchanged");
+            Verdict::Outage
+        }
+        Err(err) => {
+            tracing::error!(error = %err, tenant = %tenant, binding = %binding, "key check failed; state unchanged");
+            Verdict::Outage
+        }
+    }
+}
 
 impl RegistryDirectory {
     /// Describes a stored binding through its provider (for AWS: through the
@@ -39,24 +68,10 @@ impl RegistryDirectory {
         };
         let result = provider.describe().await;
         self.record_check(&record.tenant_id, &record.name);
-        match result {
-            Ok(d) if d.state == ProviderKeyState::Enabled => {
-                self.check_canary(record, provider.as_ref()).await
-            }
-            Ok(d) if !d.reason.is_empty() => Verdict::Revoked(d.reason),
-            Ok(d) => Verdict::Revoked(format!(
-                "key {} in {} is {:?}",
-                record.key_reference, record.provider, d.state
-            )),
-            Err(err) if err.suggests_revocation() => Verdict::Revoked(err.to_string()),
-            Err(err) if err.is_transient() => {
-                tracing::warn!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed transiently; state unchanged");
-                Verdict::Outage
-            }
-            Err(err) => {
-                tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "key check failed; state unchanged");
-                Verdict::Outage
-            }
+        let names = (record.tenant_id.as_str(), record.name.as_str());
+        match described(result, names, &record.key_reference, record.provider) {
+            Verdict::Usable => self.check_canary(record, provider.as_ref()).await,
+            verdict => verdict,
         }
     }
 
@@ -141,12 +156,13 @@ impl RegistryDirectory {
         let checked = work.len();
         let revoked = futures::stream::iter(work)
             .map(|(tenant, keys, binding)| async move {
-                let verdict = match binding.provider.describe().await {
-                    Ok(d) if d.state == ProviderKeyState::Enabled => return false,
-                    Ok(d) if !d.reason.is_empty() => d.reason,
-                    Ok(d) => format!("key {} is {:?}", binding.key_reference, d.state),
-                    Err(err) if err.suggests_revocation() => err.to_string(),
-                    Err(_) => return false,
+                let result = binding.provider.describe().await;
+                let kind = binding.provider.kind();
+                let names = (tenant.as_str(), &*binding.name);
+                let Verdict::Revoked(verdict) =
+                    described(result, names, &binding.key_reference, kind)
+                else {
+                    return false;
                 };
                 tracing::warn!(
                     tenant = %tenant,

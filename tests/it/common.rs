@@ -1,6 +1,7 @@
 //! Test harness: real servers on 127.0.0.1:0 reached through the generated
 //! client, plus an instrumented provider for latency and call counting.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -198,6 +199,37 @@ pub(crate) fn tool(name: &str, env_var: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A loopback port nothing listens on now (for a server whose address must
+/// be known before it starts).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Retries `call` while it answers UNAVAILABLE (a server or the registry
+/// (re)starting), for at most `within`; the last answer otherwise.
+pub(crate) async fn while_unavailable<T, F, Fut>(
+    within: Duration,
+    mut call: F,
+) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable && started.elapsed() < within => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 pub(crate) fn ctx(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {

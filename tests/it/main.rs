@@ -21,6 +21,7 @@ mod image;
 mod lifecycle;
 mod lifecycle_model;
 mod outage;
+mod pg_cluster;
 mod pkcs11;
 mod process;
 mod proto_hygiene;

@@ -3,215 +3,16 @@
 //! starts again (issue: the data plane outlives its registry).
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keybroker::proto;
 
-use crate::common::{TestServer, admin_client, create_tenant, generate, test_config, unwrap};
-
-/// A PostgreSQL server on a loopback port, in a temp dir, owned by the test:
-/// stopped, started and promoted at will (the shared test server is not).
-struct OwnPostgres {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    /// `dir`/data.
-    data: String,
-    port: u16,
-}
-
-impl OwnPostgres {
-    fn new() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|dirs| {
-                dirs.filter_map(Result::ok)
-                    .map(|d| d.path().join("bin"))
-                    .filter(|b| b.join("initdb").exists())
-                    .max()
-            })
-            .expect(
-                "PostgreSQL server binaries are missing: apt-get install postgresql (scripts/test.sh installs it)",
-            );
-        let dir = tempfile::tempdir().unwrap();
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap();
-        }
-        let data = path(&dir.path().join("data")).to_owned();
-        Self {
-            bin,
-            dir,
-            data,
-            port: free_port(),
-        }
-    }
-
-    /// A new server, started.
-    fn start() -> Self {
-        let pg = Self::new();
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                pg.data(),
-                "-U",
-                "keybroker",
-                "-A",
-                "trust",
-                "--no-sync",
-            ],
-        );
-        pg.up();
-        pg
-    }
-
-    /// A streaming replica of `primary` (hot standby), started.
-    fn standby_of(primary: &Self) -> Self {
-        let pg = Self::new();
-        let port = primary.port.to_string();
-        pg.run(
-            "pg_basebackup",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "keybroker",
-                "-D",
-                pg.data(),
-                "-R",
-                "-X",
-                "stream",
-            ],
-        );
-        pg.up();
-        pg
-    }
-
-    fn data(&self) -> &str {
-        &self.data
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://keybroker@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn up(&self) {
-        let log = self.dir.path().join("server.log");
-        let options = format!(
-            "-h 127.0.0.1 -p {} -k {} -c fsync=off",
-            self.port,
-            path(self.dir.path())
-        );
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                self.data(),
-                "-l",
-                path(&log),
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                &options,
-                "start",
-            ],
-        );
-    }
-
-    fn down(&self) {
-        self.run("pg_ctl", &["-D", self.data(), "-m", "fast", "-w", "stop"]);
-    }
-
-    fn promote(&self) {
-        self.run("pg_ctl", &["-D", self.data(), "-w", "promote"]);
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let program = self.bin.join(tool);
-        let mut command = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        let status = command
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "{tool} {args:?} failed");
-    }
-
-    /// SQL as the superuser, through psql.
-    fn sql(&self, statement: &str) {
-        let port = self.port.to_string();
-        self.run(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "keybroker",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-qc",
-                statement,
-            ],
-        );
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        let mut command = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"])
-                .arg(self.bin.join("pg_ctl"));
-            c
-        } else {
-            Command::new(self.bin.join("pg_ctl"))
-        };
-        let _ = command
-            .args(["-D", self.data(), "-m", "immediate", "stop"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// initdb refuses to run as root: the server then runs as `postgres`.
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
-}
-
-fn path(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::common::{
+    TestServer, admin_client, create_tenant, free_port, generate, test_config, unwrap,
+    while_unavailable,
+};
+use crate::pg_cluster::PgCluster;
 
 /// What operators put in front of a failover pair (a managed service's
 /// writer endpoint, pgbouncer, a DNS name the failover moves): one address
@@ -288,23 +89,8 @@ async fn registry_health(server: &TestServer) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_keys_are_served_through_a_registry_outage_and_changes_flow_after_it() {
-    let pg = OwnPostgres::start();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let config = |dir: &std::path::Path| {
-        let mut c = test_config(dir);
-        c.registry.url = Some(pg.url().parse().unwrap());
-        c.registry.cache_ttl = Duration::from_millis(500);
-        c.registry.read_timeout = Duration::from_millis(300);
-        c
-    };
-    let config_a = config(dirs[0].path());
-    let a = TestServer::start(config_a.clone()).await;
-    std::fs::copy(
-        config_a.platform_keyring_path(),
-        config(dirs[1].path()).platform_keyring_path(),
-    )
-    .unwrap();
-    let b = TestServer::start(config(dirs[1].path())).await;
+    let pg = PgCluster::start();
+    let (a, b, _dirs) = two_replicas(&pg.url, &pg.url, |_| {}).await;
     let mut admin = admin_client(&a).await;
     create_tenant(&mut admin, "acme", proto::KeyPolicy::Keyring).await;
     let ctx = [("table", "orders")];
@@ -402,25 +188,19 @@ async fn cached_keys_are_served_through_a_registry_outage_and_changes_flow_after
     }
     // Until the change feed is back, a change may reach B by the TTL only:
     // wait for A to answer admin calls, then schedule the deletion.
-    loop {
-        let deleted = admin
-            .delete_tenant(proto::DeleteTenantRequest {
-                tenant_id: "acme".into(),
-                force: false,
-                restore_window: Some(Default::default()),
-            })
-            .await;
-        match deleted {
-            Ok(_) => break,
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && back.elapsed() < Duration::from_secs(20) =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(s) => panic!("DeleteTenant after the outage: {s:?}"),
+    admin_until_ok(Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .delete_tenant(proto::DeleteTenantRequest {
+                    tenant_id: "acme".into(),
+                    force: false,
+                    restore_window: Some(Default::default()),
+                })
+                .await
         }
-    }
+    })
+    .await;
     let changed = Instant::now();
     for c in [&mut ca, &mut cb] {
         loop {
@@ -473,21 +253,16 @@ async fn two_replicas(
 }
 
 /// Waits until `call` succeeds, for at most `within`; returns how long.
-async fn admin_until_ok<T, F, Fut>(within: Duration, mut call: F) -> Duration
+async fn admin_until_ok<T, F, Fut>(within: Duration, call: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     let started = Instant::now();
-    loop {
-        match call().await {
-            Ok(_) => return started.elapsed(),
-            Err(s) if s.code() == tonic::Code::Unavailable && started.elapsed() < within => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(s) => panic!("admin call after {:?}: {s:?}", started.elapsed()),
-        }
+    if let Err(s) = while_unavailable(within, call).await {
+        panic!("admin call after {:?}: {s:?}", started.elapsed());
     }
+    started.elapsed()
 }
 
 /// A failover, not just a restart: the primary stops, its streaming replica
@@ -495,7 +270,7 @@ where
 /// (cutting every connection, as a managed failover does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_promoted_standby_costs_no_cached_read() {
-    let primary = OwnPostgres::start();
+    let primary = PgCluster::start();
     let writer = WriterEndpoint::to(primary.port).await;
     let (a, b, _dirs) = two_replicas(&writer.url(), &writer.url(), |_| {}).await;
     let mut admin = admin_client(&a).await;
@@ -508,7 +283,7 @@ async fn a_failover_to_a_promoted_standby_costs_no_cached_read() {
             .await
             .is_ok()
     );
-    let standby = OwnPostgres::standby_of(&primary);
+    let standby = PgCluster::standby_of(&primary);
 
     // Cached reads run on both replicas through the whole failover; each
     // call's latency is kept by phase (0 before, 1 from the primary's stop
@@ -620,12 +395,12 @@ async fn a_failover_to_a_promoted_standby_costs_no_cached_read() {
 /// then refuses; once it reaches the registry again, it sees the change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replica_misses_a_change_for_the_grace_at_most() {
-    let pg = OwnPostgres::start();
+    let pg = PgCluster::start();
     pg.sql("CREATE ROLE replica_b LOGIN SUPERUSER");
     let url_b = format!("postgres://replica_b@127.0.0.1:{}/postgres", pg.port);
     let grace = Duration::from_secs(2);
     let ttl = Duration::from_millis(500);
-    let (a, b, _dirs) = two_replicas(&pg.url(), &url_b, |c| {
+    let (a, b, _dirs) = two_replicas(&pg.url, &url_b, |c| {
         c.registry.outage_grace = grace;
     })
     .await;
@@ -716,10 +491,10 @@ async fn a_partitioned_replica_misses_a_change_for_the_grace_at_most() {
 async fn a_revocation_during_a_registry_outage_is_applied_from_memory() {
     let moto = crate::aws_support::Moto::start();
     let key_arn = moto.create_key("us-east-1", false).await;
-    let pg = OwnPostgres::start();
+    let pg = PgCluster::start();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.registry.url = Some(pg.url().parse().unwrap());
+    config.registry.url = Some(pg.url.parse().unwrap());
     config.registry.cache_ttl = Duration::from_millis(500);
     config.registry.read_timeout = Duration::from_millis(300);
     config.aws = moto.settings();
@@ -822,8 +597,8 @@ struct OutageRun {
 
 async fn outage_under_load(grace: Duration, outage: Duration) -> OutageRun {
     use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-    let pg = OwnPostgres::start();
-    let (a, b, _dirs) = two_replicas(&pg.url(), &pg.url(), |c| {
+    let pg = PgCluster::start();
+    let (a, b, _dirs) = two_replicas(&pg.url, &pg.url, |c| {
         c.registry.outage_grace = grace;
     })
     .await;
@@ -1051,13 +826,13 @@ async fn a_replica_started_without_its_registry_never_listens() {
 /// drain timeout, and says how much usage it could not write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_an_outage_is_bounded_and_counts_lost_usage() {
-    let pg = OwnPostgres::start();
+    let pg = PgCluster::start();
     let dir = tempfile::tempdir().unwrap();
     let server = crate::process::Process::spawn(
         dir.path(),
         &[
             "--registry",
-            &pg.url(),
+            &pg.url,
             "--usage-flush-interval",
             "1h",
             "--shutdown-drain-timeout",

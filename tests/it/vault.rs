@@ -674,16 +674,6 @@ async fn vault_tokens_are_renewed_then_replaced() {
     server.stop().await;
 }
 
-/// A loopback port nothing listens on now (the issuer's URL must be known
-/// before the server that serves it starts).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// keybroker as the OIDC issuer of its own Vault logins, against OpenBao's
 /// real jwt auth method and the release binary: every login's token is
 /// minted for one Vault (`aud`: the address keybroker logs in to) and one
@@ -697,7 +687,8 @@ async fn vault_jwt_logins_are_minted_per_vault_and_per_tenant() {
     use keybroker::proto::key_admin_client::KeyAdminClient;
     let bao = Bao::shared();
     let key = bao.customer_key();
-    let port = free_port();
+    // The issuer's URL must be known before the server that serves it starts.
+    let port = crate::common::free_port();
     let issuer = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let metrics = format!("127.0.0.1:{port}");

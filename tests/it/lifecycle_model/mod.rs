@@ -24,7 +24,6 @@
 //! is shrunk by proptest and printed as the list of steps that still fails.
 
 mod model;
-mod postgres;
 mod system;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

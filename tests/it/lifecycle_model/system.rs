@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keybroker::proto::key_admin_client::KeyAdminClient;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
@@ -14,8 +14,8 @@ use keybroker::registry::Registry as _;
 use keybroker::registry::sql::SqlRegistry;
 use tonic::transport::Channel;
 
-use super::postgres::PgCluster;
 use crate::aws_support::Moto;
+use crate::pg_cluster::PgCluster;
 use crate::process::Process;
 
 const REGION: &str = "us-east-1";
@@ -321,21 +321,10 @@ fn tail(log: &str) -> String {
 
 /// Retries `call` while a server or the registry is (re)starting
 /// (UNAVAILABLE), for at most 15 s.
-pub(super) async fn patiently<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+pub(super) async fn patiently<T, F, Fut>(call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
-    let started = Instant::now();
-    loop {
-        match call().await {
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && started.elapsed() < Duration::from_secs(15) =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => return other,
-        }
-    }
+    crate::common::while_unavailable(Duration::from_secs(15), call).await
 }

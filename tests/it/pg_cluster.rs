@@ -1,15 +1,16 @@
 //! A PostgreSQL server of the test's own (Debian's binaries, a temp dir, a
-//! loopback port), so the model can restart it under the replicas. As
-//! root, the server runs as the `postgres` user (initdb refuses root).
+//! loopback port), to stop, start, restart and promote under the replicas
+//! (the shared test server cannot be). As root, the server runs as the
+//! `postgres` user (initdb refuses root).
 
 use std::path::PathBuf;
 use std::process::Command;
 
-pub(super) struct PgCluster {
+pub(crate) struct PgCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
-    port: u16,
-    pub(super) url: String,
+    pub(crate) port: u16,
+    pub(crate) url: String,
 }
 
 fn root() -> bool {
@@ -17,11 +18,13 @@ fn root() -> bool {
 }
 
 impl PgCluster {
-    pub(super) fn start() -> Self {
+    /// An empty cluster directory on a free port (nothing run yet).
+    fn new() -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|dirs| {
-                let mut versions: Vec<PathBuf> = dirs.flatten().map(|d| d.path().join("bin")).collect();
+                let mut versions: Vec<PathBuf> =
+                    dirs.flatten().map(|d| d.path().join("bin")).collect();
                 versions.sort();
                 versions.pop()
             })
@@ -38,16 +41,18 @@ impl PgCluster {
                 .unwrap();
             assert!(status.success(), "chown postgres {}", dir.path().display());
         }
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let cluster = Self {
+        let port = crate::common::free_port();
+        Self {
             url: format!("postgres://keybroker@127.0.0.1:{port}/postgres"),
             dir,
             bin,
             port,
-        };
+        }
+    }
+
+    /// A new server, started.
+    pub(crate) fn start() -> Self {
+        let cluster = Self::new();
         cluster.run(
             "initdb",
             &[
@@ -62,7 +67,32 @@ impl PgCluster {
                 "--no-sync",
             ],
         );
-        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+        cluster.up();
+        cluster
+    }
+
+    /// A streaming replica of `primary` (hot standby), started.
+    pub(crate) fn standby_of(primary: &Self) -> Self {
+        let cluster = Self::new();
+        let port = primary.port.to_string();
+        let data = cluster.data();
+        cluster.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "keybroker",
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+            ],
+        );
+        cluster.up();
         cluster
     }
 
@@ -70,16 +100,20 @@ impl PgCluster {
         self.dir.path().join("data").display().to_string()
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// `tool` of the server's version, as the user that owns the cluster.
+    fn command(&self, tool: &str) -> Command {
         let program = self.bin.join(tool);
-        let mut command = if root() {
+        if root() {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
+            c.args(["-u", "postgres", "--"]).arg(program);
             c
         } else {
-            Command::new(&program)
-        };
-        let out = command.args(args).output().unwrap();
+            Command::new(program)
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.command(tool).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{tool} {args:?}: {}{}",
@@ -101,24 +135,53 @@ impl PgCluster {
         self.run("pg_ctl", &all);
     }
 
+    pub(crate) fn up(&self) {
+        self.pg_ctl(&["start", "-w", "-t", "60"]);
+    }
+
+    /// A fast stop: sessions are cut, the server is gone until `up`.
+    pub(crate) fn down(&self) {
+        self.pg_ctl(&["stop", "-m", "fast", "-w"]);
+    }
+
     /// A restart (fast: sessions are cut, as in a failover or an upgrade).
-    pub(super) fn restart(&self) {
+    pub(crate) fn restart(&self) {
         self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60"]);
+    }
+
+    /// A standby becomes a primary.
+    pub(crate) fn promote(&self) {
+        self.pg_ctl(&["promote", "-w"]);
+    }
+
+    /// SQL as the superuser, through psql.
+    pub(crate) fn sql(&self, statement: &str) {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "keybroker",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qc",
+                statement,
+            ],
+        );
     }
 }
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let data = self.data();
-        let program = self.bin.join("pg_ctl");
-        let mut command = if root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        let _ = command
+        let _ = self
+            .command("pg_ctl")
             .args(["-D", &data, "-m", "immediate", "stop"])
             .output();
     }
