@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // cached key itself (no second, unzeroized copy of it in the heap).
         .bytes(".keybroker.v1.UnwrapKeyRequest.wrapped_key")
         .bytes(".keybroker.v1.UnwrapKeyResponse.plaintext")
+        .bytes(".keybroker.v1.GenerateDataKeyResponse.plaintext")
         // Secrets in requests get a redacting Debug (src/lib.rs).
         .skip_debug([
             ".keybroker.v1.VaultAppRole",

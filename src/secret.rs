@@ -37,6 +37,32 @@ impl SecretBytes {
     }
 }
 
+impl SecretBytes {
+    /// The bytes as a gRPC response field, without a copy: the buffer is
+    /// zeroized when the response lets go of it.
+    pub fn into_response_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(ResponseBytes(self))
+    }
+}
+
+/// [`SecretBytes`] lent to a response.
+struct ResponseBytes(SecretBytes);
+
+impl AsRef<[u8]> for ResponseBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.expose()
+    }
+}
+
+/// The process's allocator (`src/main.rs`): mimalloc, with every block
+/// zeroed when freed (1Password's `zeroizing-alloc`). keybroker zeroizes the
+/// buffers it owns; this wipes the ones it does not once they are freed: a
+/// response's encode buffer, hyper's and rustls's, the cloud SDKs' JSON.
+pub type ZeroOnFree = zeroizing_alloc::ZeroAlloc<mimalloc::MiMalloc>;
+
+/// The value of [`ZeroOnFree`].
+pub const ZERO_ON_FREE: ZeroOnFree = zeroizing_alloc::ZeroAlloc(mimalloc::MiMalloc);
+
 impl From<Vec<u8>> for SecretBytes {
     fn from(bytes: Vec<u8>) -> Self {
         Self::new(bytes)
@@ -124,6 +150,15 @@ mod tests {
         let shown = format!("{secret:?} {secret:#?}");
         assert!(!shown.to_lowercase().contains("ab"), "{shown}");
         assert!(shown.contains("32 bytes"));
+    }
+
+    #[test]
+    fn response_bytes_are_the_secret_itself() {
+        let secret = SecretBytes::new(vec![7; 32]);
+        let at = secret.expose().as_ptr();
+        let bytes = secret.into_response_bytes();
+        assert_eq!(bytes.as_ptr(), at, "no copy");
+        assert_eq!(&bytes[..], &[7; 32]);
     }
 
     #[test]

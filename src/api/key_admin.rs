@@ -44,6 +44,7 @@ impl KeyAdminApi {
                 azure_application_id: o.azure_application_id,
                 azure_consent_url: o.azure_consent_url,
                 azure_role: o.azure_role,
+                key_owner_tag: o.key_owner_tag,
             }),
             create_time: Some(timestamp(tenant.created_at_ms)),
             update_time: Some(timestamp(tenant.updated_at_ms)),

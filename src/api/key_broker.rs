@@ -68,7 +68,7 @@ impl KeyBrokerApi {
             .generate(&req.tenant_id, &context(req.context)?, len, shared)
             .await?;
         Ok(proto::GenerateDataKeyResponse {
-            plaintext: generated.plaintext.expose().to_vec(),
+            plaintext: generated.plaintext.into_response_bytes(),
             wrapped_key: generated.wrapped_key,
             key: Some(key_info(generated.key)),
         })

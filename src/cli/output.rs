@@ -62,6 +62,10 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
                 "gcp_role": o.gcp_role,
                 "vault_policy_hcl": o.vault_policy_hcl,
                 "vault_jwt_setup": o.vault_jwt_setup,
+                "azure_application_id": o.azure_application_id,
+                "azure_consent_url": o.azure_consent_url,
+                "azure_role": o.azure_role,
+                "key_owner_tag": o.key_owner_tag,
             },
         })
     })

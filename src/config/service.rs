@@ -63,15 +63,17 @@ pub struct ServerSettings {
     #[arg(id = "platform_keyring_rotation_period", long = "platform-keyring-rotation-period", env = "KEYBROKER_PLATFORM_KEYRING_ROTATION_PERIOD", value_parser = parse_duration, default_value = "0s")]
     pub platform_keyring_rotation_period: Duration,
     /// Wrapped keys of the legacy local layout (platform key and imported
-    /// material, written before the per-wrap-key construction): `accept`
-    /// reads them (counted in keybroker_legacy_local_unwraps_total);
+    /// material, written before the per-wrap-key construction): `predating`
+    /// reads them under key versions made before the upgrade to per-wrap
+    /// keys only (a version made since cannot have any), `accept` under
+    /// every version (both counted in keybroker_legacy_local_unwraps_total);
     /// `refuse` answers FAILED_PRECONDITION naming this setting.
     #[arg(
         id = "legacy_local_wraps",
         long = "legacy-local-wraps",
         env = "KEYBROKER_LEGACY_LOCAL_WRAPS",
         value_enum,
-        default_value = "accept"
+        default_value = "predating"
     )]
     pub legacy_local_wraps: crate::kms::local::LegacyWraps,
     /// Seal the platform keyring under an AES key in the HSM

@@ -44,7 +44,7 @@ impl Admin {
         self.refuse_duplicate_material(tenant_id, &material).await?;
         let probe = LocalKeyring::from_material("verification", std::slice::from_ref(&material))
             .map_err(|e| AdminError::Verification(e.to_string()))?;
-        verify_provider(&probe, tenant_id).await?;
+        verify_provider(&probe, tenant_id, None).await?;
         let keyring = Arc::clone(self.directory.platform_keyring());
         let existing = open_material(&keyring, tenant_id, name, sealed).await?;
         let newest = u32::try_from(material_versions(&existing)?.len() + 1).unwrap_or(u32::MAX);
@@ -55,7 +55,14 @@ impl Admin {
         let resealed = seal_material(&keyring, tenant_id, name, &all).await?;
         if !self
             .registry()
-            .replace_key_material(tenant_id, name, sealed, &resealed, Some(now_ms()))
+            .replace_key_material(
+                tenant_id,
+                name,
+                sealed,
+                &resealed,
+                Some(now_ms()),
+                Some(newest),
+            )
             .await?
         {
             return Err(AdminError::Refused(format!(

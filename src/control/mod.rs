@@ -20,7 +20,7 @@ pub use self::onboarding::Onboarding;
 pub use self::retirement::{RetireTarget, Retired, VersionUsageView};
 pub use self::validation::{decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
-use self::verification::{canary_envelope, probe_wrap, verify_provider};
+use self::verification::{Ownership, canary_envelope, probe_wrap, verify_provider};
 use crate::keys::canary_context;
 use crate::keys::{BindingState, DirectoryError, KeyHierarchy, UsageCounts, now_ms};
 use crate::kms::{InvalidIdentifier, ProviderError, ProviderKind};
@@ -273,6 +273,8 @@ impl Admin {
         let provider = validation::check_link(&req)?;
         // The tenant must exist before anything is verified.
         let tenant = self.live_tenant(&req.tenant_id).await?;
+        self.refuse_key_of_another_tenant(&req.tenant_id, provider, &req.key_reference)
+            .await?;
         let mut record = NewBinding {
             tenant_id: req.tenant_id.clone(),
             name: req.name.clone(),
@@ -294,7 +296,7 @@ impl Admin {
                     &tenant.external_id,
                 )?;
                 let key = self.directory.aws().key(target);
-                let probe = verify_provider(&key, &req.tenant_id).await?;
+                let probe = verify_provider(&key, &req.tenant_id, None).await?;
                 let canary = canary_context();
                 key.check_replicas(&probe.bytes, probe_wrap(&req.tenant_id, &canary))
                     .await
@@ -304,8 +306,15 @@ impl Admin {
             ProviderKind::GcpKms => {
                 let target =
                     crate::registry::directory::gcp_target(&BindingRecord::from_new(&record))?;
+                let owner = Ownership {
+                    external_id: &tenant.external_id,
+                    what: "label",
+                    command: target
+                        .key_name
+                        .label_command(crate::kms::OWNER_TAG, &tenant.external_id),
+                };
                 let key = self.directory.gcp().key(target);
-                verify_provider(&key, &req.tenant_id).await?
+                verify_provider(&key, &req.tenant_id, Some(&owner)).await?
             }
             ProviderKind::VaultTransit if req.vault_jwt.is_some() => {
                 if !self.directory.vault()?.has_issuer() {
@@ -325,7 +334,7 @@ impl Admin {
                     None,
                 )?;
                 let key = self.directory.vault()?.key(target);
-                verify_provider(&key, &req.tenant_id).await?
+                verify_provider(&key, &req.tenant_id, None).await?
             }
             ProviderKind::VaultTransit => {
                 let approle = req.vault.clone().unwrap_or_default();
@@ -340,7 +349,7 @@ impl Admin {
                     Some(approle.secret_id.clone()),
                 )?;
                 let key = self.directory.vault()?.key(target);
-                let probe = verify_provider(&key, &req.tenant_id).await?;
+                let probe = verify_provider(&key, &req.tenant_id, None).await?;
                 // The secret_id, like imported material, only ever rests
                 // encrypted under the platform key.
                 let sealed = seal_material(
@@ -360,23 +369,34 @@ impl Admin {
                     azure,
                     &BindingRecord::from_new(&record),
                 )?;
-                let probe = verify_provider(&key, &req.tenant_id).await?;
-                if tenant.key_hierarchy == KeyHierarchy::Direct
-                    && crate::kms::azure::wraps_with_rsa(&probe.bytes)
-                {
+                let owner = Ownership {
+                    external_id: &tenant.external_id,
+                    what: "tag",
+                    command: key
+                        .reference()
+                        .tag_command(crate::kms::OWNER_TAG, &tenant.external_id),
+                };
+                let probe = verify_provider(&key, &req.tenant_id, Some(&owner)).await?;
+                let budget = crate::kms::budget::wrap_budget(
+                    provider,
+                    crate::kms::azure::wraps_with_rsa(&probe.bytes),
+                );
+                if tenant.key_hierarchy == KeyHierarchy::Direct && !budget.serves_direct_tenants() {
                     return Err(AdminError::Refused(format!(
-                        "{} is an RSA key: anyone holding its public key can make a wrap it opens, so it cannot vouch for a DEK wrapped directly; RSA keys protect tenant keys only (a tenant created with key_hierarchy TENANT_KEY), or use a Managed HSM AES key",
-                        record.key_reference
+                        "{} is an RSA key ({}), so it cannot vouch for a DEK wrapped directly; RSA keys protect tenant keys only (a tenant created with key_hierarchy TENANT_KEY), or use a Managed HSM AES key",
+                        record.key_reference, budget.why
                     )));
                 }
                 probe
             }
             ProviderKind::Pkcs11 => {
                 let key = crate::kms::pkcs11::Pkcs11KeyRef::parse(&record.key_reference)?;
-                if tenant.key_hierarchy == KeyHierarchy::Direct {
-                    return Err(AdminError::Refused(
-                        "PKCS#11 keys protect tenant keys only: each wrap is AES-GCM under the one HSM key with a random 96-bit IV, 2^32 wraps for the key's life, which a tenant's DEKs wrapped directly would spend in days; create the tenant with key_hierarchy TENANT_KEY (a few wraps per rotation period reach the HSM)".into(),
-                    ));
+                let budget = crate::kms::budget::wrap_budget(provider, false);
+                if tenant.key_hierarchy == KeyHierarchy::Direct && !budget.serves_direct_tenants() {
+                    return Err(AdminError::Refused(format!(
+                        "PKCS#11 keys protect tenant keys only: {}, which a tenant's DEKs wrapped directly would spend in days; create the tenant with key_hierarchy TENANT_KEY (a few wraps per rotation period reach the HSM)",
+                        budget.why
+                    )));
                 }
                 let hsm = self.directory.pkcs11()?;
                 // Before anything reaches the HSM: the PIN unlocks every
@@ -384,7 +404,7 @@ impl Admin {
                 hsm.check_owner(&req.tenant_id, &key)
                     .map_err(AdminError::Refused)?;
                 let key = hsm.key(key);
-                verify_provider(&key, &req.tenant_id).await?
+                verify_provider(&key, &req.tenant_id, None).await?
             }
             ProviderKind::Local => {
                 return Err(AdminError::Internal(
@@ -420,7 +440,7 @@ impl Admin {
         )
         .map_err(|e| AdminError::Verification(e.to_string()))?;
         // No canary: a key keybroker holds has no customer side to lose.
-        verify_provider(&keyring, &req.tenant_id).await?;
+        verify_provider(&keyring, &req.tenant_id, None).await?;
         let sealed = seal_material(
             self.directory.platform_keyring(),
             &req.tenant_id,
@@ -474,6 +494,37 @@ impl Admin {
                     record.name
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// A cloud key (AWS, Cloud KMS, Key Vault: names unique in the world)
+    /// already linked by another tenant is refused before any provider call:
+    /// one customer key serves one tenant, so no tenant couples its
+    /// revocations to another's or spends another's quota. Which tenant holds
+    /// it is not said. (Vault and PKCS#11 names are unique only per server or
+    /// per tenant namespace, and are scoped by their logins and labels.)
+    async fn refuse_key_of_another_tenant(
+        &self,
+        tenant_id: &str,
+        provider: ProviderKind,
+        key_reference: &str,
+    ) -> Result<(), AdminError> {
+        if !matches!(
+            provider,
+            ProviderKind::AwsKms | ProviderKind::GcpKms | ProviderKind::AzureKeyVault
+        ) {
+            return Ok(());
+        }
+        let holders = self
+            .registry()
+            .tenants_linking(provider, key_reference)
+            .await?;
+        if holders.iter().any(|holder| holder != tenant_id) {
+            return Err(AdminError::Refused(format!(
+                "{} is linked by another tenant: a customer key serves one tenant only, so that one tenant's revocation never cuts off another and no tenant spends another's quota; create a key for this tenant",
+                crate::text::Quoted(key_reference)
+            )));
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! What a customer must configure so keybroker may use their key: the
 //! external ID, the IAM trust policy and key-policy statement for AWS, the
 //! service account and role for Cloud KMS, the policy for a Vault AppRole,
-//! the application, consent URL and role for Azure Key Vault.
+//! the application, consent URL and role for Azure Key Vault, and the
+//! label or tag that proves a Cloud KMS or Key Vault key is the tenant's.
 
 use serde_json::json;
 
@@ -21,6 +22,7 @@ pub struct Onboarding {
     pub azure_application_id: String,
     pub azure_consent_url: String,
     pub azure_role: String,
+    pub key_owner_tag: String,
 }
 
 /// The trust policy, key-policy statement and GCP grant a customer applies
@@ -78,6 +80,7 @@ pub(super) fn onboarding(
         },
         azure_application_id: azure_app,
         azure_role: crate::kms::azure::KEY_ROLE.to_owned(),
+        key_owner_tag: format!("{}={}", crate::kms::OWNER_TAG, tenant.external_id),
     }
 }
 

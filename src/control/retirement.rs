@@ -290,7 +290,14 @@ impl Admin {
                 seal_material(&keyring, &record.tenant_id, &record.name, &material).await?;
             if self
                 .registry()
-                .replace_key_material(&record.tenant_id, &record.name, sealed, &resealed, None)
+                .replace_key_material(
+                    &record.tenant_id,
+                    &record.name,
+                    sealed,
+                    &resealed,
+                    None,
+                    None,
+                )
                 .await?
             {
                 moved += 1;

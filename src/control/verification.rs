@@ -20,10 +20,14 @@ pub(super) fn probe_wrap<'a>(
 pub(super) async fn verify_provider(
     provider: &dyn crate::kms::KeyProvider,
     tenant_id: &str,
+    owner: Option<&Ownership<'_>>,
 ) -> Result<crate::kms::Ciphertext, AdminError> {
     use crate::kms::ProviderKeyState;
     let failed = AdminError::Provider;
     let description = provider.describe().await.map_err(failed)?;
+    if let Some(owner) = owner {
+        owner.check(description.owner_tag.as_deref())?;
+    }
     let rotation_enabled = match description.rotation_enabled {
         Some(known) => Some(known),
         None => provider.rotation_enabled().await,
@@ -70,6 +74,42 @@ pub(super) async fn verify_provider(
         ));
     }
     Ok(ciphertext)
+}
+
+/// What proves a Cloud KMS or Key Vault key is meant for the tenant linking
+/// it, as the external ID in a role's trust policy does for AWS: a label or
+/// tag on the key, [`crate::kms::OWNER_TAG`] = the tenant's external id,
+/// which only someone allowed to change the key can set. Without it, any
+/// tenant could link any key that keybroker's identity may use (another
+/// customer's), couple its revocations and spend its quota.
+pub(super) struct Ownership<'a> {
+    pub external_id: &'a str,
+    /// "label" (Cloud KMS) or "tag" (Key Vault).
+    pub what: &'static str,
+    /// The customer's command that sets it.
+    pub command: String,
+}
+
+impl Ownership<'_> {
+    /// Checked after the describe and before any wrap. The value found is
+    /// never echoed: it may be another tenant's external id.
+    fn check(&self, found: Option<&str>) -> Result<(), AdminError> {
+        // Not a secret (anyone who can read the key sees it): a plain compare.
+        if found == Some(self.external_id) {
+            return Ok(());
+        }
+        let state = if found.is_some() {
+            "names another tenant"
+        } else {
+            "is missing"
+        };
+        Err(AdminError::Refused(format!(
+            "the key's {} {} {state}: it proves the key's owner meant it for this tenant, so the customer who owns the key sets it to this tenant's external id (GetTenant's onboarding), then links again: {}",
+            crate::kms::OWNER_TAG,
+            self.what,
+            self.command
+        )))
+    }
 }
 
 /// The stored form of a link's canary (`registry::key_state`).

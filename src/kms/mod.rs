@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod azure;
+pub mod budget;
 pub mod gcp;
 pub mod issuer;
 pub mod local;
@@ -141,7 +142,15 @@ pub struct KeyDescription {
     pub rotation_period: Option<std::time::Duration>,
     /// GCP: SOFTWARE, HSM, EXTERNAL... of the primary version.
     pub protection_level: Option<String>,
+    /// GCP and Azure: the key's [`OWNER_TAG`] label or tag, which proves at
+    /// link time that the customer who owns the key meant it for this tenant.
+    pub owner_tag: Option<String>,
 }
+
+/// The label (Cloud KMS) or tag (Key Vault) a customer puts on their key,
+/// set to the tenant's external id, to prove the key is meant for that
+/// tenant: only someone allowed to change the key can set it.
+pub const OWNER_TAG: &str = "keybroker-tenant";
 
 /// A key identifier (ARN, resource name, service account) that is not well
 /// formed: the message says what was expected.

@@ -78,6 +78,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("material_updated_at", Kind::OptInt),
             ("link_id", Kind::Int),
             ("canary", Kind::OptBlob),
+            ("seal_only_from", Kind::OptInt),
         ],
     ),
     (
@@ -155,6 +156,7 @@ const OPTIONAL_ADDED_LATER: &[&str] = &[
     "reencrypt_disable_reason",
     "reencrypt_last",
     "canary",
+    "seal_only_from",
 ];
 
 fn db(err: sqlx::Error) -> RegistryError {

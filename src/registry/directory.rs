@@ -407,9 +407,10 @@ impl RegistryDirectory {
                     sealed,
                 )
                 .await?;
-                let keyring = LocalKeyring::from_material(
+                let keyring = LocalKeyring::from_imported(
                     &record.key_reference,
                     &material_versions(&material)?,
+                    record.seal_only_from,
                 )
                 .map_err(|e| DirectoryError::Internal(e.to_string()))?;
                 keyring.set_legacy_wraps(self.legacy_wraps);

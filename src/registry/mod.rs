@@ -289,6 +289,10 @@ pub struct BindingRecord {
     /// A value keybroker encrypted under the key (an envelope), decrypted
     /// by every key-state check.
     pub canary: Option<Vec<u8>>,
+    /// Imported material: the first version made since wraps are `seal`
+    /// only (no legacy-layout wrap under it or later). None: every version
+    /// predates the upgrade.
+    pub seal_only_from: Option<u32>,
 }
 
 impl fmt::Debug for BindingRecord {
@@ -334,6 +338,7 @@ impl BindingRecord {
             unwrap_count: 0,
             link_id: 0,
             canary: new.canary.clone(),
+            seal_only_from: Some(1),
         }
     }
 }
@@ -476,6 +481,13 @@ pub trait Registry: Send + Sync + fmt::Debug {
         now_ms: i64,
     ) -> Result<BindingRecord, RegistryError>;
     async fn bindings(&self, tenant_id: &str) -> Result<Vec<BindingRecord>, RegistryError>;
+    /// The tenants (each once) holding a binding of `provider` to
+    /// `key_reference`, in any state.
+    async fn tenants_linking(
+        &self,
+        provider: ProviderKind,
+        key_reference: &str,
+    ) -> Result<Vec<String>, RegistryError>;
     async fn binding(
         &self,
         tenant_id: &str,
@@ -570,7 +582,9 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// keyring).
     async fn bindings_with_material(&self) -> Result<Vec<BindingRecord>, RegistryError>;
     /// Replaces a binding's sealed key material if it is still `old`;
-    /// `imported_at_ms` records a new version (a re-seal passes `None`).
+    /// `imported_at_ms` records a new version (a re-seal passes `None`), and
+    /// `new_version` its number: from it on no legacy-layout wrap exists
+    /// (kept if an earlier version already said so).
     async fn replace_key_material(
         &self,
         tenant_id: &str,
@@ -578,6 +592,7 @@ pub trait Registry: Send + Sync + fmt::Debug {
         old: &[u8],
         new: &[u8],
         imported_at_ms: Option<i64>,
+        new_version: Option<u32>,
     ) -> Result<bool, RegistryError>;
     /// Claims the automatic rotation of `subject`: `true` for exactly one
     /// caller, and only if its last rotation was before `due_before_ms`.

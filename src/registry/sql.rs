@@ -29,7 +29,7 @@ pub(super) const TENANT_KEY_COLUMNS: &str =
 
 pub(super) const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
      role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
-     updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at, link_id, canary";
+     updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at, link_id, canary, seal_only_from";
 
 #[derive(Debug, Clone)]
 pub struct SqlRegistry {
@@ -301,6 +301,10 @@ pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryEr
         unwrap_count: count(get_i("unwrap_count")?),
         link_id: get_i("link_id")?,
         canary: row.try_get::<Option<Vec<u8>>, _>("canary").map_err(db)?,
+        seal_only_from: row
+            .try_get::<Option<i64>, _>("seal_only_from")
+            .map_err(db)?
+            .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
     })
 }
 
@@ -482,8 +486,9 @@ impl Registry for SqlRegistry {
         sqlx::query(
             "INSERT INTO key_bindings (tenant_id, name, description, provider, key_reference, \
              region, role_arn, service_account, key_material, state, state_reason, is_primary, \
-             created_at, updated_at, replica_regions, material_updated_at, link_id, canary) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13, $14, $15)",
+             created_at, updated_at, replica_regions, material_updated_at, link_id, canary, \
+             seal_only_from) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', '', $10, $11, $11, $12, $13, $14, $15, 1)",
         )
         .bind(&b.tenant_id)
         .bind(&b.name)
@@ -518,6 +523,22 @@ impl Registry for SqlRegistry {
         name: &str,
     ) -> Result<Option<BindingRecord>, RegistryError> {
         fetch_binding(&self.pool, tenant_id, name).await
+    }
+
+    async fn tenants_linking(
+        &self,
+        provider: ProviderKind,
+        key_reference: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT tenant_id FROM key_bindings \
+             WHERE provider = $1 AND key_reference = $2 ORDER BY tenant_id",
+        )
+        .bind(provider.as_str())
+        .bind(key_reference)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
     }
 
     async fn set_state(
@@ -832,8 +853,9 @@ impl Registry for SqlRegistry {
         old: &[u8],
         new: &[u8],
         imported_at_ms: Option<i64>,
+        new_version: Option<u32>,
     ) -> Result<bool, RegistryError> {
-        self.swap_key_material(tenant_id, name, old, new, imported_at_ms)
+        self.swap_key_material(tenant_id, name, old, new, imported_at_ms, new_version)
             .await
     }
 }

@@ -184,10 +184,14 @@ impl SqlRegistry {
         old: &[u8],
         new: &[u8],
         imported_at_ms: Option<i64>,
+        new_version: Option<u32>,
     ) -> Result<bool, RegistryError> {
+        // A version imported now is made by this build: `seal` wraps only,
+        // from it on, unless an earlier one already said so.
         let done = sqlx::query(
             "UPDATE key_bindings SET key_material = $1, \
-             material_updated_at = COALESCE($2, material_updated_at) \
+             material_updated_at = COALESCE($2, material_updated_at), \
+             seal_only_from = COALESCE(seal_only_from, $6) \
              WHERE tenant_id = $3 AND name = $4 AND key_material = $5",
         )
         .bind(new)
@@ -195,6 +199,7 @@ impl SqlRegistry {
         .bind(tenant_id)
         .bind(name)
         .bind(old)
+        .bind(new_version.map(i64::from))
         .execute(self.pool())
         .await
         .map_err(db)?;

@@ -20,7 +20,7 @@ use tonic::Code;
 
 use crate::aws_support::{Moto, ROLE_ARN, TENANT, aws_with, link_request};
 use crate::common::{
-    TestServer, admin_client, create_tenant, ctx, generate_req, test_config, unwrap_req,
+    TestServer, admin_client, create_tenant, ctx, generate_req, no_keys, test_config, unwrap_req,
 };
 use crate::fakes::aws_faults::{Fault, FaultServer};
 
@@ -574,5 +574,85 @@ async fn link_verifies_each_replica_region() {
         .into_inner()
         .keys;
     assert!(listed.is_empty(), "a failed verification stores nothing");
+    server.stop().await;
+}
+
+/// One customer's key never serves another tenant. A key another tenant
+/// linked is refused before any STS or KMS call, without naming that
+/// tenant; a key of another customer not linked yet is refused by STS: the
+/// AssumeRole carries the linking tenant's own external id, never the
+/// owner's, so the owner's trust policy (which requires theirs) refuses it,
+/// before any KMS call. Nothing is stored either way.
+#[tokio::test]
+async fn another_tenants_key_is_refused_without_a_kms_call() {
+    let moto = Moto::start();
+    let key = moto.create_key("us-east-1", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = moto.settings();
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    create_tenant(&mut admin, TENANT, proto::KeyPolicy::Unspecified).await;
+    let intruder_id = create_tenant(&mut admin, "intruder", proto::KeyPolicy::Unspecified)
+        .await
+        .onboarding
+        .unwrap()
+        .aws_external_id;
+    admin
+        .link_key(link_request("aws-1", &key, &[], true))
+        .await
+        .unwrap();
+
+    moto.start_recording().await;
+    let mut stolen = link_request("stolen", &key, &[], true);
+    stolen.tenant_id = "intruder".into();
+    let err = admin.link_key(stolen).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("is linked by another tenant") && !err.message().contains(TENANT),
+        "{}",
+        err.message()
+    );
+    assert!(
+        moto.recorded().is_empty(),
+        "no STS or KMS call: {:?}",
+        moto.recorded()
+    );
+    no_keys(&mut admin, "intruder").await;
+    server.stop().await;
+
+    // A key of the same customer, not linked yet, through their role.
+    let faults = FaultServer::start().await;
+    faults.set("assumerole", Fault::StsDenied);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.aws = AwsSettings {
+        kms_endpoint: Some(faults.url.clone()),
+        sts_endpoint: Some(faults.url.clone()),
+        max_attempts: 1,
+        ..AwsSettings::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut admin = admin_client(&server).await;
+    let intruder_id_here = create_tenant(&mut admin, "intruder", proto::KeyPolicy::Unspecified)
+        .await
+        .onboarding
+        .unwrap()
+        .aws_external_id;
+    assert_ne!(intruder_id_here, intruder_id, "external ids are per tenant");
+    let mut stolen = link_request("stolen", FAULT_KEY, &[], true);
+    stolen.tenant_id = "intruder".into();
+    let err = admin.link_key(stolen).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(faults.count("assumerole"), 1);
+    let body = faults.last_body("assumerole").unwrap();
+    assert!(
+        body.contains(&format!("ExternalId={intruder_id_here}")),
+        "the linking tenant's own external id: {body}"
+    );
+    for op in ["describekey", "encrypt", "decrypt", "generatedatakey"] {
+        assert_eq!(faults.count(&format!("trentservice.{op}")), 0, "{op}");
+    }
+    no_keys(&mut admin, "intruder").await;
     server.stop().await;
 }

@@ -28,7 +28,7 @@ use keybroker::proto::{KeyHierarchy, KeyPolicy};
 use tonic::Code;
 
 use crate::common::{
-    TestServer, admin_client, create_tenant_with, generate, rewrap, test_config, unwrap,
+    TestServer, admin_client, create_tenant_with, generate, no_keys, rewrap, test_config, unwrap,
 };
 use crate::fakes::azure::{App, FakeAzure};
 
@@ -55,6 +55,14 @@ impl Env {
         self.fake.consent(&self.customer, &self.app.client_id);
         self.fake.grant(vault, &self.app.client_id);
         self.fake.create_key(vault, key);
+    }
+
+    /// What proves the key is meant for `tenant`: the customer tags it
+    /// `keybroker-tenant=<the tenant's external id>` (onboarding's
+    /// `key_owner_tag`).
+    async fn tag_for(&mut self, vault: &str, key: &str, tenant: &str) {
+        let external_id = crate::common::external_id(&mut self.admin, tenant).await;
+        self.fake.tag_owner(vault, key, &external_id);
     }
 }
 
@@ -139,18 +147,6 @@ async fn binding(admin: &mut Admin, tenant: &str, name: &str) -> proto::KeyBindi
         .unwrap()
 }
 
-async fn no_keys(admin: &mut Admin, tenant: &str) {
-    let keys = admin
-        .list_keys(proto::ListKeysRequest {
-            tenant_id: tenant.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
-    assert!(keys.is_empty(), "a refused link stored {keys:?}");
-}
-
 /// Waits until `check` holds (the watcher's bound), returning how long.
 async fn within<F, Fut>(limit: Duration, mut check: F) -> Duration
 where
@@ -209,6 +205,7 @@ async fn azure_keys_work_end_to_end() {
         KeyHierarchy::Direct,
     )
     .await;
+    env.tag_for("mhsm", "cmek", "acme").await;
     let customer = env.customer.clone();
     // Onboarding names the application, the consent URL and the role.
     let onboarding = env
@@ -234,6 +231,10 @@ async fn azure_keys_work_end_to_end() {
     assert_eq!(
         onboarding.azure_role,
         "Key Vault Crypto Service Encryption User"
+    );
+    assert_eq!(
+        onboarding.key_owner_tag,
+        format!("keybroker-tenant={}", onboarding.aws_external_id)
     );
 
     // Not consented yet: the consent URL, nothing stored.
@@ -316,6 +317,31 @@ async fn azure_keys_work_end_to_end() {
     );
 
     env.fake.grant("mhsm", &env.app.client_id);
+    // The ownership proof: a key tagged for another tenant (or not at all)
+    // is refused after the get and before any wrapKey, with the command
+    // that tags it; the value found is not echoed.
+    env.fake
+        .tag_owner("mhsm", "cmek", "kb-0123456789abcdef0123456789abcdef");
+    let before = wraps(&env);
+    let err = env
+        .admin
+        .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let own = crate::common::external_id(&mut env.admin, "acme").await;
+    assert!(
+        err.message().contains("keybroker-tenant tag names another tenant")
+            && err.message().contains(&format!(
+                "az keyvault key set-attributes --hsm-name mhsm --name cmek --tags keybroker-tenant={own}"
+            ))
+            && !err.message().contains("0123456789abcdef"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(wraps(&env), before, "no wrapKey before the proof");
+    no_keys(&mut env.admin, "acme").await;
+    env.tag_for("mhsm", "cmek", "acme").await;
     let linked = env
         .admin
         .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
@@ -423,6 +449,7 @@ async fn azure_key_states_revoke_and_heal() {
         KeyHierarchy::Direct,
     )
     .await;
+    env.tag_for("mhsm", "cmek", "acme").await;
     env.admin
         .link_key(hsm_link(&env, "acme", "az", "cmek", &customer))
         .await
@@ -547,6 +574,7 @@ async fn rsa_keys_never_vouch_for_a_direct_wrap() {
     ] {
         create_tenant_with(&mut env.admin, tenant, KeyPolicy::Keyring, hierarchy).await;
     }
+    env.tag_for("contoso", "cmek", "direct").await;
     let err = env
         .admin
         .link_key(link(&env, "direct", "az", "cmek", &customer))
@@ -560,6 +588,7 @@ async fn rsa_keys_never_vouch_for_a_direct_wrap() {
     );
     no_keys(&mut env.admin, "direct").await;
 
+    env.tag_for("contoso", "cmek", "tree").await;
     env.admin
         .link_key(link(&env, "tree", "az", "cmek", &customer))
         .await
@@ -618,6 +647,7 @@ async fn azure_managed_hsm_and_tenant_keys() {
         KeyHierarchy::TenantKey,
     )
     .await;
+    env.tag_for("hsm1", "aes", "tree").await;
     let mut req = link(&env, "tree", "hsm", "aes", &customer);
     req.key_reference = format!("{}/keys/aes", env.fake.vault_url("hsm1"));
     let before = wraps(&env);
@@ -694,6 +724,7 @@ async fn microsoft_python_sdk_agrees_with_the_fake() {
         ],
         &[
             "challenge_then_token",
+            "tags_round_trip",
             "get_key_public_jwk",
             "wrap_names_version",
             "unwrap_round_trip",
@@ -750,4 +781,73 @@ async fn microsoft_python_sdk_agrees_with_the_fake() {
         report["python_wrapped"]["plaintext_hex"].as_str().unwrap()
     );
     env.server.stop().await;
+}
+
+/// One customer's key never serves another tenant, even one naming the
+/// customer's Entra tenant (where the platform's application is
+/// consented). A key another tenant linked is refused before any Entra or
+/// Key Vault call, without naming that tenant; a key of the customer not
+/// linked yet is refused by its tag (it names the owner's tenant) after the
+/// get and before any wrapKey. Nothing is stored either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_key_is_refused_without_a_wrap() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut env = env(Duration::from_secs(30)).await;
+    let customer = env.customer.clone();
+    env.fake.add_vault("mhsm", &customer, true, true);
+    env.customer_ready("mhsm", "linked");
+    env.fake.create_key("mhsm", "unlinked");
+    for tenant in ["acme", "intruder"] {
+        create_tenant_with(
+            &mut env.admin,
+            tenant,
+            KeyPolicy::Keyring,
+            KeyHierarchy::TenantKey,
+        )
+        .await;
+    }
+    env.tag_for("mhsm", "linked", "acme").await;
+    env.tag_for("mhsm", "unlinked", "acme").await;
+    env.admin
+        .link_key(hsm_link(&env, "acme", "az", "linked", &customer))
+        .await
+        .unwrap();
+    let calls = |env: &Env| {
+        let c = &env.fake.calls;
+        [&c.tokens, &c.gets, &c.wraps, &c.unwraps].map(|n| n.load(SeqCst))
+    };
+
+    let before = calls(&env);
+    let err = env
+        .admin
+        .link_key(hsm_link(&env, "intruder", "stolen", "linked", &customer))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("is linked by another tenant") && !err.message().contains("acme"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(calls(&env), before, "no Entra or Key Vault call");
+
+    let err = env
+        .admin
+        .link_key(hsm_link(&env, "intruder", "stolen", "unlinked", &customer))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("keybroker-tenant tag names another tenant"),
+        "{}",
+        err.message()
+    );
+    let [_, gets, wraps, unwraps] = calls(&env);
+    assert_eq!(
+        (gets, wraps, unwraps),
+        (before[1] + 1, before[2], before[3]),
+        "one get, no wrapKey or unwrapKey"
+    );
+    no_keys(&mut env.admin, "intruder").await;
 }

@@ -382,6 +382,37 @@ pub(crate) async fn create_tenant_with(
         .unwrap()
 }
 
+/// The tenant's external id: what the customer's AWS trust policy requires,
+/// and the value of the `keybroker-tenant` label (Cloud KMS) or tag (Key
+/// Vault) that proves their key is meant for the tenant.
+pub(crate) async fn external_id(admin: &mut KeyAdminClient<Channel>, tenant: &str) -> String {
+    admin
+        .get_tenant(keybroker::proto::GetTenantRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap()
+        .onboarding
+        .unwrap()
+        .aws_external_id
+}
+
+/// The tenant has no key: a refused link stored nothing.
+pub(crate) async fn no_keys(admin: &mut KeyAdminClient<Channel>, tenant: &str) {
+    let keys = admin
+        .list_keys(keybroker::proto::ListKeysRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(keys.is_empty(), "a refused link stored {keys:?}");
+}
+
 /// What every customer-key provider owes once a key is linked for
 /// `tenants.0` and `g` was generated under `context`: another context is
 /// refused by the provider's AAD (`INVALID_ARGUMENT`), another tenant

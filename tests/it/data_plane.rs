@@ -46,7 +46,7 @@ async fn every_rpc_round_trips() {
         !envelope
             .ciphertext
             .windows(32)
-            .any(|w| w == generated.plaintext.as_slice())
+            .any(|w| w == &generated.plaintext[..])
     );
 
     let unwrapped = client

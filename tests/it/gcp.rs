@@ -53,7 +53,6 @@ struct Env {
 impl Env {
     async fn start(watcher_interval: Duration) -> Self {
         let fake = FakeCloudKms::start().await;
-        let kms = CloudKmsAdmin::connect(&fake.url).await;
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         config.gcp = settings(&fake);
@@ -70,6 +69,10 @@ impl Env {
             })
             .await
             .unwrap();
+        // The customer labels their keys as onboarding says.
+        let kms = CloudKmsAdmin::connect(&fake.url)
+            .await
+            .owned_by(&crate::common::external_id(&mut admin, TENANT).await);
         Self {
             fake,
             kms,
@@ -362,6 +365,44 @@ async fn gcp_link_refuses_what_cannot_work() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("Disabled"), "{}", err.message());
 
+    // The ownership proof: a key without the tenant's label, or labelled for
+    // another tenant, is refused after the describe and before any encrypt,
+    // with the command that sets the label; the found value is not echoed.
+    let encrypts = env.fake.calls("encrypt");
+    let unlabelled = CloudKmsAdmin::connect(&env.fake.url)
+        .await
+        .create_key("tenant-keys", "unlabelled")
+        .await;
+    let err = env.link("unlabelled", &unlabelled).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let own = crate::common::external_id(&mut env.admin, TENANT).await;
+    assert!(
+        err.message().contains("keybroker-tenant label is missing")
+            && err.message().contains(&format!(
+                "gcloud kms keys update unlabelled --keyring tenant-keys --location us-east1 --project customer-project --update-labels keybroker-tenant={own}"
+            )),
+        "{}",
+        err.message()
+    );
+    let others = CloudKmsAdmin::connect(&env.fake.url)
+        .await
+        .owned_by("kb-0123456789abcdef0123456789abcdef")
+        .create_key("tenant-keys", "someone-elses")
+        .await;
+    let err = env.link("others", &others).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("names another tenant")
+            && !err.message().contains("0123456789abcdef"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        env.fake.calls("encrypt"),
+        encrypts,
+        "no wrap before the proof"
+    );
+
     // Nothing was stored.
     let keys = env
         .admin
@@ -579,6 +620,9 @@ async fn google_python_client_agrees_with_the_fake() {
             "permission_denied",
             "not_found",
             "crypto_key_fields",
+            "labels_round_trip",
+            "bad_label_invalid_argument",
+            "bad_label_invalid_argument_status",
         ],
     )
     .await;
@@ -677,6 +721,8 @@ async fn gcp_impersonation_isolates_tenants() {
         })
         .await
         .unwrap();
+    kms.label_owner(&key, &crate::common::external_id(&mut admin, TENANT).await)
+        .await;
     let link = |name: &str, sa: &str| proto::LinkKeyRequest {
         tenant_id: TENANT.into(),
         name: name.into(),
@@ -843,4 +889,53 @@ async fn gcp_provider_describe_and_deadlines() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// One customer's key never serves another tenant. A key another tenant
+/// linked is refused before any Cloud KMS call, without naming that tenant;
+/// a key of another customer not linked yet is refused by its label (it
+/// names the owner's tenant) after the GetCryptoKey and before any
+/// Encrypt. Nothing is stored either way.
+#[tokio::test]
+async fn another_tenants_key_is_refused_without_a_wrap() {
+    let mut env = Env::start(Duration::from_secs(3600)).await;
+    let linked = env.kms.create_key("tenant-keys", "k-linked").await;
+    let unlinked = env.kms.create_key("tenant-keys", "k-unlinked").await;
+    env.link("gcp-1", &linked).await.unwrap();
+    crate::common::create_tenant(&mut env.admin, "intruder", proto::KeyPolicy::Unspecified).await;
+    let calls = |env: &Env| ["get", "encrypt", "decrypt"].map(|m| env.fake.calls(m));
+    let steal = |key: &str| proto::LinkKeyRequest {
+        tenant_id: "intruder".into(),
+        name: "stolen".into(),
+        provider: proto::Provider::GcpKms.into(),
+        key_reference: key.into(),
+        make_primary: true,
+        ..Default::default()
+    };
+
+    let before = calls(&env);
+    let err = env.admin.link_key(steal(&linked)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("is linked by another tenant") && !err.message().contains(TENANT),
+        "{}",
+        err.message()
+    );
+    assert_eq!(calls(&env), before, "no Cloud KMS call");
+
+    let err = env.admin.link_key(steal(&unlinked)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("keybroker-tenant label names another tenant"),
+        "{}",
+        err.message()
+    );
+    let [gets, encrypts, decrypts] = calls(&env);
+    assert_eq!(
+        (gets, encrypts, decrypts),
+        (before[0] + 1, before[1], before[2]),
+        "one GetCryptoKey, no Encrypt or Decrypt"
+    );
+    crate::common::no_keys(&mut env.admin, "intruder").await;
 }

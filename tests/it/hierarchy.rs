@@ -388,7 +388,6 @@ async fn an_interrupted_key_change_resumes_at_start() {
 #[tokio::test]
 async fn aws_costs_per_tenant_not_per_dek() {
     let moto = Moto::start();
-    let key_a = moto.create_key("us-east-1", false).await;
     let key_b = moto.create_key("us-east-1", false).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
@@ -406,6 +405,8 @@ async fn aws_costs_per_tenant_not_per_dek() {
         ("direct-co", KeyHierarchy::Direct),
     ] {
         create_tenant_with(&mut admin, tenant_id, KeyPolicy::Keyring, hierarchy).await;
+        // A customer key serves one tenant: each has its own.
+        let key_a = moto.create_key("us-east-1", false).await;
         let mut link = link_request("cmk", &key_a, &[], true);
         link.tenant_id = tenant_id.into();
         admin.link_key(link).await.unwrap();
@@ -891,8 +892,6 @@ async fn a_key_change_killed_mid_way_finishes_after_restart() {
     use crate::process::Process;
     let fake = FakeCloudKms::start().await;
     let customer = CloudKmsAdmin::connect(&fake.url).await;
-    let key_a = customer.create_key("ring", "key-a").await;
-    let key_b = customer.create_key("ring", "key-b").await;
     let dir = tempfile::tempdir().unwrap();
     let flags = [
         "--gcp-kms-endpoint",
@@ -915,6 +914,9 @@ async fn a_key_change_killed_mid_way_finishes_after_restart() {
         KeyHierarchy::TenantKey,
     )
     .await;
+    let customer = customer.owned_by(&crate::common::external_id(&mut admin, "acme").await);
+    let key_a = customer.create_key("ring", "key-a").await;
+    let key_b = customer.create_key("ring", "key-b").await;
     let link = |name: &str, key: &str, primary: bool| proto::LinkKeyRequest {
         tenant_id: "acme".into(),
         name: name.into(),

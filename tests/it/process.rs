@@ -133,6 +133,10 @@ impl Process {
         }
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) async fn channel(&self) -> Channel {
         let url = format!("http://{}", self.addr().await);
         Channel::from_shared(url).unwrap().connect().await.unwrap()
@@ -849,4 +853,122 @@ async fn rpc_spans_are_exported_over_otlp_with_the_request_id() {
     assert_eq!(rpc.1["tenant_id"], "acme");
     assert_eq!(rpc.1["code"], "OK");
     assert_eq!(rpc.1["caller"], "unauthenticated");
+}
+
+/// Where `needle` occurs in the writable memory of process `pid` (its heap,
+/// stacks and anonymous mappings), read through /proc/PID/mem.
+fn memory_holds(pid: u32, needle: &[u8]) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let finder = memchr::memmem::Finder::new(needle);
+    let mut found = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        // Overlapping reads, so a needle across two chunks is seen.
+        let mut at = start;
+        while at < end {
+            let len = usize::try_from((end - at).min(chunk.len() as u64)).unwrap();
+            if mem.seek(SeekFrom::Start(at)).is_err() || mem.read_exact(&mut chunk[..len]).is_err()
+            {
+                break;
+            }
+            found += finder.find_iter(&chunk[..len]).count();
+            if at + len as u64 >= end {
+                break;
+            }
+            at += (len - needle.len()) as u64;
+        }
+    }
+    found
+}
+
+/// A plaintext key the server handled but does not keep (a WrapKey
+/// request's DEK, and the same DEK answered by an UnwrapKey that did not
+/// cache it) is nowhere in the server's memory once the connection that
+/// carried it closed: keybroker's own buffers are zeroized, and every other
+/// one that held it (the request's decode buffer, the response's encode
+/// buffer, hyper's and h2's connection buffers) is zeroed when freed by the
+/// process allocator (`keybroker::secret::ZeroOnFree`). The tenant's id,
+/// which the server does keep, is found by the same scan.
+#[tokio::test]
+async fn a_plaintext_it_does_not_keep_is_gone_from_memory_after_use() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tenant may hold one cached key (1% of 100 entries, at least one):
+    // after GenerateDataKey's, the unwrap below is served uncached.
+    let process = Process::spawn(
+        dir.path(),
+        &[
+            "--allow-core-dumps",
+            "--cache-max-entries",
+            "100",
+            "--cache-tenant-share",
+            "1",
+        ],
+    );
+    let tenant = "zero-on-free-7f3a9c";
+    let plaintext: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0xC5).collect();
+    let c = ctx(&[("table", "secrets")]);
+    {
+        let channel = process.channel().await;
+        let mut client = KeyBrokerClient::new(channel);
+        let other = client
+            .generate_data_key(crate::common::generate_req(tenant, &[("table", "x")]))
+            .await
+            .unwrap()
+            .into_inner();
+        crate::common::unwrap(&mut client, tenant, &[("table", "x")], &other.wrapped_key)
+            .await
+            .unwrap();
+        let wrapped = client
+            .wrap_key(proto::WrapKeyRequest {
+                tenant_id: tenant.into(),
+                context: c.clone(),
+                plaintext: plaintext.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .wrapped_key;
+        for _ in 0..3 {
+            let back = client
+                .unwrap_key(proto::UnwrapKeyRequest {
+                    tenant_id: tenant.into(),
+                    context: c.clone(),
+                    wrapped_key: wrapped.clone().into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(back.plaintext, plaintext);
+        }
+    }
+    // The connection is closed; the server frees its buffers as it notices.
+    let pid = process.pid();
+    let started = Instant::now();
+    let mut left = usize::MAX;
+    while started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        left = memory_holds(pid, &plaintext);
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0, "the plaintext is still in the server's memory");
+    assert!(
+        memory_holds(pid, tenant.as_bytes()) > 0,
+        "the scan reads the server's memory"
+    );
 }

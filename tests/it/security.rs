@@ -526,7 +526,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
         "req-canary-1"
     );
     let generated = response.into_inner();
-    canaries.push(generated.plaintext.clone());
+    canaries.push(generated.plaintext.to_vec());
     expected_outcomes.push(("GenerateDataKey", "OK"));
     for i in 0..3 {
         let unwrapped = client
@@ -634,7 +634,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
             !text
                 .as_bytes()
                 .windows(canary.len())
-                .any(|w| w == canary.as_slice())
+                .any(|w| w == &canary[..])
         );
     }
     server.stop().await;

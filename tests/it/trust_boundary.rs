@@ -143,10 +143,8 @@ async fn forged_wrapped_keys_never_change_key_state() {
     let moto = Moto::start();
     let key_arn = moto.create_key("us-east-1", false).await;
     let fake = FakeCloudKms::start().await;
-    let gcp_key = CloudKmsAdmin::connect(&fake.url)
-        .await
-        .create_key("tenant-keys", "acme")
-        .await;
+    let gcp_customer = CloudKmsAdmin::connect(&fake.url).await;
+    let gcp_key = gcp_customer.create_key("tenant-keys", "acme").await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.aws = moto.settings();
@@ -196,6 +194,12 @@ async fn forged_wrapped_keys_never_change_key_state() {
             .unwrap()
             .into_inner(),
     );
+    gcp_customer
+        .label_owner(
+            &gcp_key,
+            &crate::common::external_id(&mut admin, TENANT).await,
+        )
+        .await;
     admin
         .link_key(proto::LinkKeyRequest {
             tenant_id: TENANT.into(),

@@ -60,6 +60,14 @@ def main():
     # resource the challenge names.
     key = keys.get_key("pykey")
     check("challenge_then_token", key.id.startswith(vault_url + "/keys/pykey/"), key.id)
+    # The ownership tag keybroker reads: set on the key, read back by get.
+    tagged = keys.update_key_properties("pykey", tags={"keybroker-tenant": "kb-0123abcd"})
+    check(
+        "tags_round_trip",
+        tagged.properties.tags == {"keybroker-tenant": "kb-0123abcd"}
+        and keys.get_key("pykey").properties.tags == {"keybroker-tenant": "kb-0123abcd"},
+        tagged.properties.tags,
+    )
     check(
         "get_key_public_jwk",
         key.key_type == "RSA"

@@ -68,6 +68,7 @@ def main() -> None:
             "crypto_key": {
                 "purpose": kms.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT,
                 "rotation_period": {"seconds": 90 * 86400},
+                "labels": {"team": "storage"},
                 "next_rotation_time": {"seconds": 4102444800},
                 "version_template": {
                     "protection_level": kms.ProtectionLevel.HSM,
@@ -86,6 +87,34 @@ def main() -> None:
         and got.purpose == kms.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT
         and got.rotation_period.total_seconds() == 90 * 86400,
         got,
+    )
+
+    # The ownership label keybroker reads: set by UpdateCryptoKey (the
+    # labels mask replaces the map), read back by GetCryptoKey; a label
+    # Cloud KMS would refuse is refused.
+    updated = client.update_crypto_key(
+        request={
+            "crypto_key": {"name": key.name, "labels": {"keybroker-tenant": "kb-0123abcd"}},
+            "update_mask": {"paths": ["labels"]},
+        }
+    )
+    check(
+        "labels_round_trip",
+        dict(got.labels) == {"team": "storage"}
+        and dict(updated.labels) == {"keybroker-tenant": "kb-0123abcd"}
+        and dict(client.get_crypto_key(name=key.name).labels) == {"keybroker-tenant": "kb-0123abcd"},
+        updated.labels,
+    )
+    expect(
+        "bad_label_invalid_argument",
+        exceptions.BadRequest,
+        lambda: client.update_crypto_key(
+            request={
+                "crypto_key": {"name": key.name, "labels": {"Upper": "x"}},
+                "update_mask": {"paths": ["labels"]},
+            }
+        ),
+        status="INVALID_ARGUMENT",
     )
 
     plaintext, aad = b"made by the python client", b"python-aad"

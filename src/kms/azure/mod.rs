@@ -577,6 +577,11 @@ impl fmt::Debug for AzureKey {
 }
 
 impl AzureKey {
+    /// The key this provider uses.
+    pub fn reference(&self) -> &AzureKeyRef {
+        &self.key
+    }
+
     fn classify(&self, call: Call, err: &azure_core::Error) -> ProviderError {
         let scope = Scope {
             key: &self.name,
@@ -774,6 +779,11 @@ impl KeyProvider for AzureKey {
                 async move { noted(client.get_key(&name, None).await?).into_model() }
             })
             .await?;
+        let owner_tag = key
+            .tags
+            .as_ref()
+            .and_then(|tags| tags.get(crate::kms::OWNER_TAG))
+            .cloned();
         let jwk = key.key.unwrap_or_default();
         let attributes = key.attributes.unwrap_or_default();
         let version = version_of(jwk.kid.as_deref().unwrap_or_default());
@@ -801,6 +811,7 @@ impl KeyProvider for AzureKey {
             state: ProviderKeyState::Disabled,
             reason,
             current_version: version.clone(),
+            owner_tag: owner_tag.clone(),
             ..KeyDescription::default()
         };
         if attributes.enabled == Some(false) {
@@ -846,6 +857,7 @@ impl KeyProvider for AzureKey {
                 }
                 .to_owned()
             }),
+            owner_tag,
             ..KeyDescription::default()
         })
     }

@@ -86,6 +86,21 @@ impl AzureKeyRef {
         let host = self.vault_url.trim_start_matches("https://");
         host.split(['.', ':']).next().unwrap_or(host)
     }
+
+    /// The `az` command that sets a tag on this key (a Managed HSM is named
+    /// with `--hsm-name`, a vault with `--vault-name`).
+    pub fn tag_command(&self, tag: &str, value: &str) -> String {
+        let flag = if self.vault_url.contains(".managedhsm.") {
+            "hsm-name"
+        } else {
+            "vault-name"
+        };
+        format!(
+            "az keyvault key set-attributes --{flag} {} --name {} --tags {tag}={value}",
+            self.vault_name(),
+            self.name
+        )
+    }
 }
 
 impl fmt::Display for AzureKeyRef {

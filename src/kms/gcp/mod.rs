@@ -488,12 +488,14 @@ impl KeyProvider for GcpKmsKey {
             .rotation_period()
             .and_then(|d| u64::try_from(d.seconds()).ok())
             .map(Duration::from_secs);
+        let owner_tag = key.labels.get(super::OWNER_TAG).cloned();
         let Some(primary) = key.primary else {
             return Ok(KeyDescription {
                 state: ProviderKeyState::Disabled,
                 reason: format!(
                     "key {key_name} has no primary version; the customer can make an enabled version primary in Cloud KMS"
                 ),
+                owner_tag,
                 ..KeyDescription::default()
             });
         };
@@ -511,6 +513,7 @@ impl KeyProvider for GcpKmsKey {
             rotation_enabled: Some(rotation_period.is_some()),
             rotation_period,
             protection_level: primary.protection_level.name().map(str::to_owned),
+            owner_tag,
         })
     }
 

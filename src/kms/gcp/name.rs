@@ -35,6 +35,15 @@ impl GcpKeyName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The `gcloud` command that sets a label on this key.
+    pub fn label_command(&self, label: &str, value: &str) -> String {
+        let parts: Vec<&str> = self.0.split('/').collect();
+        format!(
+            "gcloud kms keys update {} --keyring {} --location {} --project {} --update-labels {label}={value}",
+            parts[7], parts[5], parts[3], parts[1]
+        )
+    }
 }
 
 impl fmt::Display for GcpKeyName {

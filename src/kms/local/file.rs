@@ -55,6 +55,12 @@ struct VersionEntry {
     version: u32,
     created_unix: u64,
     key: Zeroizing<String>,
+    /// Made by a build that wraps with the `seal` construction only: no
+    /// wrapped key of the legacy layout exists under it. Absent in versions
+    /// made before (which may have legacy wraps); an older build rewriting
+    /// the file drops it, which only makes the version accept them again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    seal_only: bool,
 }
 
 /// One version as loaded: its number, creation time and key material.
@@ -62,6 +68,7 @@ pub(super) struct Material {
     pub version: u32,
     pub created_unix: u64,
     pub key: SecretBytes,
+    pub seal_only: bool,
 }
 
 /// What a sealed version is bound to.
@@ -215,6 +222,7 @@ fn unpack(
             version: entry.version,
             created_unix: entry.created_unix,
             key,
+            seal_only: entry.seal_only,
         });
     }
     if out.is_empty() {
@@ -237,6 +245,7 @@ fn entry(
     created_unix: u64,
     material: &SecretBytes,
     seal: Option<&dyn KeyringSeal>,
+    seal_only: bool,
 ) -> Result<VersionEntry, KeyringError> {
     let key = match seal {
         None => Zeroizing::new(B64.encode(material.expose())),
@@ -259,6 +268,7 @@ fn entry(
         version,
         created_unix,
         key,
+        seal_only,
     })
 }
 
@@ -268,7 +278,7 @@ fn new_entry(
     seal: Option<&dyn KeyringSeal>,
 ) -> Result<VersionEntry, KeyringError> {
     let material = SecretBytes::random(KEY_LEN).map_err(|_| KeyringError::Random)?;
-    entry(path, version, now_unix(), &material, seal)
+    entry(path, version, now_unix(), &material, seal, true)
 }
 
 fn header(seal: Option<&dyn KeyringSeal>) -> (String, Option<String>) {
@@ -331,7 +341,7 @@ pub fn reseal_keyring_file(
         sealed_by,
         versions: versions
             .iter()
-            .map(|m| entry(path, m.version, m.created_unix, &m.key, to))
+            .map(|m| entry(path, m.version, m.created_unix, &m.key, to, m.seal_only))
             .collect::<Result<_, _>>()?,
     };
     // The new file is proven readable before it replaces the old one.
@@ -499,6 +509,40 @@ mod tests {
         assert_eq!(got, (2..=9).collect::<Vec<_>>());
         let versions: Vec<u32> = material(&path, None).iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, (1..=9).collect::<Vec<_>>());
+    }
+
+    /// Versions this build makes say they never held a legacy-layout wrap;
+    /// a version of a file written before says nothing (it may), and keeps
+    /// saying nothing through rotations and reseals.
+    #[test]
+    fn versions_made_now_are_marked_seal_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.json");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"format":"{FILE_FORMAT}","versions":[{{"version":1,"created_unix":1,"key":"{}"}}]}}"#,
+                B64.encode([3u8; KEY_LEN])
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, PermissionsExt::from_mode(0o600)).unwrap();
+        rotate_keyring_file(&path, None).unwrap();
+        let marks = |path: &Path, seal: Option<&dyn KeyringSeal>| -> Vec<(u32, bool)> {
+            load(path, seal)
+                .unwrap()
+                .0
+                .iter()
+                .map(|m| (m.version, m.seal_only))
+                .collect()
+        };
+        assert_eq!(marks(&path, None), [(1, false), (2, true)]);
+        let seal = TestSeal::new("hsm-a", 1);
+        reseal_keyring_file(&path, None, Some(seal.as_ref())).unwrap();
+        assert_eq!(marks(&path, Some(seal.as_ref())), [(1, false), (2, true)]);
+        let fresh = dir.path().join("fresh.json");
+        create(&fresh, None).unwrap();
+        assert_eq!(marks(&fresh, None), [(1, true)]);
     }
 
     #[test]

@@ -43,12 +43,34 @@ pub static LEGACY_UNWRAPS: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 /// version key, written before the `seal` construction) are still read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LegacyWraps {
-    /// Read (and counted), as every release before did.
+    /// Read (and counted) under key versions made before the upgrade to
+    /// `seal`-only wraps; refused under versions made since, under which no
+    /// genuine one can exist.
     #[default]
+    Predating,
+    /// Read (and counted) under every version, as every release before did.
     Accept,
     /// Refused (FAILED_PRECONDITION naming this setting): the metric says
     /// none was read for as long as the operator wanted to be sure.
     Refuse,
+}
+
+impl LegacyWraps {
+    fn code(self) -> u8 {
+        match self {
+            Self::Predating => 0,
+            Self::Accept => 1,
+            Self::Refuse => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Self {
+        match code {
+            1 => Self::Accept,
+            2 => Self::Refuse,
+            _ => Self::Predating,
+        }
+    }
 }
 const TAG_LEN: usize = 16;
 
@@ -80,12 +102,15 @@ struct Versions {
     keys: BTreeMap<u32, VersionKey>,
     created: BTreeMap<u32, u64>,
     newest: u32,
+    /// Versions made since wraps are `seal` only: no legacy wrap under them.
+    seal_only: std::collections::BTreeSet<u32>,
 }
 
 impl Versions {
     fn from_material(path: &Path, material: Vec<file::Material>) -> Result<Self, KeyringError> {
         let mut keys = BTreeMap::new();
         let mut created = BTreeMap::new();
+        let mut seal_only = std::collections::BTreeSet::new();
         for m in material {
             let key = aes_key(m.key.expose()).ok_or_else(|| KeyringError::Invalid {
                 path: path.to_owned(),
@@ -93,6 +118,9 @@ impl Versions {
             })?;
             keys.insert(m.version, key);
             created.insert(m.version, m.created_unix);
+            if m.seal_only {
+                seal_only.insert(m.version);
+            }
         }
         let newest = *keys
             .keys()
@@ -105,6 +133,7 @@ impl Versions {
             keys,
             created,
             newest,
+            seal_only,
         })
     }
 }
@@ -156,8 +185,8 @@ pub struct LocalKeyring {
     seal: Option<Arc<dyn KeyringSeal>>,
     /// Whether the sealing key passed its last check (true unsealed).
     seal_usable: std::sync::atomic::AtomicBool,
-    /// Whether legacy-layout wraps are refused.
-    refuse_legacy: std::sync::atomic::AtomicBool,
+    /// Which legacy-layout wraps are read ([`LegacyWraps`], as its code).
+    legacy: std::sync::atomic::AtomicU8,
 }
 
 impl fmt::Debug for LocalKeyring {
@@ -197,16 +226,14 @@ impl LocalKeyring {
             stamp: RwLock::new(Some(stamp)),
             seal,
             seal_usable: std::sync::atomic::AtomicBool::new(true),
-            refuse_legacy: std::sync::atomic::AtomicBool::new(false),
+            legacy: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
-    /// Reads or refuses legacy-layout wraps from now on.
+    /// Which legacy-layout wraps are read from now on.
     pub fn set_legacy_wraps(&self, legacy: LegacyWraps) {
-        self.refuse_legacy.store(
-            legacy == LegacyWraps::Refuse,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.legacy
+            .store(legacy.code(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds a new version to the backing file and loads it; its number.
@@ -225,6 +252,18 @@ impl LocalKeyring {
     /// A keyring held only in memory, from raw 32-byte key versions (oldest
     /// first). Used for imported customer key material.
     pub fn from_material(id: &str, material: &[SecretBytes]) -> Result<Self, KeyringError> {
+        Self::from_imported(id, material, Some(1))
+    }
+
+    /// [`from_material`](Self::from_material) for stored imported material
+    /// whose versions from `seal_only_from` on were made since wraps are
+    /// `seal` only (`None`: every version predates that, and may have
+    /// legacy-layout wraps).
+    pub fn from_imported(
+        id: &str,
+        material: &[SecretBytes],
+        seal_only_from: Option<u32>,
+    ) -> Result<Self, KeyringError> {
         let mut keys = BTreeMap::new();
         let mut created = BTreeMap::new();
         for (i, m) in material.iter().enumerate() {
@@ -243,6 +282,11 @@ impl LocalKeyring {
                 path: PathBuf::from(id),
                 reason: "no key versions".into(),
             })?;
+        let seal_only = keys
+            .keys()
+            .copied()
+            .filter(|v| seal_only_from.is_some_and(|first| *v >= first))
+            .collect();
         Ok(Self {
             id: id.to_owned(),
             path: None,
@@ -250,11 +294,12 @@ impl LocalKeyring {
                 keys,
                 created,
                 newest,
+                seal_only,
             })),
             stamp: RwLock::new(None),
             seal: None,
             seal_usable: std::sync::atomic::AtomicBool::new(true),
-            refuse_legacy: std::sync::atomic::AtomicBool::new(false),
+            legacy: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
@@ -468,12 +513,20 @@ impl KeyProvider for LocalKeyring {
         }
         // The legacy layout (or a legacy nonce that happens to start with
         // the magic: tried both ways, authentication decides).
-        if self
-            .refuse_legacy
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        let mode = LegacyWraps::from_code(self.legacy.load(std::sync::atomic::Ordering::Relaxed));
+        if mode == LegacyWraps::Refuse {
             return Err(ProviderError::VersionDisabled(format!(
                 "a wrapped key of the legacy layout under {} version {key_version}, which the operator refuses (legacy_local_wraps = refuse); set it to accept to read it, then rewrap it",
+                self.id
+            )));
+        }
+        if mode == LegacyWraps::Predating
+            && let Ok(number) = key_version.parse::<u32>()
+            && versions.seal_only.contains(&number)
+        {
+            // No genuine one exists: this build never writes the layout.
+            return Err(ProviderError::InvalidCiphertext(format!(
+                "a wrapped key of the legacy layout under {} version {key_version}, which was made after keybroker stopped writing that layout: it is not a wrapped key keybroker made",
                 self.id
             )));
         }
@@ -578,7 +631,8 @@ mod tests {
     #[tokio::test]
     async fn legacy_wraps_stay_readable() {
         let material = SecretBytes::new(vec![5u8; 32]);
-        let ring = LocalKeyring::from_material("k", std::slice::from_ref(&material)).unwrap();
+        // Material stored before the upgrade: its version may hold them.
+        let ring = LocalKeyring::from_imported("k", std::slice::from_ref(&material), None).unwrap();
         let context = ctx(&[("a", "1")]);
         let wrap = WrapContext {
             tenant_id: "acme",
@@ -653,6 +707,41 @@ mod tests {
             ring.decrypt("1", &lucky, wrap).await.unwrap().expose(),
             b"lucky"
         );
+
+        // The default (predating): read under versions from before the
+        // upgrade, refused under one made since (imported from version 2
+        // on), where no genuine one can exist; `accept` reads both.
+        let second = SecretBytes::new(vec![6u8; 32]);
+        let ring =
+            LocalKeyring::from_imported("k", &[material.clone(), second.clone()], Some(2)).unwrap();
+        assert_eq!(
+            ring.decrypt("1", &legacy, wrap).await.unwrap().expose(),
+            b"old dek"
+        );
+        let second_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, second.expose()).unwrap());
+        let mut body = b"forged".to_vec();
+        second_key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(wrap.aad().as_slice()),
+                &mut body,
+            )
+            .unwrap();
+        let made_since = [nonce.as_slice(), &body].concat();
+        match ring.decrypt("2", &made_since, wrap).await {
+            Err(ProviderError::InvalidCiphertext(why)) => {
+                assert!(why.contains("not a wrapped key keybroker made"), "{why}")
+            }
+            other => panic!("a legacy wrap under a new version was read: {other:?}"),
+        }
+        ring.set_legacy_wraps(LegacyWraps::Accept);
+        assert_eq!(
+            ring.decrypt("2", &made_since, wrap).await.unwrap().expose(),
+            b"forged"
+        );
+        // Material imported now: every version is seal-only.
+        let fresh = LocalKeyring::from_material("k", std::slice::from_ref(&material)).unwrap();
+        assert!(fresh.decrypt("1", &legacy, wrap).await.is_err());
     }
 
     #[tokio::test]

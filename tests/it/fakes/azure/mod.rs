@@ -81,6 +81,9 @@ struct Version {
 struct Key {
     versions: Vec<Version>,
     key_ops: Vec<String>,
+    /// The key's tags (keybroker reads `keybroker-tenant`). Key Vault keeps
+    /// them per version; the fake keeps one set for the key.
+    tags: serde_json::Map<String, Value>,
 }
 
 struct Vault {
@@ -238,7 +241,17 @@ impl FakeAzure {
 
     /// A new key (RSA, or AES on a Managed HSM); its first version id.
     pub(crate) fn create_key(&self, vault: &str, name: &str) -> String {
-        self.with(|f| create_key(f, vault, name, None))
+        self.with(|f| create_key(f, vault, name, None, serde_json::Map::new()))
+    }
+
+    /// What proves the key is the tenant's: the customer tags it
+    /// `keybroker-tenant=<the tenant's external id>`.
+    pub(crate) fn tag_owner(&self, vault: &str, name: &str, external_id: &str) {
+        self.with(|f| {
+            let key = f.vaults.get_mut(vault).unwrap().keys.get_mut(name).unwrap();
+            key.tags
+                .insert("keybroker-tenant".into(), json!(external_id));
+        });
     }
 
     /// A new current version of the key; its id.
@@ -352,7 +365,13 @@ fn new_version(hsm: bool) -> Version {
     }
 }
 
-fn create_key(f: &mut Fake, vault: &str, name: &str, ops: Option<Vec<String>>) -> String {
+fn create_key(
+    f: &mut Fake,
+    vault: &str,
+    name: &str,
+    ops: Option<Vec<String>>,
+    tags: serde_json::Map<String, Value>,
+) -> String {
     let v = f.vaults.get_mut(vault).unwrap();
     let version = new_version(v.hsm);
     let id = version.id.clone();
@@ -366,6 +385,7 @@ fn create_key(f: &mut Fake, vault: &str, name: &str, ops: Option<Vec<String>>) -
         Key {
             versions: vec![version],
             key_ops,
+            tags,
         },
     );
     id
@@ -718,7 +738,11 @@ fn key_bundle(vault: &str, v: &Vault, name: &str, key: &Key, version: &Version) 
     if let Some(nbf) = version.nbf {
         attributes["nbf"] = json!(nbf);
     }
-    json!({ "key": jwk, "attributes": attributes })
+    let mut bundle = json!({ "key": jwk, "attributes": attributes });
+    if !key.tags.is_empty() {
+        bundle["tags"] = Value::Object(key.tags.clone());
+    }
+    bundle
 }
 
 /// The current version of a live key, as Key Vault returns it.
@@ -752,7 +776,8 @@ fn keys_api(
                     .filter_map(|o| o.as_str().map(String::from))
                     .collect()
             });
-            create_key(fake, vault_name, name, ops);
+            let tags = body["tags"].as_object().cloned().unwrap_or_default();
+            create_key(fake, vault_name, name, ops, tags);
             current_bundle(fake, vault_name, name)
         }
         ("POST", ["keys", name, "rotate"]) => {
@@ -813,6 +838,9 @@ fn keys_api(
                 target.nbf = Some(nbf);
             }
             let id = target.id.clone();
+            if let Some(tags) = body["tags"].as_object() {
+                key.tags = tags.clone();
+            }
             let v = &fake.vaults[vault_name];
             let key = &v.keys[*name];
             let version = key.versions.iter().find(|x| x.id == id).unwrap();

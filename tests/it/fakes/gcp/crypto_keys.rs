@@ -50,6 +50,10 @@ pub(super) fn create_crypto_key(
             format!("CryptoKey {name} already exists."),
         );
     }
+    let labels = match labels(body) {
+        Ok(labels) => labels,
+        Err(response) => return *response,
+    };
     let purpose = body["purpose"].as_str().unwrap_or("").to_owned();
     if purpose.is_empty() || purpose == "CRYPTO_KEY_PURPOSE_UNSPECIFIED" {
         return invalid("The request cannot be fulfilled. A purpose must be specified.");
@@ -67,6 +71,7 @@ pub(super) fn create_crypto_key(
         versions: BTreeMap::new(),
         iam: Vec::new(),
         etag: 0,
+        labels,
     };
     if query(uri, "skipInitialVersionCreation").as_deref() != Some("true") {
         let id = key.add_version();
@@ -77,6 +82,45 @@ pub(super) fn create_crypto_key(
     let out = key.json(&name);
     kms.keys.insert(name, key);
     ok(out)
+}
+
+/// UpdateCryptoKey (PATCH), of the fields keybroker's customers change:
+/// `labels` (a whole new map, as Google replaces it).
+pub(super) fn update(kms: &mut Kms, uri: &Uri, resource: &str, body: &Value) -> Response {
+    let Some(key) = kms.keys.get_mut(resource) else {
+        return not_found("CryptoKey", resource);
+    };
+    if query(uri, "updateMask").as_deref() != Some("labels") {
+        return invalid("The request cannot be fulfilled. update_mask must be \"labels\".");
+    }
+    match labels(body) {
+        Ok(labels) => key.labels = labels,
+        Err(response) => return *response,
+    }
+    ok(key.json(resource))
+}
+
+/// A request's `labels`, checked as Cloud KMS does: keys start with a
+/// lower-case letter, keys and values are at most 63 lower-case letters,
+/// digits, `_` and `-`.
+fn labels(body: &Value) -> Result<BTreeMap<String, String>, Box<Response>> {
+    let mut out = BTreeMap::new();
+    let Some(map) = body["labels"].as_object() else {
+        return Ok(out);
+    };
+    let allowed = |s: &str| {
+        s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    };
+    for (k, v) in map {
+        let v = v.as_str().unwrap_or_default();
+        if !k.starts_with(|c: char| c.is_ascii_lowercase()) || !allowed(k) || !allowed(v) {
+            return Err(Box::new(invalid(format!("Invalid label {k}={v}"))));
+        }
+        out.insert(k.clone(), v.to_owned());
+    }
+    Ok(out)
 }
 
 pub(super) fn update_primary(kms: &mut Kms, resource: &str, body: &Value) -> Response {

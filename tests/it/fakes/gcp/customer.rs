@@ -6,6 +6,10 @@
 #[derive(Debug, Clone)]
 pub(crate) struct CloudKmsAdmin {
     client: google_cloud_kms_v1::client::KeyManagementService,
+    /// The external id of the keybroker tenant the customer makes keys for:
+    /// their keys carry it as the `keybroker-tenant` label (onboarding's
+    /// `key_owner_tag`). None: keys without it.
+    owner: Option<String>,
 }
 
 pub(crate) const PARENT: &str = "projects/customer-project/locations/us-east1";
@@ -18,7 +22,17 @@ impl CloudKmsAdmin {
             .build()
             .await
             .unwrap();
-        Self { client }
+        Self {
+            client,
+            owner: None,
+        }
+    }
+
+    /// This customer's keys from now on carry the tenant's
+    /// `keybroker-tenant` label.
+    pub(crate) fn owned_by(mut self, external_id: &str) -> Self {
+        self.owner = Some(external_id.to_owned());
+        self
     }
 
     /// A new ENCRYPT_DECRYPT key (version 1 primary) in a new key ring.
@@ -61,6 +75,11 @@ impl CloudKmsAdmin {
             .set_crypto_key_id(key)
             .set_crypto_key(
                 CryptoKey::new()
+                    .set_labels(
+                        self.owner
+                            .iter()
+                            .map(|owner| ("keybroker-tenant", owner.as_str())),
+                    )
                     .set_purpose(purpose)
                     .set_rotation_period(google_cloud_wkt::Duration::clamp(90 * 86_400, 0))
                     .set_next_rotation_time(google_cloud_wkt::Timestamp::clamp(4_102_444_800, 0))
@@ -96,6 +115,28 @@ impl CloudKmsAdmin {
             .unwrap();
         assert_eq!(updated.primary.unwrap().name, version.name);
         version.name
+    }
+
+    /// What proves the key is the tenant's: the customer labels it
+    /// `keybroker-tenant=<the tenant's external id>` (UpdateCryptoKey).
+    pub(crate) async fn label_owner(&self, key: &str, external_id: &str) {
+        use google_cloud_kms_v1::model::CryptoKey;
+        let updated = self
+            .client
+            .update_crypto_key()
+            .set_crypto_key(
+                CryptoKey::new()
+                    .set_name(key)
+                    .set_labels([("keybroker-tenant", external_id)]),
+            )
+            .set_update_mask(google_cloud_wkt::FieldMask::default().set_paths(["labels"]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            updated.labels.get("keybroker-tenant").map(String::as_str),
+            Some(external_id)
+        );
     }
 
     pub(crate) async fn set_version_state(&self, version: &str, state: CryptoKeyVersionState) {

@@ -88,6 +88,8 @@ struct CryptoKey {
     /// role -> members.
     iam: Vec<(String, Vec<String>)>,
     etag: u64,
+    /// The key's labels (keybroker reads `keybroker-tenant`).
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default)]
@@ -287,6 +289,9 @@ impl CryptoKey {
         }
         if let Some(next) = &self.next_rotation_time {
             out["nextRotationTime"] = json!(next);
+        }
+        if !self.labels.is_empty() {
+            out["labels"] = json!(self.labels);
         }
         out
     }
@@ -544,6 +549,9 @@ fn route(kms: &mut Kms, method: Method, uri: &Uri, headers: &HeaderMap, body: &V
         }
         (Method::POST, None) if resource.ends_with("/cryptoKeyVersions") => {
             versions::create(kms, &resource)
+        }
+        (Method::PATCH, None) if split_version(&resource).is_none() => {
+            crypto_keys::update(kms, uri, &resource, body)
         }
         (Method::PATCH, None) => versions::set_state(kms, uri, &resource, body),
         (Method::GET, None) => crypto_keys::get(kms, &principal, &resource),
