@@ -795,3 +795,128 @@ async fn a_flooding_tenant_is_held_to_its_kms_quota_and_others_keep_working() {
     assert!(calm_served >= 10 + 4, "calm tenant served {calm_served}");
     server.stop().await;
 }
+
+/// Hit rate of `tenant`'s UnwrapKey records (single and batch items) in
+/// `records`.
+fn hit_rate(records: &[serde_json::Value], tenant: &str) -> (usize, usize) {
+    let mine: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r["tenant_id"] == tenant
+                && r["method"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with("UnwrapKey"))
+        })
+        .collect();
+    let hits = mine.iter().filter(|r| r["cache_hit"] == true).count();
+    (hits, mine.len())
+}
+
+/// One run of the flood below: `steady`'s hits before and during the
+/// flood, and the flood's keys served uncached.
+async fn flood_run(share: u8) -> ((usize, usize), (usize, usize), u64) {
+    const STEADY_KEYS: usize = 100;
+    const FLOOD_BATCHES: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let mut config = test_config(dir.path());
+    // Room for 1,000 keys; the flood makes 3,000.
+    config.cache.max_entries = 1_000;
+    config.cache.tenant_share = share;
+    config.audit = AuditSettings {
+        target: AuditTarget::File(audit.clone()),
+        ..AuditSettings::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut broker = server.client().await;
+    let c = [("table", "orders")];
+    let mut steady = Vec::new();
+    for _ in 0..STEADY_KEYS {
+        steady.push(
+            generate(&mut broker, "steady", &c)
+                .await
+                .unwrap()
+                .wrapped_key,
+        );
+    }
+    let pass = |mut broker: KeyBrokerClient<Channel>, keys: Vec<Vec<u8>>| async move {
+        for wrapped in &keys {
+            unwrap(&mut broker, "steady", &c, wrapped).await.unwrap();
+        }
+    };
+    // Warm, then the pass measured before the flood.
+    pass(broker.clone(), steady.clone()).await;
+    let mark = audit_lines(&audit).len();
+    pass(broker.clone(), steady.clone()).await;
+    let records = audit_lines(&audit);
+    let before = hit_rate(&records[mark..], "steady");
+
+    // The flood: 3,000 new keys made and read back in batches, while the
+    // steady tenant reads its 100 three times.
+    let mark = records.len();
+    let stats = Arc::clone(server.broker.cache().stats());
+    let over_share = stats.snapshot().over_share;
+    let mut flooder = broker.clone();
+    let flood = tokio::spawn(async move {
+        for _ in 0..FLOOD_BATCHES {
+            let items = (0..250)
+                .map(|_| crate::common::generate_req("flood", &[("table", "orders")]))
+                .collect();
+            let made = flooder
+                .batch_generate_data_key(proto::BatchGenerateDataKeyRequest { items })
+                .await
+                .unwrap()
+                .into_inner()
+                .results;
+            let items = made
+                .into_iter()
+                .map(|r| {
+                    crate::common::unwrap_req(
+                        "flood",
+                        &[("table", "orders")],
+                        &r.response.unwrap().wrapped_key,
+                    )
+                })
+                .collect();
+            let read = flooder
+                .batch_unwrap_key(proto::BatchUnwrapKeyRequest { items })
+                .await
+                .unwrap()
+                .into_inner()
+                .results;
+            assert!(read.iter().all(|r| r.response.is_some()));
+        }
+    });
+    for _ in 0..3 {
+        pass(broker.clone(), steady.clone()).await;
+    }
+    flood.await.unwrap();
+    let records = audit_lines(&audit);
+    let during = hit_rate(&records[mark..], "steady");
+    let flood_uncached = stats.snapshot().over_share - over_share;
+    server.stop().await;
+    (before, during, flood_uncached)
+}
+
+/// One tenant reading 3,000 new keys through a cache with room for 1,000
+/// does not push another tenant's keys out: with the default per-tenant
+/// share (25 %), the steady tenant's hit rate stays 100 % during the flood,
+/// and the flood's keys past its share are served uncached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_flood_leaves_the_others_cached() {
+    let (before, during, uncached) = flood_run(25).await;
+    println!(
+        "steady tenant's hits: before {}/{}, during {}/{}; flood keys served uncached: {uncached} of 3000",
+        before.0, before.1, during.0, during.1
+    );
+    assert_eq!(before, (100, 100));
+    assert_eq!(
+        during,
+        (300, 300),
+        "the flood evicted the steady tenant's keys"
+    );
+    assert!(
+        uncached > 2_500,
+        "the flood past its share is not cached: {uncached}"
+    );
+}
