@@ -605,26 +605,31 @@ impl AzureKey {
         F: Fn(Arc<KeyClient>) -> Fut,
         Fut: Future<Output = azure_core::Result<T>>,
     {
+        use backon::Retryable as _;
         let client = self.kv.client(&self.customer_tenant, &self.key.vault_url)?;
-        let mut attempt = 1;
-        loop {
-            let err = match op(Arc::clone(&client)).await {
-                Ok(value) => return Ok(value),
-                Err(err) => err,
-            };
-            let said = failure(&err);
-            let classified = self.classify(call, &err);
-            let delay = match said.retry_after {
-                Some(delay) if delay > self.kv.settings.max_retry_delay => return Err(classified),
-                Some(delay) => delay,
-                None => Duration::from_millis(100 * u64::from(attempt)),
-            };
-            if !classified.is_transient() || attempt >= self.kv.settings.max_attempts {
-                return Err(classified);
-            }
-            attempt += 1;
-            tokio::time::sleep(delay).await;
-        }
+        let settings = &self.kv.settings;
+        let policy = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_factor(2.0)
+            .with_max_times(settings.max_attempts.max(1) as usize - 1);
+        (|| async {
+            op(Arc::clone(&client))
+                .await
+                .map_err(|err| (self.classify(call, &err), failure(&err).retry_after))
+        })
+        .retry(policy)
+        .when(|(classified, _)| classified.is_transient())
+        // Key Vault's Retry-After replaces the backoff's delay (never its
+        // count of attempts); one longer than `azure_max_retry_delay` fails
+        // the call at once.
+        .adjust(|(_, retry_after), backoff| match (*retry_after, backoff) {
+            (_, None) => None,
+            (Some(delay), Some(_)) if delay > settings.max_retry_delay => None,
+            (Some(delay), Some(_)) => Some(delay),
+            (None, backoff) => backoff,
+        })
+        .await
+        .map_err(|(classified, _)| classified)
     }
 
     /// Key Vault's unwrapKey of `wrapped` with RSA-OAEP-256 under

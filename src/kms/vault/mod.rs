@@ -611,39 +611,49 @@ impl KeyLink {
         self.target.key.display()
     }
 
-    /// POST with the session's token: a refused token is dropped and the
-    /// call made once more after a new login; transient failures retry.
+    /// POST with the session's token; transient failures are retried
+    /// (`vault_max_attempts`, 50 ms doubling).
     async fn call(
         &self,
         call: Call,
         url: &str,
         body: &impl serde::Serialize,
     ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
-        let attempts = self.vault.settings.max_attempts.max(1);
+        use backon::Retryable as _;
+        let policy = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_factor(2.0)
+            .with_max_times(self.vault.settings.max_attempts.max(1) as usize - 1);
+        (|| self.attempt(call, url, body))
+            .retry(policy)
+            .when(ProviderError::is_transient)
+            .await
+    }
+
+    /// One attempt: a refused token is dropped and the call made once more
+    /// after a new login (a second refusal is the policy's answer).
+    async fn attempt(
+        &self,
+        call: Call,
+        url: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
         let mut relogged = false;
-        let mut attempt = 1;
         loop {
             let token = self.session.token(&self.vault, self.name()).await?;
             if matches!(call, Call::Encrypt | Call::Decrypt) {
                 self.vault.transit_calls.fetch_add(1, Ordering::Relaxed);
             }
-            let error = match self.vault.post(url, Some(&token), body).await {
-                Ok((200, reply)) => return Ok(reply),
+            return match self.vault.post(url, Some(&token), body).await {
+                Ok((200, reply)) => Ok(reply),
                 Ok((403, _)) if !relogged => {
-                    // Expired or revoked token: log in once more; a second
-                    // refusal is the policy's answer.
                     relogged = true;
                     self.session.forget().await;
                     continue;
                 }
-                Ok((status, reply)) => classify(call, status, &error_text(&reply), self.name()),
-                Err(err) => transport(call, self.name(), &err),
+                Ok((status, reply)) => Err(classify(call, status, &error_text(&reply), self.name())),
+                Err(err) => Err(transport(call, self.name(), &err)),
             };
-            if !error.is_transient() || attempt >= attempts {
-                return Err(error);
-            }
-            tokio::time::sleep(Duration::from_millis(50) * 2u32.pow(attempt - 1)).await;
-            attempt += 1;
         }
     }
 
