@@ -10,12 +10,12 @@
 //! run in through [`note_provider_call`] and [`note_provider_request`]
 //! (task-local, so no signature changes through the layers).
 
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -163,10 +163,7 @@ fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
 impl FileSink {
     /// Appends one line; `durable` also waits for it to reach the disk.
     fn write(&self, line: &[u8], durable: bool) -> std::io::Result<()> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| std::io::Error::other("audit file lock poisoned"))?;
+        let mut state = self.state.lock();
         if state.1 > 0 && state.1 + line.len() as u64 > self.max_bytes && self.path.is_file() {
             self.rotate()?;
             *state = open_append(&self.path)?;
@@ -360,10 +357,7 @@ impl CallNotes {
     }
 
     pub fn provider_request_id(&self) -> Option<String> {
-        self.provider_request_id
-            .lock()
-            .ok()
-            .and_then(|id| id.clone())
+        self.provider_request_id.lock().clone()
     }
 }
 
@@ -397,9 +391,7 @@ pub fn note_dek_load() {
 pub fn note_provider_request(id: Option<&str>) {
     if let Some(id) = id {
         let _ = NOTES.try_with(|n| {
-            if let Ok(mut slot) = n.provider_request_id.lock() {
-                *slot = Some(id.to_owned());
-            }
+            *n.provider_request_id.lock() = Some(id.to_owned());
         });
     }
 }

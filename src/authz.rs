@@ -14,7 +14,9 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -255,7 +257,7 @@ pub(crate) struct PolicySource {
     /// Read on every call, replaced on reload; calls never wait on file I/O.
     current: RwLock<Arc<Policy>>,
     /// The file as it was when `current` was parsed.
-    stamp: std::sync::Mutex<Option<FileStamp>>,
+    stamp: Mutex<Option<FileStamp>>,
 }
 
 impl PolicySource {
@@ -263,7 +265,7 @@ impl PolicySource {
         Arc::new(Self {
             path: None,
             current: RwLock::new(Arc::new(policy)),
-            stamp: std::sync::Mutex::new(None),
+            stamp: Mutex::new(None),
         })
     }
 
@@ -273,15 +275,12 @@ impl PolicySource {
         Ok(Arc::new(Self {
             path: Some(path.to_owned()),
             current: RwLock::new(Arc::new(policy)),
-            stamp: std::sync::Mutex::new(Some(stamp)),
+            stamp: Mutex::new(Some(stamp)),
         }))
     }
 
     pub(crate) fn current(&self) -> Arc<Policy> {
-        match self.current.read() {
-            Ok(p) => Arc::clone(&p),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.current.read())
     }
 
     /// Re-reads the file if it changed; returns whether a new policy is in
@@ -291,19 +290,14 @@ impl PolicySource {
             return false;
         };
         let stamp = FileStamp::of(&[path]);
-        let Ok(mut seen) = self.stamp.lock() else {
-            return false;
-        };
+        let mut seen = self.stamp.lock();
         if seen.as_ref() == Some(&stamp) {
             return false;
         }
         match Policy::load(path) {
             Ok(policy) => {
                 *seen = Some(stamp);
-                match self.current.write() {
-                    Ok(mut current) => *current = Arc::new(policy),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
-                }
+                *self.current.write() = Arc::new(policy);
                 tracing::info!(path = %path.display(), "authorization policy reloaded");
                 true
             }

@@ -3,8 +3,8 @@
 //! labels unless `metrics_tenant_labels` asks for them: a platform has many
 //! tenants, and label cardinality is memory in every Prometheus.
 
+use parking_lot::Mutex;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -308,9 +308,7 @@ impl Metrics {
     }
 
     pub fn set_sources(&self, sources: Sources) {
-        if let Ok(mut slot) = self.sources.lock() {
-            *slot = sources;
-        }
+        *self.sources.lock() = sources;
     }
 
     pub fn rpc(&self, method: &str, code: tonic::Code, tenant_id: Option<&str>, elapsed: Duration) {
@@ -399,7 +397,7 @@ impl Metrics {
     /// [`encode`](Self::encode) after the cache's pending maintenance, so the
     /// entry count is current (moka counts lazily).
     pub async fn scrape(&self) -> Result<String, std::fmt::Error> {
-        let cache = self.sources.lock().ok().and_then(|s| s.cache.clone());
+        let cache = self.sources.lock().cache.clone();
         if let Some(cache) = cache {
             cache.run_pending_tasks().await;
         }
@@ -408,7 +406,8 @@ impl Metrics {
 
     /// The text exposition, after copying in the atomics kept elsewhere.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        if let (Ok(sources), Ok(mut exported)) = (self.sources.lock(), self.exported.lock()) {
+        {
+            let (sources, mut exported) = (self.sources.lock(), self.exported.lock());
             let named = |family: &Family<NameLabels, Counter>, name: &str| {
                 family
                     .get_or_create(&NameLabels {
@@ -490,7 +489,8 @@ impl Metrics {
                 }
             }
         }
-        if let Ok(sources) = self.sources.lock() {
+        {
+            let sources = self.sources.lock();
             let usable = sources
                 .platform_keyring
                 .as_ref()

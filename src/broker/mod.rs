@@ -176,25 +176,19 @@ pub struct ProviderCalls {
 pub struct SharedViews {
     /// (tenant id, view). A lock, not a cell: items of one batch run in one
     /// task, so it is never contended; it is held for a string compare.
-    last: std::sync::Mutex<Option<(Box<str>, Arc<TenantKeys>)>>,
+    last: parking_lot::Mutex<Option<(Box<str>, Arc<TenantKeys>)>>,
 }
 
 impl SharedViews {
     fn get(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
-        let last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = self.last.lock();
         last.as_ref()
             .filter(|(id, _)| **id == *tenant_id)
             .map(|(_, keys)| Arc::clone(keys))
     }
 
     fn put(&self, tenant_id: &str, keys: &Arc<TenantKeys>) {
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last.lock();
         *last = Some((tenant_id.into(), Arc::clone(keys)));
     }
 }

@@ -15,8 +15,10 @@ mod key;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 pub use entry::{CachedKey, Freshness, KeyOrigin, plaintext_bytes};
@@ -199,26 +201,17 @@ struct Shares {
 
 impl Shares {
     fn full(&self, tag: u64) -> bool {
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = self.held.lock();
         held.get(&tag).is_some_and(|held| *held >= self.limit)
     }
 
     fn add(&self, tag: u64, weight: u32) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.held.lock();
         *held.entry(tag).or_default() += u64::from(weight);
     }
 
     fn release(&self, tag: u64, weight: u32) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.held.lock();
         if let Some(now) = held.get_mut(&tag) {
             *now = now.saturating_sub(u64::from(weight));
             if *now == 0 {
@@ -297,11 +290,7 @@ impl DekCache {
     /// The tenant's purge generation now: stamped on the keys loaded under
     /// a view built after this call.
     pub fn generation(&self, tenant_id: &str) -> u64 {
-        let generations = self
-            .inner
-            .generations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generations = self.inner.generations.lock();
         generations.global
             + generations
                 .by_tenant
@@ -313,11 +302,7 @@ impl DekCache {
     /// Moves a tenant's generation on (before its entries are removed, so a
     /// load racing the purge lands under a key no later view looks up).
     fn bump(&self, tenant_id: Option<&str>) {
-        let mut generations = self
-            .inner
-            .generations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut generations = self.inner.generations.lock();
         match tenant_id {
             Some(tenant_id) => {
                 if generations.by_tenant.len() >= GENERATION_TENANTS {
@@ -363,9 +348,7 @@ impl DekCache {
             key_version: key_version.into(),
             tenant_key_version,
         };
-        let Ok(mut origins) = self.inner.origins.lock() else {
-            return Arc::new(origin);
-        };
+        let mut origins = self.inner.origins.lock();
         if let Some(found) = origins.set.get(&origin) {
             return Arc::clone(found);
         }

@@ -100,13 +100,13 @@ pub struct Watcher {
     /// Cumulative results of this replica's checks, and the fleet's
     /// bindings by state (counted at most once per interval); written per
     /// pass, read by metrics scrapes.
-    totals: std::sync::Mutex<(CheckCounts, Vec<(&'static str, u64)>)>,
+    totals: parking_lot::Mutex<(CheckCounts, Vec<(&'static str, u64)>)>,
     /// Passes that checked something (tests wait for one instead of
     /// trusting a sleep).
     passes: std::sync::atomic::AtomicU64,
-    /// When the bindings-by-state gauge was last counted. std Mutex: read
+    /// When the bindings-by-state gauge was last counted. A plain lock: read
     /// and set, never held across an await.
-    counted_at: std::sync::Mutex<Option<std::time::Instant>>,
+    counted_at: parking_lot::Mutex<Option<std::time::Instant>>,
     /// This process's id in watcher claims (random per start).
     replica_id: String,
 }
@@ -120,9 +120,9 @@ impl Watcher {
         Self {
             directory,
             settings,
-            totals: std::sync::Mutex::default(),
+            totals: parking_lot::Mutex::default(),
             passes: std::sync::atomic::AtomicU64::new(0),
-            counted_at: std::sync::Mutex::new(None),
+            counted_at: parking_lot::Mutex::new(None),
             replica_id: replica_id(),
         }
     }
@@ -190,7 +190,8 @@ impl Watcher {
                 break;
             }
         }
-        if let Ok(mut totals) = self.totals.lock() {
+        {
+            let mut totals = self.totals.lock();
             let t = &mut totals.0;
             t.revoked += summary.revoked as u64;
             t.restored += summary.restored as u64;
@@ -237,20 +238,17 @@ impl Watcher {
     /// Refreshes the fleet-wide bindings-by-state gauge, at most once per
     /// interval (one grouped count in the registry).
     async fn count_states(&self) {
-        let due = self.counted_at.lock().is_ok_and(|at| {
-            at.is_none_or(|at: std::time::Instant| at.elapsed() >= self.settings.interval)
-        });
+        let due = self
+            .counted_at
+            .lock()
+            .is_none_or(|at| at.elapsed() >= self.settings.interval);
         if !due {
             return;
         }
         match self.directory.registry().binding_states().await {
             Ok(counts) => {
-                if let Ok(mut totals) = self.totals.lock() {
-                    totals.1 = counts;
-                }
-                if let Ok(mut at) = self.counted_at.lock() {
-                    *at = Some(std::time::Instant::now());
-                }
+                self.totals.lock().1 = counts;
+                *self.counted_at.lock() = Some(std::time::Instant::now());
             }
             Err(err) => tracing::warn!(error = %err, "could not count key bindings by state"),
         }
@@ -292,10 +290,10 @@ fn jittered(interval: Duration) -> Duration {
 /// Metrics read the watcher's results through this, at scrape time.
 impl KeyStateSource for Watcher {
     fn check_totals(&self) -> CheckCounts {
-        self.totals.lock().map(|t| t.0).unwrap_or_default()
+        self.totals.lock().0
     }
 
     fn bindings_by_state(&self) -> Vec<(&'static str, u64)> {
-        self.totals.lock().map(|t| t.1.clone()).unwrap_or_default()
+        self.totals.lock().1.clone()
     }
 }

@@ -9,8 +9,10 @@
 //! the real use, so guards built on it err on the side of refusing.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+
+use parking_lot::RwLock;
 
 /// Name under which tenant key versions' usage is stored: `#` is in no
 /// binding name, so it cannot collide with one.
@@ -196,13 +198,13 @@ impl BindingUsage {
     fn record(&self, wrap: bool, version: UsedVersion<'_>) {
         self.total.record(wrap);
         {
-            let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
+            let versions = self.versions.read();
             if let Some((_, counters)) = versions.iter().find(|(id, _)| id.matches(version)) {
                 counters.record(wrap);
                 return;
             }
         }
-        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        let mut versions = self.versions.write();
         // Another request may have added it between the two locks.
         if let Some((_, counters)) = versions.iter().find(|(id, _)| id.matches(version)) {
             counters.record(wrap);
@@ -222,7 +224,7 @@ impl BindingUsage {
     /// with the time of the take.
     pub fn take(&self) -> TakenUsage {
         let now = super::now_ms();
-        let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        let versions = self.versions.read();
         TakenUsage {
             total: self.total.take(now),
             versions: versions
@@ -236,7 +238,7 @@ impl BindingUsage {
     /// Puts back counts a failed flush could not write.
     pub fn restore(&self, taken: &TakenUsage) {
         self.total.restore(taken.total);
-        let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        let versions = self.versions.read();
         for (id, counts) in &taken.versions {
             if let Some((_, counters)) = versions.iter().find(|(v, _)| v == id) {
                 counters.restore(*counts);

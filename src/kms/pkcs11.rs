@@ -19,7 +19,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
@@ -228,7 +230,7 @@ pub(crate) fn classify(err: &CkError, key: &str) -> ProviderError {
     }
 }
 
-/// One token's logged-in sessions. std Mutex: a pop or a push, never held
+/// One token's logged-in sessions. A plain lock: a pop or a push, never held
 /// across a PKCS#11 call.
 struct TokenPool {
     slot: Slot,
@@ -242,7 +244,7 @@ pub struct Pkcs11Hsm {
     ctx: Pkcs11,
     pin: AuthPin,
     sessions: usize,
-    /// Session pools by token label. std Mutex: map access only.
+    /// Session pools by token label. A plain lock: map access only.
     tokens: Mutex<HashMap<String, Arc<TokenPool>>>,
     /// Encrypt/decrypt calls made (tests count them).
     pub calls: Arc<std::sync::atomic::AtomicU64>,
@@ -330,7 +332,7 @@ impl Pkcs11Hsm {
     }
 
     fn pool(&self, token: &str, name: &str) -> Result<Arc<TokenPool>, ProviderError> {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tokens = self.tokens.lock();
         if let Some(pool) = tokens.get(token) {
             return Ok(Arc::clone(pool));
         }
@@ -382,7 +384,7 @@ impl Pkcs11Hsm {
         // The semaphore bounds the sessions to `pkcs11_sessions` per token.
         let _permit = futures::executor::block_on(Arc::clone(&pool.permits).acquire_owned())
             .map_err(|_| ProviderError::Internal("session pool closed".into()))?;
-        let idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let idle = pool.idle.lock().pop();
         let session = match idle {
             Some(session) => session,
             None => {
@@ -401,10 +403,7 @@ impl Pkcs11Hsm {
         // A session the token dropped is not reused.
         let broken = matches!(&result, Err(ProviderError::Unavailable(_)));
         if !broken {
-            pool.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(session);
+            pool.idle.lock().push(session);
         }
         result
     }

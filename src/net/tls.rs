@@ -15,7 +15,9 @@
 //! together; about a third is their unit tests.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -365,7 +367,7 @@ pub struct TlsSource {
     /// What the files looked like when `current` was built, and when a
     /// reload last failed (so a broken file is reported once per change,
     /// not on every tick).
-    stamp: std::sync::Mutex<(FileStamp, Option<FileStamp>)>,
+    stamp: Mutex<(FileStamp, Option<FileStamp>)>,
     /// Broken reloads reported (one per change of the files).
     failures: std::sync::atomic::AtomicU64,
 }
@@ -377,16 +379,13 @@ impl TlsSource {
         Ok(Arc::new(Self {
             settings,
             current: RwLock::new(current),
-            stamp: std::sync::Mutex::new((stamp, None)),
+            stamp: Mutex::new((stamp, None)),
             failures: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
     pub fn current(&self) -> Arc<ServerConfig> {
-        match self.current.read() {
-            Ok(config) => Arc::clone(&config),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.current.read())
     }
 
     /// Rebuilds the configuration if a file changed. A broken new file keeps
@@ -394,19 +393,14 @@ impl TlsSource {
     /// not take the listener down.
     pub fn reload_if_changed(&self) -> bool {
         let stamp = FileStamp::of(&paths(&self.settings));
-        let Ok(mut seen) = self.stamp.lock() else {
-            return false;
-        };
+        let mut seen = self.stamp.lock();
         if seen.0 == stamp || seen.1.as_ref() == Some(&stamp) {
             return false;
         }
         match server_config(&self.settings) {
             Ok(config) => {
                 *seen = (stamp, None);
-                match self.current.write() {
-                    Ok(mut current) => *current = config,
-                    Err(poisoned) => *poisoned.into_inner() = config,
-                }
+                *self.current.write() = config;
                 tracing::info!("TLS certificate, key or client CA changed; reloaded");
                 true
             }

@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -67,7 +69,7 @@ pub struct RegistryDirectory {
     /// registry outage within a grace (see `views`).
     pub(super) views: Views,
     /// Usage counters by (tenant, binding). They outlive the tenant views,
-    /// which are rebuilt on every change. std Mutex: held for a map lookup,
+    /// which are rebuilt on every change. A plain lock: held for a map lookup,
     /// never across an await.
     pub(super) usage: Mutex<HashMap<UsageKey, Arc<BindingUsage>>>,
     /// Verdicts of recent out-of-turn describes by (tenant, binding): moka

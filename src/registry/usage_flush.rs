@@ -12,7 +12,7 @@ use crate::keys::{
 
 impl RegistryDirectory {
     pub(super) fn usage_for(&self, tenant_id: &str, name: &str) -> Arc<BindingUsage> {
-        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.usage.lock();
         Arc::clone(
             map.entry((tenant_id.to_owned(), name.to_owned()))
                 .or_default(),
@@ -21,14 +21,14 @@ impl RegistryDirectory {
 
     /// Usage not yet flushed to the registry.
     pub fn pending_usage(&self, tenant_id: &str, name: &str) -> UsageCounts {
-        let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.usage.lock();
         map.get(&(tenant_id.to_owned(), name.to_owned()))
             .map(|u| u.peek())
             .unwrap_or_default()
     }
 
     pub fn forget_usage(&self, tenant_id: &str, name: &str) {
-        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.usage.lock();
         map.remove(&(tenant_id.to_owned(), name.to_owned()));
     }
 
@@ -37,7 +37,7 @@ impl RegistryDirectory {
     /// is one for every tenant: its uses are stored fleet-wide.
     /// Usage counts not yet written to the registry: (wraps, unwraps).
     pub fn unflushed_usage(&self) -> (u64, u64) {
-        let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.usage.lock();
         map.values()
             .chain(std::iter::once(&self.platform.usage))
             .map(|usage| usage.peek())
@@ -46,7 +46,7 @@ impl RegistryDirectory {
 
     pub async fn flush_usage(&self) -> Result<(), super::RegistryError> {
         let mut sources: Vec<(String, String, Arc<BindingUsage>)> = {
-            let map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            let map = self.usage.lock();
             map.iter()
                 .map(|((tenant_id, name), usage)| {
                     (tenant_id.clone(), name.clone(), Arc::clone(usage))

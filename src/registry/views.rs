@@ -13,8 +13,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::keys::{DirectoryError, TenantKeys};
@@ -169,11 +171,7 @@ impl Views {
             }
             Err(DirectoryError::Unavailable(why)) => {
                 self.stale_serves.fetch_add(1, Ordering::Relaxed);
-                let since = *self
-                    .outage
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get_or_insert_with(Instant::now);
+                let since = *self.outage.lock().get_or_insert_with(Instant::now);
                 tracing::warn!(
                     tenant = tenant_id,
                     error = %why,
@@ -181,10 +179,7 @@ impl Views {
                     "the registry did not answer; serving the tenant's keys as last read"
                 );
                 let retry_at = Instant::now() + self.settings.ttl.min(RETRY_AFTER);
-                self.retry_at
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(tenant_id.into(), retry_at);
+                self.retry_at.lock().insert(tenant_id.into(), retry_at);
                 Ok(Arc::clone(&stale.keys))
             }
             Err(err) => Err(err),
@@ -227,10 +222,7 @@ impl Views {
                 ))
             })??;
         // The registry answered: whatever outage there was is over.
-        self.outage
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        self.outage.lock().take();
         Ok(Arc::new(View {
             keys,
             generation,
@@ -247,10 +239,7 @@ impl Views {
     }
 
     fn backing_off(&self, tenant_id: &str) -> bool {
-        let retry_at = self
-            .retry_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let retry_at = self.retry_at.lock();
         retry_at
             .get(tenant_id)
             .is_some_and(|at| Instant::now() < *at)
@@ -310,10 +299,7 @@ impl Views {
     /// Since when the registry has not answered a refresh (None: it has
     /// answered the last one).
     pub(super) fn outage_since(&self) -> Option<Instant> {
-        *self
-            .outage
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self.outage.lock()
     }
 }
 
@@ -326,10 +312,7 @@ struct Claim<'a> {
 
 impl<'a> Claim<'a> {
     fn take(views: &'a Views, tenant_id: &'a str) -> Option<Self> {
-        let mut refreshing = views
-            .refreshing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut refreshing = views.refreshing.lock();
         // Lazily: a Claim built and dropped here would release another's.
         refreshing
             .insert(tenant_id.into())
@@ -339,11 +322,7 @@ impl<'a> Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.views
-            .refreshing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(self.tenant_id);
+        self.views.refreshing.lock().remove(self.tenant_id);
     }
 }
 

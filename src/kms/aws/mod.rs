@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -255,7 +255,7 @@ impl AwsKms {
                 session_name: key.2.clone(),
                 duration: self.settings.session_duration,
                 credentials: tokio::sync::Mutex::new(None),
-                clients: Mutex::default(),
+                clients: parking_lot::Mutex::default(),
                 calls: Arc::clone(&self.assume_role_calls),
             })
         });
@@ -267,7 +267,7 @@ impl AwsKms {
     }
 
     fn client(&self, session: &Arc<RoleSession>, region: &str) -> aws_sdk_kms::Client {
-        let mut clients = session.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = session.clients.lock();
         clients
             .entry(region.to_owned())
             .or_insert_with(|| {

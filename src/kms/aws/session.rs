@@ -49,9 +49,9 @@ pub(super) struct RoleSession {
     /// mutex held across the call.
     pub(super) credentials: tokio::sync::Mutex<Option<Credentials>>,
     /// This session's KMS clients by region (a handful at most). They hold
-    /// the session weakly, so dropping the session frees them. std Mutex:
+    /// the session weakly, so dropping the session frees them. A plain lock:
     /// map access only.
-    pub(super) clients: std::sync::Mutex<std::collections::HashMap<String, aws_sdk_kms::Client>>,
+    pub(super) clients: parking_lot::Mutex<std::collections::HashMap<String, aws_sdk_kms::Client>>,
     /// AssumeRole calls made, shared by every session (metrics, tests).
     pub(super) calls: Arc<AtomicU64>,
 }

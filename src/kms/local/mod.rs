@@ -16,11 +16,12 @@ mod file;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use parking_lot::RwLock;
 use zeroize::Zeroizing;
 
 pub use self::file::{KeyringSeal, reseal_keyring_file, rotate_keyring_file};
@@ -177,7 +178,7 @@ pub struct LocalKeyring {
     path: Option<PathBuf>,
     /// Current versions. Readers clone the `Arc` and release the lock at once;
     /// a reload swaps in a whole new set, so a wrap never sees a half-loaded
-    /// keyring. std RwLock: held for a pointer copy, never across an await.
+    /// keyring. Held for a pointer copy, never across an await.
     versions: RwLock<Arc<Versions>>,
     /// File identity at the last load; written only by `reload_if_changed`.
     stamp: RwLock<Option<FileStamp>>,
@@ -304,12 +305,7 @@ impl LocalKeyring {
     }
 
     fn current(&self) -> Arc<Versions> {
-        // A poisoned lock only means a reader panicked mid-clone; the Arc
-        // inside is still whole, so keep serving it.
-        match self.versions.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.versions.read())
     }
 
     /// The key of the version a wrapped key names. A version that is not a
@@ -381,17 +377,13 @@ impl LocalKeyring {
             path: path.clone(),
             cause,
         })?;
-        let last = self.stamp.read().ok().and_then(|s| *s);
+        let last = *self.stamp.read();
         if last == Some(now) {
             return Ok(false);
         }
         let (versions, stamp) = load(path, self.seal.as_deref())?;
-        if let Ok(mut guard) = self.versions.write() {
-            *guard = Arc::new(versions);
-        }
-        if let Ok(mut guard) = self.stamp.write() {
-            *guard = Some(stamp);
-        }
+        *self.versions.write() = Arc::new(versions);
+        *self.stamp.write() = Some(stamp);
         Ok(true)
     }
 
@@ -558,10 +550,7 @@ impl KeyProvider for LocalKeyring {
     }
 
     fn is_current_version(&self, version: &str) -> Option<bool> {
-        let newest = match self.versions.read() {
-            Ok(guard) => guard.newest,
-            Err(poisoned) => poisoned.into_inner().newest,
-        };
+        let newest = self.versions.read().newest;
         Some(version.parse::<u32>().is_ok_and(|v| v == newest))
     }
 

@@ -31,8 +31,10 @@ mod errors;
 mod reference;
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -534,7 +536,7 @@ pub struct VaultTransitKey {
     /// Cold decrypts gathered for one Transit `batch_input` call. The first
     /// one in an empty queue spawns the sender, which yields once so the
     /// other cold items polled with it (a BatchUnwrapKey's) join; so a
-    /// queue that is not empty always has a sender coming. std Mutex: a
+    /// queue that is not empty always has a sender coming. A plain lock: a
     /// push or a take, never held across an await.
     pending: Arc<Mutex<Vec<PendingDecrypt>>>,
 }
@@ -651,7 +653,9 @@ impl KeyLink {
                     self.session.forget().await;
                     continue;
                 }
-                Ok((status, reply)) => Err(classify(call, status, &error_text(&reply), self.name())),
+                Ok((status, reply)) => {
+                    Err(classify(call, status, &error_text(&reply), self.name()))
+                }
                 Err(err) => Err(transport(call, self.name(), &err)),
             };
         }
@@ -842,7 +846,7 @@ impl KeyProvider for VaultTransitKey {
         let text = self.link.checked_ciphertext(key_version, ciphertext)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let first = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.pending.lock();
             pending.push(PendingDecrypt {
                 ciphertext: text.to_owned(),
                 aad: B64.encode(wrap.aad()),
@@ -855,7 +859,7 @@ impl KeyProvider for VaultTransitKey {
             let (link, pending) = (Arc::clone(&self.link), Arc::clone(&self.pending));
             tokio::spawn(async move {
                 tokio::task::yield_now().await;
-                let batch = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+                let batch = std::mem::take(&mut *pending.lock());
                 link.decrypt_batch(batch).await;
             });
         }
