@@ -13,6 +13,35 @@ use prost::Message;
 use crate::kms::ProviderKind;
 use crate::proto;
 
+/// The wrapped-key format names providers by the wire enum.
+impl From<ProviderKind> for proto::Provider {
+    fn from(kind: ProviderKind) -> Self {
+        match kind {
+            ProviderKind::Local => Self::Local,
+            ProviderKind::AwsKms => Self::AwsKms,
+            ProviderKind::GcpKms => Self::GcpKms,
+            ProviderKind::VaultTransit => Self::VaultTransit,
+            ProviderKind::Pkcs11 => Self::Pkcs11,
+            ProviderKind::AzureKeyVault => Self::AzureKeyVault,
+        }
+    }
+}
+
+impl TryFrom<proto::Provider> for ProviderKind {
+    type Error = ();
+    fn try_from(p: proto::Provider) -> Result<Self, ()> {
+        match p {
+            proto::Provider::Local => Ok(Self::Local),
+            proto::Provider::AwsKms => Ok(Self::AwsKms),
+            proto::Provider::GcpKms => Ok(Self::GcpKms),
+            proto::Provider::VaultTransit => Ok(Self::VaultTransit),
+            proto::Provider::Pkcs11 => Ok(Self::Pkcs11),
+            proto::Provider::AzureKeyVault => Ok(Self::AzureKeyVault),
+            proto::Provider::Unspecified => Err(()),
+        }
+    }
+}
+
 /// Format of a DEK wrapped directly by a key binding's provider, from
 /// before incarnations (read, never written).
 pub const FORMAT_VERSION: u32 = 1;

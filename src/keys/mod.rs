@@ -21,7 +21,10 @@ pub use usage::{
 /// Name of the platform key's binding; reserved in every tenant.
 pub const PLATFORM_BINDING: &str = "platform";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// As stored: `ACTIVE`, `DISABLED`, `REVOKED` (`IntoStaticStr`, `FromStr`);
+/// as shown in messages: lower case (`Display`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
 pub enum BindingState {
     Active,
     /// Disabled by an operator of the platform.
@@ -86,7 +89,8 @@ impl Binding {
 }
 
 /// How a tenant's DEKs are wrapped (DESIGN.md section 4a).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum KeyHierarchy {
     /// Customer key -> versioned tenant key -> DEKs sealed locally.
     #[default]
@@ -97,10 +101,7 @@ pub enum KeyHierarchy {
 
 impl KeyHierarchy {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::TenantKey => "tenant_key",
-            Self::Direct => "direct",
-        }
+        self.into()
     }
 }
 

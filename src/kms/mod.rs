@@ -17,7 +17,6 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::context::{self, Context};
-use crate::proto;
 use crate::secret::SecretBytes;
 
 /// An extra CA certificate (PEM) for a provider's HTTPS client, read from
@@ -33,61 +32,34 @@ pub(crate) fn extra_root_ca(
     reqwest::Certificate::from_pem(&pem).map_err(|e| fail(&e))
 }
 
-/// Which kind of key store a binding uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Which kind of key store a binding uses; its name as stored and shown
+/// (`aws-kms`...).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::EnumIter,
+)]
+#[strum(serialize_all = "kebab-case")]
 pub enum ProviderKind {
     Local,
     AwsKms,
     GcpKms,
     VaultTransit,
     Pkcs11,
+    #[strum(serialize = "azure-kv")]
     AzureKeyVault,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::AwsKms => "aws-kms",
-            Self::GcpKms => "gcp-kms",
-            Self::VaultTransit => "vault-transit",
-            Self::Pkcs11 => "pkcs11",
-            Self::AzureKeyVault => "azure-kv",
-        }
-    }
-}
-
-impl fmt::Display for ProviderKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<ProviderKind> for proto::Provider {
-    fn from(kind: ProviderKind) -> Self {
-        match kind {
-            ProviderKind::Local => Self::Local,
-            ProviderKind::AwsKms => Self::AwsKms,
-            ProviderKind::GcpKms => Self::GcpKms,
-            ProviderKind::VaultTransit => Self::VaultTransit,
-            ProviderKind::Pkcs11 => Self::Pkcs11,
-            ProviderKind::AzureKeyVault => Self::AzureKeyVault,
-        }
-    }
-}
-
-impl TryFrom<proto::Provider> for ProviderKind {
-    type Error = ();
-    fn try_from(p: proto::Provider) -> Result<Self, ()> {
-        match p {
-            proto::Provider::Local => Ok(Self::Local),
-            proto::Provider::AwsKms => Ok(Self::AwsKms),
-            proto::Provider::GcpKms => Ok(Self::GcpKms),
-            proto::Provider::VaultTransit => Ok(Self::VaultTransit),
-            proto::Provider::Pkcs11 => Ok(Self::Pkcs11),
-            proto::Provider::AzureKeyVault => Ok(Self::AzureKeyVault),
-            proto::Provider::Unspecified => Err(()),
-        }
+        self.into()
     }
 }
 
@@ -309,5 +281,33 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// This provider as an AWS KMS key, for KMS-side rewraps (ReEncrypt).
     fn aws_key(&self) -> Option<&aws::AwsKmsKey> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProviderKind;
+
+    /// The names are stored in every registry row: they never change.
+    #[test]
+    fn provider_names_as_stored() {
+        use strum::IntoEnumIterator as _;
+        let names: Vec<&str> = ProviderKind::iter().map(ProviderKind::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "local",
+                "aws-kms",
+                "gcp-kms",
+                "vault-transit",
+                "pkcs11",
+                "azure-kv"
+            ]
+        );
+        for kind in ProviderKind::iter() {
+            assert_eq!(kind.as_str().parse::<ProviderKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.as_str());
+        }
+        assert!("azure-key-vault".parse::<ProviderKind>().is_err());
     }
 }

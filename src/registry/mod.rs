@@ -141,7 +141,8 @@ impl RegistrySettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum KeyPolicy {
     /// Any number of keys; one is primary.
     Keyring,
@@ -151,18 +152,12 @@ pub enum KeyPolicy {
 
 impl KeyPolicy {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Keyring => "keyring",
-            Self::SingleKey => "single_key",
-        }
+        self.into()
     }
 
     fn parse(text: &str) -> Result<Self, RegistryError> {
-        match text {
-            "keyring" => Ok(Self::Keyring),
-            "single_key" => Ok(Self::SingleKey),
-            other => Err(RegistryError::Corrupt(format!("key policy {other:?}"))),
-        }
+        text.parse()
+            .map_err(|_| RegistryError::Corrupt(format!("key policy {text:?}")))
     }
 }
 

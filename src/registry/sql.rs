@@ -222,32 +222,17 @@ async fn fetch_bindings<'e, E: sqlx::Executor<'e, Database = Any>>(
 }
 
 pub(super) fn state_str(state: BindingState) -> &'static str {
-    match state {
-        BindingState::Active => "ACTIVE",
-        BindingState::Disabled => "DISABLED",
-        BindingState::Revoked => "REVOKED",
-    }
+    state.into()
 }
 
 fn parse_state(text: &str) -> Result<BindingState, RegistryError> {
-    match text {
-        "ACTIVE" => Ok(BindingState::Active),
-        "DISABLED" => Ok(BindingState::Disabled),
-        "REVOKED" => Ok(BindingState::Revoked),
-        other => Err(RegistryError::Corrupt(format!("binding state {other:?}"))),
-    }
+    text.parse()
+        .map_err(|_| RegistryError::Corrupt(format!("binding state {text:?}")))
 }
 
 fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
-    match text {
-        "local" => Ok(ProviderKind::Local),
-        "aws-kms" => Ok(ProviderKind::AwsKms),
-        "gcp-kms" => Ok(ProviderKind::GcpKms),
-        "vault-transit" => Ok(ProviderKind::VaultTransit),
-        "pkcs11" => Ok(ProviderKind::Pkcs11),
-        "azure-kv" => Ok(ProviderKind::AzureKeyVault),
-        other => Err(RegistryError::Corrupt(format!("provider {other:?}"))),
-    }
+    text.parse()
+        .map_err(|_| RegistryError::Corrupt(format!("provider {text:?}")))
 }
 
 /// A random link id: a key linked again under the same name is another key
@@ -309,11 +294,8 @@ pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryEr
 }
 
 fn parse_hierarchy(text: &str) -> Result<KeyHierarchy, RegistryError> {
-    match text {
-        "tenant_key" => Ok(KeyHierarchy::TenantKey),
-        "direct" => Ok(KeyHierarchy::Direct),
-        other => Err(RegistryError::Corrupt(format!("key hierarchy {other:?}"))),
-    }
+    text.parse()
+        .map_err(|_| RegistryError::Corrupt(format!("key hierarchy {text:?}")))
 }
 
 pub(super) fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
