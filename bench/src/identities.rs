@@ -76,7 +76,10 @@ pub(crate) fn child(count: usize, capacity: u64, moto_url: &str) -> anyhow::Resu
         let settings = AwsSettings {
             kms_endpoint: Some(moto_url.to_owned()),
             sts_endpoint: Some(moto_url.to_owned()),
-            identity_cache_capacity: capacity,
+            identity: keybroker::kms::aws::AwsIdentityCache {
+                capacity,
+                ..AwsSettings::default().identity
+            },
             max_attempts: 1,
             ..AwsSettings::default()
         };

@@ -45,7 +45,13 @@ use crate::secret::SecretBytes;
 /// `keybroker:` prefix, so it never collides with their entries).
 pub const TENANT_CONTEXT_KEY: &str = "keybroker:tenant";
 
-/// AWS settings from the config.
+crate::settings::identity_cache_flags!(
+    AwsIdentityCache,
+    "aws",
+    "AWS",
+    "customer role sessions (with their KMS clients)"
+);
+
 /// The `aws_*` settings.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct AwsSettings {
@@ -98,20 +104,8 @@ pub struct AwsSettings {
     /// Deadline of one AWS call, retries included.
     #[arg(id = "aws_operation_timeout", long = "aws-operation-timeout", env = "KEYBROKER_AWS_OPERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "8s")]
     pub operation_timeout: Duration,
-    /// Most customer role sessions (with their KMS clients) kept at once;
-    /// the least recently used beyond it are dropped, so 100,000 tenants
-    /// never mean 100,000 live sessions.
-    #[arg(
-        id = "aws_identity_cache_capacity",
-        long = "aws-identity-cache-capacity",
-        env = "KEYBROKER_AWS_IDENTITY_CACHE_CAPACITY",
-        default_value = "10000"
-    )]
-    pub identity_cache_capacity: u64,
-    /// A role session unused this long is dropped (its next use assumes the
-    /// role again: one STS call).
-    #[arg(id = "aws_identity_idle_timeout", long = "aws-identity-idle-timeout", env = "KEYBROKER_AWS_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
-    pub identity_idle_timeout: Duration,
+    #[command(flatten)]
+    pub identity: AwsIdentityCache,
 }
 
 impl Default for AwsSettings {
@@ -132,11 +126,7 @@ impl AwsSettings {
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("aws_max_attempts", "must be 1 to 10");
         }
-        crate::settings::check_identity_cache(
-            "aws",
-            self.identity_cache_capacity,
-            self.identity_idle_timeout,
-        )?;
+        self.identity.validate()?;
         if self.attempt_timeout > self.operation_timeout {
             return invalid(
                 "aws_attempt_timeout",
@@ -224,10 +214,7 @@ impl AwsKms {
         Self {
             sts: aws_sdk_sts::Client::from_conf(sts.build()),
             base,
-            sessions: moka::sync::Cache::builder()
-                .max_capacity(settings.identity_cache_capacity)
-                .time_to_idle(settings.identity_idle_timeout)
-                .build(),
+            sessions: settings.identity.get().sync_cache(1),
             settings,
             assume_role_calls: Arc::default(),
         }

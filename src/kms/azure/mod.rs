@@ -66,6 +66,13 @@ pub const KEY_ROLE: &str = "Key Vault Crypto Service Encryption User";
 
 const DEFAULT_DOMAINS: &str = "vault.azure.net,managedhsm.azure.net,vault.azure.cn,managedhsm.azure.cn,vault.usgovcloudapi.net,managedhsm.usgovcloudapi.net";
 
+crate::settings::identity_cache_flags!(
+    AzureIdentityCache,
+    "azure",
+    "AZURE",
+    "customer tenants' credentials (with their Key Vault clients)"
+);
+
 /// The `azure_*` settings.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct AzureSettings {
@@ -141,17 +148,8 @@ pub struct AzureSettings {
     /// once with RESOURCE_EXHAUSTED naming the delay.
     #[arg(id = "azure_max_retry_delay", long = "azure-max-retry-delay", env = "KEYBROKER_AZURE_MAX_RETRY_DELAY", value_parser = humantime::parse_duration, default_value = "2s")]
     pub max_retry_delay: Duration,
-    /// Most customer tenants with a live credential at once.
-    #[arg(
-        id = "azure_identity_cache_capacity",
-        long = "azure-identity-cache-capacity",
-        env = "KEYBROKER_AZURE_IDENTITY_CACHE_CAPACITY",
-        default_value = "10000"
-    )]
-    pub identity_cache_capacity: u64,
-    /// A customer tenant's credential unused this long is dropped.
-    #[arg(id = "azure_identity_idle_timeout", long = "azure-identity-idle-timeout", env = "KEYBROKER_AZURE_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
-    pub identity_idle_timeout: Duration,
+    #[command(flatten)]
+    pub identity: AzureIdentityCache,
 }
 
 impl Default for AzureSettings {
@@ -183,11 +181,7 @@ impl AzureSettings {
                 "needs exactly one of azure_client_secret_file and azure_federated_token_file",
             );
         }
-        crate::settings::check_identity_cache(
-            "azure",
-            self.identity_cache_capacity,
-            self.identity_idle_timeout,
-        )?;
+        self.identity.validate()?;
         Ok(())
     }
 }
@@ -342,16 +336,13 @@ impl AzureKeyVault {
         let http = builder.build().map_err(|e| {
             ProviderError::Internal(format!("cannot build the Azure HTTPS client: {e}"))
         })?;
-        let (capacity, idle) = (
-            settings.identity_cache_capacity,
-            settings.identity_idle_timeout,
-        );
+        let identity = settings.identity.get();
         Ok(Self {
-            credentials: bounded(capacity, idle),
-            clients: bounded(capacity, idle),
-            kinds: bounded(capacity.saturating_mul(4), idle),
-            currents: bounded(capacity.saturating_mul(4), idle),
-            warned: bounded(capacity.saturating_mul(4), idle),
+            credentials: identity.sync_cache(1),
+            clients: identity.sync_cache(1),
+            kinds: identity.sync_cache(4),
+            currents: identity.sync_cache(4),
+            warned: identity.sync_cache(4),
             settings,
             app,
             http,
@@ -476,17 +467,6 @@ impl AzureKeyVault {
 }
 
 /// A cache of at most `capacity` entries, each dropped after `idle` unused.
-fn bounded<K, V>(capacity: u64, idle: Duration) -> moka::sync::Cache<K, V>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    moka::sync::Cache::builder()
-        .max_capacity(capacity)
-        .time_to_idle(idle)
-        .build()
-}
-
 /// What a failed SDK call said.
 fn failure(err: &azure_core::Error) -> Failure {
     use azure_core::error::ErrorKind;
@@ -906,7 +886,10 @@ mod tests {
         let settings = AzureSettings {
             client_id: Some("11111111-2222-3333-4444-555555555555".into()),
             client_secret_file: Some(secret),
-            identity_cache_capacity: 3,
+            identity: AzureIdentityCache {
+                capacity: 3,
+                ..AzureSettings::default().identity
+            },
             ..AzureSettings::default()
         };
         settings.validate().unwrap();

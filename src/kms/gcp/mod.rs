@@ -70,6 +70,13 @@ impl std::str::FromStr for GcpCredentials {
     }
 }
 
+crate::settings::identity_cache_flags!(
+    GcpIdentityCache,
+    "gcp",
+    "GCP",
+    "Cloud KMS clients (one per impersonated service account)"
+);
+
 /// The `gcp_*` settings.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct GcpSettings {
@@ -106,19 +113,8 @@ pub struct GcpSettings {
     /// Deadline of one Cloud KMS call, retries included.
     #[arg(id = "gcp_operation_timeout", long = "gcp-operation-timeout", env = "KEYBROKER_GCP_OPERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "8s")]
     pub operation_timeout: Duration,
-    /// Most Cloud KMS clients (one per impersonated service account) kept
-    /// at once; the least recently used beyond it are dropped.
-    #[arg(
-        id = "gcp_identity_cache_capacity",
-        long = "gcp-identity-cache-capacity",
-        env = "KEYBROKER_GCP_IDENTITY_CACHE_CAPACITY",
-        default_value = "10000"
-    )]
-    pub identity_cache_capacity: u64,
-    /// A client unused this long is dropped (its next use builds a new one
-    /// and mints a new impersonated token).
-    #[arg(id = "gcp_identity_idle_timeout", long = "gcp-identity-idle-timeout", env = "KEYBROKER_GCP_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
-    pub identity_idle_timeout: Duration,
+    #[command(flatten)]
+    pub identity: GcpIdentityCache,
 }
 
 impl Default for GcpSettings {
@@ -133,11 +129,7 @@ impl GcpSettings {
         if self.max_attempts == 0 || self.max_attempts > 10 {
             return invalid("gcp_max_attempts", "must be 1 to 10");
         }
-        crate::settings::check_identity_cache(
-            "gcp",
-            self.identity_cache_capacity,
-            self.identity_idle_timeout,
-        )?;
+        self.identity.validate()?;
         if self.attempt_timeout > self.operation_timeout {
             return invalid(
                 "gcp_attempt_timeout",
@@ -179,14 +171,8 @@ impl fmt::Debug for GcpKms {
 impl GcpKms {
     pub fn new(settings: GcpSettings) -> Self {
         Self {
-            clients: moka::future::Cache::builder()
-                .max_capacity(settings.identity_cache_capacity)
-                .time_to_idle(settings.identity_idle_timeout)
-                .build(),
-            primaries: moka::sync::Cache::builder()
-                .max_capacity(settings.identity_cache_capacity.saturating_mul(4))
-                .time_to_idle(settings.identity_idle_timeout)
-                .build(),
+            clients: settings.identity.get().future_cache(),
+            primaries: settings.identity.get().sync_cache(4),
             settings,
         }
     }

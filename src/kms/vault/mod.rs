@@ -64,6 +64,13 @@ path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
     )
 }
 
+crate::settings::identity_cache_flags!(
+    VaultIdentityCache,
+    "vault",
+    "VAULT",
+    "Vault logins (one per customer AppRole or jwt role)"
+);
+
 /// The `vault_*` settings.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct VaultSettings {
@@ -87,14 +94,8 @@ pub struct VaultSettings {
         env = "KEYBROKER_VAULT_CA_FILE"
     )]
     pub ca_file: Option<std::path::PathBuf>,
-    /// Most Vault logins (one per customer AppRole) cached at once.
-    #[arg(
-        id = "vault_identity_cache_capacity",
-        long = "vault-identity-cache-capacity",
-        env = "KEYBROKER_VAULT_IDENTITY_CACHE_CAPACITY",
-        default_value = "10000"
-    )]
-    pub identity_cache_capacity: u64,
+    #[command(flatten)]
+    pub identity: VaultIdentityCache,
     /// Removed: one platform token sent to every customer's Vault let any
     /// customer who pointed a link at a server of their own log in as
     /// keybroker to every other customer's jwt role. keybroker mints a token
@@ -106,9 +107,6 @@ pub struct VaultSettings {
         hide = true
     )]
     pub jwt_file: Option<std::path::PathBuf>,
-    /// A Vault login unused this long is dropped (the next use logs in).
-    #[arg(id = "vault_identity_idle_timeout", long = "vault-identity-idle-timeout", env = "KEYBROKER_VAULT_IDENTITY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
-    pub identity_idle_timeout: Duration,
 }
 
 impl Default for VaultSettings {
@@ -132,11 +130,7 @@ impl VaultSettings {
                 "was removed: a shared token sent to every customer's Vault could be replayed against the others. keybroker now mints a token per login; set oidc_issuer and have customers trust its keys (keybroker keyring oidc-keys; docs/providers.md, Vault)",
             );
         }
-        crate::settings::check_identity_cache(
-            "vault",
-            self.identity_cache_capacity,
-            self.identity_idle_timeout,
-        )?;
+        self.identity.validate()?;
         Ok(())
     }
 }
@@ -182,10 +176,7 @@ impl VaultTransit {
             .map_err(|e| ProviderError::Internal(format!("cannot build the Vault client: {e}")))?;
         Ok(Self {
             http,
-            sessions: moka::sync::Cache::builder()
-                .max_capacity(settings.identity_cache_capacity)
-                .time_to_idle(settings.identity_idle_timeout)
-                .build(),
+            sessions: settings.identity.get().sync_cache(1),
             settings,
             logins: Arc::default(),
             renewals: Arc::default(),
