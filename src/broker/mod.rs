@@ -704,22 +704,20 @@ impl Broker {
         // One encryption context for both sides: only when the key was
         // bound to the incarnation it is rewrapped for.
         let same_context = envelope.incarnation == incarnation;
-        if let (Some(dst), Some(src), true) = (
-            target.provider.aws_key(),
-            source.provider.aws_key(),
-            same_context,
-        ) {
+        if same_context && target.provider.reencrypts_from(source.provider.as_ref()) {
             ensure_usable(target, tenant_id)?;
             let bound = context.with_incarnation(incarnation);
             let wrap = WrapContext {
                 tenant_id,
                 context: &bound,
             };
-            if dst.same_session(src) {
-                self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
-            }
+            self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
             let started = std::time::Instant::now();
-            if let Some(result) = dst.reencrypt_from(src, &envelope.ciphertext, wrap).await {
+            if let Some(result) = target
+                .provider
+                .reencrypt_from(source.provider.as_ref(), &envelope.ciphertext, wrap)
+                .await
+            {
                 let outcome = result
                     .as_ref()
                     .map_or_else(ProviderError::kind_name, |_| "ok");

@@ -215,7 +215,7 @@ impl ProviderError {
 /// One key store. Implementations are cheap to share (`Arc<dyn KeyProvider>`)
 /// and safe to call concurrently.
 #[async_trait]
-pub trait KeyProvider: Send + Sync + fmt::Debug {
+pub trait KeyProvider: Send + Sync + fmt::Debug + std::any::Any {
     fn kind(&self) -> ProviderKind;
 
     /// Encrypts `plaintext` under the newest version of this provider's key.
@@ -278,8 +278,23 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         self.current_version().map(|current| current == version)
     }
 
-    /// This provider as an AWS KMS key, for KMS-side rewraps (ReEncrypt).
-    fn aws_key(&self) -> Option<&aws::AwsKmsKey> {
+    /// Whether this key can take a ciphertext of `source` over inside the
+    /// provider ([`reencrypt_from`](Self::reencrypt_from)), so a rewrap
+    /// costs one call and the plaintext never leaves the provider.
+    fn reencrypts_from(&self, _source: &dyn KeyProvider) -> bool {
+        false
+    }
+
+    /// `source`'s `ciphertext` moved under this key inside the provider
+    /// (AWS KMS ReEncrypt); `None` when [`reencrypts_from`] says no.
+    ///
+    /// [`reencrypts_from`]: Self::reencrypts_from
+    async fn reencrypt_from(
+        &self,
+        _source: &dyn KeyProvider,
+        _ciphertext: &[u8],
+        _wrap: WrapContext<'_>,
+    ) -> Option<Result<Ciphertext, ProviderError>> {
         None
     }
 }

@@ -396,7 +396,7 @@ impl AwsKmsKey {
     }
 
     /// ReEncrypt from `source` (same role and region) to this key.
-    pub async fn reencrypt_from(
+    async fn reencrypt_in_kms(
         &self,
         source: &AwsKmsKey,
         ciphertext: &[u8],
@@ -597,7 +597,22 @@ impl KeyProvider for AwsKmsKey {
         )))
     }
 
-    fn aws_key(&self) -> Option<&AwsKmsKey> {
-        Some(self)
+    /// Keys of one role session in one region: KMS ReEncrypt.
+    fn reencrypts_from(&self, source: &dyn KeyProvider) -> bool {
+        let source: &dyn std::any::Any = source;
+        source
+            .downcast_ref::<AwsKmsKey>()
+            .is_some_and(|source| self.same_session(source))
+    }
+
+    async fn reencrypt_from(
+        &self,
+        source: &dyn KeyProvider,
+        ciphertext: &[u8],
+        wrap: WrapContext<'_>,
+    ) -> Option<Result<Ciphertext, ProviderError>> {
+        let source: &dyn std::any::Any = source;
+        self.reencrypt_in_kms(source.downcast_ref::<AwsKmsKey>()?, ciphertext, wrap)
+            .await
     }
 }
