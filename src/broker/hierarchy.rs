@@ -23,9 +23,8 @@ use crate::kms::{ProviderError, WrapContext};
 use crate::seal::{SealError, SealingKey};
 use crate::secret::SecretBytes;
 
-use super::{
-    Broker, BrokerError, ensure_current, ensure_live, ensure_usable, freshness, provider_error,
-};
+use super::checks::{ensure_current, ensure_live, ensure_usable, freshness, provider_error};
+use super::{Broker, BrokerError};
 
 /// Bytes of a tenant key version.
 const TENANT_KEY_LEN: usize = 32;

@@ -5,98 +5,34 @@
 //! Key resolution goes through [`KeyDirectory`] (in `keys`): which bindings a
 //! tenant has, which one is primary.
 
+mod checks;
+mod describe;
+mod error;
 mod hierarchy;
+mod rewrap;
 
+use self::checks::*;
+pub use self::describe::{BindingStatus, Description};
+pub use self::error::BrokerError;
 pub use self::hierarchy::{HierarchySettings, version_label};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cache::{CacheKey, CachedKey, DekCache};
-use crate::context::{self, Context, ContextError};
-use crate::envelope::{self, Envelope, EnvelopeError};
+use crate::context::{self, Context};
+use crate::envelope::{self, Envelope};
 use crate::keys::{
-    Binding, BindingState, Confirmation, DirectoryError, KeyDirectory, KeyHierarchy, KeyInfo,
-    PLATFORM_BINDING, TenantKeys, UsedVersion,
+    Binding, BindingState, Confirmation, KeyDirectory, KeyHierarchy, KeyInfo, PLATFORM_BINDING,
+    TenantKeys, UsedVersion,
 };
 use crate::kms::{ProviderError, ProviderKind, WrapContext};
 use crate::metrics::Metrics;
-use crate::quota::{ProviderQuota, QuotaExceeded, QuotaSettings};
+use crate::quota::{ProviderQuota, QuotaSettings};
 use crate::secret::SecretBytes;
 
 /// Largest DEK WrapKey accepts (the AWS KMS Encrypt limit).
 pub const MAX_PLAINTEXT_BYTES: usize = 4096;
-
-/// Why a data-plane call failed. Mapped to a gRPC status in `api::status`.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BrokerError {
-    #[error("{0}")]
-    InvalidRequest(String),
-    #[error(transparent)]
-    Envelope(#[from] EnvelopeError),
-    #[error(transparent)]
-    Context(#[from] ContextError),
-    #[error("the wrapped key was issued for a different tenant than '{tenant_id}'")]
-    TenantMismatch { tenant_id: String },
-    /// `binding` comes from the caller's wrapped key: shown quoted.
-    #[error(
-        "tenant '{tenant_id}' has no key binding named {} (it was unlinked, or the wrapped key comes from another deployment)",
-        crate::text::Quoted(binding)
-    )]
-    UnknownBinding { tenant_id: String, binding: String },
-    #[error(
-        "tenant '{tenant_id}' has no tenant key version {version} (it was destroyed with the key that protected it or with the tenant, or the wrapped key comes from another deployment)"
-    )]
-    UnknownTenantKey { tenant_id: String, version: u32 },
-    /// The wrapped key names an incarnation of the tenant id that is not
-    /// the current one: a deleted tenant's, or another deployment's.
-    #[error(
-        "the wrapped key was issued for {} of tenant '{tenant_id}', which was deleted: its keys are destroyed (or the wrapped key comes from another deployment)",
-        match incarnation { 0 => "an earlier life".to_owned(), n => format!("incarnation {n}") }
-    )]
-    IncarnationGone { tenant_id: String, incarnation: u64 },
-    /// DeleteTenant scheduled the tenant's keys for destruction.
-    #[error(
-        "tenant '{tenant_id}' is scheduled for deletion at {}: its keys are destroyed then and serve nothing until; to keep its data, cancel the deletion before that time (KeyAdmin.CancelTenantDeletion, or keybroker admin tenant cancel-deletion)",
-        crate::text::rfc3339(*delete_at_ms)
-    )]
-    TenantDeleting {
-        tenant_id: String,
-        delete_at_ms: i64,
-    },
-    /// A wrapped key under a version older than its key's minimum
-    /// decryption version. Nothing in it comes from the caller unchecked:
-    /// the key is a binding the tenant has, the version a number.
-    #[error(
-        "the wrapped key is protected by {key} version {version} of tenant '{tenant_id}', which is retired (minimum decryption version {min}); to read it again, lower the minimum (RetireKeyVersions / keybroker admin retire-versions) and rewrap it with RewrapKey or keybroker rewrap before retiring"
-    )]
-    VersionRetired {
-        tenant_id: String,
-        /// "key 'name'", "the tenant key" or "the platform key".
-        key: String,
-        version: u32,
-        min: u32,
-    },
-    #[error("key binding '{binding}' of tenant '{tenant_id}' is {state}: {reason}")]
-    KeyUnusable {
-        tenant_id: String,
-        binding: String,
-        state: BindingState,
-        reason: String,
-    },
-    #[error("key binding '{binding}' ({provider}): {source}")]
-    Provider {
-        binding: String,
-        provider: ProviderKind,
-        source: ProviderError,
-    },
-    #[error(transparent)]
-    Quota(#[from] QuotaExceeded),
-    #[error(transparent)]
-    Directory(#[from] DirectoryError),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
 
 #[derive(Debug)]
 pub struct Generated {
@@ -125,35 +61,6 @@ pub struct Rewrapped {
     pub wrapped_key: Vec<u8>,
     pub key: KeyInfo,
     pub previous_key: KeyInfo,
-}
-
-#[derive(Debug)]
-pub struct BindingStatus {
-    pub name: Arc<str>,
-    pub provider: ProviderKind,
-    pub key_reference: String,
-    pub state: BindingState,
-    pub state_reason: String,
-    pub primary: bool,
-    pub current_key_version: String,
-    /// Last key-state check by the watcher; `None` if never checked.
-    pub last_checked_ms: Option<i64>,
-}
-
-#[derive(Debug)]
-pub struct Description {
-    pub tenant_id: String,
-    pub uses_platform_key: bool,
-    pub primary: KeyInfo,
-    pub bindings: Vec<BindingStatus>,
-    pub hierarchy: KeyHierarchy,
-    /// The newest tenant key version (0: none yet).
-    pub tenant_key_version: u32,
-    /// A key change moving every version to this binding is under way.
-    pub reencrypt_to: Option<String>,
-    /// Versions under the key change's target (or all when none runs).
-    pub versions_done: u32,
-    pub versions_total: u32,
 }
 
 /// Provider calls made by the data plane, by operation. Tests assert on them
@@ -674,126 +581,6 @@ impl Broker {
         Ok(key)
     }
 
-    /// Moves a wrapped key to the tenant's current primary key with the same
-    /// context: inside KMS (ReEncrypt) when both keys are AWS keys under one
-    /// customer role and region, otherwise by unwrap + wrap.
-    pub async fn rewrap(
-        &self,
-        tenant_id: &str,
-        context: &Context,
-        wrapped: &[u8],
-        shared: Option<&SharedViews>,
-    ) -> Result<Rewrapped, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
-        envelope::check_size(wrapped)?;
-        let keys = self.view(tenant_id, shared).await?;
-        let envelope = parse_for(tenant_id, wrapped)?;
-        ensure_incarnation(&keys, tenant_id, envelope.incarnation)?;
-        ensure_live(&keys, tenant_id)?;
-        if seals(&keys) || envelope.tenant_key_version > 0 {
-            return self.rewrap_through(keys, tenant_id, context, wrapped).await;
-        }
-        // A key the tenant is moving away from still reads for RewrapKey.
-        let retiring = keys.reencrypt_from.as_deref() == Some(envelope.key_binding.as_str());
-        let source = match find_binding(&keys, tenant_id, &envelope.key_binding)? {
-            b if retiring && b.state == BindingState::Disabled => b,
-            _ => resolve_binding(&keys, tenant_id, &envelope)?,
-        };
-        let target = &keys.primary;
-        let incarnation = keys.life.incarnation;
-        // One encryption context for both sides: only when the key was
-        // bound to the incarnation it is rewrapped for.
-        let same_context = envelope.incarnation == incarnation;
-        if same_context && target.provider.reencrypts_from(source.provider.as_ref()) {
-            ensure_usable(target, tenant_id)?;
-            let bound = context.with_incarnation(incarnation);
-            let wrap = WrapContext {
-                tenant_id,
-                context: &bound,
-            };
-            self.provider_call(target, tenant_id, &self.calls.reencrypt)?;
-            let started = std::time::Instant::now();
-            if let Some(result) = target
-                .provider
-                .reencrypt_from(source.provider.as_ref(), &envelope.ciphertext, wrap)
-                .await
-            {
-                let outcome = result
-                    .as_ref()
-                    .map_or_else(ProviderError::kind_name, |_| "ok");
-                let kind = target.provider.kind().as_str();
-                self.metrics
-                    .provider_call(kind, "reencrypt", outcome, started.elapsed());
-                // ReEncrypt needs both keys; a failure is reported against
-                // the target, the binding the call was signed for, and both
-                // are described before anything is blamed on either.
-                let result = result.map_err(|e| provider_error(target, e));
-                let ciphertext = self
-                    .reported(tenant_id, &[source, target], true, result)
-                    .await?;
-                source
-                    .usage
-                    .record_unwrap(UsedVersion::Provider(&envelope.provider_key_version));
-                target
-                    .usage
-                    .record_wrap(UsedVersion::Provider(&ciphertext.key_version));
-                let wrapped = seal(target, tenant_id, incarnation, ciphertext);
-                return Ok(Rewrapped {
-                    wrapped_key: wrapped.wrapped_key,
-                    key: wrapped.key,
-                    previous_key: source.info(envelope.provider_key_version),
-                });
-            }
-        }
-        let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        let plain = self
-            .load(&keys, cache_key, source, &envelope, tenant_id, context)
-            .await?;
-        let wrapped = self
-            .wrap_with(
-                &keys,
-                tenant_id,
-                context,
-                &SecretBytes::new(plain.plaintext().to_vec()),
-            )
-            .await?;
-        Ok(Rewrapped {
-            wrapped_key: wrapped.wrapped_key,
-            key: wrapped.key,
-            previous_key: source.info(envelope.provider_key_version),
-        })
-    }
-
-    /// Rewraps by unwrapping (through the cache) and wrapping anew under
-    /// the tenant's current hierarchy and primary.
-    async fn rewrap_through(
-        &self,
-        keys: Arc<TenantKeys>,
-        tenant_id: &str,
-        context: &Context,
-        wrapped: &[u8],
-    ) -> Result<Rewrapped, BrokerError> {
-        let cache_key = CacheKey::new(tenant_id, wrapped, context);
-        let plain = self
-            .load_wrapped(&keys, cache_key, tenant_id, context, wrapped)
-            .await?;
-        let previous_key = origin_info(&keys, &plain.origin);
-        let plaintext = SecretBytes::new(plain.plaintext().to_vec());
-        let (wrapped_key, key) = if seals(&keys) {
-            self.seal_dek(keys, tenant_id, context, &plaintext).await?
-        } else {
-            let w = self
-                .wrap_with(&keys, tenant_id, context, &plaintext)
-                .await?;
-            (w.wrapped_key, w.key)
-        };
-        Ok(Rewrapped {
-            wrapped_key,
-            key,
-            previous_key,
-        })
-    }
-
     /// Lets a describe judge a provider error that would mean the key is
     /// unusable (DESIGN.md section 5, "Trust boundary"): the directory
     /// describes each binding the call used, and only that describe may
@@ -836,257 +623,5 @@ impl Broker {
             });
         }
         result
-    }
-
-    pub async fn describe(&self, tenant_id: &str) -> Result<Description, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
-        let keys = self.directory.tenant_keys(tenant_id).await?;
-        ensure_live(&keys, tenant_id)?;
-        let status = |b: &Arc<Binding>| BindingStatus {
-            name: Arc::clone(&b.name),
-            provider: b.provider.kind(),
-            key_reference: b.key_reference.clone(),
-            state: b.state,
-            state_reason: b.state_reason.clone(),
-            primary: Arc::ptr_eq(b, &keys.primary),
-            current_key_version: current_version(b),
-            last_checked_ms: Some(b.usage.last_checked_ms.load(Ordering::Relaxed))
-                .filter(|ms| *ms > 0),
-        };
-        let mut bindings: Vec<BindingStatus> = keys.bindings.iter().map(status).collect();
-        if keys.uses_platform_key() {
-            bindings.insert(0, status(&keys.platform));
-        }
-        let total = u32::try_from(keys.versions.len()).unwrap_or(u32::MAX);
-        let done = match &keys.reencrypt_to {
-            Some(target) => keys
-                .versions
-                .iter()
-                .filter(|v| *v.binding.name == **target)
-                .count(),
-            None => keys.versions.len(),
-        };
-        Ok(Description {
-            tenant_id: tenant_id.to_owned(),
-            uses_platform_key: keys.uses_platform_key(),
-            primary: keys.primary.info(current_version(&keys.primary)),
-            bindings,
-            hierarchy: keys.hierarchy,
-            tenant_key_version: keys.versions.last().map_or(0, |v| v.version),
-            reencrypt_to: keys.reencrypt_to.clone(),
-            versions_done: u32::try_from(done).unwrap_or(u32::MAX),
-            versions_total: total,
-        })
-    }
-}
-
-/// Whether new DEKs of the tenant are sealed under a tenant key: always
-/// under the `tenant_key` hierarchy, and under `direct` when the platform
-/// key would wrap them (a tenant with no usable customer key) and the
-/// tenant can have tenant keys, so deleting it shreds them. A directory
-/// without a registry (incarnation 0, not registering) wraps directly.
-fn seals(keys: &TenantKeys) -> bool {
-    keys.hierarchy == KeyHierarchy::TenantKey
-        || (keys.uses_platform_key() && (keys.life.incarnation != 0 || keys.life.registers_on_wrap))
-}
-
-/// What the tenant's cached keys must have been loaded under.
-pub(super) fn freshness(keys: &TenantKeys) -> crate::cache::Freshness {
-    crate::cache::Freshness {
-        generation: keys.life.cache_generation,
-        incarnation: keys.life.incarnation,
-    }
-}
-
-/// Refuses every call for a tenant whose deletion is scheduled.
-pub(super) fn ensure_live(keys: &TenantKeys, tenant_id: &str) -> Result<(), BrokerError> {
-    match keys.life.delete_at_ms {
-        None => Ok(()),
-        Some(delete_at_ms) => Err(BrokerError::TenantDeleting {
-            tenant_id: tenant_id.to_owned(),
-            delete_at_ms,
-        }),
-    }
-}
-
-/// Refuses a wrapped key of another incarnation of the tenant id; one from
-/// before incarnations (0) only while the id was never deleted.
-pub(super) fn ensure_incarnation(
-    keys: &TenantKeys,
-    tenant_id: &str,
-    incarnation: u64,
-) -> Result<(), BrokerError> {
-    let current = match incarnation {
-        0 => keys.life.legacy_deks,
-        n => n == keys.life.incarnation,
-    };
-    if current {
-        return Ok(());
-    }
-    Err(BrokerError::IncarnationGone {
-        tenant_id: tenant_id.to_owned(),
-        incarnation,
-    })
-}
-
-/// Refuses a binding that is not active, naming its state and reason.
-fn ensure_usable(binding: &Binding, tenant_id: &str) -> Result<(), BrokerError> {
-    match binding.state {
-        BindingState::Active => Ok(()),
-        state => Err(BrokerError::KeyUnusable {
-            tenant_id: tenant_id.to_owned(),
-            binding: binding.name.to_string(),
-            state,
-            reason: binding.state_reason.clone(),
-        }),
-    }
-}
-
-fn parse_for(tenant_id: &str, wrapped: &[u8]) -> Result<Envelope, BrokerError> {
-    let envelope = Envelope::parse(wrapped)?;
-    if envelope.tenant_id != tenant_id {
-        return Err(BrokerError::TenantMismatch {
-            tenant_id: tenant_id.to_owned(),
-        });
-    }
-    Ok(envelope)
-}
-
-/// The binding a directly wrapped key (format 1) names, checked.
-fn resolve_binding<'a>(
-    keys: &'a TenantKeys,
-    tenant_id: &str,
-    envelope: &Envelope,
-) -> Result<&'a Arc<Binding>, BrokerError> {
-    let binding = find_binding(keys, tenant_id, &envelope.key_binding)?;
-    if binding.provider.kind() != envelope.provider {
-        return Err(BrokerError::InvalidRequest(format!(
-            "the wrapped key names provider {} but key binding '{}' uses {}",
-            envelope.provider,
-            binding.name,
-            binding.provider.kind()
-        )));
-    }
-    ensure_usable(binding, tenant_id)?;
-    binding
-        .provider
-        .check_version(&envelope.provider_key_version)
-        .map_err(|source| provider_error(binding, source))?;
-    ensure_current(binding, tenant_id, &envelope.provider_key_version)?;
-    Ok(binding)
-}
-
-/// Refuses a wrapped key under a retired version of `binding`. Free when
-/// nothing is retired (the common case, checked first on the hot path).
-fn ensure_current(binding: &Binding, tenant_id: &str, version: &str) -> Result<(), BrokerError> {
-    let min = binding.min_decryption_version;
-    if min == 0 {
-        return Ok(());
-    }
-    match crate::keys::version_number(version) {
-        Some(number) if number < min => Err(BrokerError::VersionRetired {
-            tenant_id: tenant_id.to_owned(),
-            key: if &*binding.name == PLATFORM_BINDING {
-                "the platform key".to_owned()
-            } else {
-                format!("key '{}'", binding.name)
-            },
-            version: number,
-            min,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// What protected a cached key, as `KeyInfo`.
-fn origin_info(keys: &TenantKeys, origin: &crate::cache::KeyOrigin) -> KeyInfo {
-    match origin.tenant_key_version {
-        0 => KeyInfo {
-            key_binding: Arc::clone(&origin.key_binding),
-            provider: origin.provider,
-            // `String::from`, not `to_string`: no formatter on the hot path.
-            key_version: String::from(&*origin.key_version),
-        },
-        v => {
-            let binding = keys
-                .version(v)
-                .map_or(Arc::clone(&origin.key_binding), |tk| {
-                    Arc::clone(&tk.binding.name)
-                });
-            KeyInfo {
-                key_binding: binding,
-                provider: origin.provider,
-                key_version: version_label(v),
-            }
-        }
-    }
-}
-
-/// The wrapped key (envelope) for a provider's ciphertext.
-fn seal(
-    binding: &Binding,
-    tenant_id: &str,
-    incarnation: u64,
-    ciphertext: crate::kms::Ciphertext,
-) -> Wrapped {
-    let envelope = Envelope {
-        tenant_id: tenant_id.to_owned(),
-        key_binding: binding.name.to_string(),
-        provider: binding.provider.kind(),
-        provider_key_version: ciphertext.key_version,
-        ciphertext: ciphertext.bytes,
-        tenant_key_version: 0,
-        incarnation,
-    };
-    Wrapped {
-        wrapped_key: envelope.encode(),
-        key: binding.info(envelope.provider_key_version),
-    }
-}
-
-fn current_version(binding: &Binding) -> String {
-    binding.provider.current_version().unwrap_or_default()
-}
-
-fn find_binding<'a>(
-    keys: &'a TenantKeys,
-    tenant_id: &str,
-    name: &str,
-) -> Result<&'a Arc<Binding>, BrokerError> {
-    keys.find(name).ok_or_else(|| BrokerError::UnknownBinding {
-        tenant_id: tenant_id.to_owned(),
-        binding: name.to_owned(),
-    })
-}
-
-/// True when the key was wrapped under another binding than the primary, or
-/// under an older version of the primary where the provider exposes versions.
-fn rewrap_recommended(keys: &TenantKeys, key: &CachedKey) -> bool {
-    if seals(keys) {
-        // Sealed under another version than new DEKs are (or will be, when
-        // a key change started a new epoch), or wrapped directly: a rewrap
-        // seals it under the current one. No KMS call is needed to tell.
-        return match key.origin.tenant_key_version {
-            0 => true,
-            v => keys.sealing_version().is_none_or(|s| s.version != v),
-        };
-    }
-    if key.origin.tenant_key_version > 0 {
-        return true;
-    }
-    if key.origin.key_binding != keys.primary.name {
-        return true;
-    }
-    keys.primary
-        .provider
-        .is_current_version(&key.origin.key_version)
-        .is_some_and(|current| !current)
-}
-
-fn provider_error(binding: &Binding, source: ProviderError) -> BrokerError {
-    BrokerError::Provider {
-        binding: binding.name.to_string(),
-        provider: binding.provider.kind(),
-        source,
     }
 }

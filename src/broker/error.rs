@@ -1,0 +1,78 @@
+//! What a data-plane call can fail with.
+
+use crate::context::ContextError;
+use crate::envelope::EnvelopeError;
+use crate::keys::{BindingState, DirectoryError};
+use crate::kms::{ProviderError, ProviderKind};
+use crate::quota::QuotaExceeded;
+
+/// Why a data-plane call failed. Mapped to a gRPC status in `api::status`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error("the wrapped key was issued for a different tenant than '{tenant_id}'")]
+    TenantMismatch { tenant_id: String },
+    /// `binding` comes from the caller's wrapped key: shown quoted.
+    #[error(
+        "tenant '{tenant_id}' has no key binding named {} (it was unlinked, or the wrapped key comes from another deployment)",
+        crate::text::Quoted(binding)
+    )]
+    UnknownBinding { tenant_id: String, binding: String },
+    #[error(
+        "tenant '{tenant_id}' has no tenant key version {version} (it was destroyed with the key that protected it or with the tenant, or the wrapped key comes from another deployment)"
+    )]
+    UnknownTenantKey { tenant_id: String, version: u32 },
+    /// The wrapped key names an incarnation of the tenant id that is not
+    /// the current one: a deleted tenant's, or another deployment's.
+    #[error(
+        "the wrapped key was issued for {} of tenant '{tenant_id}', which was deleted: its keys are destroyed (or the wrapped key comes from another deployment)",
+        match incarnation { 0 => "an earlier life".to_owned(), n => format!("incarnation {n}") }
+    )]
+    IncarnationGone { tenant_id: String, incarnation: u64 },
+    /// DeleteTenant scheduled the tenant's keys for destruction.
+    #[error(
+        "tenant '{tenant_id}' is scheduled for deletion at {}: its keys are destroyed then and serve nothing until; to keep its data, cancel the deletion before that time (KeyAdmin.CancelTenantDeletion, or keybroker admin tenant cancel-deletion)",
+        crate::text::rfc3339(*delete_at_ms)
+    )]
+    TenantDeleting {
+        tenant_id: String,
+        delete_at_ms: i64,
+    },
+    /// A wrapped key under a version older than its key's minimum
+    /// decryption version. Nothing in it comes from the caller unchecked:
+    /// the key is a binding the tenant has, the version a number.
+    #[error(
+        "the wrapped key is protected by {key} version {version} of tenant '{tenant_id}', which is retired (minimum decryption version {min}); to read it again, lower the minimum (RetireKeyVersions / keybroker admin retire-versions) and rewrap it with RewrapKey or keybroker rewrap before retiring"
+    )]
+    VersionRetired {
+        tenant_id: String,
+        /// "key 'name'", "the tenant key" or "the platform key".
+        key: String,
+        version: u32,
+        min: u32,
+    },
+    #[error("key binding '{binding}' of tenant '{tenant_id}' is {state}: {reason}")]
+    KeyUnusable {
+        tenant_id: String,
+        binding: String,
+        state: BindingState,
+        reason: String,
+    },
+    #[error("key binding '{binding}' ({provider}): {source}")]
+    Provider {
+        binding: String,
+        provider: ProviderKind,
+        source: ProviderError,
+    },
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
