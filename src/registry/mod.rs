@@ -10,6 +10,7 @@ mod changes;
 pub mod directory;
 pub mod key_state;
 pub mod material;
+mod rows;
 pub mod sql;
 pub mod tenant_tx;
 mod usage_flush;

@@ -1,12 +1,13 @@
 //! [`Registry`] over SQLite or PostgreSQL through sqlx's `Any` driver: one set
 //! of queries (`$N` placeholders work in both), one migration directory per
-//! dialect for the DDL differences.
+//! dialect for the DDL differences. One job: the pool and the trait's
+//! queries (rows are read in `rows.rs`).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use async_trait::async_trait;
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
@@ -14,8 +15,10 @@ use super::{
     BindingRecord, KeyPolicy, NewBinding, Registry, RegistryError, Retirement, Tenant,
     TenantKeyRecord, UsageDelta, VersionUsageRecord,
 };
-use crate::keys::{BindingState, KeyHierarchy};
+use crate::keys::BindingState;
 use crate::kms::ProviderKind;
+
+pub(super) use super::rows::*;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -169,173 +172,6 @@ impl SqlRegistry {
             .map_err(db)?;
         Ok((tx, KeyPolicy::parse(&policy)?))
     }
-}
-
-/// One binding, through the pool or inside a transaction.
-async fn fetch_binding<'e, E: sqlx::Executor<'e, Database = Any>>(
-    exec: E,
-    tenant_id: &str,
-    name: &str,
-) -> Result<Option<BindingRecord>, RegistryError> {
-    sqlx::query(&format!(
-        "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 AND name = $2"
-    ))
-    .bind(tenant_id)
-    .bind(name)
-    .fetch_optional(exec)
-    .await
-    .map_err(db)?
-    .as_ref()
-    .map(binding_from_row)
-    .transpose()
-}
-
-/// One binding that must exist.
-async fn existing_binding<'e, E: sqlx::Executor<'e, Database = Any>>(
-    exec: E,
-    tenant_id: &str,
-    name: &str,
-) -> Result<BindingRecord, RegistryError> {
-    fetch_binding(exec, tenant_id, name)
-        .await?
-        .ok_or_else(|| RegistryError::BindingNotFound {
-            tenant_id: tenant_id.to_owned(),
-            name: name.to_owned(),
-        })
-}
-
-/// A tenant's bindings, oldest first.
-async fn fetch_bindings<'e, E: sqlx::Executor<'e, Database = Any>>(
-    exec: E,
-    tenant_id: &str,
-) -> Result<Vec<BindingRecord>, RegistryError> {
-    sqlx::query(&format!(
-        "SELECT {BINDING_COLUMNS} FROM key_bindings WHERE tenant_id = $1 ORDER BY created_at, name"
-    ))
-    .bind(tenant_id)
-    .fetch_all(exec)
-    .await
-    .map_err(db)?
-    .iter()
-    .map(binding_from_row)
-    .collect()
-}
-
-pub(super) fn state_str(state: BindingState) -> &'static str {
-    state.into()
-}
-
-fn parse_state(text: &str) -> Result<BindingState, RegistryError> {
-    text.parse()
-        .map_err(|_| RegistryError::Corrupt(format!("binding state {text:?}")))
-}
-
-fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
-    text.parse()
-        .map_err(|_| RegistryError::Corrupt(format!("provider {text:?}")))
-}
-
-/// A random link id: a key linked again under the same name is another key
-/// to every cache.
-fn new_link_id() -> Result<i64, RegistryError> {
-    let bytes = crate::secret::SecretBytes::random(8)
-        .map_err(|_| RegistryError::Database("system random generator failed".into()))?;
-    let mut word = [0u8; 8];
-    word.copy_from_slice(bytes.expose());
-    Ok(i64::from_le_bytes(word) & i64::MAX)
-}
-
-fn count(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-pub(super) fn signed(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
-    let get_s = |col: &str| row.try_get::<String, _>(col).map_err(db);
-    let get_i = |col: &str| row.try_get::<i64, _>(col).map_err(db);
-    Ok(BindingRecord {
-        tenant_id: get_s("tenant_id")?,
-        name: get_s("name")?,
-        description: get_s("description")?,
-        provider: parse_provider(&get_s("provider")?)?,
-        key_reference: get_s("key_reference")?,
-        region: get_s("region")?,
-        role_arn: get_s("role_arn")?,
-        service_account: get_s("service_account")?,
-        replica_regions: get_s("replica_regions")?
-            .split(',')
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        key_material: row
-            .try_get::<Option<Vec<u8>>, _>("key_material")
-            .map_err(db)?,
-        state: parse_state(&get_s("state")?)?,
-        state_reason: get_s("state_reason")?,
-        primary: get_i("is_primary")? == 1,
-        created_at_ms: get_i("created_at")?,
-        updated_at_ms: get_i("updated_at")?,
-        last_used_at_ms: row.try_get::<Option<i64>, _>("last_used_at").map_err(db)?,
-        material_updated_at_ms: row
-            .try_get::<Option<i64>, _>("material_updated_at")
-            .map_err(db)?,
-        wrap_count: count(get_i("wrap_count")?),
-        unwrap_count: count(get_i("unwrap_count")?),
-        link_id: get_i("link_id")?,
-        canary: row.try_get::<Option<Vec<u8>>, _>("canary").map_err(db)?,
-        seal_only_from: row
-            .try_get::<Option<i64>, _>("seal_only_from")
-            .map_err(db)?
-            .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
-    })
-}
-
-fn parse_hierarchy(text: &str) -> Result<KeyHierarchy, RegistryError> {
-    text.parse()
-        .map_err(|_| RegistryError::Corrupt(format!("key hierarchy {text:?}")))
-}
-
-pub(super) fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
-    let version: i64 = row.try_get("version").map_err(db)?;
-    Ok(TenantKeyRecord {
-        tenant_id: row.try_get("tenant_id").map_err(db)?,
-        version: u32::try_from(version)
-            .map_err(|_| RegistryError::Corrupt(format!("tenant key version {version}")))?,
-        binding: row.try_get("binding").map_err(db)?,
-        provider_key_version: row.try_get("provider_key_version").map_err(db)?,
-        wrapped: row.try_get("wrapped").map_err(db)?,
-        created_at_ms: row.try_get("created_at").map_err(db)?,
-        updated_at_ms: row.try_get("updated_at").map_err(db)?,
-        epoch: count(row.try_get("epoch").map_err(db)?),
-    })
-}
-
-pub(super) fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
-    let next: i64 = row.try_get("next_key_version").map_err(db)?;
-    Ok(Tenant {
-        id: row.try_get("id").map_err(db)?,
-        key_policy: KeyPolicy::parse(&row.try_get::<String, _>("key_policy").map_err(db)?)?,
-        external_id: row.try_get("external_id").map_err(db)?,
-        key_hierarchy: parse_hierarchy(&row.try_get::<String, _>("key_hierarchy").map_err(db)?)?,
-        reencrypt_to: row.try_get("reencrypt_to").map_err(db)?,
-        reencrypt_from: row.try_get("reencrypt_from").map_err(db)?,
-        newest_import_primary: row.try_get::<i64, _>("newest_import_primary").map_err(db)? == 1,
-        created_at_ms: row.try_get("created_at").map_err(db)?,
-        updated_at_ms: row.try_get("updated_at").map_err(db)?,
-        incarnation: count(row.try_get("incarnation").map_err(db)?),
-        legacy_deks: row.try_get::<i64, _>("legacy_deks").map_err(db)? == 1,
-        implicit: row.try_get::<i64, _>("implicit").map_err(db)? == 1,
-        key_epoch: count(row.try_get("key_epoch").map_err(db)?),
-        next_key_version: u32::try_from(next)
-            .map_err(|_| RegistryError::Corrupt(format!("next tenant key version {next}")))?,
-        delete_at_ms: row.try_get("delete_at").map_err(db)?,
-        reencrypt_then_disable: row.try_get("reencrypt_then_disable").map_err(db)?,
-        reencrypt_disable_reason: row.try_get("reencrypt_disable_reason").map_err(db)?,
-        reencrypt_last: row.try_get("reencrypt_last").map_err(db)?,
-    })
 }
 
 #[async_trait]
