@@ -149,6 +149,7 @@ impl Watcher {
         let interval_ms = i64::try_from(self.settings.interval.as_millis()).unwrap_or(i64::MAX);
         let mut summary = PassSummary::default();
         let mut first = true;
+        let mut registry_answered = true;
         loop {
             let now = crate::keys::now_ms();
             // Others' bindings in the first round only: a replica takes at
@@ -175,6 +176,7 @@ impl Watcher {
                 Ok(b) => b,
                 Err(err) => {
                     tracing::warn!(error = %err, "watcher could not claim key bindings to check; checking the keys this replica serves from memory");
+                    registry_answered = false;
                     let (checked, revoked) = self
                         .directory
                         .check_in_memory(self.settings.concurrency)
@@ -205,7 +207,11 @@ impl Watcher {
             self.passes
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        self.count_states().await;
+        // Not while the registry does not answer: waiting for its pool
+        // would hold the next checks from memory back by seconds.
+        if registry_answered {
+            self.count_states().await;
+        }
         summary
     }
 
@@ -245,7 +251,11 @@ impl Watcher {
         if !due {
             return;
         }
-        match self.directory.registry().binding_states().await {
+        let counted = self
+            .directory
+            .data_path_write(self.directory.registry().binding_states())
+            .await;
+        match counted {
             Ok(counts) => {
                 self.totals.lock().1 = counts;
                 *self.counted_at.lock() = Some(std::time::Instant::now());
