@@ -3,6 +3,9 @@
 //! whatever the outcome. In fail-closed mode an unwritable record turns the
 //! answer into UNAVAILABLE, so no key leaves without a trace.
 
+mod batch;
+mod record;
+
 use std::sync::Arc;
 
 use futures::future::Either;
@@ -15,6 +18,9 @@ use crate::audit::{self, AuditLog, AuditRecord};
 use crate::metrics::code_name;
 use crate::proto;
 use crate::text::Escaped;
+
+pub(crate) use self::batch::{item_status, serve_batch};
+use self::record::*;
 
 /// What a request says about its target, for the policy and the audit log.
 pub(crate) trait Scoped {
@@ -127,129 +133,6 @@ audited!(
     proto::CancelTenantDeletionResponse,
     proto::RetireKeyVersionsResponse,
 );
-
-/// Most items one batch RPC carries (see broker.proto).
-pub(crate) const MAX_BATCH_ITEMS: usize = 256;
-
-/// A batch RPC: every item goes through what [`serve`] does for one
-/// request (tenant check, handler, one audit record); the batch fails as a
-/// whole only when it is empty or too large. One metrics sample for the
-/// batch.
-///
-/// `at_once` answers an item without waiting when it can (a cached key),
-/// or hands it on, prepared, to `handler`, whose futures run concurrently.
-/// Most items of a warm batch never become a future: building, moving and
-/// polling a future per item cost more than serving a cached one.
-pub(crate) async fn serve_batch<Item, Next, Resp, Fut>(
-    observers: &Observers,
-    request: Request<Vec<Item>>,
-    at_once: impl Fn(Item) -> Result<Result<Resp, Status>, Next>,
-    handler: impl Fn(Next) -> Fut,
-) -> Result<Vec<Result<Resp, Status>>, Status>
-where
-    Item: Scoped,
-    Resp: Audited,
-    Fut: Future<Output = Result<Resp, Status>>,
-{
-    let Some(ctx) = request.extensions().get::<CallContext>().cloned() else {
-        return Err(AccessError::NoContext.into());
-    };
-    let (metadata, _, items) = request.into_parts();
-    observers.metrics.affinity(
-        Affinity::of(
-            &observers.affinity_header,
-            &metadata,
-            items.iter().map(Scoped::tenant_id),
-        )
-        .as_str(),
-    );
-    if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
-        let status = Status::invalid_argument(format!(
-            "a batch holds 1 to {MAX_BATCH_ITEMS} items (and at most 64 KiB); this one holds {}",
-            items.len()
-        ));
-        observers
-            .metrics
-            .rpc(&ctx.method, status.code(), None, ctx.started.elapsed());
-        return Err(status);
-    }
-    let audit = &observers.audit;
-    let mut results: Vec<Option<Result<Response<Resp>, Status>>> = Vec::with_capacity(items.len());
-    let mut waiting = Vec::new();
-    for item in items {
-        match answer_at_once(audit, &ctx, item, &at_once) {
-            AtOnce::Answered(answer) => results.push(Some(answer)),
-            AtOnce::Waits(facts, next) => {
-                waiting.push((results.len(), facts, next));
-                results.push(None);
-            }
-        }
-    }
-    if !waiting.is_empty() {
-        let (ctx, handler) = (&ctx, &handler);
-        let limit = observers.request_timeout;
-        // Each item under the deadline: one that outlives it answers
-        // DEADLINE_EXCEEDED, with its record, and the others still answer.
-        let answers = join_in_place(waiting.into_iter().map(|(at, facts, next)| async move {
-            (at, run(audit, ctx, limit, facts, next, handler).await)
-        }))
-        .await;
-        for (at, answer) in answers {
-            results[at] = Some(answer);
-        }
-    }
-    observers
-        .metrics
-        .rpc(&ctx.method, Code::Ok, None, ctx.started.elapsed());
-    Ok(results
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|| Err(Status::internal("batch item left unanswered")))
-                .map(Response::into_inner)
-        })
-        .collect())
-}
-
-/// Every future of `futures`, concurrently, in order, without a task per
-/// future: `join_all` polls up to 30 futures in place (one allocation) and
-/// boxes each one beyond that, so a batch is joined in chunks of 30.
-async fn join_in_place<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    const IN_PLACE: usize = 30;
-    let mut futures = futures.peekable();
-    let mut chunks = Vec::new();
-    while futures.peek().is_some() {
-        let chunk: Vec<F> = futures.by_ref().take(IN_PLACE).collect();
-        chunks.push(futures::future::join_all(chunk));
-    }
-    futures::future::join_all(chunks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
-/// A per-item answer of a batch as `google.rpc.Status`, with the details
-/// (`ErrorInfo`) the single RPC's status would carry.
-pub(crate) fn item_status(result: &Result<(), &Status>) -> tonic_types::Status {
-    match result {
-        Ok(()) => tonic_types::Status {
-            code: 0,
-            message: String::new(),
-            details: Vec::new(),
-        },
-        Err(status) => {
-            use prost::Message as _;
-            tonic_types::Status::decode(status.details())
-                .ok()
-                .filter(|s| s.code == status.code() as i32)
-                .unwrap_or_else(|| tonic_types::Status {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                    details: Vec::new(),
-                })
-        }
-    }
-}
 
 /// Authorizes the tenant, runs `handler`, writes the audit record and the
 /// RPC metrics.
@@ -568,142 +451,5 @@ where
     finish(audit, ctx, facts, notes.as_deref(), result)
 }
 
-/// Admin methods that change what the registry holds.
-const STATE_CHANGING: &[&str] = &[
-    "CreateTenant",
-    "SetTenantPolicy",
-    "LinkKey",
-    "ImportKeyMaterial",
-    "SetPrimaryKey",
-    "DisableKey",
-    "EnableKey",
-    "UnlinkKey",
-    "UpdateKey",
-    "DeleteTenant",
-    "CancelTenantDeletion",
-    "RetireKeyVersions",
-];
-
-fn changes_state(method: &str) -> bool {
-    method
-        .strip_prefix("keybroker.v1.KeyAdmin/")
-        .is_some_and(|m| STATE_CHANGING.contains(&m))
-}
-
-/// What the audit record says about the request, taken before the handler
-/// consumes it.
-struct Facts {
-    tenant_id: String,
-    requested_binding: Option<String>,
-    wrapped_key_sha256: Option<String>,
-}
-
-/// Request text as the audit log keeps it: as given when short and free of
-/// control characters, else escaped and cut (JSON escapes it anyway; this
-/// also bounds what a caller can make each record hold).
-fn kept(text: &str) -> String {
-    if text.len() <= crate::text::MAX_SHOWN_CHARS && !crate::text::has_control(text) {
-        text.to_owned()
-    } else {
-        Escaped(text).to_string()
-    }
-}
-
-impl Facts {
-    fn of(req: &impl Scoped) -> Self {
-        Self {
-            tenant_id: kept(req.tenant_id()),
-            requested_binding: req.key_binding().map(kept),
-            wrapped_key_sha256: req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
-                hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8])
-            }),
-        }
-    }
-}
-
-impl Facts {
-    /// The record of a call with this outcome.
-    fn record<'a>(
-        &'a self,
-        ctx: &'a CallContext,
-        outcome: &'static str,
-        error: Option<&'a str>,
-        notes: Option<&audit::CallNotes>,
-    ) -> AuditRecord<'a> {
-        AuditRecord {
-            time: audit::rfc3339_now(),
-            request_id: ctx.request_id.as_deref().unwrap_or_default(),
-            caller: &ctx.identity,
-            peer: ctx.peer.map(|a| a.to_string()),
-            method: &ctx.method,
-            tenant_id: Some(&self.tenant_id),
-            key_binding: self.requested_binding.as_deref(),
-            key_version: None,
-            wrapped_key_sha256: self.wrapped_key_sha256.clone(),
-            outcome,
-            error,
-            latency_us: elapsed_us(ctx.started),
-            cache_hit: None,
-            provider_calls: notes.map_or(0, audit::CallNotes::provider_calls),
-            provider_request_id: notes.and_then(audit::CallNotes::provider_request_id),
-        }
-    }
-
-    /// The record of a finished call.
-    fn outcome<'a, Resp: Audited>(
-        &'a self,
-        ctx: &'a CallContext,
-        notes: Option<&audit::CallNotes>,
-        result: &'a Result<Resp, Status>,
-    ) -> AuditRecord<'a> {
-        let (code, error) = match result {
-            Ok(_) => (Code::Ok, None),
-            Err(status) => (status.code(), Some(status.message())),
-        };
-        let mut record = self.record(ctx, code_name(code), error, notes);
-        let key = result.as_ref().ok().and_then(Audited::key);
-        if let Some((binding, version)) = key {
-            record.key_binding = Some(binding);
-            record.key_version = Some(version).filter(|v| !v.is_empty());
-        }
-        // Batch items too: their records have the fields of the single call.
-        let unwraps = [
-            "/UnwrapKey",
-            "/RewrapKey",
-            "/BatchUnwrapKey",
-            "/BatchRewrapKey",
-        ]
-        .iter()
-        .any(|m| ctx.method.ends_with(m));
-        record.cache_hit =
-            (unwraps && code == Code::Ok).then_some(notes.is_none_or(|n| n.dek_loads() == 0));
-        record
-    }
-}
-
-/// Writes the record of a finished call (none when `facts` is None: audit
-/// off); in fail-closed mode an unwritable record replaces the answer with
-/// UNAVAILABLE.
-fn finish<Resp: Audited>(
-    audit: &AuditLog,
-    ctx: &CallContext,
-    facts: Option<Facts>,
-    notes: Option<&audit::CallNotes>,
-    result: Result<Resp, Status>,
-) -> Result<Response<Resp>, Status> {
-    let Some(facts) = facts else {
-        return result.map(Response::new);
-    };
-    let record = facts.outcome(ctx, notes, &result);
-    if let Err(err) = audit.write(&record) {
-        tracing::error!(error = %err, request_id = record.request_id, "audit record not written");
-        if audit.fail_closed() {
-            return Err(AccessError::AuditUnavailable(err.to_string()).into());
-        }
-    }
-    result.map(Response::new)
-}
-
 #[cfg(test)]
-#[path = "call_tests.rs"]
 mod tests;
