@@ -396,6 +396,16 @@ pub fn note_provider_request(id: Option<&str>) {
     }
 }
 
+impl crate::metrics::AuditSource for AuditLog {
+    fn written(&self) -> u64 {
+        AuditLog::written(self)
+    }
+
+    fn failed(&self) -> u64 {
+        AuditLog::failed(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

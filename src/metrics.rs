@@ -50,17 +50,44 @@ struct NameLabels {
 /// `api::affinity` classifies a call's header as.
 pub(crate) const AFFINITY_NAMES: [&str; 3] = ["matched", "absent", "other_tenant"];
 /// Values kept elsewhere as plain atomics (cache, STS, audit, watcher),
-/// copied into the registry at scrape time.
+/// copied into the registry at scrape time. Each domain answers through a
+/// trait defined here and implemented next to its counters, so this module
+/// knows no domain.
 #[derive(Debug, Default)]
 pub struct Sources {
-    pub cache: Option<crate::cache::DekCache>,
+    pub cache: Option<Arc<dyn CacheSource>>,
     pub assume_role_calls: Option<Arc<std::sync::atomic::AtomicU64>>,
-    pub audit: Option<Arc<crate::audit::AuditLog>>,
+    pub audit: Option<Arc<dyn AuditSource>>,
     pub key_states: Option<Arc<dyn KeyStateSource>>,
     pub identities: Option<Arc<dyn IdentitySource>>,
-    /// The platform keyring, for the state of its HSM seal.
-    pub platform_keyring: Option<Arc<crate::kms::local::LocalKeyring>>,
+    /// The platform keyring: the state of its HSM seal, legacy unwraps.
+    pub platform_keyring: Option<Arc<dyn KeyringSource>>,
     pub registry: Option<Arc<dyn RegistrySource>>,
+}
+
+/// The DEK cache's counters, read at scrape time.
+#[async_trait::async_trait]
+pub trait CacheSource: Send + Sync + std::fmt::Debug {
+    /// hits, misses, load failures, evictions, served over share.
+    fn counts(&self) -> [u64; 5];
+    fn entries(&self) -> u64;
+    /// Runs pending maintenance so the entry count is current.
+    async fn settle(&self);
+}
+
+/// Audit records written and failed, read at scrape time.
+pub trait AuditSource: Send + Sync + std::fmt::Debug {
+    fn written(&self) -> u64;
+    fn failed(&self) -> u64;
+}
+
+/// The local keyrings' state, read at scrape time.
+pub trait KeyringSource: Send + Sync + std::fmt::Debug {
+    /// Whether the platform keyring's HSM seal answered its last check
+    /// (None: not sealed).
+    fn seal_usable(&self) -> Option<bool>;
+    /// Wrapped keys of the legacy local layout read since start.
+    fn legacy_unwraps(&self) -> u64;
 }
 
 /// The registry's health as the data plane sees it, read at scrape time.
@@ -131,6 +158,8 @@ pub struct Metrics {
     /// known methods, made on first use: the hot path neither allocates
     /// labels nor takes the family's lock.
     rpc_handles: Vec<RpcHandles>,
+    /// The methods `rpc_handles` are indexed by.
+    methods: &'static [&'static str],
     /// Filled once the server is assembled; read at scrape.
     sources: Mutex<Sources>,
     exported: Mutex<Exported>,
@@ -156,7 +185,9 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(tenant_labels: bool) -> Self {
+    /// `methods`: the RPCs whose counters and histograms are made once and
+    /// reached by index on the hot path (the authorization policy's list).
+    pub fn new(tenant_labels: bool, methods: &'static [&'static str]) -> Self {
         let mut registry = Registry::with_prefix("keybroker");
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -291,7 +322,8 @@ impl Metrics {
             audit_records,
             watcher_checks,
             bindings,
-            rpc_handles: crate::authz::METHODS
+            methods,
+            rpc_handles: methods
                 .iter()
                 .map(|_| RpcHandles {
                     by_code: Default::default(),
@@ -312,7 +344,7 @@ impl Metrics {
     }
 
     pub fn rpc(&self, method: &str, code: tonic::Code, tenant_id: Option<&str>, elapsed: Duration) {
-        let known = crate::authz::METHODS.iter().position(|m| *m == method);
+        let known = self.methods.iter().position(|m| *m == method);
         if let (Some(index), false) = (known, self.tenant_labels) {
             let handles = &self.rpc_handles[index];
             let slot = usize::try_from(code as i32).unwrap_or(0).min(16);
@@ -377,11 +409,12 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn quota_rejection(&self, scope: crate::quota::QuotaScope, tenant_id: &str) {
-        let name = match scope {
-            crate::quota::QuotaScope::Global => "global".to_owned(),
-            crate::quota::QuotaScope::Tenant if self.tenant_labels => format!("tenant:{tenant_id}"),
-            crate::quota::QuotaScope::Tenant => "tenant".to_owned(),
+    /// A KMS call refused by the server's quota (`global`) or the tenant's.
+    pub fn quota_rejection(&self, global: bool, tenant_id: &str) {
+        let name = match global {
+            true => "global".to_owned(),
+            false if self.tenant_labels => format!("tenant:{tenant_id}"),
+            false => "tenant".to_owned(),
         };
         self.quota_rejections
             .get_or_create(&NameLabels { name })
@@ -399,7 +432,7 @@ impl Metrics {
     pub async fn scrape(&self) -> Result<String, std::fmt::Error> {
         let cache = self.sources.lock().cache.clone();
         if let Some(cache) = cache {
-            cache.run_pending_tasks().await;
+            cache.settle().await;
         }
         self.encode()
     }
@@ -416,18 +449,12 @@ impl Metrics {
                     .clone()
             };
             if let Some(cache) = &sources.cache {
-                let s = cache.stats().snapshot();
-                for (key, value) in [
-                    ("hit", s.hits),
-                    ("miss", s.misses),
-                    ("load_failure", s.load_failures),
-                    ("eviction", s.evictions),
-                    ("over_share", s.over_share),
-                ] {
+                let names = ["hit", "miss", "load_failure", "eviction", "over_share"];
+                for (key, value) in names.into_iter().zip(cache.counts()) {
                     self.sync(&mut exported, key, value, &named(&self.cache_events, key));
                 }
                 self.cache_entries
-                    .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+                    .set(i64::try_from(cache.entries()).unwrap_or(i64::MAX));
             }
             if let Some(registry) = &sources.registry {
                 self.sync(
@@ -445,12 +472,14 @@ impl Metrics {
                     &self.sts_assume_role,
                 );
             }
-            self.sync(
-                &mut exported,
-                "legacy_local_unwraps",
-                crate::kms::local::LEGACY_UNWRAPS.load(Ordering::Relaxed),
-                &self.legacy_local_unwraps,
-            );
+            if let Some(keyring) = &sources.platform_keyring {
+                self.sync(
+                    &mut exported,
+                    "legacy_local_unwraps",
+                    keyring.legacy_unwraps(),
+                    &self.legacy_local_unwraps,
+                );
+            }
             if let Some(audit) = &sources.audit {
                 self.sync(
                     &mut exported,

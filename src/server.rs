@@ -163,12 +163,12 @@ impl Server {
         let maintaining = Shredder::run(&lifecycle, config.deletion.maintenance_interval);
         let mut server = Self::assemble(config, Arc::clone(&lifecycle) as _, cache.clone())?;
         server.metrics.set_sources(crate::metrics::Sources {
-            cache: Some(cache),
+            cache: Some(Arc::new(cache)),
             assume_role_calls: Some(assume_role_calls),
-            audit: Some(Arc::clone(&server.audit)),
+            audit: Some(Arc::clone(&server.audit) as _),
             key_states: Some(Arc::clone(&watcher) as Arc<dyn crate::metrics::KeyStateSource>),
             identities: Some(Arc::clone(&directory) as Arc<dyn crate::metrics::IdentitySource>),
-            platform_keyring: Some(Arc::clone(directory.platform_keyring())),
+            platform_keyring: Some(Arc::clone(directory.platform_keyring()) as _),
             registry: Some(Arc::clone(&directory) as Arc<dyn crate::metrics::RegistrySource>),
         });
         server.watcher = Some(watcher);
@@ -248,10 +248,13 @@ impl Server {
             None
         };
         let audit = Arc::new(AuditLog::open(&config.audit)?);
-        let metrics = Arc::new(Metrics::new(config.telemetry.metrics_tenant_labels));
+        let metrics = Arc::new(Metrics::new(
+            config.telemetry.metrics_tenant_labels,
+            crate::authz::METHODS,
+        ));
         metrics.set_sources(crate::metrics::Sources {
-            cache: Some(cache.clone()),
-            audit: Some(Arc::clone(&audit)),
+            cache: Some(Arc::new(cache.clone())),
+            audit: Some(Arc::clone(&audit) as _),
             ..Default::default()
         });
         let broker = Arc::new(

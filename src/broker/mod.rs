@@ -128,7 +128,7 @@ impl Broker {
             cache,
             calls: Arc::default(),
             quota: ProviderQuota::new(quota),
-            metrics: Arc::new(Metrics::new(false)),
+            metrics: Arc::new(Metrics::new(false, &[])),
             minting: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(std::time::Duration::from_secs(60))
@@ -189,7 +189,8 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         if binding.provider.kind() != ProviderKind::Local {
             self.quota.acquire(tenant_id).inspect_err(|refused| {
-                self.metrics.quota_rejection(refused.scope, tenant_id);
+                let global = refused.scope == crate::quota::QuotaScope::Global;
+                self.metrics.quota_rejection(global, tenant_id);
             })?;
         }
         counter.fetch_add(1, Ordering::Relaxed);

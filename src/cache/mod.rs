@@ -507,5 +507,21 @@ impl DekCache {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::metrics::CacheSource for DekCache {
+    fn counts(&self) -> [u64; 5] {
+        let s = self.stats().snapshot();
+        [s.hits, s.misses, s.load_failures, s.evictions, s.over_share]
+    }
+
+    fn entries(&self) -> u64 {
+        self.entry_count()
+    }
+
+    async fn settle(&self) {
+        self.run_pending_tasks().await;
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ fn observers(audit: &std::path::Path, request_timeout: Duration) -> Observers {
     };
     Observers {
         audit: Arc::new(AuditLog::open(&settings).expect("audit file")),
-        metrics: Arc::new(crate::metrics::Metrics::new(false)),
+        metrics: Arc::new(crate::metrics::Metrics::new(false, crate::authz::METHODS)),
         request_timeout,
         affinity_header: crate::api::affinity::header_key(crate::api::affinity::DEFAULT_HEADER)
             .expect("header"),

@@ -567,5 +567,15 @@ impl KeyProvider for LocalKeyring {
     }
 }
 
+impl crate::metrics::KeyringSource for LocalKeyring {
+    fn seal_usable(&self) -> Option<bool> {
+        LocalKeyring::seal_usable(self)
+    }
+
+    fn legacy_unwraps(&self) -> u64 {
+        LEGACY_UNWRAPS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests;
