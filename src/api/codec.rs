@@ -10,6 +10,18 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
+/// The encode and decode buffers of one call start at 1 KiB, not tonic's
+/// 8 KiB (and grow for a large batch): keybroker's messages are a few
+/// hundred bytes, and the process allocator zeroes every block it frees
+/// (`secret::ZeroOnFree`), so a smaller buffer is less to wipe per call.
+const BUFFER_SIZE: usize = 1024;
+/// tonic's default: how much a streaming call encodes before yielding.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+}
+
 /// `tonic_prost::ProstCodec` with strict decode errors (set in `build.rs`).
 #[derive(Debug, Clone)]
 pub(crate) struct StrictProstCodec<T, U>(PhantomData<(T, U)>);
@@ -31,11 +43,11 @@ where
     type Decoder = StrictDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::default())
+        ProstEncoder::new(buffer_settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        StrictDecoder(ProstDecoder::new(BufferSettings::default()))
+        StrictDecoder(ProstDecoder::new(buffer_settings()))
     }
 }
 
