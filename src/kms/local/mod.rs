@@ -42,7 +42,8 @@ pub static LEGACY_UNWRAPS: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 
 /// Whether wrapped keys of the legacy layout (random nonce under the
 /// version key, written before the `seal` construction) are still read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, strum::FromRepr)]
+#[repr(u8)]
 pub enum LegacyWraps {
     /// Read (and counted) under key versions made before the upgrade to
     /// `seal`-only wraps; refused under versions made since, under which no
@@ -56,23 +57,6 @@ pub enum LegacyWraps {
     Refuse,
 }
 
-impl LegacyWraps {
-    fn code(self) -> u8 {
-        match self {
-            Self::Predating => 0,
-            Self::Accept => 1,
-            Self::Refuse => 2,
-        }
-    }
-
-    fn from_code(code: u8) -> Self {
-        match code {
-            1 => Self::Accept,
-            2 => Self::Refuse,
-            _ => Self::Predating,
-        }
-    }
-}
 const TAG_LEN: usize = 16;
 
 /// Errors loading, creating or rotating a keyring file. These stop the server
@@ -186,7 +170,7 @@ pub struct LocalKeyring {
     seal: Option<Arc<dyn KeyringSeal>>,
     /// Whether the sealing key passed its last check (true unsealed).
     seal_usable: std::sync::atomic::AtomicBool,
-    /// Which legacy-layout wraps are read ([`LegacyWraps`], as its code).
+    /// Which legacy-layout wraps are read ([`LegacyWraps`] as its `u8`).
     legacy: std::sync::atomic::AtomicU8,
 }
 
@@ -227,14 +211,14 @@ impl LocalKeyring {
             stamp: RwLock::new(Some(stamp)),
             seal,
             seal_usable: std::sync::atomic::AtomicBool::new(true),
-            legacy: std::sync::atomic::AtomicU8::new(0),
+            legacy: std::sync::atomic::AtomicU8::new(LegacyWraps::Predating as u8),
         })
     }
 
     /// Which legacy-layout wraps are read from now on.
     pub fn set_legacy_wraps(&self, legacy: LegacyWraps) {
         self.legacy
-            .store(legacy.code(), std::sync::atomic::Ordering::Relaxed);
+            .store(legacy as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds a new version to the backing file and loads it; its number.
@@ -300,7 +284,7 @@ impl LocalKeyring {
             stamp: RwLock::new(None),
             seal: None,
             seal_usable: std::sync::atomic::AtomicBool::new(true),
-            legacy: std::sync::atomic::AtomicU8::new(0),
+            legacy: std::sync::atomic::AtomicU8::new(LegacyWraps::Predating as u8),
         })
     }
 
@@ -505,7 +489,8 @@ impl KeyProvider for LocalKeyring {
         }
         // The legacy layout (or a legacy nonce that happens to start with
         // the magic: tried both ways, authentication decides).
-        let mode = LegacyWraps::from_code(self.legacy.load(std::sync::atomic::Ordering::Relaxed));
+        let mode = LegacyWraps::from_repr(self.legacy.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or_default();
         if mode == LegacyWraps::Refuse {
             return Err(ProviderError::VersionDisabled(format!(
                 "a wrapped key of the legacy layout under {} version {key_version}, which the operator refuses (legacy_local_wraps = refuse); set it to accept to read it, then rewrap it",
