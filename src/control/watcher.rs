@@ -109,6 +109,8 @@ pub struct Watcher {
     counted_at: parking_lot::Mutex<Option<std::time::Instant>>,
     /// This process's id in watcher claims (random per start).
     replica_id: String,
+    /// The last claim failed: the registry does not answer.
+    registry_down: std::sync::atomic::AtomicBool,
 }
 
 /// Bindings claimed per registry round trip; a tick claims again until
@@ -124,6 +126,7 @@ impl Watcher {
             passes: std::sync::atomic::AtomicU64::new(0),
             counted_at: parking_lot::Mutex::new(None),
             replica_id: replica_id(),
+            registry_down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -150,6 +153,13 @@ impl Watcher {
         let mut summary = PassSummary::default();
         let mut first = true;
         let mut registry_answered = true;
+        // The registry did not answer last pass: the keys served from memory
+        // are checked first, not after the claim's write deadline.
+        let mut checked_in_memory = false;
+        if self.registry_down.load(std::sync::atomic::Ordering::Relaxed) {
+            self.check_from_memory(&mut summary).await;
+            checked_in_memory = true;
+        }
         loop {
             let now = crate::keys::now_ms();
             // Others' bindings in the first round only: a replica takes at
@@ -177,15 +187,16 @@ impl Watcher {
                 Err(err) => {
                     tracing::warn!(error = %err, "watcher could not claim key bindings to check; checking the keys this replica serves from memory");
                     registry_answered = false;
-                    let (checked, revoked) = self
-                        .directory
-                        .check_in_memory(self.settings.concurrency)
-                        .await;
-                    summary.checked += checked;
-                    summary.revoked += revoked;
+                    self.registry_down
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if !checked_in_memory {
+                        self.check_from_memory(&mut summary).await;
+                    }
                     break;
                 }
             };
+            self.registry_down
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             let full = claimed.len() == CLAIM_BATCH;
             summary.add(self.check_all(claimed).await);
             if !full {
@@ -213,6 +224,17 @@ impl Watcher {
             self.count_states().await;
         }
         summary
+    }
+
+    /// The keys this replica serves, described from memory while the
+    /// registry cannot hand out claims.
+    async fn check_from_memory(&self, summary: &mut PassSummary) {
+        let (checked, revoked) = self
+            .directory
+            .check_in_memory(self.settings.concurrency)
+            .await;
+        summary.checked += checked;
+        summary.revoked += revoked;
     }
 
     /// Checks claimed bindings, `watcher_concurrency` at a time. Each result

@@ -117,14 +117,13 @@ impl RegistryDirectory {
             return canary_verdict(record, "decrypt", &err);
         }
         if let Err(err) = self
-            .registry()
-            .set_canary(
+            .data_path_write(self.registry().set_canary(
                 &record.tenant_id,
                 &record.name,
                 record.link_id,
                 record.canary.as_deref(),
                 &canary.encode(),
-            )
+            ))
             .await
         {
             tracing::warn!(error = %err, "could not store a binding's canary; made again next check");
@@ -164,15 +163,8 @@ impl RegistryDirectory {
                 else {
                     return false;
                 };
-                tracing::warn!(
-                    tenant = %tenant,
-                    binding = %binding.name,
-                    reason = %verdict,
-                    "a key was revoked at its provider while the registry does not answer: applied on this replica now, recorded when the registry answers"
-                );
-                self.cache.purge_binding(&tenant, &binding.name).await;
-                let changed = keys.with_binding_revoked(&binding.name, binding.link_id, &verdict);
-                self.views.amend(&tenant, &keys, changed).await;
+                self.revoke_in_view(&tenant, &keys, &binding.name, binding.link_id, &verdict)
+                    .await;
                 true
             })
             .buffer_unordered(concurrency.max(1))
@@ -182,21 +174,61 @@ impl RegistryDirectory {
         (checked, revoked)
     }
 
+    /// A revocation this replica cannot record (the registry does not
+    /// answer), applied here: the binding's cached keys purged and the
+    /// tenant's view amended, so the data plane refuses it at once. The
+    /// registry learns it from the first check after it answers again.
+    async fn revoke_in_view(
+        &self,
+        tenant: &str,
+        keys: &Arc<crate::keys::TenantKeys>,
+        binding: &str,
+        link_id: i64,
+        reason: &str,
+    ) {
+        tracing::warn!(
+            tenant = %Escaped(tenant),
+            binding = %Escaped(binding),
+            reason = %reason,
+            "a key was revoked at its provider while the registry does not answer: applied on this replica now, recorded when the registry answers"
+        );
+        self.cache.purge_binding(tenant, binding).await;
+        let changed = keys.with_binding_revoked(binding, link_id, reason);
+        self.views.amend(tenant, keys, changed).await;
+    }
+
     /// Records a verdict as the binding's state (never touching a binding
-    /// an operator disabled) and applies it on every replica.
+    /// an operator disabled) and applies it on every replica. Within the
+    /// data path's write deadline: a registry that stops answering mid-pass
+    /// must not hold the watcher (and the next revocation) for its pool's
+    /// acquire timeout. A revocation that cannot be recorded is applied on
+    /// this replica meanwhile.
     pub async fn apply_verdict(&self, record: &BindingRecord, verdict: &Verdict) -> Applied {
         let (state, reason) = match verdict {
             Verdict::Usable => (BindingState::Active, ""),
             Verdict::Revoked(reason) => (BindingState::Revoked, reason.as_str()),
             Verdict::Outage => return Applied::Outage,
         };
-        match self.set_key_state(record, state, reason).await {
+        match self
+            .data_path_write(self.set_key_state(record, state, reason))
+            .await
+        {
             Ok(true) if state == BindingState::Revoked => Applied::Revoked,
             Ok(true) => Applied::Restored,
             Ok(false) => Applied::Unchanged,
             Err(err) => {
                 tracing::error!(error = %err, tenant = %record.tenant_id, binding = %record.name, "could not record key state");
-                Applied::Unchanged
+                if state != BindingState::Revoked {
+                    return Applied::Unchanged;
+                }
+                let tenant = record.tenant_id.as_str();
+                let Some(keys) = self.views.peek(tenant) else {
+                    // Nothing of the tenant in memory: nothing to serve.
+                    return Applied::Unchanged;
+                };
+                self.revoke_in_view(tenant, &keys, &record.name, record.link_id, reason)
+                    .await;
+                Applied::Revoked
             }
         }
     }

@@ -260,6 +260,13 @@ impl Views {
         self.trusted_from.store(next, Ordering::SeqCst);
     }
 
+    /// The tenant's view in memory, fresh or not (never a load).
+    pub(super) fn peek(&self, tenant_id: &str) -> Option<Arc<TenantKeys>> {
+        futures::FutureExt::now_or_never(self.map.get(tenant_id))
+            .flatten()
+            .map(|view| Arc::clone(&view.keys))
+    }
+
     /// Every view in memory (the watcher's work list while the registry
     /// does not answer).
     pub(super) fn all(&self) -> Vec<(Arc<String>, Arc<TenantKeys>)> {
