@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keybroker::broker::Broker;
+use keybroker::broker::{Broker, Reason};
 use keybroker::cache::{CacheKey, CacheSettings, CachedKey, DekCache, Freshness};
 use keybroker::context::{self, Context};
 use keybroker::envelope::Envelope;
@@ -127,16 +127,22 @@ fn cache_benches(c: &mut Criterion) {
     );
     let ctx = context();
     let wrapped = runtime
-        .block_on(broker.generate("tenant-0001", &ctx, 32, None))
+        .block_on(broker.generate("tenant-0001", &ctx, 32, Reason::NoReason, None))
         .unwrap()
         .wrapped_key;
     runtime
-        .block_on(broker.unwrap("tenant-0001", &ctx, &wrapped, None))
+        .block_on(broker.unwrap("tenant-0001", &ctx, &wrapped, Reason::NoReason, None))
         .unwrap();
     c.bench_function("broker_unwrap_hit", |b| {
         b.iter(|| {
             runtime
-                .block_on(broker.unwrap("tenant-0001", black_box(&ctx), black_box(&wrapped), None))
+                .block_on(broker.unwrap(
+                    "tenant-0001",
+                    black_box(&ctx),
+                    black_box(&wrapped),
+                    Reason::NoReason,
+                    None,
+                ))
                 .unwrap()
         })
     });

@@ -129,6 +129,11 @@ pub struct AuditRecord<'a> {
     /// The provider's request id of the last such call, where the SDK exposes
     /// it (AWS), for matching with the customer's CloudTrail.
     pub provider_request_id: Option<String>,
+    /// Data-plane calls: the access reason the call gave (`none` when it
+    /// gave none), as authorized.
+    pub reason: Option<&'static str>,
+    /// The reason's detail (a ticket, case or request id), as given.
+    pub reason_detail: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -427,6 +432,8 @@ mod tests {
             cache_hit: Some(true),
             provider_calls: 0,
             provider_request_id: None,
+            reason: Some("customer_support"),
+            reason_detail: Some("TICKET-1"),
         }
     }
 

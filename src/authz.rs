@@ -2,15 +2,21 @@
 //!
 //! A TOML file of `[[allow]]` rules, each naming caller identities, gRPC
 //! methods and tenants (exact strings, or globs where `*` matches any run of
-//! characters). A call is allowed when one rule matches all three; anything
+//! characters), and the access reasons the callers may claim on calls that
+//! use a key. A call is allowed when one rule matches all of them; anything
 //! else is denied. The file is re-read when it changes; a broken edit keeps
 //! the previous policy in force.
+//!
+//! `reasons` lists [`Reason`] names (`none` for a call that gives no reason,
+//! `*` for every reason). A rule without it grants calls without a reason
+//! only: claiming a reason is a grant like any other, never a default.
 //!
 //! ```toml
 //! [[allow]]
 //! identities = ["spiffe://prod.example/ns/billing/sa/api"]
 //! methods = ["keybroker.v1.KeyBroker/*"]
 //! tenants = ["acme", "globex-*"]
+//! reasons = ["none", "customer_initiated", "platform_operation"]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -21,6 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::Reason;
 use crate::reload::FileStamp;
 
 /// Identity of callers on a plaintext (loopback) listener.
@@ -40,6 +47,7 @@ pub(crate) const METHODS: &[&str] = &[
     "keybroker.v1.KeyAdmin/CreateTenant",
     "keybroker.v1.KeyAdmin/GetTenant",
     "keybroker.v1.KeyAdmin/SetTenantPolicy",
+    "keybroker.v1.KeyAdmin/SetAccessPolicy",
     "keybroker.v1.KeyAdmin/LinkKey",
     "keybroker.v1.KeyAdmin/ImportKeyMaterial",
     "keybroker.v1.KeyAdmin/ListKeys",
@@ -133,6 +141,8 @@ struct RuleFile {
     identities: Vec<String>,
     methods: Vec<String>,
     tenants: Vec<String>,
+    /// Absent: calls without a reason only.
+    reasons: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +150,44 @@ struct Rule {
     identities: Vec<Pattern>,
     methods: Vec<Pattern>,
     tenants: Vec<Pattern>,
+    /// The reasons callers may claim; `None`: every reason (`*`).
+    reasons: Option<Vec<Reason>>,
+}
+
+impl Rule {
+    fn allows_reason(&self, reason: Reason) -> bool {
+        self.reasons.as_ref().is_none_or(|r| r.contains(&reason))
+    }
+}
+
+/// What a rule's `reasons` list grants.
+fn parse_reasons(label: &str, names: Option<Vec<String>>) -> Result<Option<Vec<Reason>>, String> {
+    let Some(names) = names else {
+        return Ok(Some(vec![Reason::NoReason]));
+    };
+    if names.is_empty() {
+        return Err(format!(
+            "{label}: reasons must be a non-empty list (\"none\" for calls without a reason, \"*\" for every reason)"
+        ));
+    }
+    if names.iter().any(|n| n == "*") {
+        return Ok(None);
+    }
+    names
+        .iter()
+        .map(|n| Reason::parse(n).map_err(|why| format!("{label}: {why}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// The answer to a call's tenant and reason check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Permit {
+    Granted,
+    /// No rule grants the method for this tenant.
+    TenantDenied,
+    /// Some rule grants the method for this tenant, none with this reason.
+    ReasonDenied,
 }
 
 /// A parsed policy. `Policy::allow_all` exists for plaintext loopback
@@ -162,9 +210,20 @@ pub(crate) struct Grant {
 }
 
 impl Grant {
-    pub(crate) fn allows_tenant(&self, tenant_id: &str) -> bool {
-        self.policy
-            .allows(&self.identity, &self.method, Some(tenant_id))
+    /// Whether the caller may call the method for `tenant_id`, claiming
+    /// `reason` (`None`: the method takes no reason).
+    pub(crate) fn allows(&self, tenant_id: &str, reason: Option<Reason>) -> Permit {
+        let allows = |reason| {
+            self.policy
+                .allows(&self.identity, &self.method, Some(tenant_id), reason)
+        };
+        if allows(reason) {
+            Permit::Granted
+        } else if reason.is_some() && allows(None) {
+            Permit::ReasonDenied
+        } else {
+            Permit::TenantDenied
+        }
     }
 }
 
@@ -214,6 +273,7 @@ impl Policy {
                 identities,
                 methods,
                 tenants: list("tenants", rule.tenants)?,
+                reasons: parse_reasons(&label, rule.reasons)?,
             });
         }
         Ok(Self {
@@ -229,20 +289,27 @@ impl Policy {
     }
 
     /// Whether one rule matches the identity, the method and (when given)
-    /// the tenant.
-    pub(crate) fn allows(&self, identity: &str, method: &str, tenant_id: Option<&str>) -> bool {
+    /// the tenant and the reason claimed.
+    pub(crate) fn allows(
+        &self,
+        identity: &str,
+        method: &str,
+        tenant_id: Option<&str>,
+        reason: Option<Reason>,
+    ) -> bool {
         self.allow_all
             || self.rules.iter().any(|r| {
                 r.identities.iter().any(|p| p.matches(identity))
                     && r.methods.iter().any(|p| p.matches(method))
                     && tenant_id.is_none_or(|t| r.tenants.iter().any(|p| p.matches(t)))
+                    && reason.is_none_or(|reason| r.allows_reason(reason))
             })
     }
 
     /// A grant when some rule lets `identity` call `method` (for some
     /// tenant); `None` when none does.
     pub(crate) fn grant(self: &Arc<Self>, identity: Arc<str>, method: Arc<str>) -> Option<Grant> {
-        self.allows(&identity, &method, None).then(|| Grant {
+        self.allows(&identity, &method, None, None).then(|| Grant {
             policy: Arc::clone(self),
             identity,
             method,
@@ -358,8 +425,9 @@ mod tests {
         let grant = policy
             .grant("spiffe://prod/billing".into(), unwrap.into())
             .unwrap();
-        assert!(grant.allows_tenant("acme") && grant.allows_tenant("globex-eu"));
-        assert!(!grant.allows_tenant("initech"));
+        assert_eq!(grant.allows("acme", None), Permit::Granted);
+        assert_eq!(grant.allows("globex-eu", None), Permit::Granted);
+        assert_eq!(grant.allows("initech", None), Permit::TenantDenied);
         let grant = |p: &Arc<Policy>, i: &str, m: &str| p.grant(i.into(), m.into());
         assert!(
             grant(
@@ -377,7 +445,8 @@ mod tests {
                 "keybroker.v1.KeyAdmin/LinkKey"
             )
             .unwrap()
-            .allows_tenant("anyone")
+            .allows("anyone", None)
+                == Permit::Granted
         );
         assert!(grant(&Arc::new(Policy::parse("").unwrap()), "x", unwrap).is_none());
 
@@ -394,5 +463,91 @@ mod tests {
         );
         let unknown = Policy::parse("[[allow]]\nidentity=[\"a\"]\n").unwrap_err();
         assert!(unknown.contains("unknown field"), "{unknown}");
+    }
+
+    #[test]
+    fn reasons_are_granted_like_methods() {
+        let policy = Arc::new(
+            Policy::parse(
+                r#"
+                [[allow]]
+                identities = ["spiffe://prod/storage"]
+                methods = ["keybroker.v1.KeyBroker/*"]
+                tenants = ["*"]
+                reasons = ["none", "customer_initiated", "platform_operation"]
+                [[allow]]
+                identities = ["spiffe://prod/support-tool"]
+                methods = ["keybroker.v1.KeyBroker/UnwrapKey"]
+                tenants = ["*"]
+                reasons = ["customer_support"]
+                [[allow]]
+                identities = ["spiffe://prod/legacy"]
+                methods = ["keybroker.v1.KeyBroker/UnwrapKey"]
+                tenants = ["*"]
+                [[allow]]
+                identities = ["spiffe://prod/migrator"]
+                methods = ["keybroker.v1.KeyBroker/*"]
+                tenants = ["*"]
+                reasons = ["*"]
+                "#,
+            )
+            .unwrap(),
+        );
+        let unwrap = "keybroker.v1.KeyBroker/UnwrapKey";
+        let permit = |identity: &str, reason| {
+            policy
+                .grant(identity.into(), unwrap.into())
+                .map(|g| g.allows("acme", Some(reason)))
+        };
+        use Permit::*;
+        use Reason::*;
+        let table = [
+            ("spiffe://prod/storage", NoReason, Granted),
+            ("spiffe://prod/storage", CustomerInitiated, Granted),
+            ("spiffe://prod/storage", PlatformOperation, Granted),
+            ("spiffe://prod/storage", CustomerSupport, ReasonDenied),
+            ("spiffe://prod/storage", LegalRequest, ReasonDenied),
+            ("spiffe://prod/support-tool", CustomerSupport, Granted),
+            ("spiffe://prod/support-tool", NoReason, ReasonDenied),
+            (
+                "spiffe://prod/support-tool",
+                CustomerInitiated,
+                ReasonDenied,
+            ),
+            // No `reasons`: calls without a reason only.
+            ("spiffe://prod/legacy", NoReason, Granted),
+            ("spiffe://prod/legacy", CustomerInitiated, ReasonDenied),
+            ("spiffe://prod/migrator", Migration, Granted),
+            ("spiffe://prod/migrator", LegalRequest, Granted),
+        ];
+        for (identity, reason, expected) in table {
+            assert_eq!(
+                permit(identity, reason),
+                Some(expected),
+                "{identity} {reason}"
+            );
+        }
+        // Methods that take no reason are not held to `reasons`.
+        let describe = policy.grant(
+            "spiffe://prod/support-tool".into(),
+            "keybroker.v1.KeyBroker/DescribeKey".into(),
+        );
+        assert!(describe.is_none());
+        let bad = Policy::parse(
+            "[[allow]]\nidentities=[\"*\"]\nmethods=[\"*\"]\ntenants=[\"*\"]\nreasons=[\"support\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            bad.contains("unknown access reason") && bad.contains("customer_support"),
+            "{bad}"
+        );
+        let empty = Policy::parse(
+            "[[allow]]\nidentities=[\"*\"]\nmethods=[\"*\"]\ntenants=[\"*\"]\nreasons=[]\n",
+        )
+        .unwrap_err();
+        assert!(
+            empty.contains("reasons must be a non-empty list"),
+            "{empty}"
+        );
     }
 }

@@ -260,6 +260,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
                 tenant_id: "acme".into(),
                 key_spec: 1,
                 context: Default::default(),
+                justification: None,
             },
         ),
         seed(
@@ -268,6 +269,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
                 tenant_id: "acme".into(),
                 plaintext: vec![1; 32],
                 context,
+                justification: None,
             },
         ),
         seed(
@@ -276,6 +278,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
                 tenant_id: "acme".into(),
                 wrapped_key: wrapped.clone().into(),
                 context: Default::default(),
+                justification: None,
             },
         ),
         seed(
@@ -284,6 +287,7 @@ pub fn request_seeds() -> Vec<Vec<u8>> {
                 tenant_id: "acme".into(),
                 wrapped_key: wrapped,
                 context: Default::default(),
+                justification: None,
             },
         ),
         seed(

@@ -6,6 +6,9 @@
 //! build on; the rest is private to the crate (`unreachable_pub` is on).
 
 // --- the data plane ------------------------------------------------------
+/// Access justifications: why a key is used, and which reasons a tenant
+/// accepts.
+pub mod access;
 /// The data plane: generate, wrap, unwrap, rewrap, describe. No gRPC.
 pub mod broker;
 /// Unwrapped keys in memory, with single-flight loads.

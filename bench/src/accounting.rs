@@ -2,6 +2,7 @@
 //! injects latency and counts calls. Call counts are exact and checked
 //! (a wrong count fails the command); wall times are reported, not asserted.
 
+use keybroker::broker::Reason;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -133,7 +134,7 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
             for _ in 0..n {
                 keys.push(
                     broker
-                        .generate("acme", &context, 32, None)
+                        .generate("acme", &context, 32, Reason::NoReason, None)
                         .await?
                         .wrapped_key,
                 );
@@ -153,7 +154,10 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
                     let (broker, context, key) =
                         (Arc::clone(&broker), context.clone(), key.clone());
                     set.spawn(async move {
-                        let ok = broker.unwrap("acme", &context, &key, None).await.is_ok();
+                        let ok = broker
+                            .unwrap("acme", &context, &key, Reason::NoReason, None)
+                            .await
+                            .is_ok();
                         (ok, started.elapsed())
                     });
                 }
@@ -301,14 +305,16 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
             for _ in 0..per_tenant {
                 wrapped.push(
                     broker
-                        .generate(&tenant, &context, 32, None)
+                        .generate(&tenant, &context, 32, Reason::NoReason, None)
                         .await?
                         .wrapped_key,
                 );
             }
             // Cold: no DEK is in the cache (generate does not cache it).
             for w in &wrapped {
-                broker.unwrap(&tenant, &context, w, None).await?;
+                broker
+                    .unwrap(&tenant, &context, w, Reason::NoReason, None)
+                    .await?;
             }
             Ok::<_, keybroker::broker::BrokerError>(())
         });

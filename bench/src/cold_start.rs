@@ -259,6 +259,7 @@ async fn measure(
                         tenant_id: tenant_id.clone(),
                         wrapped_key: key.clone().into(),
                         context: context(),
+                        justification: None,
                     })
                     .await?;
             }
@@ -297,6 +298,7 @@ async fn measure(
                                 tenant_id: tenant(t),
                                 wrapped_key: k.clone().into(),
                                 context: context(),
+                                justification: None,
                             })
                             .collect(),
                     })
@@ -421,6 +423,7 @@ async fn prepare(
                         tenant_id: tenant(t),
                         key_spec: 0,
                         context: context(),
+                        justification: None,
                     })
                     .collect(),
             })

@@ -267,6 +267,7 @@ pub(crate) async fn generate_keys(
                 tenant_id: "bench".into(),
                 key_spec: 0,
                 context: context(),
+                justification: None,
             })
             .await?
             .into_inner()
@@ -287,6 +288,7 @@ pub(crate) async fn unwrap_all(
                 tenant_id: "bench".into(),
                 wrapped_key: key.clone().into(),
                 context: context(),
+                justification: None,
             })
             .await?;
     }
@@ -343,6 +345,7 @@ impl Target {
                         tenant_id: "bench".into(),
                         wrapped_key: warm[(start + k) % warm.len()].clone().into(),
                         context: context(),
+                        justification: None,
                     })
                     .collect();
                 client
@@ -362,6 +365,7 @@ impl Target {
                     tenant_id: "bench".into(),
                     key_spec: 0,
                     context: context(),
+                    justification: None,
                 })
                 .await
                 .is_ok_and(|r| r.get_ref().plaintext.len() == 32),
@@ -417,6 +421,7 @@ impl Target {
                         tenant_id: "bench".into(),
                         wrapped_key: key.clone().into(),
                         context: context(),
+                        justification: None,
                     })
                     .await
                     .is_ok_and(|r| r.get_ref().plaintext.len() == 32)

@@ -3,6 +3,7 @@
 //! so the wrapped keys themselves are not counted) and reports the growth
 //! of its resident set divided by the entries.
 
+use keybroker::broker::Reason;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -79,11 +80,11 @@ pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
         let fill = async |n: usize| {
             for _ in 0..n {
                 let wrapped = broker
-                    .generate("tenant-0001", &context, 32, None)
+                    .generate("tenant-0001", &context, 32, Reason::NoReason, None)
                     .await?
                     .wrapped_key;
                 broker
-                    .unwrap("tenant-0001", &context, &wrapped, None)
+                    .unwrap("tenant-0001", &context, &wrapped, Reason::NoReason, None)
                     .await?;
             }
             cache.run_pending_tasks().await;

@@ -7,6 +7,11 @@
 //
 // --bad-input sends a wrapped key that is not one and prints the status code.
 //
+// Every call says why it uses the tenant's key (an access justification):
+// the tenant's access policy may refuse calls without one, and the reason
+// lands in the audit log and the customer's key access log. This example
+// acts for the tenant's own users: ACCESS_REASON_CUSTOMER_INITIATED.
+//
 // Every call carries the tenant in the x-keybroker-tenant header, which a
 // ring-hash load balancer in front of a fleet (Envoy, docs/fleet.md)
 // hashes so each tenant's calls reach one replica. (@grpc/grpc-js has no
@@ -53,9 +58,17 @@ const codeName = (code) => Object.keys(grpc.status).find((k) => grpc.status[k] =
 
 async function main() {
   const context = { table: 'orders' };
+  // Why the key is used; the authorization policy must let this caller claim
+  // the reason, and the tenant's access policy must accept it.
+  const justification = { reason: 'ACCESS_REASON_CUSTOMER_INITIATED' };
   if (badInput) {
     try {
-      await call('UnwrapKey', { tenant_id: tenant, wrapped_key: Buffer.from('not a wrapped key'), context });
+      await call('UnwrapKey', {
+        tenant_id: tenant,
+        wrapped_key: Buffer.from('not a wrapped key'),
+        context,
+        justification,
+      });
       console.log(JSON.stringify({ code: 'OK' }));
       return 1;
     } catch (err) {
@@ -63,8 +76,13 @@ async function main() {
       return 0;
     }
   }
-  const generated = await call('GenerateDataKey', { tenant_id: tenant, context });
-  const unwrapped = await call('UnwrapKey', { tenant_id: tenant, wrapped_key: generated.wrapped_key, context });
+  const generated = await call('GenerateDataKey', { tenant_id: tenant, context, justification });
+  const unwrapped = await call('UnwrapKey', {
+    tenant_id: tenant,
+    wrapped_key: generated.wrapped_key,
+    context,
+    justification,
+  });
   if (!Buffer.from(unwrapped.plaintext).equals(Buffer.from(generated.plaintext))) {
     console.error('unwrapped key differs from the generated key');
     return 1;
@@ -72,8 +90,8 @@ async function main() {
   // A batch: each item answers on its own (a bad one with its status).
   const batch = await call('BatchUnwrapKey', {
     items: [
-      { tenant_id: tenant, wrapped_key: generated.wrapped_key, context },
-      { tenant_id: tenant, wrapped_key: Buffer.from('not one') },
+      { tenant_id: tenant, wrapped_key: generated.wrapped_key, context, justification },
+      { tenant_id: tenant, wrapped_key: Buffer.from('not one'), justification },
     ],
   });
   if (!Buffer.from(batch.results[0].response.plaintext).equals(Buffer.from(generated.plaintext))) {

@@ -9,6 +9,11 @@ and in a batch), print the key id. Uses a client generated from proto/ with grpc
 --bad-input sends a wrapped key that is not one and prints the status code,
 so clients in every language can be checked to see the same codes.
 
+Every call says why it uses the tenant's key (an access justification): the
+tenant's access policy may refuse calls without one, and the reason lands in
+the audit log and the customer's key access log. This example acts for the
+tenant's own users: ACCESS_REASON_CUSTOMER_INITIATED.
+
 Every call carries the tenant in the x-keybroker-tenant header. Against a
 fleet, give a multi-address target and the shipped service config, and each
 tenant's calls go to one replica (docs/fleet.md):
@@ -56,11 +61,19 @@ def main() -> int:
         # On every call: a ring_hash policy keyed on it never fails closed.
         tenant_header = [(AFFINITY_HEADER, args.tenant)]
         context = {"table": "orders"}
+        # Why the key is used; the authorization policy must let this caller
+        # claim the reason, and the tenant's access policy must accept it.
+        why = broker_pb2.AccessJustification(
+            reason=broker_pb2.ACCESS_REASON_CUSTOMER_INITIATED
+        )
         if args.bad_input:
             try:
                 client.UnwrapKey(
                     broker_pb2.UnwrapKeyRequest(
-                        tenant_id=args.tenant, wrapped_key=b"not a wrapped key", context=context
+                        tenant_id=args.tenant,
+                        wrapped_key=b"not a wrapped key",
+                        context=context,
+                        justification=why,
                     ),
                     metadata=tenant_header,
                 )
@@ -71,12 +84,17 @@ def main() -> int:
             return 1
 
         generated = client.GenerateDataKey(
-            broker_pb2.GenerateDataKeyRequest(tenant_id=args.tenant, context=context),
+            broker_pb2.GenerateDataKeyRequest(
+                tenant_id=args.tenant, context=context, justification=why
+            ),
             metadata=tenant_header,
         )
         unwrapped = client.UnwrapKey(
             broker_pb2.UnwrapKeyRequest(
-                tenant_id=args.tenant, wrapped_key=generated.wrapped_key, context=context
+                tenant_id=args.tenant,
+                wrapped_key=generated.wrapped_key,
+                context=context,
+                justification=why,
             ),
             metadata=tenant_header,
         )
@@ -88,9 +106,14 @@ def main() -> int:
             broker_pb2.BatchUnwrapKeyRequest(
                 items=[
                     broker_pb2.UnwrapKeyRequest(
-                        tenant_id=args.tenant, wrapped_key=generated.wrapped_key, context=context
+                        tenant_id=args.tenant,
+                        wrapped_key=generated.wrapped_key,
+                        context=context,
+                        justification=why,
                     ),
-                    broker_pb2.UnwrapKeyRequest(tenant_id=args.tenant, wrapped_key=b"not one"),
+                    broker_pb2.UnwrapKeyRequest(
+                        tenant_id=args.tenant, wrapped_key=b"not one", justification=why
+                    ),
                 ]
             ),
             metadata=tenant_header,

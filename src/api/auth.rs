@@ -197,6 +197,8 @@ where
                 cache_hit: None,
                 provider_calls: 0,
                 provider_request_id: None,
+                reason: None,
+                reason_detail: None,
             };
             self.layer
                 .observers
@@ -321,6 +323,16 @@ pub enum AccessError {
         identity: String,
         method: String,
         tenant_id: String,
+    },
+    #[error(
+        "caller '{identity}' may call {method} for tenant {} but not claim the access reason {reason} (no rule of the authorization policy lists it in `reasons`)",
+        crate::text::Quoted(tenant_id)
+    )]
+    ReasonDenied {
+        identity: String,
+        method: String,
+        tenant_id: String,
+        reason: crate::access::Reason,
     },
     #[error(
         "the audit log cannot be written and audit is fail-closed; no key is returned until it can ({0})"

@@ -57,8 +57,36 @@ impl KeyAdminApi {
             delete_time: tenant.delete_at_ms.map(timestamp),
             incarnation: tenant.incarnation,
             implicit: tenant.implicit,
+            access_policy: Some(access_policy_to_proto(&tenant.access_policy)),
         })
     }
+}
+
+fn access_policy_to_proto(policy: &crate::access::AccessPolicy) -> proto::AccessPolicy {
+    proto::AccessPolicy {
+        require_reason: policy.require_reason,
+        allowed_reasons: policy.allowed.iter().map(|r| r.to_proto()).collect(),
+    }
+}
+
+fn access_policy_from_proto(
+    policy: Option<proto::AccessPolicy>,
+) -> Result<crate::access::AccessPolicy, AdminError> {
+    use crate::access::{AccessPolicy, Reason};
+    let policy = policy.unwrap_or_default();
+    let allowed = policy
+        .allowed_reasons
+        .iter()
+        .map(|&n| {
+            Reason::from_proto(n).ok_or_else(|| {
+                AdminError::InvalidArgument(format!(
+                    "access_policy.allowed_reasons: {n} is not an AccessReason this server knows"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    AccessPolicy::new(policy.require_reason, allowed)
+        .map_err(|why| AdminError::InvalidArgument(format!("access_policy: {why}")))
 }
 
 fn policy_to_proto(policy: KeyPolicy) -> proto::KeyPolicy {
@@ -194,6 +222,23 @@ impl KeyAdmin for KeyAdminApi {
                 .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
             let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
             Ok(proto::SetTenantPolicyResponse {
+                tenant: Some(self.tenant(&tenant).await?),
+            })
+        })
+        .await
+    }
+
+    async fn set_access_policy(
+        &self,
+        request: Request<proto::SetAccessPolicyRequest>,
+    ) -> Result<Response<proto::SetAccessPolicyResponse>, Status> {
+        call::serve(&self.observers, request, |req| async move {
+            let policy = access_policy_from_proto(req.access_policy)?;
+            let tenant = self
+                .admin
+                .set_access_policy(&req.tenant_id, &policy)
+                .await?;
+            Ok(proto::SetAccessPolicyResponse {
                 tenant: Some(self.tenant(&tenant).await?),
             })
         })

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, key_info, key_state, timestamp};
-use crate::broker::{Broker, BrokerError, Miss, SharedViews};
+use crate::broker::{Broker, BrokerError, Miss, Reason, SharedViews};
 use crate::context::Context;
 use crate::proto::{self, key_broker_server::KeyBroker};
 use crate::secret::SecretBytes;
@@ -25,6 +25,14 @@ impl KeyBrokerApi {
     }
 }
 
+/// The reason a request claims. Checked when the call was authorized
+/// (`call::serve`): an unknown number never gets this far.
+fn reason(justification: Option<&proto::AccessJustification>) -> Reason {
+    justification
+        .and_then(|j| Reason::from_proto(j.reason))
+        .unwrap_or_default()
+}
+
 fn context(map: std::collections::BTreeMap<String, String>) -> Result<Context, Status> {
     Context::new(map).map_err(|e| BrokerError::from(e).into())
 }
@@ -35,6 +43,7 @@ struct PreparedUnwrap {
     tenant_id: String,
     context: Context,
     wrapped_key: bytes::Bytes,
+    reason: Reason,
     miss: Miss,
 }
 
@@ -65,7 +74,13 @@ impl KeyBrokerApi {
         };
         let generated = self
             .broker
-            .generate(&req.tenant_id, &context(req.context)?, len, shared)
+            .generate(
+                &req.tenant_id,
+                &context(req.context)?,
+                len,
+                reason(req.justification.as_ref()),
+                shared,
+            )
             .await?;
         Ok(proto::GenerateDataKeyResponse {
             plaintext: generated.plaintext.into_response_bytes(),
@@ -86,9 +101,10 @@ impl KeyBrokerApi {
             Ok(context) => context,
             Err(status) => return Ok(Err(status)),
         };
+        let reason = reason(req.justification.as_ref());
         match self
             .broker
-            .unwrap_cached(&req.tenant_id, &context, &req.wrapped_key, shared)
+            .unwrap_cached(&req.tenant_id, &context, &req.wrapped_key, reason, shared)
         {
             Ok(result) => Ok(result.map(unwrap_response).map_err(Status::from)),
             // Boxed: a miss is the cold path, and the hit's result stays small.
@@ -96,6 +112,7 @@ impl KeyBrokerApi {
                 tenant_id: req.tenant_id,
                 context,
                 wrapped_key: req.wrapped_key,
+                reason,
                 miss,
             })),
         }
@@ -112,6 +129,7 @@ impl KeyBrokerApi {
                 &req.tenant_id,
                 &req.context,
                 &req.wrapped_key,
+                req.reason,
                 req.miss,
                 shared,
             )
@@ -130,6 +148,7 @@ impl KeyBrokerApi {
                 &req.tenant_id,
                 &context(req.context)?,
                 &req.wrapped_key,
+                reason(req.justification.as_ref()),
                 shared,
             )
             .await?;
@@ -159,7 +178,12 @@ impl KeyBroker for KeyBrokerApi {
             let plaintext = SecretBytes::new(req.plaintext);
             let wrapped = self
                 .broker
-                .wrap(&req.tenant_id, &context, &plaintext)
+                .wrap(
+                    &req.tenant_id,
+                    &context,
+                    &plaintext,
+                    reason(req.justification.as_ref()),
+                )
                 .await?;
             Ok(proto::WrapKeyResponse {
                 wrapped_key: wrapped.wrapped_key,

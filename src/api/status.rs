@@ -55,6 +55,7 @@ impl From<AccessError> for Status {
             AccessError::MethodDenied { .. } | AccessError::TenantDenied { .. } => {
                 (Code::PermissionDenied, "CALLER_NOT_AUTHORIZED")
             }
+            AccessError::ReasonDenied { .. } => (Code::PermissionDenied, "REASON_NOT_GRANTED"),
             AccessError::AuditUnavailable(_) => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
             AccessError::NoContext => (Code::Internal, "INTERNAL"),
         };
@@ -136,6 +137,7 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
         BrokerError::UnknownBinding { .. } => (Code::NotFound, "KEY_BINDING_NOT_FOUND"),
         BrokerError::UnknownTenantKey { .. } => (Code::NotFound, "TENANT_KEY_NOT_FOUND"),
         BrokerError::IncarnationGone { .. } => (Code::NotFound, "TENANT_DELETED"),
+        BrokerError::ReasonRefused { .. } => (Code::PermissionDenied, "ACCESS_REASON_REFUSED"),
         BrokerError::TenantDeleting { .. } => {
             (Code::FailedPrecondition, "TENANT_DELETION_SCHEDULED")
         }

@@ -25,6 +25,23 @@ pub(super) fn freshness(keys: &TenantKeys) -> crate::cache::Freshness {
 }
 
 /// Refuses every call for a tenant whose deletion is scheduled.
+/// The tenant's access policy accepts the call's reason: checked with the
+/// view, before any cache read or provider call.
+pub(super) fn ensure_reason(
+    keys: &TenantKeys,
+    tenant_id: &str,
+    reason: Reason,
+) -> Result<(), BrokerError> {
+    if keys.life.access.allows(reason) {
+        return Ok(());
+    }
+    Err(BrokerError::ReasonRefused {
+        tenant_id: tenant_id.to_owned(),
+        reason,
+        policy: keys.life.access.to_string(),
+    })
+}
+
 pub(super) fn ensure_live(keys: &TenantKeys, tenant_id: &str) -> Result<(), BrokerError> {
     match keys.life.delete_at_ms {
         None => Ok(()),

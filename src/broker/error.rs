@@ -43,6 +43,17 @@ pub enum BrokerError {
         tenant_id: String,
         delete_at_ms: i64,
     },
+    /// The tenant's access policy refuses the call's reason (or its lack of
+    /// one). Nothing in it comes from the caller unchecked: the reason is
+    /// one of the enum's names.
+    #[error(
+        "tenant '{tenant_id}' does not accept access for reason {reason}: its access policy {policy} (the customer sets it with SetAccessPolicy; give a reason it accepts)"
+    )]
+    ReasonRefused {
+        tenant_id: String,
+        reason: crate::access::Reason,
+        policy: String,
+    },
     /// A wrapped key under a version older than its key's minimum
     /// decryption version. Nothing in it comes from the caller unchecked:
     /// the key is a binding the tenant has, the version a number.

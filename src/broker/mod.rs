@@ -19,6 +19,7 @@ pub use self::hierarchy::{HierarchySettings, version_label};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crate::access::Reason;
 use crate::cache::{CacheKey, CachedKey, DekCache};
 use crate::context::{self, Context};
 use crate::envelope::{self, Envelope};
@@ -246,10 +247,12 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         len: usize,
+        reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Generated, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         let keys = self.view(tenant_id, shared).await?;
+        ensure_reason(&keys, tenant_id, reason)?;
         ensure_live(&keys, tenant_id)?;
         if seals(&keys) {
             let plaintext = SecretBytes::random(len)
@@ -294,6 +297,7 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         plaintext: &SecretBytes,
+        reason: Reason,
     ) -> Result<Wrapped, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_BYTES {
@@ -303,6 +307,7 @@ impl Broker {
             )));
         }
         let keys = self.directory.tenant_keys(tenant_id).await?;
+        ensure_reason(&keys, tenant_id, reason)?;
         ensure_live(&keys, tenant_id)?;
         if seals(&keys) {
             let (wrapped_key, key) = self.seal_dek(keys, tenant_id, context, plaintext).await?;
@@ -351,12 +356,14 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
+        reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Unwrapped, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.view(tenant_id, shared).await?;
+        ensure_reason(&keys, tenant_id, reason)?;
         if let Some(hit) = self.cache.get(cache_key.clone(), freshness(&keys))
             && let Some(served) = self.serve_hit(&keys, tenant_id, hit)
         {
@@ -394,14 +401,19 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
+        reason: Reason,
         miss: Miss,
         shared: Option<&SharedViews>,
     ) -> Result<Unwrapped, BrokerError> {
         let Miss(Some(cache_key)) = miss else {
             // The tenant's view was not in memory: nothing was looked up.
-            return self.unwrap(tenant_id, context, wrapped, shared).await;
+            return self
+                .unwrap(tenant_id, context, wrapped, reason, shared)
+                .await;
         };
         let keys = self.view(tenant_id, shared).await?;
+        // Again: this view may be newer than the one the miss was seen with.
+        ensure_reason(&keys, tenant_id, reason)?;
         self.unwrap_cold(&keys, cache_key, tenant_id, context, wrapped)
             .await
     }
@@ -416,6 +428,7 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
+        reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Result<Unwrapped, BrokerError>, Miss> {
         if let Err(err) = context::validate_tenant_id(tenant_id)
@@ -431,6 +444,9 @@ impl Broker {
         let keys = self
             .view_in_memory(tenant_id, shared, now)
             .ok_or(Miss(None))?;
+        if let Err(refused) = ensure_reason(&keys, tenant_id, reason) {
+            return Ok(Err(refused));
+        }
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         match self
             .cache

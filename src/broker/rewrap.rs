@@ -14,11 +14,13 @@ impl Broker {
         tenant_id: &str,
         context: &Context,
         wrapped: &[u8],
+        reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Rewrapped, BrokerError> {
         context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let keys = self.view(tenant_id, shared).await?;
+        ensure_reason(&keys, tenant_id, reason)?;
         let envelope = parse_for(tenant_id, wrapped)?;
         ensure_incarnation(&keys, tenant_id, envelope.incarnation)?;
         ensure_live(&keys, tenant_id)?;

@@ -55,6 +55,7 @@ impl AdminCommand {
                 TenantCommand::Create { tenant, .. }
                 | TenantCommand::Get { tenant }
                 | TenantCommand::SetPolicy { tenant, .. }
+                | TenantCommand::SetAccessPolicy { tenant, .. }
                 | TenantCommand::Delete { tenant, .. }
                 | TenantCommand::CancelDeletion { tenant } => tenant,
             },
@@ -141,6 +142,21 @@ pub(super) enum TenantCommand {
         tenant: String,
         #[arg(long, value_enum)]
         policy: PolicyArg,
+    },
+    /// Set which access reasons the tenant's keys may be used for (the
+    /// customer's access policy), replacing the current one. Without
+    /// --allow, every reason is accepted.
+    SetAccessPolicy {
+        #[arg(long)]
+        tenant: String,
+        /// A reason accepted, repeatable: customer_initiated,
+        /// platform_operation, customer_support, platform_review,
+        /// legal_request, migration.
+        #[arg(long = "allow", value_parser = crate::access::Reason::parse)]
+        allow: Vec<crate::access::Reason>,
+        /// Refuse calls that give no reason.
+        #[arg(long)]
+        require_reason: bool,
     },
     /// Schedule a tenant's deletion: refused from now on, its keys (and so
     /// every DEK of it) destroyed when the restore window ends.
@@ -330,6 +346,23 @@ pub(super) async fn run(
                     .set_tenant_policy(proto::SetTenantPolicyRequest {
                         tenant_id: tenant,
                         key_policy: proto::KeyPolicy::from(policy).into(),
+                    })
+                    .await
+                    .answer()?;
+                tenant_json(resp.tenant.as_ref())
+            }
+            TenantCommand::SetAccessPolicy {
+                tenant,
+                allow,
+                require_reason,
+            } => {
+                let resp = client
+                    .set_access_policy(proto::SetAccessPolicyRequest {
+                        tenant_id: tenant,
+                        access_policy: Some(proto::AccessPolicy {
+                            require_reason,
+                            allowed_reasons: allow.iter().map(|r| r.to_proto()).collect(),
+                        }),
                     })
                     .await
                     .answer()?;

@@ -65,7 +65,7 @@ enum Outcome {
 /// keys are already current, then rewrap the others.
 async fn move_batch(
     mut client: KeyBrokerClient<TenantChannel>,
-    tenant: String,
+    (tenant, justification): (String, Option<proto::AccessJustification>),
     lines: Vec<Line>,
 ) -> anyhow::Result<Vec<Outcome>> {
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(lines.len());
@@ -80,6 +80,7 @@ async fn move_batch(
                         tenant_id: tenant.clone(),
                         context: line.context.clone(),
                         wrapped_key: wrapped_key.into(),
+                        justification: justification.clone(),
                     },
                 ));
             }
@@ -123,6 +124,7 @@ async fn move_batch(
                             tenant_id: i.tenant_id.clone(),
                             context: i.context.clone(),
                             wrapped_key: i.wrapped_key.to_vec(),
+                            justification: i.justification.clone(),
                         })
                         .collect(),
                 })
@@ -151,6 +153,7 @@ pub(super) async fn rewrap_all(
     client: KeyBrokerClient<TenantChannel>,
     tenant: &str,
     default_context: &BTreeMap<String, String>,
+    justification: Option<proto::AccessJustification>,
     out: &Path,
 ) -> anyhow::Result<Value> {
     let mut input = Vec::new();
@@ -186,7 +189,10 @@ pub(super) async fn rewrap_all(
     }
     let progress = std::io::stderr().is_terminal();
     let mut results = futures::stream::iter(batches)
-        .map(|batch| move_batch(client.clone(), tenant.to_owned(), batch))
+        .map(|batch| {
+            let tenant = (tenant.to_owned(), justification.clone());
+            move_batch(client.clone(), tenant, batch)
+        })
         .buffered(IN_FLIGHT);
     let (mut moved, mut current, mut written) = (0u64, 0u64, done);
     let mut failed: BTreeMap<String, u64> = BTreeMap::new();

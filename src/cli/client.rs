@@ -20,6 +20,27 @@ pub(super) struct Target {
     /// Encryption context entry, repeatable: --context table=orders.
     #[arg(long = "context", value_parser = parse_context_entry)]
     pub(super) context: Vec<(String, String)>,
+    /// Why the key is used: customer_initiated, platform_operation,
+    /// customer_support, platform_review, legal_request or migration. The
+    /// authorization policy decides which reasons this caller may claim;
+    /// the tenant's access policy, which it accepts.
+    #[arg(long, value_parser = crate::access::Reason::parse)]
+    pub(super) reason: Option<crate::access::Reason>,
+    /// The reason's detail: the ticket, case or request id (required for
+    /// customer_support, platform_review and legal_request).
+    #[arg(long, requires = "reason")]
+    pub(super) reason_detail: Option<String>,
+}
+
+/// The request's justification from `--reason` and `--reason-detail`.
+pub(super) fn justification(
+    reason: Option<crate::access::Reason>,
+    detail: Option<&str>,
+) -> Option<proto::AccessJustification> {
+    reason.map(|reason| proto::AccessJustification {
+        reason: reason.to_proto(),
+        detail: detail.unwrap_or_default().to_owned(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -75,6 +96,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                         KeySpecArg::Aes128 => proto::KeySpec::Aes128,
                     }
                     .into(),
+                    justification: justification(target.reason, target.reason_detail.as_deref()),
                 })
                 .await
                 .answer()?;
@@ -92,6 +114,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                     tenant_id: target.tenant,
                     context: target.context.into_iter().collect(),
                     plaintext: plaintext.to_vec(),
+                    justification: justification(target.reason, target.reason_detail.as_deref()),
                 })
                 .await
                 .answer()?;
@@ -111,6 +134,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                     tenant_id: target.tenant,
                     context: target.context.into_iter().collect(),
                     wrapped_key: wrapped_key.into(),
+                    justification: justification(target.reason, target.reason_detail.as_deref()),
                 })
                 .await
                 .answer()?;
@@ -136,6 +160,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                     context: context.clone(),
                     wrapped_key: decode_b64(&format!("wrapped key on line {}", n + 1), line)?
                         .into(),
+                    justification: justification(target.reason, target.reason_detail.as_deref()),
                 });
             }
             let mut results = Vec::new();
@@ -163,6 +188,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                 tenant_id: target.tenant,
                 context: target.context.into_iter().collect(),
                 key_spec: proto::KeySpec::Aes256.into(),
+                justification: justification(target.reason, target.reason_detail.as_deref()),
             };
             let mut results = Vec::new();
             let mut left = count;
@@ -193,7 +219,8 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let context = target.context.into_iter().collect();
             let client = connect(&target.server, &target.tenant).await?;
-            super::bulk::rewrap_all(client, &target.tenant, &context, &out).await?
+            let justification = justification(target.reason, target.reason_detail.as_deref());
+            super::bulk::rewrap_all(client, &target.tenant, &context, justification, &out).await?
         }
         Command::Rewrap {
             target,
@@ -207,6 +234,7 @@ pub(super) async fn run(command: Command) -> anyhow::Result<()> {
                     tenant_id: target.tenant,
                     context: target.context.into_iter().collect(),
                     wrapped_key,
+                    justification: justification(target.reason, target.reason_detail.as_deref()),
                 })
                 .await
                 .answer()?;

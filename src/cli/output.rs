@@ -54,6 +54,7 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
                 "versions_total": r.versions_total,
             },
             "create_time_ms": timestamp_json(t.create_time.as_ref()),
+            "access_policy": access_policy_json(t.access_policy.as_ref()),
             "onboarding": {
                 "aws_external_id": o.aws_external_id,
                 "aws_trust_policy_json": o.aws_trust_policy_json,
@@ -68,6 +69,20 @@ pub(super) fn tenant_json(tenant: Option<&proto::Tenant>) -> Value {
                 "key_owner_tag": o.key_owner_tag,
             },
         })
+    })
+}
+
+/// The tenant's access policy, reasons by name (`customer_support`).
+fn access_policy_json(policy: Option<&proto::AccessPolicy>) -> Value {
+    let policy = policy.cloned().unwrap_or_default();
+    let names: Vec<&str> = policy
+        .allowed_reasons
+        .iter()
+        .map(|&n| crate::access::Reason::from_proto(n).map_or("unknown", |r| r.as_str()))
+        .collect();
+    json!({
+        "require_reason": policy.require_reason,
+        "allowed_reasons": if names.is_empty() { json!("all") } else { json!(names) },
     })
 }
 

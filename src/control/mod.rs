@@ -261,6 +261,24 @@ impl Admin {
         Ok(tenant)
     }
 
+    /// Replaces the tenant's access policy; every replica applies it within
+    /// the revocation bound (the change feed, or the view TTL at worst).
+    pub async fn set_access_policy(
+        &self,
+        tenant_id: &str,
+        policy: &crate::access::AccessPolicy,
+    ) -> Result<Tenant, AdminError> {
+        validate_tenant(tenant_id)?;
+        self.live_tenant(tenant_id).await?;
+        let tenant = self
+            .registry()
+            .set_access_policy(tenant_id, policy, now_ms())
+            .await?;
+        self.directory.changed(tenant_id, None).await;
+        tracing::info!(tenant = tenant_id, policy = %policy, "tenant access policy set");
+        Ok(tenant)
+    }
+
     pub fn onboarding(&self, tenant: &Tenant) -> Onboarding {
         let azure = self.directory.azure().ok().map(|a| a.settings());
         let vault = self.directory.vault().ok();

@@ -156,7 +156,10 @@ impl Watcher {
         // The registry did not answer last pass: the keys served from memory
         // are checked first, not after the claim's write deadline.
         let mut checked_in_memory = false;
-        if self.registry_down.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .registry_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             self.check_from_memory(&mut summary).await;
             checked_in_memory = true;
         }

@@ -194,6 +194,8 @@ pub struct TenantLife {
     /// a cached key loaded under another generation predates a purge and
     /// is never served (see `cache`).
     pub cache_generation: u64,
+    /// Which access reasons the customer accepts.
+    pub access: crate::access::AccessPolicy,
 }
 
 /// Which binding new wraps (tenant key versions, direct DEKs) go under: the

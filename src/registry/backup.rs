@@ -52,6 +52,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("reencrypt_then_disable", Kind::OptText),
             ("reencrypt_disable_reason", Kind::Text),
             ("reencrypt_last", Kind::OptText),
+            ("access_policy", Kind::Text),
         ],
     ),
     (

@@ -359,6 +359,7 @@ impl RegistryDirectory {
                 epoch: tenant.key_epoch,
                 next_version: tenant.next_key_version,
                 cache_generation,
+                access: tenant.access_policy,
             },
         }))
     }

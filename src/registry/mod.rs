@@ -107,6 +107,8 @@ pub struct Tenant {
     pub reencrypt_disable_reason: String,
     /// The target of the last key change that finished.
     pub reencrypt_last: Option<String>,
+    /// Which access reasons the customer accepts.
+    pub access_policy: crate::access::AccessPolicy,
 }
 
 impl Tenant {
@@ -131,6 +133,7 @@ impl Tenant {
             reencrypt_then_disable: None,
             reencrypt_disable_reason: String::new(),
             reencrypt_last: None,
+            access_policy: crate::access::AccessPolicy::default(),
         }
     }
 }
@@ -374,6 +377,13 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         tenant_id: &str,
         policy: KeyPolicy,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError>;
+    /// Replaces the tenant's access policy.
+    async fn set_access_policy(
+        &self,
+        tenant_id: &str,
+        policy: &crate::access::AccessPolicy,
         now_ms: i64,
     ) -> Result<Tenant, RegistryError>;
     /// Refused for a single_key tenant that already has a key.

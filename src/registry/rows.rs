@@ -173,5 +173,9 @@ pub(super) fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
         reencrypt_then_disable: row.try_get("reencrypt_then_disable").map_err(db)?,
         reencrypt_disable_reason: row.try_get("reencrypt_disable_reason").map_err(db)?,
         reencrypt_last: row.try_get("reencrypt_last").map_err(db)?,
+        access_policy: crate::access::AccessPolicy::from_stored(
+            &row.try_get::<String, _>("access_policy").map_err(db)?,
+        )
+        .map_err(RegistryError::Corrupt)?,
     })
 }

@@ -25,7 +25,7 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
 pub(super) const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
      reencrypt_from, newest_import_primary, created_at, updated_at, incarnation, legacy_deks, \
-     implicit, key_epoch, next_key_version, delete_at, reencrypt_then_disable, reencrypt_disable_reason, reencrypt_last";
+     implicit, key_epoch, next_key_version, delete_at, reencrypt_then_disable, reencrypt_disable_reason, reencrypt_last, access_policy";
 
 pub(super) const TENANT_KEY_COLUMNS: &str =
     "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at, epoch";
@@ -262,6 +262,25 @@ impl Registry for SqlRegistry {
         }
         sqlx::query("UPDATE tenants SET key_policy = $1 WHERE id = $2")
             .bind(policy.as_str())
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.tenant(tenant_id)
+            .await?
+            .ok_or_else(|| RegistryError::TenantNotFound(tenant_id.to_owned()))
+    }
+
+    async fn set_access_policy(
+        &self,
+        tenant_id: &str,
+        policy: &crate::access::AccessPolicy,
+        now_ms: i64,
+    ) -> Result<Tenant, RegistryError> {
+        let (mut tx, _) = self.lock_row(tenant_id, now_ms).await?;
+        sqlx::query("UPDATE tenants SET access_policy = $1 WHERE id = $2")
+            .bind(policy.to_stored())
             .bind(tenant_id)
             .execute(&mut *tx)
             .await

@@ -90,6 +90,7 @@ async fn aws_kms_flow_against_moto() {
             tenant_id: TENANT.into(),
             context: ctx(&c),
             plaintext: mine.clone(),
+            justification: None,
         })
         .await
         .unwrap()
@@ -122,6 +123,7 @@ async fn aws_kms_flow_against_moto() {
             tenant_id: TENANT.into(),
             context: ctx(&c),
             wrapped_key: g.wrapped_key.clone(),
+            justification: None,
         })
         .await
         .unwrap()

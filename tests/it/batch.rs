@@ -180,6 +180,7 @@ async fn every_item_answers_on_its_own() {
                 tenant_id: "acme".into(),
                 context: ctx(CTX),
                 wrapped_key: fresh.wrapped_key.clone(),
+                justification: None,
             }],
         })
         .await
@@ -326,6 +327,7 @@ async fn items_are_authorized_and_audited_one_by_one() {
                 tenant_id: "acme".into(),
                 context: ctx(CTX),
                 wrapped_key: g.wrapped_key.clone(),
+                justification: None,
             }],
         })
         .await

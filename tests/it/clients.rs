@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use crate::common::{TestServer, repo_root, test_config};
+use keybroker::proto;
+
+use crate::common::{TestServer, admin_client, create_tenant_with, repo_root, test_config};
 
 pub(crate) fn python() -> PathBuf {
     let path = repo_root().join(".tools/venv/bin/python");
@@ -63,6 +65,26 @@ async fn python_and_node_examples_work_and_agree_on_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(test_config(dir.path())).await;
     let addr = server.addr.to_string();
+    // The tenant requires a reason and accepts the one the examples give:
+    // they pass only by sending it.
+    let mut admin = admin_client(&server).await;
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        proto::KeyPolicy::Unspecified,
+        proto::KeyHierarchy::TenantKey,
+    )
+    .await;
+    admin
+        .set_access_policy(proto::SetAccessPolicyRequest {
+            tenant_id: "acme".into(),
+            access_policy: Some(proto::AccessPolicy {
+                require_reason: true,
+                allowed_reasons: vec![proto::AccessReason::CustomerInitiated.into()],
+            }),
+        })
+        .await
+        .unwrap();
     let python_example = |extra: &[&str]| {
         let mut c = Command::new(python());
         c.env("PYTHONPATH", sdk.path())

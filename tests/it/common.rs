@@ -288,6 +288,7 @@ pub(crate) fn unwrap_req(
         tenant_id: tenant.into(),
         context: ctx(context),
         wrapped_key: wrapped.to_vec().into(),
+        justification: None,
     }
 }
 
@@ -300,6 +301,7 @@ pub(crate) fn generate_req(
         tenant_id: tenant.into(),
         context: ctx(context),
         key_spec: keybroker::proto::KeySpec::Unspecified.into(),
+        justification: None,
     }
 }
 
@@ -340,6 +342,7 @@ pub(crate) async fn rewrap(
             tenant_id: tenant.into(),
             wrapped_key: wrapped.to_vec(),
             context: ctx(context),
+            justification: None,
         })
         .await
         .map(tonic::Response::into_inner)

@@ -48,6 +48,7 @@ async fn rewrap(broker: &mut Broker, tenant: &str, wrapped: &[u8]) -> proto::Rew
             tenant_id: tenant.into(),
             context: ctx(&[("dataset", "d1")]),
             wrapped_key: wrapped.to_vec(),
+            justification: None,
         })
         .await
         .unwrap()

@@ -73,6 +73,7 @@ async fn every_rpc_round_trips() {
             tenant_id: "acme".into(),
             context: ctx(&c),
             plaintext: my_dek.clone(),
+            justification: None,
         })
         .await
         .unwrap()
@@ -89,6 +90,7 @@ async fn every_rpc_round_trips() {
             tenant_id: "acme".into(),
             context: ctx(&c),
             wrapped_key: wrapped.wrapped_key.clone(),
+            justification: None,
         })
         .await
         .unwrap()
@@ -244,6 +246,7 @@ async fn cross_tenant_and_wrong_context_are_refused() {
             tenant_id: "tenant-a".into(),
             context: ctx(&[("t", "1")]),
             wrapped_key: b.wrapped_key.clone(),
+            justification: None,
         })
         .await
         .unwrap_err();
@@ -400,6 +403,7 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
                 tenant_id: "".into(),
                 context: ctx(&[]),
                 plaintext: vec![1; 32],
+                justification: None,
             },
         ),
         (
@@ -408,6 +412,7 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
                 tenant_id: "a/b".into(),
                 context: ctx(&[]),
                 plaintext: vec![1; 32],
+                justification: None,
             },
         ),
         (
@@ -416,6 +421,7 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
                 tenant_id: "acme".into(),
                 context: ctx(&[]),
                 plaintext: vec![],
+                justification: None,
             },
         ),
         (
@@ -424,6 +430,7 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
                 tenant_id: "acme".into(),
                 context: ctx(&[]),
                 plaintext: vec![1; 4097],
+                justification: None,
             },
         ),
         (
@@ -432,6 +439,7 @@ async fn bad_input_gets_the_right_code_and_the_server_keeps_serving() {
                 tenant_id: "acme".into(),
                 context: ctx(&[("keybroker:tenant", "x")]),
                 plaintext: vec![1; 32],
+                justification: None,
             },
         ),
     ];

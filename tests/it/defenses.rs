@@ -246,6 +246,7 @@ async fn send_hostile_requests(channel: Channel) {
             tenant_id: "acme".into(),
             context: ctx(&[]),
             key_spec: 0,
+            justification: None,
         })
         .await
         .unwrap()
@@ -261,6 +262,7 @@ async fn send_hostile_requests(channel: Channel) {
                 tenant_id: tenant.into(),
                 context: c.clone(),
                 key_spec: 0,
+                justification: None,
             })
             .await;
         let _ = broker
@@ -268,6 +270,7 @@ async fn send_hostile_requests(channel: Channel) {
                 tenant_id: tenant.into(),
                 context: c.clone(),
                 plaintext: vec![1; 32],
+                justification: None,
             })
             .await;
         for wrapped in [&forged, &good.wrapped_key] {
@@ -276,6 +279,7 @@ async fn send_hostile_requests(channel: Channel) {
                     tenant_id: tenant.into(),
                     context: c.clone(),
                     wrapped_key: wrapped.clone().into(),
+                    justification: None,
                 })
                 .await;
             let _ = broker
@@ -283,6 +287,7 @@ async fn send_hostile_requests(channel: Channel) {
                     tenant_id: tenant.into(),
                     context: c.clone(),
                     wrapped_key: wrapped.clone(),
+                    justification: None,
                 })
                 .await;
         }

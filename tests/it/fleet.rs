@@ -358,6 +358,7 @@ async fn unwrap_revoked(target: &str, dek: &proto::GenerateDataKeyResponse) -> t
             tenant_id: REVOKED.into(),
             wrapped_key: dek.wrapped_key.clone().into(),
             context: Default::default(),
+            justification: None,
         })
         .await
     {

@@ -259,6 +259,7 @@ async fn gcp_kms_flow_and_rotation_through_the_fake() {
             tenant_id: TENANT.into(),
             context: ctx(&c),
             wrapped_key: g.wrapped_key.clone(),
+            justification: None,
         })
         .await
         .unwrap()
@@ -275,6 +276,7 @@ async fn gcp_kms_flow_and_rotation_through_the_fake() {
             tenant_id: TENANT.into(),
             context: ctx(&c),
             plaintext: vec![7u8; 32],
+            justification: None,
         })
         .await
         .unwrap()

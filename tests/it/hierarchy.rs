@@ -219,6 +219,7 @@ async fn key_changes_reencrypt_tenant_keys_and_delete_shreds() {
             tenant_id: "pulumi".into(),
             context: crate::common::ctx(CTX),
             wrapped_key: deks[0].wrapped_key.clone(),
+            justification: None,
         })
         .await
         .unwrap()
@@ -673,6 +674,7 @@ async fn a_direct_tenant_moves_its_deks_with_rewrap_until_the_operator_finishes(
                 tenant_id: "kong".into(),
                 context: crate::common::ctx(CTX),
                 wrapped_key: wrapped,
+                justification: None,
             })
             .await
             .map(|r| r.into_inner())

@@ -201,6 +201,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
             tenant_id: "acme".into(),
             context: c.clone(),
             plaintext: canary.clone(),
+            justification: None,
         })
         .await
         .unwrap()
@@ -212,6 +213,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
                 tenant_id: "acme".into(),
                 context: c.clone(),
                 wrapped_key: wrapped.clone().into(),
+                justification: None,
             })
             .await
             .unwrap()
@@ -225,6 +227,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
                 tenant_id: "bad tenant".into(),
                 context: c.clone(),
                 plaintext: canary.clone(),
+                justification: None,
             })
             .await
             .unwrap_err(),
@@ -233,6 +236,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
                 tenant_id: "acme".into(),
                 context: ctx(&[("table", "other")]),
                 wrapped_key: wrapped.clone().into(),
+                justification: None,
             })
             .await
             .unwrap_err(),
@@ -241,6 +245,7 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
                 tenant_id: "acme".into(),
                 context: c.clone(),
                 wrapped_key: canary.clone().into(),
+                justification: None,
             })
             .await
             .unwrap_err(),
@@ -411,6 +416,7 @@ async fn sigterm_turns_health_off_then_drains_and_exits_cleanly() {
                     tenant_id: "acme".into(),
                     context: Default::default(),
                     wrapped_key: generated.wrapped_key.clone().into(),
+                    justification: None,
                 })
                 .await
                 .expect("RPC during the shutdown grace period failed");
@@ -653,6 +659,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
                 tenant_id: "acme".into(),
                 wrapped_key: generated.wrapped_key.clone().into(),
                 context: Default::default(),
+                justification: None,
             })
             .await
             .unwrap();
@@ -662,6 +669,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
             tenant_id: "acme".into(),
             wrapped_key: b"garbage".to_vec().into(),
             context: Default::default(),
+            justification: None,
         })
         .await
         .unwrap_err();
@@ -672,6 +680,7 @@ async fn metrics_endpoint_counts_a_known_sequence_of_calls() {
             tenant_id: "acme".into(),
             wrapped_key: generated.wrapped_key.clone().into(),
             context: Default::default(),
+            justification: None,
         });
         request
             .metadata_mut()
@@ -937,6 +946,7 @@ async fn a_plaintext_it_does_not_keep_is_gone_from_memory_after_use() {
                 tenant_id: tenant.into(),
                 context: c.clone(),
                 plaintext: plaintext.clone(),
+                justification: None,
             })
             .await
             .unwrap()
@@ -948,6 +958,7 @@ async fn a_plaintext_it_does_not_keep_is_gone_from_memory_after_use() {
                     tenant_id: tenant.into(),
                     context: c.clone(),
                     wrapped_key: wrapped.clone().into(),
+                    justification: None,
                 })
                 .await
                 .unwrap()

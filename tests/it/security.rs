@@ -387,6 +387,7 @@ async fn policy_matrix_allows_exactly_the_granted_cells() {
                 tenant_id: tenant.into(),
                 key_spec: 0,
                 context: ctx(&[]),
+                justification: None,
             })
             .await
             .unwrap()
@@ -462,6 +463,7 @@ async fn call(
                 tenant_id,
                 key_spec: 0,
                 context: ctx(&[]),
+                justification: None,
             })
             .await
             .map(|_| ()),
@@ -470,6 +472,7 @@ async fn call(
                 tenant_id,
                 wrapped_key: wrapped.to_vec().into(),
                 context: ctx(&[]),
+                justification: None,
             })
             .await
             .map(|_| ()),
@@ -516,6 +519,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
         tenant_id: "acme".into(),
         key_spec: 0,
         context: ctx(&[("table", "orders")]),
+        justification: None,
     });
     request
         .metadata_mut()
@@ -534,6 +538,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
                 tenant_id: "acme".into(),
                 wrapped_key: generated.wrapped_key.clone().into(),
                 context: ctx(&[("table", "orders")]),
+                justification: None,
             })
             .await
             .unwrap()
@@ -548,6 +553,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
             tenant_id: "acme".into(),
             plaintext: wrapped_plain,
             context: ctx(&[]),
+            justification: None,
         })
         .await
         .unwrap();
@@ -557,6 +563,7 @@ async fn every_call_writes_one_audit_record_without_key_material() {
             tenant_id: "acme".into(),
             wrapped_key: b"not a wrapped key".to_vec().into(),
             context: ctx(&[]),
+            justification: None,
         })
         .await
         .unwrap_err();
@@ -660,6 +667,7 @@ async fn fail_closed_audit_returns_no_key_when_the_record_cannot_be_written() {
                     tenant_id: "acme".into(),
                     key_spec: 0,
                     context: ctx(&[]),
+                    justification: None,
                 })
                 .await
             {

@@ -265,6 +265,7 @@ async fn forged_wrapped_keys_never_change_key_state() {
                     tenant_id: TENANT.into(),
                     context: crate::common::ctx(&context),
                     wrapped_key: forged.clone(),
+                    justification: None,
                 })
                 .await
                 .map(|_| ())

@@ -11,10 +11,12 @@ use std::sync::Arc;
 use futures::future::Either;
 use tonic::{Code, Request, Response, Status};
 
+use crate::access::Reason;
 use crate::api::Observers;
 use crate::api::affinity::Affinity;
 use crate::api::auth::{AccessError, CallContext, elapsed_us};
 use crate::audit::{self, AuditLog, AuditRecord};
+use crate::authz::Permit;
 use crate::metrics::code_name;
 use crate::proto;
 use crate::text::Escaped;
@@ -33,6 +35,15 @@ pub(crate) trait Scoped {
     fn wrapped_key(&self) -> Option<&[u8]> {
         None
     }
+    /// A request that uses a key: its justification's (reason number,
+    /// detail), `(0, "")` when it gave none. `None`: the method takes none.
+    fn justification(&self) -> Option<(i32, &str)> {
+        None
+    }
+}
+
+fn justification_of(j: Option<&proto::AccessJustification>) -> Option<(i32, &str)> {
+    Some(j.map_or((0, ""), |j| (j.reason, j.detail.as_str())))
 }
 
 /// What a response says about the key used.
@@ -52,12 +63,6 @@ macro_rules! scoped_binding {
         fn key_binding(&self) -> Option<&str> { Some(&self.name) }
     })* };
 }
-macro_rules! scoped_wrapped {
-    ($($t:ty),* $(,)?) => { $(impl Scoped for $t {
-        fn tenant_id(&self) -> &str { &self.tenant_id }
-        fn wrapped_key(&self) -> Option<&[u8]> { Some(&self.wrapped_key) }
-    })* };
-}
 macro_rules! audited_key {
     ($($t:ty),* $(,)?) => { $(impl Audited for $t {
         fn key(&self) -> Option<(&str, &str)> {
@@ -72,18 +77,32 @@ macro_rules! audited {
 /// A refused call: nothing was used.
 impl Audited for () {}
 
+macro_rules! scoped_justified {
+    ($($t:ty),* $(,)?) => { $(impl Scoped for $t {
+        fn tenant_id(&self) -> &str { &self.tenant_id }
+        fn justification(&self) -> Option<(i32, &str)> { justification_of(self.justification.as_ref()) }
+    })* };
+}
+macro_rules! scoped_wrapped_justified {
+    ($($t:ty),* $(,)?) => { $(impl Scoped for $t {
+        fn tenant_id(&self) -> &str { &self.tenant_id }
+        fn wrapped_key(&self) -> Option<&[u8]> { Some(&self.wrapped_key) }
+        fn justification(&self) -> Option<(i32, &str)> { justification_of(self.justification.as_ref()) }
+    })* };
+}
+
+scoped_justified!(proto::GenerateDataKeyRequest, proto::WrapKeyRequest);
+scoped_wrapped_justified!(proto::UnwrapKeyRequest, proto::RewrapKeyRequest);
 scoped!(
-    proto::GenerateDataKeyRequest,
-    proto::WrapKeyRequest,
     proto::DescribeKeyRequest,
     proto::CreateTenantRequest,
     proto::GetTenantRequest,
     proto::SetTenantPolicyRequest,
+    proto::SetAccessPolicyRequest,
     proto::ListKeysRequest,
     proto::DeleteTenantRequest,
     proto::CancelTenantDeletionRequest,
 );
-scoped_wrapped!(proto::UnwrapKeyRequest, proto::RewrapKeyRequest);
 
 /// The platform keyring is every tenant's: the policy must grant the method
 /// for tenant `#platform` (no tenant id can match it but `*`).
@@ -120,6 +139,7 @@ audited!(
     proto::CreateTenantResponse,
     proto::GetTenantResponse,
     proto::SetTenantPolicyResponse,
+    proto::SetAccessPolicyResponse,
     proto::LinkKeyResponse,
     proto::ImportKeyMaterialResponse,
     proto::ListKeysResponse,
@@ -382,28 +402,59 @@ fn authorize(
     ctx: &CallContext,
     req: &impl Scoped,
 ) -> Result<Option<Facts>, Status> {
-    let denied = match &ctx.grant {
-        None => Some(AccessError::MethodDenied {
-            identity: ctx.identity.to_string(),
-            method: ctx.method.to_string(),
-            tenant_id: Some(req.tenant_id().to_owned()),
-        }),
-        Some(grant) if !grant.allows_tenant(req.tenant_id()) => Some(AccessError::TenantDenied {
-            identity: ctx.identity.to_string(),
-            method: ctx.method.to_string(),
-            tenant_id: req.tenant_id().to_owned(),
-        }),
-        Some(_) => None,
+    let refused: Option<Status> = match (&ctx.grant, claimed_reason(req)) {
+        (_, Err(invalid)) => Some(invalid),
+        (None, _) => Some(
+            AccessError::MethodDenied {
+                identity: ctx.identity.to_string(),
+                method: ctx.method.to_string(),
+                tenant_id: Some(req.tenant_id().to_owned()),
+            }
+            .into(),
+        ),
+        (Some(grant), Ok(reason)) => match grant.allows(req.tenant_id(), reason) {
+            Permit::Granted => None,
+            Permit::TenantDenied => Some(
+                AccessError::TenantDenied {
+                    identity: ctx.identity.to_string(),
+                    method: ctx.method.to_string(),
+                    tenant_id: req.tenant_id().to_owned(),
+                }
+                .into(),
+            ),
+            Permit::ReasonDenied => Some(
+                AccessError::ReasonDenied {
+                    identity: ctx.identity.to_string(),
+                    method: ctx.method.to_string(),
+                    tenant_id: req.tenant_id().to_owned(),
+                    reason: reason.unwrap_or_default(),
+                }
+                .into(),
+            ),
+        },
     };
-    if let Some(denied) = denied {
-        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %Escaped(req.tenant_id()), "call denied by the authorization policy");
+    if let Some(refused) = refused {
+        tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %Escaped(req.tenant_id()), error = %refused.message(), "call refused before it reached a key");
         let facts = audit.enabled().then(|| Facts::of(req));
-        let answer = finish::<()>(audit, ctx, facts, None, Err(denied.into()));
+        let answer = finish::<()>(audit, ctx, facts, None, Err(refused));
         return Err(answer
             .err()
             .unwrap_or_else(|| Status::internal("a denied call was answered")));
     }
     Ok(audit.enabled().then(|| Facts::of(req)))
+}
+
+/// The reason a request claims, checked (`None`: its method takes none); a
+/// malformed justification is INVALID_ARGUMENT, audited like a refusal.
+fn claimed_reason(req: &impl Scoped) -> Result<Option<Reason>, Status> {
+    let Some((number, detail)) = req.justification() else {
+        return Ok(None);
+    };
+    // The detail is checked here too: what is refused is refused before
+    // any policy or key is consulted, with one message.
+    crate::access::check(number, detail)
+        .map(Some)
+        .map_err(|why| crate::broker::BrokerError::InvalidRequest(why).into())
 }
 
 /// Runs an authorized call's handler under the request deadline (`limit`)

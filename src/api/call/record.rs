@@ -7,6 +7,7 @@ use super::*;
 pub(super) const STATE_CHANGING: &[&str] = &[
     "CreateTenant",
     "SetTenantPolicy",
+    "SetAccessPolicy",
     "LinkKey",
     "ImportKeyMaterial",
     "SetPrimaryKey",
@@ -31,6 +32,8 @@ pub(super) struct Facts {
     pub(super) tenant_id: String,
     pub(super) requested_binding: Option<String>,
     pub(super) wrapped_key_sha256: Option<String>,
+    pub(super) reason: Option<Reason>,
+    pub(super) reason_detail: Option<String>,
 }
 
 /// Request text as the audit log keeps it: as given when short and free of
@@ -46,7 +49,15 @@ pub(super) fn kept(text: &str) -> String {
 
 impl Facts {
     pub(super) fn of(req: &impl Scoped) -> Self {
+        let justification = req.justification();
         Self {
+            // An unknown reason number is refused before any record is
+            // written with it; `none` stands for it here.
+            reason: justification.map(|(n, _)| Reason::from_proto(n).unwrap_or_default()),
+            reason_detail: justification
+                .map(|(_, d)| d)
+                .filter(|d| !d.is_empty())
+                .map(kept),
             tenant_id: kept(req.tenant_id()),
             requested_binding: req.key_binding().map(kept),
             wrapped_key_sha256: req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
@@ -81,6 +92,8 @@ impl Facts {
             cache_hit: None,
             provider_calls: notes.map_or(0, audit::CallNotes::provider_calls),
             provider_request_id: notes.and_then(audit::CallNotes::provider_request_id),
+            reason: self.reason.map(Reason::as_str),
+            reason_detail: self.reason_detail.as_deref(),
         }
     }
 

@@ -49,6 +49,7 @@ fn item(tenant_id: &str, marker: u8) -> proto::UnwrapKeyRequest {
         tenant_id: tenant_id.into(),
         wrapped_key: vec![marker; 40].into(),
         context: Default::default(),
+        justification: None,
     }
 }
 

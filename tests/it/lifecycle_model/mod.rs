@@ -835,6 +835,7 @@ async fn run_data(
                     tenant_id: TENANTS[dek.tenant].into(),
                     context: ctx(),
                     wrapped_key: dek.wrapped.clone(),
+                    justification: None,
                 })
                 .await
             {
