@@ -99,6 +99,30 @@ impl AuditSettings {
     }
 }
 
+/// Counts a finished call that used (or tried to use) a tenant's key in
+/// the tenant's access log: the data-plane methods that take a reason.
+fn access_use(access: &crate::access_log::AccessLog, r: &AuditRecord<'_>) {
+    let (Some(reason), Some(tenant_id)) = (r.reason, r.tenant_id) else {
+        return;
+    };
+    let Some(operation) = crate::access_log::operation(r.method) else {
+        return;
+    };
+    let reason = reason.parse().unwrap_or_default();
+    access.record(&crate::access_log::Use {
+        tenant_id,
+        caller: r.caller,
+        reason,
+        reason_detail: r.reason_detail.unwrap_or_default(),
+        key_binding: r.key_binding.unwrap_or_default(),
+        key_version: r.key_version.unwrap_or_default(),
+        operation,
+        outcome: r.outcome,
+        error: r.error.unwrap_or_default(),
+        request_id: r.request_id,
+    });
+}
+
 /// One call, as written.
 #[derive(Debug, Serialize)]
 pub struct AuditRecord<'a> {
@@ -216,9 +240,25 @@ pub struct AuditLog {
     /// Records written, and records lost to write errors (metrics, tests).
     written: AtomicU64,
     failed: AtomicU64,
+    /// The customer's key access log, fed every data-plane record that
+    /// names a reason (every call that uses a key).
+    access: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl AuditLog {
+    /// Feeds every call's record to the tenant's key access log too.
+    #[must_use]
+    pub fn with_access_log(mut self, access: Arc<crate::access_log::AccessLog>) -> Self {
+        self.access = access.enabled().then_some(access);
+        self
+    }
+
+    /// Whether records go to a sink (the wrapped-key digest is computed
+    /// only then).
+    pub fn writes(&self) -> bool {
+        !matches!(self.sink, Sink::Off)
+    }
+
     /// Opens the sink. A file that cannot be opened is an error at start:
     /// better no server than a server with no audit trail.
     pub fn open(settings: &AuditSettings) -> Result<Self, AuditError> {
@@ -243,6 +283,7 @@ impl AuditLog {
             fail_closed: settings.fail_closed,
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            access: None,
         })
     }
 
@@ -252,12 +293,14 @@ impl AuditLog {
             fail_closed: false,
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            access: None,
         }
     }
 
-    /// Whether records are written at all (`off` skips building them).
+    /// Whether records are built at all: for a sink, or for the key access
+    /// log (`off` and no registry skip building them).
     pub fn enabled(&self) -> bool {
-        !matches!(self.sink, Sink::Off)
+        self.writes() || self.access.is_some()
     }
 
     pub fn fail_closed(&self) -> bool {
@@ -286,6 +329,9 @@ impl AuditLog {
     }
 
     fn write_record(&self, record: &AuditRecord<'_>, durable: bool) -> Result<(), AuditError> {
+        if let (Some(access), false) = (&self.access, durable) {
+            access_use(access, record);
+        }
         let result = self.write_line(record, durable);
         match &result {
             Ok(true) => {

@@ -9,6 +9,9 @@
 /// Access justifications: why a key is used, and which reasons a tenant
 /// accepts.
 pub mod access;
+/// The customer's key access log: per-minute counts and individual records,
+/// flushed to the registry.
+pub mod access_log;
 /// The data plane: generate, wrap, unwrap, rewrap, describe. No gRPC.
 pub mod broker;
 /// Unwrapped keys in memory, with single-flight loads.
@@ -26,6 +29,8 @@ pub mod quota;
 /// Plaintext-holding types that zeroize and never print.
 pub mod seal;
 pub mod secret;
+/// Wrapped key import: one-time RSA keys, RSA-OAEP and RSA-AES key wrap.
+pub mod wrapping;
 
 // --- the control plane ---------------------------------------------------
 /// Tenants and their keys: validation, onboarding, verification; the watcher.

@@ -50,6 +50,8 @@ pub struct Server {
     /// Who may call what; re-read from its file when it changes.
     policy: Arc<PolicySource>,
     audit: Arc<AuditLog>,
+    /// The tenants' key access log (kept only with a registry).
+    access_log: Arc<crate::access_log::AccessLog>,
     metrics: Arc<Metrics>,
     /// The listener's certificate and client CA, when serving mTLS.
     tls: Option<Arc<TlsSource>>,
@@ -161,7 +163,17 @@ impl Server {
         let watching = watcher.run();
         let lifecycle = Arc::new(Lifecycle::new(Arc::clone(&directory)));
         let maintaining = Shredder::run(&lifecycle, config.deletion.maintenance_interval);
-        let mut server = Self::assemble(config, Arc::clone(&lifecycle) as _, cache.clone())?;
+        let access_log = Arc::new(crate::access_log::AccessLog::new(Some(Arc::clone(
+            directory.registry(),
+        )
+            as Arc<dyn crate::registry::access_log::AccessStore>)));
+        let logging = access_log.run(config.access_log);
+        let mut server = Self::assemble(
+            config,
+            Arc::clone(&lifecycle) as _,
+            cache.clone(),
+            access_log,
+        )?;
         server.metrics.set_sources(crate::metrics::Sources {
             cache: Some(Arc::new(cache)),
             assume_role_calls: Some(assume_role_calls),
@@ -202,6 +214,7 @@ impl Server {
         tasks.spawn(resuming);
         tasks.spawn(rotating);
         tasks.spawn(maintaining);
+        tasks.spawn(logging);
         if let Some(listening) = listener_task {
             tasks.spawn(listening);
         }
@@ -216,7 +229,12 @@ impl Server {
     ) -> anyhow::Result<Self> {
         config.validate()?;
         let cache = DekCache::new(config.cache);
-        Self::assemble(config, directory, cache)
+        Self::assemble(
+            config,
+            directory,
+            cache,
+            Arc::new(crate::access_log::AccessLog::new(None)),
+        )
     }
 
     /// The data plane plus the security parts every server has: policy,
@@ -225,6 +243,7 @@ impl Server {
         config: Config,
         directory: Arc<dyn KeyDirectory>,
         cache: DekCache,
+        access_log: Arc<crate::access_log::AccessLog>,
     ) -> anyhow::Result<Self> {
         let tasks = Background::default();
         let policy = match &config.server.authz_policy {
@@ -247,7 +266,8 @@ impl Server {
         } else {
             None
         };
-        let audit = Arc::new(AuditLog::open(&config.audit)?);
+        let audit =
+            Arc::new(AuditLog::open(&config.audit)?.with_access_log(Arc::clone(&access_log)));
         let metrics = Arc::new(Metrics::new(
             config.telemetry.metrics_tenant_labels,
             crate::authz::METHODS,
@@ -289,6 +309,7 @@ impl Server {
             config,
             policy,
             audit,
+            access_log,
             metrics,
             tls,
             admin: None,
@@ -320,6 +341,11 @@ impl Server {
     /// The audit log (tests count its records).
     pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
+    }
+
+    /// The tenants' key access log.
+    pub fn access_log(&self) -> &Arc<crate::access_log::AccessLog> {
+        &self.access_log
     }
 
     /// The key-state watcher (absent when tests inject their own directory).
@@ -493,6 +519,18 @@ impl Server {
         // Background work stops at its next await and is waited for, before
         // the final usage flush below.
         self.tasks.stop(drain_timeout).await;
+        // The access log's last counts, within the drain timeout.
+        let pending = self.access_log.pending();
+        match tokio::time::timeout(drain_timeout, self.access_log.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, uses = pending, "could not write the key access log at shutdown: these counts are lost")
+            }
+            Err(_) => tracing::warn!(
+                uses = pending,
+                "the registry did not take the key access log within the drain timeout: these counts are lost"
+            ),
+        }
         if let Some(admin) = &self.admin {
             // Within the drain timeout: a registry that does not answer
             // (an outage) must not hold the process past it. Counted first:

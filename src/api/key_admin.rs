@@ -89,6 +89,79 @@ fn access_policy_from_proto(
         .map_err(|why| AdminError::InvalidArgument(format!("access_policy: {why}")))
 }
 
+fn ms_of(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
+/// A ListKeyAccess request as a registry query (its page token is read by
+/// the control plane).
+fn access_query(
+    req: &proto::ListKeyAccessRequest,
+) -> Result<crate::registry::access_log::AccessQuery, AdminError> {
+    use crate::access::Reason;
+    let to_ms = req
+        .end_time
+        .as_ref()
+        .map_or_else(crate::keys::now_ms, ms_of);
+    let from_ms = req
+        .start_time
+        .as_ref()
+        .map_or(to_ms.saturating_sub(24 * 3600 * 1000), ms_of);
+    let reason = match (Reason::from_proto(req.reason), req.no_reason_only) {
+        (None, _) => {
+            return Err(AdminError::InvalidArgument(format!(
+                "reason {} is not an AccessReason this server knows",
+                req.reason
+            )));
+        }
+        (Some(Reason::NoReason), true) => Some(Reason::NoReason),
+        (Some(_), true) => {
+            return Err(AdminError::InvalidArgument(
+                "no_reason_only selects calls without a reason: leave reason unset".into(),
+            ));
+        }
+        (Some(Reason::NoReason), false) => None,
+        (Some(reason), false) => Some(reason),
+    };
+    let filter = |f: &str| (!f.is_empty()).then(|| f.to_owned());
+    Ok(crate::registry::access_log::AccessQuery {
+        tenant_id: req.tenant_id.clone(),
+        from_ms,
+        to_ms,
+        caller: filter(&req.caller),
+        reason: reason.map(|r| r.as_str().to_owned()),
+        key_binding: filter(&req.key_binding),
+        operation: filter(&req.operation),
+        outcome: filter(&req.outcome),
+        individual_only: req.individual_only,
+        after: None,
+        limit: req.page_size,
+    })
+}
+
+fn access_record_to_proto(r: &crate::registry::access_log::AccessRecord) -> proto::KeyAccessRecord {
+    proto::KeyAccessRecord {
+        time: Some(timestamp(r.time_ms)),
+        individual: r.individual,
+        caller: r.caller.clone(),
+        reason: r
+            .reason
+            .parse::<crate::access::Reason>()
+            .unwrap_or_default()
+            .to_proto(),
+        reason_detail: r.reason_detail.clone(),
+        key_binding: r.key_binding.clone(),
+        key_version: r.key_version.clone(),
+        operation: r.operation.clone(),
+        outcome: r.outcome.clone(),
+        count: r.count,
+        request_id: r.request_id.clone(),
+        error: r.error.clone(),
+    }
+}
+
 fn policy_to_proto(policy: KeyPolicy) -> proto::KeyPolicy {
     match policy {
         KeyPolicy::Keyring => proto::KeyPolicy::Keyring,
@@ -245,6 +318,21 @@ impl KeyAdmin for KeyAdminApi {
         .await
     }
 
+    async fn list_key_access(
+        &self,
+        request: Request<proto::ListKeyAccessRequest>,
+    ) -> Result<Response<proto::ListKeyAccessResponse>, Status> {
+        call::serve(&self.observers, request, |req| async move {
+            let query = access_query(&req)?;
+            let page = self.admin.key_access(query, &req.page_token).await?;
+            Ok(proto::ListKeyAccessResponse {
+                records: page.records.iter().map(access_record_to_proto).collect(),
+                next_page_token: page.next.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
     async fn link_key(
         &self,
         request: Request<proto::LinkKeyRequest>,
@@ -291,11 +379,31 @@ impl KeyAdmin for KeyAdminApi {
     ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
             // Moved into a zeroizing string at once; the request is dropped here.
-            let material = zeroize::Zeroizing::new(req.key_material_base64);
+            let raw = zeroize::Zeroizing::new(req.key_material_base64);
+            let material = match (raw.is_empty(), req.import_token.is_empty()) {
+                (false, true) => crate::control::decode_key_material(&raw)?,
+                (true, false) => {
+                    self.admin
+                        .unwrap_imported(
+                            &req.tenant_id,
+                            &req.name,
+                            &req.import_token,
+                            &req.wrapped_key_material,
+                        )
+                        .await?
+                }
+                _ => {
+                    return Err(AdminError::InvalidArgument(
+                        "give either key_material_base64, or wrapped_key_material with its import_token"
+                            .into(),
+                    )
+                    .into());
+                }
+            };
             if req.new_version {
                 let view = self
                     .admin
-                    .import_key_version(&req.tenant_id, &req.name, &material)
+                    .import_key_version(&req.tenant_id, &req.name, material)
                     .await?;
                 return Ok(proto::ImportKeyMaterialResponse {
                     key: Some(key_to_proto(&view)),
@@ -312,11 +420,61 @@ impl KeyAdmin for KeyAdminApi {
                         make_primary: req.make_primary,
                         ..LinkRequest::default()
                     },
-                    &material,
+                    material,
                 )
                 .await?;
             Ok(proto::ImportKeyMaterialResponse {
                 key: Some(key_to_proto(&view)),
+            })
+        })
+        .await
+    }
+
+    async fn get_import_parameters(
+        &self,
+        request: Request<proto::GetImportParametersRequest>,
+    ) -> Result<Response<proto::GetImportParametersResponse>, Status> {
+        use crate::wrapping::Wrapping;
+        call::serve(&self.observers, request, |req| async move {
+            let wrapping = match proto::WrappingAlgorithm::try_from(req.wrapping_algorithm) {
+                Ok(
+                    proto::WrappingAlgorithm::Unspecified
+                    | proto::WrappingAlgorithm::RsaesOaepSha256,
+                ) => Wrapping::RsaesOaepSha256,
+                Ok(proto::WrappingAlgorithm::RsaAesKeyWrapSha256) => Wrapping::RsaAesKeyWrapSha256,
+                Err(_) => {
+                    return Err(AdminError::InvalidArgument(format!(
+                        "wrapping_algorithm {} is not RSAES_OAEP_SHA_256 or RSA_AES_KEY_WRAP_SHA_256",
+                        req.wrapping_algorithm
+                    ))
+                    .into());
+                }
+            };
+            let bits = match req.wrapping_key_bits {
+                0 | 3072 => 3072,
+                4096 => 4096,
+                other => {
+                    return Err(AdminError::InvalidArgument(format!(
+                        "wrapping_key_bits {other}: use 3072 or 4096"
+                    ))
+                    .into());
+                }
+            };
+            let params = self
+                .admin
+                .import_parameters(&req.tenant_id, &req.name, wrapping, bits)
+                .await?;
+            Ok(proto::GetImportParametersResponse {
+                import_token: params.token,
+                public_key_pem: params.public_key_pem,
+                wrapping_algorithm: match params.wrapping {
+                    Wrapping::RsaesOaepSha256 => proto::WrappingAlgorithm::RsaesOaepSha256,
+                    Wrapping::RsaAesKeyWrapSha256 => proto::WrappingAlgorithm::RsaAesKeyWrapSha256,
+                }
+                .into(),
+                expire_time: Some(timestamp(params.expires_at_ms)),
+                tenant_id: req.tenant_id,
+                name: req.name,
             })
         })
         .await

@@ -22,6 +22,9 @@ pub(super) enum AdminCommand {
         #[command(subcommand)]
         command: Box<KeyCommand>,
     },
+    /// A tenant's key access log as JSON Lines (who used its keys, why, how,
+    /// with what outcome), appended to --out; a summary on stdout.
+    AccessLog(Box<super::access_log::AccessLogArgs>),
     /// Retire old versions of a key, the tenant key or the platform keyring:
     /// wrapped keys under an older version than --min-version are refused.
     /// Refused while a retired version was used within the unlink guard
@@ -62,6 +65,7 @@ impl AdminCommand {
             Self::Key { command } => match command.as_ref() {
                 KeyCommand::Link { key, .. }
                 | KeyCommand::Import { key, .. }
+                | KeyCommand::ImportParameters { key, .. }
                 | KeyCommand::Get(key)
                 | KeyCommand::SetPrimary(key)
                 | KeyCommand::Disable { key, .. }
@@ -71,6 +75,7 @@ impl AdminCommand {
                 KeyCommand::List { tenant } => tenant,
             },
             Self::RetireVersions { tenant, .. } => tenant,
+            Self::AccessLog(args) => &args.tenant,
         }
     }
 }
@@ -237,14 +242,24 @@ pub(super) enum KeyCommand {
         #[arg(long, default_value = "")]
         azure_tenant_id: String,
     },
-    /// Import raw AES-256 key material (32 bytes, base64) as a local key.
+    /// Import AES-256 key material (32 bytes) as a local key: raw (base64),
+    /// or wrapped to the public key of `import-parameters` (--wrap-with).
     Import {
         #[command(flatten)]
         key: KeyName,
         /// File holding the base64 key material (`-` for stdin). Not a flag
         /// value: command lines are visible to other users of the machine.
+        /// With --wrap-with it is wrapped here before it is sent.
+        #[arg(long, required_unless_present = "wrapped_material_file")]
+        material_file: Option<PathBuf>,
+        /// The parameters `import-parameters` wrote: the material is sent
+        /// wrapped to their public key, with their token.
         #[arg(long)]
-        material_file: PathBuf,
+        wrap_with: Option<PathBuf>,
+        /// Material wrapped already (raw bytes, e.g. by openssl pkeyutl;
+        /// see docs/keys.md), for --wrap-with's token.
+        #[arg(long, requires = "wrap_with", conflicts_with = "material_file")]
+        wrapped_material_file: Option<PathBuf>,
         #[arg(long, default_value = "")]
         description: String,
         /// Make it the primary key.
@@ -254,6 +269,19 @@ pub(super) enum KeyCommand {
         /// key (the customer's rotation); older versions unwrap until retired.
         #[arg(long, conflicts_with_all = ["primary", "description"])]
         new_version: bool,
+    },
+    /// Get a one-time RSA public key and import token for a wrapped
+    /// import, written as JSON to --out (for `import --wrap-with`).
+    ImportParameters {
+        #[command(flatten)]
+        key: KeyName,
+        #[arg(long, value_enum, default_value = "rsaes-oaep-sha256")]
+        wrapping: super::import::WrappingArg,
+        /// RSA key size: 3072 or 4096.
+        #[arg(long, default_value = "3072")]
+        bits: u32,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// List a tenant's keys.
     List {
@@ -459,23 +487,70 @@ pub(super) async fn run(
             KeyCommand::Import {
                 key,
                 material_file,
+                wrap_with,
+                wrapped_material_file,
                 description,
                 primary,
                 new_version,
             } => {
-                let material = read_material(&material_file)?;
+                let material = material_file.as_deref().map(read_material).transpose()?;
+                let mut request = proto::ImportKeyMaterialRequest {
+                    tenant_id: key.tenant,
+                    name: key.name,
+                    description,
+                    key_material_base64: String::new(),
+                    make_primary: primary,
+                    new_version,
+                    wrapped_key_material: Vec::new(),
+                    import_token: String::new(),
+                };
+                match &wrap_with {
+                    Some(params) => {
+                        let wrapped = super::import::wrap_with(
+                            params,
+                            material.as_deref().map(String::as_str),
+                            wrapped_material_file.as_deref(),
+                        )?;
+                        anyhow::ensure!(
+                            (wrapped.tenant_id.as_str(), wrapped.name.as_str())
+                                == (request.tenant_id.as_str(), request.name.as_str()),
+                            "{} were issued for tenant '{}' key '{}'",
+                            params.display(),
+                            wrapped.tenant_id,
+                            wrapped.name
+                        );
+                        request.import_token = wrapped.token;
+                        request.wrapped_key_material = wrapped.material;
+                    }
+                    None => {
+                        request.key_material_base64 = material
+                            .as_deref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default();
+                    }
+                }
+                let resp = client.import_key_material(request).await.answer()?;
+                one_key(resp.key.as_ref())
+            }
+            KeyCommand::ImportParameters {
+                key,
+                wrapping,
+                bits,
+                out,
+            } => {
                 let resp = client
-                    .import_key_material(proto::ImportKeyMaterialRequest {
+                    .get_import_parameters(proto::GetImportParametersRequest {
                         tenant_id: key.tenant,
                         name: key.name,
-                        description,
-                        key_material_base64: material.to_string(),
-                        make_primary: primary,
-                        new_version,
+                        wrapping_algorithm: proto::WrappingAlgorithm::from(wrapping).into(),
+                        wrapping_key_bits: bits,
                     })
                     .await
                     .answer()?;
-                one_key(resp.key.as_ref())
+                let params = super::import::parameters_json(&resp);
+                std::fs::write(&out, serde_json::to_string_pretty(&params)?)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+                params
             }
             KeyCommand::List { tenant } => {
                 let resp = client
@@ -553,6 +628,7 @@ pub(super) async fn run(
                 json!({ "unlinked": { "tenant_id": key.tenant, "name": key.name } })
             }
         },
+        AdminCommand::AccessLog(args) => super::access_log::export(client, *args).await?,
         AdminCommand::RetireVersions {
             tenant,
             key,

@@ -5,10 +5,12 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod access_log;
 mod admin;
 mod bulk;
 mod client;
 mod connection;
+mod import;
 mod output;
 mod serve;
 

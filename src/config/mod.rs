@@ -87,6 +87,8 @@ pub struct Config {
     pub hierarchy: HierarchySettings,
     #[command(flatten)]
     pub deletion: crate::lifecycle::DeletionSettings,
+    #[command(flatten)]
+    pub access_log: crate::access_log::AccessLogSettings,
 }
 
 impl Default for Config {
@@ -138,6 +140,7 @@ impl Config {
         self.azure.validate()?;
         self.audit.validate()?;
         self.deletion.validate()?;
+        self.access_log.validate()?;
         if self.server.platform_key.is_some() && self.pkcs11.module.is_none() {
             return invalid(
                 "platform_key",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::validation::validate_tenant;
 use super::verification::verify_provider;
-use super::{Admin, AdminError, KeyView, decode_key_material, not_found, validate_name};
+use super::{Admin, AdminError, KeyView, not_found, validate_name};
 use crate::keys::{KeyHierarchy, now_ms};
 use crate::kms::ProviderKind;
 use crate::kms::local::LocalKeyring;
@@ -23,11 +23,10 @@ impl Admin {
         &self,
         tenant_id: &str,
         name: &str,
-        material_base64: &str,
+        material: SecretBytes,
     ) -> Result<KeyView, AdminError> {
         validate_tenant(tenant_id)?;
         validate_name(name)?;
-        let material = decode_key_material(material_base64)?;
         let tenant = self.live_tenant(tenant_id).await?;
         let record = self
             .registry()

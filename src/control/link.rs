@@ -162,12 +162,11 @@ impl Admin {
     pub async fn import_key_material(
         &self,
         req: LinkRequest,
-        material_base64: &str,
+        material: SecretBytes,
     ) -> Result<KeyView, AdminError> {
         validate_tenant(&req.tenant_id)?;
         validate_name(&req.name)?;
         validate_description(&req.description)?;
-        let material = decode_key_material(material_base64)?;
         let tenant = self.live_tenant(&req.tenant_id).await?;
         self.refuse_duplicate_material(&req.tenant_id, &material)
             .await?;
@@ -214,7 +213,11 @@ impl Admin {
         material: &SecretBytes,
     ) -> Result<(), AdminError> {
         for record in self.registry().bindings(tenant_id).await? {
-            let Some(sealed) = record.key_material.as_deref() else {
+            // Only imported material: a Vault AppRole binding keeps its
+            // sealed secret_id in the same column, which is no key.
+            let (ProviderKind::Local, Some(sealed)) =
+                (record.provider, record.key_material.as_deref())
+            else {
                 continue;
             };
             let existing = crate::registry::directory::open_material(

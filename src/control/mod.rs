@@ -3,6 +3,8 @@
 //! applies it to the registry, and keeps the data plane's view current
 //! (through `RegistryDirectory::changed`: view invalidation, DEK purges).
 
+pub mod access_log;
+pub mod import_wrap;
 mod imported;
 mod key_change;
 mod link;
@@ -97,6 +99,9 @@ pub struct AdminSettings {
     /// new version (ImportKeyMaterial with new_version). 0s never reminds.
     #[arg(id = "imported_key_rotation_period", long = "imported-key-rotation-period", env = "KEYBROKER_IMPORTED_KEY_ROTATION_PERIOD", value_parser = humantime::parse_duration, default_value = "365days")]
     pub imported_key_rotation_period: Duration,
+    /// How long an import token (GetImportParameters) can be redeemed.
+    #[arg(id = "import_token_ttl", long = "import-token-ttl", env = "KEYBROKER_IMPORT_TOKEN_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub import_token_ttl: Duration,
 }
 
 impl Default for AdminSettings {

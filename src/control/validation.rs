@@ -62,7 +62,12 @@ pub fn decode_key_material(text: &str) -> Result<SecretBytes, AdminError> {
             "key_material_base64 is not canonical standard base64 (A-Z a-z 0-9 + /, = padding, no whitespace)".into(),
         )
     })?;
-    let material = SecretBytes::new(bytes);
+    check_key_material(SecretBytes::new(bytes))
+}
+
+/// Exactly 32 bytes, not all zero: raw material, or unwrapped from an
+/// import.
+pub(super) fn check_key_material(material: SecretBytes) -> Result<SecretBytes, AdminError> {
     if material.len() != 32 {
         return Err(AdminError::InvalidArgument(format!(
             "key material must be exactly 32 bytes (AES-256), got {}",

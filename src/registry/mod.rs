@@ -5,9 +5,11 @@
 //!
 //! [`directory::RegistryDirectory`] serves the data plane from memory on top.
 
+pub mod access_log;
 pub mod backup;
 mod changes;
 pub mod directory;
+pub mod import_tokens;
 pub mod key_state;
 pub mod material;
 mod rows;
@@ -368,7 +370,9 @@ impl From<RegistryError> for crate::keys::DirectoryError {
 }
 
 #[async_trait]
-pub trait Registry: Send + Sync + fmt::Debug {
+pub trait Registry:
+    access_log::AccessStore + import_tokens::ImportTokenStore + Send + Sync + fmt::Debug
+{
     async fn create_tenant(&self, tenant: &Tenant) -> Result<(), RegistryError>;
     async fn tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, RegistryError>;
     /// Keyring → single_key needs at most one key; single_key → keyring is

@@ -22,7 +22,7 @@ use crate::hierarchy::import;
 const CTX: &[(&str, &str)] = &[("object", "o1")];
 
 /// Runs the keybroker binary with `args` and `stdin`; its JSON output.
-async fn cli_json(args: Vec<String>, stdin: String) -> serde_json::Value {
+pub(crate) async fn cli_json(args: Vec<String>, stdin: String) -> serde_json::Value {
     tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))

@@ -35,6 +35,8 @@ pub(crate) struct TestServer {
     pub(crate) addr: SocketAddr,
     pub(crate) broker: Arc<Broker>,
     pub(crate) audit: Arc<keybroker::audit::AuditLog>,
+    /// The tenants' key access log (kept only with a registry).
+    pub(crate) access_log: Arc<keybroker::access_log::AccessLog>,
     /// The registry's view (absent with an injected directory).
     pub(crate) directory: Option<Arc<keybroker::registry::directory::RegistryDirectory>>,
     /// The key-state watcher (absent with an injected directory).
@@ -67,6 +69,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let broker = Arc::clone(server.broker());
         let audit = Arc::clone(server.audit());
+        let access_log = Arc::clone(server.access_log());
         let directory = server.admin().map(|a| Arc::clone(a.directory()));
         let watcher = server.watcher().map(Arc::clone);
         let rotation = server.rotation().map(Arc::clone);
@@ -78,6 +81,7 @@ impl TestServer {
             addr,
             broker,
             audit,
+            access_log,
             directory,
             watcher,
             rotation,

@@ -37,6 +37,8 @@ async fn import(
             key_material_base64: material.into(),
             make_primary,
             new_version: false,
+            wrapped_key_material: Vec::new(),
+            import_token: String::new(),
         })
         .await
         .map(|r| r.into_inner().key.unwrap())

@@ -32,6 +32,8 @@ fn import(tenant: &str, name: &str, primary: bool) -> proto::ImportKeyMaterialRe
         key_material_base64: random_material(),
         make_primary: primary,
         new_version: false,
+        wrapped_key_material: Vec::new(),
+        import_token: String::new(),
     }
 }
 
@@ -364,6 +366,8 @@ async fn send_hostile_requests(channel: Channel) {
                 key_material_base64: HOSTILE.into(),
                 make_primary: false,
                 new_version: false,
+                wrapped_key_material: Vec::new(),
+                import_token: String::new(),
             })
             .await;
         let _ = admin

@@ -52,6 +52,8 @@ pub(crate) async fn import(
             key_material_base64: random_material(),
             make_primary: primary,
             new_version: false,
+            wrapped_key_material: Vec::new(),
+            import_token: String::new(),
         })
         .await
         .unwrap()
@@ -625,6 +627,8 @@ async fn descriptions_newest_import_primary_and_bad_material() {
                 key_material_base64: material,
                 make_primary: false,
                 new_version: false,
+                wrapped_key_material: Vec::new(),
+                import_token: String::new(),
             })
             .await;
         match says {

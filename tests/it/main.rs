@@ -7,6 +7,7 @@ mod aws;
 mod aws_support;
 mod azure;
 mod batch;
+mod byok;
 mod clients;
 mod common;
 mod control_plane;

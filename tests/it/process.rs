@@ -271,6 +271,8 @@ async fn canary_key_never_reaches_the_logs_or_the_audit_log() {
         key_material_base64: material_b64.clone(),
         make_primary: true,
         new_version: false,
+        wrapped_key_material: Vec::new(),
+        import_token: String::new(),
     };
     admin.import_key_material(import.clone()).await.unwrap();
     let dup = admin.import_key_material(import).await.unwrap_err();

@@ -403,6 +403,8 @@ async fn import_version(
             key_material_base64: material.into(),
             make_primary: false,
             new_version: true,
+            wrapped_key_material: Vec::new(),
+            import_token: String::new(),
         })
         .await
         .map(|r| r.into_inner().key.unwrap())

@@ -184,6 +184,8 @@ async fn forged_wrapped_keys_never_change_key_state() {
             key_material_base64: random_material(),
             make_primary: true,
             new_version: false,
+            wrapped_key_material: Vec::new(),
+            import_token: String::new(),
         })
         .await
         .unwrap();

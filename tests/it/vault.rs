@@ -12,7 +12,8 @@ use keybroker::proto::{KeyHierarchy, KeyPolicy};
 use tonic::Code;
 
 use crate::common::{
-    TestServer, admin_client, create_tenant_with, generate, repo_root, rewrap, test_config, unwrap,
+    TestServer, admin_client, create_tenant_with, generate, random_material, repo_root, rewrap,
+    test_config, unwrap,
 };
 
 const CTX: &[(&str, &str)] = &[("table", "orders")];
@@ -305,6 +306,22 @@ async fn vault_transit_keys_work_end_to_end() {
         .unwrap();
     assert_eq!(linked.provider(), proto::Provider::VaultTransit);
     assert_eq!(linked.state(), proto::KeyState::Active);
+    // Regression: importing material next to an AppRole key (whose sealed
+    // secret_id shares the stored-material column) once failed INTERNAL
+    // while looking for duplicate material.
+    let imported = admin
+        .import_key_material(proto::ImportKeyMaterialRequest {
+            tenant_id: "acme".into(),
+            name: "imported".into(),
+            key_material_base64: random_material(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(imported.provider(), proto::Provider::Local);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let got = admin
         .get_key(proto::GetKeyRequest {

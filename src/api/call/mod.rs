@@ -99,6 +99,7 @@ scoped!(
     proto::GetTenantRequest,
     proto::SetTenantPolicyRequest,
     proto::SetAccessPolicyRequest,
+    proto::ListKeyAccessRequest,
     proto::ListKeysRequest,
     proto::DeleteTenantRequest,
     proto::CancelTenantDeletionRequest,
@@ -121,6 +122,7 @@ impl Scoped for proto::RetireKeyVersionsRequest {
 scoped_binding!(
     proto::LinkKeyRequest,
     proto::ImportKeyMaterialRequest,
+    proto::GetImportParametersRequest,
     proto::GetKeyRequest,
     proto::SetPrimaryKeyRequest,
     proto::DisableKeyRequest,
@@ -140,8 +142,10 @@ audited!(
     proto::GetTenantResponse,
     proto::SetTenantPolicyResponse,
     proto::SetAccessPolicyResponse,
+    proto::ListKeyAccessResponse,
     proto::LinkKeyResponse,
     proto::ImportKeyMaterialResponse,
+    proto::GetImportParametersResponse,
     proto::ListKeysResponse,
     proto::GetKeyResponse,
     proto::SetPrimaryKeyResponse,
@@ -435,13 +439,13 @@ fn authorize(
     };
     if let Some(refused) = refused {
         tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %Escaped(req.tenant_id()), error = %refused.message(), "call refused before it reached a key");
-        let facts = audit.enabled().then(|| Facts::of(req));
+        let facts = audit.enabled().then(|| Facts::of(req, audit.writes()));
         let answer = finish::<()>(audit, ctx, facts, None, Err(refused));
         return Err(answer
             .err()
             .unwrap_or_else(|| Status::internal("a denied call was answered")));
     }
-    Ok(audit.enabled().then(|| Facts::of(req)))
+    Ok(audit.enabled().then(|| Facts::of(req, audit.writes())))
 }
 
 /// The reason a request claims, checked (`None`: its method takes none); a

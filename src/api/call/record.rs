@@ -10,6 +10,7 @@ pub(super) const STATE_CHANGING: &[&str] = &[
     "SetAccessPolicy",
     "LinkKey",
     "ImportKeyMaterial",
+    "GetImportParameters",
     "SetPrimaryKey",
     "DisableKey",
     "EnableKey",
@@ -48,7 +49,9 @@ pub(super) fn kept(text: &str) -> String {
 }
 
 impl Facts {
-    pub(super) fn of(req: &impl Scoped) -> Self {
+    /// `digest`: the wrapped key's digest is computed (records go to a
+    /// sink; the access log alone does not need it).
+    pub(super) fn of(req: &impl Scoped, digest: bool) -> Self {
         let justification = req.justification();
         Self {
             // An unknown reason number is refused before any record is
@@ -60,9 +63,14 @@ impl Facts {
                 .map(kept),
             tenant_id: kept(req.tenant_id()),
             requested_binding: req.key_binding().map(kept),
-            wrapped_key_sha256: req.wrapped_key().filter(|w| !w.is_empty()).map(|w| {
-                hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8])
-            }),
+            wrapped_key_sha256: req
+                .wrapped_key()
+                .filter(|w| digest && !w.is_empty())
+                .map(|w| {
+                    hex::encode(
+                        &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, w).as_ref()[..8],
+                    )
+                }),
         }
     }
 }
