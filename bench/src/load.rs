@@ -21,6 +21,9 @@ use crate::pb::floor_client::FloorClient;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct LoadArgs {
+    /// Every request gives this access reason (customer_initiated, ...).
+    #[arg(long, value_parser = keybroker::access::Reason::parse)]
+    reason: Option<keybroker::access::Reason>,
     /// The keybroker binary [default: `keybroker` next to this binary].
     #[arg(long)]
     keybroker_bin: Option<PathBuf>,
@@ -267,7 +270,7 @@ pub(crate) async fn generate_keys(
                 tenant_id: "bench".into(),
                 key_spec: 0,
                 context: context(),
-                justification: None,
+                justification: justification(),
             })
             .await?
             .into_inner()
@@ -278,6 +281,23 @@ pub(crate) async fn generate_keys(
 }
 
 /// Unwraps every key once, so the measured runs are all cache hits.
+/// The access reason every request of this process gives (`--reason`).
+static REASON: std::sync::OnceLock<keybroker::access::Reason> = std::sync::OnceLock::new();
+
+/// Every request gives `reason` from now on (once per process).
+pub(crate) fn set_reason(reason: Option<keybroker::access::Reason>) {
+    if let Some(reason) = reason {
+        let _ = REASON.set(reason);
+    }
+}
+
+fn justification() -> Option<keybroker::proto::AccessJustification> {
+    REASON.get().map(|r| keybroker::proto::AccessJustification {
+        reason: r.to_proto(),
+        detail: String::new(),
+    })
+}
+
 pub(crate) async fn unwrap_all(
     client: &mut KeyBrokerClient<Channel>,
     keys: &[Vec<u8>],
@@ -288,7 +308,7 @@ pub(crate) async fn unwrap_all(
                 tenant_id: "bench".into(),
                 wrapped_key: key.clone().into(),
                 context: context(),
-                justification: None,
+                justification: justification(),
             })
             .await?;
     }
@@ -345,7 +365,7 @@ impl Target {
                         tenant_id: "bench".into(),
                         wrapped_key: warm[(start + k) % warm.len()].clone().into(),
                         context: context(),
-                        justification: None,
+                        justification: justification(),
                     })
                     .collect();
                 client
@@ -365,7 +385,7 @@ impl Target {
                     tenant_id: "bench".into(),
                     key_spec: 0,
                     context: context(),
-                    justification: None,
+                    justification: justification(),
                 })
                 .await
                 .is_ok_and(|r| r.get_ref().plaintext.len() == 32),
@@ -421,7 +441,7 @@ impl Target {
                         tenant_id: "bench".into(),
                         wrapped_key: key.clone().into(),
                         context: context(),
-                        justification: None,
+                        justification: justification(),
                     })
                     .await
                     .is_ok_and(|r| r.get_ref().plaintext.len() == 32)
@@ -506,6 +526,7 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
 }
 
 pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
+    set_reason(args.reason);
     anyhow::ensure!(
         args.rounds >= 1 && args.keys >= 1,
         "rounds and keys must be at least 1"

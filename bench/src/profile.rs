@@ -20,6 +20,9 @@ use crate::pb::floor_client::FloorClient;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ProfileArgs {
+    /// Every request gives this access reason (customer_initiated, ...).
+    #[arg(long, value_parser = keybroker::access::Reason::parse)]
+    reason: Option<keybroker::access::Reason>,
     /// The keybroker binary [default: `keybroker` next to this binary].
     #[arg(long)]
     keybroker_bin: Option<PathBuf>,
@@ -49,6 +52,7 @@ pub(crate) struct ProfileArgs {
 }
 
 pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
+    crate::load::set_reason(args.reason);
     anyhow::ensure!(args.requests > 0 && args.concurrency > 0 && args.keys > 0);
     anyhow::ensure!(
         Command::new("callgrind_control")
