@@ -17,8 +17,8 @@
 //! and the refusal's message: what an incident review reads. Those uses are
 //! people's, rare next to the platform's own; every other use is counted. At most
 //! [`MAX_EVENTS`] wait for a flush; past that an individual record is
-//! dropped (counted in `keybroker_access_log_dropped_total`; its count is
-//! still in the minute's row).
+//! dropped (counted, and logged by the next flush; its use is still in the
+//! minute's count).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -261,10 +261,19 @@ impl AccessLog {
                 return;
             };
             let mut pruned_at: Option<std::time::Instant> = None;
+            let mut dropped = 0;
             loop {
                 tokio::time::sleep(settings.flush_interval).await;
                 if let Err(err) = log.flush().await {
                     tracing::warn!(error = %err, pending = log.pending(), "could not write the key access log; kept in memory for the next flush");
+                }
+                let now_dropped = log.dropped();
+                if now_dropped > dropped {
+                    tracing::warn!(
+                        dropped = now_dropped - dropped,
+                        "key access log records found no room (more than 10,000 individual records between flushes, or a million distinct counts during a registry outage); their uses are still counted where a count had room"
+                    );
+                    dropped = now_dropped;
                 }
                 if pruned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(3600)) {
                     pruned_at = Some(std::time::Instant::now());
