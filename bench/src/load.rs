@@ -280,7 +280,6 @@ pub(crate) async fn generate_keys(
     Ok(keys)
 }
 
-/// Unwraps every key once, so the measured runs are all cache hits.
 /// The access reason every request of this process gives (`--reason`).
 static REASON: std::sync::OnceLock<keybroker::access::Reason> = std::sync::OnceLock::new();
 
@@ -298,6 +297,7 @@ fn justification() -> Option<keybroker::proto::AccessJustification> {
     })
 }
 
+/// Unwraps every key once, so the measured runs are all cache hits.
 pub(crate) async fn unwrap_all(
     client: &mut KeyBrokerClient<Channel>,
     keys: &[Vec<u8>],
