@@ -158,6 +158,7 @@ const OPTIONAL_ADDED_LATER: &[&str] = &[
     "reencrypt_last",
     "canary",
     "seal_only_from",
+    "access_policy",
 ];
 
 fn db(err: sqlx::Error) -> RegistryError {
