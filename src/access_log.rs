@@ -80,7 +80,7 @@ struct CountKey {
 }
 
 /// One use of a tenant's key, as the call layer saw it.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Use<'a> {
     pub tenant_id: &'a str,
     pub caller: &'a str,
@@ -108,7 +108,9 @@ pub fn operation(method: &str) -> Option<&'static str> {
 
 #[derive(Debug, Default)]
 pub struct AccessLog {
-    counts: dashmap::DashMap<CountKey, u64>,
+    /// foldhash: keyed per process (what callers name cannot be chosen to
+    /// collide), and a few times cheaper than SipHash on the hot path.
+    counts: dashmap::DashMap<CountKey, u64, foldhash::fast::RandomState>,
     events: Mutex<Vec<AccessRecord>>,
     /// Individual records (or new counts) that found no room.
     dropped: AtomicU64,

@@ -259,6 +259,16 @@ impl AuditLog {
         !matches!(self.sink, Sink::Off)
     }
 
+    /// Counts a call of `method` in the tenant's access log without a
+    /// record (no sink): `u.operation` is filled in from the method.
+    pub fn count_use(&self, method: &str, u: &crate::access_log::Use<'_>) {
+        let (Some(access), Some(operation)) = (&self.access, crate::access_log::operation(method))
+        else {
+            return;
+        };
+        access.record(&crate::access_log::Use { operation, ..*u });
+    }
+
     /// Opens the sink. A file that cannot be opened is an error at start:
     /// better no server than a server with no audit trail.
     pub fn open(settings: &AuditSettings) -> Result<Self, AuditError> {

@@ -487,9 +487,8 @@ where
     }
     // The handler's future is the largest part of every call's state and is
     // moved with it: one await point holds it, whichever path this is.
-    let notes = facts
-        .is_some()
-        .then(|| Arc::new(audit::CallNotes::default()));
+    // Notes (provider calls, request ids) are for records a sink writes.
+    let notes = (facts.is_some() && audit.writes()).then(|| Arc::new(audit::CallNotes::default()));
     let call = match &notes {
         Some(notes) => Either::Left(audit::scoped(Arc::clone(notes), handler(req))),
         None => Either::Right(handler(req)),

@@ -76,6 +76,43 @@ impl Facts {
 }
 
 impl Facts {
+    /// Counts the call in the tenant's access log (a call that takes a
+    /// reason), from what the audit record would say.
+    pub(super) fn count_use<Resp: Audited>(
+        &self,
+        audit: &AuditLog,
+        ctx: &CallContext,
+        result: &Result<Resp, Status>,
+    ) {
+        let Some(reason) = self.reason else {
+            return;
+        };
+        let (outcome, error) = match result {
+            Ok(_) => (Code::Ok, ""),
+            Err(status) => (status.code(), status.message()),
+        };
+        let (key_binding, key_version) = result
+            .as_ref()
+            .ok()
+            .and_then(Audited::key)
+            .unwrap_or((self.requested_binding.as_deref().unwrap_or_default(), ""));
+        audit.count_use(
+            &ctx.method,
+            &crate::access_log::Use {
+                tenant_id: &self.tenant_id,
+                caller: &ctx.identity,
+                reason,
+                reason_detail: self.reason_detail.as_deref().unwrap_or_default(),
+                key_binding,
+                key_version,
+                operation: "",
+                outcome: code_name(outcome),
+                error,
+                request_id: ctx.request_id.as_deref().unwrap_or_default(),
+            },
+        );
+    }
+
     /// The record of a call with this outcome.
     pub(super) fn record<'a>(
         &'a self,
@@ -150,6 +187,12 @@ pub(super) fn finish<Resp: Audited>(
     let Some(facts) = facts else {
         return result.map(Response::new);
     };
+    if !audit.writes() {
+        // The access log alone: no record is built (no clock formatted, no
+        // peer address written out), only the use counted.
+        facts.count_use(audit, ctx, &result);
+        return result.map(Response::new);
+    }
     let record = facts.outcome(ctx, notes, &result);
     if let Err(err) = audit.write(&record) {
         tracing::error!(error = %err, request_id = record.request_id, "audit record not written");
