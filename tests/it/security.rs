@@ -867,7 +867,7 @@ async fn flood_run(share: u8) -> ((usize, usize), (usize, usize), u64) {
     let mut flooder = broker.clone();
     // Registered (and its tenant key minted) before the flood: what is
     // measured is the cache, not a registry write under a loaded machine.
-    crate::common::generate(&mut flooder, "flood", &[("table", "orders")])
+    generate(&mut flooder, "flood", &[("table", "orders")])
         .await
         .unwrap();
     let flood = tokio::spawn(async move {
