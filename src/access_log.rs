@@ -13,7 +13,8 @@
 //! Refusals (PERMISSION_DENIED, FAILED_PRECONDITION) and every use whose
 //! justification names a record (a detail: the ticket of a support case, the
 //! case of a review, the reference of a legal request; those reasons require
-//! one) are also kept as individual records, with the request id, the detail
+//! one) are also kept as individual records, with the request id (the
+//! caller's, or one minted for an audit sink or a trace), the detail
 //! and the refusal's message: what an incident review reads. Those uses are
 //! people's, rare next to the platform's own; every other use is counted. At most
 //! [`MAX_EVENTS`] wait for a flush; past that an individual record is

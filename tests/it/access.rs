@@ -500,10 +500,15 @@ async fn the_access_log_counts_every_use_exactly_across_replicas() {
     // refused as soon as it learns (some may still pass before).
     set_policy(&mut admin_a, true, &[]).await.unwrap();
     let mut refused_on_b = 0;
+    let mut attempt = 0;
     while refused_on_b < 4 {
-        let r = unwrap_for(&mut broker_b, &dek.wrapped_key, None)
-            .await
-            .map(|_| ());
+        // The caller's request id: kept in an individual record.
+        attempt += 1;
+        let mut request = tonic::Request::new(unwrap_req(TENANT, &[], &dek.wrapped_key));
+        request
+            .metadata_mut()
+            .insert("x-request-id", format!("req-{attempt}").parse().unwrap());
+        let r = broker_b.unwrap_key(request).await.map(|_| ());
         refused_on_b += u32::from(r.is_err());
         tally("UnwrapKey", "none", r);
     }
@@ -597,7 +602,7 @@ async fn the_access_log_counts_every_use_exactly_across_replicas() {
             .iter()
             .all(|r| r.error.contains("requires a reason")
                 && r.key_binding.is_empty()
-                && !r.request_id.is_empty())
+                && r.request_id.starts_with("req-"))
     );
     let support: Vec<_> = individual
         .iter()
