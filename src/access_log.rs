@@ -116,8 +116,6 @@ pub struct AccessLog {
     /// Individual records (or new counts) that found no room.
     dropped: AtomicU64,
     store: Option<Arc<dyn AccessStore>>,
-    /// Flushes that failed (the registry did not answer).
-    failed_flushes: AtomicU64,
 }
 
 impl AccessLog {
@@ -192,10 +190,6 @@ impl AccessLog {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    pub fn failed_flushes(&self) -> u64 {
-        self.failed_flushes.load(Ordering::Relaxed)
-    }
-
     /// Writes what was counted to the registry. Each count is taken out of
     /// the map on its own (a use counted meanwhile stays for the next
     /// flush); on failure everything taken is put back.
@@ -237,7 +231,6 @@ impl AccessLog {
         match store.add_access(&rows).await {
             Ok(()) => Ok(()),
             Err(err) => {
-                self.failed_flushes.fetch_add(1, Ordering::Relaxed);
                 for (key, count) in taken {
                     *self.counts.entry(key).or_insert(0) += count;
                 }

@@ -12,6 +12,13 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
+/// A timestamp as unix milliseconds (the inverse of [`timestamp`]).
+pub(crate) fn millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
 pub(crate) fn key_state(state: BindingState) -> proto::KeyState {
     match state {
         BindingState::Active => proto::KeyState::Active,

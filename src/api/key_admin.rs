@@ -89,12 +89,6 @@ fn access_policy_from_proto(
         .map_err(|why| AdminError::InvalidArgument(format!("access_policy: {why}")))
 }
 
-fn ms_of(t: &prost_types::Timestamp) -> i64 {
-    t.seconds
-        .saturating_mul(1000)
-        .saturating_add(i64::from(t.nanos) / 1_000_000)
-}
-
 /// A ListKeyAccess request as a registry query (its page token is read by
 /// the control plane).
 fn access_query(
@@ -104,11 +98,11 @@ fn access_query(
     let to_ms = req
         .end_time
         .as_ref()
-        .map_or_else(crate::keys::now_ms, ms_of);
-    let from_ms = req
-        .start_time
-        .as_ref()
-        .map_or(to_ms.saturating_sub(24 * 3600 * 1000), ms_of);
+        .map_or_else(crate::keys::now_ms, crate::api::convert::millis);
+    let from_ms = req.start_time.as_ref().map_or(
+        to_ms.saturating_sub(24 * 3600 * 1000),
+        crate::api::convert::millis,
+    );
     let reason = match (Reason::from_proto(req.reason), req.no_reason_only) {
         (None, _) => {
             return Err(AdminError::InvalidArgument(format!(

@@ -41,10 +41,7 @@ pub(super) struct AccessLogArgs {
 }
 
 fn record_json(r: &proto::KeyAccessRecord) -> Value {
-    let ms = r
-        .time
-        .as_ref()
-        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+    let ms = r.time.as_ref().map_or(0, crate::api::convert::millis);
     json!({
         "time": crate::text::rfc3339(ms),
         "individual": r.individual,
@@ -68,10 +65,7 @@ pub(super) async fn export(
 ) -> anyhow::Result<Value> {
     let now = crate::keys::now_ms();
     let since = i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX);
-    let stamp = |ms: i64| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    };
+    let stamp = crate::api::convert::timestamp;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

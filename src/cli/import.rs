@@ -35,7 +35,7 @@ pub(super) fn parameters_json(p: &proto::GetImportParametersResponse) -> Value {
     let ms = p
         .expire_time
         .as_ref()
-        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        .map_or(0, crate::api::convert::millis);
     json!({
         "tenant_id": p.tenant_id,
         "name": p.name,
