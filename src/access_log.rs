@@ -68,7 +68,7 @@ impl AccessLogSettings {
 }
 
 /// What one minute's count counts.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 struct CountKey {
     tenant_id: Box<str>,
     minute_ms: i64,
@@ -78,6 +78,85 @@ struct CountKey {
     key_version: Box<str>,
     operation: &'static str,
     outcome: &'static str,
+}
+
+/// A count's key as borrowed fields: the hot path looks its count up with
+/// the call's own strings and allocates only for a combination the minute
+/// has not seen (the map's keys borrow as `dyn Counted`, the standard
+/// library's way to look a compound key up by its parts).
+type Parts<'a> = (
+    &'a str,
+    i64,
+    &'a str,
+    Reason,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+);
+
+trait Counted {
+    fn parts(&self) -> Parts<'_>;
+}
+
+impl Counted for CountKey {
+    fn parts(&self) -> Parts<'_> {
+        (
+            &self.tenant_id,
+            self.minute_ms,
+            &self.caller,
+            self.reason,
+            &self.key_binding,
+            &self.key_version,
+            self.operation,
+            self.outcome,
+        )
+    }
+}
+
+/// A use's count key, borrowed from the call.
+struct Borrowed<'a>(Parts<'a>);
+
+impl Counted for Borrowed<'_> {
+    fn parts(&self) -> Parts<'_> {
+        self.0
+    }
+}
+
+impl std::hash::Hash for dyn Counted + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn Counted + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn Counted + '_ {}
+
+/// Hashed and compared by its parts, as `dyn Counted` is: a key found by
+/// borrowed parts is the key stored.
+impl std::hash::Hash for CountKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self as &dyn Counted).hash(state);
+    }
+}
+
+impl PartialEq for CountKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for CountKey {}
+
+impl<'a> std::borrow::Borrow<dyn Counted + 'a> for CountKey {
+    fn borrow(&self) -> &(dyn Counted + 'a) {
+        self
+    }
 }
 
 /// One use of a tenant's key, as the call layer saw it.
@@ -138,19 +217,30 @@ impl AccessLog {
             return;
         }
         let now = crate::keys::now_ms();
-        let key = CountKey {
-            tenant_id: u.tenant_id.into(),
-            minute_ms: now - now.rem_euclid(60_000),
-            caller: u.caller.into(),
-            reason: u.reason,
-            key_binding: u.key_binding.into(),
-            key_version: u.key_version.into(),
-            operation: u.operation,
-            outcome: u.outcome,
-        };
-        if let Some(mut count) = self.counts.get_mut(&key) {
+        let minute_ms = now - now.rem_euclid(60_000);
+        let parts = Borrowed((
+            u.tenant_id,
+            minute_ms,
+            u.caller,
+            u.reason,
+            u.key_binding,
+            u.key_version,
+            u.operation,
+            u.outcome,
+        ));
+        if let Some(mut count) = self.counts.get_mut(&parts as &dyn Counted) {
             *count += 1;
         } else if self.counts.len() < MAX_COUNTS {
+            let key = CountKey {
+                tenant_id: u.tenant_id.into(),
+                minute_ms,
+                caller: u.caller.into(),
+                reason: u.reason,
+                key_binding: u.key_binding.into(),
+                key_version: u.key_version.into(),
+                operation: u.operation,
+                outcome: u.outcome,
+            };
             *self.counts.entry(key).or_insert(0) += 1;
         } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -335,6 +425,33 @@ mod tests {
             error: "",
             request_id: "r",
         }
+    }
+
+    /// A use already counted this minute is found by the call's borrowed
+    /// strings (no key built): the stored key and its borrowed parts hash
+    /// and compare alike.
+    #[test]
+    fn a_counted_use_is_found_by_its_borrowed_parts() {
+        let log = AccessLog::new(Some(Arc::new(Memory::default()) as _));
+        let u = a_use("spiffe://prod/storage", "OK", Reason::CustomerInitiated);
+        log.record(&u);
+        let stored = log.counts.iter().next().unwrap().key().clone();
+        let parts = Borrowed(stored.parts());
+        assert_eq!(log.counts.get(&parts as &dyn Counted).map(|c| *c), Some(1));
+        let other = Borrowed((
+            "acme",
+            stored.minute_ms,
+            "spiffe://prod/storage",
+            Reason::CustomerInitiated,
+            "cmk",
+            "2",
+            "UnwrapKey",
+            "OK",
+        ));
+        assert!(log.counts.get(&other as &dyn Counted).is_none());
+        log.record(&u);
+        assert_eq!(log.counts.len(), 1);
+        assert_eq!(log.pending(), 2);
     }
 
     #[tokio::test]
