@@ -25,6 +25,7 @@ impl From<BrokerError> for Status {
         let mut metadata = HashMap::new();
         match &err {
             BrokerError::KeyUnusable { binding, .. }
+            | BrokerError::DirectWrapRefused { binding, .. }
             | BrokerError::UnknownBinding { binding, .. }
             | BrokerError::Provider { binding, .. } => {
                 metadata.insert("key_binding".to_owned(), binding.clone());
@@ -142,6 +143,9 @@ fn classify(err: &BrokerError) -> (Code, &'static str) {
             (Code::FailedPrecondition, "TENANT_DELETION_SCHEDULED")
         }
         BrokerError::VersionRetired { .. } => (Code::FailedPrecondition, "KEY_VERSION_RETIRED"),
+        BrokerError::DirectWrapRefused { .. } => {
+            (Code::FailedPrecondition, "KEY_CANNOT_WRAP_DIRECTLY")
+        }
         BrokerError::KeyUnusable { state, .. } => match state {
             crate::keys::BindingState::Revoked => (Code::FailedPrecondition, "KEY_REVOKED"),
             _ => (Code::FailedPrecondition, "KEY_DISABLED"),

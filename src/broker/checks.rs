@@ -85,6 +85,19 @@ pub(super) fn ensure_usable(binding: &Binding, tenant_id: &str) -> Result<(), Br
     }
 }
 
+/// A direct wrap by `binding`: refused, before any provider call, for a
+/// key whose wrap budget cannot serve one wrap per DEK.
+pub(super) fn ensure_wraps_directly(binding: &Binding, tenant_id: &str) -> Result<(), BrokerError> {
+    match binding.direct_refusal {
+        None => Ok(()),
+        Some(why) => Err(BrokerError::DirectWrapRefused {
+            tenant_id: tenant_id.to_owned(),
+            binding: binding.name.to_string(),
+            why,
+        }),
+    }
+}
+
 pub(super) fn parse_for(tenant_id: &str, wrapped: &[u8]) -> Result<Envelope, BrokerError> {
     let envelope = Envelope::parse(wrapped)?;
     if envelope.tenant_id != tenant_id {

@@ -74,6 +74,16 @@ pub enum BrokerError {
         state: BindingState,
         reason: String,
     },
+    /// A direct tenant's primary key may not wrap DEKs directly (linked
+    /// before LinkKey refused such keys for direct tenants).
+    #[error(
+        "key binding '{binding}' of tenant '{tenant_id}' protects tenant keys only and wraps no DEK directly: {why}; for new DEKs, link a key that serves direct tenants (AWS KMS, Cloud KMS, Vault Transit or a Managed HSM AES key) and make it primary (SetPrimaryKey, or DisableKey with reencrypt_to); DEKs already wrapped by this key stay readable"
+    )]
+    DirectWrapRefused {
+        tenant_id: String,
+        binding: String,
+        why: &'static str,
+    },
     #[error("key binding '{binding}' ({provider}): {source}")]
     Provider {
         binding: String,

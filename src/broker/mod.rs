@@ -266,6 +266,7 @@ impl Broker {
         }
         let binding = &keys.primary;
         ensure_usable(binding, tenant_id)?;
+        ensure_wraps_directly(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
         let incarnation = keys.life.incarnation;
         let bound = context.with_incarnation(incarnation);
@@ -326,6 +327,7 @@ impl Broker {
     ) -> Result<Wrapped, BrokerError> {
         let binding = &keys.primary;
         ensure_usable(binding, tenant_id)?;
+        ensure_wraps_directly(binding, tenant_id)?;
         self.provider_call(binding, tenant_id, &self.calls.encrypt)?;
         let incarnation = keys.life.incarnation;
         let bound = context.with_incarnation(incarnation);

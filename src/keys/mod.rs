@@ -61,6 +61,10 @@ pub struct Binding {
     /// Wrapped keys naming an older numbered provider version are refused
     /// (retired versions); 0 when none is retired.
     pub min_decryption_version: u32,
+    /// Why this key may not wrap a `direct` tenant's DEKs (its wrap budget,
+    /// `kms::budget`), or `None`. LinkKey refuses such a key for a direct
+    /// tenant; this stops new wraps under one linked before that rule.
+    pub direct_refusal: Option<&'static str>,
 }
 
 impl Binding {
@@ -76,6 +80,7 @@ impl Binding {
             state_reason: String::new(),
             usage: Arc::default(),
             min_decryption_version: 0,
+            direct_refusal: None,
         }
     }
 
@@ -239,6 +244,7 @@ impl TenantKeys {
             state_reason: reason.to_owned(),
             usage: Arc::clone(&found.usage),
             min_decryption_version: found.min_decryption_version,
+            direct_refusal: found.direct_refusal,
         });
         let swap = |b: &Arc<Binding>| {
             if target(b) {

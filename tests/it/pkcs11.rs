@@ -515,3 +515,102 @@ async fn the_pin_is_never_taken_from_the_environment() {
         "{err}"
     );
 }
+
+/// A direct tenant whose HSM key was linked before LinkKey refused HSM keys
+/// for direct tenants (here: a registry restored from such an export) has
+/// no new DEK wrapped by it: GenerateDataKey and WrapKey are refused
+/// FAILED_PRECONDITION with the budget and what to do, before any HSM call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hsm_key_linked_before_the_rule_wraps_no_direct_dek() {
+    let label = format!("acme.old-{}", std::process::id());
+    let (_ctx, hsm) = admin_session();
+    make_key(&hsm, &label);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = || {
+        let mut config = test_config(&data);
+        config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
+        config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+        config
+    };
+    let server = TestServer::start(config()).await;
+    let mut admin = admin_client(&server).await;
+    create_tenant_with(
+        &mut admin,
+        "acme",
+        KeyPolicy::Keyring,
+        KeyHierarchy::TenantKey,
+    )
+    .await;
+    admin.link_key(link("acme", &label)).await.unwrap();
+    server.stop().await;
+
+    // The registry as a release before the rule could have left it: the
+    // same link, under a tenant that wraps its DEKs directly.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let backup = dir.path().join("export.json");
+    let backup_arg = backup.to_str().unwrap();
+    cli(&["registry", "export", "--out", backup_arg]);
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&backup).unwrap()).unwrap();
+    let tenants = doc["tables"]["tenants"].as_array_mut().unwrap();
+    let acme = tenants.iter_mut().find(|t| t["id"] == "acme").unwrap();
+    assert_eq!(acme["key_hierarchy"], "tenant_key");
+    acme["key_hierarchy"] = "direct".into();
+    std::fs::write(&backup, serde_json::to_vec(&doc).unwrap()).unwrap();
+    std::fs::remove_file(data.join("registry.db")).unwrap();
+    cli(&["registry", "restore", "--from", backup_arg]);
+
+    let server = TestServer::start(config()).await;
+    let hsm_calls = || {
+        server
+            .directory
+            .as_ref()
+            .unwrap()
+            .pkcs11()
+            .unwrap()
+            .calls
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = hsm_calls();
+    let mut broker = server.client().await;
+    let refused = |err: tonic::Status| {
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        for part in ["protects tenant keys only", "2^32", "SetPrimaryKey"] {
+            assert!(err.message().contains(part), "{part}: {}", err.message());
+        }
+        let info = tonic_types::StatusExt::get_details_error_info(&err).unwrap();
+        assert_eq!(info.reason, "KEY_CANNOT_WRAP_DIRECTLY");
+        assert_eq!(info.metadata["key_binding"], "hsm");
+    };
+    refused(generate(&mut broker, "acme", CTX).await.unwrap_err());
+    refused(
+        broker
+            .wrap_key(proto::WrapKeyRequest {
+                tenant_id: "acme".into(),
+                plaintext: vec![7; 32],
+                context: CTX
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(hsm_calls(), before, "a refused direct wrap reached the HSM");
+    server.stop().await;
+    destroy_key(&hsm, &label);
+}
