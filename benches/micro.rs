@@ -11,7 +11,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use keybroker::broker::{Broker, Reason};
 use keybroker::cache::{CacheKey, CacheSettings, CachedKey, DekCache, Freshness};
-use keybroker::context::{self, Context};
+use keybroker::context::{self, Context, TenantId};
 use keybroker::envelope::Envelope;
 use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
 use keybroker::kms::local::LocalKeyring;
@@ -126,18 +126,19 @@ fn cache_benches(c: &mut Criterion) {
         QuotaSettings::default(),
     );
     let ctx = context();
+    let tenant = TenantId::parse("tenant-0001".into()).unwrap();
     let wrapped = runtime
-        .block_on(broker.generate("tenant-0001", &ctx, 32, Reason::NoReason, None))
+        .block_on(broker.generate(&tenant, &ctx, 32, Reason::NoReason, None))
         .unwrap()
         .wrapped_key;
     runtime
-        .block_on(broker.unwrap("tenant-0001", &ctx, &wrapped, Reason::NoReason, None))
+        .block_on(broker.unwrap(&tenant, &ctx, &wrapped, Reason::NoReason, None))
         .unwrap();
     c.bench_function("broker_unwrap_hit", |b| {
         b.iter(|| {
             runtime
                 .block_on(broker.unwrap(
-                    "tenant-0001",
+                    &tenant,
                     black_box(&ctx),
                     black_box(&wrapped),
                     Reason::NoReason,

@@ -34,7 +34,37 @@ pub enum ContextError {
     InvalidContext(String),
 }
 
-/// A validated tenant id.
+/// A tenant id, checked once where it enters (the API): the data plane's
+/// entry points take this, not a `&str`, so none of them checks it again.
+/// Holds the request's own string (no copy).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub fn parse(id: String) -> Result<Self, ContextError> {
+        validate_tenant_id(&id)?;
+        Ok(Self(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TenantId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TenantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether `tenant_id` is a tenant id (see [`TenantId`]).
 pub fn validate_tenant_id(tenant_id: &str) -> Result<(), ContextError> {
     if tenant_id.is_empty() {
         return Err(ContextError::InvalidTenant("tenant_id is required".into()));

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use keybroker::broker::Broker;
 use keybroker::cache::{CacheSettings, DekCache};
-use keybroker::context::Context;
+use keybroker::context::{Context, TenantId};
 use keybroker::keys::{
     Binding, DirectoryError, KeyDirectory, KeyHierarchy, Minted, NewTenantKey, PLATFORM_BINDING,
     PlatformOnly, TenantKeyVersion, TenantKeys, TenantLife,
@@ -130,11 +130,12 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         let broker = Arc::clone(&broker);
         let context = context.clone();
         async move {
+            let acme = TenantId::parse("acme".into())?;
             let mut keys = Vec::with_capacity(n);
             for _ in 0..n {
                 keys.push(
                     broker
-                        .generate("acme", &context, 32, Reason::NoReason, None)
+                        .generate(&acme, &context, 32, Reason::NoReason, None)
                         .await?
                         .wrapped_key,
                 );
@@ -143,19 +144,25 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
         }
     };
     let calls = || provider.decrypts.load(Ordering::SeqCst);
+    let tenant = TenantId::parse("acme".into())?;
     let burst = |keys: Vec<Vec<u8>>, per_key: usize| {
         let broker = Arc::clone(&broker);
         let context = context.clone();
+        let tenant = tenant.clone();
         async move {
             let started = Instant::now();
             let mut set = tokio::task::JoinSet::new();
             for key in keys {
                 for _ in 0..per_key {
-                    let (broker, context, key) =
-                        (Arc::clone(&broker), context.clone(), key.clone());
+                    let (broker, context, key, acme) = (
+                        Arc::clone(&broker),
+                        context.clone(),
+                        key.clone(),
+                        tenant.clone(),
+                    );
                     set.spawn(async move {
                         let ok = broker
-                            .unwrap("acme", &context, &key, Reason::NoReason, None)
+                            .unwrap(&acme, &context, &key, Reason::NoReason, None)
                             .await
                             .is_ok();
                         (ok, started.elapsed())
@@ -300,7 +307,7 @@ async fn run_async(args: AccountingArgs) -> anyhow::Result<()> {
     for t in 0..tenants {
         let (broker, context) = (Arc::clone(&hierarchy), context.clone());
         set.spawn(async move {
-            let tenant = format!("tenant-{t:03}");
+            let tenant = TenantId::parse(format!("tenant-{t:03}"))?;
             let mut wrapped = Vec::with_capacity(per_tenant);
             for _ in 0..per_tenant {
                 wrapped.push(

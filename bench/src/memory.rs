@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use keybroker::broker::Broker;
 use keybroker::cache::{CacheSettings, DekCache};
-use keybroker::context::Context;
+use keybroker::context::{Context, TenantId};
 use keybroker::keys::{Binding, PLATFORM_BINDING, PlatformOnly};
 use keybroker::kms::local::LocalKeyring;
 use keybroker::quota::QuotaSettings;
@@ -77,14 +77,15 @@ pub(crate) fn child(entries: usize) -> anyhow::Result<()> {
             QuotaSettings::default(),
         );
         let context = Context::new([("table".to_owned(), "orders".to_owned())].into())?;
+        let tenant = TenantId::parse("tenant-0001".into())?;
         let fill = async |n: usize| {
             for _ in 0..n {
                 let wrapped = broker
-                    .generate("tenant-0001", &context, 32, Reason::NoReason, None)
+                    .generate(&tenant, &context, 32, Reason::NoReason, None)
                     .await?
                     .wrapped_key;
                 broker
-                    .unwrap("tenant-0001", &context, &wrapped, Reason::NoReason, None)
+                    .unwrap(&tenant, &context, &wrapped, Reason::NoReason, None)
                     .await?;
             }
             cache.run_pending_tasks().await;

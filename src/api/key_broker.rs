@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, key_info, key_state, timestamp};
 use crate::broker::{Broker, BrokerError, Miss, Reason, SharedViews};
-use crate::context::Context;
+use crate::context::{Context, TenantId};
 use crate::proto::{self, key_broker_server::KeyBroker};
 use crate::secret::SecretBytes;
 
@@ -33,6 +33,11 @@ fn reason(justification: Option<&proto::AccessJustification>) -> Reason {
         .unwrap_or_default()
 }
 
+/// The request's tenant id, checked here once for the whole call.
+fn tenant(id: String) -> Result<TenantId, Status> {
+    TenantId::parse(id).map_err(|e| BrokerError::from(e).into())
+}
+
 fn context(map: std::collections::BTreeMap<String, String>) -> Result<Context, Status> {
     Context::new(map).map_err(|e| BrokerError::from(e).into())
 }
@@ -40,7 +45,7 @@ fn context(map: std::collections::BTreeMap<String, String>) -> Result<Context, S
 /// An UnwrapKey request whose context is validated, for the path that may
 /// wait (a key not in the cache).
 struct PreparedUnwrap {
-    tenant_id: String,
+    tenant_id: TenantId,
     context: Context,
     wrapped_key: bytes::Bytes,
     reason: Reason,
@@ -72,10 +77,11 @@ impl KeyBrokerApi {
                 .into());
             }
         };
+        let tenant_id = tenant(req.tenant_id)?;
         let generated = self
             .broker
             .generate(
-                &req.tenant_id,
+                &tenant_id,
                 &context(req.context)?,
                 len,
                 reason(req.justification.as_ref()),
@@ -97,19 +103,20 @@ impl KeyBrokerApi {
         req: proto::UnwrapKeyRequest,
         shared: Option<&SharedViews>,
     ) -> Result<Result<proto::UnwrapKeyResponse, Status>, Box<PreparedUnwrap>> {
-        let context = match context(req.context) {
-            Ok(context) => context,
-            Err(status) => return Ok(Err(status)),
-        };
+        let (tenant_id, context) =
+            match tenant(req.tenant_id).and_then(|t| Ok((t, context(req.context)?))) {
+                Ok(checked) => checked,
+                Err(status) => return Ok(Err(status)),
+            };
         let reason = reason(req.justification.as_ref());
         match self
             .broker
-            .unwrap_cached(&req.tenant_id, &context, &req.wrapped_key, reason, shared)
+            .unwrap_cached(&tenant_id, &context, &req.wrapped_key, reason, shared)
         {
             Ok(result) => Ok(result.map(unwrap_response).map_err(Status::from)),
             // Boxed: a miss is the cold path, and the hit's result stays small.
             Err(miss) => Err(Box::new(PreparedUnwrap {
-                tenant_id: req.tenant_id,
+                tenant_id,
                 context,
                 wrapped_key: req.wrapped_key,
                 reason,
@@ -142,10 +149,11 @@ impl KeyBrokerApi {
         req: proto::RewrapKeyRequest,
         shared: Option<&SharedViews>,
     ) -> Result<proto::RewrapKeyResponse, Status> {
+        let tenant_id = tenant(req.tenant_id)?;
         let rewrapped = self
             .broker
             .rewrap(
-                &req.tenant_id,
+                &tenant_id,
                 &context(req.context)?,
                 &req.wrapped_key,
                 reason(req.justification.as_ref()),
@@ -174,12 +182,13 @@ impl KeyBroker for KeyBrokerApi {
         request: Request<proto::WrapKeyRequest>,
     ) -> Result<Response<proto::WrapKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
+            let tenant_id = tenant(req.tenant_id)?;
             let context = context(req.context)?;
             let plaintext = SecretBytes::new(req.plaintext);
             let wrapped = self
                 .broker
                 .wrap(
-                    &req.tenant_id,
+                    &tenant_id,
                     &context,
                     &plaintext,
                     reason(req.justification.as_ref()),
@@ -295,7 +304,7 @@ impl KeyBroker for KeyBrokerApi {
         request: Request<proto::DescribeKeyRequest>,
     ) -> Result<Response<proto::DescribeKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            let described = self.broker.describe(&req.tenant_id).await?;
+            let described = self.broker.describe(&tenant(req.tenant_id)?).await?;
             Ok(proto::DescribeKeyResponse {
                 tenant_id: described.tenant_id,
                 uses_platform_key: described.uses_platform_key,

@@ -34,8 +34,7 @@ pub struct Description {
 }
 
 impl Broker {
-    pub async fn describe(&self, tenant_id: &str) -> Result<Description, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
+    pub async fn describe(&self, tenant_id: &TenantId) -> Result<Description, BrokerError> {
         let keys = self.directory.tenant_keys(tenant_id).await?;
         ensure_live(&keys, tenant_id)?;
         let status = |b: &Arc<Binding>| BindingStatus {
@@ -63,7 +62,7 @@ impl Broker {
             None => keys.versions.len(),
         };
         Ok(Description {
-            tenant_id: tenant_id.to_owned(),
+            tenant_id: tenant_id.to_string(),
             uses_platform_key: keys.uses_platform_key(),
             primary: keys.primary.info(current_version(&keys.primary)),
             bindings,

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::access::Reason;
 use crate::cache::{CacheKey, CachedKey, DekCache};
-use crate::context::{self, Context};
+use crate::context::{Context, TenantId};
 use crate::envelope::{self, Envelope};
 use crate::keys::{
     Binding, BindingState, Confirmation, KeyDirectory, KeyHierarchy, KeyInfo, PLATFORM_BINDING,
@@ -244,13 +244,12 @@ impl Broker {
 
     pub async fn generate(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         context: &Context,
         len: usize,
         reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Generated, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
         let keys = self.view(tenant_id, shared).await?;
         ensure_reason(&keys, tenant_id, reason)?;
         ensure_live(&keys, tenant_id)?;
@@ -295,12 +294,11 @@ impl Broker {
 
     pub async fn wrap(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         context: &Context,
         plaintext: &SecretBytes,
         reason: Reason,
     ) -> Result<Wrapped, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
         if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_BYTES {
             return Err(BrokerError::InvalidRequest(format!(
                 "plaintext must be 1 to {MAX_PLAINTEXT_BYTES} bytes, got {}",
@@ -355,13 +353,12 @@ impl Broker {
     /// disabled or revoked binding serves nothing from cache either.
     pub async fn unwrap(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         context: &Context,
         wrapped: &[u8],
         reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Unwrapped, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let cache_key = CacheKey::new(tenant_id, wrapped, context);
         let keys = self.view(tenant_id, shared).await?;
@@ -400,7 +397,7 @@ impl Broker {
     /// again.
     pub async fn unwrap_missed(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         context: &Context,
         wrapped: &[u8],
         reason: Reason,
@@ -427,17 +424,14 @@ impl Broker {
     /// future per item.
     pub fn unwrap_cached(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         context: &Context,
         wrapped: &[u8],
         reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Result<Unwrapped, BrokerError>, Miss> {
-        if let Err(err) = context::validate_tenant_id(tenant_id)
-            .map_err(BrokerError::from)
-            .and_then(|()| envelope::check_size(wrapped).map_err(BrokerError::from))
-        {
-            return Ok(Err(err));
+        if let Err(err) = envelope::check_size(wrapped) {
+            return Ok(Err(err.into()));
         }
         // Never a registry load here: a load polled once and dropped would
         // be cancelled (a query cut off) for every item of a cold batch.

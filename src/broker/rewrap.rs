@@ -11,13 +11,12 @@ impl Broker {
     /// customer role and region, otherwise by unwrap + wrap.
     pub async fn rewrap(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         context: &Context,
         wrapped: &[u8],
         reason: Reason,
         shared: Option<&SharedViews>,
     ) -> Result<Rewrapped, BrokerError> {
-        context::validate_tenant_id(tenant_id)?;
         envelope::check_size(wrapped)?;
         let keys = self.view(tenant_id, shared).await?;
         ensure_reason(&keys, tenant_id, reason)?;
