@@ -6,7 +6,9 @@ use tonic::{Request, Response, Status};
 
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, key_state, reencryption_to_proto, timestamp};
-use crate::control::{Admin, AdminError, KeyView, LinkRequest, RetireTarget, VersionUsageView};
+use crate::control::{
+    Admin, AdminError, KeyView, LinkRequest, RetireTarget, TenantId, VersionUsageView,
+};
 use crate::keys::KeyHierarchy;
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
@@ -60,6 +62,11 @@ impl KeyAdminApi {
             access_policy: Some(access_policy_to_proto(&tenant.access_policy)),
         })
     }
+}
+
+/// The request's tenant id, checked here once for the whole call.
+fn tenant_id(id: &str) -> Result<TenantId, Status> {
+    TenantId::parse(id.to_owned()).map_err(|e| AdminError::InvalidArgument(e.to_string()).into())
 }
 
 fn access_policy_to_proto(policy: &crate::access::AccessPolicy) -> proto::AccessPolicy {
@@ -258,7 +265,12 @@ impl KeyAdmin for KeyAdminApi {
             let hierarchy = hierarchy_from_proto(req.key_hierarchy)?;
             let tenant = self
                 .admin
-                .create_tenant(&req.tenant_id, policy, hierarchy, req.newest_import_primary)
+                .create_tenant(
+                    &tenant_id(&req.tenant_id)?,
+                    policy,
+                    hierarchy,
+                    req.newest_import_primary,
+                )
                 .await?;
             Ok(proto::CreateTenantResponse {
                 tenant: Some(self.tenant(&tenant).await?),
@@ -272,7 +284,7 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::GetTenantRequest>,
     ) -> Result<Response<proto::GetTenantResponse>, Status> {
         call::serve(&self.observers, request, |request| async move {
-            let tenant = self.admin.tenant(&request.tenant_id).await?;
+            let tenant = self.admin.tenant(&tenant_id(&request.tenant_id)?).await?;
             Ok(proto::GetTenantResponse {
                 tenant: Some(self.tenant(&tenant).await?),
             })
@@ -287,7 +299,10 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |req| async move {
             let policy = policy_from_proto(req.key_policy, true)?
                 .ok_or_else(|| AdminError::InvalidArgument("key_policy is required".into()))?;
-            let tenant = self.admin.set_policy(&req.tenant_id, policy).await?;
+            let tenant = self
+                .admin
+                .set_policy(&tenant_id(&req.tenant_id)?, policy)
+                .await?;
             Ok(proto::SetTenantPolicyResponse {
                 tenant: Some(self.tenant(&tenant).await?),
             })
@@ -303,7 +318,7 @@ impl KeyAdmin for KeyAdminApi {
             let policy = access_policy_from_proto(req.access_policy)?;
             let tenant = self
                 .admin
-                .set_access_policy(&req.tenant_id, &policy)
+                .set_access_policy(&tenant_id(&req.tenant_id)?, &policy)
                 .await?;
             Ok(proto::SetAccessPolicyResponse {
                 tenant: Some(self.tenant(&tenant).await?),
@@ -379,7 +394,7 @@ impl KeyAdmin for KeyAdminApi {
                 (true, false) => {
                     self.admin
                         .unwrap_imported(
-                            &req.tenant_id,
+                            &tenant_id(&req.tenant_id)?,
                             &req.name,
                             &req.import_token,
                             &req.wrapped_key_material,
@@ -397,7 +412,7 @@ impl KeyAdmin for KeyAdminApi {
             if req.new_version {
                 let view = self
                     .admin
-                    .import_key_version(&req.tenant_id, &req.name, material)
+                    .import_key_version(&tenant_id(&req.tenant_id)?, &req.name, material)
                     .await?;
                 return Ok(proto::ImportKeyMaterialResponse {
                     key: Some(key_to_proto(&view)),
@@ -456,7 +471,7 @@ impl KeyAdmin for KeyAdminApi {
             };
             let params = self
                 .admin
-                .import_parameters(&req.tenant_id, &req.name, wrapping, bits)
+                .import_parameters(&tenant_id(&req.tenant_id)?, &req.name, wrapping, bits)
                 .await?;
             Ok(proto::GetImportParametersResponse {
                 import_token: params.token,
@@ -479,7 +494,10 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
         call::serve(&self.observers, request, |request| async move {
-            let keys = self.admin.list_keys(&request.tenant_id).await?;
+            let keys = self
+                .admin
+                .list_keys(&tenant_id(&request.tenant_id)?)
+                .await?;
             Ok(proto::ListKeysResponse {
                 keys: keys.iter().map(key_to_proto).collect(),
             })
@@ -492,7 +510,10 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::GetKeyRequest>,
     ) -> Result<Response<proto::GetKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            let view = self.admin.get_key(&req.tenant_id, &req.name).await?;
+            let view = self
+                .admin
+                .get_key(&tenant_id(&req.tenant_id)?, &req.name)
+                .await?;
             Ok(proto::GetKeyResponse {
                 key: Some(key_to_proto(&view)),
             })
@@ -505,7 +526,10 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::SetPrimaryKeyRequest>,
     ) -> Result<Response<proto::SetPrimaryKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            let view = self.admin.set_primary(&req.tenant_id, &req.name).await?;
+            let view = self
+                .admin
+                .set_primary(&tenant_id(&req.tenant_id)?, &req.name)
+                .await?;
             Ok(proto::SetPrimaryKeyResponse {
                 key: Some(key_to_proto(&view)),
             })
@@ -521,7 +545,7 @@ impl KeyAdmin for KeyAdminApi {
             let view = self
                 .admin
                 .disable_key(
-                    &req.tenant_id,
+                    &tenant_id(&req.tenant_id)?,
                     &req.name,
                     &req.reason,
                     Some(req.reencrypt_to.as_str()).filter(|t| !t.is_empty()),
@@ -539,7 +563,10 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::EnableKeyRequest>,
     ) -> Result<Response<proto::EnableKeyResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            let view = self.admin.enable_key(&req.tenant_id, &req.name).await?;
+            let view = self
+                .admin
+                .enable_key(&tenant_id(&req.tenant_id)?, &req.name)
+                .await?;
             Ok(proto::EnableKeyResponse {
                 key: Some(key_to_proto(&view)),
             })
@@ -554,7 +581,7 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |req| async move {
             let unlinked = self
                 .admin
-                .unlink_key(&req.tenant_id, &req.name, req.force)
+                .unlink_key(&tenant_id(&req.tenant_id)?, &req.name, req.force)
                 .await?;
             Ok(proto::UnlinkKeyResponse {
                 tenant_key_versions_destroyed: unlinked.versions_destroyed,
@@ -570,7 +597,7 @@ impl KeyAdmin for KeyAdminApi {
         call::serve(&self.observers, request, |req| async move {
             let view = self
                 .admin
-                .update_key(&req.tenant_id, &req.name, &req.description)
+                .update_key(&tenant_id(&req.tenant_id)?, &req.name, &req.description)
                 .await?;
             Ok(proto::UpdateKeyResponse {
                 key: Some(key_to_proto(&view)),
@@ -596,7 +623,7 @@ impl KeyAdmin for KeyAdminApi {
                 .transpose()?;
             let scheduled = self
                 .admin
-                .delete_tenant(&req.tenant_id, req.force, window)
+                .delete_tenant(&tenant_id(&req.tenant_id)?, req.force, window)
                 .await?;
             Ok(proto::DeleteTenantResponse {
                 delete_time: Some(timestamp(scheduled.delete_at_ms)),
@@ -611,7 +638,10 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::CancelTenantDeletionRequest>,
     ) -> Result<Response<proto::CancelTenantDeletionResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
-            let tenant = self.admin.cancel_deletion(&req.tenant_id).await?;
+            let tenant = self
+                .admin
+                .cancel_deletion(&tenant_id(&req.tenant_id)?)
+                .await?;
             Ok(proto::CancelTenantDeletionResponse {
                 tenant: Some(self.tenant(&tenant).await?),
             })

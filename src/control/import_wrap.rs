@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use super::validation::{check_key_material, validate_name, validate_tenant};
+use super::TenantId;
+use super::validation::{check_key_material, validate_name};
 use super::{Admin, AdminError, now_ms};
 use crate::registry::import_tokens::{ImportTokenRecord, Redeemed};
 use crate::registry::material::{open_material, seal_material};
@@ -33,12 +34,11 @@ impl Admin {
     /// material as `name` of `tenant_id`.
     pub async fn import_parameters(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         name: &str,
         wrapping: Wrapping,
         bits: usize,
     ) -> Result<ImportParameters, AdminError> {
-        validate_tenant(tenant_id)?;
         validate_name(name)?;
         self.live_tenant(tenant_id).await?;
         // RSA key generation takes tens of milliseconds: off the runtime.
@@ -59,7 +59,7 @@ impl Admin {
         let ttl = i64::try_from(self.settings.import_token_ttl.as_millis()).unwrap_or(i64::MAX);
         let record = ImportTokenRecord {
             token: token.clone(),
-            tenant_id: tenant_id.to_owned(),
+            tenant_id: tenant_id.to_string(),
             name: name.to_owned(),
             wrapping: wrapping.as_str().to_owned(),
             sealed_key: sealed,
@@ -81,12 +81,11 @@ impl Admin {
     /// whatever comes of it), checked as raw material is.
     pub async fn unwrap_imported(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         name: &str,
         token: &str,
         wrapped: &[u8],
     ) -> Result<SecretBytes, AdminError> {
-        validate_tenant(tenant_id)?;
         validate_name(name)?;
         let shown = crate::text::Escaped(token);
         let record = match self.registry().redeem_import_token(token, now_ms()).await? {
@@ -109,7 +108,7 @@ impl Admin {
                 )));
             }
         };
-        if record.tenant_id != tenant_id || record.name != name {
+        if record.tenant_id != tenant_id.as_str() || record.name != name {
             return Err(AdminError::Refused(format!(
                 "import token {shown} was issued for another key; it is now used up: get import parameters for tenant '{tenant_id}' key '{name}'"
             )));

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::validation::validate_tenant;
+use super::TenantId;
 use super::verification::verify_provider;
 use super::{Admin, AdminError, KeyView, not_found, validate_name};
 use crate::keys::{KeyHierarchy, now_ms};
@@ -21,11 +21,10 @@ impl Admin {
     /// are re-wrapped under the new version at once (one local wrap each).
     pub async fn import_key_version(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         name: &str,
         material: SecretBytes,
     ) -> Result<KeyView, AdminError> {
-        validate_tenant(tenant_id)?;
         validate_name(name)?;
         let tenant = self.live_tenant(tenant_id).await?;
         let record = self
@@ -72,14 +71,14 @@ impl Admin {
         if tenant.key_hierarchy == KeyHierarchy::TenantKey {
             let moved = self.rewrap_tenant_keys_of(tenant_id, name, newest).await?;
             tracing::info!(
-                tenant = tenant_id,
+                tenant = tenant_id.as_str(),
                 key = name,
                 moved,
                 "tenant key versions re-wrapped under the new imported version"
             );
         }
         tracing::info!(
-            tenant = tenant_id,
+            tenant = tenant_id.as_str(),
             key = name,
             version = newest,
             "imported key material version added"

@@ -24,6 +24,7 @@ pub use self::retirement::{RetireTarget, Retired, VersionUsageView};
 pub use self::validation::{decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
 use self::verification::{Ownership, canary_envelope, probe_wrap, verify_provider};
+pub use crate::context::TenantId;
 use crate::keys::canary_context;
 use crate::keys::{BindingState, DirectoryError, KeyHierarchy, UsageCounts, now_ms};
 use crate::kms::{InvalidIdentifier, ProviderError, ProviderKind};
@@ -216,12 +217,11 @@ impl Admin {
 
     pub async fn create_tenant(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         policy: Option<KeyPolicy>,
         hierarchy: Option<KeyHierarchy>,
         newest_import_primary: bool,
     ) -> Result<Tenant, AdminError> {
-        validate_tenant(tenant_id)?;
         Ok(self
             .lifecycle
             .create_tenant(
@@ -241,8 +241,9 @@ impl Admin {
         Ok(tenant)
     }
 
+    /// The tenant of an id already checked (a [`TenantId`], or one the
+    /// registry holds).
     pub async fn tenant(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
-        validate_tenant(tenant_id)?;
         self.registry()
             .tenant(tenant_id)
             .await?
@@ -251,10 +252,9 @@ impl Admin {
 
     pub async fn set_policy(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         policy: KeyPolicy,
     ) -> Result<Tenant, AdminError> {
-        validate_tenant(tenant_id)?;
         self.live_tenant(tenant_id).await?;
         // Usage decides whether single_key → keyring is allowed.
         self.flush_usage().await?;
@@ -270,17 +270,16 @@ impl Admin {
     /// the revocation bound (the change feed, or the view TTL at worst).
     pub async fn set_access_policy(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         policy: &crate::access::AccessPolicy,
     ) -> Result<Tenant, AdminError> {
-        validate_tenant(tenant_id)?;
         self.live_tenant(tenant_id).await?;
         let tenant = self
             .registry()
             .set_access_policy(tenant_id, policy, now_ms())
             .await?;
         self.directory.changed(tenant_id, None).await;
-        tracing::info!(tenant = tenant_id, policy = %policy, "tenant access policy set");
+        tracing::info!(tenant = tenant_id.as_str(), policy = %policy, "tenant access policy set");
         Ok(tenant)
     }
 
@@ -291,7 +290,7 @@ impl Admin {
         onboarding::onboarding(&self.settings, azure, issuer, tenant)
     }
 
-    pub async fn list_keys(&self, tenant_id: &str) -> Result<Vec<KeyView>, AdminError> {
+    pub async fn list_keys(&self, tenant_id: &TenantId) -> Result<Vec<KeyView>, AdminError> {
         self.tenant(tenant_id).await?;
         // Counts read after a flush are exact; later uses are added by `view`.
         self.flush_usage().await?;
@@ -312,8 +311,7 @@ impl Admin {
         Ok(view)
     }
 
-    pub async fn get_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
-        validate_tenant(tenant_id)?;
+    pub async fn get_key(&self, tenant_id: &TenantId, name: &str) -> Result<KeyView, AdminError> {
         self.flush_usage().await?;
         let record = self
             .registry()
@@ -323,8 +321,11 @@ impl Admin {
         self.with_versions(self.view(record)).await
     }
 
-    pub async fn set_primary(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
-        validate_tenant(tenant_id)?;
+    pub async fn set_primary(
+        &self,
+        tenant_id: &TenantId,
+        name: &str,
+    ) -> Result<KeyView, AdminError> {
         // Makes it primary and moves tenant key versions, never DEKs.
         self.change_key(tenant_id, name, None).await?;
         let record = self
@@ -337,12 +338,11 @@ impl Admin {
 
     pub async fn disable_key(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         name: &str,
         reason: &str,
         reencrypt_to: Option<&str>,
     ) -> Result<KeyView, AdminError> {
-        validate_tenant(tenant_id)?;
         validate_description(reason)?;
         let reason = if reason.is_empty() {
             "disabled by an operator"
@@ -433,15 +433,18 @@ impl Admin {
         Ok(self.lifecycle.finish_direct_move(tenant_id).await?)
     }
 
-    pub async fn enable_key(&self, tenant_id: &str, name: &str) -> Result<KeyView, AdminError> {
-        validate_tenant(tenant_id)?;
+    pub async fn enable_key(
+        &self,
+        tenant_id: &TenantId,
+        name: &str,
+    ) -> Result<KeyView, AdminError> {
         let tenant = self.live_tenant(tenant_id).await?;
         let current = self
             .registry()
             .binding(tenant_id, name)
             .await?
             .ok_or_else(|| RegistryError::BindingNotFound {
-                tenant_id: tenant_id.to_owned(),
+                tenant_id: tenant_id.to_string(),
                 name: name.to_owned(),
             })?;
         if current.state == BindingState::Revoked
@@ -484,11 +487,10 @@ impl Admin {
     /// it (`crate::lifecycle`'s unlink says when that is refused).
     pub async fn unlink_key(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         name: &str,
         force: bool,
     ) -> Result<crate::lifecycle::Unlinked, AdminError> {
-        validate_tenant(tenant_id)?;
         // The guard must see every use, including those not flushed yet.
         self.flush_usage().await?;
         Ok(self
@@ -511,11 +513,10 @@ impl Admin {
     /// after the fact).
     pub async fn update_key(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         name: &str,
         description: &str,
     ) -> Result<KeyView, AdminError> {
-        validate_tenant(tenant_id)?;
         validate_description(description)?;
         self.live_tenant(tenant_id).await?;
         let record = self
@@ -531,11 +532,10 @@ impl Admin {
     /// `deletion_window` when `None`; zero: now) is over, unless cancelled.
     pub async fn delete_tenant(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         force: bool,
         window: Option<Duration>,
     ) -> Result<Scheduled, AdminError> {
-        validate_tenant(tenant_id)?;
         // The guard must see every use, including those not flushed yet.
         self.flush_usage().await?;
         Ok(self
@@ -549,8 +549,7 @@ impl Admin {
     }
 
     /// Cancels a scheduled deletion (before its time).
-    pub async fn cancel_deletion(&self, tenant_id: &str) -> Result<Tenant, AdminError> {
-        validate_tenant(tenant_id)?;
+    pub async fn cancel_deletion(&self, tenant_id: &TenantId) -> Result<Tenant, AdminError> {
         Ok(self.lifecycle.cancel_deletion(tenant_id).await?)
     }
 
