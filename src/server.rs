@@ -1,5 +1,10 @@
 //! Builds the service from a [`Config`] and serves it on a listener until a
 //! shutdown future resolves. Tests bind 127.0.0.1:0 and call [`Server::run`].
+//!
+//! One job past 600 lines: assembling the parts in the order they depend on
+//! each other (registry, keyrings, providers, caches, background tasks,
+//! listeners) and taking them down in reverse; each part is built in its
+//! own module.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! gRPC services: message conversion only. Decisions live in the domain
 //! modules; errors become `tonic::Status` in exactly one place, [`status`].
 
+mod admin_convert;
 pub(crate) mod affinity;
 pub(crate) mod auth;
 pub(crate) mod call;

@@ -7,6 +7,7 @@
 
 mod access_log;
 mod admin;
+mod admin_key;
 mod bulk;
 mod client;
 mod connection;

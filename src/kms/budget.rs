@@ -102,9 +102,50 @@ impl WrapBudget {
     }
 }
 
+/// Why a linked key may not wrap a `direct` tenant's DEKs, or `None`.
+/// `sample`: a wrap the key made (its canary's ciphertext), which tells a
+/// Key Vault RSA key from an AES one.
+pub fn direct_refusal(kind: ProviderKind, sample: Option<&[u8]>) -> Option<&'static str> {
+    let rsa =
+        kind == ProviderKind::AzureKeyVault && sample.is_some_and(super::azure::wraps_with_rsa);
+    let budget = wrap_budget(kind, rsa);
+    (!budget.serves_direct_tenants()).then_some(budget.why)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys linked before LinkKey refused them for direct tenants wrap no
+    /// new DEK of one: PKCS#11 keys (a nonce budget for the key's life)
+    /// and Key Vault RSA keys (a wrap anyone with the public key can make),
+    /// told apart by a wrap they made (keybroker's Azure layout: format 1,
+    /// then the algorithm, 1 RSA-OAEP-256 or 2 A256KW).
+    #[test]
+    fn keys_that_cannot_wrap_directly_are_known_from_their_link() {
+        use ProviderKind::*;
+        let (rsa, aes): (&[u8], &[u8]) = (&[1, 1, 0, 32], &[1, 2, 0, 32]);
+        let table = [
+            (Pkcs11, None, true),
+            (AzureKeyVault, Some(rsa), true),
+            (AzureKeyVault, Some(aes), false),
+            (AzureKeyVault, None, false),
+            (AwsKms, None, false),
+            (GcpKms, None, false),
+            (VaultTransit, None, false),
+            (Local, None, false),
+        ];
+        for (kind, sample, refused) in table {
+            let why = direct_refusal(kind, sample);
+            assert_eq!(why.is_some(), refused, "{kind}: {why:?}");
+        }
+        assert!(direct_refusal(Pkcs11, None).unwrap().contains("2^32"));
+        assert!(
+            direct_refusal(AzureKeyVault, Some(rsa))
+                .unwrap()
+                .contains("public key")
+        );
+    }
 
     /// Every provider's wrap, its budget and who could forge one, and so
     /// whether LinkKey lets it wrap a direct tenant's DEKs.

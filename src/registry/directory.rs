@@ -303,7 +303,16 @@ impl RegistryDirectory {
                 state_reason: record.state_reason.clone(),
                 usage: self.usage_for(tenant_id, &record.name),
                 min_decryption_version: min_of(&record.name),
-                direct_refusal: direct_refusal(record.provider, record.canary.as_deref()),
+                // The canary is a wrap the link made with the key itself.
+                direct_refusal: crate::kms::budget::direct_refusal(
+                    record.provider,
+                    record
+                        .canary
+                        .as_deref()
+                        .and_then(|c| crate::envelope::Envelope::parse(c).ok())
+                        .map(|e| e.ciphertext)
+                        .as_deref(),
+                ),
             }));
         }
         // The same rule the registry checks mints against.
@@ -566,67 +575,5 @@ impl crate::metrics::IdentitySource for RegistryDirectory {
                 self.azure.as_ref().map_or(0, |a| a.live_credentials()),
             ),
         ]
-    }
-}
-
-/// Why a linked key may not wrap a `direct` tenant's DEKs, from its kind
-/// and (for Key Vault, whose RSA and AES keys differ) the algorithm of its
-/// canary's wrap, which the link made with the key itself.
-fn direct_refusal(provider: ProviderKind, canary: Option<&[u8]>) -> Option<&'static str> {
-    let rsa = provider == ProviderKind::AzureKeyVault
-        && canary
-            .and_then(|c| crate::envelope::Envelope::parse(c).ok())
-            .is_some_and(|e| crate::kms::azure::wraps_with_rsa(&e.ciphertext));
-    let budget = crate::kms::budget::wrap_budget(provider, rsa);
-    (!budget.serves_direct_tenants()).then_some(budget.why)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::envelope::Envelope;
-
-    /// A canary as a Key Vault link makes it: keybroker's Azure layout
-    /// (format 1, then the algorithm: 1 RSA-OAEP-256, 2 A256KW).
-    fn canary(algorithm: u8) -> Vec<u8> {
-        Envelope {
-            tenant_id: "acme".into(),
-            key_binding: "cmk".into(),
-            provider: ProviderKind::AzureKeyVault,
-            provider_key_version: "v1".into(),
-            ciphertext: vec![1, algorithm, 0, 32],
-            tenant_key_version: 0,
-            incarnation: 1,
-        }
-        .encode()
-    }
-
-    /// Keys linked before LinkKey refused them for direct tenants wrap no
-    /// new DEK of one: PKCS#11 keys (a nonce budget for the key's life)
-    /// and Key Vault RSA keys (a wrap anyone with the public key can make).
-    #[test]
-    fn keys_that_cannot_wrap_directly_are_known_from_their_link() {
-        use ProviderKind::*;
-        let (rsa, aes) = (canary(1), canary(2));
-        let table: [(ProviderKind, Option<&[u8]>, bool); 8] = [
-            (Pkcs11, None, true),
-            (AzureKeyVault, Some(&rsa), true),
-            (AzureKeyVault, Some(&aes), false),
-            (AzureKeyVault, None, false),
-            (AwsKms, None, false),
-            (GcpKms, None, false),
-            (VaultTransit, None, false),
-            (Local, None, false),
-        ];
-        for (kind, canary, refused) in table {
-            let why = direct_refusal(kind, canary);
-            assert_eq!(why.is_some(), refused, "{kind}: {why:?}");
-        }
-        assert!(direct_refusal(Pkcs11, None).unwrap().contains("2^32"));
-        assert!(
-            direct_refusal(AzureKeyVault, Some(&rsa))
-                .unwrap()
-                .contains("public key")
-        );
     }
 }

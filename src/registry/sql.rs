@@ -1,14 +1,10 @@
 //! [`Registry`] over SQLite or PostgreSQL through sqlx's `Any` driver: one set
 //! of queries (`$N` placeholders work in both), one migration directory per
-//! dialect for the DDL differences. One job: the pool and the trait's
-//! queries (rows are read in `rows.rs`).
-
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+//! dialect for the DDL differences. One job: the trait's queries (rows are
+//! read in `rows.rs`; the pool is opened, migrated and closed in
+//! `sql/connect.rs`).
 
 use async_trait::async_trait;
-use sqlx::any::AnyPoolOptions;
-use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use super::{
@@ -20,8 +16,7 @@ use crate::kms::ProviderKind;
 
 pub(super) use super::rows::*;
 
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+mod connect;
 
 pub(super) const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
      reencrypt_from, newest_import_primary, created_at, updated_at, incarnation, legacy_deks, \
@@ -46,74 +41,6 @@ pub(super) fn db(err: sqlx::Error) -> RegistryError {
 }
 
 impl SqlRegistry {
-    /// Opens (creating if needed) the SQLite file at `path`, mode 0600.
-    pub async fn open_sqlite(path: &Path) -> Result<Self, RegistryError> {
-        if !path.exists() {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| RegistryError::Database(format!("{}: {e}", dir.display())))?;
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| RegistryError::Database(format!("{}: {e}", path.display())))?;
-        }
-        Self::connect(&format!("sqlite://{}", path.display())).await
-    }
-
-    /// Connects to `url` (`sqlite://...` or `postgres://...`) and applies
-    /// migrations.
-    pub async fn connect(url: &str) -> Result<Self, RegistryError> {
-        Self::connect_with(url, &super::RegistrySettings::default()).await
-    }
-
-    /// [`connect`](Self::connect) with the pool's settings.
-    pub async fn connect_with(
-        url: &str,
-        settings: &super::RegistrySettings,
-    ) -> Result<Self, RegistryError> {
-        sqlx::any::install_default_drivers();
-        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
-        let statement_timeout = format!(
-            "SET statement_timeout = {}",
-            settings.statement_timeout.as_millis()
-        );
-        let pool = AnyPoolOptions::new()
-            .max_connections(if postgres { settings.pool_size } else { 4 })
-            .acquire_timeout(settings.acquire_timeout)
-            .after_connect(move |conn, _| {
-                let statement_timeout = statement_timeout.clone();
-                Box::pin(async move {
-                    if postgres {
-                        // A statement stuck on a lock or a dying server ends
-                        // here, not in a client that waits forever.
-                        sqlx::Executor::execute(&mut *conn, statement_timeout.as_str()).await?;
-                    } else {
-                        // Deleted rows (a shredded tenant's keys) are
-                        // overwritten with zeros in the file, not just
-                        // unlinked from the tree.
-                        sqlx::Executor::execute(&mut *conn, "PRAGMA secure_delete = ON").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(url)
-            .await
-            .map_err(|e| RegistryError::Database(format!("cannot open the registry: {e}")))?;
-        let migrations = if postgres {
-            &POSTGRES_MIGRATIONS
-        } else {
-            &SQLITE_MIGRATIONS
-        };
-        migrations
-            .run(&pool)
-            .await
-            .map_err(|e| RegistryError::Database(format!("registry migration failed: {e}")))?;
-        Ok(Self { pool, postgres })
-    }
-
     /// A write transaction. SQLite: `BEGIN IMMEDIATE`, so the write lock is
     /// taken (waiting out `busy_timeout`) at the start, never by upgrading a
     /// read lock mid-transaction, which SQLite refuses at once with
@@ -128,22 +55,6 @@ impl SqlRegistry {
 
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// Every tenant, binding and tenant key version as one JSON document
-    /// (`registry::backup`).
-    pub async fn export(&self) -> Result<serde_json::Value, RegistryError> {
-        super::backup::export(&self.pool, self.postgres).await
-    }
-
-    /// Restores an [`export`](Self::export) into this (empty) registry;
-    /// the number of rows restored.
-    pub async fn restore(&self, document: &serde_json::Value) -> Result<usize, RegistryError> {
-        super::backup::restore(&self.pool, document).await
     }
 
     /// Starts a transaction holding the tenant's row lock (an UPDATE takes
