@@ -11,7 +11,12 @@ use crate::registry::KeyPolicy;
 
 /// The request's tenant id, checked here once for the whole call.
 pub(super) fn tenant_id(id: &str) -> Result<TenantId, Status> {
-    TenantId::parse(id.to_owned()).map_err(|e| AdminError::InvalidArgument(e.to_string()).into())
+    Ok(admin_tenant(id.to_owned())?)
+}
+
+/// [`tenant_id`] of a string the request gives up.
+pub(super) fn admin_tenant(id: String) -> Result<TenantId, AdminError> {
+    TenantId::parse(id).map_err(|e| AdminError::InvalidArgument(e.to_string()))
 }
 
 pub(super) fn access_policy_to_proto(policy: &crate::access::AccessPolicy) -> proto::AccessPolicy {

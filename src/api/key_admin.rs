@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::api::admin_convert::*;
 use crate::api::call;
 use crate::api::convert::{hierarchy_to_proto, reencryption_to_proto, timestamp};
-use crate::control::{Admin, AdminError, LinkRequest};
+use crate::control::{Admin, AdminError, BindingName, LinkRequest};
 use crate::kms::ProviderKind;
 use crate::proto::{self, key_admin_server::KeyAdmin};
 use crate::registry::Tenant;
@@ -161,8 +161,8 @@ impl KeyAdmin for KeyAdminApi {
             let view = self
                 .admin
                 .link_key(LinkRequest {
-                    tenant_id: req.tenant_id,
-                    name: req.name,
+                    tenant_id: admin_tenant(req.tenant_id)?,
+                    name: BindingName::parse(req.name)?,
                     description: req.description,
                     provider,
                     key_reference: req.key_reference,
@@ -195,6 +195,8 @@ impl KeyAdmin for KeyAdminApi {
         request: Request<proto::ImportKeyMaterialRequest>,
     ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
         call::serve(&self.observers, request, |req| async move {
+            let tenant_id = admin_tenant(req.tenant_id)?;
+            let name = BindingName::parse(req.name)?;
             // Moved into a zeroizing string at once; the request is dropped here.
             let raw = zeroize::Zeroizing::new(req.key_material_base64);
             let material = match (raw.is_empty(), req.import_token.is_empty()) {
@@ -202,8 +204,8 @@ impl KeyAdmin for KeyAdminApi {
                 (true, false) => {
                     self.admin
                         .unwrap_imported(
-                            &tenant_id(&req.tenant_id)?,
-                            &req.name,
+                            &tenant_id,
+                            &name,
                             &req.import_token,
                             &req.wrapped_key_material,
                         )
@@ -220,7 +222,7 @@ impl KeyAdmin for KeyAdminApi {
             if req.new_version {
                 let view = self
                     .admin
-                    .import_key_version(&tenant_id(&req.tenant_id)?, &req.name, material)
+                    .import_key_version(&tenant_id, &name, material)
                     .await?;
                 return Ok(proto::ImportKeyMaterialResponse {
                     key: Some(key_to_proto(&view)),
@@ -230,12 +232,10 @@ impl KeyAdmin for KeyAdminApi {
                 .admin
                 .import_key_material(
                     LinkRequest {
-                        tenant_id: req.tenant_id,
-                        name: req.name,
                         description: req.description,
                         provider: Some(ProviderKind::Local),
                         make_primary: req.make_primary,
-                        ..LinkRequest::default()
+                        ..LinkRequest::new(tenant_id, name)
                     },
                     material,
                 )
@@ -277,9 +277,13 @@ impl KeyAdmin for KeyAdminApi {
                     .into());
                 }
             };
+            let (tenant_id, name) = (
+                admin_tenant(req.tenant_id)?,
+                BindingName::parse(req.name)?,
+            );
             let params = self
                 .admin
-                .import_parameters(&tenant_id(&req.tenant_id)?, &req.name, wrapping, bits)
+                .import_parameters(&tenant_id, &name, wrapping, bits)
                 .await?;
             Ok(proto::GetImportParametersResponse {
                 import_token: params.token,
@@ -290,8 +294,8 @@ impl KeyAdmin for KeyAdminApi {
                 }
                 .into(),
                 expire_time: Some(timestamp(params.expires_at_ms)),
-                tenant_id: req.tenant_id,
-                name: req.name,
+                tenant_id: tenant_id.to_string(),
+                name: name.to_string(),
             })
         })
         .await

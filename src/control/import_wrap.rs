@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use super::TenantId;
-use super::validation::{check_key_material, validate_name};
+use super::validation::check_key_material;
 use super::{Admin, AdminError, now_ms};
+use super::{BindingName, TenantId};
 use crate::registry::import_tokens::{ImportTokenRecord, Redeemed};
 use crate::registry::material::{open_material, seal_material};
 use crate::secret::SecretBytes;
@@ -35,11 +35,10 @@ impl Admin {
     pub async fn import_parameters(
         &self,
         tenant_id: &TenantId,
-        name: &str,
+        name: &BindingName,
         wrapping: Wrapping,
         bits: usize,
     ) -> Result<ImportParameters, AdminError> {
-        validate_name(name)?;
         self.live_tenant(tenant_id).await?;
         // RSA key generation takes tens of milliseconds: off the runtime.
         let key = tokio::task::spawn_blocking(move || ImportKey::generate(bits))
@@ -60,7 +59,7 @@ impl Admin {
         let record = ImportTokenRecord {
             token: token.clone(),
             tenant_id: tenant_id.to_string(),
-            name: name.to_owned(),
+            name: name.to_string(),
             wrapping: wrapping.as_str().to_owned(),
             sealed_key: sealed,
             created_at_ms: now,
@@ -82,11 +81,10 @@ impl Admin {
     pub async fn unwrap_imported(
         &self,
         tenant_id: &TenantId,
-        name: &str,
+        name: &BindingName,
         token: &str,
         wrapped: &[u8],
     ) -> Result<SecretBytes, AdminError> {
-        validate_name(name)?;
         let shown = crate::text::Escaped(token);
         let record = match self.registry().redeem_import_token(token, now_ms()).await? {
             Redeemed::Taken(record) => record,
@@ -108,7 +106,7 @@ impl Admin {
                 )));
             }
         };
-        if record.tenant_id != tenant_id.as_str() || record.name != name {
+        if record.tenant_id != tenant_id.as_str() || record.name != name.as_str() {
             return Err(AdminError::Refused(format!(
                 "import token {shown} was issued for another key; it is now used up: get import parameters for tenant '{tenant_id}' key '{name}'"
             )));

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use super::TenantId;
 use super::verification::verify_provider;
-use super::{Admin, AdminError, KeyView, not_found, validate_name};
+use super::{Admin, AdminError, KeyView, not_found};
+use super::{BindingName, TenantId};
 use crate::keys::{KeyHierarchy, now_ms};
 use crate::kms::ProviderKind;
 use crate::kms::local::LocalKeyring;
@@ -22,10 +22,9 @@ impl Admin {
     pub async fn import_key_version(
         &self,
         tenant_id: &TenantId,
-        name: &str,
+        name: &BindingName,
         material: SecretBytes,
     ) -> Result<KeyView, AdminError> {
-        validate_name(name)?;
         let tenant = self.live_tenant(tenant_id).await?;
         let record = self
             .registry()
@@ -72,14 +71,14 @@ impl Admin {
             let moved = self.rewrap_tenant_keys_of(tenant_id, name, newest).await?;
             tracing::info!(
                 tenant = tenant_id.as_str(),
-                key = name,
+                key = name.as_str(),
                 moved,
                 "tenant key versions re-wrapped under the new imported version"
             );
         }
         tracing::info!(
             tenant = tenant_id.as_str(),
-            key = name,
+            key = name.as_str(),
             version = newest,
             "imported key material version added"
         );

@@ -13,8 +13,8 @@ impl Admin {
         self.refuse_key_of_another_tenant(&req.tenant_id, provider, &req.key_reference)
             .await?;
         let mut record = NewBinding {
-            tenant_id: req.tenant_id.clone(),
-            name: req.name.clone(),
+            tenant_id: req.tenant_id.to_string(),
+            name: req.name.to_string(),
             description: req.description,
             provider,
             key_reference: req.key_reference,
@@ -185,8 +185,8 @@ impl Admin {
         )
         .await?;
         let record = NewBinding {
-            tenant_id: req.tenant_id.clone(),
-            name: req.name.clone(),
+            tenant_id: req.tenant_id.to_string(),
+            name: req.name.to_string(),
             description: req.description,
             provider: ProviderKind::Local,
             key_reference: format!("local:{}/{}", req.tenant_id, req.name),

@@ -21,7 +21,7 @@ use std::time::Duration;
 pub use self::key_change::Reencryption;
 pub use self::onboarding::Onboarding;
 pub use self::retirement::{RetireTarget, Retired, VersionUsageView};
-pub use self::validation::{decode_key_material, validate_name};
+pub use self::validation::{BindingName, decode_key_material, validate_name};
 use self::validation::{validate_description, validate_tenant};
 use self::verification::{Ownership, canary_envelope, probe_wrap, verify_provider};
 pub use crate::context::TenantId;
@@ -130,10 +130,10 @@ impl KeyView {
 }
 
 /// Fields of a key to link or import, as given by the caller.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LinkRequest {
-    pub tenant_id: String,
-    pub name: String,
+    pub tenant_id: TenantId,
+    pub name: BindingName,
     pub description: String,
     pub provider: Option<ProviderKind>,
     pub key_reference: String,
@@ -150,6 +150,27 @@ pub struct LinkRequest {
     /// Azure: the customer's Entra tenant id (stored in the binding's
     /// identity column, as AWS keeps its role there).
     pub azure_tenant_id: String,
+}
+
+impl LinkRequest {
+    /// A request for `name` of `tenant_id`, every other field empty.
+    pub fn new(tenant_id: TenantId, name: BindingName) -> Self {
+        Self {
+            tenant_id,
+            name,
+            description: String::new(),
+            provider: None,
+            key_reference: String::new(),
+            region: String::new(),
+            role_arn: String::new(),
+            service_account: String::new(),
+            replica_regions: Vec::new(),
+            make_primary: false,
+            vault: None,
+            vault_jwt: None,
+            azure_tenant_id: String::new(),
+        }
+    }
 }
 
 /// An AppRole in a customer's Vault; the secret_id is zeroized and never

@@ -22,6 +22,37 @@ pub(super) fn validate_tenant(tenant_id: &str) -> Result<(), AdminError> {
     context::validate_tenant_id(tenant_id).map_err(|e| AdminError::InvalidArgument(e.to_string()))
 }
 
+/// A name for a new key binding, checked once where the request enters:
+/// LinkKey, ImportKeyMaterial and GetImportParameters take this. (Calls
+/// that look a binding up take any text: a name that was never valid is
+/// simply not found.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingName(String);
+
+impl BindingName {
+    pub fn parse(name: String) -> Result<Self, AdminError> {
+        validate_name(&name)?;
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for BindingName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BindingName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 pub fn validate_name(name: &str) -> Result<(), AdminError> {
     let bad = |why: &str| {
         Err(AdminError::InvalidArgument(format!(
@@ -150,8 +181,6 @@ fn check_mount(field: &str, mount: &str) -> Result<(), AdminError> {
 /// Checks every field of a cloud key to link; the typed identifiers are
 /// what the provider will be called with.
 pub(super) fn check_link(req: &LinkRequest) -> Result<ProviderKind, AdminError> {
-    validate_tenant(&req.tenant_id)?;
-    validate_name(&req.name)?;
     validate_description(&req.description)?;
     if !req.azure_tenant_id.is_empty() && req.provider != Some(ProviderKind::AzureKeyVault) {
         return Err(AdminError::InvalidArgument(
@@ -276,13 +305,11 @@ mod tests {
             role: "keybroker".into(),
         };
         let link = |vault, vault_jwt| LinkRequest {
-            tenant_id: "acme".into(),
-            name: "v".into(),
             provider: Some(ProviderKind::VaultTransit),
             key_reference: "https://vault.example.com/v1/transit/keys/k".into(),
             vault,
             vault_jwt,
-            ..LinkRequest::default()
+            ..request("v")
         };
         assert!(check_link(&link(Some(approle.clone()), None)).is_ok());
         assert!(check_link(&link(None, Some(jwt.clone()))).is_ok());
@@ -308,16 +335,21 @@ mod tests {
         assert!(check_link(&link(None, Some(no_role))).is_err());
     }
 
+    fn request(name: &str) -> LinkRequest {
+        LinkRequest::new(
+            context::TenantId::parse("acme".into()).unwrap(),
+            BindingName::parse(name.into()).unwrap(),
+        )
+    }
+
     fn aws_link(key: &str, region: &str, replicas: &[&str]) -> LinkRequest {
         LinkRequest {
-            tenant_id: "acme".into(),
-            name: "k".into(),
             provider: Some(ProviderKind::AwsKms),
             key_reference: key.into(),
             region: region.into(),
             role_arn: "arn:aws:iam::111122223333:role/keybroker-access".into(),
             replica_regions: replicas.iter().map(|r| (*r).to_owned()).collect(),
-            ..LinkRequest::default()
+            ..request("k")
         }
     }
 
@@ -359,28 +391,11 @@ mod tests {
                 LinkRequest {
                     provider: Some(ProviderKind::GcpKms),
                     key_reference: "projects/p".into(),
-                    ..LinkRequest::default()
-                },
-                "invalid tenant_id",
-            ),
-            (
-                LinkRequest {
-                    tenant_id: "acme".into(),
-                    name: "k".into(),
-                    provider: Some(ProviderKind::GcpKms),
-                    key_reference: "projects/p".into(),
-                    ..LinkRequest::default()
+                    ..request("k")
                 },
                 "invalid Cloud KMS key name",
             ),
-            (
-                LinkRequest {
-                    tenant_id: "acme".into(),
-                    name: "k".into(),
-                    ..LinkRequest::default()
-                },
-                "provider is required",
-            ),
+            (request("k"), "provider is required"),
         ] {
             let err = check_link(&req).unwrap_err();
             assert!(matches!(err, AdminError::InvalidArgument(_)), "{err}");
