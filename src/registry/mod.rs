@@ -140,18 +140,23 @@ impl Tenant {
     }
 }
 
-/// A stored tenant key version.
-#[derive(Clone, PartialEq, Eq)]
+/// A stored tenant key version (read by sqlx's `FromRow`: every column
+/// maps to a field as stored, integers through `TryFrom`).
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct TenantKeyRecord {
     pub tenant_id: String,
+    #[sqlx(try_from = "i64")]
     pub version: u32,
     /// The binding whose key wraps it (`platform` for the platform key).
     pub binding: String,
     pub provider_key_version: String,
     pub wrapped: Vec<u8>,
+    #[sqlx(rename = "created_at")]
     pub created_at_ms: i64,
+    #[sqlx(rename = "updated_at")]
     pub updated_at_ms: i64,
     /// The tenant's key epoch it was minted in.
+    #[sqlx(try_from = "i64")]
     pub epoch: u64,
 }
 

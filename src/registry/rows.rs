@@ -137,20 +137,13 @@ pub(super) fn parse_hierarchy(text: &str) -> Result<KeyHierarchy, RegistryError>
 }
 
 pub(super) fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
-    let version: i64 = row.try_get("version").map_err(db)?;
-    Ok(TenantKeyRecord {
-        tenant_id: row.try_get("tenant_id").map_err(db)?,
-        version: u32::try_from(version)
-            .map_err(|_| RegistryError::Corrupt(format!("tenant key version {version}")))?,
-        binding: row.try_get("binding").map_err(db)?,
-        provider_key_version: row.try_get("provider_key_version").map_err(db)?,
-        wrapped: row.try_get("wrapped").map_err(db)?,
-        created_at_ms: row.try_get("created_at").map_err(db)?,
-        updated_at_ms: row.try_get("updated_at").map_err(db)?,
-        epoch: count(row.try_get("epoch").map_err(db)?),
-    })
+    sqlx::FromRow::from_row(row).map_err(db)
 }
 
+/// Tenants and bindings are read by hand: their flags are INTEGER columns
+/// (sqlx's `Any` driver decodes no bool from one) and their enums and the
+/// access policy are text parsed into domain types, which `FromRow` would
+/// need a wrapper type for each to do.
 pub(super) fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
     let next: i64 = row.try_get("next_key_version").map_err(db)?;
     Ok(Tenant {
