@@ -127,7 +127,7 @@ impl Bao {
             auth_mount: "approle".into(),
             login: keybroker::kms::vault::VaultLogin::AppRole {
                 role_id,
-                secret_id: Arc::new(zeroize::Zeroizing::new(secret_id)),
+                secret_id: secret_id.into(),
             },
         })
     }

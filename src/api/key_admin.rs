@@ -174,7 +174,7 @@ impl KeyAdmin for KeyAdminApi {
                     vault: req.vault_approle.map(|a| crate::control::VaultAppRole {
                         mount: a.mount,
                         role_id: a.role_id,
-                        secret_id: zeroize::Zeroizing::new(a.secret_id),
+                        secret_id: a.secret_id.into(),
                     }),
                     azure_tenant_id: req.azure_tenant_id,
                     vault_jwt: req.vault_jwt.map(|j| crate::control::VaultJwtRole {

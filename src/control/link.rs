@@ -1,6 +1,8 @@
 //! LinkKey and ImportKeyMaterial: a key is accepted only once it proved it
 //! works, that it is the tenant's, and that the tenant's keys can move to it.
 
+use secrecy::ExposeSecret as _;
+
 use super::*;
 
 impl Admin {
@@ -74,7 +76,12 @@ impl Admin {
                 verify_provider(&key, &req.tenant_id, None).await?
             }
             ProviderKind::VaultTransit => {
-                let approle = req.vault.clone().unwrap_or_default();
+                // check_link made sure a Vault key has a login.
+                let approle = req.vault.clone().ok_or_else(|| {
+                    AdminError::InvalidArgument(
+                        "a Vault key needs vault_approle or vault_jwt".into(),
+                    )
+                })?;
                 record.role_arn = approle.role_id.clone();
                 record.service_account = if approle.mount.is_empty() {
                     "approle".into()
@@ -93,7 +100,7 @@ impl Admin {
                     self.directory.platform_keyring(),
                     &req.tenant_id,
                     &req.name,
-                    &SecretBytes::new(approle.secret_id.as_bytes().to_vec()),
+                    &SecretBytes::new(approle.secret_id.expose_secret().as_bytes().to_vec()),
                 )
                 .await?;
                 record.key_material = Some(sealed);

@@ -175,21 +175,11 @@ impl LinkRequest {
 
 /// An AppRole in a customer's Vault; the secret_id is zeroized and never
 /// printed.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug)]
 pub struct VaultAppRole {
     pub mount: String,
     pub role_id: String,
-    pub secret_id: zeroize::Zeroizing<String>,
-}
-
-impl std::fmt::Debug for VaultAppRole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultAppRole")
-            .field("mount", &self.mount)
-            .field("role_id", &self.role_id)
-            .field("secret_id", &"<redacted>")
-            .finish()
-    }
+    pub secret_id: secrecy::SecretString,
 }
 
 /// A role of the jwt auth method in a customer's Vault.

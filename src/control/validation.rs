@@ -5,6 +5,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
+use secrecy::ExposeSecret as _;
+
 use super::{AdminError, LinkRequest};
 use crate::context;
 use crate::keys::PLATFORM_BINDING;
@@ -143,7 +145,7 @@ fn check_replica_regions(key_arn: &KeyArn, replicas: &[String]) -> Result<(), Ad
 /// Vault's (UUIDs by default; any printable ASCII is accepted, at most 256).
 fn check_approle(approle: &super::VaultAppRole) -> Result<(), AdminError> {
     check_mount("vault_approle.mount", &approle.mount)?;
-    if !plain(&approle.role_id) || !plain(&approle.secret_id) {
+    if !plain(&approle.role_id) || !plain(approle.secret_id.expose_secret()) {
         return Err(AdminError::InvalidArgument(
             "vault_approle.role_id and secret_id are required: printable ASCII, at most 256 characters".into(),
         ));
@@ -298,7 +300,7 @@ mod tests {
         let approle = super::super::VaultAppRole {
             mount: String::new(),
             role_id: "r".into(),
-            secret_id: zeroize::Zeroizing::new("s".into()),
+            secret_id: "s".into(),
         };
         let jwt = super::super::VaultJwtRole {
             mount: "jwt".into(),
@@ -323,7 +325,7 @@ mod tests {
         let mut dotted = super::super::VaultAppRole {
             mount: "auth/./x".into(),
             role_id: "r".into(),
-            secret_id: zeroize::Zeroizing::new("s".into()),
+            secret_id: "s".into(),
         };
         assert!(check_link(&link(Some(dotted.clone()), None)).is_err());
         dotted.mount = "team.a/approle".into();

@@ -450,7 +450,7 @@ impl RegistryDirectory {
                             sealed,
                         )
                         .await?;
-                        Some(zeroize::Zeroizing::new(
+                        Some(secrecy::SecretString::from(
                             String::from_utf8(secret.expose().to_vec()).map_err(|_| {
                                 DirectoryError::Internal(
                                     "a stored AppRole secret_id is not text".into(),

@@ -38,7 +38,7 @@ pub fn aws_target(
 /// `service_account`; an AppRole's secret_id given opened, none for jwt).
 pub fn vault_target(
     record: &BindingRecord,
-    secret_id: Option<zeroize::Zeroizing<String>>,
+    secret_id: Option<secrecy::SecretString>,
 ) -> Result<VaultTarget, InvalidIdentifier> {
     let role = record.role_arn.clone();
     Ok(VaultTarget {
@@ -47,7 +47,7 @@ pub fn vault_target(
         login: match secret_id {
             Some(secret_id) => VaultLogin::AppRole {
                 role_id: role,
-                secret_id: Arc::new(secret_id),
+                secret_id,
             },
             None => VaultLogin::Jwt {
                 role,

@@ -50,7 +50,7 @@ use azure_identity::{
 };
 use azure_security_keyvault_keys::models::{EncryptionAlgorithm, KeyOperationParameters, KeyType};
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
-use zeroize::Zeroizing;
+use secrecy::ExposeSecret as _;
 
 pub use self::errors::consent_url;
 use self::errors::{Call, Failure, Scope, classify};
@@ -71,7 +71,7 @@ pub const KEY_ROLE: &str = "Key Vault Crypto Service Encryption User";
 /// How keybroker proves it is the platform's application.
 #[derive(Clone)]
 enum AppCredential {
-    Secret(Arc<Zeroizing<String>>),
+    Secret(secrecy::SecretString),
     Federated(std::path::PathBuf),
 }
 
@@ -187,7 +187,7 @@ impl AzureKeyVault {
     /// Reads the application's secret (if any) and builds the HTTPS client.
     pub fn new(settings: AzureSettings) -> Result<Self, ProviderError> {
         let app = match (&settings.client_secret_file, &settings.federated_token_file) {
-            (Some(path), _) => Some(AppCredential::Secret(Arc::new(Zeroizing::new(
+            (Some(path), _) => Some(AppCredential::Secret(secrecy::SecretString::from(
                 std::fs::read_to_string(path)
                     .map_err(|e| {
                         ProviderError::Internal(format!(
@@ -197,7 +197,7 @@ impl AzureKeyVault {
                     })?
                     .trim()
                     .to_owned(),
-            )))),
+            ))),
             (None, Some(path)) => Some(AppCredential::Federated(path.clone())),
             (None, None) => None,
         };
@@ -291,7 +291,7 @@ impl AzureKeyVault {
             Some(AppCredential::Secret(secret)) => ClientSecretCredential::new(
                 customer_tenant,
                 client_id,
-                Secret::new(secret.as_str().to_owned()),
+                Secret::new(secret.expose_secret().to_owned()),
                 Some(ClientSecretCredentialOptions {
                     client_options: self.client_options(),
                 }),

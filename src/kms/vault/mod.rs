@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -263,7 +264,7 @@ impl VaultTransit {
     async fn post(
         &self,
         url: &str,
-        token: Option<&Zeroizing<String>>,
+        token: Option<&SecretString>,
         body: &impl serde::Serialize,
     ) -> Result<(u16, Zeroizing<Vec<u8>>), reqwest::Error> {
         let mut json = Zeroizing::new(Vec::with_capacity(256));
@@ -275,7 +276,7 @@ impl VaultTransit {
             .header("content-type", "application/json")
             .body(bytes::Bytes::from_owner(json));
         if let Some(token) = token {
-            request = request.header("X-Vault-Token", token.as_str());
+            request = request.header("X-Vault-Token", token.expose_secret());
         }
         Self::collect(request.send().await?).await
     }
@@ -283,12 +284,12 @@ impl VaultTransit {
     async fn get(
         &self,
         url: &str,
-        token: &Zeroizing<String>,
+        token: &SecretString,
     ) -> Result<(u16, Zeroizing<Vec<u8>>), reqwest::Error> {
         let response = self
             .http
             .get(url)
-            .header("X-Vault-Token", token.as_str())
+            .header("X-Vault-Token", token.expose_secret())
             .send()
             .await?;
         Self::collect(response).await

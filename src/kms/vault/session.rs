@@ -13,12 +13,12 @@ pub struct VaultTarget {
 }
 
 /// How keybroker logs in to a customer's Vault.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum VaultLogin {
     /// An AppRole: its role_id, and the secret_id sealed with the binding.
     AppRole {
         role_id: String,
-        secret_id: Arc<Zeroizing<String>>,
+        secret_id: SecretString,
     },
     /// A role of the jwt auth method that trusts keybroker's issuer:
     /// nothing secret per binding. `subject` is the tenant's
@@ -26,31 +26,15 @@ pub enum VaultLogin {
     Jwt { role: String, subject: String },
 }
 
-impl fmt::Debug for VaultLogin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::AppRole { role_id, .. } => f
-                .debug_struct("AppRole")
-                .field("role_id", role_id)
-                .field("secret_id", &"<redacted>")
-                .finish(),
-            Self::Jwt { role, subject } => f
-                .debug_struct("Jwt")
-                .field("role", role)
-                .field("subject", subject)
-                .finish(),
-        }
-    }
-}
-
 impl VaultLogin {
     /// The session key of this login: the role, and a digest of the secret
     /// (a re-linked key with a new secret gets a new login).
     pub(super) fn identity(&self) -> (String, [u8; 32]) {
         let (role, secret) = match self {
-            Self::AppRole { role_id, secret_id } => {
-                (format!("approle:{role_id}"), secret_id.as_bytes())
-            }
+            Self::AppRole { role_id, secret_id } => (
+                format!("approle:{role_id}"),
+                secret_id.expose_secret().as_bytes(),
+            ),
             // Per tenant: two tenants naming one role log in apart, each
             // with its own subject.
             Self::Jwt { role, subject } => (format!("jwt:{role}:{subject}"), &b""[..]),
@@ -64,7 +48,7 @@ impl VaultLogin {
 
 /// A Vault token and when to renew it.
 pub(super) struct Token {
-    pub(super) value: Zeroizing<String>,
+    pub(super) value: SecretString,
     pub(super) renew_at: Instant,
     pub(super) expires_at: Instant,
     pub(super) renewable: bool,
@@ -81,7 +65,7 @@ pub(super) struct VaultSession {
 
 #[derive(Deserialize)]
 pub(super) struct Auth {
-    pub(super) client_token: Zeroizing<String>,
+    pub(super) client_token: SecretString,
     pub(super) lease_duration: u64,
     pub(super) renewable: bool,
 }
@@ -128,7 +112,7 @@ impl VaultSession {
         &self,
         vault: &VaultTransit,
         key: &str,
-    ) -> Result<Zeroizing<String>, ProviderError> {
+    ) -> Result<SecretString, ProviderError> {
         let mut slot = self.token.lock().await;
         let now = Instant::now();
         if let Some(token) = slot.as_ref() {
@@ -160,7 +144,7 @@ impl VaultSession {
         let body = match &self.login {
             VaultLogin::AppRole { role_id, secret_id } => LoginBody::AppRole {
                 role_id,
-                secret_id: secret_id.as_str(),
+                secret_id: secret_id.expose_secret(),
             },
             VaultLogin::Jwt { role, subject } => {
                 jwt = vault.login_token(&self.address, subject)?;
