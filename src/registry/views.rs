@@ -52,7 +52,10 @@ struct View {
 }
 
 pub(super) struct Views {
-    map: moka::future::Cache<String, Arc<View>>,
+    /// Keyed by tenant id through foldhash, seeded per process: a few times
+    /// cheaper than SipHash on every request, and no caller can choose ids
+    /// that collide (ids are checked text, at most 128 bytes).
+    map: moka::future::Cache<String, Arc<View>, foldhash::fast::RandomState>,
     settings: ViewSettings,
     /// Bumped by every applied change. A view loaded across a change may
     /// predate it; moka does not cancel in-flight loads on invalidate, so a
@@ -90,7 +93,7 @@ impl Views {
         Self {
             map: moka::future::Cache::builder()
                 .max_capacity(CAPACITY)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             settings,
             generation: AtomicU64::new(0),
             trusted_from: AtomicU64::new(0),
