@@ -145,6 +145,10 @@ pub(crate) fn spawn_keybroker(
             "1h",
             "--cache-tti",
             "1h",
+            // The access log's counts reach the registry within a second,
+            // where `load` checks them against the uses it made.
+            "--access-log-flush-interval",
+            "1s",
         ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::from(out.try_clone()?))
@@ -258,6 +262,45 @@ impl RunResult {
     }
 }
 
+/// Key uses this process made whose answer came back (each
+/// GenerateDataKey and UnwrapKey, each batch item): what the server's key
+/// access log must count, exactly.
+static KEY_USES: AtomicU64 = AtomicU64::new(0);
+
+fn used(n: u64) {
+    KEY_USES.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The uses of tenant `bench`'s keys its key access log counts, once it
+/// counts `expected` (the log is flushed every second) or 10 s passed.
+async fn access_log_total(channel: &Channel, expected: u64) -> anyhow::Result<u64> {
+    let mut admin = keybroker::proto::key_admin_client::KeyAdminClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut total, mut page_token) = (0u64, String::new());
+        loop {
+            let page = admin
+                .list_key_access(keybroker::proto::ListKeyAccessRequest {
+                    tenant_id: "bench".into(),
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            total += page.records.iter().map(|r| r.count).sum::<u64>();
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        if total == expected || Instant::now() > deadline {
+            return Ok(total);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// `n` wrapped keys of tenant `bench`, generated one by one.
 pub(crate) async fn generate_keys(
     mut client: KeyBrokerClient<Channel>,
@@ -265,17 +308,16 @@ pub(crate) async fn generate_keys(
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut keys = Vec::with_capacity(n);
     for _ in 0..n {
-        let wrapped = client
+        let reply = client
             .generate_data_key(GenerateDataKeyRequest {
                 tenant_id: "bench".into(),
                 key_spec: 0,
                 context: context(),
                 justification: justification(),
             })
-            .await?
-            .into_inner()
-            .wrapped_key;
-        keys.push(wrapped);
+            .await;
+        used(1);
+        keys.push(reply?.into_inner().wrapped_key);
     }
     Ok(keys)
 }
@@ -303,14 +345,16 @@ pub(crate) async fn unwrap_all(
     keys: &[Vec<u8>],
 ) -> anyhow::Result<()> {
     for key in keys {
-        client
+        let reply = client
             .unwrap_key(UnwrapKeyRequest {
                 tenant_id: "bench".into(),
                 wrapped_key: key.clone().into(),
                 context: context(),
                 justification: justification(),
             })
-            .await?;
+            .await;
+        used(1);
+        reply?;
     }
     Ok(())
 }
@@ -368,10 +412,11 @@ impl Target {
                         justification: justification(),
                     })
                     .collect();
-                client
+                let reply = client
                     .batch_unwrap_key(keybroker::proto::BatchUnwrapKeyRequest { items })
-                    .await
-                    .is_ok_and(|r| {
+                    .await;
+                used(*size as u64);
+                reply.is_ok_and(|r| {
                         r.get_ref().results.len() == *size
                             && r.get_ref().results.iter().all(|item| {
                                 item.response
@@ -380,15 +425,18 @@ impl Target {
                             })
                     })
             }
-            Self::Generate(client) => client
-                .generate_data_key(GenerateDataKeyRequest {
-                    tenant_id: "bench".into(),
-                    key_spec: 0,
-                    context: context(),
-                    justification: justification(),
-                })
-                .await
-                .is_ok_and(|r| r.get_ref().plaintext.len() == 32),
+            Self::Generate(client) => {
+                let reply = client
+                    .generate_data_key(GenerateDataKeyRequest {
+                        tenant_id: "bench".into(),
+                        key_spec: 0,
+                        context: context(),
+                        justification: justification(),
+                    })
+                    .await;
+                used(1);
+                reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
+            }
             Self::Http {
                 client,
                 url,
@@ -436,15 +484,16 @@ impl Target {
                 } else {
                     &warm[i as usize % warm.len()]
                 };
-                client
+                let reply = client
                     .unwrap_key(UnwrapKeyRequest {
                         tenant_id: "bench".into(),
                         wrapped_key: key.clone().into(),
                         context: context(),
                         justification: justification(),
                     })
-                    .await
-                    .is_ok_and(|r| r.get_ref().plaintext.len() == 32)
+                    .await;
+                used(1);
+                reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
             }
         }
     }
@@ -744,9 +793,14 @@ async fn drive(
             "errors": errors,
         }));
     }
+    // Every use this run made is in the tenant's key access log, exactly.
+    let made = KEY_USES.load(Ordering::SeqCst);
+    let counted = access_log_total(&broker_channel, made).await?;
+    println!("access log: {counted} key uses counted of {made} made");
     let report = json!({
         "machine": crate::machine_facts(),
         "pinned": pinned,
+        "access_log": { "uses_made": made, "uses_counted": counted },
         "rounds": args.rounds,
         "duration_s": args.duration.as_secs_f64(),
         "warmup_s": args.warmup.as_secs_f64(),
@@ -801,5 +855,9 @@ async fn drive(
         l.iter().map(|v| v["errors"].as_u64().unwrap_or(0)).sum()
     });
     anyhow::ensure!(total_errors == 0, "{total_errors} requests failed");
+    anyhow::ensure!(
+        counted == made,
+        "the key access log counts {counted} uses, but this run made {made}"
+    );
     Ok(())
 }

@@ -104,6 +104,8 @@ async fn load_and_memory_runs_complete() {
                     keybroker_bin().to_str().unwrap(),
                     "--batch-size",
                     "10",
+                    "--reason",
+                    "customer_initiated",
                 ])
                 .arg("--json")
                 .arg(&out)
@@ -136,6 +138,11 @@ async fn load_and_memory_runs_complete() {
         assert!(level["median_ratios"]["p50"].as_f64().unwrap() > 0.0);
     }
     assert!(report["machine"]["nproc"].as_u64().unwrap() >= 1);
+    // Every key use the run made (20 generated, 20 warmed, every single
+    // call and batch item measured) is in the tenant's key access log.
+    let made = report["access_log"]["uses_made"].as_u64().unwrap();
+    assert!(made > 40, "{}", report["access_log"]);
+    assert_eq!(report["access_log"]["uses_counted"].as_u64(), Some(made));
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("BatchUnwrapKey (10 keys/request)"));
 
