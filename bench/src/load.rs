@@ -417,13 +417,13 @@ impl Target {
                     .await;
                 used(*size as u64);
                 reply.is_ok_and(|r| {
-                        r.get_ref().results.len() == *size
-                            && r.get_ref().results.iter().all(|item| {
-                                item.response
-                                    .as_ref()
-                                    .is_some_and(|u| u.plaintext.len() == 32)
-                            })
-                    })
+                    r.get_ref().results.len() == *size
+                        && r.get_ref().results.iter().all(|item| {
+                            item.response
+                                .as_ref()
+                                .is_some_and(|u| u.plaintext.len() == 32)
+                        })
+                })
             }
             Self::Generate(client) => {
                 let reply = client
