@@ -7,8 +7,8 @@
 //! written fails UNAVAILABLE and returns no key (as Vault does).
 //!
 //! Providers and the data plane add facts to the record of the call they
-//! run in through [`note_provider_call`] and [`note_provider_request`]
-//! (task-local, so no signature changes through the layers).
+//! run in through `call_notes` (a leaf module: the layers below note facts
+//! without importing the audit log).
 
 use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
@@ -16,7 +16,7 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -397,65 +397,9 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// Facts the layers below the API add to the record of the current call.
-#[derive(Debug, Default)]
-pub struct CallNotes {
-    provider_calls: AtomicU32,
-    /// DEKs this call loaded rather than found in the cache (a provider
-    /// call, or a local unseal under a cached tenant key).
-    dek_loads: AtomicU32,
-    /// Written by the provider that made the call; read once at the end.
-    provider_request_id: Mutex<Option<String>>,
-}
-
-impl CallNotes {
-    pub fn provider_calls(&self) -> u32 {
-        self.provider_calls.load(Ordering::Relaxed)
-    }
-
-    pub fn dek_loads(&self) -> u32 {
-        self.dek_loads.load(Ordering::Relaxed)
-    }
-
-    pub fn provider_request_id(&self) -> Option<String> {
-        self.provider_request_id.lock().clone()
-    }
-}
-
-tokio::task_local! {
-    static NOTES: Arc<CallNotes>;
-}
-
-/// Runs `call` with a fresh set of notes and returns both.
-pub async fn with_notes<F: Future>(call: F) -> (F::Output, Arc<CallNotes>) {
-    let notes = Arc::new(CallNotes::default());
-    let output = scoped(Arc::clone(&notes), call).await;
-    (output, notes)
-}
-
-/// `call`, with `notes` collecting what the layers below note of it.
-pub fn scoped<F: Future>(notes: Arc<CallNotes>, call: F) -> impl Future<Output = F::Output> {
-    NOTES.scope(notes, call)
-}
-
-/// The current call asked a provider (KMS or keyring) for something.
-pub fn note_provider_call() {
-    let _ = NOTES.try_with(|n| n.provider_calls.fetch_add(1, Ordering::Relaxed));
-}
-
-/// The current call loaded a DEK the cache did not have.
-pub fn note_dek_load() {
-    let _ = NOTES.try_with(|n| n.dek_loads.fetch_add(1, Ordering::Relaxed));
-}
-
-/// The provider's id of the request just made, if the SDK gave one.
-pub fn note_provider_request(id: Option<&str>) {
-    if let Some(id) = id {
-        let _ = NOTES.try_with(|n| {
-            *n.provider_request_id.lock() = Some(id.to_owned());
-        });
-    }
-}
+pub use crate::call_notes::{
+    CallNotes, note_dek_load, note_provider_call, note_provider_request, scoped, with_notes,
+};
 
 impl crate::metrics::AuditSource for AuditLog {
     fn written(&self) -> u64 {

@@ -49,6 +49,7 @@ mod api;
 pub mod audit;
 /// The authorization policy.
 mod authz;
+pub mod call_notes;
 /// The command line (`keybroker serve`, client and admin commands).
 pub mod cli;
 /// One typed configuration, composed of the domains' sections.

@@ -300,7 +300,7 @@ impl Broker {
         ensure_usable(&binding, tenant_id)?;
         let fresh = freshness(keys);
         let load = async {
-            crate::audit::note_dek_load();
+            crate::call_notes::note_dek_load();
             let key = self.tenant_key(keys, tenant_id, version).await?;
             let sealing = SealingKey::new(key.plaintext())
                 .ok_or_else(|| BrokerError::Internal("a tenant key is not 32 bytes".into()))?;

@@ -199,7 +199,7 @@ impl Broker {
             })?;
         }
         counter.fetch_add(1, Ordering::Relaxed);
-        crate::audit::note_provider_call();
+        crate::call_notes::note_provider_call();
         Ok(())
     }
 
@@ -562,7 +562,7 @@ impl Broker {
     ) -> Result<Arc<CachedKey>, BrokerError> {
         let fresh = freshness(keys);
         let load = async {
-            crate::audit::note_dek_load();
+            crate::call_notes::note_dek_load();
             self.provider_call(binding, tenant_id, &self.calls.decrypt)?;
             let bound = context.with_incarnation(envelope.incarnation);
             let call = binding.provider.decrypt(

@@ -18,26 +18,11 @@ pub(super) use super::rows::*;
 
 mod connect;
 
-pub(super) const TENANT_COLUMNS: &str = "id, key_policy, external_id, key_hierarchy, reencrypt_to, \
-     reencrypt_from, newest_import_primary, created_at, updated_at, incarnation, legacy_deks, \
-     implicit, key_epoch, next_key_version, delete_at, reencrypt_then_disable, reencrypt_disable_reason, reencrypt_last, access_policy";
-
-pub(super) const TENANT_KEY_COLUMNS: &str =
-    "tenant_id, version, binding, provider_key_version, wrapped, created_at, updated_at, epoch";
-
-pub(super) const BINDING_COLUMNS: &str = "tenant_id, name, description, provider, key_reference, region, \
-     role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
-     updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at, link_id, canary, seal_only_from";
-
 #[derive(Debug, Clone)]
 pub struct SqlRegistry {
     pool: AnyPool,
     /// Shared by replicas: changes are broadcast with NOTIFY.
     postgres: bool,
-}
-
-pub(super) fn db(err: sqlx::Error) -> RegistryError {
-    RegistryError::Database(err.to_string())
 }
 
 impl SqlRegistry {

@@ -5,7 +5,7 @@
 
 use sqlx::{Any, Row, Transaction};
 
-use super::sql::{
+use super::rows::{
     BINDING_COLUMNS, TENANT_COLUMNS, TENANT_KEY_COLUMNS, binding_from_row, db, tenant_from_row,
     tenant_key_from_row,
 };
@@ -217,7 +217,7 @@ impl TenantTx {
             "UPDATE key_bindings SET state = $1, state_reason = $2, updated_at = $3 \
              WHERE tenant_id = $4 AND name = $5",
         )
-        .bind(super::sql::state_str(state))
+        .bind(super::rows::state_str(state))
         .bind(reason)
         .bind(now_ms)
         .bind(&self.tenant.id)

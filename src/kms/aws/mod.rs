@@ -262,7 +262,7 @@ impl AwsKmsKey {
             .send()
             .await
             .map_err(|e| classify_kms(e, KmsCall::Decrypt, &self.target, region))?;
-        crate::audit::note_provider_request(out.request_id());
+        crate::call_notes::note_provider_request(out.request_id());
         let plaintext = out
             .plaintext
             .ok_or_else(|| ProviderError::Internal("KMS Decrypt returned no plaintext".into()))?;
@@ -314,7 +314,7 @@ impl AwsKmsKey {
                 .send()
                 .await
                 .map_err(|e| classify_kms(e, KmsCall::ReEncrypt, &self.target, region))?;
-            crate::audit::note_provider_request(out.request_id());
+            crate::call_notes::note_provider_request(out.request_id());
             let blob = out.ciphertext_blob.ok_or_else(|| {
                 ProviderError::Internal("KMS ReEncrypt returned no ciphertext".into())
             })?;
@@ -350,7 +350,7 @@ impl KeyProvider for AwsKmsKey {
             .send()
             .await
             .map_err(|e| classify_kms(e, KmsCall::Encrypt, &self.target, region))?;
-        crate::audit::note_provider_request(out.request_id());
+        crate::call_notes::note_provider_request(out.request_id());
         let blob = out
             .ciphertext_blob
             .ok_or_else(|| ProviderError::Internal("KMS Encrypt returned no ciphertext".into()))?;
@@ -376,7 +376,7 @@ impl KeyProvider for AwsKmsKey {
             .send()
             .await
             .map_err(|e| classify_kms(e, KmsCall::Encrypt, &self.target, region))?;
-        crate::audit::note_provider_request(out.request_id());
+        crate::call_notes::note_provider_request(out.request_id());
         let plaintext = out.plaintext.ok_or_else(|| {
             ProviderError::Internal("KMS GenerateDataKey returned no plaintext".into())
         })?;

@@ -410,7 +410,7 @@ fn noted<T>(response: azure_core::http::Response<T>) -> azure_core::http::Respon
     let id = response.headers().get_optional_string(
         &azure_core::http::headers::HeaderName::from_static("x-ms-request-id"),
     );
-    crate::audit::note_provider_request(id.as_deref());
+    crate::call_notes::note_provider_request(id.as_deref());
     response
 }
 
