@@ -308,14 +308,7 @@ pub(crate) async fn generate_keys(
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut keys = Vec::with_capacity(n);
     for _ in 0..n {
-        let reply = client
-            .generate_data_key(GenerateDataKeyRequest {
-                tenant_id: "bench".into(),
-                key_spec: 0,
-                context: context(),
-                justification: justification(),
-            })
-            .await;
+        let reply = client.generate_data_key(generate_request()).await;
         used(1);
         keys.push(reply?.into_inner().wrapped_key);
     }
@@ -345,14 +338,7 @@ pub(crate) async fn unwrap_all(
     keys: &[Vec<u8>],
 ) -> anyhow::Result<()> {
     for key in keys {
-        let reply = client
-            .unwrap_key(UnwrapKeyRequest {
-                tenant_id: "bench".into(),
-                wrapped_key: key.clone().into(),
-                context: context(),
-                justification: justification(),
-            })
-            .await;
+        let reply = client.unwrap_key(unwrap_request(key)).await;
         used(1);
         reply?;
     }
@@ -388,6 +374,26 @@ pub(crate) enum Target {
     },
 }
 
+/// A GenerateDataKey of tenant `bench`, with this process's reason.
+fn generate_request() -> GenerateDataKeyRequest {
+    GenerateDataKeyRequest {
+        tenant_id: "bench".into(),
+        key_spec: 0,
+        context: context(),
+        justification: justification(),
+    }
+}
+
+/// An UnwrapKey of tenant `bench`'s `key`, with this process's reason.
+fn unwrap_request(key: &[u8]) -> UnwrapKeyRequest {
+    UnwrapKeyRequest {
+        tenant_id: "bench".into(),
+        wrapped_key: key.to_vec().into(),
+        context: context(),
+        justification: justification(),
+    }
+}
+
 pub(crate) fn context() -> std::collections::BTreeMap<String, String> {
     [("table".to_owned(), "bench".to_owned())].into()
 }
@@ -405,12 +411,7 @@ impl Target {
             Self::Batch { client, warm, size } => {
                 let start = (i as usize * *size) % warm.len();
                 let items = (0..*size)
-                    .map(|k| UnwrapKeyRequest {
-                        tenant_id: "bench".into(),
-                        wrapped_key: warm[(start + k) % warm.len()].clone().into(),
-                        context: context(),
-                        justification: justification(),
-                    })
+                    .map(|k| unwrap_request(&warm[(start + k) % warm.len()]))
                     .collect();
                 let reply = client
                     .batch_unwrap_key(keybroker::proto::BatchUnwrapKeyRequest { items })
@@ -426,14 +427,7 @@ impl Target {
                 })
             }
             Self::Generate(client) => {
-                let reply = client
-                    .generate_data_key(GenerateDataKeyRequest {
-                        tenant_id: "bench".into(),
-                        key_spec: 0,
-                        context: context(),
-                        justification: justification(),
-                    })
-                    .await;
+                let reply = client.generate_data_key(generate_request()).await;
                 used(1);
                 reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
             }
@@ -484,14 +478,7 @@ impl Target {
                 } else {
                     &warm[i as usize % warm.len()]
                 };
-                let reply = client
-                    .unwrap_key(UnwrapKeyRequest {
-                        tenant_id: "bench".into(),
-                        wrapped_key: key.clone().into(),
-                        context: context(),
-                        justification: justification(),
-                    })
-                    .await;
+                let reply = client.unwrap_key(unwrap_request(key)).await;
                 used(1);
                 reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
             }

@@ -92,6 +92,25 @@ fn link(tenant: &str, object: &str) -> proto::LinkKeyRequest {
     }
 }
 
+/// `config` with the test token's module and PIN file.
+fn with_hsm(mut config: keybroker::config::Config) -> keybroker::config::Config {
+    config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
+    config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+    config
+}
+
+/// Calls the server has made to the HSM.
+fn hsm_calls(server: &TestServer) -> u64 {
+    server
+        .directory
+        .as_ref()
+        .unwrap()
+        .pkcs11()
+        .unwrap()
+        .calls
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Link (verified), generate, unwrap, rewrap, isolation, single flight, and
 /// the customer's key destroyed on the token → revoked within the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,9 +121,7 @@ async fn pkcs11_keys_work_end_to_end_on_softhsm() {
     make_key(&hsm, &label);
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
-    config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+    let mut config = with_hsm(test_config(dir.path()));
     config.watcher.interval = Duration::from_millis(300);
     config.quota = keybroker::quota::QuotaSettings::UNLIMITED;
     let server = TestServer::start(config).await;
@@ -255,9 +272,7 @@ async fn platform_keyring_sealed_in_the_hsm() {
         config
     };
     let hsm_config = || {
-        let mut config = plain_config();
-        config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
-        config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+        let mut config = with_hsm(plain_config());
         config.server.platform_key = Some(reference.clone());
         config
     };
@@ -314,15 +329,11 @@ async fn platform_keyring_sealed_in_the_hsm() {
 
     // With the HSM: every old DEK unwraps from an empty cache; new ones too.
     let server = TestServer::start(hsm_config()).await;
-    let calls = || {
-        let directory = server.directory.as_ref().unwrap();
-        directory
-            .pkcs11()
-            .unwrap()
-            .calls
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    assert_eq!(calls(), 1, "one unseal per keyring version at start");
+    assert_eq!(
+        hsm_calls(&server),
+        1,
+        "one unseal per keyring version at start"
+    );
     let mut broker = server.client().await;
     for (tenant, old) in [("direct", &old_direct), ("tree", &old_tree)] {
         let back = unwrap(&mut broker, tenant, CTX, &old.wrapped_key)
@@ -335,7 +346,7 @@ async fn platform_keyring_sealed_in_the_hsm() {
             .unwrap();
         assert_eq!(back.plaintext, new.plaintext, "{tenant}");
     }
-    assert_eq!(calls(), 1, "no HSM call per request");
+    assert_eq!(hsm_calls(&server), 1, "no HSM call per request");
 
     // Rotation under the seal: the CLI needs the key; the server reloads
     // the new version (one unseal per version) and wraps with it.
@@ -370,7 +381,11 @@ async fn platform_keyring_sealed_in_the_hsm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(calls(), 1 + 2, "the reload unsealed both versions once");
+    assert_eq!(
+        hsm_calls(&server),
+        1 + 2,
+        "the reload unsealed both versions once"
+    );
 
     // The token key destroyed while serving: this process keeps serving
     // from memory, and says within a reload tick that none could start.
@@ -423,9 +438,7 @@ async fn a_tenant_links_only_its_own_hsm_objects() {
     make_key(&hsm, &acme_key);
     make_key(&hsm, &seal_key);
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
-    config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
+    let mut config = with_hsm(test_config(dir.path()));
     // The platform keyring sealed by a key whose label even sits in a
     // tenant's namespace: still no tenant's.
     config.server.platform_key = Some(format!("pkcs11:token={TOKEN};object={seal_key}"));
@@ -440,17 +453,7 @@ async fn a_tenant_links_only_its_own_hsm_objects() {
         )
         .await;
     }
-    let hsm_calls = || {
-        server
-            .directory
-            .as_ref()
-            .unwrap()
-            .pkcs11()
-            .unwrap()
-            .calls
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    let before = hsm_calls();
+    let before = hsm_calls(&server);
     for (tenant, object, why) in [
         ("globex", acme_key.as_str(), "namespace"),
         ("globex", "platform-anything", "namespace"),
@@ -477,10 +480,10 @@ async fn a_tenant_links_only_its_own_hsm_objects() {
             .keys;
         assert!(keys.is_empty(), "a refused link was stored: {keys:?}");
     }
-    assert_eq!(hsm_calls(), before, "a refused link reached the HSM");
+    assert_eq!(hsm_calls(&server), before, "a refused link reached the HSM");
     // Its own object: linked, used.
     admin.link_key(link("acme", &acme_key)).await.unwrap();
-    assert!(hsm_calls() > before);
+    assert!(hsm_calls(&server) > before);
     let mut broker = server.client().await;
     let g = generate(&mut broker, "acme", CTX).await.unwrap();
     assert_eq!(
@@ -527,12 +530,7 @@ async fn an_hsm_key_linked_before_the_rule_wraps_no_direct_dek() {
     make_key(&hsm, &label);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = || {
-        let mut config = test_config(&data);
-        config.pkcs11.module = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_MODULE")));
-        config.pkcs11.pin_file = Some(PathBuf::from(env("KEYBROKER_TEST_PKCS11_PIN_FILE")));
-        config
-    };
+    let config = || with_hsm(test_config(&data));
     let server = TestServer::start(config()).await;
     let mut admin = admin_client(&server).await;
     create_tenant_with(
@@ -574,17 +572,7 @@ async fn an_hsm_key_linked_before_the_rule_wraps_no_direct_dek() {
     cli(&["registry", "restore", "--from", backup_arg]);
 
     let server = TestServer::start(config()).await;
-    let hsm_calls = || {
-        server
-            .directory
-            .as_ref()
-            .unwrap()
-            .pkcs11()
-            .unwrap()
-            .calls
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    let before = hsm_calls();
+    let before = hsm_calls(&server);
     let mut broker = server.client().await;
     let refused = |err: tonic::Status| {
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -610,7 +598,11 @@ async fn an_hsm_key_linked_before_the_rule_wraps_no_direct_dek() {
             .await
             .unwrap_err(),
     );
-    assert_eq!(hsm_calls(), before, "a refused direct wrap reached the HSM");
+    assert_eq!(
+        hsm_calls(&server),
+        before,
+        "a refused direct wrap reached the HSM"
+    );
     server.stop().await;
     destroy_key(&hsm, &label);
 }
