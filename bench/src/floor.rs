@@ -1,7 +1,9 @@
 //! The floor: one unary RPC answering 32 bytes from a HashMap, served with
 //! the same tonic server and HTTP/2 settings as keybroker (TCP_NODELAY, the
 //! default flow-control windows, keybroker's default keepalive, one
-//! connection per client) and keybroker's log subscriber.
+//! connection per client) and keybroker's log subscriber; with TLS
+//! settings, keybroker's mTLS listener (rustls, the client certificate
+//! checked and its identity read) in front.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,7 +49,10 @@ impl Floor for FloorService {
 }
 
 /// Serves until killed; prints `listening ADDR` once bound.
-pub(crate) fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn serve(
+    listen: SocketAddr,
+    tls: keybroker::net::tls::TlsSettings,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // keybroker's own subscriber, so tracing costs the floor what it
@@ -61,14 +66,22 @@ pub(crate) fn serve(listen: SocketAddr) -> anyhow::Result<()> {
         });
         // keybroker's defaults: hyper's keepalive records every frame.
         let connections = keybroker::net::incoming::ConnectionSettings::default();
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(connections.keepalive_interval))
             .http2_keepalive_timeout(Some(connections.keepalive_timeout))
-            .add_service(FloorServer::from_arc(service))
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            )
-            .await?;
+            .add_service(FloorServer::from_arc(service));
+        if tls.enabled() {
+            let source = keybroker::net::tls::TlsSource::load(tls)?;
+            let (incoming, _accepting) =
+                keybroker::net::incoming::accept(listener, Some(source), connections);
+            server.serve_with_incoming(incoming).await?;
+        } else {
+            server
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                )
+                .await?;
+        }
         Ok(())
     })
 }

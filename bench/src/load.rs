@@ -2,7 +2,9 @@
 //! sent as soon as the previous one returned. keybroker (cache-hit
 //! UnwrapKey) and the floor run alternately, several rounds, and the report
 //! compares medians of the rounds, so drift on a shared machine hits both.
+//! Each shape (`--shape`, `shape.rs`) gets its own pair of servers.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,9 +20,20 @@ use tonic::transport::Channel;
 
 use crate::pb::GetRequest;
 use crate::pb::floor_client::FloorClient;
+use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct LoadArgs {
+    /// The shapes to measure, one after the other, each against its own
+    /// floor: plaintext (one tenant, no TLS, policy or audit sink) and/or
+    /// production (mTLS on both servers, keybroker with a policy and a
+    /// fail-closed audit log file, 100 tenants).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "plaintext")]
+    shape: Vec<Shape>,
+    /// Tenants whose keys the load interleaves [default: 1 plaintext, 100
+    /// production].
+    #[arg(long)]
+    tenants: Option<usize>,
     /// Every request gives this access reason (customer_initiated, ...).
     #[arg(long, value_parser = keybroker::access::Reason::parse)]
     reason: Option<keybroker::access::Reason>,
@@ -39,7 +52,7 @@ pub(crate) struct LoadArgs {
     /// Floor/keybroker pairs per concurrency (alternating).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Distinct wrapped keys the load cycles through.
+    /// Distinct wrapped keys of each tenant the load cycles through.
     #[arg(long, default_value_t = 1000)]
     keys: usize,
     /// Share of keybroker requests that hit the cache; the rest unwrap keys
@@ -115,7 +128,7 @@ pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
 
 /// `program`, pinned to a core and/or run under `wrapper` (valgrind).
 pub(crate) fn command(program: &Path, pin_core: Option<usize>, wrapper: &[String]) -> Command {
-    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    let mut argv: Vec<OsString> = Vec::new();
     if let Some(core) = pin_core {
         argv.extend(["taskset".into(), "-c".into(), core.to_string().into()]);
     }
@@ -126,11 +139,14 @@ pub(crate) fn command(program: &Path, pin_core: Option<usize>, wrapper: &[String
     c
 }
 
+/// keybroker on an ephemeral port of 127.0.0.1, with `extra` flags (the
+/// shape's).
 pub(crate) fn spawn_keybroker(
     bin: &Path,
     data_dir: &Path,
     pin: Option<usize>,
     wrapper: &[String],
+    extra: &[OsString],
 ) -> anyhow::Result<ServerProcess> {
     let log = data_dir.join("keybroker.log");
     let out = std::fs::File::create(&log)?;
@@ -150,6 +166,7 @@ pub(crate) fn spawn_keybroker(
             "--access-log-flush-interval",
             "1s",
         ])
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))
@@ -181,11 +198,17 @@ pub(crate) fn spawn_keybroker(
     }
 }
 
-pub(crate) fn spawn_floor(pin: Option<usize>, wrapper: &[String]) -> anyhow::Result<ServerProcess> {
+/// The floor server, with `extra` flags (the shape's TLS files).
+pub(crate) fn spawn_floor(
+    pin: Option<usize>,
+    wrapper: &[String],
+    extra: &[OsString],
+) -> anyhow::Result<ServerProcess> {
     use std::io::BufRead as _;
     let me = std::env::current_exe()?;
     let mut child = command(&me, pin, wrapper)
         .arg("floor-server")
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
@@ -271,28 +294,35 @@ fn used(n: u64) {
     KEY_USES.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The uses of tenant `bench`'s keys its key access log counts, once it
-/// counts `expected` (the log is flushed every second) or 10 s passed.
-async fn access_log_total(channel: &Channel, expected: u64) -> anyhow::Result<u64> {
+/// The uses of the `tenants`' keys their key access logs count, once they
+/// count `expected` (the log is flushed every second) or 10 s passed.
+async fn access_log_total(
+    channel: &Channel,
+    tenants: &[Arc<str>],
+    expected: u64,
+) -> anyhow::Result<u64> {
     let mut admin = keybroker::proto::key_admin_client::KeyAdminClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (mut total, mut page_token) = (0u64, String::new());
-        loop {
-            let page = admin
-                .list_key_access(keybroker::proto::ListKeyAccessRequest {
-                    tenant_id: "bench".into(),
-                    page_size: 1000,
-                    page_token,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            total += page.records.iter().map(|r| r.count).sum::<u64>();
-            if page.next_page_token.is_empty() {
-                break;
+        let mut total = 0u64;
+        for tenant in tenants {
+            let mut page_token = String::new();
+            loop {
+                let page = admin
+                    .list_key_access(keybroker::proto::ListKeyAccessRequest {
+                        tenant_id: tenant.to_string(),
+                        page_size: 1000,
+                        page_token,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                total += page.records.iter().map(|r| r.count).sum::<u64>();
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
             }
-            page_token = page.next_page_token;
         }
         if total == expected || Instant::now() > deadline {
             return Ok(total);
@@ -301,18 +331,51 @@ async fn access_log_total(channel: &Channel, expected: u64) -> anyhow::Result<u6
     }
 }
 
-/// `n` wrapped keys of tenant `bench`, generated one by one.
+/// A wrapped key and its tenant.
+#[derive(Debug, Clone)]
+pub(crate) struct Wrapped {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) key: Vec<u8>,
+}
+
+/// `per_tenant` wrapped keys of each of `tenants` (tenants generating at
+/// the same time, each one key after the other), interleaved: the `i`-th
+/// key is tenant `i % tenants`'s, so consecutive requests change tenant.
 pub(crate) async fn generate_keys(
-    mut client: KeyBrokerClient<Channel>,
-    n: usize,
-) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut keys = Vec::with_capacity(n);
-    for _ in 0..n {
-        let reply = client.generate_data_key(generate_request()).await;
-        used(1);
-        keys.push(reply?.into_inner().wrapped_key);
+    client: KeyBrokerClient<Channel>,
+    tenants: &[Arc<str>],
+    per_tenant: usize,
+) -> anyhow::Result<Vec<Wrapped>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (t, tenant) in tenants.iter().enumerate() {
+        let (mut client, tenant) = (client.clone(), Arc::clone(tenant));
+        tasks.spawn(async move {
+            let mut keys = Vec::with_capacity(per_tenant);
+            for _ in 0..per_tenant {
+                let reply = client.generate_data_key(generate_request(&tenant)).await;
+                used(1);
+                keys.push(Wrapped {
+                    tenant: Arc::clone(&tenant),
+                    key: reply?.into_inner().wrapped_key,
+                });
+            }
+            Ok::<_, anyhow::Error>((t, keys))
+        });
     }
-    Ok(keys)
+    let mut by_tenant = vec![Vec::new(); tenants.len()];
+    while let Some(done) = tasks.join_next().await {
+        let (t, keys) = done??;
+        by_tenant[t] = keys;
+    }
+    let mut columns: Vec<_> = by_tenant.into_iter().map(Vec::into_iter).collect();
+    Ok((0..per_tenant)
+        .flat_map(|_| {
+            columns
+                .iter_mut()
+                .filter_map(Iterator::next)
+                .collect::<Vec<_>>()
+        })
+        .collect())
 }
 
 /// The access reason every request of this process gives (`--reason`).
@@ -325,22 +388,34 @@ pub(crate) fn set_reason(reason: Option<keybroker::access::Reason>) {
     }
 }
 
-fn justification() -> Option<keybroker::proto::AccessJustification> {
+pub(crate) fn justification() -> Option<keybroker::proto::AccessJustification> {
     REASON.get().map(|r| keybroker::proto::AccessJustification {
         reason: r.to_proto(),
         detail: String::new(),
     })
 }
 
-/// Unwraps every key once, so the measured runs are all cache hits.
+/// Unwraps every key once, so the measured runs are all cache hits
+/// (16 at a time).
 pub(crate) async fn unwrap_all(
-    client: &mut KeyBrokerClient<Channel>,
-    keys: &[Vec<u8>],
+    client: &KeyBrokerClient<Channel>,
+    keys: &Arc<Vec<Wrapped>>,
 ) -> anyhow::Result<()> {
-    for key in keys {
-        let reply = client.unwrap_key(unwrap_request(key)).await;
-        used(1);
-        reply?;
+    const LANES: usize = 16;
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in 0..LANES {
+        let (mut client, keys) = (client.clone(), Arc::clone(keys));
+        tasks.spawn(async move {
+            for key in keys.iter().skip(lane).step_by(LANES) {
+                let reply = client.unwrap_key(unwrap_request(key)).await;
+                used(1);
+                reply?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
     Ok(())
 }
@@ -348,47 +423,46 @@ pub(crate) async fn unwrap_all(
 /// What one request of a run sends.
 #[derive(Clone)]
 pub(crate) enum Target {
-    Floor(FloorClient<Channel>, Arc<Vec<Vec<u8>>>),
+    Floor(FloorClient<Channel>, Arc<Vec<Wrapped>>),
     Broker {
         client: KeyBrokerClient<Channel>,
-        warm: Arc<Vec<Vec<u8>>>,
-        cold: Arc<Vec<Vec<u8>>>,
+        warm: Arc<Vec<Wrapped>>,
+        cold: Arc<Vec<Wrapped>>,
         next_cold: Arc<AtomicU64>,
         hit_ratio: f64,
     },
     /// BatchUnwrapKey of `size` cached keys per request.
     Batch {
         client: KeyBrokerClient<Channel>,
-        warm: Arc<Vec<Vec<u8>>>,
+        warm: Arc<Vec<Wrapped>>,
         size: usize,
     },
-    /// GenerateDataKey for tenant `bench`.
-    Generate(KeyBrokerClient<Channel>),
-    /// An OpenBao Transit call over HTTP/1.1: POST `url` with one of
-    /// `bodies` (cycled), as Vault clients do (`peer`).
+    /// GenerateDataKey of the tenants in turn.
+    Generate(KeyBrokerClient<Channel>, Arc<Vec<Arc<str>>>),
+    /// An OpenBao Transit call over HTTP/1.1: one of `requests` (URL and
+    /// body, cycled) POSTed, as Vault clients do (`peer`).
     Http {
         client: reqwest::Client,
-        url: Arc<str>,
         token: Arc<str>,
-        bodies: Arc<Vec<String>>,
+        requests: Arc<Vec<(String, String)>>,
     },
 }
 
-/// A GenerateDataKey of tenant `bench`, with this process's reason.
-fn generate_request() -> GenerateDataKeyRequest {
+/// A GenerateDataKey of `tenant`, with this process's reason.
+fn generate_request(tenant: &str) -> GenerateDataKeyRequest {
     GenerateDataKeyRequest {
-        tenant_id: "bench".into(),
+        tenant_id: tenant.to_owned(),
         key_spec: 0,
         context: context(),
         justification: justification(),
     }
 }
 
-/// An UnwrapKey of tenant `bench`'s `key`, with this process's reason.
-fn unwrap_request(key: &[u8]) -> UnwrapKeyRequest {
+/// An UnwrapKey of `key`, with this process's reason.
+pub(crate) fn unwrap_request(key: &Wrapped) -> UnwrapKeyRequest {
     UnwrapKeyRequest {
-        tenant_id: "bench".into(),
-        wrapped_key: key.to_vec().into(),
+        tenant_id: key.tenant.to_string(),
+        wrapped_key: key.key.clone().into(),
         context: context(),
         justification: justification(),
     }
@@ -426,23 +500,23 @@ impl Target {
                         })
                 })
             }
-            Self::Generate(client) => {
-                let reply = client.generate_data_key(generate_request()).await;
+            Self::Generate(client, tenants) => {
+                let tenant = &tenants[i as usize % tenants.len()];
+                let reply = client.generate_data_key(generate_request(tenant)).await;
                 used(1);
                 reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
             }
             Self::Http {
                 client,
-                url,
                 token,
-                bodies,
+                requests,
             } => {
-                let body = bodies[i as usize % bodies.len()].clone();
+                let (url, body) = &requests[i as usize % requests.len()];
                 match client
-                    .post(&**url)
+                    .post(url)
                     .header("X-Vault-Token", &**token)
                     .header("content-type", "application/json")
-                    .body(body)
+                    .body(body.clone())
                     .send()
                     .await
                 {
@@ -454,8 +528,8 @@ impl Target {
                 let key = &keys[i as usize % keys.len()];
                 client
                     .get(GetRequest {
-                        tenant_id: "bench".into(),
-                        key: key.clone(),
+                        tenant_id: key.tenant.to_string(),
+                        key: key.key.clone(),
                         context: context(),
                     })
                     .await
@@ -574,15 +648,93 @@ pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
     let pinned = pin_client(args.no_pin)?;
     let server_core = pinned.then_some(0);
     let keybroker_bin = keybroker_bin(args.keybroker_bin.clone())?;
-    let data_dir = std::env::temp_dir().join(format!("keybroker-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&data_dir)?;
-    let result = (|| {
-        let broker = spawn_keybroker(&keybroker_bin, &data_dir, server_core, &[])?;
-        let floor = spawn_floor(server_core, &[])?;
-        client_runtime(pinned)?.block_on(drive(&args, &broker, &floor, pinned))
-    })();
-    let _ = std::fs::remove_dir_all(&data_dir);
-    result
+    let runtime = client_runtime(pinned)?;
+    println!(
+        "machine: {}  pinned: {pinned}  rounds: {}  duration: {:?}  hit ratio: {}",
+        crate::machine_facts(),
+        args.rounds,
+        args.duration,
+        args.hit_ratio
+    );
+    let mut shapes = Vec::new();
+    let mut plotted = None;
+    for &shape in &args.shape {
+        let data_dir = std::env::temp_dir().join(format!(
+            "keybroker-bench-{}-{}",
+            std::process::id(),
+            shape.name()
+        ));
+        std::fs::create_dir_all(&data_dir)?;
+        let result = (|| {
+            let tenants = args.tenants.unwrap_or(shape.default_tenants());
+            let deployment = Deployment::new(shape, &data_dir, tenants)?;
+            let broker = spawn_keybroker(
+                &keybroker_bin,
+                &data_dir,
+                server_core,
+                &[],
+                &deployment.keybroker_args(),
+            )?;
+            let floor = spawn_floor(server_core, &[], &deployment.tls_args())?;
+            let measured = runtime.block_on(drive(&args, &deployment, &broker, &floor))?;
+            let audit_records = audit_records(&data_dir, "audit.log")?;
+            Ok::<_, anyhow::Error>((measured, audit_records))
+        })();
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let ((mut report, last_level), audit_records) = result?;
+        if shape == Shape::Production {
+            println!("audit log: {audit_records} records written");
+            report["audit_records"] = audit_records.into();
+        }
+        shapes.push(report);
+        plotted = last_level.or(plotted);
+    }
+    let report = json!({
+        "machine": crate::machine_facts(),
+        "pinned": pinned,
+        "rounds": args.rounds,
+        "duration_s": args.duration.as_secs_f64(),
+        "warmup_s": args.warmup.as_secs_f64(),
+        "keys_per_tenant": args.keys,
+        "hit_ratio": args.hit_ratio,
+        "shapes": shapes,
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let (Some(path), Some(level)) = (&args.plot, plotted) {
+        plot(path, args.batch_size, &level)?;
+    }
+    for shape in &shapes {
+        let errors: u64 = shape["levels"].as_array().map_or(0, |l| {
+            l.iter().map(|v| v["errors"].as_u64().unwrap_or(0)).sum()
+        });
+        let name = &shape["shape"];
+        anyhow::ensure!(errors == 0, "{name}: {errors} requests failed");
+        let (made, counted) = (
+            &shape["access_log"]["uses_made"],
+            &shape["access_log"]["uses_counted"],
+        );
+        anyhow::ensure!(
+            counted == made,
+            "{name}: the key access log counts {counted} uses, but this run made {made}"
+        );
+    }
+    Ok(())
+}
+
+/// Lines of the audit log files in `dir` named `name` (and its
+/// rotations, `name.1` …).
+pub(crate) fn audit_records(dir: &Path, name: &str) -> anyhow::Result<u64> {
+    let mut records = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(name) {
+            let text = std::fs::read(entry.path())?;
+            records += text.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    }
+    Ok(records)
 }
 
 /// With two cores or more (and taskset), pins this process to core 1;
@@ -629,23 +781,29 @@ fn which(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The runs of the highest concurrency, for the plot.
+type Level = (usize, Vec<RunResult>, Vec<RunResult>, Vec<RunResult>);
+
+/// One shape's runs: its report and its highest concurrency's runs.
 async fn drive(
     args: &LoadArgs,
+    deployment: &Deployment,
     broker: &ServerProcess,
     floor: &ServerProcess,
-    pinned: bool,
-) -> anyhow::Result<()> {
-    let broker_channel = Channel::from_shared(format!("http://{}", broker.addr))?
-        .connect()
-        .await?;
-    let floor_channel = Channel::from_shared(format!("http://{}", floor.addr))?
-        .connect()
-        .await?;
-    let mut client = KeyBrokerClient::new(broker_channel.clone());
-    let warm = Arc::new(generate_keys(client.clone(), args.keys).await?);
-    unwrap_all(&mut client, &warm).await?;
-    let cold_needed = if args.hit_ratio < 1.0 { 50_000 } else { 0 };
-    let cold = Arc::new(generate_keys(client.clone(), cold_needed).await?);
+) -> anyhow::Result<(serde_json::Value, Option<Level>)> {
+    KEY_USES.store(0, Ordering::SeqCst);
+    let broker_channel = deployment.channel(&broker.addr, Caller::Service).await?;
+    let floor_channel = deployment.channel(&floor.addr, Caller::Service).await?;
+    let client = KeyBrokerClient::new(broker_channel.clone());
+    let tenants = &deployment.tenants;
+    let warm = Arc::new(generate_keys(client.clone(), tenants, args.keys).await?);
+    unwrap_all(&client, &warm).await?;
+    let cold_needed = if args.hit_ratio < 1.0 {
+        50_000_usize.div_ceil(tenants.len())
+    } else {
+        0
+    };
+    let cold = Arc::new(generate_keys(client.clone(), tenants, cold_needed).await?);
     let broker_target = Target::Broker {
         client,
         warm: Arc::clone(&warm),
@@ -660,12 +818,11 @@ async fn drive(
     });
     let floor_target = Target::Floor(FloorClient::new(floor_channel), Arc::clone(&warm));
 
+    let shape = deployment.shape.name();
     println!(
-        "machine: {}  pinned: {pinned}  rounds: {}  duration: {:?}  hit ratio: {}",
-        crate::machine_facts(),
-        args.rounds,
-        args.duration,
-        args.hit_ratio
+        "shape: {shape}  tenants: {}  keys: {}",
+        tenants.len(),
+        warm.len()
     );
     let mut levels = Vec::new();
     let mut last_level = None;
@@ -780,71 +937,58 @@ async fn drive(
             "errors": errors,
         }));
     }
-    // Every use this run made is in the tenant's key access log, exactly.
+    // Every use this run made is in the tenants' key access logs, exactly.
     let made = KEY_USES.load(Ordering::SeqCst);
-    let counted = access_log_total(&broker_channel, made).await?;
+    let operator = deployment.channel(&broker.addr, Caller::Operator).await?;
+    let counted = access_log_total(&operator, tenants, made).await?;
     println!("access log: {counted} key uses counted of {made} made");
     let report = json!({
-        "machine": crate::machine_facts(),
-        "pinned": pinned,
+        "shape": shape,
+        "tenants": tenants.len(),
+        "keys": warm.len(),
         "access_log": { "uses_made": made, "uses_counted": counted },
-        "rounds": args.rounds,
-        "duration_s": args.duration.as_secs_f64(),
-        "warmup_s": args.warmup.as_secs_f64(),
-        "keys": args.keys,
-        "hit_ratio": args.hit_ratio,
         "levels": levels,
     });
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-    }
-    if let (Some(path), Some((concurrency, floors, brokers, batches))) = (&args.plot, last_level) {
-        let merged = |runs: &[RunResult]| -> anyhow::Result<Option<Histogram<u64>>> {
-            let mut iter = runs.iter();
-            let Some(first) = iter.next() else {
-                return Ok(None);
-            };
-            let mut h = first.histogram.clone();
-            for r in iter {
-                h.add(&r.histogram).map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-            Ok(Some(h))
+    Ok((report, last_level))
+}
+
+/// Latency percentiles of the floor, single and batch calls of `level`.
+fn plot(path: &Path, batch_size: usize, level: &Level) -> anyhow::Result<()> {
+    let (concurrency, floors, brokers, batches) = level;
+    let merged = |runs: &[RunResult]| -> anyhow::Result<Option<Histogram<u64>>> {
+        let mut iter = runs.iter();
+        let Some(first) = iter.next() else {
+            return Ok(None);
         };
-        let mut curves = Vec::new();
-        for (name, runs) in [
-            ("floor (1 key/request)".to_owned(), &floors),
-            ("keybroker UnwrapKey (1 key/request)".to_owned(), &brokers),
-            (
-                format!(
-                    "keybroker BatchUnwrapKey ({} keys/request)",
-                    args.batch_size
-                ),
-                &batches,
-            ),
-        ] {
-            if let Some(h) = merged(runs)? {
-                curves.push((name, h));
-            }
+        let mut h = first.histogram.clone();
+        for r in iter {
+            h.add(&r.histogram).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        crate::plot::latency_percentiles(
-            path,
-            &format!(
-                "Latency percentiles, {concurrency} requests in flight, all cached ({})",
-                crate::machine_facts()["cpu_model"]
-                    .as_str()
-                    .unwrap_or("unknown CPU")
-            ),
-            &curves,
-        )?;
-        println!("plot: {}", path.display());
+        Ok(Some(h))
+    };
+    let mut curves = Vec::new();
+    for (name, runs) in [
+        ("floor (1 key/request)".to_owned(), floors),
+        ("keybroker UnwrapKey (1 key/request)".to_owned(), brokers),
+        (
+            format!("keybroker BatchUnwrapKey ({batch_size} keys/request)"),
+            batches,
+        ),
+    ] {
+        if let Some(h) = merged(runs)? {
+            curves.push((name, h));
+        }
     }
-    let total_errors: u64 = report["levels"].as_array().map_or(0, |l| {
-        l.iter().map(|v| v["errors"].as_u64().unwrap_or(0)).sum()
-    });
-    anyhow::ensure!(total_errors == 0, "{total_errors} requests failed");
-    anyhow::ensure!(
-        counted == made,
-        "the key access log counts {counted} uses, but this run made {made}"
-    );
+    crate::plot::latency_percentiles(
+        path,
+        &format!(
+            "Latency percentiles, {concurrency} requests in flight, all cached ({})",
+            crate::machine_facts()["cpu_model"]
+                .as_str()
+                .unwrap_or("unknown CPU")
+        ),
+        &curves,
+    )?;
+    println!("plot: {}", path.display());
     Ok(())
 }

@@ -14,6 +14,7 @@ mod peer;
 mod plot;
 mod profile;
 mod provider_latency;
+mod shape;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,9 @@ enum Command {
     FloorServer {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// mTLS as keybroker serves it (the production shape).
+        #[command(flatten)]
+        tls: keybroker::net::tls::TlsSettings,
     },
     /// Counts provider calls under concurrent cold unwraps.
     Accounting(accounting::AccountingArgs),
@@ -109,7 +113,7 @@ fn main() -> ExitCode {
     nproc();
     let result = match cli.command {
         Command::Load(args) => load::run(args),
-        Command::FloorServer { listen } => floor::serve(listen),
+        Command::FloorServer { listen, tls } => floor::serve(listen, tls),
         Command::Accounting(args) => accounting::run(args),
         Command::Profile(args) => profile::run(args),
         Command::ColdStart(args) => cold_start::run(args),

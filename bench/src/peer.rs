@@ -4,7 +4,12 @@
 //! OpenBao's `transit/decrypt` and `transit/datakey/plaintext` (HTTP/1.1
 //! connections, one per task as Vault clients pool them), both servers
 //! pinned to core 0 and the client to core 1, rounds alternating; medians
-//! and ratios reported.
+//! and ratios reported. In the production shape (`--shape production`)
+//! both serve mTLS from the same CA (OpenBao on a TLS listener that requires
+//! a client certificate), both write an audit log to a file (keybroker's
+//! fail-closed; OpenBao's `file` audit device, which blocks a request whose
+//! record cannot be written), keybroker checks its policy, and the load
+//! interleaves 100 tenants (one Transit key each on OpenBao).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,13 +19,20 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::load::{RunResult, Target, generate_keys, measure, median, spawn_keybroker, unwrap_all};
 use crate::provider_latency::Bao;
+use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct PeerArgs {
+    /// plaintext, or production (mTLS, audit logs, keybroker's policy, 100
+    /// tenants).
+    #[arg(long, value_enum, default_value = "plaintext")]
+    shape: Shape,
+    /// Tenants [default: 1 plaintext, 100 production].
+    #[arg(long)]
+    tenants: Option<usize>,
     /// Requests in flight.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
@@ -32,7 +44,8 @@ pub(crate) struct PeerArgs {
     /// Rounds per concurrency (runs alternate within a round).
     #[arg(long, default_value = "3")]
     rounds: usize,
-    /// Distinct wrapped keys / Transit ciphertexts cycled through.
+    /// Distinct wrapped keys / Transit ciphertexts of each tenant cycled
+    /// through.
     #[arg(long, default_value = "1000")]
     keys: usize,
     /// The keybroker binary [default: `keybroker` next to this binary].
@@ -43,9 +56,9 @@ pub(crate) struct PeerArgs {
     json: Option<PathBuf>,
 }
 
-const POLICY: &str = r#"path "transit/decrypt/bench" { capabilities = ["update"] }
-path "transit/datakey/plaintext/bench" { capabilities = ["update"] }
-path "transit/encrypt/bench" { capabilities = ["update"] }
+const POLICY: &str = r#"path "transit/decrypt/bench*" { capabilities = ["update"] }
+path "transit/datakey/plaintext/bench*" { capabilities = ["update"] }
+path "transit/encrypt/bench*" { capabilities = ["update"] }
 "#;
 
 pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
@@ -59,24 +72,59 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
     let data_dir = std::env::temp_dir().join(format!("keybroker-peer-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let result = (|| {
-        let broker = spawn_keybroker(&keybroker_bin, &data_dir, server_core, &[])?;
-        let bao = Bao::start(server_core)?;
+        let tenants = args.tenants.unwrap_or(args.shape.default_tenants());
+        let deployment = Deployment::new(args.shape, &data_dir, tenants)?;
+        let broker = spawn_keybroker(
+            &keybroker_bin,
+            &data_dir,
+            server_core,
+            &[],
+            &deployment.keybroker_args(),
+        )?;
+        let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let extra = deployment.bao_config(tls_port);
+        let config = data_dir.join("bao-production.hcl");
+        if let Some(extra) = &extra {
+            std::fs::write(&config, extra)?;
+        }
+        let bao = Bao::start_with(server_core, extra.is_some().then_some(config.as_path()))?;
+        // Requests go to the TLS listener in production.
+        let bao_url = match &extra {
+            Some(_) => format!("https://127.0.0.1:{tls_port}"),
+            None => bao.addr.clone(),
+        };
         bao.cli(&["secrets", "enable", "transit"])?;
-        bao.cli(&["write", "-f", "transit/keys/bench"])?;
+        for tenant in &deployment.tenants {
+            bao.cli(&["write", "-f", &format!("transit/keys/{tenant}")])?;
+        }
         let policy = data_dir.join("peer.hcl");
         std::fs::write(&policy, POLICY)?;
         bao.cli(&["policy", "write", "peer", &policy.display().to_string()])?;
         // An application token with a policy, as a platform service would
         // hold (not the root token, which skips policy checks).
         let token = bao.cli(&["token", "create", "-field=token", "-policy=peer"])?;
-        crate::load::client_runtime(pinned)?.block_on(drive(
+        let mut report = crate::load::client_runtime(pinned)?.block_on(drive(
             &args,
-            broker.child.id(),
-            &broker.addr,
-            &bao,
+            &deployment,
+            (broker.child.id(), &broker.addr),
+            (bao.child.id(), &bao_url),
             &token,
             pinned,
-        ))
+        ))?;
+        if extra.is_some() {
+            // Both audit logs were written: the records are what each
+            // server paid for on every call.
+            let keybroker = crate::load::audit_records(&data_dir, "audit.log")?;
+            let openbao = crate::load::audit_records(&data_dir, "bao-audit.log")?;
+            println!("audit logs: keybroker {keybroker} records, OpenBao {openbao}");
+            report["audit_records"] = json!({ "keybroker": keybroker, "openbao": openbao });
+        }
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        }
+        Ok(())
     })();
     let _ = std::fs::remove_dir_all(&data_dir);
     result
@@ -84,39 +132,52 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
 
 async fn drive(
     args: &PeerArgs,
-    broker_pid: u32,
-    broker_addr: &str,
-    bao: &Bao,
+    deployment: &Deployment,
+    (broker_pid, broker_addr): (u32, &str),
+    (bao_pid, bao_url): (u32, &str),
     token: &str,
     pinned: bool,
-) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(format!("http://{broker_addr}"))?
-        .connect()
-        .await?;
-    let mut client = KeyBrokerClient::new(channel);
-    let warm = Arc::new(generate_keys(client.clone(), args.keys).await?);
-    unwrap_all(&mut client, &warm).await?;
-    let http = reqwest::Client::builder().build()?;
-    let mut ciphertexts = Vec::with_capacity(args.keys);
+) -> anyhow::Result<serde_json::Value> {
+    let channel = deployment.channel(broker_addr, Caller::Service).await?;
+    let client = KeyBrokerClient::new(channel);
+    let tenants = &deployment.tenants;
+    let warm = Arc::new(generate_keys(client.clone(), tenants, args.keys).await?);
+    unwrap_all(&client, &warm).await?;
+    let http = deployment.http_client()?;
+    // Interleaved as keybroker's keys are: the i-th is tenant i % n's.
+    let mut decrypts = Vec::with_capacity(args.keys * tenants.len());
     for _ in 0..args.keys {
-        let dek = keybroker::secret::SecretBytes::random(32)?;
-        let body =
-            json!({ "plaintext": base64::engine::general_purpose::STANDARD.encode(dek.expose()) });
-        let reply: serde_json::Value = serde_json::from_slice(
-            &http
-                .post(format!("{}/v1/transit/encrypt/bench", bao.addr))
-                .header("X-Vault-Token", token)
-                .body(body.to_string())
-                .send()
-                .await?
-                .bytes()
-                .await?,
-        )?;
-        let ciphertext = reply["data"]["ciphertext"]
-            .as_str()
-            .context("Transit encrypt returned no ciphertext")?;
-        ciphertexts.push(json!({ "ciphertext": ciphertext }).to_string());
+        for tenant in tenants {
+            let dek = keybroker::secret::SecretBytes::random(32)?;
+            let body = json!({ "plaintext": base64::engine::general_purpose::STANDARD.encode(dek.expose()) });
+            let reply: serde_json::Value = serde_json::from_slice(
+                &http
+                    .post(format!("{bao_url}/v1/transit/encrypt/{tenant}"))
+                    .header("X-Vault-Token", token)
+                    .body(body.to_string())
+                    .send()
+                    .await?
+                    .bytes()
+                    .await?,
+            )?;
+            let ciphertext = reply["data"]["ciphertext"]
+                .as_str()
+                .context("Transit encrypt returned no ciphertext")?;
+            decrypts.push((
+                format!("{bao_url}/v1/transit/decrypt/{tenant}"),
+                json!({ "ciphertext": ciphertext }).to_string(),
+            ));
+        }
     }
+    let datakeys = tenants
+        .iter()
+        .map(|t| {
+            (
+                format!("{bao_url}/v1/transit/datakey/plaintext/{t}"),
+                "{}".to_owned(),
+            )
+        })
+        .collect();
     let token: Arc<str> = token.into();
     let targets = [
         (
@@ -134,33 +195,33 @@ async fn drive(
             "OpenBao transit/decrypt",
             Target::Http {
                 client: http.clone(),
-                url: format!("{}/v1/transit/decrypt/bench", bao.addr).into(),
                 token: Arc::clone(&token),
-                bodies: Arc::new(ciphertexts),
+                requests: Arc::new(decrypts),
             },
-            bao.child.id(),
+            bao_pid,
         ),
         (
             "keybroker GenerateDataKey",
-            Target::Generate(client.clone()),
+            Target::Generate(client.clone(), Arc::new(tenants.clone())),
             broker_pid,
         ),
         (
             "OpenBao transit/datakey/plaintext",
             Target::Http {
                 client: http.clone(),
-                url: format!("{}/v1/transit/datakey/plaintext/bench", bao.addr).into(),
                 token: Arc::clone(&token),
-                bodies: Arc::new(vec!["{}".to_owned()]),
+                requests: Arc::new(datakeys),
             },
-            bao.child.id(),
+            bao_pid,
         ),
     ];
     println!(
-        "machine: {}  pinned: {pinned}  rounds: {}  duration: {:?}",
+        "machine: {}  pinned: {pinned}  rounds: {}  duration: {:?}  shape: {}  tenants: {}",
         crate::machine_facts(),
         args.rounds,
-        args.duration
+        args.duration,
+        deployment.shape.name(),
+        tenants.len()
     );
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {
@@ -214,9 +275,12 @@ async fn drive(
         println!("in flight {concurrency:>3} keybroker / OpenBao: {ratios}");
         levels.push(json!({ "concurrency": concurrency, "runs": summary, "ratios": ratios }));
     }
-    let report = json!({ "machine": crate::machine_facts(), "pinned": pinned, "levels": levels });
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-    }
-    Ok(())
+    let report = json!({
+        "machine": crate::machine_facts(),
+        "pinned": pinned,
+        "shape": deployment.shape.name(),
+        "tenants": tenants.len(),
+        "levels": levels,
+    });
+    Ok(report)
 }

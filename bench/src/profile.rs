@@ -13,13 +13,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context as _;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::load::{ServerProcess, Target, generate_keys, spawn_floor, spawn_keybroker, unwrap_all};
 use crate::pb::floor_client::FloorClient;
+use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ProfileArgs {
+    /// plaintext, or production (mTLS on both servers, keybroker with a
+    /// policy and a fail-closed audit log file, 100 tenants).
+    #[arg(long, value_enum, default_value = "plaintext")]
+    shape: Shape,
+    /// Tenants whose keys the requests interleave [default: 1 plaintext,
+    /// 100 production].
+    #[arg(long)]
+    tenants: Option<usize>,
     /// Every request gives this access reason (customer_initiated, ...).
     #[arg(long, value_parser = keybroker::access::Reason::parse)]
     reason: Option<keybroker::access::Reason>,
@@ -32,7 +40,7 @@ pub(crate) struct ProfileArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Distinct wrapped keys the requests cycle through.
+    /// Distinct wrapped keys of each tenant the requests cycle through.
     #[arg(long, default_value_t = 1000)]
     keys: usize,
     /// Keep the callgrind files here (for callgrind_annotate).
@@ -88,13 +96,22 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {
-        let broker = spawn_keybroker(&keybroker_bin, &work, None, &wrapper("keybroker"))?;
-        let channel = Channel::from_shared(format!("http://{}", broker.addr))?
-            .connect()
-            .await?;
-        let mut client = KeyBrokerClient::new(channel);
-        let keys = Arc::new(generate_keys(client.clone(), args.keys).await?);
-        unwrap_all(&mut client, &keys).await?;
+        let deployment = Deployment::new(
+            args.shape,
+            &work,
+            args.tenants.unwrap_or(args.shape.default_tenants()),
+        )?;
+        let broker = spawn_keybroker(
+            &keybroker_bin,
+            &work,
+            None,
+            &wrapper("keybroker"),
+            &deployment.keybroker_args(),
+        )?;
+        let channel = deployment.channel(&broker.addr, Caller::Service).await?;
+        let client = KeyBrokerClient::new(channel);
+        let keys = Arc::new(generate_keys(client.clone(), &deployment.tenants, args.keys).await?);
+        unwrap_all(&client, &keys).await?;
         let broker_target = if args.batch_size > 0 {
             Target::Batch {
                 client,
@@ -114,10 +131,8 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
             count(&broker, &broker_target, &args).await? / args.batch_size.max(1) as u64;
         drop(broker);
 
-        let floor = spawn_floor(None, &wrapper("floor"))?;
-        let channel = Channel::from_shared(format!("http://{}", floor.addr))?
-            .connect()
-            .await?;
+        let floor = spawn_floor(None, &wrapper("floor"), &deployment.tls_args())?;
+        let channel = deployment.channel(&floor.addr, Caller::Service).await?;
         let floor_target = Target::Floor(FloorClient::new(channel), Arc::clone(&keys));
         let floor_ir = count(&floor, &floor_target, &args).await?;
         Ok::<_, anyhow::Error>((floor_ir, broker_ir))
@@ -126,7 +141,8 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let (floor_ir, broker_ir) = result?;
     let per = |ir: u64| ir as f64 / args.requests as f64;
     println!(
-        "callgrind, {} requests at {} in flight{}: floor {:.0} instructions/request, keybroker {:.0} (ratio {:.3})",
+        "callgrind, {} shape, {} requests at {} in flight{}: floor {:.0} instructions/request, keybroker {:.0} (ratio {:.3})",
+        args.shape.name(),
         args.requests,
         args.concurrency,
         if args.batch_size > 0 {
@@ -141,6 +157,7 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         let report = json!({
             "machine": crate::machine_facts(),
+            "shape": args.shape.name(),
             "requests": args.requests,
             "concurrency": args.concurrency,
             "batch_size": args.batch_size,

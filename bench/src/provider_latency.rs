@@ -5,7 +5,7 @@
 //! `.tools/venv`, AppRole login as in production) and a PKCS#11 token
 //! (SoftHSM, a throwaway token initialised in a temp dir).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,12 +56,21 @@ fn bao_bin() -> anyhow::Result<PathBuf> {
 impl Bao {
     /// A dev server, pinned to `core` when given (as `load` pins servers).
     pub(crate) fn start(core: Option<usize>) -> anyhow::Result<Self> {
+        Self::start_with(core, None)
+    }
+
+    /// A dev server that also reads `config` (an extra listener).
+    pub(crate) fn start_with(core: Option<usize>, config: Option<&Path>) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let token = "bench-root".to_owned();
-        let child = crate::load::command(&bao_bin()?, core, &[])
-            .args(["server", "-dev", "-dev-no-store-token"])
+        let mut command = crate::load::command(&bao_bin()?, core, &[]);
+        command.args(["server", "-dev", "-dev-no-store-token"]);
+        if let Some(config) = config {
+            command.arg(format!("-config={}", config.display()));
+        }
+        let child = command
             .arg(format!("-dev-root-token-id={token}"))
             .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
@@ -169,9 +178,9 @@ const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const HSM_PIN: &str = "bench-pin";
 
 /// A throwaway SoftHSM token in `dir`; returns its SOFTHSM2_CONF.
-fn softhsm_token(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+fn softhsm_token(dir: &Path) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
-        std::path::Path::new(SOFTHSM_MODULE).exists(),
+        Path::new(SOFTHSM_MODULE).exists(),
         "SoftHSM is missing: sudo apt-get install softhsm2 (scripts/test.sh installs it)"
     );
     let conf = dir.join("softhsm2.conf");
@@ -198,7 +207,7 @@ fn softhsm_token(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
 /// The token's provider, with a fresh AES-256 key made through cryptoki as
 /// an HSM administrator would. Runs in the child, whose SOFTHSM2_CONF
 /// points at the token.
-fn softhsm_key(dir: &std::path::Path) -> anyhow::Result<keybroker::kms::pkcs11::Pkcs11Key> {
+fn softhsm_key(dir: &Path) -> anyhow::Result<keybroker::kms::pkcs11::Pkcs11Key> {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::Attribute;
@@ -263,7 +272,7 @@ pub(crate) fn run(args: ProviderLatencyArgs) -> anyhow::Result<()> {
 }
 
 /// The measurement (spawned by `run`); prints the results as JSON.
-pub(crate) fn child(calls: usize, softhsm_dir: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn child(calls: usize, softhsm_dir: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

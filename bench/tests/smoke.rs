@@ -106,6 +106,10 @@ async fn load_and_memory_runs_complete() {
                     "10",
                     "--reason",
                     "customer_initiated",
+                    "--shape",
+                    "plaintext,production",
+                    "--tenants",
+                    "3",
                 ])
                 .arg("--json")
                 .arg(&out)
@@ -123,26 +127,39 @@ async fn load_and_memory_runs_complete() {
         String::from_utf8_lossy(&output.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let levels = report["levels"].as_array().unwrap();
-    assert_eq!(levels.len(), 2);
-    for level in levels {
-        assert_eq!(level["errors"], 0);
-        for side in ["floor", "keybroker", "keybroker_batch"] {
-            let run = &level[side][0];
-            assert!(run["requests"].as_u64().unwrap() > 0, "{side}: {run}");
-            assert!(run["p99_us"].as_f64().unwrap() >= run["p50_us"].as_f64().unwrap());
+    let shapes = report["shapes"].as_array().unwrap();
+    assert_eq!(shapes[0]["shape"], "plaintext");
+    assert_eq!(shapes[1]["shape"], "production");
+    for shape in shapes {
+        // 3 tenants of 20 keys each.
+        assert_eq!(shape["tenants"], 3);
+        assert_eq!(shape["keys"], 60);
+        let levels = shape["levels"].as_array().unwrap();
+        assert_eq!(levels.len(), 2);
+        for level in levels {
+            assert_eq!(level["errors"], 0);
+            for side in ["floor", "keybroker", "keybroker_batch"] {
+                let run = &level[side][0];
+                assert!(run["requests"].as_u64().unwrap() > 0, "{side}: {run}");
+                assert!(run["p99_us"].as_f64().unwrap() >= run["p50_us"].as_f64().unwrap());
+            }
+            // Every batch request carried 10 keys, all unwrapped (errors 0).
+            assert_eq!(level["keybroker_batch"][0]["deks_per_request"], 10);
+            assert!(level["batch_over_single_deks_per_s"].as_f64().unwrap() > 0.0);
+            assert!(level["median_ratios"]["p50"].as_f64().unwrap() > 0.0);
         }
-        // Every batch request carried 10 keys, all unwrapped (errors 0).
-        assert_eq!(level["keybroker_batch"][0]["deks_per_request"], 10);
-        assert!(level["batch_over_single_deks_per_s"].as_f64().unwrap() > 0.0);
-        assert!(level["median_ratios"]["p50"].as_f64().unwrap() > 0.0);
+        // Every key use the run made (60 generated, 60 warmed, every
+        // single call and batch item measured) is in the tenants' key
+        // access logs, read by an operator the policy lets read them.
+        let made = shape["access_log"]["uses_made"].as_u64().unwrap();
+        assert!(made > 120, "{}", shape["access_log"]);
+        assert_eq!(shape["access_log"]["uses_counted"].as_u64(), Some(made));
     }
+    // The production keybroker wrote an audit record of every call (a
+    // batch is one record): at least one per key generated and warmed.
+    assert!(shapes[1]["audit_records"].as_u64().unwrap() >= 120);
+    assert!(shapes[0].get("audit_records").is_none());
     assert!(report["machine"]["nproc"].as_u64().unwrap() >= 1);
-    // Every key use the run made (20 generated, 20 warmed, every single
-    // call and batch item measured) is in the tenant's key access log.
-    let made = report["access_log"]["uses_made"].as_u64().unwrap();
-    assert!(made > 40, "{}", report["access_log"]);
-    assert_eq!(report["access_log"]["uses_counted"].as_u64(), Some(made));
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("BatchUnwrapKey (10 keys/request)"));
 
@@ -223,8 +240,9 @@ async fn provider_latency_runs() {
     }
 }
 
-/// keybroker vs OpenBao Transit, tiny: every run answers without errors
-/// and the ratios are reported.
+/// keybroker vs OpenBao Transit, tiny, in the production shape (mTLS on
+/// both, audit logs, 2 tenants): every run answers without errors and the
+/// ratios are reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_runs_against_openbao() {
     let report = report(strings(&[
@@ -241,8 +259,14 @@ async fn peer_runs_against_openbao() {
         "20",
         "--keybroker-bin",
         keybroker_bin().to_str().unwrap(),
+        "--shape",
+        "production",
+        "--tenants",
+        "2",
     ]))
     .await;
+    assert_eq!(report["shape"], "production");
+    assert_eq!(report["tenants"], 2);
     let level = &report["levels"][0];
     assert_eq!(level["concurrency"], 2);
     for run in level["runs"].as_array().unwrap() {
@@ -250,4 +274,10 @@ async fn peer_runs_against_openbao() {
         assert!(run["rps"].as_f64().unwrap() > 0.0, "{run}");
     }
     assert!(level["ratios"]["unwrap_throughput"].as_f64().unwrap() > 0.0);
+    // Both wrote their audit logs: at least one record per measured call
+    // and per key set up (2 tenants x 20 keys).
+    for server in ["keybroker", "openbao"] {
+        let records = report["audit_records"][server].as_u64().unwrap();
+        assert!(records >= 40, "{server}: {records}");
+    }
 }

@@ -1,8 +1,8 @@
 //! Rows to records and back: the column lists, the readers of tenants,
 //! bindings and tenant key versions, and the enum names as stored.
 
+use sqlx::Any;
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row};
 
 use super::{BindingRecord, KeyPolicy, RegistryError, Tenant, TenantKeyRecord};
 use crate::keys::{BindingState, KeyHierarchy};
@@ -19,8 +19,12 @@ pub(super) const BINDING_COLUMNS: &str = "tenant_id, name, description, provider
      role_arn, service_account, replica_regions, key_material, state, state_reason, is_primary, created_at, \
      updated_at, last_used_at, wrap_count, unwrap_count, material_updated_at, link_id, canary, seal_only_from";
 
+/// A database error; a value that does not decode is a corrupt registry.
 pub(super) fn db(err: sqlx::Error) -> RegistryError {
-    RegistryError::Database(err.to_string())
+    match err {
+        sqlx::Error::ColumnDecode { .. } => RegistryError::Corrupt(err.to_string()),
+        _ => RegistryError::Database(err.to_string()),
+    }
 }
 
 /// One binding, through the pool or inside a transaction.
@@ -82,11 +86,6 @@ pub(super) fn parse_state(text: &str) -> Result<BindingState, RegistryError> {
         .map_err(|_| RegistryError::Corrupt(format!("binding state {text:?}")))
 }
 
-pub(super) fn parse_provider(text: &str) -> Result<ProviderKind, RegistryError> {
-    text.parse()
-        .map_err(|_| RegistryError::Corrupt(format!("provider {text:?}")))
-}
-
 /// A random link id: a key linked again under the same name is another key
 /// to every cache.
 pub(super) fn new_link_id() -> Result<i64, RegistryError> {
@@ -106,83 +105,130 @@ pub(super) fn signed(value: u64) -> i64 {
 }
 
 pub(super) fn binding_from_row(row: &AnyRow) -> Result<BindingRecord, RegistryError> {
-    let get_s = |col: &str| row.try_get::<String, _>(col).map_err(db);
-    let get_i = |col: &str| row.try_get::<i64, _>(col).map_err(db);
-    Ok(BindingRecord {
-        tenant_id: get_s("tenant_id")?,
-        name: get_s("name")?,
-        description: get_s("description")?,
-        provider: parse_provider(&get_s("provider")?)?,
-        key_reference: get_s("key_reference")?,
-        region: get_s("region")?,
-        role_arn: get_s("role_arn")?,
-        service_account: get_s("service_account")?,
-        replica_regions: get_s("replica_regions")?
-            .split(',')
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        key_material: row
-            .try_get::<Option<Vec<u8>>, _>("key_material")
-            .map_err(db)?,
-        state: parse_state(&get_s("state")?)?,
-        state_reason: get_s("state_reason")?,
-        primary: get_i("is_primary")? == 1,
-        created_at_ms: get_i("created_at")?,
-        updated_at_ms: get_i("updated_at")?,
-        last_used_at_ms: row.try_get::<Option<i64>, _>("last_used_at").map_err(db)?,
-        material_updated_at_ms: row
-            .try_get::<Option<i64>, _>("material_updated_at")
-            .map_err(db)?,
-        wrap_count: count(get_i("wrap_count")?),
-        unwrap_count: count(get_i("unwrap_count")?),
-        link_id: get_i("link_id")?,
-        canary: row.try_get::<Option<Vec<u8>>, _>("canary").map_err(db)?,
-        seal_only_from: row
-            .try_get::<Option<i64>, _>("seal_only_from")
-            .map_err(db)?
-            .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
-    })
-}
-
-pub(super) fn parse_hierarchy(text: &str) -> Result<KeyHierarchy, RegistryError> {
-    text.parse()
-        .map_err(|_| RegistryError::Corrupt(format!("key hierarchy {text:?}")))
+    sqlx::FromRow::from_row(row).map_err(db)
 }
 
 pub(super) fn tenant_key_from_row(row: &AnyRow) -> Result<TenantKeyRecord, RegistryError> {
     sqlx::FromRow::from_row(row).map_err(db)
 }
 
-/// Tenants and bindings are read by hand: their flags are INTEGER columns
-/// (sqlx's `Any` driver decodes no bool from one) and their enums and the
-/// access policy are text parsed into domain types, which `FromRow` would
-/// need a wrapper type for each to do.
 pub(super) fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
-    let next: i64 = row.try_get("next_key_version").map_err(db)?;
-    Ok(Tenant {
-        id: row.try_get("id").map_err(db)?,
-        key_policy: KeyPolicy::parse(&row.try_get::<String, _>("key_policy").map_err(db)?)?,
-        external_id: row.try_get("external_id").map_err(db)?,
-        key_hierarchy: parse_hierarchy(&row.try_get::<String, _>("key_hierarchy").map_err(db)?)?,
-        reencrypt_to: row.try_get("reencrypt_to").map_err(db)?,
-        reencrypt_from: row.try_get("reencrypt_from").map_err(db)?,
-        newest_import_primary: row.try_get::<i64, _>("newest_import_primary").map_err(db)? == 1,
-        created_at_ms: row.try_get("created_at").map_err(db)?,
-        updated_at_ms: row.try_get("updated_at").map_err(db)?,
-        incarnation: count(row.try_get("incarnation").map_err(db)?),
-        legacy_deks: row.try_get::<i64, _>("legacy_deks").map_err(db)? == 1,
-        implicit: row.try_get::<i64, _>("implicit").map_err(db)? == 1,
-        key_epoch: count(row.try_get("key_epoch").map_err(db)?),
-        next_key_version: u32::try_from(next)
-            .map_err(|_| RegistryError::Corrupt(format!("next tenant key version {next}")))?,
-        delete_at_ms: row.try_get("delete_at").map_err(db)?,
-        reencrypt_then_disable: row.try_get("reencrypt_then_disable").map_err(db)?,
-        reencrypt_disable_reason: row.try_get("reencrypt_disable_reason").map_err(db)?,
-        reencrypt_last: row.try_get("reencrypt_last").map_err(db)?,
-        access_policy: crate::access::AccessPolicy::from_stored(
-            &row.try_get::<String, _>("access_policy").map_err(db)?,
-        )
-        .map_err(RegistryError::Corrupt)?,
-    })
+    sqlx::FromRow::from_row(row).map_err(db)
+}
+
+// Column types `FromRow` reads through (`#[sqlx(try_from = …)]`): what the
+// schema stores in a form sqlx's `Any` driver cannot decode into the field
+// directly (it decodes no bool from an INTEGER, no enum from TEXT).
+
+/// A flag stored as INTEGER 0/1.
+pub(super) struct Flag(bool);
+
+impl From<Flag> for bool {
+    fn from(flag: Flag) -> Self {
+        flag.0
+    }
+}
+
+impl sqlx::Type<Any> for Flag {
+    fn type_info() -> sqlx::any::AnyTypeInfo {
+        <i64 as sqlx::Type<Any>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::any::AnyTypeInfo) -> bool {
+        <i64 as sqlx::Type<Any>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Any> for Flag {
+    fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(Self(<i64 as sqlx::Decode<Any>>::decode(value)? == 1))
+    }
+}
+
+/// A list stored as comma-separated TEXT (AWS replica regions).
+pub(super) struct CommaList(String);
+
+impl From<CommaList> for Vec<String> {
+    fn from(list: CommaList) -> Self {
+        list.0
+            .split(',')
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl sqlx::Type<Any> for CommaList {
+    fn type_info() -> sqlx::any::AnyTypeInfo {
+        <String as sqlx::Type<Any>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::any::AnyTypeInfo) -> bool {
+        <String as sqlx::Type<Any>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Any> for CommaList {
+    fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(Self(<String as sqlx::Decode<Any>>::decode(value)?))
+    }
+}
+
+/// A key version stored as a nullable BIGINT.
+pub(super) struct Version(Option<i64>);
+
+impl TryFrom<Version> for Option<u32> {
+    type Error = String;
+
+    fn try_from(version: Version) -> Result<Self, String> {
+        version
+            .0
+            .map(|v| u32::try_from(v).map_err(|_| format!("key version {v} out of range")))
+            .transpose()
+    }
+}
+
+impl sqlx::Type<Any> for Version {
+    fn type_info() -> sqlx::any::AnyTypeInfo {
+        <i64 as sqlx::Type<Any>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::any::AnyTypeInfo) -> bool {
+        <i64 as sqlx::Type<Any>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Any> for Version {
+    fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(Self(<Option<i64> as sqlx::Decode<Any>>::decode(value)?))
+    }
+}
+
+/// The enums stored by name (`IntoStaticStr`/`FromStr` through strum).
+macro_rules! stored_by_name {
+    ($($ty:ty => $what:literal),* $(,)?) => {$(
+        impl TryFrom<String> for $ty {
+            type Error = String;
+
+            fn try_from(text: String) -> Result<Self, String> {
+                text.parse().map_err(|_| format!(concat!($what, " {:?}"), text))
+            }
+        }
+    )*};
+}
+
+stored_by_name! {
+    KeyPolicy => "key policy",
+    KeyHierarchy => "key hierarchy",
+    BindingState => "binding state",
+    ProviderKind => "provider",
+}
+
+impl TryFrom<String> for crate::access::AccessPolicy {
+    type Error = String;
+
+    /// The JSON `SetAccessPolicy` stored (empty: the default).
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::from_stored(&text)
+    }
 }
