@@ -168,8 +168,9 @@ pub struct AuditError {
     cause: std::io::Error,
 }
 
-/// A size-rotated file. Appends are whole lines in one `write` each, so a
-/// reader never sees half a record from concurrent calls.
+/// A size-rotated file. Appends are whole lines (one record, or a batch's
+/// records) in one `write` each, so a reader never sees half a record from
+/// concurrent calls.
 #[derive(Debug)]
 struct FileSink {
     path: PathBuf,
@@ -190,7 +191,8 @@ fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
 }
 
 impl FileSink {
-    /// Appends one line; `durable` also waits for it to reach the disk.
+    /// Appends whole lines; `durable` also waits for them to reach the
+    /// disk. A file may pass `max_bytes` by one batch's records.
     fn write(&self, line: &[u8], durable: bool) -> std::io::Result<()> {
         let mut state = self.state.lock();
         if state.1 > 0 && state.1 + line.len() as u64 > self.max_bytes && self.path.is_file() {
@@ -356,40 +358,123 @@ impl AuditLog {
     }
 
     fn write_line(&self, record: &AuditRecord<'_>, durable: bool) -> Result<bool, AuditError> {
-        let target = || match &self.sink {
+        if !self.writes() {
+            return Ok(false);
+        }
+        let mut line = Vec::with_capacity(512);
+        self.append_line(&mut line, record)?;
+        self.write_bytes(&line, durable)?;
+        Ok(true)
+    }
+
+    /// `record` as one JSON line at the end of `lines`.
+    fn append_line(&self, lines: &mut Vec<u8>, record: &AuditRecord<'_>) -> Result<(), AuditError> {
+        serde_json::to_writer(&mut *lines, record).map_err(|e| AuditError {
+            target: self.target(),
+            cause: std::io::Error::other(e),
+        })?;
+        lines.push(b'\n');
+        Ok(())
+    }
+
+    /// Whole lines to the sink, in one write.
+    fn write_bytes(&self, lines: &[u8], durable: bool) -> Result<(), AuditError> {
+        let written = match &self.sink {
+            Sink::Off => Ok(()),
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(lines)
+                    .and_then(|()| if durable { out.flush() } else { Ok(()) })
+            }
+            Sink::File(file) => file.write(lines, durable),
+        };
+        written.map_err(|cause| AuditError {
+            target: self.target(),
+            cause,
+        })
+    }
+
+    fn target(&self) -> String {
+        match &self.sink {
             Sink::File(f) => f.path.display().to_string(),
             _ => "stdout".to_owned(),
-        };
-        let line = |record| {
-            let mut line = serde_json::to_vec(record).map_err(|e| AuditError {
-                target: target(),
-                cause: std::io::Error::other(e),
-            })?;
-            line.push(b'\n');
-            Ok::<_, AuditError>(line)
-        };
-        match &self.sink {
-            Sink::Off => Ok(false),
-            Sink::Stdout => {
-                let line = line(record)?;
-                let mut out = std::io::stdout().lock();
-                out.write_all(&line)
-                    .and_then(|()| if durable { out.flush() } else { Ok(()) })
-                    .map_err(|cause| AuditError {
-                        target: target(),
-                        cause,
-                    })?;
-                Ok(true)
-            }
-            Sink::File(file) => {
-                let line = line(record)?;
-                file.write(&line, durable).map_err(|cause| AuditError {
-                    target: target(),
-                    cause,
-                })?;
-                Ok(true)
-            }
         }
+    }
+
+    /// A gatherer of records written together by [`Gathered::commit`]: a
+    /// batch's items, one `write` for all of them instead of one each.
+    pub fn gather(&self) -> Gathered<'_> {
+        Gathered {
+            log: self,
+            lines: Vec::new(),
+            records: 0,
+        }
+    }
+}
+
+/// Where a finished call's record goes: written at once (`&AuditLog`), or
+/// gathered with the other records of its batch ([`Gathered`]).
+pub trait Recorder {
+    /// The log the records are for (its sink, mode and access log).
+    fn log(&self) -> &AuditLog;
+
+    /// Writes `record`, or keeps it for the gatherer's one write. Counts
+    /// the use in the tenant's access log either way.
+    fn put(&mut self, record: &AuditRecord<'_>) -> Result<(), AuditError>;
+}
+
+impl Recorder for &AuditLog {
+    fn log(&self) -> &AuditLog {
+        self
+    }
+
+    fn put(&mut self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
+        self.write(record)
+    }
+}
+
+/// Records kept for one write ([`AuditLog::gather`]).
+#[derive(Debug)]
+pub struct Gathered<'a> {
+    log: &'a AuditLog,
+    lines: Vec<u8>,
+    records: u64,
+}
+
+impl Recorder for Gathered<'_> {
+    fn log(&self) -> &AuditLog {
+        self.log
+    }
+
+    fn put(&mut self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
+        if let Some(access) = &self.log.access {
+            access_use(access, record);
+        }
+        if self.log.writes() {
+            if let Err(err) = self.log.append_line(&mut self.lines, record) {
+                self.log.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(err);
+            }
+            self.records += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Gathered<'_> {
+    /// Writes every record kept, in one write. On failure none of them is
+    /// written (the caller refuses their calls in fail-closed mode).
+    pub fn commit(self) -> Result<(), AuditError> {
+        if self.records == 0 {
+            return Ok(());
+        }
+        let written = self.log.write_bytes(&self.lines, false);
+        let counter = match written {
+            Ok(()) => &self.log.written,
+            Err(_) => &self.log.failed,
+        };
+        counter.fetch_add(self.records, Ordering::Relaxed);
+        written
     }
 }
 

@@ -167,6 +167,20 @@ pub(crate) fn spawn_keybroker(
             "1s",
         ])
         .args(extra)
+        // Under valgrind every registry call is some 50 times slower: the
+        // production defaults would time the first wraps of 100 tenants out.
+        .args(if wrapper.is_empty() {
+            &[][..]
+        } else {
+            &[
+                "--registry-read-timeout",
+                "60s",
+                "--registry-write-timeout",
+                "60s",
+                "--registry-acquire-timeout",
+                "60s",
+            ][..]
+        })
         .env("RUST_LOG", "info")
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))

@@ -157,6 +157,10 @@ impl Deployment {
                 "--audit-log".into(),
                 self.dir.join("audit.log").into(),
                 "--audit-fail-closed".into(),
+                // Rotated files are kept (not the default 5), so the run
+                // can count every record written.
+                "--audit-max-files".into(),
+                "100000".into(),
             ]);
         }
         args

@@ -155,9 +155,10 @@ async fn load_and_memory_runs_complete() {
         assert!(made > 120, "{}", shape["access_log"]);
         assert_eq!(shape["access_log"]["uses_counted"].as_u64(), Some(made));
     }
-    // The production keybroker wrote an audit record of every call (a
-    // batch is one record): at least one per key generated and warmed.
-    assert!(shapes[1]["audit_records"].as_u64().unwrap() >= 120);
+    // The production keybroker wrote an audit record of every key use
+    // (each batch item has its own), and of the operator's access-log reads.
+    let uses = shapes[1]["access_log"]["uses_made"].as_u64().unwrap();
+    assert!(shapes[1]["audit_records"].as_u64().unwrap() > uses);
     assert!(shapes[0].get("audit_records").is_none());
     assert!(report["machine"]["nproc"].as_u64().unwrap() >= 1);
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();

@@ -341,6 +341,55 @@ async fn items_are_authorized_and_audited_one_by_one() {
     server.stop().await;
 }
 
+/// A batch's cached items have their records written together (one write
+/// for the batch): when that write fails in fail-closed mode, no item
+/// returns a key, as no single call would; every record counts as failed.
+#[tokio::test]
+async fn a_batch_whose_records_cannot_be_written_returns_no_key_when_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Keys made by a server without an audit sink, over the same keyring.
+    let maker = TestServer::start(test_config(dir.path())).await;
+    let mut broker = maker.client().await;
+    let mut wrapped = Vec::new();
+    for _ in 0..3 {
+        wrapped.push(
+            generate(&mut broker, "acme", CTX)
+                .await
+                .unwrap()
+                .wrapped_key,
+        );
+    }
+    maker.stop().await;
+    let mut config = test_config(dir.path());
+    // Every write to /dev/full fails with ENOSPC.
+    config.audit = AuditSettings {
+        target: AuditTarget::File("/dev/full".into()),
+        fail_closed: true,
+        ..AuditSettings::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut broker = server.client().await;
+    let items = || wrapped.iter().map(|w| unwrap_req("acme", CTX, w)).collect();
+    // Cold, then cached (answered at once, the records gathered): both
+    // batches answer UNAVAILABLE for every item.
+    let hits = || server.broker.cache().stats().hits.load(Ordering::Relaxed);
+    let mut hits_before = 0;
+    for (round, failed) in [("cold", 3), ("cached", 6)] {
+        hits_before = hits();
+        let results = batch_unwrap(&mut broker, items()).await.unwrap();
+        for r in &results {
+            assert_eq!(code(r), Code::Unavailable, "{round}: {r:?}");
+            assert!(r.response.is_none(), "{round}: a key without its record");
+            let message = &r.status.as_ref().unwrap().message;
+            assert!(message.contains("audit"), "{round}: {message}");
+        }
+        assert_eq!(server.audit.failed(), failed, "{round}");
+    }
+    // The keys were loaded by the cold batch: the second one's were cached.
+    assert_eq!(hits() - hits_before, 3);
+    server.stop().await;
+}
+
 /// The CLI: `batch-generate` makes keys in batches of 256, `batch-unwrap`
 /// reads wrapped keys from stdin and answers one result per line, a bad line
 /// answering its own error.

@@ -9,7 +9,8 @@ pub(crate) const MAX_BATCH_ITEMS: usize = 256;
 /// A batch RPC: every item goes through what [`serve`] does for one
 /// request (tenant check, handler, one audit record); the batch fails as a
 /// whole only when it is empty or too large. One metrics sample for the
-/// batch.
+/// batch. The records of the items answered at once are written in one
+/// write; the others', as each finishes.
 ///
 /// `at_once` answers an item without waiting when it can (a cached key),
 /// or hands it on, prepared, to `handler`, whose futures run concurrently.
@@ -51,12 +52,25 @@ where
     let audit = &observers.audit;
     let mut results: Vec<Option<Result<Response<Resp>, Status>>> = Vec::with_capacity(items.len());
     let mut waiting = Vec::new();
+    // The records of the items answered here are written together, in one
+    // write: a record each, not a write each.
+    let mut gathered = audit.gather();
     for item in items {
-        match answer_at_once(audit, &ctx, item, &at_once) {
+        match answer_at_once(&mut gathered, &ctx, item, &at_once) {
             AtOnce::Answered(answer) => results.push(Some(answer)),
             AtOnce::Waits(facts, next) => {
                 waiting.push((results.len(), facts, next));
                 results.push(None);
+            }
+        }
+    }
+    if let Err(err) = gathered.commit() {
+        tracing::error!(error = %err, request_id = ctx.request_id.as_deref().unwrap_or_default(), "audit records of a batch not written");
+        if audit.fail_closed() {
+            // As a single call: no answer without its record.
+            let refusal = Status::from(AccessError::AuditUnavailable(err.to_string()));
+            for answer in results.iter_mut().flatten() {
+                *answer = Err(refusal.clone());
             }
         }
     }

@@ -15,7 +15,7 @@ use crate::access::Reason;
 use crate::api::Observers;
 use crate::api::affinity::Affinity;
 use crate::api::auth::{AccessError, CallContext, elapsed_us};
-use crate::audit::{self, AuditLog, AuditRecord};
+use crate::audit::{self, AuditLog, AuditRecord, Recorder};
 use crate::authz::Permit;
 use crate::metrics::code_name;
 use crate::proto;
@@ -248,7 +248,7 @@ where
     };
     let outcome = started
         .span
-        .in_scope(|| answer_at_once(&observers.audit, &started.ctx, req, at_once));
+        .in_scope(|| answer_at_once(&mut &*observers.audit, &started.ctx, req, at_once));
     match outcome {
         AtOnce::Answered(answer) => {
             started.end(observers, &answer);
@@ -272,10 +272,11 @@ enum AtOnce<Resp, Next> {
 }
 
 /// The tenant check, then `at_once`: a refusal or an answer is audited
-/// here; a request `at_once` hands on is returned for the waiting path.
-/// Shared by single calls ([`serve_now`]) and batch items.
+/// here (its record written, or gathered with its batch's, `out`); a request
+/// `at_once` hands on is returned for the waiting path. Shared by single
+/// calls ([`serve_now`]) and batch items.
 fn answer_at_once<Req, Next, Resp>(
-    audit: &AuditLog,
+    out: &mut impl Recorder,
     ctx: &CallContext,
     req: Req,
     at_once: impl FnOnce(Req) -> Result<Result<Resp, Status>, Next>,
@@ -284,13 +285,13 @@ where
     Req: Scoped,
     Resp: Audited,
 {
-    let facts = match authorize(audit, ctx, &req) {
+    let facts = match authorize(out, ctx, &req) {
         Ok(facts) => facts,
         Err(denied) => return AtOnce::Answered(Err(denied)),
     };
     match at_once(req) {
         // Nothing was waited for, so no provider was called: no notes.
-        Ok(result) => AtOnce::Answered(finish(audit, ctx, facts, None, result)),
+        Ok(result) => AtOnce::Answered(finish(out, ctx, facts, None, result)),
         Err(next) => AtOnce::Waits(facts, next),
     }
 }
@@ -393,7 +394,7 @@ where
     Fut: Future<Output = Result<Resp, Status>>,
 {
     let audit = &observers.audit;
-    let facts = authorize(audit, ctx, &req)?;
+    let facts = authorize(&mut &**audit, ctx, &req)?;
     run(audit, ctx, observers.request_timeout, facts, req, handler).await
 }
 
@@ -402,10 +403,11 @@ where
 /// record will say about the request (None when audit is off: no digests,
 /// no notes, no clocks).
 fn authorize(
-    audit: &AuditLog,
+    out: &mut impl Recorder,
     ctx: &CallContext,
     req: &impl Scoped,
 ) -> Result<Option<Facts>, Status> {
+    let audit = out.log();
     let refused: Option<Status> = match (&ctx.grant, claimed_reason(req)) {
         (_, Err(invalid)) => Some(invalid),
         (None, _) => Some(
@@ -440,7 +442,7 @@ fn authorize(
     if let Some(refused) = refused {
         tracing::info!(caller = %ctx.identity, method = %ctx.method, tenant_id = %Escaped(req.tenant_id()), error = %refused.message(), "call refused before it reached a key");
         let facts = audit.enabled().then(|| Facts::of(req, audit.writes()));
-        let answer = finish::<()>(audit, ctx, facts, None, Err(refused));
+        let answer = finish::<()>(out, ctx, facts, None, Err(refused));
         return Err(answer
             .err()
             .unwrap_or_else(|| Status::internal("a denied call was answered")));
@@ -502,7 +504,7 @@ where
         }
         return result.map(Response::new);
     }
-    finish(audit, ctx, facts, notes.as_deref(), result)
+    finish(&mut &*audit, ctx, facts, notes.as_deref(), result)
 }
 
 #[cfg(test)]

@@ -174,11 +174,11 @@ impl Facts {
     }
 }
 
-/// Writes the record of a finished call (none when `facts` is None: audit
-/// off); in fail-closed mode an unwritable record replaces the answer with
-/// UNAVAILABLE.
+/// Writes (or gathers, `out`) the record of a finished call (none when
+/// `facts` is None: audit off); in fail-closed mode an unwritable record
+/// replaces the answer with UNAVAILABLE.
 pub(super) fn finish<Resp: Audited>(
-    audit: &AuditLog,
+    out: &mut impl Recorder,
     ctx: &CallContext,
     facts: Option<Facts>,
     notes: Option<&audit::CallNotes>,
@@ -187,16 +187,18 @@ pub(super) fn finish<Resp: Audited>(
     let Some(facts) = facts else {
         return result.map(Response::new);
     };
+    let audit = out.log();
     if !audit.writes() {
         // The access log alone: no record is built (no clock formatted, no
         // peer address written out), only the use counted.
         facts.count_use(audit, ctx, &result);
         return result.map(Response::new);
     }
+    let fail_closed = audit.fail_closed();
     let record = facts.outcome(ctx, notes, &result);
-    if let Err(err) = audit.write(&record) {
+    if let Err(err) = out.put(&record) {
         tracing::error!(error = %err, request_id = record.request_id, "audit record not written");
-        if audit.fail_closed() {
+        if fail_closed {
             return Err(AccessError::AuditUnavailable(err.to_string()).into());
         }
     }
