@@ -160,6 +160,17 @@ impl Rule {
     fn allows_reason(&self, reason: Reason) -> bool {
         self.reasons.as_ref().is_none_or(|r| r.contains(&reason))
     }
+
+    fn matches_caller(&self, identity: &str, method: &str) -> bool {
+        self.identities.iter().any(|p| p.matches(identity))
+            && self.methods.iter().any(|p| p.matches(method))
+    }
+
+    /// The tenant (when given) and the reason claimed (when one is).
+    fn admits(&self, tenant_id: &str, reason: Option<Reason>) -> bool {
+        self.tenants.iter().any(|p| p.matches(tenant_id))
+            && reason.is_none_or(|reason| self.allows_reason(reason))
+    }
 }
 
 /// What a rule's `reasons` list grants.
@@ -207,18 +218,23 @@ pub(crate) struct Policy {
 #[derive(Debug, Clone)]
 pub(crate) struct Grant {
     policy: Arc<Policy>,
-    identity: Arc<str>,
-    method: Arc<str>,
+    /// The rules among the first 64 whose identities and methods match the
+    /// call (bit i: rule i), found once when the grant is made: the tenant
+    /// check matches tenants and reasons only.
+    matching: u64,
+    /// The caller's identity and method, kept only when the policy has
+    /// rules past the 64th (matched in full).
+    caller: Option<Box<(Arc<str>, Arc<str>)>>,
 }
+
+/// Rules whose caller match a grant remembers ([`Grant::matching`]).
+const REMEMBERED: usize = u64::BITS as usize;
 
 impl Grant {
     /// Whether the caller may call the method for `tenant_id`, claiming
     /// `reason` (`None`: the method takes no reason).
     pub(crate) fn allows(&self, tenant_id: &str, reason: Option<Reason>) -> Permit {
-        let allows = |reason| {
-            self.policy
-                .allows(&self.identity, &self.method, Some(tenant_id), reason)
-        };
+        let allows = |reason| self.policy.allow_all || self.admits(tenant_id, reason);
         if allows(reason) {
             Permit::Granted
         } else if reason.is_some() && allows(None) {
@@ -226,6 +242,25 @@ impl Grant {
         } else {
             Permit::TenantDenied
         }
+    }
+
+    /// Whether a rule matching the caller admits the tenant and reason.
+    fn admits(&self, tenant_id: &str, reason: Option<Reason>) -> bool {
+        let rules = &self.policy.rules;
+        let mut bits = self.matching;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if rules[i].admits(tenant_id, reason) {
+                return true;
+            }
+        }
+        self.caller.as_deref().is_some_and(|(identity, method)| {
+            rules
+                .iter()
+                .skip(REMEMBERED)
+                .any(|r| r.matches_caller(identity, method) && r.admits(tenant_id, reason))
+        })
     }
 }
 
@@ -290,31 +325,27 @@ impl Policy {
         Self::parse(&text).map_err(|e| format!("authorization policy {}: {e}", path.display()))
     }
 
-    /// Whether one rule matches the identity, the method and (when given)
-    /// the tenant and the reason claimed.
-    pub(crate) fn allows(
-        &self,
-        identity: &str,
-        method: &str,
-        tenant_id: Option<&str>,
-        reason: Option<Reason>,
-    ) -> bool {
-        self.allow_all
-            || self.rules.iter().any(|r| {
-                r.identities.iter().any(|p| p.matches(identity))
-                    && r.methods.iter().any(|p| p.matches(method))
-                    && tenant_id.is_none_or(|t| r.tenants.iter().any(|p| p.matches(t)))
-                    && reason.is_none_or(|reason| r.allows_reason(reason))
-            })
-    }
-
     /// A grant when some rule lets `identity` call `method` (for some
     /// tenant); `None` when none does.
     pub(crate) fn grant(self: &Arc<Self>, identity: Arc<str>, method: Arc<str>) -> Option<Grant> {
-        self.allows(&identity, &method, None, None).then(|| Grant {
+        let matching = self
+            .rules
+            .iter()
+            .take(REMEMBERED)
+            .enumerate()
+            .filter(|(_, r)| r.matches_caller(&identity, &method))
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        let granted = self.allow_all
+            || matching != 0
+            || self
+                .rules
+                .iter()
+                .skip(REMEMBERED)
+                .any(|r| r.matches_caller(&identity, &method));
+        granted.then(|| Grant {
             policy: Arc::clone(self),
-            identity,
-            method,
+            matching,
+            caller: (self.rules.len() > REMEMBERED).then(|| Box::new((identity, method))),
         })
     }
 }
@@ -465,6 +496,47 @@ mod tests {
         );
         let unknown = Policy::parse("[[allow]]\nidentity=[\"a\"]\n").unwrap_err();
         assert!(unknown.contains("unknown field"), "{unknown}");
+    }
+
+    /// A grant remembers which of the first 64 rules match its caller and
+    /// method; later rules are matched in full. Either way the tenant check
+    /// answers as the whole policy does.
+    #[test]
+    fn a_grant_checks_every_rule_of_a_long_policy() {
+        let rule = |identity: &str, tenant: &str| {
+            format!(
+                "[[allow]]\nidentities = [\"{identity}\"]\nmethods = [\"keybroker.v1.KeyBroker/UnwrapKey\"]\ntenants = [\"{tenant}\"]\n"
+            )
+        };
+        // Rules 0..70 grant other callers; billing is granted tenant t2 by
+        // rule 2 and tenant t66 by rule 66 (past the remembered 64).
+        let text: String = (0..70)
+            .map(|i| match i {
+                2 | 66 => rule("spiffe://prod/billing", &format!("t{i}")),
+                _ => rule(&format!("spiffe://prod/other-{i}"), &format!("t{i}")),
+            })
+            .collect();
+        let policy = Arc::new(Policy::parse(&text).unwrap());
+        let unwrap = "keybroker.v1.KeyBroker/UnwrapKey";
+        let grant = policy
+            .grant("spiffe://prod/billing".into(), unwrap.into())
+            .unwrap();
+        assert_eq!(grant.allows("t2", None), Permit::Granted);
+        assert_eq!(grant.allows("t66", None), Permit::Granted);
+        for tenant in ["t0", "t3", "t65", "t67", "t69"] {
+            assert_eq!(grant.allows(tenant, None), Permit::TenantDenied, "{tenant}");
+        }
+        // Granted by a rule past the 64th only.
+        let late = policy
+            .grant("spiffe://prod/other-68".into(), unwrap.into())
+            .unwrap();
+        assert_eq!(late.allows("t68", None), Permit::Granted);
+        assert_eq!(late.allows("t2", None), Permit::TenantDenied);
+        assert!(
+            policy
+                .grant("spiffe://prod/nobody".into(), unwrap.into())
+                .is_none()
+        );
     }
 
     #[test]
