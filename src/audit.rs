@@ -367,12 +367,17 @@ impl AuditLog {
         Ok(true)
     }
 
-    /// `record` as one JSON line at the end of `lines`.
+    /// `record` as one JSON line at the end of `lines`; nothing added when
+    /// it cannot be serialised (no half record among a batch's).
     fn append_line(&self, lines: &mut Vec<u8>, record: &AuditRecord<'_>) -> Result<(), AuditError> {
-        serde_json::to_writer(&mut *lines, record).map_err(|e| AuditError {
-            target: self.target(),
-            cause: std::io::Error::other(e),
-        })?;
+        let start = lines.len();
+        if let Err(e) = serde_json::to_writer(&mut *lines, record) {
+            lines.truncate(start);
+            return Err(AuditError {
+                target: self.target(),
+                cause: std::io::Error::other(e),
+            });
+        }
         lines.push(b'\n');
         Ok(())
     }
@@ -520,6 +525,49 @@ mod tests {
             reason: Some("customer_support"),
             reason_detail: Some("TICKET-1"),
         }
+    }
+
+    /// Gathered records land whole and in order with one commit, are
+    /// counted as written, or all as failed when the write fails.
+    #[test]
+    fn gathered_records_are_written_together_or_fail_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let open = |target| {
+            AuditLog::open(&AuditSettings {
+                target,
+                ..AuditSettings::default()
+            })
+            .unwrap()
+        };
+        let log = open(AuditTarget::File(path.clone()));
+        log.write(&record("single")).unwrap();
+        let mut gathered = log.gather();
+        for id in ["b1", "b2", "b3"] {
+            gathered.put(&record(id)).unwrap();
+        }
+        // Nothing reaches the file before the commit.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        gathered.commit().unwrap();
+        log.gather().commit().unwrap();
+        let ids: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string()
+            })
+            .collect();
+        assert_eq!(ids, ["\"single\"", "\"b1\"", "\"b2\"", "\"b3\""]);
+        assert_eq!((log.written(), log.failed()), (4, 0));
+
+        // Every write to /dev/full fails with ENOSPC.
+        let full = open(AuditTarget::File("/dev/full".into()));
+        let mut gathered = full.gather();
+        for id in ["b1", "b2"] {
+            gathered.put(&record(id)).unwrap();
+        }
+        assert!(gathered.commit().is_err());
+        assert_eq!((full.written(), full.failed()), (0, 2));
     }
 
     #[test]
