@@ -4,22 +4,22 @@
 //! compares medians of the rounds, so drift on a shared machine hits both.
 //! Each shape (`--shape`, `shape.rs`) gets its own pair of servers.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
-use keybroker::proto::{GenerateDataKeyRequest, UnwrapKeyRequest};
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::pb::GetRequest;
 use crate::pb::floor_client::FloorClient;
+use crate::requests::{Target, generate_keys, reset_uses, set_reason, unwrap_all, uses_made};
+use crate::servers::{
+    CpuTicks, ServerProcess, audit_records, client_runtime, cpu_ticks, keybroker_bin, pin_client,
+    spawn_floor, spawn_keybroker,
+};
 use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
@@ -73,167 +73,6 @@ pub(crate) struct LoadArgs {
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-/// A server process (keybroker or floor), killed on drop.
-pub(crate) struct ServerProcess {
-    pub(crate) child: Child,
-    pub(crate) addr: String,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// CPU time a process has used, in clock ticks: user space (keybroker's
-/// own code and its libraries) and kernel (socket reads and writes), kept
-/// apart because only the first is what callgrind counts.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct CpuTicks {
-    pub(crate) user: u64,
-    pub(crate) system: u64,
-}
-
-impl CpuTicks {
-    fn since(self, before: Self) -> Self {
-        Self {
-            user: self.user.saturating_sub(before.user),
-            system: self.system.saturating_sub(before.system),
-        }
-    }
-
-    fn total(self) -> u64 {
-        self.user + self.system
-    }
-}
-
-/// utime and stime of process `pid`.
-pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name: state is field 3,
-    // utime 14, stime 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("bad /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Ok(CpuTicks {
-        user: fields.get(11).context("no utime")?.parse()?,
-        system: fields.get(12).context("no stime")?.parse()?,
-    })
-}
-
-/// `program`, pinned to a core and/or run under `wrapper` (valgrind).
-pub(crate) fn command(program: &Path, pin_core: Option<usize>, wrapper: &[String]) -> Command {
-    let mut argv: Vec<OsString> = Vec::new();
-    if let Some(core) = pin_core {
-        argv.extend(["taskset".into(), "-c".into(), core.to_string().into()]);
-    }
-    argv.extend(wrapper.iter().map(Into::into));
-    argv.push(program.into());
-    let mut c = Command::new(&argv[0]);
-    c.args(&argv[1..]);
-    c
-}
-
-/// keybroker on an ephemeral port of 127.0.0.1, with `extra` flags (the
-/// shape's).
-pub(crate) fn spawn_keybroker(
-    bin: &Path,
-    data_dir: &Path,
-    pin: Option<usize>,
-    wrapper: &[String],
-    extra: &[OsString],
-) -> anyhow::Result<ServerProcess> {
-    let log = data_dir.join("keybroker.log");
-    let out = std::fs::File::create(&log)?;
-    let child = command(bin, pin, wrapper)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args([
-            "--cache-max-entries",
-            "1000000",
-            "--cache-ttl",
-            "1h",
-            "--cache-tti",
-            "1h",
-            // The access log's counts reach the registry within a second,
-            // where `load` checks them against the uses it made.
-            "--access-log-flush-interval",
-            "1s",
-        ])
-        .args(extra)
-        // Under valgrind every registry call is some 50 times slower: the
-        // production defaults would time the first wraps of 100 tenants out.
-        .args(if wrapper.is_empty() {
-            &[][..]
-        } else {
-            &[
-                "--registry-read-timeout",
-                "60s",
-                "--registry-write-timeout",
-                "60s",
-                "--registry-acquire-timeout",
-                "60s",
-            ][..]
-        })
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut process = ServerProcess {
-        child,
-        addr: String::new(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(if wrapper.is_empty() { 30 } else { 300 });
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(addr) = text.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["fields"]["message"] == "keybroker listening")
-                .then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
-        }) {
-            process.addr = addr;
-            return Ok(process);
-        }
-        if let Some(status) = process.child.try_wait()? {
-            anyhow::bail!("keybroker exited ({status}):\n{text}");
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "keybroker did not start:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The floor server, with `extra` flags (the shape's TLS files).
-pub(crate) fn spawn_floor(
-    pin: Option<usize>,
-    wrapper: &[String],
-    extra: &[OsString],
-) -> anyhow::Result<ServerProcess> {
-    use std::io::BufRead as _;
-    let me = std::env::current_exe()?;
-    let mut child = command(&me, pin, wrapper)
-        .arg("floor-server")
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .strip_prefix("listening ")
-        .context("floor server did not start")?
-        .trim()
-        .to_owned();
-    Ok(ServerProcess { child, addr })
 }
 
 /// One measured run.
@@ -299,15 +138,6 @@ impl RunResult {
     }
 }
 
-/// Key uses this process made whose answer came back (each
-/// GenerateDataKey and UnwrapKey, each batch item): what the server's key
-/// access log must count, exactly.
-static KEY_USES: AtomicU64 = AtomicU64::new(0);
-
-fn used(n: u64) {
-    KEY_USES.fetch_add(n, Ordering::Relaxed);
-}
-
 /// The uses of the `tenants`' keys their key access logs count, once they
 /// count `expected` (the log is flushed every second) or 10 s passed.
 async fn access_log_total(
@@ -342,235 +172,6 @@ async fn access_log_total(
             return Ok(total);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// A wrapped key and its tenant.
-#[derive(Debug, Clone)]
-pub(crate) struct Wrapped {
-    pub(crate) tenant: Arc<str>,
-    pub(crate) key: Vec<u8>,
-}
-
-/// `per_tenant` wrapped keys of each of `tenants` (tenants generating at
-/// the same time, each one key after the other), interleaved: the `i`-th
-/// key is tenant `i % tenants`'s, so consecutive requests change tenant.
-pub(crate) async fn generate_keys(
-    client: KeyBrokerClient<Channel>,
-    tenants: &[Arc<str>],
-    per_tenant: usize,
-) -> anyhow::Result<Vec<Wrapped>> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for (t, tenant) in tenants.iter().enumerate() {
-        let (mut client, tenant) = (client.clone(), Arc::clone(tenant));
-        tasks.spawn(async move {
-            let mut keys = Vec::with_capacity(per_tenant);
-            for _ in 0..per_tenant {
-                let reply = client.generate_data_key(generate_request(&tenant)).await;
-                used(1);
-                keys.push(Wrapped {
-                    tenant: Arc::clone(&tenant),
-                    key: reply?.into_inner().wrapped_key,
-                });
-            }
-            Ok::<_, anyhow::Error>((t, keys))
-        });
-    }
-    let mut by_tenant = vec![Vec::new(); tenants.len()];
-    while let Some(done) = tasks.join_next().await {
-        let (t, keys) = done??;
-        by_tenant[t] = keys;
-    }
-    let mut columns: Vec<_> = by_tenant.into_iter().map(Vec::into_iter).collect();
-    Ok((0..per_tenant)
-        .flat_map(|_| {
-            columns
-                .iter_mut()
-                .filter_map(Iterator::next)
-                .collect::<Vec<_>>()
-        })
-        .collect())
-}
-
-/// The access reason every request of this process gives (`--reason`).
-static REASON: std::sync::OnceLock<keybroker::access::Reason> = std::sync::OnceLock::new();
-
-/// Every request gives `reason` from now on (once per process).
-pub(crate) fn set_reason(reason: Option<keybroker::access::Reason>) {
-    if let Some(reason) = reason {
-        let _ = REASON.set(reason);
-    }
-}
-
-pub(crate) fn justification() -> Option<keybroker::proto::AccessJustification> {
-    REASON.get().map(|r| keybroker::proto::AccessJustification {
-        reason: r.to_proto(),
-        detail: String::new(),
-    })
-}
-
-/// Unwraps every key once, so the measured runs are all cache hits
-/// (16 at a time).
-pub(crate) async fn unwrap_all(
-    client: &KeyBrokerClient<Channel>,
-    keys: &Arc<Vec<Wrapped>>,
-) -> anyhow::Result<()> {
-    const LANES: usize = 16;
-    let mut tasks = tokio::task::JoinSet::new();
-    for lane in 0..LANES {
-        let (mut client, keys) = (client.clone(), Arc::clone(keys));
-        tasks.spawn(async move {
-            for key in keys.iter().skip(lane).step_by(LANES) {
-                let reply = client.unwrap_key(unwrap_request(key)).await;
-                used(1);
-                reply?;
-            }
-            Ok::<_, anyhow::Error>(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    Ok(())
-}
-
-/// What one request of a run sends.
-#[derive(Clone)]
-pub(crate) enum Target {
-    Floor(FloorClient<Channel>, Arc<Vec<Wrapped>>),
-    Broker {
-        client: KeyBrokerClient<Channel>,
-        warm: Arc<Vec<Wrapped>>,
-        cold: Arc<Vec<Wrapped>>,
-        next_cold: Arc<AtomicU64>,
-        hit_ratio: f64,
-    },
-    /// BatchUnwrapKey of `size` cached keys per request.
-    Batch {
-        client: KeyBrokerClient<Channel>,
-        warm: Arc<Vec<Wrapped>>,
-        size: usize,
-    },
-    /// GenerateDataKey of the tenants in turn.
-    Generate(KeyBrokerClient<Channel>, Arc<Vec<Arc<str>>>),
-    /// An OpenBao Transit call over HTTP/1.1: one of `requests` (URL and
-    /// body, cycled) POSTed, as Vault clients do (`peer`).
-    Http {
-        client: reqwest::Client,
-        token: Arc<str>,
-        requests: Arc<Vec<(String, String)>>,
-    },
-}
-
-/// A GenerateDataKey of `tenant`, with this process's reason.
-fn generate_request(tenant: &str) -> GenerateDataKeyRequest {
-    GenerateDataKeyRequest {
-        tenant_id: tenant.to_owned(),
-        key_spec: 0,
-        context: context(),
-        justification: justification(),
-    }
-}
-
-/// An UnwrapKey of `key`, with this process's reason.
-pub(crate) fn unwrap_request(key: &Wrapped) -> UnwrapKeyRequest {
-    UnwrapKeyRequest {
-        tenant_id: key.tenant.to_string(),
-        wrapped_key: key.key.clone().into(),
-        context: context(),
-        justification: justification(),
-    }
-}
-
-pub(crate) fn context() -> std::collections::BTreeMap<String, String> {
-    [("table".to_owned(), "bench".to_owned())].into()
-}
-
-impl Target {
-    fn deks_per_request(&self) -> u64 {
-        match self {
-            Self::Batch { size, .. } => *size as u64,
-            _ => 1,
-        }
-    }
-
-    pub(crate) async fn call(&mut self, i: u64) -> bool {
-        match self {
-            Self::Batch { client, warm, size } => {
-                let start = (i as usize * *size) % warm.len();
-                let items = (0..*size)
-                    .map(|k| unwrap_request(&warm[(start + k) % warm.len()]))
-                    .collect();
-                let reply = client
-                    .batch_unwrap_key(keybroker::proto::BatchUnwrapKeyRequest { items })
-                    .await;
-                used(*size as u64);
-                reply.is_ok_and(|r| {
-                    r.get_ref().results.len() == *size
-                        && r.get_ref().results.iter().all(|item| {
-                            item.response
-                                .as_ref()
-                                .is_some_and(|u| u.plaintext.len() == 32)
-                        })
-                })
-            }
-            Self::Generate(client, tenants) => {
-                let tenant = &tenants[i as usize % tenants.len()];
-                let reply = client.generate_data_key(generate_request(tenant)).await;
-                used(1);
-                reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
-            }
-            Self::Http {
-                client,
-                token,
-                requests,
-            } => {
-                let (url, body) = &requests[i as usize % requests.len()];
-                match client
-                    .post(url)
-                    .header("X-Vault-Token", &**token)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                    _ => false,
-                }
-            }
-            Self::Floor(client, keys) => {
-                let key = &keys[i as usize % keys.len()];
-                client
-                    .get(GetRequest {
-                        tenant_id: key.tenant.to_string(),
-                        key: key.key.clone(),
-                        context: context(),
-                    })
-                    .await
-                    .is_ok_and(|r| r.get_ref().value.len() == 32)
-            }
-            Self::Broker {
-                client,
-                warm,
-                cold,
-                next_cold,
-                hit_ratio,
-            } => {
-                // A fixed pseudo-random pattern (golden-ratio sequence).
-                let cold_pick = *hit_ratio < 1.0
-                    && ((i as f64 * 0.618_033_988_75).fract() >= *hit_ratio)
-                    && !cold.is_empty();
-                let key = if cold_pick {
-                    let n = next_cold.fetch_add(1, Ordering::Relaxed) as usize;
-                    &cold[n % cold.len()]
-                } else {
-                    &warm[i as usize % warm.len()]
-                };
-                let reply = client.unwrap_key(unwrap_request(key)).await;
-                used(1);
-                reply.is_ok_and(|r| r.get_ref().plaintext.len() == 32)
-            }
-        }
     }
 }
 
@@ -737,64 +338,6 @@ pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lines of the audit log files in `dir` named `name` (and its
-/// rotations, `name.1` …).
-pub(crate) fn audit_records(dir: &Path, name: &str) -> anyhow::Result<u64> {
-    let mut records = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(name) {
-            let text = std::fs::read(entry.path())?;
-            records += text.iter().filter(|&&b| b == b'\n').count() as u64;
-        }
-    }
-    Ok(records)
-}
-
-/// With two cores or more (and taskset), pins this process to core 1;
-/// servers go to core 0. Whether it pinned.
-pub(crate) fn pin_client(no_pin: bool) -> anyhow::Result<bool> {
-    let pinned = !no_pin && crate::nproc() >= 2 && which("taskset");
-    if pinned {
-        let mut set = rustix::thread::CpuSet::new();
-        set.set(1);
-        rustix::thread::sched_setaffinity(None, &set).context("pinning the client to core 1")?;
-    }
-    Ok(pinned)
-}
-
-/// The load client's runtime: one worker thread when pinned to its core.
-pub(crate) fn client_runtime(pinned: bool) -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(if pinned {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Runtime::new()?
-    })
-}
-
-/// The keybroker binary: `given`, or the one next to this binary.
-pub(crate) fn keybroker_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match given {
-        Some(path) => Ok(path),
-        None => Ok(std::env::current_exe()?
-            .parent()
-            .context("no parent directory")?
-            .join("keybroker")),
-    }
-}
-
-fn which(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The runs of the highest concurrency, for the plot.
 type Level = (usize, Vec<RunResult>, Vec<RunResult>, Vec<RunResult>);
 
@@ -805,7 +348,7 @@ async fn drive(
     broker: &ServerProcess,
     floor: &ServerProcess,
 ) -> anyhow::Result<(serde_json::Value, Option<Level>)> {
-    KEY_USES.store(0, Ordering::SeqCst);
+    reset_uses();
     let broker_channel = deployment.channel(&broker.addr, Caller::Service).await?;
     let floor_channel = deployment.channel(&floor.addr, Caller::Service).await?;
     let client = KeyBrokerClient::new(broker_channel.clone());
@@ -952,7 +495,7 @@ async fn drive(
         }));
     }
     // Every use this run made is in the tenants' key access logs, exactly.
-    let made = KEY_USES.load(Ordering::SeqCst);
+    let made = uses_made();
     let operator = deployment.channel(&broker.addr, Caller::Operator).await?;
     let counted = access_log_total(&operator, tenants, made).await?;
     println!("access log: {counted} key uses counted of {made} made");

@@ -14,6 +14,8 @@ mod peer;
 mod plot;
 mod profile;
 mod provider_latency;
+mod requests;
+mod servers;
 mod shape;
 
 use std::path::PathBuf;

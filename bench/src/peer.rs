@@ -20,8 +20,10 @@ use base64::Engine as _;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
 use serde_json::json;
 
-use crate::load::{RunResult, Target, generate_keys, measure, median, spawn_keybroker, unwrap_all};
+use crate::load::{RunResult, measure, median};
 use crate::provider_latency::Bao;
+use crate::requests::{Target, generate_keys, unwrap_all};
+use crate::servers::spawn_keybroker;
 use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
@@ -66,9 +68,9 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
         args.rounds >= 1 && args.keys >= 1,
         "rounds and keys must be at least 1"
     );
-    let pinned = crate::load::pin_client(false)?;
+    let pinned = crate::servers::pin_client(false)?;
     let server_core = pinned.then_some(0);
-    let keybroker_bin = crate::load::keybroker_bin(args.keybroker_bin.clone())?;
+    let keybroker_bin = crate::servers::keybroker_bin(args.keybroker_bin.clone())?;
     let data_dir = std::env::temp_dir().join(format!("keybroker-peer-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let result = (|| {
@@ -105,7 +107,7 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
         // An application token with a policy, as a platform service would
         // hold (not the root token, which skips policy checks).
         let token = bao.cli(&["token", "create", "-field=token", "-policy=peer"])?;
-        let mut report = crate::load::client_runtime(pinned)?.block_on(drive(
+        let mut report = crate::servers::client_runtime(pinned)?.block_on(drive(
             &args,
             &deployment,
             (broker.child.id(), &broker.addr),
@@ -116,8 +118,8 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
         if extra.is_some() {
             // Both audit logs were written: the records are what each
             // server paid for on every call.
-            let keybroker = crate::load::audit_records(&data_dir, "audit.log")?;
-            let openbao = crate::load::audit_records(&data_dir, "bao-audit.log")?;
+            let keybroker = crate::servers::audit_records(&data_dir, "audit.log")?;
+            let openbao = crate::servers::audit_records(&data_dir, "bao-audit.log")?;
             println!("audit logs: keybroker {keybroker} records, OpenBao {openbao}");
             report["audit_records"] = json!({ "keybroker": keybroker, "openbao": openbao });
         }

@@ -14,8 +14,9 @@ use anyhow::Context as _;
 use keybroker::proto::key_broker_client::KeyBrokerClient;
 use serde_json::json;
 
-use crate::load::{ServerProcess, Target, generate_keys, spawn_floor, spawn_keybroker, unwrap_all};
 use crate::pb::floor_client::FloorClient;
+use crate::requests::{Target, generate_keys, unwrap_all};
+use crate::servers::{ServerProcess, spawn_floor, spawn_keybroker};
 use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
@@ -60,7 +61,7 @@ pub(crate) struct ProfileArgs {
 }
 
 pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
-    crate::load::set_reason(args.reason);
+    crate::requests::set_reason(args.reason);
     anyhow::ensure!(args.requests > 0 && args.concurrency > 0 && args.keys > 0);
     anyhow::ensure!(
         Command::new("callgrind_control")

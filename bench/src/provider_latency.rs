@@ -65,7 +65,7 @@ impl Bao {
             .local_addr()?
             .port();
         let token = "bench-root".to_owned();
-        let mut command = crate::load::command(&bao_bin()?, core, &[]);
+        let mut command = crate::servers::command(&bao_bin()?, core, &[]);
         command.args(["server", "-dev", "-dev-no-store-token"]);
         if let Some(config) = config {
             command.arg(format!("-config={}", config.display()));

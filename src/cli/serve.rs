@@ -204,10 +204,9 @@ pub(super) async fn serve(config: Config) -> anyhow::Result<()> {
             .issuer()
             .map(crate::kms::issuer::Issuer::routes)
             .unwrap_or_default();
+        let stop = shutdown_signal();
         tokio::spawn(async move {
-            if let Err(err) =
-                crate::metrics::serve(metrics, more, metrics_listener, shutdown_signal()).await
-            {
+            if let Err(err) = crate::metrics::serve(metrics, more, metrics_listener, stop).await {
                 tracing::error!(error = %err, "metrics endpoint failed");
             }
         });

@@ -442,6 +442,23 @@ async fn sigterm_turns_health_off_then_drains_and_exits_cleanly() {
     assert!(logs.contains("keybroker stopped"), "{logs}");
 }
 
+/// A SIGTERM the moment "listening" is logged is handled, not the default
+/// action: the handlers are installed before the listener opens (they were
+/// installed at the serve loop's first poll, and a loaded machine killed
+/// such a process outright). Repeated, as the window was narrow.
+#[tokio::test]
+async fn a_sigterm_right_after_listening_still_drains() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let process = Process::spawn(dir.path(), &[]);
+        process.addr().await;
+        process.signal("TERM");
+        let (ok, logs) = process.wait(Duration::from_secs(20)).await;
+        assert!(ok, "round {round}: not a clean exit:\n{logs}");
+        assert!(logs.contains("keybroker stopped"), "round {round}:\n{logs}");
+    }
+}
+
 #[tokio::test]
 async fn refuses_to_start_on_a_world_readable_keyring() {
     use std::os::unix::fs::PermissionsExt;
