@@ -487,9 +487,7 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-pub use crate::call_notes::{
-    CallNotes, note_dek_load, note_provider_call, note_provider_request, scoped, with_notes,
-};
+pub use crate::call_notes::{CallNotes, note_dek_load, note_provider_call, scoped};
 
 impl crate::metrics::AuditSource for AuditLog {
     fn written(&self) -> u64 {

@@ -36,13 +36,6 @@ tokio::task_local! {
     static NOTES: Arc<CallNotes>;
 }
 
-/// Runs `call` with a fresh set of notes and returns both.
-pub async fn with_notes<F: Future>(call: F) -> (F::Output, Arc<CallNotes>) {
-    let notes = Arc::new(CallNotes::default());
-    let output = scoped(Arc::clone(&notes), call).await;
-    (output, notes)
-}
-
 /// `call`, with `notes` collecting what the layers below note of it.
 pub fn scoped<F: Future>(notes: Arc<CallNotes>, call: F) -> impl Future<Output = F::Output> {
     NOTES.scope(notes, call)

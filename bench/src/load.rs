@@ -18,7 +18,6 @@ use crate::pb::floor_client::FloorClient;
 use crate::requests::{Target, generate_keys, reset_uses, set_reason, unwrap_all, uses_made};
 use crate::servers::{
     CpuTicks, ServerProcess, audit_records, client_runtime, cpu_ticks, keybroker_bin, pin_client,
-    spawn_floor, spawn_keybroker,
 };
 use crate::shape::{Caller, Deployment, Shape};
 
@@ -281,16 +280,9 @@ pub(crate) fn run(args: LoadArgs) -> anyhow::Result<()> {
         ));
         std::fs::create_dir_all(&data_dir)?;
         let result = (|| {
-            let tenants = args.tenants.unwrap_or(shape.default_tenants());
-            let deployment = Deployment::new(shape, &data_dir, tenants)?;
-            let broker = spawn_keybroker(
-                &keybroker_bin,
-                &data_dir,
-                server_core,
-                &[],
-                &deployment.keybroker_args(),
-            )?;
-            let floor = spawn_floor(server_core, &[], &deployment.tls_args())?;
+            let deployment = Deployment::new(shape, &data_dir, args.tenants)?;
+            let broker = deployment.spawn_keybroker(&keybroker_bin, server_core, &[])?;
+            let floor = deployment.spawn_floor(server_core, &[])?;
             let measured = runtime.block_on(drive(&args, &deployment, &broker, &floor))?;
             let audit_records = audit_records(&data_dir, "audit.log")?;
             Ok::<_, anyhow::Error>((measured, audit_records))

@@ -23,7 +23,6 @@ use serde_json::json;
 use crate::load::{RunResult, measure, median};
 use crate::provider_latency::Bao;
 use crate::requests::{Target, generate_keys, unwrap_all};
-use crate::servers::spawn_keybroker;
 use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
@@ -74,15 +73,8 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
     let data_dir = std::env::temp_dir().join(format!("keybroker-peer-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let result = (|| {
-        let tenants = args.tenants.unwrap_or(args.shape.default_tenants());
-        let deployment = Deployment::new(args.shape, &data_dir, tenants)?;
-        let broker = spawn_keybroker(
-            &keybroker_bin,
-            &data_dir,
-            server_core,
-            &[],
-            &deployment.keybroker_args(),
-        )?;
+        let deployment = Deployment::new(args.shape, &data_dir, args.tenants)?;
+        let broker = deployment.spawn_keybroker(&keybroker_bin, server_core, &[])?;
         let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

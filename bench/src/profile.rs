@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::pb::floor_client::FloorClient;
 use crate::requests::{Target, generate_keys, unwrap_all};
-use crate::servers::{ServerProcess, spawn_floor, spawn_keybroker};
+use crate::servers::ServerProcess;
 use crate::shape::{Caller, Deployment, Shape};
 
 #[derive(Debug, clap::Args)]
@@ -97,18 +97,8 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {
-        let deployment = Deployment::new(
-            args.shape,
-            &work,
-            args.tenants.unwrap_or(args.shape.default_tenants()),
-        )?;
-        let broker = spawn_keybroker(
-            &keybroker_bin,
-            &work,
-            None,
-            &wrapper("keybroker"),
-            &deployment.keybroker_args(),
-        )?;
+        let deployment = Deployment::new(args.shape, &work, args.tenants)?;
+        let broker = deployment.spawn_keybroker(&keybroker_bin, None, &wrapper("keybroker"))?;
         let channel = deployment.channel(&broker.addr, Caller::Service).await?;
         let client = KeyBrokerClient::new(channel);
         let keys = Arc::new(generate_keys(client.clone(), &deployment.tenants, args.keys).await?);
@@ -132,7 +122,7 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
             count(&broker, &broker_target, &args).await? / args.batch_size.max(1) as u64;
         drop(broker);
 
-        let floor = spawn_floor(None, &wrapper("floor"), &deployment.tls_args())?;
+        let floor = deployment.spawn_floor(None, &wrapper("floor"))?;
         let channel = deployment.channel(&floor.addr, Caller::Service).await?;
         let floor_target = Target::Floor(FloorClient::new(channel), Arc::clone(&keys));
         let floor_ir = count(&floor, &floor_target, &args).await?;

@@ -17,6 +17,8 @@ use rcgen::{
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use crate::servers::ServerProcess;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Shape {
     Plaintext,
@@ -32,7 +34,7 @@ impl Shape {
     }
 
     /// Tenants of the shape unless `--tenants` says otherwise.
-    pub(crate) fn default_tenants(self) -> usize {
+    fn default_tenants(self) -> usize {
         match self {
             Self::Plaintext => 1,
             Self::Production => 100,
@@ -94,8 +96,9 @@ struct Pki {
 impl Deployment {
     /// Writes the shape's files into `dir`: for production, a CA, the
     /// servers' certificate (localhost, 127.0.0.1), the callers' and the
-    /// policy.
-    pub(crate) fn new(shape: Shape, dir: &Path, tenants: usize) -> anyhow::Result<Self> {
+    /// policy. `tenants`: the shape's default when not given.
+    pub(crate) fn new(shape: Shape, dir: &Path, tenants: Option<usize>) -> anyhow::Result<Self> {
+        let tenants = tenants.unwrap_or(shape.default_tenants());
         anyhow::ensure!(tenants >= 1, "tenants must be at least 1");
         let tenants = match shape {
             Shape::Plaintext if tenants == 1 => vec!["bench".into()],
@@ -131,8 +134,28 @@ impl Deployment {
         })
     }
 
+    /// keybroker in this shape, its data in the shape's directory, pinned
+    /// to `pin` and run under `wrapper` (valgrind) when given.
+    pub(crate) fn spawn_keybroker(
+        &self,
+        bin: &Path,
+        pin: Option<usize>,
+        wrapper: &[String],
+    ) -> anyhow::Result<ServerProcess> {
+        crate::servers::spawn_keybroker(bin, &self.dir, pin, wrapper, &self.keybroker_args())
+    }
+
+    /// The floor in this shape.
+    pub(crate) fn spawn_floor(
+        &self,
+        pin: Option<usize>,
+        wrapper: &[String],
+    ) -> anyhow::Result<ServerProcess> {
+        crate::servers::spawn_floor(pin, wrapper, &self.tls_args())
+    }
+
     /// The server's TLS flags (keybroker's and the floor's are the same).
-    pub(crate) fn tls_args(&self) -> Vec<OsString> {
+    fn tls_args(&self) -> Vec<OsString> {
         if self.pki.is_none() {
             return Vec::new();
         }
@@ -148,7 +171,7 @@ impl Deployment {
     /// keybroker's flags beyond the plaintext defaults: TLS, the policy, and
     /// the audit log in a file, a call refused when its record cannot be
     /// written.
-    pub(crate) fn keybroker_args(&self) -> Vec<OsString> {
+    fn keybroker_args(&self) -> Vec<OsString> {
         let mut args = self.tls_args();
         if self.pki.is_some() {
             args.extend([

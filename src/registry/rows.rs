@@ -120,33 +120,37 @@ pub(super) fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RegistryError> {
 // schema stores in a form sqlx's `Any` driver cannot decode into the field
 // directly (it decodes no bool from an INTEGER, no enum from TEXT).
 
-/// A flag stored as INTEGER 0/1.
-pub(super) struct Flag(bool);
+/// A column decoded as it is stored (`T`), for `#[sqlx(try_from = …)]` to
+/// convert into the field.
+pub(super) struct Stored<T>(T);
 
-impl From<Flag> for bool {
-    fn from(flag: Flag) -> Self {
-        flag.0
-    }
-}
-
-impl sqlx::Type<Any> for Flag {
+impl<T: sqlx::Type<Any>> sqlx::Type<Any> for Stored<T> {
     fn type_info() -> sqlx::any::AnyTypeInfo {
-        <i64 as sqlx::Type<Any>>::type_info()
+        T::type_info()
     }
 
     fn compatible(ty: &sqlx::any::AnyTypeInfo) -> bool {
-        <i64 as sqlx::Type<Any>>::compatible(ty)
+        T::compatible(ty)
     }
 }
 
-impl<'r> sqlx::Decode<'r, Any> for Flag {
+impl<'r, T: sqlx::Decode<'r, Any>> sqlx::Decode<'r, Any> for Stored<T> {
     fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        Ok(Self(<i64 as sqlx::Decode<Any>>::decode(value)? == 1))
+        Ok(Self(T::decode(value)?))
+    }
+}
+
+/// A flag stored as INTEGER 0/1.
+pub(super) type Flag = Stored<i64>;
+
+impl From<Flag> for bool {
+    fn from(flag: Flag) -> Self {
+        flag.0 == 1
     }
 }
 
 /// A list stored as comma-separated TEXT (AWS replica regions).
-pub(super) struct CommaList(String);
+pub(super) type CommaList = Stored<String>;
 
 impl From<CommaList> for Vec<String> {
     fn from(list: CommaList) -> Self {
@@ -158,24 +162,8 @@ impl From<CommaList> for Vec<String> {
     }
 }
 
-impl sqlx::Type<Any> for CommaList {
-    fn type_info() -> sqlx::any::AnyTypeInfo {
-        <String as sqlx::Type<Any>>::type_info()
-    }
-
-    fn compatible(ty: &sqlx::any::AnyTypeInfo) -> bool {
-        <String as sqlx::Type<Any>>::compatible(ty)
-    }
-}
-
-impl<'r> sqlx::Decode<'r, Any> for CommaList {
-    fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        Ok(Self(<String as sqlx::Decode<Any>>::decode(value)?))
-    }
-}
-
 /// A key version stored as a nullable BIGINT.
-pub(super) struct Version(Option<i64>);
+pub(super) type Version = Stored<Option<i64>>;
 
 impl TryFrom<Version> for Option<u32> {
     type Error = String;
@@ -185,22 +173,6 @@ impl TryFrom<Version> for Option<u32> {
             .0
             .map(|v| u32::try_from(v).map_err(|_| format!("key version {v} out of range")))
             .transpose()
-    }
-}
-
-impl sqlx::Type<Any> for Version {
-    fn type_info() -> sqlx::any::AnyTypeInfo {
-        <i64 as sqlx::Type<Any>>::type_info()
-    }
-
-    fn compatible(ty: &sqlx::any::AnyTypeInfo) -> bool {
-        <i64 as sqlx::Type<Any>>::compatible(ty)
-    }
-}
-
-impl<'r> sqlx::Decode<'r, Any> for Version {
-    fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        Ok(Self(<Option<i64> as sqlx::Decode<Any>>::decode(value)?))
     }
 }
 

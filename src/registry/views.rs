@@ -53,8 +53,9 @@ struct View {
 
 pub(super) struct Views {
     /// Keyed by tenant id through foldhash, seeded per process: a few times
-    /// cheaper than SipHash on every request, and no caller can choose ids
-    /// that collide (ids are checked text, at most 128 bytes).
+    /// cheaper than SipHash on every request, and colliding ids cannot be
+    /// worked out ahead of time (ids are checked text, at most 128 bytes;
+    /// at most `CAPACITY` views).
     map: moka::future::Cache<String, Arc<View>, foldhash::fast::RandomState>,
     settings: ViewSettings,
     /// Bumped by every applied change. A view loaded across a change may
