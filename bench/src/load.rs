@@ -1,7 +1,9 @@
 //! Closed-loop load: N requests in flight on one HTTP/2 connection, each
 //! sent as soon as the previous one returned. keybroker (cache-hit
-//! UnwrapKey) and the floor run alternately, several rounds, and the report
-//! compares medians of the rounds, so drift on a shared machine hits both.
+//! UnwrapKey) and the floor run alternately, several rounds, with a floor
+//! run on both sides of every keybroker run. The report compares medians of
+//! the rounds, and each keybroker run with the floor runs around it (paired
+//! ratios: drift on a shared machine cancels out).
 //! Each shape (`--shape`, `shape.rs`) gets its own pair of servers.
 
 use std::path::{Path, PathBuf};
@@ -48,7 +50,7 @@ pub(crate) struct LoadArgs {
     /// Unmeasured time before each run.
     #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
     warmup: Duration,
-    /// Floor/keybroker pairs per concurrency (alternating).
+    /// keybroker runs per concurrency, each between two floor runs.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Distinct wrapped keys of each tenant the load cycles through.
@@ -236,6 +238,63 @@ pub(crate) async fn measure(
     Ok(result)
 }
 
+/// Each keybroker run against the floor runs just before and after it
+/// (their mean), summarised by median and quartiles. On a shared machine
+/// whose speed drifts over seconds, pairs neighbours in time; the ratio of
+/// medians compares runs minutes apart.
+#[derive(Debug, Clone, Copy)]
+struct Paired {
+    median: f64,
+    q1: f64,
+    q3: f64,
+}
+
+impl Paired {
+    /// `floors` has one run more than `brokers`: floor, keybroker, floor, ...
+    fn of(floors: &[RunResult], brokers: &[RunResult], f: &dyn Fn(&RunResult) -> f64) -> Self {
+        let values = |runs: &[RunResult]| runs.iter().map(f).collect::<Vec<_>>();
+        Self::of_values(&values(floors), &values(brokers))
+    }
+
+    fn of_values(floors: &[f64], brokers: &[f64]) -> Self {
+        let ratios: Vec<f64> = brokers
+            .iter()
+            .zip(floors.windows(2))
+            .map(|(broker, around)| broker / ((around[0] + around[1]) / 2.0))
+            .collect();
+        Self {
+            median: median(ratios.clone()),
+            q1: quantile(ratios.clone(), 0.25),
+            q3: quantile(ratios, 0.75),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({ "median": self.median, "q1": self.q1, "q3": self.q3 })
+    }
+}
+
+impl std::fmt::Display for Paired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.3} (quartiles {:.3}-{:.3})",
+            self.median, self.q1, self.q3
+        )
+    }
+}
+
+/// The `q` quantile of `values`, interpolated between neighbours.
+fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let Some(last) = values.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let at = q.clamp(0.0, 1.0) * last as f64;
+    let (low, high) = (at.floor() as usize, at.ceil() as usize);
+    values[low] + (values[high] - values[low]) * (at - low as f64)
+}
+
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -379,17 +438,20 @@ async fn drive(
         let mut floors = Vec::new();
         let mut brokers = Vec::new();
         let mut batches = Vec::new();
+        // floor, then per round keybroker, batch and floor again: every
+        // keybroker run has a floor run on each side (drift between them
+        // cancels out in the paired ratios below).
+        floors.push(
+            measure(
+                &floor_target,
+                floor.child.id(),
+                concurrency,
+                args.warmup,
+                args.duration,
+            )
+            .await?,
+        );
         for _ in 0..args.rounds {
-            floors.push(
-                measure(
-                    &floor_target,
-                    floor.child.id(),
-                    concurrency,
-                    args.warmup,
-                    args.duration,
-                )
-                .await?,
-            );
             brokers.push(
                 measure(
                     &broker_target,
@@ -412,6 +474,16 @@ async fn drive(
                     .await?,
                 );
             }
+            floors.push(
+                measure(
+                    &floor_target,
+                    floor.child.id(),
+                    concurrency,
+                    args.warmup,
+                    args.duration,
+                )
+                .await?,
+            );
         }
         let med = |runs: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
             median(runs.iter().map(f).collect())
@@ -450,6 +522,12 @@ async fn drive(
         println!(
             "in flight {concurrency:>3}    ratios: p50 {p50_ratio:.3} p99 {p99_ratio:.3} throughput {rps_ratio:.3} server-cpu/req {cpu_ratio:.3} (user {user_ratio:.3}, kernel {system_ratio:.3}) (errors {errors})"
         );
+        let paired_rps = Paired::of(&floors, &brokers, &rps);
+        let paired_cpu = Paired::of(&floors, &brokers, &cpu);
+        println!(
+            "in flight {concurrency:>3}    paired: throughput {paired_rps} server-cpu/req {paired_cpu} ({} pairs)",
+            brokers.len()
+        );
         let deks = |r: &RunResult| r.deks_per_s();
         let batch_ratio =
             (!batches.is_empty()).then(|| med(&batches, &deks) / med(&brokers, &deks));
@@ -482,6 +560,12 @@ async fn drive(
                 "p50": p50_ratio, "p99": p99_ratio, "rps": rps_ratio, "server_cpu_per_request": cpu_ratio,
                 "server_user_cpu_per_request": user_ratio,
                 "server_kernel_cpu_per_request": system_ratio,
+            },
+            "paired_ratios": {
+                "rps": paired_rps.json(),
+                "server_cpu_per_request": paired_cpu.json(),
+                "server_user_cpu_per_request": Paired::of(&floors, &brokers, &user).json(),
+                "server_kernel_cpu_per_request": Paired::of(&floors, &brokers, &system).json(),
             },
             "errors": errors,
         }));
@@ -540,4 +624,34 @@ fn plot(path: &Path, batch_size: usize, level: &Level) -> anyhow::Result<()> {
     )?;
     println!("plot: {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Paired, quantile};
+
+    #[test]
+    fn quantiles_interpolate_between_neighbours() {
+        let v = vec![4.0, 1.0, 3.0, 2.0];
+        assert!((quantile(v.clone(), 0.0) - 1.0).abs() < 1e-12);
+        assert!((quantile(v.clone(), 0.5) - 2.5).abs() < 1e-12);
+        assert!((quantile(v.clone(), 0.25) - 1.75).abs() < 1e-12);
+        assert!((quantile(v, 1.0) - 4.0).abs() < 1e-12);
+        assert!(quantile(Vec::new(), 0.5).is_nan());
+    }
+
+    #[test]
+    fn each_run_is_paired_with_the_floor_runs_around_it() {
+        // The machine slows down steadily: the floor goes 100, 80, 60, 40,
+        // the broker runs between them at 0.9 of the floor's speed then.
+        let floors = [100.0, 80.0, 60.0, 40.0];
+        let brokers = [81.0, 63.0, 45.0];
+        let paired = Paired::of_values(&floors, &brokers);
+        assert!((paired.median - 0.9).abs() < 1e-12, "{paired:?}");
+        assert!((paired.q1 - 0.9).abs() < 1e-12 && (paired.q3 - 0.9).abs() < 1e-12);
+        // A step: the run across it is compared with the mean of its sides.
+        let paired = Paired::of_values(&[100.0, 100.0, 50.0, 50.0], &[90.0, 67.5, 45.0]);
+        assert!((paired.median - 0.9).abs() < 1e-12, "{paired:?}");
+        assert!((paired.q1 - 0.9).abs() < 1e-12 && (paired.q3 - 0.9).abs() < 1e-12);
+    }
 }
