@@ -438,52 +438,18 @@ async fn drive(
         let mut floors = Vec::new();
         let mut brokers = Vec::new();
         let mut batches = Vec::new();
+        let run = |target, pid| measure(target, pid, concurrency, args.warmup, args.duration);
+        let (floor_pid, broker_pid) = (floor.child.id(), broker.child.id());
         // floor, then per round keybroker, batch and floor again: every
         // keybroker run has a floor run on each side (drift between them
         // cancels out in the paired ratios below).
-        floors.push(
-            measure(
-                &floor_target,
-                floor.child.id(),
-                concurrency,
-                args.warmup,
-                args.duration,
-            )
-            .await?,
-        );
+        floors.push(run(&floor_target, floor_pid).await?);
         for _ in 0..args.rounds {
-            brokers.push(
-                measure(
-                    &broker_target,
-                    broker.child.id(),
-                    concurrency,
-                    args.warmup,
-                    args.duration,
-                )
-                .await?,
-            );
+            brokers.push(run(&broker_target, broker_pid).await?);
             if let Some(batch_target) = &batch_target {
-                batches.push(
-                    measure(
-                        batch_target,
-                        broker.child.id(),
-                        concurrency,
-                        args.warmup,
-                        args.duration,
-                    )
-                    .await?,
-                );
+                batches.push(run(batch_target, broker_pid).await?);
             }
-            floors.push(
-                measure(
-                    &floor_target,
-                    floor.child.id(),
-                    concurrency,
-                    args.warmup,
-                    args.duration,
-                )
-                .await?,
-            );
+            floors.push(run(&floor_target, floor_pid).await?);
         }
         let med = |runs: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
             median(runs.iter().map(f).collect())
