@@ -5,6 +5,7 @@
 //! do not depend on what else the machine is doing, so this figure is
 //! stable where wall-clock ratios are not.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -118,19 +119,21 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
                 hit_ratio: 1.0,
             }
         };
-        let broker_ir =
-            count(&broker, &broker_target, &args).await? / args.batch_size.max(1) as u64;
+        let broker_counts = count(&broker, &broker_target, &args).await?;
         drop(broker);
 
         let floor = deployment.spawn_floor(None, &wrapper("floor"))?;
         let channel = deployment.channel(&floor.addr, Caller::Service).await?;
         let floor_target = Target::Floor(FloorClient::new(channel), Arc::clone(&keys));
-        let floor_ir = count(&floor, &floor_target, &args).await?;
-        Ok::<_, anyhow::Error>((floor_ir, broker_ir))
+        let floor_counts = count(&floor, &floor_target, &args).await?;
+        Ok::<_, anyhow::Error>((floor_counts, broker_counts))
     });
     let _ = std::fs::remove_dir_all(&work);
-    let (floor_ir, broker_ir) = result?;
-    let per = |ir: u64| ir as f64 / args.requests as f64;
+    let (floor, broker) = result?;
+    // Per request; per key of a batch for keybroker.
+    let floor = floor.per(args.requests);
+    let broker = broker.per(args.requests * args.batch_size.max(1) as u64);
+    let (floor_ir, broker_ir) = (floor.get("Ir"), broker.get("Ir"));
     println!(
         "callgrind, {} shape, {} requests at {} in flight{}: floor {:.0} instructions/request, keybroker {:.0} (ratio {:.3})",
         args.shape.name(),
@@ -141,10 +144,21 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
         } else {
             String::new()
         },
-        per(floor_ir),
-        per(broker_ir),
-        per(broker_ir) / per(floor_ir)
+        floor_ir,
+        broker_ir,
+        broker_ir / floor_ir
     );
+    if args.cache_sim {
+        // callgrind's model: first-level caches and the last level, no L2.
+        for (event, what) in CACHE_EVENTS {
+            println!(
+                "  {what:<26} floor {:>8.1}  keybroker {:>8.1}  (ratio {:.3})",
+                floor.get(event),
+                broker.get(event),
+                broker.get(event) / floor.get(event)
+            );
+        }
+    }
     if let Some(path) = &args.json {
         let report = json!({
             "machine": crate::machine_facts(),
@@ -152,18 +166,75 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
             "requests": args.requests,
             "concurrency": args.concurrency,
             "batch_size": args.batch_size,
-            "floor_instructions_per_request": per(floor_ir),
-            "keybroker_instructions_per_request": per(broker_ir),
-            "ratio": per(broker_ir) / per(floor_ir),
+            "floor_instructions_per_request": floor_ir,
+            "keybroker_instructions_per_request": broker_ir,
+            "ratio": broker_ir / floor_ir,
+            // Every event callgrind counted (with --cache-sim, the misses).
+            "floor_per_request": floor.0,
+            "keybroker_per_request": broker.0,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
 }
 
+/// The misses `--cache-sim` adds, as printed.
+const CACHE_EVENTS: [(&str, &str); 5] = [
+    ("I1mr", "L1 instruction misses"),
+    ("D1mr", "L1 data read misses"),
+    ("D1mw", "L1 data write misses"),
+    ("DLmr", "last-level read misses"),
+    ("DLmw", "last-level write misses"),
+];
+
+/// What callgrind counted over one dump, by event name (`Ir`, and with
+/// `--cache-sim` the misses: `I1mr`, `D1mr`, `D1mw`, ...).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Counts(BTreeMap<String, f64>);
+
+impl Counts {
+    /// From a dump: its `events:` line names the columns of its
+    /// `summary:` (or `totals:`) line; callgrind leaves out trailing zeros.
+    fn parse(dump: &str) -> anyhow::Result<Self> {
+        let line = |prefixes: &[&str]| {
+            dump.lines()
+                .find_map(|l| prefixes.iter().find_map(|p| l.strip_prefix(p)))
+        };
+        let events = line(&["events:"]).context("no events line")?;
+        let totals = line(&["summary:", "totals:"]).context("no totals line")?;
+        let mut values = totals.split_whitespace();
+        events
+            .split_whitespace()
+            .map(|event| {
+                let value = match values.next() {
+                    Some(v) => v
+                        .parse::<u64>()
+                        .with_context(|| format!("{event} = {v:?}"))?,
+                    None => 0,
+                };
+                Ok((event.to_owned(), value as f64))
+            })
+            .collect::<anyhow::Result<_>>()
+            .map(Self)
+    }
+
+    fn get(&self, event: &str) -> f64 {
+        self.0.get(event).copied().unwrap_or(0.0)
+    }
+
+    /// Each count divided by `n`.
+    fn per(self, n: u64) -> Self {
+        Self(self.0.into_iter().map(|(k, v)| (k, v / n as f64)).collect())
+    }
+}
+
 /// Zeroes the server's counters, sends exactly `requests` requests, dumps,
-/// and returns the instructions the server executed meanwhile.
-async fn count(server: &ServerProcess, target: &Target, args: &ProfileArgs) -> anyhow::Result<u64> {
+/// and returns what the server counted meanwhile.
+async fn count(
+    server: &ServerProcess,
+    target: &Target,
+    args: &ProfileArgs,
+) -> anyhow::Result<Counts> {
     let pid = server.child.id().to_string();
     // A few requests first: connection setup and first-use paths are not
     // what a request costs in steady state.
@@ -219,21 +290,47 @@ fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `totals:` of the newest dump in `dir` (callgrind names the dumps
+/// The counts of the newest dump in `dir` (callgrind names the dumps
 /// `callgrind_control -d` asks for `<file>.<n>`).
-fn newest_total(dir: &Path) -> anyhow::Result<u64> {
+fn newest_total(dir: &Path) -> anyhow::Result<Counts> {
     let newest = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().contains(".callgrind"))
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
         .context("no callgrind dump written")?;
     let text = std::fs::read_to_string(newest.path())?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("totals:")
-                .or_else(|| l.strip_prefix("summary:"))
-        })
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no totals in {}", newest.path().display()))
+    Counts::parse(&text).with_context(|| format!("reading {}", newest.path().display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn counts_are_read_by_event_name_with_trailing_zeros_left_out() {
+        let dump = "version: 1\ncreator: callgrind-3.19.0\npositions: line\n\
+                    events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw\n\
+                    summary: 1000 300 200 40 12 6\n\nfn=main\n1 5\ntotals: 9 9 9\n";
+        let counts = Counts::parse(dump).expect("parsed");
+        assert_eq!(counts.get("Ir"), 1000.0);
+        assert_eq!(counts.get("I1mr"), 40.0);
+        assert_eq!(counts.get("D1mw"), 6.0);
+        assert_eq!(counts.get("DLmw"), 0.0);
+        let per = counts.per(4);
+        assert_eq!((per.get("Ir"), per.get("D1mr")), (250.0, 3.0));
+    }
+
+    #[test]
+    fn a_dump_without_cache_simulation_has_instructions_only() {
+        let counts = Counts::parse("events: Ir\ntotals: 42\n").expect("parsed");
+        assert_eq!(counts.get("Ir"), 42.0);
+        assert_eq!(counts.get("D1mr"), 0.0);
+    }
+
+    #[test]
+    fn a_damaged_dump_is_an_error_not_a_zero() {
+        assert!(Counts::parse("totals: 42\n").is_err());
+        assert!(Counts::parse("events: Ir\n").is_err());
+        assert!(Counts::parse("events: Ir\nsummary: many\n").is_err());
+    }
 }
