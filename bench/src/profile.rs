@@ -214,8 +214,11 @@ impl Counts {
                 };
                 Ok((event.to_owned(), value as f64))
             })
-            .collect::<anyhow::Result<_>>()
-            .map(Self)
+            .collect::<anyhow::Result<BTreeMap<_, _>>>()
+            .and_then(|counts| {
+                anyhow::ensure!(counts.contains_key("Ir"), "no instruction count (Ir)");
+                Ok(Self(counts))
+            })
     }
 
     fn get(&self, event: &str) -> f64 {
@@ -332,5 +335,6 @@ mod tests {
         assert!(Counts::parse("totals: 42\n").is_err());
         assert!(Counts::parse("events: Ir\n").is_err());
         assert!(Counts::parse("events: Ir\nsummary: many\n").is_err());
+        assert!(Counts::parse("events: Dr Dw\nsummary: 5 6\n").is_err());
     }
 }
