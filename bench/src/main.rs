@@ -24,8 +24,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-/// The floor and the load client use the allocator keybroker uses, so the
-/// comparison measures the service, not the allocators.
+/// The floor and the load client run on mimalloc, as keybroker does, but
+/// without keybroker's zero-on-free (`secret::ZeroOnFree`): the floor is
+/// the bare stack, and what wiping costs keybroker is counted as
+/// keybroker's. A floor that wiped too would mostly measure tonic's default
+/// 8 KiB codec buffers, wiped on every call (73,411 instructions per request
+/// against keybroker's 64,241 when tried; BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
