@@ -119,13 +119,13 @@ pub(crate) fn run(args: ProfileArgs) -> anyhow::Result<()> {
                 hit_ratio: 1.0,
             }
         };
-        let broker_counts = count(&broker, &broker_target, &args).await?;
+        let broker_counts = count(&broker, &broker_target, &args, &out_dir).await?;
         drop(broker);
 
         let floor = deployment.spawn_floor(None, &wrapper("floor"))?;
         let channel = deployment.channel(&floor.addr, Caller::Service).await?;
         let floor_target = Target::Floor(FloorClient::new(channel), Arc::clone(&keys));
-        let floor_counts = count(&floor, &floor_target, &args).await?;
+        let floor_counts = count(&floor, &floor_target, &args, &out_dir).await?;
         Ok::<_, anyhow::Error>((floor_counts, broker_counts))
     });
     let _ = std::fs::remove_dir_all(&work);
@@ -191,7 +191,7 @@ const CACHE_EVENTS: [(&str, &str); 3] = [
 
 /// What callgrind counted over one dump, by event name (`Ir`, and with
 /// `--cache-sim` the misses: `I1mr`, `D1mr`, `D1mw`, ...).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug)]
 struct Counts(BTreeMap<String, f64>);
 
 impl Counts {
@@ -233,12 +233,13 @@ impl Counts {
     }
 }
 
-/// Zeroes the server's counters, sends exactly `requests` requests, dumps,
-/// and returns what the server counted meanwhile.
+/// Zeroes the server's counters, sends exactly `requests` requests, dumps
+/// into `out_dir`, and returns what the server counted meanwhile.
 async fn count(
     server: &ServerProcess,
     target: &Target,
     args: &ProfileArgs,
+    out_dir: &Path,
 ) -> anyhow::Result<Counts> {
     let pid = server.child.id().to_string();
     // A few requests first: connection setup and first-use paths are not
@@ -252,10 +253,7 @@ async fn count(
     callgrind_control(&["-z", &pid])?;
     run_requests(target, args.concurrency, args.requests).await?;
     callgrind_control(&["-d", &pid])?;
-    let out_dir = args.out_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("keybroker-profile-{}", std::process::id()))
-    });
-    newest_total(&out_dir)
+    newest_total(out_dir)
 }
 
 async fn run_requests(target: &Target, concurrency: usize, requests: u64) -> anyhow::Result<()> {
