@@ -205,7 +205,7 @@ impl Counts {
         let events = line(&["events:"]).context("no events line")?;
         let totals = line(&["summary:", "totals:"]).context("no totals line")?;
         let mut values = totals.split_whitespace();
-        events
+        let counts = events
             .split_whitespace()
             .map(|event| {
                 let value = match values.next() {
@@ -216,11 +216,9 @@ impl Counts {
                 };
                 Ok((event.to_owned(), value as f64))
             })
-            .collect::<anyhow::Result<BTreeMap<_, _>>>()
-            .and_then(|counts| {
-                anyhow::ensure!(counts.contains_key("Ir"), "no instruction count (Ir)");
-                Ok(Self(counts))
-            })
+            .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+        anyhow::ensure!(counts.contains_key("Ir"), "no instruction count (Ir)");
+        Ok(Self(counts))
     }
 
     fn get(&self, event: &str) -> f64 {
@@ -253,7 +251,7 @@ async fn count(
     callgrind_control(&["-z", &pid])?;
     run_requests(target, args.concurrency, args.requests).await?;
     callgrind_control(&["-d", &pid])?;
-    newest_total(out_dir)
+    newest_counts(out_dir)
 }
 
 async fn run_requests(target: &Target, concurrency: usize, requests: u64) -> anyhow::Result<()> {
@@ -295,7 +293,7 @@ fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
 
 /// The counts of the newest dump in `dir` (callgrind names the dumps
 /// `callgrind_control -d` asks for `<file>.<n>`).
-fn newest_total(dir: &Path) -> anyhow::Result<Counts> {
+fn newest_counts(dir: &Path) -> anyhow::Result<Counts> {
     let newest = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().contains(".callgrind"))
